@@ -1,0 +1,21 @@
+"""Typed async Python clients of the hivemesh services.
+
+    from hivemesh.client import ArtifactClient
+
+    async with ArtifactClient("127.0.0.1:7001") as artifacts:
+        saved = await artifacts.save(workflow_id="wf-1", agent_id="coder",
+                                     artifact_type="code", content="print('hi')")
+"""
+
+from hivemesh.client.artifact import ArtifactClient
+from hivemesh.client.base import DEFAULT
+from hivemesh.client.errors import (
+    AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, HivemeshError,
+    InternalError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
+    UnavailableError, from_rpc_error)
+
+__all__ = [
+    "DEFAULT", "AlreadyExistsError", "ArtifactClient", "DeadlineExceededError",
+    "FailedPreconditionError", "HivemeshError", "InternalError", "InvalidArgumentError",
+    "NotFoundError", "ResourceExhaustedError", "UnavailableError", "from_rpc_error",
+]

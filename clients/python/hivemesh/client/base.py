@@ -1,0 +1,60 @@
+"""What every typed hivemesh client shares: the channel, W3C trace context
+on every call, a default timeout, and one translation of gRPC errors."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import grpc
+from opentelemetry import propagate, trace
+
+from hivemesh.client.channel import insecure_channel
+from hivemesh.client.errors import from_rpc_error
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+# "Not passed": use the client's default. None means "no timeout".
+DEFAULT: Final = _Default()
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...] | None:
+    """traceparent/tracestate/baggage of the current context, if any."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
+
+
+class BaseClient:
+    api: str = ""
+
+    def __init__(self, target: str | None = None, *, channel: grpc.aio.Channel | None = None,
+                 timeout: float | None = 10.0) -> None:
+        if (target is None) == (channel is None):
+            raise ValueError("pass exactly one of target or channel")
+        self._owns_channel = channel is None
+        self.channel = channel if channel is not None else insecure_channel(target, self.api)
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _unary(self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any,
+                     timeout: float | None | _Default) -> Any:
+        try:
+            return await method(request, timeout=self.timeout if timeout is DEFAULT else timeout,
+                                metadata=trace_metadata())
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err

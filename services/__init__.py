@@ -1,0 +1,1 @@
+"""The provider services of the mesh, one package per API."""

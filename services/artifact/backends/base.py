@@ -1,0 +1,116 @@
+"""The one small interface every artifact backend implements, and the record
+type they store. Backends know nothing of gRPC; they raise the exceptions
+below and the servicer maps them to status codes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRecord:
+    artifact_id: str
+    workflow_id: str
+    task_id: str
+    agent_id: str
+    artifact_type: str
+    content: str
+    metadata_json: str  # a JSON object
+    create_time_us: int  # microseconds since the epoch, UTC
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    workflow_id: str = ""
+    task_id: str = ""
+    agent_id: str = ""
+    artifact_type: str = ""
+
+    def items(self) -> list[tuple[str, str]]:
+        """(column, value) pairs of the filters that are set."""
+        return [(k, v) for k, v in (("workflow_id", self.workflow_id), ("task_id", self.task_id),
+                                    ("agent_id", self.agent_id),
+                                    ("artifact_type", self.artifact_type)) if v]
+
+    def matches(self, record: ArtifactRecord) -> bool:
+        return all(getattr(record, k) == v for k, v in self.items())
+
+    def digest(self) -> str:
+        return hashlib.sha256(repr(self.items()).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Keyset position in newest-first order: (create_time_us, artifact_id)."""
+
+    create_time_us: int
+    artifact_id: str
+
+    def encode(self, flt: Filter) -> str:
+        raw = json.dumps([self.create_time_us, self.artifact_id, flt.digest()]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str, flt: Filter) -> Cursor:
+        """Raises ValueError for a token that is malformed or was made for
+        another filter."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            t, aid, digest = json.loads(raw)
+            if not isinstance(t, int) or not isinstance(aid, str):
+                raise ValueError("bad token")
+        except (ValueError, TypeError) as exc:
+            raise ValueError("page_token is malformed") from exc
+        if digest != flt.digest():
+            raise ValueError("page_token was issued for a different filter")
+        return cls(t, aid)
+
+
+class IdempotencyConflict(Exception):
+    """A request_id was used before with a different request."""
+
+
+class ReplayedArtifactGone(Exception):
+    """A request_id was used before, but its artifact has since been deleted."""
+
+    def __init__(self, artifact_id: str) -> None:
+        super().__init__(artifact_id)
+        self.artifact_id = artifact_id
+
+
+class BackendUnavailable(ConnectionError):
+    """The storage cannot be reached; nothing was written."""
+
+
+class ArtifactBackend(Protocol):
+    """Storage of artifacts. Implementations: memory, sqlite, postgres."""
+
+    name: str
+
+    async def save(self, record: ArtifactRecord, request_id: str,
+                   fingerprint: str) -> tuple[ArtifactRecord, bool]:
+        """Store ``record`` atomically together with ``request_id``. If the
+        request_id is known with the same fingerprint, store nothing and return
+        the first record and True; with another fingerprint raise
+        IdempotencyConflict. The record is durable when this returns."""
+        ...
+
+    async def get(self, artifact_id: str) -> ArtifactRecord | None: ...
+
+    async def list(self, flt: Filter, limit: int, after: Cursor | None,
+                   with_content: bool) -> list[ArtifactRecord]:
+        """Up to ``limit`` records matching ``flt``, newest first, strictly
+        after ``after``. Without content, ``content`` is ""."""
+        ...
+
+    async def delete(self, artifact_id: str) -> bool: ...
+
+    async def count(self, flt: Filter) -> int: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,171 @@
+"""PostgreSQL backend, for scale and for several replicas sharing one store.
+
+Tables live in their own schema (``hivemesh`` by default). A save is one
+transaction holding both the artifact and its request_id, so a retried save
+happens once even when two replicas receive the retry at the same moment.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from hivemesh.services.artifact.backends.base import (
+    ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
+    ReplayedArtifactGone)
+
+_COLUMNS = ("artifact_id", "workflow_id", "task_id", "agent_id", "artifact_type", "content",
+            "metadata_json", "create_time_us", "size_bytes", "sha256")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {s}.artifacts (
+    artifact_id    TEXT PRIMARY KEY,
+    workflow_id    TEXT NOT NULL,
+    task_id        TEXT NOT NULL,
+    agent_id       TEXT NOT NULL,
+    artifact_type  TEXT NOT NULL,
+    content        TEXT NOT NULL,
+    metadata_json  JSONB NOT NULL,
+    create_time_us BIGINT NOT NULL,
+    size_bytes     BIGINT NOT NULL,
+    sha256         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS artifacts_by_time
+    ON {s}.artifacts (create_time_us DESC, artifact_id DESC);
+CREATE INDEX IF NOT EXISTS artifacts_by_workflow
+    ON {s}.artifacts (workflow_id, create_time_us DESC, artifact_id DESC);
+CREATE INDEX IF NOT EXISTS artifacts_by_task
+    ON {s}.artifacts (task_id, create_time_us DESC, artifact_id DESC);
+CREATE INDEX IF NOT EXISTS artifacts_by_agent
+    ON {s}.artifacts (agent_id, create_time_us DESC, artifact_id DESC);
+CREATE INDEX IF NOT EXISTS artifacts_by_type
+    ON {s}.artifacts (artifact_type, create_time_us DESC, artifact_id DESC);
+CREATE TABLE IF NOT EXISTS {s}.artifact_requests (
+    request_id  TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    artifact_id TEXT NOT NULL
+);
+"""
+
+
+def _record(row) -> ArtifactRecord:
+    values = list(row)
+    if not isinstance(values[6], str):  # JSONB comes back decoded
+        import json
+        values[6] = json.dumps(values[6], separators=(",", ":"), sort_keys=True)
+    return ArtifactRecord(*values)
+
+
+class PostgresBackend:
+    name = "postgres"
+
+    def __init__(self, pool: AsyncConnectionPool, schema: str) -> None:
+        self._pool = pool
+        self._s = sql.Identifier(schema)
+        cols = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
+        self._cols = cols
+        self._cols_no_content = sql.SQL(", ").join(
+            sql.SQL("''") if c == "content" else sql.Identifier(c) for c in _COLUMNS)
+
+    @classmethod
+    async def open(cls, dsn: str, schema: str = "hivemesh", *, min_size: int = 1,
+                   max_size: int = 16, timeout_s: float = 10.0) -> PostgresBackend:
+        pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, open=False,
+                                   timeout=timeout_s, kwargs={"autocommit": True})
+        try:
+            await pool.open(wait=True, timeout=timeout_s)
+            async with pool.connection() as conn:
+                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                    sql.Identifier(schema)))
+                # Serialize concurrent first starts of several replicas.
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(7263551)")
+                    await conn.execute(sql.SQL(_SCHEMA).format(s=sql.Identifier(schema)))
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            await pool.close()
+            raise BackendUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, schema)
+
+    async def save(self, record: ArtifactRecord, request_id: str, fingerprint: str):
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    sql.SQL("INSERT INTO {}.artifact_requests (request_id, fingerprint, "
+                            "artifact_id) VALUES (%s, %s, %s) ON CONFLICT (request_id) "
+                            "DO NOTHING").format(self._s),
+                    (request_id, fingerprint, record.artifact_id))
+                if cur.rowcount == 0:
+                    seen = await (await conn.execute(
+                        sql.SQL("SELECT fingerprint, artifact_id FROM {}.artifact_requests "
+                                "WHERE request_id = %s").format(self._s),
+                        (request_id,))).fetchone()
+                    if seen[0] != fingerprint:
+                        raise IdempotencyConflict(request_id)
+                    row = await (await conn.execute(
+                        sql.SQL("SELECT {} FROM {}.artifacts WHERE artifact_id = %s").format(
+                            self._cols, self._s), (seen[1],))).fetchone()
+                    if row is None:
+                        raise ReplayedArtifactGone(seen[1])
+                    return _record(row), True
+                await conn.execute(
+                    sql.SQL("INSERT INTO {}.artifacts ({}) VALUES "
+                            "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)").format(
+                        self._s, self._cols),
+                    (record.artifact_id, record.workflow_id, record.task_id, record.agent_id,
+                     record.artifact_type, record.content, record.metadata_json,
+                     record.create_time_us, record.size_bytes, record.sha256))
+                return record, False
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
+
+    async def _fetch(self, query: sql.Composable, args: tuple) -> list:
+        try:
+            async with self._pool.connection() as conn:
+                return await (await conn.execute(query, args)).fetchall()
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
+
+    async def get(self, artifact_id: str) -> ArtifactRecord | None:
+        rows = await self._fetch(sql.SQL("SELECT {} FROM {}.artifacts WHERE artifact_id = %s")
+                                 .format(self._cols, self._s), (artifact_id,))
+        return _record(rows[0]) if rows else None
+
+    @staticmethod
+    def _where(flt: Filter, after: Cursor | None) -> tuple[sql.Composable, tuple]:
+        clauses: list[sql.Composable] = [sql.SQL("{} = %s").format(sql.Identifier(c))
+                                         for c, _ in flt.items()]
+        args: list = [v for _, v in flt.items()]
+        if after is not None:
+            clauses.append(sql.SQL("(create_time_us, artifact_id) < (%s, %s)"))
+            args += [after.create_time_us, after.artifact_id]
+        if not clauses:
+            return sql.SQL(""), ()
+        return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(clauses), tuple(args)
+
+    async def list(self, flt: Filter, limit: int, after: Cursor | None, with_content: bool):
+        where, args = self._where(flt, after)
+        query = sql.SQL("SELECT {} FROM {}.artifacts{} ORDER BY create_time_us DESC, "
+                        "artifact_id DESC LIMIT %s").format(
+            self._cols if with_content else self._cols_no_content, self._s, where)
+        return [_record(r) for r in await self._fetch(query, (*args, limit))]
+
+    async def count(self, flt: Filter) -> int:
+        where, args = self._where(flt, None)
+        rows = await self._fetch(sql.SQL("SELECT count(*) FROM {}.artifacts{}").format(
+            self._s, where), args)
+        return int(rows[0][0])
+
+    async def delete(self, artifact_id: str) -> bool:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql.SQL("DELETE FROM {}.artifacts WHERE artifact_id = %s")
+                                         .format(self._s), (artifact_id,))
+                return cur.rowcount > 0
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self._pool.close()

@@ -1,0 +1,142 @@
+"""gRPC servicer of hivemesh.artifact.v1.ArtifactService over any backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from hivemesh.artifact.v1 import (
+    Artifact, ArtifactServiceServicer, CountArtifactsResponse, DeleteArtifactResponse,
+    GetArtifactResponse, ListArtifactsResponse, SaveArtifactResponse)
+from hivemesh.common.v1 import ErrorReason
+from hivemesh.runtime import errors
+from hivemesh.services.artifact.backends.base import (
+    ArtifactBackend, ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
+    ReplayedArtifactGone)
+
+DOMAIN = "hivemesh.artifact"
+SERVICE_NAME = "hivemesh.artifact.v1.ArtifactService"
+
+
+def new_artifact_id() -> str:
+    return f"art-{uuid.uuid4()}"
+
+
+def to_proto(record: ArtifactRecord) -> Artifact:
+    artifact = Artifact(
+        artifact_id=record.artifact_id, workflow_id=record.workflow_id,
+        task_id=record.task_id, agent_id=record.agent_id, artifact_type=record.artifact_type,
+        content=record.content, size_bytes=record.size_bytes, sha256=record.sha256)
+    metadata = json.loads(record.metadata_json)
+    if metadata:
+        artifact.metadata.update(metadata)
+    artifact.create_time.FromMicroseconds(record.create_time_us)
+    return artifact
+
+
+def _metadata_json(metadata: struct_pb2.Struct) -> str:
+    return json.dumps(json_format.MessageToDict(metadata), separators=(",", ":"),
+                      sort_keys=True) if metadata.fields else "{}"
+
+
+def _filter(msg) -> Filter:
+    return Filter(workflow_id=msg.workflow_id, task_id=msg.task_id, agent_id=msg.agent_id,
+                  artifact_type=msg.artifact_type)
+
+
+def _unavailable(exc: BackendUnavailable) -> errors.ServiceError:
+    return errors.unavailable("artifact storage", str(exc), retry_after_s=1.0)
+
+
+class ArtifactServicer(ArtifactServiceServicer):
+    def __init__(self, backend: ArtifactBackend, *, max_content_bytes: int,
+                 default_page_size: int = 50) -> None:
+        self.backend = backend
+        self.max_content_bytes = max_content_bytes
+        self.default_page_size = default_page_size
+
+    async def SaveArtifact(self, request, context):
+        content = request.content.encode("utf-8")
+        if len(content) > self.max_content_bytes:
+            raise errors.ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
+                f"content is {len(content)} bytes; the limit is {self.max_content_bytes}",
+                {"size_bytes": str(len(content)), "limit_bytes": str(self.max_content_bytes)},
+                [errors.bad_request([("content", f"must be at most {self.max_content_bytes} "
+                                                 "bytes (UTF-8)")])])
+        # The fingerprint identifies the request apart from its request_id, so
+        # a retry matches and a different request under the same id does not.
+        probe = type(request)()
+        probe.CopyFrom(request)
+        probe.request_id = ""
+        fingerprint = hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest()
+        record = ArtifactRecord(
+            artifact_id=new_artifact_id(), workflow_id=request.workflow_id,
+            task_id=request.task_id, agent_id=request.agent_id,
+            artifact_type=request.artifact_type, content=request.content,
+            metadata_json=_metadata_json(request.metadata),
+            create_time_us=time.time_ns() // 1000, size_bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest())
+        try:
+            stored, replayed = await self.backend.save(record, request.request_id, fingerprint)
+        except IdempotencyConflict:
+            raise errors.ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_IDEMPOTENCY_CONFLICT,
+                "request_id was already used for a different artifact",
+                {"request_id": request.request_id}) from None
+        except ReplayedArtifactGone as exc:
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_NOT_FOUND,
+                "request_id was already used; its artifact has since been deleted",
+                {"request_id": request.request_id, "artifact_id": exc.artifact_id}) from None
+        except BackendUnavailable as exc:
+            raise _unavailable(exc) from exc
+        return SaveArtifactResponse(artifact=to_proto(stored), replayed=replayed)
+
+    async def GetArtifact(self, request, context):
+        try:
+            record = await self.backend.get(request.artifact_id)
+        except BackendUnavailable as exc:
+            raise _unavailable(exc) from exc
+        if record is None:
+            raise errors.not_found("artifact", request.artifact_id)
+        return GetArtifactResponse(artifact=to_proto(record))
+
+    async def ListArtifacts(self, request, context):
+        flt = _filter(request.filter)
+        after = None
+        if request.page_token:
+            try:
+                after = Cursor.decode(request.page_token, flt)
+            except ValueError as exc:
+                raise errors.invalid_argument([("page_token", str(exc))]) from None
+        size = request.page_size or self.default_page_size
+        try:
+            # One extra row tells whether another page exists.
+            rows = await self.backend.list(flt, size + 1, after, not request.omit_content)
+        except BackendUnavailable as exc:
+            raise _unavailable(exc) from exc
+        response = ListArtifactsResponse(artifacts=[to_proto(r) for r in rows[:size]])
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = Cursor(last.create_time_us, last.artifact_id).encode(flt)
+        return response
+
+    async def DeleteArtifact(self, request, context):
+        try:
+            deleted = await self.backend.delete(request.artifact_id)
+        except BackendUnavailable as exc:
+            raise _unavailable(exc) from exc
+        return DeleteArtifactResponse(deleted=deleted)
+
+    async def CountArtifacts(self, request, context):
+        try:
+            count = await self.backend.count(_filter(request.filter))
+        except BackendUnavailable as exc:
+            raise _unavailable(exc) from exc
+        return CountArtifactsResponse(count=count)

@@ -1,0 +1,28 @@
+"""Settings of the artifact service (env prefix ``HIVEMESH_ARTIFACT_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hivemesh.runtime.settings import ServerSettings
+
+
+class ArtifactSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HIVEMESH_ARTIFACT_", env_nested_delimiter="__",
+        # Kubernetes mounts secrets as files here (e.g. .../postgres_dsn).
+        secrets_dir=None, extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    backend: Literal["sqlite", "postgres", "memory"] = "sqlite"
+    data_dir: Path = Path(".hivemesh/data")
+    # Required when backend is postgres; a secret (it may hold a password).
+    postgres_dsn: SecretStr | None = None
+    postgres_schema: str = Field(default="hivemesh", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    postgres_pool_size: int = Field(default=16, ge=1, le=256)
+    max_content_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    default_page_size: int = Field(default=50, ge=1, le=1000)

@@ -1,0 +1,1 @@
+"""The ``hivemesh`` command line."""

@@ -1,0 +1,82 @@
+"""``hivemesh`` command line.
+
+    hivemesh up                      # run the mesh and a demonstration through it
+    hivemesh up --keep-running       # ... and keep serving until Ctrl-C
+    hivemesh serve artifact [--host H] [--port N] [--data-dir D]
+
+``serve`` prints ``listening on HOST:PORT`` as its first line on stdout;
+logs are JSON lines on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+SERVICES = ("artifact",)
+
+
+async def _serve_artifact(args: argparse.Namespace) -> int:
+    from hivemesh.runtime.logs import configure_logging
+    from hivemesh.runtime.server import run_until_signalled
+    from hivemesh.runtime.telemetry import configure_tracing
+    from hivemesh.services.artifact.server import create_server, open_backend
+    from hivemesh.services.artifact.settings import ArtifactSettings
+
+    settings = ArtifactSettings()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        settings.server = settings.server.model_copy(update=overrides)
+    if args.data_dir is not None:
+        settings.data_dir = Path(args.data_dir)
+    configure_logging("artifact", settings.server.log_level)
+    provider = configure_tracing("hivemesh-artifact")
+    backend = await open_backend(settings)
+    try:
+        running, port = await create_server(settings, backend)
+        print(f"listening on {settings.server.host}:{port}", flush=True)
+        await run_until_signalled(running, settings.server)
+    finally:
+        await backend.close()
+        if provider is not None:
+            provider.shutdown()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_serve_artifact(args))
+    except ValidationError as exc:
+        print(f"invalid {args.service} settings:\n{exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"{args.service} could not start: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hivemesh", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run one service in the foreground")
+    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
+    serve.add_argument("--data-dir", default=None, help="where embedded backends keep data")
+    up = sub.add_parser("up", help="start the mesh and run the demonstration")
+    up.add_argument("--data-dir", default=None,
+                    help="keep data here (default: a fresh temporary directory)")
+    up.add_argument("--keep-running", action="store_true",
+                    help="keep the services running after the demonstration")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    from hivemesh.cli.demo import run_up
+    return run_up(args.data_dir, args.keep_running)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

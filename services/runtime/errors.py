@@ -1,0 +1,110 @@
+"""The one place that builds errors: a google.rpc.Status with exactly one
+ErrorInfo (reason, domain, metadata) plus optional BadRequest / RetryInfo /
+QuotaFailure details (AIP-193).
+
+Handlers raise :class:`ServiceError`; the error interceptor turns it into the
+status the client sees. Anything else that escapes a handler becomes INTERNAL
+with reason INTERNAL and no internals in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2, message
+from google.rpc import error_details_pb2, status_pb2
+
+from hivemesh.common.v1 import ErrorReason
+
+_PREFIX = "ERROR_REASON_"
+
+
+def reason_name(reason: int | str) -> str:
+    """ErrorReason value -> the ErrorInfo.reason string ("NOT_FOUND")."""
+    if isinstance(reason, str):
+        return reason.removeprefix(_PREFIX)
+    return ErrorReason.Name(reason).removeprefix(_PREFIX)
+
+
+@dataclass
+class ServiceError(Exception):
+    """An error a handler means to return to the client."""
+
+    code: grpc.StatusCode
+    reason: int | str
+    message: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    details: list[message.Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def to_status(self, domain: str) -> status_pb2.Status:
+        info = error_details_pb2.ErrorInfo(
+            reason=reason_name(self.reason),
+            domain=domain,
+            metadata={k: str(v) for k, v in self.metadata.items()},
+        )
+        packed = []
+        for detail in [info, *self.details]:
+            any_msg = any_pb2.Any()
+            any_msg.Pack(detail)
+            packed.append(any_msg)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+
+
+def bad_request(violations: Iterable[tuple[str, str]]) -> error_details_pb2.BadRequest:
+    """A BadRequest detail listing (field, description) pairs."""
+    return error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations
+    ])
+
+
+def invalid_argument(violations: Iterable[tuple[str, str]], message: str | None = None,
+                     reason: int = ErrorReason.ERROR_REASON_INVALID_REQUEST) -> ServiceError:
+    """INVALID_ARGUMENT with a BadRequest listing (field, description) pairs."""
+    violations = list(violations)
+    bad = bad_request(violations)
+    if message is None:
+        message = "; ".join(f"{f}: {d}" for f, d in violations) or "invalid request"
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, reason, message,
+                        {"violations": str(len(violations))}, [bad])
+
+
+def not_found(kind: str, ident: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, ErrorReason.ERROR_REASON_NOT_FOUND,
+                        f"{kind} {ident!r} not found", {"resource_type": kind, "resource_id": ident})
+
+
+def unavailable(what: str, cause: str, retry_after_s: float | None = None) -> ServiceError:
+    details: list[message.Message] = []
+    if retry_after_s is not None:
+        details.append(retry_info(retry_after_s))
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
+                        f"{what} is unavailable: {cause}", {"backend": what}, details)
+
+
+def internal() -> ServiceError:
+    return ServiceError(grpc.StatusCode.INTERNAL, ErrorReason.ERROR_REASON_INTERNAL,
+                        "internal error; see the service log for this trace id")
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_SHUTTING_DOWN,
+                        "the service is shutting down; retry on another replica")
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+# Codes that mean the server (not the caller) is at fault; used by tracing to
+# decide whether a server span is an error (OpenTelemetry RPC conventions).
+SERVER_FAULT_CODES = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})

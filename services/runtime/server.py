@@ -1,0 +1,104 @@
+"""Build, run and stop a hivemesh gRPC server.
+
+Every service's ``create_server(settings, deps)`` calls :func:`start_server`;
+only ``main()`` reads settings and wires dependencies. The server always has
+``grpc.health.v1`` (the library's servicer, status per service) and server
+reflection, and the standard interceptor chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hivemesh.runtime.interceptors import default_interceptors
+from hivemesh.runtime.settings import ServerSettings
+
+log = logging.getLogger("hivemesh.server")
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to mount: its full name, the generated add_* function
+    and the servicer instance."""
+
+    name: str
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+    servicer: object
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    async def shutdown(self, grace_s: float, drain_delay_s: float = 0.0) -> None:
+        """Health goes NOT_SERVING first; then new calls are refused and
+        in-flight calls get ``grace_s`` seconds to finish."""
+        await self.health.enter_graceful_shutdown()
+        if drain_delay_s:
+            await asyncio.sleep(drain_delay_s)
+        await self.server.stop(grace_s)
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", settings.min_ping_interval_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Port 0 must mean "a port nobody else holds", never a shared one.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def start_server(settings: ServerSettings, *, domain: str,
+                       services: Sequence[ServiceBinding],
+                       interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+                       ) -> RunningServer:
+    server = grpc.aio.server(
+        interceptors=list(interceptors if interceptors is not None
+                          else default_interceptors(domain)),
+        options=server_options(settings),
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for binding in services:
+        binding.add_to_server(binding.servicer, server)
+    names = tuple(b.name for b in services)
+    reflection.enable_server_reflection(
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, health_servicer, names)
+
+
+async def run_until_signalled(running: RunningServer, settings: ServerSettings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(running.server.wait_for_termination())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("shutting down", extra={"grace_period_s": settings.grace_period_s})
+        await running.shutdown(settings.grace_period_s, settings.drain_delay_s)
+    stopping.cancel()
+    await serving

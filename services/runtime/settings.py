@@ -1,0 +1,29 @@
+"""Settings shared by every service. Each service defines one
+``pydantic_settings.BaseSettings`` class with its own env prefix and a nested
+``server`` section of this type, e.g. ``HIVEMESH_ARTIFACT_SERVER__PORT=7001``.
+Settings are built once in ``main()`` and passed down, never at import time.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ServerSettings(BaseModel):
+    """Network and lifecycle knobs of one gRPC server."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+    # Largest request or response, bytes. Artifact content is capped lower by
+    # the service itself so that an oversize save gets a clear error.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Seconds in-flight calls get to finish after SIGTERM.
+    grace_period_s: float = Field(default=10.0, ge=0)
+    # Seconds between health going NOT_SERVING and refusing new calls, so
+    # load balancers (Envoy, kubelet) stop routing first. 0 locally.
+    drain_delay_s: float = Field(default=0.0, ge=0)
+    keepalive_time_ms: int = Field(default=30_000, ge=1000)
+    keepalive_timeout_ms: int = Field(default=10_000, ge=1000)
+    # Clients may ping this often without data, no more.
+    min_ping_interval_ms: int = Field(default=10_000, ge=1000)
+    log_level: str = "INFO"
