@@ -69,19 +69,19 @@ class ArtifactServicer(ArtifactServiceServicer):
                 {"size_bytes": str(len(content)), "limit_bytes": str(self.max_content_bytes)},
                 [errors.bad_request([("content", f"must be at most {self.max_content_bytes} "
                                                  "bytes (UTF-8)")])])
+        content_sha256 = hashlib.sha256(content).hexdigest()
+        metadata_json = _metadata_json(request.metadata)
         # The fingerprint identifies the request apart from its request_id, so
         # a retry matches and a different request under the same id does not.
-        probe = type(request)()
-        probe.CopyFrom(request)
-        probe.request_id = ""
-        fingerprint = hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest()
+        fingerprint = hashlib.sha256("\0".join((
+            request.workflow_id, request.task_id, request.agent_id, request.artifact_type,
+            content_sha256, metadata_json)).encode()).hexdigest()
         record = ArtifactRecord(
             artifact_id=new_artifact_id(), workflow_id=request.workflow_id,
             task_id=request.task_id, agent_id=request.agent_id,
             artifact_type=request.artifact_type, content=request.content,
-            metadata_json=_metadata_json(request.metadata),
-            create_time_us=time.time_ns() // 1000, size_bytes=len(content),
-            sha256=hashlib.sha256(content).hexdigest())
+            metadata_json=metadata_json, create_time_us=time.time_ns() // 1000,
+            size_bytes=len(content), sha256=content_sha256)
         try:
             stored, replayed = await self.backend.save(record, request.request_id, fingerprint)
         except IdempotencyConflict:

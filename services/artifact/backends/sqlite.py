@@ -2,18 +2,19 @@
 WAL journal with ``synchronous=FULL``: a save is acknowledged only after its
 transaction is fsynced, so it survives ``kill -9`` and power loss.
 
-Writes go through one writer thread that commits concurrent saves together
-(group commit): sixteen clients saving at once cost one fsync, not sixteen.
-Point reads run inline on the event loop (a primary-key lookup is cheaper
-than a thread hop); list and count run on a small reader pool.
+Reads and the statements of writes run inline on the event loop: they take
+microseconds, less than a hop to a worker thread and back. Only the COMMIT,
+which waits for the disk, runs on a committer thread, and writes are
+group-committed: the writes that arrive while one transaction is being
+committed form the next one, and each caller is answered after its own
+transaction is on disk. Sixteen clients saving at once cost one fsync, not
+sixteen, and the loop keeps serving reads while the disk works.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,10 +54,11 @@ CREATE TABLE IF NOT EXISTS artifact_requests (
     artifact_id TEXT NOT NULL
 );
 """
-_MAX_BATCH = 256
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    # The writer connection is handed to the committer thread for COMMIT, never
+    # used by two threads at once.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -73,92 +75,81 @@ def _where(flt: Filter, after: Cursor | None) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
-class _WriterThread(threading.Thread):
-    """Runs write operations in batches, one transaction (one fsync) each."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(name="artifact-sqlite-writer", daemon=True)
-        self._conn = _connect(path)
-        self._conn.executescript(_SCHEMA)
-        self.ops: queue.SimpleQueue = queue.SimpleQueue()
-
-    def run(self) -> None:
-        while True:
-            op = self.ops.get()
-            if op is None:
-                break
-            batch = [op]
-            stop = False
-            while len(batch) < _MAX_BATCH:
-                try:
-                    nxt = self.ops.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._run_batch(batch)
-            if stop:
-                break
-        self._conn.close()
-
-    def _run_batch(self, batch: list) -> None:
-        conn = self._conn
-        outcomes: list[tuple[Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, _, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((fn(conn), None))
-                    conn.execute("RELEASE op")
-                except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((None, exc))
-            conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001 - the whole batch failed; nothing stored
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(None, exc)] * len(batch)
-        for (_, fut, loop), (result, exc) in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_settle, fut, result, exc)
-
-
-def _settle(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
-    if fut.done():  # the caller went away; the write itself stands
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)
-
-
 class SqliteBackend:
     name = "sqlite"
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "artifacts.sqlite3"
-        self._writer = _WriterThread(self.path)
-        self._writer.start()
-        self._reader = _connect(self.path)
-        self._local = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="artifact-sqlite-read")
+        self._writer = _connect(self.path)
+        self._writer.executescript(_SCHEMA)
+        self._reader = _connect(self.path)  # sees committed data only
+        self._committer = ThreadPoolExecutor(max_workers=1,
+                                             thread_name_prefix="artifact-sqlite-commit")
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
 
     # -- writes ---------------------------------------------------------------
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._writer.ops.put((fn, fut, loop))
+        self._pending.append((fn, fut))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_all())
+        # A caller that goes away does not undo its write: shield the result.
         return await asyncio.shield(fut)
+
+    async def _flush_all(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the writes of this loop turn join
+            while self._pending:
+                batch, self._pending = self._pending, []
+                outcomes = await self._commit(batch)
+                for (_, fut), (result, exc) in zip(batch, outcomes, strict=True):
+                    if fut.done():
+                        continue
+                    if exc is not None:
+                        fut.set_exception(exc)
+                    else:
+                        fut.set_result(result)
+        finally:
+            self._flusher = None
+
+    async def _commit(self, batch) -> list[tuple[Any, BaseException | None]]:
+        """One transaction for the batch. With several writes, each gets a
+        savepoint so a failing one is rolled back alone."""
+        conn = self._writer
+        single = len(batch) == 1
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _ in batch:
+                if single:
+                    outcomes.append((fn(conn), None))
+                    continue
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((fn(conn), None))
+                except Exception as exc:  # noqa: BLE001 - handed to its caller
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((None, exc))
+                conn.execute("RELEASE op")
+            await asyncio.get_running_loop().run_in_executor(self._committer, conn.execute,
+                                                             "COMMIT")
+        except Exception as exc:  # noqa: BLE001 - the transaction failed; nothing stored
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(None, exc)] * len(batch)
+        return outcomes
 
     async def save(self, record: ArtifactRecord, request_id: str, fingerprint: str):
         def op(conn: sqlite3.Connection):
-            seen = conn.execute("SELECT fingerprint, artifact_id FROM artifact_requests "
-                                "WHERE request_id = ?", (request_id,)).fetchone()
-            if seen is not None:
+            claimed = conn.execute(
+                "INSERT OR IGNORE INTO artifact_requests (request_id, fingerprint, artifact_id) "
+                "VALUES (?, ?, ?)", (request_id, fingerprint, record.artifact_id)).rowcount
+            if not claimed:
+                seen = conn.execute("SELECT fingerprint, artifact_id FROM artifact_requests "
+                                    "WHERE request_id = ?", (request_id,)).fetchone()
                 if seen[0] != fingerprint:
                     raise IdempotencyConflict(request_id)
                 row = conn.execute(f"SELECT {_COLUMNS} FROM artifacts WHERE artifact_id = ?",
@@ -171,8 +162,6 @@ class SqliteBackend:
                           record.agent_id, record.artifact_type, record.content,
                           record.metadata_json, record.create_time_us, record.size_bytes,
                           record.sha256))
-            conn.execute("INSERT INTO artifact_requests (request_id, fingerprint, artifact_id) "
-                         "VALUES (?, ?, ?)", (request_id, fingerprint, record.artifact_id))
             return record, False
 
         return await self._write(op)
@@ -184,40 +173,26 @@ class SqliteBackend:
 
         return await self._write(op)
 
-    # -- reads ----------------------------------------------------------------
+    # -- reads (committed data only: writes commit before they are answered) --
     async def get(self, artifact_id: str) -> ArtifactRecord | None:
         row = self._reader.execute(f"SELECT {_COLUMNS} FROM artifacts WHERE artifact_id = ?",
-                                   (artifact_id,)).fetchone()
+                                 (artifact_id,)).fetchone()
         return ArtifactRecord(*row) if row else None
-
-    def _thread_conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = _connect(self.path)
-        return conn
 
     async def list(self, flt: Filter, limit: int, after: Cursor | None, with_content: bool):
         where, args = _where(flt, after)
-        sql = (f"SELECT {_COLUMNS if with_content else _NO_CONTENT} FROM artifacts{where} "
-               "ORDER BY create_time_us DESC, artifact_id DESC LIMIT ?")
-
-        def run() -> list[ArtifactRecord]:
-            rows = self._thread_conn().execute(sql, (*args, limit)).fetchall()
-            return [ArtifactRecord(*r) for r in rows]
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        rows = self._reader.execute(
+            f"SELECT {_COLUMNS if with_content else _NO_CONTENT} FROM artifacts{where} "
+            "ORDER BY create_time_us DESC, artifact_id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [ArtifactRecord(*r) for r in rows]
 
     async def count(self, flt: Filter) -> int:
         where, args = _where(flt, None)
-
-        def run() -> int:
-            return self._thread_conn().execute(f"SELECT count(*) FROM artifacts{where}",
-                                               args).fetchone()[0]
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return self._reader.execute(f"SELECT count(*) FROM artifacts{where}", args).fetchone()[0]
 
     async def close(self) -> None:
-        self._writer.ops.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
-        self._pool.shutdown(wait=True)
+        if self._flusher is not None:
+            await self._flusher
+        self._committer.shutdown(wait=True)
         self._reader.close()
+        self._writer.close()

@@ -1,0 +1,1 @@
+"""Artifact storage backends behind one interface (see base.py)."""

@@ -1,0 +1,93 @@
+"""Shared fixtures: artifact backends of every kind, in-process servers on
+port 0, and the local PostgreSQL server (127.0.0.1:5432, database ``test``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hivemesh.runtime.settings import ServerSettings
+from hivemesh.services.artifact.settings import ArtifactSettings
+
+POSTGRES_DSN = os.environ.get("HIVEMESH_TEST_POSTGRES_DSN",
+                              "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is absent, except in CI where it must be there."""
+    try:
+        import psycopg
+        with psycopg.connect(POSTGRES_DSN, connect_timeout=3):
+            return
+    except Exception as exc:  # noqa: BLE001 - any failure means "not here"
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_DSN}: {exc}")
+        pytest.skip("PostgreSQL is not reachable")
+
+
+@contextlib.asynccontextmanager
+async def fresh_postgres_schema():
+    """A unique schema name on the local PostgreSQL, dropped afterwards."""
+    require_postgres()
+    import psycopg
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield schema
+    finally:
+        async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@contextlib.asynccontextmanager
+async def open_artifact_backend(kind: str, tmp_path: Path):
+    if kind == "memory":
+        from hivemesh.services.artifact.backends.memory import MemoryBackend
+        backend = MemoryBackend()
+        yield backend
+        await backend.close()
+    elif kind == "sqlite":
+        from hivemesh.services.artifact.backends.sqlite import SqliteBackend
+        backend = SqliteBackend(tmp_path / "sqlite")
+        yield backend
+        await backend.close()
+    else:
+        from hivemesh.services.artifact.backends.postgres import PostgresBackend
+        async with fresh_postgres_schema() as schema:
+            backend = await PostgresBackend.open(POSTGRES_DSN, schema)
+            yield backend
+            await backend.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def artifact_backend(request, tmp_path: Path):
+    """Every backend in turn: the congruence suite runs on each."""
+    async with open_artifact_backend(request.param, tmp_path) as backend:
+        yield backend
+
+
+@pytest.fixture
+def artifact_settings(tmp_path: Path) -> ArtifactSettings:
+    return ArtifactSettings(server=ServerSettings(host="127.0.0.1", port=0, grace_period_s=5),
+                            data_dir=tmp_path / "artifact", max_content_bytes=64 * 1024)
+
+
+@pytest.fixture
+async def artifact_server(artifact_settings, artifact_backend):
+    """(address, backend) of an in-process artifact server over each backend."""
+    from hivemesh.services.artifact.server import create_server
+    running, port = await create_server(artifact_settings, artifact_backend)
+    yield f"127.0.0.1:{port}", artifact_backend
+    await running.shutdown(0)
+
+
+@pytest.fixture
+async def artifacts(artifact_server):
+    """A typed client connected to ``artifact_server``."""
+    from hivemesh.client import ArtifactClient
+    address, _ = artifact_server
+    async with ArtifactClient(address) as client:
+        yield client

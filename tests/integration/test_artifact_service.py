@@ -1,0 +1,184 @@
+"""The artifact service over every backend (memory, SQLite, PostgreSQL):
+the same scenarios, the same answers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import uuid
+
+import grpc
+import pytest
+
+from hivemesh.artifact.v1 import ArtifactServiceStub, SaveArtifactRequest
+from hivemesh.services.artifact.backends.base import Filter
+from hivemesh.client import (
+    AlreadyExistsError, InvalidArgumentError, NotFoundError, UnavailableError)
+
+ID = re.compile(r"^art-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+TYPES = ["code", "test", "test_data", "review", "config", "deployment", "monitoring_report",
+         "design_doc"]
+
+
+async def test_save_assigns_id_checksum_and_round_trips(artifacts):
+    saved = await artifacts.save(workflow_id="wf-1", task_id="t-1", agent_id="coder",
+                                 artifact_type="code", content="print('héllo')",
+                                 metadata={"language": "python", "tokens": 12,
+                                           "tags": ["a", "b"], "nested": {"ok": True}})
+    a = saved.artifact
+    assert ID.match(a.artifact_id)
+    assert not saved.replayed
+    assert a.size_bytes == len("print('héllo')".encode())
+    assert a.sha256 == hashlib.sha256("print('héllo')".encode()).hexdigest()
+    assert a.create_time.seconds > 0
+    got = await artifacts.get(a.artifact_id)
+    assert got == a
+    assert dict(got.metadata) == {"language": "python", "tokens": 12.0,
+                                  "tags": ["a", "b"], "nested": {"ok": True}}
+
+
+async def test_every_artifact_type_is_accepted(artifacts):
+    for kind in TYPES:
+        await artifacts.save(workflow_id="wf-t", agent_id="a", artifact_type=kind, content=kind)
+    assert await artifacts.count(workflow_id="wf-t") == len(TYPES)
+    for kind in TYPES:
+        assert await artifacts.count(workflow_id="wf-t", artifact_type=kind) == 1
+
+
+async def test_retried_save_is_stored_once(artifacts):
+    rid = str(uuid.uuid4())
+    kwargs = dict(workflow_id="wf-i", agent_id="coder", artifact_type="code", content="x = 1",
+                  request_id=rid)
+    first = await artifacts.save(**kwargs)
+    again = await artifacts.save(**kwargs)
+    assert again.replayed and again.artifact == first.artifact
+    assert await artifacts.count(workflow_id="wf-i") == 1
+    with pytest.raises(AlreadyExistsError) as err:
+        await artifacts.save(**{**kwargs, "content": "x = 2"})
+    assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+    assert err.value.metadata["request_id"] == rid
+    assert await artifacts.count(workflow_id="wf-i") == 1
+
+
+async def test_concurrent_retries_of_one_save_store_one_artifact(artifacts):
+    rid = str(uuid.uuid4())
+    results = await asyncio.gather(*[
+        artifacts.save(workflow_id="wf-c", agent_id="a", artifact_type="code", content="same",
+                       request_id=rid) for _ in range(8)])
+    assert len({r.artifact.artifact_id for r in results}) == 1
+    assert sum(not r.replayed for r in results) == 1
+    assert await artifacts.count(workflow_id="wf-c") == 1
+
+
+async def test_list_filters_combine_and_page_newest_first(artifacts):
+    ids = []
+    for i in range(7):
+        saved = await artifacts.save(workflow_id="wf-p" if i < 5 else "wf-other",
+                                     task_id=f"t-{i % 2}", agent_id=f"agent-{i % 3}",
+                                     artifact_type="code" if i % 2 else "test",
+                                     content=f"c{i}")
+        ids.append(saved.artifact.artifact_id)
+    seen, token = [], ""
+    while True:
+        page = await artifacts.list(workflow_id="wf-p", page_size=2, page_token=token)
+        assert len(page.artifacts) <= 2
+        seen += [a.artifact_id for a in page.artifacts]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == list(reversed(ids[:5]))
+    combo = await artifacts.list(workflow_id="wf-p", task_id="t-1", artifact_type="code")
+    assert [a.artifact_id for a in combo.artifacts] == [ids[3], ids[1]]
+    by_agent = [a.artifact_id async for a in artifacts.iter(agent_id="agent-0")]
+    assert by_agent == [ids[6], ids[3], ids[0]]
+    assert await artifacts.count(workflow_id="wf-p", agent_id="agent-1") == 2
+    assert await artifacts.count() == 7
+    lean = await artifacts.list(workflow_id="wf-p", omit_content=True, page_size=1)
+    assert lean.artifacts[0].content == "" and lean.artifacts[0].size_bytes == 2
+
+
+async def test_page_token_is_bound_to_its_filter(artifacts):
+    for i in range(3):
+        await artifacts.save(workflow_id="wf-k", agent_id="a", artifact_type="code", content="x")
+    page = await artifacts.list(workflow_id="wf-k", page_size=1)
+    with pytest.raises(InvalidArgumentError) as err:
+        await artifacts.list(workflow_id="wf-other", page_token=page.next_page_token)
+    assert err.value.field_violations[0][0] == "page_token"
+    with pytest.raises(InvalidArgumentError):
+        await artifacts.list(page_token="not-a-token")
+
+
+async def test_delete_then_get_is_not_found(artifacts):
+    saved = await artifacts.save(workflow_id="wf-d", agent_id="a", artifact_type="code",
+                                 content="x")
+    artifact_id = saved.artifact.artifact_id
+    assert await artifacts.delete(artifact_id) is True
+    assert await artifacts.delete(artifact_id) is False
+    with pytest.raises(NotFoundError) as err:
+        await artifacts.get(artifact_id)
+    assert err.value.reason == "NOT_FOUND"
+    assert err.value.domain == "hivemesh.artifact"
+    assert err.value.metadata == {"resource_type": "artifact", "resource_id": artifact_id}
+    assert await artifacts.count(workflow_id="wf-d") == 0
+
+
+async def test_oversize_content_is_refused_and_nothing_is_stored(artifacts):
+    with pytest.raises(InvalidArgumentError) as err:
+        await artifacts.save(workflow_id="wf-big", agent_id="a", artifact_type="code",
+                             content="x" * (64 * 1024 + 1))
+    assert err.value.reason == "PAYLOAD_TOO_LARGE"
+    assert err.value.metadata["limit_bytes"] == str(64 * 1024)
+    assert err.value.field_violations[0][0] == "content"
+    assert await artifacts.count(workflow_id="wf-big") == 0
+    at_limit = await artifacts.save(workflow_id="wf-big", agent_id="a", artifact_type="code",
+                                    content="x" * (64 * 1024))
+    assert at_limit.artifact.size_bytes == 64 * 1024
+
+
+async def test_invalid_requests_get_field_violations_before_any_work(artifact_server):
+    address, backend = artifact_server
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = ArtifactServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SaveArtifact(SaveArtifactRequest(request_id="r", workflow_id="",
+                                                        agent_id="a", artifact_type="Bad Type"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    from hivemesh.client import from_rpc_error
+    error = from_rpc_error(err.value)
+    assert error.reason == "INVALID_REQUEST"
+    fields = {f for f, _ in error.field_violations}
+    assert fields == {"workflow_id", "artifact_type"}
+    assert await backend.count(Filter()) == 0
+
+
+async def test_get_with_malformed_id_is_invalid_argument(artifacts):
+    with pytest.raises(InvalidArgumentError) as err:
+        await artifacts.get("not-an-artifact-id")
+    assert err.value.field_violations[0][0] == "artifact_id"
+
+
+async def test_backend_outage_is_unavailable_and_writes_nothing(artifact_settings, tmp_path):
+    from hivemesh.client import ArtifactClient
+    from hivemesh.services.artifact.backends.memory import MemoryBackend
+    from hivemesh.services.artifact.fake import FaultyBackend
+    from hivemesh.services.artifact.server import create_server
+
+    backend = FaultyBackend(MemoryBackend())
+    running, port = await create_server(artifact_settings, backend)
+    try:
+        async with ArtifactClient(f"127.0.0.1:{port}") as client:
+            backend.fail_next(1)
+            # The channel retries UNAVAILABLE (service config): the second try succeeds.
+            saved = await client.save(workflow_id="wf-u", agent_id="a", artifact_type="code",
+                                      content="x")
+            assert backend.calls["save"] == 2
+            assert await client.count(workflow_id="wf-u") == 1
+            backend.fail_next(10)
+            with pytest.raises(UnavailableError) as err:
+                await client.get(saved.artifact.artifact_id)
+            assert err.value.reason == "BACKEND_UNAVAILABLE"
+            assert err.value.retry_delay is not None
+            assert backend.calls["get"] == 4  # maxAttempts in the service config
+    finally:
+        await running.shutdown(0)

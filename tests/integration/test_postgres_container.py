@@ -1,0 +1,42 @@
+"""The PostgreSQL backend against a throwaway PostgreSQL container, where a
+Docker engine is reachable. Without one this skips; the same backend then
+runs the whole congruence suite against the local server instead
+(test_artifact_service.py, the ``postgres`` parameter)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hivemesh.services.artifact.backends.base import ArtifactRecord, Filter
+
+
+def _docker_reachable() -> bool:
+    try:
+        import docker
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:  # noqa: BLE001 - no engine, no socket, no permission
+        return False
+
+
+@pytest.mark.skipif(not _docker_reachable(), reason="no Docker engine reachable")
+async def test_postgres_backend_in_a_container():
+    from testcontainers.postgres import PostgresContainer
+
+    from hivemesh.services.artifact.backends.postgres import PostgresBackend
+
+    with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+        backend = await PostgresBackend.open(pg.get_connection_url(), "hivemesh")
+        try:
+            record = ArtifactRecord("art-00000000-0000-4000-8000-000000000001", "wf", "t", "a",
+                                    "code", "x", "{}", 1, 1, "0" * 64)
+            stored, replayed = await backend.save(record, "r1", "f1")
+            assert (stored, replayed) == (record, False)
+            assert (await backend.save(record, "r1", "f1"))[1] is True
+            assert await backend.get(record.artifact_id) == record
+            assert await backend.count(Filter(workflow_id="wf")) == 1
+            assert [r.artifact_id for r in await backend.list(Filter(), 10, None, True)] == \
+                [record.artifact_id]
+            assert await backend.delete(record.artifact_id) is True
+        finally:
+            await backend.close()

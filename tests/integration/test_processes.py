@@ -1,0 +1,120 @@
+"""The service as its own process: the CLI contract, SIGTERM, ``kill -9``
+durability on SQLite, and spans exported over OTLP to a real receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from hivemesh.cli.processes import start_service
+from hivemesh.client import ArtifactClient
+
+
+def test_serve_prints_its_address_first_and_stops_cleanly_on_sigterm(tmp_path):
+    proc = start_service("artifact", data_dir=tmp_path / "data", log_path=tmp_path / "log")
+    try:
+        host, port = proc.address.rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        saved = asyncio.run(_save_some(proc.address, 1))
+        assert saved
+    finally:
+        code = proc.stop()
+    assert code == 0
+    log = (tmp_path / "log").read_text()
+    assert '"msg": "shutting down"' in log
+
+
+def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
+    env = {**os.environ, "HIVEMESH_ARTIFACT_BACKEND": "postgres"}
+    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
+                             "--port", "0"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "HIVEMESH_ARTIFACT_POSTGRES_DSN is required" in result.stderr
+    assert result.stdout == ""
+
+
+async def _save_some(address: str, n: int) -> list[str]:
+    async with ArtifactClient(address) as client:
+        results = await asyncio.gather(*[
+            client.save(workflow_id="wf-durable", agent_id="a", artifact_type="code",
+                        content=f"artifact {i}", metadata={"i": i}) for i in range(n)])
+    return [r.artifact.artifact_id for r in results]
+
+
+async def _get_all(address: str, ids: list[str]) -> tuple[list[str], int]:
+    async with ArtifactClient(address) as client:
+        got = [(await client.get(i)).artifact_id for i in ids]
+        return got, await client.count(workflow_id="wf-durable")
+
+
+def test_acknowledged_saves_survive_kill_9(tmp_path):
+    data = tmp_path / "data"
+    proc = start_service("artifact", data_dir=data)
+    try:
+        acked = asyncio.run(_save_some(proc.address, 64))
+    finally:
+        proc.kill()  # SIGKILL right after the last acknowledgement: no shutdown at all
+    assert len(acked) == 64
+    again = start_service("artifact", data_dir=data)
+    try:
+        got, count = asyncio.run(_get_all(again.address, acked))
+    finally:
+        again.stop()
+    assert got == acked
+    assert count == 64
+
+
+class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request, context):
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_spans_reach_an_otlp_receiver_in_the_callers_trace(tmp_path):
+    receiver = _Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = "00f067aa0ba902b7"
+    proc = start_service("artifact", data_dir=tmp_path / "data", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    })
+    try:
+        async def call():
+            async with grpc.aio.insecure_channel(proc.address) as channel:
+                from hivemesh.artifact.v1 import ArtifactServiceStub, CountArtifactsRequest
+                await ArtifactServiceStub(channel).CountArtifacts(
+                    CountArtifactsRequest(), timeout=5,
+                    metadata=(("traceparent", f"00-{trace_id}-{parent}-01"),))
+        asyncio.run(call())
+        deadline = time.monotonic() + 10
+        while not receiver.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.stop()
+        server.stop(0)
+    spans = [(rs, span) for req in receiver.requests for rs in req.resource_spans
+             for ss in rs.scope_spans for span in ss.spans]
+    assert spans, "no span was exported"
+    rs, span = spans[0]
+    assert span.trace_id.hex() == trace_id
+    assert span.parent_span_id.hex() == parent
+    assert span.name == "hivemesh.artifact.v1.ArtifactService/CountArtifacts"
+    service_names = [a.value.string_value for a in rs.resource.attributes
+                     if a.key == "service.name"]
+    assert service_names == ["hivemesh-artifact"]

@@ -1,0 +1,172 @@
+"""The shared runtime, exercised through a real artifact server on port 0:
+health, reflection, deadlines, graceful shutdown, errors, tracing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from hivemesh.artifact.v1 import add_ArtifactServiceServicer_to_server
+from hivemesh.client import ArtifactClient, InternalError, UnavailableError
+from hivemesh.runtime.interceptors import (
+    ErrorMiddleware, MiddlewareChain, TracingMiddleware, ValidationMiddleware)
+from hivemesh.runtime.server import ServiceBinding, start_server
+from hivemesh.services.artifact.backends.memory import MemoryBackend
+from hivemesh.services.artifact.fake import FaultyBackend
+from hivemesh.services.artifact.server import create_server
+from hivemesh.services.artifact.servicer import DOMAIN, SERVICE_NAME, ArtifactServicer
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def slow_server(artifact_settings):
+    backend = FaultyBackend(MemoryBackend())
+    running, port = await create_server(artifact_settings, backend)
+    yield running, f"127.0.0.1:{port}", backend
+    await running.shutdown(0)
+
+
+async def _health(address: str, service: str = ""):
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return (await stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                 timeout=5)).status
+
+
+async def test_health_reports_each_service(slow_server):
+    _, address, _ = slow_server
+    assert await _health(address) == health_pb2.HealthCheckResponse.SERVING
+    assert await _health(address, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _health(address, "no.such.Service")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_services(slow_server):
+    _, address, _ = slow_server
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+        ]))
+        got = [r async for r in responses]
+    names = {s.name for s in got[0].list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+    assert got[1].file_descriptor_response.file_descriptor_proto  # descriptors are served
+
+
+async def test_client_deadline_arrives_at_the_server(artifact_settings):
+    seen: list[float | None] = []
+
+    class Recording(ArtifactServicer):
+        async def GetArtifact(self, request, context):
+            seen.append(context.time_remaining())
+            return await super().GetArtifact(request, context)
+
+    servicer = Recording(MemoryBackend(), max_content_bytes=1024)
+    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server, servicer)])
+    try:
+        async with ArtifactClient(f"127.0.0.1:{running.port}", timeout=2.5) as client:
+            saved = await client.save(workflow_id="w", agent_id="a", artifact_type="code",
+                                      content="x")
+            await client.get(saved.artifact.artifact_id)
+            await client.get(saved.artifact.artifact_id, timeout=0.8)
+    finally:
+        await running.shutdown(0)
+    # The client's timeout arrives as the server's remaining time (a little
+    # clock granularity aside), and no default replaces it.
+    assert seen[0] is not None and 1.5 < seen[0] <= 2.6
+    assert seen[1] is not None and 0.0 < seen[1] <= 0.9
+
+
+async def test_deadline_exceeded_reaches_the_client_as_typed_error(slow_server):
+    _, address, backend = slow_server
+    backend.latency_s = 1.0
+    from hivemesh.client import DeadlineExceededError
+    async with ArtifactClient(address) as client:
+        with pytest.raises(DeadlineExceededError):
+            await client.count(timeout=0.2)
+
+
+async def test_graceful_shutdown_finishes_in_flight_and_refuses_new(slow_server):
+    running, address, backend = slow_server
+    async with ArtifactClient(address) as client:
+        saved = await client.save(workflow_id="w", agent_id="a", artifact_type="code",
+                                  content="x")
+        backend.latency_s = 0.8
+        in_flight = asyncio.create_task(client.get(saved.artifact.artifact_id, timeout=5))
+        await asyncio.sleep(0.2)  # the call is now inside the handler
+        shutdown = asyncio.create_task(running.shutdown(grace_s=5, drain_delay_s=0.3))
+        await asyncio.sleep(0.1)
+        # Health says NOT_SERVING before the server stops taking calls.
+        assert await _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        got = await in_flight
+        assert got.artifact_id == saved.artifact.artifact_id
+        await shutdown
+        with pytest.raises(UnavailableError):
+            await client.count(timeout=1)
+
+
+async def test_unexpected_handler_error_is_internal_without_internals(artifact_settings):
+    class Broken(ArtifactServicer):
+        async def CountArtifacts(self, request, context):
+            raise RuntimeError("secret detail sk-live-0123456789abcdef")
+
+    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                       Broken(MemoryBackend(), max_content_bytes=1024))])
+    try:
+        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
+            with pytest.raises(InternalError) as err:
+                await client.count()
+    finally:
+        await running.shutdown(0)
+    assert err.value.reason == "INTERNAL"
+    assert err.value.domain == DOMAIN
+    assert "secret" not in str(err.value) and "sk-live" not in str(err.value)
+
+
+async def test_server_span_continues_the_callers_trace(artifact_settings):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    running = await start_server(
+        artifact_settings.server, domain=DOMAIN,
+        services=[ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                                 ArtifactServicer(MemoryBackend(), max_content_bytes=1024))],
+        interceptors=[MiddlewareChain([TracingMiddleware(provider), ErrorMiddleware(DOMAIN),
+                                       ValidationMiddleware()])])
+    tracer = provider.get_tracer("test")
+    try:
+        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
+            with tracer.start_as_current_span("caller") as caller:
+                await client.save(workflow_id="w", agent_id="a", artifact_type="code",
+                                  content="x")
+                with pytest.raises(Exception):
+                    await client.get("art-00000000-0000-0000-0000-000000000000")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+    finally:
+        await running.shutdown(0)
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER}
+    assert set(spans) == {f"{SERVICE_NAME}/SaveArtifact", f"{SERVICE_NAME}/GetArtifact"}
+    for span in spans.values():
+        assert span.context.trace_id == caller.get_span_context().trace_id
+        assert span.parent.span_id == caller.get_span_context().span_id
+        assert span.attributes["rpc.system"] == "grpc"
+        assert span.attributes["rpc.service"] == SERVICE_NAME
+    get = spans[f"{SERVICE_NAME}/GetArtifact"]
+    assert get.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    # NOT_FOUND is the caller's problem, not the server's: not an error span.
+    assert get.status.status_code != trace.StatusCode.ERROR

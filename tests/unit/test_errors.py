@@ -1,0 +1,55 @@
+"""Server-side error building and client-side translation agree."""
+
+import grpc
+from grpc_status import rpc_status
+
+from hivemesh.client import errors as client_errors
+from hivemesh.runtime import errors
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, status):
+        self._status = rpc_status.to_status(status)
+
+    def code(self):
+        return self._status.code
+
+    def details(self):
+        return self._status.details
+
+    def trailing_metadata(self):
+        return self._status.trailing_metadata
+
+
+def test_invalid_argument_round_trips_with_field_violations():
+    error = errors.invalid_argument([("workflow_id", "must not be empty"),
+                                     ("messages[2].content", "too long")])
+    translated = client_errors.from_rpc_error(_FakeRpcError(error.to_status("hivemesh.test")))
+    assert isinstance(translated, client_errors.InvalidArgumentError)
+    assert translated.reason == "INVALID_REQUEST"
+    assert translated.domain == "hivemesh.test"
+    assert translated.field_violations == [("workflow_id", "must not be empty"),
+                                           ("messages[2].content", "too long")]
+    assert "workflow_id: must not be empty" in str(translated)
+
+
+def test_unavailable_carries_retry_delay_and_exactly_one_error_info():
+    status = errors.unavailable("storage", "connection refused", retry_after_s=1.5)\
+        .to_status("hivemesh.test")
+    infos = [d for d in status.details if d.TypeName() == "google.rpc.ErrorInfo"]
+    assert len(infos) == 1
+    translated = client_errors.from_rpc_error(_FakeRpcError(status))
+    assert isinstance(translated, client_errors.UnavailableError)
+    assert translated.reason == "BACKEND_UNAVAILABLE"
+    assert translated.metadata == {"backend": "storage"}
+    assert translated.retry_delay.total_seconds() == 1.5
+
+
+def test_every_status_code_maps_to_a_typed_exception():
+    for code in grpc.StatusCode:
+        if code is grpc.StatusCode.OK:
+            continue
+        error = errors.ServiceError(code, "INTERNAL", "x")
+        translated = client_errors.from_rpc_error(_FakeRpcError(error.to_status("d")))
+        assert translated.code is code
+        assert isinstance(translated, client_errors.HivemeshError)

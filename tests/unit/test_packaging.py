@@ -1,0 +1,24 @@
+"""Every package folder is listed in pyproject.toml, so wheels (and the
+service containers built from them) are complete."""
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_package_folder_is_listed():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = {name: (ROOT / folder) for name, folder in config["package-dir"].items()}
+    expected = set()
+    for base in set(mapping.values()):
+        for init in base.rglob("__init__.py"):
+            folder = init.parent
+            # The most specific mapping owns a folder (services/runtime ->
+            # hivemesh.runtime, not hivemesh.services.runtime).
+            name, root = max(((n, r) for n, r in mapping.items() if folder.is_relative_to(r)),
+                             key=lambda item: len(item[1].parts))
+            expected.add(".".join((name, *folder.relative_to(root).parts)))
+    listed = set(config["packages"])
+    assert expected == listed, {"missing": sorted(expected - listed),
+                                "stale": sorted(listed - expected)}
