@@ -13,9 +13,7 @@ from hivemesh.runtime.settings import ServerSettings
 
 class ArtifactSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="HIVEMESH_ARTIFACT_", env_nested_delimiter="__",
-        # Kubernetes mounts secrets as files here (e.g. .../postgres_dsn).
-        secrets_dir=None, extra="ignore")
+        env_prefix="HIVEMESH_ARTIFACT_", env_nested_delimiter="__", extra="ignore")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     backend: Literal["sqlite", "postgres", "memory"] = "sqlite"

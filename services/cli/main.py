@@ -23,11 +23,12 @@ SERVICES = ("artifact",)
 async def _serve_artifact(args: argparse.Namespace) -> int:
     from hivemesh.runtime.logs import configure_logging
     from hivemesh.runtime.server import run_until_signalled
+    from hivemesh.runtime.settings import secrets_dir
     from hivemesh.runtime.telemetry import configure_tracing
     from hivemesh.services.artifact.server import create_server, open_backend
     from hivemesh.services.artifact.settings import ArtifactSettings
 
-    settings = ArtifactSettings()
+    settings = ArtifactSettings(_secrets_dir=secrets_dir())
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         settings.server = settings.server.model_copy(update=overrides)

@@ -1,12 +1,29 @@
 """Settings shared by every service. Each service defines one
 ``pydantic_settings.BaseSettings`` class with its own env prefix and a nested
 ``server`` section of this type, e.g. ``HIVEMESH_ARTIFACT_SERVER__PORT=7001``.
-Settings are built once in ``main()`` and passed down, never at import time.
+Settings are built once in ``main()`` and passed down, never at import time:
+``ArtifactSettings(_secrets_dir=secrets_dir())``.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import BaseModel, Field
+
+# Kubernetes mounts secrets as files, one per setting, named like the
+# environment variable (e.g. HIVEMESH_ARTIFACT_POSTGRES_DSN).
+DEFAULT_SECRETS_DIR = Path("/var/run/secrets/hivemesh")
+
+
+def secrets_dir() -> Path | None:
+    """Where secret settings are read from files: ``HIVEMESH_SECRETS_DIR``,
+    else the default mount point if it exists, else nowhere."""
+    configured = os.environ.get("HIVEMESH_SECRETS_DIR")
+    if configured:
+        return Path(configured)
+    return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
 
 
 class ServerSettings(BaseModel):

@@ -1,0 +1,50 @@
+# Two commands on a fresh machine:
+#   make up     run the mesh and its demonstration
+#   make test   run every check and test (what CI runs)
+# Both install what they need into .venv and node_modules first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+BUF    := node_modules/.bin/buf
+
+.PHONY: up test install contracts generate bench clean
+
+up: install
+	$(BIN)/hivemesh up
+
+test: install contracts
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed $(BUF)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The contracts: generated code up to date, buf lint (STANDARD), and no
+# breaking change against the previous commit's contracts.
+contracts: install
+	$(BIN)/python tools/protogen.py check
+	@mkdir -p .build
+	$(BIN)/python tools/protogen.py image .build/contracts.binpb
+	$(BUF) lint .build/contracts.binpb --path hivemesh
+	@if $(BIN)/python tools/protogen.py image .build/previous.binpb --ref HEAD~1; then \
+		echo "buf breaking against HEAD~1"; \
+		$(BUF) breaking .build/contracts.binpb --against .build/previous.binpb --path hivemesh; \
+	else echo "buf breaking: no contracts in HEAD~1 to compare with"; fi
+
+generate: install
+	$(BIN)/python tools/protogen.py generate
+
+bench: install
+	$(BIN)/python bench/artifact_bench.py
+
+clean:
+	rm -rf $(VENV) node_modules .build

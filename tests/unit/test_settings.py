@@ -1,0 +1,32 @@
+"""Service settings: env prefix, nested sections, secrets from files."""
+
+import pytest
+from pydantic import ValidationError
+
+from hivemesh.runtime.settings import secrets_dir
+from hivemesh.services.artifact.settings import ArtifactSettings
+
+
+def test_env_prefix_and_nested_sections(monkeypatch):
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_BACKEND", "memory")
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__PORT", "7001")
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__GRACE_PERIOD_S", "2.5")
+    settings = ArtifactSettings()
+    assert settings.backend == "memory"
+    assert settings.server.port == 7001 and settings.server.grace_period_s == 2.5
+    assert settings.max_content_bytes == 8 * 1024 * 1024
+
+
+def test_secret_from_a_mounted_file_never_shows_in_repr(monkeypatch, tmp_path):
+    # The file is named like the environment variable it stands for.
+    (tmp_path / "hivemesh_artifact_postgres_dsn").write_text("postgresql://app:s3cret@db/app")
+    monkeypatch.setenv("HIVEMESH_SECRETS_DIR", str(tmp_path))
+    settings = ArtifactSettings(_secrets_dir=secrets_dir())
+    assert settings.postgres_dsn.get_secret_value() == "postgresql://app:s3cret@db/app"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
+
+
+def test_bad_values_fail_at_construction(monkeypatch):
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_BACKEND", "mongodb")
+    with pytest.raises(ValidationError):
+        ArtifactSettings()
