@@ -2,7 +2,7 @@
 ErrorInfo (reason, domain, metadata) plus optional BadRequest / RetryInfo /
 QuotaFailure details (AIP-193).
 
-Handlers raise :class:`ServiceError`; the error interceptor turns it into the
+Handlers raise :class:`ServiceError`; the error middleware turns it into the
 status the client sees. Anything else that escapes a handler becomes INTERNAL
 with reason INTERNAL and no internals in the message.
 """

@@ -14,7 +14,7 @@ import time
 
 from opentelemetry import trace
 
-from hivemesh.runtime.interceptors import request_id_var
+from hivemesh.runtime.middleware import request_id_var
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|token|authorization|dsn)", re.I)
 _SECRET_VALUE = re.compile(

@@ -3,7 +3,7 @@
 Every service's ``create_server(settings, deps)`` calls :func:`start_server`;
 only ``main()`` reads settings and wires dependencies. The server always has
 ``grpc.health.v1`` (the library's servicer, status per service) and server
-reflection, and the standard interceptor chain.
+reflection, and the standard middleware chain.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hivemesh.runtime.interceptors import default_interceptors
+from hivemesh.runtime.middleware import MiddlewareChain, default_chain
 from hivemesh.runtime.settings import ServerSettings
 
 log = logging.getLogger("hivemesh.server")
@@ -65,17 +65,16 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 async def start_server(settings: ServerSettings, *, domain: str,
                        services: Sequence[ServiceBinding],
-                       interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
-                       ) -> RunningServer:
-    server = grpc.aio.server(
-        interceptors=list(interceptors if interceptors is not None
-                          else default_interceptors(domain)),
-        options=server_options(settings),
-    )
+                       middleware: MiddlewareChain | None = None) -> RunningServer:
+    """Bind, start and mark SERVING. ``middleware`` (default: tracing, errors,
+    validation) wraps every method of ``services``; health and reflection
+    are not wrapped."""
+    chain = middleware if middleware is not None else default_chain(domain)
+    server = grpc.aio.server(options=server_options(settings))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for binding in services:
-        binding.add_to_server(binding.servicer, server)
+        binding.add_to_server(binding.servicer, chain.registrar(server))
     names = tuple(b.name for b in services)
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from hivemesh.artifact.v1 import add_ArtifactServiceServicer_to_server
 from hivemesh.client import ArtifactClient, InternalError, UnavailableError
-from hivemesh.runtime.interceptors import (
+from hivemesh.runtime.middleware import (
     ErrorMiddleware, MiddlewareChain, TracingMiddleware, ValidationMiddleware)
 from hivemesh.runtime.server import ServiceBinding, start_server
 from hivemesh.services.artifact.backends.memory import MemoryBackend
@@ -145,8 +145,8 @@ async def test_server_span_continues_the_callers_trace(artifact_settings):
         artifact_settings.server, domain=DOMAIN,
         services=[ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
                                  ArtifactServicer(MemoryBackend(), max_content_bytes=1024))],
-        interceptors=[MiddlewareChain([TracingMiddleware(provider), ErrorMiddleware(DOMAIN),
-                                       ValidationMiddleware()])])
+        middleware=MiddlewareChain([TracingMiddleware(provider), ErrorMiddleware(DOMAIN),
+                                    ValidationMiddleware()]))
     tracer = provider.get_tracer("test")
     try:
         async with ArtifactClient(f"127.0.0.1:{running.port}") as client:

@@ -3,7 +3,7 @@ import logging
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from hivemesh.runtime.interceptors import request_id_var
+from hivemesh.runtime.middleware import request_id_var
 from hivemesh.runtime.logs import JsonFormatter, redact
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.services.artifact.backends.base import (
-    ArtifactRecord, Cursor, Filter, IdempotencyConflict, ReplayedArtifactGone)
+    ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
+    ReplayedArtifactGone)
 
 _COLUMNS = ("artifact_id, workflow_id, task_id, agent_id, artifact_type, content, "
             "metadata_json, create_time_us, size_bytes, sha256")
@@ -100,6 +101,7 @@ class SqliteBackend:
         return await asyncio.shield(fut)
 
     async def _flush_all(self) -> None:
+        batch: list = []
         try:
             await asyncio.sleep(0)  # let the writes of this loop turn join
             while self._pending:
@@ -114,6 +116,11 @@ class SqliteBackend:
                         fut.set_result(result)
         finally:
             self._flusher = None
+            # Whatever went wrong above, no caller is left waiting forever.
+            for _, fut in [*batch, *self._pending]:
+                if not fut.done():
+                    fut.set_exception(BackendUnavailable("the SQLite writer stopped"))
+            self._pending = []
 
     async def _commit(self, batch) -> list[tuple[Any, BaseException | None]]:
         """One transaction for the batch. With several writes, each gets a

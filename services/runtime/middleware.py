@@ -1,14 +1,13 @@
-"""Server middleware, composed by one interceptor passed explicitly to
-``grpc.aio.server``::
+"""Server middleware: tracing, error translation and validation around
+every call, in an explicit chain (the first middleware is outermost)::
 
-    grpc.aio.server(interceptors=[MiddlewareChain([
-        TracingMiddleware(), ErrorMiddleware(domain), ValidationMiddleware()])])
+    MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain), ValidationMiddleware()])
 
-The first middleware is outermost. The chain wraps the behaviour of
-unary-unary and unary-stream handlers once per method (wrapped handlers are
-cached), so each middleware costs one coroutine frame per call; one gRPC
-interceptor instead of three keeps the per-call dispatch cost of grpc.aio
-down. Health and reflection calls pass through untouched.
+The chain is applied where a service is registered (``start_server`` wraps
+each method handler once), so a call pays one coroutine frame per
+middleware and none of grpc.aio's per-call interceptor dispatch, which
+costs more than the middleware itself. Health and reflection are
+registered apart and never wrapped.
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ log = logging.getLogger("hivemesh.rpc")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("hivemesh_request_id",
                                                                      default="")
 
-_PASS_THROUGH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
 Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 Stream = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 
@@ -55,23 +52,12 @@ class Middleware:
             yield item
 
 
-class MiddlewareChain(grpc.aio.ServerInterceptor):
+class MiddlewareChain:
     def __init__(self, middlewares: Sequence[Middleware]) -> None:
         self.middlewares = list(middlewares)
-        self._cache: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(_PASS_THROUGH):
-            return handler
-        key = (method, id(handler))
-        wrapped = self._cache.get(key)
-        if wrapped is None:
-            wrapped = self._cache[key] = self._wrap(handler, method)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler with every middleware around its behaviour."""
         if handler.unary_unary is not None:
             unary: Unary = handler.unary_unary
             for mw in reversed(self.middlewares):
@@ -87,6 +73,39 @@ class MiddlewareChain(grpc.aio.ServerInterceptor):
                 stream, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler  # streaming requests: none in the v1 contracts
+
+    def registrar(self, server: grpc.aio.Server) -> _WrappingRegistrar:
+        """Stands in for ``server`` when a generated ``add_*_to_server`` is
+        called, so every method it registers is wrapped by this chain."""
+        return _WrappingRegistrar(server, self)
+
+
+class _WrappingRegistrar:
+    def __init__(self, server: grpc.aio.Server, chain: MiddlewareChain) -> None:
+        self._server = server
+        self._chain = chain
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGenericHandler(h, self._chain) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(service, {
+            name: self._chain.wrap(h, f"/{service}/{name}") for name, h in handlers.items()})
+
+
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, chain: MiddlewareChain) -> None:
+        self._inner = inner
+        self._chain = chain
+        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        if method not in self._cache:
+            handler = self._inner.service(handler_call_details)
+            self._cache[method] = None if handler is None else self._chain.wrap(handler, method)
+        return self._cache[method]
 
 
 def _bind_unary(mw: Middleware, inner: Unary, method: str) -> Unary:
@@ -261,7 +280,6 @@ def _is_cancel(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError)
 
 
-def default_interceptors(domain: str) -> list[grpc.aio.ServerInterceptor]:
+def default_chain(domain: str) -> MiddlewareChain:
     """The standard chain every hivemesh server uses."""
-    return [MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain),
-                             ValidationMiddleware()])]
+    return MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain), ValidationMiddleware()])
