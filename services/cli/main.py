@@ -2,7 +2,7 @@
 
     hivemesh up                      # run the mesh and a demonstration through it
     hivemesh up --keep-running       # ... and keep serving until Ctrl-C
-    hivemesh serve artifact [--host H] [--port N] [--data-dir D]
+    hivemesh serve artifact|information [--host H] [--port N] [--data-dir D]
 
 ``serve`` prints ``listening on HOST:PORT`` as its first line on stdout;
 logs are JSON lines on stderr.
@@ -17,25 +17,35 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-SERVICES = ("artifact",)
+SERVICES = ("artifact", "information")
 
 
-async def _serve_artifact(args: argparse.Namespace) -> int:
+def _service(name: str):
+    """(settings class, open backend, create_server) of a service."""
+    if name == "artifact":
+        from hivemesh.services.artifact.server import create_server, open_backend
+        from hivemesh.services.artifact.settings import ArtifactSettings
+        return ArtifactSettings, open_backend, create_server
+    from hivemesh.services.information.server import create_server, open_store
+    from hivemesh.services.information.settings import InformationSettings
+    return InformationSettings, open_store, create_server
+
+
+async def _run_service(args: argparse.Namespace) -> int:
     from hivemesh.runtime.logs import configure_logging
     from hivemesh.runtime.server import run_until_signalled
     from hivemesh.runtime.settings import secrets_dir
     from hivemesh.runtime.telemetry import configure_tracing
-    from hivemesh.services.artifact.server import create_server, open_backend
-    from hivemesh.services.artifact.settings import ArtifactSettings
 
-    settings = ArtifactSettings(_secrets_dir=secrets_dir())
+    settings_cls, open_backend, create_server = _service(args.service)
+    settings = settings_cls(_secrets_dir=secrets_dir())
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         settings.server = settings.server.model_copy(update=overrides)
     if args.data_dir is not None:
         settings.data_dir = Path(args.data_dir)
-    configure_logging("artifact", settings.server.log_level)
-    provider = configure_tracing("hivemesh-artifact")
+    configure_logging(args.service, settings.server.log_level)
+    provider = configure_tracing(f"hivemesh-{args.service}")
     backend = await open_backend(settings)
     try:
         running, port = await create_server(settings, backend)
@@ -50,7 +60,7 @@ async def _serve_artifact(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(_serve_artifact(args))
+        return asyncio.run(_run_service(args))
     except ValidationError as exc:
         print(f"invalid {args.service} settings:\n{exc}", file=sys.stderr)
         return 2

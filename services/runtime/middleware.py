@@ -115,8 +115,11 @@ def _bind_unary(mw: Middleware, inner: Unary, method: str) -> Unary:
 
 
 def _bind_stream(mw: Middleware, inner: Stream, method: str) -> Stream:
-    def call(request, context):
-        return mw.stream(inner, request, context, method)
+    # grpc.aio serves a unary-stream behaviour as a stream only when it is an
+    # async generator function itself.
+    async def call(request, context):
+        async for item in mw.stream(inner, request, context, method):
+            yield item
     return call
 
 

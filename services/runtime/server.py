@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -40,6 +40,9 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    # Called once shutdown begins, before the grace period: services end
+    # their long-lived streams here (with an explicit terminal message).
+    on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
 
     async def shutdown(self, grace_s: float, drain_delay_s: float = 0.0) -> None:
         """Health goes NOT_SERVING first; then new calls are refused and
@@ -47,6 +50,8 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         if drain_delay_s:
             await asyncio.sleep(drain_delay_s)
+        for hook in self.on_shutdown:
+            await hook()
         await self.server.stop(grace_s)
 
 
@@ -65,7 +70,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 async def start_server(settings: ServerSettings, *, domain: str,
                        services: Sequence[ServiceBinding],
-                       middleware: MiddlewareChain | None = None) -> RunningServer:
+                       middleware: MiddlewareChain | None = None,
+                       on_shutdown: Sequence[Callable[[], Awaitable[None]]] = ()
+                       ) -> RunningServer:
     """Bind, start and mark SERVING. ``middleware`` (default: tracing, errors,
     validation) wraps every method of ``services``; health and reflection
     are not wrapped."""
@@ -84,7 +91,7 @@ async def start_server(settings: ServerSettings, *, domain: str,
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, names)
+    return RunningServer(server, port, health_servicer, names, tuple(on_shutdown))
 
 
 async def run_until_signalled(running: RunningServer, settings: ServerSettings) -> None:

@@ -9,6 +9,7 @@
 
 from hivemesh.client.artifact import ArtifactClient
 from hivemesh.client.base import DEFAULT
+from hivemesh.client.information import InformationClient
 from hivemesh.client.errors import (
     AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, HivemeshError,
     InternalError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
@@ -16,6 +17,7 @@ from hivemesh.client.errors import (
 
 __all__ = [
     "DEFAULT", "AlreadyExistsError", "ArtifactClient", "DeadlineExceededError",
-    "FailedPreconditionError", "HivemeshError", "InternalError", "InvalidArgumentError",
+    "FailedPreconditionError", "HivemeshError", "InformationClient", "InternalError",
+    "InvalidArgumentError",
     "NotFoundError", "ResourceExhaustedError", "UnavailableError", "from_rpc_error",
 ]

@@ -1,0 +1,115 @@
+"""Typed async client of the information service (budgets, reservations,
+usage, metrics, alerts)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from hivemesh.client.base import DEFAULT, BaseClient, trace_metadata
+from hivemesh.client.errors import from_rpc_error
+from hivemesh.common.v1 import RequestContext, Usage
+from hivemesh.information.v1 import (
+    Alert, Budget, BudgetStatus, CommitRequest, CommitResponse, CreateBudgetRequest,
+    GetBudgetStatusRequest, InformationServiceStub, ModelPrice, ReleaseRequest,
+    ReleaseResponse, ReserveRequest, ReserveResponse, Scope, SetModelPriceRequest,
+    TrackCompletionRequest, TrackCompletionResponse, WatchAlertsRequest)
+
+
+def _rid(request_id: str | None) -> str:
+    return request_id or str(uuid.uuid4())
+
+
+class InformationClient(BaseClient):
+    """``async with InformationClient("127.0.0.1:7002") as info: ...``
+
+    A refused reservation raises ResourceExhaustedError with reason
+    BUDGET_EXCEEDED; its ``metadata`` holds budget_id, unit, limit, spent,
+    reserved and requested.
+    """
+
+    api = "information"
+
+    def __init__(self, target: str | None = None, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self._stub = InformationServiceStub(self.channel)
+
+    async def set_price(self, model: str, *, input_micros_per_million: int,
+                        output_micros_per_million: int,
+                        cached_input_micros_per_million: int = 0, backend: str = "",
+                        timeout=DEFAULT) -> ModelPrice:
+        request = SetModelPriceRequest(request_id=_rid(None), price=ModelPrice(
+            model=model, backend=backend, input_micros_per_million=input_micros_per_million,
+            output_micros_per_million=output_micros_per_million,
+            cached_input_micros_per_million=cached_input_micros_per_million))
+        return (await self._unary(self._stub.SetModelPrice, request, timeout)).price
+
+    async def create_budget(self, budget: Budget, *, request_id: str | None = None,
+                            timeout=DEFAULT) -> Budget:
+        request = CreateBudgetRequest(request_id=_rid(request_id), budget=budget)
+        return (await self._unary(self._stub.CreateBudget, request, timeout)).budget
+
+    async def reserve(self, context: RequestContext, *, model: str, prompt_tokens: int,
+                      max_tokens: int, backend: str = "", ttl_s: float | None = None,
+                      request_id: str | None = None, timeout=DEFAULT) -> ReserveResponse:
+        request = ReserveRequest(request_id=_rid(request_id), context=context, model=model,
+                                 backend=backend, estimated_prompt_tokens=prompt_tokens,
+                                 max_tokens=max_tokens)
+        if ttl_s is not None:
+            request.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl_s),
+                                                       nanos=int(ttl_s % 1 * 1e9)))
+        return await self._unary(self._stub.Reserve, request, timeout)
+
+    async def commit(self, reservation_id: str, usage: Usage, *, model: str, backend: str = "",
+                     latency_s: float = 0.0, success: bool = True, cached: bool = False,
+                     request_id: str | None = None, timeout=DEFAULT) -> CommitResponse:
+        request = CommitRequest(request_id=_rid(request_id), reservation_id=reservation_id,
+                                usage=usage, model=model, backend=backend, success=success,
+                                cached=cached)
+        request.latency.FromNanoseconds(int(latency_s * 1e9))
+        return await self._unary(self._stub.Commit, request, timeout)
+
+    async def release(self, reservation_id: str, *, reason: int = 0,
+                      request_id: str | None = None, timeout=DEFAULT) -> ReleaseResponse:
+        request = ReleaseRequest(request_id=_rid(request_id), reservation_id=reservation_id,
+                                 reason=reason)
+        return await self._unary(self._stub.Release, request, timeout)
+
+    async def track(self, context: RequestContext, usage: Usage, *, model: str,
+                    backend: str = "", latency_s: float = 0.0, success: bool = True,
+                    cached: bool = False, request_id: str | None = None,
+                    timeout=DEFAULT) -> TrackCompletionResponse:
+        request = TrackCompletionRequest(request_id=_rid(request_id), context=context,
+                                         usage=usage, model=model, backend=backend,
+                                         success=success, cached=cached)
+        request.latency.FromNanoseconds(int(latency_s * 1e9))
+        return await self._unary(self._stub.TrackCompletion, request, timeout)
+
+    async def status(self, *, budget_id: str = "", scope: Scope | None = None,
+                     timeout=DEFAULT) -> list[BudgetStatus]:
+        request = (GetBudgetStatusRequest(budget_id=budget_id) if budget_id
+                   else GetBudgetStatusRequest(scope=scope or Scope()))
+        return list((await self._unary(self._stub.GetBudgetStatus, request, timeout)).statuses)
+
+    async def watch_alerts(self, *, scope: Scope | None = None,
+                           budget_ids: list[str] | None = None) -> AsyncIterator[Alert]:
+        """Alerts as they fire, until the server ends the stream. A stream
+        that closes without its terminal message raises UnavailableError."""
+        call = self._stub.WatchAlerts(WatchAlertsRequest(scope=scope or Scope(),
+                                                         budget_ids=budget_ids or []),
+                                      metadata=trace_metadata())
+        try:
+            async for message in call:
+                kind = message.WhichOneof("event")
+                if kind == "alert":
+                    yield message.alert
+                elif kind == "end":
+                    return
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        from hivemesh.client.errors import UnavailableError
+        raise UnavailableError("the alert stream was cut before its terminal message")

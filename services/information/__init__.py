@@ -1,0 +1,1 @@
+"""Information service: budgets, exact reservations, usage and cost, metrics and alerts."""

@@ -1,0 +1,105 @@
+"""Call metrics: aggregation of recorded calls for GetMetrics (count, error
+rate, latency percentiles, tokens, cost by scope, model, backend and time
+bucket) and the same samples as OpenTelemetry metrics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from opentelemetry import metrics
+
+from hivemesh.information.v1 import MetricsAggregate
+from hivemesh.services.information.store.base import CallRecord
+
+_DIMENSIONS = {1: "tenant_id", 2: "workflow_id", 3: "agent_id", 4: "model", 5: "backend"}
+
+
+class CallMetrics:
+    """OpenTelemetry instruments fed with every accounted call. They export
+    wherever the process's MeterProvider sends them (a no-op by default)."""
+
+    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        meter = metrics.get_meter("hivemesh.information", meter_provider=meter_provider)
+        self.calls = meter.create_counter("hivemesh.llm.calls", unit="{call}",
+                                          description="Accounted model calls")
+        self.tokens = meter.create_counter("gen_ai.client.token.usage.total", unit="{token}",
+                                           description="Tokens of accounted calls")
+        self.cost = meter.create_counter("hivemesh.llm.cost", unit="{micro}",
+                                         description="Cost of accounted calls, micro-units")
+        self.latency = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
+                                              description="Latency of accounted calls")
+
+    def record(self, call: CallRecord) -> None:
+        attrs = {"gen_ai.request.model": call.model, "hivemesh.backend": call.backend,
+                 "hivemesh.tenant_id": call.tenant_id, "hivemesh.success": call.success,
+                 "hivemesh.cached": call.cached}
+        self.calls.add(1, attrs)
+        self.tokens.add(call.total_tokens, attrs)
+        self.cost.add(call.cost_micros, attrs)
+        self.latency.record(call.latency_us / 1e6, attrs)
+
+
+def _percentile(sorted_us: list[int], q: float) -> int:
+    if not sorted_us:
+        return 0
+    index = min(len(sorted_us) - 1, max(0, int(round(q * (len(sorted_us) - 1)))))
+    return sorted_us[index]
+
+
+def _duration(us: int) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromMicroseconds(us)
+    return d
+
+
+def _timestamp(us: int) -> timestamp_pb2.Timestamp:
+    t = timestamp_pb2.Timestamp()
+    t.FromMicroseconds(us)
+    return t
+
+
+def aggregate(calls: Iterable[CallRecord], *, scope, model: str, backend: str,
+              group_by: list[int], start_us: int, end_us: int, bucket_us: int,
+              currency: str) -> list[MetricsAggregate]:
+    """Aggregates of the calls matching the filters, one per group (the
+    dimensions in ``group_by``) and time bucket (the whole window when
+    ``bucket_us`` is 0), ordered by bucket then group."""
+    fields = [_DIMENSIONS[d] for d in group_by]
+    filters = [(f, getattr(scope, f)) for f in ("tenant_id", "workflow_id", "agent_id")
+               if getattr(scope, f)]
+    if model:
+        filters.append(("model", model))
+    if backend:
+        filters.append(("backend", backend))
+    groups: dict[tuple, list[CallRecord]] = defaultdict(list)
+    for call in calls:
+        if any(getattr(call, f) != v for f, v in filters):
+            continue
+        bucket = start_us + ((call.time_us - start_us) // bucket_us) * bucket_us \
+            if bucket_us else start_us
+        groups[(bucket, *(getattr(call, f) for f in fields))].append(call)
+    out = []
+    for key in sorted(groups):
+        members = groups[key]
+        bucket = key[0]
+        latencies = sorted(c.latency_us for c in members)
+        errors = sum(not c.success for c in members)
+        agg = MetricsAggregate(
+            start_time=_timestamp(bucket),
+            end_time=_timestamp(min(end_us, bucket + bucket_us) if bucket_us else end_us),
+            request_count=len(members), error_count=errors, error_rate=errors / len(members),
+            cached_count=sum(c.cached for c in members),
+            latency_p50=_duration(_percentile(latencies, 0.50)),
+            latency_p95=_duration(_percentile(latencies, 0.95)),
+            latency_p99=_duration(_percentile(latencies, 0.99)),
+            prompt_tokens=sum(c.prompt_tokens for c in members),
+            completion_tokens=sum(c.completion_tokens for c in members),
+            total_tokens=sum(c.total_tokens for c in members),
+            cached_prompt_tokens=sum(c.cached_prompt_tokens for c in members),
+            cost_micros=sum(c.cost_micros for c in members), currency=currency)
+        for field, value in zip(fields, key[1:], strict=True):
+            setattr(agg, field, value)
+        out.append(agg)
+    return out

@@ -1,0 +1,62 @@
+"""Money and time arithmetic of the information service, in integers only:
+micro-units of the currency (1 USD = 1,000,000 micros) and microseconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from hivemesh.services.information.store.base import (
+    PERIOD_DAILY, PERIOD_MONTHLY, PERIOD_TOTAL, PriceRecord)
+
+_US = 1_000_000
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cost_micros(price: PriceRecord | None, prompt_tokens: int, completion_tokens: int,
+                cached_prompt_tokens: int = 0) -> int:
+    """Cost of a call: cached prompt tokens at the cached-input price, the
+    rest of the prompt at the input price, completion at the output price;
+    prices are per million tokens; rounded up to a whole micro."""
+    if price is None:
+        return 0
+    cached = min(cached_prompt_tokens, prompt_tokens)
+    total = ((prompt_tokens - cached) * price.input_micros_per_million
+             + cached * price.cached_input_micros_per_million
+             + completion_tokens * price.output_micros_per_million)
+    return _ceil_div(total, 1_000_000)
+
+
+def period_bounds(period: int, now_us: int) -> tuple[int, int | None]:
+    """[start, end) of the budget period containing ``now_us`` (UTC); a
+    TOTAL budget has one period, from the epoch, without end."""
+    if period in (0, PERIOD_TOTAL):
+        return 0, None
+    now = datetime.fromtimestamp(now_us / _US, UTC)
+    if period == PERIOD_DAILY:
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start.fromordinal(start.toordinal() + 1).replace(tzinfo=UTC)
+    elif period == PERIOD_MONTHLY:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = start.replace(year=start.year + (start.month == 12),
+                            month=start.month % 12 + 1)
+    else:
+        raise ValueError(f"unknown budget period {period}")
+    return _to_us(start), _to_us(end)
+
+
+def _to_us(moment: datetime) -> int:
+    return int(moment.timestamp()) * _US
+
+
+@dataclass(frozen=True)
+class PricePolicy:
+    """What an unpriced model costs: ``free`` (0, reported as unpriced),
+    ``reject`` (refuse the reservation or charge), or ``default`` (the
+    configured default price)."""
+
+    unknown_model: str = "free"
+    default: PriceRecord | None = None

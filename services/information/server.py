@@ -1,0 +1,76 @@
+"""Wiring of the information service: ``open_store`` and ``create_server``
+take settings; only the CLI reads them from the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from hivemesh.information.v1 import add_InformationServiceServicer_to_server
+from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
+from hivemesh.services.information.pricing import PricePolicy
+from hivemesh.services.information.servicer import (
+    DOMAIN, SERVICE_NAME, InformationServicer, now_us)
+from hivemesh.services.information.settings import InformationSettings, PriceSettings
+from hivemesh.services.information.store.base import InformationStore, PriceRecord
+
+log = logging.getLogger("hivemesh.information")
+
+
+async def open_store(settings: InformationSettings) -> InformationStore:
+    if settings.backend == "redis":
+        if settings.redis_url is None:
+            raise ValueError("HIVEMESH_INFORMATION_REDIS_URL is required with the redis backend")
+        from hivemesh.services.information.store.redis import RedisStore
+        return await RedisStore.open(settings.redis_url.get_secret_value(),
+                                     prefix=settings.redis_prefix)
+    from hivemesh.services.information.store.sqlite import SqliteStore
+    return SqliteStore(settings.data_dir)
+
+
+def _price(model: str, backend: str, p: PriceSettings, currency: str) -> PriceRecord:
+    cached = p.cached_input_micros_per_million
+    return PriceRecord(model, backend, p.input_micros_per_million, p.output_micros_per_million,
+                       p.input_micros_per_million if cached is None else cached, currency,
+                       now_us())
+
+
+async def _sweep(store: InformationStore, interval_s: float) -> None:
+    """Release reservations that were never settled, once their TTL is over."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            expired = await store.expire(now_us())
+            if expired:
+                log.info("released expired reservations", extra={"count": expired})
+        except Exception:  # noqa: BLE001 - the next sweep retries; reserve also expires
+            log.exception("sweeping expired reservations failed")
+
+
+async def create_server(settings: InformationSettings,
+                        store: InformationStore) -> tuple[RunningServer, int]:
+    for key, price in settings.prices.items():
+        model, _, backend = key.partition("@")
+        await store.set_price(_price(model, backend, price, settings.currency))
+    default = (_price("*", "", settings.default_price, settings.currency)
+               if settings.default_price else None)
+    if settings.unknown_model == "default" and default is None:
+        raise ValueError("unknown_model=default needs HIVEMESH_INFORMATION_DEFAULT_PRICE")
+    servicer = InformationServicer(
+        store, currency=settings.currency,
+        policy=PricePolicy(settings.unknown_model, default),
+        reservation_ttl_s=settings.reservation_ttl_s,
+        alert_poll_interval_s=settings.alert_poll_interval_s)
+    sweeper = asyncio.create_task(_sweep(store, settings.sweep_interval_s))
+
+    async def stop_background() -> None:
+        await servicer.close_streams()
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+
+    running = await start_server(settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_InformationServiceServicer_to_server, servicer)],
+        on_shutdown=[stop_background])
+    return running, running.port

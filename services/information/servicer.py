@@ -1,0 +1,485 @@
+"""gRPC servicer of hivemesh.information.v1.InformationService.
+
+The servicer prices calls and works out which budgets apply and in which
+period; every decision about money is one atomic store operation (see
+``store/base.py``), so concurrent requests, and several replicas on one
+Redis, stay exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+
+from hivemesh.common.v1 import ErrorReason, StreamEnd, StreamOutcome
+from hivemesh.information.v1 import (
+    Alert, Budget, BudgetStatus, CommitResponse, CreateBudgetResponse, DeleteBudgetResponse,
+    GetBudgetResponse, GetBudgetStatusResponse, GetMetricsResponse, Heartbeat,
+    InformationServiceServicer, ListBudgetsResponse, ListModelPricesResponse, ModelPrice,
+    ReleaseResponse, ReserveResponse, Scope, SetModelPriceResponse, TrackCompletionResponse,
+    UpdateBudgetResponse, WatchAlertsResponse)
+from hivemesh.runtime import errors
+from hivemesh.services.information.metrics import CallMetrics, aggregate
+from hivemesh.services.information.pricing import PricePolicy, cost_micros, period_bounds
+from hivemesh.services.information.store.base import (
+    MODE_HARD, PERIOD_TOTAL, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Hold,
+    IdempotencyConflict, InformationStore, PriceRecord, ReservationNotFound,
+    ReservationSettled, ReserveOp, SettleOp, applicable_scope_keys)
+
+log = logging.getLogger("hivemesh.information")
+
+DOMAIN = "hivemesh.information"
+SERVICE_NAME = "hivemesh.information.v1.InformationService"
+_UPDATABLE = {"display_name", "limit_micros", "limit_tokens", "alert_thresholds_percent",
+              "mode"}
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _ts(us: int | None) -> timestamp_pb2.Timestamp | None:
+    if us is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _request_fingerprint(kind: str, request) -> str:
+    """Identifies a request (request_id included): a retry matches it, a
+    different request under the same request_id does not."""
+    return hashlib.sha256(kind.encode() + request.SerializeToString(deterministic=True)
+                          ).hexdigest()
+
+
+def _scope(tenant_id: str, workflow_id: str, agent_id: str) -> Scope:
+    return Scope(tenant_id=tenant_id, workflow_id=workflow_id, agent_id=agent_id)
+
+
+def budget_to_proto(b: BudgetRecord) -> Budget:
+    msg = Budget(budget_id=b.budget_id, display_name=b.display_name,
+                 scope=_scope(b.tenant_id, b.workflow_id, b.agent_id), currency=b.currency,
+                 period=b.period, alert_thresholds_percent=list(b.thresholds), mode=b.mode,
+                 create_time=_ts(b.create_time_us), update_time=_ts(b.update_time_us))
+    if b.limit_micros is not None:
+        msg.limit_micros = b.limit_micros
+    if b.limit_tokens is not None:
+        msg.limit_tokens = b.limit_tokens
+    return msg
+
+
+def alert_to_proto(a: AlertRecord, budget: BudgetRecord | None, currency: str) -> Alert:
+    msg = Alert(alert_id=a.alert_id, budget_id=a.budget_id,
+                threshold_percent=a.threshold_percent, limit_kind=a.limit_kind,
+                spent_micros=a.spent_micros, spent_tokens=a.spent_tokens, currency=currency,
+                period_start=_ts(a.period_start_us), create_time=_ts(a.create_time_us),
+                request_id=a.request_id)
+    if budget is not None:
+        msg.scope.CopyFrom(_scope(budget.tenant_id, budget.workflow_id, budget.agent_id))
+    if a.limit_micros is not None:
+        msg.limit_micros = a.limit_micros
+    if a.limit_tokens is not None:
+        msg.limit_tokens = a.limit_tokens
+    return msg
+
+
+def _hold(budget: BudgetRecord, now: int) -> Hold:
+    start, _ = period_bounds(budget.period, now)
+    return Hold(budget.budget_id, start, budget.limit_micros, budget.limit_tokens,
+                budget.mode, budget.thresholds)
+
+
+def _page_token(key: list, digest: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([key, digest]).encode()).decode()
+
+
+def _read_token(token: str, digest: str) -> list:
+    try:
+        key, seen = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, TypeError):
+        raise errors.invalid_argument([("page_token", "page_token is malformed")]) from None
+    if seen != digest:
+        raise errors.invalid_argument(
+            [("page_token", "page_token was issued for a different request")])
+    return key
+
+
+class InformationServicer(InformationServiceServicer):
+    def __init__(self, store: InformationStore, *, currency: str, policy: PricePolicy,
+                 reservation_ttl_s: float, alert_poll_interval_s: float = 0.25,
+                 metrics: CallMetrics | None = None) -> None:
+        self.store = store
+        self.currency = currency
+        self.policy = policy
+        self.reservation_ttl_us = int(reservation_ttl_s * 1e6)
+        self.alert_poll_interval_s = alert_poll_interval_s
+        self.metrics = metrics or CallMetrics()
+        self._alert_event = asyncio.Event()
+        self._closing = asyncio.Event()
+
+    async def close_streams(self) -> None:
+        """Shutdown hook: watchers finish with StreamEnd COMPLETED."""
+        self._closing.set()
+        self._alert_event.set()
+
+    # -- budgets --------------------------------------------------------------
+    def _budget_record(self, msg: Budget, budget_id: str, created: int, updated: int
+                       ) -> BudgetRecord:
+        if not msg.HasField("limit_micros") and not msg.HasField("limit_tokens"):
+            raise errors.invalid_argument(
+                [("budget.limit_micros", "a budget needs limit_micros or limit_tokens")])
+        if msg.currency and msg.currency != self.currency:
+            raise errors.invalid_argument(
+                [("budget.currency", f"this service accounts in {self.currency}")])
+        return BudgetRecord(
+            budget_id=budget_id, display_name=msg.display_name,
+            tenant_id=msg.scope.tenant_id, workflow_id=msg.scope.workflow_id,
+            agent_id=msg.scope.agent_id,
+            limit_micros=msg.limit_micros if msg.HasField("limit_micros") else None,
+            limit_tokens=msg.limit_tokens if msg.HasField("limit_tokens") else None,
+            currency=self.currency, period=msg.period or PERIOD_TOTAL,
+            thresholds=tuple(sorted(msg.alert_thresholds_percent)), mode=msg.mode or MODE_HARD,
+            create_time_us=created, update_time_us=updated)
+
+    async def CreateBudget(self, request, context):
+        now = now_us()
+        budget_id = request.budget.budget_id or f"bud-{uuid.uuid4()}"
+        record = self._budget_record(request.budget, budget_id, now, now)
+        probe = Budget()
+        probe.CopyFrom(request.budget)
+        probe.ClearField("create_time")
+        probe.ClearField("update_time")
+        fingerprint = hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest()
+        try:
+            stored, replayed = await self.store.create_budget(record, request.request_id,
+                                                              fingerprint)
+        except IdempotencyConflict:
+            raise _conflict(request.request_id) from None
+        except KeyError:
+            raise errors.ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_ALREADY_EXISTS,
+                f"budget {budget_id!r} already exists", {"budget_id": budget_id}) from None
+        return CreateBudgetResponse(budget=budget_to_proto(stored), replayed=replayed)
+
+    async def _get_budget(self, budget_id: str) -> BudgetRecord:
+        budget = await self.store.get_budget(budget_id)
+        if budget is None:
+            raise errors.not_found("budget", budget_id)
+        return budget
+
+    async def GetBudget(self, request, context):
+        return GetBudgetResponse(budget=budget_to_proto(await self._get_budget(request.budget_id)))
+
+    async def ListBudgets(self, request, context):
+        scope = (request.scope.tenant_id, request.scope.workflow_id, request.scope.agent_id)
+        digest = _fingerprint("budgets", scope)
+        after = _read_token(request.page_token, digest)[0] if request.page_token else ""
+        size = request.page_size or 50
+        rows = await self.store.list_budgets(scope, size + 1, after)
+        response = ListBudgetsResponse(budgets=[budget_to_proto(b) for b in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = _page_token([rows[size - 1].budget_id], digest)
+        return response
+
+    async def UpdateBudget(self, request, context):
+        paths = list(request.update_mask.paths)
+        bad = [p for p in paths if p not in _UPDATABLE]
+        if bad or not paths:
+            raise errors.invalid_argument(
+                [("update_mask.paths", f"only {sorted(_UPDATABLE)} can be updated; got "
+                                       f"{bad or 'nothing'}")])
+        current = await self._get_budget(request.budget.budget_id)
+        merged = budget_to_proto(current)
+        for path in paths:
+            if path == "alert_thresholds_percent":
+                del merged.alert_thresholds_percent[:]
+                merged.alert_thresholds_percent.extend(request.budget.alert_thresholds_percent)
+            elif path in ("limit_micros", "limit_tokens") and not request.budget.HasField(path):
+                merged.ClearField(path)
+            else:
+                setattr(merged, path, getattr(request.budget, path))
+        record = self._budget_record(merged, current.budget_id, current.create_time_us,
+                                     now_us())
+        await self.store.put_budget(record)
+        return UpdateBudgetResponse(budget=budget_to_proto(record))
+
+    async def DeleteBudget(self, request, context):
+        return DeleteBudgetResponse(deleted=await self.store.delete_budget(request.budget_id))
+
+    # -- prices ---------------------------------------------------------------
+    async def SetModelPrice(self, request, context):
+        p = request.price
+        if p.currency and p.currency != self.currency:
+            raise errors.invalid_argument(
+                [("price.currency", f"this service accounts in {self.currency}")])
+        record = PriceRecord(p.model, p.backend, p.input_micros_per_million,
+                             p.output_micros_per_million, p.cached_input_micros_per_million,
+                             self.currency, now_us())
+        replaced = await self.store.set_price(record)
+        return SetModelPriceResponse(price=_price_to_proto(record), replaced=replaced)
+
+    async def ListModelPrices(self, request, context):
+        digest = _fingerprint("prices", request.model)
+        after = tuple(_read_token(request.page_token, digest)) if request.page_token else None
+        size = request.page_size or 100
+        rows = await self.store.list_prices(request.model, size + 1, after)
+        response = ListModelPricesResponse(prices=[_price_to_proto(p) for p in rows[:size]])
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = _page_token([last.model, last.backend], digest)
+        return response
+
+    async def _price(self, model: str, backend: str) -> tuple[PriceRecord | None, bool]:
+        """(price, unpriced) under the unknown-model policy."""
+        price = await self.store.get_price(model, backend)
+        if price is not None:
+            return price, False
+        if self.policy.unknown_model == "reject":
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_MODEL_NOT_FOUND,
+                f"no price for model {model!r} and unpriced models are rejected",
+                {"model": model, "backend": backend})
+        if self.policy.unknown_model == "default":
+            return self.policy.default, True
+        return None, True
+
+    # -- the ledger -----------------------------------------------------------
+    async def _holds(self, ctx, now: int) -> tuple[list[BudgetRecord], tuple[Hold, ...]]:
+        budgets = await self.store.budgets_for_scopes(
+            applicable_scope_keys(ctx.tenant_id, ctx.workflow_id, ctx.agent_id))
+        return budgets, tuple(_hold(b, now) for b in budgets)
+
+    async def Reserve(self, request, context):
+        now = now_us()
+        price, unpriced = await self._price(request.model, request.backend)
+        micros = cost_micros(price, request.estimated_prompt_tokens, request.max_tokens)
+        tokens = request.estimated_prompt_tokens + request.max_tokens
+        budgets, holds = await self._holds(request.context, now)
+        ttl_us = (request.ttl.ToMicroseconds() if request.HasField("ttl")
+                  else self.reservation_ttl_us)
+        op = ReserveOp(request.request_id, _request_fingerprint("reserve", request),
+                       f"res-{uuid.uuid4()}", holds, micros, tokens, now + ttl_us, now,
+                       request.context.tenant_id, request.context.workflow_id,
+                       request.context.agent_id)
+        try:
+            result = await self.store.reserve(op)
+        except IdempotencyConflict:
+            raise _conflict(request.request_id) from None
+        except BudgetExceeded as exc:
+            raise _budget_exceeded(exc) from None
+        return ReserveResponse(
+            reservation_id=result.reservation_id, reserved_micros=micros, reserved_tokens=tokens,
+            currency=self.currency, expire_time=_ts(result.expire_time_us),
+            budgets=await self._statuses(budgets, now),
+            over_limit_budget_ids=list(result.over_soft_limit), unpriced=unpriced,
+            replayed=result.replayed)
+
+    async def _settle(self, request, reservation_id: str, holds: tuple[Hold, ...], ctx_ids,
+                      now: int):
+        price, unpriced = await self._price(request.model, request.backend)
+        usage = request.usage
+        cost = cost_micros(price, usage.prompt_tokens, usage.completion_tokens,
+                           usage.cached_prompt_tokens)
+        call = CallRecord(
+            request_id=request.request_id, reservation_id=reservation_id, time_us=now,
+            tenant_id=ctx_ids[0], workflow_id=ctx_ids[1], agent_id=ctx_ids[2],
+            model=request.model, backend=request.backend, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_prompt_tokens=usage.cached_prompt_tokens, cost_micros=cost,
+            currency=self.currency, latency_us=request.latency.ToMicroseconds(),
+            success=request.success, cached=request.cached,
+            error_reason=getattr(request, "error_reason", ""))
+        op = SettleOp(request.request_id, _request_fingerprint("settle", request),
+                      reservation_id, holds, call,
+                      usage.prompt_tokens + usage.completion_tokens, now)
+        try:
+            result = await self.store.settle(op)
+        except IdempotencyConflict:
+            raise _conflict(request.request_id) from None
+        except ReservationNotFound:
+            raise errors.not_found("reservation", reservation_id) from None
+        except ReservationSettled:
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_ALREADY_EXISTS,
+                "the reservation was already committed by another request",
+                {"reservation_id": reservation_id}) from None
+        if not result.replayed:
+            self.metrics.record(call)
+        if result.alerts:
+            self._alert_event.set()
+        budgets = {b.budget_id: b for b in await self._budgets(result.budget_ids)}
+        return (result, unpriced, [alert_to_proto(a, budgets.get(a.budget_id), self.currency)
+                                   for a in result.alerts],
+                await self._statuses(list(budgets.values()), now))
+
+    async def Commit(self, request, context):
+        now = now_us()
+        reservation = await self.store.get_reservation(request.reservation_id)
+        ids = ((reservation.tenant_id, reservation.workflow_id, reservation.agent_id)
+               if reservation is not None else ("", "", ""))
+        result, unpriced, alerts, statuses = await self._settle(
+            request, request.reservation_id, (), ids, now)
+        return CommitResponse(cost_micros=result.cost_micros, currency=self.currency,
+                              budgets=statuses, alerts=alerts, unpriced=unpriced,
+                              replayed=result.replayed)
+
+    async def TrackCompletion(self, request, context):
+        now = (request.completion_time.ToMicroseconds() if request.HasField("completion_time")
+               else now_us())
+        ctx = request.context
+        _, holds = await self._holds(ctx, now)
+        result, unpriced, alerts, statuses = await self._settle(
+            request, "", holds, (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), now)
+        return TrackCompletionResponse(cost_micros=result.cost_micros, currency=self.currency,
+                                       budgets=statuses, alerts=alerts, unpriced=unpriced,
+                                       replayed=result.replayed)
+
+    async def Release(self, request, context):
+        result = await self.store.release(request.reservation_id, now_us())
+        if not result.found:
+            raise errors.not_found("reservation", request.reservation_id)
+        return ReleaseResponse(released=result.released, released_micros=result.micros,
+                               released_tokens=result.tokens)
+
+    # -- status, metrics, alerts ---------------------------------------------
+    async def _budgets(self, budget_ids: Iterable[str]) -> list[BudgetRecord]:
+        out = []
+        for budget_id in dict.fromkeys(budget_ids):
+            budget = await self.store.get_budget(budget_id)
+            if budget is not None:
+                out.append(budget)
+        return out
+
+    async def _statuses(self, budgets: list[BudgetRecord], now: int) -> list[BudgetStatus]:
+        keys = [(b.budget_id, period_bounds(b.period, now)[0]) for b in budgets]
+        counters = await self.store.counters(keys)
+        return [_status(b, c, now, self.currency) for b, c in zip(budgets, counters, strict=True)]
+
+    async def GetBudgetStatus(self, request, context):
+        now = now_us()
+        if request.WhichOneof("target") == "budget_id":
+            budgets = [await self._get_budget(request.budget_id)]
+        else:
+            s = request.scope
+            budgets = await self.store.budgets_for_scopes(
+                applicable_scope_keys(s.tenant_id, s.workflow_id, s.agent_id))
+        return GetBudgetStatusResponse(statuses=await self._statuses(budgets, now))
+
+    async def GetMetrics(self, request, context):
+        start = request.start_time.ToMicroseconds()
+        end = request.end_time.ToMicroseconds() if request.HasField("end_time") else now_us()
+        if end <= start:
+            raise errors.invalid_argument([("end_time", "must be after start_time")])
+        calls = await self.store.calls(start, end)
+        bucket_us = request.bucket.ToMicroseconds() if request.HasField("bucket") else 0
+        return GetMetricsResponse(aggregates=aggregate(
+            calls, scope=request.scope, model=request.model, backend=request.backend,
+            group_by=list(request.group_by), start_us=start, end_us=end, bucket_us=bucket_us,
+            currency=self.currency))
+
+    async def WatchAlerts(self, request, context):
+        wanted_ids = set(request.budget_ids)
+        scope = request.scope
+        if request.HasField("since"):
+            since_us, seq = request.since.ToMicroseconds(), 0
+        else:
+            since_us, seq = 0, await self.store.last_alert_seq()
+        yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=_ts(now_us())))
+        budgets: dict[str, BudgetRecord | None] = {}
+        while not self._closing.is_set():
+            for alert in await self.store.alerts_after(seq):
+                seq = alert.seq
+                if alert.create_time_us < since_us:
+                    continue
+                if wanted_ids and alert.budget_id not in wanted_ids:
+                    continue
+                if alert.threshold_percent < request.min_threshold_percent:
+                    continue
+                if alert.budget_id not in budgets:
+                    budgets[alert.budget_id] = await self.store.get_budget(alert.budget_id)
+                budget = budgets[alert.budget_id]
+                if not _scope_matches(scope, alert, budget):
+                    continue
+                yield WatchAlertsResponse(alert=alert_to_proto(alert, budget, self.currency))
+            self._alert_event.clear()
+            try:
+                await asyncio.wait_for(self._alert_event.wait(), self.alert_poll_interval_s)
+            except TimeoutError:
+                pass
+        yield WatchAlertsResponse(end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
+
+
+def _scope_matches(scope: Scope, alert: AlertRecord, budget: BudgetRecord | None) -> bool:
+    wanted = [(f, getattr(scope, f)) for f in ("tenant_id", "workflow_id", "agent_id")
+              if getattr(scope, f)]
+    if not wanted:
+        return True
+    return budget is not None and all(getattr(budget, f) == v for f, v in wanted)
+
+
+def _status(b: BudgetRecord, c, now: int, currency: str) -> BudgetStatus:
+    start, end = period_bounds(b.period, now)
+    msg = BudgetStatus(budget_id=b.budget_id, scope=_scope(b.tenant_id, b.workflow_id,
+                                                           b.agent_id),
+                       mode=b.mode, currency=currency, period_start=_ts(start),
+                       spent_micros=c.spent_micros, reserved_micros=c.reserved_micros,
+                       spent_tokens=c.spent_tokens, reserved_tokens=c.reserved_tokens,
+                       thresholds_crossed=list(c.fired))
+    if end is not None:
+        msg.period_end.CopyFrom(_ts(end))
+    percents = []
+    exhausted = False
+    if b.limit_micros is not None:
+        msg.limit_micros = b.limit_micros
+        msg.remaining_micros = max(0, b.limit_micros - c.spent_micros - c.reserved_micros)
+        percents.append(100.0 * c.spent_micros / b.limit_micros if b.limit_micros else 100.0)
+        exhausted |= c.spent_micros >= b.limit_micros
+    if b.limit_tokens is not None:
+        msg.limit_tokens = b.limit_tokens
+        msg.remaining_tokens = max(0, b.limit_tokens - c.spent_tokens - c.reserved_tokens)
+        percents.append(100.0 * c.spent_tokens / b.limit_tokens if b.limit_tokens else 100.0)
+        exhausted |= c.spent_tokens >= b.limit_tokens
+    msg.percent_used = max(percents, default=0.0)
+    msg.exhausted = exhausted
+    return msg
+
+
+def _price_to_proto(p: PriceRecord) -> ModelPrice:
+    return ModelPrice(model=p.model, backend=p.backend,
+                      input_micros_per_million=p.input_micros_per_million,
+                      output_micros_per_million=p.output_micros_per_million,
+                      cached_input_micros_per_million=p.cached_input_micros_per_million,
+                      currency=p.currency, update_time=_ts(p.update_time_us))
+
+
+def _conflict(request_id: str) -> errors.ServiceError:
+    return errors.ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_IDEMPOTENCY_CONFLICT,
+        "request_id was already used for a different request", {"request_id": request_id})
+
+
+def _budget_exceeded(exc: BudgetExceeded) -> errors.ServiceError:
+    quota = error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
+        subject=f"budget:{exc.budget_id}",
+        description=f"{exc.unit}: limit {exc.limit}, spent {exc.spent}, reserved "
+                    f"{exc.reserved}, requested {exc.requested}")])
+    return errors.ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_BUDGET_EXCEEDED,
+        f"budget {exc.budget_id} cannot hold this request ({exc.unit})",
+        {"budget_id": exc.budget_id, "unit": exc.unit, "limit": exc.limit, "spent": exc.spent,
+         "reserved": exc.reserved, "requested": exc.requested}, [quota])

@@ -1,0 +1,46 @@
+"""Settings of the information service (env prefix ``HIVEMESH_INFORMATION_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hivemesh.runtime.settings import ServerSettings
+
+
+class PriceSettings(BaseModel):
+    """A price per million tokens, in micro-units of the service currency."""
+
+    input_micros_per_million: int = Field(ge=0)
+    output_micros_per_million: int = Field(ge=0)
+    cached_input_micros_per_million: int | None = Field(default=None, ge=0)
+
+
+class InformationSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HIVEMESH_INFORMATION_", env_nested_delimiter="__", extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    data_dir: Path = Path(".hivemesh/data")
+    # Required with the redis backend; a secret (it may hold a password).
+    redis_url: SecretStr | None = None
+    redis_prefix: str = Field(default="hivemesh:info:", min_length=1)
+    # Every budget and price is in this currency (ISO 4217).
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    # How an unpriced model is charged: free (0, marked unpriced), reject
+    # (FAILED_PRECONDITION), or default (default_price).
+    unknown_model: Literal["free", "reject", "default"] = "free"
+    default_price: PriceSettings | None = None
+    # Prices loaded at start: {"model": {...}} or {"model@backend": {...}}.
+    prices: dict[str, PriceSettings] = Field(default_factory=dict)
+    # A reservation never settled is released after this long (unless the
+    # request asks for another TTL).
+    reservation_ttl_s: float = Field(default=300.0, gt=0, le=86400)
+    # How often expired reservations are swept.
+    sweep_interval_s: float = Field(default=1.0, gt=0)
+    # How often alert watchers look for alerts fired by other replicas.
+    alert_poll_interval_s: float = Field(default=0.25, gt=0)

@@ -1,0 +1,1 @@
+"""Storage of the information service behind one interface (see base.py)."""

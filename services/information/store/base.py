@@ -1,0 +1,350 @@
+"""The storage interface of the information service and the records it
+stores. Two implementations: SQLite (embedded default) and Redis (shared by
+several replicas). Both must give the same answers; the congruence suite in
+tests/integration/test_information_service.py runs on each.
+
+Everything that decides money happens inside ONE atomic store operation:
+``reserve`` checks every HARD budget and holds the amount on all applicable
+budgets, or on none; ``settle`` (commit or track) frees the hold, adds the
+spend to every budget, records the call and fires each threshold at most
+once per budget and period. Amounts are integers (micro-units of the
+currency, tokens); no floats anywhere.
+
+Time is passed in by the caller (microseconds since the epoch, UTC), so the
+store never reads a clock and tests can move time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+# Budget periods and modes use the proto enum numbers.
+PERIOD_TOTAL, PERIOD_DAILY, PERIOD_MONTHLY = 1, 2, 3
+MODE_HARD, MODE_SOFT = 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRecord:
+    budget_id: str
+    display_name: str
+    tenant_id: str
+    workflow_id: str
+    agent_id: str
+    limit_micros: int | None
+    limit_tokens: int | None
+    currency: str
+    period: int
+    thresholds: tuple[int, ...]  # percent, ascending
+    mode: int
+    create_time_us: int
+    update_time_us: int
+
+    @property
+    def scope_key(self) -> str:
+        return scope_key(self.tenant_id, self.workflow_id, self.agent_id)
+
+
+def scope_key(tenant_id: str, workflow_id: str, agent_id: str) -> str:
+    """The exact scope of a budget as one string (ids cannot contain '|')."""
+    return f"{tenant_id}|{workflow_id}|{agent_id}"
+
+
+def applicable_scope_keys(tenant_id: str, workflow_id: str, agent_id: str) -> list[str]:
+    """Scope keys of every budget that applies to a request: each scope field
+    is either the request's value or empty (8 combinations at most)."""
+    keys = []
+    for t in {tenant_id, ""}:
+        for w in {workflow_id, ""}:
+            for a in {agent_id, ""}:
+                keys.append(scope_key(t, w, a))
+    return sorted(set(keys))
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRecord:
+    model: str
+    backend: str  # "" = any backend
+    input_micros_per_million: int
+    output_micros_per_million: int
+    cached_input_micros_per_million: int
+    currency: str
+    update_time_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One budget's share of a reservation or charge, in one period."""
+
+    budget_id: str
+    period_start_us: int
+    limit_micros: int | None
+    limit_tokens: int | None
+    mode: int
+    thresholds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One accounted model call: the ledger line and the metrics sample."""
+
+    request_id: str
+    reservation_id: str
+    time_us: int
+    tenant_id: str
+    workflow_id: str
+    agent_id: str
+    model: str
+    backend: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    cost_micros: int
+    currency: str
+    latency_us: int
+    success: bool
+    cached: bool
+    error_reason: str = ""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    alert_id: str
+    budget_id: str
+    threshold_percent: int
+    limit_kind: int  # 1 cost, 2 tokens
+    spent_micros: int
+    limit_micros: int | None
+    spent_tokens: int
+    limit_tokens: int | None
+    period_start_us: int
+    create_time_us: int
+    request_id: str
+    seq: int = 0  # position in the store's alert log, for watchers
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    budget_id: str
+    period_start_us: int
+    spent_micros: int = 0
+    spent_tokens: int = 0
+    reserved_micros: int = 0
+    reserved_tokens: int = 0
+    fired: tuple[int, ...] = ()  # thresholds already fired this period
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOp:
+    request_id: str
+    fingerprint: str
+    reservation_id: str  # assigned by the caller
+    holds: tuple[Hold, ...]
+    micros: int
+    tokens: int
+    expire_time_us: int
+    now_us: int
+    # Who the reservation is for (recorded with the call when it is committed).
+    tenant_id: str = ""
+    workflow_id: str = ""
+    agent_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    reservation_id: str
+    expire_time_us: int
+    over_soft_limit: tuple[str, ...]  # SOFT budgets the hold pushed over their limit
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SettleOp:
+    """Commit (reservation_id set) or track (reservation_id empty)."""
+
+    request_id: str
+    fingerprint: str
+    reservation_id: str
+    holds: tuple[Hold, ...]  # for a commit: ignored, the reservation's holds are used
+    call: CallRecord
+    tokens: int  # charged to token limits: prompt + completion
+    now_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    cost_micros: int
+    alerts: tuple[AlertRecord, ...]
+    hold_released: bool  # a commit found its reservation open and freed it
+    replayed: bool
+    budget_ids: tuple[str, ...] = ()  # budgets charged
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRecord:
+    reservation_id: str
+    request_id: str
+    state: str  # open, committed, released, expired
+    holds: tuple[Hold, ...]
+    micros: int
+    tokens: int
+    expire_time_us: int
+    tenant_id: str = ""
+    workflow_id: str = ""
+    agent_id: str = ""
+
+
+@dataclass
+class BudgetExceeded(Exception):
+    """A HARD budget cannot hold the request. Nothing was held anywhere."""
+
+    budget_id: str
+    unit: str  # "micros" or "tokens"
+    limit: int
+    spent: int
+    reserved: int
+    requested: int
+
+    def __post_init__(self) -> None:
+        super().__init__(f"budget {self.budget_id} exceeded ({self.unit})")
+
+
+class IdempotencyConflict(Exception):
+    """A request_id was used before with a different request."""
+
+
+class ReservationNotFound(Exception):
+    pass
+
+
+class ReservationSettled(Exception):
+    """The reservation was already committed (by another request_id)."""
+
+
+LIMIT_KIND_COST, LIMIT_KIND_TOKENS = 1, 2
+
+
+def crossed_thresholds(hold: Hold, spent_micros: int,
+                       spent_tokens: int) -> list[tuple[int, int]]:
+    """(threshold, limit kind) of every threshold the spend has reached, in
+    integers: spent * 100 >= threshold * limit."""
+    out = []
+    for threshold in hold.thresholds:
+        if hold.limit_micros and spent_micros * 100 >= threshold * hold.limit_micros:
+            out.append((threshold, LIMIT_KIND_COST))
+        elif hold.limit_tokens and spent_tokens * 100 >= threshold * hold.limit_tokens:
+            out.append((threshold, LIMIT_KIND_TOKENS))
+    return out
+
+
+def alert_id(hold: Hold, threshold: int) -> str:
+    """One alert per budget, period and threshold: the id says which."""
+    return f"alert:{hold.budget_id}:{hold.period_start_us}:{threshold}"
+
+
+def holds_to_json(holds: tuple[Hold, ...]) -> str:
+    return json.dumps([[h.budget_id, h.period_start_us, h.limit_micros, h.limit_tokens,
+                        h.mode, list(h.thresholds)] for h in holds])
+
+
+def holds_from_json(text: str) -> tuple[Hold, ...]:
+    return tuple(Hold(b, p, lm, lt, m, tuple(th)) for b, p, lm, lt, m, th in json.loads(text))
+
+
+@dataclass
+class ReleaseResult:
+    released: bool
+    micros: int = 0
+    tokens: int = 0
+    found: bool = True
+
+
+class InformationStore(Protocol):
+    name: str
+
+    # budgets --------------------------------------------------------------
+    async def create_budget(self, budget: BudgetRecord, request_id: str,
+                            fingerprint: str) -> tuple[BudgetRecord, bool]:
+        """Store a new budget. Returns (budget, replayed). Raises KeyError if
+        the budget_id exists (and the request_id is new), IdempotencyConflict
+        if the request_id was used for something else."""
+        ...
+
+    async def put_budget(self, budget: BudgetRecord) -> None:
+        """Replace an existing budget (update); its counters are kept."""
+        ...
+
+    async def get_budget(self, budget_id: str) -> BudgetRecord | None: ...
+
+    async def list_budgets(self, scope_filter: tuple[str, str, str], limit: int,
+                           after_id: str) -> list[BudgetRecord]:
+        """Budgets whose scope fields equal every non-empty filter field,
+        ordered by budget_id, strictly after ``after_id``."""
+        ...
+
+    async def budgets_for_scopes(self, scope_keys: list[str]) -> list[BudgetRecord]:
+        """Budgets whose scope_key is one of ``scope_keys``."""
+        ...
+
+    async def delete_budget(self, budget_id: str) -> bool: ...
+
+    # prices ---------------------------------------------------------------
+    async def set_price(self, price: PriceRecord) -> bool:
+        """Create or replace; True when one existed."""
+        ...
+
+    async def get_price(self, model: str, backend: str) -> PriceRecord | None:
+        """The (model, backend) price, else the (model, "") price, else None."""
+        ...
+
+    async def list_prices(self, model: str, limit: int,
+                          after: tuple[str, str] | None) -> list[PriceRecord]: ...
+
+    # the ledger -----------------------------------------------------------
+    async def reserve(self, op: ReserveOp) -> ReserveResult:
+        """Atomically: replay if request_id is known (IdempotencyConflict if
+        its fingerprint differs); release expired reservations; raise
+        BudgetExceeded for the first HARD hold that cannot take
+        (micros, tokens) on top of spent + reserved; else add the amounts to
+        reserved on every hold and store the reservation as open."""
+        ...
+
+    async def get_reservation(self, reservation_id: str) -> ReservationRecord | None: ...
+
+    async def settle(self, op: SettleOp) -> SettleResult:
+        """Atomically: replay if request_id is known; for a commit, if the
+        reservation is open, free its hold (its holds are then the ones
+        charged); add cost and tokens to spent on every hold; record the
+        call; fire every threshold now crossed and not yet fired for that
+        budget and period (an alert each)."""
+        ...
+
+    async def release(self, reservation_id: str, now_us: int) -> ReleaseResult:
+        """Free an open reservation's hold. Releasing one that is settled or
+        expired frees nothing (released=False)."""
+        ...
+
+    async def expire(self, now_us: int, limit: int = 1000) -> int:
+        """Release up to ``limit`` open reservations past their expiry."""
+        ...
+
+    async def counters(self, keys: list[tuple[str, int]]) -> list[Counter]:
+        """Counters of (budget_id, period_start_us) pairs, zero when unknown."""
+        ...
+
+    async def calls(self, start_us: int, end_us: int) -> list[CallRecord]:
+        """Recorded calls with start_us <= time_us < end_us."""
+        ...
+
+    async def alerts_after(self, seq: int, limit: int = 1000) -> list[AlertRecord]:
+        """Alerts with seq > ``seq``, in order (seq is the store's log order)."""
+        ...
+
+    async def last_alert_seq(self) -> int: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,620 @@
+"""Redis store: one Redis shared by several replicas of the information
+service. Every write that decides money (and every budget and price write)
+is ONE Lua script, so a check and the hold it allows can never interleave
+with another replica's request: Redis runs a script atomically.
+
+Same observable behaviour as :class:`~.sqlite.SqliteStore` (the congruence
+suite in tests/integration/test_information_store.py runs on both).
+
+Keys, all under ``prefix``:
+
+==========================  ===============================================
+``budget:{id}``             hash: ``json`` (the record), ``scope`` (scope key)
+``budgets``                 zset, score 0: every budget id (ordered listing)
+``scope:{scope_key}``       set of the budget ids of that exact scope
+``price:{model}\\0{backend}`` string: the price record as JSON
+``prices``                  zset, score 0: ``{model}\\0{backend}`` (listing)
+``ctr:{id}:{period}``       hash: spent/reserved micros/tokens (integers)
+``fired:{id}:{period}``     set of the thresholds already fired
+``res:{reservation_id}``    hash: the reservation (holds as JSON, amounts)
+``reservations:open``       zset of the open reservations, score expiry;
+                            member ``%020d`` sequence + reservation id, so
+                            ties expire in creation order (as in SQLite)
+``req:{request_id}``        hash: kind, fingerprint, result (JSON), ref
+``calls``                   zset, score time_us, member ``%020d`` sequence +
+                            the call as JSON (ties in recording order)
+``alerts``                  zset, score seq, member the alert as JSON
+``alerts:seq`` etc.         counters
+==========================  ===============================================
+
+Amounts are integers everywhere. Lua numbers are doubles: amounts, limits and
+times stay far below 2**53, where doubles are exact. Stored numbers come from
+Python's ``str(int)`` or Lua's ``string.format('%d')``, never from Lua's
+default number formatting (which would write ``1e+15``), and every JSON
+document is assembled from fragments Python encoded, so no float reaches the
+store. The scripts compute key names from the prefix, so they need a single
+Redis (or a primary with replicas), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from hivemesh.services.information.store.base import (
+    MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter, Hold,
+    IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
+    ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, alert_id,
+    holds_from_json, holds_to_json)
+
+DEFAULT_PREFIX = "hivemesh:info:"
+
+
+class RedisUnavailable(ConnectionError):
+    """Redis cannot be reached."""
+
+
+# -- Lua ----------------------------------------------------------------------
+# Every script takes the key prefix as ARGV[1] and builds its key names.
+
+_PRELUDE = r"""
+local P = ARGV[1]
+local function fmt(n) return string.format('%d', n) end
+-- The negation of an integer written in decimal, as a string (exact).
+local function neg(s)
+  if s == '0' then return s end
+  if string.sub(s, 1, 1) == '-' then return string.sub(s, 2) end
+  return '-' .. s
+end
+local function rid_of(member) return string.sub(member, 21) end
+-- Free the hold of an OPEN reservation and move it to `state`.
+local function close_open(rid, state)
+  local key = P .. 'res:' .. rid
+  local r = redis.call('HMGET', key, 'micros', 'tokens', 'ctrs', 'member')
+  local nm, nt = neg(r[1]), neg(r[2])
+  for _, ctr in ipairs(cjson.decode(r[3])) do
+    redis.call('HINCRBY', P .. ctr, 'reserved_micros', nm)
+    redis.call('HINCRBY', P .. ctr, 'reserved_tokens', nt)
+  end
+  redis.call('ZREM', P .. 'reservations:open', r[4])
+  redis.call('HSET', key, 'state', state)
+  return r[1], r[2]
+end
+-- (kind, fingerprint, result, ref) of a known request, or nil.
+local function seen_request(request_id)
+  local r = redis.call('HMGET', P .. 'req:' .. request_id, 'kind', 'fingerprint', 'result', 'ref')
+  if not r[1] then return nil end
+  return r
+end
+local function remember(request_id, kind, fingerprint, result, ref)
+  redis.call('HSET', P .. 'req:' .. request_id, 'kind', kind, 'fingerprint', fingerprint,
+             'result', result, 'ref', ref)
+end
+"""
+
+# ARGV: prefix, request_id, fingerprint, budget_id, json, scope_key, result
+_CREATE_BUDGET = _PRELUDE + r"""
+local seen = seen_request(ARGV[2])
+if seen then
+  if seen[1] ~= 'create_budget' or seen[2] ~= ARGV[3] then return {'conflict'} end
+  local j = redis.call('HGET', P .. 'budget:' .. seen[4], 'json')
+  if not j then return {'gone', seen[4]} end
+  return {'replay', j}
+end
+local key = P .. 'budget:' .. ARGV[4]
+if redis.call('EXISTS', key) == 1 then return {'exists'} end
+redis.call('HSET', key, 'json', ARGV[5], 'scope', ARGV[6])
+redis.call('ZADD', P .. 'budgets', 0, ARGV[4])
+redis.call('SADD', P .. 'scope:' .. ARGV[6], ARGV[4])
+remember(ARGV[2], 'create_budget', ARGV[3], ARGV[7], ARGV[4])
+return {'ok'}
+"""
+
+# ARGV: prefix, budget_id, json, scope_key
+_PUT_BUDGET = _PRELUDE + r"""
+local key = P .. 'budget:' .. ARGV[2]
+local old = redis.call('HGET', key, 'scope')
+if old and old ~= ARGV[4] then redis.call('SREM', P .. 'scope:' .. old, ARGV[2]) end
+redis.call('HSET', key, 'json', ARGV[3], 'scope', ARGV[4])
+redis.call('ZADD', P .. 'budgets', 0, ARGV[2])
+redis.call('SADD', P .. 'scope:' .. ARGV[4], ARGV[2])
+return 1
+"""
+
+# ARGV: prefix, budget_id
+_DELETE_BUDGET = _PRELUDE + r"""
+local key = P .. 'budget:' .. ARGV[2]
+local scope = redis.call('HGET', key, 'scope')
+if not scope then return 0 end
+redis.call('DEL', key)
+redis.call('ZREM', P .. 'budgets', ARGV[2])
+redis.call('SREM', P .. 'scope:' .. scope, ARGV[2])
+return 1
+"""
+
+# ARGV: prefix, member (model \0 backend), json
+_SET_PRICE = _PRELUDE + r"""
+local key = P .. 'price:' .. ARGV[2]
+local existed = redis.call('EXISTS', key)
+redis.call('SET', key, ARGV[3])
+redis.call('ZADD', P .. 'prices', 0, ARGV[2])
+return existed
+"""
+
+# ARGV: prefix, request_id, fingerprint, reservation_id, micros, tokens,
+#       expire_time_us, now_us, holds_json, ctrs_json, result_head, tenant_id,
+#       workflow_id, agent_id, n, then per hold (6 each):
+#       ctr key (no prefix), budget_id, budget_id as JSON, limit_micros ('' =
+#       none), limit_tokens ('' = none), '1' if HARD else '0'
+_RESERVE = _PRELUDE + r"""
+local seen = seen_request(ARGV[2])
+if seen then
+  if seen[1] ~= 'reserve' or seen[2] ~= ARGV[3] then return {'conflict'} end
+  return {'replay', seen[3]}
+end
+local key = P .. 'res:' .. ARGV[4]
+if redis.call('EXISTS', key) == 1 then return {'duplicate'} end
+-- Reservations past their expiry: released below, but only if the request is
+-- admitted (a refused request writes nothing); the checks already count them
+-- as released.
+local expired = redis.call('ZRANGEBYSCORE', P .. 'reservations:open', '-inf', ARGV[8],
+                           'LIMIT', 0, 100)
+local freed = {}
+for _, member in ipairs(expired) do
+  local r = redis.call('HMGET', P .. 'res:' .. rid_of(member), 'micros', 'tokens', 'ctrs')
+  local m, t = tonumber(r[1]), tonumber(r[2])
+  for _, ctr in ipairs(cjson.decode(r[3])) do
+    local f = freed[ctr] or {0, 0}
+    f[1] = f[1] + m
+    f[2] = f[2] + t
+    freed[ctr] = f
+  end
+end
+local micros, tokens = tonumber(ARGV[5]), tonumber(ARGV[6])
+local n = tonumber(ARGV[15])
+local soft, soft_seen = {}, {}
+for i = 0, n - 1 do
+  local b = 16 + i * 6
+  local ctr, bid, bid_json, mode = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 5]
+  local c = redis.call('HMGET', P .. ctr, 'spent_micros', 'spent_tokens', 'reserved_micros',
+                       'reserved_tokens')
+  local f = freed[ctr] or {0, 0}
+  local units = {
+    {'micros', ARGV[b + 3], tonumber(c[1] or '0'), tonumber(c[3] or '0') - f[1], micros, ARGV[5]},
+    {'tokens', ARGV[b + 4], tonumber(c[2] or '0'), tonumber(c[4] or '0') - f[2], tokens, ARGV[6]}}
+  for _, u in ipairs(units) do
+    if u[2] ~= '' and u[3] + u[4] + u[5] > tonumber(u[2]) then
+      if mode == '1' then
+        return {'exceeded', bid, u[1], u[2], fmt(u[3]), fmt(u[4]), u[6]}
+      end
+      if not soft_seen[bid] then
+        soft_seen[bid] = true
+        table.insert(soft, bid_json)
+      end
+    end
+  end
+end
+for _, member in ipairs(expired) do close_open(rid_of(member), 'expired') end
+for i = 0, n - 1 do
+  local ctr = P .. ARGV[16 + i * 6]
+  redis.call('HINCRBY', ctr, 'reserved_micros', ARGV[5])
+  redis.call('HINCRBY', ctr, 'reserved_tokens', ARGV[6])
+end
+local seq = redis.call('INCR', P .. 'reservations:seq')
+local member = string.format('%020d', seq) .. ARGV[4]
+redis.call('HSET', key, 'request_id', ARGV[2], 'state', 'open', 'holds', ARGV[9],
+           'micros', ARGV[5], 'tokens', ARGV[6], 'expire_time_us', ARGV[7],
+           'tenant_id', ARGV[12], 'workflow_id', ARGV[13], 'agent_id', ARGV[14],
+           'ctrs', ARGV[10], 'member', member)
+redis.call('ZADD', P .. 'reservations:open', ARGV[7], member)
+local result = ARGV[11] .. table.concat(soft, ', ') .. ']}'
+remember(ARGV[2], 'reserve', ARGV[3], result, ARGV[4])
+return {'ok', result}
+"""
+
+# ARGV: prefix, request_id, fingerprint, reservation_id ('' = track),
+#       expected ('1' the caller read the reservation, '0' it found none),
+#       cost_micros, tokens, call time_us, call JSON, result_head, n, then per
+#       hold: ctr key, fired key, limit_micros ('' when 0/none), limit_tokens
+#       (same), alert JSON fragment, m, then m x (threshold, alert_id JSON)
+_SETTLE = _PRELUDE + r"""
+local seen = seen_request(ARGV[2])
+if seen then
+  if seen[1] ~= 'settle' or seen[2] ~= ARGV[3] then return {'conflict'} end
+  return {'replay', seen[3]}
+end
+local released = false
+if ARGV[4] ~= '' then
+  local key = P .. 'res:' .. ARGV[4]
+  local state = redis.call('HGET', key, 'state')
+  if not state then return {'notfound'} end
+  -- The caller read the holds before: they never change once written, but
+  -- the reservation may have been created in between.
+  if ARGV[5] ~= '1' then return {'retry'} end
+  if state == 'committed' then return {'settled'} end
+  if state == 'open' then
+    close_open(ARGV[4], 'committed')
+    released = true
+  else
+    redis.call('HSET', key, 'state', 'committed')
+  end
+end
+local alerts = {}
+local n = tonumber(ARGV[11])
+local i = 12
+for _ = 1, n do
+  local ctr, fired, lim_m, lim_t, frag = P .. ARGV[i], P .. ARGV[i + 1], ARGV[i + 2],
+                                         ARGV[i + 3], ARGV[i + 4]
+  local m = tonumber(ARGV[i + 5])
+  i = i + 6
+  local sm = redis.call('HINCRBY', ctr, 'spent_micros', ARGV[6])
+  local st = redis.call('HINCRBY', ctr, 'spent_tokens', ARGV[7])
+  for _ = 1, m do
+    local th, aid = ARGV[i], ARGV[i + 1]
+    i = i + 2
+    local kind = nil
+    if lim_m ~= '' and sm * 100 >= tonumber(th) * tonumber(lim_m) then
+      kind = '1'
+    elseif lim_t ~= '' and st * 100 >= tonumber(th) * tonumber(lim_t) then
+      kind = '2'
+    end
+    if kind and redis.call('SADD', fired, th) == 1 then
+      local seq = redis.call('INCR', P .. 'alerts:seq')
+      local alert = '{' .. frag .. ', "alert_id": ' .. aid .. ', "threshold_percent": ' .. th ..
+                    ', "limit_kind": ' .. kind .. ', "spent_micros": ' .. fmt(sm) ..
+                    ', "spent_tokens": ' .. fmt(st) .. ', "seq": ' .. fmt(seq) .. '}'
+      redis.call('ZADD', P .. 'alerts', seq, alert)
+      table.insert(alerts, alert)
+    end
+  end
+end
+local call_seq = redis.call('INCR', P .. 'calls:seq')
+redis.call('ZADD', P .. 'calls', ARGV[8], string.format('%020d', call_seq) .. ARGV[9])
+local result = ARGV[10] .. (released and 'true' or 'false') .. ', "alerts": [' ..
+               table.concat(alerts, ', ') .. ']}'
+remember(ARGV[2], 'settle', ARGV[3], result, ARGV[4])
+return {'ok', result}
+"""
+
+# ARGV: prefix, reservation_id
+_RELEASE = _PRELUDE + r"""
+local state = redis.call('HGET', P .. 'res:' .. ARGV[2], 'state')
+if not state then return {'notfound'} end
+if state ~= 'open' then return {'no'} end
+local m, t = close_open(ARGV[2], 'released')
+return {'ok', m, t}
+"""
+
+# ARGV: prefix, now_us, limit
+_EXPIRE = _PRELUDE + r"""
+local expired = redis.call('ZRANGEBYSCORE', P .. 'reservations:open', '-inf', ARGV[2],
+                           'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(expired) do close_open(rid_of(member), 'expired') end
+return #expired
+"""
+
+
+# -- helpers ------------------------------------------------------------------
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _b(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _num(value: int | None) -> str:
+    return "" if value is None else str(int(value))
+
+
+def _budget_json(b: BudgetRecord) -> str:
+    d = dataclasses.asdict(b)
+    d["thresholds"] = list(b.thresholds)
+    return json.dumps(d)
+
+
+def _budget(text) -> BudgetRecord:
+    d = json.loads(text)
+    d["thresholds"] = tuple(d["thresholds"])
+    return BudgetRecord(**d)
+
+
+def _price_member(model: str, backend: str) -> str:
+    return f"{model}\x00{backend}"
+
+
+def _ctr(budget_id: str, period_start_us: int) -> str:
+    return f"ctr:{budget_id}:{period_start_us}"
+
+
+def _fired(budget_id: str, period_start_us: int) -> str:
+    return f"fired:{budget_id}:{period_start_us}"
+
+
+def _settle_result(text, replayed: bool) -> SettleResult:
+    d = json.loads(text)
+    return SettleResult(d["cost_micros"], tuple(AlertRecord(**a) for a in d["alerts"]),
+                        d["hold_released"], replayed, tuple(d["budget_ids"]))
+
+
+def _reserve_result(text, replayed: bool) -> ReserveResult:
+    d = json.loads(text)
+    return ReserveResult(d["reservation_id"], d["expire_time_us"],
+                         tuple(d["over_soft_limit"]), replayed)
+
+
+def _redact(url: str) -> str:
+    """The URL without its credentials, for error messages."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        return "<malformed url>"
+
+
+class RedisStore:
+    name = "redis"
+
+    def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._p = prefix.encode()
+        register = client.register_script
+        self._create_budget = register(_CREATE_BUDGET)
+        self._put_budget = register(_PUT_BUDGET)
+        self._delete_budget = register(_DELETE_BUDGET)
+        self._set_price = register(_SET_PRICE)
+        self._reserve = register(_RESERVE)
+        self._settle = register(_SETTLE)
+        self._release = register(_RELEASE)
+        self._expire = register(_EXPIRE)
+
+    @classmethod
+    async def open(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisStore:
+        """Connect to ``url`` and check that Redis answers; raises
+        :class:`RedisUnavailable` (a ``ConnectionError``) when it does not."""
+        try:
+            client = aioredis.from_url(url, socket_connect_timeout=5)
+        except ValueError as exc:
+            raise RedisUnavailable(f"invalid Redis URL {_redact(url)}: {exc}") from exc
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise RedisUnavailable(f"Redis is not reachable at {_redact(url)}: {exc}") from exc
+        return cls(client, prefix)
+
+    def _key(self, suffix: str | bytes) -> bytes:
+        return self._p + _b(suffix)
+
+    async def _run(self, script, *args) -> list:
+        reply = await script(keys=[], args=[self.prefix, *args])
+        return reply
+
+    # budgets --------------------------------------------------------------
+    async def create_budget(self, budget: BudgetRecord, request_id: str, fingerprint: str):
+        reply = await self._run(self._create_budget, request_id, fingerprint, budget.budget_id,
+                                _budget_json(budget), budget.scope_key,
+                                json.dumps({"budget_id": budget.budget_id}))
+        status = _s(reply[0])
+        if status == "conflict":
+            raise IdempotencyConflict(request_id)
+        if status == "gone":
+            raise KeyError(_s(reply[1]))
+        if status == "exists":
+            raise KeyError(budget.budget_id)
+        if status == "replay":
+            return _budget(reply[1]), True
+        return budget, False
+
+    async def put_budget(self, budget: BudgetRecord) -> None:
+        await self._run(self._put_budget, budget.budget_id, _budget_json(budget),
+                        budget.scope_key)
+
+    async def get_budget(self, budget_id: str) -> BudgetRecord | None:
+        text = await self.client.hget(self._key(f"budget:{budget_id}"), "json")
+        return _budget(text) if text is not None else None
+
+    async def _budgets(self, ids: list) -> list[BudgetRecord]:
+        """The budgets of ``ids`` that still exist, in the order given."""
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for budget_id in ids:
+            pipe.hget(self._key(b"budget:" + _b(budget_id)), "json")
+        return [_budget(t) for t in await pipe.execute() if t is not None]
+
+    async def list_budgets(self, scope_filter, limit, after_id):
+        wanted = [(f, v) for f, v in zip(("tenant_id", "workflow_id", "agent_id"), scope_filter,
+                                         strict=True) if v]
+        out: list[BudgetRecord] = []
+        if limit == 0:
+            return out
+        # A filter may skip many ids: read the index in chunks.
+        chunk = 256 if wanted or limit < 0 else limit
+        cursor = b"(" + _b(after_id)
+        while limit < 0 or len(out) < limit:
+            ids = await self.client.zrangebylex(self._key("budgets"), cursor, b"+", 0, chunk)
+            if not ids:
+                break
+            for b in await self._budgets(ids):
+                if all(getattr(b, f) == v for f, v in wanted):
+                    out.append(b)
+                    if len(out) == limit:
+                        break
+            cursor = b"(" + _b(ids[-1])
+        return out
+
+    async def budgets_for_scopes(self, scope_keys):
+        if not scope_keys:
+            return []
+        ids = await self.client.sunion([self._key(f"scope:{k}") for k in scope_keys])
+        # By budget_id as SQLite orders text: UTF-8 bytes (= code points).
+        return await self._budgets(sorted(_b(i) for i in ids))
+
+    async def delete_budget(self, budget_id: str) -> bool:
+        return bool(await self._run(self._delete_budget, budget_id))
+
+    # prices ---------------------------------------------------------------
+    async def set_price(self, p: PriceRecord) -> bool:
+        existed = await self._run(self._set_price, _price_member(p.model, p.backend),
+                                  json.dumps(dataclasses.astuple(p)))
+        return bool(existed)
+
+    async def get_price(self, model: str, backend: str) -> PriceRecord | None:
+        texts = await self.client.mget([self._key(f"price:{_price_member(model, backend)}"),
+                                        self._key(f"price:{_price_member(model, '')}")])
+        for text in texts:
+            if text is not None:
+                return PriceRecord(*json.loads(text))
+        return None
+
+    async def list_prices(self, model, limit, after):
+        low, high = b"-", b"+"
+        if model:
+            low, high = b"[" + _b(_price_member(model, "")), b"(" + _b(model + "\x01")
+        if after is not None:
+            after_member = _b(_price_member(*after))
+            if model == "" or after_member >= low[1:]:
+                low = b"(" + after_member
+        if limit == 0:
+            return []
+        members = await self.client.zrangebylex(self._key("prices"), low, high, 0, limit)
+        if not members:
+            return []
+        texts = await self.client.mget([self._key(b"price:" + _b(m)) for m in members])
+        return [PriceRecord(*json.loads(t)) for t in texts if t is not None]
+
+    # the ledger -----------------------------------------------------------
+    async def reserve(self, op: ReserveOp) -> ReserveResult:
+        per_hold: list[str] = []
+        for h in op.holds:
+            per_hold += [_ctr(h.budget_id, h.period_start_us), h.budget_id,
+                         json.dumps(h.budget_id), _num(h.limit_micros), _num(h.limit_tokens),
+                         "1" if h.mode == MODE_HARD else "0"]
+        head = json.dumps({"reservation_id": op.reservation_id,
+                           "expire_time_us": op.expire_time_us})[:-1] + ', "over_soft_limit": ['
+        reply = await self._run(
+            self._reserve, op.request_id, op.fingerprint, op.reservation_id, _num(op.micros),
+            _num(op.tokens), _num(op.expire_time_us), _num(op.now_us), holds_to_json(op.holds),
+            json.dumps([_ctr(h.budget_id, h.period_start_us) for h in op.holds]), head,
+            op.tenant_id, op.workflow_id, op.agent_id, str(len(op.holds)), *per_hold)
+        status = _s(reply[0])
+        if status == "conflict":
+            raise IdempotencyConflict(op.request_id)
+        if status == "exceeded":
+            budget_id, unit, limit, spent, reserved, requested = map(_s, reply[1:])
+            raise BudgetExceeded(budget_id, unit, int(limit), int(spent), int(reserved),
+                                 int(requested))
+        if status == "duplicate":
+            raise KeyError(op.reservation_id)
+        return _reserve_result(reply[1], status == "replay")
+
+    async def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
+        row = await self.client.hgetall(self._key(f"res:{reservation_id}"))
+        if not row:
+            return None
+        r = {_s(k): _s(v) for k, v in row.items()}
+        return ReservationRecord(reservation_id, r["request_id"], r["state"],
+                                 holds_from_json(r["holds"]), int(r["micros"]),
+                                 int(r["tokens"]), int(r["expire_time_us"]), r["tenant_id"],
+                                 r["workflow_id"], r["agent_id"])
+
+    async def settle(self, op: SettleOp) -> SettleResult:
+        c = op.call
+        call_json = json.dumps(dataclasses.asdict(c))
+        for _ in range(5):
+            holds, expected = op.holds, "1"
+            if op.reservation_id:
+                # A reservation's holds never change once written: read them
+                # here; the script checks the reservation is (still) there.
+                text = await self.client.hget(self._key(f"res:{op.reservation_id}"), "holds")
+                holds, expected = (holds_from_json(_s(text)), "1") if text else ((), "0")
+            reply = await self._run(
+                self._settle, op.request_id, op.fingerprint, op.reservation_id, expected,
+                _num(c.cost_micros), _num(op.tokens), _num(c.time_us), call_json,
+                json.dumps({"cost_micros": c.cost_micros,
+                            "budget_ids": [h.budget_id for h in holds]})[:-1]
+                + ', "hold_released": ',
+                str(len(holds)), *self._settle_holds(holds, op))
+            status = _s(reply[0])
+            if status == "conflict":
+                raise IdempotencyConflict(op.request_id)
+            if status == "notfound":
+                raise ReservationNotFound(op.reservation_id)
+            if status == "settled":
+                raise ReservationSettled(op.reservation_id)
+            if status != "retry":
+                return _settle_result(reply[1], status == "replay")
+        raise RuntimeError(f"reservation {op.reservation_id} kept changing")  # pragma: no cover
+
+    @staticmethod
+    def _settle_holds(holds: tuple[Hold, ...], op: SettleOp) -> list[str]:
+        out: list[str] = []
+        for h in holds:
+            # crossed_thresholds skips a limit of 0 as well as none.
+            frag = json.dumps({"budget_id": h.budget_id, "limit_micros": h.limit_micros,
+                               "limit_tokens": h.limit_tokens,
+                               "period_start_us": h.period_start_us,
+                               "create_time_us": op.now_us, "request_id": op.request_id})
+            out += [_ctr(h.budget_id, h.period_start_us), _fired(h.budget_id, h.period_start_us),
+                    _num(h.limit_micros or None), _num(h.limit_tokens or None), frag[1:-1],
+                    str(len(h.thresholds))]
+            for threshold in h.thresholds:
+                out += [str(int(threshold)), json.dumps(alert_id(h, threshold))]
+        return out
+
+    async def release(self, reservation_id: str, now_us: int) -> ReleaseResult:
+        reply = await self._run(self._release, reservation_id)
+        status = _s(reply[0])
+        if status == "notfound":
+            return ReleaseResult(False, found=False)
+        if status == "no":
+            return ReleaseResult(False)
+        return ReleaseResult(True, int(reply[1]), int(reply[2]))
+
+    async def expire(self, now_us: int, limit: int = 1000) -> int:
+        return int(await self._run(self._expire, _num(now_us), str(int(limit))))
+
+    async def counters(self, keys):
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for budget_id, period in keys:
+            pipe.hmget(self._key(_ctr(budget_id, period)), "spent_micros", "spent_tokens",
+                       "reserved_micros", "reserved_tokens")
+            pipe.smembers(self._key(_fired(budget_id, period)))
+        replies = await pipe.execute()
+        out = []
+        for i, (budget_id, period) in enumerate(keys):
+            values, fired = replies[2 * i], replies[2 * i + 1]
+            out.append(Counter(budget_id, period, *(int(v) if v is not None else 0
+                                                    for v in values),
+                               tuple(sorted(int(t) for t in fired))))
+        return out
+
+    async def calls(self, start_us: int, end_us: int) -> list[CallRecord]:
+        members = await self.client.zrangebyscore(self._key("calls"), _num(start_us),
+                                                  f"({_num(end_us)}")
+        return [CallRecord(**json.loads(m[20:])) for m in members]
+
+    async def alerts_after(self, seq: int, limit: int = 1000) -> list[AlertRecord]:
+        if limit == 0:
+            return []
+        members = await self.client.zrangebyscore(self._key("alerts"), f"({int(seq)}", "+inf",
+                                                  0, limit)
+        return [AlertRecord(**json.loads(m)) for m in members]
+
+    async def last_alert_seq(self) -> int:
+        value = await self.client.get(self._key("alerts:seq"))
+        return int(value) if value is not None else 0
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,465 @@
+"""The information service over each store (SQLite, Redis), through real
+gRPC: budgets, exact reservations under concurrency, cancellation, alerts,
+metrics. The correctness tests print their figures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import uuid
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+
+from hivemesh.client import from_rpc_error
+from hivemesh.client.errors import (
+    AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
+    ResourceExhaustedError)
+from hivemesh.common.v1 import RequestContext, StreamOutcome, Usage
+from hivemesh.information.v1 import (
+    Budget, CommitRequest, CreateBudgetRequest, DeleteBudgetRequest, GetBudgetRequest,
+    GetBudgetStatusRequest, GetMetricsRequest, InformationServiceStub, ListBudgetsRequest,
+    ModelPrice, ReleaseRequest, ReserveRequest, Scope, SetModelPriceRequest,
+    TrackCompletionRequest, UpdateBudgetRequest, WatchAlertsRequest)
+from hivemesh.runtime.settings import ServerSettings
+from hivemesh.services.information.server import create_server
+from hivemesh.services.information.settings import InformationSettings
+
+REDIS_URL = os.environ.get("HIVEMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+HARD, SOFT = 1, 2
+TOTAL, DAILY = 1, 2
+# 2 USD per million input tokens, 8 per million output: 1,000 prompt tokens
+# and 500 completion tokens cost 2,000 + 4,000 = 6,000 micros.
+PRICE = ModelPrice(model="gpt-test", input_micros_per_million=2_000_000,
+                   output_micros_per_million=8_000_000,
+                   cached_input_micros_per_million=1_000_000)
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+@contextlib.asynccontextmanager
+async def open_store(kind: str, tmp_path, prefix: str | None = None):
+    if kind == "sqlite":
+        from hivemesh.services.information.store.sqlite import SqliteStore
+        store = SqliteStore(tmp_path / "info")
+        yield store
+        await store.close()
+        return
+    from hivemesh.services.information.store.redis import RedisStore
+    try:
+        store = await RedisStore.open(REDIS_URL, prefix=prefix or f"hmtest:{uuid.uuid4().hex}:")
+    except ConnectionError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
+        pytest.skip("Redis is not reachable")
+    try:
+        yield store
+    finally:
+        await _drop_prefix(store)
+        await store.close()
+
+
+async def _drop_prefix(store) -> None:
+    keys = [k async for k in store.client.scan_iter(match=f"{store.prefix}*")]
+    if keys:
+        await store.client.delete(*keys)
+
+
+@contextlib.asynccontextmanager
+async def serve(store, **overrides):
+    settings = InformationSettings(server=ServerSettings(port=0, grace_period_s=2),
+                                   sweep_interval_s=0.2, alert_poll_interval_s=0.05,
+                                   **overrides)
+    running, port = await create_server(settings, store)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield InformationServiceStub(channel), running
+    finally:
+        await channel.close()
+        await running.shutdown(0)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def info(request, tmp_path):
+    async with open_store(request.param, tmp_path) as store, serve(store) as (stub, _):
+        await stub.SetModelPrice(SetModelPriceRequest(request_id=rid(), price=PRICE))
+        yield stub
+
+
+async def call(method, request, **kwargs):
+    try:
+        return await method(request, timeout=10, **kwargs)
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err) from err
+
+
+async def make_budget(stub, budget_id: str, *, scope: Scope | None = None, micros=None,
+                      tokens=None, mode=HARD, period=TOTAL, thresholds=()):
+    budget = Budget(budget_id=budget_id, scope=scope or Scope(tenant_id="acme"), mode=mode,
+                    period=period, alert_thresholds_percent=list(thresholds))
+    if micros is not None:
+        budget.limit_micros = micros
+    if tokens is not None:
+        budget.limit_tokens = tokens
+    return (await call(stub.CreateBudget, CreateBudgetRequest(request_id=rid(),
+                                                              budget=budget))).budget
+
+
+def ctx(tenant="acme", workflow="wf-1", agent="coder") -> RequestContext:
+    return RequestContext(tenant_id=tenant, workflow_id=workflow, agent_id=agent)
+
+
+def reserve_request(prompt=1000, max_tokens=500, context=None, ttl_s=None) -> ReserveRequest:
+    request = ReserveRequest(request_id=rid(), context=context or ctx(), model="gpt-test",
+                             estimated_prompt_tokens=prompt, max_tokens=max_tokens)
+    if ttl_s is not None:
+        request.ttl.CopyFrom(duration_pb2.Duration(seconds=ttl_s))
+    return request
+
+
+async def status(stub, budget_id: str):
+    return (await call(stub.GetBudgetStatus,
+                       GetBudgetStatusRequest(budget_id=budget_id))).statuses[0]
+
+
+# -- budgets ------------------------------------------------------------------
+
+async def test_budget_lifecycle(info):
+    created = await make_budget(info, "team-a", micros=1_000_000, thresholds=[80, 50])
+    assert created.alert_thresholds_percent == [50, 80]
+    assert created.currency == "USD" and created.create_time.seconds > 0
+    request = CreateBudgetRequest(request_id=rid(), budget=Budget(
+        scope=Scope(workflow_id="wf-9"), limit_tokens=10_000))
+    first = await call(info.CreateBudget, request)
+    again = await call(info.CreateBudget, request)
+    assert first.budget.budget_id.startswith("bud-") and again.replayed
+    assert again.budget.budget_id == first.budget.budget_id
+    with pytest.raises(AlreadyExistsError) as err:
+        await make_budget(info, "team-a", micros=5)
+    assert err.value.reason == "ALREADY_EXISTS"
+    with pytest.raises(InvalidArgumentError) as err:
+        await make_budget(info, "no-limit")
+    assert err.value.field_violations[0][0] == "budget.limit_micros"
+    page = await call(info.ListBudgets, ListBudgetsRequest(page_size=1))
+    assert [b.budget_id for b in page.budgets] == [first.budget.budget_id]
+    rest = await call(info.ListBudgets, ListBudgetsRequest(page_size=1,
+                                                           page_token=page.next_page_token))
+    assert [b.budget_id for b in rest.budgets] == ["team-a"] and not rest.next_page_token
+    only_acme = await call(info.ListBudgets, ListBudgetsRequest(scope=Scope(tenant_id="acme")))
+    assert [b.budget_id for b in only_acme.budgets] == ["team-a"]
+    updated = await call(info.UpdateBudget, UpdateBudgetRequest(
+        request_id=rid(), budget=Budget(budget_id="team-a", limit_micros=2_000_000),
+        update_mask=field_mask_pb2.FieldMask(paths=["limit_micros"])))
+    assert updated.budget.limit_micros == 2_000_000
+    assert updated.budget.alert_thresholds_percent == [50, 80]
+    with pytest.raises(InvalidArgumentError):
+        await call(info.UpdateBudget, UpdateBudgetRequest(
+            request_id=rid(), budget=Budget(budget_id="team-a"),
+            update_mask=field_mask_pb2.FieldMask(paths=["scope"])))
+    deleted = await call(info.DeleteBudget, DeleteBudgetRequest(request_id=rid(),
+                                                                budget_id="team-a"))
+    assert deleted.deleted
+    with pytest.raises(NotFoundError):
+        await call(info.GetBudget, GetBudgetRequest(budget_id="team-a"))
+
+
+# -- reserve, commit, release ---------------------------------------------------
+
+async def test_reserve_then_commit_charges_exact_cost(info):
+    await make_budget(info, "b", micros=1_000_000, tokens=1_000_000)
+    reserved = await call(info.Reserve, reserve_request(prompt=1000, max_tokens=500))
+    assert reserved.reserved_micros == 6_000 and reserved.reserved_tokens == 1_500
+    assert reserved.reservation_id.startswith("res-") and not reserved.unpriced
+    s = await status(info, "b")
+    assert (s.reserved_micros, s.spent_micros, s.remaining_micros) == (6_000, 0, 994_000)
+    committed = await call(info.Commit, CommitRequest(
+        request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+        usage=Usage(prompt_tokens=1000, completion_tokens=120, total_tokens=1120,
+                    cached_prompt_tokens=400), success=True))
+    # 600 uncached * 2 + 400 cached * 1 + 120 * 8 = 1,200 + 400 + 960 = 2,560 micros
+    assert committed.cost_micros == 2_560
+    s = await status(info, "b")
+    assert (s.reserved_micros, s.spent_micros, s.spent_tokens) == (0, 2_560, 1_120)
+    assert s.reserved_tokens == 0
+    with pytest.raises(FailedPreconditionError):
+        await call(info.Commit, CommitRequest(
+            request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+            usage=Usage(prompt_tokens=1)))
+    with pytest.raises(NotFoundError):
+        await call(info.Commit, CommitRequest(request_id=rid(), reservation_id="res-nope",
+                                              model="gpt-test", usage=Usage()))
+
+
+async def test_retried_reserve_and_commit_happen_once(info):
+    await make_budget(info, "b", micros=1_000_000)
+    request = reserve_request()
+    first = await call(info.Reserve, request)
+    again = await call(info.Reserve, request)
+    assert again.replayed and again.reservation_id == first.reservation_id
+    assert (await status(info, "b")).reserved_micros == 6_000
+    commit = CommitRequest(request_id=rid(), reservation_id=first.reservation_id,
+                           model="gpt-test", usage=Usage(prompt_tokens=1000,
+                                                         completion_tokens=500))
+    assert (await call(info.Commit, commit)).cost_micros == 6_000
+    replay = await call(info.Commit, commit)
+    assert replay.replayed and replay.cost_micros == 6_000
+    assert (await status(info, "b")).spent_micros == 6_000
+    request.max_tokens = 1
+    with pytest.raises(AlreadyExistsError) as err:
+        await call(info.Reserve, request)
+    assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+
+
+async def test_refusal_names_the_budget_and_holds_nothing_anywhere(info):
+    await make_budget(info, "tenant", micros=1_000_000)
+    await make_budget(info, "agent", scope=Scope(tenant_id="acme", agent_id="coder"),
+                      micros=10_000)
+    await call(info.Reserve, reserve_request())  # 6,000 of the agent's 10,000
+    with pytest.raises(ResourceExhaustedError) as err:
+        await call(info.Reserve, reserve_request())
+    assert err.value.reason == "BUDGET_EXCEEDED"
+    assert err.value.metadata == {"budget_id": "agent", "unit": "micros", "limit": "10000",
+                                  "spent": "0", "reserved": "6000", "requested": "6000"}
+    # All or none: the tenant budget holds only the first reservation.
+    assert (await status(info, "tenant")).reserved_micros == 6_000
+    # Another agent of the same tenant is not limited by this agent's budget.
+    other = await call(info.Reserve, reserve_request(context=ctx(agent="tester")))
+    assert other.reserved_micros == 6_000
+    assert (await status(info, "tenant")).reserved_micros == 12_000
+
+
+async def test_soft_budget_allows_and_reports(info):
+    await make_budget(info, "soft", micros=5_000, mode=SOFT, thresholds=[100])
+    reserved = await call(info.Reserve, reserve_request())
+    assert list(reserved.over_limit_budget_ids) == ["soft"]
+    committed = await call(info.Commit, CommitRequest(
+        request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+        usage=Usage(prompt_tokens=1000, completion_tokens=500)))
+    assert [a.threshold_percent for a in committed.alerts] == [100]
+    assert (await status(info, "soft")).exhausted
+
+
+async def test_release_returns_the_hold_once(info):
+    await make_budget(info, "b", micros=1_000_000)
+    reserved = await call(info.Reserve, reserve_request())
+    released = await call(info.Release, ReleaseRequest(
+        request_id=rid(), reservation_id=reserved.reservation_id, reason=2))
+    assert (released.released, released.released_micros) == (True, 6_000)
+    again = await call(info.Release, ReleaseRequest(
+        request_id=rid(), reservation_id=reserved.reservation_id))
+    assert not again.released
+    assert (await status(info, "b")).reserved_micros == 0
+    with pytest.raises(NotFoundError):
+        await call(info.Release, ReleaseRequest(request_id=rid(), reservation_id="res-x"))
+
+
+async def test_unsettled_reservations_expire(info):
+    await make_budget(info, "b", micros=1_000_000)
+    reserved = await call(info.Reserve, reserve_request(ttl_s=1))
+    assert (await status(info, "b")).reserved_micros == 6_000
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if (await status(info, "b")).reserved_micros == 0:
+            break
+    assert (await status(info, "b")).reserved_micros == 0
+    # The call happened after all: committing still charges what it cost.
+    late = await call(info.Commit, CommitRequest(
+        request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+        usage=Usage(prompt_tokens=1000)))
+    assert late.cost_micros == 2_000
+    assert (await status(info, "b")).spent_micros == 2_000
+
+
+# -- correctness under concurrency (each prints its figure) ---------------------
+
+async def _race(stubs, n: int) -> list:
+    async def one(i: int):
+        stub = stubs[i % len(stubs)]
+        try:
+            return await call(stub.Reserve, reserve_request())
+        except ResourceExhaustedError:
+            return None
+
+    return await asyncio.gather(*[one(i) for i in range(n)])
+
+
+async def _commit_all(stub, admitted) -> int:
+    total = 0
+    for r in admitted:
+        committed = await call(stub.Commit, CommitRequest(
+            request_id=rid(), reservation_id=r.reservation_id, model="gpt-test",
+            usage=Usage(prompt_tokens=1000, completion_tokens=random.randint(0, 500))))
+        total += committed.cost_micros
+    return total
+
+
+async def test_64_concurrent_reservations_admit_exactly_10(info):
+    await make_budget(info, "ten", micros=60_000)  # exactly 10 x 6,000
+    results = await _race([info], 64)
+    admitted = [r for r in results if r is not None]
+    print(f"\n64 concurrent reservations, budget fits 10: admitted {len(admitted)}")
+    assert len(admitted) == 10
+    assert (await status(info, "ten")).reserved_micros == 60_000
+    committed = await _commit_all(info, admitted)
+    s = await status(info, "ten")
+    metrics = await call(info.GetMetrics, GetMetricsRequest(
+        start_time=timestamp_pb2.Timestamp(seconds=0)))
+    ledger = sum(a.cost_micros for a in metrics.aggregates)
+    print(f"spent {s.spent_micros} <= limit 60000; ledger {ledger} == sum of commits "
+          f"{committed}")
+    assert s.spent_micros == committed == ledger <= 60_000
+    assert s.reserved_micros == 0
+
+
+async def test_two_replicas_on_one_redis_stay_exact(tmp_path):
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    async with open_store("redis", tmp_path, prefix) as store_a, \
+            open_store("redis", tmp_path, prefix) as store_b, \
+            serve(store_a) as (replica_a, _), serve(store_b) as (replica_b, _):
+        await call(replica_a.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+        await make_budget(replica_a, "ten", micros=60_000)
+        results = await _race([replica_a, replica_b], 64)
+        admitted = [r for r in results if r is not None]
+        print(f"\ntwo replicas, 64 concurrent reservations, budget fits 10: admitted "
+              f"{len(admitted)}")
+        assert len(admitted) == 10
+        committed = await _commit_all(replica_b, admitted)
+        s_a, s_b = await status(replica_a, "ten"), await status(replica_b, "ten")
+        assert s_a == s_b
+        assert s_a.spent_micros == committed <= 60_000 and s_a.reserved_micros == 0
+
+
+async def test_1000_cancelled_requests_leave_nothing_reserved(info):
+    await make_budget(info, "big", micros=10**12, tokens=10**12)
+    rng = random.Random(7)
+    outcomes = {"client cancel": 0, "deadline": 0, "released": 0, "abandoned": 0,
+                "committed": 0}
+    committed_total = 0
+
+    async def one(i: int) -> None:
+        nonlocal committed_total
+        how = rng.choice(list(outcomes))
+        outcomes[how] += 1
+        request = reserve_request(ttl_s=1)
+        if how == "client cancel":
+            task = asyncio.ensure_future(info.Reserve(request, timeout=10))
+            await asyncio.sleep(rng.random() * 0.002)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
+            return
+        if how == "deadline":
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await info.Reserve(request, timeout=rng.random() * 0.003)
+            return
+        reserved = await call(info.Reserve, request)
+        if how == "released":
+            await call(info.Release, ReleaseRequest(request_id=rid(),
+                                                    reservation_id=reserved.reservation_id))
+        elif how == "committed":
+            done = await call(info.Commit, CommitRequest(
+                request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+                usage=Usage(prompt_tokens=10, completion_tokens=10)))
+            committed_total += done.cost_micros
+
+    sem = asyncio.Semaphore(16)
+
+    async def bounded(i: int) -> None:
+        async with sem:
+            await one(i)
+
+    await asyncio.gather(*[bounded(i) for i in range(1000)])
+    for _ in range(60):  # reservations of cancelled calls expire after their 1 s TTL
+        s = await status(info, "big")
+        if s.reserved_micros == 0 and s.reserved_tokens == 0:
+            break
+        await asyncio.sleep(0.1)
+    print(f"\n1000 requests ({outcomes}): reserved left {s.reserved_micros} micros, "
+          f"{s.reserved_tokens} tokens; spent {s.spent_micros} == committed {committed_total}")
+    assert (s.reserved_micros, s.reserved_tokens) == (0, 0)
+    assert s.spent_micros == committed_total
+
+
+# -- alerts and periods ----------------------------------------------------------
+
+async def test_thresholds_fire_once_each_and_periods_roll_over(info):
+    await make_budget(info, "daily", scope=Scope(tenant_id="acme"), tokens=1_000,
+                      period=DAILY, thresholds=[50, 80, 100])
+
+    async def track(tokens: int, day: int):
+        when = timestamp_pb2.Timestamp()
+        when.FromDatetime(datetime(2026, 3, day, 12, tzinfo=UTC))
+        return await call(info.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", success=True,
+            usage=Usage(prompt_tokens=tokens), completion_time=when))
+
+    fired = []
+    for tokens in (400, 200, 100, 300, 300):  # 40%, 60%, 70%, 100%, 130%
+        fired.append([a.threshold_percent for a in (await track(tokens, 1)).alerts])
+    print(f"\nthresholds fired per charge on day 1: {fired}")
+    assert fired == [[], [50], [], [80, 100], []]
+    next_day = await track(600, 2)  # a new daily period: 60% again fires 50 once more
+    assert [a.threshold_percent for a in next_day.alerts] == [50]
+    assert next_day.alerts[0].period_start.ToDatetime(UTC) == datetime(2026, 3, 2, tzinfo=UTC)
+
+
+async def test_watch_streams_alerts_and_ends_explicitly(tmp_path):
+    async with open_store("sqlite", tmp_path) as store, serve(store) as (stub, running):
+        await call(stub.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+        await make_budget(stub, "watched", tokens=100, thresholds=[50, 100])
+        await make_budget(stub, "other", scope=Scope(tenant_id="zeta"), tokens=100,
+                          thresholds=[50])
+        stream = stub.WatchAlerts(WatchAlertsRequest(scope=Scope(tenant_id="acme")))
+        first = await stream.read()
+        assert first.WhichOneof("event") == "heartbeat"
+        for tenant in ("zeta", "acme"):
+            await call(stub.TrackCompletion, TrackCompletionRequest(
+                request_id=rid(), context=ctx(tenant=tenant), model="gpt-test",
+                usage=Usage(prompt_tokens=100)))
+        got = []
+        while len(got) < 2:
+            msg = await asyncio.wait_for(stream.read(), 5)
+            got.append((msg.alert.budget_id, msg.alert.threshold_percent))
+        assert got == [("watched", 50), ("watched", 100)]
+        shutdown = asyncio.create_task(running.shutdown(2))
+        last = await asyncio.wait_for(stream.read(), 5)
+        assert last.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+        await shutdown
+
+
+# -- pricing and metrics ---------------------------------------------------------
+
+async def test_unknown_model_policy(tmp_path):
+    async with open_store("sqlite", tmp_path) as store:
+        async with serve(store) as (stub, _):
+            free = await call(stub.Reserve, ReserveRequest(
+                request_id=rid(), context=ctx(), model="mystery", max_tokens=10))
+            assert free.unpriced and free.reserved_micros == 0 and free.reserved_tokens == 10
+        async with serve(store, unknown_model="reject") as (stub, _):
+            with pytest.raises(FailedPreconditionError) as err:
+                await call(stub.Reserve, ReserveRequest(
+                    request_id=rid(), context=ctx(), model="mystery", max_tokens=10))
+            assert err.value.reason == "MODEL_NOT_FOUND"
+
+
+async def test_metrics_aggregate_by_model(info):
+    for i in range(10):
+        await call(info.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test" if i < 8 else "other",
+            backend="openai", usage=Usage(prompt_tokens=100, completion_tokens=10),
+            latency=duration_pb2.Duration(nanos=(i + 1) * 10_000_000), success=i % 4 != 0))
+    metrics = await call(info.GetMetrics, GetMetricsRequest(
+        start_time=timestamp_pb2.Timestamp(seconds=0), group_by=[4]))
+    by_model = {a.model: a for a in metrics.aggregates}
+    gpt = by_model["gpt-test"]
+    assert (gpt.request_count, gpt.error_count) == (8, 2)
+    assert gpt.error_rate == pytest.approx(0.25)
+    assert gpt.total_tokens == 880 and gpt.cost_micros == 8 * (200 + 80)
+    assert gpt.latency_p50.ToMilliseconds() in (40, 50)
+    assert by_model["other"].cost_micros == 0
