@@ -1,7 +1,7 @@
 """The storage interface of the information service and the records it
 stores. Two implementations: SQLite (embedded default) and Redis (shared by
 several replicas). Both must give the same answers; the congruence suite in
-tests/integration/test_information_service.py runs on each.
+tests/integration/test_information_store.py runs on each.
 
 Everything that decides money happens inside ONE atomic store operation:
 ``reserve`` checks every HARD budget and holds the amount on all applicable

@@ -137,7 +137,7 @@ def _free(conn: sqlite3.Connection, holds: tuple[Hold, ...], micros: int, tokens
 def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
     rows = conn.execute(
         "SELECT reservation_id, holds, micros, tokens FROM reservations "
-        "WHERE state = 'open' AND expire_time_us <= ? ORDER BY expire_time_us LIMIT ?",
+        "WHERE state = 'open' AND expire_time_us <= ? ORDER BY expire_time_us, rowid LIMIT ?",
         (now_us, limit)).fetchall()
     for reservation_id, holds, micros, tokens in rows:
         _free(conn, holds_from_json(holds), micros, tokens)
@@ -384,7 +384,7 @@ class SqliteStore:
 
     async def calls(self, start_us: int, end_us: int) -> list[CallRecord]:
         rows = self.db.reader.execute(f"SELECT {_CALL_COLS} FROM calls WHERE time_us >= ? "
-                                      "AND time_us < ? ORDER BY time_us", (start_us, end_us))
+                                      "AND time_us < ? ORDER BY time_us, seq", (start_us, end_us))
         return [_call(r) for r in rows]
 
     async def alerts_after(self, seq: int, limit: int = 1000) -> list[AlertRecord]:

@@ -1,0 +1,716 @@
+"""The information stores (SQLite, Redis) through their API, without gRPC:
+one congruence suite that runs on each and expects the same answers, a
+differential run that feeds both the same random sequence of operations and
+compares every answer, and exactness of concurrent reservations (also with
+two Redis clients on one prefix, as two replicas would be)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import uuid
+from dataclasses import asdict, replace
+
+import pytest
+
+from hivemesh.services.information.store.base import (
+    MODE_HARD, MODE_SOFT, PERIOD_DAILY, PERIOD_TOTAL, BudgetExceeded, BudgetRecord, CallRecord,
+    Counter, Hold, IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound,
+    ReservationSettled, ReserveOp, SettleOp, applicable_scope_keys, scope_key)
+from hivemesh.services.information.store.sqlite import SqliteStore
+
+REDIS_URL = os.environ.get("HIVEMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+T0 = 1_700_000_000_000_000  # microseconds since the epoch
+MINUTE = 60_000_000
+
+
+# -- fixtures -------------------------------------------------------------------
+
+async def open_redis(prefix: str):
+    from hivemesh.services.information.store.redis import RedisStore
+    try:
+        return await RedisStore.open(REDIS_URL, prefix=prefix)
+    except ConnectionError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+
+
+async def drop_prefix(store) -> None:
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", store.prefix) + "*"
+    keys = [k async for k in store.client.scan_iter(match=pattern, count=1000)]
+    for i in range(0, len(keys), 500):
+        await store.client.delete(*keys[i:i + 500])
+
+
+@contextlib.asynccontextmanager
+async def open_store(kind: str, tmp_path):
+    if kind == "sqlite":
+        store = SqliteStore(tmp_path / f"sqlite-{uuid.uuid4().hex[:8]}")
+        try:
+            yield store
+        finally:
+            await store.close()
+        return
+    store = await open_redis(f"hmtest:{uuid.uuid4().hex}:")
+    try:
+        yield store
+    finally:
+        await drop_prefix(store)
+        await store.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request, tmp_path):
+    async with open_store(request.param, tmp_path) as s:
+        yield s
+
+
+# -- builders -------------------------------------------------------------------
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+def budget(budget_id: str, *, tenant="acme", workflow="", agent="", micros: int | None = 1000,
+           tokens: int | None = None, mode=MODE_HARD, period=PERIOD_TOTAL, thresholds=(),
+           name="", now=T0) -> BudgetRecord:
+    return BudgetRecord(budget_id, name or budget_id, tenant, workflow, agent, micros, tokens,
+                        "USD", period, tuple(thresholds), mode, now, now)
+
+
+def hold(b: BudgetRecord, period_start: int = 0) -> Hold:
+    return Hold(b.budget_id, period_start, b.limit_micros, b.limit_tokens, b.mode, b.thresholds)
+
+
+def reserve_op(holds, micros: int, tokens: int = 0, *, request_id=None, reservation_id=None,
+               now=T0, ttl=MINUTE, fingerprint="fp", ids=("acme", "wf", "bot")) -> ReserveOp:
+    return ReserveOp(request_id or rid(), fingerprint, reservation_id or f"res-{rid()}",
+                     tuple(holds), micros, tokens, now + ttl, now, *ids)
+
+
+def call(request_id: str, reservation_id: str = "", *, time_us=T0, cost=0, prompt=0,
+         completion=0, model="m", backend="", success=True) -> CallRecord:
+    return CallRecord(request_id, reservation_id, time_us, "acme", "wf", "bot", model, backend,
+                      prompt, completion, 0, cost, "USD", 1234, success, False,
+                      "" if success else "boom")
+
+
+def commit_op(reservation_id: str, cost: int, tokens: int = 0, *, request_id=None, now=T0,
+              fingerprint="fp") -> SettleOp:
+    request_id = request_id or rid()
+    return SettleOp(request_id, fingerprint, reservation_id, (),
+                    call(request_id, reservation_id, time_us=now, cost=cost, prompt=tokens),
+                    tokens, now)
+
+
+def track_op(holds, cost: int, tokens: int = 0, *, request_id=None, now=T0,
+             fingerprint="fp") -> SettleOp:
+    request_id = request_id or rid()
+    return SettleOp(request_id, fingerprint, "", tuple(holds),
+                    call(request_id, time_us=now, cost=cost, prompt=tokens), tokens, now)
+
+
+def price(model: str, backend: str = "", inp: int = 1, now=T0) -> PriceRecord:
+    return PriceRecord(model, backend, inp, 2 * inp, inp // 2, "USD", now)
+
+
+def refusal(exc: BudgetExceeded) -> tuple:
+    """(budget_id, unit, limit, spent, reserved, requested) of a refusal."""
+    return (exc.budget_id, exc.unit, exc.limit, exc.spent, exc.reserved, exc.requested)
+
+
+async def counter(store, b: BudgetRecord, period_start: int = 0) -> Counter:
+    return (await store.counters([(b.budget_id, period_start)]))[0]
+
+
+# -- budgets --------------------------------------------------------------------
+
+async def test_budget_create_replay_conflict_and_duplicate_id(store):
+    b = budget("b1", micros=None, tokens=5000, thresholds=(50, 80, 100), mode=MODE_SOFT)
+    assert await store.create_budget(b, "req-1", "fp-1") == (b, False)
+    assert await store.get_budget("b1") == b  # round-trips exactly: None, thresholds
+    assert (await store.get_budget("b1")).thresholds == (50, 80, 100)
+    # The same request again: the stored budget, replayed (even if the retry
+    # generated another id for it).
+    assert await store.create_budget(replace(b, budget_id="other"), "req-1", "fp-1") == (b, True)
+    assert await store.get_budget("other") is None
+    with pytest.raises(IdempotencyConflict):
+        await store.create_budget(b, "req-1", "fp-2")
+    with pytest.raises(KeyError):
+        await store.create_budget(replace(b, display_name="again"), "req-2", "fp-1")
+    assert (await store.get_budget("b1")).display_name == "b1"
+    # A request id used by another kind of request conflicts too.
+    await store.reserve(reserve_op([], 1, request_id="req-3"))
+    with pytest.raises(IdempotencyConflict):
+        await store.create_budget(budget("b3"), "req-3", "fp")
+    assert await store.get_budget("b3") is None
+    # Replaying the creation of a budget deleted since: it is gone.
+    assert await store.delete_budget("b1") is True
+    with pytest.raises(KeyError):
+        await store.create_budget(b, "req-1", "fp-1")
+
+
+async def test_budget_update_keeps_counters_and_delete(store):
+    b = budget("b1", tenant="acme", micros=1000)
+    await store.create_budget(b, rid(), "fp")
+    await store.settle(track_op([hold(b)], 300, 7))
+    moved = replace(b, tenant_id="globex", limit_micros=None, limit_tokens=99,
+                    thresholds=(), update_time_us=T0 + 5)
+    await store.put_budget(moved)
+    assert await store.get_budget("b1") == moved
+    assert await store.budgets_for_scopes([scope_key("acme", "", "")]) == []
+    assert await store.budgets_for_scopes([scope_key("globex", "", "")]) == [moved]
+    assert await store.list_budgets(("acme", "", ""), 10, "") == []
+    assert await store.list_budgets(("globex", "", ""), 10, "") == [moved]
+    c = await counter(store, b)
+    assert (c.spent_micros, c.spent_tokens) == (300, 7)
+    assert await store.delete_budget("b1") is True
+    assert await store.delete_budget("b1") is False
+    assert await store.get_budget("b1") is None
+    assert await store.list_budgets(("", "", ""), 10, "") == []
+    assert await store.budgets_for_scopes([moved.scope_key]) == []
+    # put_budget of an unknown id stores it (INSERT OR REPLACE).
+    await store.put_budget(b)
+    assert await store.get_budget("b1") == b
+
+
+async def test_list_budgets_filter_and_paging(store):
+    records = [budget("b-05", tenant="acme"), budget("b-01", tenant="acme", workflow="wf"),
+               budget("b-03", tenant="globex", workflow="wf"),
+               budget("b-02", tenant="acme", workflow="wf", agent="bot"),
+               budget("b-04", tenant="", workflow="wf")]
+    for r in records:
+        await store.create_budget(r, rid(), "fp")
+    ids = lambda rows: [r.budget_id for r in rows]  # noqa: E731
+    assert ids(await store.list_budgets(("", "", ""), 100, "")) == [
+        "b-01", "b-02", "b-03", "b-04", "b-05"]
+    assert ids(await store.list_budgets(("acme", "", ""), 100, "")) == ["b-01", "b-02", "b-05"]
+    assert ids(await store.list_budgets(("", "wf", ""), 100, "")) == [
+        "b-01", "b-02", "b-03", "b-04"]
+    assert ids(await store.list_budgets(("acme", "wf", "bot"), 100, "")) == ["b-02"]
+    assert ids(await store.list_budgets(("nobody", "", ""), 100, "")) == []
+    # Paging: strictly after the id, at most `limit`.
+    assert ids(await store.list_budgets(("", "", ""), 2, "")) == ["b-01", "b-02"]
+    assert ids(await store.list_budgets(("", "", ""), 2, "b-02")) == ["b-03", "b-04"]
+    assert ids(await store.list_budgets(("", "", ""), 2, "b-04")) == ["b-05"]
+    assert ids(await store.list_budgets(("", "", ""), 2, "b-05")) == []
+    assert ids(await store.list_budgets(("", "", ""), 2, "b-025")) == ["b-03", "b-04"]
+    assert ids(await store.list_budgets(("acme", "", ""), 1, "b-01")) == ["b-02"]
+    assert ids(await store.list_budgets(("acme", "", ""), 2, "b-02")) == ["b-05"]
+    assert await store.list_budgets(("", "", ""), 100, "") == sorted(
+        records, key=lambda r: r.budget_id)
+
+
+async def test_list_budgets_filter_over_many(store):
+    # More budgets than one chunk of the Redis index read, most filtered out.
+    for i in range(300):
+        await store.create_budget(budget(f"b{i:03d}", tenant="acme" if i % 97 == 0 else "x"),
+                                  rid(), "fp")
+    rows = await store.list_budgets(("acme", "", ""), 2, "")
+    assert [r.budget_id for r in rows] == ["b000", "b097"]
+    rows = await store.list_budgets(("acme", "", ""), 10, "b097")
+    assert [r.budget_id for r in rows] == ["b194", "b291"]
+
+
+async def test_budgets_for_scopes(store):
+    records = [budget("z-tenant", tenant="acme"),
+               budget("a-workflow", tenant="acme", workflow="wf"),
+               budget("m-agent", tenant="acme", workflow="wf", agent="bot"),
+               budget("global", tenant=""),
+               budget("any-tenant-wf", tenant="", workflow="wf"),
+               budget("other-agent", tenant="acme", workflow="wf", agent="coder"),
+               budget("other-tenant", tenant="globex")]
+    for r in records:
+        await store.create_budget(r, rid(), "fp")
+    found = await store.budgets_for_scopes(applicable_scope_keys("acme", "wf", "bot"))
+    assert [b.budget_id for b in found] == ["a-workflow", "any-tenant-wf", "global", "m-agent",
+                                            "z-tenant"]
+    assert found[0] == records[1]
+    found = await store.budgets_for_scopes(applicable_scope_keys("globex", "", ""))
+    assert [b.budget_id for b in found] == ["global", "other-tenant"]
+    assert await store.budgets_for_scopes([]) == []
+    assert await store.budgets_for_scopes(["no|such|scope"]) == []
+
+
+# -- prices ---------------------------------------------------------------------
+
+async def test_prices(store):
+    assert await store.get_price("gpt", "azure") is None
+    assert await store.set_price(price("gpt", "", 10)) is False
+    assert await store.get_price("gpt", "azure") == price("gpt", "", 10)  # fallback to ""
+    assert await store.get_price("gpt", "") == price("gpt", "", 10)
+    assert await store.set_price(price("gpt", "azure", 20)) is False
+    assert await store.get_price("gpt", "azure") == price("gpt", "azure", 20)
+    assert await store.get_price("gpt", "openai") == price("gpt", "", 10)
+    assert await store.set_price(price("gpt", "azure", 30, now=T0 + 1)) is True  # replaced
+    assert await store.get_price("gpt", "azure") == price("gpt", "azure", 30, now=T0 + 1)
+    assert await store.get_price("claude", "") is None
+    for model, backend in [("claude", "bedrock"), ("claude", ""), ("gpt-mini", ""),
+                           ("a", "z"), ("gpt", "vertex")]:
+        await store.set_price(price(model, backend))
+    keys = lambda rows: [(p.model, p.backend) for p in rows]  # noqa: E731
+    everything = [("a", "z"), ("claude", ""), ("claude", "bedrock"), ("gpt", ""),
+                  ("gpt", "azure"), ("gpt", "vertex"), ("gpt-mini", "")]
+    assert keys(await store.list_prices("", 100, None)) == everything
+    assert keys(await store.list_prices("", 3, None)) == everything[:3]
+    assert keys(await store.list_prices("", 3, ("claude", "bedrock"))) == everything[3:6]
+    assert keys(await store.list_prices("", 3, ("gpt", "vertex"))) == everything[6:]
+    assert keys(await store.list_prices("", 3, ("gpt-mini", ""))) == []
+    assert keys(await store.list_prices("gpt", 100, None)) == everything[3:6]
+    assert keys(await store.list_prices("gpt", 2, ("gpt", ""))) == everything[4:6]
+    assert keys(await store.list_prices("gpt", 2, ("a", "z"))) == everything[3:5]
+    assert keys(await store.list_prices("gpt", 2, ("gpt", "vertex"))) == []
+    assert keys(await store.list_prices("gpt", 2, ("zzz", ""))) == []
+    assert keys(await store.list_prices("nope", 10, None)) == []
+    assert (await store.list_prices("gpt", 1, ("gpt", "")))[0] == price(
+        "gpt", "azure", 30, now=T0 + 1)
+
+
+# -- reserve --------------------------------------------------------------------
+
+async def test_reserve_admits_under_a_hard_limit_and_refuses_over_it(store):
+    hard = budget("hard", micros=1000, tokens=100)
+    other = budget("other", micros=None, tokens=1_000_000, mode=MODE_SOFT)
+    for b in (hard, other):
+        await store.create_budget(b, rid(), "fp")
+    holds = [hold(other), hold(hard)]
+    await store.settle(track_op(holds, 200, 10))
+    first = await store.reserve(reserve_op(holds, 500, 40, reservation_id="res-1",
+                                           now=T0, ttl=MINUTE))
+    assert first.reservation_id == "res-1" and first.expire_time_us == T0 + MINUTE
+    assert first.over_soft_limit == () and first.replayed is False
+    # Exactly up to the limit is allowed: 200 spent + 500 + 300 = 1000.
+    await store.reserve(reserve_op(holds, 300, 10))
+    with pytest.raises(BudgetExceeded) as err:
+        await store.reserve(reserve_op(holds, 1, 1))
+    assert refusal(err.value) == ("hard", "micros", 1000, 200, 800, 1)
+    # Tokens are checked too (after micros): 10 spent + 50 reserved + 41 > 100.
+    await store.release("res-1", T0)
+    with pytest.raises(BudgetExceeded) as err:
+        await store.reserve(reserve_op(holds, 1, 81))
+    assert refusal(err.value) == ("hard", "tokens", 100, 10, 10, 81)
+    # Nothing was held anywhere by the refused requests.
+    c_hard, c_other = await store.counters([("hard", 0), ("other", 0)])
+    assert c_hard == Counter("hard", 0, 200, 10, 300, 10)
+    assert c_other == Counter("other", 0, 200, 10, 300, 10)
+    # The first violating HARD hold (in hold order) is the one reported.
+    small = budget("small", micros=50)
+    await store.create_budget(small, rid(), "fp")
+    with pytest.raises(BudgetExceeded) as err:
+        await store.reserve(reserve_op([hold(small), hold(hard)], 600))
+    assert (err.value.budget_id, err.value.unit, err.value.limit) == ("small", "micros", 50)
+    with pytest.raises(BudgetExceeded) as err:
+        await store.reserve(reserve_op([hold(hard), hold(small)], 600))
+    assert err.value.budget_id == "hard"
+    # A reservation without budgets is always admitted.
+    assert (await store.reserve(reserve_op([], 10 ** 12))).over_soft_limit == ()
+
+
+async def test_reserve_reports_soft_budgets_over_their_limit(store):
+    soft = budget("soft", micros=100, tokens=10, mode=MODE_SOFT)
+    soft2 = budget("soft2", micros=None, tokens=10, mode=MODE_SOFT)
+    hard = budget("hard", micros=10_000)
+    for b in (soft, soft2, hard):
+        await store.create_budget(b, rid(), "fp")
+    holds = [hold(hard), hold(soft2), hold(soft)]
+    assert (await store.reserve(reserve_op(holds, 100, 10))).over_soft_limit == ()
+    # Over on both units: each budget is named once, in hold order.
+    result = await store.reserve(reserve_op(holds, 1, 1))
+    assert result.over_soft_limit == ("soft2", "soft")
+    c = await counter(store, soft)
+    assert (c.reserved_micros, c.reserved_tokens) == (101, 11)  # held anyway
+    # A HARD refusal wins over SOFT reports, and holds nothing.
+    with pytest.raises(BudgetExceeded):
+        await store.reserve(reserve_op(holds, 10_000, 1))
+    assert await counter(store, soft) == c
+
+
+async def test_reserve_replay_and_conflict(store):
+    soft = budget("soft", micros=10, mode=MODE_SOFT)
+    await store.create_budget(soft, rid(), "fp")
+    op = reserve_op([hold(soft)], 50, 5, request_id="r-1", reservation_id="res-a")
+    first = await store.reserve(op)
+    assert first.over_soft_limit == ("soft",) and not first.replayed
+    # A retry with a new reservation id and a later clock: the first answer.
+    again = await store.reserve(replace(op, reservation_id="res-b", now_us=T0 + 5,
+                                        expire_time_us=T0 + 10))
+    assert again == replace(first, replayed=True)
+    assert await store.get_reservation("res-b") is None
+    assert (await counter(store, soft)).reserved_micros == 50
+    with pytest.raises(IdempotencyConflict):
+        await store.reserve(replace(op, fingerprint="other"))
+    with pytest.raises(IdempotencyConflict):
+        await store.settle(track_op([hold(soft)], 1, request_id="r-1", fingerprint="fp"))
+    record = await store.get_reservation("res-a")
+    assert record.request_id == "r-1" and record.state == "open"
+    assert record.holds == (hold(soft),) and (record.micros, record.tokens) == (50, 5)
+    assert record.expire_time_us == T0 + MINUTE
+    assert (record.tenant_id, record.workflow_id, record.agent_id) == ("acme", "wf", "bot")
+    assert await store.get_reservation("res-nope") is None
+
+
+# -- settle ---------------------------------------------------------------------
+
+async def test_commit_frees_the_hold_and_charges_and_replays(store):
+    b = budget("b", micros=10_000, tokens=1000, thresholds=(50,))
+    day = budget("day", micros=None, tokens=500, period=PERIOD_DAILY)
+    for r in (b, day):
+        await store.create_budget(r, rid(), "fp")
+    holds = [hold(b), hold(day, T0 - 1000)]
+    await store.reserve(reserve_op(holds, 6000, 300, reservation_id="res-1"))
+    op = commit_op("res-1", 5500, 120, request_id="c-1", now=T0 + 10)
+    result = await store.settle(op)
+    assert (result.cost_micros, result.hold_released, result.replayed) == (5500, True, False)
+    assert result.budget_ids == ("b", "day")
+    (alert,) = result.alerts
+    assert (alert.alert_id, alert.budget_id, alert.threshold_percent, alert.limit_kind) == (
+        "alert:b:0:50", "b", 50, 1)
+    assert (alert.spent_micros, alert.limit_micros, alert.spent_tokens, alert.limit_tokens) == (
+        5500, 10_000, 120, 1000)
+    assert (alert.period_start_us, alert.create_time_us, alert.request_id) == (0, T0 + 10, "c-1")
+    assert alert.seq == await store.last_alert_seq() >= 1
+    c_b, c_day = await store.counters([("b", 0), ("day", T0 - 1000)])
+    assert c_b == Counter("b", 0, 5500, 120, 0, 0, (50,))
+    assert c_day == Counter("day", T0 - 1000, 5500, 120, 0, 0)
+    assert (await store.get_reservation("res-1")).state == "committed"
+    # The same commit again: the same answer, charged once.
+    assert await store.settle(op) == replace(result, replayed=True)
+    assert await counter(store, b) == c_b
+    assert len(await store.calls(0, 2 * T0)) == 1
+    with pytest.raises(IdempotencyConflict):
+        await store.settle(replace(op, fingerprint="other"))
+
+
+async def test_track_charges_without_a_reservation(store):
+    b = budget("b", micros=1000, tokens=100, thresholds=(10, 90))
+    await store.create_budget(b, rid(), "fp")
+    result = await store.settle(track_op([hold(b)], 50, 20, request_id="t-1"))
+    assert (result.cost_micros, result.hold_released, result.budget_ids) == (50, False, ("b",))
+    # 50 micros is 5% of the cost limit; 20 tokens is 20% of the token limit.
+    assert [(a.threshold_percent, a.limit_kind) for a in result.alerts] == [(10, 2)]
+    assert await counter(store, b) == Counter("b", 0, 50, 20, 0, 0, (10,))
+    empty = await store.settle(track_op([], 7, 1))
+    assert (empty.cost_micros, empty.alerts, empty.budget_ids) == (7, (), ())
+    assert len(await store.calls(0, 2 * T0)) == 2
+
+
+async def test_thresholds_fire_once_per_period(store):
+    b = budget("b", micros=1000, thresholds=(50, 80, 100), period=PERIOD_DAILY)
+    await store.create_budget(b, rid(), "fp")
+    day1, day2 = T0, T0 + 86_400_000_000
+    r1 = await store.settle(track_op([hold(b, day1)], 600))
+    assert [a.threshold_percent for a in r1.alerts] == [50]
+    r2 = await store.settle(track_op([hold(b, day1)], 250))
+    assert [a.threshold_percent for a in r2.alerts] == [80]
+    r3 = await store.settle(track_op([hold(b, day1)], 10))
+    assert r3.alerts == ()  # 86%: nothing new
+    r4 = await store.settle(track_op([hold(b, day1)], 500))
+    assert [(a.threshold_percent, a.spent_micros) for a in r4.alerts] == [(100, 1360)]
+    assert (await store.settle(track_op([hold(b, day1)], 500))).alerts == ()
+    # A new period fires again, all crossed thresholds at once, in order.
+    r5 = await store.settle(track_op([hold(b, day2)], 900))
+    assert [a.threshold_percent for a in r5.alerts] == [50, 80]
+    assert r5.alerts[0].alert_id == f"alert:b:{day2}:50"
+    assert (await counter(store, b, day1)).fired == (50, 80, 100)
+    assert (await counter(store, b, day2)).fired == (50, 80)
+    seqs = [a.seq for r in (r1, r2, r4, r5) for a in r.alerts]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    # A limit of 0 or none never fires.
+    zero = budget("zero", micros=0, tokens=None, thresholds=(1,))
+    await store.create_budget(zero, rid(), "fp")
+    assert (await store.settle(track_op([hold(zero)], 5, 5))).alerts == ()
+
+
+async def test_commit_of_unknown_or_committed_reservation(store):
+    b = budget("b", micros=1000)
+    await store.create_budget(b, rid(), "fp")
+    with pytest.raises(ReservationNotFound):
+        await store.settle(commit_op("res-nope", 10, request_id="c-0"))
+    assert await store.calls(0, 2 * T0) == []
+    await store.reserve(reserve_op([hold(b)], 100, reservation_id="res-1"))
+    await store.settle(commit_op("res-1", 80, request_id="c-1"))
+    with pytest.raises(ReservationSettled):
+        await store.settle(commit_op("res-1", 80, request_id="c-2"))
+    assert await counter(store, b) == Counter("b", 0, 80, 0, 0, 0)
+    # The refused request ids were not remembered: they can be used again.
+    await store.settle(track_op([hold(b)], 1, request_id="c-2"))
+    assert (await counter(store, b)).spent_micros == 81
+
+
+async def test_release(store):
+    b = budget("b", micros=1000, tokens=100)
+    await store.create_budget(b, rid(), "fp")
+    await store.reserve(reserve_op([hold(b)], 400, 30, reservation_id="res-1"))
+    assert await store.release("res-1", T0) == ReleaseResult(True, 400, 30)
+    assert await counter(store, b) == Counter("b", 0, 0, 0, 0, 0)
+    assert await store.release("res-1", T0) == ReleaseResult(False)
+    assert await store.release("res-nope", T0) == ReleaseResult(False, found=False)
+    assert (await store.get_reservation("res-1")).state == "released"
+    # Committing a released reservation still charges it, freeing nothing.
+    result = await store.settle(commit_op("res-1", 300, 5))
+    assert result.hold_released is False and result.budget_ids == ("b",)
+    assert await counter(store, b) == Counter("b", 0, 300, 5, 0, 0)
+    assert await store.release("res-1", T0) == ReleaseResult(False)
+
+
+async def test_expire_frees_holds_and_a_late_commit_still_charges(store):
+    b = budget("b", micros=1000, tokens=100)
+    await store.create_budget(b, rid(), "fp")
+    for i, ttl in enumerate([10, 20, 20, 30, 1000]):
+        await store.reserve(reserve_op([hold(b)], 100, 1, reservation_id=f"res-{i}", ttl=ttl))
+    assert await store.expire(T0 + 9) == 0
+    assert await store.expire(T0 + 20, limit=2) == 2  # res-0 and res-1
+    states = [(await store.get_reservation(f"res-{i}")).state for i in range(5)]
+    assert states == ["expired", "expired", "open", "open", "open"]
+    assert (await counter(store, b)).reserved_micros == 300
+    assert await store.expire(T0 + 30) == 2
+    assert (await counter(store, b)).reserved_micros == 100
+    assert await store.expire(T0 + 30) == 0
+    assert await store.release("res-3", T0) == ReleaseResult(False)
+    result = await store.settle(commit_op("res-0", 250, 3, now=T0 + 40))
+    assert (result.hold_released, result.cost_micros, result.budget_ids) == (False, 250, ("b",))
+    assert await counter(store, b) == Counter("b", 0, 250, 3, 100, 1)
+    assert (await store.get_reservation("res-0")).state == "committed"
+    # The open one is past its expiry but not swept: a commit frees its hold.
+    result = await store.settle(commit_op("res-4", 100, now=T0 + 2000))
+    assert result.hold_released is True
+    assert await counter(store, b) == Counter("b", 0, 350, 3, 0, 0)
+
+
+async def test_reserve_releases_expired_reservations_first(store):
+    b = budget("b", micros=1000)
+    other = budget("other", tenant="globex", micros=1000)
+    for r in (b, other):
+        await store.create_budget(r, rid(), "fp")
+    await store.reserve(reserve_op([hold(b)], 900, reservation_id="old", ttl=10))
+    await store.reserve(reserve_op([hold(other)], 500, reservation_id="other-old", ttl=10))
+    # Refused: nothing changes, not even the expiry of the old reservations.
+    with pytest.raises(BudgetExceeded) as err:
+        await store.reserve(reserve_op([hold(other)], 600, now=T0 + 5))
+    assert refusal(err.value) == ("other", "micros", 1000, 0, 500, 600)
+    with pytest.raises(BudgetExceeded) as err:
+        await store.reserve(reserve_op([hold(other)], 1001, now=T0 + 50))
+    assert refusal(err.value) == ("other", "micros", 1000, 0, 0, 1001)  # counted as freed
+    assert (await store.get_reservation("old")).state == "open"
+    assert (await store.get_reservation("other-old")).state == "open"
+    assert (await counter(store, b)).reserved_micros == 900
+    # Admitted once the old one expired: the old holds are freed as well.
+    await store.reserve(reserve_op([hold(b)], 1000, reservation_id="new", now=T0 + 50))
+    assert (await store.get_reservation("old")).state == "expired"
+    assert (await store.get_reservation("other-old")).state == "expired"
+    assert (await counter(store, b)).reserved_micros == 1000
+    assert (await counter(store, other)).reserved_micros == 0
+    assert await store.expire(T0 + 50) == 0
+
+
+async def test_large_amounts_stay_exact_integers(store):
+    # Far above what a double prints without an exponent (1e+15), below 2**53.
+    big = 10 ** 15 + 7
+    b = budget("big", micros=4 * big, tokens=3 * big, thresholds=(50,))
+    await store.create_budget(b, rid(), "fp")
+    await store.reserve(reserve_op([hold(b)], big, big, reservation_id="res-big",
+                                   ttl=big))
+    with pytest.raises(BudgetExceeded) as err:
+        await store.reserve(reserve_op([hold(b)], 3 * big + 1, 1))
+    assert refusal(err.value) == ("big", "micros", 4 * big, 0, big, 3 * big + 1)
+    result = await store.settle(commit_op("res-big", 2 * big + 1, big + 3))
+    (alert,) = result.alerts
+    assert (alert.spent_micros, alert.spent_tokens) == (2 * big + 1, big + 3)
+    assert type(alert.spent_micros) is int and type(result.cost_micros) is int
+    assert await counter(store, b) == Counter("big", 0, 2 * big + 1, big + 3, 0, 0, (50,))
+    record = await store.get_reservation("res-big")
+    assert (record.micros, record.tokens, record.expire_time_us) == (big, big, T0 + big)
+    assert await store.alerts_after(0) == [alert]
+
+
+# -- calls and alerts -------------------------------------------------------------
+
+async def test_calls_window(store):
+    b = budget("b", micros=None, tokens=None)
+    await store.create_budget(b, rid(), "fp")
+    times = [T0 + 30, T0 + 10, T0 + 20, T0 + 10, T0]
+    for i, t in enumerate(times):
+        await store.settle(SettleOp(f"c{i}", "fp", "", (hold(b),),
+                                    call(f"c{i}", time_us=t, cost=i, prompt=i, completion=1,
+                                         model=f"m{i}", success=i % 2 == 0), i + 1, t))
+    window = await store.calls(T0 + 10, T0 + 30)  # start <= time < end, by time
+    assert [c.request_id for c in window] == ["c1", "c3", "c2"]
+    assert window[0] == call("c1", time_us=T0 + 10, cost=1, prompt=1, completion=1,
+                             model="m1", success=False)
+    assert window[0].success is False and window[0].error_reason == "boom"
+    assert [c.request_id for c in await store.calls(0, 2 * T0)] == ["c4", "c1", "c3", "c2",
+                                                                    "c0"]
+    assert await store.calls(T0 + 31, T0 + 100) == []
+    assert await store.calls(T0 + 10, T0 + 10) == []
+
+
+async def test_alerts_after_and_last_alert_seq(store):
+    assert await store.last_alert_seq() == 0
+    assert await store.alerts_after(0) == []
+    a = budget("a", micros=100, thresholds=(50, 100))
+    z = budget("z", micros=None, tokens=10, thresholds=(20,))
+    for r in (a, z):
+        await store.create_budget(r, rid(), "fp")
+    fired = []
+    fired += (await store.settle(track_op([hold(z), hold(a)], 60, 3))).alerts
+    fired += (await store.settle(track_op([hold(a)], 10))).alerts  # nothing new
+    fired += (await store.settle(track_op([hold(a)], 40, now=T0 + 1))).alerts
+    assert [(x.budget_id, x.threshold_percent, x.limit_kind) for x in fired] == [
+        ("z", 20, 2), ("a", 50, 1), ("a", 100, 1)]
+    last = await store.last_alert_seq()
+    assert [x.seq for x in fired] == [last - 2, last - 1, last]
+    assert await store.alerts_after(0) == fired
+    assert await store.alerts_after(fired[0].seq) == fired[1:]
+    assert await store.alerts_after(fired[0].seq, limit=1) == fired[1:2]
+    assert await store.alerts_after(last) == []
+    assert fired[2].create_time_us == T0 + 1 and fired[2].spent_micros == 110
+
+
+# -- the same random history on both stores ----------------------------------------
+
+def _outcome(value):
+    if isinstance(value, BudgetExceeded):
+        return ("BudgetExceeded", asdict(value))
+    if isinstance(value, BaseException):
+        return (type(value).__name__, str(value))
+    return value
+
+
+async def _both(stores, method, *args, **kwargs):
+    out = []
+    for s in stores:
+        try:
+            out.append(_outcome(await getattr(s, method)(*args, **kwargs)))
+        except (BudgetExceeded, IdempotencyConflict, ReservationNotFound, ReservationSettled,
+                KeyError) as exc:
+            out.append(_outcome(exc))
+    assert out[0] == out[1], (method, args, out)
+    return out[0]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_sqlite_and_redis_answer_the_same_random_history(tmp_path, seed):
+    rng = random.Random(seed)
+    async with open_store("sqlite", tmp_path) as lite, open_store("redis", tmp_path) as red:
+        stores = (lite, red)
+        budgets = [budget("hard", micros=5000, tokens=400, thresholds=(25, 50, 75, 100)),
+                   budget("soft", workflow="wf", micros=3000, mode=MODE_SOFT, thresholds=(90,)),
+                   budget("tok", agent="bot", micros=None, tokens=300, thresholds=(50,)),
+                   budget("day", micros=4000, period=PERIOD_DAILY, thresholds=(60,))]
+        for b in budgets:
+            await _both(stores, "create_budget", b, f"create-{b.budget_id}", "fp")
+        reservations: list[str] = []
+        requests: list[tuple[str, object]] = []
+        now = T0
+        for _step in range(250):
+            now += rng.choice([0, 0, 1, 5, 20])
+            period = T0 + (now - T0) // 100 * 100
+            holds = tuple(hold(b, period if b.period == PERIOD_DAILY else 0)
+                          for b in rng.sample(budgets, rng.randint(0, len(budgets))))
+            kind = rng.random()
+            if kind < 0.35:
+                op = reserve_op(holds, rng.randint(0, 900), rng.randint(0, 60), now=now,
+                                ttl=rng.choice([10, 20, 20, 50]))
+                reservations.append(op.reservation_id)
+                requests.append(("reserve", op))
+                await _both(stores, "reserve", op)
+            elif kind < 0.55 and reservations:
+                target = rng.choice(reservations + ["res-unknown"])
+                op = commit_op(target, rng.randint(0, 800), rng.randint(0, 50), now=now)
+                requests.append(("settle", op))
+                await _both(stores, "settle", op)
+            elif kind < 0.65:
+                op = track_op(holds, rng.randint(0, 500), rng.randint(0, 40), now=now)
+                requests.append(("settle", op))
+                await _both(stores, "settle", op)
+            elif kind < 0.75 and requests:
+                method, op = rng.choice(requests)  # a retry, maybe with another fingerprint
+                if rng.random() < 0.2:
+                    op = replace(op, fingerprint="changed")
+                await _both(stores, method, op)
+            elif kind < 0.82 and reservations:
+                await _both(stores, "release", rng.choice(reservations), now)
+            elif kind < 0.9:
+                await _both(stores, "expire", now, rng.choice([1, 2, 1000]))
+            elif kind < 0.95:
+                b = rng.choice(budgets)
+                changed = replace(b, limit_micros=rng.choice([None, 2000, 6000]),
+                                  limit_tokens=rng.choice([None, 100, 500]),
+                                  update_time_us=now)
+                if changed.limit_micros is None and changed.limit_tokens is None:
+                    changed = replace(changed, limit_tokens=1)
+                budgets[budgets.index(b)] = changed
+                await _both(stores, "put_budget", changed)
+            else:
+                keys = sorted({(b.budget_id, p) for b in budgets
+                               for p in (0, period, period - 100)})
+                await _both(stores, "counters", keys)
+        periods = {p for _, op in requests for h in op.holds for p in [h.period_start_us]}
+        keys = [(b.budget_id, p) for b in budgets for p in sorted(periods | {0})]
+        await _both(stores, "counters", keys)
+        for reservation_id in reservations:
+            await _both(stores, "get_reservation", reservation_id)
+        await _both(stores, "calls", 0, 2 * T0)
+        await _both(stores, "calls", T0 + 100, T0 + 400)
+        await _both(stores, "alerts_after", 0)
+        await _both(stores, "alerts_after", 3, 4)
+        await _both(stores, "last_alert_seq")
+        await _both(stores, "list_budgets", ("", "", ""), 100, "")
+        await _both(stores, "budgets_for_scopes", applicable_scope_keys("acme", "wf", "bot"))
+
+
+# -- concurrency ---------------------------------------------------------------
+
+AMOUNT = 1_234
+
+
+async def _race(stores, b: BudgetRecord, per_store: int):
+    async def one(s):
+        try:
+            return await s.reserve(reserve_op([hold(b)], AMOUNT, 1))
+        except BudgetExceeded as exc:
+            return exc
+
+    return await asyncio.gather(*(one(s) for s in stores for _ in range(per_store)))
+
+
+def _check_race(outcomes, store_counter: Counter) -> None:
+    admitted = [o for o in outcomes if not isinstance(o, BudgetExceeded)]
+    refused = [o for o in outcomes if isinstance(o, BudgetExceeded)]
+    assert (len(admitted), len(refused)) == (10, 54)
+    assert len({r.reservation_id for r in admitted}) == 10
+    assert all(e.budget_id == "hard" and e.unit == "micros" and e.requested == AMOUNT
+               and e.spent + e.reserved + AMOUNT > e.limit for e in refused)
+    assert store_counter.reserved_micros == 10 * AMOUNT
+    assert store_counter.reserved_tokens == 10
+
+
+async def test_64_concurrent_reserves_admit_exactly_10(store):
+    b = budget("hard", micros=10 * AMOUNT)
+    await store.create_budget(b, rid(), "fp")
+    outcomes = await _race([store], b, 64)
+    _check_race(outcomes, await counter(store, b))
+
+
+async def test_two_redis_clients_on_one_prefix_admit_exactly_10():
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    first = await open_redis(prefix)
+    try:
+        second = await open_redis(prefix)
+        try:
+            assert second.client is not first.client
+            b = budget("hard", micros=10 * AMOUNT)
+            await first.create_budget(b, rid(), "fp")
+            assert await second.get_budget("hard") == b
+            outcomes = await _race([first, second], b, 32)
+            _check_race(outcomes, await counter(second, b))
+            assert await counter(first, b) == await counter(second, b)
+        finally:
+            await second.close()
+    finally:
+        await drop_prefix(first)
+        await first.close()
