@@ -199,19 +199,21 @@ class ReservationRecord:
     agent_id: str = ""
 
 
-@dataclass
 class BudgetExceeded(Exception):
     """A HARD budget cannot hold the request. Nothing was held anywhere."""
 
-    budget_id: str
-    unit: str  # "micros" or "tokens"
-    limit: int
-    spent: int
-    reserved: int
-    requested: int
+    def __init__(self, budget_id: str, unit: str, limit: int, spent: int, reserved: int,
+                 requested: int) -> None:
+        super().__init__(budget_id, unit, limit, spent, reserved, requested)
+        self.budget_id = budget_id
+        self.unit = unit  # "micros" or "tokens"
+        self.limit = limit
+        self.spent = spent
+        self.reserved = reserved
+        self.requested = requested
 
-    def __post_init__(self) -> None:
-        super().__init__(f"budget {self.budget_id} exceeded ({self.unit})")
+    def __str__(self) -> str:
+        return f"budget {self.budget_id} exceeded ({self.unit})"
 
 
 class IdempotencyConflict(Exception):
