@@ -12,7 +12,7 @@ import os
 import random
 import re
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 
@@ -574,7 +574,7 @@ async def test_alerts_after_and_last_alert_seq(store):
 
 def _outcome(value):
     if isinstance(value, BudgetExceeded):
-        return ("BudgetExceeded", asdict(value))
+        return ("BudgetExceeded", value.args)
     if isinstance(value, BaseException):
         return (type(value).__name__, str(value))
     return value
