@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from hivemesh.services.information.pricing import PricePolicy, cost_micros, peri
 from hivemesh.services.information.store.base import (
     MODE_HARD, PERIOD_TOTAL, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Hold,
     IdempotencyConflict, InformationStore, PriceRecord, ReservationNotFound,
-    ReservationSettled, ReserveOp, SettleOp, applicable_scope_keys)
+    ReservationSettled, ReserveOp, SettleOp, StaleConfig, applicable_scope_keys)
 
 log = logging.getLogger("hivemesh.information")
 
@@ -119,6 +120,37 @@ def _read_token(token: str, digest: str) -> list:
     return key
 
 
+_CONFIG_RETRIES = 5
+# Budget definitions shown in responses are re-read at least this often even
+# when no write is seen (another replica may have changed them). Money
+# decisions never use a stale definition: the store checks the version.
+_CONFIG_MAX_AGE_S = 1.0
+
+
+class _ConfigCache:
+    """Budgets and prices as of one store configuration version."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.loaded_at = 0.0
+        self.by_scope: dict[tuple[str, str, str], list[BudgetRecord]] = {}
+        self.by_id: dict[str, BudgetRecord] = {}
+        self.prices: dict[tuple[str, str], PriceRecord | None] = {}
+
+    def invalidate(self) -> None:
+        self.version = None
+
+    async def current(self, store: InformationStore) -> int:
+        if self.version is None or time.monotonic() - self.loaded_at > _CONFIG_MAX_AGE_S:
+            version = await store.config_version()
+            if version != self.version:
+                self.by_scope.clear()
+                self.by_id.clear()
+                self.prices.clear()
+            self.version, self.loaded_at = version, time.monotonic()
+        return self.version
+
+
 class InformationServicer(InformationServiceServicer):
     def __init__(self, store: InformationStore, *, currency: str, policy: PricePolicy,
                  reservation_ttl_s: float, alert_poll_interval_s: float = 0.25,
@@ -131,6 +163,7 @@ class InformationServicer(InformationServiceServicer):
         self.metrics = metrics or CallMetrics()
         self._alert_event = asyncio.Event()
         self._closing = asyncio.Event()
+        self._config = _ConfigCache()
 
     async def close_streams(self) -> None:
         """Shutdown hook: watchers finish with StreamEnd COMPLETED."""
@@ -165,6 +198,7 @@ class InformationServicer(InformationServiceServicer):
         probe.ClearField("create_time")
         probe.ClearField("update_time")
         fingerprint = hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest()
+        self._config.invalidate()
         try:
             stored, replayed = await self.store.create_budget(record, request.request_id,
                                                               fingerprint)
@@ -216,10 +250,13 @@ class InformationServicer(InformationServiceServicer):
         record = self._budget_record(merged, current.budget_id, current.create_time_us,
                                      now_us())
         await self.store.put_budget(record)
+        self._config.invalidate()
         return UpdateBudgetResponse(budget=budget_to_proto(record))
 
     async def DeleteBudget(self, request, context):
-        return DeleteBudgetResponse(deleted=await self.store.delete_budget(request.budget_id))
+        deleted = await self.store.delete_budget(request.budget_id)
+        self._config.invalidate()
+        return DeleteBudgetResponse(deleted=deleted)
 
     # -- prices ---------------------------------------------------------------
     async def SetModelPrice(self, request, context):
@@ -231,6 +268,7 @@ class InformationServicer(InformationServiceServicer):
                              p.output_micros_per_million, p.cached_input_micros_per_million,
                              self.currency, now_us())
         replaced = await self.store.set_price(record)
+        self._config.invalidate()
         return SetModelPriceResponse(price=_price_to_proto(record), replaced=replaced)
 
     async def ListModelPrices(self, request, context):
@@ -246,7 +284,10 @@ class InformationServicer(InformationServiceServicer):
 
     async def _price(self, model: str, backend: str) -> tuple[PriceRecord | None, bool]:
         """(price, unpriced) under the unknown-model policy."""
-        price = await self.store.get_price(model, backend)
+        key = (model, backend)
+        if key not in self._config.prices:
+            self._config.prices[key] = await self.store.get_price(model, backend)
+        price = self._config.prices[key]
         if price is not None:
             return price, False
         if self.policy.unknown_model == "reject":
@@ -259,25 +300,50 @@ class InformationServicer(InformationServiceServicer):
         return None, True
 
     # -- the ledger -----------------------------------------------------------
-    async def _holds(self, ctx, now: int) -> tuple[list[BudgetRecord], tuple[Hold, ...]]:
-        budgets = await self.store.budgets_for_scopes(
-            applicable_scope_keys(ctx.tenant_id, ctx.workflow_id, ctx.agent_id))
-        return budgets, tuple(_hold(b, now) for b in budgets)
+    async def _budgets_for(self, tenant_id: str, workflow_id: str, agent_id: str
+                           ) -> list[BudgetRecord]:
+        key = (tenant_id, workflow_id, agent_id)
+        budgets = self._config.by_scope.get(key)
+        if budgets is None:
+            budgets = await self.store.budgets_for_scopes(
+                applicable_scope_keys(tenant_id, workflow_id, agent_id))
+            self._config.by_scope[key] = budgets
+            self._config.by_id.update((b.budget_id, b) for b in budgets)
+        return budgets
+
+    async def _with_config(self, attempt):
+        """Run ``attempt(version)`` on the cached configuration; when the
+        store says budgets or prices changed meanwhile, reload and retry."""
+        for _ in range(_CONFIG_RETRIES):
+            version = await self._config.current(self.store)
+            try:
+                return await attempt(version)
+            except StaleConfig:
+                self._config.invalidate()
+        raise errors.ServiceError(
+            grpc.StatusCode.ABORTED, ErrorReason.ERROR_REASON_INTERNAL,
+            "budgets or prices kept changing during the request; retry it")
 
     async def Reserve(self, request, context):
         now = now_us()
-        price, unpriced = await self._price(request.model, request.backend)
-        micros = cost_micros(price, request.estimated_prompt_tokens, request.max_tokens)
+        ctx = request.context
         tokens = request.estimated_prompt_tokens + request.max_tokens
-        budgets, holds = await self._holds(request.context, now)
         ttl_us = (request.ttl.ToMicroseconds() if request.HasField("ttl")
                   else self.reservation_ttl_us)
-        op = ReserveOp(request.request_id, _request_fingerprint("reserve", request),
-                       f"res-{uuid.uuid4()}", holds, micros, tokens, now + ttl_us, now,
-                       request.context.tenant_id, request.context.workflow_id,
-                       request.context.agent_id)
+        fingerprint = _request_fingerprint("reserve", request)
+        reservation_id = f"res-{uuid.uuid4()}"
+
+        async def attempt(version: int):
+            price, unpriced = await self._price(request.model, request.backend)
+            micros = cost_micros(price, request.estimated_prompt_tokens, request.max_tokens)
+            budgets = await self._budgets_for(ctx.tenant_id, ctx.workflow_id, ctx.agent_id)
+            op = ReserveOp(request.request_id, fingerprint, reservation_id,
+                           tuple(_hold(b, now) for b in budgets), micros, tokens, now + ttl_us,
+                           now, ctx.tenant_id, ctx.workflow_id, ctx.agent_id, version)
+            return await self.store.reserve(op), budgets, micros, unpriced
+
         try:
-            result = await self.store.reserve(op)
+            result, budgets, micros, unpriced = await self._with_config(attempt)
         except IdempotencyConflict:
             raise _conflict(request.request_id) from None
         except BudgetExceeded as exc:
@@ -285,30 +351,38 @@ class InformationServicer(InformationServiceServicer):
         return ReserveResponse(
             reservation_id=result.reservation_id, reserved_micros=micros, reserved_tokens=tokens,
             currency=self.currency, expire_time=_ts(result.expire_time_us),
-            budgets=await self._statuses(budgets, now),
+            budgets=[_status(b, c, now, self.currency)
+                     for b, c in zip(budgets, result.counters, strict=False)],
             over_limit_budget_ids=list(result.over_soft_limit), unpriced=unpriced,
             replayed=result.replayed)
 
-    async def _settle(self, request, reservation_id: str, holds: tuple[Hold, ...], ctx_ids,
+    async def _settle(self, request, reservation_id: str, ctx_ids: tuple[str, str, str],
                       now: int):
-        price, unpriced = await self._price(request.model, request.backend)
         usage = request.usage
-        cost = cost_micros(price, usage.prompt_tokens, usage.completion_tokens,
-                           usage.cached_prompt_tokens)
-        call = CallRecord(
-            request_id=request.request_id, reservation_id=reservation_id, time_us=now,
-            tenant_id=ctx_ids[0], workflow_id=ctx_ids[1], agent_id=ctx_ids[2],
-            model=request.model, backend=request.backend, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_prompt_tokens=usage.cached_prompt_tokens, cost_micros=cost,
-            currency=self.currency, latency_us=request.latency.ToMicroseconds(),
-            success=request.success, cached=request.cached,
-            error_reason=getattr(request, "error_reason", ""))
-        op = SettleOp(request.request_id, _request_fingerprint("settle", request),
-                      reservation_id, holds, call,
-                      usage.prompt_tokens + usage.completion_tokens, now)
+        fingerprint = _request_fingerprint("settle", request)
+
+        async def attempt(version: int):
+            price, unpriced = await self._price(request.model, request.backend)
+            cost = cost_micros(price, usage.prompt_tokens, usage.completion_tokens,
+                               usage.cached_prompt_tokens)
+            holds: tuple[Hold, ...] = ()
+            if not reservation_id:
+                holds = tuple(_hold(b, now) for b in await self._budgets_for(*ctx_ids))
+            call = CallRecord(
+                request_id=request.request_id, reservation_id=reservation_id, time_us=now,
+                tenant_id=ctx_ids[0], workflow_id=ctx_ids[1], agent_id=ctx_ids[2],
+                model=request.model, backend=request.backend,
+                prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                cached_prompt_tokens=usage.cached_prompt_tokens, cost_micros=cost,
+                currency=self.currency, latency_us=request.latency.ToMicroseconds(),
+                success=request.success, cached=request.cached,
+                error_reason=getattr(request, "error_reason", ""))
+            op = SettleOp(request.request_id, fingerprint, reservation_id, holds, call,
+                          usage.prompt_tokens + usage.completion_tokens, now, version)
+            return await self.store.settle(op), call, unpriced
+
         try:
-            result = await self.store.settle(op)
+            result, call, unpriced = await self._with_config(attempt)
         except IdempotencyConflict:
             raise _conflict(request.request_id) from None
         except ReservationNotFound:
@@ -319,21 +393,21 @@ class InformationServicer(InformationServiceServicer):
                 "the reservation was already committed by another request",
                 {"reservation_id": reservation_id}) from None
         if not result.replayed:
-            self.metrics.record(call)
+            tenant, workflow, agent = result.call_context
+            self.metrics.record(dataclasses.replace(
+                call, tenant_id=tenant, workflow_id=workflow, agent_id=agent))
         if result.alerts:
             self._alert_event.set()
         budgets = {b.budget_id: b for b in await self._budgets(result.budget_ids)}
-        return (result, unpriced, [alert_to_proto(a, budgets.get(a.budget_id), self.currency)
-                                   for a in result.alerts],
-                await self._statuses(list(budgets.values()), now))
+        statuses = [_status(budgets[c.budget_id], c, now, self.currency)
+                    for c in result.counters if c.budget_id in budgets]
+        alerts = [alert_to_proto(a, budgets.get(a.budget_id), self.currency)
+                  for a in result.alerts]
+        return result, unpriced, alerts, statuses
 
     async def Commit(self, request, context):
-        now = now_us()
-        reservation = await self.store.get_reservation(request.reservation_id)
-        ids = ((reservation.tenant_id, reservation.workflow_id, reservation.agent_id)
-               if reservation is not None else ("", "", ""))
         result, unpriced, alerts, statuses = await self._settle(
-            request, request.reservation_id, (), ids, now)
+            request, request.reservation_id, ("", "", ""), now_us())
         return CommitResponse(cost_micros=result.cost_micros, currency=self.currency,
                               budgets=statuses, alerts=alerts, unpriced=unpriced,
                               replayed=result.replayed)
@@ -342,9 +416,8 @@ class InformationServicer(InformationServiceServicer):
         now = (request.completion_time.ToMicroseconds() if request.HasField("completion_time")
                else now_us())
         ctx = request.context
-        _, holds = await self._holds(ctx, now)
         result, unpriced, alerts, statuses = await self._settle(
-            request, "", holds, (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), now)
+            request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), now)
         return TrackCompletionResponse(cost_micros=result.cost_micros, currency=self.currency,
                                        budgets=statuses, alerts=alerts, unpriced=unpriced,
                                        replayed=result.replayed)
@@ -360,7 +433,11 @@ class InformationServicer(InformationServiceServicer):
     async def _budgets(self, budget_ids: Iterable[str]) -> list[BudgetRecord]:
         out = []
         for budget_id in dict.fromkeys(budget_ids):
-            budget = await self.store.get_budget(budget_id)
+            budget = self._config.by_id.get(budget_id)
+            if budget is None:
+                budget = await self.store.get_budget(budget_id)
+                if budget is not None:
+                    self._config.by_id[budget_id] = budget
             if budget is not None:
                 out.append(budget)
         return out

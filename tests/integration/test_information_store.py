@@ -19,7 +19,7 @@ import pytest
 from hivemesh.services.information.store.base import (
     MODE_HARD, MODE_SOFT, PERIOD_DAILY, PERIOD_TOTAL, BudgetExceeded, BudgetRecord, CallRecord,
     Counter, Hold, IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound,
-    ReservationSettled, ReserveOp, SettleOp, applicable_scope_keys, scope_key)
+    ReservationSettled, ReserveOp, SettleOp, StaleConfig, applicable_scope_keys, scope_key)
 from hivemesh.services.information.store.sqlite import SqliteStore
 
 REDIS_URL = os.environ.get("HIVEMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -270,7 +270,107 @@ async def test_prices(store):
         "gpt", "azure", 30, now=T0 + 1)
 
 
-# -- reserve --------------------------------------------------------------------
+# -- configuration version ----------------------------------------------------------
+
+async def test_config_version_counts_every_budget_and_price_write(store):
+    assert await store.config_version() == 0
+    b = budget("b1")
+    await store.create_budget(b, "req-1", "fp")
+    assert await store.config_version() == 1
+    # A replayed, duplicate or conflicting creation changes nothing.
+    assert await store.create_budget(b, "req-1", "fp") == (b, True)
+    with pytest.raises(KeyError):
+        await store.create_budget(b, "req-2", "fp")
+    with pytest.raises(IdempotencyConflict):
+        await store.create_budget(budget("b2"), "req-1", "other")
+    assert await store.config_version() == 1
+    await store.put_budget(replace(b, limit_micros=5))
+    assert await store.config_version() == 2
+    await store.put_budget(replace(b, limit_micros=5))  # same record again: still a write
+    assert await store.config_version() == 3
+    assert await store.set_price(price("gpt")) is False
+    assert await store.config_version() == 4
+    assert await store.set_price(price("gpt", inp=7)) is True
+    assert await store.config_version() == 5
+    # The ledger does not touch it.
+    await store.reserve(reserve_op([hold(b)], 1, reservation_id="res-1", ttl=10))
+    await store.settle(track_op([hold(b)], 1))
+    await store.release("res-1", T0)
+    await store.reserve(reserve_op([hold(b)], 1, ttl=10))
+    assert await store.expire(T0 + 10) == 1
+    assert await store.config_version() == 5
+    assert await store.delete_budget("b1") is True
+    assert await store.config_version() == 6
+    assert await store.delete_budget("b1") is False
+    with pytest.raises(KeyError):  # replaying the creation of a deleted budget
+        await store.create_budget(b, "req-1", "fp")
+    assert await store.config_version() == 6
+
+
+async def test_stale_reserve_writes_nothing(store):
+    b = budget("b", micros=1000, tokens=100)
+    await store.create_budget(b, rid(), "fp")
+    version = await store.config_version()
+    # Checked and current: admitted.
+    first = await store.reserve(replace(reserve_op([hold(b)], 100, 1, reservation_id="res-1",
+                                                   ttl=10, request_id="r-1"),
+                                        config_version=version))
+    assert first.replayed is False
+    await store.set_price(price("gpt"))
+    before = await counter(store, b)
+    for seen in (version, version + 1 + 5):  # older or unknown: stale either way
+        op = reserve_op([hold(b)], 200, 2, reservation_id="res-2", request_id="r-2",
+                        now=T0 + 50)
+        with pytest.raises(StaleConfig):
+            await store.reserve(replace(op, config_version=seen))
+    # Nothing written: no hold, no reservation, the expired res-1 not swept,
+    # the request id not remembered.
+    assert await counter(store, b) == before
+    assert await store.get_reservation("res-2") is None
+    assert (await store.get_reservation("res-1")).state == "open"
+    # A replay answers before the version is checked, even a stale one.
+    again = await store.reserve(replace(reserve_op([hold(b)], 100, 1, request_id="r-1"),
+                                        config_version=version))
+    assert again == replace(first, replayed=True, counters=(before,))
+    # -1 does not check; the request id refused above is free.
+    result = await store.reserve(replace(op, config_version=-1))
+    assert result.replayed is False and (await store.get_reservation("res-2")).state == "open"
+    assert (await store.get_reservation("res-1")).state == "expired"
+    current = await store.config_version()
+    result = await store.reserve(replace(reserve_op([hold(b)], 1), config_version=current))
+    assert result.counters == (Counter("b", 0, 0, 0, 201, 2),)
+
+
+async def test_stale_track_writes_nothing_and_commit_is_not_checked(store):
+    b = budget("b", micros=1000, thresholds=(10,))
+    await store.create_budget(b, rid(), "fp")
+    version = await store.config_version()
+    await store.reserve(replace(reserve_op([hold(b)], 500, reservation_id="res-1"),
+                                config_version=version))
+    first = await store.settle(replace(track_op([hold(b)], 10, request_id="t-1"),
+                                       config_version=version))
+    assert first.budget_ids == ("b",) and first.alerts == ()
+    await store.put_budget(replace(b, display_name="renamed"))
+    op = replace(track_op([hold(b)], 300, 3, request_id="t-2"), config_version=version)
+    with pytest.raises(StaleConfig):
+        await store.settle(op)
+    # Nothing written: no spend, no alert, no call, the request id is free.
+    assert await counter(store, b) == Counter("b", 0, 10, 0, 500, 0)
+    assert await store.alerts_after(0) == []
+    assert [c.request_id for c in await store.calls(0, 2 * T0)] == ["t-1"]
+    # A replay answers, stale or not.
+    replayed = await store.settle(replace(track_op([hold(b)], 10, request_id="t-1"),
+                                          config_version=version))
+    assert replayed == replace(first, replayed=True)
+    # A commit charges its reservation's holds: its version is not checked.
+    committed = await store.settle(replace(commit_op("res-1", 400), config_version=version))
+    assert committed.hold_released is True
+    assert [a.threshold_percent for a in committed.alerts] == [10]
+    result = await store.settle(replace(op, config_version=await store.config_version()))
+    assert result.replayed is False
+    assert result.counters == (Counter("b", 0, 710, 3, 0, 0, (10,)),)
+
+
 
 async def test_reserve_admits_under_a_hard_limit_and_refuses_over_it(store):
     hard = budget("hard", micros=1000, tokens=100)
@@ -527,6 +627,69 @@ async def test_large_amounts_stay_exact_integers(store):
     assert await store.alerts_after(0) == [alert]
 
 
+async def test_reserve_returns_the_counters_after_it(store):
+    b = budget("b", micros=10_000, thresholds=(1,))
+    day = budget("day", micros=None, tokens=500, period=PERIOD_DAILY, mode=MODE_SOFT)
+    for r in (b, day):
+        await store.create_budget(r, rid(), "fp")
+    await store.settle(track_op([hold(b)], 200, 7))
+    await store.reserve(reserve_op([hold(b)], 1000, 10, reservation_id="old", ttl=10))
+    # Hold order, not budget_id order; the same budget in two periods; the
+    # expired reservation freed by this very operation.
+    holds = [hold(day, T0), hold(b), hold(day, T0 - 1)]
+    op = reserve_op(holds, 300, 20, request_id="r-1", now=T0 + 10)
+    result = await store.reserve(op)
+    assert result.counters == (Counter("day", T0, 0, 0, 300, 20),
+                               Counter("b", 0, 200, 7, 300, 20, (1,)),
+                               Counter("day", T0 - 1, 0, 0, 300, 20))
+    assert result.counters == tuple(await store.counters(
+        [(h.budget_id, h.period_start_us) for h in holds]))
+    assert type(result.counters[1].spent_micros) is int
+    # A replay: the counters as they are now.
+    await store.settle(commit_op(result.reservation_id, 50, 5))
+    again = await store.reserve(op)
+    assert again.replayed is True and again.counters == (
+        Counter("day", T0, 50, 5, 0, 0), Counter("b", 0, 250, 12, 0, 0, (1,)),
+        Counter("day", T0 - 1, 50, 5, 0, 0))
+    assert (await store.reserve(reserve_op([], 5))).counters == ()
+
+
+async def test_settle_returns_counters_and_the_call_context(store):
+    b = budget("b", micros=1000, thresholds=(50, 90))
+    other = budget("other", tenant="globex", micros=None, tokens=100)
+    for r in (b, other):
+        await store.create_budget(r, rid(), "fp")
+    # A commit: the reservation's holds and ids, whatever the op says.
+    await store.reserve(reserve_op([hold(other), hold(b)], 600, 9, reservation_id="res-1",
+                                   ids=("globex", "wf-2", "agent-2")))
+    await store.reserve(reserve_op([hold(b)], 100, reservation_id="res-2"))
+    op = replace(commit_op("res-1", 550, 4, request_id="c-1"), holds=(hold(b, T0),))
+    result = await store.settle(op)
+    assert result.budget_ids == ("other", "b")
+    assert result.counters == (Counter("other", 0, 550, 4, 0, 0),
+                               Counter("b", 0, 550, 4, 100, 0, (50,)))
+    assert result.call_context == ("globex", "wf-2", "agent-2")
+    (recorded,) = await store.calls(0, 2 * T0)
+    assert recorded == replace(op.call, tenant_id="globex", workflow_id="wf-2",
+                               agent_id="agent-2")
+    # A track: the op's holds and the call's ids.
+    track = await store.settle(track_op([hold(b), hold(b, T0)], 400, request_id="t-1"))
+    assert track.call_context == ("acme", "wf", "bot")
+    assert track.counters == (Counter("b", 0, 950, 4, 100, 0, (50, 90)),
+                              Counter("b", T0, 400, 0, 0, 0))
+    # Replays: the same context, the counters as they are now.
+    await store.settle(commit_op("res-2", 30, request_id="c-2"))
+    again = await store.settle(op)
+    assert again.replayed is True and again.call_context == ("globex", "wf-2", "agent-2")
+    assert again.counters == (Counter("other", 0, 550, 4, 0, 0),
+                              Counter("b", 0, 980, 4, 0, 0, (50, 90)))
+    again = await store.settle(track_op([], 0, request_id="t-1"))
+    assert again.replayed is True and again.counters == (
+        Counter("b", 0, 980, 4, 0, 0, (50, 90)), Counter("b", T0, 400, 0, 0, 0))
+    assert (await store.settle(track_op([], 1))).counters == ()
+    assert len(await store.calls(0, 2 * T0)) == 4
+
+
 # -- calls and alerts -------------------------------------------------------------
 
 async def test_calls_window(store):
@@ -586,7 +749,7 @@ async def _both(stores, method, *args, **kwargs):
         try:
             out.append(_outcome(await getattr(s, method)(*args, **kwargs)))
         except (BudgetExceeded, IdempotencyConflict, ReservationNotFound, ReservationSettled,
-                KeyError) as exc:
+                StaleConfig, KeyError) as exc:
             out.append(_outcome(exc))
     assert out[0] == out[1], (method, args, out)
     return out[0]
@@ -611,20 +774,27 @@ async def test_sqlite_and_redis_answer_the_same_random_history(tmp_path, seed):
             period = T0 + (now - T0) // 100 * 100
             holds = tuple(hold(b, period if b.period == PERIOD_DAILY else 0)
                           for b in rng.sample(budgets, rng.randint(0, len(budgets))))
+            # Unchecked, current, or stale (as if read before the last change).
+            version = await _both(stores, "config_version")
+            seen = rng.choice([-1, -1, version, version, version - 1])
             kind = rng.random()
             if kind < 0.35:
                 op = reserve_op(holds, rng.randint(0, 900), rng.randint(0, 60), now=now,
-                                ttl=rng.choice([10, 20, 20, 50]))
+                                ttl=rng.choice([10, 20, 20, 50]),
+                                ids=rng.choice([("acme", "wf", "bot"), ("globex", "", "x")]))
+                op = replace(op, config_version=seen)
                 reservations.append(op.reservation_id)
                 requests.append(("reserve", op))
                 await _both(stores, "reserve", op)
             elif kind < 0.55 and reservations:
                 target = rng.choice(reservations + ["res-unknown"])
                 op = commit_op(target, rng.randint(0, 800), rng.randint(0, 50), now=now)
+                op = replace(op, config_version=seen)  # not checked for a commit
                 requests.append(("settle", op))
                 await _both(stores, "settle", op)
             elif kind < 0.65:
                 op = track_op(holds, rng.randint(0, 500), rng.randint(0, 40), now=now)
+                op = replace(op, config_version=seen)
                 requests.append(("settle", op))
                 await _both(stores, "settle", op)
             elif kind < 0.75 and requests:
@@ -636,7 +806,10 @@ async def test_sqlite_and_redis_answer_the_same_random_history(tmp_path, seed):
                 await _both(stores, "release", rng.choice(reservations), now)
             elif kind < 0.9:
                 await _both(stores, "expire", now, rng.choice([1, 2, 1000]))
-            elif kind < 0.95:
+            elif kind < 0.92:
+                await _both(stores, "set_price", price("gpt", rng.choice(["", "azure"]),
+                                                       rng.randint(1, 9), now=now))
+            elif kind < 0.96:
                 b = rng.choice(budgets)
                 changed = replace(b, limit_micros=rng.choice([None, 2000, 6000]),
                                   limit_tokens=rng.choice([None, 100, 500]),
@@ -659,6 +832,7 @@ async def test_sqlite_and_redis_answer_the_same_random_history(tmp_path, seed):
         await _both(stores, "alerts_after", 0)
         await _both(stores, "alerts_after", 3, 4)
         await _both(stores, "last_alert_seq")
+        await _both(stores, "config_version")
         await _both(stores, "list_budgets", ("", "", ""), 100, "")
         await _both(stores, "budgets_for_scopes", applicable_scope_keys("acme", "wf", "bot"))
 

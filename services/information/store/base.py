@@ -153,6 +153,10 @@ class ReserveOp:
     tenant_id: str = ""
     workflow_id: str = ""
     agent_id: str = ""
+    # The configuration version the holds were computed from; the store
+    # raises StaleConfig (writing nothing) if budgets or prices changed since.
+    # -1: do not check.
+    config_version: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,9 @@ class ReserveResult:
     expire_time_us: int
     over_soft_limit: tuple[str, ...]  # SOFT budgets the hold pushed over their limit
     replayed: bool
+    # Counters of the holds after the operation, in hold order (on a replay:
+    # as they are now).
+    counters: tuple[Counter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +178,12 @@ class SettleOp:
     fingerprint: str
     reservation_id: str
     holds: tuple[Hold, ...]  # for a commit: ignored, the reservation's holds are used
-    call: CallRecord
+    call: CallRecord  # for a commit, the store records it with the reservation's ids
     tokens: int  # charged to token limits: prompt + completion
     now_us: int
+    # As in ReserveOp; checked for a track only (a commit charges the holds
+    # its reservation was made with).
+    config_version: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +193,11 @@ class SettleResult:
     hold_released: bool  # a commit found its reservation open and freed it
     replayed: bool
     budget_ids: tuple[str, ...] = ()  # budgets charged
+    # Counters of the charged budgets after the operation, in budget_ids order
+    # (on a replay: as they are now).
+    counters: tuple[Counter, ...] = ()
+    # (tenant, workflow, agent) recorded with the call.
+    call_context: tuple[str, str, str] = ("", "", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +243,11 @@ class ReservationSettled(Exception):
     """The reservation was already committed (by another request_id)."""
 
 
+class StaleConfig(Exception):
+    """Budgets or prices changed since the caller read them; nothing was
+    written. The caller re-reads the configuration and retries."""
+
+
 LIMIT_KIND_COST, LIMIT_KIND_TOKENS = 1, 2
 
 
@@ -268,6 +288,11 @@ class ReleaseResult:
 
 class InformationStore(Protocol):
     name: str
+
+    async def config_version(self) -> int:
+        """A number that changes whenever a budget or price is created,
+        changed or deleted (each such write increments it atomically)."""
+        ...
 
     # budgets --------------------------------------------------------------
     async def create_budget(self, budget: BudgetRecord, request_id: str,

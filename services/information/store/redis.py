@@ -20,11 +20,14 @@ Keys, all under ``prefix``:
 ``reservations:open``       zset of the open reservations, score expiry;
                             member ``%020d`` sequence + reservation id, so
                             ties expire in creation order (as in SQLite)
-``req:{request_id}``        hash: kind, fingerprint, result (JSON), ref
+``req:{request_id}``        hash: kind, fingerprint, result (JSON), ref,
+                            ctrs (settle: JSON list of the counters charged)
 ``calls``                   zset, score time_us, member ``%020d`` sequence +
                             the call as JSON (ties in recording order)
 ``alerts``                  zset, score seq, member the alert as JSON
 ``alerts:seq`` etc.         counters
+``config:version``          integer, incremented by every budget or price
+                            write (0 when absent)
 ==========================  ===============================================
 
 Amounts are integers everywhere. Lua numbers are doubles: amounts, limits and
@@ -48,7 +51,7 @@ from redis.exceptions import RedisError
 from hivemesh.services.information.store.base import (
     MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter, Hold,
     IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
-    ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, alert_id,
+    ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, StaleConfig, alert_id,
     holds_from_json, holds_to_json)
 
 DEFAULT_PREFIX = "hivemesh:info:"
@@ -94,6 +97,26 @@ local function remember(request_id, kind, fingerprint, result, ref)
   redis.call('HSET', P .. 'req:' .. request_id, 'kind', kind, 'fingerprint', fingerprint,
              'result', result, 'ref', ref)
 end
+local function bump_config() redis.call('INCR', P .. 'config:version') end
+-- True when the caller's configuration version (a decimal string, '-1' = do
+-- not check) is not the current one.
+local function stale(seen)
+  if seen == '-1' then return false end
+  return seen ~= (redis.call('GET', P .. 'config:version') or '0')
+end
+-- The counters of `ctrs` (keys 'ctr:{id}:{period}' without prefix), each as
+-- {spent_micros, spent_tokens, reserved_micros, reserved_tokens, fired}: the
+-- numbers as Redis stores them (decimal strings), fired unsorted.
+local function counters_of(ctrs)
+  local out = {}
+  for i, ctr in ipairs(ctrs) do
+    local c = redis.call('HMGET', P .. ctr, 'spent_micros', 'spent_tokens', 'reserved_micros',
+                         'reserved_tokens')
+    local fired = redis.call('SMEMBERS', P .. 'fired:' .. string.sub(ctr, 5))
+    out[i] = {c[1] or '0', c[2] or '0', c[3] or '0', c[4] or '0', fired}
+  end
+  return out
+end
 """
 
 # ARGV: prefix, request_id, fingerprint, budget_id, json, scope_key, result
@@ -111,6 +134,7 @@ redis.call('HSET', key, 'json', ARGV[5], 'scope', ARGV[6])
 redis.call('ZADD', P .. 'budgets', 0, ARGV[4])
 redis.call('SADD', P .. 'scope:' .. ARGV[6], ARGV[4])
 remember(ARGV[2], 'create_budget', ARGV[3], ARGV[7], ARGV[4])
+bump_config()
 return {'ok'}
 """
 
@@ -122,6 +146,7 @@ if old and old ~= ARGV[4] then redis.call('SREM', P .. 'scope:' .. old, ARGV[2])
 redis.call('HSET', key, 'json', ARGV[3], 'scope', ARGV[4])
 redis.call('ZADD', P .. 'budgets', 0, ARGV[2])
 redis.call('SADD', P .. 'scope:' .. ARGV[4], ARGV[2])
+bump_config()
 return 1
 """
 
@@ -133,6 +158,7 @@ if not scope then return 0 end
 redis.call('DEL', key)
 redis.call('ZREM', P .. 'budgets', ARGV[2])
 redis.call('SREM', P .. 'scope:' .. scope, ARGV[2])
+bump_config()
 return 1
 """
 
@@ -142,20 +168,29 @@ local key = P .. 'price:' .. ARGV[2]
 local existed = redis.call('EXISTS', key)
 redis.call('SET', key, ARGV[3])
 redis.call('ZADD', P .. 'prices', 0, ARGV[2])
+bump_config()
 return existed
 """
 
 # ARGV: prefix, request_id, fingerprint, reservation_id, micros, tokens,
 #       expire_time_us, now_us, holds_json, ctrs_json, result_head, tenant_id,
-#       workflow_id, agent_id, n, then per hold (6 each):
-#       ctr key (no prefix), budget_id, budget_id as JSON, limit_micros ('' =
-#       none), limit_tokens ('' = none), '1' if HARD else '0'
+#       workflow_id, agent_id, n, config_version ('-1' = do not check), then per
+#       hold (6 each): ctr key (no prefix), budget_id, budget_id as JSON,
+#       limit_micros ('' = none), limit_tokens ('' = none), '1' if HARD else '0'
+# Replies {status, result, counters of the holds (as counters_of)}.
 _RESERVE = _PRELUDE + r"""
+local n = tonumber(ARGV[15])
+local function hold_counters()
+  local ctrs = {}
+  for i = 0, n - 1 do ctrs[i + 1] = ARGV[17 + i * 6] end
+  return counters_of(ctrs)
+end
 local seen = seen_request(ARGV[2])
 if seen then
   if seen[1] ~= 'reserve' or seen[2] ~= ARGV[3] then return {'conflict'} end
-  return {'replay', seen[3]}
+  return {'replay', seen[3], hold_counters()}
 end
+if stale(ARGV[16]) then return {'stale'} end
 local key = P .. 'res:' .. ARGV[4]
 if redis.call('EXISTS', key) == 1 then return {'duplicate'} end
 -- Reservations past their expiry: released below, but only if the request is
@@ -175,10 +210,9 @@ for _, member in ipairs(expired) do
   end
 end
 local micros, tokens = tonumber(ARGV[5]), tonumber(ARGV[6])
-local n = tonumber(ARGV[15])
 local soft, soft_seen = {}, {}
 for i = 0, n - 1 do
-  local b = 16 + i * 6
+  local b = 17 + i * 6
   local ctr, bid, bid_json, mode = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 5]
   local c = redis.call('HMGET', P .. ctr, 'spent_micros', 'spent_tokens', 'reserved_micros',
                        'reserved_tokens')
@@ -200,7 +234,7 @@ for i = 0, n - 1 do
 end
 for _, member in ipairs(expired) do close_open(rid_of(member), 'expired') end
 for i = 0, n - 1 do
-  local ctr = P .. ARGV[16 + i * 6]
+  local ctr = P .. ARGV[17 + i * 6]
   redis.call('HINCRBY', ctr, 'reserved_micros', ARGV[5])
   redis.call('HINCRBY', ctr, 'reserved_tokens', ARGV[6])
 end
@@ -213,22 +247,28 @@ redis.call('HSET', key, 'request_id', ARGV[2], 'state', 'open', 'holds', ARGV[9]
 redis.call('ZADD', P .. 'reservations:open', ARGV[7], member)
 local result = ARGV[11] .. table.concat(soft, ', ') .. ']}'
 remember(ARGV[2], 'reserve', ARGV[3], result, ARGV[4])
-return {'ok', result}
+return {'ok', result, hold_counters()}
 """
 
 # ARGV: prefix, request_id, fingerprint, reservation_id ('' = track),
 #       expected ('1' the caller read the reservation, '0' it found none),
-#       cost_micros, tokens, call time_us, call JSON, result_head, n, then per
-#       hold: ctr key, fired key, limit_micros ('' when 0/none), limit_tokens
-#       (same), alert JSON fragment, m, then m x (threshold, alert_id JSON)
+#       cost_micros, tokens, call time_us, call JSON, result_head, n,
+#       config_version ('-1' = do not check; a track only), ctr keys (JSON
+#       list, hold order), then per hold: ctr key, fired key, limit_micros (''
+#       when 0/none), limit_tokens (same), alert JSON fragment, m, then
+#       m x (threshold, alert_id JSON)
+# Replies {status, result, counters of the holds charged (as counters_of)}.
 _SETTLE = _PRELUDE + r"""
 local seen = seen_request(ARGV[2])
 if seen then
   if seen[1] ~= 'settle' or seen[2] ~= ARGV[3] then return {'conflict'} end
-  return {'replay', seen[3]}
+  local ctrs = redis.call('HGET', P .. 'req:' .. ARGV[2], 'ctrs')
+  return {'replay', seen[3], ctrs and counters_of(cjson.decode(ctrs)) or {}}
 end
 local released = false
-if ARGV[4] ~= '' then
+if ARGV[4] == '' then
+  if stale(ARGV[12]) then return {'stale'} end
+else
   local key = P .. 'res:' .. ARGV[4]
   local state = redis.call('HGET', key, 'state')
   if not state then return {'notfound'} end
@@ -245,7 +285,7 @@ if ARGV[4] ~= '' then
 end
 local alerts = {}
 local n = tonumber(ARGV[11])
-local i = 12
+local i = 14
 for _ = 1, n do
   local ctr, fired, lim_m, lim_t, frag = P .. ARGV[i], P .. ARGV[i + 1], ARGV[i + 2],
                                          ARGV[i + 3], ARGV[i + 4]
@@ -277,7 +317,8 @@ redis.call('ZADD', P .. 'calls', ARGV[8], string.format('%020d', call_seq) .. AR
 local result = ARGV[10] .. (released and 'true' or 'false') .. ', "alerts": [' ..
                table.concat(alerts, ', ') .. ']}'
 remember(ARGV[2], 'settle', ARGV[3], result, ARGV[4])
-return {'ok', result}
+redis.call('HSET', P .. 'req:' .. ARGV[2], 'ctrs', ARGV[13])
+return {'ok', result, counters_of(cjson.decode(ARGV[13]))}
 """
 
 # ARGV: prefix, reservation_id
@@ -336,16 +377,31 @@ def _fired(budget_id: str, period_start_us: int) -> str:
     return f"fired:{budget_id}:{period_start_us}"
 
 
-def _settle_result(text, replayed: bool) -> SettleResult:
+def _counters(keys, replies) -> tuple[Counter, ...]:
+    """Counters from a script's reply (see ``counters_of`` in the Lua
+    prelude) for the (budget_id, period_start_us) pairs they were read for."""
+    return tuple(Counter(budget_id, period, *(int(v) for v in reply[:4]),
+                         tuple(sorted(int(t) for t in reply[4])))
+                 for (budget_id, period), reply in zip(keys, replies, strict=True))
+
+
+def _settle_result(text, replayed: bool, counter_replies) -> SettleResult:
     d = json.loads(text)
+    # Results remembered before counters and call contexts were: none of either.
+    keys = [tuple(k) for k in d.get("keys", [])]
     return SettleResult(d["cost_micros"], tuple(AlertRecord(**a) for a in d["alerts"]),
-                        d["hold_released"], replayed, tuple(d["budget_ids"]))
+                        d["hold_released"], replayed, tuple(d["budget_ids"]),
+                        _counters(keys, counter_replies) if keys else (),
+                        tuple(d.get("call_context", ("", "", ""))))
 
 
-def _reserve_result(text, replayed: bool) -> ReserveResult:
+def _reserve_result(text, replayed: bool, holds: tuple[Hold, ...],
+                    counter_replies) -> ReserveResult:
     d = json.loads(text)
+    keys = [(h.budget_id, h.period_start_us) for h in holds]
     return ReserveResult(d["reservation_id"], d["expire_time_us"],
-                         tuple(d["over_soft_limit"]), replayed)
+                         tuple(d["over_soft_limit"]), replayed,
+                         _counters(keys, counter_replies))
 
 
 def _redact(url: str) -> str:
@@ -397,6 +453,11 @@ class RedisStore:
     async def _run(self, script, *args) -> list:
         reply = await script(keys=[], args=[self.prefix, *args])
         return reply
+
+    async def config_version(self) -> int:
+        """Incremented (in the same script) by every budget or price write."""
+        value = await self.client.get(self._key("config:version"))
+        return int(value) if value is not None else 0
 
     # budgets --------------------------------------------------------------
     async def create_budget(self, budget: BudgetRecord, request_id: str, fingerprint: str):
@@ -505,17 +566,20 @@ class RedisStore:
             self._reserve, op.request_id, op.fingerprint, op.reservation_id, _num(op.micros),
             _num(op.tokens), _num(op.expire_time_us), _num(op.now_us), holds_to_json(op.holds),
             json.dumps([_ctr(h.budget_id, h.period_start_us) for h in op.holds]), head,
-            op.tenant_id, op.workflow_id, op.agent_id, str(len(op.holds)), *per_hold)
+            op.tenant_id, op.workflow_id, op.agent_id, str(len(op.holds)),
+            str(int(op.config_version)), *per_hold)
         status = _s(reply[0])
         if status == "conflict":
             raise IdempotencyConflict(op.request_id)
+        if status == "stale":
+            raise StaleConfig()
         if status == "exceeded":
             budget_id, unit, limit, spent, reserved, requested = map(_s, reply[1:])
             raise BudgetExceeded(budget_id, unit, int(limit), int(spent), int(reserved),
                                  int(requested))
         if status == "duplicate":
             raise KeyError(op.reservation_id)
-        return _reserve_result(reply[1], status == "replay")
+        return _reserve_result(reply[1], status == "replay", op.holds, reply[2])
 
     async def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
         row = await self.client.hgetall(self._key(f"res:{reservation_id}"))
@@ -528,31 +592,42 @@ class RedisStore:
                                  r["workflow_id"], r["agent_id"])
 
     async def settle(self, op: SettleOp) -> SettleResult:
-        c = op.call
-        call_json = json.dumps(dataclasses.asdict(c))
         for _ in range(5):
-            holds, expected = op.holds, "1"
+            holds, expected, c = op.holds, "1", op.call
             if op.reservation_id:
-                # A reservation's holds never change once written: read them
-                # here; the script checks the reservation is (still) there.
-                text = await self.client.hget(self._key(f"res:{op.reservation_id}"), "holds")
-                holds, expected = (holds_from_json(_s(text)), "1") if text else ((), "0")
+                # A reservation's holds and ids never change once written:
+                # read them here; the script checks the reservation is (still)
+                # there. The call is recorded with the reservation's ids.
+                row = await self.client.hmget(self._key(f"res:{op.reservation_id}"), "holds",
+                                              "tenant_id", "workflow_id", "agent_id")
+                if row[0] is not None:
+                    holds = holds_from_json(_s(row[0]))
+                    c = dataclasses.replace(c, tenant_id=_s(row[1]), workflow_id=_s(row[2]),
+                                            agent_id=_s(row[3]))
+                else:
+                    holds, expected = (), "0"
+            keys = [(h.budget_id, h.period_start_us) for h in holds]
+            head = json.dumps({"cost_micros": c.cost_micros,
+                               "budget_ids": [h.budget_id for h in holds],
+                               "keys": keys,
+                               "call_context": [c.tenant_id, c.workflow_id, c.agent_id]})
             reply = await self._run(
                 self._settle, op.request_id, op.fingerprint, op.reservation_id, expected,
-                _num(c.cost_micros), _num(op.tokens), _num(c.time_us), call_json,
-                json.dumps({"cost_micros": c.cost_micros,
-                            "budget_ids": [h.budget_id for h in holds]})[:-1]
-                + ', "hold_released": ',
-                str(len(holds)), *self._settle_holds(holds, op))
+                _num(c.cost_micros), _num(op.tokens), _num(c.time_us),
+                json.dumps(dataclasses.asdict(c)), head[:-1] + ', "hold_released": ',
+                str(len(holds)), str(int(op.config_version)),
+                json.dumps([_ctr(*k) for k in keys]), *self._settle_holds(holds, op))
             status = _s(reply[0])
             if status == "conflict":
                 raise IdempotencyConflict(op.request_id)
+            if status == "stale":
+                raise StaleConfig()
             if status == "notfound":
                 raise ReservationNotFound(op.reservation_id)
             if status == "settled":
                 raise ReservationSettled(op.reservation_id)
             if status != "retry":
-                return _settle_result(reply[1], status == "replay")
+                return _settle_result(reply[1], status == "replay", reply[2])
         raise RuntimeError(f"reservation {op.reservation_id} kept changing")  # pragma: no cover
 
     @staticmethod

@@ -5,6 +5,7 @@ allows can never interleave with another request's."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -13,7 +14,7 @@ from hivemesh.runtime.sqlite import GroupCommitDatabase
 from hivemesh.services.information.store.base import (
     MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter, Hold,
     IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
-    ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, alert_id,
+    ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, StaleConfig, alert_id,
     crossed_thresholds, holds_from_json, holds_to_json)
 
 _SCHEMA = """
@@ -62,6 +63,8 @@ CREATE TABLE IF NOT EXISTS calls (
     cached INTEGER NOT NULL, error_reason TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_by_time ON calls (time_us);
+CREATE TABLE IF NOT EXISTS config (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO config VALUES ('version', 0);
 CREATE TABLE IF NOT EXISTS alerts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, alert_id TEXT NOT NULL UNIQUE,
     budget_id TEXT NOT NULL, threshold INTEGER NOT NULL, limit_kind INTEGER NOT NULL,
@@ -134,6 +137,30 @@ def _free(conn: sqlite3.Connection, holds: tuple[Hold, ...], micros: int, tokens
         _add(conn, hold, reserved_m=-micros, reserved_t=-tokens)
 
 
+def _bump_config(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE config SET value = value + 1 WHERE key = 'version'")
+
+
+def _config_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT value FROM config WHERE key = 'version'").fetchone()[0]
+
+
+def _check_config(conn: sqlite3.Connection, seen: int) -> None:
+    if seen != -1 and seen != _config_version(conn):
+        raise StaleConfig()
+
+
+def _counters(conn: sqlite3.Connection, keys) -> tuple[Counter, ...]:
+    out = []
+    for budget_id, period in keys:
+        spent_m, spent_t, reserved_m, reserved_t = _counter(conn, budget_id, period)
+        fired = tuple(r[0] for r in conn.execute(
+            "SELECT threshold FROM fired WHERE budget_id = ? AND period_start_us = ? "
+            "ORDER BY threshold", (budget_id, period)))
+        out.append(Counter(budget_id, period, spent_m, spent_t, reserved_m, reserved_t, fired))
+    return tuple(out)
+
+
 def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
     rows = conn.execute(
         "SELECT reservation_id, holds, micros, tokens FROM reservations "
@@ -166,6 +193,7 @@ class SqliteStore:
                 self._insert_budget(conn, budget)
             except sqlite3.IntegrityError:
                 raise KeyError(budget.budget_id) from None
+            _bump_config(conn)
             _remember(conn, request_id, "create_budget", fingerprint,
                       {"budget_id": budget.budget_id})
             return budget, False
@@ -184,7 +212,14 @@ class SqliteStore:
              b.scope_key))
 
     async def put_budget(self, budget: BudgetRecord) -> None:
-        await self.db.write(lambda conn: self._insert_budget(conn, budget, replace=True))
+        def op(conn: sqlite3.Connection) -> None:
+            self._insert_budget(conn, budget, replace=True)
+            _bump_config(conn)
+
+        await self.db.write(op)
+
+    async def config_version(self) -> int:
+        return _config_version(self.db.reader)
 
     async def get_budget(self, budget_id: str) -> BudgetRecord | None:
         row = self.db.reader.execute(f"SELECT {_BUDGET_COLS} FROM budgets WHERE budget_id = ?",
@@ -211,8 +246,14 @@ class SqliteStore:
         return [_budget(r) for r in rows]
 
     async def delete_budget(self, budget_id: str) -> bool:
-        return await self.db.write(lambda conn: conn.execute(
-            "DELETE FROM budgets WHERE budget_id = ?", (budget_id,)).rowcount > 0)
+        def op(conn: sqlite3.Connection) -> bool:
+            deleted = conn.execute("DELETE FROM budgets WHERE budget_id = ?",
+                                   (budget_id,)).rowcount > 0
+            if deleted:
+                _bump_config(conn)
+            return deleted
+
+        return await self.db.write(op)
 
     # prices ---------------------------------------------------------------
     async def set_price(self, p: PriceRecord) -> bool:
@@ -223,6 +264,7 @@ class SqliteStore:
                          (p.model, p.backend, p.input_micros_per_million,
                           p.output_micros_per_million, p.cached_input_micros_per_million,
                           p.currency, p.update_time_us))
+            _bump_config(conn)
             return existed
 
         return await self.db.write(op)
@@ -249,10 +291,13 @@ class SqliteStore:
     # the ledger -----------------------------------------------------------
     async def reserve(self, op: ReserveOp) -> ReserveResult:
         def run(conn: sqlite3.Connection) -> ReserveResult:
+            keys = [(h.budget_id, h.period_start_us) for h in op.holds]
             seen = _check_request(conn, op.request_id, "reserve", op.fingerprint)
             if seen is not None:
                 return ReserveResult(seen["reservation_id"], seen["expire_time_us"],
-                                     tuple(seen["over_soft_limit"]), True)
+                                     tuple(seen["over_soft_limit"]), True,
+                                     _counters(conn, keys))
+            _check_config(conn, op.config_version)
             _expire(conn, op.now_us, 100)
             over_soft: list[str] = []
             for hold in op.holds:
@@ -277,7 +322,8 @@ class SqliteStore:
             _remember(conn, op.request_id, "reserve", op.fingerprint,
                       {"reservation_id": op.reservation_id,
                        "expire_time_us": op.expire_time_us, "over_soft_limit": over_soft})
-            return ReserveResult(op.reservation_id, op.expire_time_us, tuple(over_soft), False)
+            return ReserveResult(op.reservation_id, op.expire_time_us, tuple(over_soft), False,
+                                 _counters(conn, keys))
 
         return await self.db.write(run)
 
@@ -297,14 +343,20 @@ class SqliteStore:
             if seen is not None:
                 return SettleResult(seen["cost_micros"],
                                     tuple(AlertRecord(**a) for a in seen["alerts"]),
-                                    seen["hold_released"], True, tuple(seen["budget_ids"]))
+                                    seen["hold_released"], True, tuple(seen["budget_ids"]),
+                                    _counters(conn, seen.get("keys", [])),
+                                    tuple(seen.get("call_context", ("", "", ""))))
             holds, hold_released = op.holds, False
+            c = op.call
             if op.reservation_id:
-                row = conn.execute("SELECT state, holds, micros, tokens FROM reservations "
-                                   "WHERE reservation_id = ?", (op.reservation_id,)).fetchone()
+                row = conn.execute("SELECT state, holds, micros, tokens, tenant_id, workflow_id, "
+                                   "agent_id FROM reservations WHERE reservation_id = ?",
+                                   (op.reservation_id,)).fetchone()
                 if row is None:
                     raise ReservationNotFound(op.reservation_id)
-                state, holds_json, micros, tokens = row
+                state, holds_json, micros, tokens, *ids = row
+                c = dataclasses.replace(c, tenant_id=ids[0], workflow_id=ids[1],
+                                        agent_id=ids[2])
                 if state == "committed":
                     raise ReservationSettled(op.reservation_id)
                 holds = holds_from_json(holds_json)
@@ -313,6 +365,8 @@ class SqliteStore:
                     hold_released = True
                 conn.execute("UPDATE reservations SET state = 'committed' "
                              "WHERE reservation_id = ?", (op.reservation_id,))
+            else:
+                _check_config(conn, op.config_version)
             alerts: list[AlertRecord] = []
             cost = op.call.cost_micros
             for hold in holds:
@@ -334,7 +388,6 @@ class SqliteStore:
                         [getattr(alert, f) for f in AlertRecord.__slots__[:-1]]).lastrowid
                     alerts.append(AlertRecord(*[getattr(alert, f)
                                                 for f in AlertRecord.__slots__[:-1]], seq))
-            c = op.call
             conn.execute(f"INSERT INTO calls ({_CALL_COLS}) VALUES "
                          "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (c.request_id, c.reservation_id, c.time_us, c.tenant_id,
@@ -343,12 +396,15 @@ class SqliteStore:
                           c.currency, c.latency_us, int(c.success), int(c.cached),
                           c.error_reason))
             budget_ids = tuple(h.budget_id for h in holds)
+            keys = [(h.budget_id, h.period_start_us) for h in holds]
+            call_context = (c.tenant_id, c.workflow_id, c.agent_id)
             _remember(conn, op.request_id, "settle", op.fingerprint,
                       {"cost_micros": cost, "hold_released": hold_released,
-                       "budget_ids": budget_ids,
+                       "budget_ids": budget_ids, "keys": keys, "call_context": call_context,
                        "alerts": [{f: getattr(a, f) for f in AlertRecord.__slots__}
                                   for a in alerts]})
-            return SettleResult(cost, tuple(alerts), hold_released, False, budget_ids)
+            return SettleResult(cost, tuple(alerts), hold_released, False, budget_ids,
+                                _counters(conn, keys), call_context)
 
         return await self.db.write(run)
 
@@ -372,15 +428,7 @@ class SqliteStore:
         return await self.db.write(lambda conn: _expire(conn, now_us, limit))
 
     async def counters(self, keys):
-        out = []
-        for budget_id, period in keys:
-            spent_m, spent_t, reserved_m, reserved_t = _counter(self.db.reader, budget_id, period)
-            fired = tuple(r[0] for r in self.db.reader.execute(
-                "SELECT threshold FROM fired WHERE budget_id = ? AND period_start_us = ? "
-                "ORDER BY threshold", (budget_id, period)))
-            out.append(Counter(budget_id, period, spent_m, spent_t, reserved_m, reserved_t,
-                               fired))
-        return out
+        return list(_counters(self.db.reader, keys))
 
     async def calls(self, start_us: int, end_us: int) -> list[CallRecord]:
         rows = self.db.reader.execute(f"SELECT {_CALL_COLS} FROM calls WHERE time_us >= ? "
