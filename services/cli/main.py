@@ -35,7 +35,7 @@ async def _run_service(args: argparse.Namespace) -> int:
     from hivemesh.runtime.logs import configure_logging
     from hivemesh.runtime.server import run_until_signalled
     from hivemesh.runtime.settings import secrets_dir
-    from hivemesh.runtime.telemetry import configure_tracing
+    from hivemesh.runtime.telemetry import configure_metrics, configure_tracing
 
     settings_cls, open_backend, create_server = _service(args.service)
     settings = settings_cls(_secrets_dir=secrets_dir())
@@ -45,7 +45,8 @@ async def _run_service(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         settings.data_dir = Path(args.data_dir)
     configure_logging(args.service, settings.server.log_level)
-    provider = configure_tracing(f"hivemesh-{args.service}")
+    providers = [p for p in (configure_tracing(f"hivemesh-{args.service}"),
+                             configure_metrics(f"hivemesh-{args.service}")) if p is not None]
     backend = await open_backend(settings)
     try:
         running, port = await create_server(settings, backend)
@@ -53,7 +54,7 @@ async def _run_service(args: argparse.Namespace) -> int:
         await run_until_signalled(running, settings.server)
     finally:
         await backend.close()
-        if provider is not None:
+        for provider in providers:
             provider.shutdown()
     return 0
 

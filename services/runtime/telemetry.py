@@ -1,6 +1,6 @@
-"""OpenTelemetry set-up: spans go out over OTLP/gRPC when
-``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-specific variable) is set;
-otherwise tracing stays a no-op apart from propagating incoming context."""
+"""OpenTelemetry set-up: spans and metrics go out over OTLP/gRPC when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the signal-specific variable) is set;
+otherwise both stay no-ops, apart from propagating incoming trace context."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+_METRICS_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def _resource(service_name: str) -> Resource:
+    return Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
 
 
 def configure_tracing(service_name: str) -> TracerProvider | None:
@@ -23,9 +28,26 @@ def configure_tracing(service_name: str) -> TracerProvider | None:
         return None
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME",
-                                                               service_name)})
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=_resource(service_name))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    return provider
+
+
+def configure_metrics(service_name: str):
+    """Install a global MeterProvider exporting over OTLP every
+    ``OTEL_METRIC_EXPORT_INTERVAL`` ms (60 s by default), if configured.
+
+    Returns the provider (call ``shutdown()`` on exit to flush) or None.
+    """
+    if not any(os.environ.get(v) for v in _METRICS_ENDPOINT_VARS):
+        return None
+    from opentelemetry import metrics
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    provider = MeterProvider(resource=_resource(service_name),
+                             metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+    metrics.set_meter_provider(provider)
     return provider
