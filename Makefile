@@ -45,6 +45,7 @@ generate: install
 
 bench: install
 	$(BIN)/python bench/artifact_bench.py
+	$(BIN)/python bench/information_bench.py
 
 clean:
 	rm -rf $(VENV) node_modules .build
