@@ -2,7 +2,7 @@
 
     hivemesh up                      # run the mesh and a demonstration through it
     hivemesh up --keep-running       # ... and keep serving until Ctrl-C
-    hivemesh serve artifact|information [--host H] [--port N] [--data-dir D]
+    hivemesh serve artifact|information|llm [--host H] [--port N] [--data-dir D]
 
 ``serve`` prints ``listening on HOST:PORT`` as its first line on stdout;
 logs are JSON lines on stderr.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-SERVICES = ("artifact", "information")
+SERVICES = ("artifact", "information", "llm")
 
 
 def _service(name: str):
@@ -26,6 +26,10 @@ def _service(name: str):
         from hivemesh.services.artifact.server import create_server, open_backend
         from hivemesh.services.artifact.settings import ArtifactSettings
         return ArtifactSettings, open_backend, create_server
+    if name == "llm":
+        from hivemesh.services.llm.server import create_server, open_backends
+        from hivemesh.services.llm.settings import LlmSettings
+        return LlmSettings, open_backends, create_server
     from hivemesh.services.information.server import create_server, open_store
     from hivemesh.services.information.settings import InformationSettings
     return InformationSettings, open_store, create_server
@@ -42,7 +46,7 @@ async def _run_service(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         settings.server = settings.server.model_copy(update=overrides)
-    if args.data_dir is not None:
+    if args.data_dir is not None and hasattr(settings, "data_dir"):
         settings.data_dir = Path(args.data_dir)
     configure_logging(args.service, settings.server.log_level)
     providers = [p for p in (configure_tracing(f"hivemesh-{args.service}"),

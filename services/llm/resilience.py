@@ -1,0 +1,207 @@
+"""Retry backoff, circuit breaker, rate limiter, response cache and
+idempotency store of the LLM service: small values, one job each, with the
+clock injectable so tests can drive time."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter; a Retry-After from the upstream
+    is a floor."""
+
+    initial_s: float = 0.2
+    max_s: float = 5.0
+    multiplier: float = 2.0
+
+    def delay(self, retry: int, retry_after_s: float | None = None,
+              rng: random.Random | None = None) -> float:
+        ceiling = min(self.max_s, self.initial_s * self.multiplier ** retry)
+        jittered = (rng or random).uniform(0, ceiling)
+        return max(jittered, retry_after_s or 0.0)
+
+
+class CircuitBreaker:
+    """closed -> (threshold consecutive failures) -> open -> (reset_s) ->
+    half-open: one probe call; its success closes, its failure re-opens."""
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(self, failure_threshold: int, reset_s: float, clock: Clock = time.monotonic):
+        self.failure_threshold = failure_threshold
+        self.reset_s = reset_s
+        self.clock = clock
+        self.state = self.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self._probe_out = False
+        self.transitions: list[str] = []
+
+    def _move(self, state: str) -> None:
+        if state != self.state:
+            self.transitions.append(f"{self.state}->{state}")
+            self.state = state
+
+    def allow(self) -> bool:
+        if self.state == self.OPEN and self.clock() - self.opened_at >= self.reset_s:
+            self._move(self.HALF_OPEN)
+            self._probe_out = False
+        if self.state == self.CLOSED:
+            return True
+        if self.state == self.HALF_OPEN and not self._probe_out:
+            self._probe_out = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self.failures = 0
+        self._probe_out = False
+        self._move(self.CLOSED)
+
+    def record_failure(self) -> None:
+        self._probe_out = False
+        if self.state == self.HALF_OPEN:
+            self.opened_at = self.clock()
+            self._move(self.OPEN)
+            return
+        self.failures += 1
+        if self.failures >= self.failure_threshold:
+            self.opened_at = self.clock()
+            self._move(self.OPEN)
+
+    def release_probe(self) -> None:
+        """The probe ended without telling anything (e.g. the caller left)."""
+        self._probe_out = False
+
+
+class TokenBucket:
+    def __init__(self, per_minute: int, clock: Clock) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = float(per_minute)
+        self.clock = clock
+        self.stamp = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``amount`` is available (0: now)."""
+        self._refill()
+        if self.level >= amount:
+            return 0.0
+        return (min(amount, self.capacity) - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.level -= amount
+
+
+class RateLimiter:
+    """Requests and tokens per minute of one backend. ``acquire`` takes both
+    or neither and says how long to wait when over; ``settle`` corrects the
+    token estimate with the actual usage."""
+
+    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None,
+                 clock: Clock = time.monotonic) -> None:
+        self.requests = TokenBucket(requests_per_minute, clock) if requests_per_minute else None
+        self.tokens = TokenBucket(tokens_per_minute, clock) if tokens_per_minute else None
+
+    def acquire(self, tokens: int) -> float:
+        waits = [b.wait_for(n) for b, n in ((self.requests, 1), (self.tokens, tokens)) if b]
+        wait = max(waits, default=0.0)
+        if wait > 0:
+            return wait
+        if self.requests:
+            self.requests.take(1)
+        if self.tokens:
+            self.tokens.take(tokens)
+        return 0.0
+
+    def settle(self, estimated: int, actual: int) -> None:
+        if self.tokens:
+            self.tokens.take(actual - estimated)
+
+
+class TtlLru:
+    """LRU map whose entries also expire after ``ttl_s``."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Clock = time.monotonic) -> None:
+        self.size = size
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+
+    def get(self, key: str) -> Any | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if self.clock() - item[0] > self.ttl_s:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return item[1]
+
+    def put(self, key: str, value: Any) -> None:
+        if self.size <= 0:
+            return
+        self._data[key] = (self.clock(), value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class Idempotency:
+    """Results of completed requests by request_id. A retry while the first
+    call still runs waits for it; a failed call is forgotten, so its retry
+    runs again. A request_id reused with a different request is a conflict."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Clock = time.monotonic) -> None:
+        self._done = TtlLru(size, ttl_s, clock)
+        self._running: dict[str, tuple[str, asyncio.Future]] = {}
+
+    async def begin(self, request_id: str, fingerprint: str) -> tuple[bool, Any]:
+        """(True, result) to replay; (False, None) when the caller runs the
+        request and must call ``finish`` or ``fail``. Raises KeyError on a
+        fingerprint conflict."""
+        while True:
+            done = self._done.get(request_id)
+            if done is not None:
+                if done[0] != fingerprint:
+                    raise KeyError(request_id)
+                return True, done[1]
+            running = self._running.get(request_id)
+            if running is None:
+                self._running[request_id] = (fingerprint, asyncio.get_running_loop()
+                                             .create_future())
+                return False, None
+            if running[0] != fingerprint:
+                raise KeyError(request_id)
+            await asyncio.shield(running[1])  # then look again: done or failed
+
+    def finish(self, request_id: str, fingerprint: str, result: Any) -> None:
+        self._done.put(request_id, (fingerprint, result))
+        self._release(request_id)
+
+    def fail(self, request_id: str) -> None:
+        self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        running = self._running.pop(request_id, None)
+        if running is not None and not running[1].done():
+            running[1].set_result(None)

@@ -1,0 +1,210 @@
+"""Routes a request for a model alias through its fallback chain:
+per backend a circuit breaker and a rate limiter are consulted before any
+upstream call, retryable failures are retried with jittered backoff inside
+the caller's deadline, and the next alias of the chain is tried when a
+backend is exhausted, open, limited or unavailable. Streams fall back only
+before their first event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from hivemesh.services.llm.backends.base import (
+    BackendError, ChatRequest, ChatResult, EmbedResult, ErrorKind, LlmBackend, StreamEvent,
+    StreamFinish, estimate_prompt_tokens)
+from hivemesh.services.llm.resilience import Backoff, CircuitBreaker, RateLimiter
+from hivemesh.services.llm.settings import BackendSettings, ModelSettings
+
+# Failures that say the backend is unhealthy (they count for its breaker).
+_HEALTH = {ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT, ErrorKind.OVERLOADED,
+           ErrorKind.STREAM_CUT}
+# Failures that are the request's fault: no other backend will do better.
+_FINAL = {ErrorKind.BAD_REQUEST, ErrorKind.CONTEXT_TOO_LONG}
+# Below this much time left an attempt is not started.
+_MIN_ATTEMPT_S = 0.01
+
+
+class RouteError(Exception):
+    """No candidate of the chain answered. ``last`` is the last upstream
+    error (None when nothing was attempted); ``open_breakers`` and
+    ``rate_limited_for_s`` say why candidates were skipped."""
+
+    def __init__(self, message: str, *, last: BackendError | None = None,
+                 open_breakers: list[str] | None = None,
+                 rate_limited_for_s: float | None = None, deadline: bool = False,
+                 attempts: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.last = last
+        self.open_breakers = open_breakers or []
+        self.rate_limited_for_s = rate_limited_for_s
+        self.deadline = deadline
+        self.attempts = attempts
+
+
+@dataclass
+class Route:
+    """Which candidate answered, and how."""
+
+    alias: str
+    backend: str
+    upstream_model: str
+    attempts: int = 0
+    fallback_used: bool = False
+
+
+@dataclass
+class BackendState:
+    backend: LlmBackend
+    settings: BackendSettings
+    breaker: CircuitBreaker
+    limiter: RateLimiter
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+class Router:
+    def __init__(self, models: list[ModelSettings], backends: dict[str, BackendState]) -> None:
+        self.models = {m.alias: m for m in models}
+        self.backends = backends
+        self.default_chat = next((m.alias for m in models if m.kind == "chat" and m.default),
+                                 next((m.alias for m in models if m.kind == "chat"), ""))
+        self.default_embedding = next(
+            (m.alias for m in models if m.kind == "embedding" and m.default),
+            next((m.alias for m in models if m.kind == "embedding"), ""))
+
+    def resolve(self, alias: str, kind: str) -> ModelSettings:
+        """The model of an alias ("" = the default of its kind); KeyError."""
+        name = alias or (self.default_chat if kind == "chat" else self.default_embedding)
+        model = self.models.get(name)
+        if model is None or model.kind != kind:
+            raise KeyError(name or kind)
+        return model
+
+    def chain(self, first: ModelSettings, disable_fallback: bool) -> list[ModelSettings]:
+        out, queue = [], [first]
+        while queue:
+            model = queue.pop(0)
+            if model in out:
+                continue
+            out.append(model)
+            if not disable_fallback:
+                queue += [self.models[a] for a in model.fallback]
+        return out
+
+    # -- the candidate loop ---------------------------------------------------
+    async def _run(self, chain: list[ModelSettings], deadline: float, tokens: int, call):
+        """Runs ``call(model, state, timeout_s)`` over the chain with
+        breakers, limits, retries and fallback. Returns (result, Route)."""
+        last: BackendError | None = None
+        open_breakers: list[str] = []
+        limited: list[float] = []
+        attempts = 0
+        for position, model in enumerate(chain):
+            state = self.backends[model.backend]
+            if not state.breaker.allow():
+                open_breakers.append(model.backend)
+                continue
+            wait = state.limiter.acquire(tokens)
+            if wait > 0:
+                state.breaker.release_probe()
+                limited.append(wait)
+                continue
+            for retry in range(state.settings.max_attempts):
+                left = deadline - time.monotonic()
+                if left < _MIN_ATTEMPT_S:
+                    state.breaker.release_probe()
+                    raise RouteError("the deadline ran out", last=last, deadline=True,
+                                     attempts=attempts)
+                attempts += 1
+                try:
+                    result = await call(model, state, min(state.settings.timeout_s, left))
+                except BackendError as exc:
+                    last = exc
+                    if exc.kind in _HEALTH:
+                        state.breaker.record_failure()
+                    else:
+                        state.breaker.release_probe()
+                    if exc.kind in _FINAL:
+                        raise RouteError(exc.message, last=exc, attempts=attempts) from exc
+                    if not exc.kind.retryable or retry + 1 >= state.settings.max_attempts \
+                            or not state.breaker.allow():
+                        break
+                    delay = state.backoff.delay(retry, exc.retry_after_s)
+                    if time.monotonic() + delay >= deadline - _MIN_ATTEMPT_S:
+                        break
+                    await asyncio.sleep(delay)
+                    continue
+                except BaseException:
+                    state.breaker.release_probe()
+                    raise
+                state.breaker.record_success()
+                return result, Route(model.alias, model.backend, model.upstream_model,
+                                     attempts, position > 0)
+        if last is None and limited and not open_breakers:
+            raise RouteError("every backend of the chain is over its rate limit",
+                             rate_limited_for_s=min(limited), attempts=attempts)
+        if last is None and open_breakers:
+            raise RouteError("the circuit breaker of every backend of the chain is open",
+                             open_breakers=open_breakers,
+                             rate_limited_for_s=min(limited) if limited else None,
+                             attempts=attempts)
+        raise RouteError(last.message if last else "no backend answered", last=last,
+                         open_breakers=open_breakers, attempts=attempts)
+
+    async def generate(self, request: ChatRequest, chain: list[ModelSettings],
+                       deadline: float) -> tuple[ChatResult, Route]:
+        tokens = estimate_prompt_tokens(request.messages) + (request.max_tokens or 0)
+
+        async def call(model: ModelSettings, state: BackendState, timeout_s: float):
+            result = await state.backend.generate(
+                replace(request, upstream_model=model.upstream_model), timeout_s)
+            state.limiter.settle(tokens, result.usage.total_tokens)
+            return result
+
+        return await self._run(chain, deadline, tokens, call)
+
+    async def stream(self, request: ChatRequest, chain: list[ModelSettings], deadline: float
+                     ) -> tuple[StreamEvent, AsyncIterator[StreamEvent], Route]:
+        """Opens a stream on the first candidate that delivers a first event
+        (retries and fallback happen only up to there). Returns that event,
+        the open iterator for the rest, and the route."""
+        tokens = estimate_prompt_tokens(request.messages) + (request.max_tokens or 0)
+
+        async def call(model: ModelSettings, state: BackendState, timeout_s: float):
+            events = state.backend.stream(replace(request, upstream_model=model.upstream_model),
+                                          timeout_s)
+            try:
+                first = await events.__anext__()
+            except StopAsyncIteration:
+                raise BackendError(ErrorKind.STREAM_CUT, f"{model.backend}: empty stream") \
+                    from None
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await events.aclose()
+                raise
+            return first, events
+
+        (first, events), route = await self._run(chain, deadline, tokens, call)
+        return first, events, route
+
+    def settle_stream(self, route: Route, estimated: int, finish: StreamFinish | None,
+                      failed: BackendError | None) -> None:
+        """Feed the outcome of a stream (after its first event) back to the
+        breaker and limiter of the backend that served it."""
+        state = self.backends[route.backend]
+        if failed is not None and failed.kind in _HEALTH:
+            state.breaker.record_failure()
+        if finish is not None:
+            state.limiter.settle(estimated, finish.usage.total_tokens)
+
+    async def embed(self, texts: list[str], model: ModelSettings, dimensions: int | None,
+                    deadline: float) -> tuple[EmbedResult, Route]:
+        async def call(m: ModelSettings, state: BackendState, timeout_s: float):
+            return await state.backend.embed(texts, m.upstream_model, dimensions, timeout_s)
+
+        tokens = sum(len(t) // 4 + 1 for t in texts)
+        return await self._run([model], deadline, tokens, call)

@@ -1,0 +1,391 @@
+"""gRPC servicer of hivemesh.llm.v1.LlmService: converts between the
+contract and the backend types, applies idempotency and the response
+cache, and maps routing failures to clear gRPC errors."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+
+import grpc
+from google.protobuf import duration_pb2, json_format
+
+from hivemesh.common.v1 import ErrorReason, StreamEnd, StreamOutcome, Usage
+from hivemesh.llm.v1 import (
+    ContentDelta, CountTokensResponse, EmbedResponse, Embedding, GenerateResponse,
+    ListModelsResponse, LlmServiceServicer, Message, Model, StreamGenerateResponse,
+    StreamSummary, ToolCallDelta)
+from hivemesh.llm.v1 import ToolCall as ToolCallMsg
+from hivemesh.runtime import errors
+from hivemesh.services.llm.backends.base import (
+    BackendError, ChatMessage, ChatRequest, ChatResult, ErrorKind, StreamDelta, StreamFinish,
+    ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
+from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
+from hivemesh.services.llm.resilience import Idempotency, TtlLru
+from hivemesh.services.llm.router import Route, RouteError, Router
+from hivemesh.services.llm.settings import ModelSettings
+
+DOMAIN = "hivemesh.llm"
+SERVICE_NAME = "hivemesh.llm.v1.LlmService"
+
+_ROLES = {1: "system", 2: "user", 3: "assistant", 4: "tool"}
+_ROLE_NUMBERS = {v: k for k, v in _ROLES.items()}
+_FINISH = {"stop": 1, "length": 2, "tool_calls": 3, "content_filter": 4, "error": 5}
+_TOOL_CHOICE = {1: "auto", 2: "none", 3: "required"}
+_FORMATS = {1: "text", 2: "json_object", 3: "json_schema"}
+_CACHE_BYPASS, _CACHE_ALLOW_SAMPLED = 2, 3
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def chat_request(request) -> ChatRequest:
+    """The backend request of a Generate/StreamGenerate request."""
+    if request.WhichOneof("input") == "prompt":
+        messages = []
+        if request.prompt.system_prompt:
+            messages.append(ChatMessage("system", request.prompt.system_prompt))
+        messages.append(ChatMessage("user", request.prompt.prompt))
+    else:
+        messages = [ChatMessage(
+            _ROLES[m.role], m.content,
+            tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+            m.tool_call_id, m.name) for m in request.conversation.messages]
+    for m in messages:
+        if m.role == "tool" and not m.tool_call_id:
+            raise errors.invalid_argument([("conversation.messages.tool_call_id",
+                                            "a tool message needs the tool_call_id it answers")])
+    cfg = request.config
+    fmt = _FORMATS.get(cfg.response_format.type)
+    if fmt == "json_schema" and not cfg.response_format.HasField("json_schema"):
+        raise errors.invalid_argument([("config.response_format.json_schema",
+                                        "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")])
+    choice = None
+    if request.HasField("tool_choice"):
+        which = request.tool_choice.WhichOneof("choice")
+        choice = (_TOOL_CHOICE[request.tool_choice.mode] if which == "mode"
+                  else request.tool_choice.tool_name)
+    schema = cfg.response_format.json_schema
+    return ChatRequest(
+        upstream_model="", messages=tuple(messages),
+        temperature=cfg.temperature if cfg.HasField("temperature") else None,
+        top_p=cfg.top_p if cfg.HasField("top_p") else None,
+        max_tokens=cfg.max_tokens or None, stop=tuple(cfg.stop_sequences),
+        seed=cfg.seed if cfg.HasField("seed") else None,
+        tools=tuple(ToolSpec(t.name, t.description, json_format.MessageToDict(t.parameters))
+                    for t in request.tools),
+        tool_choice=choice, response_format=fmt,
+        response_schema=json_format.MessageToDict(schema.schema) if fmt == "json_schema" else None,
+        response_schema_name=schema.name or "response", response_schema_strict=schema.strict)
+
+
+def _cacheable(request, chat: ChatRequest) -> bool:
+    """Exact repeats are served from the cache unless sampling makes each
+    answer different (temperature not 0), unless the caller allows it."""
+    if request.cache_policy == _CACHE_BYPASS:
+        return False
+    if request.cache_policy == _CACHE_ALLOW_SAMPLED:
+        return True
+    return chat.temperature == 0.0
+
+
+def _fingerprint(request) -> str:
+    probe = type(request)()
+    probe.CopyFrom(request)
+    probe.request_id = ""
+    probe.ClearField("context")
+    return hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _message(content: str, calls) -> Message:
+    return Message(role=_ROLE_NUMBERS["assistant"], content=content,
+                   tool_calls=[ToolCallMsg(id=c.id, name=c.name, arguments=c.arguments)
+                               for c in calls])
+
+
+def _usage(prompt: int, completion: int, cached: int = 0) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion, cached_prompt_tokens=cached)
+
+
+def route_error(exc: RouteError) -> errors.ServiceError:
+    """The gRPC error of a failed route; never contains a credential."""
+    last = exc.last
+    meta = {"attempts": str(exc.attempts)}
+    if exc.deadline:
+        return errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   ErrorReason.ERROR_REASON_DEADLINE_TOO_SHORT,
+                                   "the deadline ran out before an upstream answered", meta)
+    if last is None:
+        if exc.rate_limited_for_s is not None and not exc.open_breakers:
+            return errors.ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_RATE_LIMITED,
+                exc.message, {**meta, "retry_after_s": f"{exc.rate_limited_for_s:.3f}"},
+                [errors.retry_info(exc.rate_limited_for_s)])
+        return errors.ServiceError(
+            grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_CIRCUIT_OPEN, exc.message,
+            {**meta, "backends": ",".join(exc.open_breakers)})
+    kind = last.kind
+    if last.status is not None:
+        meta["upstream_status"] = str(last.status)
+    table = {
+        ErrorKind.BAD_REQUEST: (grpc.StatusCode.INVALID_ARGUMENT,
+                                ErrorReason.ERROR_REASON_UPSTREAM_ERROR),
+        ErrorKind.CONTEXT_TOO_LONG: (grpc.StatusCode.OUT_OF_RANGE,
+                                     ErrorReason.ERROR_REASON_CONTEXT_TOO_LONG),
+        ErrorKind.AUTHENTICATION: (grpc.StatusCode.UNAUTHENTICATED,
+                                   ErrorReason.ERROR_REASON_UPSTREAM_AUTH_FAILED),
+        ErrorKind.PERMISSION: (grpc.StatusCode.PERMISSION_DENIED,
+                               ErrorReason.ERROR_REASON_UPSTREAM_AUTH_FAILED),
+        ErrorKind.NOT_FOUND: (grpc.StatusCode.NOT_FOUND,
+                              ErrorReason.ERROR_REASON_MODEL_NOT_FOUND),
+        ErrorKind.RATE_LIMITED: (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 ErrorReason.ERROR_REASON_RATE_LIMITED),
+        ErrorKind.OVERLOADED: (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               ErrorReason.ERROR_REASON_RATE_LIMITED),
+    }
+    code, reason = table.get(kind, (grpc.StatusCode.UNAVAILABLE,
+                                    ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE))
+    details = []
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        details.append(errors.retry_info(last.retry_after_s or 1.0))
+    return errors.ServiceError(code, reason, f"upstream: {last.message}",
+                               {**meta, "upstream_error": kind.value}, details)
+
+
+class LlmServicer(LlmServiceServicer):
+    def __init__(self, router: Router, *, default_deadline_s: float, cache: TtlLru,
+                 idempotency: Idempotency) -> None:
+        self.router = router
+        self.default_deadline_s = default_deadline_s
+        self.cache = cache
+        self.idempotency = idempotency
+
+    def _deadline(self, context) -> float:
+        left = context.time_remaining() if context is not None else None
+        if left is None or left > self.default_deadline_s:
+            left = self.default_deadline_s
+        return time.monotonic() + left
+
+    def _model(self, alias: str, kind: str) -> ModelSettings:
+        try:
+            return self.router.resolve(alias, kind)
+        except KeyError:
+            raise errors.ServiceError(
+                grpc.StatusCode.NOT_FOUND, ErrorReason.ERROR_REASON_MODEL_NOT_FOUND,
+                f"no {kind} model alias {alias!r}", {"model": alias}) from None
+
+    async def _once(self, request, run):
+        """Run ``run()`` at most once per request_id (replay afterwards)."""
+        fingerprint = _fingerprint(request)
+        try:
+            replay, result = await self.idempotency.begin(request.request_id, fingerprint)
+        except KeyError:
+            raise errors.ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_IDEMPOTENCY_CONFLICT,
+                "request_id was already used for a different request",
+                {"request_id": request.request_id}) from None
+        if replay:
+            return result, True
+        try:
+            result = await run()
+        except BaseException:
+            self.idempotency.fail(request.request_id)
+            raise
+        self.idempotency.finish(request.request_id, fingerprint, result)
+        return result, False
+
+    async def Generate(self, request, context):
+        started = time.monotonic()
+        model = self._model(request.model, "chat")
+        chat = chat_request(request)
+        chain = self.router.chain(model, request.disable_fallback)
+
+        async def run() -> GenerateResponse:
+            key = None
+            if _cacheable(request, chat):
+                key = hashlib.sha256(json.dumps(
+                    [model.alias, request.disable_fallback, repr(chat)]).encode()).hexdigest()
+                hit = self.cache.get(key)
+                if hit is not None:
+                    response = GenerateResponse()
+                    response.CopyFrom(hit)
+                    response.cached = True
+                    response.latency.CopyFrom(_duration(time.monotonic() - started))
+                    return response
+            try:
+                result, route = await self.router.generate(chat, chain, self._deadline(context))
+            except RouteError as exc:
+                raise route_error(exc) from exc
+            response = self._response(result, route, started)
+            if key is not None:
+                self.cache.put(key, response)  # errors never reach here: never cached
+            return response
+
+        response, replayed = await self._once(request, run)
+        if replayed:
+            copy = GenerateResponse()
+            copy.CopyFrom(response)
+            copy.replayed = True
+            return copy
+        return response
+
+    def _response(self, result: ChatResult, route: Route, started: float) -> GenerateResponse:
+        return GenerateResponse(
+            message=_message(result.content, result.tool_calls),
+            usage=_usage(result.usage.prompt_tokens, result.usage.completion_tokens,
+                         result.usage.cached_prompt_tokens),
+            finish_reason=_FINISH.get(result.finish_reason, 1), model=route.alias,
+            backend=route.backend, upstream_model=result.upstream_model or route.upstream_model,
+            latency=_duration(time.monotonic() - started), attempts=route.attempts,
+            fallback_used=route.fallback_used)
+
+    async def StreamGenerate(self, request, context):
+        started = time.monotonic()
+        model = self._model(request.model, "chat")
+        chat = chat_request(request)
+        chain = self.router.chain(model, request.disable_fallback)
+        estimated = estimate_prompt_tokens(chat.messages) + (chat.max_tokens or 0)
+        try:
+            first, events, route = await self.router.stream(chat, chain, self._deadline(context))
+        except RouteError as exc:
+            raise route_error(exc) from exc
+        first_token_at = time.monotonic()
+        text: list[str] = []
+        calls: dict[int, list[str]] = {}
+        delivered = 0
+        finish: StreamFinish | None = None
+        failure: BackendError | None = None
+        async with contextlib.aclosing(events):
+            pending = first
+            while pending is not None:
+                if isinstance(pending, StreamFinish):
+                    finish = pending
+                    break
+                if isinstance(pending, StreamDelta):
+                    text.append(pending.text)
+                    delivered += 1
+                    yield StreamGenerateResponse(delta=ContentDelta(text=pending.text))
+                elif isinstance(pending, ToolCallPiece):
+                    slot = calls.setdefault(pending.index, [pending.id, pending.name, ""])
+                    slot[0] = slot[0] or pending.id
+                    slot[1] = slot[1] or pending.name
+                    slot[2] += pending.arguments
+                    delivered += 1
+                    yield StreamGenerateResponse(tool_call_delta=ToolCallDelta(
+                        index=pending.index, id=pending.id, name=pending.name,
+                        arguments_delta=pending.arguments))
+                try:
+                    pending = await events.__anext__()
+                except StopAsyncIteration:
+                    failure = BackendError(ErrorKind.STREAM_CUT,
+                                           f"{route.backend}: stream ended without finishing")
+                    pending = None
+                except BackendError as exc:
+                    failure = exc
+                    pending = None
+        self.router.settle_stream(route, estimated, finish, failure)
+        content = "".join(text)
+        tool_calls = [ToolCall(i, n, a) for i, n, a in (calls[k] for k in sorted(calls))]
+        summary = StreamSummary(
+            model=route.alias, backend=route.backend,
+            upstream_model=(finish.upstream_model if finish else "") or route.upstream_model,
+            latency=_duration(time.monotonic() - started),
+            time_to_first_token=_duration(first_token_at - started), attempts=route.attempts,
+            fallback_used=route.fallback_used, delivered_chunks=delivered,
+            delivered_completion_tokens=estimate_tokens(content),
+            message=_message(content, tool_calls))
+        if finish is not None:
+            summary.usage.CopyFrom(_usage(finish.usage.prompt_tokens,
+                                          finish.usage.completion_tokens,
+                                          finish.usage.cached_prompt_tokens))
+            summary.usage_estimated = finish.usage_estimated
+            summary.finish_reason = _FINISH.get(finish.finish_reason, 1)
+            yield StreamGenerateResponse(
+                end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED), summary=summary)
+            return
+        summary.finish_reason = _FINISH["error"]
+        summary.usage.CopyFrom(_usage(estimate_prompt_tokens(chat.messages),
+                                      estimate_tokens(content)))
+        summary.usage_estimated = True
+        error = errors.ServiceError(
+            grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_STREAM_INTERRUPTED,
+            f"the stream broke after {delivered} chunks: {failure.message if failure else ''}",
+            {"delivered_chunks": str(delivered),
+             "delivered_completion_tokens": str(summary.delivered_completion_tokens),
+             "backend": route.backend})
+        yield StreamGenerateResponse(
+            end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_FAILED,
+                          error=error.to_status(DOMAIN)), summary=summary)
+
+    async def ListModels(self, request, context):
+        models = [m for m in self.router.models.values()
+                  if request.kind == 0 or request.kind == (1 if m.kind == "chat" else 2)]
+        models.sort(key=lambda m: m.alias)
+        start = 0
+        if request.page_token:
+            aliases = [m.alias for m in models]
+            if request.page_token not in aliases:
+                raise errors.invalid_argument([("page_token", "page_token is malformed")])
+            start = aliases.index(request.page_token) + 1
+        size = request.page_size or 100
+        page = models[start:start + size]
+        response = ListModelsResponse(models=[Model(
+            alias=m.alias, kind=1 if m.kind == "chat" else 2, backend=m.backend,
+            upstream_model=m.upstream_model, fallback_aliases=m.fallback,
+            context_window_tokens=m.context_window_tokens, max_output_tokens=m.max_output_tokens,
+            embedding_dimensions=m.embedding_dimensions, supports_tools=m.supports_tools,
+            supports_json_schema=m.supports_json_schema,
+            is_default=m.alias in (self.router.default_chat, self.router.default_embedding),
+            description=m.description) for m in page])
+        if start + size < len(models):
+            response.next_page_token = page[-1].alias
+        return response
+
+    async def Embed(self, request, context):
+        started = time.monotonic()
+        model = self._model(request.model, "embedding")
+
+        async def run() -> EmbedResponse:
+            try:
+                result, route = await self.router.embed(list(request.texts), model,
+                                                        request.dimensions or None,
+                                                        self._deadline(context))
+            except RouteError as exc:
+                raise route_error(exc) from exc
+            dims = len(result.vectors[0]) if result.vectors else 0
+            return EmbedResponse(
+                embeddings=[Embedding(index=i, values=v) for i, v in enumerate(result.vectors)],
+                model=route.alias, backend=route.backend,
+                upstream_model=result.upstream_model or route.upstream_model, dimensions=dims,
+                usage=_usage(result.usage.prompt_tokens, 0),
+                latency=_duration(time.monotonic() - started))
+
+        response, replayed = await self._once(request, run)
+        if replayed:
+            copy = EmbedResponse()
+            copy.CopyFrom(response)
+            copy.replayed = True
+            return copy
+        return response
+
+    async def CountTokens(self, request, context):
+        model = self._model(request.model, "chat")
+        if request.WhichOneof("input") == "prompt":
+            messages = [ChatMessage("system", request.prompt.system_prompt),
+                        ChatMessage("user", request.prompt.prompt)]
+        else:
+            messages = [ChatMessage(_ROLES[m.role], m.content,
+                                    tuple(ToolCall(c.id, c.name, c.arguments)
+                                          for c in m.tool_calls))
+                        for m in request.conversation.messages]
+        tokens = estimate_prompt_tokens(tuple(messages)) + sum(
+            estimate_tokens(t.name + t.description + json.dumps(
+                json_format.MessageToDict(t.parameters))) for t in request.tools)
+        return CountTokensResponse(prompt_tokens=tokens, estimated=True, model=model.alias,
+                                   context_window_tokens=model.context_window_tokens)

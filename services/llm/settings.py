@@ -1,0 +1,122 @@
+"""Settings of the LLM service (env prefix ``HIVEMESH_LLM_``).
+
+Backends and model aliases are a JSON document, given inline
+(``HIVEMESH_LLM_BACKENDS``, ``HIVEMESH_LLM_MODELS``) or in a file
+(``HIVEMESH_LLM_CONFIG_FILE``). API keys are never part of it: a backend
+names the environment variable (``api_key_env``) or the mounted secret file
+(``api_key_file``) that holds its key. With nothing configured the service
+serves the mock backend, so it runs with no key at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hivemesh.runtime.settings import ServerSettings
+
+
+class BackendSettings(BaseModel):
+    type: Literal["mock", "openai", "anthropic", "openai_compatible"]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    # Per attempt, clamped to what is left of the caller's deadline.
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    initial_backoff_s: float = Field(default=0.2, ge=0)
+    max_backoff_s: float = Field(default=5.0, ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=100, ge=1)
+    # mock only
+    mock_default_response: str | None = None
+    mock_latency_s: float = Field(default=0.0, ge=0)
+
+    def api_key(self) -> str:
+        """The key, read from its environment variable or secret file."""
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text().strip()
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ValueError(f"environment variable {self.api_key_env} is not set")
+            return key
+        if self.type == "openai_compatible":
+            return "not-needed"  # local servers (vLLM, Ollama, llama.cpp) take any key
+        if self.type == "mock":
+            return ""
+        raise ValueError(f"a {self.type} backend needs api_key_env or api_key_file")
+
+
+class ModelSettings(BaseModel):
+    alias: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    kind: Literal["chat", "embedding"] = "chat"
+    backend: str
+    upstream_model: str
+    fallback: list[str] = Field(default_factory=list)
+    context_window_tokens: int = 128_000
+    max_output_tokens: int = 4_096
+    embedding_dimensions: int = 0
+    supports_tools: bool = True
+    supports_json_schema: bool = True
+    default: bool = False
+    description: str = ""
+
+
+def _default_backends() -> dict[str, BackendSettings]:
+    return {"mock": BackendSettings(type="mock")}
+
+
+def _default_models() -> list[ModelSettings]:
+    return [
+        ModelSettings(alias="mock-small", backend="mock", upstream_model="mock-small",
+                      default=True, description="keyless mock chat model"),
+        ModelSettings(alias="mock-large", backend="mock", upstream_model="mock-large",
+                      fallback=["mock-small"], description="keyless mock chat model"),
+        ModelSettings(alias="mock-embed", kind="embedding", backend="mock",
+                      upstream_model="mock-embed", embedding_dimensions=384, default=True,
+                      description="deterministic hashing embeddings"),
+    ]
+
+
+class LlmSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HIVEMESH_LLM_", env_nested_delimiter="__", extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    config_file: Path | None = None
+    backends: dict[str, BackendSettings] = Field(default_factory=_default_backends)
+    models: list[ModelSettings] = Field(default_factory=_default_models)
+    # Used when the caller sets no deadline.
+    default_deadline_s: float = Field(default=120.0, gt=0)
+    cache_size: int = Field(default=1024, ge=0)
+    cache_ttl_s: float = Field(default=300.0, gt=0)
+    idempotency_size: int = Field(default=10_000, ge=0)
+    idempotency_ttl_s: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _load_file_and_check(self) -> LlmSettings:
+        if self.config_file is not None:
+            doc = json.loads(self.config_file.read_text())
+            if "backends" in doc:
+                self.backends = {k: BackendSettings(**v) for k, v in doc["backends"].items()}
+            if "models" in doc:
+                self.models = [ModelSettings(**m) for m in doc["models"]]
+        aliases = {m.alias for m in self.models}
+        if len(aliases) != len(self.models):
+            raise ValueError("model aliases must be unique")
+        for m in self.models:
+            if m.backend not in self.backends:
+                raise ValueError(f"model {m.alias!r} names unknown backend {m.backend!r}")
+            for f in m.fallback:
+                if f not in aliases:
+                    raise ValueError(f"model {m.alias!r} falls back to unknown alias {f!r}")
+        return self

@@ -1,0 +1,307 @@
+"""The LLM service over mock backends, through real gRPC: retries (exact
+upstream call counts), fallback, breaker transitions, rate limits, cache,
+idempotent replay, streaming with explicit ends, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import uuid
+
+import grpc
+import pytest
+
+from hivemesh.client import from_rpc_error
+from hivemesh.client.errors import (
+    AlreadyExistsError, InvalidArgumentError, NotFoundError, OutOfRangeError,
+    ResourceExhaustedError, UnavailableError)
+from hivemesh.common.v1 import StreamOutcome
+from hivemesh.llm.v1 import (
+    CountTokensRequest, EmbedRequest, GenerateRequest, GenerationConfig, ListModelsRequest,
+    LlmServiceStub, Prompt, StreamGenerateRequest)
+from hivemesh.runtime.settings import ServerSettings
+from hivemesh.services.llm.backends.base import ErrorKind
+from hivemesh.services.llm.server import Backends, create_server
+from hivemesh.services.llm.settings import BackendSettings, LlmSettings, ModelSettings
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+def settings(**backend_overrides) -> LlmSettings:
+    fast = dict(initial_backoff_s=0.01, max_backoff_s=0.05, breaker_failure_threshold=100)
+    primary = {**fast, **backend_overrides}
+    return LlmSettings(
+        server=ServerSettings(port=0, grace_period_s=1),
+        backends={"primary": BackendSettings(type="mock", **primary),
+                  "secondary": BackendSettings(type="mock", **fast)},
+        models=[ModelSettings(alias="main", backend="primary", upstream_model="p-1",
+                              fallback=["backup"], default=True),
+                ModelSettings(alias="backup", backend="secondary", upstream_model="s-1"),
+                ModelSettings(alias="solo", backend="primary", upstream_model="p-1"),
+                ModelSettings(alias="embed", kind="embedding", backend="primary",
+                              upstream_model="e-1", embedding_dimensions=384, default=True)])
+
+
+@contextlib.asynccontextmanager
+async def serve(s: LlmSettings):
+    backends = Backends(s)
+    running, port = await create_server(s, backends)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield LlmServiceStub(channel), backends.by_name
+    finally:
+        await channel.close()
+        await running.shutdown(0)
+        await backends.close()
+
+
+@pytest.fixture
+async def llm():
+    async with serve(settings()) as pair:
+        yield pair
+
+
+async def call(method, request, **kwargs):
+    try:
+        return await method(request, timeout=10, **kwargs)
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err) from err
+
+
+def gen(model="main", prompt="implement add", temperature=None, **kwargs) -> GenerateRequest:
+    config = GenerationConfig(max_tokens=200)
+    if temperature is not None:
+        config.temperature = temperature
+    return GenerateRequest(request_id=rid(), model=model, config=config,
+                           prompt=Prompt(system_prompt="You write code.", prompt=prompt), **kwargs)
+
+
+async def test_generate_answers_with_usage_and_route(llm):
+    stub, backends = llm
+    backends["primary"].queue_response("def add(a, b):\n    return a + b\n")
+    response = await call(stub.Generate, gen())
+    assert response.message.content.startswith("def add")
+    assert (response.model, response.backend, response.upstream_model) == ("main", "primary",
+                                                                           "p-1")
+    assert response.finish_reason == 1 and response.attempts == 1
+    assert response.usage.total_tokens == (response.usage.prompt_tokens +
+                                           response.usage.completion_tokens) > 0
+    sent = backends["primary"].calls[-1]
+    assert [m.role for m in sent.messages] == ["system", "user"]
+    assert sent.max_tokens == 200
+
+
+async def test_retryable_failures_are_retried_exactly(llm):
+    stub, backends = llm
+    backends["primary"].simulate_failure(ErrorKind.UNAVAILABLE, times=2)
+    response = await call(stub.Generate, gen(model="solo"))
+    assert response.attempts == 3 and not response.fallback_used
+    assert len(backends["primary"].calls) == 3
+
+
+async def test_bad_request_is_not_retried_nor_fallen_back(llm):
+    stub, backends = llm
+    backends["primary"].simulate_failure(ErrorKind.BAD_REQUEST, "unsupported parameter")
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(stub.Generate, gen())
+    assert err.value.reason == "UPSTREAM_ERROR"
+    assert len(backends["primary"].calls) == 1 and not backends["secondary"].calls
+    backends["primary"].simulate_failure(ErrorKind.CONTEXT_TOO_LONG, "too long")
+    with pytest.raises(OutOfRangeError) as err:
+        await call(stub.Generate, gen())
+    assert err.value.reason == "CONTEXT_TOO_LONG"
+
+
+async def test_exhausted_backend_falls_back_down_the_chain(llm):
+    stub, backends = llm
+    backends["primary"].simulate_failure(ErrorKind.UNAVAILABLE, times=3)
+    response = await call(stub.Generate, gen())
+    assert (response.backend, response.model, response.fallback_used) == ("secondary",
+                                                                           "backup", True)
+    assert response.attempts == 4
+    assert len(backends["primary"].calls) == 3 and len(backends["secondary"].calls) == 1
+
+
+async def test_breaker_opens_skips_to_fallback_then_probes_and_closes():
+    async with serve(settings(breaker_failure_threshold=2, breaker_reset_s=0.3,
+                              max_attempts=1)) as (stub, backends):
+        primary = backends["primary"]
+        primary.simulate_failure(ErrorKind.UNAVAILABLE, times=2)
+        for _ in range(2):
+            assert (await call(stub.Generate, gen())).backend == "secondary"
+        assert len(primary.calls) == 2
+        # Open: the primary is not even tried.
+        assert (await call(stub.Generate, gen())).backend == "secondary"
+        assert len(primary.calls) == 2
+        with pytest.raises(UnavailableError) as err:
+            await call(stub.Generate, gen(model="solo"))
+        assert err.value.reason == "CIRCUIT_OPEN"
+        await asyncio.sleep(0.35)
+        # Half-open: one probe goes to the primary; it succeeds and closes.
+        assert (await call(stub.Generate, gen())).backend == "primary"
+        assert (await call(stub.Generate, gen())).backend == "primary"
+        assert len(primary.calls) == 4
+
+
+async def test_rate_limit_refuses_before_any_upstream_call():
+    async with serve(settings(requests_per_minute=2)) as (stub, backends):
+        for _ in range(2):
+            await call(stub.Generate, gen(model="solo"))
+        with pytest.raises(ResourceExhaustedError) as err:
+            await call(stub.Generate, gen(model="solo"))
+        assert err.value.reason == "RATE_LIMITED"
+        assert 0 < err.value.retry_delay.total_seconds() <= 30
+        assert len(backends["primary"].calls) == 2
+        # With a fallback alias the limited backend is skipped instead.
+        assert (await call(stub.Generate, gen())).backend == "secondary"
+
+
+async def test_cache_serves_exact_deterministic_repeats_only(llm):
+    stub, backends = llm
+    first = await call(stub.Generate, gen(prompt="same", temperature=0.0))
+    second = await call(stub.Generate, gen(prompt="same", temperature=0.0))
+    assert not first.cached and second.cached
+    assert second.message == first.message
+    assert len(backends["primary"].calls) == 1
+    await call(stub.Generate, gen(prompt="same", temperature=0.7))
+    await call(stub.Generate, gen(prompt="same", temperature=0.7))
+    assert len(backends["primary"].calls) == 3  # sampled: not cached
+    allowed = [await call(stub.Generate, gen(prompt="same", temperature=0.7, cache_policy=3))
+               for _ in range(2)]
+    assert allowed[1].cached and len(backends["primary"].calls) == 4
+    bypass = await call(stub.Generate, gen(prompt="same", temperature=0.0, cache_policy=2))
+    assert not bypass.cached and len(backends["primary"].calls) == 5
+
+
+async def test_errors_are_never_cached(llm):
+    stub, backends = llm
+    backends["primary"].simulate_failure(ErrorKind.BAD_REQUEST)
+    with pytest.raises(InvalidArgumentError):
+        await call(stub.Generate, gen(prompt="x", temperature=0.0))
+    ok = await call(stub.Generate, gen(prompt="x", temperature=0.0))
+    assert not ok.cached
+
+
+async def test_retried_request_id_replays_without_calling_upstream(llm):
+    stub, backends = llm
+    request = gen(temperature=0.9)
+    first = await call(stub.Generate, request)
+    again = await call(stub.Generate, request)
+    assert again.replayed and again.message == first.message
+    assert len(backends["primary"].calls) == 1
+    request.prompt.prompt = "something else"
+    with pytest.raises(AlreadyExistsError) as err:
+        await call(stub.Generate, request)
+    assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+    # Concurrent duplicates: one upstream call, both get the answer.
+    backends["primary"].latency_s = 0.2
+    twin = gen(temperature=0.9)
+    a, b = await asyncio.gather(call(stub.Generate, twin), call(stub.Generate, twin))
+    assert a.message == b.message and (a.replayed or b.replayed)
+    assert len(backends["primary"].calls) == 2
+
+
+async def _read_stream(stub, request):
+    messages = []
+    async for message in stub.StreamGenerate(request, timeout=10):
+        messages.append(message)
+    return messages
+
+
+async def test_stream_delivers_deltas_then_an_explicit_end(llm):
+    stub, backends = llm
+    backends["primary"].queue_response("one two three four")
+    messages = await _read_stream(stub, StreamGenerateRequest(
+        request_id=rid(), model="main", prompt=Prompt(prompt="count")))
+    text = "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta")
+    assert text == "one two three four"
+    last = messages[-1]
+    assert last.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+    assert last.summary.message.content == text and last.summary.delivered_chunks == 4
+    assert last.summary.usage.completion_tokens > 0 and last.summary.finish_reason == 1
+
+
+async def test_stream_cut_after_first_token_ends_failed_without_fallback(llm):
+    stub, backends = llm
+    backends["primary"].queue_response("alpha beta gamma delta")
+    backends["primary"].cut_next_stream_after(2)
+    messages = await _read_stream(stub, StreamGenerateRequest(
+        request_id=rid(), model="main", prompt=Prompt(prompt="go")))
+    deltas = [m.delta.text for m in messages if m.WhichOneof("event") == "delta"]
+    assert deltas == ["alpha ", "beta "]
+    last = messages[-1]
+    assert last.end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+    assert last.summary.delivered_chunks == 2
+    from google.rpc import error_details_pb2
+    info = error_details_pb2.ErrorInfo()
+    last.end.error.details[0].Unpack(info)
+    assert info.reason == "STREAM_INTERRUPTED" and info.metadata["delivered_chunks"] == "2"
+    assert not backends["secondary"].calls
+
+
+async def test_stream_falls_back_before_its_first_token(llm):
+    stub, backends = llm
+    backends["primary"].simulate_failure(ErrorKind.UNAVAILABLE, times=3)
+    messages = await _read_stream(stub, StreamGenerateRequest(
+        request_id=rid(), model="main", prompt=Prompt(prompt="go")))
+    assert messages[-1].summary.backend == "secondary"
+    assert messages[-1].summary.fallback_used
+
+
+async def test_cancelled_stream_closes_the_upstream_stream(llm):
+    stub, backends = llm
+    primary = backends["primary"]
+    primary.queue_response(" ".join(f"w{i}" for i in range(200)))
+    primary.stream_chunk_delay_s = 0.01
+    stream = stub.StreamGenerate(StreamGenerateRequest(
+        request_id=rid(), model="solo", prompt=Prompt(prompt="long")), timeout=10)
+    await stream.read()
+    assert primary.open_streams == 1
+    stream.cancel()
+    for _ in range(100):
+        if primary.open_streams == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert primary.open_streams == 0
+
+
+async def test_unknown_model_and_models_listing(llm):
+    stub, _ = llm
+    with pytest.raises(NotFoundError) as err:
+        await call(stub.Generate, gen(model="nope"))
+    assert err.value.reason == "MODEL_NOT_FOUND"
+    listing = await call(stub.ListModels, ListModelsRequest(page_size=2))
+    assert [m.alias for m in listing.models] == ["backup", "embed"]
+    rest = await call(stub.ListModels, ListModelsRequest(page_token=listing.next_page_token))
+    assert [m.alias for m in rest.models] == ["main", "solo"]
+    assert list(rest.models[0].fallback_aliases) == ["backup"] and rest.models[0].is_default
+
+
+async def test_embeddings_are_deterministic_and_meaningful(llm):
+    stub, _ = llm
+    response = await call(stub.Embed, EmbedRequest(
+        request_id=rid(), texts=["the cat sat on the mat", "a cat sat on a mat",
+                                 "quarterly revenue grew"]))
+    assert response.dimensions == 384 and len(response.embeddings) == 3
+    vecs = [list(e.values) for e in response.embeddings]
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+            sum(x * x for x in a) * sum(y * y for y in b))
+
+    assert cos(vecs[0], vecs[1]) > cos(vecs[0], vecs[2])
+    again = await call(stub.Embed, EmbedRequest(request_id=rid(), texts=["the cat sat on the mat"]))
+    assert list(again.embeddings[0].values) == vecs[0]
+
+
+async def test_count_tokens_and_invalid_requests(llm):
+    stub, _ = llm
+    counted = await call(stub.CountTokens, CountTokensRequest(
+        model="main", prompt=Prompt(prompt="x" * 400)))
+    assert counted.estimated and counted.prompt_tokens >= 100
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(stub.Generate, GenerateRequest(request_id=rid(), model="main"))
+    assert err.value.reason == "INVALID_REQUEST"
