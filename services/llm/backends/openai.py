@@ -1,0 +1,409 @@
+"""The backend for OpenAI and every OpenAI-compatible endpoint (Groq, vLLM,
+Ollama, the llama.cpp server, ...), through the official ``openai`` SDK.
+
+One pooled ``AsyncOpenAI`` client per backend instance, with the SDK's own
+retries off (``max_retries=0``): a call is exactly one upstream attempt and
+every failure becomes a :class:`BackendError` (see ``_map_error``).
+
+Timeouts: ``timeout_s`` bounds the whole of a ``generate``/``embed`` call.
+For ``stream`` it bounds the wait for the response to start and every
+silence between two chunks, not the length of the whole stream.
+
+Streams: a failure before the first event reaches the caller keeps its own
+kind (a dropped connection is UNAVAILABLE, so the router may retry); once an
+event has been yielded every failure is STREAM_CUT. A stream that ends
+without a chunk carrying ``finish_reason`` was cut. When the upstream sends
+no usage (``stream_options.include_usage`` is not supported everywhere) the
+final :class:`StreamFinish` carries an estimate and ``usage_estimated=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx2
+import openai
+
+from .base import (
+    BackendError, ChatMessage, ChatRequest, ChatResult, EmbedResult, ErrorKind, StreamDelta,
+    StreamEvent, StreamFinish, ToolCall, ToolCallDelta, Usage, estimate_prompt_tokens,
+    estimate_tokens)
+
+__all__ = ["OpenAIBackend"]
+
+_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+# How OpenAI and the compatible servers say that the prompt does not fit.
+_CONTEXT_PATTERNS = (
+    "context_length_exceeded",        # OpenAI, Groq: error.code
+    "maximum context length",         # OpenAI, vLLM
+    "exceed_context_size",            # llama.cpp server: error.type
+    "exceeds the available context",  # llama.cpp server
+    "context window",
+    "prompt is too long",
+)
+
+# The error ``type`` of an upstream error without an HTTP error status
+# (an error event inside a stream).
+_TYPE_KINDS = {
+    "invalid_request_error": ErrorKind.BAD_REQUEST,
+    "authentication_error": ErrorKind.AUTHENTICATION,
+    "permission_error": ErrorKind.PERMISSION,
+    "not_found_error": ErrorKind.NOT_FOUND,
+    "rate_limit_error": ErrorKind.RATE_LIMITED,
+    "rate_limit_exceeded": ErrorKind.RATE_LIMITED,
+    "tokens": ErrorKind.RATE_LIMITED,
+    "requests": ErrorKind.RATE_LIMITED,
+    "overloaded_error": ErrorKind.OVERLOADED,
+    "server_error": ErrorKind.UNAVAILABLE,
+    "api_error": ErrorKind.UNAVAILABLE,
+}
+
+_MAX_MESSAGE_CHARS = 500
+
+
+class OpenAIBackend:
+    """OpenAI's chat completions and embeddings, or any server that speaks them.
+
+    ``base_url`` None means OpenAI itself (or ``OPENAI_BASE_URL``); for the
+    compatible servers it is their ``.../v1`` root, e.g.
+    ``https://api.groq.com/openai/v1`` or ``http://localhost:11434/v1``.
+    Servers that need no key still get one in the ``Authorization`` header:
+    an empty ``api_key`` is sent as ``"unused"``.
+    """
+
+    def __init__(self, name: str, *, api_key: str, base_url: str | None = None,
+                 default_headers: dict[str, str] | None = None,
+                 max_connections: int = 100) -> None:
+        self.name = name
+        self._secrets = _secrets(api_key, default_headers)
+        http_client = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections))
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key or "unused", base_url=base_url, default_headers=default_headers,
+            max_retries=0, http_client=http_client)
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(name={self.name!r}, base_url={str(self._client.base_url)!r})"
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # -- chat ---------------------------------------------------------------
+
+    async def generate(self, request: ChatRequest, timeout_s: float) -> ChatResult:
+        params = _chat_params(request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                completion = await self._client.chat.completions.create(
+                    **params, timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a BackendError
+            raise self._map_error(exc, timeout_s) from _cause(exc)
+        return self._result(completion, request)
+
+    async def stream(self, request: ChatRequest, timeout_s: float) -> AsyncIterator[StreamEvent]:
+        params = _chat_params(request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                upstream = await self._client.chat.completions.create(
+                    **params, stream=True, stream_options={"include_usage": True},
+                    timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            raise self._map_error(exc, timeout_s) from _cause(exc)
+
+        yielded = False
+        finish_reason: str | None = None
+        usage: Usage | None = None
+        model = request.upstream_model
+        text: list[str] = []
+        arguments: list[str] = []
+        try:
+            async for chunk in upstream:
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = _usage(chunk.usage)
+                for choice in chunk.choices or ():
+                    if choice.index not in (0, None):
+                        continue
+                    delta = choice.delta
+                    if delta is not None and delta.content:
+                        text.append(delta.content)
+                        yielded = True
+                        yield StreamDelta(delta.content)
+                    for position, call in enumerate((delta.tool_calls if delta else None) or ()):
+                        function = call.function
+                        piece = ToolCallDelta(
+                            index=call.index if call.index is not None else position,
+                            id=call.id or "",
+                            name=(function.name if function else None) or "",
+                            arguments=(function.arguments if function else None) or "")
+                        if piece.id or piece.name or piece.arguments:
+                            arguments.append(piece.arguments)
+                            yielded = True
+                            yield piece
+                    if choice.finish_reason:
+                        finish_reason = _FINISH_REASONS.get(choice.finish_reason, "stop")
+        except Exception as exc:  # noqa: BLE001
+            raise self._stream_error(exc, timeout_s, yielded) from _cause(exc)
+        finally:
+            await upstream.close()
+
+        if finish_reason is None:
+            raise BackendError(
+                ErrorKind.STREAM_CUT if yielded else ErrorKind.UNAVAILABLE,
+                f"{self.name}: the upstream stream ended before its final chunk")
+        estimated = usage is None
+        if usage is None:
+            usage = Usage(prompt_tokens=estimate_prompt_tokens(request.messages),
+                          completion_tokens=estimate_tokens("".join(text))
+                          + estimate_tokens("".join(arguments)))
+        yield StreamFinish(finish_reason=finish_reason, usage=usage, upstream_model=model,
+                           usage_estimated=estimated)
+
+    def _result(self, completion: Any, request: ChatRequest) -> ChatResult:
+        choices = completion.choices or []
+        if not choices:
+            raise BackendError(ErrorKind.UNAVAILABLE,
+                               f"{self.name}: the upstream answer has no choices")
+        choice = choices[0]
+        message = choice.message
+        content = message.content or ""
+        tool_calls = tuple(
+            ToolCall(id=call.id or "", name=call.function.name or "",
+                     arguments=call.function.arguments or "")
+            for call in message.tool_calls or () if getattr(call, "function", None) is not None)
+        finish = _FINISH_REASONS.get(choice.finish_reason or "stop", "stop")
+        if tool_calls and finish == "stop":
+            finish = "tool_calls"  # some compatible servers say "stop" with tool calls
+        refusal = getattr(message, "refusal", None)
+        if not content and not tool_calls and refusal:
+            content, finish = refusal, "content_filter"
+        if completion.usage is not None:
+            usage = _usage(completion.usage)
+        else:
+            usage = Usage(prompt_tokens=estimate_prompt_tokens(request.messages),
+                          completion_tokens=estimate_tokens(content) + sum(
+                              estimate_tokens(c.arguments) for c in tool_calls))
+        return ChatResult(content=content, tool_calls=tool_calls, finish_reason=finish,
+                          usage=usage, upstream_model=completion.model or request.upstream_model)
+
+    # -- embeddings ---------------------------------------------------------
+
+    async def embed(self, texts: list[str], upstream_model: str, dimensions: int | None,
+                    timeout_s: float) -> EmbedResult:
+        if not texts:
+            return EmbedResult(vectors=[], usage=Usage(), upstream_model=upstream_model)
+        params: dict[str, Any] = {"model": upstream_model, "input": list(texts),
+                                  # the SDK asks for base64 unless told; not every
+                                  # compatible server speaks it
+                                  "encoding_format": "float"}
+        if dimensions:
+            params["dimensions"] = dimensions
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._client.embeddings.create(**params, timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            raise self._map_error(exc, timeout_s) from _cause(exc)
+        data = sorted(response.data, key=lambda item: item.index)
+        if len(data) != len(texts):
+            raise BackendError(ErrorKind.UNAVAILABLE,
+                               f"{self.name}: asked for {len(texts)} embeddings, got {len(data)}")
+        vectors = [[float(x) for x in item.embedding] for item in data]
+        if response.usage is not None:
+            usage = Usage(prompt_tokens=response.usage.prompt_tokens)
+        else:
+            usage = Usage(prompt_tokens=sum(estimate_tokens(t) for t in texts))
+        return EmbedResult(vectors=vectors, usage=usage,
+                           upstream_model=response.model or upstream_model)
+
+    # -- errors -------------------------------------------------------------
+
+    def _stream_error(self, exc: BaseException, timeout_s: float, yielded: bool) -> BackendError:
+        error = self._map_error(exc, timeout_s)
+        if not yielded or error.kind is ErrorKind.STREAM_CUT:
+            return error
+        return BackendError(ErrorKind.STREAM_CUT,
+                            f"{self.name}: the stream broke after it started ({error.message})",
+                            status=error.status, retry_after_s=error.retry_after_s)
+
+    def _map_error(self, exc: BaseException, timeout_s: float) -> BackendError:
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, (TimeoutError, openai.APITimeoutError, httpx2.TimeoutException)):
+            return BackendError(ErrorKind.TIMEOUT,
+                                f"{self.name}: no answer from the upstream within {timeout_s:g} s")
+        if isinstance(exc, openai.APIConnectionError):
+            cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+            return BackendError(ErrorKind.UNAVAILABLE,
+                                f"{self.name}: could not reach the upstream ({cause})")
+        if isinstance(exc, openai.APIStatusError):
+            body = exc.body if isinstance(exc.body, Mapping) else {}
+            message = body.get("message") if isinstance(body.get("message"), str) else None
+            return self._status_error(
+                exc.status_code, error_type=exc.type, code=exc.code,
+                message=message or _text(exc.body) or exc.message, headers=exc.response.headers)
+        if isinstance(exc, openai.APIError):  # an error event inside a stream
+            return self._status_error(None, error_type=exc.type, code=exc.code,
+                                      message=exc.message, headers=None)
+        if isinstance(exc, httpx2.HTTPError):
+            return BackendError(
+                ErrorKind.UNAVAILABLE,
+                f"{self.name}: the upstream connection failed ({type(exc).__name__})")
+        return BackendError(ErrorKind.UNAVAILABLE,
+                            f"{self.name}: unexpected {type(exc).__name__} from the upstream: "
+                            f"{self._redact(str(exc))}")
+
+    def _status_error(self, status: int | None, *, error_type: str | None, code: str | None,
+                      message: str | None, headers: Mapping[str, str] | None) -> BackendError:
+        kind = _error_kind(status, error_type, code, message)
+        label = " ".join(str(p) for p in (status, error_type or code) if p)
+        text = f"{self.name}: upstream error {label}".rstrip()
+        if message:
+            text += f": {self._redact(message)}"
+        return BackendError(kind, text, status=status, retry_after_s=_retry_after(headers))
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text[:_MAX_MESSAGE_CHARS]
+
+
+# -- request mapping --------------------------------------------------------
+
+def _chat_params(request: ChatRequest) -> dict[str, Any]:
+    params: dict[str, Any] = {"model": request.upstream_model,
+                              "messages": [_message(m) for m in request.messages]}
+    for field in ("temperature", "top_p", "max_tokens", "seed"):
+        value = getattr(request, field)
+        if value is not None:
+            params[field] = value
+    if request.stop:
+        params["stop"] = list(request.stop)
+    if request.tools:
+        params["tools"] = [{"type": "function",
+                            "function": {"name": t.name, "description": t.description,
+                                         "parameters": t.parameters or {"type": "object",
+                                                                        "properties": {}}}}
+                           for t in request.tools]
+        if request.tool_choice in ("auto", "none", "required"):
+            params["tool_choice"] = request.tool_choice
+        elif request.tool_choice:
+            params["tool_choice"] = {"type": "function",
+                                     "function": {"name": request.tool_choice}}
+    fmt = request.response_format
+    if fmt == "json_object":
+        params["response_format"] = {"type": "json_object"}
+    elif fmt == "json_schema":
+        if not request.response_schema:
+            raise BackendError(ErrorKind.BAD_REQUEST,
+                               "response_format json_schema needs a response_schema")
+        params["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": request.response_schema_name or "response",
+            "schema": request.response_schema,
+            "strict": request.response_schema_strict}}
+    elif fmt not in (None, "", "text"):
+        raise BackendError(ErrorKind.BAD_REQUEST, f"unknown response_format {fmt!r}")
+    return params
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    role = message.role
+    if role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if role not in ("system", "user", "assistant"):
+        raise BackendError(ErrorKind.BAD_REQUEST, f"unknown message role {role!r}")
+    out: dict[str, Any] = {"role": role, "content": message.content}
+    if message.name:
+        out["name"] = message.name
+    if role == "assistant" and message.tool_calls:
+        out["content"] = message.content or None
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+                             for c in message.tool_calls]
+    return out
+
+
+# -- helpers shared in spirit with the Anthropic backend -------------------
+
+def _usage(usage: Any) -> Usage:
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    return Usage(prompt_tokens=usage.prompt_tokens or 0,
+                 completion_tokens=usage.completion_tokens or 0,
+                 cached_prompt_tokens=cached or 0)
+
+
+def _error_kind(status: int | None, error_type: str | None, code: str | None,
+                message: str | None) -> ErrorKind:
+    text = " ".join(p for p in (error_type, code, message) if p).lower()
+    if status == 529 or error_type == "overloaded_error":
+        return ErrorKind.OVERLOADED
+    if (status is None or 400 <= status < 500) and any(p in text for p in _CONTEXT_PATTERNS):
+        return ErrorKind.CONTEXT_TOO_LONG
+    if status is None or status < 400:
+        return _TYPE_KINDS.get(error_type or "", ErrorKind.UNAVAILABLE)
+    if status == 401:
+        return ErrorKind.AUTHENTICATION
+    if status == 403:
+        return ErrorKind.PERMISSION
+    if status == 404:
+        return ErrorKind.NOT_FOUND
+    if status == 408:
+        return ErrorKind.TIMEOUT
+    if status == 429:
+        return ErrorKind.RATE_LIMITED
+    if status >= 500:
+        return ErrorKind.UNAVAILABLE
+    return ErrorKind.BAD_REQUEST
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """``retry-after-ms``, else ``retry-after`` in seconds or as an HTTP date."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _secrets(api_key: str, headers: Mapping[str, str] | None) -> tuple[str, ...]:
+    values = [api_key] + [v for k, v in (headers or {}).items()
+                          if any(w in k.lower() for w in ("key", "auth", "token", "secret"))]
+    return tuple(v for v in values if v and len(v) >= 4)
+
+
+def _text(body: object) -> str | None:
+    return body if isinstance(body, str) and body else None
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The cause to chain to a BackendError: only unexpected errors (bugs to
+    debug), not SDK errors, whose text can carry the upstream's answer and
+    that may echo the credential."""
+    return None if isinstance(exc, (openai.OpenAIError, httpx2.HTTPError, TimeoutError,
+                                    BackendError)) else exc
