@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 BUF    := node_modules/.bin/buf
 
-.PHONY: up test install contracts generate bench clean
+.PHONY: up test install contracts generate bench bench-llm clean
 
 up: install
 	$(BIN)/hivemesh up
@@ -46,6 +46,14 @@ generate: install
 bench: install
 	$(BIN)/python bench/artifact_bench.py
 	$(BIN)/python bench/information_bench.py
+
+# The LLM benchmark compares against the LiteLLM proxy, installed apart.
+bench-llm: install .build/litellm-venv/bin/litellm
+	$(BIN)/python bench/llm_bench.py
+
+.build/litellm-venv/bin/litellm:
+	$(PYTHON) -m venv .build/litellm-venv
+	.build/litellm-venv/bin/pip install -q 'litellm[proxy]'
 
 clean:
 	rm -rf $(VENV) node_modules .build
