@@ -11,7 +11,6 @@ import time
 from concurrent import futures
 
 import grpc
-import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from hivemesh.cli.processes import start_service

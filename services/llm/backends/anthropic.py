@@ -45,15 +45,14 @@ after it every failure is STREAM_CUT, and so is a stream that ends without
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import anthropic
 import httpx2
 
+from . import http
 from .base import (
     BackendError, ChatRequest, ChatResult, EmbedResult, ErrorKind, StreamDelta, StreamEvent,
     StreamFinish, ToolCall, ToolCallDelta, Usage, estimate_prompt_tokens, estimate_tokens)
@@ -104,7 +103,7 @@ class AnthropicBackend:
                  default_headers: dict[str, str] | None = None,
                  max_connections: int = 100) -> None:
         self.name = name
-        self._secrets = _secrets(api_key, default_headers)
+        self._secrets = http.secrets(api_key, default_headers)
         http_client = anthropic.DefaultAsyncHttpxClient(limits=httpx2.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections))
         self._client = anthropic.AsyncAnthropic(
@@ -282,7 +281,7 @@ class AnthropicBackend:
         text = f"{self.name}: upstream error {label}".rstrip()
         if message:
             text += f": {self._redact(message)}"
-        return BackendError(kind, text, status=status, retry_after_s=_retry_after(headers))
+        return BackendError(kind, text, status=status, retry_after_s=http.retry_after(headers))
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -389,56 +388,7 @@ def _usage(usage: Any, output_tokens: int | None = None) -> Usage | None:
 
 
 def _error_kind(status: int | None, error_type: str | None, message: str | None) -> ErrorKind:
-    text = " ".join(p for p in (error_type, message) if p).lower()
-    if status == 529 or error_type == "overloaded_error":
-        return ErrorKind.OVERLOADED
-    if (status is None or 400 <= status < 500) and any(p in text for p in _CONTEXT_PATTERNS):
-        return ErrorKind.CONTEXT_TOO_LONG
-    if status is None:
-        return _TYPE_KINDS.get(error_type or "", ErrorKind.UNAVAILABLE)
-    if status == 401:
-        return ErrorKind.AUTHENTICATION
-    if status == 403:
-        return ErrorKind.PERMISSION
-    if status == 404:
-        return ErrorKind.NOT_FOUND
-    if status == 408:
-        return ErrorKind.TIMEOUT
-    if status == 429:
-        return ErrorKind.RATE_LIMITED
-    if status >= 500:
-        return ErrorKind.UNAVAILABLE
-    return ErrorKind.BAD_REQUEST
-
-
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """``retry-after-ms``, else ``retry-after`` in seconds or as an HTTP date."""
-    if not headers:
-        return None
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _secrets(api_key: str, headers: Mapping[str, str] | None) -> tuple[str, ...]:
-    values = [api_key] + [v for k, v in (headers or {}).items()
-                          if any(w in k.lower() for w in ("key", "auth", "token", "secret"))]
-    return tuple(v for v in values if v and len(v) >= 4)
+    return http.error_kind(status, error_type, (message,), _CONTEXT_PATTERNS, _TYPE_KINDS)
 
 
 def _cause(exc: BaseException) -> BaseException | None:

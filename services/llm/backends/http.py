@@ -1,0 +1,61 @@
+"""What the HTTP backends share: HTTP status to error kind, Retry-After
+parsing, and which values are credentials to redact."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+
+from hivemesh.services.llm.backends.base import ErrorKind
+
+
+def error_kind(status: int | None, error_type: str | None, texts: tuple[str | None, ...],
+               context_patterns: tuple[str, ...],
+               type_kinds: Mapping[str, ErrorKind]) -> ErrorKind:
+    """The kind of an upstream error from its HTTP status, its error type
+    and its message. Errors without an HTTP error status (inside a stream)
+    are classified by their type."""
+    text = " ".join(p for p in (error_type, *texts) if p).lower()
+    if status == 529 or error_type == "overloaded_error":
+        return ErrorKind.OVERLOADED
+    if (status is None or 400 <= status < 500) and any(p in text for p in context_patterns):
+        return ErrorKind.CONTEXT_TOO_LONG
+    if status is None or status < 400:
+        return type_kinds.get(error_type or "", ErrorKind.UNAVAILABLE)
+    by_status = {401: ErrorKind.AUTHENTICATION, 403: ErrorKind.PERMISSION,
+                 404: ErrorKind.NOT_FOUND, 408: ErrorKind.TIMEOUT, 429: ErrorKind.RATE_LIMITED}
+    if status in by_status:
+        return by_status[status]
+    return ErrorKind.UNAVAILABLE if status >= 500 else ErrorKind.BAD_REQUEST
+
+
+def retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """``retry-after-ms``, else ``retry-after`` in seconds or as an HTTP date."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def secrets(api_key: str, headers: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The key and every header value that looks like a credential."""
+    values = [api_key] + [v for k, v in (headers or {}).items()
+                          if any(w in k.lower() for w in ("key", "auth", "token", "secret"))]
+    return tuple(v for v in values if v and len(v) >= 4)
