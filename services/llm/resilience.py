@@ -37,7 +37,9 @@ class CircuitBreaker:
 
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
-    def __init__(self, failure_threshold: int, reset_s: float, clock: Clock = time.monotonic):
+    def __init__(self, failure_threshold: int, reset_s: float, clock: Clock = time.monotonic,
+                 on_change: Callable[[str], None] | None = None):
+        self.on_change = on_change  # called with the new state on every transition
         self.failure_threshold = failure_threshold
         self.reset_s = reset_s
         self.clock = clock
@@ -51,6 +53,8 @@ class CircuitBreaker:
         if state != self.state:
             self.transitions.append(f"{self.state}->{state}")
             self.state = state
+            if self.on_change is not None:
+                self.on_change(state)
 
     def allow(self) -> bool:
         if self.state == self.OPEN and self.clock() - self.opened_at >= self.reset_s:

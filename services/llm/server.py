@@ -3,6 +3,11 @@ settings; only the CLI reads them from the environment."""
 
 from __future__ import annotations
 
+import asyncio
+
+from grpc_health.v1 import health_pb2
+from opentelemetry import metrics
+
 from hivemesh.llm.v1 import add_LlmServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
 from hivemesh.services.llm.backends.base import LlmBackend
@@ -51,13 +56,46 @@ def build_router(settings: LlmSettings, backends: Backends) -> Router:
     return Router(settings.models, states)
 
 
+def backend_health_name(backend: str) -> str:
+    """The grpc.health.v1 service name that reports one backend's breaker:
+    SERVING while closed or half-open, NOT_SERVING while open."""
+    return f"{SERVICE_NAME}/backend/{backend}"
+
+
+def _watch_breakers(router: Router, running: RunningServer) -> None:
+    """Breaker states in health (per backend) and in OpenTelemetry metrics."""
+    codes = {CircuitBreaker.CLOSED: 0, CircuitBreaker.HALF_OPEN: 1, CircuitBreaker.OPEN: 2}
+    for name, state in router.backends.items():
+        def report(new_state: str, name: str = name) -> None:
+            status = (health_pb2.HealthCheckResponse.NOT_SERVING
+                      if new_state == CircuitBreaker.OPEN
+                      else health_pb2.HealthCheckResponse.SERVING)
+            asyncio.get_running_loop().create_task(
+                running.health.set(backend_health_name(name), status))
+
+        state.breaker.on_change = report
+
+    def observe(_options):
+        return [metrics.Observation(codes[s.breaker.state], {"hivemesh.backend": n})
+                for n, s in router.backends.items()]
+
+    metrics.get_meter("hivemesh.llm").create_observable_gauge(
+        "hivemesh.llm.breaker.state", callbacks=[observe],
+        description="Circuit breaker per backend: 0 closed, 1 half-open, 2 open")
+
+
 async def create_server(settings: LlmSettings, backends: Backends
                         ) -> tuple[RunningServer, int]:
-    servicer = LlmServicer(build_router(settings, backends),
+    router = build_router(settings, backends)
+    servicer = LlmServicer(router,
                            default_deadline_s=settings.default_deadline_s,
                            cache=TtlLru(settings.cache_size, settings.cache_ttl_s),
                            idempotency=Idempotency(settings.idempotency_size,
                                                    settings.idempotency_ttl_s))
     running = await start_server(settings.server, domain=DOMAIN, services=[
         ServiceBinding(SERVICE_NAME, add_LlmServiceServicer_to_server, servicer)])
+    for name in router.backends:
+        await running.health.set(backend_health_name(name),
+                                 health_pb2.HealthCheckResponse.SERVING)
+    _watch_breakers(router, running)
     return running, running.port

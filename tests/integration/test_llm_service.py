@@ -12,6 +12,8 @@ import uuid
 import grpc
 import pytest
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from hivemesh.client import from_rpc_error
 from hivemesh.client.errors import (
     AlreadyExistsError, InvalidArgumentError, NotFoundError, OutOfRangeError,
@@ -50,8 +52,10 @@ async def serve(s: LlmSettings):
     backends = Backends(s)
     running, port = await create_server(s, backends)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = LlmServiceStub(channel)
+    stub.health = health_pb2_grpc.HealthStub(channel)
     try:
-        yield LlmServiceStub(channel), backends.by_name
+        yield stub, backends.by_name
     finally:
         await channel.close()
         await running.shutdown(0)
@@ -125,6 +129,13 @@ async def test_exhausted_backend_falls_back_down_the_chain(llm):
     assert len(backends["primary"].calls) == 3 and len(backends["secondary"].calls) == 1
 
 
+async def backend_health(stub, backend: str) -> int:
+    from hivemesh.services.llm.server import backend_health_name
+    await asyncio.sleep(0.01)  # the health update is scheduled on the loop
+    return (await stub.health.Check(health_pb2.HealthCheckRequest(
+        service=backend_health_name(backend)), timeout=5)).status
+
+
 async def test_breaker_opens_skips_to_fallback_then_probes_and_closes():
     async with serve(settings(breaker_failure_threshold=2, breaker_reset_s=0.3,
                               max_attempts=1)) as (stub, backends):
@@ -133,9 +144,11 @@ async def test_breaker_opens_skips_to_fallback_then_probes_and_closes():
         for _ in range(2):
             assert (await call(stub.Generate, gen())).backend == "secondary"
         assert len(primary.calls) == 2
-        # Open: the primary is not even tried.
+        # Open: the primary is not even tried, and its health says so.
         assert (await call(stub.Generate, gen())).backend == "secondary"
         assert len(primary.calls) == 2
+        assert await backend_health(stub, "primary") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await backend_health(stub, "secondary") == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(UnavailableError) as err:
             await call(stub.Generate, gen(model="solo"))
         assert err.value.reason == "CIRCUIT_OPEN"
@@ -144,6 +157,7 @@ async def test_breaker_opens_skips_to_fallback_then_probes_and_closes():
         assert (await call(stub.Generate, gen())).backend == "primary"
         assert (await call(stub.Generate, gen())).backend == "primary"
         assert len(primary.calls) == 4
+        assert await backend_health(stub, "primary") == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_rate_limit_refuses_before_any_upstream_call():
