@@ -92,10 +92,9 @@ _TYPE_KINDS = {
     "api_error": ErrorKind.UNAVAILABLE,
 }
 
-_MAX_MESSAGE_CHARS = 500
 
 
-class AnthropicBackend:
+class AnthropicBackend(http.UpstreamErrors):
     """Anthropic's Messages API (``base_url`` None: api.anthropic.com, or
     ``ANTHROPIC_BASE_URL``)."""
 
@@ -241,14 +240,6 @@ class AnthropicBackend:
 
     # -- errors -------------------------------------------------------------
 
-    def _stream_error(self, exc: BaseException, timeout_s: float, yielded: bool) -> BackendError:
-        error = self._map_error(exc, timeout_s)
-        if not yielded or error.kind is ErrorKind.STREAM_CUT:
-            return error
-        return BackendError(ErrorKind.STREAM_CUT,
-                            f"{self.name}: the stream broke after it started ({error.message})",
-                            status=error.status, retry_after_s=error.retry_after_s)
-
     def _map_error(self, exc: BaseException, timeout_s: float) -> BackendError:
         if isinstance(exc, BackendError):
             return exc
@@ -283,10 +274,6 @@ class AnthropicBackend:
             text += f": {self._redact(message)}"
         return BackendError(kind, text, status=status, retry_after_s=http.retry_after(headers))
 
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text[:_MAX_MESSAGE_CHARS]
 
 
 # -- request mapping --------------------------------------------------------

@@ -7,7 +7,9 @@ import email.utils
 import time
 from collections.abc import Mapping
 
-from hivemesh.services.llm.backends.base import ErrorKind
+from hivemesh.services.llm.backends.base import BackendError, ErrorKind
+
+MAX_MESSAGE_CHARS = 500
 
 
 def error_kind(status: int | None, error_type: str | None, texts: tuple[str | None, ...],
@@ -59,3 +61,28 @@ def secrets(api_key: str, headers: Mapping[str, str] | None) -> tuple[str, ...]:
     values = [api_key] + [v for k, v in (headers or {}).items()
                           if any(w in k.lower() for w in ("key", "auth", "token", "secret"))]
     return tuple(v for v in values if v and len(v) >= 4)
+
+
+class UpstreamErrors:
+    """Mixin of the HTTP backends: redaction and stream-error wrapping.
+    Subclasses set ``name`` and ``_secrets`` and implement ``_map_error``."""
+
+    name: str
+    _secrets: tuple[str, ...]
+
+    def _map_error(self, exc: BaseException, timeout_s: float) -> BackendError:
+        raise NotImplementedError
+
+    def _stream_error(self, exc: BaseException, timeout_s: float, yielded: bool) -> BackendError:
+        """After the first event, every failure is a cut stream."""
+        error = self._map_error(exc, timeout_s)
+        if not yielded or error.kind is ErrorKind.STREAM_CUT:
+            return error
+        return BackendError(ErrorKind.STREAM_CUT,
+                            f"{self.name}: the stream broke after it started ({error.message})",
+                            status=error.status, retry_after_s=error.retry_after_s)
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text[:MAX_MESSAGE_CHARS]
