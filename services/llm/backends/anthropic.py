@@ -93,7 +93,6 @@ _TYPE_KINDS = {
 }
 
 
-
 class AnthropicBackend(http.UpstreamErrors):
     """Anthropic's Messages API (``base_url`` None: api.anthropic.com, or
     ``ANTHROPIC_BASE_URL``)."""
@@ -273,7 +272,6 @@ class AnthropicBackend(http.UpstreamErrors):
         if message:
             text += f": {self._redact(message)}"
         return BackendError(kind, text, status=status, retry_after_s=http.retry_after(headers))
-
 
 
 # -- request mapping --------------------------------------------------------

@@ -69,7 +69,6 @@ _TYPE_KINDS = {
 }
 
 
-
 class OpenAIBackend(http.UpstreamErrors):
     """OpenAI's chat completions and embeddings, or any server that speaks them.
 
@@ -261,7 +260,6 @@ class OpenAIBackend(http.UpstreamErrors):
         if message:
             text += f": {self._redact(message)}"
         return BackendError(kind, text, status=status, retry_after_s=http.retry_after(headers))
-
 
 
 # -- request mapping --------------------------------------------------------
