@@ -14,7 +14,7 @@ from hivemesh.artifact.v1 import (
     Artifact, ArtifactServiceServicer, CountArtifactsResponse, DeleteArtifactResponse,
     GetArtifactResponse, ListArtifactsResponse, SaveArtifactResponse)
 from hivemesh.common.v1 import ErrorReason
-from hivemesh.runtime import errors
+from hivemesh.runtime import errors, paging
 from hivemesh.services.artifact.backends.base import (
     ArtifactBackend, ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
     ReplayedArtifactGone)
@@ -85,10 +85,7 @@ class ArtifactServicer(ArtifactServiceServicer):
         try:
             stored, replayed = await self.backend.save(record, request.request_id, fingerprint)
         except IdempotencyConflict:
-            raise errors.ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_IDEMPOTENCY_CONFLICT,
-                "request_id was already used for a different artifact",
-                {"request_id": request.request_id}) from None
+            raise errors.idempotency_conflict(request.request_id, "artifact") from None
         except ReplayedArtifactGone as exc:
             raise errors.ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_NOT_FOUND,
@@ -109,12 +106,13 @@ class ArtifactServicer(ArtifactServiceServicer):
 
     async def ListArtifacts(self, request, context):
         flt = _filter(request.filter)
+        filters = paging.digest(flt.items())
         after = None
         if request.page_token:
-            try:
-                after = Cursor.decode(request.page_token, flt)
-            except ValueError as exc:
-                raise errors.invalid_argument([("page_token", str(exc))]) from None
+            key = paging.decode(request.page_token, filters)
+            if len(key) != 2 or not isinstance(key[0], int) or not isinstance(key[1], str):
+                raise errors.invalid_argument([("page_token", "page_token is malformed")])
+            after = Cursor(*key)
         size = request.page_size or self.default_page_size
         try:
             # One extra row tells whether another page exists.
@@ -124,7 +122,8 @@ class ArtifactServicer(ArtifactServiceServicer):
         response = ListArtifactsResponse(artifacts=[to_proto(r) for r in rows[:size]])
         if len(rows) > size:
             last = rows[size - 1]
-            response.next_page_token = Cursor(last.create_time_us, last.artifact_id).encode(flt)
+            response.next_page_token = paging.encode([last.create_time_us, last.artifact_id],
+                                                     filters)
         return response
 
     async def DeleteArtifact(self, request, context):

@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from google.protobuf import duration_pb2, timestamp_pb2
 from opentelemetry import metrics
 
 from hivemesh.information.v1 import MetricsAggregate
+from hivemesh.runtime.wellknown import duration_us, timestamp
 from hivemesh.services.information.store.base import CallRecord
 
 _DIMENSIONS = {1: "tenant_id", 2: "workflow_id", 3: "agent_id", 4: "model", 5: "backend"}
@@ -48,18 +48,6 @@ def _percentile(sorted_us: list[int], q: float) -> int:
     return sorted_us[index]
 
 
-def _duration(us: int) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromMicroseconds(us)
-    return d
-
-
-def _timestamp(us: int) -> timestamp_pb2.Timestamp:
-    t = timestamp_pb2.Timestamp()
-    t.FromMicroseconds(us)
-    return t
-
-
 def aggregate(calls: Iterable[CallRecord], *, scope, model: str, backend: str,
               group_by: list[int], start_us: int, end_us: int, bucket_us: int,
               currency: str) -> list[MetricsAggregate]:
@@ -87,13 +75,13 @@ def aggregate(calls: Iterable[CallRecord], *, scope, model: str, backend: str,
         latencies = sorted(c.latency_us for c in members)
         errors = sum(not c.success for c in members)
         agg = MetricsAggregate(
-            start_time=_timestamp(bucket),
-            end_time=_timestamp(min(end_us, bucket + bucket_us) if bucket_us else end_us),
+            start_time=timestamp(bucket),
+            end_time=timestamp(min(end_us, bucket + bucket_us) if bucket_us else end_us),
             request_count=len(members), error_count=errors, error_rate=errors / len(members),
             cached_count=sum(c.cached for c in members),
-            latency_p50=_duration(_percentile(latencies, 0.50)),
-            latency_p95=_duration(_percentile(latencies, 0.95)),
-            latency_p99=_duration(_percentile(latencies, 0.99)),
+            latency_p50=duration_us(_percentile(latencies, 0.50)),
+            latency_p95=duration_us(_percentile(latencies, 0.95)),
+            latency_p99=duration_us(_percentile(latencies, 0.99)),
             prompt_tokens=sum(c.prompt_tokens for c in members),
             completion_tokens=sum(c.completion_tokens for c in members),
             total_tokens=sum(c.total_tokens for c in members),

@@ -9,17 +9,14 @@ Redis, stay exact.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable
 
 import grpc
-from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 
 from hivemesh.common.v1 import ErrorReason, StreamEnd, StreamOutcome
@@ -29,7 +26,8 @@ from hivemesh.information.v1 import (
     InformationServiceServicer, ListBudgetsResponse, ListModelPricesResponse, ModelPrice,
     ReleaseResponse, ReserveResponse, Scope, SetModelPriceResponse, TrackCompletionResponse,
     UpdateBudgetResponse, WatchAlertsResponse)
-from hivemesh.runtime import errors
+from hivemesh.runtime import errors, paging
+from hivemesh.runtime.wellknown import timestamp
 from hivemesh.services.information.metrics import CallMetrics, aggregate
 from hivemesh.services.information.pricing import PricePolicy, cost_micros, period_bounds
 from hivemesh.services.information.store.base import (
@@ -49,18 +47,6 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _ts(us: int | None) -> timestamp_pb2.Timestamp | None:
-    if us is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMicroseconds(us)
-    return ts
-
-
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _request_fingerprint(kind: str, request) -> str:
     """Identifies a request (request_id included): a retry matches it, a
     different request under the same request_id does not."""
@@ -76,7 +62,7 @@ def budget_to_proto(b: BudgetRecord) -> Budget:
     msg = Budget(budget_id=b.budget_id, display_name=b.display_name,
                  scope=_scope(b.tenant_id, b.workflow_id, b.agent_id), currency=b.currency,
                  period=b.period, alert_thresholds_percent=list(b.thresholds), mode=b.mode,
-                 create_time=_ts(b.create_time_us), update_time=_ts(b.update_time_us))
+                 create_time=timestamp(b.create_time_us), update_time=timestamp(b.update_time_us))
     if b.limit_micros is not None:
         msg.limit_micros = b.limit_micros
     if b.limit_tokens is not None:
@@ -88,7 +74,7 @@ def alert_to_proto(a: AlertRecord, budget: BudgetRecord | None, currency: str) -
     msg = Alert(alert_id=a.alert_id, budget_id=a.budget_id,
                 threshold_percent=a.threshold_percent, limit_kind=a.limit_kind,
                 spent_micros=a.spent_micros, spent_tokens=a.spent_tokens, currency=currency,
-                period_start=_ts(a.period_start_us), create_time=_ts(a.create_time_us),
+                period_start=timestamp(a.period_start_us), create_time=timestamp(a.create_time_us),
                 request_id=a.request_id)
     if budget is not None:
         msg.scope.CopyFrom(_scope(budget.tenant_id, budget.workflow_id, budget.agent_id))
@@ -103,21 +89,6 @@ def _hold(budget: BudgetRecord, now: int) -> Hold:
     start, _ = period_bounds(budget.period, now)
     return Hold(budget.budget_id, start, budget.limit_micros, budget.limit_tokens,
                 budget.mode, budget.thresholds)
-
-
-def _page_token(key: list, digest: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([key, digest]).encode()).decode()
-
-
-def _read_token(token: str, digest: str) -> list:
-    try:
-        key, seen = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, TypeError):
-        raise errors.invalid_argument([("page_token", "page_token is malformed")]) from None
-    if seen != digest:
-        raise errors.invalid_argument(
-            [("page_token", "page_token was issued for a different request")])
-    return key
 
 
 _CONFIG_RETRIES = 5
@@ -203,7 +174,7 @@ class InformationServicer(InformationServiceServicer):
             stored, replayed = await self.store.create_budget(record, request.request_id,
                                                               fingerprint)
         except IdempotencyConflict:
-            raise _conflict(request.request_id) from None
+            raise errors.idempotency_conflict(request.request_id) from None
         except KeyError:
             raise errors.ServiceError(
                 grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_ALREADY_EXISTS,
@@ -221,13 +192,13 @@ class InformationServicer(InformationServiceServicer):
 
     async def ListBudgets(self, request, context):
         scope = (request.scope.tenant_id, request.scope.workflow_id, request.scope.agent_id)
-        digest = _fingerprint("budgets", scope)
-        after = _read_token(request.page_token, digest)[0] if request.page_token else ""
+        digest = paging.digest("budgets", scope)
+        after = paging.decode(request.page_token, digest)[0] if request.page_token else ""
         size = request.page_size or 50
         rows = await self.store.list_budgets(scope, size + 1, after)
         response = ListBudgetsResponse(budgets=[budget_to_proto(b) for b in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = _page_token([rows[size - 1].budget_id], digest)
+            response.next_page_token = paging.encode([rows[size - 1].budget_id], digest)
         return response
 
     async def UpdateBudget(self, request, context):
@@ -272,14 +243,14 @@ class InformationServicer(InformationServiceServicer):
         return SetModelPriceResponse(price=_price_to_proto(record), replaced=replaced)
 
     async def ListModelPrices(self, request, context):
-        digest = _fingerprint("prices", request.model)
-        after = tuple(_read_token(request.page_token, digest)) if request.page_token else None
+        digest = paging.digest("prices", request.model)
+        after = tuple(paging.decode(request.page_token, digest)) if request.page_token else None
         size = request.page_size or 100
         rows = await self.store.list_prices(request.model, size + 1, after)
         response = ListModelPricesResponse(prices=[_price_to_proto(p) for p in rows[:size]])
         if len(rows) > size:
             last = rows[size - 1]
-            response.next_page_token = _page_token([last.model, last.backend], digest)
+            response.next_page_token = paging.encode([last.model, last.backend], digest)
         return response
 
     async def _price(self, model: str, backend: str) -> tuple[PriceRecord | None, bool]:
@@ -345,12 +316,12 @@ class InformationServicer(InformationServiceServicer):
         try:
             result, budgets, micros, unpriced = await self._with_config(attempt)
         except IdempotencyConflict:
-            raise _conflict(request.request_id) from None
+            raise errors.idempotency_conflict(request.request_id) from None
         except BudgetExceeded as exc:
             raise _budget_exceeded(exc) from None
         return ReserveResponse(
             reservation_id=result.reservation_id, reserved_micros=micros, reserved_tokens=tokens,
-            currency=self.currency, expire_time=_ts(result.expire_time_us),
+            currency=self.currency, expire_time=timestamp(result.expire_time_us),
             budgets=[_status(b, c, now, self.currency)
                      for b, c in zip(budgets, result.counters, strict=False)],
             over_limit_budget_ids=list(result.over_soft_limit), unpriced=unpriced,
@@ -384,7 +355,7 @@ class InformationServicer(InformationServiceServicer):
         try:
             result, call, unpriced = await self._with_config(attempt)
         except IdempotencyConflict:
-            raise _conflict(request.request_id) from None
+            raise errors.idempotency_conflict(request.request_id) from None
         except ReservationNotFound:
             raise errors.not_found("reservation", reservation_id) from None
         except ReservationSettled:
@@ -476,7 +447,7 @@ class InformationServicer(InformationServiceServicer):
             since_us, seq = request.since.ToMicroseconds(), 0
         else:
             since_us, seq = 0, await self.store.last_alert_seq()
-        yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=_ts(now_us())))
+        yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))
         budgets: dict[str, BudgetRecord | None] = {}
         while not self._closing.is_set():
             for alert in await self.store.alerts_after(seq):
@@ -513,12 +484,12 @@ def _status(b: BudgetRecord, c, now: int, currency: str) -> BudgetStatus:
     start, end = period_bounds(b.period, now)
     msg = BudgetStatus(budget_id=b.budget_id, scope=_scope(b.tenant_id, b.workflow_id,
                                                            b.agent_id),
-                       mode=b.mode, currency=currency, period_start=_ts(start),
+                       mode=b.mode, currency=currency, period_start=timestamp(start),
                        spent_micros=c.spent_micros, reserved_micros=c.reserved_micros,
                        spent_tokens=c.spent_tokens, reserved_tokens=c.reserved_tokens,
                        thresholds_crossed=list(c.fired))
     if end is not None:
-        msg.period_end.CopyFrom(_ts(end))
+        msg.period_end.CopyFrom(timestamp(end))
     percents = []
     exhausted = False
     if b.limit_micros is not None:
@@ -541,13 +512,7 @@ def _price_to_proto(p: PriceRecord) -> ModelPrice:
                       input_micros_per_million=p.input_micros_per_million,
                       output_micros_per_million=p.output_micros_per_million,
                       cached_input_micros_per_million=p.cached_input_micros_per_million,
-                      currency=p.currency, update_time=_ts(p.update_time_us))
-
-
-def _conflict(request_id: str) -> errors.ServiceError:
-    return errors.ServiceError(
-        grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_IDEMPOTENCY_CONFLICT,
-        "request_id was already used for a different request", {"request_id": request_id})
+                      currency=p.currency, update_time=timestamp(p.update_time_us))
 
 
 def _budget_exceeded(exc: BudgetExceeded) -> errors.ServiceError:

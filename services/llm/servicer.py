@@ -10,7 +10,7 @@ import json
 import time
 
 import grpc
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import json_format
 
 from hivemesh.common.v1 import ErrorReason, StreamEnd, StreamOutcome, Usage
 from hivemesh.llm.v1 import (
@@ -18,7 +18,8 @@ from hivemesh.llm.v1 import (
     ListModelsResponse, LlmServiceServicer, Message, Model, StreamGenerateResponse,
     StreamSummary, ToolCallDelta)
 from hivemesh.llm.v1 import ToolCall as ToolCallMsg
-from hivemesh.runtime import errors
+from hivemesh.runtime import errors, paging
+from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.llm.backends.base import (
     BackendError, ChatMessage, ChatRequest, ChatResult, ErrorKind, StreamDelta, StreamFinish,
     ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
@@ -36,12 +37,6 @@ _FINISH = {"stop": 1, "length": 2, "tool_calls": 3, "content_filter": 4, "error"
 _TOOL_CHOICE = {1: "auto", 2: "none", 3: "required"}
 _FORMATS = {1: "text", 2: "json_object", 3: "json_schema"}
 _CACHE_BYPASS, _CACHE_ALLOW_SAMPLED = 2, 3
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
 
 
 def chat_request(request) -> ChatRequest:
@@ -186,10 +181,7 @@ class LlmServicer(LlmServiceServicer):
         try:
             replay, result = await self.idempotency.begin(request.request_id, fingerprint)
         except KeyError:
-            raise errors.ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_IDEMPOTENCY_CONFLICT,
-                "request_id was already used for a different request",
-                {"request_id": request.request_id}) from None
+            raise errors.idempotency_conflict(request.request_id) from None
         if replay:
             return result, True
         try:
@@ -216,7 +208,7 @@ class LlmServicer(LlmServiceServicer):
                     response = GenerateResponse()
                     response.CopyFrom(hit)
                     response.cached = True
-                    response.latency.CopyFrom(_duration(time.monotonic() - started))
+                    response.latency.CopyFrom(duration_s(time.monotonic() - started))
                     return response
             try:
                 result, route = await self.router.generate(chat, chain, self._deadline(context))
@@ -242,7 +234,7 @@ class LlmServicer(LlmServiceServicer):
                          result.usage.cached_prompt_tokens),
             finish_reason=_FINISH.get(result.finish_reason, 1), model=route.alias,
             backend=route.backend, upstream_model=result.upstream_model or route.upstream_model,
-            latency=_duration(time.monotonic() - started), attempts=route.attempts,
+            latency=duration_s(time.monotonic() - started), attempts=route.attempts,
             fallback_used=route.fallback_used)
 
     async def StreamGenerate(self, request, context):
@@ -295,8 +287,8 @@ class LlmServicer(LlmServiceServicer):
         summary = StreamSummary(
             model=route.alias, backend=route.backend,
             upstream_model=(finish.upstream_model if finish else "") or route.upstream_model,
-            latency=_duration(time.monotonic() - started),
-            time_to_first_token=_duration(first_token_at - started), attempts=route.attempts,
+            latency=duration_s(time.monotonic() - started),
+            time_to_first_token=duration_s(first_token_at - started), attempts=route.attempts,
             fallback_used=route.fallback_used, delivered_chunks=delivered,
             delivered_completion_tokens=estimate_tokens(content),
             message=_message(content, tool_calls))
@@ -328,11 +320,10 @@ class LlmServicer(LlmServiceServicer):
                   if request.kind == 0 or request.kind == (1 if m.kind == "chat" else 2)]
         models.sort(key=lambda m: m.alias)
         start = 0
+        digest = paging.digest("models", request.kind)
         if request.page_token:
-            aliases = [m.alias for m in models]
-            if request.page_token not in aliases:
-                raise errors.invalid_argument([("page_token", "page_token is malformed")])
-            start = aliases.index(request.page_token) + 1
+            after = paging.decode(request.page_token, digest)[0]
+            start = next((i + 1 for i, m in enumerate(models) if m.alias == after), len(models))
         size = request.page_size or 100
         page = models[start:start + size]
         response = ListModelsResponse(models=[Model(
@@ -344,7 +335,7 @@ class LlmServicer(LlmServiceServicer):
             is_default=m.alias in (self.router.default_chat, self.router.default_embedding),
             description=m.description) for m in page])
         if start + size < len(models):
-            response.next_page_token = page[-1].alias
+            response.next_page_token = paging.encode([page[-1].alias], digest)
         return response
 
     async def Embed(self, request, context):
@@ -364,7 +355,7 @@ class LlmServicer(LlmServiceServicer):
                 model=route.alias, backend=route.backend,
                 upstream_model=result.upstream_model or route.upstream_model, dimensions=dims,
                 usage=_usage(result.usage.prompt_tokens, 0),
-                latency=_duration(time.monotonic() - started))
+                latency=duration_s(time.monotonic() - started))
 
         response, replayed = await self._once(request, run)
         if replayed:

@@ -86,6 +86,14 @@ def unavailable(what: str, cause: str, retry_after_s: float | None = None) -> Se
                         f"{what} is unavailable: {cause}", {"backend": what}, details)
 
 
+def idempotency_conflict(request_id: str, what: str = "request") -> ServiceError:
+    """A request_id reused with a different request (AIP-155)."""
+    return ServiceError(grpc.StatusCode.ALREADY_EXISTS,
+                        ErrorReason.ERROR_REASON_IDEMPOTENCY_CONFLICT,
+                        f"request_id was already used for a different {what}",
+                        {"request_id": request_id})
+
+
 def internal() -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, ErrorReason.ERROR_REASON_INTERNAL,
                         "internal error; see the service log for this trace id")

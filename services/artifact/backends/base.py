@@ -4,9 +4,6 @@ below and the servicer maps them to status codes."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,9 +38,6 @@ class Filter:
     def matches(self, record: ArtifactRecord) -> bool:
         return all(getattr(record, k) == v for k, v in self.items())
 
-    def digest(self) -> str:
-        return hashlib.sha256(repr(self.items()).encode()).hexdigest()[:16]
-
 
 @dataclass(frozen=True, slots=True)
 class Cursor:
@@ -51,25 +45,6 @@ class Cursor:
 
     create_time_us: int
     artifact_id: str
-
-    def encode(self, flt: Filter) -> str:
-        raw = json.dumps([self.create_time_us, self.artifact_id, flt.digest()]).encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, token: str, flt: Filter) -> Cursor:
-        """Raises ValueError for a token that is malformed or was made for
-        another filter."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            t, aid, digest = json.loads(raw)
-            if not isinstance(t, int) or not isinstance(aid, str):
-                raise ValueError("bad token")
-        except (ValueError, TypeError) as exc:
-            raise ValueError("page_token is malformed") from exc
-        if digest != flt.digest():
-            raise ValueError("page_token was issued for a different filter")
-        return cls(t, aid)
 
 
 class IdempotencyConflict(Exception):

@@ -1,0 +1,37 @@
+"""Page tokens: an opaque encoding of the last key of a page together with a
+digest of the request's filters, so a token only works with the request it
+was issued for (AIP-158)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+from hivemesh.runtime import errors
+
+
+def digest(*filters: object) -> str:
+    """A short digest of what a listing was filtered by."""
+    return hashlib.sha256(json.dumps(filters, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:16]
+
+
+def encode(key: list, filters_digest: str) -> str:
+    raw = json.dumps([key, filters_digest]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(token: str, filters_digest: str) -> list:
+    """The key of a token; INVALID_ARGUMENT on ``page_token`` if the token is
+    malformed or was issued for other filters."""
+    try:
+        key, seen = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if not isinstance(key, list):
+            raise ValueError("bad token")
+    except (ValueError, TypeError):
+        raise errors.invalid_argument([("page_token", "page_token is malformed")]) from None
+    if seen != filters_digest:
+        raise errors.invalid_argument(
+            [("page_token", "page_token was issued for a different request")])
+    return key
