@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -146,13 +146,6 @@ class EmbedResult:
     vectors: list[list[float]]
     usage: Usage
     upstream_model: str
-
-
-@dataclass
-class BackendInfo:
-    name: str
-    type: str  # "mock", "openai", "anthropic", "openai_compatible"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LlmBackend(Protocol):
