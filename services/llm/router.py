@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from hivemesh.services.llm.backends.base import (
     BackendError, ChatRequest, ChatResult, EmbedResult, ErrorKind, LlmBackend, StreamEvent,
     StreamFinish, estimate_prompt_tokens)
-from hivemesh.services.llm.resilience import Backoff, CircuitBreaker, RateLimiter
+from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter
 from hivemesh.services.llm.settings import BackendSettings, ModelSettings
 
 # Failures that say the backend is unhealthy (they count for its breaker).

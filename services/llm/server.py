@@ -11,7 +11,7 @@ from opentelemetry import metrics
 from hivemesh.llm.v1 import add_LlmServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
 from hivemesh.services.llm.backends.base import LlmBackend
-from hivemesh.services.llm.resilience import Backoff, CircuitBreaker, Idempotency, RateLimiter, TtlLru
+from hivemesh.runtime.resilience import Backoff, CircuitBreaker, Idempotency, RateLimiter, TtlLru
 from hivemesh.services.llm.router import BackendState, Router
 from hivemesh.services.llm.servicer import DOMAIN, SERVICE_NAME, LlmServicer
 from hivemesh.services.llm.settings import BackendSettings, LlmSettings

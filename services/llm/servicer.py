@@ -24,7 +24,7 @@ from hivemesh.services.llm.backends.base import (
     BackendError, ChatMessage, ChatRequest, ChatResult, ErrorKind, StreamDelta, StreamFinish,
     ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
 from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
-from hivemesh.services.llm.resilience import Idempotency, TtlLru
+from hivemesh.runtime.resilience import Idempotency, TtlLru
 from hivemesh.services.llm.router import Route, RouteError, Router
 from hivemesh.services.llm.settings import ModelSettings
 

@@ -1,6 +1,6 @@
 """Retry backoff, circuit breaker, rate limiter, response cache and
-idempotency store of the LLM service: small values, one job each, with the
-clock injectable so tests can drive time."""
+idempotency store shared by the services and the orchestrator: small values,
+one job each, with the clock injectable so tests can drive time."""
 
 from __future__ import annotations
 
