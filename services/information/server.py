@@ -11,7 +11,8 @@ from hivemesh.information.v1 import add_InformationServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
 from hivemesh.services.information.pricing import PricePolicy
 from hivemesh.services.information.servicer import (
-    DOMAIN, SERVICE_NAME, InformationServicer, now_us)
+    DOMAIN, SERVICE_NAME, InformationServicer)
+from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.information.settings import InformationSettings, PriceSettings
 from hivemesh.services.information.store.base import InformationStore, PriceRecord
 

@@ -27,7 +27,7 @@ from hivemesh.information.v1 import (
     ReleaseResponse, ReserveResponse, Scope, SetModelPriceResponse, TrackCompletionResponse,
     UpdateBudgetResponse, WatchAlertsResponse)
 from hivemesh.runtime import errors, paging
-from hivemesh.runtime.wellknown import timestamp
+from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.information.metrics import CallMetrics, aggregate
 from hivemesh.services.information.pricing import PricePolicy, cost_micros, period_bounds
 from hivemesh.services.information.store.base import (
@@ -41,10 +41,6 @@ DOMAIN = "hivemesh.information"
 SERVICE_NAME = "hivemesh.information.v1.InformationService"
 _UPDATABLE = {"display_name", "limit_micros", "limit_tokens", "alert_thresholds_percent",
               "mode"}
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def _request_fingerprint(kind: str, request) -> str:

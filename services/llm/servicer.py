@@ -24,7 +24,7 @@ from hivemesh.services.llm.backends.base import (
     BackendError, ChatMessage, ChatRequest, ChatResult, ErrorKind, StreamDelta, StreamFinish,
     ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
 from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
-from hivemesh.runtime.resilience import Idempotency, TtlLru
+from hivemesh.runtime.resilience import Idempotency, TtlLru, fingerprint
 from hivemesh.services.llm.router import Route, RouteError, Router
 from hivemesh.services.llm.settings import ModelSettings
 
@@ -87,14 +87,6 @@ def _cacheable(request, chat: ChatRequest) -> bool:
     if request.cache_policy == _CACHE_ALLOW_SAMPLED:
         return True
     return chat.temperature == 0.0
-
-
-def _fingerprint(request) -> str:
-    probe = type(request)()
-    probe.CopyFrom(request)
-    probe.request_id = ""
-    probe.ClearField("context")
-    return hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _message(content: str, calls) -> Message:
@@ -177,9 +169,9 @@ class LlmServicer(LlmServiceServicer):
 
     async def _once(self, request, run):
         """Run ``run()`` at most once per request_id (replay afterwards)."""
-        fingerprint = _fingerprint(request)
+        key = fingerprint(request, ignore=("request_id", "context"))
         try:
-            replay, result = await self.idempotency.begin(request.request_id, fingerprint)
+            replay, result = await self.idempotency.begin(request.request_id, key)
         except KeyError:
             raise errors.idempotency_conflict(request.request_id) from None
         if replay:
@@ -189,7 +181,7 @@ class LlmServicer(LlmServiceServicer):
         except BaseException:
             self.idempotency.fail(request.request_id)
             raise
-        self.idempotency.finish(request.request_id, fingerprint, result)
+        self.idempotency.finish(request.request_id, key, result)
         return result, False
 
     async def Generate(self, request, context):

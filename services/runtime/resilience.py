@@ -5,6 +5,7 @@ one job each, with the clock injectable so tests can drive time."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections import OrderedDict
@@ -168,6 +169,16 @@ class TtlLru:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def fingerprint(request, *, ignore: tuple[str, ...] = ("request_id",)) -> str:
+    """Identifies what a request asks for, leaving out ``ignore`` fields:
+    a retry matches, a different request under the same request_id not."""
+    probe = type(request)()
+    probe.CopyFrom(request)
+    for name in ignore:
+        probe.ClearField(name)
+    return hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest()
 
 
 class Idempotency:

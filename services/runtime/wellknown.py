@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf import duration_pb2, timestamp_pb2
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
 
 
 def timestamp(us: int | None) -> timestamp_pb2.Timestamp | None:
