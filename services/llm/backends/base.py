@@ -14,6 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# Re-exported: the backends import it from here.
+from hivemesh.runtime.text import estimate_tokens as estimate_tokens
+
 
 class ErrorKind(enum.Enum):
     BAD_REQUEST = "bad_request"          # 400: the request itself is wrong
@@ -167,11 +170,6 @@ class LlmBackend(Protocol):
                     timeout_s: float) -> EmbedResult: ...
 
     async def close(self) -> None: ...
-
-
-def estimate_tokens(text: str) -> int:
-    """A model-independent estimate: about four characters per token."""
-    return max(1, (len(text) + 3) // 4) if text else 0
 
 
 def estimate_prompt_tokens(messages: tuple[ChatMessage, ...]) -> int:

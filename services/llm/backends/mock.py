@@ -6,13 +6,12 @@ deterministic hashing embeddings."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
 import re
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from hivemesh.runtime.text import hashing_embedding
 from hivemesh.services.llm.backends.base import (
     BackendError, ChatRequest, ChatResult, EmbedResult, ErrorKind, StreamDelta, StreamFinish,
     ToolCall, ToolCallDelta, Usage, estimate_prompt_tokens, estimate_tokens)
@@ -135,19 +134,6 @@ class MockBackend:
 
     async def close(self) -> None:
         return None
-
-
-def hashing_embedding(text: str, dimensions: int) -> list[float]:
-    """Deterministic feature-hashing embedding: words and word bigrams hashed
-    into signed buckets, L2-normalised. Similar texts get similar vectors."""
-    words = re.findall(r"\w+", text.lower())
-    vector = [0.0] * dimensions
-    for feature in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
-        digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
-        bucket = int.from_bytes(digest[:4], "little") % dimensions
-        vector[bucket] += 1.0 if digest[4] & 1 else -1.0
-    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-    return [v / norm for v in vector]
 
 
 def _smart_default(request: ChatRequest) -> str:

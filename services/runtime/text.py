@@ -1,0 +1,29 @@
+"""Model-free text measures shared by services: a token estimate and a
+deterministic hashing embedding (the LLM mock backend embeds with it, and
+the memory service uses it when no embedding model is configured)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+_WORD = re.compile(r"\w+")
+
+
+def estimate_tokens(text: str) -> int:
+    """A model-independent estimate: about four characters per token."""
+    return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def hashing_embedding(text: str, dimensions: int) -> list[float]:
+    """Deterministic feature-hashing embedding: words and word bigrams hashed
+    into signed buckets, L2-normalised. Similar texts get similar vectors."""
+    words = _WORD.findall(text.lower())
+    vector = [0.0] * dimensions
+    for feature in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
+        digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
+        bucket = int.from_bytes(digest[:4], "little") % dimensions
+        vector[bucket] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
