@@ -2,7 +2,7 @@
 
     hivemesh up                      # run the mesh and a demonstration through it
     hivemesh up --keep-running       # ... and keep serving until Ctrl-C
-    hivemesh serve artifact|information|llm [--host H] [--port N] [--data-dir D]
+    hivemesh serve artifact|information|llm|memory [--host H] [--port N] [--data-dir D]
 
 ``serve`` prints ``listening on HOST:PORT`` as its first line on stdout;
 logs are JSON lines on stderr.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-SERVICES = ("artifact", "information", "llm")
+SERVICES = ("artifact", "information", "llm", "memory", "orchestrator")
 
 
 def _service(name: str):
@@ -30,6 +30,14 @@ def _service(name: str):
         from hivemesh.services.llm.server import create_server, open_backends
         from hivemesh.services.llm.settings import LlmSettings
         return LlmSettings, open_backends, create_server
+    if name == "orchestrator":
+        from hivemesh.services.orchestrator.server import create_server, open_backend
+        from hivemesh.services.orchestrator.settings import OrchestratorSettings
+        return OrchestratorSettings, open_backend, create_server
+    if name == "memory":
+        from hivemesh.services.memory.server import create_server, open_backend
+        from hivemesh.services.memory.settings import MemorySettings
+        return MemorySettings, open_backend, create_server
     from hivemesh.services.information.server import create_server, open_store
     from hivemesh.services.information.settings import InformationSettings
     return InformationSettings, open_store, create_server

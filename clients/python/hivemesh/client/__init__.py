@@ -10,6 +10,7 @@
 from hivemesh.client.artifact import ArtifactClient
 from hivemesh.client.base import DEFAULT
 from hivemesh.client.information import InformationClient
+from hivemesh.client.memory import MemoryClient
 from hivemesh.client.errors import (
     AlreadyExistsError, DeadlineExceededError, FailedPreconditionError, HivemeshError,
     InternalError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
@@ -18,6 +19,6 @@ from hivemesh.client.errors import (
 __all__ = [
     "DEFAULT", "AlreadyExistsError", "ArtifactClient", "DeadlineExceededError",
     "FailedPreconditionError", "HivemeshError", "InformationClient", "InternalError",
-    "InvalidArgumentError",
+    "InvalidArgumentError", "MemoryClient",
     "NotFoundError", "ResourceExhaustedError", "UnavailableError", "from_rpc_error",
 ]

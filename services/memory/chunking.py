@@ -1,0 +1,73 @@
+"""Splitting memory items into chunks.
+
+A chunk is at most ``size`` characters. Text is cut at paragraph breaks
+where it can, else at sentence ends, else between words, and only a single
+word longer than a chunk is cut inside. With an overlap, each chunk after
+the first starts with the last (up to) ``overlap`` characters of the one
+before, taken from a word boundary, so a sentence cut in two is still found
+whole in one of them.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Boundaries from the strongest to the weakest; a separator stays with the
+# text before it, so the pieces concatenate back into the original.
+_BOUNDARIES = (
+    re.compile(r"\n[ \t]*\n\s*"),          # paragraph
+    re.compile(r"(?<=[.!?;:])[\"')\]]*\s+"),  # sentence
+    re.compile(r"\s+"),                    # word
+)
+_SPACE = re.compile(r"\s")
+
+
+def _pieces(text: str, limit: int, level: int = 0) -> list[str]:
+    """``text`` cut into pieces of at most ``limit`` characters, at the
+    strongest boundary that makes them fit."""
+    if len(text) <= limit:
+        return [text]
+    if level == len(_BOUNDARIES):
+        return [text[i:i + limit] for i in range(0, len(text), limit)]
+    pieces: list[str] = []
+    start = 0
+    for match in _BOUNDARIES[level].finditer(text):
+        if match.end() > start:
+            pieces.extend(_pieces(text[start:match.end()], limit, level + 1))
+            start = match.end()
+    if start < len(text):
+        pieces.extend(_pieces(text[start:], limit, level + 1))
+    return pieces
+
+
+def _tail(text: str, overlap: int) -> str:
+    """The last ``overlap`` characters of ``text`` or fewer, starting at a word."""
+    if overlap <= 0:
+        return ""
+    if len(text) <= overlap:
+        return text
+    tail = text[-overlap:]
+    if _SPACE.match(text[-overlap - 1]):
+        return tail
+    space = _SPACE.search(tail)
+    return tail[space.end():] if space else ""
+
+
+def chunk_text(text: str, size: int, overlap: int = 0) -> list[str]:
+    """Chunks of ``text`` (whitespace-trimmed, none empty), in order."""
+    if size < 1:
+        raise ValueError("chunk size must be at least 1")
+    if not 0 <= overlap < size:
+        raise ValueError("chunk overlap must be at least 0 and smaller than the chunk size")
+    chunks: list[str] = []
+    current = ""
+    # Pieces leave room for the overlap that may precede them in a chunk.
+    for piece in _pieces(text, size - overlap):
+        if current.strip() and len(current) + len(piece) > size:
+            chunks.append(current)
+            current = _tail(current, overlap).lstrip() + piece
+        else:
+            current += piece
+    if current.strip():
+        chunks.append(current)
+    return [c.strip() for c in chunks]

@@ -1,0 +1,174 @@
+"""What the memory service keeps beside the vectors, in one SQLite file
+under the data directory (WAL, ``synchronous=FULL``, group commit, see
+:mod:`hivemesh.runtime.sqlite`):
+
+- the answers of mutating requests by request_id, so a retry is answered
+  with the first result (AIP-155), kept for ``request_ttl_s``;
+- conversation history: messages per (namespace, session), oldest first,
+  with a retention limit per session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
+from hivemesh.runtime.sqlite import GroupCommitDatabase
+from hivemesh.runtime.text import estimate_tokens
+from hivemesh.runtime.wellknown import timestamp
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    method TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    response BLOB NOT NULL,
+    create_time_us INTEGER NOT NULL,
+    PRIMARY KEY (method, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests (create_time_us);
+CREATE TABLE IF NOT EXISTS messages (
+    namespace TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    role INTEGER NOT NULL,
+    content TEXT NOT NULL,
+    token_count INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    create_time_us INTEGER NOT NULL,
+    PRIMARY KEY (namespace, session_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+class IdempotencyConflict(Exception):
+    """The request_id was used before for a different request."""
+
+
+def fingerprint(*parts: bytes | str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _stored(conn: sqlite3.Connection, method: str, request_id: str,
+            fingerprint_: str) -> bytes | None:
+    row = conn.execute("SELECT fingerprint, response FROM requests "
+                       "WHERE method = ? AND request_id = ?", (method, request_id)).fetchone()
+    if row is None:
+        return None
+    if row[0] != fingerprint_:
+        raise IdempotencyConflict(request_id)
+    return row[1]
+
+
+class Ledger:
+    def __init__(self, data_dir: Path, *, request_ttl_s: float = 86400.0,
+                 history_retention: int = 1000) -> None:
+        self.db = GroupCommitDatabase(Path(data_dir) / "memory" / "ledger.sqlite3", SCHEMA)
+        self.request_ttl_us = int(request_ttl_s * 1e6)
+        self.history_retention = history_retention
+
+    # -- idempotency ----------------------------------------------------------
+    def replay(self, method: str, request_id: str, fingerprint_: str) -> bytes | None:
+        """The first answer to this request, if there was one."""
+        return _stored(self.db.reader, method, request_id, fingerprint_)
+
+    async def remember(self, method: str, request_id: str, fingerprint_: str,
+                       response: bytes) -> tuple[bytes, bool]:
+        """Records ``response`` as the answer; when a concurrent twin of the
+        request got there first, returns its answer instead (and True)."""
+        def write(conn: sqlite3.Connection) -> tuple[bytes, bool]:
+            now = _now_us()
+            conn.execute("DELETE FROM requests WHERE create_time_us < ?",
+                         (now - self.request_ttl_us,))
+            first = _stored(conn, method, request_id, fingerprint_)
+            if first is not None:
+                return first, True
+            conn.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
+                         (method, request_id, fingerprint_, response, now))
+            return response, False
+        return await self.db.write(write)
+
+    # -- history ------------------------------------------------------------------
+    async def append(self, namespace: str, session_id: str, messages: Sequence[HistoryMessage],
+                     request_id: str, fingerprint_: str) -> AppendHistoryResponse:
+        """Appends in one transaction with the request record: a retry
+        appends nothing and gets the first answer (replayed = True)."""
+        def write(conn: sqlite3.Connection) -> AppendHistoryResponse:
+            first = _stored(conn, "AppendHistory", request_id, fingerprint_)
+            if first is not None:
+                response = AppendHistoryResponse.FromString(first)
+                response.replayed = True
+                return response
+            now = _now_us()
+            (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM messages "
+                                   "WHERE namespace = ? AND session_id = ?",
+                                   (namespace, session_id)).fetchone()
+            ids = [str(uuid.uuid4()) for _ in messages]
+            conn.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(namespace, session_id, last + 1 + i, ids[i], int(m.role), m.content,
+                  m.token_count or estimate_tokens(m.content), m.name, now)
+                 for i, m in enumerate(messages)])
+            newest = last + len(messages)
+            conn.execute("DELETE FROM messages WHERE namespace = ? AND session_id = ? "
+                         "AND seq <= ?", (namespace, session_id,
+                                          newest - self.history_retention))
+            (count,) = conn.execute("SELECT count(*) FROM messages WHERE namespace = ? "
+                                    "AND session_id = ?", (namespace, session_id)).fetchone()
+            response = AppendHistoryResponse(message_ids=ids, session_message_count=count)
+            conn.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
+                         ("AppendHistory", request_id, fingerprint_,
+                          response.SerializeToString(), now))
+            return response
+        return await self.db.write(write)
+
+    def history(self, namespace: str, session_id: str, token_budget: int,
+                max_messages: int) -> tuple[list[HistoryMessage], int, bool, int]:
+        """(messages oldest first, their tokens, truncated, messages stored):
+        the newest messages, taken newest-backwards until the next would
+        exceed ``token_budget`` (0: no limit) or ``max_messages``."""
+        conn = self.db.reader
+        (stored,) = conn.execute("SELECT count(*) FROM messages WHERE namespace = ? "
+                                 "AND session_id = ?", (namespace, session_id)).fetchone()
+        rows = conn.execute(
+            "SELECT message_id, role, content, token_count, name, create_time_us FROM messages "
+            "WHERE namespace = ? AND session_id = ? ORDER BY seq DESC LIMIT ?",
+            (namespace, session_id, max_messages)).fetchall()
+        taken: list[HistoryMessage] = []
+        total = 0
+        for message_id, role, content, tokens, name, created in rows:
+            if token_budget and total + tokens > token_budget:
+                break
+            total += tokens
+            taken.append(HistoryMessage(message_id=message_id, role=role, content=content,
+                                        token_count=tokens, name=name,
+                                        create_time=timestamp(created)))
+        taken.reverse()
+        return taken, total, len(taken) < stored, stored
+
+    async def forget(self, namespace: str) -> int:
+        """Deletes every session of ``namespace``; returns how many."""
+        def write(conn: sqlite3.Connection) -> int:
+            (sessions,) = conn.execute("SELECT count(DISTINCT session_id) FROM messages "
+                                       "WHERE namespace = ?", (namespace,)).fetchone()
+            conn.execute("DELETE FROM messages WHERE namespace = ?", (namespace,))
+            return sessions
+        return await self.db.write(write)
+
+    async def close(self) -> None:
+        await self.db.close()

@@ -1,0 +1,88 @@
+"""Wiring of the memory service: ``open_backend`` and ``create_server`` take
+settings; only ``main`` (the CLI) reads them from the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hivemesh.memory.v1 import add_MemoryServiceServicer_to_server
+from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
+from hivemesh.services.memory.embedders import Embedder, HashingEmbedder, LlmServiceEmbedder
+from hivemesh.services.memory.ledger import Ledger
+from hivemesh.services.memory.servicer import DOMAIN, SERVICE_NAME, Limits, MemoryServicer
+from hivemesh.services.memory.settings import MemorySettings
+from hivemesh.services.memory.store.base import MemoryStore
+
+
+@dataclass
+class MemoryBackend:
+    """What the service runs on: the store, the embedder and the ledger
+    (request answers and conversation history)."""
+
+    store: MemoryStore
+    embedder: Embedder
+    ledger: Ledger
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.embedder.close()
+        await self.ledger.close()
+
+
+async def open_embedder(settings: MemorySettings) -> Embedder:
+    address = settings.llm_address
+    # Settings refuse embedder=llm without an address.
+    if address and settings.embedder in ("llm", "auto"):
+        return await LlmServiceEmbedder.open(
+            address, alias=settings.embedding_model,
+            batch_size=settings.embed_batch_size, timeout_s=settings.embed_timeout_s)
+    return HashingEmbedder(settings.embedding_dimensions)
+
+
+async def open_store(settings: MemorySettings, model: str, dimensions: int) -> MemoryStore:
+    """Raises EmbedderMismatch (a ValueError) when the collection was built
+    with another embedder."""
+    if settings.store == "qdrant":
+        from hivemesh.services.memory.store.qdrant import QdrantStore
+        location = settings.qdrant_location
+        return await QdrantStore.open(
+            settings.collection, model, dimensions,
+            url=settings.qdrant_url.get_secret_value() if settings.qdrant_url else None,
+            location=location if location == ":memory:" else None,
+            path=location if location not in (None, ":memory:") else None,
+            api_key=(settings.qdrant_api_key.get_secret_value()
+                     if settings.qdrant_api_key else None),
+            timeout_s=settings.qdrant_timeout_s)
+    from hivemesh.services.memory.store.edge import EdgeStore
+    return EdgeStore.open(settings.data_dir, settings.collection, model, dimensions,
+                          optimize_after_points=settings.optimize_after_points)
+
+
+async def open_backend(settings: MemorySettings) -> MemoryBackend:
+    embedder = await open_embedder(settings)
+    try:
+        store = await open_store(settings, embedder.model, embedder.dimensions)
+    except BaseException:
+        await embedder.close()
+        raise
+    ledger = Ledger(settings.data_dir, request_ttl_s=settings.request_ttl_s,
+                    history_retention=settings.history_retention)
+    return MemoryBackend(store, embedder, ledger)
+
+
+def limits(settings: MemorySettings) -> Limits:
+    return Limits(chunk_size_chars=settings.chunk_size_chars,
+                  chunk_overlap_chars=settings.chunk_overlap_chars,
+                  max_chunk_chars=settings.max_chunk_chars,
+                  max_chunks_per_request=settings.max_chunks_per_request,
+                  upsert_batch_size=settings.upsert_batch_size,
+                  hybrid_prefetch=settings.hybrid_prefetch, rrf_k=settings.rrf_k,
+                  embed_timeout_s=settings.embed_timeout_s)
+
+
+async def create_server(settings: MemorySettings,
+                        backend: MemoryBackend) -> tuple[RunningServer, int]:
+    servicer = MemoryServicer(backend.store, backend.embedder, backend.ledger, limits(settings))
+    running = await start_server(settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_MemoryServiceServicer_to_server, servicer)])
+    return running, running.port

@@ -1,0 +1,375 @@
+"""gRPC servicer of hivemesh.memory.v1.MemoryService over any store and
+embedder.
+
+Adding memories: every item is chunked, the chunks are embedded (dense) and
+keyword-encoded (BM25), and upserted in batches. A chunk's id is a UUIDv5
+of (namespace, source_id, a digest of the content and the chunking, chunk
+index): a retried add writes the very same points again, so it can neither
+duplicate chunks nor leave stray ones, even when the first attempt died
+half-way. The answer is recorded by request_id only after every batch is
+acknowledged, so nothing half-written is ever reported as stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from hivemesh.common.v1 import ErrorReason, RequestContext, Usage
+from hivemesh.memory.v1 import (
+    AddedItem, AddMemoriesResponse, CountMemoriesResponse, DeleteMemoriesResponse,
+    ForgetNamespaceResponse, GetHistoryResponse, GetMemoriesResponse, Lineage, MemoryChunk,
+    MemoryServiceServicer, ScoredChunk, SearchMemoriesResponse, SearchMode)
+from hivemesh.runtime import errors
+from hivemesh.runtime.wellknown import timestamp
+from hivemesh.services.memory.chunking import chunk_text
+from hivemesh.services.memory.embedders import (
+    Embedder, EmbedderUnavailable, EmbeddingRejected)
+from hivemesh.services.memory.filters import (
+    metadata_to_payload, payload_to_metadata, to_conditions)
+from hivemesh.services.memory.keywords import KeywordEncoder
+from hivemesh.services.memory.ledger import IdempotencyConflict, Ledger, fingerprint
+from hivemesh.services.memory.store.base import (
+    LINEAGE_FIELDS, ChunkPoint, Equals, MemoryStore, Mode, Search, StoreUnavailable)
+
+DOMAIN = "hivemesh.memory"
+SERVICE_NAME = "hivemesh.memory.v1.MemoryService"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_HISTORY_MESSAGES = 50
+_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")
+# The UUIDv5 namespace of chunk ids.
+_CHUNK_IDS = uuid.UUID("6f1c1d5e-3b8a-5e57-9b39-0d7b6f0e2a41")
+_MODES = {SearchMode.SEARCH_MODE_UNSPECIFIED: Mode.DENSE, SearchMode.SEARCH_MODE_DENSE: Mode.DENSE,
+          SearchMode.SEARCH_MODE_KEYWORD: Mode.KEYWORD,
+          SearchMode.SEARCH_MODE_HYBRID: Mode.HYBRID}
+_MODE_NAMES = {Mode.DENSE: SearchMode.SEARCH_MODE_DENSE,
+               Mode.KEYWORD: SearchMode.SEARCH_MODE_KEYWORD,
+               Mode.HYBRID: SearchMode.SEARCH_MODE_HYBRID}
+
+
+@dataclass(frozen=True)
+class Limits:
+    chunk_size_chars: int = 2000
+    chunk_overlap_chars: int = 200
+    max_chunk_chars: int = 32000
+    max_chunks_per_request: int = 20000
+    upsert_batch_size: int = 256
+    hybrid_prefetch: int = 100
+    rrf_k: int = 60
+    embed_timeout_s: float = 30.0
+
+
+def resolve_namespace(namespace: str, context: RequestContext) -> str:
+    """The request's namespace, or the lower-cased tenant, or "default"."""
+    if namespace:
+        return namespace
+    tenant = context.tenant_id.lower()
+    if not tenant:
+        return DEFAULT_NAMESPACE
+    if not _NAMESPACE.match(tenant):
+        raise errors.invalid_argument([(
+            "context.tenant_id", "cannot name a namespace (it must start with a letter or "
+                                 "digit); set namespace explicitly")])
+    return tenant
+
+
+def chunk_id(namespace: str, source_id: str, content_key: str, index: int) -> str:
+    return str(uuid.uuid5(_CHUNK_IDS, f"{namespace}\n{source_id}\n{content_key}\n{index}"))
+
+
+def _valid_ids(ids: Sequence[str]) -> list[str]:
+    """The ids that are UUIDs, normalised; others cannot exist."""
+    valid = []
+    for i in ids:
+        with contextlib.suppress(ValueError):
+            valid.append(str(uuid.UUID(i)))
+    return valid
+
+
+def to_chunk(chunk_id_: str, payload: dict[str, Any]) -> MemoryChunk:
+    chunk = MemoryChunk(
+        chunk_id=chunk_id_, namespace=payload.get("namespace", ""),
+        text=payload.get("text", ""), source_id=payload.get("source_id", ""),
+        chunk_index=payload.get("chunk_index", 0), chunk_count=payload.get("chunk_count", 0),
+        lineage=Lineage(**{f: v for f, v in (payload.get("lineage") or {}).items()
+                           if f in LINEAGE_FIELDS}),
+        create_time=timestamp(payload.get("create_time_us")))
+    payload_to_metadata(payload.get("metadata"), chunk.metadata)
+    return chunk
+
+
+@contextlib.contextmanager
+def _backend_errors() -> Iterator[None]:
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise errors.unavailable("memory store", str(exc), retry_after_s=1.0) from exc
+    except EmbedderUnavailable as exc:
+        raise errors.unavailable("embedding model", str(exc), retry_after_s=1.0) from exc
+    except EmbeddingRejected as exc:
+        raise errors.ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  ErrorReason.ERROR_REASON_UPSTREAM_ERROR, str(exc)) from exc
+    except IdempotencyConflict as exc:
+        raise errors.idempotency_conflict(str(exc)) from None
+
+
+def _fingerprint(request, namespace: str) -> str:
+    """Identifies a mutating request apart from its request_id."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.request_id = ""
+    copy.namespace = namespace
+    return fingerprint(copy.SerializeToString(deterministic=True))
+
+
+class MemoryServicer(MemoryServiceServicer):
+    def __init__(self, store: MemoryStore, embedder: Embedder, ledger: Ledger,
+                 limits: Limits = Limits()) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.ledger = ledger
+        self.limits = limits
+        self.keywords = KeywordEncoder()
+
+    def _timeout(self, context) -> float:
+        remaining = context.time_remaining() if context is not None else None
+        # With no deadline from the caller, time_remaining is huge: clamp it.
+        return max(0.001, min(remaining or self.limits.embed_timeout_s,
+                              self.limits.embed_timeout_s))
+
+    # -- adding --------------------------------------------------------------
+    def _chunking(self, options) -> tuple[int, int, bool]:
+        size = options.chunk_size_chars or self.limits.chunk_size_chars
+        if options.no_overlap or options.whole_item:
+            overlap = 0
+        elif options.chunk_overlap_chars:
+            overlap = options.chunk_overlap_chars
+        else:
+            overlap = min(self.limits.chunk_overlap_chars, size // 2)
+        if overlap >= size:
+            raise errors.invalid_argument([("chunking.chunk_overlap_chars",
+                                            f"must be smaller than the chunk size ({size})")])
+        return size, overlap, options.whole_item
+
+    def _split(self, request, size: int, overlap: int, whole: bool) -> list[list[str]]:
+        bad: list[tuple[str, str]] = []
+        chunks: list[list[str]] = []
+        for i, item in enumerate(request.items):
+            if not item.content.strip():
+                bad.append((f"items[{i}].content", "must contain text, not only whitespace"))
+            if item.replace_source and not item.source_id:
+                bad.append((f"items[{i}].replace_source", "needs items[].source_id"))
+        if bad:
+            raise errors.invalid_argument(bad)
+        for i, item in enumerate(request.items):
+            if whole:
+                text = item.content.strip()
+                if len(text) > self.limits.max_chunk_chars:
+                    raise _too_large(f"items[{i}].content", len(text),
+                                     self.limits.max_chunk_chars,
+                                     "characters for one chunk (whole_item)")
+                chunks.append([text])
+            else:
+                chunks.append(chunk_text(item.content, size, overlap))
+        total = sum(len(c) for c in chunks)
+        if total > self.limits.max_chunks_per_request:
+            raise _too_large("items", total, self.limits.max_chunks_per_request,
+                             "chunks in one request; send fewer or larger items")
+        return chunks
+
+    async def AddMemories(self, request, context):
+        namespace = resolve_namespace(request.namespace, request.context)
+        size, overlap, whole = self._chunking(request.chunking)
+        fp = _fingerprint(request, namespace)
+        with _backend_errors():
+            first = self.ledger.replay("AddMemories", request.request_id, fp)
+        if first is not None:
+            return _replayed(AddMemoriesResponse.FromString(first))
+        texts = self._split(request, size, overlap, whole)
+        now_us = time.time_ns() // 1000
+        created = timestamp(now_us).ToJsonString()
+        ctx = request.context
+        points: list[ChunkPoint] = []
+        added: list[AddedItem] = []
+        for index, (item, chunks) in enumerate(zip(request.items, texts, strict=True)):
+            key = fingerprint(item.content, f"{size}/{overlap}/{int(whole)}")
+            lineage = {f: getattr(item.lineage, f) for f in LINEAGE_FIELDS}
+            for f in ("workflow_id", "task_id", "agent_id"):
+                lineage[f] = lineage[f] or getattr(ctx, f)
+            metadata = metadata_to_payload(item.metadata)
+            ids = [chunk_id(namespace, item.source_id, key, n) for n in range(len(chunks))]
+            added.append(AddedItem(index=index, chunk_ids=ids))
+            points += [ChunkPoint(ids[n], (), self.keywords.document(text), {
+                "namespace": namespace, "text": text, "source_id": item.source_id,
+                "chunk_index": n, "chunk_count": len(chunks), "metadata": metadata,
+                "lineage": lineage, "create_time": created, "create_time_us": now_us,
+            }) for n, text in enumerate(chunks)]
+        with _backend_errors():
+            tokens = await self._embed_and_upsert(points, self._timeout(context))
+            for item, result in zip(request.items, added, strict=True):
+                if item.replace_source:
+                    result.replaced_chunk_count = await self.store.delete(
+                        namespace, conditions=[Equals("source_id", item.source_id)],
+                        keep_ids=list(result.chunk_ids))
+        response = AddMemoriesResponse(
+            items=added, item_count=len(added), chunk_count=len(points), namespace=namespace,
+            embedding_model=self.embedder.model,
+            embedding_usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+        with _backend_errors():
+            stored, twin = await self.ledger.remember("AddMemories", request.request_id, fp,
+                                                      response.SerializeToString())
+        return _replayed(AddMemoriesResponse.FromString(stored)) if twin else response
+
+    async def _embed_and_upsert(self, points: list[ChunkPoint], timeout_s: float) -> int:
+        """Embeds and upserts batch by batch, embedding the next batch while
+        the store writes the current one. Returns the tokens embedded."""
+        size = self.limits.upsert_batch_size
+        batches = [points[i:i + size] for i in range(0, len(points), size)]
+        tokens = 0
+        writing: asyncio.Task | None = None
+        try:
+            for batch in batches:
+                embedded = await self.embedder.embed([p.payload["text"] for p in batch],
+                                                     timeout_s=timeout_s)
+                tokens += embedded.tokens
+                ready = [ChunkPoint(p.id, v, p.sparse, p.payload)
+                         for p, v in zip(batch, embedded.vectors, strict=True)]
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self.store.upsert(ready))
+            if writing is not None:
+                await writing
+        except BaseException:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(BaseException):
+                    await writing
+            raise
+        return tokens
+
+    # -- reading -------------------------------------------------------------
+    async def GetMemories(self, request, context):
+        namespace = resolve_namespace(request.namespace, request.context)
+        wanted = _valid_ids(request.chunk_ids)
+        with _backend_errors():
+            found = await self.store.get(namespace, wanted) if wanted else []
+        by_id = {f.id: f for f in found}
+        response = GetMemoriesResponse()
+        for raw in request.chunk_ids:
+            normal = _valid_ids([raw])
+            hit = by_id.get(normal[0]) if normal else None
+            if hit is None:
+                response.missing_ids.append(raw)
+            else:
+                response.chunks.append(to_chunk(hit.id, hit.payload))
+        return response
+
+    async def SearchMemories(self, request, context):
+        namespace = resolve_namespace(request.namespace, request.context)
+        conditions = to_conditions(request.filter)
+        mode = _MODES[request.mode]
+        sparse = self.keywords.query(request.query) if mode is not Mode.DENSE else None
+        if sparse is None and mode is Mode.KEYWORD:
+            # Only stop words: no keyword can match.
+            return SearchMemoriesResponse(mode=_MODE_NAMES[mode], namespace=namespace)
+        if sparse is None and mode is Mode.HYBRID:
+            mode = Mode.DENSE
+        with _backend_errors():
+            dense = None
+            if mode is not Mode.KEYWORD:
+                dense = (await self.embedder.embed([request.query], query=True,
+                                                   timeout_s=self._timeout(context))).vectors[0]
+            threshold = request.score_threshold if request.HasField("score_threshold") else None
+            hits = await self.store.search(namespace, Search(
+                mode=mode, limit=request.limit, dense=dense, sparse=sparse,
+                conditions=conditions, score_threshold=threshold,
+                prefetch_limit=max(self.limits.hybrid_prefetch, request.limit),
+                rrf_k=self.limits.rrf_k))
+        return SearchMemoriesResponse(
+            results=[ScoredChunk(chunk=to_chunk(h.id, h.payload), score=h.score) for h in hits],
+            mode=_MODE_NAMES[mode], namespace=namespace)
+
+    async def CountMemories(self, request, context):
+        namespace = resolve_namespace(request.namespace, request.context)
+        conditions = to_conditions(request.filter)
+        with _backend_errors():
+            return CountMemoriesResponse(count=await self.store.count(namespace, conditions))
+
+    # -- deleting ------------------------------------------------------------
+    async def _once(self, method: str, request, namespace: str, response_type, work):
+        """Runs ``work`` unless this request_id has an answer already."""
+        fp = _fingerprint(request, namespace)
+        with _backend_errors():
+            first = self.ledger.replay(method, request.request_id, fp)
+            if first is not None:
+                return response_type.FromString(first)
+            response = await work()
+            stored, _ = await self.ledger.remember(method, request.request_id, fp,
+                                                   response.SerializeToString())
+        return response_type.FromString(stored)
+
+    async def DeleteMemories(self, request, context):
+        namespace = resolve_namespace(request.namespace, request.context)
+        if request.WhichOneof("target") == "filter":
+            conditions = to_conditions(request.filter, "filter")
+
+            async def work():
+                return DeleteMemoriesResponse(
+                    deleted_count=await self.store.delete(namespace, conditions=conditions))
+        else:
+            ids = _valid_ids(request.ids.chunk_ids)
+
+            async def work():
+                deleted = await self.store.delete(namespace, ids=ids) if ids else 0
+                return DeleteMemoriesResponse(deleted_count=deleted)
+        return await self._once("DeleteMemories", request, namespace,
+                                DeleteMemoriesResponse, work)
+
+    async def ForgetNamespace(self, request, context):
+        namespace = request.namespace
+
+        async def work():
+            chunks = await self.store.delete(namespace)
+            sessions = await self.ledger.forget(namespace)
+            return ForgetNamespaceResponse(deleted_chunk_count=chunks,
+                                           deleted_session_count=sessions)
+        return await self._once("ForgetNamespace", request, namespace,
+                                ForgetNamespaceResponse, work)
+
+    # -- conversation history ------------------------------------------------
+    async def AppendHistory(self, request, context):
+        namespace = resolve_namespace(request.namespace, request.context)
+        with _backend_errors():
+            return await self.ledger.append(namespace, request.session_id, request.messages,
+                                            request.request_id,
+                                            _fingerprint(request, namespace))
+
+    async def GetHistory(self, request, context):
+        namespace = resolve_namespace(request.namespace, request.context)
+        messages, total, truncated, stored = self.ledger.history(
+            namespace, request.session_id, request.token_budget,
+            request.max_messages or DEFAULT_HISTORY_MESSAGES)
+        return GetHistoryResponse(messages=messages, total_tokens=total, truncated=truncated,
+                                  session_message_count=stored)
+
+
+def _replayed(response: AddMemoriesResponse) -> AddMemoriesResponse:
+    response.replayed = True
+    response.embedding_usage.Clear()
+    return response
+
+
+def _too_large(field: str, size: int, limit: int, what: str) -> errors.ServiceError:
+    return errors.ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
+        f"{field}: {size} {what.split(';')[0]} is over the limit of {limit}",
+        {"size": str(size), "limit": str(limit)},
+        [errors.bad_request([(field, f"at most {limit} {what}")])])

@@ -1,0 +1,71 @@
+"""Settings of the memory service (env prefix ``HIVEMESH_MEMORY_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hivemesh.runtime.settings import ServerSettings
+
+
+class MemorySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HIVEMESH_MEMORY_", env_nested_delimiter="__", extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    # edge: the Qdrant engine in-process under data_dir (default).
+    # qdrant: a Qdrant server or cluster (qdrant_url), or qdrant-client's
+    # local mode (qdrant_location, for tests).
+    store: Literal["edge", "qdrant"] = "edge"
+    data_dir: Path = Path(".hivemesh/data")
+    collection: str = Field(default="memories", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # e.g. http://qdrant:6333 (gRPC goes to qdrant_grpc_port); a secret
+    # because it may carry credentials.
+    qdrant_url: SecretStr | None = None
+    qdrant_api_key: SecretStr | None = None
+    qdrant_location: str | None = None
+    qdrant_timeout_s: int = Field(default=10, ge=1)
+
+    # auto: the LLM service's Embed when llm_address is set, else hashing.
+    embedder: Literal["auto", "hashing", "llm"] = "auto"
+    llm_address: str | None = None
+    # Embedding model alias at the LLM service; empty: its default alias.
+    embedding_model: str = ""
+    # Vector size of the hashing embedder (the LLM's model decides its own).
+    embedding_dimensions: int = Field(default=384, ge=8, le=8192)
+    embed_batch_size: int = Field(default=256, ge=1, le=2048)
+    embed_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Chunking defaults (a request may override them).
+    chunk_size_chars: int = Field(default=2000, ge=50, le=32000)
+    chunk_overlap_chars: int = Field(default=200, ge=0, le=16000)
+    # Longest single chunk the embedder accepts (whole_item requests).
+    max_chunk_chars: int = Field(default=32000, ge=50)
+    # Most chunks one AddMemories request may produce.
+    max_chunks_per_request: int = Field(default=20000, ge=1)
+    upsert_batch_size: int = Field(default=256, ge=1, le=10000)
+
+    # Hybrid search: candidates per side before fusion, and the RRF constant.
+    hybrid_prefetch: int = Field(default=100, ge=1, le=10000)
+    rrf_k: int = Field(default=60, ge=1)
+    # The embedded engine builds its HNSW index after this many new points.
+    optimize_after_points: int = Field(default=20000, ge=1)
+
+    # Messages kept per session; older ones are dropped on append.
+    history_retention: int = Field(default=1000, ge=1)
+    # How long answers to mutating requests are kept for retries.
+    request_ttl_s: float = Field(default=86400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MemorySettings:
+        if self.chunk_overlap_chars >= self.chunk_size_chars:
+            raise ValueError("chunk_overlap_chars must be smaller than chunk_size_chars")
+        if self.embedder == "llm" and not self.llm_address:
+            raise ValueError("embedder=llm needs HIVEMESH_MEMORY_LLM_ADDRESS")
+        if self.store == "qdrant" and (self.qdrant_url is None) == (self.qdrant_location is None):
+            raise ValueError("store=qdrant needs exactly one of HIVEMESH_MEMORY_QDRANT_URL "
+                             "and HIVEMESH_MEMORY_QDRANT_LOCATION")
+        return self

@@ -1,0 +1,171 @@
+"""The one interface of memory stores, and the types it speaks.
+
+Two implementations, both Qdrant: :mod:`.edge` (the engine embedded
+in-process, the default) and :mod:`.qdrant` (a Qdrant server or cluster
+through qdrant-client; its local mode in tests). The congruence suite runs
+the same scenarios on both.
+
+Every read and write takes the namespace as its first argument and the
+store adds the namespace condition to every filter itself: no caller can
+build a query that reaches into another namespace.
+
+A point is one chunk: a dense vector ``dense``, a keyword (BM25) sparse
+vector ``bm25`` whose IDF the engine applies, and a payload::
+
+    namespace, text, source_id, chunk_index, chunk_count, metadata{...},
+    lineage{workflow_id, task_id, agent_id, generation_id, artifact_id},
+    create_time (RFC 3339), create_time_us
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DENSE = "dense"
+SPARSE = "bm25"
+NAMESPACE = "namespace"
+LINEAGE_FIELDS = ("workflow_id", "task_id", "agent_id", "generation_id", "artifact_id")
+# Payload fields with an index: the namespace (the tenant key of every
+# query), and the stored fields filters name most.
+KEYWORD_INDEXES = ("source_id", *(f"lineage.{f}" for f in LINEAGE_FIELDS))
+DATETIME_INDEXES = ("create_time",)
+
+
+class StoreUnavailable(ConnectionError):
+    """The store could not be reached or did not answer; a write that raised
+    this may or may not have happened (a retry with the same ids is safe)."""
+
+
+class EmbedderMismatch(ValueError):
+    """The collection was built with another embedding model or dimension."""
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    indices: Sequence[int]
+    values: Sequence[float]
+
+
+@dataclass(frozen=True)
+class ChunkPoint:
+    id: str
+    dense: Sequence[float]
+    sparse: SparseVector
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Found:
+    id: str
+    payload: dict[str, Any]
+    score: float = 0.0
+
+
+# -- filter conditions (all must hold) -------------------------------------
+@dataclass(frozen=True)
+class Equals:
+    key: str
+    value: str | int | bool
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NumberRange:
+    key: str
+    gte: float | None = None
+    gt: float | None = None
+    lte: float | None = None
+    lt: float | None = None
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """Bounds are RFC 3339 strings."""
+    key: str
+    gte: str | None = None
+    gt: str | None = None
+    lte: str | None = None
+    lt: str | None = None
+
+
+Condition = Equals | AnyOf | NumberRange | TimeRange
+
+
+class Mode(enum.Enum):
+    DENSE = "dense"
+    KEYWORD = "keyword"
+    HYBRID = "hybrid"
+
+
+@dataclass(frozen=True)
+class Search:
+    mode: Mode
+    limit: int
+    dense: Sequence[float] | None = None
+    sparse: SparseVector | None = None
+    conditions: Sequence[Condition] = ()
+    score_threshold: float | None = None
+    # Candidates each side contributes to a hybrid fusion.
+    prefetch_limit: int = 100
+    # Reciprocal rank fusion constant: a result at rank r (0-based) of one
+    # side scores 1 / (rrf_k + r).
+    rrf_k: int = 60
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """What a collection records about the embeddings it holds."""
+    embedding_model: str
+    dimensions: int
+
+    def check(self, model: str, dimensions: int, where: str) -> None:
+        if (self.embedding_model, self.dimensions) != (model, dimensions):
+            raise EmbedderMismatch(
+                f"the memory collection at {where} holds embeddings of model "
+                f"{self.embedding_model!r} ({self.dimensions} dimensions), but the service is "
+                f"configured with {model!r} ({dimensions} dimensions); configure the same "
+                "embedder, or use another collection or data directory")
+
+
+class MemoryStore(abc.ABC):
+    """Async interface; implementations keep blocking work off the loop."""
+
+    # The embedding model and dimension the collection was built with.
+    info: CollectionInfo
+
+    @abc.abstractmethod
+    async def upsert(self, points: Sequence[ChunkPoint]) -> None:
+        """Insert or replace; durable (survives a crash) once it returns."""
+
+    @abc.abstractmethod
+    async def get(self, namespace: str, ids: Sequence[str]) -> list[Found]:
+        """The points of ``namespace`` among ``ids`` (any order)."""
+
+    @abc.abstractmethod
+    async def search(self, namespace: str, search: Search) -> list[Found]:
+        """Best first."""
+
+    @abc.abstractmethod
+    async def count(self, namespace: str, conditions: Sequence[Condition] = ()) -> int:
+        ...
+
+    @abc.abstractmethod
+    async def delete(self, namespace: str, *, ids: Sequence[str] | None = None,
+                     conditions: Sequence[Condition] = (),
+                     keep_ids: Sequence[str] = ()) -> int:
+        """Deletes the points of ``namespace`` matching ``conditions`` (and
+        among ``ids`` when given), except ``keep_ids``; returns how many
+        matched just before."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        ...

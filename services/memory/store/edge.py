@@ -1,0 +1,214 @@
+"""The embedded store: the Qdrant engine in-process (``qdrant-edge-py``), one
+on-disk shard under the data directory.
+
+Every update goes through the shard's write-ahead log before ``update``
+returns, so an acknowledged write survives ``kill -9``; segments are flushed
+in the background and on close. Engine calls block, so they run on a small
+thread pool and the event loop keeps serving. The engine does not build
+HNSW indexes by itself: after enough new points an optimisation runs on its
+own thread (searches go on meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import numpy
+import qdrant_edge as q
+
+from hivemesh.services.memory.store.base import (
+    DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
+    CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
+    SparseVector, StoreUnavailable)
+
+log = logging.getLogger("hivemesh.memory.edge")
+T = TypeVar("T")
+
+
+def _condition(c: Condition):
+    if isinstance(c, Equals):
+        # The binding reads a Python bool as the integer 1 or 0 (and then
+        # matches no boolean); numpy's bool is read as a boolean.
+        value = numpy.bool_(c.value) if isinstance(c.value, bool) else c.value
+        return q.FieldCondition(key=c.key, match=q.MatchValue(value))
+    if isinstance(c, AnyOf):
+        return q.FieldCondition(key=c.key, match=q.MatchAny(list(c.values)))
+    if isinstance(c, NumberRange):
+        return q.FieldCondition(key=c.key, range=q.RangeFloat(gte=c.gte, gt=c.gt, lte=c.lte,
+                                                              lt=c.lt))
+    return q.FieldCondition(key=c.key, range=q.RangeDateTime(gte=c.gte, gt=c.gt, lte=c.lte,
+                                                             lt=c.lt))
+
+
+def _filter(namespace: str, conditions: Sequence[Condition] = (), ids: Sequence[str] | None = None,
+            keep_ids: Sequence[str] = ()) -> q.Filter:
+    must = [q.FieldCondition(key=NAMESPACE, match=q.MatchValue(namespace)),
+            *(_condition(c) for c in conditions)]
+    if ids is not None:
+        must.append(q.HasIdCondition({uuid.UUID(i) for i in ids}))
+    must_not = [q.HasIdCondition({uuid.UUID(i) for i in keep_ids})] if keep_ids else None
+    return q.Filter(must=must, must_not=must_not)
+
+
+def _sparse(v: SparseVector) -> q.SparseVector:
+    return q.SparseVector(list(v.indices), list(v.values))
+
+
+class EdgeStore(MemoryStore):
+    """Open with :meth:`open`; ``close`` flushes and releases the shard."""
+
+    def __init__(self, shard: q.EdgeShard, root: Path, info: CollectionInfo, *,
+                 optimize_after_points: int = 20_000, threads: int = 4) -> None:
+        self.shard = shard
+        self.root = root
+        self.info = info
+        self.optimize_after_points = optimize_after_points
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qdrant-edge")
+        self._optimizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant-edge-opt")
+        self._unoptimized = 0
+        self._optimizing: asyncio.Future | None = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, data_dir: Path, collection: str, model: str, dimensions: int,
+             **kwargs) -> EdgeStore:
+        root = Path(data_dir) / "memory" / collection
+        shard_path = root / "shard"
+        meta_path = root / "collection.json"
+        wanted = CollectionInfo(model, dimensions)
+        if meta_path.exists():
+            recorded = CollectionInfo(**json.loads(meta_path.read_text()))
+            recorded.check(model, dimensions, str(root))
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            _write_durably(meta_path, json.dumps(wanted.__dict__))
+        if (shard_path / "edge_config.json").exists():
+            shard = q.EdgeShard.load(str(shard_path))
+        else:
+            shard = q.EdgeShard.create(str(shard_path), q.EdgeConfig(
+                vectors={DENSE: q.EdgeVectorParams(size=dimensions, distance=q.Distance.Cosine)},
+                sparse_vectors={SPARSE: q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)}))
+            shard.update(q.UpdateOperation.create_field_index(
+                NAMESPACE, q.KeywordIndexParams(is_tenant=True)))
+            for key in KEYWORD_INDEXES:
+                shard.update(q.UpdateOperation.create_field_index(key,
+                                                                  q.PayloadSchemaType.Keyword))
+            for key in DATETIME_INDEXES:
+                shard.update(q.UpdateOperation.create_field_index(key,
+                                                                  q.PayloadSchemaType.Datetime))
+            shard.flush()
+        return cls(shard, root, wanted, **kwargs)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise StoreUnavailable("the memory store is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        except OSError as exc:
+            raise StoreUnavailable(f"the embedded engine failed: {exc}") from exc
+
+    async def upsert(self, points: Sequence[ChunkPoint]) -> None:
+        op = q.UpdateOperation.upsert_points([
+            q.Point(uuid.UUID(p.id), {DENSE: list(p.dense), SPARSE: _sparse(p.sparse)}, p.payload)
+            for p in points])
+        await self._run(lambda: self.shard.update(op))
+        self._unoptimized += len(points)
+        if self._unoptimized >= self.optimize_after_points and self._optimizing is None:
+            self._unoptimized = 0
+            self._optimizing = asyncio.get_running_loop().run_in_executor(
+                self._optimizer, self._optimize)
+            self._optimizing.add_done_callback(self._optimized)
+
+    def _optimize(self) -> None:
+        self.shard.optimize()
+        self.shard.flush()
+
+    def _optimized(self, fut: asyncio.Future) -> None:
+        self._optimizing = None
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("optimising the memory shard failed: %s", fut.exception())
+
+    async def optimize(self) -> None:
+        """Build the indexes now (the benchmark and tests call this)."""
+        if self._optimizing is not None:
+            await self._optimizing
+        await asyncio.get_running_loop().run_in_executor(self._optimizer, self._optimize)
+
+    async def get(self, namespace: str, ids: Sequence[str]) -> list[Found]:
+        records = await self._run(lambda: self.shard.retrieve(
+            [uuid.UUID(i) for i in ids], with_payload=True, with_vector=False))
+        return [Found(str(r.id), r.payload) for r in records
+                if r.payload and r.payload.get(NAMESPACE) == namespace]
+
+    async def search(self, namespace: str, search: Search) -> list[Found]:
+        flt = _filter(namespace, search.conditions)
+        # Keyword statistics (IDF) come from the namespace alone: another
+        # tenant's documents never change this tenant's scores.
+        idf = q.SearchParams(idf=q.IdfParams(corpus=_filter(namespace)))
+        dense = q.Query.Nearest(list(search.dense), using=DENSE) if search.dense else None
+        sparse = (q.Query.Nearest(_sparse(search.sparse), using=SPARSE)
+                  if search.sparse else None)
+        if search.mode is Mode.HYBRID:
+            request = q.QueryRequest(
+                limit=search.limit, filter=flt, with_payload=True,
+                score_threshold=search.score_threshold, query=q.Fusion.Rrf(k=search.rrf_k),
+                prefetches=[q.Prefetch(limit=search.prefetch_limit, query=dense, filter=flt),
+                            q.Prefetch(limit=search.prefetch_limit, query=sparse, filter=flt,
+                                       params=idf)])
+        else:
+            keyword = search.mode is Mode.KEYWORD
+            request = q.QueryRequest(
+                limit=search.limit, filter=flt, with_payload=True,
+                score_threshold=search.score_threshold, query=sparse if keyword else dense,
+                params=idf if keyword else None)
+        points = await self._run(lambda: self.shard.query(request))
+        return [Found(str(p.id), p.payload or {}, p.score) for p in points]
+
+    async def count(self, namespace: str, conditions: Sequence[Condition] = ()) -> int:
+        request = q.CountRequest(exact=True, filter=_filter(namespace, conditions))
+        return await self._run(lambda: self.shard.count(request))
+
+    async def delete(self, namespace: str, *, ids: Sequence[str] | None = None,
+                     conditions: Sequence[Condition] = (),
+                     keep_ids: Sequence[str] = ()) -> int:
+        flt = _filter(namespace, conditions, ids, keep_ids)
+
+        def run() -> int:
+            matched = self.shard.count(q.CountRequest(exact=True, filter=flt))
+            if matched:
+                self.shard.update(q.UpdateOperation.delete_points_by_filter(flt))
+            return matched
+        return await self._run(run)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        if self._optimizing is not None:
+            await asyncio.shield(self._optimizing)
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        self._optimizer.shutdown(wait=True)
+        self.shard.flush()
+        self.shard.close()
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

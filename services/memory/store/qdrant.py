@@ -1,0 +1,188 @@
+"""The store for scale: a Qdrant server or cluster through ``qdrant-client``
+(gRPC preferred), or qdrant-client's local mode (``location=":memory:"`` or
+a ``path``), which the congruence suite runs the same scenarios on.
+
+Writes wait until the server has applied them (``wait=True``) with strong
+ordering, so an acknowledged add is in the collection's write-ahead log on
+every replica the write went to, and the next read sees it. A server that
+cannot be reached raises :class:`StoreUnavailable`; nothing is reported as
+stored unless every batch of the request was acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from hivemesh.services.memory.store.base import (
+    DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
+    CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
+    SparseVector, StoreUnavailable)
+
+T = TypeVar("T")
+_TRANSIENT_GRPC = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+
+
+def _match(c: Condition) -> models.FieldCondition:
+    if isinstance(c, Equals):
+        return models.FieldCondition(key=c.key, match=models.MatchValue(value=c.value))
+    if isinstance(c, AnyOf):
+        return models.FieldCondition(key=c.key, match=models.MatchAny(any=list(c.values)))
+    if isinstance(c, NumberRange):
+        return models.FieldCondition(key=c.key, range=models.Range(gte=c.gte, gt=c.gt,
+                                                                   lte=c.lte, lt=c.lt))
+    return models.FieldCondition(key=c.key, range=models.DatetimeRange(gte=c.gte, gt=c.gt,
+                                                                       lte=c.lte, lt=c.lt))
+
+
+def _scope(namespace: str, conditions: Sequence[Condition] = (),
+           ids: Sequence[str] | None = None, keep_ids: Sequence[str] = ()) -> models.Filter:
+    must: list[Any] = [models.FieldCondition(key=NAMESPACE,
+                                             match=models.MatchValue(value=namespace))]
+    must += [_match(c) for c in conditions]
+    if ids is not None:
+        must.append(models.HasIdCondition(has_id=list(ids)))
+    must_not = [models.HasIdCondition(has_id=list(keep_ids))] if keep_ids else None
+    return models.Filter(must=must, must_not=must_not)
+
+
+def _vector(v: SparseVector) -> models.SparseVector:
+    return models.SparseVector(indices=list(v.indices), values=list(v.values))
+
+
+def _unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() in _TRANSIENT_GRPC
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code in (429, 502, 503, 504)
+    return isinstance(exc, ResponseHandlingException | ConnectionError | TimeoutError)
+
+
+class QdrantStore(MemoryStore):
+    """Open with :meth:`open` (it creates the collection and its payload
+    indexes when missing, and checks the recorded embedder otherwise)."""
+
+    def __init__(self, client: AsyncQdrantClient, collection: str, info: CollectionInfo,
+                 where: str) -> None:
+        self.client = client
+        self.collection = collection
+        self.info = info
+        self.where = where
+
+    @classmethod
+    async def open(cls, collection: str, model: str, dimensions: int, *,
+                   url: str | None = None, location: str | None = None,
+                   path: str | None = None, api_key: str | None = None,
+                   timeout_s: int = 10) -> QdrantStore:
+        if url is not None:
+            client = AsyncQdrantClient(url=url, prefer_grpc=True, api_key=api_key,
+                                       timeout=timeout_s, check_compatibility=False)
+            where = f"{url.split('@')[-1]} collection {collection!r}"
+        else:
+            client = AsyncQdrantClient(location=location, path=path)
+            where = f"qdrant-client local mode ({path or location}) collection {collection!r}"
+        store = cls(client, collection, CollectionInfo(model, dimensions), where)
+        try:
+            await store._guard(store._ensure_collection())
+        except BaseException:
+            await client.close()
+            raise
+        return store
+
+    async def _ensure_collection(self) -> None:
+        c = self.collection
+        if not await self.client.collection_exists(c):
+            with contextlib.suppress(UnexpectedResponse, ValueError):  # another replica won
+                await self.client.create_collection(
+                    c, vectors_config={DENSE: models.VectorParams(
+                        size=self.info.dimensions, distance=models.Distance.COSINE)},
+                    sparse_vectors_config={SPARSE: models.SparseVectorParams(
+                        modifier=models.Modifier.IDF)},
+                    metadata={"embedding_model": self.info.embedding_model,
+                              "dimensions": self.info.dimensions})
+                await self.client.create_payload_index(
+                    c, NAMESPACE, models.KeywordIndexParams(
+                        type=models.KeywordIndexType.KEYWORD, is_tenant=True), wait=True)
+                for key in KEYWORD_INDEXES:
+                    await self.client.create_payload_index(
+                        c, key, models.PayloadSchemaType.KEYWORD, wait=True)
+                for key in DATETIME_INDEXES:
+                    await self.client.create_payload_index(
+                        c, key, models.PayloadSchemaType.DATETIME, wait=True)
+        config = (await self.client.get_collection(c)).config
+        metadata = config.metadata or {}
+        dense = config.params.vectors[DENSE] if isinstance(config.params.vectors, dict) else None
+        recorded = CollectionInfo(str(metadata.get("embedding_model", "")),
+                                  int(metadata.get("dimensions") or (dense.size if dense else 0)))
+        recorded.check(self.info.embedding_model, self.info.dimensions, self.where)
+
+    async def _guard(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except Exception as exc:
+            if _unreachable(exc):
+                raise StoreUnavailable(f"Qdrant at {self.where}: {exc}") from exc
+            raise
+
+    async def upsert(self, points: Sequence[ChunkPoint]) -> None:
+        await self._guard(self.client.upsert(
+            self.collection, wait=True, ordering=models.WriteOrdering.STRONG,
+            points=[models.PointStruct(id=p.id, payload=p.payload, vector={
+                DENSE: list(p.dense), SPARSE: _vector(p.sparse)}) for p in points]))
+
+    async def get(self, namespace: str, ids: Sequence[str]) -> list[Found]:
+        records = await self._guard(self.client.retrieve(
+            self.collection, ids=list(ids), with_payload=True, with_vectors=False))
+        return [Found(str(uuid.UUID(str(r.id))), r.payload) for r in records
+                if r.payload and r.payload.get(NAMESPACE) == namespace]
+
+    async def search(self, namespace: str, search: Search) -> list[Found]:
+        flt = _scope(namespace, search.conditions)
+        # Keyword statistics (IDF) from the namespace alone, as in the
+        # embedded store.
+        idf = models.SearchParams(idf=models.IdfCorpusParams(corpus=_scope(namespace)))
+        dense = list(search.dense) if search.dense else None
+        sparse = _vector(search.sparse) if search.sparse else None
+        if search.mode is Mode.HYBRID:
+            kwargs: dict[str, Any] = dict(
+                query=models.RrfQuery(rrf=models.Rrf(k=search.rrf_k)),
+                prefetch=[models.Prefetch(query=dense, using=DENSE, filter=flt,
+                                          limit=search.prefetch_limit),
+                          models.Prefetch(query=sparse, using=SPARSE, filter=flt,
+                                          limit=search.prefetch_limit, params=idf)])
+        elif search.mode is Mode.KEYWORD:
+            kwargs = dict(query=sparse, using=SPARSE, search_params=idf)
+        else:
+            kwargs = dict(query=dense, using=DENSE)
+        response = await self._guard(self.client.query_points(
+            self.collection, query_filter=flt, limit=search.limit, with_payload=True,
+            score_threshold=search.score_threshold, **kwargs))
+        return [Found(str(uuid.UUID(str(p.id))), p.payload or {}, p.score)
+                for p in response.points]
+
+    async def count(self, namespace: str, conditions: Sequence[Condition] = ()) -> int:
+        result = await self._guard(self.client.count(
+            self.collection, count_filter=_scope(namespace, conditions), exact=True))
+        return result.count
+
+    async def delete(self, namespace: str, *, ids: Sequence[str] | None = None,
+                     conditions: Sequence[Condition] = (),
+                     keep_ids: Sequence[str] = ()) -> int:
+        flt = _scope(namespace, conditions, ids, keep_ids)
+        matched = (await self._guard(self.client.count(self.collection, count_filter=flt,
+                                                       exact=True))).count
+        if matched:
+            await self._guard(self.client.delete(
+                self.collection, points_selector=models.FilterSelector(filter=flt), wait=True,
+                ordering=models.WriteOrdering.STRONG))
+        return matched
+
+    async def close(self) -> None:
+        await self.client.close()
