@@ -20,8 +20,12 @@ from hivemesh.services.llm.settings import BackendSettings, LlmSettings
 def build_backend(name: str, settings: BackendSettings) -> LlmBackend:
     if settings.type == "mock":
         from hivemesh.services.llm.backends.mock import MockBackend
-        return MockBackend(name, default_response=settings.mock_default_response,
+        mock = MockBackend(name, default_response=settings.mock_default_response,
                            latency_s=settings.mock_latency_s)
+        if settings.mock_fail_first:
+            mock.simulate_failure(message="injected failure (mock_fail_first)",
+                                  times=settings.mock_fail_first)
+        return mock
     if settings.type == "anthropic":
         from hivemesh.services.llm.backends.anthropic import AnthropicBackend
         return AnthropicBackend(name, api_key=settings.api_key(), base_url=settings.base_url,

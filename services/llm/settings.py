@@ -39,6 +39,9 @@ class BackendSettings(BaseModel):
     # mock only
     mock_default_response: str | None = None
     mock_latency_s: float = Field(default=0.0, ge=0)
+    # Fault injection for resilience drills: the first N attempts fail
+    # with UNAVAILABLE.
+    mock_fail_first: int = Field(default=0, ge=0)
 
     def api_key(self) -> str:
         """The key, read from its environment variable or secret file."""

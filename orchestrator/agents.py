@@ -1,0 +1,146 @@
+"""Declarative agent definitions: loaded from files at start-up and
+registered over gRPC afterwards.
+
+An agent file is TOML or JSON, one agent per file, with the fields of
+``hivemesh.orchestrator.v1.AgentDefinition`` (proto JSON names, e.g.::
+
+    name = "coder"
+    system_prompt = "You are a coding expert."
+    model = "mock-small"
+    fallback_models = ["mock-large"]
+    output_artifact_type = "code"
+    [memory]
+    enabled = true
+    write_back = true
+
+A bad file stops start-up with its path and the first problem. Agents
+registered over gRPC are kept in ``<data_dir>/agents.json`` (written
+atomically) so they survive a restart; files win over stored agents of the
+same name at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import grpc
+import protovalidate
+from google.protobuf import json_format
+
+from hivemesh.orchestrator.v1 import AgentDefinition
+from hivemesh.runtime import errors
+from hivemesh.runtime.wellknown import now_us
+
+
+class AgentFileError(ValueError):
+    pass
+
+
+def parse_agent(data: dict, origin: str) -> AgentDefinition:
+    agent = AgentDefinition()
+    try:
+        json_format.ParseDict(data, agent)
+    except json_format.ParseError as exc:
+        raise AgentFileError(f"{origin}: {exc}") from None
+    violations = protovalidate.Validator().collect_violations(agent)
+    if violations:
+        first = violations[0].proto
+        where = ".".join(e.field_name for e in first.field.elements) or "agent"
+        raise AgentFileError(f"{origin}: {where}: {first.message or first.rule_id}")
+    return agent
+
+
+def load_agent_file(path: Path) -> AgentDefinition:
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AgentFileError(f"{path}: {exc}") from None
+    return parse_agent(data, str(path))
+
+
+class AgentRegistry:
+    def __init__(self, store_path: Path | None = None) -> None:
+        self._agents: dict[str, AgentDefinition] = {}
+        self._store_path = store_path
+        if store_path is not None and store_path.exists():
+            for data in json.loads(store_path.read_text()):
+                agent = parse_agent(data, str(store_path))
+                self._agents[agent.name] = agent
+
+    def load_dir(self, directory: Path) -> list[str]:
+        """Load every ``*.toml``/``*.json`` agent file; returns the names."""
+        if not directory.is_dir():
+            raise AgentFileError(f"{directory}: not a directory")
+        names = []
+        for path in sorted(directory.iterdir()):
+            if path.suffix in (".toml", ".json"):
+                agent = load_agent_file(path)
+                if agent.name in names:
+                    raise AgentFileError(f"{path}: agent {agent.name!r} is defined twice")
+                self._put(agent)
+                names.append(agent.name)
+        return names
+
+    def get(self, name: str) -> AgentDefinition:
+        agent = self._agents.get(name)
+        if agent is None:
+            raise errors.not_found("agent", name)
+        return agent
+
+    def find(self, name: str) -> AgentDefinition | None:
+        return self._agents.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._agents)
+
+    def after(self, name: str, limit: int) -> list[AgentDefinition]:
+        """Agents ordered by name, strictly after ``name``."""
+        return [self._agents[n] for n in self.names() if n > name][:limit]
+
+    def register(self, agent: AgentDefinition, allow_update: bool) -> tuple[AgentDefinition, bool]:
+        existing = self._agents.get(agent.name)
+        if existing is not None and not allow_update:
+            raise errors.ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS",
+                f"agent {agent.name!r} already exists (set allow_update to replace it)",
+                {"agent": agent.name})
+        stored = AgentDefinition()
+        stored.CopyFrom(agent)
+        stamp = now_us()
+        stored.update_time.FromMicroseconds(stamp)
+        if existing is not None:
+            stored.create_time.CopyFrom(existing.create_time)
+        else:
+            stored.create_time.FromMicroseconds(stamp)
+        self._put(stored)
+        self._save()
+        return stored, existing is None
+
+    def delete(self, name: str) -> bool:
+        if self._agents.pop(name, None) is None:
+            return False
+        self._save()
+        return True
+
+    def _put(self, agent: AgentDefinition) -> None:
+        if not agent.HasField("create_time"):
+            agent.create_time.FromMicroseconds(now_us())
+            agent.update_time.CopyFrom(agent.create_time)
+        self._agents[agent.name] = agent
+
+    def _save(self) -> None:
+        if self._store_path is None:
+            return
+        self._store_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._store_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump([json_format.MessageToDict(a) for a in self._agents.values()], f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._store_path)

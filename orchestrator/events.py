@@ -1,0 +1,170 @@
+"""The in-process event bus (seed 002): every event of a run passes through
+the bus's middleware (which may enrich or drop it), then reaches the
+subscribers in priority order (higher first). A subscriber that raises is
+logged and counted, never allowed to break the run.
+
+Remote subscribers (SubscribeEvents) are :class:`Subscription` objects: a
+filter and a bounded queue. A subscriber too slow to keep up is ended with
+FAILED and the number of dropped events rather than slowing every run.
+
+Events of one run are numbered by an :class:`EventSink` (one per workflow
+run, or per agent run outside a workflow), so ``sequence`` has no gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hivemesh.common.v1 import RequestContext
+from hivemesh.orchestrator.v1 import AgentEvent, EventPriority, EventType
+from hivemesh.runtime.wellknown import now_us, timestamp
+
+log = logging.getLogger("hivemesh.orchestrator.events")
+
+EventMiddleware = Callable[[AgentEvent], AgentEvent | None]
+Subscriber = Callable[[AgentEvent], None]
+
+_PAYLOAD = {
+    EventType.EVENT_TYPE_AGENT_START: "agent_start",
+    EventType.EVENT_TYPE_MEMORY_RECALLED: "memory_recalled",
+    EventType.EVENT_TYPE_GENERATION_CHUNK: "generation_chunk",
+    EventType.EVENT_TYPE_TOOL_EXECUTE: "tool_execute",
+    EventType.EVENT_TYPE_ARTIFACT_SAVED: "artifact_saved",
+    EventType.EVENT_TYPE_BUDGET_ALERT: "budget_alert",
+    EventType.EVENT_TYPE_AGENT_COMPLETE: "agent_complete",
+    EventType.EVENT_TYPE_AGENT_FAILED: "agent_failed",
+    EventType.EVENT_TYPE_HANDOFF: "handoff",
+    EventType.EVENT_TYPE_TASK_START: "task_start",
+    EventType.EVENT_TYPE_TASK_COMPLETE: "task_complete",
+    EventType.EVENT_TYPE_WORKFLOW_COMPLETE: "workflow_complete",
+    EventType.EVENT_TYPE_WORKFLOW_START: "workflow_start",
+    EventType.EVENT_TYPE_GENERATION_COMPLETE: "generation_complete",
+    EventType.EVENT_TYPE_MEMORY_WRITTEN: "memory_written",
+    EventType.EVENT_TYPE_DEGRADED: "degraded",
+}
+_HIGH = {EventType.EVENT_TYPE_AGENT_FAILED, EventType.EVENT_TYPE_BUDGET_ALERT}
+
+
+def default_priority(event_type: int, payload) -> int:
+    if event_type == EventType.EVENT_TYPE_GENERATION_CHUNK:
+        return EventPriority.EVENT_PRIORITY_LOW
+    if event_type in _HIGH or (event_type == EventType.EVENT_TYPE_WORKFLOW_COMPLETE
+                               and payload.HasField("error")):
+        return EventPriority.EVENT_PRIORITY_HIGH
+    return EventPriority.EVENT_PRIORITY_NORMAL
+
+
+@dataclass
+class Subscription:
+    """One SubscribeEvents stream: its filters and its queue."""
+
+    workflow_id: str = ""
+    agent: str = ""
+    types: frozenset[int] = frozenset()
+    min_priority: int = 0
+    context_id: str = ""
+    queue_size: int = 10_000
+    queue: asyncio.Queue = field(init=False)
+    dropped: int = 0
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.queue_size)
+
+    def matches(self, event: AgentEvent) -> bool:
+        return ((not self.workflow_id or event.context.workflow_id == self.workflow_id)
+                and (not self.agent or event.agent == self.agent)
+                and (not self.types or event.type in self.types)
+                and event.priority >= self.min_priority
+                and (not self.context_id or event.context.context_id == self.context_id))
+
+    def offer(self, event: AgentEvent) -> None:
+        if self.dropped:
+            self.dropped += 1  # already failed; the stream ends at its next read
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._middleware: list[EventMiddleware] = []
+        self._subscribers: list[tuple[int, int, Subscriber]] = []
+        self._subscriptions: set[Subscription] = set()
+        self.subscriber_errors = 0
+
+    def use(self, middleware: EventMiddleware) -> None:
+        """Add a middleware; they run in the order added."""
+        self._middleware.append(middleware)
+
+    def subscribe(self, subscriber: Subscriber, priority: int = 0) -> Callable[[], None]:
+        """Call ``subscriber`` for every event, higher priority first (ties in
+        the order subscribed). Returns a function that unsubscribes."""
+        entry = (-priority, len(self._subscribers), subscriber)
+        self._subscribers.append(entry)
+        self._subscribers.sort(key=lambda e: e[:2])
+        return lambda: self._subscribers.remove(entry) if entry in self._subscribers else None
+
+    def add_subscription(self, subscription: Subscription) -> None:
+        self._subscriptions.add(subscription)
+
+    def remove_subscription(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    @property
+    def idle(self) -> bool:
+        return not self._subscribers and not self._subscriptions
+
+    def publish(self, event: AgentEvent) -> AgentEvent | None:
+        """Run the middleware and deliver; returns the event as delivered,
+        or None when a middleware dropped it."""
+        for middleware in self._middleware:
+            try:
+                result = middleware(event)
+            except Exception:
+                log.exception("event middleware failed; event delivered unchanged")
+                continue
+            if result is None:
+                return None
+            event = result
+        for _, _, subscriber in self._subscribers:
+            try:
+                subscriber(event)
+            except Exception:
+                self.subscriber_errors += 1
+                log.exception("event subscriber failed", extra={"event_type": event.type})
+        for subscription in self._subscriptions:
+            if subscription.matches(event):
+                subscription.offer(event)
+        return event
+
+
+class EventSink:
+    """Builds and numbers the events of one run, sends them to the bus and
+    to an optional listener (a StreamAgent call)."""
+
+    def __init__(self, bus: EventBus, listener: Subscriber | None = None) -> None:
+        self.bus = bus
+        self.listener = listener
+        self.sequence = 0
+
+    def emit(self, event_type: int, context: RequestContext, trace_id: str, payload, *,
+             agent: str = "") -> AgentEvent | None:
+        if self.listener is None and self.bus.idle:
+            self.sequence += 1  # nobody listens: number it, skip building it
+            return None
+        self.sequence += 1
+        event = AgentEvent(event_id=str(uuid.uuid4()), type=event_type, context=context,
+                           create_time=timestamp(now_us()), trace_id=trace_id,
+                           priority=default_priority(event_type, payload), agent=agent,
+                           sequence=self.sequence)
+        getattr(event, _PAYLOAD[event_type]).CopyFrom(payload)
+        delivered = self.bus.publish(event)
+        if delivered is not None and self.listener is not None:
+            self.listener(delivered)
+        return delivered

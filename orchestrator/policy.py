@@ -1,0 +1,239 @@
+"""The call policy toward the providers, in one place.
+
+Every outbound call goes through :class:`Providers`, which
+
+* carves its deadline from the run's remaining time (``deadline_scope``),
+  capped by ``call_timeout_s``, and refuses to start a call with less than
+  ``min_call_time_s`` left (DEADLINE_EXCEEDED, reason DEADLINE_TOO_SHORT);
+* keeps one circuit breaker per provider: after consecutive failures that
+  say the provider is unhealthy (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
+  UNKNOWN) calls fail fast with UNAVAILABLE, reason CIRCUIT_OPEN, until a
+  probe call succeeds;
+* opens a CLIENT span per call (the provider's server span is its child)
+  and forwards W3C trace context;
+* turns a provider's gRPC error into a ServiceError with the same code,
+  reason and metadata, plus ``provider``, so it can be returned as is.
+
+Retries are not done here: each channel carries its API's gRPC service
+config (UNAVAILABLE only, bounded attempts, jittered backoff, retry
+throttling), so a retried call stays one client span.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from hivemesh.artifact.v1 import ArtifactServiceStub
+from hivemesh.client.base import trace_metadata
+from hivemesh.client.channel import insecure_channel
+from hivemesh.client.errors import from_rpc_error
+from hivemesh.information.v1 import InformationServiceStub
+from hivemesh.llm.v1 import LlmServiceStub
+from hivemesh.memory.v1 import MemoryServiceStub
+from hivemesh.orchestrator.v1 import ToolServiceStub
+from hivemesh.runtime import errors
+from hivemesh.runtime.resilience import CircuitBreaker
+
+tracer = trace.get_tracer("hivemesh.orchestrator")
+
+# Absolute time.monotonic() by which the current run must end.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "hivemesh_run_deadline", default=None)
+
+_UNHEALTHY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+# provider -> (api whose service config the channel loads, stub, full service name)
+_PROVIDERS = {
+    "llm": ("llm", LlmServiceStub, "hivemesh.llm.v1.LlmService"),
+    "memory": ("memory", MemoryServiceStub, "hivemesh.memory.v1.MemoryService"),
+    "information": ("information", InformationServiceStub,
+                    "hivemesh.information.v1.InformationService"),
+    "artifact": ("artifact", ArtifactServiceStub, "hivemesh.artifact.v1.ArtifactService"),
+}
+TOOL_SERVICE = ("orchestrator", ToolServiceStub, "hivemesh.orchestrator.v1.ToolService")
+
+
+@contextlib.contextmanager
+def deadline_scope(timeout_s: float | None) -> Iterator[float]:
+    """Run the block with a deadline ``timeout_s`` from now, or the
+    enclosing one if that is earlier. Yields the absolute deadline."""
+    now = time.monotonic()
+    outer = _deadline.get()
+    deadline = outer if timeout_s is None else now + timeout_s
+    if outer is not None:
+        deadline = min(deadline, outer)
+    if deadline is None:
+        raise ValueError("deadline_scope needs a timeout outside a run")
+    token = _deadline.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _deadline.reset(token)
+
+
+def remaining_s() -> float | None:
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def deadline_exceeded(what: str) -> errors.ServiceError:
+    return errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_TOO_SHORT",
+                               f"too little time left for {what}")
+
+
+@dataclass
+class Provider:
+    name: str
+    service: str
+    channel: grpc.aio.Channel
+    stub: Any
+    breaker: CircuitBreaker
+
+
+class Providers:
+    """The provider channels (the four providers, and remote tool servers
+    named ``tool:<server>``) and the policy every call goes through."""
+
+    def __init__(self, addresses: dict[str, str | None], *, call_timeout_s: float = 60.0,
+                 min_call_time_s: float = 0.05, breaker_failure_threshold: int = 5,
+                 breaker_reset_s: float = 10.0) -> None:
+        self.call_timeout_s = call_timeout_s
+        self.min_call_time_s = min_call_time_s
+        self._breaker = (breaker_failure_threshold, breaker_reset_s)
+        self._providers: dict[str, Provider] = {}
+        for name, address in addresses.items():
+            if address:
+                self.add(name, address, _PROVIDERS[name])
+
+    def add(self, name: str, address: str, kind: tuple[str, type, str]) -> None:
+        api, stub, service = kind
+        channel = insecure_channel(address, api)
+        self._providers[name] = Provider(name, service, channel, stub(channel),
+                                         CircuitBreaker(*self._breaker))
+
+    def has(self, name: str) -> bool:
+        return name in self._providers
+
+    def breaker(self, name: str) -> CircuitBreaker:
+        return self._provider(name).breaker
+
+    async def close(self) -> None:
+        for provider in self._providers.values():
+            await provider.channel.close()
+
+    def _provider(self, name: str) -> Provider:
+        provider = self._providers.get(name)
+        if provider is None:
+            raise errors.ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                f"no {name} service is configured for the orchestrator", {"provider": name})
+        return provider
+
+    def _timeout(self, what: str) -> float:
+        left = remaining_s()
+        timeout = self.call_timeout_s if left is None else min(left, self.call_timeout_s)
+        if timeout < self.min_call_time_s:
+            raise deadline_exceeded(what)
+        return timeout
+
+    def _admit(self, provider: Provider, method: str) -> None:
+        if not provider.breaker.allow():
+            raise errors.ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN",
+                f"{provider.name} circuit is open after repeated failures; not calling {method}",
+                {"provider": provider.name})
+
+    def _record(self, provider: Provider, error: errors.ServiceError | None) -> None:
+        if error is None or error.code not in _UNHEALTHY:
+            provider.breaker.record_success() if error is None else \
+                provider.breaker.release_probe()
+        else:
+            provider.breaker.record_failure()
+
+    @contextlib.contextmanager
+    def _span(self, provider: Provider, method: str, attributes: dict | None) -> Iterator:
+        with tracer.start_as_current_span(
+                f"{provider.service}/{method}", kind=SpanKind.CLIENT,
+                attributes={"rpc.system": "grpc", "rpc.service": provider.service,
+                            "rpc.method": method, **(attributes or {})},
+                record_exception=False, set_status_on_exception=False) as span:
+            yield span
+
+    async def call(self, name: str, method: str, request: Any, *,
+                   span_attributes: dict | None = None,
+                   annotate: Callable[[Any, Any], None] | None = None) -> Any:
+        """One unary call under the policy. Raises ServiceError.
+        ``annotate(span, response)`` adds attributes from the response."""
+        provider = self._provider(name)
+        timeout = self._timeout(f"{name} {method}")
+        self._admit(provider, method)
+        with self._span(provider, method, span_attributes) as span:
+            try:
+                response = await getattr(provider.stub, method)(
+                    request, timeout=timeout, metadata=trace_metadata())
+            except grpc.RpcError as err:
+                error = provider_error(provider.name, err)
+                self._record(provider, error)
+                _span_error(span, error)
+                raise error from err
+            except BaseException:
+                provider.breaker.release_probe()
+                raise
+            self._record(provider, None)
+            if annotate is not None:
+                annotate(span, response)
+            return response
+
+    async def stream(self, name: str, method: str, request: Any, *,
+                     span_attributes: dict | None = None,
+                     annotate: Callable[[Any, Any], None] | None = None) -> AsyncIterator[Any]:
+        """A server-streaming call under the policy; yields its messages.
+        ``annotate(span, last_message)`` runs when the stream ends."""
+        provider = self._provider(name)
+        timeout = self._timeout(f"{name} {method}")
+        self._admit(provider, method)
+        with self._span(provider, method, span_attributes) as span:
+            call = getattr(provider.stub, method)(request, timeout=timeout,
+                                                  metadata=trace_metadata())
+            last = None
+            try:
+                async for message in call:
+                    last = message
+                    yield message
+            except grpc.RpcError as err:
+                error = provider_error(provider.name, err)
+                self._record(provider, error)
+                _span_error(span, error)
+                raise error from err
+            except BaseException:
+                call.cancel()
+                provider.breaker.release_probe()
+                raise
+            self._record(provider, None)
+            if annotate is not None and last is not None:
+                annotate(span, last)
+
+
+def provider_error(name: str, err: grpc.RpcError) -> errors.ServiceError:
+    """The provider's error as this service's own: same code, reason and
+    metadata, plus which provider failed."""
+    typed = from_rpc_error(err)
+    reason = typed.reason or "UPSTREAM_ERROR"
+    return errors.ServiceError(typed.code, reason, f"{name}: {typed.message}",
+                               {**typed.metadata, "provider": name})
+
+
+def _span_error(span, error: errors.ServiceError) -> None:
+    span.set_attribute("rpc.grpc.status_code", error.code.value[0])
+    span.set_attribute("error.type", errors.reason_name(error.reason))
+    span.set_status(Status(StatusCode.ERROR, error.message))

@@ -1,0 +1,613 @@
+"""One agent run, start to finish (seeds 001, 003 and 004):
+
+1. recall memories (and session history) and reserve budget, concurrently;
+   a refused reservation fails the run before anything is generated, a
+   memory outage only degrades it;
+2. generate, trying the agent's fallback models in order when a model fails
+   before any output; run the tools the model asks for (bounded by the
+   agent's allowlist and iteration limit) and feed their results back;
+3. save the output artifact, commit usage and write memory back,
+   concurrently; a failed generation releases its reservation.
+
+Every id sent to a provider is derived from the run's request id, so a
+retried run finds the providers' idempotency records instead of doing the
+work twice. Spans: one ``invoke_agent`` span per run, the provider calls as
+client spans below it (the LLM calls carrying the GenAI attributes), one
+``execute_tool`` span per tool call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from google.rpc import error_details_pb2
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from hivemesh.artifact.v1 import SaveArtifactRequest
+from hivemesh.common.v1 import StreamOutcome, Usage
+from hivemesh.information.v1 import CommitRequest, ReleaseRequest, ReserveRequest, TrackCompletionRequest
+from hivemesh.llm.v1 import (
+    Conversation, FinishReason, GenerateRequest, GenerationConfig, Message, Role,
+    StreamGenerateRequest, Tool, ToolCall)
+from hivemesh.memory.v1 import (
+    AddMemoriesRequest, AppendHistoryRequest, GetHistoryRequest, HistoryMessage, Lineage,
+    MemoryItem, MessageRole, SearchMemoriesRequest, SearchMode)
+from hivemesh.orchestrator.v1 import (
+    AgentDefinition, AgentFailed, AgentResult, AgentStart, ArtifactSaved, BudgetAlert,
+    BudgetEnforcement, DegradedComponent, DegradedNote, EventType, GenerationChunk,
+    GenerationComplete, Handoff, MemoryRecalled, MemoryWritten, ToolCallRecord, ToolError)
+from hivemesh.runtime import errors
+from hivemesh.runtime.wellknown import duration_s
+from hivemesh.services.orchestrator import templates
+from hivemesh.services.orchestrator.context import ExecutionContext
+from hivemesh.services.orchestrator.events import EventSink
+from hivemesh.services.orchestrator.policy import Providers
+from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
+from hivemesh.services.orchestrator.tools import ToolRegistry
+
+tracer = trace.get_tracer("hivemesh.orchestrator")
+
+DOMAIN = "hivemesh.orchestrator"
+HANDOFF_TOOL = "handoff"
+DEFAULT_RECALL_LIMIT = 5
+DEFAULT_HISTORY_TOKENS = 2000
+DEFAULT_TOOL_ITERATIONS = 8
+DEFAULT_MAX_TOKENS = 1024
+# Errors after which the next fallback model is tried.
+_FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                             grpc.StatusCode.NOT_FOUND})
+
+
+@dataclass
+class RunOptions:
+    request_id: str
+    input: str
+    model_override: str = ""
+    variables: dict[str, str] = field(default_factory=dict)
+    disable_fallback: bool = False
+    # Agents this run may hand off to (a workflow task with allow_handoff).
+    handoff_targets: tuple[str, ...] = ()
+    # Stream the generation and emit GENERATION_CHUNK events.
+    stream_chunks: bool = False
+
+
+class RunError(Exception):
+    """A failed run: the error to return and what was done before it."""
+
+    def __init__(self, error: errors.ServiceError, failed: AgentFailed) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.failed = failed
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+def trace_id_of(span) -> str:
+    return format(span.get_span_context().trace_id, "032x")
+
+
+class _Run:
+    """What one run has done so far."""
+
+    def __init__(self, agent: AgentDefinition, ctx: ExecutionContext, opts: RunOptions,
+                 sink: EventSink, trace_id: str) -> None:
+        self.agent = agent
+        self.ctx = ctx
+        self.opts = opts
+        self.sink = sink
+        self.trace_id = trace_id
+        self.context = ctx.to_proto()
+        self.result = AgentResult(agent=agent.name, context_id=ctx.context_id,
+                                  trace_id=trace_id)
+        self.reservation: str | None = None
+        self.output = ""
+        self.last_generation = None  # GenerateResponse or StreamSummary
+
+    def emit(self, event_type: int, payload) -> None:
+        self.sink.emit(event_type, self.context, self.trace_id, payload, agent=self.agent.name)
+
+    def degrade(self, component: int, error: errors.ServiceError) -> None:
+        note = DegradedNote(component=component, reason=errors.reason_name(error.reason),
+                            message=error.message)
+        self.result.degraded.append(note)
+        self.emit(EventType.EVENT_TYPE_DEGRADED, note)
+
+    def add_usage(self, usage: Usage, cost_micros: int, currency: str) -> None:
+        total = self.result.usage
+        total.prompt_tokens += usage.prompt_tokens
+        total.completion_tokens += usage.completion_tokens
+        total.total_tokens += usage.total_tokens
+        total.cached_prompt_tokens += usage.cached_prompt_tokens
+        self.result.cost_micros += cost_micros
+        self.result.currency = currency or self.result.currency
+
+    def failed(self) -> AgentFailed:
+        r = self.result
+        return AgentFailed(partial_output=self.output, usage=r.usage, cost_micros=r.cost_micros,
+                           tool_calls=r.tool_calls, degraded=r.degraded)
+
+
+class AgentRunner:
+    def __init__(self, providers: Providers, tools: ToolRegistry) -> None:
+        self.providers = providers
+        self.tools = tools
+
+    async def run(self, agent: AgentDefinition, ctx: ExecutionContext, opts: RunOptions,
+                  sink: EventSink) -> AgentResult:
+        """Runs the agent; returns its result or raises RunError."""
+        started = time.monotonic()
+        with tracer.start_as_current_span(
+                f"invoke_agent {agent.name}", kind=SpanKind.INTERNAL,
+                attributes={"gen_ai.operation.name": "invoke_agent",
+                            "gen_ai.agent.name": agent.name,
+                            "hivemesh.context_id": ctx.context_id,
+                            "hivemesh.workflow_id": ctx.workflow_id,
+                            "hivemesh.task_id": ctx.task_id},
+                record_exception=False, set_status_on_exception=False) as span:
+            run = _Run(agent, ctx, opts, sink, trace_id_of(span))
+            run.emit(EventType.EVENT_TYPE_AGENT_START,
+                     AgentStart(input=opts.input, model=opts.model_override or agent.model))
+            try:
+                await self._pipeline(run)
+            except errors.ServiceError as exc:
+                await self._release(run, 3)
+                span.set_status(Status(StatusCode.ERROR, exc.message))
+                span.set_attribute("error.type", errors.reason_name(exc.reason))
+                failed = run.failed()
+                failed.error.CopyFrom(exc.to_status(DOMAIN))
+                run.emit(EventType.EVENT_TYPE_AGENT_FAILED, failed)
+                raise RunError(exc, failed) from exc
+            except asyncio.CancelledError:
+                await asyncio.shield(self._release(run, 2))
+                span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                raise
+            run.result.latency.CopyFrom(duration_s(time.monotonic() - started))
+            run.emit(EventType.EVENT_TYPE_AGENT_COMPLETE, run.result)
+            return run.result
+
+    # ------------------------------------------------------------ pipeline
+
+    async def _pipeline(self, run: _Run) -> None:
+        agent, opts = run.agent, run.opts
+        problems = templates.problems(agent.system_prompt, opts.variables)
+        if problems:
+            raise errors.invalid_argument([("variables", p) for p in problems])
+        system = templates.render(agent.system_prompt, opts.variables)
+        enforcement = agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
+        models = self._model_chain(run)
+
+        recall = asyncio.create_task(self._recall(run)) if agent.memory.enabled else None
+        history = (asyncio.create_task(self._history(run))
+                   if agent.memory.history_enabled and run.ctx.session_id else None)
+        try:
+            if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
+                await self._reserve(run, models[0], system, 1)
+            memories = await recall if recall else []
+            past = await history if history else []
+        except BaseException:
+            for task in (recall, history):
+                if task is not None:
+                    task.cancel()
+            raise
+
+        messages = [Message(role=Role.ROLE_SYSTEM, content=_with_memories(system, memories))]
+        messages += past
+        messages.append(Message(role=Role.ROLE_USER, content=opts.input))
+        offered = self._offered_tools(run)
+        limit = agent.max_tool_iterations or DEFAULT_TOOL_ITERATIONS
+        iteration = 0
+        while True:
+            iteration += 1
+            if iteration > 1 and enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
+                await self._reserve(run, models[0], "".join(m.content for m in messages),
+                                    iteration)
+            reply = await self._generate(run, models, messages, offered, iteration)
+            calls = list(reply.tool_calls)
+            if not calls:
+                run.output = reply.content
+                break
+            await self._settle(run, enforcement, iteration)
+            handoff = next((c for c in calls if c.name == HANDOFF_TOOL), None)
+            if handoff is not None and self._handoff(run, handoff):
+                run.output = reply.content
+                return await self._finish(run, enforcement, iteration, settled=True)
+            if iteration > limit:
+                raise errors.ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "TOOL_ITERATION_LIMIT",
+                    f"agent {agent.name!r} still asked for tools after {limit} tool turns",
+                    {"max_tool_iterations": str(limit)})
+            messages.append(reply)
+            messages += await self._run_tools(run, calls, iteration)
+        await self._finish(run, enforcement, iteration, settled=False)
+
+    def _model_chain(self, run: _Run) -> list[str]:
+        first = run.opts.model_override or run.agent.model
+        if run.opts.disable_fallback:
+            return [first]
+        return [first, *(m for m in run.agent.fallback_models if m != first)]
+
+    def _offered_tools(self, run: _Run) -> list[Tool]:
+        tools = [Tool(name=d.name, description=d.description, parameters=d.parameters)
+                 for d in self.tools.definitions(run.agent.allowed_tools)]
+        if run.opts.handoff_targets:
+            tools.append(_handoff_tool(run.opts.handoff_targets))
+        return tools
+
+    # ------------------------------------------------------------ memory
+
+    async def _recall(self, run: _Run) -> list[str]:
+        memory = run.agent.memory
+        request = SearchMemoriesRequest(
+            context=run.context, namespace=memory.namespace, query=run.opts.input[:16384],
+            limit=memory.recall_limit or DEFAULT_RECALL_LIMIT,
+            mode=SearchMode.SEARCH_MODE_HYBRID)
+        if memory.HasField("score_threshold"):
+            request.score_threshold = memory.score_threshold
+        try:
+            found = await self.providers.call("memory", "SearchMemories", request)
+        except errors.ServiceError as exc:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            run.degrade(DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL, exc)
+            return []
+        run.result.memories_recalled = len(found.results)
+        run.emit(EventType.EVENT_TYPE_MEMORY_RECALLED, MemoryRecalled(
+            namespace=found.namespace, chunk_ids=[r.chunk.chunk_id for r in found.results]))
+        return [r.chunk.text for r in found.results]
+
+    async def _history(self, run: _Run) -> list[Message]:
+        memory = run.agent.memory
+        try:
+            found = await self.providers.call("memory", "GetHistory", GetHistoryRequest(
+                context=run.context, namespace=memory.namespace, session_id=run.ctx.session_id,
+                token_budget=memory.history_token_budget or DEFAULT_HISTORY_TOKENS))
+        except errors.ServiceError as exc:
+            run.degrade(DegradedComponent.DEGRADED_COMPONENT_HISTORY, exc)
+            return []
+        return [Message(role=_ROLES.get(m.role, Role.ROLE_USER), content=m.content,
+                        name=m.name) for m in found.messages
+                if m.role != MessageRole.MESSAGE_ROLE_TOOL]
+
+    async def _write_back(self, run: _Run) -> None:
+        memory = run.agent.memory
+        lineage = Lineage(workflow_id=run.ctx.workflow_id, task_id=run.ctx.task_id,
+                          agent_id=run.agent.name,
+                          generation_id=f"{run.opts.request_id}:gen:{run.result.llm_calls}")
+        items = [MemoryItem(content=text, source_id=f"{run.ctx.context_id}:{kind}",
+                            lineage=lineage) for kind, text in
+                 (("input", run.opts.input), ("output", run.output)) if text]
+        for item in items:
+            item.metadata.update({"kind": item.source_id.rsplit(":", 1)[1],
+                                  "agent": run.agent.name})
+        try:
+            added = await self.providers.call("memory", "AddMemories", AddMemoriesRequest(
+                request_id=f"{run.opts.request_id}:memory", context=run.context,
+                namespace=memory.namespace, items=items))
+        except errors.ServiceError as exc:
+            run.degrade(DegradedComponent.DEGRADED_COMPONENT_MEMORY_WRITE_BACK, exc)
+            return
+        run.emit(EventType.EVENT_TYPE_MEMORY_WRITTEN, MemoryWritten(
+            namespace=added.namespace, chunk_ids=[c for i in added.items for c in i.chunk_ids]))
+
+    async def _append_history(self, run: _Run) -> None:
+        try:
+            await self.providers.call("memory", "AppendHistory", AppendHistoryRequest(
+                request_id=f"{run.opts.request_id}:history", context=run.context,
+                namespace=run.agent.memory.namespace, session_id=run.ctx.session_id,
+                messages=[HistoryMessage(role=MessageRole.MESSAGE_ROLE_USER,
+                                         content=run.opts.input),
+                          HistoryMessage(role=MessageRole.MESSAGE_ROLE_ASSISTANT,
+                                         content=run.output, name=run.agent.name)]))
+        except errors.ServiceError as exc:
+            run.degrade(DegradedComponent.DEGRADED_COMPONENT_HISTORY, exc)
+
+    # ------------------------------------------------------------ budget
+
+    async def _reserve(self, run: _Run, model: str, prompt: str, iteration: int) -> None:
+        response = await self.providers.call("information", "Reserve", ReserveRequest(
+            request_id=f"{run.opts.request_id}:reserve:{iteration}", context=run.context,
+            model=model, estimated_prompt_tokens=estimate_tokens(prompt + run.opts.input),
+            max_tokens=run.agent.sampling.max_tokens or DEFAULT_MAX_TOKENS))
+        run.reservation = response.reservation_id
+
+    async def _release(self, run: _Run, reason: int) -> None:
+        reservation, run.reservation = run.reservation, None
+        if reservation is None:
+            return
+        try:
+            await self.providers.call("information", "Release", ReleaseRequest(
+                request_id=f"{reservation}:release", reservation_id=reservation, reason=reason))
+        except errors.ServiceError:
+            pass  # it expires on its own; nothing was charged
+
+    async def _settle(self, run: _Run, enforcement: int, iteration: int) -> None:
+        """Commit (or track) the usage of the last generation."""
+        last = run.last_generation
+        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
+            run.add_usage(last.usage, 0, "")
+            return
+        common = dict(usage=last.usage, model=last.model, backend=last.backend,
+                      latency=last.latency, cached=last.cached, success=True)
+        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
+            try:
+                charged = await self.providers.call("information", "TrackCompletion",
+                                                    TrackCompletionRequest(
+                    request_id=f"{run.opts.request_id}:track:{iteration}",
+                    context=run.context, **common))
+            except errors.ServiceError as exc:
+                run.add_usage(last.usage, 0, "")
+                run.degrade(DegradedComponent.DEGRADED_COMPONENT_BUDGET, exc)
+                return
+        else:
+            reservation, run.reservation = run.reservation, None
+            charged = await self.providers.call("information", "Commit", CommitRequest(
+                request_id=f"{run.opts.request_id}:commit:{iteration}",
+                reservation_id=reservation, **common))
+        run.add_usage(last.usage, charged.cost_micros, charged.currency)
+        for alert in charged.alerts:
+            run.emit(EventType.EVENT_TYPE_BUDGET_ALERT, BudgetAlert(
+                alert_id=alert.alert_id, budget_id=alert.budget_id,
+                threshold_percent=alert.threshold_percent, spent_micros=alert.spent_micros,
+                limit_micros=alert.limit_micros, spent_tokens=alert.spent_tokens,
+                limit_tokens=alert.limit_tokens, currency=alert.currency))
+        self._check_run_caps(run)
+
+    def _check_run_caps(self, run: _Run) -> None:
+        policy = run.agent.budget
+        for limit, spent, unit in ((policy.max_cost_micros_per_run, run.result.cost_micros,
+                                    "micros"),
+                                   (policy.max_tokens_per_run, run.result.usage.total_tokens,
+                                    "tokens")):
+            if limit and spent > limit:
+                raise errors.ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXCEEDED",
+                    f"the run spent {spent} {unit}, over the agent's per-run cap of {limit}",
+                    {"scope": "run", "unit": unit, "limit": str(limit), "spent": str(spent)})
+
+    # ------------------------------------------------------------ generation
+
+    async def _generate(self, run: _Run, models: list[str], messages: list[Message],
+                        tools: list[Tool], iteration: int) -> Message:
+        sampling = run.agent.sampling
+        config = GenerationConfig(max_tokens=sampling.max_tokens)
+        if sampling.HasField("temperature"):
+            config.temperature = sampling.temperature
+        if sampling.HasField("top_p"):
+            config.top_p = sampling.top_p
+        # The agent's own fallback list is the whole chain when it has one.
+        own_chain = bool(run.agent.fallback_models) or run.opts.disable_fallback
+        failure: errors.ServiceError | None = None
+        for position, model in enumerate(models):
+            fields = dict(request_id=f"{run.opts.request_id}:gen:{iteration}:{model}",
+                          context=run.context, model=model,
+                          conversation=Conversation(messages=messages), config=config,
+                          tools=tools, disable_fallback=own_chain)
+            try:
+                if run.opts.stream_chunks:
+                    generated = await self._stream(run, StreamGenerateRequest(**fields),
+                                                   iteration)
+                else:
+                    generated = await self._call_generate(run, GenerateRequest(**fields))
+            except errors.ServiceError as exc:
+                if exc.code not in _FALLBACK_CODES or exc.reason == "BUDGET_EXCEEDED" \
+                        or getattr(exc, "partial_output", False):
+                    raise
+                failure = exc
+                continue
+            if position > 0:
+                run.result.fallback_used = True
+                run.degrade(DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK, failure)
+            run.result.fallback_used |= generated.fallback_used
+            return self._generated(run, generated, iteration)
+        assert failure is not None
+        raise failure
+
+    async def _call_generate(self, run: _Run, request: GenerateRequest):
+        return await self.providers.call(
+            "llm", "Generate", request, span_attributes=_genai_request(request),
+            annotate=_genai_response)
+
+    async def _stream(self, run: _Run, request: StreamGenerateRequest, iteration: int):
+        delivered = 0
+        summary = None
+        async for message in self.providers.stream(
+                "llm", "StreamGenerate", request, span_attributes=_genai_request(request),
+                annotate=lambda span, last: _genai_response(span, last.summary)):
+            kind = message.WhichOneof("event")
+            if kind == "delta":
+                delivered += 1
+                run.output += message.delta.text
+                run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
+                         GenerationChunk(text=message.delta.text, iteration=iteration))
+            elif kind == "end":
+                summary = message.summary
+                if message.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
+                    error = _status_error(message.end.error)
+                    error.partial_output = delivered > 0  # no fallback after output
+                    raise error
+        if summary is None:
+            raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED",
+                                      "llm: the generation stream was cut")
+        return summary
+
+    def _generated(self, run: _Run, generated, iteration: int) -> Message:
+        """Record a generation (a GenerateResponse or a StreamSummary)."""
+        run.last_generation = generated
+        result = run.result
+        result.llm_calls += 1
+        result.model, result.backend = generated.model, generated.backend
+        result.upstream_model = generated.upstream_model
+        run.emit(EventType.EVENT_TYPE_GENERATION_COMPLETE, GenerationComplete(
+            iteration=iteration, model=generated.model, backend=generated.backend,
+            upstream_model=generated.upstream_model, usage=generated.usage,
+            finish_reason=FinishReason.Name(generated.finish_reason).removeprefix(
+                "FINISH_REASON_"), latency=generated.latency, cached=generated.cached,
+            fallback_used=generated.fallback_used))
+        run.output = ""
+        return generated.message
+
+    # ------------------------------------------------------------ tools
+
+    async def _run_tools(self, run: _Run, calls: list[ToolCall], iteration: int
+                         ) -> list[Message]:
+        records = await asyncio.gather(*(self._run_tool(run, c, iteration) for c in calls))
+        replies = []
+        for call, record in zip(calls, records, strict=True):
+            run.result.tool_calls.append(record)
+            run.emit(EventType.EVENT_TYPE_TOOL_EXECUTE, record)
+            content = record.result if not record.HasField("error") else json.dumps(
+                {"error": {"code": record.error.code, "message": record.error.message}})
+            replies.append(Message(role=Role.ROLE_TOOL, content=content,
+                                   tool_call_id=call.id, name=call.name))
+        return replies
+
+    async def _run_tool(self, run: _Run, call: ToolCall, iteration: int) -> ToolCallRecord:
+        started = time.monotonic()
+        record = ToolCallRecord(tool_call_id=call.id, tool_name=call.name,
+                                arguments=call.arguments, iteration=iteration)
+        with tracer.start_as_current_span(
+                f"execute_tool {call.name}", kind=SpanKind.INTERNAL,
+                attributes={"gen_ai.operation.name": "execute_tool",
+                            "gen_ai.tool.name": call.name, "gen_ai.tool.call.id": call.id},
+                record_exception=False, set_status_on_exception=False) as span:
+            if call.name not in run.agent.allowed_tools:
+                result, error = "", ToolError(
+                    code="NOT_ALLOWED",
+                    message=f"agent {run.agent.name!r} may not call {call.name!r}")
+            else:
+                result, error = await self.tools.execute(ToolInvocation(
+                    name=call.name, arguments=call.arguments, tool_call_id=call.id,
+                    request_id=f"{run.opts.request_id}:tool:{iteration}:{call.id}"[:128],
+                    ctx=run.ctx, memory_namespace=run.agent.memory.namespace))
+            if error is not None:
+                record.error.CopyFrom(error)
+                span.set_status(Status(StatusCode.ERROR, error.message))
+                span.set_attribute("error.type", error.code)
+                if error.code == "UNAVAILABLE":
+                    run.degrade(DegradedComponent.DEGRADED_COMPONENT_TOOL,
+                                errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE",
+                                                    f"tool {call.name}: {error.message}"))
+            else:
+                record.result = result
+        record.duration.CopyFrom(duration_s(time.monotonic() - started))
+        return record
+
+    def _handoff(self, run: _Run, call: ToolCall) -> bool:
+        """Record a valid handoff request; False when it is not valid (the
+        model then gets a tool error like any other bad call)."""
+        try:
+            args = json.loads(call.arguments or "{}")
+        except json.JSONDecodeError:
+            return False
+        target = args.get("agent") if isinstance(args, dict) else None
+        if target not in run.opts.handoff_targets:
+            return False
+        handoff = Handoff(from_agent=run.agent.name, to_agent=target,
+                          reason=str(args.get("reason", "")),
+                          input=str(args.get("input", "")) or run.opts.input)
+        run.result.handoff.CopyFrom(handoff)
+        with tracer.start_as_current_span(
+                f"handoff {run.agent.name} -> {target}",
+                attributes={"hivemesh.handoff.from": run.agent.name,
+                            "hivemesh.handoff.to": target}):
+            run.emit(EventType.EVENT_TYPE_HANDOFF, handoff)
+        return True
+
+    # ------------------------------------------------------------ finish
+
+    async def _finish(self, run: _Run, enforcement: int, iteration: int, *,
+                      settled: bool) -> None:
+        run.result.output = run.output
+        steps = []
+        if not settled:
+            steps.append(self._settle(run, enforcement, iteration))
+        if run.agent.output_artifact_type and run.output:
+            steps.append(self._save_artifact(run))
+        if run.agent.memory.write_back and run.output:
+            steps.append(self._write_back(run))
+        if run.agent.memory.history_enabled and run.ctx.session_id and run.output:
+            steps.append(self._append_history(run))
+        outcomes = await asyncio.gather(*steps, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _save_artifact(self, run: _Run) -> None:
+        request = SaveArtifactRequest(
+            request_id=f"{run.opts.request_id}:artifact", workflow_id=run.ctx.workflow_id or
+            run.ctx.context_id, task_id=run.ctx.task_id, agent_id=run.agent.name,
+            artifact_type=run.agent.output_artifact_type, content=run.output)
+        request.metadata.update({"model": run.result.model, "backend": run.result.backend,
+                                 "context_id": run.ctx.context_id,
+                                 "trace_id": run.trace_id})
+        saved = await self.providers.call("artifact", "SaveArtifact", request)
+        run.result.artifact_ids.append(saved.artifact.artifact_id)
+        run.emit(EventType.EVENT_TYPE_ARTIFACT_SAVED, ArtifactSaved(
+            artifact_id=saved.artifact.artifact_id,
+            artifact_type=saved.artifact.artifact_type, size_bytes=saved.artifact.size_bytes))
+
+
+_ROLES = {MessageRole.MESSAGE_ROLE_SYSTEM: Role.ROLE_SYSTEM,
+          MessageRole.MESSAGE_ROLE_USER: Role.ROLE_USER,
+          MessageRole.MESSAGE_ROLE_ASSISTANT: Role.ROLE_ASSISTANT}
+
+
+def _with_memories(system: str, memories: list[str]) -> str:
+    if not memories:
+        return system
+    recalled = "\n".join(f"- {m}" for m in memories)
+    return f"{system}\n\nRelevant memories:\n{recalled}".strip()
+
+
+def _handoff_tool(targets: tuple[str, ...]) -> Tool:
+    tool = Tool(name=HANDOFF_TOOL, description=(
+        "Hand the task to another agent when it is better suited. The run ends here and "
+        "the other agent continues with the given input."))
+    tool.parameters.update({"type": "object", "required": ["agent", "reason"], "properties": {
+        "agent": {"type": "string", "enum": list(targets)},
+        "reason": {"type": "string"}, "input": {"type": "string"}}})
+    return tool
+
+
+def _genai_request(request) -> dict:
+    attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": request.model}
+    if request.config.max_tokens:
+        attributes["gen_ai.request.max_tokens"] = request.config.max_tokens
+    if request.config.HasField("temperature"):
+        attributes["gen_ai.request.temperature"] = request.config.temperature
+    return attributes
+
+
+def _genai_response(span, response) -> None:
+    if response is None or not response.model:
+        return
+    span.set_attributes({
+        "gen_ai.response.model": response.upstream_model or response.model,
+        "gen_ai.provider.name": response.backend,
+        "gen_ai.usage.input_tokens": response.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": response.usage.completion_tokens,
+        "gen_ai.response.finish_reasons": [
+            FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()],
+    })
+
+
+def _status_error(status) -> errors.ServiceError:
+    """The error a failed generation stream ended with."""
+    reason, metadata = "UPSTREAM_ERROR", {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason or reason, dict(info.metadata)
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code),
+                grpc.StatusCode.UNKNOWN)
+    return errors.ServiceError(code, reason, f"llm: {status.message}",
+                               {**metadata, "provider": "llm"})

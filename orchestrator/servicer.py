@@ -1,0 +1,274 @@
+"""OrchestratorService: the gRPC face of the agent registry, the agent
+runner, the workflow runner and the event bus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from hivemesh.common.v1 import StreamEnd, StreamOutcome
+from hivemesh.orchestrator.v1 import (
+    AgentEvent, DeleteAgentResponse, EventType, GetAgentResponse, Heartbeat,
+    ListAgentsResponse, RegisterAgentResponse, RunAgentRequest, RunAgentResponse,
+    RunWorkflowResponse, StreamAgentResponse, SubscribeEventsResponse)
+from hivemesh.runtime import errors, paging
+from hivemesh.runtime.resilience import Idempotency, fingerprint
+from hivemesh.runtime.wellknown import now_us, timestamp
+from hivemesh.services.orchestrator.agents import AgentRegistry
+from hivemesh.services.orchestrator.context import ExecutionContext
+from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
+from hivemesh.services.orchestrator.policy import deadline_scope
+from hivemesh.services.orchestrator.runner import DOMAIN, AgentRunner, RunError, RunOptions
+from hivemesh.services.orchestrator.settings import OrchestratorSettings
+from hivemesh.services.orchestrator.tools import ToolRegistry
+from hivemesh.services.orchestrator.workflows import WorkflowRun, validate
+
+SERVICE_NAME = "hivemesh.orchestrator.v1.OrchestratorService"
+DEFAULT_PAGE_SIZE = 50
+_TERMINAL = (EventType.EVENT_TYPE_AGENT_COMPLETE, EventType.EVENT_TYPE_AGENT_FAILED)
+
+
+class OrchestratorServicer:
+    def __init__(self, settings: OrchestratorSettings, agents: AgentRegistry,
+                 tools: ToolRegistry, runner: AgentRunner, bus: EventBus) -> None:
+        self.settings = settings
+        self.agents = agents
+        self.tools = tools
+        self.runner = runner
+        self.bus = bus
+        self.idempotency = Idempotency(settings.idempotency_size, settings.idempotency_ttl_s)
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """Graceful shutdown: end every SubscribeEvents stream as COMPLETED."""
+        self._closing.set()
+
+    # ------------------------------------------------------------ helpers
+
+    def _deadline(self, context: grpc.aio.ServicerContext):
+        """The run's deadline: the caller's, or the default when it set none."""
+        left = context.time_remaining()
+        return deadline_scope(left if left is not None else self.settings.default_run_timeout_s)
+
+    async def _once(self, kind: str, request, run):
+        key = fingerprint(request)
+        request_id = f"{kind}:{request.request_id}"
+        try:
+            replay, result = await self.idempotency.begin(request_id, key)
+        except KeyError:
+            raise errors.idempotency_conflict(request.request_id) from None
+        if replay:
+            return result, True
+        try:
+            result = await run()
+        except BaseException:
+            self.idempotency.fail(request_id)
+            raise
+        self.idempotency.finish(request_id, key, result)
+        return result, False
+
+    def _check_tools(self, agent) -> None:
+        unknown = [t for t in agent.allowed_tools if not self.tools.known(t)]
+        if unknown:
+            raise errors.invalid_argument(
+                [("agent.allowed_tools", f"unknown tool {t!r} (known: "
+                  f"{', '.join(self.tools.names())})") for t in unknown])
+
+    # ------------------------------------------------------------ agents
+
+    async def GetAgent(self, request, context):
+        return GetAgentResponse(agent=self.agents.get(request.name))
+
+    async def ListAgents(self, request, context):
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        digest = paging.digest("agents")
+        after = paging.decode(request.page_token, digest)[0] if request.page_token else ""
+        page = self.agents.after(after, size + 1)
+        response = ListAgentsResponse(agents=page[:size])
+        if len(page) > size:
+            response.next_page_token = paging.encode([page[size - 1].name], digest)
+        return response
+
+    async def RegisterAgent(self, request, context):
+        async def register():
+            if any(not self.tools.known(t) for t in request.agent.allowed_tools):
+                await self.tools.refresh()
+            self._check_tools(request.agent)
+            agent, created = self.agents.register(request.agent, request.allow_update)
+            return RegisterAgentResponse(agent=agent, created=created)
+        response, replayed = await self._once("register", request, register)
+        if replayed:
+            response = RegisterAgentResponse(agent=response.agent, created=response.created,
+                                             replayed=True)
+        return response
+
+    async def DeleteAgent(self, request, context):
+        async def delete():
+            return DeleteAgentResponse(deleted=self.agents.delete(request.name))
+        response, _ = await self._once("delete", request, delete)
+        return response
+
+    # ------------------------------------------------------------ runs
+
+    def _start(self, request) -> tuple:
+        agent = self.agents.get(request.agent)
+        ctx = ExecutionContext.from_request(request.context, agent.name)
+        opts = RunOptions(request_id=request.request_id, input=request.input,
+                          model_override=request.model_override,
+                          variables=dict(request.variables),
+                          disable_fallback=request.disable_fallback)
+        return agent, ctx, opts
+
+    async def RunAgent(self, request, context):
+        agent, ctx, opts = self._start(request)
+
+        async def run():
+            with self._deadline(context):
+                return await self.runner.run(agent, ctx, opts, EventSink(self.bus))
+        try:
+            result, replayed = await self._once("run", _as_run(request), run)
+        except RunError as exc:
+            raise exc.error from None
+        return RunAgentResponse(result=result, replayed=replayed)
+
+    async def StreamAgent(self, request, context):
+        agent, ctx, opts = self._start(request)
+        opts.stream_chunks = True
+        key = _as_run(request)
+        queue: asyncio.Queue[AgentEvent] = asyncio.Queue()
+
+        def listen(event: AgentEvent) -> None:
+            if not (request.omit_generation_chunks
+                    and event.type == EventType.EVENT_TYPE_GENERATION_CHUNK):
+                queue.put_nowait(event)
+
+        async def run():
+            with self._deadline(context):
+                return await self.runner.run(agent, ctx, opts, EventSink(self.bus, listen))
+
+        task = asyncio.create_task(self._once("run", key, run))
+        replayed_result = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    event = getter.result()
+                    yield StreamAgentResponse(agent_event=event)
+                    if event.type in _TERMINAL:
+                        break
+                    continue
+                getter.cancel()
+                if task.exception() is None:
+                    result, replayed = task.result()
+                    if replayed:
+                        replayed_result = result
+                        break
+                if queue.empty():
+                    break  # failed before emitting anything (or cut)
+            if replayed_result is not None:
+                yield StreamAgentResponse(agent_event=AgentEvent(
+                    type=EventType.EVENT_TYPE_AGENT_COMPLETE, agent=agent.name,
+                    context=ctx.to_proto(), trace_id=replayed_result.trace_id,
+                    create_time=timestamp(now_us()), sequence=1,
+                    agent_complete=replayed_result))
+                yield StreamAgentResponse(end=StreamEnd(
+                    outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
+                return
+            try:
+                await task
+            except RunError as exc:
+                yield StreamAgentResponse(end=StreamEnd(
+                    outcome=StreamOutcome.STREAM_OUTCOME_FAILED,
+                    error=exc.error.to_status(DOMAIN)))
+                return
+            except errors.ServiceError as exc:
+                yield StreamAgentResponse(end=StreamEnd(
+                    outcome=StreamOutcome.STREAM_OUTCOME_FAILED, error=exc.to_status(DOMAIN)))
+                return
+            yield StreamAgentResponse(end=StreamEnd(
+                outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def RunWorkflow(self, request, context):
+        variables = dict(request.variables)
+        validate(request.workflow, self.agents, variables)
+        base = ExecutionContext.from_request(request.context, "")
+
+        async def run():
+            with self._deadline(context):
+                workflow = WorkflowRun(
+                    self.runner, self.agents, request, base, EventSink(self.bus),
+                    request.max_concurrency or self.settings.default_max_concurrency)
+                return await workflow.run()
+        response, replayed = await self._once("workflow", request, run)
+        if replayed:
+            copy = RunWorkflowResponse()
+            copy.CopyFrom(response)
+            copy.replayed = True
+            return copy
+        return response
+
+    # ------------------------------------------------------------ events
+
+    async def SubscribeEvents(self, request, context):
+        if request.until_workflow_complete and not request.workflow_id:
+            raise errors.invalid_argument(
+                [("until_workflow_complete", "needs workflow_id")])
+        subscription = Subscription(
+            workflow_id=request.workflow_id, agent=request.agent,
+            types=frozenset(request.types), min_priority=request.min_priority,
+            context_id=request.context_id, queue_size=self.settings.subscriber_queue_size)
+        self.bus.add_subscription(subscription)
+        try:
+            yield SubscribeEventsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))
+            closing = asyncio.ensure_future(self._closing.wait())
+            try:
+                while True:
+                    if subscription.dropped:
+                        yield SubscribeEventsResponse(end=StreamEnd(
+                            outcome=StreamOutcome.STREAM_OUTCOME_FAILED,
+                            error=errors.ServiceError(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED, "SUBSCRIBER_TOO_SLOW",
+                                "the subscriber fell too far behind; events were dropped",
+                                {"dropped_events": str(subscription.dropped)}
+                            ).to_status(DOMAIN)))
+                        return
+                    getter = asyncio.ensure_future(subscription.queue.get())
+                    done, _ = await asyncio.wait(
+                        {getter, closing}, timeout=self.settings.heartbeat_interval_s,
+                        return_when=asyncio.FIRST_COMPLETED)
+                    if getter not in done:
+                        getter.cancel()
+                        if closing in done:
+                            break
+                        yield SubscribeEventsResponse(
+                            heartbeat=Heartbeat(send_time=timestamp(now_us())))
+                        continue
+                    event = getter.result()
+                    yield SubscribeEventsResponse(agent_event=event)
+                    if (request.until_workflow_complete
+                            and event.type == EventType.EVENT_TYPE_WORKFLOW_COMPLETE
+                            and event.context.workflow_id == request.workflow_id):
+                        break
+            finally:
+                closing.cancel()
+            yield SubscribeEventsResponse(end=StreamEnd(
+                outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
+        finally:
+            self.bus.remove_subscription(subscription)
+
+
+def _as_run(request) -> RunAgentRequest:
+    """RunAgent and StreamAgent share runs under one request_id."""
+    return RunAgentRequest(request_id=request.request_id, context=request.context,
+                           agent=request.agent, input=request.input,
+                           model_override=request.model_override,
+                           variables=request.variables,
+                           disable_fallback=request.disable_fallback)

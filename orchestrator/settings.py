@@ -1,0 +1,54 @@
+"""Settings of the orchestrator (env prefix ``HIVEMESH_ORCHESTRATOR_``).
+
+The provider addresses say where the LLM, memory, information and artifact
+services listen; a provider left unset is not used (an agent that needs it
+fails clearly, except memory, which degrades). Agent definitions are loaded
+at start-up from ``agents_dir`` (``*.toml`` and ``*.json`` files, one agent
+each) and can be registered over gRPC afterwards. Remote tool servers are a
+JSON object ``{"server-name": "host:port"}``; their tools are listed at
+start-up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hivemesh.runtime.settings import ServerSettings
+
+
+class OrchestratorSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HIVEMESH_ORCHESTRATOR_", env_nested_delimiter="__", extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    llm_address: str | None = None
+    memory_address: str | None = None
+    information_address: str | None = None
+    artifact_address: str | None = None
+    agents_dir: Path | None = None
+    # Where agents registered over gRPC are kept; None keeps them in memory.
+    data_dir: Path | None = None
+    tool_servers: dict[str, str] = Field(default_factory=dict)
+    # A run whose caller set no deadline gets this much time.
+    default_run_timeout_s: float = Field(default=300.0, gt=0)
+    # Each provider call gets at most this much of the remaining time.
+    call_timeout_s: float = Field(default=60.0, gt=0)
+    # A call is not started when less than this is left; the run fails with
+    # DEADLINE_EXCEEDED instead.
+    min_call_time_s: float = Field(default=0.05, ge=0)
+    # Per provider: consecutive failed calls that open its breaker, and how
+    # long it stays open before one probe call is let through.
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=10.0, gt=0)
+    # Workflow tasks running at once when the request does not say.
+    default_max_concurrency: int = Field(default=4, ge=1, le=64)
+    # Finished runs remembered for request_id replays.
+    idempotency_size: int = Field(default=10_000, ge=1)
+    idempotency_ttl_s: float = Field(default=3600.0, gt=0)
+    # Events buffered per SubscribeEvents stream before it is ended as
+    # FAILED (dropped events); heartbeat interval of idle streams.
+    subscriber_queue_size: int = Field(default=10_000, ge=1)
+    heartbeat_interval_s: float = Field(default=15.0, gt=0)

@@ -1,0 +1,45 @@
+"""``{{variables.<name>}}`` and ``{{tasks.<task_id>.output}}`` references in
+system prompts and task inputs: found before anything runs, so a bad
+reference is INVALID_ARGUMENT, and expanded when the values are known."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+_REFERENCE = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
+_VARIABLE = re.compile(r"^variables\.([A-Za-z_][A-Za-z0-9_]{0,63})$")
+_TASK_OUTPUT = re.compile(r"^tasks\.([a-z][a-z0-9_-]{0,63})\.output$")
+
+
+def references(template: str) -> list[str]:
+    """Every reference in the template, in order (``variables.x``, ...)."""
+    return _REFERENCE.findall(template)
+
+
+def problems(template: str, variables: Mapping[str, str],
+             tasks: frozenset[str] = frozenset(), *, allow_tasks: bool = False) -> list[str]:
+    """What is wrong with the template's references (empty: nothing)."""
+    found = []
+    for ref in references(template):
+        if (m := _VARIABLE.match(ref)) is not None:
+            if m.group(1) not in variables:
+                found.append(f"{{{{{ref}}}}}: no variable {m.group(1)!r} was given")
+        elif allow_tasks and (m := _TASK_OUTPUT.match(ref)) is not None:
+            if m.group(1) not in tasks:
+                found.append(f"{{{{{ref}}}}}: task {m.group(1)!r} is not a dependency")
+        else:
+            found.append(f"{{{{{ref}}}}}: unknown reference")
+    return found
+
+
+def render(template: str, variables: Mapping[str, str],
+           outputs: Mapping[str, str] | None = None) -> str:
+    """The template with every reference replaced; call ``problems`` first."""
+    def value(match: re.Match) -> str:
+        ref = match.group(1)
+        if (m := _VARIABLE.match(ref)) is not None:
+            return variables[m.group(1)]
+        m = _TASK_OUTPUT.match(ref)
+        return (outputs or {})[m.group(1)] if m is not None else match.group(0)
+    return _REFERENCE.sub(value, template)

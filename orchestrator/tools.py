@@ -1,0 +1,219 @@
+"""Tools agents may call: built-ins backed by the providers (memory search,
+artifact get and save) and remote tools served by any process that
+implements ``hivemesh.orchestrator.v1.ToolService``, in any language.
+
+A tool's own failure (bad arguments, nothing found) becomes a ToolError
+handed back to the model; a remote tool that cannot be reached becomes a
+ToolError with code UNAVAILABLE and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf import json_format, struct_pb2
+
+from hivemesh.artifact.v1 import GetArtifactRequest, SaveArtifactRequest
+from hivemesh.memory.v1 import SearchMemoriesRequest, SearchMode
+from hivemesh.orchestrator.v1 import (
+    ExecuteToolRequest, ListToolsRequest, ToolDefinition, ToolError)
+from hivemesh.runtime import errors
+from hivemesh.services.orchestrator.context import ExecutionContext
+from hivemesh.services.orchestrator.policy import TOOL_SERVICE, Providers
+
+log = logging.getLogger("hivemesh.orchestrator.tools")
+
+
+class ToolFailure(Exception):
+    """Raised by a built-in tool for a failure the model should see."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.error = ToolError(code=code, message=message, retryable=retryable)
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str
+    tool_call_id: str
+    request_id: str
+    ctx: ExecutionContext
+    memory_namespace: str = ""
+
+
+Executor = Callable[[ToolCall], Awaitable[str]]
+
+
+def _schema(properties: dict, required: list[str]) -> struct_pb2.Struct:
+    schema = struct_pb2.Struct()
+    schema.update({"type": "object", "properties": properties, "required": required})
+    return schema
+
+
+def _arguments(call: ToolCall) -> dict:
+    try:
+        args = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError as exc:
+        raise ToolFailure("INVALID_ARGUMENTS", f"arguments are not JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise ToolFailure("INVALID_ARGUMENTS", "arguments must be a JSON object")
+    return args
+
+
+def _string(args: dict, key: str, *, required: bool = True) -> str:
+    value = args.get(key, "")
+    if not isinstance(value, str) or (required and not value):
+        raise ToolFailure("INVALID_ARGUMENTS", f"{key!r} must be a non-empty string")
+    return value
+
+
+class ToolRegistry:
+    def __init__(self, providers: Providers) -> None:
+        self.providers = providers
+        self._tools: dict[str, tuple[ToolDefinition, Executor]] = {}
+        self._servers: dict[str, str] = {}
+        self._builtins()
+
+    # ------------------------------------------------------------ registry
+
+    def definitions(self, names) -> list[ToolDefinition]:
+        return [self._tools[n][0] for n in names if n in self._tools]
+
+    def known(self, name: str) -> bool:
+        return name in self._tools
+
+    def names(self) -> list[str]:
+        return sorted(self._tools)
+
+    def register(self, definition: ToolDefinition, executor: Executor) -> None:
+        """Add an in-process tool (embedding applications use this)."""
+        self._tools[definition.name] = (definition, executor)
+
+    def add_server(self, name: str, address: str) -> None:
+        self._servers[name] = address
+        self.providers.add(f"tool:{name}", address, TOOL_SERVICE)
+
+    async def refresh(self) -> list[str]:
+        """List the tools of every remote server; returns the servers that
+        could not be reached (their tools stay as last listed)."""
+        unreachable = []
+        for server in self._servers:
+            try:
+                await self._list(server)
+            except errors.ServiceError as exc:
+                log.warning("tool server %s unreachable: %s", server, exc.message)
+                unreachable.append(server)
+        return unreachable
+
+    async def _list(self, server: str) -> None:
+        token = ""
+        while True:
+            page = await self.providers.call(f"tool:{server}", "ListTools",
+                                             ListToolsRequest(page_token=token))
+            for tool in page.tools:
+                existing = self._tools.get(tool.name)
+                if existing is not None and getattr(existing[1], "server", server) != server:
+                    log.warning("tool %s of server %s ignored: the name is taken",
+                                tool.name, server)
+                    continue
+                self._tools[tool.name] = (tool, _RemoteExecutor(self.providers, server))
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def execute(self, call: ToolCall) -> tuple[str, ToolError | None]:
+        """(result JSON, None) or ("", the error for the model)."""
+        entry = self._tools.get(call.name)
+        if entry is None:
+            return "", ToolError(code="UNKNOWN_TOOL", message=f"no tool named {call.name!r}")
+        try:
+            return await entry[1](call), None
+        except ToolFailure as failure:
+            return "", failure.error
+        except errors.ServiceError as exc:
+            return "", ToolError(code=errors.reason_name(exc.reason) if exc.code.name !=
+                                 "UNAVAILABLE" else "UNAVAILABLE",
+                                 message=exc.message, retryable=exc.code.name == "UNAVAILABLE")
+
+    # ------------------------------------------------------------ built-ins
+
+    def _builtins(self) -> None:
+        self.register(ToolDefinition(
+            name="memory_search",
+            description="Search the agent's long-term memory for text relevant to a query.",
+            parameters=_schema({"query": {"type": "string"},
+                                "limit": {"type": "integer", "minimum": 1, "maximum": 20}},
+                               ["query"])), self._memory_search)
+        self.register(ToolDefinition(
+            name="artifact_get", description="Read a stored artifact by its id.",
+            parameters=_schema({"artifact_id": {"type": "string"}}, ["artifact_id"])),
+            self._artifact_get)
+        self.register(ToolDefinition(
+            name="artifact_save",
+            description="Save a piece of work (code, a test, a report) as an artifact.",
+            parameters=_schema({"artifact_type": {"type": "string"},
+                                "content": {"type": "string"}},
+                               ["artifact_type", "content"])), self._artifact_save)
+
+    async def _memory_search(self, call: ToolCall) -> str:
+        args = _arguments(call)
+        limit = args.get("limit", 5)
+        if not isinstance(limit, int) or not 1 <= limit <= 20:
+            raise ToolFailure("INVALID_ARGUMENTS", "'limit' must be an integer from 1 to 20")
+        found = await self.providers.call("memory", "SearchMemories", SearchMemoriesRequest(
+            context=call.ctx.to_proto(), namespace=call.memory_namespace,
+            query=_string(args, "query"), limit=limit, mode=SearchMode.SEARCH_MODE_HYBRID))
+        return json.dumps([{"chunk_id": r.chunk.chunk_id, "text": r.chunk.text,
+                            "score": round(r.score, 6), "source_id": r.chunk.source_id}
+                           for r in found.results])
+
+    async def _artifact_get(self, call: ToolCall) -> str:
+        artifact_id = _string(_arguments(call), "artifact_id")
+        try:
+            found = await self.providers.call("artifact", "GetArtifact",
+                                              GetArtifactRequest(artifact_id=artifact_id))
+        except errors.ServiceError as exc:
+            if exc.code.name == "NOT_FOUND" or exc.code.name == "INVALID_ARGUMENT":
+                raise ToolFailure("NOT_FOUND", f"no artifact {artifact_id!r}") from None
+            raise
+        a = found.artifact
+        return json.dumps({"artifact_id": a.artifact_id, "artifact_type": a.artifact_type,
+                           "content": a.content,
+                           "metadata": json_format.MessageToDict(a.metadata)})
+
+    async def _artifact_save(self, call: ToolCall) -> str:
+        args = _arguments(call)
+        artifact_type = _string(args, "artifact_type")
+        content = _string(args, "content")
+        try:
+            saved = await self.providers.call("artifact", "SaveArtifact", SaveArtifactRequest(
+                request_id=call.request_id, workflow_id=call.ctx.workflow_id or
+                call.ctx.context_id, task_id=call.ctx.task_id, agent_id=call.ctx.agent,
+                artifact_type=artifact_type, content=content))
+        except errors.ServiceError as exc:
+            if exc.code.name == "INVALID_ARGUMENT":
+                raise ToolFailure("INVALID_ARGUMENTS", exc.message) from None
+            raise
+        return json.dumps({"artifact_id": saved.artifact.artifact_id,
+                           "size_bytes": saved.artifact.size_bytes})
+
+
+class _RemoteExecutor:
+    def __init__(self, providers: Providers, server: str) -> None:
+        self.providers = providers
+        self.server = server
+
+    async def __call__(self, call: ToolCall) -> str:
+        response = await self.providers.call(
+            f"tool:{self.server}", "ExecuteTool", ExecuteToolRequest(
+                request_id=call.request_id, context=call.ctx.to_proto(), tool_name=call.name,
+                arguments=call.arguments, tool_call_id=call.tool_call_id),
+            span_attributes={"gen_ai.tool.name": call.name})
+        if response.WhichOneof("outcome") == "error":
+            raise ToolFailure(response.error.code or "TOOL_ERROR", response.error.message,
+                              response.error.retryable)
+        return response.result

@@ -1,0 +1,423 @@
+"""Workflows: tasks run as a DAG with a concurrency limit, handoffs between
+agents, and fan-out of one task to several agents or models with a combine
+step (first, all, or a judge agent), as seeds 001 and 003 describe.
+
+The whole definition is checked before anything runs (unique ids, known
+dependencies and agents, no cycle, template references only to variables
+given and to tasks the task depends on). A task failure either cancels the
+rest (the default) or, with continue_on_failure, skips only its dependents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import baggage, context as otel_context, trace
+
+from hivemesh.common.v1 import Usage
+from hivemesh.orchestrator.v1 import (
+    AgentResult, BranchResult, CombineMode, EventType, RunWorkflowRequest, RunWorkflowResponse,
+    TaskResult, TaskSpec, TaskStart, TaskStatus, WorkflowComplete, WorkflowDefinition,
+    WorkflowStart, WorkflowStatus)
+from hivemesh.runtime import errors
+from hivemesh.runtime.wellknown import duration_s, now_us
+from hivemesh.services.orchestrator import templates
+from hivemesh.services.orchestrator.agents import AgentRegistry
+from hivemesh.services.orchestrator.context import ExecutionContext
+from hivemesh.services.orchestrator.events import EventSink
+from hivemesh.services.orchestrator.policy import deadline_scope
+from hivemesh.services.orchestrator.runner import (
+    DOMAIN, AgentRunner, RunError, RunOptions, trace_id_of)
+
+tracer = trace.get_tracer("hivemesh.orchestrator")
+
+DEFAULT_MAX_HANDOFFS = 3
+
+
+def validate(workflow: WorkflowDefinition, agents: AgentRegistry,
+             variables: dict[str, str]) -> dict[str, frozenset[str]]:
+    """Check the definition; returns each task's transitive dependencies.
+    Raises INVALID_ARGUMENT listing every problem found."""
+    problems: list[tuple[str, str]] = []
+    ids = [t.task_id for t in workflow.tasks]
+    seen: set[str] = set()
+    for i, task in enumerate(workflow.tasks):
+        where = f"workflow.tasks[{i}]"
+        if task.task_id in seen:
+            problems.append((f"{where}.task_id", f"task id {task.task_id!r} is used twice"))
+        seen.add(task.task_id)
+        for dep in task.depends_on:
+            if dep not in ids:
+                problems.append((f"{where}.depends_on", f"no task {dep!r} in the workflow"))
+            elif dep == task.task_id:
+                problems.append((f"{where}.depends_on", "a task cannot depend on itself"))
+        names = _agents_of(task)
+        if not names:
+            problems.append((f"{where}.agent", "a task needs an agent (or a fan-out of agents)"))
+        for name in names:
+            if agents.find(name) is None:
+                problems.append((f"{where}.agent", f"no agent named {name!r}"))
+        fan = task.fan_out if task.HasField("fan_out") else None
+        if fan is not None and fan.combine == CombineMode.COMBINE_MODE_JUDGE:
+            if not fan.judge_agent:
+                problems.append((f"{where}.fan_out.judge_agent", "JUDGE needs a judge_agent"))
+            elif agents.find(fan.judge_agent) is None:
+                problems.append((f"{where}.fan_out.judge_agent",
+                                 f"no agent named {fan.judge_agent!r}"))
+    if problems:
+        raise errors.invalid_argument(problems)
+    closure = _transitive(workflow)
+    for i, task in enumerate(workflow.tasks):
+        for problem in templates.problems(task.input_template, variables, closure[task.task_id],
+                                          allow_tasks=True):
+            problems.append((f"workflow.tasks[{i}].input_template", problem))
+    if problems:
+        raise errors.invalid_argument(problems)
+    return closure
+
+
+def _agents_of(task: TaskSpec) -> list[str]:
+    if task.HasField("fan_out") and task.fan_out.WhichOneof("branches") == "agents":
+        return list(task.fan_out.agents.agents)
+    return [task.agent] if task.agent else []
+
+
+def _transitive(workflow: WorkflowDefinition) -> dict[str, frozenset[str]]:
+    deps = {t.task_id: list(t.depends_on) for t in workflow.tasks}
+    closure: dict[str, frozenset[str]] = {}
+    visiting: set[str] = set()
+
+    def visit(task_id: str, path: list[str]) -> frozenset[str]:
+        if task_id in closure:
+            return closure[task_id]
+        if task_id in visiting:
+            cycle = " -> ".join(path[path.index(task_id):] + [task_id])
+            raise errors.invalid_argument([("workflow.tasks", f"dependency cycle: {cycle}")])
+        visiting.add(task_id)
+        found: set[str] = set()
+        for dep in deps[task_id]:
+            found |= {dep} | visit(dep, path + [task_id])
+        visiting.discard(task_id)
+        closure[task_id] = frozenset(found)
+        return closure[task_id]
+
+    for task_id in deps:
+        visit(task_id, [])
+    return closure
+
+
+def _add_usage(total: Usage, usage: Usage) -> None:
+    total.prompt_tokens += usage.prompt_tokens
+    total.completion_tokens += usage.completion_tokens
+    total.total_tokens += usage.total_tokens
+    total.cached_prompt_tokens += usage.cached_prompt_tokens
+
+
+def _cancelled(message: str):
+    return errors.ServiceError(grpc.StatusCode.CANCELLED, "CANCELLED", message).to_status(DOMAIN)
+
+
+@dataclass
+class _Branch:
+    label: str
+    agent: str
+    model: str
+
+
+class _TaskFailed(Exception):
+    def __init__(self, error: errors.ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class WorkflowRun:
+    """One execution of a workflow definition."""
+
+    def __init__(self, runner: AgentRunner, agents: AgentRegistry, request: RunWorkflowRequest,
+                 base: ExecutionContext, sink: EventSink, max_concurrency: int) -> None:
+        self.runner = runner
+        self.agents = agents
+        self.request = request
+        self.workflow = request.workflow
+        self.variables = dict(request.variables)
+        self.workflow_id = self.workflow.workflow_id or f"wf-{uuid.uuid4()}"
+        self.base = base
+        self.base.workflow_id = self.workflow_id
+        self.sink = sink
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.results = {t.task_id: TaskResult(task_id=t.task_id,
+                                              status=TaskStatus.TASK_STATUS_PENDING)
+                        for t in self.workflow.tasks}
+        self.outputs: dict[str, str] = {}
+        self.finished = {t.task_id: asyncio.Event() for t in self.workflow.tasks}
+        self.first_error = None
+        self.trace_id = ""
+
+    def _emit(self, event_type: int, payload, ctx: ExecutionContext | None = None,
+              agent: str = "") -> None:
+        context = (ctx or self.base).to_proto()
+        if ctx is None:
+            context.agent_id = ""
+        self.sink.emit(event_type, context, self.trace_id, payload, agent=agent)
+
+    async def run(self) -> RunWorkflowResponse:
+        started = time.monotonic()
+        token = otel_context.attach(baggage.set_baggage(
+            "hivemesh.workflow_id", self.workflow_id,
+            baggage.set_baggage("hivemesh.tenant_id", self.base.tenant_id)))
+        try:
+            with tracer.start_as_current_span(
+                    f"workflow {self.workflow.display_name or self.workflow_id}",
+                    attributes={"hivemesh.workflow_id": self.workflow_id,
+                                "hivemesh.tenant_id": self.base.tenant_id,
+                                "hivemesh.task_count": len(self.workflow.tasks)}) as span:
+                self.trace_id = trace_id_of(span)
+                self._emit(EventType.EVENT_TYPE_WORKFLOW_START, WorkflowStart(
+                    workflow_id=self.workflow_id, task_count=len(self.workflow.tasks)))
+                status = await self._run_tasks()
+                if status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR,
+                                                 WorkflowStatus.Name(status)))
+        finally:
+            otel_context.detach(token)
+        response = RunWorkflowResponse(workflow_id=self.workflow_id, status=status,
+                                       trace_id=self.trace_id)
+        for task in self.workflow.tasks:
+            result = self.results[task.task_id]
+            response.tasks.append(result)
+            _add_usage(response.usage, result.usage)
+            response.cost_micros += result.cost_micros
+            response.currency = response.currency or (
+                result.result.currency if result.HasField("result") else "")
+        response.latency.CopyFrom(duration_s(time.monotonic() - started))
+        if self.first_error is not None:
+            response.error.CopyFrom(self.first_error)
+        complete = WorkflowComplete(workflow_id=self.workflow_id, status=status,
+                                    usage=response.usage, cost_micros=response.cost_micros,
+                                    latency=response.latency)
+        if self.first_error is not None:
+            complete.error.CopyFrom(self.first_error)
+        self._emit(EventType.EVENT_TYPE_WORKFLOW_COMPLETE, complete)
+        return response
+
+    async def _run_tasks(self) -> int:
+        tasks = {t.task_id: asyncio.create_task(self._task(t)) for t in self.workflow.tasks}
+        try:
+            await asyncio.gather(*tasks.values())
+        except _TaskFailed:
+            for pending in tasks.values():
+                pending.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            self._mark_cancelled("cancelled after another task failed")
+            return WorkflowStatus.WORKFLOW_STATUS_FAILED
+        except asyncio.CancelledError:
+            for pending in tasks.values():
+                pending.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            self._mark_cancelled("the workflow was cancelled")
+            self.first_error = self.first_error or _cancelled("the workflow was cancelled")
+            raise
+        statuses = {r.status for r in self.results.values()}
+        if statuses == {TaskStatus.TASK_STATUS_SUCCEEDED}:
+            return WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        return WorkflowStatus.WORKFLOW_STATUS_PARTIALLY_SUCCEEDED
+
+    def _mark_cancelled(self, why: str) -> None:
+        for result in self.results.values():
+            if result.status in (TaskStatus.TASK_STATUS_PENDING, TaskStatus.TASK_STATUS_RUNNING):
+                result.status = TaskStatus.TASK_STATUS_CANCELLED
+                result.error.CopyFrom(_cancelled(why))
+                if result.HasField("start_time"):
+                    result.end_time.FromMicroseconds(now_us())
+
+    async def _task(self, task: TaskSpec) -> None:
+        result = self.results[task.task_id]
+        try:
+            for dep in task.depends_on:
+                await self.finished[dep].wait()
+            failed = [d for d in task.depends_on
+                      if self.results[d].status != TaskStatus.TASK_STATUS_SUCCEEDED]
+            if failed:
+                result.status = TaskStatus.TASK_STATUS_SKIPPED
+                result.error.CopyFrom(errors.ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "DEPENDENCY_FAILED",
+                    f"not run: dependency {failed[0]!r} did not succeed",
+                    {"dependency": failed[0]}).to_status(DOMAIN))
+                self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result)
+                return
+            await self._execute(task, result)
+        finally:
+            self.finished[task.task_id].set()
+
+    async def _execute(self, task: TaskSpec, result: TaskResult) -> None:
+        rendered = templates.render(task.input_template, self.variables, self.outputs)
+        result.start_time.FromMicroseconds(now_us())
+        result.status = TaskStatus.TASK_STATUS_RUNNING
+        timeout = task.timeout.ToTimedelta().total_seconds() if task.HasField("timeout") \
+            else None
+        try:
+            with tracer.start_as_current_span(f"task {task.task_id}", attributes={
+                    "hivemesh.task_id": task.task_id}), deadline_scope(timeout):
+                async with asyncio.timeout(timeout):
+                    if task.HasField("fan_out"):
+                        await self._fan_out(task, rendered, result)
+                    else:
+                        async with self.slots:
+                            self._emit(EventType.EVENT_TYPE_TASK_START, TaskStart(
+                                task_id=task.task_id, input=rendered),
+                                self._ctx(task, task.agent), task.agent)
+                            final = await self._follow(task, task.agent, task.model, rendered,
+                                                       result, f"{task.task_id}")
+                        result.result.CopyFrom(final)
+                        result.output = final.output
+        except TimeoutError:
+            self._fail(task, result, errors.ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+                f"task {task.task_id!r} ran out of its time limit"))
+        except RunError as exc:
+            self._fail(task, result, exc.error)
+        except errors.ServiceError as exc:
+            self._fail(task, result, exc)
+        else:
+            result.status = TaskStatus.TASK_STATUS_SUCCEEDED
+            result.end_time.FromMicroseconds(now_us())
+            self.outputs[task.task_id] = result.output
+            self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result)
+
+    def _fail(self, task: TaskSpec, result: TaskResult, error: errors.ServiceError) -> None:
+        result.status = TaskStatus.TASK_STATUS_FAILED
+        result.error.CopyFrom(error.to_status(DOMAIN))
+        result.end_time.FromMicroseconds(now_us())
+        self.first_error = self.first_error or result.error
+        self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result)
+        if not self.workflow.continue_on_failure:
+            raise _TaskFailed(error)
+
+    def _ctx(self, task: TaskSpec, agent: str) -> ExecutionContext:
+        return self.base.fork(agent, task_id=task.task_id)
+
+    async def _run_agent(self, task: TaskSpec, agent: str, model: str, text: str,
+                         result: TaskResult, key: str, handoff: bool = False) -> AgentResult:
+        """One agent run of a task; usage (also of a failed run) goes to the task."""
+        targets = tuple(n for n in self.agents.names() if n != agent) if handoff else ()
+        options = RunOptions(request_id=f"{self.request.request_id}:{key}"[:128], input=text,
+                             model_override=model or task.model, variables=self.variables,
+                             handoff_targets=targets)
+        try:
+            run = await self.runner.run(self.agents.get(agent), self._ctx(task, agent),
+                                        options, self.sink)
+        except RunError as exc:
+            _add_usage(result.usage, exc.failed.usage)
+            result.cost_micros += exc.failed.cost_micros
+            raise
+        _add_usage(result.usage, run.usage)
+        result.cost_micros += run.cost_micros
+        return run
+
+    async def _follow(self, task: TaskSpec, agent: str, model: str, text: str,
+                      result: TaskResult, key: str) -> AgentResult:
+        """Run the agent, following its handoffs when the task allows them."""
+        limit = task.max_handoffs or DEFAULT_MAX_HANDOFFS
+        for hop in range(limit + 1):
+            run = await self._run_agent(task, agent, model, text, result,
+                                        key if hop == 0 else f"{key}:handoff{hop}",
+                                        handoff=task.allow_handoff)
+            if not run.HasField("handoff"):
+                return run
+            result.handoffs.append(run.handoff)
+            agent, text, model = run.handoff.to_agent, run.handoff.input, ""
+        raise errors.ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION, "HANDOFF_LIMIT",
+            f"task {task.task_id!r} was handed off more than {limit} times",
+            {"max_handoffs": str(limit)})
+
+    # ------------------------------------------------------------ fan-out
+
+    def _branches(self, task: TaskSpec) -> list[_Branch]:
+        fan = task.fan_out
+        if fan.WhichOneof("branches") == "agents":
+            return [_Branch(a, a, task.model) for a in fan.agents.agents]
+        return [_Branch(m, task.agent, m) for m in fan.models.models]
+
+    async def _branch(self, task: TaskSpec, branch: _Branch, index: int, text: str,
+                      result: TaskResult) -> AgentResult:
+        async with self.slots:
+            self._emit(EventType.EVENT_TYPE_TASK_START, TaskStart(
+                task_id=task.task_id, input=text, branch=branch.label),
+                self._ctx(task, branch.agent), branch.agent)
+            return await self._follow(task, branch.agent, branch.model, text, result,
+                                      f"{task.task_id}:b{index}")
+
+    async def _fan_out(self, task: TaskSpec, text: str, result: TaskResult) -> None:
+        branches = self._branches(task)
+        records = [BranchResult(branch=b.label, agent=b.agent, model=b.model)
+                   for b in branches]
+        runs = [asyncio.create_task(self._branch(task, b, i, text, result))
+                for i, b in enumerate(branches)]
+        combine = task.fan_out.combine
+        try:
+            if combine == CombineMode.COMBINE_MODE_FIRST:
+                await self._first(runs, records)
+            else:
+                await asyncio.gather(*runs, return_exceptions=True)
+        finally:
+            for run in runs:
+                run.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+        for run, record in zip(runs, records, strict=True):
+            _record_branch(run, record)
+        result.branches.extend(records)
+        winners = [r for r in records if r.HasField("result")]
+        if not winners:
+            first = next((r.error for r in records if r.HasField("error")), None)
+            raise errors.ServiceError(
+                grpc.StatusCode.ABORTED, "ALL_BRANCHES_FAILED",
+                f"every branch of task {task.task_id!r} failed"
+                + (f"; first: {first.message}" if first is not None else ""))
+        if combine == CombineMode.COMBINE_MODE_FIRST:
+            chosen = next(r for r in records if r.selected)
+            result.result.CopyFrom(chosen.result)
+            result.output = chosen.result.output
+        elif combine == CombineMode.COMBINE_MODE_ALL:
+            result.output = json.dumps([{"branch": r.branch, "output": r.result.output}
+                                        for r in winners])
+        else:
+            judged = "\n\n".join(f"### Candidate from {r.branch}\n{r.result.output}"
+                                 for r in winners)
+            judge_input = (f"Task:\n{text}\n\nCandidates:\n\n{judged}\n\n"
+                           "Pick or merge the best answer and give the final answer.")
+            async with self.slots:
+                final = await self._run_agent(task, task.fan_out.judge_agent, "", judge_input,
+                                              result, f"{task.task_id}:judge")
+            result.result.CopyFrom(final)
+            result.output = final.output
+
+    async def _first(self, runs: list[asyncio.Task], records: list[BranchResult]) -> None:
+        pending = set(runs)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for finished in done:
+                if not finished.cancelled() and finished.exception() is None:
+                    records[runs.index(finished)].selected = True
+                    return
+
+
+def _record_branch(run: asyncio.Task, record: BranchResult) -> None:
+    if run.cancelled():
+        record.error.CopyFrom(_cancelled("another branch answered first"))
+        return
+    exc = run.exception()
+    if exc is None:
+        record.result.CopyFrom(run.result())
+        record.model = record.result.model or record.model
+    elif isinstance(exc, RunError):
+        record.error.CopyFrom(exc.error.to_status(DOMAIN))
+    elif isinstance(exc, errors.ServiceError):
+        record.error.CopyFrom(exc.to_status(DOMAIN))
+    else:
+        record.error.CopyFrom(errors.internal().to_status(DOMAIN))
