@@ -2,7 +2,7 @@
 
     hivemesh up                      # run the mesh and a demonstration through it
     hivemesh up --keep-running       # ... and keep serving until Ctrl-C
-    hivemesh serve artifact|information|llm|memory [--host H] [--port N] [--data-dir D]
+    hivemesh serve artifact|information|llm|memory|orchestrator [--host H] [--port N] [--data-dir D]
 
 ``serve`` prints ``listening on HOST:PORT`` as its first line on stdout;
 logs are JSON lines on stderr.
