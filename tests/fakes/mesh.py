@@ -1,0 +1,117 @@
+"""The whole mesh in the test's own process: artifact (in-memory backend),
+information (SQLite), LLM (mock backends the test can steer), memory
+(embedded Qdrant engine) and the orchestrator, each a real gRPC server on
+a loopback port 0. Used by the orchestrator tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from hivemesh.orchestrator.v1 import OrchestratorServiceStub
+from hivemesh.runtime.settings import ServerSettings
+from hivemesh.services.artifact.backends.memory import MemoryBackend
+from hivemesh.services.artifact.server import create_server as artifact_server
+from hivemesh.services.artifact.settings import ArtifactSettings
+from hivemesh.services.information.server import create_server as information_server
+from hivemesh.services.information.server import open_store
+from hivemesh.services.information.settings import InformationSettings
+from hivemesh.services.llm.backends.mock import MockBackend
+from hivemesh.services.llm.server import Backends
+from hivemesh.services.llm.server import create_server as llm_server
+from hivemesh.services.llm.settings import BackendSettings, LlmSettings, ModelSettings
+from hivemesh.services.memory.server import create_server as memory_server
+from hivemesh.services.memory.server import open_backend as open_memory
+from hivemesh.services.memory.settings import MemorySettings
+from hivemesh.services.orchestrator.server import Orchestrator, open_backend
+from hivemesh.services.orchestrator.server import create_server as orchestrator_server
+from hivemesh.services.orchestrator.settings import OrchestratorSettings
+
+SERVER = ServerSettings(port=0, grace_period_s=0)
+
+
+def dead_address() -> str:
+    """A loopback address nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def llm_settings() -> LlmSettings:
+    fast = dict(initial_backoff_s=0.01, max_backoff_s=0.02, max_attempts=1,
+                breaker_failure_threshold=100)
+    return LlmSettings(
+        server=SERVER,
+        backends={"primary": BackendSettings(type="mock", **fast),
+                  "secondary": BackendSettings(type="mock", **fast)},
+        models=[ModelSettings(alias="main", backend="primary", upstream_model="p-1",
+                              default=True),
+                ModelSettings(alias="backup", backend="secondary", upstream_model="s-1"),
+                ModelSettings(alias="embed", kind="embedding", backend="primary",
+                              upstream_model="e-1", embedding_dimensions=64, default=True)])
+
+
+@dataclass
+class Mesh:
+    orchestrator: OrchestratorServiceStub
+    addresses: dict[str, str]
+    primary: MockBackend
+    secondary: MockBackend
+    backend: Orchestrator
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(self.addresses[service])
+        self.channels.append(channel)
+        return channel
+
+
+@contextlib.asynccontextmanager
+async def mesh(tmp: Path, *, memory: bool = True, information: bool = True,
+               **orchestrator_settings):
+    """Yields a Mesh; ``memory=False``/``information=False`` point the
+    orchestrator at an address where nothing listens (an outage)."""
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        addresses: dict[str, str] = {}
+
+        async def serve(name, running_port):
+            running, port = running_port
+            stack.push_async_callback(running.shutdown, 0)
+            addresses[name] = f"127.0.0.1:{port}"
+
+        await serve("artifact", await artifact_server(
+            ArtifactSettings(server=SERVER, backend="memory"), MemoryBackend()))
+        info_settings = InformationSettings(server=SERVER, data_dir=tmp / "information",
+                                            sweep_interval_s=0.2)
+        store = await open_store(info_settings)
+        stack.push_async_callback(store.close)
+        await serve("information", await information_server(info_settings, store))
+        backends = Backends(llm_settings())
+        stack.push_async_callback(backends.close)
+        await serve("llm", await llm_server(llm_settings(), backends))
+        memory_settings = MemorySettings(server=SERVER, data_dir=tmp / "memory",
+                                         embedder="hashing", embedding_dimensions=64)
+        memory_backend = await open_memory(memory_settings)
+        stack.push_async_callback(memory_backend.close)
+        await serve("memory", await memory_server(memory_settings, memory_backend))
+        settings = OrchestratorSettings(
+            server=SERVER, llm_address=addresses["llm"], artifact_address=addresses["artifact"],
+            memory_address=addresses["memory"] if memory else dead_address(),
+            information_address=addresses["information"] if information else dead_address(),
+            **orchestrator_settings)
+        backend = await open_backend(settings)
+        stack.push_async_callback(backend.close)
+        await serve("orchestrator", await orchestrator_server(settings, backend))
+        channel = grpc.aio.insecure_channel(addresses["orchestrator"])
+        result = Mesh(OrchestratorServiceStub(channel), addresses, backends.by_name["primary"],
+                      backends.by_name["secondary"], backend, [channel])
+        try:
+            yield result
+        finally:
+            for channel in result.channels:
+                await channel.close()

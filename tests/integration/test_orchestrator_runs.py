@@ -1,0 +1,327 @@
+"""The orchestrator running agents through the real provider services (all
+in-process, real gRPC): the pipeline, budget refusal and release, memory
+degradation, model fallback, tools (built-in, remote, not allowed), the
+stream of events, idempotent replays, deadlines and breakers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import grpc
+import pytest
+from fakes.mesh import mesh
+
+from hivemesh.client import ArtifactClient, InformationClient, from_rpc_error
+from hivemesh.client.errors import (
+    DeadlineExceededError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
+    UnavailableError)
+from hivemesh.client.memory import MemoryClient
+from hivemesh.common.v1 import RequestContext, StreamOutcome
+from hivemesh.information.v1 import Budget, Scope
+from hivemesh.orchestrator.v1 import (
+    AgentDefinition, BudgetPolicy, DegradedComponent, EventType, ExecuteToolResponse,
+    ListToolsResponse, MemoryConfig, RegisterAgentRequest, RunAgentRequest, StreamAgentRequest,
+    ToolDefinition, ToolError, ToolServiceServicer, add_ToolServiceServicer_to_server)
+from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+async def call(method, request, timeout=20):
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err) from err
+
+
+async def register(m, **fields) -> AgentDefinition:
+    fields.setdefault("model", "main")
+    agent = AgentDefinition(**fields)
+    response = await call(m.orchestrator.RegisterAgent,
+                          RegisterAgentRequest(request_id=rid(), agent=agent))
+    return response.agent
+
+
+async def run(m, agent: str, text: str = "Implement a function that adds two numbers",
+              context: RequestContext | None = None, request_id: str | None = None, **kw):
+    response = await call(m.orchestrator.RunAgent, RunAgentRequest(
+        request_id=request_id or rid(), agent=agent, input=text,
+        context=context or RequestContext(tenant_id="acme"), **kw))
+    return response
+
+
+async def test_pipeline_recalls_reserves_generates_saves_commits_and_writes_back(tmp_path):
+    async with mesh(tmp_path) as m:
+        async with InformationClient(m.addresses["information"]) as info:
+            await info.set_price("main", input_micros_per_million=1_000_000,
+                                 output_micros_per_million=2_000_000)
+            budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
+                                                     limit_micros=10_000_000))
+        await register(m, name="coder", system_prompt="You are a coding expert.",
+                       output_artifact_type="code",
+                       memory=MemoryConfig(enabled=True, write_back=True, namespace="acme"))
+        first = (await run(m, "coder")).result
+        assert first.output.startswith("def solve")
+        assert first.llm_calls == 1 and first.model == "main" and first.backend == "primary"
+        assert first.cost_micros > 0 and first.currency == "USD"
+        assert len(first.trace_id) == 32 and first.context_id.startswith("ctx-")
+        assert first.memories_recalled == 0 and not first.degraded
+        async with ArtifactClient(m.addresses["artifact"]) as artifacts:
+            (saved,) = first.artifact_ids
+            artifact = await artifacts.get(saved)
+            assert artifact.content == first.output and artifact.agent_id == "coder"
+            assert artifact.artifact_type == "code"
+        async with MemoryClient(m.addresses["memory"]) as memory:
+            assert await memory.count(namespace="acme") == 2  # input and output
+        second = (await run(m, "coder", "add two numbers again")).result
+        assert second.memories_recalled > 0
+        system = m.primary.calls[-1].messages[0].content
+        assert "Relevant memories" in system and "adds two numbers" in system
+        async with InformationClient(m.addresses["information"]) as info:
+            (status,) = await info.status(budget_id=budget.budget_id)
+        assert status.spent_micros == first.cost_micros + second.cost_micros
+        assert status.reserved_micros == 0
+
+
+async def test_refused_budget_generates_nothing(tmp_path):
+    async with mesh(tmp_path) as m:
+        async with InformationClient(m.addresses["information"]) as info:
+            await info.set_price("main", input_micros_per_million=1_000_000,
+                                 output_micros_per_million=1_000_000)
+            await info.create_budget(Budget(scope=Scope(tenant_id="poor"), limit_micros=1))
+        await register(m, name="coder", system_prompt="You write code.")
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "coder", context=RequestContext(tenant_id="poor"))
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        assert m.primary.calls == []
+
+
+async def test_failed_generation_releases_the_reservation(tmp_path):
+    async with mesh(tmp_path) as m:
+        async with InformationClient(m.addresses["information"]) as info:
+            await info.set_price("main", input_micros_per_million=1_000_000,
+                                 output_micros_per_million=1_000_000)
+            budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
+                                                     limit_micros=1_000_000))
+            await register(m, name="coder", system_prompt="You write code.")
+            m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=10)
+            with pytest.raises(UnavailableError):
+                await run(m, "coder")
+            (status,) = await info.status(budget_id=budget.budget_id)
+        assert status.reserved_micros == 0 and status.spent_micros == 0
+
+
+async def test_memory_outage_degrades_the_run(tmp_path):
+    async with mesh(tmp_path, memory=False) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       memory=MemoryConfig(enabled=True, write_back=True))
+        result = (await run(m, "coder")).result
+        assert result.output
+        components = [d.component for d in result.degraded]
+        assert components == [DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL,
+                              DegradedComponent.DEGRADED_COMPONENT_MEMORY_WRITE_BACK]
+        assert result.degraded[0].reason  # names the cause
+
+
+async def test_budget_outage_fails_clearly_and_opens_the_breaker(tmp_path):
+    async with mesh(tmp_path, information=False, breaker_failure_threshold=2) as m:
+        await register(m, name="coder", system_prompt="You write code.")
+        reasons = []
+        for _ in range(3):
+            with pytest.raises(UnavailableError) as err:
+                await run(m, "coder")
+            assert err.value.metadata["provider"] == "information"
+            reasons.append(err.value.reason)
+        assert reasons[-1] == "CIRCUIT_OPEN"
+        assert m.primary.calls == []
+        # An agent that does not account budgets still runs.
+        await register(m, name="free", system_prompt="You write code.",
+                       budget=BudgetPolicy(enforcement=3))
+        assert (await run(m, "free")).result.output
+
+
+async def test_model_fallback_from_the_agent_definition(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       fallback_models=["backup"], budget=BudgetPolicy(enforcement=3))
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=5)
+        result = (await run(m, "coder")).result
+        assert result.model == "backup" and result.backend == "secondary"
+        assert result.fallback_used
+        assert [d.component for d in result.degraded] == [
+            DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK]
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=5)
+        with pytest.raises(UnavailableError):
+            await run(m, "coder", disable_fallback=True)
+
+
+async def test_built_in_tools_allowlist_and_results_fed_back(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       allowed_tools=["artifact_save"], budget=BudgetPolicy(enforcement=3))
+        m.primary.queue_response(tool_calls=(
+            ToolCall("c1", "artifact_save",
+                     json.dumps({"artifact_type": "code", "content": "print(1)"})),
+            ToolCall("c2", "memory_search", json.dumps({"query": "x"}))))
+        m.primary.queue_response("saved it")
+        result = (await run(m, "coder")).result
+        assert result.output == "saved it" and result.llm_calls == 2
+        saved, refused = result.tool_calls
+        assert json.loads(saved.result)["artifact_id"] and not saved.HasField("error")
+        assert refused.error.code == "NOT_ALLOWED"
+        tool_messages = [x for x in m.primary.calls[-1].messages if x.role == "tool"]
+        assert [x.tool_call_id for x in tool_messages] == ["c1", "c2"]
+        offered = [t.name for t in m.primary.calls[0].tools]
+        assert offered == ["artifact_save"]
+
+
+async def test_tool_iteration_limit_fails_the_run(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="looper", system_prompt="You loop.", max_tool_iterations=2,
+                       allowed_tools=["memory_search"], budget=BudgetPolicy(enforcement=3))
+        for i in range(3):
+            m.primary.queue_response(tool_calls=(
+                ToolCall(f"c{i}", "memory_search", json.dumps({"query": "x"})),))
+        with pytest.raises(Exception) as err:
+            await run(m, "looper")
+        assert err.value.reason == "TOOL_ITERATION_LIMIT"
+
+
+class _Tools(ToolServiceServicer):
+    def __init__(self) -> None:
+        self.calls = []
+
+    async def ListTools(self, request, context):
+        tool = ToolDefinition(name="weather", description="Weather in a city")
+        tool.parameters.update({"type": "object", "properties": {"city": {"type": "string"}}})
+        return ListToolsResponse(tools=[tool])
+
+    async def ExecuteTool(self, request, context):
+        self.calls.append(request)
+        city = json.loads(request.arguments).get("city")
+        if not city:
+            return ExecuteToolResponse(error=ToolError(code="INVALID_ARGUMENTS",
+                                                       message="city is required"))
+        return ExecuteToolResponse(result=json.dumps({"city": city, "sky": "clear"}))
+
+
+async def test_remote_tool_server_in_any_language(tmp_path):
+    tools = _Tools()
+    server = grpc.aio.server()
+    add_ToolServiceServicer_to_server(tools, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with mesh(tmp_path, tool_servers={"wx": f"127.0.0.1:{port}"}) as m:
+            await register(m, name="forecaster", system_prompt="You tell the weather.",
+                           allowed_tools=["weather"], budget=BudgetPolicy(enforcement=3))
+            m.primary.queue_response(tool_calls=(
+                ToolCall("a", "weather", json.dumps({"city": "Oslo"})),
+                ToolCall("b", "weather", json.dumps({}))))
+            m.primary.queue_response("clear in Oslo")
+            result = (await run(m, "forecaster")).result
+            ok, bad = result.tool_calls
+            assert json.loads(ok.result) == {"city": "Oslo", "sky": "clear"}
+            assert bad.error.code == "INVALID_ARGUMENTS"
+            assert {c.tool_call_id for c in tools.calls} == {"a", "b"}
+            assert all(c.context.agent_id == "forecaster" for c in tools.calls)
+            await server.stop(0)  # the tool server goes away: the run continues
+            m.primary.queue_response(tool_calls=(
+                ToolCall("c", "weather", json.dumps({"city": "Oslo"})),))
+            m.primary.queue_response("no weather today")
+            result = (await run(m, "forecaster")).result
+            assert result.output == "no weather today"
+            assert result.tool_calls[0].error.code == "UNAVAILABLE"
+            assert result.degraded[0].component == DegradedComponent.DEGRADED_COMPONENT_TOOL
+    finally:
+        await server.stop(0)
+
+
+async def test_stream_agent_events_end_and_replay(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code", budget=BudgetPolicy(enforcement=3))
+        request = StreamAgentRequest(request_id=rid(), agent="coder", input="implement add")
+        messages = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
+        events = [x.agent_event for x in messages[:-1]]
+        types = [e.type for e in events]
+        assert types[0] == EventType.EVENT_TYPE_AGENT_START
+        assert EventType.EVENT_TYPE_GENERATION_CHUNK in types
+        assert types[-3:] == [EventType.EVENT_TYPE_GENERATION_COMPLETE,
+                              EventType.EVENT_TYPE_ARTIFACT_SAVED,
+                              EventType.EVENT_TYPE_AGENT_COMPLETE]
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        chunks = "".join(e.generation_chunk.text for e in events
+                         if e.type == EventType.EVENT_TYPE_GENERATION_CHUNK)
+        assert chunks == events[-1].agent_complete.output
+        assert messages[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+        calls = len(m.primary.calls)
+        replay = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
+        assert [x.WhichOneof("event") for x in replay] == ["agent_event", "end"]
+        assert replay[0].agent_event.agent_complete == events[-1].agent_complete
+        assert len(m.primary.calls) == calls
+
+
+async def test_stream_agent_failure_ends_with_agent_failed(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       budget=BudgetPolicy(enforcement=3))
+        m.primary.simulate_failure(ErrorKind.BAD_REQUEST, times=1)
+        request = StreamAgentRequest(request_id=rid(), agent="coder", input="x",
+                                     omit_generation_chunks=True)
+        messages = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
+        assert messages[-2].agent_event.type == EventType.EVENT_TYPE_AGENT_FAILED
+        assert messages[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+        assert messages[-1].end.error == messages[-2].agent_event.agent_failed.error
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in m.orchestrator.StreamAgent(StreamAgentRequest(
+                    request_id=rid(), agent="nobody", input="x"), timeout=20):
+                pass
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_run_agent_is_idempotent_and_concurrent_retries_wait(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code", budget=BudgetPolicy(enforcement=3))
+        m.primary.latency_s = 0.2
+        request_id = rid()
+        first, second = await asyncio.gather(run(m, "coder", request_id=request_id),
+                                             run(m, "coder", request_id=request_id))
+        assert sorted([first.replayed, second.replayed]) == [False, True]
+        assert first.result == second.result
+        assert len(m.primary.calls) == 1
+        with pytest.raises(Exception) as err:
+            await run(m, "coder", "another input", request_id=request_id)
+        assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+
+
+async def test_too_little_time_fails_fast_without_starting_work(tmp_path):
+    async with mesh(tmp_path, min_call_time_s=0.5) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       budget=BudgetPolicy(enforcement=3))
+        with pytest.raises(DeadlineExceededError) as err:
+            await call(m.orchestrator.RunAgent, RunAgentRequest(
+                request_id=rid(), agent="coder", input="x"), timeout=0.3)
+        assert err.value.reason == "DEADLINE_TOO_SHORT"
+        assert m.primary.calls == []
+
+
+async def test_bad_requests_are_rejected_before_any_work(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="greeter", system_prompt="Greet {{variables.name}}.",
+                       budget=BudgetPolicy(enforcement=3))
+        with pytest.raises(InvalidArgumentError) as err:
+            await run(m, "greeter")
+        assert err.value.field_violations[0][0] == "variables"
+        result = (await run(m, "greeter", variables={"name": "Ada"})).result
+        assert result.output
+        assert m.primary.calls[-1].messages[0].content == "Greet Ada."
+        with pytest.raises(NotFoundError):
+            await run(m, "nobody")
+        with pytest.raises(InvalidArgumentError):
+            await register(m, name="bad", allowed_tools=["no_such_tool"])
