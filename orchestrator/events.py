@@ -58,7 +58,7 @@ def default_priority(event_type: int, payload) -> int:
     return EventPriority.EVENT_PRIORITY_NORMAL
 
 
-@dataclass
+@dataclass(eq=False)
 class Subscription:
     """One SubscribeEvents stream: its filters and its queue."""
 

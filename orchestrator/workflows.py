@@ -242,6 +242,8 @@ class WorkflowRun:
                 await self.finished[dep].wait()
             failed = [d for d in task.depends_on
                       if self.results[d].status != TaskStatus.TASK_STATUS_SUCCEEDED]
+            if failed and not self.workflow.continue_on_failure:
+                return  # the workflow is failing; _mark_cancelled records it
             if failed:
                 result.status = TaskStatus.TASK_STATUS_SKIPPED
                 result.error.CopyFrom(errors.ServiceError(

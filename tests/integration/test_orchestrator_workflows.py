@@ -1,0 +1,319 @@
+"""Workflows through the orchestrator: DAG order and outputs, validation
+before anything runs, failure policies, fan-out (first, all, judge),
+handoffs, the concurrency limit, subscriptions, and the agent registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import grpc
+import pytest
+from fakes.mesh import mesh
+
+from hivemesh.client import from_rpc_error
+from hivemesh.client.errors import AlreadyExistsError, InvalidArgumentError
+from hivemesh.common.v1 import StreamOutcome
+from hivemesh.orchestrator.v1 import (
+    AgentDefinition, AgentList, BudgetPolicy, CombineMode, DeleteAgentRequest, EventType,
+    FanOut, GetAgentRequest, ListAgentsRequest, ModelList, RegisterAgentRequest,
+    RunWorkflowRequest, SubscribeEventsRequest, TaskSpec, TaskStatus, WorkflowDefinition,
+    WorkflowStatus)
+from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
+from hivemesh.services.orchestrator.agents import AgentFileError, AgentRegistry
+
+FREE = BudgetPolicy(enforcement=3)
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+async def call(method, request, timeout=30):
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err) from err
+
+
+async def agents(m, *names: str, **fields) -> None:
+    for name in names:
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=AgentDefinition(name=name, model="main", budget=FREE,
+                                                    system_prompt=f"You are {name}.",
+                                                    **fields)))
+
+
+async def workflow(m, *tasks: TaskSpec, **kw):
+    return await call(m.orchestrator.RunWorkflow, RunWorkflowRequest(
+        request_id=rid(), workflow=WorkflowDefinition(tasks=tasks, **kw.pop("definition", {})),
+        **kw))
+
+
+async def test_dag_runs_in_dependency_order_with_outputs_and_variables(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder", "tester", "reviewer")
+        m.primary.queue_responses(["CODE", "TESTS", "VERDICT"])
+        response = await workflow(
+            m, TaskSpec(task_id="review", agent="reviewer", depends_on=["code", "test"],
+                        input_template="Review {{tasks.code.output}} and "
+                                       "{{tasks.test.output}}"),
+            TaskSpec(task_id="test", agent="tester", depends_on=["code"],
+                     input_template="Test {{tasks.code.output}}"),
+            TaskSpec(task_id="code", agent="coder",
+                     input_template="Write {{variables.feature}}"),
+            variables={"feature": "add"})
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        assert [t.task_id for t in response.tasks] == ["review", "test", "code"]
+        by_id = {t.task_id: t for t in response.tasks}
+        assert by_id["code"].output == "CODE" and by_id["test"].output == "TESTS"
+        prompts = [c.messages[-1].content for c in m.primary.calls]
+        assert prompts == ["Write add", "Test CODE", "Review CODE and TESTS"]
+        assert response.usage.total_tokens == sum(t.usage.total_tokens for t in response.tasks)
+        assert response.workflow_id.startswith("wf-") and len(response.trace_id) == 32
+        assert {t.result.trace_id for t in response.tasks} == {response.trace_id}
+
+
+@pytest.mark.parametrize("tasks, problem", [
+    ([TaskSpec(task_id="a", agent="coder", input_template="x", depends_on=["b"]),
+      TaskSpec(task_id="b", agent="coder", input_template="x", depends_on=["a"])],
+     "dependency cycle"),
+    ([TaskSpec(task_id="a", agent="coder", input_template="x", depends_on=["zz"])],
+     "no task 'zz'"),
+    ([TaskSpec(task_id="a", agent="ghost", input_template="x")], "no agent named 'ghost'"),
+    ([TaskSpec(task_id="a", agent="coder", input_template="{{tasks.b.output}}"),
+      TaskSpec(task_id="b", agent="coder", input_template="x")], "not a dependency"),
+    ([TaskSpec(task_id="a", agent="coder", input_template="{{variables.nope}}")],
+     "no variable 'nope'"),
+    ([TaskSpec(task_id="a", agent="coder", input_template="x"),
+      TaskSpec(task_id="a", agent="coder", input_template="y")], "used twice"),
+    ([TaskSpec(task_id="a", agent="coder", input_template="x", fan_out=FanOut(
+        models=ModelList(models=["main", "backup"]), combine=CombineMode.COMBINE_MODE_JUDGE))],
+     "JUDGE needs a judge_agent"),
+])
+async def test_invalid_workflows_are_refused_before_anything_runs(tmp_path, tasks, problem):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        with pytest.raises(InvalidArgumentError) as err:
+            await workflow(m, *tasks)
+        assert problem in str(err.value)
+        assert m.primary.calls == []
+
+
+async def test_failure_cancels_the_rest_by_default(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        m.primary.simulate_failure(ErrorKind.BAD_REQUEST, times=1)
+        m.primary.latency_s = 0.05
+        response = await workflow(
+            m, TaskSpec(task_id="a", agent="coder", input_template="x"),
+            TaskSpec(task_id="b", agent="coder", input_template="y", depends_on=["a"]),
+            max_concurrency=1)
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+        a, b = response.tasks
+        assert a.status == TaskStatus.TASK_STATUS_FAILED
+        assert b.status == TaskStatus.TASK_STATUS_CANCELLED
+        assert response.error == a.error
+
+
+async def test_continue_on_failure_skips_only_dependents(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        await agents(m, "broken")
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), allow_update=True, agent=AgentDefinition(
+                name="broken", model="no-such-model", budget=FREE)))
+        response = await workflow(
+            m, TaskSpec(task_id="bad", agent="broken", input_template="x"),
+            TaskSpec(task_id="after", agent="coder", input_template="y", depends_on=["bad"]),
+            TaskSpec(task_id="free", agent="coder", input_template="z"),
+            definition={"continue_on_failure": True})
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_PARTIALLY_SUCCEEDED
+        bad, after, free = response.tasks
+        assert bad.status == TaskStatus.TASK_STATUS_FAILED
+        assert after.status == TaskStatus.TASK_STATUS_SKIPPED and "bad" in after.error.message
+        assert free.status == TaskStatus.TASK_STATUS_SUCCEEDED
+
+
+async def test_fan_out_all_and_judge_and_first(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder", "judge", "alt")
+        m.primary.queue_responses(["from main"])
+        m.secondary.queue_responses(["from backup"])
+        response = await workflow(m, TaskSpec(
+            task_id="all", agent="coder", input_template="solve", fan_out=FanOut(
+                models=ModelList(models=["main", "backup"]),
+                combine=CombineMode.COMBINE_MODE_ALL)))
+        (task,) = response.tasks
+        assert json.loads(task.output) == [{"branch": "main", "output": "from main"},
+                                           {"branch": "backup", "output": "from backup"}]
+        assert [b.branch for b in task.branches] == ["main", "backup"]
+        assert task.usage.total_tokens == sum(b.result.usage.total_tokens
+                                              for b in task.branches)
+
+        m.primary.queue_responses(["A1", "A2", "JUDGED"])
+        response = await workflow(m, TaskSpec(
+            task_id="judged", input_template="solve", fan_out=FanOut(
+                agents=AgentList(agents=["coder", "alt"]),
+                combine=CombineMode.COMBINE_MODE_JUDGE, judge_agent="judge")))
+        (task,) = response.tasks
+        assert task.output == "JUDGED" and task.result.agent == "judge"
+        judge_prompt = m.primary.calls[-1].messages[-1].content
+        assert "Candidate from coder" in judge_prompt and "Candidate from alt" in judge_prompt
+
+        m.primary.latency_s = 2.0  # main is slow; backup answers first
+        response = await workflow(m, TaskSpec(
+            task_id="first", agent="coder", input_template="solve", fan_out=FanOut(
+                models=ModelList(models=["main", "backup"]),
+                combine=CombineMode.COMBINE_MODE_FIRST)))
+        (task,) = response.tasks
+        assert task.status == TaskStatus.TASK_STATUS_SUCCEEDED
+        slow, fast = task.branches
+        assert fast.selected and task.result.model == "backup"
+        assert slow.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+
+async def test_handoff_is_followed_when_the_task_allows_it(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "triage", "expert")
+        m.primary.queue_response(tool_calls=(ToolCall("h", "handoff", json.dumps(
+            {"agent": "expert", "reason": "needs an expert", "input": "deep question"})),))
+        m.primary.queue_response("expert answer")
+        response = await workflow(m, TaskSpec(task_id="ask", agent="triage",
+                                              input_template="question", allow_handoff=True))
+        (task,) = response.tasks
+        assert task.output == "expert answer" and task.result.agent == "expert"
+        (handoff,) = task.handoffs
+        assert (handoff.from_agent, handoff.to_agent, handoff.input) == (
+            "triage", "expert", "deep question")
+        assert m.primary.calls[-1].messages[-1].content == "deep question"
+        assert "handoff" in [t.name for t in m.primary.calls[0].tools]
+
+
+async def test_concurrency_limit_is_respected(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        m.primary.latency_s = 0.1
+        running = peak = 0
+        original = m.primary._begin
+
+        async def counting(request, timeout_s):
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            try:
+                return await original(request, timeout_s)
+            finally:
+                running -= 1
+        m.primary._begin = counting
+        response = await workflow(m, *(TaskSpec(task_id=f"t{i}", agent="coder",
+                                                input_template=f"job {i}") for i in range(6)),
+                                  max_concurrency=2)
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        assert peak == 2
+
+
+async def test_subscribe_events_filters_and_ends_after_the_workflow(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        stream = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
+            workflow_id="wf-watched", until_workflow_complete=True), timeout=30)
+        other = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
+            workflow_id="wf-watched", types=[EventType.EVENT_TYPE_TASK_COMPLETE]), timeout=30)
+        first = await stream.read()
+        assert first.WhichOneof("event") == "heartbeat"
+        assert (await other.read()).WhichOneof("event") == "heartbeat"
+        await workflow(m, TaskSpec(task_id="a", agent="coder", input_template="x"),
+                       TaskSpec(task_id="b", agent="coder", input_template="y"),
+                       definition={"workflow_id": "wf-watched"})
+        await workflow(m, TaskSpec(task_id="c", agent="coder", input_template="z"))
+        received = []
+        while not received or received[-1].WhichOneof("event") != "end":
+            received.append(await stream.read())
+        assert received[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+        events = [x.agent_event for x in received[:-1] if x.WhichOneof("event") == "agent_event"]
+        assert {e.context.workflow_id for e in events} == {"wf-watched"}
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert events[0].type == EventType.EVENT_TYPE_WORKFLOW_START
+        assert events[-1].type == EventType.EVENT_TYPE_WORKFLOW_COMPLETE
+        completions = [await other.read(), await other.read()]
+        assert {c.agent_event.task_complete.task_id for c in completions} == {"a", "b"}
+        other.cancel()
+
+
+async def test_a_failing_subscriber_never_breaks_a_run(tmp_path):
+    async with mesh(tmp_path) as m:
+        seen = []
+
+        def broken(event):
+            raise RuntimeError("subscriber bug")
+        m.backend.bus.subscribe(broken, priority=10)
+        m.backend.bus.subscribe(lambda e: seen.append(e.type), priority=1)
+        await agents(m, "coder")
+        response = await workflow(m, TaskSpec(task_id="a", agent="coder", input_template="x"))
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        assert seen[0] == EventType.EVENT_TYPE_WORKFLOW_START
+        assert m.backend.bus.subscriber_errors == len(seen)
+
+
+async def test_agent_registry_over_grpc(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, *(f"agent-{i}" for i in range(5)))
+        with pytest.raises(AlreadyExistsError):
+            await agents(m, "agent-0")
+        names, token = [], ""
+        while True:
+            page = await call(m.orchestrator.ListAgents,
+                              ListAgentsRequest(page_size=2, page_token=token))
+            names += [a.name for a in page.agents]
+            token = page.next_page_token
+            if not token:
+                break
+        assert names == [f"agent-{i}" for i in range(5)]
+        got = await call(m.orchestrator.GetAgent, GetAgentRequest(name="agent-3"))
+        assert got.agent.create_time.seconds > 0
+        request = RegisterAgentRequest(request_id=rid(), allow_update=True, agent=AgentDefinition(
+            name="agent-3", description="updated"))
+        first = await call(m.orchestrator.RegisterAgent, request)
+        again = await call(m.orchestrator.RegisterAgent, request)
+        assert not first.created and again.replayed and again.agent == first.agent
+        deleted = await call(m.orchestrator.DeleteAgent,
+                             DeleteAgentRequest(request_id=rid(), name="agent-3"))
+        assert deleted.deleted
+        gone = await call(m.orchestrator.DeleteAgent,
+                          DeleteAgentRequest(request_id=rid(), name="agent-3"))
+        assert not gone.deleted
+
+
+def test_agent_files_load_and_registered_agents_persist(tmp_path):
+    folder = tmp_path / "agents"
+    folder.mkdir()
+    (folder / "coder.toml").write_text(
+        'name = "coder"\nsystem_prompt = "You code."\nmodel = "main"\n'
+        'fallback_models = ["backup"]\n[memory]\nenabled = true\nrecallLimit = 3\n')
+    (folder / "reviewer.json").write_text(json.dumps({"name": "reviewer",
+                                                      "outputArtifactType": "review"}))
+    registry = AgentRegistry(tmp_path / "store" / "agents.json")
+    assert registry.load_dir(folder) == ["coder", "reviewer"]
+    coder = registry.get("coder")
+    assert coder.memory.recall_limit == 3 and list(coder.fallback_models) == ["backup"]
+    registry.register(AgentDefinition(name="extra", description="kept"), allow_update=False)
+    reopened = AgentRegistry(tmp_path / "store" / "agents.json")
+    assert reopened.get("extra").description == "kept"
+    (folder / "bad.toml").write_text('name = "Not Valid"\n')
+    with pytest.raises(AgentFileError, match="bad.toml"):
+        AgentRegistry().load_dir(folder)
+
+
+async def test_workflow_retry_replays_the_result(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(
+            tasks=[TaskSpec(task_id="a", agent="coder", input_template="x")]))
+        first = await call(m.orchestrator.RunWorkflow, request)
+        again = await call(m.orchestrator.RunWorkflow, request)
+        assert again.replayed and not first.replayed
+        assert again.tasks == first.tasks
+        assert len(m.primary.calls) == 1
+        await asyncio.sleep(0)
