@@ -33,12 +33,12 @@ def _empty_range(lower: tuple[Any, bool] | None, upper: tuple[Any, bool] | None)
 def _lower(b: dict[str, Any]) -> tuple[Any, bool] | None:
     """The tighter lower bound as (value, inclusive); at equal values the
     exclusive one is tighter."""
-    bounds = [(b["gte"], True)] * ("gte" in b) + [(b["gt"], False)] * ("gt" in b)
+    bounds = [(b[k], k == "gte") for k in ("gte", "gt") if k in b]
     return max(bounds, key=lambda x: (x[0], not x[1])) if bounds else None
 
 
 def _upper(b: dict[str, Any]) -> tuple[Any, bool] | None:
-    bounds = [(b["lte"], True)] * ("lte" in b) + [(b["lt"], False)] * ("lt" in b)
+    bounds = [(b[k], k == "lte") for k in ("lte", "lt") if k in b]
     return min(bounds, key=lambda x: (x[0], x[1])) if bounds else None
 
 

@@ -10,9 +10,7 @@ under the data directory (WAL, ``synchronous=FULL``, group commit, see
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
 from hivemesh.runtime.sqlite import GroupCommitDatabase
 from hivemesh.runtime.text import estimate_tokens
-from hivemesh.runtime.wellknown import timestamp
+from hivemesh.runtime.wellknown import now_us, timestamp
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -51,26 +49,13 @@ class IdempotencyConflict(Exception):
     """The request_id was used before for a different request."""
 
 
-def fingerprint(*parts: bytes | str) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
 def _stored(conn: sqlite3.Connection, method: str, request_id: str,
-            fingerprint_: str) -> bytes | None:
+            digest: str) -> bytes | None:
     row = conn.execute("SELECT fingerprint, response FROM requests "
                        "WHERE method = ? AND request_id = ?", (method, request_id)).fetchone()
     if row is None:
         return None
-    if row[0] != fingerprint_:
+    if row[0] != digest:
         raise IdempotencyConflict(request_id)
     return row[1]
 
@@ -83,38 +68,38 @@ class Ledger:
         self.history_retention = history_retention
 
     # -- idempotency ----------------------------------------------------------
-    def replay(self, method: str, request_id: str, fingerprint_: str) -> bytes | None:
+    def replay(self, method: str, request_id: str, digest: str) -> bytes | None:
         """The first answer to this request, if there was one."""
-        return _stored(self.db.reader, method, request_id, fingerprint_)
+        return _stored(self.db.reader, method, request_id, digest)
 
-    async def remember(self, method: str, request_id: str, fingerprint_: str,
+    async def remember(self, method: str, request_id: str, digest: str,
                        response: bytes) -> tuple[bytes, bool]:
         """Records ``response`` as the answer; when a concurrent twin of the
         request got there first, returns its answer instead (and True)."""
         def write(conn: sqlite3.Connection) -> tuple[bytes, bool]:
-            now = _now_us()
+            now = now_us()
             conn.execute("DELETE FROM requests WHERE create_time_us < ?",
                          (now - self.request_ttl_us,))
-            first = _stored(conn, method, request_id, fingerprint_)
+            first = _stored(conn, method, request_id, digest)
             if first is not None:
                 return first, True
             conn.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
-                         (method, request_id, fingerprint_, response, now))
+                         (method, request_id, digest, response, now))
             return response, False
         return await self.db.write(write)
 
     # -- history ------------------------------------------------------------------
     async def append(self, namespace: str, session_id: str, messages: Sequence[HistoryMessage],
-                     request_id: str, fingerprint_: str) -> AppendHistoryResponse:
+                     request_id: str, digest: str) -> AppendHistoryResponse:
         """Appends in one transaction with the request record: a retry
         appends nothing and gets the first answer (replayed = True)."""
         def write(conn: sqlite3.Connection) -> AppendHistoryResponse:
-            first = _stored(conn, "AppendHistory", request_id, fingerprint_)
+            first = _stored(conn, "AppendHistory", request_id, digest)
             if first is not None:
                 response = AppendHistoryResponse.FromString(first)
                 response.replayed = True
                 return response
-            now = _now_us()
+            now = now_us()
             (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM messages "
                                    "WHERE namespace = ? AND session_id = ?",
                                    (namespace, session_id)).fetchone()
@@ -132,7 +117,7 @@ class Ledger:
                                     "AND session_id = ?", (namespace, session_id)).fetchone()
             response = AppendHistoryResponse(message_ids=ids, session_message_count=count)
             conn.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
-                         ("AppendHistory", request_id, fingerprint_,
+                         ("AppendHistory", request_id, digest,
                           response.SerializeToString(), now))
             return response
         return await self.db.write(write)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,14 +29,15 @@ from hivemesh.memory.v1 import (
     ForgetNamespaceResponse, GetHistoryResponse, GetMemoriesResponse, Lineage, MemoryChunk,
     MemoryServiceServicer, ScoredChunk, SearchMemoriesResponse, SearchMode)
 from hivemesh.runtime import errors
-from hivemesh.runtime.wellknown import timestamp
+from hivemesh.runtime.resilience import fingerprint
+from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.memory.chunking import chunk_text
 from hivemesh.services.memory.embedders import (
     Embedder, EmbedderUnavailable, EmbeddingRejected)
 from hivemesh.services.memory.filters import (
     metadata_to_payload, payload_to_metadata, to_conditions)
 from hivemesh.services.memory.keywords import KeywordEncoder
-from hivemesh.services.memory.ledger import IdempotencyConflict, Ledger, fingerprint
+from hivemesh.services.memory.ledger import IdempotencyConflict, Ledger
 from hivemesh.services.memory.store.base import (
     LINEAGE_FIELDS, ChunkPoint, Equals, MemoryStore, Mode, Search, StoreUnavailable)
 
@@ -121,13 +122,9 @@ def _backend_errors() -> Iterator[None]:
         raise errors.idempotency_conflict(str(exc)) from None
 
 
-def _fingerprint(request, namespace: str) -> str:
-    """Identifies a mutating request apart from its request_id."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.request_id = ""
-    copy.namespace = namespace
-    return fingerprint(copy.SerializeToString(deterministic=True))
+def _content_key(content: str, size: int, overlap: int, whole: bool) -> str:
+    """Digest of what decides an item's chunks: its content and the chunking."""
+    return hashlib.sha256(f"{size}/{overlap}/{int(whole)}\n{content}".encode()).hexdigest()
 
 
 class MemoryServicer(MemoryServiceServicer):
@@ -188,19 +185,19 @@ class MemoryServicer(MemoryServiceServicer):
     async def AddMemories(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)
         size, overlap, whole = self._chunking(request.chunking)
-        fp = _fingerprint(request, namespace)
+        fp = fingerprint(request)
         with _backend_errors():
             first = self.ledger.replay("AddMemories", request.request_id, fp)
         if first is not None:
             return _replayed(AddMemoriesResponse.FromString(first))
         texts = self._split(request, size, overlap, whole)
-        now_us = time.time_ns() // 1000
-        created = timestamp(now_us).ToJsonString()
+        created_us = now_us()
+        created = timestamp(created_us).ToJsonString()
         ctx = request.context
         points: list[ChunkPoint] = []
         added: list[AddedItem] = []
         for index, (item, chunks) in enumerate(zip(request.items, texts, strict=True)):
-            key = fingerprint(item.content, f"{size}/{overlap}/{int(whole)}")
+            key = _content_key(item.content, size, overlap, whole)
             lineage = {f: getattr(item.lineage, f) for f in LINEAGE_FIELDS}
             for f in ("workflow_id", "task_id", "agent_id"):
                 lineage[f] = lineage[f] or getattr(ctx, f)
@@ -210,7 +207,7 @@ class MemoryServicer(MemoryServiceServicer):
             points += [ChunkPoint(ids[n], (), self.keywords.document(text), {
                 "namespace": namespace, "text": text, "source_id": item.source_id,
                 "chunk_index": n, "chunk_count": len(chunks), "metadata": metadata,
-                "lineage": lineage, "create_time": created, "create_time_us": now_us,
+                "lineage": lineage, "create_time": created, "create_time_us": created_us,
             }) for n, text in enumerate(chunks)]
         with _backend_errors():
             tokens = await self._embed_and_upsert(points, self._timeout(context))
@@ -306,7 +303,7 @@ class MemoryServicer(MemoryServiceServicer):
     # -- deleting ------------------------------------------------------------
     async def _once(self, method: str, request, namespace: str, response_type, work):
         """Runs ``work`` unless this request_id has an answer already."""
-        fp = _fingerprint(request, namespace)
+        fp = fingerprint(request)
         with _backend_errors():
             first = self.ledger.replay(method, request.request_id, fp)
             if first is not None:
@@ -350,7 +347,7 @@ class MemoryServicer(MemoryServiceServicer):
         with _backend_errors():
             return await self.ledger.append(namespace, request.session_id, request.messages,
                                             request.request_id,
-                                            _fingerprint(request, namespace))
+                                            fingerprint(request))
 
     async def GetHistory(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)

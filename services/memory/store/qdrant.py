@@ -70,8 +70,9 @@ class QdrantStore(MemoryStore):
     indexes when missing, and checks the recorded embedder otherwise)."""
 
     def __init__(self, client: AsyncQdrantClient, collection: str, info: CollectionInfo,
-                 where: str) -> None:
+                 where: str, local: bool) -> None:
         self.client = client
+        self.local = local
         self.collection = collection
         self.info = info
         self.where = where
@@ -88,7 +89,7 @@ class QdrantStore(MemoryStore):
         else:
             client = AsyncQdrantClient(location=location, path=path)
             where = f"qdrant-client local mode ({path or location}) collection {collection!r}"
-        store = cls(client, collection, CollectionInfo(model, dimensions), where)
+        store = cls(client, collection, CollectionInfo(model, dimensions), where, url is None)
         try:
             await store._guard(store._ensure_collection())
         except BaseException:
@@ -97,26 +98,32 @@ class QdrantStore(MemoryStore):
         return store
 
     async def _ensure_collection(self) -> None:
-        c = self.collection
-        if not await self.client.collection_exists(c):
+        if not await self.client.collection_exists(self.collection):
             with contextlib.suppress(UnexpectedResponse, ValueError):  # another replica won
                 await self.client.create_collection(
-                    c, vectors_config={DENSE: models.VectorParams(
+                    self.collection, vectors_config={DENSE: models.VectorParams(
                         size=self.info.dimensions, distance=models.Distance.COSINE)},
                     sparse_vectors_config={SPARSE: models.SparseVectorParams(
                         modifier=models.Modifier.IDF)},
                     metadata={"embedding_model": self.info.embedding_model,
                               "dimensions": self.info.dimensions})
-                await self.client.create_payload_index(
-                    c, NAMESPACE, models.KeywordIndexParams(
-                        type=models.KeywordIndexType.KEYWORD, is_tenant=True), wait=True)
-                for key in KEYWORD_INDEXES:
-                    await self.client.create_payload_index(
-                        c, key, models.PayloadSchemaType.KEYWORD, wait=True)
-                for key in DATETIME_INDEXES:
-                    await self.client.create_payload_index(
-                        c, key, models.PayloadSchemaType.DATETIME, wait=True)
-        config = (await self.client.get_collection(c)).config
+                if not self.local:  # local mode has no payload indexes
+                    await self._create_indexes()
+        await self._check_recorded()
+
+    async def _create_indexes(self) -> None:
+        c = self.collection
+        await self.client.create_payload_index(c, NAMESPACE, models.KeywordIndexParams(
+            type=models.KeywordIndexType.KEYWORD, is_tenant=True), wait=True)
+        for key in KEYWORD_INDEXES:
+            await self.client.create_payload_index(c, key, models.PayloadSchemaType.KEYWORD,
+                                                   wait=True)
+        for key in DATETIME_INDEXES:
+            await self.client.create_payload_index(c, key, models.PayloadSchemaType.DATETIME,
+                                                   wait=True)
+
+    async def _check_recorded(self) -> None:
+        config = (await self.client.get_collection(self.collection)).config
         metadata = config.metadata or {}
         dense = config.params.vectors[DENSE] if isinstance(config.params.vectors, dict) else None
         recorded = CollectionInfo(str(metadata.get("embedding_model", "")),

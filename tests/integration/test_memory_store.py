@@ -1,0 +1,233 @@
+"""The memory stores' congruence suite: the embedded Qdrant engine
+(qdrant-edge) and a Qdrant server through qdrant-client (its local mode
+here; a real Qdrant container where a Docker engine is reachable) run the
+same scenarios and must give the same answers."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hivemesh.runtime.text import hashing_embedding
+from hivemesh.services.memory.keywords import KeywordEncoder
+from hivemesh.services.memory.store.base import (
+    AnyOf, ChunkPoint, EmbedderMismatch, Equals, Mode, NumberRange, Search, TimeRange)
+
+DIMS = 256
+KW = KeywordEncoder()
+DOCS = [
+    ("a", "Foxes are quick animals that hunt at night.", {"kind": "note", "n": 1, "ok": True}),
+    ("a", "The lazy dog sleeps in the warm sun all day.", {"kind": "note", "n": 2, "ok": False}),
+    ("a", "Qdrant stores vectors and payloads for search.", {"kind": "doc", "n": 3, "ok": True}),
+    ("a", "Invoices are due at the end of the month.", {"kind": "doc", "n": 4, "ok": False}),
+    ("a", "A fox and a dog became good friends in a long story of the old forest.", {"kind": "story", "n": 5, "ok": True}),
+    ("b", "Foxes foxes foxes: tenant b writes about foxes too.", {"kind": "note", "n": 1,
+                                                                 "ok": True}),
+]
+
+
+def _point(i: int, namespace: str, text: str, metadata: dict) -> ChunkPoint:
+    return ChunkPoint(str(uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}/{i}")),
+                      hashing_embedding(text, DIMS), KW.document(text), {
+                          "namespace": namespace, "text": text, "source_id": f"src-{i % 3}",
+                          "chunk_index": 0, "chunk_count": 1, "metadata": metadata,
+                          "lineage": {"workflow_id": f"wf-{i % 2}", "agent_id": "coder"},
+                          "create_time": f"2024-01-0{i + 1}T12:00:00.000000Z",
+                          "create_time_us": 0})
+
+
+POINTS = [_point(i, ns, text, meta) for i, (ns, text, meta) in enumerate(DOCS)]
+A_IDS = [p.id for p in POINTS if p.payload["namespace"] == "a"]
+
+
+@contextlib.asynccontextmanager
+async def open_store(kind: str, tmp_path: Path, model: str = "hashing-256", dims: int = DIMS,
+                     url: str | None = None):
+    if kind == "edge":
+        from hivemesh.services.memory.store.edge import EdgeStore
+        store = EdgeStore.open(tmp_path / "edge", "test", model, dims)
+    else:
+        from hivemesh.services.memory.store.qdrant import QdrantStore
+        store = (await QdrantStore.open("test", model, dims, url=url) if url else
+                 await QdrantStore.open("test", model, dims, path=str(tmp_path / "qdrant")))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["edge", "qdrant-local"])
+async def store(request, tmp_path):
+    async with open_store(request.param, tmp_path) as s:
+        await s.upsert(POINTS)
+        yield s
+
+
+def _query(text: str, mode: Mode, limit: int = 10, **kwargs) -> Search:
+    return Search(mode, limit, dense=hashing_embedding(text, DIMS), sparse=KW.query(text),
+                  **kwargs)
+
+
+async def test_get_sees_only_its_namespace(store):
+    found = await store.get("a", [POINTS[0].id, POINTS[5].id, str(uuid.uuid4())])
+    assert [f.id for f in found] == [POINTS[0].id]
+    assert found[0].payload["text"] == DOCS[0][1]
+    assert found[0].payload["metadata"] == {"kind": "note", "n": 1, "ok": True}
+    assert await store.get("b", [POINTS[0].id]) == []
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+async def test_search_stays_in_its_namespace(store, mode):
+    hits = await store.search("a", _query("foxes", mode))
+    assert hits and {h.id for h in hits} <= set(A_IDS)
+    assert all(h.payload["namespace"] == "a" for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+async def test_keyword_search_ranks_by_bm25_within_the_namespace(store):
+    hits = await store.search("a", _query("fox", Mode.KEYWORD))
+    # Both fox documents match ("foxes" stems to "fox"); no other does.
+    assert {h.id for h in hits} == {POINTS[0].id, POINTS[4].id}
+    assert all(h.score > 0 for h in hits)
+
+
+async def test_keyword_scores_ignore_other_namespaces(tmp_path, store):
+    before = [(h.id, round(h.score, 5)) for h in await store.search(
+        "a", _query("fox", Mode.KEYWORD))]
+    await store.upsert([_point(100 + i, "c", "fox fox fox", {}) for i in range(20)])
+    after = [(h.id, round(h.score, 5)) for h in await store.search(
+        "a", _query("fox", Mode.KEYWORD))]
+    assert after == before
+
+
+async def test_dense_scores_are_cosine_similarities(store):
+    [hit] = await store.search("a", _query(DOCS[2][1], Mode.DENSE, limit=1))
+    assert hit.id == POINTS[2].id and hit.score == pytest.approx(1.0, abs=1e-4)
+
+
+async def test_hybrid_fuses_by_reciprocal_rank(store):
+    hits = await store.search("a", _query("fox dog friends", Mode.HYBRID, rrf_k=60))
+    assert hits[0].id == POINTS[4].id  # first in both lists
+    assert hits[0].score == pytest.approx(2 / 60, rel=1e-3)
+    assert all(0 < h.score <= 2 / 60 + 1e-6 for h in hits)
+
+
+async def test_score_threshold_leaves_out_weaker_results(store):
+    everything = await store.search("a", _query("fox dog", Mode.DENSE))
+    cut = (everything[0].score + everything[-1].score) / 2
+    kept = await store.search("a", _query("fox dog", Mode.DENSE, score_threshold=cut))
+    assert kept and len(kept) < len(everything)
+    assert all(h.score >= cut for h in kept)
+
+
+@pytest.mark.parametrize("conditions,expected", [
+    ([Equals("metadata.kind", "note")], {0, 1}),
+    ([Equals("metadata.n", 3)], {2}),
+    ([Equals("metadata.ok", True)], {0, 2, 4}),
+    ([Equals("metadata.ok", False)], {1, 3}),
+    ([AnyOf("metadata.kind", ("doc", "story"))], {2, 3, 4}),
+    ([NumberRange("metadata.n", gte=2, lt=4)], {1, 2}),
+    ([NumberRange("metadata.n", gt=4)], {4}),
+    ([TimeRange("create_time", gte="2024-01-03T00:00:00Z", lte="2024-01-04T23:00:00Z")],
+     {2, 3}),
+    ([Equals("lineage.workflow_id", "wf-0"), Equals("metadata.kind", "doc")], {2}),
+    ([Equals("source_id", "src-1")], {1, 4}),
+    ([NumberRange("source_id", gte=0)], set()),  # wrong type for the key: no match
+])
+async def test_filters_select_the_same_points(store, conditions, expected):
+    ids = {POINTS[i].id for i in expected}
+    assert await store.count("a", conditions) == len(expected)
+    hits = await store.search("a", _query("anything at all", Mode.DENSE, conditions=conditions))
+    assert {h.id for h in hits} == ids
+
+
+async def test_delete_by_ids_only_touches_its_namespace(store):
+    assert await store.delete("b", ids=[POINTS[0].id]) == 0
+    assert await store.delete("a", ids=[POINTS[0].id, POINTS[5].id]) == 1
+    assert await store.count("a") == 4 and await store.count("b") == 1
+
+
+async def test_delete_by_filter_can_keep_some(store):
+    deleted = await store.delete("a", conditions=[Equals("metadata.kind", "note")],
+                                 keep_ids=[POINTS[0].id])
+    assert deleted == 1
+    assert await store.count("a", [Equals("metadata.kind", "note")]) == 1
+    assert await store.delete("a") == 4
+    assert await store.count("a") == 0 and await store.count("b") == 1
+
+
+async def test_upsert_of_the_same_ids_replaces(store):
+    changed = _point(0, "a", "Completely different words now.", {"kind": "changed"})
+    await store.upsert([changed])
+    assert await store.count("a") == 5
+    [found] = await store.get("a", [changed.id])
+    assert found.payload["metadata"] == {"kind": "changed"}
+
+
+@pytest.mark.parametrize("kind", ["edge", "qdrant-local"])
+async def test_reopening_keeps_data_and_refuses_another_embedder(kind, tmp_path):
+    async with open_store(kind, tmp_path) as s:
+        await s.upsert(POINTS)
+    async with open_store(kind, tmp_path) as s:
+        assert await s.count("a") == 5
+        assert s.info.embedding_model == "hashing-256"
+    with pytest.raises(EmbedderMismatch, match="hashing-256.*other-model"):
+        async with open_store(kind, tmp_path, model="other-model"):
+            pass
+    with pytest.raises(EmbedderMismatch, match="32 dimensions"):
+        async with open_store(kind, tmp_path, dims=32):
+            pass
+
+
+def _random_vector(rng: random.Random) -> list[float]:
+    return [rng.gauss(0, 1) for _ in range(DIMS)]
+
+
+async def _scenario(store) -> list:
+    """Random dense vectors here: texts sharing no word would all score 0
+    with the hashing embedder, and equal scores have no defined order."""
+    rng = random.Random(7)
+    await store.upsert([ChunkPoint(p.id, _random_vector(rng), p.sparse, p.payload)
+                        for p in POINTS])
+    out: list = []
+    for mode in Mode:
+        for text in ("fox", "dog sleeps", "vectors search", "month invoices"):
+            hits = await store.search("a", Search(mode, 3, dense=_random_vector(rng),
+                                                  sparse=KW.query(text)))
+            # Equal scores have no defined order: compare them sorted by id.
+            out.append((mode.value, text, sorted(((round(h.score, 4), h.id) for h in hits),
+                                                 key=lambda x: (-x[0], x[1]))))
+    out.append(await store.count("a", [Equals("metadata.ok", True)]))
+    out.append(await store.delete("a", conditions=[NumberRange("metadata.n", lte=2)]))
+    out.append(sorted(f.id for f in await store.get("a", A_IDS)))
+    return out
+
+
+async def test_both_stores_give_the_same_answers(tmp_path):
+    async with open_store("edge", tmp_path) as edge, \
+            open_store("qdrant-local", tmp_path) as local:
+        assert await _scenario(edge) == await _scenario(local)
+
+
+def _docker_reachable() -> bool:
+    try:
+        import docker
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:  # noqa: BLE001 - no engine, no socket, no permission
+        return False
+
+
+@pytest.mark.skipif(not _docker_reachable(), reason="no Docker engine reachable")
+async def test_a_qdrant_server_gives_the_same_answers(tmp_path):
+    from testcontainers.qdrant import QdrantContainer
+
+    with QdrantContainer("qdrant/qdrant:latest") as qdrant:
+        url = f"http://{qdrant.get_container_host_ip()}:{qdrant.exposed_rest_port}"
+        async with open_store("edge", tmp_path) as edge, \
+                open_store("qdrant", tmp_path, url=url) as server:
+            assert await _scenario(edge) == await _scenario(server)

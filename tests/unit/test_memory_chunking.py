@@ -1,0 +1,74 @@
+"""Chunking: sizes, boundaries, overlap, and nothing lost."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from hivemesh.services.memory.chunking import chunk_text
+
+PARAGRAPHS = ("Agents remember what they did. The memory service keeps it.\n\n"
+              "Chunks are embedded one by one! Each keeps its lineage.\n\n"
+              "Search finds them again: dense, keyword or hybrid?")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\S+", text)
+
+
+def test_short_text_is_one_chunk_trimmed():
+    assert chunk_text("  hello world \n", 100, 10) == ["hello world"]
+
+
+@pytest.mark.parametrize("size,overlap", [(20, 0), (40, 10), (64, 16), (120, 0), (500, 100)])
+def test_chunks_fit_and_lose_no_word(size, overlap):
+    text = PARAGRAPHS * 5
+    chunks = chunk_text(text, size, overlap)
+    assert all(0 < len(c) <= size for c in chunks)
+    if overlap == 0:
+        assert _words(" ".join(chunks)) == _words(text)
+    else:
+        # Every word of the text appears, in order, once the overlaps are removed.
+        assert set(_words(text)) <= set(_words(" ".join(chunks)))
+
+
+def test_cuts_at_paragraphs_when_they_fit():
+    chunks = chunk_text(PARAGRAPHS, 70, 0)
+    assert chunks == [p.strip() for p in PARAGRAPHS.split("\n\n")]
+
+
+def test_cuts_at_sentences_before_words():
+    text = "First sentence is here. Second sentence follows it. Third one ends."
+    chunks = chunk_text(text, 30, 0)
+    assert chunks == ["First sentence is here.", "Second sentence follows it.",
+                      "Third one ends."]
+
+
+def test_long_word_is_cut_inside_only_when_it_must():
+    chunks = chunk_text("a " + "x" * 25 + " b", 10, 0)
+    assert all(len(c) <= 10 for c in chunks)
+    assert "".join(chunks).replace(" ", "") == "a" + "x" * 25 + "b"
+
+
+def test_overlap_repeats_the_end_of_the_previous_chunk_from_a_word():
+    text = " ".join(f"word{i}" for i in range(60))
+    chunks = chunk_text(text, 60, 20)
+    assert len(chunks) > 2
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        shared = max((k for k in range(1, 21) if before.endswith(after[:k])), default=0)
+        assert shared > 0, (before, after)
+        assert before[-shared - 1] == " " and after[shared] == " "  # whole words
+
+
+def test_no_overlap_shares_nothing():
+    text = " ".join(f"word{i}" for i in range(60))
+    chunks = chunk_text(text, 60, 0)
+    assert sum(len(_words(c)) for c in chunks) == 60
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError):
+        chunk_text("x", 10, 10)
+    with pytest.raises(ValueError):
+        chunk_text("x", 0, 0)

@@ -1,0 +1,81 @@
+"""The contract's Filter becomes store conditions; impossible ranges are
+refused with the field that is wrong; metadata numbers round-trip."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from hivemesh.client.memory import any_of, equals, in_range, to_filter
+from hivemesh.memory.v1 import Condition, Filter, NumericRange, TimeRange
+from hivemesh.runtime.errors import ServiceError
+from hivemesh.services.memory.filters import (
+    metadata_to_payload, payload_to_metadata, to_conditions)
+from hivemesh.services.memory.servicer import resolve_namespace
+from hivemesh.services.memory.store.base import AnyOf, Equals, NumberRange, TimeRange as TR
+from hivemesh.common.v1 import RequestContext
+
+
+def _ts(seconds: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
+def test_every_match_kind_translates():
+    flt = Filter(conditions=[
+        equals("metadata.kind", "note"), equals("metadata.n", 3), equals("metadata.ok", True),
+        any_of("source_id", ["a", "b"]), in_range("metadata.score", gte=0.5, lt=2),
+        Condition(key="create_time", time_range=TimeRange(gte=_ts(0), lt=_ts(86400)))])
+    assert to_conditions(flt) == [
+        Equals("metadata.kind", "note"), Equals("metadata.n", 3), Equals("metadata.ok", True),
+        AnyOf("source_id", ("a", "b")), NumberRange("metadata.score", gte=0.5, lt=2.0),
+        TR("create_time", gte="1970-01-01T00:00:00Z", lt="1970-01-02T00:00:00Z")]
+    assert isinstance(to_conditions(flt)[2].value, bool)
+
+
+def test_mapping_filters_mean_equals_or_any_of():
+    assert to_conditions(to_filter({"metadata.k": "v", "source_id": ["x", "y"]})) == [
+        Equals("metadata.k", "v"), AnyOf("source_id", ("x", "y"))]
+
+
+@pytest.mark.parametrize("cond,field", [
+    (Condition(key="metadata.n", range=NumericRange()), "filter.conditions[0].range"),
+    (Condition(key="metadata.n", range=NumericRange(gte=5, lte=4)),
+     "filter.conditions[0].range"),
+    (Condition(key="metadata.n", range=NumericRange(gt=4, lte=4)),
+     "filter.conditions[0].range"),
+    (Condition(key="create_time", time_range=TimeRange()), "filter.conditions[0].time_range"),
+    (Condition(key="create_time", time_range=TimeRange(gt=_ts(10), lt=_ts(10))),
+     "filter.conditions[0].time_range"),
+])
+def test_impossible_ranges_are_invalid_argument_with_the_field(cond, field):
+    with pytest.raises(ServiceError) as err:
+        to_conditions(Filter(conditions=[cond]))
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    [violation] = err.value.details[0].field_violations
+    assert violation.field == field
+
+
+def test_touching_inclusive_bounds_are_fine():
+    [c] = to_conditions(Filter(conditions=[in_range("metadata.n", gte=4, lte=4)]))
+    assert c == NumberRange("metadata.n", gte=4.0, lte=4.0)
+
+
+def test_metadata_integers_become_integers_and_round_trip():
+    meta = struct_pb2.Struct()
+    meta.update({"n": 3, "x": 1.5, "nested": {"m": 2, "tags": ["a", 4]}, "ok": True})
+    payload = metadata_to_payload(meta)
+    assert payload == {"n": 3, "x": 1.5, "nested": {"m": 2, "tags": ["a", 4]}, "ok": True}
+    assert isinstance(payload["n"], int) and isinstance(payload["nested"]["tags"][1], int)
+    back = struct_pb2.Struct()
+    payload_to_metadata(payload, back)
+    assert back == meta
+
+
+def test_namespace_comes_from_the_request_or_the_tenant():
+    assert resolve_namespace("ns-1", RequestContext(tenant_id="Acme")) == "ns-1"
+    assert resolve_namespace("", RequestContext(tenant_id="Acme")) == "acme"
+    assert resolve_namespace("", RequestContext()) == "default"
+    with pytest.raises(ServiceError) as err:
+        resolve_namespace("", RequestContext(tenant_id="_hidden"))
+    assert err.value.details[0].field_violations[0].field == "context.tenant_id"
