@@ -52,7 +52,7 @@ async def open_store(settings: MemorySettings, model: str, dimensions: int) -> M
             path=location if location not in (None, ":memory:") else None,
             api_key=(settings.qdrant_api_key.get_secret_value()
                      if settings.qdrant_api_key else None),
-            timeout_s=settings.qdrant_timeout_s)
+            grpc_port=settings.qdrant_grpc_port, timeout_s=settings.qdrant_timeout_s)
     from hivemesh.services.memory.store.edge import EdgeStore
     return EdgeStore.open(settings.data_dir, settings.collection, model, dimensions,
                           optimize_after_points=settings.optimize_after_points)

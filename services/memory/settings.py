@@ -22,9 +22,10 @@ class MemorySettings(BaseSettings):
     store: Literal["edge", "qdrant"] = "edge"
     data_dir: Path = Path(".hivemesh/data")
     collection: str = Field(default="memories", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    # e.g. http://qdrant:6333 (gRPC goes to qdrant_grpc_port); a secret
+    # e.g. http://qdrant:6333 (calls go over gRPC to qdrant_grpc_port); a secret
     # because it may carry credentials.
     qdrant_url: SecretStr | None = None
+    qdrant_grpc_port: int = Field(default=6334, ge=1, le=65535)
     qdrant_api_key: SecretStr | None = None
     qdrant_location: str | None = None
     qdrant_timeout_s: int = Field(default=10, ge=1)

@@ -46,13 +46,14 @@ A_IDS = [p.id for p in POINTS if p.payload["namespace"] == "a"]
 
 @contextlib.asynccontextmanager
 async def open_store(kind: str, tmp_path: Path, model: str = "hashing-256", dims: int = DIMS,
-                     url: str | None = None):
+                     url: str | None = None, grpc_port: int = 6334):
     if kind == "edge":
         from hivemesh.services.memory.store.edge import EdgeStore
         store = EdgeStore.open(tmp_path / "edge", "test", model, dims)
     else:
         from hivemesh.services.memory.store.qdrant import QdrantStore
-        store = (await QdrantStore.open("test", model, dims, url=url) if url else
+        store = (await QdrantStore.open("test", model, dims, url=url, grpc_port=grpc_port)
+                 if url else
                  await QdrantStore.open("test", model, dims, path=str(tmp_path / "qdrant")))
     try:
         yield store
@@ -224,10 +225,11 @@ def _docker_reachable() -> bool:
 
 @pytest.mark.skipif(not _docker_reachable(), reason="no Docker engine reachable")
 async def test_a_qdrant_server_gives_the_same_answers(tmp_path):
-    from testcontainers.qdrant import QdrantContainer
+    from testcontainers.community.qdrant import QdrantContainer
 
     with QdrantContainer("qdrant/qdrant:latest") as qdrant:
         url = f"http://{qdrant.get_container_host_ip()}:{qdrant.exposed_rest_port}"
         async with open_store("edge", tmp_path) as edge, \
-                open_store("qdrant", tmp_path, url=url) as server:
+                open_store("qdrant", tmp_path, url=url,
+                           grpc_port=int(qdrant.exposed_grpc_port)) as server:
             assert await _scenario(edge) == await _scenario(server)

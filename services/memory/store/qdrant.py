@@ -81,10 +81,11 @@ class QdrantStore(MemoryStore):
     async def open(cls, collection: str, model: str, dimensions: int, *,
                    url: str | None = None, location: str | None = None,
                    path: str | None = None, api_key: str | None = None,
-                   timeout_s: int = 10) -> QdrantStore:
+                   grpc_port: int = 6334, timeout_s: int = 10) -> QdrantStore:
         if url is not None:
-            client = AsyncQdrantClient(url=url, prefer_grpc=True, api_key=api_key,
-                                       timeout=timeout_s, check_compatibility=False)
+            client = AsyncQdrantClient(url=url, prefer_grpc=True, grpc_port=grpc_port,
+                                       api_key=api_key, timeout=timeout_s,
+                                       check_compatibility=False)
             where = f"{url.split('@')[-1]} collection {collection!r}"
         else:
             client = AsyncQdrantClient(location=location, path=path)
@@ -135,7 +136,9 @@ class QdrantStore(MemoryStore):
             return await call
         except Exception as exc:
             if _unreachable(exc):
-                raise StoreUnavailable(f"Qdrant at {self.where}: {exc}") from exc
+                cause = (f"{exc.code().name}: {exc.details()}"
+                         if isinstance(exc, grpc.aio.AioRpcError) else str(exc))
+                raise StoreUnavailable(f"Qdrant at {self.where}: {cause}") from exc
             raise
 
     async def upsert(self, points: Sequence[ChunkPoint]) -> None:

@@ -1,0 +1,472 @@
+"""The memory service end to end over gRPC: adding, searching (dense,
+keyword, hybrid, filters), get/delete/count/forget, history, namespace
+isolation, idempotency, errors with their status codes and fields, the
+embedder check at start-up, and durability across ``kill -9``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hivemesh.client import (
+    AlreadyExistsError, InvalidArgumentError, MemoryClient, UnavailableError)
+from hivemesh.client.memory import any_of, equals, in_range, in_time_range, memory_item, message
+from hivemesh.common.v1 import RequestContext
+from hivemesh.memory.v1 import (
+    Condition, Filter, MemoryServiceStub, NumericRange, SearchMemoriesRequest, SearchMode)
+from hivemesh.runtime.settings import ServerSettings
+from hivemesh.services.memory.server import create_server, open_backend
+from hivemesh.services.memory.settings import MemorySettings
+
+DENSE, KEYWORD, HYBRID = (SearchMode.SEARCH_MODE_DENSE, SearchMode.SEARCH_MODE_KEYWORD,
+                          SearchMode.SEARCH_MODE_HYBRID)
+NOTES = [
+    ("Foxes are quick animals that hunt small prey at night.", "zoo/fox.md",
+     {"kind": "note", "priority": 1, "reviewed": True, "due": "2024-03-01T00:00:00Z"}),
+    ("The lazy dog sleeps in the warm sun all afternoon.", "zoo/dog.md",
+     {"kind": "note", "priority": 2, "reviewed": False, "due": "2024-06-01T00:00:00Z"}),
+    ("Qdrant keeps vectors and payloads and answers filtered searches.", "docs/qdrant.md",
+     {"kind": "doc", "priority": 3, "reviewed": True, "due": "2024-09-01T00:00:00Z"}),
+]
+
+
+def memory_settings(data_dir: Path, **overrides) -> MemorySettings:
+    return MemorySettings(server=ServerSettings(host="127.0.0.1", port=0, grace_period_s=1),
+                          data_dir=data_dir, embedding_dimensions=256, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: MemorySettings):
+    backend = await open_backend(settings)
+    running, port = await create_server(settings, backend)
+    try:
+        async with MemoryClient(f"127.0.0.1:{port}") as client:
+            yield client
+    finally:
+        await running.shutdown(0)
+        await backend.close()
+
+
+@pytest.fixture(params=["edge", "qdrant"])
+async def memory(request, tmp_path):
+    extra = {"store": "qdrant", "qdrant_location": ":memory:"} if request.param == "qdrant" \
+        else {}
+    async with serve(memory_settings(tmp_path, history_retention=5, **extra)) as client:
+        yield client
+
+
+async def add_notes(memory: MemoryClient, namespace: str = "zoo", **kwargs):
+    return await memory.add([memory_item(text, source_id=src, metadata=meta)
+                             for text, src, meta in NOTES], namespace=namespace, **kwargs)
+
+
+def violations(err) -> dict[str, str]:
+    return dict(err.value.field_violations)
+
+
+# -- adding and reading -----------------------------------------------------
+async def test_add_then_get_returns_text_metadata_and_lineage(memory):
+    ctx = RequestContext(tenant_id="Acme", workflow_id="wf-1", task_id="t-1", agent_id="coder")
+    added = await memory.add([memory_item(
+        "Remember the deploy checklist.", source_id="chk", metadata={"team": "ops", "n": 2},
+        lineage={"generation_id": "gen-9", "agent_id": "reviewer"})], context=ctx)
+    assert (added.namespace, added.item_count, added.chunk_count) == ("acme", 1, 1)
+    assert added.embedding_model == "hashing-256" and added.embedding_usage.prompt_tokens > 0
+    [chunk_id] = added.items[0].chunk_ids
+    got = await memory.get([chunk_id, str(uuid.uuid4()), "not-a-uuid"], context=ctx)
+    assert list(got.missing_ids)[1:] == ["not-a-uuid"] and len(got.missing_ids) == 2
+    [chunk] = got.chunks
+    assert (chunk.chunk_id, chunk.namespace, chunk.text, chunk.source_id) == (
+        chunk_id, "acme", "Remember the deploy checklist.", "chk")
+    assert (chunk.chunk_index, chunk.chunk_count) == (0, 1)
+    assert dict(chunk.metadata) == {"team": "ops", "n": 2.0}
+    # Lineage fields the item leaves empty come from the request context.
+    assert (chunk.lineage.workflow_id, chunk.lineage.task_id, chunk.lineage.agent_id,
+            chunk.lineage.generation_id) == ("wf-1", "t-1", "reviewer", "gen-9")
+    assert chunk.create_time.seconds > 0
+
+
+async def test_long_content_is_chunked_with_overlap(memory):
+    text = "\n\n".join(f"Paragraph {i} talks about topic {i}. It has two sentences."
+                       for i in range(12))
+    added = await memory.add([text], namespace="long", chunk_size_chars=120,
+                             chunk_overlap_chars=30)
+    ids = list(added.items[0].chunk_ids)
+    assert added.chunk_count == len(ids) > 4
+    chunks = (await memory.get(ids, namespace="long")).chunks
+    assert [c.chunk_index for c in chunks] == list(range(len(ids)))
+    assert all(c.chunk_count == len(ids) and len(c.text) <= 120 for c in chunks)
+    assert "Paragraph 11" in chunks[-1].text
+
+
+async def test_retried_add_replays_and_never_duplicates(memory):
+    rid = str(uuid.uuid4())
+    first = await add_notes(memory, request_id=rid)
+    again = await add_notes(memory, request_id=rid)
+    assert again.replayed and not first.replayed
+    assert [list(i.chunk_ids) for i in again.items] == [list(i.chunk_ids) for i in first.items]
+    assert again.embedding_usage.prompt_tokens == 0
+    # The same content under a new request id lands on the same chunk ids.
+    third = await add_notes(memory)
+    assert not third.replayed and third.items[0].chunk_ids == first.items[0].chunk_ids
+    assert await memory.count(namespace="zoo") == 3
+    with pytest.raises(AlreadyExistsError) as err:
+        await memory.add(["something else"], namespace="zoo", request_id=rid)
+    assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+
+
+async def test_replace_source_swaps_a_changed_source(memory):
+    old = "First version. " * 30
+    new = "Second version, shorter."
+    await memory.add([memory_item(old, source_id="readme")], namespace="src",
+                     chunk_size_chars=100, no_overlap=True)
+    before = await memory.count(namespace="src", where={"source_id": "readme"})
+    assert before > 2
+    added = await memory.add([memory_item(new, source_id="readme", replace_source=True)],
+                             namespace="src")
+    assert added.items[0].replaced_chunk_count == before
+    assert await memory.count(namespace="src", where={"source_id": "readme"}) == 1
+    hits = await memory.search("version", mode="keyword", namespace="src")
+    assert [h.chunk.text for h in hits.results] == [new]
+
+
+# -- searching --------------------------------------------------------------
+@pytest.mark.parametrize("mode,query,expected", [
+    ("dense", "quick foxes hunt at night", "zoo/fox.md"),
+    ("keyword", "sleeping dogs", "zoo/dog.md"),
+    ("hybrid", "vectors and payloads", "docs/qdrant.md"),
+])
+async def test_each_mode_finds_the_right_note(memory, mode, query, expected):
+    await add_notes(memory)
+    response = await memory.search(query, mode=mode, namespace="zoo", limit=3)
+    assert response.mode == {"dense": DENSE, "keyword": KEYWORD, "hybrid": HYBRID}[mode]
+    assert response.namespace == "zoo"
+    top = response.results[0]
+    assert top.chunk.source_id == expected and top.score > 0
+    assert top.chunk.text and top.chunk.metadata["kind"] in ("note", "doc")
+
+
+async def test_keyword_and_hybrid_with_only_stop_words(memory):
+    await add_notes(memory)
+    keyword = await memory.search("the and of", mode="keyword", namespace="zoo")
+    assert keyword.mode == KEYWORD and not keyword.results
+    hybrid = await memory.search("the and of", mode="hybrid", namespace="zoo")
+    assert hybrid.mode == DENSE  # nothing to match by keyword: dense alone
+
+
+async def test_search_limit_and_score_threshold(memory):
+    await add_notes(memory)
+    everything = await memory.search("quick foxes", namespace="zoo", limit=10)
+    assert len(everything.results) == 3
+    assert len((await memory.search("quick foxes", namespace="zoo", limit=1)).results) == 1
+    cut = everything.results[0].score - 1e-6
+    kept = await memory.search("quick foxes", namespace="zoo", score_threshold=cut)
+    assert [r.chunk.chunk_id for r in kept.results] == [everything.results[0].chunk.chunk_id]
+
+
+@pytest.mark.parametrize("where,expected", [
+    ({"metadata.kind": "note"}, {"zoo/fox.md", "zoo/dog.md"}),
+    ({"metadata.priority": 3}, {"docs/qdrant.md"}),
+    ({"metadata.reviewed": False}, {"zoo/dog.md"}),
+    ({"source_id": ["zoo/dog.md", "docs/qdrant.md"]}, {"zoo/dog.md", "docs/qdrant.md"}),
+    ([in_range("metadata.priority", gt=1)], {"zoo/dog.md", "docs/qdrant.md"}),
+    ([in_time_range("metadata.due", lt=__import__("datetime").datetime(2024, 7, 1))],
+     {"zoo/fox.md", "zoo/dog.md"}),
+    ([any_of("metadata.kind", ["doc"]), equals("metadata.reviewed", True)], {"docs/qdrant.md"}),
+])
+async def test_metadata_filters(memory, where, expected):
+    await add_notes(memory)
+    for mode in ("dense", "keyword", "hybrid"):
+        hits = await memory.search("foxes dogs vectors", mode=mode, namespace="zoo",
+                                   where=where)
+        assert {h.chunk.source_id for h in hits.results} <= expected
+    dense = await memory.search("anything", namespace="zoo", where=where)
+    assert {h.chunk.source_id for h in dense.results} == expected
+    assert await memory.count(namespace="zoo", where=where) == len(expected)
+
+
+async def test_create_time_filter(memory):
+    import datetime as dt
+    await add_notes(memory)
+    now = dt.datetime.now(dt.UTC)
+    assert await memory.count(namespace="zoo", where=[
+        in_time_range(gte=now - dt.timedelta(minutes=5))]) == 3
+    assert await memory.count(namespace="zoo", where=[
+        in_time_range(gte=now + dt.timedelta(minutes=5))]) == 0
+
+
+# -- deleting and namespaces ------------------------------------------------
+async def test_delete_by_ids_and_by_filter(memory):
+    added = await add_notes(memory)
+    fox_id = added.items[0].chunk_ids[0]
+    assert await memory.delete([fox_id, str(uuid.uuid4()), "junk"], namespace="zoo") == 1
+    assert (await memory.get([fox_id], namespace="zoo")).missing_ids == [fox_id]
+    assert await memory.delete(where={"metadata.kind": "doc"}, namespace="zoo") == 1
+    assert await memory.count(namespace="zoo") == 1
+    rid = str(uuid.uuid4())
+    assert await memory.delete(where={"metadata.kind": "note"}, namespace="zoo",
+                               request_id=rid) == 1
+    # The retry answers as the first time did.
+    assert await memory.delete(where={"metadata.kind": "note"}, namespace="zoo",
+                               request_id=rid) == 1
+    assert await memory.count(namespace="zoo") == 0
+
+
+async def test_namespaces_never_see_each_other(memory):
+    a = RequestContext(tenant_id="tenant-a")
+    b = RequestContext(tenant_id="tenant-b")
+    added_a = await memory.add(["Tenant A secret: the launch code is alpha."], context=a)
+    await memory.add(["Tenant B note about launch plans."], context=b)
+    secret = added_a.items[0].chunk_ids[0]
+    for mode in ("dense", "keyword", "hybrid"):
+        hits = await memory.search("launch code alpha", mode=mode, context=b)
+        assert hits.namespace == "tenant-b"
+        assert all(h.chunk.namespace == "tenant-b" for h in hits.results)
+        assert secret not in {h.chunk.chunk_id for h in hits.results}
+    assert (await memory.get([secret], context=b)).missing_ids == [secret]
+    assert await memory.delete([secret], context=b) == 0
+    assert await memory.count(context=a) == 1 and await memory.count(context=b) == 1
+    # An explicit namespace wins over the tenant.
+    assert await memory.count(namespace="tenant-a", context=b) == 1
+
+
+async def test_forget_namespace_deletes_chunks_and_sessions(memory):
+    await add_notes(memory, namespace="gone")
+    await add_notes(memory, namespace="kept")
+    await memory.append_history("s1", [("user", "hi")], namespace="gone")
+    await memory.append_history("s2", [("user", "hi")], namespace="gone")
+    await memory.append_history("s1", [("user", "hi")], namespace="kept")
+    rid = str(uuid.uuid4())
+    forgot = await memory.forget("gone", request_id=rid)
+    assert (forgot.deleted_chunk_count, forgot.deleted_session_count) == (3, 2)
+    assert (await memory.forget("gone", request_id=rid)) == forgot
+    assert await memory.count(namespace="gone") == 0
+    assert (await memory.get_history("s1", namespace="gone")).session_message_count == 0
+    assert await memory.count(namespace="kept") == 3
+    assert (await memory.get_history("s1", namespace="kept")).session_message_count == 1
+    again = await memory.forget("never-used")
+    assert (again.deleted_chunk_count, again.deleted_session_count) == (0, 0)
+
+
+# -- conversation history ---------------------------------------------------
+async def test_history_fits_the_token_budget_newest_first(memory):
+    appended = await memory.append_history("chat", [
+        message("system", "You are helpful.", token_count=10),
+        message("user", "Question one?", token_count=5),
+        message("assistant", "Answer one.", token_count=7),
+        message("user", "Question two?", token_count=6)], namespace="h")
+    assert len(appended.message_ids) == 4 and appended.session_message_count == 4
+    got = await memory.get_history("chat", token_budget=14, namespace="h")
+    assert [m.content for m in got.messages] == ["Answer one.", "Question two?"]
+    assert (got.total_tokens, got.truncated, got.session_message_count) == (13, True, 4)
+    everything = await memory.get_history("chat", namespace="h")
+    assert [m.role for m in everything.messages][0] == 1 and not everything.truncated
+    assert [m.message_id for m in everything.messages] == list(appended.message_ids)
+    assert (await memory.get_history("chat", max_messages=1, namespace="h")).messages[0] \
+        .content == "Question two?"
+    assert (await memory.get_history("other", namespace="h")).session_message_count == 0
+
+
+async def test_history_estimates_tokens_and_keeps_the_retention_limit(memory):
+    await memory.append_history("s", [("user", "x" * 40)], namespace="h")
+    [m] = (await memory.get_history("s", namespace="h")).messages
+    assert m.token_count == 10  # estimated: about four characters per token
+    await memory.append_history("s", [("user", f"m{i}") for i in range(7)], namespace="h")
+    got = await memory.get_history("s", namespace="h")
+    assert got.session_message_count == 5  # the fixture keeps five per session
+    assert [m.content for m in got.messages] == [f"m{i}" for i in range(2, 7)]
+
+
+async def test_retried_append_appends_once(memory):
+    rid = str(uuid.uuid4())
+    first = await memory.append_history("s", [("user", "once")], namespace="h", request_id=rid)
+    again = await memory.append_history("s", [("user", "once")], namespace="h", request_id=rid)
+    assert again.replayed and again.message_ids == first.message_ids
+    assert (await memory.get_history("s", namespace="h")).session_message_count == 1
+    with pytest.raises(AlreadyExistsError):
+        await memory.append_history("s", [("user", "twice")], namespace="h", request_id=rid)
+
+
+# -- errors -----------------------------------------------------------------
+async def test_bad_requests_name_the_field(memory):
+    cases = [
+        (lambda: memory.add([""], namespace="e"), "items[0].content"),
+        (lambda: memory.add(["   \n "], namespace="e"), "items[0].content"),
+        (lambda: memory.add(["x"], namespace="Bad Namespace"), "namespace"),
+        (lambda: memory.add(["x"], namespace="e", chunk_size_chars=100, chunk_overlap_chars=100),
+         "chunking.chunk_overlap_chars"),
+        (lambda: memory.add([memory_item("x", replace_source=True)], namespace="e"),
+         "items[0].replace_source"),
+        (lambda: memory.add(["x"], context=RequestContext(tenant_id="_x")), "context.tenant_id"),
+        (lambda: memory.search("q", namespace="e", where=[Condition(key="payload.secret",
+                                                            equals_string="x")]),
+         "filter.conditions[0].key"),
+        (lambda: memory.search("q", namespace="e", where=[Condition(key="metadata.n",
+                                                            range=NumericRange())]),
+         "filter.conditions[0].range"),
+        (lambda: memory.count(namespace="e", where=[in_range("metadata.n", gt=5, lt=1)]),
+         "filter.conditions[0].range"),
+        (lambda: memory.search("q", namespace="e", limit=0), "limit"),
+        (lambda: memory.delete(where=Filter(), namespace="e"), "filter"),
+        (lambda: memory.append_history("s", [message(0, "no role")], namespace="e"),
+         "messages[0].role"),
+    ]
+    for call, field in cases:
+        with pytest.raises(InvalidArgumentError) as err:
+            await call()
+        assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert field in violations(err), (field, violations(err))
+
+
+async def test_oversized_requests_are_payload_too_large(tmp_path):
+    settings = memory_settings(tmp_path, max_chunk_chars=100, max_chunks_per_request=5)
+    async with serve(settings) as memory:
+        with pytest.raises(InvalidArgumentError) as err:
+            await memory.add(["y" * 101], namespace="e", whole_item=True)
+        assert err.value.reason == "PAYLOAD_TOO_LARGE"
+        assert "items[0].content" in violations(err)
+        with pytest.raises(InvalidArgumentError) as err:
+            await memory.add(["word " * 200], namespace="e", chunk_size_chars=100,
+                             no_overlap=True)
+        assert err.value.reason == "PAYLOAD_TOO_LARGE" and "items" in violations(err)
+        assert await memory.count(namespace="e") == 0
+
+
+async def test_unspecified_mode_means_dense(memory):
+    await add_notes(memory)
+    stub = MemoryServiceStub(memory.channel)
+    response = await stub.SearchMemories(SearchMemoriesRequest(
+        namespace="zoo", query="foxes", limit=2))
+    assert response.mode == DENSE and len(response.results) == 2
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_unreachable_qdrant_is_unavailable_and_stores_nothing(tmp_path):
+    from qdrant_client import AsyncQdrantClient
+
+    from hivemesh.services.memory.store.qdrant import QdrantStore
+
+    settings = memory_settings(tmp_path, store="qdrant", qdrant_location=":memory:")
+    backend = await open_backend(settings)
+    working = backend.store
+    # The collection exists; then the server goes away.
+    port = _closed_port()
+    backend.store = QdrantStore(AsyncQdrantClient(url=f"http://127.0.0.1:{port}",
+                                                  prefer_grpc=True, grpc_port=port, timeout=2,
+                                                  check_compatibility=False),
+                                "memories", working.info, "127.0.0.1", local=False)
+    running, server_port = await create_server(settings, backend)
+    try:
+        async with MemoryClient(f"127.0.0.1:{server_port}") as memory:
+            rid = str(uuid.uuid4())
+            with pytest.raises(UnavailableError) as err:
+                await memory.add(["will not be stored"], namespace="u", request_id=rid)
+            assert err.value.reason == "BACKEND_UNAVAILABLE"
+            with pytest.raises(UnavailableError):
+                await memory.search("anything", namespace="u")
+            with pytest.raises(UnavailableError):
+                await memory.count(namespace="u")
+        # Nothing was recorded as done: once the store is back, the retry stores.
+        await backend.store.close()
+        backend.store = working
+        await running.shutdown(0)
+        running, server_port = await create_server(settings, backend)
+        async with MemoryClient(f"127.0.0.1:{server_port}") as memory:
+            retried = await memory.add(["will not be stored"], namespace="u", request_id=rid)
+            assert not retried.replayed and await memory.count(namespace="u") == 1
+    finally:
+        await running.shutdown(0)
+        await backend.close()
+
+
+async def test_unreachable_qdrant_at_start_up_fails_clearly(tmp_path):
+    from hivemesh.services.memory.store.base import StoreUnavailable
+    port = _closed_port()
+    settings = memory_settings(tmp_path, store="qdrant",
+                               qdrant_url=f"http://127.0.0.1:{port}", qdrant_grpc_port=port,
+                               qdrant_timeout_s=2)
+    with pytest.raises(StoreUnavailable, match=r"Qdrant at http://127.0.0.1:\d+ .*: UNAVAILABLE: "):
+        await open_backend(settings)
+
+
+# -- the LLM service's embeddings -------------------------------------------
+async def test_embeddings_from_the_llm_service(tmp_path):
+    from hivemesh.services.llm.server import Backends
+    from hivemesh.services.llm.server import create_server as create_llm_server
+    from hivemesh.services.llm.settings import LlmSettings
+
+    llm_settings = LlmSettings(server=ServerSettings(port=0, grace_period_s=1))
+    llm_backends = Backends(llm_settings)
+    llm, llm_port = await create_llm_server(llm_settings, llm_backends)
+    try:
+        settings = memory_settings(tmp_path, llm_address=f"127.0.0.1:{llm_port}")
+        async with serve(settings) as memory:
+            added = await add_notes(memory)
+            assert added.embedding_model.startswith("llm:")
+            assert added.embedding_usage.prompt_tokens > 0
+            hits = await memory.search("quick foxes hunt at night", namespace="zoo")
+            assert hits.results[0].chunk.source_id == "zoo/fox.md"
+        # The collection now holds the LLM model's vectors: the hashing
+        # embedder is refused at start-up.
+        from hivemesh.services.memory.store.base import EmbedderMismatch
+        with pytest.raises(EmbedderMismatch, match="llm:"):
+            await open_backend(memory_settings(tmp_path, embedder="hashing"))
+    finally:
+        await llm.shutdown(0)
+        await llm_backends.close()
+
+
+# -- processes: start-up checks and kill -9 ----------------------------------
+def _serve_memory(data_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hivemesh.cli.main", "serve", "memory", "--port", "0",
+         "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env})
+
+
+async def test_another_embedder_is_refused_at_start_up(tmp_path):
+    async with serve(memory_settings(tmp_path)) as memory:
+        await memory.add(["made with 256 dimensions"], namespace="x")
+    result = _serve_memory(tmp_path, HIVEMESH_MEMORY_EMBEDDING_DIMENSIONS="64")
+    assert result.returncode == 1
+    assert "listening" not in result.stdout
+    assert "'hashing-256' (256 dimensions)" in result.stderr
+    assert "'hashing-64' (64 dimensions)" in result.stderr
+
+
+async def test_acknowledged_memories_survive_kill_9(tmp_path):
+    from hivemesh.cli.processes import start_service
+
+    env = {"HIVEMESH_MEMORY_EMBEDDING_DIMENSIONS": "256"}
+    proc = start_service("memory", data_dir=tmp_path, env=env)
+    try:
+        async with MemoryClient(proc.address) as memory:
+            added = await add_notes(memory)
+            await memory.append_history("s", [("user", "remember me")], namespace="zoo")
+    finally:
+        proc.kill()
+    proc = start_service("memory", data_dir=tmp_path, env=env)
+    try:
+        async with MemoryClient(proc.address) as memory:
+            ids = [i.chunk_ids[0] for i in added.items]
+            got = await memory.get(ids, namespace="zoo")
+            assert [c.chunk_id for c in got.chunks] == ids and not got.missing_ids
+            hits = await memory.search("sleeping dogs", mode="hybrid", namespace="zoo")
+            assert hits.results[0].chunk.source_id == "zoo/dog.md"
+            history = await memory.get_history("s", namespace="zoo")
+            assert [m.content for m in history.messages] == ["remember me"]
+    finally:
+        assert proc.stop() == 0
