@@ -5,9 +5,14 @@ new context id whose parent is the forking run, same tenant and workflow."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
 
 from hivemesh.common.v1 import RequestContext
 
@@ -45,3 +50,18 @@ class ExecutionContext:
                               task_id=self.task_id, agent_id=self.agent,
                               context_id=self.context_id, parent_context_id=self.parent_id,
                               session_id=self.session_id)
+
+
+@contextlib.contextmanager
+def baggage_of(ctx: ExecutionContext) -> Iterator[None]:
+    """Tenant and workflow travel as W3C baggage on every call made inside."""
+    current = otel_context.get_current()
+    for key, value in (("hivemesh.tenant_id", ctx.tenant_id),
+                       ("hivemesh.workflow_id", ctx.workflow_id)):
+        if value:
+            current = baggage.set_baggage(key, value, current)
+    token = otel_context.attach(current)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)

@@ -44,7 +44,7 @@ from hivemesh.orchestrator.v1 import (
 from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.orchestrator import templates
-from hivemesh.services.orchestrator.context import ExecutionContext
+from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import Providers
 from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
@@ -144,7 +144,7 @@ class AgentRunner:
                   sink: EventSink) -> AgentResult:
         """Runs the agent; returns its result or raises RunError."""
         started = time.monotonic()
-        with tracer.start_as_current_span(
+        with baggage_of(ctx), tracer.start_as_current_span(
                 f"invoke_agent {agent.name}", kind=SpanKind.INTERNAL,
                 attributes={"gen_ai.operation.name": "invoke_agent",
                             "gen_ai.agent.name": agent.name,

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
-from opentelemetry import baggage, context as otel_context, trace
+from opentelemetry import trace
 
 from hivemesh.common.v1 import Usage
 from hivemesh.orchestrator.v1 import (
@@ -28,7 +28,7 @@ from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import duration_s, now_us
 from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.agents import AgentRegistry
-from hivemesh.services.orchestrator.context import ExecutionContext
+from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import (
@@ -167,10 +167,7 @@ class WorkflowRun:
 
     async def run(self) -> RunWorkflowResponse:
         started = time.monotonic()
-        token = otel_context.attach(baggage.set_baggage(
-            "hivemesh.workflow_id", self.workflow_id,
-            baggage.set_baggage("hivemesh.tenant_id", self.base.tenant_id)))
-        try:
+        with baggage_of(self.base):
             with tracer.start_as_current_span(
                     f"workflow {self.workflow.display_name or self.workflow_id}",
                     attributes={"hivemesh.workflow_id": self.workflow_id,
@@ -183,8 +180,6 @@ class WorkflowRun:
                 if status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED:
                     span.set_status(trace.Status(trace.StatusCode.ERROR,
                                                  WorkflowStatus.Name(status)))
-        finally:
-            otel_context.detach(token)
         response = RunWorkflowResponse(workflow_id=self.workflow_id, status=status,
                                        trace_id=self.trace_id)
         for task in self.workflow.tasks:

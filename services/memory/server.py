@@ -40,8 +40,15 @@ async def open_embedder(settings: MemorySettings) -> Embedder:
 
 
 async def open_store(settings: MemorySettings, model: str, dimensions: int) -> MemoryStore:
-    """Raises EmbedderMismatch (a ValueError) when the collection was built
-    with another embedder."""
+    """The configured store, every call traced. Raises EmbedderMismatch (a
+    ValueError) when the collection was built with another embedder."""
+    from hivemesh.services.memory.store.traced import TracedStore
+    store = await _open_engine(settings, model, dimensions)
+    return TracedStore(store, collection=settings.collection,
+                       engine="server" if settings.store == "qdrant" else "embedded")
+
+
+async def _open_engine(settings: MemorySettings, model: str, dimensions: int) -> MemoryStore:
     if settings.store == "qdrant":
         from hivemesh.services.memory.store.qdrant import QdrantStore
         location = settings.qdrant_location

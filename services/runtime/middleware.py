@@ -24,6 +24,7 @@ import protovalidate
 from buf.validate.validate_pb2 import FieldPath
 from google.rpc import status_pb2
 from grpc_status import rpc_status
+from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -216,9 +217,14 @@ class TracingMiddleware(Middleware):
                    if k in _TRACE_HEADERS}
         parent = propagate.extract(carrier) if carrier else None
         service, _, name = method.lstrip("/").rpartition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        if parent is not None:
+            # Baggage the caller set (tenant, workflow) is recorded on the span.
+            attributes.update((k, str(v)) for k, v in baggage.get_all(parent).items()
+                              if k.startswith("hivemesh."))
         span = self._tracer.start_span(
             name=method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+            attributes=attributes)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         rid_token = request_id_var.set(getattr(request, "request_id", ""))
         return span, token, rid_token
