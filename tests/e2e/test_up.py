@@ -1,28 +1,40 @@
-"""The README's first command: ``hivemesh up`` starts the mesh, runs the
-demonstration through it and stops every process."""
+"""The README's first command: ``hivemesh up`` starts the whole mesh, runs
+the coding -> test -> review workflow through the orchestrator and stops
+every process."""
 
 import re
 import subprocess
 import sys
 
 
-def test_up_runs_the_demonstration_and_stops_everything(tmp_path):
+def test_up_runs_the_workflow_through_the_mesh_and_stops_everything(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "up",
                              "--data-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for service in ("artifact", "information", "llm"):
+    for service in ("artifact", "information", "llm", "memory", "orchestrator"):
         assert re.search(rf"{service}\s+listening on 127\.0\.0\.1:\d+", out)
-    saved = re.findall(r"saved (art-[0-9a-f-]{36})\s+(\w+)", out)
-    assert [kind for _, kind in saved] == ["code", "test", "review"]
-    assert "replayed=True" in out
-    assert "count: 3 artifacts, 1 review" in out
-    charged = [int(c) for c in re.findall(r"charged (\d+) micros", out)]
+    assert "workflow SUCCEEDED" in out
+    tasks = re.findall(r"^  (code|test|review)\s+SUCCEEDED\s+by (\w+)\s+mock-small\s+(\d+) "
+                       r"tokens\s+(\d+) micros\s+recalled (\d+)\s+artifact (art-[0-9a-f-]{36})",
+                       out, re.MULTILINE)
+    assert [(t[0], t[1]) for t in tasks] == [("code", "coder"), ("test", "tester"),
+                                            ("review", "reviewer")]
+    assert int(tasks[2][4]) > 0  # the reviewer recalled what the coder wrote back
+    events = re.findall(r"^  #(\d+)\s+(\w+)", out, re.MULTILINE)
+    assert [int(n) for n, _ in events] == list(range(1, len(events) + 1))
+    assert events[0][1] == "WORKFLOW_START" and events[-1][1] == "WORKFLOW_COMPLETE"
+    assert "--- code (coder) ---\ndef solve" in out  # the code came from the LLM service
+    assert "replayed=True (same trace True)" in out
+    listed = re.findall(r"(art-[0-9a-f-]{36})\s+(code|test|review)\s+by", out)
+    assert sorted(a for a, _ in listed) == sorted(t[5] for t in tasks)
     status = re.search(r"budget status: spent (\d+) of 500 micro-USD .* reserved (\d+)", out)
-    assert status and int(status.group(1)) == sum(charged) and status.group(2) == "0"
-    assert "by mock-small):\ndef solve" in out  # the code came from the LLM service
+    assert status and int(status.group(1)) == sum(int(t[3]) for t in tasks)
+    assert status.group(2) == "0"
+    assert re.search(r"trace id: [0-9a-f]{32}", out)
     assert out.rstrip().endswith("all services stopped")
     # The data stayed where it was asked to be.
     assert (tmp_path / "artifact" / "artifacts.sqlite3").exists()
     assert (tmp_path / "information" / "information.sqlite3").exists()
+    assert any((tmp_path / "memory").iterdir())
