@@ -1,0 +1,118 @@
+"""Pieces of the orchestrator on their own: the event bus (middleware,
+priorities, failing subscribers, slow remote subscribers), the execution
+context's fork, template references and the deadline scope."""
+
+import asyncio
+
+import pytest
+
+from hivemesh.common.v1 import RequestContext
+from hivemesh.orchestrator.v1 import AgentStart, EventPriority, EventType, GenerationChunk
+from hivemesh.runtime import errors
+from hivemesh.services.orchestrator import templates
+from hivemesh.services.orchestrator.context import ExecutionContext
+from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
+from hivemesh.services.orchestrator.policy import Providers, deadline_scope, remaining_s
+
+START = EventType.EVENT_TYPE_AGENT_START
+CHUNK = EventType.EVENT_TYPE_GENERATION_CHUNK
+
+
+def emit(sink, event_type=START, agent="coder", workflow="wf-1"):
+    payload = AgentStart(input="x") if event_type == START else GenerationChunk(text="t")
+    return sink.emit(event_type, RequestContext(workflow_id=workflow), "0" * 32, payload,
+                     agent=agent)
+
+
+def test_bus_runs_middleware_then_subscribers_by_priority_and_survives_failures():
+    bus = EventBus()
+    order = []
+
+    def enrich(event):
+        event.context.tenant_id = "acme"
+        return event
+    bus.use(enrich)
+    bus.use(lambda e: None if e.agent == "secret" else e)  # drops
+    bus.subscribe(lambda e: order.append(("low", e.context.tenant_id)), priority=1)
+    bus.subscribe(lambda e: 1 / 0, priority=5)
+    bus.subscribe(lambda e: order.append(("high", e.context.tenant_id)), priority=9)
+    sink = EventSink(bus)
+    emit(sink)
+    assert emit(sink, agent="secret") is None
+    assert order == [("high", "acme"), ("low", "acme")]
+    assert bus.subscriber_errors == 1
+    assert sink.sequence == 2
+
+
+def test_default_priorities_and_subscription_filters():
+    bus = EventBus()
+    chunks = Subscription(types=frozenset({CHUNK}))
+    important = Subscription(min_priority=EventPriority.EVENT_PRIORITY_NORMAL, agent="coder")
+    other_workflow = Subscription(workflow_id="wf-2")
+    for s in (chunks, important, other_workflow):
+        bus.add_subscription(s)
+    sink = EventSink(bus)
+    emit(sink, CHUNK)
+    emit(sink, START)
+    emit(sink, START, agent="tester")
+    assert [e.priority for e in [chunks.queue.get_nowait()]] == [EventPriority.EVENT_PRIORITY_LOW]
+    assert important.queue.qsize() == 1 and important.queue.get_nowait().type == START
+    assert other_workflow.queue.empty()
+
+
+def test_a_slow_subscriber_is_marked_with_its_dropped_events():
+    bus = EventBus()
+    slow = Subscription(queue_size=2)
+    bus.add_subscription(slow)
+    sink = EventSink(bus)
+    for _ in range(5):
+        emit(sink)
+    assert slow.queue.qsize() == 2 and slow.dropped == 3
+
+
+def test_fork_makes_a_child_context():
+    parent = ExecutionContext.from_request(RequestContext(tenant_id="acme", workflow_id="wf",
+                                                         session_id="s"), "triage")
+    parent.state["seen"] = 1
+    child = parent.fork("expert", task_id="t1")
+    assert child.parent_id == parent.context_id and child.context_id != parent.context_id
+    assert (child.tenant_id, child.workflow_id, child.task_id, child.agent) == (
+        "acme", "wf", "t1", "expert")
+    child.state["seen"] = 2
+    assert parent.state["seen"] == 1
+    proto = child.to_proto()
+    assert proto.parent_context_id == parent.context_id and proto.agent_id == "expert"
+
+
+def test_template_references():
+    text = "Review {{ tasks.code.output }} for {{variables.user}}"
+    assert templates.problems(text, {"user": "ada"}, frozenset({"code"}), allow_tasks=True) == []
+    assert templates.render(text, {"user": "ada"}, {"code": "X"}) == "Review X for ada"
+    assert templates.problems(text, {}, frozenset(), allow_tasks=True) == [
+        "{{tasks.code.output}}: task 'code' is not a dependency",
+        "{{variables.user}}: no variable 'user' was given"]
+    assert templates.problems("{{tasks.code.output}}", {}) == [
+        "{{tasks.code.output}}: unknown reference"]
+    assert templates.problems("{{env.HOME}}", {}) == ["{{env.HOME}}: unknown reference"]
+
+
+async def test_deadline_scope_nests_and_fails_fast():
+    assert remaining_s() is None
+    with deadline_scope(10):
+        with deadline_scope(0.01):
+            assert remaining_s() <= 0.01
+        assert remaining_s() > 9
+        with deadline_scope(100):
+            assert remaining_s() <= 10  # never later than the enclosing one
+    providers = Providers({"llm": "127.0.0.1:1"}, min_call_time_s=0.05)
+    try:
+        with deadline_scope(0.01), pytest.raises(errors.ServiceError) as err:
+            await providers.call("llm", "Generate", None)
+        assert err.value.code.name == "DEADLINE_EXCEEDED"
+        assert err.value.reason == "DEADLINE_TOO_SHORT"
+        with pytest.raises(errors.ServiceError) as err:
+            await providers.call("memory", "SearchMemories", None)
+        assert err.value.metadata == {"provider": "memory"}
+    finally:
+        await providers.close()
+    await asyncio.sleep(0)
