@@ -62,7 +62,7 @@ async def _open_engine(settings: MemorySettings, model: str, dimensions: int) ->
             grpc_port=settings.qdrant_grpc_port, timeout_s=settings.qdrant_timeout_s)
     from hivemesh.services.memory.store.edge import EdgeStore
     return EdgeStore.open(settings.data_dir, settings.collection, model, dimensions,
-                          optimize_after_points=settings.optimize_after_points)
+                          build_index=settings.build_index_on_start)
 
 
 async def open_backend(settings: MemorySettings) -> MemoryBackend:

@@ -52,8 +52,9 @@ class MemorySettings(BaseSettings):
     # Hybrid search: candidates per side before fusion, and the RRF constant.
     hybrid_prefetch: int = Field(default=100, ge=1, le=10000)
     rrf_k: int = Field(default=60, ge=1)
-    # The embedded engine builds its HNSW index after this many new points.
-    optimize_after_points: int = Field(default=20000, ge=1)
+    # The embedded engine builds the HNSW index of points added since the
+    # last start when it opens (start-up waits for it).
+    build_index_on_start: bool = True
 
     # Messages kept per session; older ones are dropped on append.
     history_retention: int = Field(default=1000, ge=1)

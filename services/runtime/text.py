@@ -20,10 +20,14 @@ def hashing_embedding(text: str, dimensions: int) -> list[float]:
     """Deterministic feature-hashing embedding: words and word bigrams hashed
     into signed buckets, L2-normalised. Similar texts get similar vectors."""
     words = _WORD.findall(text.lower())
-    vector = [0.0] * dimensions
+    buckets: dict[int, float] = {}
     for feature in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
         digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
         bucket = int.from_bytes(digest[:4], "little") % dimensions
-        vector[bucket] += 1.0 if digest[4] & 1 else -1.0
-    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-    return [v / norm for v in vector]
+        buckets[bucket] = buckets.get(bucket, 0.0) + (1.0 if digest[4] & 1 else -1.0)
+    # Only the touched buckets are non-zero: normalise those alone.
+    norm = math.sqrt(sum(v * v for v in buckets.values())) or 1.0
+    vector = [0.0] * dimensions
+    for bucket, value in buckets.items():
+        vector[bucket] = value / norm
+    return vector

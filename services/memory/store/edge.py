@@ -3,10 +3,14 @@ on-disk shard under the data directory.
 
 Every update goes through the shard's write-ahead log before ``update``
 returns, so an acknowledged write survives ``kill -9``; segments are flushed
-in the background and on close. Engine calls block, so they run on a small
-thread pool and the event loop keeps serving. The engine does not build
-HNSW indexes by itself: after enough new points an optimisation runs on its
-own thread (searches go on meanwhile).
+on close. Engine calls run on a small thread pool, off the event loop.
+
+The engine builds its HNSW index only when asked (``optimize()``), and the
+binding holds the interpreter lock while it does, which would freeze the
+whole service for seconds. So the index is built when the store opens,
+before the service takes traffic; points added since are searched exactly
+(brute force) until the next start. A Qdrant server indexes in the
+background instead: use it for large, write-heavy collections.
 """
 
 from __future__ import annotations
@@ -66,20 +70,18 @@ class EdgeStore(MemoryStore):
     """Open with :meth:`open`; ``close`` flushes and releases the shard."""
 
     def __init__(self, shard: q.EdgeShard, root: Path, info: CollectionInfo, *,
-                 optimize_after_points: int = 20_000, threads: int = 4) -> None:
+                 threads: int = 4) -> None:
         self.shard = shard
         self.root = root
         self.info = info
-        self.optimize_after_points = optimize_after_points
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qdrant-edge")
-        self._optimizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant-edge-opt")
-        self._unoptimized = 0
-        self._optimizing: asyncio.Future | None = None
         self._closed = False
 
     @classmethod
-    def open(cls, data_dir: Path, collection: str, model: str, dimensions: int,
-             **kwargs) -> EdgeStore:
+    def open(cls, data_dir: Path, collection: str, model: str, dimensions: int, *,
+             build_index: bool = True, **kwargs) -> EdgeStore:
+        """Opens (or creates) the shard; with ``build_index`` the HNSW index
+        of points added since the last start is built now (this blocks)."""
         root = Path(data_dir) / "memory" / collection
         shard_path = root / "shard"
         meta_path = root / "collection.json"
@@ -92,6 +94,9 @@ class EdgeStore(MemoryStore):
             _write_durably(meta_path, json.dumps(wanted.__dict__))
         if (shard_path / "edge_config.json").exists():
             shard = q.EdgeShard.load(str(shard_path))
+            if build_index and shard.optimize():
+                shard.flush()
+                log.info("built the memory index", extra={"points": shard.info().points_count})
         else:
             shard = q.EdgeShard.create(str(shard_path), q.EdgeConfig(
                 vectors={DENSE: q.EdgeVectorParams(size=dimensions, distance=q.Distance.Cosine)},
@@ -116,31 +121,11 @@ class EdgeStore(MemoryStore):
             raise StoreUnavailable(f"the embedded engine failed: {exc}") from exc
 
     async def upsert(self, points: Sequence[ChunkPoint]) -> None:
-        op = q.UpdateOperation.upsert_points([
-            q.Point(uuid.UUID(p.id), {DENSE: list(p.dense), SPARSE: _sparse(p.sparse)}, p.payload)
-            for p in points])
-        await self._run(lambda: self.shard.update(op))
-        self._unoptimized += len(points)
-        if self._unoptimized >= self.optimize_after_points and self._optimizing is None:
-            self._unoptimized = 0
-            self._optimizing = asyncio.get_running_loop().run_in_executor(
-                self._optimizer, self._optimize)
-            self._optimizing.add_done_callback(self._optimized)
-
-    def _optimize(self) -> None:
-        self.shard.optimize()
-        self.shard.flush()
-
-    def _optimized(self, fut: asyncio.Future) -> None:
-        self._optimizing = None
-        if not fut.cancelled() and fut.exception() is not None:
-            log.error("optimising the memory shard failed: %s", fut.exception())
-
-    async def optimize(self) -> None:
-        """Build the indexes now (the benchmark and tests call this)."""
-        if self._optimizing is not None:
-            await self._optimizing
-        await asyncio.get_running_loop().run_in_executor(self._optimizer, self._optimize)
+        def write() -> None:
+            self.shard.update(q.UpdateOperation.upsert_points([
+                q.Point(uuid.UUID(p.id), {DENSE: list(p.dense), SPARSE: _sparse(p.sparse)},
+                        p.payload) for p in points]))
+        await self._run(write)
 
     async def get(self, namespace: str, ids: Sequence[str]) -> list[Found]:
         records = await self._run(lambda: self.shard.retrieve(
@@ -191,11 +176,8 @@ class EdgeStore(MemoryStore):
     async def close(self) -> None:
         if self._closed:
             return
-        if self._optimizing is not None:
-            await asyncio.shield(self._optimizing)
         self._closed = True
         self._pool.shutdown(wait=True)
-        self._optimizer.shutdown(wait=True)
         self.shard.flush()
         self.shard.close()
 
