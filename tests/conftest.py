@@ -17,6 +17,16 @@ POSTGRES_DSN = os.environ.get("HIVEMESH_TEST_POSTGRES_DSN",
                               "postgresql://postgres@127.0.0.1:5432/test")
 
 
+def docker_reachable() -> bool:
+    """Whether testcontainers can start containers here."""
+    try:
+        import docker
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:  # noqa: BLE001 - no engine, no socket, no permission
+        return False
+
+
 def require_postgres() -> None:
     """Skip when PostgreSQL is absent, except in CI where it must be there."""
     try:

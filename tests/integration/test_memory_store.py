@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import docker_reachable
 
 from hivemesh.runtime.text import hashing_embedding
 from hivemesh.services.memory.keywords import KeywordEncoder
@@ -214,16 +215,7 @@ async def test_both_stores_give_the_same_answers(tmp_path):
         assert await _scenario(edge) == await _scenario(local)
 
 
-def _docker_reachable() -> bool:
-    try:
-        import docker
-        docker.from_env(timeout=3).ping()
-        return True
-    except Exception:  # noqa: BLE001 - no engine, no socket, no permission
-        return False
-
-
-@pytest.mark.skipif(not _docker_reachable(), reason="no Docker engine reachable")
+@pytest.mark.skipif(not docker_reachable(), reason="no Docker engine reachable")
 async def test_a_qdrant_server_gives_the_same_answers(tmp_path):
     from testcontainers.community.qdrant import QdrantContainer
 

@@ -6,20 +6,12 @@ runs the whole congruence suite against the local server instead
 from __future__ import annotations
 
 import pytest
+from conftest import docker_reachable
 
 from hivemesh.services.artifact.backends.base import ArtifactRecord, Filter
 
 
-def _docker_reachable() -> bool:
-    try:
-        import docker
-        docker.from_env(timeout=3).ping()
-        return True
-    except Exception:  # noqa: BLE001 - no engine, no socket, no permission
-        return False
-
-
-@pytest.mark.skipif(not _docker_reachable(), reason="no Docker engine reachable")
+@pytest.mark.skipif(not docker_reachable(), reason="no Docker engine reachable")
 async def test_postgres_backend_in_a_container():
     from testcontainers.postgres import PostgresContainer
 
