@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/artifact_bench.py
 	$(BIN)/python bench/information_bench.py
 	$(BIN)/python bench/memory_bench.py
+	$(BIN)/python bench/orchestrator_bench.py
 
 # The LLM benchmark compares against the LiteLLM proxy, installed apart.
 bench-llm: install .build/litellm-venv/bin/litellm
