@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from hivemesh.orchestrator.v1 import add_OrchestratorServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
@@ -37,9 +38,11 @@ class Orchestrator:
 
 def ensure_trace_ids() -> None:
     """Runs report their trace id even when no exporter is configured: with
-    the API's no-op provider, spans would carry no ids at all."""
+    the API's no-op provider, spans would carry no ids at all. Without an
+    exporter nothing is recorded (ALWAYS_OFF: ids only, no span data), and
+    the unsampled flag tells the providers not to record either."""
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
+        trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
 
 
 async def open_backend(settings: OrchestratorSettings) -> Orchestrator:
