@@ -155,10 +155,9 @@ class EventSink:
 
     def emit(self, event_type: int, context: RequestContext, trace_id: str, payload, *,
              agent: str = "") -> AgentEvent | None:
-        if self.listener is None and self.bus.idle:
-            self.sequence += 1  # nobody listens: number it, skip building it
-            return None
         self.sequence += 1
+        if self.listener is None and self.bus.idle:
+            return None  # nobody listens: numbered, never built
         event = AgentEvent(event_id=str(uuid.uuid4()), type=event_type, context=context,
                            create_time=timestamp(now_us()), trace_id=trace_id,
                            priority=default_priority(event_type, payload), agent=agent,

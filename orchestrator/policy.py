@@ -35,7 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from hivemesh.artifact.v1 import ArtifactServiceStub
 from hivemesh.client.base import trace_metadata
 from hivemesh.client.channel import insecure_channel
-from hivemesh.client.errors import from_rpc_error
+from hivemesh.client.errors import HivemeshError, from_rpc_error
 from hivemesh.information.v1 import InformationServiceStub
 from hivemesh.llm.v1 import LlmServiceStub
 from hivemesh.memory.v1 import MemoryServiceStub
@@ -161,6 +161,22 @@ class Providers:
             provider.breaker.record_failure()
 
     @contextlib.contextmanager
+    def _outcome(self, provider: Provider, span) -> Iterator[None]:
+        """Feeds the call's outcome to the breaker and the span; a gRPC error
+        leaves as the provider's ServiceError."""
+        try:
+            yield
+        except grpc.RpcError as err:
+            error = provider_error(provider.name, from_rpc_error(err))
+            self._record(provider, error)
+            _span_error(span, error)
+            raise error from err
+        except BaseException:
+            provider.breaker.release_probe()
+            raise
+        self._record(provider, None)
+
+    @contextlib.contextmanager
     def _span(self, provider: Provider, method: str, attributes: dict | None) -> Iterator:
         with tracer.start_as_current_span(
                 f"{provider.service}/{method}", kind=SpanKind.CLIENT,
@@ -178,18 +194,9 @@ class Providers:
         timeout = self._timeout(f"{name} {method}")
         self._admit(provider, method)
         with self._span(provider, method, span_attributes) as span:
-            try:
+            with self._outcome(provider, span):
                 response = await getattr(provider.stub, method)(
                     request, timeout=timeout, metadata=trace_metadata())
-            except grpc.RpcError as err:
-                error = provider_error(provider.name, err)
-                self._record(provider, error)
-                _span_error(span, error)
-                raise error from err
-            except BaseException:
-                provider.breaker.release_probe()
-                raise
-            self._record(provider, None)
             if annotate is not None:
                 annotate(span, response)
             return response
@@ -207,27 +214,19 @@ class Providers:
                                                   metadata=trace_metadata())
             last = None
             try:
-                async for message in call:
-                    last = message
-                    yield message
-            except grpc.RpcError as err:
-                error = provider_error(provider.name, err)
-                self._record(provider, error)
-                _span_error(span, error)
-                raise error from err
-            except BaseException:
-                call.cancel()
-                provider.breaker.release_probe()
-                raise
-            self._record(provider, None)
+                with self._outcome(provider, span):
+                    async for message in call:
+                        last = message
+                        yield message
+            finally:
+                call.cancel()  # no-op once the stream has ended
             if annotate is not None and last is not None:
                 annotate(span, last)
 
 
-def provider_error(name: str, err: grpc.RpcError) -> errors.ServiceError:
+def provider_error(name: str, typed: HivemeshError) -> errors.ServiceError:
     """The provider's error as this service's own: same code, reason and
     metadata, plus which provider failed."""
-    typed = from_rpc_error(err)
     reason = typed.reason or "UPSTREAM_ERROR"
     return errors.ServiceError(typed.code, reason, f"{name}: {typed.message}",
                                {**typed.metadata, "provider": name})

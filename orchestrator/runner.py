@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import error_details_pb2
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hivemesh.artifact.v1 import SaveArtifactRequest
+from hivemesh.client.errors import from_status
 from hivemesh.common.v1 import StreamOutcome, Usage
 from hivemesh.information.v1 import CommitRequest, ReleaseRequest, ReserveRequest, TrackCompletionRequest
 from hivemesh.llm.v1 import (
@@ -46,7 +46,7 @@ from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of
 from hivemesh.services.orchestrator.events import EventSink
-from hivemesh.services.orchestrator.policy import Providers
+from hivemesh.services.orchestrator.policy import Providers, provider_error
 from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
 from hivemesh.services.orchestrator.tools import ToolRegistry
 
@@ -430,7 +430,7 @@ class AgentRunner:
             elif kind == "end":
                 summary = message.summary
                 if message.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
-                    error = _status_error(message.end.error)
+                    error = provider_error("llm", from_status(message.end.error))
                     error.partial_output = delivered > 0  # no fallback after output
                     raise error
         if summary is None:
@@ -597,17 +597,3 @@ def _genai_response(span, response) -> None:
         "gen_ai.response.finish_reasons": [
             FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()],
     })
-
-
-def _status_error(status) -> errors.ServiceError:
-    """The error a failed generation stream ended with."""
-    reason, metadata = "UPSTREAM_ERROR", {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason, metadata = info.reason or reason, dict(info.metadata)
-    code = next((c for c in grpc.StatusCode if c.value[0] == status.code),
-                grpc.StatusCode.UNKNOWN)
-    return errors.ServiceError(code, reason, f"llm: {status.message}",
-                               {**metadata, "provider": "llm"})

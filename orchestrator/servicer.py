@@ -12,9 +12,9 @@ from hivemesh.common.v1 import StreamEnd, StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentEvent, DeleteAgentResponse, EventType, GetAgentResponse, Heartbeat,
     ListAgentsResponse, RegisterAgentResponse, RunAgentRequest, RunAgentResponse,
-    RunWorkflowResponse, StreamAgentResponse, SubscribeEventsResponse)
+    StreamAgentResponse, SubscribeEventsResponse)
 from hivemesh.runtime import errors, paging
-from hivemesh.runtime.resilience import Idempotency, fingerprint
+from hivemesh.runtime.resilience import Idempotency, fingerprint, replayed_copy
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.context import ExecutionContext
@@ -38,7 +38,11 @@ class OrchestratorServicer:
         self.tools = tools
         self.runner = runner
         self.bus = bus
-        self.idempotency = Idempotency(settings.idempotency_size, settings.idempotency_ttl_s)
+        # One store per kind of request, so request ids of different RPCs
+        # never meet; RunAgent and StreamAgent share "run".
+        self.idempotency = {kind: Idempotency(settings.idempotency_size,
+                                              settings.idempotency_ttl_s)
+                            for kind in ("register", "delete", "run", "workflow")}
         self._closing = asyncio.Event()
 
     def close(self) -> None:
@@ -53,21 +57,8 @@ class OrchestratorServicer:
         return deadline_scope(left if left is not None else self.settings.default_run_timeout_s)
 
     async def _once(self, kind: str, request, run):
-        key = fingerprint(request)
-        request_id = f"{kind}:{request.request_id}"
-        try:
-            replay, result = await self.idempotency.begin(request_id, key)
-        except KeyError:
-            raise errors.idempotency_conflict(request.request_id) from None
-        if replay:
-            return result, True
-        try:
-            result = await run()
-        except BaseException:
-            self.idempotency.fail(request_id)
-            raise
-        self.idempotency.finish(request_id, key, result)
-        return result, False
+        """(result, replayed) of ``run()`` under the request's request_id."""
+        return await self.idempotency[kind].once(request.request_id, fingerprint(request), run)
 
     def _check_tools(self, agent) -> None:
         unknown = [t for t in agent.allowed_tools if not self.tools.known(t)]
@@ -99,10 +90,7 @@ class OrchestratorServicer:
             agent, created = self.agents.register(request.agent, request.allow_update)
             return RegisterAgentResponse(agent=agent, created=created)
         response, replayed = await self._once("register", request, register)
-        if replayed:
-            response = RegisterAgentResponse(agent=response.agent, created=response.created,
-                                             replayed=True)
-        return response
+        return replayed_copy(response) if replayed else response
 
     async def DeleteAgent(self, request, context):
         async def delete():
@@ -208,12 +196,7 @@ class OrchestratorServicer:
                     request.max_concurrency or self.settings.default_max_concurrency)
                 return await workflow.run()
         response, replayed = await self._once("workflow", request, run)
-        if replayed:
-            copy = RunWorkflowResponse()
-            copy.CopyFrom(response)
-            copy.replayed = True
-            return copy
-        return response
+        return replayed_copy(response) if replayed else response
 
     # ------------------------------------------------------------ events
 

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import grpc
 from google.protobuf import json_format, struct_pb2
 
 from hivemesh.artifact.v1 import GetArtifactRequest, SaveArtifactRequest
@@ -135,9 +136,10 @@ class ToolRegistry:
         except ToolFailure as failure:
             return "", failure.error
         except errors.ServiceError as exc:
-            return "", ToolError(code=errors.reason_name(exc.reason) if exc.code.name !=
-                                 "UNAVAILABLE" else "UNAVAILABLE",
-                                 message=exc.message, retryable=exc.code.name == "UNAVAILABLE")
+            unreachable = exc.code == grpc.StatusCode.UNAVAILABLE
+            return "", ToolError(code="UNAVAILABLE" if unreachable
+                                 else errors.reason_name(exc.reason),
+                                 message=exc.message, retryable=unreachable)
 
     # ------------------------------------------------------------ built-ins
 
@@ -177,7 +179,7 @@ class ToolRegistry:
             found = await self.providers.call("artifact", "GetArtifact",
                                               GetArtifactRequest(artifact_id=artifact_id))
         except errors.ServiceError as exc:
-            if exc.code.name == "NOT_FOUND" or exc.code.name == "INVALID_ARGUMENT":
+            if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise ToolFailure("NOT_FOUND", f"no artifact {artifact_id!r}") from None
             raise
         a = found.artifact
@@ -195,7 +197,7 @@ class ToolRegistry:
                 call.ctx.context_id, task_id=call.ctx.task_id, agent_id=call.ctx.agent,
                 artifact_type=artifact_type, content=content))
         except errors.ServiceError as exc:
-            if exc.code.name == "INVALID_ARGUMENT":
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ToolFailure("INVALID_ARGUMENTS", exc.message) from None
             raise
         return json.dumps({"artifact_id": saved.artifact.artifact_id,

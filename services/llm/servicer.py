@@ -24,7 +24,7 @@ from hivemesh.services.llm.backends.base import (
     BackendError, ChatMessage, ChatRequest, ChatResult, ErrorKind, StreamDelta, StreamFinish,
     ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
 from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
-from hivemesh.runtime.resilience import Idempotency, TtlLru, fingerprint
+from hivemesh.runtime.resilience import Idempotency, TtlLru, fingerprint, replayed_copy
 from hivemesh.services.llm.router import Route, RouteError, Router
 from hivemesh.services.llm.settings import ModelSettings
 
@@ -169,20 +169,8 @@ class LlmServicer(LlmServiceServicer):
 
     async def _once(self, request, run):
         """Run ``run()`` at most once per request_id (replay afterwards)."""
-        key = fingerprint(request, ignore=("request_id", "context"))
-        try:
-            replay, result = await self.idempotency.begin(request.request_id, key)
-        except KeyError:
-            raise errors.idempotency_conflict(request.request_id) from None
-        if replay:
-            return result, True
-        try:
-            result = await run()
-        except BaseException:
-            self.idempotency.fail(request.request_id)
-            raise
-        self.idempotency.finish(request.request_id, key, result)
-        return result, False
+        return await self.idempotency.once(
+            request.request_id, fingerprint(request, ignore=("request_id", "context")), run)
 
     async def Generate(self, request, context):
         started = time.monotonic()
@@ -212,12 +200,7 @@ class LlmServicer(LlmServiceServicer):
             return response
 
         response, replayed = await self._once(request, run)
-        if replayed:
-            copy = GenerateResponse()
-            copy.CopyFrom(response)
-            copy.replayed = True
-            return copy
-        return response
+        return replayed_copy(response) if replayed else response
 
     def _response(self, result: ChatResult, route: Route, started: float) -> GenerateResponse:
         return GenerateResponse(
@@ -350,12 +333,7 @@ class LlmServicer(LlmServiceServicer):
                 latency=duration_s(time.monotonic() - started))
 
         response, replayed = await self._once(request, run)
-        if replayed:
-            copy = EmbedResponse()
-            copy.CopyFrom(response)
-            copy.replayed = True
-            return copy
-        return response
+        return replayed_copy(response) if replayed else response
 
     async def CountTokens(self, request, context):
         model = self._model(request.model, "chat")

@@ -9,9 +9,11 @@ import hashlib
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from hivemesh.runtime import errors
 
 Clock = Callable[[], float]
 
@@ -171,6 +173,14 @@ class TtlLru:
         return len(self._data)
 
 
+def replayed_copy(response):
+    """A copy of a stored response with ``replayed`` set, for a retry."""
+    copy = type(response)()
+    copy.CopyFrom(response)
+    copy.replayed = True
+    return copy
+
+
 def fingerprint(request, *, ignore: tuple[str, ...] = ("request_id",)) -> str:
     """Identifies what a request asks for, leaving out ``ignore`` fields:
     a retry matches, a different request under the same request_id not."""
@@ -208,6 +218,24 @@ class Idempotency:
             if running[0] != fingerprint:
                 raise KeyError(request_id)
             await asyncio.shield(running[1])  # then look again: done or failed
+
+    async def once(self, request_id: str, fingerprint: str,
+                   run: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
+        """(result, replayed): ``run()`` at most once per request_id; a retry
+        gets the first result. IDEMPOTENCY_CONFLICT when the request differs."""
+        try:
+            replay, result = await self.begin(request_id, fingerprint)
+        except KeyError:
+            raise errors.idempotency_conflict(request_id) from None
+        if replay:
+            return result, True
+        try:
+            result = await run()
+        except BaseException:
+            self.fail(request_id)
+            raise
+        self.finish(request_id, fingerprint, result)
+        return result, False
 
     def finish(self, request_id: str, fingerprint: str, result: Any) -> None:
         self._done.put(request_id, (fingerprint, result))

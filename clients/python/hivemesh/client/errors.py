@@ -122,8 +122,20 @@ def from_rpc_error(err: grpc.RpcError) -> HivemeshError:
     """Translate a gRPC error into the matching HivemeshError subclass."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = (err.details() if hasattr(err, "details") else None) or str(code.name)
+    return _build(code, message, _status_from(err))
+
+
+def from_status(status: status_pb2.Status) -> HivemeshError:
+    """The error a ``google.rpc.Status`` describes (such as the one a stream's
+    FAILED ``StreamEnd`` carries)."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code),
+                grpc.StatusCode.UNKNOWN)
+    return _build(code, status.message or code.name, status)
+
+
+def _build(code: grpc.StatusCode, message: str,
+           status: status_pb2.Status | None) -> HivemeshError:
     kwargs: dict = {}
-    status = _status_from(err)
     if status is not None:
         violations: list[tuple[str, str]] = []
         for detail in status.details:
