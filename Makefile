@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-$(BUF): package.json package-lock.json
+$(BUF): package.json package-lock.json clients/typescript/package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
@@ -32,6 +32,7 @@ $(BUF): package.json package-lock.json
 # breaking change against the previous commit's contracts.
 contracts: install
 	$(BIN)/python tools/protogen.py check
+	$(BIN)/python clients/typescript/generate.py check
 	@mkdir -p .build
 	$(BIN)/python tools/protogen.py image .build/contracts.binpb
 	$(BUF) lint .build/contracts.binpb --path hivemesh
@@ -42,6 +43,7 @@ contracts: install
 
 generate: install
 	$(BIN)/python tools/protogen.py generate
+	$(BIN)/python clients/typescript/generate.py generate
 
 bench: install
 	$(BIN)/python bench/artifact_bench.py
