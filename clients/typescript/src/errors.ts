@@ -1,0 +1,138 @@
+// Typed errors for failed hivemesh calls.
+//
+// Every hivemesh service fails with a google.rpc.Status carrying exactly one
+// google.rpc.ErrorInfo (reason, domain, metadata), plus BadRequest field
+// violations for invalid requests and RetryInfo where a retry helps. The gRPC
+// transport delivers those details on a ConnectError; HivemeshError reads
+// them once, at the client boundary, and keeps the ConnectError's code,
+// message and headers (it is a ConnectError itself).
+
+import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
+import { anyUnpack } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+
+import {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  QuotaFailureSchema,
+  RetryInfoSchema,
+} from "./gen/google/rpc/error_details_pb.js";
+import type { Status } from "./gen/google/rpc/status_pb.js";
+
+/** One invalid field of a request (google.rpc.BadRequest.FieldViolation). */
+export interface FieldViolation {
+  /** Path of the field, e.g. `workflow_id` or `messages[0].content`. */
+  readonly field: string;
+  readonly description: string;
+  /** The rule that failed, when the service names it. */
+  readonly reason: string;
+}
+
+/** A failed call, with the ErrorInfo and other details decoded. */
+export class HivemeshError extends ConnectError {
+  /** ErrorInfo.reason: `hivemesh.common.v1.ErrorReason` without its prefix,
+   * e.g. `NOT_FOUND`, `INVALID_REQUEST`, `BUDGET_EXCEEDED`. Empty when the
+   * error did not come from a hivemesh service (e.g. a connection failure). */
+  readonly reason: string;
+  /** ErrorInfo.domain: the service, e.g. `hivemesh.artifact`. */
+  readonly domain: string;
+  /** ErrorInfo.metadata: every dynamic value of the error. */
+  readonly errorMetadata: Readonly<Record<string, string>>;
+  /** BadRequest field violations (INVALID_ARGUMENT). */
+  readonly fieldViolations: readonly FieldViolation[];
+  /** RetryInfo.retry_delay in milliseconds, when the service asks for a pause. */
+  readonly retryDelayMs: number | undefined;
+  /** QuotaFailure violations' descriptions (RESOURCE_EXHAUSTED). */
+  readonly quotaViolations: readonly string[];
+
+  private constructor(source: ConnectError) {
+    super(source.rawMessage, source.code, source.metadata, undefined, source.cause);
+    this.details = source.details;
+    const info = first(this, ErrorInfoSchema);
+    this.reason = info?.reason ?? "";
+    this.domain = info?.domain ?? "";
+    this.errorMetadata = Object.freeze({ ...(info?.metadata ?? {}) });
+    this.fieldViolations = this.findDetails(BadRequestSchema).flatMap((bad) =>
+      bad.fieldViolations.map((v) => ({ field: v.field, description: v.description, reason: v.reason })),
+    );
+    const delay = first(this, RetryInfoSchema)?.retryDelay;
+    this.retryDelayMs =
+      delay === undefined ? undefined : Number(delay.seconds) * 1000 + Math.round(delay.nanos / 1e6);
+    this.quotaViolations = this.findDetails(QuotaFailureSchema).flatMap((q) =>
+      q.violations.map((v) => v.description),
+    );
+  }
+
+  /** The HivemeshError for anything a call threw (an error from a transport
+   * built by `createMeshTransport` already is one). */
+  static override from(reason: unknown, code: Code = Code.Unknown): HivemeshError {
+    if (reason instanceof HivemeshError) {
+      return reason;
+    }
+    return new HivemeshError(ConnectError.from(reason, code));
+  }
+
+  /** The error a google.rpc.Status describes, such as the one a FAILED
+   * `StreamEnd` carries at the end of a stream. */
+  static fromStatus(status: Status): HivemeshError {
+    const code = status.code in Code ? (status.code as Code) : Code.Unknown;
+    const source = new ConnectError(status.message, code);
+    source.details = status.details.map((any) => ({
+      type: any.typeUrl.slice(any.typeUrl.lastIndexOf("/") + 1),
+      value: any.value,
+    }));
+    return new HivemeshError(source);
+  }
+
+  // ConnectError answers `instanceof` for any ConnectError-shaped value; this
+  // class answers only for its own instances.
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    return typeof value === "object" && value !== null && HivemeshError.prototype.isPrototypeOf(value);
+  }
+}
+
+function first<Desc extends DescMessage>(err: ConnectError, desc: Desc): MessageShape<Desc> | undefined {
+  return err.findDetails(desc)[0];
+}
+
+/** Decodes one message of a google.rpc.Status's details (a google.protobuf.Any). */
+export function unpackDetail<Desc extends DescMessage>(
+  status: Status,
+  desc: Desc,
+): MessageShape<Desc> | undefined {
+  for (const any of status.details) {
+    const message = anyUnpack(any, desc);
+    if (message !== undefined) {
+      return message;
+    }
+  }
+  return undefined;
+}
+
+/** An interceptor that turns every failure of a call, unary or streaming,
+ * into a HivemeshError. `createMeshTransport` installs it. */
+export const hivemeshErrors: Interceptor = (next) => async (req) => {
+  let res;
+  try {
+    res = await next(req);
+  } catch (err) {
+    throw HivemeshError.from(err);
+  }
+  if (!res.stream) {
+    return res;
+  }
+  const messages = res.message;
+  return {
+    ...res,
+    message: (async function* () {
+      try {
+        yield* messages;
+      } catch (err) {
+        throw HivemeshError.from(err);
+      }
+    })(),
+  };
+};
+
+// Re-exported for callers that switch on codes.
+export { Code };

@@ -1,0 +1,11 @@
+// The hivemesh TypeScript client. Messages and service descriptors of each
+// API are generated (`@hivemesh/client/<api>/v1`); this module adds the
+// transport, typed errors and the health check.
+
+export { createClient } from "@connectrpc/connect";
+export type { Client, Transport } from "@connectrpc/connect";
+export { Code, HivemeshError, hivemeshErrors, unpackDetail } from "./errors.js";
+export type { FieldViolation } from "./errors.js";
+export { checkHealth, ServingStatus } from "./health.js";
+export { createMeshTransport } from "./transport.js";
+export type { MeshTransportOptions } from "./transport.js";

@@ -1,0 +1,30 @@
+// A gRPC transport to one hivemesh service.
+
+import type { Interceptor, Transport } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+
+import { hivemeshErrors } from "./errors.js";
+
+export interface MeshTransportOptions {
+  /** Interceptors run before the error translation (outermost first). */
+  readonly interceptors?: readonly Interceptor[];
+  /** Default deadline of every call in milliseconds; a call's own
+   * `timeoutMs` wins. Unset: no default deadline. */
+  readonly defaultTimeoutMs?: number;
+  /** Largest message received, in bytes (the services allow 16 MiB). */
+  readonly readMaxBytes?: number;
+  /** Use TLS (`https`); by default plaintext HTTP/2, as on loopback or
+   * behind a sidecar. */
+  readonly tls?: boolean;
+}
+
+/** A transport speaking gRPC over HTTP/2 to `host:port`. Failures of calls
+ * through it are thrown as HivemeshError. */
+export function createMeshTransport(address: string, options: MeshTransportOptions = {}): Transport {
+  return createGrpcTransport({
+    baseUrl: `${options.tls ? "https" : "http"}://${address}`,
+    interceptors: [...(options.interceptors ?? []), hivemeshErrors],
+    defaultTimeoutMs: options.defaultTimeoutMs,
+    readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,
+  });
+}
