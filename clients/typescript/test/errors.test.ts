@@ -1,0 +1,75 @@
+// HivemeshError decoding, without a server: the details a hivemesh service
+// puts in its google.rpc.Status, as they arrive on a ConnectError or inside
+// a FAILED StreamEnd.
+
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { create, toBinary, type DescMessage, type MessageInitShape } from "@bufbuild/protobuf";
+import { anyPack } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError } from "@connectrpc/connect";
+
+import { HivemeshError, unpackDetail } from "@hivemesh/client";
+import {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  QuotaFailureSchema,
+  RetryInfoSchema,
+  StatusSchema,
+} from "@hivemesh/client/rpc";
+
+function detail<Desc extends DescMessage>(desc: Desc, init: MessageInitShape<Desc>) {
+  return { type: desc.typeName, value: toBinary(desc, create(desc, init)) };
+}
+
+test("a ConnectError's details become reason, domain, metadata, violations and retry delay", () => {
+  const wire = new ConnectError("budget exceeded", Code.ResourceExhausted);
+  wire.details = [
+    detail(ErrorInfoSchema, { reason: "BUDGET_EXCEEDED", domain: "hivemesh.information", metadata: { budget_id: "b-1" } }),
+    detail(RetryInfoSchema, { retryDelay: { seconds: 2n, nanos: 500_000_000 } }),
+    detail(QuotaFailureSchema, { violations: [{ subject: "b-1", description: "limit 500 micros" }] }),
+    detail(BadRequestSchema, { fieldViolations: [{ field: "max_tokens", description: "too many" }] }),
+  ];
+  const err = HivemeshError.from(wire);
+  assert.ok(err instanceof HivemeshError);
+  assert.ok(err instanceof ConnectError);
+  assert.equal(err.code, Code.ResourceExhausted);
+  assert.equal(err.rawMessage, "budget exceeded");
+  assert.equal(err.reason, "BUDGET_EXCEEDED");
+  assert.equal(err.domain, "hivemesh.information");
+  assert.deepEqual(err.errorMetadata, { budget_id: "b-1" });
+  assert.equal(err.retryDelayMs, 2500);
+  assert.deepEqual(err.quotaViolations, ["limit 500 micros"]);
+  assert.deepEqual(err.fieldViolations, [{ field: "max_tokens", description: "too many", reason: "" }]);
+  assert.equal(HivemeshError.from(err), err);
+});
+
+test("an error without details (not from a hivemesh service) has an empty reason", () => {
+  const err = HivemeshError.from(new Error("connect ECONNREFUSED"), Code.Unavailable);
+  assert.equal(err.code, Code.Unavailable);
+  assert.equal(err.reason, "");
+  assert.equal(err.domain, "");
+  assert.deepEqual(err.errorMetadata, {});
+  assert.equal(err.retryDelayMs, undefined);
+  assert.ok(!(new ConnectError("plain") instanceof HivemeshError));
+});
+
+test("the Status of a FAILED StreamEnd becomes the same HivemeshError", () => {
+  const status = create(StatusSchema, {
+    code: Code.Unavailable,
+    message: "stream interrupted after 3 chunks",
+    details: [
+      anyPack(ErrorInfoSchema, create(ErrorInfoSchema, {
+        reason: "STREAM_INTERRUPTED", domain: "hivemesh.llm", metadata: { chunks: "3" },
+      })),
+    ],
+  });
+  const err = HivemeshError.fromStatus(status);
+  assert.equal(err.code, Code.Unavailable);
+  assert.equal(err.rawMessage, "stream interrupted after 3 chunks");
+  assert.equal(err.reason, "STREAM_INTERRUPTED");
+  assert.deepEqual(err.errorMetadata, { chunks: "3" });
+  assert.equal(unpackDetail(status, ErrorInfoSchema)?.domain, "hivemesh.llm");
+  assert.equal(unpackDetail(status, BadRequestSchema), undefined);
+  assert.equal(HivemeshError.fromStatus(create(StatusSchema, { code: 99 })).code, Code.Unknown);
+});
