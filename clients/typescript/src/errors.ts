@@ -28,7 +28,9 @@ export interface FieldViolation {
   readonly reason: string;
 }
 
-/** A failed call, with the ErrorInfo and other details decoded. */
+/** A failed call, with the ErrorInfo and other details decoded. Its `name`
+ * stays "ConnectError", so connect's own `instanceof ConnectError` checks
+ * still recognise it. */
 export class HivemeshError extends ConnectError {
   /** ErrorInfo.reason: `hivemesh.common.v1.ErrorReason` without its prefix,
    * e.g. `NOT_FOUND`, `INVALID_REQUEST`, `BUDGET_EXCEEDED`. Empty when the
