@@ -59,9 +59,10 @@ async def open_artifact_backend(kind: str, tmp_path: Path):
         backend = MemoryBackend()
         yield backend
         await backend.close()
-    elif kind == "sqlite":
+    elif kind.startswith("sqlite"):
+        # "sqlite-normal": the same suite with synchronous=normal.
         from hivemesh.services.artifact.backends.sqlite import SqliteBackend
-        backend = SqliteBackend(tmp_path / "sqlite")
+        backend = SqliteBackend(tmp_path / "sqlite", synchronous=kind.partition("-")[2] or "full")
         yield backend
         await backend.close()
     else:
@@ -72,7 +73,7 @@ async def open_artifact_backend(kind: str, tmp_path: Path):
             await backend.close()
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-normal", "postgres"])
 async def artifact_backend(request, tmp_path: Path):
     """Every backend in turn: the congruence suite runs on each."""
     async with open_artifact_backend(request.param, tmp_path) as backend:

@@ -22,7 +22,7 @@ async def open_backend(settings: ArtifactSettings) -> ArtifactBackend:
                                           settings.postgres_schema,
                                           max_size=settings.postgres_pool_size)
     from hivemesh.services.artifact.backends.sqlite import SqliteBackend
-    return SqliteBackend(settings.data_dir)
+    return SqliteBackend(settings.data_dir, synchronous=settings.sqlite_synchronous)
 
 
 async def create_server(settings: ArtifactSettings,

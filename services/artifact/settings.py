@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.sqlite import Synchronous
 
 
 class ArtifactSettings(BaseSettings):
@@ -18,6 +19,10 @@ class ArtifactSettings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     backend: Literal["sqlite", "postgres", "memory"] = "sqlite"
     data_dir: Path = Path(".hivemesh/data")
+    # SQLite durability: full (fsync per commit: survives kill -9 and power
+    # loss) or normal (survives kill -9; a power loss may drop the last
+    # commits). See hivemesh.runtime.sqlite.
+    sqlite_synchronous: Synchronous = "full"
     # Required when backend is postgres; a secret (it may hold a password).
     postgres_dsn: SecretStr | None = None
     postgres_schema: str = Field(default="hivemesh", pattern=r"^[a-z_][a-z0-9_]{0,62}$")

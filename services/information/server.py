@@ -27,7 +27,7 @@ async def open_store(settings: InformationSettings) -> InformationStore:
         return await RedisStore.open(settings.redis_url.get_secret_value(),
                                      prefix=settings.redis_prefix)
     from hivemesh.services.information.store.sqlite import SqliteStore
-    return SqliteStore(settings.data_dir)
+    return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous)
 
 
 def _price(model: str, backend: str, p: PriceSettings, currency: str) -> PriceRecord:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.sqlite import Synchronous
 
 
 class PriceSettings(BaseModel):
@@ -26,6 +27,10 @@ class InformationSettings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     backend: Literal["sqlite", "redis"] = "sqlite"
     data_dir: Path = Path(".hivemesh/data")
+    # SQLite durability: full (fsync per commit: survives kill -9 and power
+    # loss) or normal (survives kill -9; a power loss may drop the last
+    # commits). See hivemesh.runtime.sqlite.
+    sqlite_synchronous: Synchronous = "full"
     # Required with the redis backend; a secret (it may hold a password).
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="hivemesh:info:", min_length=1)

@@ -1,13 +1,24 @@
-"""SQLite the way every embedded hivemesh backend uses it: WAL journal,
-``synchronous=FULL`` (an acknowledged write is on disk: it survives
-``kill -9`` and power loss), and group commit.
+"""SQLite the way every embedded hivemesh backend uses it: WAL journal and
+group commit, with one of two durability levels (``Synchronous``):
+
+- ``full`` (the default): every COMMIT waits for fsync, so an acknowledged
+  write survives ``kill -9`` of the service and also an OS crash or power
+  loss.
+- ``normal``: the WAL is written before a COMMIT returns but synced only at
+  checkpoints, so an acknowledged write survives ``kill -9`` (and any other
+  crash of the service) but the last commits may be lost if the machine
+  itself goes down. No fsync on the path of a call: the choice where the
+  disk's fsync latency would dominate a call (SQLite's documented WAL +
+  NORMAL guarantee).
 
 Reads and the statements of writes run inline on the event loop: they take
-microseconds, less than a hop to a worker thread and back. The COMMIT, which
-waits for the disk, runs on a committer thread: the writes that arrive while
-one transaction is being committed form the next one, and each caller is
-answered after its own transaction is on disk. Sixteen writers at once cost
-one fsync, not sixteen, and the loop keeps serving reads meanwhile.
+microseconds, less than a hop to a worker thread and back. With ``full``
+the COMMIT, which waits for the disk, runs on a committer thread: the writes
+that arrive while one transaction is being committed form the next one, and
+each caller is answered after its own transaction is on disk. Sixteen
+writers at once cost one fsync, not sixteen, and the loop keeps serving
+reads meanwhile. With ``normal`` each write is its own transaction,
+committed inline: no fsync waits, so no group is needed.
 """
 
 from __future__ import annotations
@@ -17,21 +28,27 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
+
+# The durability level of a service's SQLite file; see the module docstring.
+Synchronous = Literal["full", "normal"]
+
+
+_PRAGMA = {"full": "FULL", "normal": "NORMAL"}
 
 
 class WriterStopped(ConnectionError):
     """The writer failed unexpectedly; the write may not have happened."""
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, synchronous: Synchronous = "full") -> sqlite3.Connection:
     # The writer connection is handed to the committer thread for COMMIT, but
     # never used by two threads at once.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={_PRAGMA[synchronous]}")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
 
@@ -41,18 +58,25 @@ class GroupCommitDatabase:
     transaction (its own savepoint when grouped, so a failing write rolls
     back alone); ``reader`` sees committed data only."""
 
-    def __init__(self, path: Path, schema: str) -> None:
+    def __init__(self, path: Path, schema: str, *, synchronous: Synchronous = "full") -> None:
+        if synchronous not in _PRAGMA:
+            raise ValueError(f"synchronous must be one of {sorted(_PRAGMA)}, not {synchronous!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._writer = connect(path)
+        self.synchronous = synchronous
+        self._writer = connect(path, synchronous)
         self._writer.executescript(schema)
-        self.reader = connect(path)
-        self._committer = ThreadPoolExecutor(max_workers=1,
-                                             thread_name_prefix=f"sqlite-commit-{path.stem}")
+        self.reader = connect(path, synchronous)
+        # Only a COMMIT that waits for fsync is worth a hop to another thread.
+        self._committer = (ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix=f"sqlite-commit-{path.stem}")
+                           if synchronous == "full" else None)
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._committer is None:
+            return self._write_now(fn)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append((fn, fut))
@@ -60,6 +84,20 @@ class GroupCommitDatabase:
             self._flusher = loop.create_task(self._flush_all())
         # A caller that goes away does not undo its write: shield the result.
         return await asyncio.shield(fut)
+
+    def _write_now(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """One transaction, start to COMMIT, within this loop turn: nothing
+        else can touch the writer meanwhile, so nothing needs grouping."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
 
     async def _flush_all(self) -> None:
         batch: list = []
@@ -104,8 +142,11 @@ class GroupCommitDatabase:
                     conn.execute("ROLLBACK TO op")
                     outcomes.append((None, exc))
                 conn.execute("RELEASE op")
-            await asyncio.get_running_loop().run_in_executor(self._committer, conn.execute,
-                                                             "COMMIT")
+            if self._committer is None:
+                conn.execute("COMMIT")
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._committer, conn.execute,
+                                                                 "COMMIT")
         except Exception as exc:  # noqa: BLE001 - the transaction failed; nothing stored
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -115,6 +156,7 @@ class GroupCommitDatabase:
     async def close(self) -> None:
         if self._flusher is not None:
             await self._flusher
-        self._committer.shutdown(wait=True)
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
         self.reader.close()
         self._writer.close()

@@ -48,8 +48,10 @@ async def drop_prefix(store) -> None:
 
 @contextlib.asynccontextmanager
 async def open_store(kind: str, tmp_path):
-    if kind == "sqlite":
-        store = SqliteStore(tmp_path / f"sqlite-{uuid.uuid4().hex[:8]}")
+    if kind.startswith("sqlite"):
+        # "sqlite-normal": the same suite with synchronous=normal.
+        synchronous = kind.partition("-")[2] or "full"
+        store = SqliteStore(tmp_path / f"sqlite-{uuid.uuid4().hex[:8]}", synchronous=synchronous)
         try:
             yield store
         finally:
@@ -63,7 +65,7 @@ async def open_store(kind: str, tmp_path):
         await store.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "sqlite-normal", "redis"])
 async def store(request, tmp_path):
     async with open_store(request.param, tmp_path) as s:
         yield s

@@ -11,6 +11,7 @@ import time
 from concurrent import futures
 
 import grpc
+import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from hivemesh.cli.processes import start_service
@@ -54,9 +55,11 @@ async def _get_all(address: str, ids: list[str]) -> tuple[list[str], int]:
         return got, await client.count(workflow_id="wf-durable")
 
 
-def test_acknowledged_saves_survive_kill_9(tmp_path):
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+def test_acknowledged_saves_survive_kill_9(tmp_path, synchronous):
     data = tmp_path / "data"
-    proc = start_service("artifact", data_dir=data)
+    proc = start_service("artifact", data_dir=data,
+                         env={"HIVEMESH_ARTIFACT_SQLITE_SYNCHRONOUS": synchronous})
     try:
         acked = asyncio.run(_save_some(proc.address, 64))
     finally:

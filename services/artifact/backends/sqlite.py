@@ -1,7 +1,7 @@
 """SQLite backend: the embedded default. One file under the data directory,
 written through :class:`hivemesh.runtime.sqlite.GroupCommitDatabase` (WAL,
-``synchronous=FULL``, group commit): an acknowledged save is on disk and
-survives ``kill -9``.
+group commit): an acknowledged save survives ``kill -9``, and with the
+default ``synchronous="full"`` a power loss too.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from hivemesh.runtime.sqlite import GroupCommitDatabase, WriterStopped
+from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous, WriterStopped
 from hivemesh.services.artifact.backends.base import (
     ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
     ReplayedArtifactGone)
@@ -60,8 +60,9 @@ def _where(flt: Filter, after: Cursor | None) -> tuple[str, list[Any]]:
 class SqliteBackend:
     name = "sqlite"
 
-    def __init__(self, data_dir: Path) -> None:
-        self.db = GroupCommitDatabase(data_dir / "artifacts.sqlite3", _SCHEMA)
+    def __init__(self, data_dir: Path, *, synchronous: Synchronous = "full") -> None:
+        self.db = GroupCommitDatabase(data_dir / "artifacts.sqlite3", _SCHEMA,
+                                      synchronous=synchronous)
 
     async def _write(self, fn):
         try:

@@ -10,7 +10,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from hivemesh.runtime.sqlite import GroupCommitDatabase
+from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous
 from hivemesh.services.information.store.base import (
     MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter, Hold,
     IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
@@ -176,8 +176,9 @@ def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
 class SqliteStore:
     name = "sqlite"
 
-    def __init__(self, data_dir: Path) -> None:
-        self.db = GroupCommitDatabase(data_dir / "information.sqlite3", _SCHEMA)
+    def __init__(self, data_dir: Path, *, synchronous: Synchronous = "full") -> None:
+        self.db = GroupCommitDatabase(data_dir / "information.sqlite3", _SCHEMA,
+                                      synchronous=synchronous)
 
     # budgets --------------------------------------------------------------
     async def create_budget(self, budget: BudgetRecord, request_id: str, fingerprint: str):
