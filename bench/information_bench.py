@@ -5,7 +5,9 @@ gRPC round trip (a health check on the same server) in the same run.
     python bench/information_bench.py [--pairs N] [--repeat R]
 
 Prints, per backend: a single Reserve's p50 against the bare round trip
-(c=1), and pairs per second with the p50 of a pair at c=16. The service
+(c=1), and pairs per second with the p50 of a pair at c=16. SQLite runs at
+both durability levels: ``sqlite`` (synchronous=full, the default: fsync per
+commit) and ``sqlite-normal`` (survives ``kill -9``, not a power loss). The service
 runs in its own process; this process is the load generator.
 """
 
@@ -92,18 +94,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1000, help="calls per round")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (median)")
-    parser.add_argument("--backends", default="sqlite,redis")
+    parser.add_argument("--backends", default="sqlite,sqlite-normal,redis",
+                        help="sqlite (synchronous=full, the default), sqlite-normal, redis")
     args = parser.parse_args()
-    for backend in args.backends.split(","):
+    for label in args.backends.split(","):
+        backend, _, synchronous = label.partition("-")
         prefix = f"hmbench:{uuid.uuid4().hex}:"
         env = {"HIVEMESH_INFORMATION_BACKEND": backend,
+               "HIVEMESH_INFORMATION_SQLITE_SYNCHRONOUS": synchronous or "full",
                "HIVEMESH_INFORMATION_REDIS_URL": REDIS_URL,
                "HIVEMESH_INFORMATION_REDIS_PREFIX": prefix,
                "HIVEMESH_INFORMATION_SERVER__LOG_LEVEL": "WARNING"}
         with tempfile.TemporaryDirectory(prefix="hivemesh-bench-") as tmp:
             proc = start_service("information", data_dir=Path(tmp), env=env)
             try:
-                for line in asyncio.run(bench(proc.address, backend, args.pairs, args.repeat)):
+                for line in asyncio.run(bench(proc.address, label, args.pairs, args.repeat)):
                     print(line)
             finally:
                 proc.stop()
