@@ -5,6 +5,9 @@
 - :class:`LlmServiceEmbedder` calls the LLM service's ``Embed`` RPC, so the
   memory service embeds with whatever model the LLM service routes to
   (OpenAI-compatible embedding models in production, the mock otherwise).
+- :class:`LocalEmbedder` runs all-MiniLM-L6-v2 in-process with numpy (see
+  :mod:`hivemesh.services.memory.minilm`), from a package that ships its
+  weights: real semantic vectors with no service, key or download.
 
 Keyword (BM25) vectors are not embeddings in this sense: the store computes
 them and they need no model at all.
@@ -13,14 +16,18 @@ them and they need no model at all.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from hivemesh.runtime.text import estimate_tokens, hashing_embedding
+
+if TYPE_CHECKING:
+    from hivemesh.services.memory.minilm import MiniLM
 
 
 class EmbedderUnavailable(ConnectionError):
@@ -64,6 +71,45 @@ class HashingEmbedder:
                     timeout_s: float | None = None) -> Embeddings:
         return Embeddings([hashing_embedding(t, self.dimensions) for t in texts],
                           sum(estimate_tokens(t) for t in texts))
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 in this process: 384 dimensions, inputs truncated to
+    256 word pieces. The forward pass runs in a worker thread (numpy's matrix
+    products release the interpreter lock), so the event loop keeps serving.
+
+    Build it with :meth:`open`, which raises ``LocalModelMissing`` (a
+    ValueError naming the pip command) when the model is not installed.
+    """
+
+    def __init__(self, model: MiniLM) -> None:
+        from hivemesh.services.memory.minilm import MODEL_NAME
+        self._model = model
+        self.model = f"local:{MODEL_NAME}"
+        self.dimensions = model.dimensions
+
+    @classmethod
+    async def open(cls, *, batch_size: int = 8) -> LocalEmbedder:
+        from hivemesh.services.memory.minilm import MiniLM, bundled_model_dir
+        folder = bundled_model_dir()
+        return cls(await asyncio.to_thread(MiniLM, folder, batch_size=batch_size))
+
+    async def embed(self, texts: Sequence[str], *, query: bool = False,
+                    timeout_s: float | None = None) -> Embeddings:
+        from hivemesh.services.memory.minilm import DeadlineExceeded
+        if not texts:
+            return Embeddings([], 0)
+        # The worker stops between batches once the deadline has passed.
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            vectors, tokens = await asyncio.to_thread(self._model.encode, list(texts),
+                                                      deadline=deadline)
+        except DeadlineExceeded as exc:
+            raise EmbedderUnavailable(f"local model: {exc}") from exc
+        return Embeddings(vectors.tolist(), tokens)
 
     async def close(self) -> None:
         return None
