@@ -242,7 +242,13 @@ class TracingMiddleware(Middleware):
             log.debug("rpc done", extra={"rpc.grpc.status_code": code.name,
                                          "duration_ms": round((time.perf_counter() - started) * 1e3, 3)})
         span.end()
-        request_id_var.reset(rid_token)
+        try:
+            request_id_var.reset(rid_token)
+        except ValueError:
+            # A stream the client abandoned while it sat at a ``yield`` is
+            # closed later by the event loop's async-generator finalizer, in
+            # another Context: nothing of this call is set there to restore.
+            return
         otel_context.detach(token)
 
     async def unary(self, behavior, request, context, method):
@@ -286,7 +292,8 @@ def _code_of(context) -> grpc.StatusCode | None:
 
 
 def _is_cancel(exc: BaseException) -> bool:
-    return isinstance(exc, asyncio.CancelledError)
+    # GeneratorExit: a stream closed before its end because the caller left.
+    return isinstance(exc, asyncio.CancelledError | GeneratorExit)
 
 
 def default_chain(domain: str) -> MiddlewareChain:

@@ -5,6 +5,7 @@ idempotent replay, streaming with explicit ends, cancellation."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import math
 import uuid
@@ -267,6 +268,9 @@ async def test_stream_falls_back_before_its_first_token(llm):
 
 async def test_cancelled_stream_closes_the_upstream_stream(llm):
     stub, backends = llm
+    # Whatever the server's tasks leave unhandled lands here.
+    loop_errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
     primary = backends["primary"]
     primary.queue_response(" ".join(f"w{i}" for i in range(200)))
     primary.stream_chunk_delay_s = 0.01
@@ -280,6 +284,36 @@ async def test_cancelled_stream_closes_the_upstream_stream(llm):
             break
         await asyncio.sleep(0.02)
     assert primary.open_streams == 0
+    gc.collect()  # a task that failed unobserved is reported when collected
+    await asyncio.sleep(0.05)
+    assert [ctx.get("message") for ctx in loop_errors] == []
+
+
+async def test_stream_abandoned_mid_write_leaves_nothing_unhandled(llm):
+    stub, backends = llm
+    loop_errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
+    primary = backends["primary"]
+    # No delay between chunks: the server is busy writing when the client
+    # leaves, so its stream is abandoned at a yield, not inside an await.
+    primary.queue_response(" ".join(f"w{i}" for i in range(3000)))
+    primary.stream_chunk_delay_s = 0.0
+    stream = stub.StreamGenerate(StreamGenerateRequest(
+        request_id=rid(), model="solo", prompt=Prompt(prompt="long")), timeout=10)
+    await stream.read()
+    stream.cancel()
+    for _ in range(100):
+        if primary.open_streams == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert primary.open_streams == 0
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert [ctx.get("message") for ctx in loop_errors] == []
+    # The service still answers.
+    done = await _read_stream(stub, StreamGenerateRequest(
+        request_id=rid(), model="solo", prompt=Prompt(prompt="again")))
+    assert done[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
 
 
 async def test_unknown_model_and_models_listing(llm):
