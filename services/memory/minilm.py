@@ -80,12 +80,17 @@ def _gelu_(x: Any, block: int = 1 << 16) -> Any:
     return x
 
 
-def _layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
+def _layer_norm_(x: Any, weight: Any, bias: Any, eps: float) -> Any:
+    """Layer normalisation of the last axis of a 2-D array, in place."""
     import numpy as np
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    var = (centred * centred).mean(axis=-1, keepdims=True)
-    return centred / np.sqrt(var + eps) * weight + bias
+    x -= x.mean(axis=-1, keepdims=True)
+    var = np.einsum("ij,ij->i", x, x)
+    var *= 1.0 / x.shape[-1]
+    var += eps
+    x *= (1.0 / np.sqrt(var))[:, None]
+    x *= weight
+    x += bias
+    return x
 
 
 class MiniLM:
@@ -182,8 +187,10 @@ class MiniLM:
         np = self._np
         batch, width = ids.shape
         heads, size = self.heads, self.dimensions // self.heads
+        # Activations stay 2-D (tokens x width): one matrix product per
+        # dense layer instead of one per text.
         x = self._word[ids] + self._position[:width] + self._token_type
-        x = _layer_norm(x, *self._emb_norm, self.eps)
+        x = _layer_norm_(x.reshape(batch * width, self.dimensions), *self._emb_norm, self.eps)
         # Padding keys get a large negative score: no weight after softmax.
         # Batches are sorted by length, so many have no padding at all.
         padded = not mask.all()
@@ -199,21 +206,25 @@ class MiniLM:
             scores = q @ k  # the query weights carry the 1/sqrt(size) scale
             if bias is not None:
                 scores += bias
+            # Softmax, normalised after the product with the values (a
+            # smaller array to divide than the scores).
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            context = (scores @ v).transpose(0, 2, 1, 3).reshape(batch, width, self.dimensions)
+            context = scores @ v
+            context /= scores.sum(axis=-1, keepdims=True)
+            context = context.transpose(0, 2, 1, 3).reshape(batch * width, self.dimensions)
             attended = context @ ao_w
             attended += ao_b
             attended += x
-            x = _layer_norm(attended, ln1_w, ln1_b, self.eps)
+            x = _layer_norm_(attended, ln1_w, ln1_b, self.eps)
             hidden = x @ in_w
             hidden += in_b
             _gelu_(hidden)
             out = hidden @ out_w
             out += out_b
             out += x
-            x = _layer_norm(out, ln2_w, ln2_b, self.eps)
+            x = _layer_norm_(out, ln2_w, ln2_b, self.eps)
+        x = x.reshape(batch, width, self.dimensions)
         pooled = (x * mask[:, :, None]).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)[:, None]
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         return pooled / np.maximum(norms, 1e-12)
