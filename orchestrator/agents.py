@@ -16,7 +16,8 @@ An agent file is TOML or JSON, one agent per file, with the fields of
 A bad file stops start-up with its path and the first problem. Agents
 registered over gRPC are kept in ``<data_dir>/agents.json`` (written
 atomically) so they survive a restart; files win over stored agents of the
-same name at start-up.
+same name at start-up. With the ``redis`` state backend registered agents
+live in Redis instead (``redis_state.RedisAgents``, same rules).
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class AgentRegistry:
             for data in json.loads(store_path.read_text()):
                 agent = parse_agent(data, str(store_path))
                 self._agents[agent.name] = agent
+
+    @classmethod
+    def of(cls, agents) -> AgentRegistry:
+        """A registry holding ``agents`` as they are (nothing is stored)."""
+        registry = cls()
+        registry._agents = {agent.name: agent for agent in agents}
+        return registry
 
     def load_dir(self, directory: Path) -> list[str]:
         """Load every ``*.toml``/``*.json`` agent file; returns the names."""

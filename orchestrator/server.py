@@ -1,11 +1,13 @@
-"""Wiring of the orchestrator: ``open_backend`` connects to the providers
-and tool servers, ``create_server`` builds the registry, runner and bus and
-serves them; only the CLI reads settings from the environment."""
+"""Wiring of the orchestrator: ``open_backend`` connects to the providers,
+the tool servers and (with the redis state backend) Redis, ``create_server``
+builds the agents, the request ledger, the runner and the bus and serves
+them; only the CLI reads settings from the environment."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -13,27 +15,37 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from hivemesh.orchestrator.v1 import add_OrchestratorServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
+from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.events import EventBus
 from hivemesh.services.orchestrator.policy import Providers
 from hivemesh.services.orchestrator.runner import DOMAIN, AgentRunner
 from hivemesh.services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
+from hivemesh.services.orchestrator.state import (
+    AgentStore, LocalAgents, LocalLedger, RequestLedger)
 from hivemesh.services.orchestrator.tools import ToolRegistry
+
+if TYPE_CHECKING:
+    from hivemesh.services.orchestrator.redis_state import RedisState
 
 log = logging.getLogger("hivemesh.orchestrator")
 
 
 @dataclass
 class Orchestrator:
-    """What the orchestrator holds open: provider channels, tools, bus."""
+    """What the orchestrator holds open: provider channels, tools, bus, and
+    the Redis connection of the redis state backend."""
 
     providers: Providers
     tools: ToolRegistry
     bus: EventBus
+    redis: RedisState | None = None
 
     async def close(self) -> None:
         await self.providers.close()
+        if self.redis is not None:
+            await self.redis.close()
 
 
 def ensure_trace_ids() -> None:
@@ -45,7 +57,20 @@ def ensure_trace_ids() -> None:
         trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
 
 
+async def open_state(settings: OrchestratorSettings) -> RedisState | None:
+    """The Redis connection of the redis state backend (None: local)."""
+    if settings.state_backend != "redis":
+        return None
+    if settings.redis_url is None:
+        raise ValueError("HIVEMESH_ORCHESTRATOR_REDIS_URL is required with the redis state "
+                         "backend (HIVEMESH_ORCHESTRATOR_STATE_BACKEND=redis)")
+    from hivemesh.services.orchestrator.redis_state import RedisState
+    return await RedisState.open(settings.redis_url.get_secret_value(),
+                                 prefix=settings.redis_prefix)
+
+
 async def open_backend(settings: OrchestratorSettings) -> Orchestrator:
+    redis = await open_state(settings)
     providers = Providers(
         {"llm": settings.llm_address, "memory": settings.memory_address,
          "information": settings.information_address, "artifact": settings.artifact_address},
@@ -55,29 +80,48 @@ async def open_backend(settings: OrchestratorSettings) -> Orchestrator:
     tools = ToolRegistry(providers)
     for name, address in settings.tool_servers.items():
         tools.add_server(name, address)
-    return Orchestrator(providers, tools, EventBus())
+    return Orchestrator(providers, tools, EventBus(), redis)
+
+
+def build_state(settings: OrchestratorSettings,
+                orchestrator: Orchestrator) -> tuple[AgentStore, RequestLedger]:
+    """The agents (files of the agents dir plus registered agents) and the
+    request ledger of the configured state backend."""
+    if orchestrator.redis is None:
+        store = settings.data_dir / "agents.json" if settings.data_dir else None
+        files = AgentRegistry(store)  # with the agents registered over gRPC
+    else:
+        files = AgentRegistry()  # files only: registered agents are in Redis
+    if settings.agents_dir is not None:
+        loaded = files.load_dir(settings.agents_dir)
+        log.info("loaded %d agents from %s", len(loaded), settings.agents_dir)
+    if orchestrator.redis is None:
+        return (LocalAgents(files),
+                LocalLedger(settings.idempotency_size, settings.idempotency_ttl_s))
+    from hivemesh.services.orchestrator.redis_state import RedisAgents, RedisLedger
+    log.info("registered agents and request results in %s, prefix %s",
+             orchestrator.redis.where, orchestrator.redis.prefix)
+    return (RedisAgents(orchestrator.redis, files, now_us()),
+            RedisLedger(orchestrator.redis, settings.idempotency_ttl_s))
 
 
 async def create_server(settings: OrchestratorSettings,
                         orchestrator: Orchestrator) -> tuple[RunningServer, int]:
     ensure_trace_ids()
-    store = settings.data_dir / "agents.json" if settings.data_dir else None
-    agents = AgentRegistry(store)
-    if settings.agents_dir is not None:
-        loaded = agents.load_dir(settings.agents_dir)
-        log.info("loaded %d agents from %s", len(loaded), settings.agents_dir)
+    agents, ledger = build_state(settings, orchestrator)
     unreachable = await orchestrator.tools.refresh()
     if unreachable:
         log.warning("tool servers not reachable at start-up (listed again on demand): %s",
                     ", ".join(unreachable))
-    for agent in agents.names():
-        missing = [t for t in agents.get(agent).allowed_tools
+    known = await agents.snapshot()
+    for agent in known.names():
+        missing = [t for t in known.get(agent).allowed_tools
                    if not orchestrator.tools.known(t)]
         if missing and not unreachable:
             raise ValueError(f"agent {agent!r} allows unknown tools: {', '.join(missing)}")
     servicer = OrchestratorServicer(settings, agents, orchestrator.tools,
                                     AgentRunner(orchestrator.providers, orchestrator.tools),
-                                    orchestrator.bus)
+                                    orchestrator.bus, ledger)
 
     async def end_subscriptions() -> None:
         servicer.close()

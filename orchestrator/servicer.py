@@ -1,5 +1,6 @@
-"""OrchestratorService: the gRPC face of the agent registry, the agent
-runner, the workflow runner and the event bus."""
+"""OrchestratorService: the gRPC face of the agents, the agent runner, the
+workflow runner and the event bus. Agents and request_id replays go through
+the state backend's AgentStore and RequestLedger (``state.py``)."""
 
 from __future__ import annotations
 
@@ -10,39 +11,45 @@ import grpc
 
 from hivemesh.common.v1 import StreamEnd, StreamOutcome
 from hivemesh.orchestrator.v1 import (
-    AgentEvent, DeleteAgentResponse, EventType, GetAgentResponse, Heartbeat,
+    AgentEvent, AgentResult, DeleteAgentResponse, EventType, GetAgentResponse, Heartbeat,
     ListAgentsResponse, RegisterAgentResponse, RunAgentRequest, RunAgentResponse,
-    StreamAgentResponse, SubscribeEventsResponse)
+    RunWorkflowResponse, StreamAgentResponse, SubscribeEventsResponse)
 from hivemesh.runtime import errors, paging
-from hivemesh.runtime.resilience import Idempotency, fingerprint, replayed_copy
+from hivemesh.runtime.resilience import fingerprint, replayed_copy
 from hivemesh.runtime.wellknown import now_us, timestamp
-from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.context import ExecutionContext
 from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import DOMAIN, AgentRunner, RunError, RunOptions
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
+from hivemesh.services.orchestrator.state import AgentStore, LocalLedger, RequestLedger
 from hivemesh.services.orchestrator.tools import ToolRegistry
 from hivemesh.services.orchestrator.workflows import WorkflowRun, validate
 
 SERVICE_NAME = "hivemesh.orchestrator.v1.OrchestratorService"
 DEFAULT_PAGE_SIZE = 50
 _TERMINAL = (EventType.EVENT_TYPE_AGENT_COMPLETE, EventType.EVENT_TYPE_AGENT_FAILED)
+# What each kind of request records for its replays.
+_RESULTS = {"register": RegisterAgentResponse, "delete": DeleteAgentResponse,
+            "run": AgentResult, "workflow": RunWorkflowResponse}
+# A running claim (shared state) holds this many times the request's time:
+# a claim whose replica died is taken over once it has passed.
+LEASE_FACTOR = 2.0
 
 
 class OrchestratorServicer:
-    def __init__(self, settings: OrchestratorSettings, agents: AgentRegistry,
-                 tools: ToolRegistry, runner: AgentRunner, bus: EventBus) -> None:
+    def __init__(self, settings: OrchestratorSettings, agents: AgentStore,
+                 tools: ToolRegistry, runner: AgentRunner, bus: EventBus,
+                 ledger: RequestLedger | None = None) -> None:
         self.settings = settings
         self.agents = agents
         self.tools = tools
         self.runner = runner
         self.bus = bus
-        # One store per kind of request, so request ids of different RPCs
-        # never meet; RunAgent and StreamAgent share "run".
-        self.idempotency = {kind: Idempotency(settings.idempotency_size,
-                                              settings.idempotency_ttl_s)
-                            for kind in ("register", "delete", "run", "workflow")}
+        # Request ids of different kinds of request never meet; RunAgent and
+        # StreamAgent share "run".
+        self.ledger = ledger or LocalLedger(settings.idempotency_size,
+                                            settings.idempotency_ttl_s)
         self._closing = asyncio.Event()
 
     def close(self) -> None:
@@ -51,14 +58,19 @@ class OrchestratorServicer:
 
     # ------------------------------------------------------------ helpers
 
+    def _time(self, context: grpc.aio.ServicerContext) -> float:
+        """The request's time: the caller's deadline, or the default."""
+        left = context.time_remaining()
+        return left if left is not None else self.settings.default_run_timeout_s
+
     def _deadline(self, context: grpc.aio.ServicerContext):
         """The run's deadline: the caller's, or the default when it set none."""
-        left = context.time_remaining()
-        return deadline_scope(left if left is not None else self.settings.default_run_timeout_s)
+        return deadline_scope(self._time(context))
 
-    async def _once(self, kind: str, request, run):
+    async def _once(self, kind: str, request, run, context: grpc.aio.ServicerContext):
         """(result, replayed) of ``run()`` under the request's request_id."""
-        return await self.idempotency[kind].once(request.request_id, fingerprint(request), run)
+        return await self.ledger.once(kind, request.request_id, fingerprint(request), run,
+                                      _RESULTS[kind], LEASE_FACTOR * self._time(context))
 
     def _check_tools(self, agent) -> None:
         unknown = [t for t in agent.allowed_tools if not self.tools.known(t)]
@@ -70,13 +82,13 @@ class OrchestratorServicer:
     # ------------------------------------------------------------ agents
 
     async def GetAgent(self, request, context):
-        return GetAgentResponse(agent=self.agents.get(request.name))
+        return GetAgentResponse(agent=await self.agents.get(request.name))
 
     async def ListAgents(self, request, context):
         size = request.page_size or DEFAULT_PAGE_SIZE
         digest = paging.digest("agents")
         after = paging.decode(request.page_token, digest)[0] if request.page_token else ""
-        page = self.agents.after(after, size + 1)
+        page = await self.agents.page(after, size + 1)
         response = ListAgentsResponse(agents=page[:size])
         if len(page) > size:
             response.next_page_token = paging.encode([page[size - 1].name], digest)
@@ -87,21 +99,21 @@ class OrchestratorServicer:
             if any(not self.tools.known(t) for t in request.agent.allowed_tools):
                 await self.tools.refresh()
             self._check_tools(request.agent)
-            agent, created = self.agents.register(request.agent, request.allow_update)
+            agent, created = await self.agents.register(request.agent, request.allow_update)
             return RegisterAgentResponse(agent=agent, created=created)
-        response, replayed = await self._once("register", request, register)
+        response, replayed = await self._once("register", request, register, context)
         return replayed_copy(response) if replayed else response
 
     async def DeleteAgent(self, request, context):
         async def delete():
-            return DeleteAgentResponse(deleted=self.agents.delete(request.name))
-        response, _ = await self._once("delete", request, delete)
+            return DeleteAgentResponse(deleted=await self.agents.delete(request.name))
+        response, _ = await self._once("delete", request, delete, context)
         return response
 
     # ------------------------------------------------------------ runs
 
-    def _start(self, request) -> tuple:
-        agent = self.agents.get(request.agent)
+    async def _start(self, request) -> tuple:
+        agent = await self.agents.get(request.agent)
         ctx = ExecutionContext.from_request(request.context, agent.name)
         opts = RunOptions(request_id=request.request_id, input=request.input,
                           model_override=request.model_override,
@@ -110,19 +122,19 @@ class OrchestratorServicer:
         return agent, ctx, opts
 
     async def RunAgent(self, request, context):
-        agent, ctx, opts = self._start(request)
+        agent, ctx, opts = await self._start(request)
 
         async def run():
             with self._deadline(context):
                 return await self.runner.run(agent, ctx, opts, EventSink(self.bus))
         try:
-            result, replayed = await self._once("run", _as_run(request), run)
+            result, replayed = await self._once("run", _as_run(request), run, context)
         except RunError as exc:
             raise exc.error from None
         return RunAgentResponse(result=result, replayed=replayed)
 
     async def StreamAgent(self, request, context):
-        agent, ctx, opts = self._start(request)
+        agent, ctx, opts = await self._start(request)
         opts.stream_chunks = True
         key = _as_run(request)
         queue: asyncio.Queue[AgentEvent] = asyncio.Queue()
@@ -136,7 +148,7 @@ class OrchestratorServicer:
             with self._deadline(context):
                 return await self.runner.run(agent, ctx, opts, EventSink(self.bus, listen))
 
-        task = asyncio.create_task(self._once("run", key, run))
+        task = asyncio.create_task(self._once("run", key, run, context))
         replayed_result = None
         try:
             while True:
@@ -186,16 +198,17 @@ class OrchestratorServicer:
 
     async def RunWorkflow(self, request, context):
         variables = dict(request.variables)
-        validate(request.workflow, self.agents, variables)
+        agents = await self.agents.snapshot()
+        validate(request.workflow, agents, variables)
         base = ExecutionContext.from_request(request.context, "")
 
         async def run():
             with self._deadline(context):
                 workflow = WorkflowRun(
-                    self.runner, self.agents, request, base, EventSink(self.bus),
+                    self.runner, agents, request, base, EventSink(self.bus),
                     request.max_concurrency or self.settings.default_max_concurrency)
                 return await workflow.run()
-        response, replayed = await self._once("workflow", request, run)
+        response, replayed = await self._once("workflow", request, run, context)
         return replayed_copy(response) if replayed else response
 
     # ------------------------------------------------------------ events

@@ -7,13 +7,19 @@ at start-up from ``agents_dir`` (``*.toml`` and ``*.json`` files, one agent
 each) and can be registered over gRPC afterwards. Remote tool servers are a
 JSON object ``{"server-name": "host:port"}``; their tools are listed at
 start-up.
+
+``state_backend`` says where registered agents and the results of finished
+requests (request_id replays) are kept: ``local`` (this process; agents in
+``<data_dir>/agents.json``) or ``redis`` (one Redis shared by every replica,
+so replicas behave as one; see ``redis_state``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
@@ -29,8 +35,15 @@ class OrchestratorSettings(BaseSettings):
     information_address: str | None = None
     artifact_address: str | None = None
     agents_dir: Path | None = None
-    # Where agents registered over gRPC are kept; None keeps them in memory.
+    # Where agents registered over gRPC are kept (local state backend); None
+    # keeps them in memory.
     data_dir: Path | None = None
+    # local: registered agents and finished requests in this process;
+    # redis: in Redis, shared by every replica.
+    state_backend: Literal["local", "redis"] = "local"
+    # Required with the redis state backend; a secret (it may hold a password).
+    redis_url: SecretStr | None = None
+    redis_prefix: str = Field(default="hivemesh:orch:", min_length=1)
     tool_servers: dict[str, str] = Field(default_factory=dict)
     # A run whose caller set no deadline gets this much time.
     default_run_timeout_s: float = Field(default=300.0, gt=0)
@@ -45,7 +58,8 @@ class OrchestratorSettings(BaseSettings):
     breaker_reset_s: float = Field(default=10.0, gt=0)
     # Workflow tasks running at once when the request does not say.
     default_max_concurrency: int = Field(default=4, ge=1, le=64)
-    # Finished runs remembered for request_id replays.
+    # Finished runs remembered for request_id replays (the size bounds the
+    # local backend only; Redis keeps each for the TTL).
     idempotency_size: int = Field(default=10_000, ge=1)
     idempotency_ttl_s: float = Field(default=3600.0, gt=0)
     # Events buffered per SubscribeEvents stream before it is ended as
