@@ -1,0 +1,461 @@
+"""Two orchestrator replicas on one Redis (HIVEMESH_ORCHESTRATOR_STATE_BACKEND
+=redis) behave as one: agents registered through either are seen by both,
+a request retried on the other replica replays the first result instead of
+running the agent again, a stale claim of a dead replica is taken over, and
+an unreachable Redis fails clearly without running anything. Also the
+local backend (the default) as it always was.
+
+Uses the local Redis (HIVEMESH_TEST_REDIS_URL, default
+redis://127.0.0.1:6379/0) under a unique key prefix per test, dropped after
+it; skipped when Redis is not reachable (failed under CI)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import uuid
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+from fakes.mesh import SERVER, mesh
+
+from hivemesh.client import from_rpc_error
+from hivemesh.common.v1 import RequestContext, StreamOutcome
+from hivemesh.orchestrator.v1 import (
+    AgentDefinition, BudgetPolicy, DeleteAgentRequest, EventType, GetAgentRequest,
+    ListAgentsRequest, OrchestratorServiceStub, RegisterAgentRequest, RunAgentRequest,
+    RunWorkflowRequest, StreamAgentRequest, TaskSpec, WorkflowDefinition)
+from hivemesh.runtime.resilience import fingerprint
+from hivemesh.services.llm.backends.base import ErrorKind
+from hivemesh.services.orchestrator.server import create_server, open_backend
+from hivemesh.services.orchestrator.servicer import _as_run
+from hivemesh.services.orchestrator.settings import OrchestratorSettings
+
+REDIS_URL = os.environ.get("HIVEMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TIMEOUT = 20  # seconds, every call
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+async def call(method, request, timeout=TIMEOUT):
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err) from err
+
+
+async def rpc_error(method, request, timeout=TIMEOUT) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await method(request, timeout=timeout)
+    return err.value
+
+
+def agent(name: str, **fields) -> AgentDefinition:
+    fields.setdefault("model", "main")
+    fields.setdefault("system_prompt", "You write code.")
+    fields.setdefault("budget", BudgetPolicy(enforcement=3))  # no budget needed
+    return AgentDefinition(name=name, **fields)
+
+
+async def register(stub, definition: AgentDefinition, allow_update: bool = False):
+    return await call(stub.RegisterAgent, RegisterAgentRequest(
+        request_id=rid(), agent=definition, allow_update=allow_update))
+
+
+def run_request(name: str, request_id: str | None = None, text: str = "implement add"):
+    return RunAgentRequest(request_id=request_id or rid(), agent=name, input=text,
+                           context=RequestContext(tenant_id="acme"))
+
+
+async def list_names(stub, page_size: int) -> list[str]:
+    names, token = [], ""
+    while True:
+        page = await call(stub.ListAgents, ListAgentsRequest(page_size=page_size,
+                                                             page_token=token))
+        names += [a.name for a in page.agents]
+        token = page.next_page_token
+        if not token:
+            return names
+
+
+# -- fixtures -------------------------------------------------------------------
+
+async def open_redis_state(prefix: str):
+    from hivemesh.services.orchestrator.redis_state import RedisState
+    try:
+        return await RedisState.open(REDIS_URL, prefix=prefix)
+    except ConnectionError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+
+
+async def drop_prefix(state) -> None:
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", state.prefix) + "*"
+    keys = [k async for k in state.client.scan_iter(match=pattern, count=1000)]
+    if keys:
+        await state.client.delete(*keys)
+
+
+@pytest.fixture
+async def redis_state():
+    """The test's own view of the shared Redis, under a unique prefix that
+    is dropped afterwards."""
+    state = await open_redis_state(f"hmtest:orch:{uuid.uuid4().hex}:")
+    try:
+        yield state
+    finally:
+        await drop_prefix(state)
+        await state.close()
+
+
+@contextlib.asynccontextmanager
+async def replica(m, **settings):
+    """One more orchestrator on the mesh's providers; yields its stub."""
+    full = OrchestratorSettings(
+        server=SERVER, llm_address=m.addresses["llm"], memory_address=m.addresses["memory"],
+        information_address=m.addresses["information"],
+        artifact_address=m.addresses["artifact"], **settings)
+    backend = await open_backend(full)
+    try:
+        running, port = await create_server(full, backend)
+        try:
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                yield OrchestratorServiceStub(channel)
+            finally:
+                await channel.close()
+        finally:
+            await running.shutdown(0)
+    finally:
+        await backend.close()
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(tmp_path, state, redis_url: str = REDIS_URL, **settings):
+    """(mesh, stub of replica A, stub of replica B) on one Redis prefix."""
+    shared = dict(state_backend="redis", redis_url=redis_url, redis_prefix=state.prefix,
+                  **settings)
+    async with mesh(tmp_path, **shared) as m, replica(m, **shared) as b:
+        yield m, m.orchestrator, b
+
+
+def agents_dir(tmp_path, *names: str):
+    folder = tmp_path / "agents"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / f"{name}.json").write_text(json.dumps({
+            "name": name, "description": "from the file", "model": "main",
+            "budget": {"enforcement": 3}}))
+    return folder
+
+
+# -- agents -----------------------------------------------------------------------
+
+async def test_an_agent_registered_on_one_replica_is_run_listed_and_deleted_on_the_other(
+        tmp_path, redis_state):
+    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        created = (await register(a, agent("coder", description="first"))).agent
+        seen = (await call(b.GetAgent, GetAgentRequest(name="coder"))).agent
+        assert seen == created
+        assert "coder" in await list_names(b, 50)
+        result = (await call(b.RunAgent, run_request("coder"))).result
+        assert result.output and len(m.primary.calls) == 1
+
+        err = await rpc_error(b.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=agent("coder", description="second")))
+        assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+        updated = await register(b, agent("coder", description="second"), allow_update=True)
+        assert not updated.created
+        assert updated.agent.create_time == created.create_time
+        assert (await call(a.GetAgent, GetAgentRequest(name="coder"))).agent == updated.agent
+
+        gone = await call(b.DeleteAgent, DeleteAgentRequest(request_id=rid(), name="coder"))
+        assert gone.deleted
+        err = await rpc_error(a.GetAgent, GetAgentRequest(name="coder"))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        err = await rpc_error(a.RunAgent, run_request("coder"))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "coder" not in await list_names(a, 50)
+        again = await call(a.DeleteAgent, DeleteAgentRequest(request_id=rid(), name="coder"))
+        assert not again.deleted
+
+
+async def test_a_registration_retried_on_the_other_replica_is_replayed(tmp_path, redis_state):
+    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        request = RegisterAgentRequest(request_id=rid(), agent=agent("coder"))
+        first = await call(a.RegisterAgent, request)
+        retry = await call(b.RegisterAgent, request)  # not ALREADY_EXISTS
+        assert first.created and not first.replayed
+        assert retry.replayed and retry.agent == first.agent
+
+
+async def test_files_and_registered_agents_keep_their_precedence_across_replicas(
+        tmp_path, redis_state):
+    folder = agents_dir(tmp_path, "filed-a", "filed-b", "filed-c")
+    async with two_replicas(tmp_path, redis_state, agents_dir=folder) as (m, a, b):
+        for name in ("reg-a", "reg-b", "reg-c"):
+            await register(a if name != "reg-b" else b, agent(name))
+        expected = ["filed-a", "filed-b", "filed-c", "reg-a", "reg-b", "reg-c"]
+        assert await list_names(a, 2) == expected
+        assert await list_names(b, 4) == expected
+
+        # A file agent is taken: replacing it needs allow_update, and the
+        # replacement is what every replica runs.
+        err = await rpc_error(a.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=agent("filed-b", description="registered")))
+        assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+        replaced = await register(a, agent("filed-b", description="registered"),
+                                  allow_update=True)
+        assert not replaced.created
+        for stub in (a, b):
+            got = (await call(stub.GetAgent, GetAgentRequest(name="filed-b"))).agent
+            assert got.description == "registered"
+
+        # Deleting a file agent hides it on every replica; the pages stay full.
+        for name in ("filed-a", "filed-b"):
+            gone = await call(b.DeleteAgent, DeleteAgentRequest(request_id=rid(), name=name))
+            assert gone.deleted
+        for stub in (a, b):
+            assert await list_names(stub, 2) == ["filed-c", "reg-a", "reg-b", "reg-c"]
+            err = await rpc_error(stub.GetAgent, GetAgentRequest(name="filed-a"))
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+
+        # A replica started afterwards loads its files again: files win over
+        # what was registered or deleted before its start, as after a restart.
+        async with replica(m, state_backend="redis", redis_url=REDIS_URL,
+                           redis_prefix=redis_state.prefix, agents_dir=folder) as c:
+            got = (await call(c.GetAgent, GetAgentRequest(name="filed-b"))).agent
+            assert got.description == "from the file"
+            assert await list_names(c, 2) == expected
+            # ... and a registration made after its start wins on it too.
+            await register(a, agent("filed-a", description="newer"), allow_update=True)
+            got = (await call(c.GetAgent, GetAgentRequest(name="filed-a"))).agent
+            assert got.description == "newer"
+
+
+# -- runs -------------------------------------------------------------------------
+
+async def test_a_run_retried_on_the_other_replica_replays_the_first_result(
+        tmp_path, redis_state):
+    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        await register(a, agent("coder", output_artifact_type="code"))
+        request = run_request("coder")
+        first = await call(a.RunAgent, request)
+        retry = await call(b.RunAgent, request)
+        assert not first.replayed and retry.replayed
+        assert retry.result == first.result  # its trace id too: not a second run
+        assert len(m.primary.calls) == 1
+
+        # StreamAgent shares the record: the retry is the final event only.
+        stream = StreamAgentRequest(request_id=request.request_id, agent="coder",
+                                    input=request.input, context=request.context)
+        replay = [x async for x in b.StreamAgent(stream, timeout=TIMEOUT)]
+        assert [x.WhichOneof("event") for x in replay] == ["agent_event", "end"]
+        assert replay[0].agent_event.type == EventType.EVENT_TYPE_AGENT_COMPLETE
+        assert replay[0].agent_event.agent_complete == first.result
+        assert replay[1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+        assert len(m.primary.calls) == 1
+
+        with pytest.raises(Exception) as err:
+            await call(b.RunAgent, run_request("coder", request.request_id, "another input"))
+        assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+        assert len(m.primary.calls) == 1
+
+
+async def test_a_streamed_run_retried_on_the_other_replica_replays(tmp_path, redis_state):
+    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        await register(a, agent("coder"))
+        request = StreamAgentRequest(request_id=rid(), agent="coder", input="implement add")
+        first = [x async for x in a.StreamAgent(request, timeout=TIMEOUT)]
+        assert len(first) > 2 and first[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+        retry = await call(b.RunAgent, RunAgentRequest(
+            request_id=request.request_id, agent="coder", input="implement add"))
+        assert retry.replayed
+        assert retry.result == first[-2].agent_event.agent_complete
+        assert len(m.primary.calls) == 1
+
+
+async def test_identical_requests_on_both_replicas_at_once_run_once(tmp_path, redis_state):
+    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        await register(a, agent("coder", output_artifact_type="code"))
+        m.primary.latency_s = 0.3  # the second request finds the first running
+        request = run_request("coder")
+        one, two = await asyncio.gather(call(a.RunAgent, request), call(b.RunAgent, request))
+        assert sorted([one.replayed, two.replayed]) == [False, True]
+        assert one.result == two.result
+        assert len(m.primary.calls) == 1
+        assert len(one.result.artifact_ids) == 1
+
+
+async def test_a_workflow_retried_on_the_other_replica_replays(tmp_path, redis_state):
+    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        await register(b, agent("coder"))
+        request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(
+            tasks=[TaskSpec(task_id="a", agent="coder", input_template="x")]))
+        first = await call(a.RunWorkflow, request)
+        again = await call(b.RunWorkflow, request)
+        assert not first.replayed and again.replayed
+        assert again.tasks == first.tasks
+        assert len(m.primary.calls) == 1
+
+
+async def test_a_failed_run_releases_its_claim_so_a_retry_runs(tmp_path, redis_state):
+    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        await register(a, agent("coder"))
+        m.primary.simulate_failure(ErrorKind.BAD_REQUEST, times=1)
+        request = run_request("coder")
+        err = await rpc_error(a.RunAgent, request)
+        assert err.code() != grpc.StatusCode.OK
+        assert len(m.primary.calls) == 1
+        retry = await call(b.RunAgent, request)
+        assert not retry.replayed and retry.result.output
+        assert len(m.primary.calls) == 2
+        again = await call(a.RunAgent, request)
+        assert again.replayed and again.result == retry.result
+
+
+async def test_a_running_claim_holds_until_its_lease_ends_then_is_taken_over(
+        tmp_path, redis_state):
+    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        await register(a, agent("coder"))
+        # A replica that claimed these requests and died: its claims stay
+        # until their lease ends.
+        held, stale = run_request("coder"), run_request("coder")
+        for request, lease_ms in ((held, 600_000), (stale, 300)):
+            claimed = await redis_state.run("claim", f"run:{request.request_id}",
+                                            fingerprint(_as_run(request)), "dead", lease_ms)
+            assert claimed == [b"claimed"]
+        err = await rpc_error(b.RunAgent, held, timeout=1.0)
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # waited, never ran
+        assert m.primary.calls == []
+        taken = await call(b.RunAgent, stale)
+        assert not taken.replayed and taken.result.output
+        assert len(m.primary.calls) == 1
+        replay = await call(a.RunAgent, stale)
+        assert replay.replayed and replay.result == taken.result
+        # A different request under a claimed request_id is a conflict at once.
+        with pytest.raises(Exception) as conflict:
+            await call(a.RunAgent, run_request("coder", held.request_id, "other input"))
+        assert conflict.value.reason == "IDEMPOTENCY_CONFLICT"
+
+
+# -- Redis unreachable ------------------------------------------------------------
+
+class Proxy:
+    """A TCP proxy to Redis that the test can cut."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
+        self.url = ""
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        parts = urlsplit(REDIS_URL)
+        self.url = parts._replace(netloc=f"127.0.0.1:{port}").geturl()
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.close()
+            return
+        self.writers += [writer, up_writer]
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+
+async def test_an_unreachable_redis_is_unavailable_and_nothing_runs(tmp_path, redis_state):
+    proxy = Proxy(REDIS_URL)
+    await proxy.start()
+    try:
+        async with two_replicas(tmp_path, redis_state, redis_url=proxy.url) as (m, a, b):
+            await register(a, agent("coder"))
+            await proxy.cut()
+            for stub in (a, b):
+                err = await rpc_error(stub.RegisterAgent, RegisterAgentRequest(
+                    request_id=rid(), agent=agent("other")))
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert "orchestrator state store is unavailable" in err.details()
+                err = await rpc_error(stub.RunAgent, run_request("coder"))
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in stub.StreamAgent(StreamAgentRequest(
+                            request_id=rid(), agent="coder", input="x"), timeout=TIMEOUT):
+                        pass
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert m.primary.calls == []
+    finally:
+        if proxy.server is not None and proxy.server.is_serving():
+            await proxy.cut()
+
+
+async def test_the_redis_backend_needs_a_reachable_url_at_start_up():
+    with pytest.raises(ValueError, match="HIVEMESH_ORCHESTRATOR_REDIS_URL is required"):
+        await open_backend(OrchestratorSettings(state_backend="redis"))
+    proxy = Proxy(REDIS_URL)
+    await proxy.start()
+    url = proxy.url
+    await proxy.cut()  # nothing listens there any more
+    with pytest.raises(ConnectionError, match="Redis is not reachable at redis://127.0.0.1"):
+        await open_backend(OrchestratorSettings(state_backend="redis", redis_url=url))
+
+
+# -- the local backend --------------------------------------------------------------
+
+async def test_the_local_backend_is_the_default_and_keeps_state_in_the_process(tmp_path):
+    assert OrchestratorSettings().state_backend == "local"
+    folder = agents_dir(tmp_path, "filed")
+    data = tmp_path / "orchestrator"
+    async with mesh(tmp_path, data_dir=data, agents_dir=folder) as m:
+        a = m.orchestrator
+        await register(a, agent("coder"))
+        stored = json.loads((data / "agents.json").read_text())
+        assert "coder" in {x["name"] for x in stored}
+        request = run_request("coder")
+        first = await call(a.RunAgent, request)
+        assert (await call(a.RunAgent, request)).replayed
+        assert len(m.primary.calls) == 1
+        # Files and registrations share one namespace, as always.
+        err = await rpc_error(a.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=agent("filed")))
+        assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+        await register(a, agent("filed", description="registered"), allow_update=True)
+        got = (await call(a.GetAgent, GetAgentRequest(name="filed"))).agent
+        assert got.description == "registered"
+        # A second replica on the local backend shares nothing.
+        async with replica(m, data_dir=tmp_path / "other") as b:
+            err = await rpc_error(b.GetAgent, GetAgentRequest(name="coder"))
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            await register(b, agent("coder"))
+            retry = await call(b.RunAgent, request)
+            # Run again (its own trace), not replayed. (The LLM service
+            # itself answers the repeated generation from its own record.)
+            assert not retry.replayed and retry.result.trace_id != first.result.trace_id
+
