@@ -269,3 +269,24 @@ def test_the_sidecar_forwards_to_the_port_the_service_listens_on():
     inbound = next(lst for lst in sidecar["static_resources"]["listeners"]
                    if lst["name"] == "inbound")
     assert inbound["address"]["socket_address"]["port_value"] == 10000
+
+
+def test_production_orchestrator_replicas_share_their_state_through_redis():
+    """Two orchestrator replicas behind one Service must see the same
+    registered agents and request_id records: the redis state backend, its
+    URL from the Secret."""
+    docs = build("overlays/production")
+    orchestrator = next(d for d in of_kind(docs, "Deployment")
+                        if service_of(d) == "orchestrator")
+    assert orchestrator["spec"]["replicas"] >= 2
+    app = containers(orchestrator)["app"]
+    assert env_of(app)["HIVEMESH_ORCHESTRATOR_STATE_BACKEND"] == "redis"
+    secrets = [v["secret"] for v in orchestrator["spec"]["template"]["spec"]["volumes"]
+               if "secret" in v]
+    assert [i["path"] for s in secrets for i in s["items"]] == ["HIVEMESH_ORCHESTRATOR_REDIS_URL"]
+    mounts = {m["name"]: m["mountPath"] for m in app["volumeMounts"]}
+    assert mounts["secrets"] == "/var/run/secrets/hivemesh"
+    # The dev overlay keeps the local backend (one replica, nothing to share).
+    dev = next(d for d in of_kind(build("overlays/dev"), "Deployment")
+               if service_of(d) == "orchestrator")
+    assert "HIVEMESH_ORCHESTRATOR_STATE_BACKEND" not in env_of(containers(dev)["app"])
