@@ -42,7 +42,6 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import redis.asyncio as aioredis
@@ -50,6 +49,7 @@ from redis.exceptions import RedisError
 
 from hivemesh.orchestrator.v1 import AgentDefinition
 from hivemesh.runtime import errors
+from hivemesh.runtime.redis import open_redis, redact_url
 from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.state import state_unavailable
@@ -61,10 +61,6 @@ DEFAULT_PREFIX = "hivemesh:orch:"
 # doubling up to the cap (and never past the caller's deadline).
 POLL_INITIAL_S = 0.05
 POLL_MAX_S = 1.0
-
-
-class RedisUnavailable(ConnectionError):
-    """Redis cannot be reached."""
 
 
 # -- Lua ----------------------------------------------------------------------
@@ -179,17 +175,6 @@ return 0
 """
 
 
-def redact(url: str) -> str:
-    """The URL without its credentials, for messages."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return "<malformed url>"
-
-
 def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -210,17 +195,10 @@ class RedisState:
     @classmethod
     async def open(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisState:
         """Connect to ``url`` and check that Redis answers; raises
-        :class:`RedisUnavailable` (a ``ConnectionError``) when it does not."""
-        try:
-            client = aioredis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
-        except ValueError as exc:
-            raise RedisUnavailable(f"invalid Redis URL {redact(url)}: {exc}") from exc
-        try:
-            await client.ping()
-        except (RedisError, OSError) as exc:
-            await client.aclose()
-            raise RedisUnavailable(f"Redis is not reachable at {redact(url)}: {exc}") from exc
-        return cls(client, prefix, f"Redis at {redact(url)}")
+        :class:`hivemesh.runtime.redis.RedisUnavailable` (a ``ConnectionError``)
+        when it does not."""
+        client = await open_redis(url, socket_connect_timeout=5, socket_timeout=5)
+        return cls(client, prefix, f"Redis at {redact_url(url)}")
 
     async def run(self, script: str, *args) -> Any:
         """One script; UNAVAILABLE when Redis cannot be reached."""

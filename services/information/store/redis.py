@@ -43,11 +43,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from hivemesh.runtime.redis import open_redis
 from hivemesh.services.information.store.base import (
     MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter, Hold,
     IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
@@ -55,10 +54,6 @@ from hivemesh.services.information.store.base import (
     holds_from_json, holds_to_json)
 
 DEFAULT_PREFIX = "hivemesh:info:"
-
-
-class RedisUnavailable(ConnectionError):
-    """Redis cannot be reached."""
 
 
 # -- Lua ----------------------------------------------------------------------
@@ -404,17 +399,6 @@ def _reserve_result(text, replayed: bool, holds: tuple[Hold, ...],
                          _counters(keys, counter_replies))
 
 
-def _redact(url: str) -> str:
-    """The URL without its credentials, for error messages."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return "<malformed url>"
-
-
 class RedisStore:
     name = "redis"
 
@@ -435,17 +419,9 @@ class RedisStore:
     @classmethod
     async def open(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisStore:
         """Connect to ``url`` and check that Redis answers; raises
-        :class:`RedisUnavailable` (a ``ConnectionError``) when it does not."""
-        try:
-            client = aioredis.from_url(url, socket_connect_timeout=5)
-        except ValueError as exc:
-            raise RedisUnavailable(f"invalid Redis URL {_redact(url)}: {exc}") from exc
-        try:
-            await client.ping()
-        except (RedisError, OSError) as exc:
-            await client.aclose()
-            raise RedisUnavailable(f"Redis is not reachable at {_redact(url)}: {exc}") from exc
-        return cls(client, prefix)
+        :class:`hivemesh.runtime.redis.RedisUnavailable` (a ``ConnectionError``)
+        when it does not."""
+        return cls(await open_redis(url, socket_connect_timeout=5), prefix)
 
     def _key(self, suffix: str | bytes) -> bytes:
         return self._p + _b(suffix)
