@@ -1,10 +1,12 @@
 """Shared fixtures: artifact backends of every kind, in-process servers on
-port 0, and the local PostgreSQL server (127.0.0.1:5432, database ``test``)."""
+port 0, the local PostgreSQL server (127.0.0.1:5432, database ``test``) and
+the local Redis (127.0.0.1:6379), which tests use under unique key prefixes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from hivemesh.services.artifact.settings import ArtifactSettings
 
 POSTGRES_DSN = os.environ.get("HIVEMESH_TEST_POSTGRES_DSN",
                               "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("HIVEMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def docker_reachable() -> bool:
@@ -37,6 +40,25 @@ def require_postgres() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_DSN}: {exc}")
         pytest.skip("PostgreSQL is not reachable")
+
+
+async def on_local_redis(open_fn):
+    """``await open_fn(REDIS_URL)``; skips when Redis is absent, except in CI
+    where it must be there."""
+    try:
+        return await open_fn(REDIS_URL)
+    except ConnectionError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+
+
+async def drop_redis_prefix(client, prefix: str) -> None:
+    """Delete every key a test wrote under its prefix."""
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+    keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+    for i in range(0, len(keys), 500):
+        await client.delete(*keys[i:i + 500])
 
 
 @contextlib.asynccontextmanager

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import uuid
 from datetime import UTC, datetime
 
 import grpc
 import pytest
+from conftest import drop_redis_prefix, on_local_redis
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from hivemesh.client import from_rpc_error
@@ -29,7 +29,6 @@ from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.information.server import create_server
 from hivemesh.services.information.settings import InformationSettings
 
-REDIS_URL = os.environ.get("HIVEMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 HARD, SOFT = 1, 2
 TOTAL, DAILY = 1, 2
 # 2 USD per million input tokens, 8 per million output: 1,000 prompt tokens
@@ -52,23 +51,13 @@ async def open_store(kind: str, tmp_path, prefix: str | None = None):
         await store.close()
         return
     from hivemesh.services.information.store.redis import RedisStore
-    try:
-        store = await RedisStore.open(REDIS_URL, prefix=prefix or f"hmtest:{uuid.uuid4().hex}:")
-    except ConnectionError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
-        pytest.skip("Redis is not reachable")
+    store = await on_local_redis(lambda url: RedisStore.open(
+        url, prefix=prefix or f"hmtest:{uuid.uuid4().hex}:"))
     try:
         yield store
     finally:
-        await _drop_prefix(store)
+        await drop_redis_prefix(store.client, store.prefix)
         await store.close()
-
-
-async def _drop_prefix(store) -> None:
-    keys = [k async for k in store.client.scan_iter(match=f"{store.prefix}*")]
-    if keys:
-        await store.client.delete(*keys)
 
 
 @contextlib.asynccontextmanager

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
-import re
 import uuid
 from dataclasses import replace
 
 import pytest
+from conftest import drop_redis_prefix, on_local_redis
 
 from hivemesh.services.information.store.base import (
     MODE_HARD, MODE_SOFT, PERIOD_DAILY, PERIOD_TOTAL, BudgetExceeded, BudgetRecord, CallRecord,
@@ -22,7 +21,6 @@ from hivemesh.services.information.store.base import (
     ReservationSettled, ReserveOp, SettleOp, StaleConfig, applicable_scope_keys, scope_key)
 from hivemesh.services.information.store.sqlite import SqliteStore
 
-REDIS_URL = os.environ.get("HIVEMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 T0 = 1_700_000_000_000_000  # microseconds since the epoch
 MINUTE = 60_000_000
 
@@ -31,19 +29,11 @@ MINUTE = 60_000_000
 
 async def open_redis(prefix: str):
     from hivemesh.services.information.store.redis import RedisStore
-    try:
-        return await RedisStore.open(REDIS_URL, prefix=prefix)
-    except ConnectionError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    return await on_local_redis(lambda url: RedisStore.open(url, prefix=prefix))
 
 
 async def drop_prefix(store) -> None:
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", store.prefix) + "*"
-    keys = [k async for k in store.client.scan_iter(match=pattern, count=1000)]
-    for i in range(0, len(keys), 500):
-        await store.client.delete(*keys[i:i + 500])
+    await drop_redis_prefix(store.client, store.prefix)
 
 
 @contextlib.asynccontextmanager

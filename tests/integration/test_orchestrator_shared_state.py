@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
 import uuid
 from urllib.parse import urlsplit
 
 import grpc
 import pytest
+from conftest import REDIS_URL, drop_redis_prefix, on_local_redis
 from fakes.mesh import SERVER, mesh
 
 from hivemesh.client import from_rpc_error
@@ -35,7 +34,6 @@ from hivemesh.services.orchestrator.server import create_server, open_backend
 from hivemesh.services.orchestrator.servicer import _as_run
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
 
-REDIS_URL = os.environ.get("HIVEMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TIMEOUT = 20  # seconds, every call
 
 
@@ -88,19 +86,11 @@ async def list_names(stub, page_size: int) -> list[str]:
 
 async def open_redis_state(prefix: str):
     from hivemesh.services.orchestrator.redis_state import RedisState
-    try:
-        return await RedisState.open(REDIS_URL, prefix=prefix)
-    except ConnectionError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    return await on_local_redis(lambda url: RedisState.open(url, prefix=prefix))
 
 
 async def drop_prefix(state) -> None:
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", state.prefix) + "*"
-    keys = [k async for k in state.client.scan_iter(match=pattern, count=1000)]
-    if keys:
-        await state.client.delete(*keys)
+    await drop_redis_prefix(state.client, state.prefix)
 
 
 @pytest.fixture
