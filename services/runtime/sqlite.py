@@ -19,18 +19,29 @@ each caller is answered after its own transaction is on disk. Sixteen
 writers at once cost one fsync, not sixteen, and the loop keeps serving
 reads meanwhile. With ``normal`` each write is its own transaction,
 committed inline: no fsync waits, so no group is needed.
+
+Either way no caller waits for a checkpoint (copying the WAL back into the
+database file, with its own fsync): the writer never checkpoints itself; a
+background thread does, every ``CHECKPOINT_EVERY`` commits, in PASSIVE mode
+(it blocks neither readers nor the writer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("hivemesh.sqlite")
+
+# Commits between two background checkpoints (about 4 MiB of WAL for 1 KiB
+# writes, SQLite's own default size).
+CHECKPOINT_EVERY = 1000
 
 # The durability level of a service's SQLite file; see the module docstring.
 Synchronous = Literal["full", "normal"]
@@ -53,6 +64,43 @@ def connect(path: Path, synchronous: Synchronous = "full") -> sqlite3.Connection
     return conn
 
 
+class _Checkpointer:
+    """Runs ``PRAGMA wal_checkpoint(PASSIVE)`` on its own thread and
+    connection, at most one at a time."""
+
+    def __init__(self, path: Path, synchronous: Synchronous) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._pool = ThreadPoolExecutor(max_workers=1,
+                                        thread_name_prefix=f"sqlite-checkpoint-{path.stem}")
+        self._conn: sqlite3.Connection | None = None
+        self._commits = 0
+        self._running: Future | None = None
+
+    def committed(self, commits: int = 1) -> None:
+        self._commits += commits
+        if self._commits >= CHECKPOINT_EVERY and (self._running is None or self._running.done()):
+            self._commits = 0
+            self._running = self._pool.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._conn is None:
+                self._conn = connect(self._path, self._synchronous)
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            # Nothing is lost: the frames stay in the WAL for the next one.
+            log.warning("checkpoint of %s failed: %s", self._path, exc)
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def close(self) -> None:
+        self._pool.submit(self._close_connection)
+        self._pool.shutdown(wait=True)
+
+
 class GroupCommitDatabase:
     """One SQLite file: ``write(fn)`` runs ``fn(conn)`` inside a group-commit
     transaction (its own savepoint when grouped, so a failing write rolls
@@ -65,8 +113,10 @@ class GroupCommitDatabase:
         self.path = path
         self.synchronous = synchronous
         self._writer = connect(path, synchronous)
+        self._writer.execute("PRAGMA wal_autocheckpoint=0")
         self._writer.executescript(schema)
         self.reader = connect(path, synchronous)
+        self._checkpointer = _Checkpointer(path, synchronous)
         # Only a COMMIT that waits for fsync is worth a hop to another thread.
         self._committer = (ThreadPoolExecutor(max_workers=1,
                                               thread_name_prefix=f"sqlite-commit-{path.stem}")
@@ -97,6 +147,7 @@ class GroupCommitDatabase:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._checkpointer.committed()
         return result
 
     async def _flush_all(self) -> None:
@@ -142,11 +193,9 @@ class GroupCommitDatabase:
                     conn.execute("ROLLBACK TO op")
                     outcomes.append((None, exc))
                 conn.execute("RELEASE op")
-            if self._committer is None:
-                conn.execute("COMMIT")
-            else:
-                await asyncio.get_running_loop().run_in_executor(self._committer, conn.execute,
-                                                                 "COMMIT")
+            await asyncio.get_running_loop().run_in_executor(self._committer, conn.execute,
+                                                             "COMMIT")
+            self._checkpointer.committed()
         except Exception as exc:  # noqa: BLE001 - the transaction failed; nothing stored
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -158,5 +207,6 @@ class GroupCommitDatabase:
             await self._flusher
         if self._committer is not None:
             self._committer.shutdown(wait=True)
+        self._checkpointer.close()
         self.reader.close()
         self._writer.close()

@@ -1,0 +1,66 @@
+"""The shared SQLite runtime: both durability levels keep every
+acknowledged write, a failing write rolls back alone, and the WAL is copied
+back into the database file by the background checkpointer, never by the
+writer on some caller's path."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from hivemesh.runtime import sqlite as runtime_sqlite
+from hivemesh.runtime.sqlite import GroupCommitDatabase
+
+pytestmark = pytest.mark.asyncio
+SCHEMA = "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL);"
+BODY = "x" * 4096
+
+
+def insert(i: int):
+    def op(conn: sqlite3.Connection) -> int:
+        if i < 0:
+            conn.execute("INSERT INTO notes (id, body) VALUES (?, NULL)", (i,))  # NOT NULL
+        conn.execute("INSERT INTO notes (id, body) VALUES (?, ?)", (i, BODY))
+        return i
+    return op
+
+
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+async def test_every_acknowledged_write_is_kept_and_a_failing_one_rolls_back_alone(
+        tmp_path, synchronous):
+    db = GroupCommitDatabase(tmp_path / "t.sqlite3", SCHEMA, synchronous=synchronous)
+    outcomes = await asyncio.gather(*[db.write(insert(i)) for i in range(1, 41)],
+                                    db.write(insert(-1)), return_exceptions=True)
+    await db.close()
+    assert outcomes[:40] == list(range(1, 41))
+    assert isinstance(outcomes[40], sqlite3.IntegrityError)
+    conn = sqlite3.connect(tmp_path / "t.sqlite3")
+    assert [r[0] for r in conn.execute("SELECT id FROM notes ORDER BY id")] == list(range(1, 41))
+    conn.close()
+
+
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+async def test_the_wal_is_checkpointed_in_the_background(tmp_path, monkeypatch, synchronous):
+    monkeypatch.setattr(runtime_sqlite, "CHECKPOINT_EVERY", 10)
+    path = tmp_path / "t.sqlite3"
+    db = GroupCommitDatabase(path, SCHEMA, synchronous=synchronous)
+    try:
+        assert db._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        before = path.stat().st_size
+        for i in range(1, 31):
+            await db.write(insert(i))
+        # Pages reach the database file only through a checkpoint.
+        for _ in range(250):
+            if path.stat().st_size > before + 10 * len(BODY):
+                break
+            await asyncio.sleep(0.02)
+        assert path.stat().st_size > before + 10 * len(BODY)
+    finally:
+        await db.close()
+
+
+async def test_unknown_durability_level_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="synchronous must be one of"):
+        GroupCommitDatabase(tmp_path / "t.sqlite3", SCHEMA, synchronous="off")  # type: ignore[arg-type]
