@@ -207,15 +207,32 @@ class TracingMiddleware(Middleware):
 
     Attribute names follow the OpenTelemetry RPC semantic conventions; the
     span is an error only for server-fault status codes.
+
+    Without a tracer provider (no exporter configured: the API's no-op
+    provider is installed) there is nothing to record, and the call only
+    carries the caller's trace context and baggage on to whatever it calls
+    downstream, exactly as the no-op tracer would, without building a span,
+    its attributes and its status: that is most of what tracing costs a call.
     """
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self._provider = tracer_provider
         self._tracer = trace.get_tracer("hivemesh.runtime", tracer_provider=tracer_provider)
+
+    def _records(self) -> bool:
+        # Decided per call: a provider installed after the server started
+        # (set_tracer_provider) takes effect at once.
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        return not isinstance(provider, _NO_OP_PROVIDERS)
 
     def _start(self, request, context, method: str):
         carrier = {k: v for k, v in context.invocation_metadata() or ()
                    if k in _TRACE_HEADERS}
         parent = propagate.extract(carrier) if carrier else None
+        rid_token = request_id_var.set(getattr(request, "request_id", ""))
+        if not self._records():
+            token = otel_context.attach(parent) if parent is not None else None
+            return None, token, rid_token
         service, _, name = method.lstrip("/").rpartition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         if parent is not None:
@@ -226,22 +243,25 @@ class TracingMiddleware(Middleware):
             name=method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
             attributes=attributes)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        rid_token = request_id_var.set(getattr(request, "request_id", ""))
         return span, token, rid_token
 
     @staticmethod
     def _finish(span, token, rid_token, context, exc: BaseException | None, started: float):
-        code = grpc.StatusCode.OK
-        if exc is not None:
-            code = _code_of(context) or (grpc.StatusCode.CANCELLED if _is_cancel(exc)
-                                          else grpc.StatusCode.UNKNOWN)
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code in errors.SERVER_FAULT_CODES:
-            span.set_status(Status(StatusCode.ERROR, code.name))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("rpc done", extra={"rpc.grpc.status_code": code.name,
-                                         "duration_ms": round((time.perf_counter() - started) * 1e3, 3)})
-        span.end()
+        debug = log.isEnabledFor(logging.DEBUG)
+        if span is not None or debug:
+            code = grpc.StatusCode.OK
+            if exc is not None:
+                code = _code_of(context) or (grpc.StatusCode.CANCELLED if _is_cancel(exc)
+                                              else grpc.StatusCode.UNKNOWN)
+            if span is not None:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code in errors.SERVER_FAULT_CODES:
+                    span.set_status(Status(StatusCode.ERROR, code.name))
+                span.end()
+            if debug:
+                log.debug("rpc done", extra={
+                    "rpc.grpc.status_code": code.name,
+                    "duration_ms": round((time.perf_counter() - started) * 1e3, 3)})
         try:
             request_id_var.reset(rid_token)
         except ValueError:
@@ -249,7 +269,8 @@ class TracingMiddleware(Middleware):
             # closed later by the event loop's async-generator finalizer, in
             # another Context: nothing of this call is set there to restore.
             return
-        otel_context.detach(token)
+        if token is not None:
+            otel_context.detach(token)
 
     async def unary(self, behavior, request, context, method):
         started = time.perf_counter()
@@ -274,6 +295,7 @@ class TracingMiddleware(Middleware):
         self._finish(span, token, rid_token, context, None, started)
 
 
+_NO_OP_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 
 

@@ -170,3 +170,48 @@ async def test_server_span_continues_the_callers_trace(artifact_settings):
     assert get.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
     # NOT_FOUND is the caller's problem, not the server's: not an error span.
     assert get.status.status_code != trace.StatusCode.ERROR
+
+
+
+async def test_without_a_tracer_provider_the_callers_trace_passes_through(artifact_settings):
+    """No exporter: no server span is built, but the handler runs in the
+    caller's trace context and baggage, so what it calls downstream stays in
+    the caller's trace; a call without trace context carries none on."""
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    from hivemesh.client.base import trace_metadata
+
+    seen: list[tuple] = []
+
+    class Recording(ArtifactServicer):
+        async def CountArtifacts(self, request, context):
+            seen.append((trace.get_current_span().get_span_context(),
+                         baggage.get_baggage("hivemesh.tenant_id"),
+                         dict(trace_metadata() or ())))
+            return await super().CountArtifacts(request, context)
+
+    running = await start_server(
+        artifact_settings.server, domain=DOMAIN,
+        services=[ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                                 Recording(MemoryBackend(), max_content_bytes=1024))],
+        middleware=MiddlewareChain([TracingMiddleware(trace.NoOpTracerProvider()),
+                                    ErrorMiddleware(DOMAIN), ValidationMiddleware()]))
+    try:
+        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
+            token = otel_context.attach(baggage.set_baggage("hivemesh.tenant_id", "acme"))
+            try:
+                with TracerProvider().get_tracer("test").start_as_current_span("caller") as caller:
+                    await client.count()
+            finally:
+                otel_context.detach(token)
+            await client.count()
+    finally:
+        await running.shutdown(0)
+    (span, tenant, outgoing), (bare_span, bare_tenant, bare_outgoing) = seen
+    assert span.trace_id == caller.get_span_context().trace_id
+    assert span.span_id == caller.get_span_context().span_id  # no span of its own
+    assert tenant == "acme"
+    assert outgoing["traceparent"].split("-")[1] == f"{span.trace_id:032x}"
+    assert "hivemesh.tenant_id=acme" in outgoing["baggage"]
+    assert not bare_span.is_valid and bare_tenant is None and bare_outgoing == {}
