@@ -27,7 +27,7 @@ from hivemesh.common.v1 import ErrorReason, RequestContext, Usage
 from hivemesh.memory.v1 import (
     AddedItem, AddMemoriesResponse, CountMemoriesResponse, DeleteMemoriesResponse,
     ForgetNamespaceResponse, GetHistoryResponse, GetMemoriesResponse, Lineage, MemoryChunk,
-    MemoryServiceServicer, ScoredChunk, SearchMemoriesResponse, SearchMode)
+    MemoryServiceServicer, SearchMemoriesResponse, SearchMode)
 from hivemesh.runtime import errors
 from hivemesh.runtime.resilience import fingerprint
 from hivemesh.runtime.wellknown import now_us, timestamp
@@ -95,14 +95,23 @@ def _valid_ids(ids: Sequence[str]) -> list[str]:
     return valid
 
 
-def to_chunk(chunk_id_: str, payload: dict[str, Any]) -> MemoryChunk:
-    chunk = MemoryChunk(
-        chunk_id=chunk_id_, namespace=payload.get("namespace", ""),
-        text=payload.get("text", ""), source_id=payload.get("source_id", ""),
-        chunk_index=payload.get("chunk_index", 0), chunk_count=payload.get("chunk_count", 0),
-        lineage=Lineage(**{f: v for f, v in (payload.get("lineage") or {}).items()
-                           if f in LINEAGE_FIELDS}),
-        create_time=timestamp(payload.get("create_time_us")))
+def fill_chunk(chunk: MemoryChunk, chunk_id_: str, payload: dict[str, Any]) -> MemoryChunk:
+    """Writes a stored point into ``chunk`` (a field of the response being
+    built: filling it in place spares a copy per result)."""
+    chunk.chunk_id = chunk_id_
+    chunk.namespace = payload.get("namespace", "")
+    chunk.text = payload.get("text", "")
+    chunk.source_id = payload.get("source_id", "")
+    chunk.chunk_index = payload.get("chunk_index", 0)
+    chunk.chunk_count = payload.get("chunk_count", 0)
+    lineage = payload.get("lineage")
+    if lineage:
+        for field, value in lineage.items():
+            if value and field in LINEAGE_FIELDS:
+                setattr(chunk.lineage, field, value)
+    created = payload.get("create_time_us")
+    if created is not None:
+        chunk.create_time.FromMicroseconds(created)
     payload_to_metadata(payload.get("metadata"), chunk.metadata)
     return chunk
 
@@ -266,7 +275,7 @@ class MemoryServicer(MemoryServiceServicer):
             if hit is None:
                 response.missing_ids.append(raw)
             else:
-                response.chunks.append(to_chunk(hit.id, hit.payload))
+                fill_chunk(response.chunks.add(), hit.id, hit.payload)
         return response
 
     async def SearchMemories(self, request, context):
@@ -290,9 +299,11 @@ class MemoryServicer(MemoryServiceServicer):
                 conditions=conditions, score_threshold=threshold,
                 prefetch_limit=max(self.limits.hybrid_prefetch, request.limit),
                 rrf_k=self.limits.rrf_k))
-        return SearchMemoriesResponse(
-            results=[ScoredChunk(chunk=to_chunk(h.id, h.payload), score=h.score) for h in hits],
-            mode=_MODE_NAMES[mode], namespace=namespace)
+        response = SearchMemoriesResponse(mode=_MODE_NAMES[mode], namespace=namespace)
+        for hit in hits:
+            result = response.results.add(score=hit.score)
+            fill_chunk(result.chunk, hit.id, hit.payload)
+        return response
 
     async def CountMemories(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)
