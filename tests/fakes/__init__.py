@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ECHO_PREFIX", "Fail", "FakeHttpServer", "HttpExchange", "Recorded", "Reply",
+__all__ = ["ECHO_PREFIX", "Fail", "FakeHttpServer", "Garbled", "HttpExchange", "Recorded", "Reply",
            "ToolCallSpec", "last_user_text", "text_pieces"]
 
 ECHO_PREFIX = "You said: "
@@ -56,6 +56,16 @@ class Fail:
     retry_after: str | None = None     # the Retry-After header
     retry_after_ms: str | None = None  # the retry-after-ms header
     delay: float = 0.0                 # seconds before answering
+
+
+@dataclass
+class Garbled:
+    """Answer 200 with a body that is not the API's answer at all (what a
+    misconfigured proxy in front of the upstream sends)."""
+
+    body: str = "<html><body>502 Bad Gateway</body></html>"
+    content_type: str = "text/html"
+    delay: float = 0.0
 
 
 @dataclass
@@ -138,6 +148,12 @@ class HttpExchange:
         self._writer.write(_head(status, head) + data)
         await self._writer.drain()
 
+    async def send_raw(self, status: int, body: str, content_type: str) -> None:
+        data = body.encode()
+        self._writer.write(_head(status, {"Content-Type": content_type,
+                                          "Content-Length": str(len(data))}) + data)
+        await self._writer.drain()
+
     async def start_stream(self, headers: dict[str, str] | None = None) -> None:
         head = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "Transfer-Encoding": "chunked", **(headers or {})}
@@ -198,16 +214,16 @@ class FakeHttpServer:
         self.open_connections = 0  # connections open now
         self.max_open_connections = 0
         self.port = 0
-        self._script: deque[Reply | Fail] = deque()
+        self._script: deque[Reply | Fail | Garbled] = deque()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- script and records --------------------------------------------------
 
-    def enqueue(self, *behaviours: Reply | Fail) -> None:
+    def enqueue(self, *behaviours: Reply | Fail | Garbled) -> None:
         self._script.extend(behaviours)
 
-    def next_behaviour(self) -> Reply | Fail:
+    def next_behaviour(self) -> Reply | Fail | Garbled:
         return self._script.popleft() if self._script else Reply()
 
     @property

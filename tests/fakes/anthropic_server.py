@@ -14,7 +14,8 @@ import json
 from itertools import count
 from typing import Any
 
-from . import ECHO_PREFIX, Fail, FakeHttpServer, HttpExchange, Reply, last_user_text, text_pieces
+from . import (
+    ECHO_PREFIX, Fail, FakeHttpServer, Garbled, HttpExchange, Reply, last_user_text, text_pieces)
 
 __all__ = ["FakeAnthropic", "bad_key", "context_too_long"]
 
@@ -46,7 +47,9 @@ class FakeAnthropic(FakeHttpServer):
             return
         behaviour = self.next_behaviour()
         await asyncio.sleep(behaviour.delay)
-        if isinstance(behaviour, Fail):
+        if isinstance(behaviour, Garbled):
+            await exchange.send_raw(200, behaviour.body, behaviour.content_type)
+        elif isinstance(behaviour, Fail):
             headers = {"request-id": f"req_{next(_ids)}"}
             if behaviour.retry_after is not None:
                 headers["retry-after"] = behaviour.retry_after

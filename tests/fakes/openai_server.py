@@ -18,7 +18,8 @@ import time
 from itertools import count
 from typing import Any
 
-from . import ECHO_PREFIX, Fail, FakeHttpServer, HttpExchange, Reply, last_user_text, text_pieces
+from . import (
+    ECHO_PREFIX, Fail, FakeHttpServer, Garbled, HttpExchange, Reply, last_user_text, text_pieces)
 
 __all__ = ["FakeOpenAI", "bad_key", "context_too_long"]
 
@@ -56,7 +57,9 @@ class FakeOpenAI(FakeHttpServer):
             return
         behaviour = self.next_behaviour()
         await asyncio.sleep(behaviour.delay)
-        if isinstance(behaviour, Fail):
+        if isinstance(behaviour, Garbled):
+            await exchange.send_raw(200, behaviour.body, behaviour.content_type)
+        elif isinstance(behaviour, Fail):
             headers = {"x-request-id": f"req_{next(_ids)}"}
             if behaviour.retry_after is not None:
                 headers["retry-after"] = behaviour.retry_after

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fakes import ECHO_PREFIX, Fail, FakeHttpServer, Recorded, Reply, ToolCallSpec
+from fakes import ECHO_PREFIX, Fail, FakeHttpServer, Garbled, Recorded, Reply, ToolCallSpec
 from fakes import anthropic_server, openai_server
 from fakes.anthropic_server import FakeAnthropic
 from fakes.openai_server import FakeOpenAI, embedding_of
@@ -529,6 +529,16 @@ async def test_context_too_long(upstream: Upstream, mode: str):
     assert error.kind is ErrorKind.CONTEXT_TOO_LONG
     assert not error.kind.retryable
     assert error.status == 400
+    assert upstream.server.request_count == 1
+
+
+@pytest.mark.parametrize("mode", ["generate", "stream"])
+async def test_answer_that_is_not_the_api_is_unavailable(upstream: Upstream, mode: str):
+    """A 200 whose body is not the API's answer (a proxy's error page) is an
+    unavailable upstream, never an empty success."""
+    upstream.server.enqueue(Garbled())
+    error = await call(upstream.backend, mode, chat(user("x")))
+    assert error.kind is ErrorKind.UNAVAILABLE
     assert upstream.server.request_count == 1
 
 

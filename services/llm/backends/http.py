@@ -56,6 +56,21 @@ def retry_after(headers: Mapping[str, str] | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def connection_failure(exc: BaseException) -> str | None:
+    """The name of the error behind ``exc`` when the upstream could not be
+    reached at all (refused, reset, no route), else None. The SDKs' aiohttp
+    transport reports a refused connection as a connect *timeout*; the
+    socket error underneath tells the truth."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and not isinstance(current, TimeoutError):
+            return type(current).__name__
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def secrets(api_key: str, headers: Mapping[str, str] | None) -> tuple[str, ...]:
     """The key and every header value that looks like a credential."""
     values = [api_key] + [v for k, v in (headers or {}).items()
