@@ -880,3 +880,35 @@ async def test_two_redis_clients_on_one_prefix_admit_exactly_10():
     finally:
         await drop_prefix(first)
         await first.close()
+
+
+async def test_a_commit_through_another_replica_settles_the_same():
+    """A replica remembers the holds and ids of the reservations it made and
+    does not read them back to commit them; one that did not make the
+    reservation reads them from Redis. Both give the same answer."""
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    first = await open_redis(prefix)
+    second = await open_redis(prefix)
+    try:
+        b = budget("b", micros=1000, thresholds=(50,))
+        await first.create_budget(b, rid(), "fp")
+        for n in (1, 2):
+            await first.reserve(reserve_op([hold(b)], 200, 3, reservation_id=f"res-{n}",
+                                           ids=("globex", f"wf-{n}", "agent")))
+        here = await first.settle(commit_op("res-1", 150, 3, request_id="c-1"))
+        there = await second.settle(commit_op("res-2", 150, 3, request_id="c-2"))
+        assert (here.budget_ids, here.call_context) == (("b",), ("globex", "wf-1", "agent"))
+        assert (there.budget_ids, there.call_context) == (("b",), ("globex", "wf-2", "agent"))
+        assert here.hold_released and there.hold_released
+        assert there.counters == (Counter("b", 0, 300, 6, 0, 0),)
+        recorded = await second.calls(0, 2 * T0)
+        assert [(c.reservation_id, c.workflow_id) for c in recorded] == [
+            ("res-1", "wf-1"), ("res-2", "wf-2")]
+        with pytest.raises(ReservationSettled):
+            await second.settle(commit_op("res-1", 150, request_id="c-3"))
+        with pytest.raises(ReservationNotFound):
+            await first.settle(commit_op("res-unknown", 1, request_id="c-4"))
+    finally:
+        await drop_prefix(first)
+        await second.close()
+        await first.close()

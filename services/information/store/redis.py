@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 
 import redis.asyncio as aioredis
 
@@ -399,6 +400,12 @@ def _reserve_result(text, replayed: bool, holds: tuple[Hold, ...],
                          _counters(keys, counter_replies))
 
 
+# Reservations made through this store whose holds and ids it remembers, so
+# that settling one skips reading them back from Redis (most calls are
+# settled by the replica that reserved them).
+_RECENT_RESERVATIONS = 4096
+
+
 class RedisStore:
     name = "redis"
 
@@ -406,6 +413,9 @@ class RedisStore:
         self.client = client
         self.prefix = prefix
         self._p = prefix.encode()
+        # reservation_id -> (holds, tenant_id, workflow_id, agent_id), as
+        # written by reserve; they never change once written.
+        self._recent: OrderedDict[str, tuple] = OrderedDict()
         register = client.register_script
         self._create_budget = register(_CREATE_BUDGET)
         self._put_budget = register(_PUT_BUDGET)
@@ -555,6 +565,11 @@ class RedisStore:
                                  int(requested))
         if status == "duplicate":
             raise KeyError(op.reservation_id)
+        if status == "ok":
+            self._recent[op.reservation_id] = (op.holds, op.tenant_id, op.workflow_id,
+                                               op.agent_id)
+            if len(self._recent) > _RECENT_RESERVATIONS:
+                self._recent.popitem(last=False)
         return _reserve_result(reply[1], status == "replay", op.holds, reply[2])
 
     async def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
@@ -572,16 +587,24 @@ class RedisStore:
             holds, expected, c = op.holds, "1", op.call
             if op.reservation_id:
                 # A reservation's holds and ids never change once written:
-                # read them here; the script checks the reservation is (still)
-                # there. The call is recorded with the reservation's ids.
-                row = await self.client.hmget(self._key(f"res:{op.reservation_id}"), "holds",
-                                              "tenant_id", "workflow_id", "agent_id")
-                if row[0] is not None:
-                    holds = holds_from_json(_s(row[0]))
-                    c = dataclasses.replace(c, tenant_id=_s(row[1]), workflow_id=_s(row[2]),
-                                            agent_id=_s(row[3]))
+                # known here if it was made through this store, else read
+                # here; the script checks the reservation is (still) there.
+                # The call is recorded with the reservation's ids.
+                known = self._recent.pop(op.reservation_id, None)
+                if known is not None:
+                    holds = known[0]
+                    c = dataclasses.replace(c, tenant_id=known[1], workflow_id=known[2],
+                                            agent_id=known[3])
                 else:
-                    holds, expected = (), "0"
+                    row = await self.client.hmget(self._key(f"res:{op.reservation_id}"),
+                                                  "holds", "tenant_id", "workflow_id",
+                                                  "agent_id")
+                    if row[0] is not None:
+                        holds = holds_from_json(_s(row[0]))
+                        c = dataclasses.replace(c, tenant_id=_s(row[1]),
+                                                workflow_id=_s(row[2]), agent_id=_s(row[3]))
+                    else:
+                        holds, expected = (), "0"
             keys = [(h.budget_id, h.period_start_us) for h in holds]
             head = json.dumps({"cost_micros": c.cost_micros,
                                "budget_ids": [h.budget_id for h in holds],
