@@ -66,7 +66,8 @@ async def _open_engine(settings: MemorySettings, model: str, dimensions: int) ->
             grpc_port=settings.qdrant_grpc_port, timeout_s=settings.qdrant_timeout_s)
     from hivemesh.services.memory.store.edge import EdgeStore
     return EdgeStore.open(settings.data_dir, settings.collection, model, dimensions,
-                          build_index=settings.build_index_on_start)
+                          build_index=settings.build_index_on_start,
+                          search_threads=settings.search_threads)
 
 
 async def open_backend(settings: MemorySettings) -> MemoryBackend:

@@ -58,6 +58,10 @@ class MemorySettings(BaseSettings):
     # The embedded engine builds the HNSW index of points added since the
     # last start when it opens (start-up waits for it).
     build_index_on_start: bool = True
+    # Threads the embedded engine gives one search. 1 runs a search on the
+    # thread that asked, without handing it to the engine's own pool and
+    # back; concurrent searches still run in parallel on the store's threads.
+    search_threads: int = Field(default=1, ge=1, le=64)
 
     # Messages kept per session; older ones are dropped on append.
     history_retention: int = Field(default=1000, ge=1)

@@ -185,6 +185,26 @@ async def test_reopening_keeps_data_and_refuses_another_embedder(kind, tmp_path)
             pass
 
 
+async def test_the_embedded_engine_searches_with_the_threads_it_is_given(tmp_path):
+    """search_threads reaches the engine, and a reopened shard takes the
+    new value (the engine records its configuration with the shard)."""
+    import json
+
+    from hivemesh.services.memory.store.edge import EdgeStore
+
+    config = tmp_path / "edge" / "memory" / "test" / "shard" / "edge_config.json"
+    for threads in (2, 1):
+        store = EdgeStore.open(tmp_path / "edge", "test", "hashing-256", DIMS,
+                               search_threads=threads)
+        try:
+            await store.upsert(POINTS)
+            assert json.loads(config.read_text())["max_search_threads"] == threads
+            assert len(await store.search("a", Search(Mode.KEYWORD, 3,
+                                                      sparse=KW.query("fox")))) > 0
+        finally:
+            await store.close()
+
+
 def _random_vector(rng: random.Random) -> list[float]:
     return [rng.gauss(0, 1) for _ in range(DIMS)]
 
