@@ -27,14 +27,19 @@ def new_artifact_id() -> str:
     return f"art-{uuid.uuid4()}"
 
 
-def to_proto(record: ArtifactRecord) -> Artifact:
-    artifact = Artifact(
-        artifact_id=record.artifact_id, workflow_id=record.workflow_id,
-        task_id=record.task_id, agent_id=record.agent_id, artifact_type=record.artifact_type,
-        content=record.content, size_bytes=record.size_bytes, sha256=record.sha256)
-    metadata = json.loads(record.metadata_json)
-    if metadata:
-        artifact.metadata.update(metadata)
+def fill_artifact(artifact: Artifact, record: ArtifactRecord) -> Artifact:
+    """Writes ``record`` into ``artifact`` (a field of the response being
+    built: filling it in place spares copying the content once more)."""
+    artifact.artifact_id = record.artifact_id
+    artifact.workflow_id = record.workflow_id
+    artifact.task_id = record.task_id
+    artifact.agent_id = record.agent_id
+    artifact.artifact_type = record.artifact_type
+    artifact.content = record.content
+    artifact.size_bytes = record.size_bytes
+    artifact.sha256 = record.sha256
+    if record.metadata_json != "{}":
+        artifact.metadata.update(json.loads(record.metadata_json))
     artifact.create_time.FromMicroseconds(record.create_time_us)
     return artifact
 
@@ -93,7 +98,9 @@ class ArtifactServicer(ArtifactServiceServicer):
                 {"request_id": request.request_id, "artifact_id": exc.artifact_id}) from None
         except BackendUnavailable as exc:
             raise _unavailable(exc) from exc
-        return SaveArtifactResponse(artifact=to_proto(stored), replayed=replayed)
+        response = SaveArtifactResponse(replayed=replayed)
+        fill_artifact(response.artifact, stored)
+        return response
 
     async def GetArtifact(self, request, context):
         try:
@@ -102,7 +109,9 @@ class ArtifactServicer(ArtifactServiceServicer):
             raise _unavailable(exc) from exc
         if record is None:
             raise errors.not_found("artifact", request.artifact_id)
-        return GetArtifactResponse(artifact=to_proto(record))
+        response = GetArtifactResponse()
+        fill_artifact(response.artifact, record)
+        return response
 
     async def ListArtifacts(self, request, context):
         flt = _filter(request.filter)
@@ -119,7 +128,9 @@ class ArtifactServicer(ArtifactServiceServicer):
             rows = await self.backend.list(flt, size + 1, after, not request.omit_content)
         except BackendUnavailable as exc:
             raise _unavailable(exc) from exc
-        response = ListArtifactsResponse(artifacts=[to_proto(r) for r in rows[:size]])
+        response = ListArtifactsResponse()
+        for row in rows[:size]:
+            fill_artifact(response.artifacts.add(), row)
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = paging.encode([last.create_time_us, last.artifact_id],
