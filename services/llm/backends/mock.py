@@ -111,6 +111,11 @@ class MockBackend:
             cut_after, self._cut_after = self._cut_after, None
             for i, piece in enumerate(re.findall(r"\S+\s*|\s+", content)):
                 if cut_after is not None and i >= cut_after:
+                    # As with a real upstream: a stream that breaks before
+                    # its first chunk may be retried; after it, it was cut.
+                    if i == 0:
+                        raise BackendError(ErrorKind.UNAVAILABLE,
+                                           f"{self.name}: the stream broke before its first chunk")
                     raise BackendError(ErrorKind.STREAM_CUT,
                                        f"{self.name}: stream cut after {cut_after} chunks")
                 yield StreamDelta(piece)
