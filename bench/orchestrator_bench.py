@@ -14,10 +14,13 @@ generation, commit after it, on a priced model under a large tenant
 budget), one generation, and an output artifact. Every run's input differs,
 so the LLM's response cache never answers.
 
-Phase 1, latency: the mesh runs without telemetry. p50/p99 at c=1, runs per
-second with p50/p99 at c=16; rounds interleave the baseline and the runs
-(the median round counts). The CPU each process spent per run at c=16 is
-read from /proc, which says where the time of a 2-core machine goes.
+Phase 1, latency: the mesh runs without telemetry, once per SQLite
+durability level (``--synchronous``: ``full``, every service's default,
+fsyncs each commit; ``normal`` survives ``kill -9`` but not a power loss).
+p50/p99 at c=1, runs per second with p50/p99 at c=16; rounds interleave the
+baseline and the runs (the median round counts). The CPU each process spent
+per run at c=16 is read from /proc, which says where the time of a 2-core
+machine goes.
 
 Phase 2, spans: a fresh mesh exports its spans over OTLP/gRPC to a receiver
 in this process; after a few runs the services are stopped (SIGTERM flushes
@@ -60,6 +63,8 @@ from hivemesh.orchestrator.v1 import (  # noqa: E402
 
 TARGETS = {"p50 in bare round trips": 5.0, "runs/s at c=16": 300, "spans per hop": 2.0}
 PROVIDERS = ("artifact", "information", "llm", "memory")
+# The services keeping an SQLite file (the memory service its ledger).
+SQLITE_SERVICES = ("artifact", "information", "memory")
 MODEL = "mock-small"
 AGENT = "bench-coder"
 NAMESPACE = "bench"
@@ -76,13 +81,16 @@ class RunFailed(Exception):
 
 # ------------------------------------------------------------------ the mesh
 
-def start_mesh(root: Path, telemetry: dict[str, str]) -> Mesh:
-    """The four providers, then the orchestrator pointed at them."""
+def start_mesh(root: Path, telemetry: dict[str, str], synchronous: str = "full") -> Mesh:
+    """The four providers, then the orchestrator pointed at them; every
+    SQLite store of the mesh at the durability level ``synchronous``."""
     mesh = Mesh()
     root.mkdir(parents=True, exist_ok=True)
     try:
         for name in (*PROVIDERS, "orchestrator"):
             env = {**telemetry, f"HIVEMESH_{name.upper()}_SERVER__LOG_LEVEL": "WARNING"}
+            if name in SQLITE_SERVICES:
+                env[f"HIVEMESH_{name.upper()}_SQLITE_SYNCHRONOUS"] = synchronous
             if name == "orchestrator":
                 env.update({f"HIVEMESH_ORCHESTRATOR_{p.upper()}_ADDRESS": mesh.services[p].address
                             for p in PROVIDERS})
@@ -323,22 +331,31 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="interleaved rounds per concurrency (median taken)")
     parser.add_argument("--trace-runs", type=int, default=10, help="runs traced for spans per hop")
+    parser.add_argument("--synchronous", default="full,normal",
+                        help="SQLite durability levels of the latency phase, comma-separated "
+                             "(full is every service's default)")
     args = parser.parse_args()
+    levels = args.synchronous.split(",")
+    figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="hivemesh-orch-bench-") as tmp:
         root = Path(tmp)
-        mesh = start_mesh(root / "latency", NO_TELEMETRY)
-        try:
-            print(f"mesh: {', '.join(f'{n} {p.address}' for n, p in mesh.services.items())}")
-            asyncio.run(prepare(mesh))
-            lines, figures = asyncio.run(latency(mesh, args.runs, args.runs16, args.repeat))
-            for line in lines:
-                print(line)
-        except RunFailed as exc:
-            print(f"orchestrator failed during the latency phase: {exc}")
-            _print_log_tail(root / "latency")
-            return 1
-        finally:
-            mesh.stop()
+        for level in levels:
+            folder = root / f"latency-{level}"
+            mesh = start_mesh(folder, NO_TELEMETRY, level)
+            try:
+                print(f"\nSQLite synchronous={level} in every service; mesh: "
+                      f"{', '.join(f'{n} {p.address}' for n, p in mesh.services.items())}")
+                asyncio.run(prepare(mesh))
+                lines, figures[level] = asyncio.run(
+                    latency(mesh, args.runs, args.runs16, args.repeat))
+                for line in lines:
+                    print(line)
+            except RunFailed as exc:
+                print(f"orchestrator failed during the latency phase: {exc}")
+                _print_log_tail(folder)
+                return 1
+            finally:
+                mesh.stop()
 
         receiver = Receiver()
         try:
@@ -363,13 +380,15 @@ def main() -> int:
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
-    p50_ratio, rate = figures["p50/bare c=1"], figures["runs/s c=16"]
     print("")
-    print(f"target p50 <= {TARGETS['p50 in bare round trips']:.0f} bare round trips (c=1): "
-          f"{p50_ratio:.2f} round trips ({figures['p50/bare c=16']:.2f} at c=16): "
-          f"{verdict(p50_ratio <= TARGETS['p50 in bare round trips'])}")
-    print(f"target >= {TARGETS['runs/s at c=16']} agent runs/s at c=16: {rate:.0f}/s: "
-          f"{verdict(rate >= TARGETS['runs/s at c=16'])}")
+    for level in levels:
+        p50_ratio, rate = figures[level]["p50/bare c=1"], figures[level]["runs/s c=16"]
+        print(f"synchronous={level}: target p50 <= {TARGETS['p50 in bare round trips']:.0f} "
+              f"bare round trips (c=1): {p50_ratio:.2f} round trips "
+              f"({figures[level]['p50/bare c=16']:.2f} at c=16): "
+              f"{verdict(p50_ratio <= TARGETS['p50 in bare round trips'])}")
+        print(f"synchronous={level}: target >= {TARGETS['runs/s at c=16']} agent runs/s at "
+              f"c=16: {rate:.0f}/s: {verdict(rate >= TARGETS['runs/s at c=16'])}")
     print(f"target <= {TARGETS['spans per hop']:.0f} spans per hop: worst run {worst:.2f}: "
           f"{verdict(0 < worst <= TARGETS['spans per hop'])}")
     return 0

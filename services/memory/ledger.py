@@ -1,6 +1,6 @@
 """What the memory service keeps beside the vectors, in one SQLite file
-under the data directory (WAL, ``synchronous=FULL``, group commit, see
-:mod:`hivemesh.runtime.sqlite`):
+under the data directory (WAL, group commit, ``full`` or ``normal``
+durability, see :mod:`hivemesh.runtime.sqlite`):
 
 - the answers of mutating requests by request_id, so a retry is answered
   with the first result (AIP-155), kept for ``request_ttl_s``;
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
-from hivemesh.runtime.sqlite import GroupCommitDatabase
+from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import now_us, timestamp
 
@@ -62,8 +62,9 @@ def _stored(conn: sqlite3.Connection, method: str, request_id: str,
 
 class Ledger:
     def __init__(self, data_dir: Path, *, request_ttl_s: float = 86400.0,
-                 history_retention: int = 1000) -> None:
-        self.db = GroupCommitDatabase(Path(data_dir) / "memory" / "ledger.sqlite3", SCHEMA)
+                 history_retention: int = 1000, synchronous: Synchronous = "full") -> None:
+        self.db = GroupCommitDatabase(Path(data_dir) / "memory" / "ledger.sqlite3", SCHEMA,
+                                      synchronous=synchronous)
         self.request_ttl_us = int(request_ttl_s * 1e6)
         self.history_retention = history_retention
 

@@ -78,7 +78,8 @@ async def open_backend(settings: MemorySettings) -> MemoryBackend:
         await embedder.close()
         raise
     ledger = Ledger(settings.data_dir, request_ttl_s=settings.request_ttl_s,
-                    history_retention=settings.history_retention)
+                    history_retention=settings.history_retention,
+                    synchronous=settings.sqlite_synchronous)
     return MemoryBackend(store, embedder, ledger)
 
 

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.sqlite import Synchronous
 
 
 class MemorySettings(BaseSettings):
@@ -63,6 +64,10 @@ class MemorySettings(BaseSettings):
     # back; concurrent searches still run in parallel on the store's threads.
     search_threads: int = Field(default=1, ge=1, le=64)
 
+    # Durability of the ledger (request answers, session history), as for
+    # the artifact store: full (fsync per commit) or normal (survives kill -9
+    # of the service, not a power loss). The embedded engine has its own WAL.
+    sqlite_synchronous: Synchronous = "full"
     # Messages kept per session; older ones are dropped on append.
     history_retention: int = Field(default=1000, ge=1)
     # How long answers to mutating requests are kept for retries.

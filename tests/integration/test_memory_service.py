@@ -447,10 +447,12 @@ async def test_another_embedder_is_refused_at_start_up(tmp_path):
     assert "'hashing-64' (64 dimensions)" in result.stderr
 
 
-async def test_acknowledged_memories_survive_kill_9(tmp_path):
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+async def test_acknowledged_memories_survive_kill_9(tmp_path, synchronous):
     from hivemesh.cli.processes import start_service
 
-    env = {"HIVEMESH_MEMORY_EMBEDDING_DIMENSIONS": "256"}
+    env = {"HIVEMESH_MEMORY_EMBEDDING_DIMENSIONS": "256",
+           "HIVEMESH_MEMORY_SQLITE_SYNCHRONOUS": synchronous}
     proc = start_service("memory", data_dir=tmp_path, env=env)
     try:
         async with MemoryClient(proc.address) as memory:

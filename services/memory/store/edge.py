@@ -4,11 +4,11 @@ on-disk shard under the data directory.
 Every update goes through the shard's write-ahead log before ``update``
 returns, so an acknowledged write survives ``kill -9``; segments are flushed
 on close. Engine calls run on a small thread pool, off the event loop,
-except a read (search, get) that finds no other engine call in flight: it
-runs inline, because the hop to a pool thread and back costs about a tenth
-of a millisecond, a sizeable share of a search at low load. The engine
-releases the interpreter lock while it searches, so reads that arrive while
-others run go to the pool and run in parallel.
+except short ones (a search, a get, an upsert of a few points) that find no
+other engine call in flight: they run inline, because the hop to a pool
+thread and back costs a tenth of a millisecond or more, more than such a
+call itself. The engine releases the interpreter lock while it searches, so
+reads that arrive while others run go to the pool and run in parallel.
 
 The engine builds its HNSW index only when asked (``optimize()``), and the
 binding holds the interpreter lock while it does, which would freeze the
@@ -39,6 +39,9 @@ from hivemesh.services.memory.store.base import (
     SparseVector, StoreUnavailable)
 
 log = logging.getLogger("hivemesh.memory.edge")
+# Upserts of at most this many points run inline when the engine is idle
+# (an agent's write-back is a few chunks; a bulk add goes to the pool).
+INLINE_UPSERT_POINTS = 16
 T = TypeVar("T")
 
 
@@ -123,11 +126,11 @@ class EdgeStore(MemoryStore):
             shard.flush()
         return cls(shard, root, wanted, **kwargs)
 
-    async def _run(self, fn: Callable[[], T], *, read: bool = False) -> T:
+    async def _run(self, fn: Callable[[], T], *, short: bool = False) -> T:
         if self._closed:
             raise StoreUnavailable("the memory store is closed")
         try:
-            if read and not self._in_flight:
+            if short and not self._in_flight:
                 return fn()
             self._in_flight += 1
             try:
@@ -142,11 +145,11 @@ class EdgeStore(MemoryStore):
             self.shard.update(q.UpdateOperation.upsert_points([
                 q.Point(uuid.UUID(p.id), {DENSE: list(p.dense), SPARSE: _sparse(p.sparse)},
                         p.payload) for p in points]))
-        await self._run(write)
+        await self._run(write, short=len(points) <= INLINE_UPSERT_POINTS)
 
     async def get(self, namespace: str, ids: Sequence[str]) -> list[Found]:
         records = await self._run(lambda: self.shard.retrieve(
-            [uuid.UUID(i) for i in ids], with_payload=True, with_vector=False), read=True)
+            [uuid.UUID(i) for i in ids], with_payload=True, with_vector=False), short=True)
         return [Found(str(r.id), r.payload) for r in records
                 if r.payload and r.payload.get(NAMESPACE) == namespace]
 
@@ -172,7 +175,7 @@ class EdgeStore(MemoryStore):
                 limit=search.limit, filter=flt, with_payload=True,
                 score_threshold=search.score_threshold, query=sparse if keyword else dense,
                 params=idf if keyword else None)
-        points = await self._run(lambda: self.shard.query(request), read=True)
+        points = await self._run(lambda: self.shard.query(request), short=True)
         return [Found(str(p.id), p.payload or {}, p.score) for p in points]
 
     async def count(self, namespace: str, conditions: Sequence[Condition] = ()) -> int:
