@@ -6,7 +6,6 @@ formats of the HTTP backends are checked in test_llm_backends.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from hivemesh.services.llm.backends.base import (
     BackendError, ChatMessage, ChatRequest, ErrorKind, StreamDelta, StreamFinish, ToolCall,
     ToolCallDelta, ToolSpec)
 from hivemesh.services.llm.backends.mock import MockBackend
-from test_llm_backends import KEY, MODEL, make_backend, make_server
+from test_llm_backends import KEY, MODEL, drain, make_backend, make_server
 
 BACKENDS = ["openai", "openai_compatible", "anthropic", "mock"]
 TIMEOUT_S = 10.0
@@ -83,17 +82,6 @@ async def script(request):
 
 def chat(text: str, **options: Any) -> ChatRequest:
     return ChatRequest(upstream_model=MODEL, messages=(ChatMessage("user", text),), **options)
-
-
-async def drain(backend, request: ChatRequest, timeout_s: float = TIMEOUT_S):
-    events: list[Any] = []
-    try:
-        async with contextlib.aclosing(backend.stream(request, timeout_s)) as stream:
-            async for event in stream:
-                events.append(event)
-    except BackendError as error:
-        return events, error
-    return events, None
 
 
 async def test_generate_answers_with_usage_and_finish(script: Script):
