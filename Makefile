@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(BUF): package.json package-lock.json clients/typescript/package.json
-	npm install --no-audit --no-fund --loglevel=error
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 # The contracts: generated code up to date, buf lint (STANDARD), and no
