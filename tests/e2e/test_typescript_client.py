@@ -25,7 +25,7 @@ def _node() -> str:
     node = shutil.which("node")
     if node is None or not (NODE_BIN / "tsx").exists() or not (NODE_BIN / "tsc").exists():
         if os.environ.get("CI"):
-            pytest.fail("node or node_modules is missing (make install runs npm install)")
+            pytest.fail("node or node_modules is missing (make install runs npm ci)")
         pytest.skip("node or node_modules is missing; run make install")
     return node
 
