@@ -26,7 +26,7 @@ import grpc
 from hivemesh.common.v1 import ErrorReason, RequestContext, Usage
 from hivemesh.memory.v1 import (
     AddedItem, AddMemoriesResponse, CountMemoriesResponse, DeleteMemoriesResponse,
-    ForgetNamespaceResponse, GetHistoryResponse, GetMemoriesResponse, Lineage, MemoryChunk,
+    ForgetNamespaceResponse, GetHistoryResponse, GetMemoriesResponse, MemoryChunk,
     MemoryServiceServicer, SearchMemoriesResponse, SearchMode)
 from hivemesh.runtime import errors
 from hivemesh.runtime.resilience import fingerprint

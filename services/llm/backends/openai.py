@@ -215,12 +215,8 @@ class OpenAIBackend(http.UpstreamErrors):
         refusal = message.get("refusal")
         if not content and not tool_calls and refusal:
             content, finish = refusal, "content_filter"
-        usage = completion.get("usage")
-        if isinstance(usage, dict):
-            details = usage.get("prompt_tokens_details") or {}
-            usage = Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
-                          completion_tokens=usage.get("completion_tokens") or 0,
-                          cached_prompt_tokens=details.get("cached_tokens") or 0)
+        if isinstance(completion.get("usage"), dict):
+            usage = _usage(completion["usage"])
         else:
             usage = Usage(prompt_tokens=estimate_prompt_tokens(request.messages),
                           completion_tokens=estimate_tokens(content) + sum(
@@ -363,10 +359,15 @@ def _message(message: ChatMessage) -> dict[str, Any]:
 # -- helpers shared in spirit with the Anthropic backend -------------------
 
 def _usage(usage: Any) -> Usage:
-    details = getattr(usage, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", None) if details is not None else None
-    return Usage(prompt_tokens=usage.prompt_tokens or 0,
-                 completion_tokens=usage.completion_tokens or 0,
+    """Usage from the JSON of an answer (a dict) or from a streamed chunk's
+    SDK model."""
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    details = get(usage, "prompt_tokens_details")
+    cached = get(details, "cached_tokens") if details is not None else None
+    return Usage(prompt_tokens=get(usage, "prompt_tokens") or 0,
+                 completion_tokens=get(usage, "completion_tokens") or 0,
                  cached_prompt_tokens=cached or 0)
 
 
