@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
@@ -64,3 +65,30 @@ async def test_the_wal_is_checkpointed_in_the_background(tmp_path, monkeypatch, 
 async def test_unknown_durability_level_is_refused(tmp_path):
     with pytest.raises(ValueError, match="synchronous must be one of"):
         GroupCommitDatabase(tmp_path / "t.sqlite3", SCHEMA, synchronous="off")  # type: ignore[arg-type]
+
+
+async def test_lone_writes_commit_inline_and_concurrent_ones_go_to_the_committer_together(
+        tmp_path):
+    db = GroupCommitDatabase(tmp_path / "t.sqlite3", SCHEMA, synchronous="full")
+    commits: list[str] = []
+    db._writer.set_trace_callback(
+        lambda sql: commits.append(threading.current_thread().name) if sql == "COMMIT" else None)
+    loop_thread = threading.current_thread().name
+    try:
+        # Light load: each write finds the writer idle and commits on the loop.
+        for i in range(1, 4):
+            await asyncio.sleep(0.01)
+            await db.write(insert(i))
+        assert commits == [loop_thread] * 3
+        commits.clear()
+        # A burst: the writes are grouped, and the groups committed on the
+        # committer thread while the loop goes on serving.
+        assert await asyncio.gather(*[db.write(insert(i)) for i in range(4, 68)]) == \
+            list(range(4, 68))
+        assert 1 <= len(commits) < 64
+        assert all(name.startswith("sqlite-commit") for name in commits)
+    finally:
+        await db.close()
+    conn = sqlite3.connect(tmp_path / "t.sqlite3")
+    assert conn.execute("SELECT count(*) FROM notes").fetchone()[0] == 67
+    conn.close()
