@@ -9,9 +9,10 @@ run.
 Steps: the service (its own process; this one is the load generator)
 ingests the chunks with AddMemories (256 one-chunk items per request, two
 requests in flight); the shard's HNSW index is then built; the service is
-restarted on the same data and answers dense and hybrid searches (c=1); then
-the same shard is opened in this process and the same queries (vectors
-computed beforehand) go straight to the engine.
+restarted on the same data and answers dense and hybrid searches (c=1),
+while a copy of the shard, opened in this process, answers the same queries
+(vectors computed beforehand) straight from the engine, in interleaved
+rounds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -77,35 +79,12 @@ async def ingest(address: str, texts: list[str]) -> tuple[float, int]:
         return stored / (time.perf_counter() - started), stored
 
 
-async def through_service(address: str, queries: list[str], repeat: int) -> dict[str, Result]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        memory = MemoryServiceStub(channel)
-        ping = health_pb2.HealthCheckRequest()
-
-        async def bare(_: int):
-            return await health.Check(ping, timeout=10)
-
-        def searcher(mode: int):
-            async def call(i: int):
-                return await memory.SearchMemories(SearchMemoriesRequest(
-                    namespace=NAMESPACE, query=queries[i % len(queries)], mode=mode, limit=10),
-                    timeout=10)
-            return call
-
-        rounds: dict[str, list[Result]] = {}
-        for _ in range(repeat):
-            for name, call in (("bare round trip", bare),
-                               ("service dense search", searcher(SearchMode.SEARCH_MODE_DENSE)),
-                               ("service hybrid search",
-                                searcher(SearchMode.SEARCH_MODE_HYBRID))):
-                rounds.setdefault(name, []).append(
-                    await run(name, call, concurrency=1, calls=len(queries), warmup=50))
-        return {k: median_of(v) for k, v in rounds.items()}
-
-
-async def in_process(store: EdgeStore, queries: list[str], repeat: int) -> dict[str, Result]:
-    """The same queries straight to the engine (vectors computed beforehand)."""
+async def searches(address: str, store: EdgeStore, queries: list[str],
+                   repeat: int) -> dict[str, Result]:
+    """Rounds that interleave the bare round trip, the service's searches and
+    the same queries straight to the engine (vectors computed beforehand), so
+    drift in the machine's speed hits all of them alike; the median round
+    counts."""
     import qdrant_edge as q
 
     from hivemesh.services.memory.store.edge import _filter, _sparse
@@ -134,16 +113,35 @@ async def in_process(store: EdgeStore, queries: list[str], repeat: int) -> dict[
             return store.shard.query(make(i % len(queries)))
         return call
 
-    rounds: dict[str, list[Result]] = {}
-    for _ in range(repeat):
-        for name, make in (("in-process dense search", dense_request),
-                           ("in-process hybrid search", hybrid_request)):
-            rounds.setdefault(name, []).append(
-                await run(name, engine(make), concurrency=1, calls=len(queries), warmup=50))
     # Sanity: the service's own search path returns as many results.
     assert len(await store.search(NAMESPACE, Search(Mode.HYBRID, 10, dense=dense[0],
                                                     sparse=sparse[0]))) == 10
-    return {k: median_of(v) for k, v in rounds.items()}
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        memory = MemoryServiceStub(channel)
+        ping = health_pb2.HealthCheckRequest()
+
+        async def bare(_: int):
+            return await health.Check(ping, timeout=10)
+
+        def searcher(mode: int):
+            async def call(i: int):
+                return await memory.SearchMemories(SearchMemoriesRequest(
+                    namespace=NAMESPACE, query=queries[i % len(queries)], mode=mode, limit=10),
+                    timeout=10)
+            return call
+
+        rounds: dict[str, list[Result]] = {}
+        for _ in range(repeat):
+            for name, call in (("bare round trip", bare),
+                               ("in-process dense search", engine(dense_request)),
+                               ("service dense search", searcher(SearchMode.SEARCH_MODE_DENSE)),
+                               ("in-process hybrid search", engine(hybrid_request)),
+                               ("service hybrid search",
+                                searcher(SearchMode.SEARCH_MODE_HYBRID))):
+                rounds.setdefault(name, []).append(
+                    await run(name, call, concurrency=1, calls=len(queries), warmup=50))
+        return {k: median_of(v) for k, v in rounds.items()}
 
 
 def main() -> int:
@@ -170,19 +168,22 @@ def main() -> int:
         asyncio.run(store.close())
         print(f"HNSW index build at open        {time.perf_counter() - started:8.1f} s")
 
-        proc = start_service("memory", data_dir=data, env=ENV)
-        try:
-            service = asyncio.run(through_service(proc.address, queries, args.repeat))
-        finally:
-            proc.stop(timeout_s=300)
+        # The engine in this process opens a copy: the service holds the
+        # original's lock while both are measured.
+        shutil.copytree(data / "memory" / "memories", Path(tmp) / "engine" / "memory" / "memories")
 
-        async def engine_rounds() -> dict[str, Result]:
-            store = EdgeStore.open(data, "memories", f"hashing-{DIMS}", DIMS)
+        async def measure(address: str) -> dict[str, Result]:
+            store = EdgeStore.open(Path(tmp) / "engine", "memories", f"hashing-{DIMS}", DIMS)
             try:
-                return await in_process(store, queries, args.repeat)
+                return await searches(address, store, queries, args.repeat)
             finally:
                 await store.close()
-        engine = asyncio.run(engine_rounds())
+
+        proc = start_service("memory", data_dir=data, env=ENV)
+        try:
+            service = engine = asyncio.run(measure(proc.address))
+        finally:
+            proc.stop(timeout_s=300)
 
     bare = service["bare round trip"]
     print(bare.line())
