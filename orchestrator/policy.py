@@ -42,6 +42,7 @@ from hivemesh.memory.v1 import MemoryServiceStub
 from hivemesh.orchestrator.v1 import ToolServiceStub
 from hivemesh.runtime import errors
 from hivemesh.runtime.resilience import CircuitBreaker
+from hivemesh.runtime.telemetry import child_span
 
 tracer = trace.get_tracer("hivemesh.orchestrator")
 
@@ -178,8 +179,8 @@ class Providers:
 
     @contextlib.contextmanager
     def _span(self, provider: Provider, method: str, attributes: dict | None) -> Iterator:
-        with tracer.start_as_current_span(
-                f"{provider.service}/{method}", kind=SpanKind.CLIENT,
+        with child_span(
+                tracer, f"{provider.service}/{method}", kind=SpanKind.CLIENT,
                 attributes={"rpc.system": "grpc", "rpc.service": provider.service,
                             "rpc.method": method, **(attributes or {})},
                 record_exception=False, set_status_on_exception=False) as span:

@@ -29,7 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from hivemesh.runtime import errors
+from hivemesh.runtime import errors, telemetry
 
 log = logging.getLogger("hivemesh.rpc")
 
@@ -219,18 +219,12 @@ class TracingMiddleware(Middleware):
         self._provider = tracer_provider
         self._tracer = trace.get_tracer("hivemesh.runtime", tracer_provider=tracer_provider)
 
-    def _records(self) -> bool:
-        # Decided per call: a provider installed after the server started
-        # (set_tracer_provider) takes effect at once.
-        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
-        return not isinstance(provider, _NO_OP_PROVIDERS)
-
     def _start(self, request, context, method: str):
         carrier = {k: v for k, v in context.invocation_metadata() or ()
                    if k in _TRACE_HEADERS}
         parent = propagate.extract(carrier) if carrier else None
         rid_token = request_id_var.set(getattr(request, "request_id", ""))
-        if not self._records():
+        if not telemetry.records(self._provider):
             token = otel_context.attach(parent) if parent is not None else None
             return None, token, rid_token
         service, _, name = method.lstrip("/").rpartition("/")
@@ -295,7 +289,6 @@ class TracingMiddleware(Middleware):
         self._finish(span, token, rid_token, context, None, started)
 
 
-_NO_OP_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 
 

@@ -4,13 +4,16 @@ otherwise both stay no-ops, apart from propagating incoming trace context."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+_NO_OP_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _METRICS_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -51,3 +54,24 @@ def configure_metrics(service_name: str):
                              metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
     metrics.set_meter_provider(provider)
     return provider
+
+
+def records(provider: trace.TracerProvider | None = None) -> bool:
+    """Whether spans can be recorded at all: an SDK tracer provider is
+    installed (``provider``, or the global one, decided at each call so one
+    installed later takes effect at once)."""
+    return not isinstance(provider if provider is not None else trace.get_tracer_provider(),
+                          _NO_OP_PROVIDERS)
+
+
+def child_span(tracer: trace.Tracer, name: str, **kwargs: Any):
+    """``tracer.start_as_current_span(name, **kwargs)``, except where the span
+    could not be recorded: without an SDK provider, or inside a span that is
+    not recorded (a trace not sampled: under parent-based sampling its
+    children are not either). There the current span stands in (the trace
+    context propagates unchanged) and nothing is built: a span that records
+    nothing still costs about 12 us."""
+    current = trace.get_current_span()
+    if not records() or (current.get_span_context().is_valid and not current.is_recording()):
+        return contextlib.nullcontext(current)
+    return tracer.start_as_current_span(name, **kwargs)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from hivemesh.runtime.telemetry import child_span
 from hivemesh.services.memory.store.base import ChunkPoint, Condition, Found, MemoryStore, Search
 
 tracer = trace.get_tracer("hivemesh.memory")
@@ -22,8 +23,8 @@ class TracedStore(MemoryStore):
                             "hivemesh.qdrant.engine": engine}
 
     def _span(self, operation: str, namespace: str = "", **extra):
-        return tracer.start_as_current_span(
-            f"qdrant {operation}", kind=SpanKind.CLIENT,
+        return child_span(
+            tracer, f"qdrant {operation}", kind=SpanKind.CLIENT,
             attributes={**self._attributes, "db.operation.name": operation,
                         "db.namespace": namespace, **extra})
 
