@@ -92,3 +92,20 @@ async def test_lone_writes_commit_inline_and_concurrent_ones_go_to_the_committer
     conn = sqlite3.connect(tmp_path / "t.sqlite3")
     assert conn.execute("SELECT count(*) FROM notes").fetchone()[0] == 67
     conn.close()
+
+
+async def test_after_a_slow_commit_even_lone_writes_leave_the_loop(tmp_path, monkeypatch):
+    db = GroupCommitDatabase(tmp_path / "t.sqlite3", SCHEMA, synchronous="full")
+    commits: list[str] = []
+    db._writer.set_trace_callback(
+        lambda sql: commits.append(threading.current_thread().name) if sql == "COMMIT" else None)
+    try:
+        await db.write(insert(1))
+        # The disk stalls: a commit takes longer than the loop may wait.
+        monkeypatch.setattr(runtime_sqlite, "INLINE_COMMIT_MAX_S", 0.0)
+        await asyncio.sleep(0.01)
+        await db.write(insert(2))
+        assert commits[0] == threading.current_thread().name
+        assert commits[1].startswith("sqlite-commit")
+    finally:
+        await db.close()
