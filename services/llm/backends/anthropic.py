@@ -97,6 +97,9 @@ class AnthropicBackend(http.UpstreamErrors):
     """Anthropic's Messages API (``base_url`` None: api.anthropic.com, or
     ``ANTHROPIC_BASE_URL``)."""
 
+    _timeout_errors = (anthropic.APITimeoutError,)
+    _connection_errors = (anthropic.APIConnectionError,)
+
     def __init__(self, name: str, *, api_key: str, base_url: str | None = None,
                  default_headers: dict[str, str] | None = None,
                  max_connections: int = 100) -> None:
@@ -244,20 +247,7 @@ class AnthropicBackend(http.UpstreamErrors):
 
     # -- errors -------------------------------------------------------------
 
-    def _map_error(self, exc: BaseException, timeout_s: float) -> BackendError:
-        if isinstance(exc, BackendError):
-            return exc
-        refused = http.connection_failure(exc)
-        if refused is not None:
-            return BackendError(ErrorKind.UNAVAILABLE,
-                                f"{self.name}: could not reach the upstream ({refused})")
-        if isinstance(exc, (TimeoutError, anthropic.APITimeoutError, httpx2.TimeoutException)):
-            return BackendError(ErrorKind.TIMEOUT,
-                                f"{self.name}: no answer from the upstream within {timeout_s:g} s")
-        if isinstance(exc, anthropic.APIConnectionError):
-            cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
-            return BackendError(ErrorKind.UNAVAILABLE,
-                                f"{self.name}: could not reach the upstream ({cause})")
+    def _map_api_error(self, exc: BaseException) -> BackendError | None:
         if isinstance(exc, anthropic.APIStatusError):
             message = exc.api_message if isinstance(exc.api_message, str) else None
             if message is None and isinstance(exc.body, str):
@@ -265,13 +255,7 @@ class AnthropicBackend(http.UpstreamErrors):
             status = exc.status_code if exc.status_code >= 400 else None
             return self._status_error(status, error_type=exc.type, message=message or exc.message,
                                       headers=exc.response.headers)
-        if isinstance(exc, httpx2.HTTPError):
-            return BackendError(
-                ErrorKind.UNAVAILABLE,
-                f"{self.name}: the upstream connection failed ({type(exc).__name__})")
-        return BackendError(ErrorKind.UNAVAILABLE,
-                            f"{self.name}: unexpected {type(exc).__name__} from the upstream: "
-                            f"{self._redact(str(exc))}")
+        return None
 
     def _status_error(self, status: int | None, *, error_type: str | None, message: str | None,
                       headers: Mapping[str, str] | None) -> BackendError:

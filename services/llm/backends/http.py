@@ -1,11 +1,14 @@
 """What the HTTP backends share: HTTP status to error kind, Retry-After
-parsing, and which values are credentials to redact."""
+parsing, which values are credentials to redact, and how a failure of the
+transport (timeout, refused or broken connection) becomes a BackendError."""
 
 from __future__ import annotations
 
 import email.utils
 import time
 from collections.abc import Mapping
+
+import httpx2
 
 from hivemesh.services.llm.backends.base import BackendError, ErrorKind
 
@@ -79,14 +82,46 @@ def secrets(api_key: str, headers: Mapping[str, str] | None) -> tuple[str, ...]:
 
 
 class UpstreamErrors:
-    """Mixin of the HTTP backends: redaction and stream-error wrapping.
-    Subclasses set ``name`` and ``_secrets`` and implement ``_map_error``."""
+    """Mixin of the HTTP backends: error mapping, redaction and stream-error
+    wrapping. Subclasses set ``name``, ``_secrets`` and their SDK's
+    ``_timeout_errors`` and ``_connection_errors``, and implement
+    ``_map_api_error`` for the answers of the API itself."""
 
     name: str
     _secrets: tuple[str, ...]
+    _timeout_errors: tuple[type[BaseException], ...] = ()
+    _connection_errors: tuple[type[BaseException], ...] = ()
+
+    def _map_api_error(self, exc: BaseException) -> BackendError | None:
+        """The API's error answer in ``exc`` as a BackendError; None when
+        ``exc`` is no such answer."""
+        raise NotImplementedError
 
     def _map_error(self, exc: BaseException, timeout_s: float) -> BackendError:
-        raise NotImplementedError
+        """Every failure of an upstream call as a BackendError."""
+        if isinstance(exc, BackendError):
+            return exc
+        refused = connection_failure(exc)
+        if refused is not None:
+            return BackendError(ErrorKind.UNAVAILABLE,
+                                f"{self.name}: could not reach the upstream ({refused})")
+        if isinstance(exc, (TimeoutError, httpx2.TimeoutException, *self._timeout_errors)):
+            return BackendError(ErrorKind.TIMEOUT,
+                                f"{self.name}: no answer from the upstream within {timeout_s:g} s")
+        if isinstance(exc, self._connection_errors):
+            cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+            return BackendError(ErrorKind.UNAVAILABLE,
+                                f"{self.name}: could not reach the upstream ({cause})")
+        answer = self._map_api_error(exc)
+        if answer is not None:
+            return answer
+        if isinstance(exc, httpx2.HTTPError):
+            return BackendError(
+                ErrorKind.UNAVAILABLE,
+                f"{self.name}: the upstream connection failed ({type(exc).__name__})")
+        return BackendError(ErrorKind.UNAVAILABLE,
+                            f"{self.name}: unexpected {type(exc).__name__} from the upstream: "
+                            f"{self._redact(str(exc))}")
 
     def _stream_error(self, exc: BaseException, timeout_s: float, yielded: bool) -> BackendError:
         """After the first event, every failure is a cut stream."""

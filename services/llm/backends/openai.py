@@ -92,6 +92,9 @@ class OpenAIBackend(http.UpstreamErrors):
     an empty ``api_key`` is sent as ``"unused"``.
     """
 
+    _timeout_errors = (openai.APITimeoutError,)
+    _connection_errors = (openai.APIConnectionError,)
+
     def __init__(self, name: str, *, api_key: str, base_url: str | None = None,
                  default_headers: dict[str, str] | None = None,
                  max_connections: int = 100) -> None:
@@ -256,20 +259,7 @@ class OpenAIBackend(http.UpstreamErrors):
 
     # -- errors -------------------------------------------------------------
 
-    def _map_error(self, exc: BaseException, timeout_s: float) -> BackendError:
-        if isinstance(exc, BackendError):
-            return exc
-        refused = http.connection_failure(exc)
-        if refused is not None:
-            return BackendError(ErrorKind.UNAVAILABLE,
-                                f"{self.name}: could not reach the upstream ({refused})")
-        if isinstance(exc, (TimeoutError, openai.APITimeoutError, httpx2.TimeoutException)):
-            return BackendError(ErrorKind.TIMEOUT,
-                                f"{self.name}: no answer from the upstream within {timeout_s:g} s")
-        if isinstance(exc, openai.APIConnectionError):
-            cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
-            return BackendError(ErrorKind.UNAVAILABLE,
-                                f"{self.name}: could not reach the upstream ({cause})")
+    def _map_api_error(self, exc: BaseException) -> BackendError | None:
         if isinstance(exc, openai.APIStatusError):
             body = exc.body if isinstance(exc.body, Mapping) else {}
             message = body.get("message") if isinstance(body.get("message"), str) else None
@@ -279,13 +269,7 @@ class OpenAIBackend(http.UpstreamErrors):
         if isinstance(exc, openai.APIError):  # an error event inside a stream
             return self._status_error(None, error_type=exc.type, code=exc.code,
                                       message=exc.message, headers=None)
-        if isinstance(exc, httpx2.HTTPError):
-            return BackendError(
-                ErrorKind.UNAVAILABLE,
-                f"{self.name}: the upstream connection failed ({type(exc).__name__})")
-        return BackendError(ErrorKind.UNAVAILABLE,
-                            f"{self.name}: unexpected {type(exc).__name__} from the upstream: "
-                            f"{self._redact(str(exc))}")
+        return None
 
     def _status_error(self, status: int | None, *, error_type: str | None, code: str | None,
                       message: str | None, headers: Mapping[str, str] | None) -> BackendError:
