@@ -186,7 +186,7 @@ class GroupCommitDatabase:
                     fut.set_exception(WriterStopped(f"the SQLite writer of {self.path} stopped"))
             self._pending = []
 
-    def _idle_since(self, now: float) -> bool:
+    def _light_load(self, now: float) -> bool:
         """Whether the writer has been idle for longer than its last commit
         took (light load, where a lone write is better committed inline),
         and that commit was quick: on a disk that has begun to stall, the
@@ -216,7 +216,7 @@ class GroupCommitDatabase:
                     outcomes.append((None, exc))
                 conn.execute("RELEASE op")
             started = time.perf_counter()
-            if single and not self._pending and self._idle_since(started):
+            if single and not self._pending and self._light_load(started):
                 conn.execute("COMMIT")
             else:
                 await asyncio.get_running_loop().run_in_executor(self._committer,
