@@ -67,7 +67,8 @@ async def _open_engine(settings: MemorySettings, model: str, dimensions: int) ->
     from hivemesh.services.memory.store.edge import EdgeStore
     return EdgeStore.open(settings.data_dir, settings.collection, model, dimensions,
                           build_index=settings.build_index_on_start,
-                          search_threads=settings.search_threads)
+                          search_threads=settings.search_threads,
+                          sync_writes=settings.sqlite_synchronous == "full")
 
 
 async def open_backend(settings: MemorySettings) -> MemoryBackend:

@@ -64,9 +64,11 @@ class MemorySettings(BaseSettings):
     # back; concurrent searches still run in parallel on the store's threads.
     search_threads: int = Field(default=1, ge=1, le=64)
 
-    # Durability of the ledger (request answers, session history), as for
-    # the artifact store: full (fsync per commit) or normal (survives kill -9
-    # of the service, not a power loss). The embedded engine has its own WAL.
+    # Durability of acknowledged writes, as for the artifact store: full
+    # (an add, delete or history append is answered after fsync: the embedded
+    # engine's write-ahead log and the ledger of request answers and session
+    # history) or normal (survives kill -9 of the service, not a power loss).
+    # A Qdrant server keeps its own durability.
     sqlite_synchronous: Synchronous = "full"
     # Messages kept per session; older ones are dropped on append.
     history_retention: int = Field(default=1000, ge=1)

@@ -245,3 +245,72 @@ async def test_a_qdrant_server_gives_the_same_answers(tmp_path):
                 open_store("qdrant", tmp_path, url=url,
                            grpc_port=int(qdrant.exposed_grpc_port)) as server:
             assert await _scenario(edge) == await _scenario(server)
+
+
+@pytest.fixture
+def synced(monkeypatch):
+    """Records the files the embedded store fsyncs and its sync rounds."""
+    from hivemesh.services.memory.store import edge
+
+    record = {"files": [], "rounds": 0}
+    fsync, segments = edge._fsync, edge._WalSync._fsync_segments
+
+    def counted_fsync(path):
+        record["files"].append(Path(path))
+        fsync(path)
+
+    def counted_round(self):
+        record["rounds"] += 1
+        segments(self)
+    monkeypatch.setattr(edge, "_fsync", counted_fsync)
+    monkeypatch.setattr(edge._WalSync, "_fsync_segments", counted_round)
+    return record
+
+
+async def test_the_embedded_engine_answers_an_update_once_its_log_is_on_disk(tmp_path, synced):
+    """The engine's write-ahead log is memory-mapped and never synced while
+    it runs: an update is answered only after the store fsynced it."""
+    async with open_store("edge", tmp_path) as store:
+        await store.upsert(POINTS[:1])
+        wal = [f for f in synced["files"] if f.parent.name == "wal"]
+        assert any(f.name.startswith("open-") for f in wal)
+        assert synced["rounds"] == 1
+        await store.delete("a", ids=[POINTS[0].id])
+        assert synced["rounds"] == 2
+        await store.search("a", _query("fox", Mode.HYBRID))
+        await store.get("a", A_IDS)
+        assert synced["rounds"] == 2  # reads sync nothing
+
+
+async def test_concurrent_updates_share_log_syncs(tmp_path, synced):
+    import asyncio
+    async with open_store("edge", tmp_path) as store:
+        await asyncio.gather(*(store.upsert([p]) for p in POINTS))
+        assert 1 <= synced["rounds"] <= 2  # one running, one for those that came meanwhile
+        assert len(await store.get("a", A_IDS)) == len(A_IDS)
+
+
+async def test_without_sync_writes_the_log_is_left_to_the_engine(tmp_path, synced):
+    from hivemesh.services.memory.store.edge import EdgeStore
+    store = EdgeStore.open(tmp_path / "edge", "test", "hashing-256", DIMS, sync_writes=False)
+    try:
+        await store.upsert(POINTS)
+        await store.delete("a", ids=[POINTS[0].id])
+        assert synced["rounds"] == 0
+    finally:
+        await store.close()
+
+
+async def test_a_failing_log_sync_is_reported_unavailable(tmp_path, monkeypatch):
+    from hivemesh.services.memory.store import edge
+    from hivemesh.services.memory.store.base import StoreUnavailable
+
+    async with open_store("edge", tmp_path) as store:
+        def failing(path):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(edge, "_fsync", failing)
+        with pytest.raises(StoreUnavailable, match="syncing"):
+            await store.upsert(POINTS[:1])
+        monkeypatch.undo()
+        await store.upsert(POINTS[:1])  # the next sync succeeds and covers it
+        assert [f.id for f in await store.get("a", [POINTS[0].id])] == [POINTS[0].id]

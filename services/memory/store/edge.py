@@ -3,7 +3,11 @@ on-disk shard under the data directory.
 
 Every update goes through the shard's write-ahead log before ``update``
 returns, so an acknowledged write survives ``kill -9``; segments are flushed
-on close. Engine calls run on a small thread pool, off the event loop,
+on close. The log is memory-mapped and the engine never syncs it while it
+runs, so a power loss could drop acknowledged updates: with ``sync_writes``
+(the service's ``full`` durability, its default) each update is answered only
+after the log's segments are fsynced, one fsync for all the updates applied
+before it began (group commit). Engine calls run on a small thread pool, off the event loop,
 except short ones (a search, a get, an upsert of a few points) that find no
 other engine call in flight: they run inline, because the hop to a pool
 thread and back costs a tenth of a millisecond or more, more than such a
@@ -78,19 +82,21 @@ class EdgeStore(MemoryStore):
     """Open with :meth:`open`; ``close`` flushes and releases the shard."""
 
     def __init__(self, shard: q.EdgeShard, root: Path, info: CollectionInfo, *,
-                 threads: int = 4) -> None:
+                 threads: int = 4, sync_writes: bool = True) -> None:
         self.shard = shard
         self.root = root
         self.info = info
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qdrant-edge")
         self._closed = False
         self._in_flight = 0  # engine calls running on the pool
+        self._wal = _WalSync(root / "shard" / "wal") if sync_writes else None
 
     @classmethod
     def open(cls, data_dir: Path, collection: str, model: str, dimensions: int, *,
              build_index: bool = True, search_threads: int = 1, **kwargs) -> EdgeStore:
         """Opens (or creates) the shard; with ``build_index`` the HNSW index
         of points added since the last start is built now (this blocks).
+        ``sync_writes`` (default on): updates are answered once on disk.
         ``search_threads``: the engine's threads for one search (1: on the
         calling thread; measured faster than handing it to two threads on a
         two-core machine, for dense and hybrid searches alike)."""
@@ -140,12 +146,23 @@ class EdgeStore(MemoryStore):
         except OSError as exc:
             raise StoreUnavailable(f"the embedded engine failed: {exc}") from exc
 
+    async def _update(self, fn: Callable[[], T], *, short: bool = False) -> T:
+        """Runs an update; with ``sync_writes`` returns once it is on disk."""
+        result = await self._run(fn, short=short)
+        if self._wal is not None:
+            try:
+                await self._wal.durable()
+            except OSError as exc:
+                raise StoreUnavailable(f"syncing the embedded engine's log failed: {exc}") \
+                    from exc
+        return result
+
     async def upsert(self, points: Sequence[ChunkPoint]) -> None:
         def write() -> None:
             self.shard.update(q.UpdateOperation.upsert_points([
                 q.Point(uuid.UUID(p.id), {DENSE: list(p.dense), SPARSE: _sparse(p.sparse)},
                         p.payload) for p in points]))
-        await self._run(write, short=len(points) <= INLINE_UPSERT_POINTS)
+        await self._update(write, short=len(points) <= INLINE_UPSERT_POINTS)
 
     async def get(self, namespace: str, ids: Sequence[str]) -> list[Found]:
         records = await self._run(lambda: self.shard.retrieve(
@@ -192,15 +209,88 @@ class EdgeStore(MemoryStore):
             if matched:
                 self.shard.update(q.UpdateOperation.delete_points_by_filter(flt))
             return matched
-        return await self._run(run)
+        return await self._update(run)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
+        if self._wal is not None:
+            self._wal.close()
         self.shard.flush()
         self.shard.close()
+
+
+class _WalSync:
+    """fsyncs the shard's write-ahead log for the updates applied so far.
+
+    ``durable()`` is awaited after an update was applied and returns once an
+    fsync that began after it has finished: updates that arrive while one
+    fsync runs share the next one. The log is a directory of segments, the
+    one being written and spare ones (``open-N``) and full ones (``closed-N``,
+    renamed from ``open-N`` when full): every open segment is synced, a
+    closed one once, and the directory when its entries changed.
+    """
+
+    def __init__(self, wal_dir: Path) -> None:
+        self._dir = wal_dir
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant-edge-wal")
+        self._applied = 0  # updates applied (counted when they ask to be durable)
+        self._synced = 0  # of those, how many are on disk
+        self._running: asyncio.Task | None = None
+        self._closed_synced: set[str] = set()
+        self._names: frozenset[str] = frozenset()
+
+    async def durable(self) -> None:
+        self._applied += 1
+        mine = self._applied
+        while self._synced < mine:
+            if self._running is None:
+                self._running = asyncio.get_running_loop().create_task(
+                    self._sync(covers=self._applied))
+                self._running.add_done_callback(_retrieve)
+            # A caller that goes away does not stop the sync others wait for.
+            await asyncio.shield(self._running)
+
+    async def _sync(self, covers: int) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._fsync_segments)
+            self._synced = max(self._synced, covers)
+        finally:
+            self._running = None
+
+    def _fsync_segments(self) -> None:
+        with os.scandir(self._dir) as entries:
+            names = frozenset(e.name for e in entries
+                              if e.name.startswith(("open-", "closed-")))
+        for name in sorted(names):
+            if name in self._closed_synced:
+                continue
+            _fsync(self._dir / name)
+            if name.startswith("closed-"):
+                self._closed_synced.add(name)
+        if names != self._names:
+            _fsync(self._dir)
+            self._names = names
+        self._closed_synced &= names
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    # The callers awaiting the sync get its error; none may be left.
+    if not task.cancelled():
+        task.exception()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -210,8 +300,4 @@ def _write_durably(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path.parent)
