@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from hivemesh.memory.v1 import Filter
 from hivemesh.runtime import errors
+from hivemesh.runtime.wellknown import rfc3339, struct_dict
 from hivemesh.services.memory.store.base import (
     AnyOf, Condition, Equals, NumberRange, TimeRange)
 
@@ -40,10 +41,6 @@ def _lower(b: dict[str, Any]) -> tuple[Any, bool] | None:
 def _upper(b: dict[str, Any]) -> tuple[Any, bool] | None:
     bounds = [(b[k], k == "lte") for k in ("lte", "lt") if k in b]
     return min(bounds, key=lambda x: (x[0], x[1])) if bounds else None
-
-
-def _ts(ts: timestamp_pb2.Timestamp) -> str:
-    return ts.ToJsonString()
 
 
 def to_conditions(flt: Filter, field: str = "filter") -> list[Condition]:
@@ -75,7 +72,8 @@ def to_conditions(flt: Filter, field: str = "filter") -> list[Condition]:
             if which == "range":
                 out.append(NumberRange(c.key, **_bounds(msg, ("gte", "gt", "lte", "lt"))))
             else:
-                out.append(TimeRange(c.key, **{k: _ts(getattr(msg, k)) for k in b}))
+                out.append(TimeRange(c.key, **{k: rfc3339(getattr(msg, k), f"{where}.{which}.{k}")
+                                                for k in b}))
         else:
             bad.append((where, "set one match (equals_*, any_of, range or time_range)"))
     if bad:
@@ -97,8 +95,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def metadata_to_payload(metadata: struct_pb2.Struct) -> dict[str, Any]:
-    return _plain(json_format.MessageToDict(metadata)) if metadata.fields else {}
+def metadata_to_payload(metadata: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """An item's metadata as payload; ``field`` names it in errors."""
+    return _plain(struct_dict(metadata, field))
 
 
 def payload_to_metadata(value: dict[str, Any] | None, into: struct_pb2.Struct) -> None:

@@ -39,7 +39,8 @@ from hivemesh.services.memory.filters import (
 from hivemesh.services.memory.keywords import KeywordEncoder
 from hivemesh.services.memory.ledger import IdempotencyConflict, Ledger
 from hivemesh.services.memory.store.base import (
-    LINEAGE_FIELDS, ChunkPoint, Equals, MemoryStore, Mode, Search, StoreUnavailable)
+    LINEAGE_FIELDS, ChunkPoint, Equals, MemoryStore, Mode, NumberRange, Search,
+    StoreUnavailable)
 
 DOMAIN = "hivemesh.memory"
 SERVICE_NAME = "hivemesh.memory.v1.MemoryService"
@@ -210,7 +211,7 @@ class MemoryServicer(MemoryServiceServicer):
             lineage = {f: getattr(item.lineage, f) for f in LINEAGE_FIELDS}
             for f in ("workflow_id", "task_id", "agent_id"):
                 lineage[f] = lineage[f] or getattr(ctx, f)
-            metadata = metadata_to_payload(item.metadata)
+            metadata = metadata_to_payload(item.metadata, f"items[{index}].metadata")
             ids = [chunk_id(namespace, item.source_id, key, n) for n in range(len(chunks))]
             added.append(AddedItem(index=index, chunk_ids=ids))
             points += [ChunkPoint(ids[n], (), self.keywords.document(text), {
@@ -220,11 +221,17 @@ class MemoryServicer(MemoryServiceServicer):
             }) for n, text in enumerate(chunks)]
         with _backend_errors():
             tokens = await self._embed_and_upsert(points, self._timeout(context))
+            # The source's chunks stored before this request go (deleted after
+            # the new ones are stored, so a failure never leaves the source
+            # empty). Chunks of this request, or of a later one replacing the
+            # same source concurrently, are newer and stay.
+            this_request = [i for result in added for i in result.chunk_ids]
             for item, result in zip(request.items, added, strict=True):
                 if item.replace_source:
                     result.replaced_chunk_count = await self.store.delete(
-                        namespace, conditions=[Equals("source_id", item.source_id)],
-                        keep_ids=list(result.chunk_ids))
+                        namespace, conditions=[Equals("source_id", item.source_id),
+                                               NumberRange("create_time_us", lt=created_us)],
+                        keep_ids=this_request)
         response = AddMemoriesResponse(
             items=added, item_count=len(added), chunk_count=len(points), namespace=namespace,
             embedding_model=self.embedder.model,

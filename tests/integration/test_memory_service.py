@@ -5,6 +5,8 @@ embedder check at start-up, and durability across ``kill -9``."""
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import os
 import subprocess
@@ -14,13 +16,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from hivemesh.client import (
     AlreadyExistsError, InvalidArgumentError, MemoryClient, UnavailableError)
 from hivemesh.client.memory import any_of, equals, in_range, in_time_range, memory_item, message
 from hivemesh.common.v1 import RequestContext
 from hivemesh.memory.v1 import (
-    Condition, Filter, MemoryServiceStub, NumericRange, SearchMemoriesRequest, SearchMode)
+    Condition, Filter, MemoryServiceStub, NumericRange, SearchMemoriesRequest, SearchMode,
+    TimeRange)
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.memory.server import create_server, open_backend
 from hivemesh.services.memory.settings import MemorySettings
@@ -135,6 +139,30 @@ async def test_replace_source_swaps_a_changed_source(memory):
     assert await memory.count(namespace="src", where={"source_id": "readme"}) == 1
     hits = await memory.search("version", mode="keyword", namespace="src")
     assert [h.chunk.text for h in hits.results] == [new]
+
+
+async def test_replace_source_keeps_every_chunk_of_its_own_request(memory):
+    """Items of one request sharing a source (replacing it or not) are all
+    stored; only what was stored before the request is replaced."""
+    await memory.add([memory_item("The old text.", source_id="doc")], namespace="src")
+    added = await memory.add([
+        memory_item("Part one of the new text.", source_id="doc"),
+        memory_item("Part two of the new text.", source_id="doc", replace_source=True),
+        memory_item("Part three of the new text.", source_id="doc", replace_source=True),
+    ], namespace="src")
+    assert [i.replaced_chunk_count for i in added.items] == [0, 1, 0]
+    ids = [i for item in added.items for i in item.chunk_ids]
+    got = await memory.get(ids, namespace="src")
+    assert not got.missing_ids and len(got.chunks) == 3
+    assert await memory.count(namespace="src", where={"source_id": "doc"}) == 3
+
+
+async def test_concurrent_replacements_of_a_source_never_leave_it_empty(memory):
+    for round_ in range(5):
+        await asyncio.gather(*(memory.add(
+            [memory_item(f"Version {round_}.{n} of the text.", source_id="doc",
+                         replace_source=True)], namespace="race") for n in range(4)))
+        assert await memory.count(namespace="race", where={"source_id": "doc"}) >= 1
 
 
 # -- searching --------------------------------------------------------------
@@ -314,6 +342,14 @@ async def test_bad_requests_name_the_field(memory):
         (lambda: memory.count(namespace="e", where=[in_range("metadata.n", gt=5, lt=1)]),
          "filter.conditions[0].range"),
         (lambda: memory.search("q", namespace="e", limit=0), "limit"),
+        (lambda: memory.search("q", namespace="e", where=[Condition(
+            key="create_time", time_range=TimeRange(gte=Timestamp(seconds=-99999999999999)))]),
+         "filter.conditions[0].time_range.gte"),
+        (lambda: memory.count(namespace="e", where=[Condition(
+            key="create_time", time_range=TimeRange(lt=Timestamp(seconds=10, nanos=-5)))]),
+         "filter.conditions[0].time_range.lt"),
+        (lambda: memory.add(["fine", memory_item("x", metadata={"score": float("nan")})],
+                            namespace="e"), "items[1].metadata"),
         (lambda: memory.delete(where=Filter(), namespace="e"), "filter"),
         (lambda: memory.append_history("s", [message(0, "no role")], namespace="e"),
          "messages[0].role"),

@@ -101,8 +101,12 @@ export type MemoryItem = Message<"hivemesh.memory.v1.MemoryItem"> & {
   lineage?: Lineage | undefined;
 
   /**
-   * Before storing, delete every chunk of the namespace with the same
-   * source_id (re-indexing a changed source). Requires source_id.
+   * Replace the source (re-indexing a changed source): every chunk of the
+   * namespace with the same source_id stored before this request is
+   * deleted once this request's chunks are stored, so a failure never
+   * leaves the source empty. Other items of the request with the same
+   * source_id, and a later request replacing it concurrently, are kept.
+   * Requires source_id.
    *
    * @generated from field: bool replace_source = 5;
    */
