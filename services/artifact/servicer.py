@@ -8,13 +8,14 @@ import time
 import uuid
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from hivemesh.artifact.v1 import (
     Artifact, ArtifactServiceServicer, CountArtifactsResponse, DeleteArtifactResponse,
     GetArtifactResponse, ListArtifactsResponse, SaveArtifactResponse)
 from hivemesh.common.v1 import ErrorReason
 from hivemesh.runtime import errors, paging
+from hivemesh.runtime.wellknown import struct_dict
 from hivemesh.services.artifact.backends.base import (
     ArtifactBackend, ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
     ReplayedArtifactGone)
@@ -45,8 +46,7 @@ def fill_artifact(artifact: Artifact, record: ArtifactRecord) -> Artifact:
 
 
 def _metadata_json(metadata: struct_pb2.Struct) -> str:
-    return json.dumps(json_format.MessageToDict(metadata), separators=(",", ":"),
-                      sort_keys=True) if metadata.fields else "{}"
+    return json.dumps(struct_dict(metadata, "metadata"), separators=(",", ":"), sort_keys=True)
 
 
 def _filter(msg) -> Filter:

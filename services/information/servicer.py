@@ -27,7 +27,7 @@ from hivemesh.information.v1 import (
     ReleaseResponse, ReserveResponse, Scope, SetModelPriceResponse, TrackCompletionResponse,
     UpdateBudgetResponse, WatchAlertsResponse)
 from hivemesh.runtime import errors, paging
-from hivemesh.runtime.wellknown import now_us, timestamp
+from hivemesh.runtime.wellknown import now_us, timestamp, timestamp_us
 from hivemesh.services.information.metrics import CallMetrics, aggregate
 from hivemesh.services.information.pricing import PricePolicy, cost_micros, period_bounds
 from hivemesh.services.information.store.base import (
@@ -380,8 +380,8 @@ class InformationServicer(InformationServiceServicer):
                               replayed=result.replayed)
 
     async def TrackCompletion(self, request, context):
-        now = (request.completion_time.ToMicroseconds() if request.HasField("completion_time")
-               else now_us())
+        now = (timestamp_us(request.completion_time, "completion_time")
+               if request.HasField("completion_time") else now_us())
         ctx = request.context
         result, unpriced, alerts, statuses = await self._settle(
             request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), now)
@@ -425,8 +425,9 @@ class InformationServicer(InformationServiceServicer):
         return GetBudgetStatusResponse(statuses=await self._statuses(budgets, now))
 
     async def GetMetrics(self, request, context):
-        start = request.start_time.ToMicroseconds()
-        end = request.end_time.ToMicroseconds() if request.HasField("end_time") else now_us()
+        start = timestamp_us(request.start_time, "start_time")
+        end = (timestamp_us(request.end_time, "end_time") if request.HasField("end_time")
+               else now_us())
         if end <= start:
             raise errors.invalid_argument([("end_time", "must be after start_time")])
         calls = await self.store.calls(start, end)
@@ -440,7 +441,7 @@ class InformationServicer(InformationServiceServicer):
         wanted_ids = set(request.budget_ids)
         scope = request.scope
         if request.HasField("since"):
-            since_us, seq = request.since.ToMicroseconds(), 0
+            since_us, seq = timestamp_us(request.since, "since"), 0
         else:
             since_us, seq = 0, await self.store.last_alert_seq()
         yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))

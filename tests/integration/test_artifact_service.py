@@ -152,6 +152,15 @@ async def test_invalid_requests_get_field_violations_before_any_work(artifact_se
     assert await backend.count(Filter()) == 0
 
 
+async def test_metadata_numbers_json_cannot_hold_are_invalid(artifacts):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(InvalidArgumentError) as err:
+            await artifacts.save(workflow_id="wf-nan", agent_id="a", artifact_type="code",
+                                 content="x", metadata={"score": bad})
+        assert err.value.field_violations[0][0] == "metadata"
+    assert await artifacts.count(workflow_id="wf-nan") == 0
+
+
 async def test_get_with_malformed_id_is_invalid_argument(artifacts):
     with pytest.raises(InvalidArgumentError) as err:
         await artifacts.get("not-an-artifact-id")

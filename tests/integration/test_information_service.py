@@ -437,6 +437,18 @@ async def test_unknown_model_policy(tmp_path):
             assert err.value.reason == "MODEL_NOT_FOUND"
 
 
+async def test_timestamps_out_of_range_are_invalid(info):
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.GetMetrics, GetMetricsRequest(
+            start_time=timestamp_pb2.Timestamp(seconds=-99_999_999_999_999)))
+    assert err.value.field_violations[0][0] == "start_time"
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=1),
+            completion_time=timestamp_pb2.Timestamp(seconds=1, nanos=-5)))
+    assert err.value.field_violations[0][0] == "completion_time"
+
+
 async def test_metrics_aggregate_by_model(info):
     for i in range(10):
         await call(info.TrackCompletion, TrackCompletionRequest(
