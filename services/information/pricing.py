@@ -16,6 +16,11 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The most tokens one call may report or reserve, per field: a bound far
+# above any model's, which keeps every counter and cost far inside int64.
+MAX_TOKENS_PER_CALL = 10 ** 12
+
+
 def cost_micros(price: PriceRecord | None, prompt_tokens: int, completion_tokens: int,
                 cached_prompt_tokens: int = 0) -> int:
     """Cost of a call: cached prompt tokens at the cached-input price, the

@@ -29,7 +29,8 @@ from hivemesh.information.v1 import (
 from hivemesh.runtime import errors, paging
 from hivemesh.runtime.wellknown import now_us, timestamp, timestamp_us
 from hivemesh.services.information.metrics import CallMetrics, aggregate
-from hivemesh.services.information.pricing import PricePolicy, cost_micros, period_bounds
+from hivemesh.services.information.pricing import (
+    MAX_TOKENS_PER_CALL, PricePolicy, cost_micros, period_bounds)
 from hivemesh.services.information.store.base import (
     MODE_HARD, PERIOD_TOTAL, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Hold,
     IdempotencyConflict, InformationStore, PriceRecord, ReservationNotFound,
@@ -120,12 +121,14 @@ class _ConfigCache:
 
 class InformationServicer(InformationServiceServicer):
     def __init__(self, store: InformationStore, *, currency: str, policy: PricePolicy,
-                 reservation_ttl_s: float, alert_poll_interval_s: float = 0.25,
+                 reservation_ttl_s: float, default_max_tokens: int = 4096,
+                 alert_poll_interval_s: float = 0.25,
                  metrics: CallMetrics | None = None) -> None:
         self.store = store
         self.currency = currency
         self.policy = policy
         self.reservation_ttl_us = int(reservation_ttl_s * 1e6)
+        self.default_max_tokens = default_max_tokens
         self.alert_poll_interval_s = alert_poll_interval_s
         self.metrics = metrics or CallMetrics()
         self._alert_event = asyncio.Event()
@@ -249,15 +252,18 @@ class InformationServicer(InformationServiceServicer):
             response.next_page_token = paging.encode([last.model, last.backend], digest)
         return response
 
-    async def _price(self, model: str, backend: str) -> tuple[PriceRecord | None, bool]:
-        """(price, unpriced) under the unknown-model policy."""
+    async def _price(self, model: str, backend: str, *, spent: bool = False
+                     ) -> tuple[PriceRecord | None, bool]:
+        """(price, unpriced) under the unknown-model policy. ``reject``
+        refuses a reservation; usage already ``spent`` is never refused (it
+        is recorded unpriced, charged 0)."""
         key = (model, backend)
         if key not in self._config.prices:
             self._config.prices[key] = await self.store.get_price(model, backend)
         price = self._config.prices[key]
         if price is not None:
             return price, False
-        if self.policy.unknown_model == "reject":
+        if self.policy.unknown_model == "reject" and not spent:
             raise errors.ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_MODEL_NOT_FOUND,
                 f"no price for model {model!r} and unpriced models are rejected",
@@ -294,15 +300,17 @@ class InformationServicer(InformationServiceServicer):
     async def Reserve(self, request, context):
         now = now_us()
         ctx = request.context
-        tokens = request.estimated_prompt_tokens + request.max_tokens
+        _check_token_counts(request, ("estimated_prompt_tokens", "max_tokens"))
+        max_tokens = request.max_tokens or self.default_max_tokens
+        tokens = request.estimated_prompt_tokens + max_tokens
         ttl_us = (request.ttl.ToMicroseconds() if request.HasField("ttl")
                   else self.reservation_ttl_us)
         fingerprint = _request_fingerprint("reserve", request)
-        reservation_id = f"res-{uuid.uuid4()}"
+        reservation_id = f"rsv-{uuid.uuid4()}"
 
         async def attempt(version: int):
             price, unpriced = await self._price(request.model, request.backend)
-            micros = cost_micros(price, request.estimated_prompt_tokens, request.max_tokens)
+            micros = cost_micros(price, request.estimated_prompt_tokens, max_tokens)
             budgets = await self._budgets_for(ctx.tenant_id, ctx.workflow_id, ctx.agent_id)
             op = ReserveOp(request.request_id, fingerprint, reservation_id,
                            tuple(_hold(b, now) for b in budgets), micros, tokens, now + ttl_us,
@@ -326,10 +334,14 @@ class InformationServicer(InformationServiceServicer):
     async def _settle(self, request, reservation_id: str, ctx_ids: tuple[str, str, str],
                       now: int):
         usage = request.usage
+        _check_token_counts(usage, ("prompt_tokens", "completion_tokens",
+                                    "cached_prompt_tokens"), "usage.")
+        if request.latency.ToNanoseconds() < 0:
+            raise errors.invalid_argument([("latency", "must not be negative")])
         fingerprint = _request_fingerprint("settle", request)
 
         async def attempt(version: int):
-            price, unpriced = await self._price(request.model, request.backend)
+            price, unpriced = await self._price(request.model, request.backend, spent=True)
             cost = cost_micros(price, usage.prompt_tokens, usage.completion_tokens,
                                usage.cached_prompt_tokens)
             holds: tuple[Hold, ...] = ()
@@ -477,6 +489,13 @@ def _scope_matches(scope: Scope, alert: AlertRecord, budget: BudgetRecord | None
     return budget is not None and all(getattr(budget, f) == v for f, v in wanted)
 
 
+def _check_token_counts(msg, fields: tuple[str, ...], prefix: str = "") -> None:
+    too_big = [(prefix + f, f"at most {MAX_TOKENS_PER_CALL:,} tokens in one call")
+               for f in fields if getattr(msg, f) > MAX_TOKENS_PER_CALL]
+    if too_big:
+        raise errors.invalid_argument(too_big)
+
+
 def _status(b: BudgetRecord, c, now: int, currency: str) -> BudgetStatus:
     start, end = period_bounds(b.period, now)
     msg = BudgetStatus(budget_id=b.budget_id, scope=_scope(b.tenant_id, b.workflow_id,
@@ -491,14 +510,14 @@ def _status(b: BudgetRecord, c, now: int, currency: str) -> BudgetStatus:
     exhausted = False
     if b.limit_micros is not None:
         msg.limit_micros = b.limit_micros
-        msg.remaining_micros = max(0, b.limit_micros - c.spent_micros - c.reserved_micros)
+        msg.remaining_micros = b.limit_micros - c.spent_micros - c.reserved_micros
         percents.append(100.0 * c.spent_micros / b.limit_micros if b.limit_micros else 100.0)
-        exhausted |= c.spent_micros >= b.limit_micros
+        exhausted |= msg.remaining_micros <= 0
     if b.limit_tokens is not None:
         msg.limit_tokens = b.limit_tokens
-        msg.remaining_tokens = max(0, b.limit_tokens - c.spent_tokens - c.reserved_tokens)
+        msg.remaining_tokens = b.limit_tokens - c.spent_tokens - c.reserved_tokens
         percents.append(100.0 * c.spent_tokens / b.limit_tokens if b.limit_tokens else 100.0)
-        exhausted |= c.spent_tokens >= b.limit_tokens
+        exhausted |= msg.remaining_tokens <= 0
     msg.percent_used = max(percents, default=0.0)
     msg.exhausted = exhausted
     return msg

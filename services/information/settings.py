@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
+from hivemesh.services.information.pricing import MAX_TOKENS_PER_CALL
 from hivemesh.runtime.sqlite import Synchronous
 
 
@@ -42,6 +43,9 @@ class InformationSettings(BaseSettings):
     default_price: PriceSettings | None = None
     # Prices loaded at start: {"model": {...}} or {"model@backend": {...}}.
     prices: dict[str, PriceSettings] = Field(default_factory=dict)
+    # Completion tokens a reservation holds when the request names no
+    # max_tokens (0): the worst case of a call without a limit.
+    default_max_tokens: int = Field(default=4096, ge=1, le=MAX_TOKENS_PER_CALL)
     # A reservation never settled is released after this long (unless the
     # request asks for another TTL).
     reservation_ttl_s: float = Field(default=300.0, gt=0, le=86400)

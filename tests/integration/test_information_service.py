@@ -164,7 +164,7 @@ async def test_reserve_then_commit_charges_exact_cost(info):
     await make_budget(info, "b", micros=1_000_000, tokens=1_000_000)
     reserved = await call(info.Reserve, reserve_request(prompt=1000, max_tokens=500))
     assert reserved.reserved_micros == 6_000 and reserved.reserved_tokens == 1_500
-    assert reserved.reservation_id.startswith("res-") and not reserved.unpriced
+    assert reserved.reservation_id.startswith("rsv-") and not reserved.unpriced
     s = await status(info, "b")
     assert (s.reserved_micros, s.spent_micros, s.remaining_micros) == (6_000, 0, 994_000)
     committed = await call(info.Commit, CommitRequest(
@@ -183,6 +183,59 @@ async def test_reserve_then_commit_charges_exact_cost(info):
     with pytest.raises(NotFoundError):
         await call(info.Commit, CommitRequest(request_id=rid(), reservation_id="res-nope",
                                               model="gpt-test", usage=Usage()))
+
+
+async def test_no_max_tokens_holds_the_default_estimate(info):
+    """A reservation without max_tokens holds the configured default (4,096
+    completion tokens), so a hard budget stays exact under concurrency."""
+    await make_budget(info, "b", micros=100_000)
+    one = await call(info.Reserve, reserve_request(prompt=10, max_tokens=0))
+    assert one.reserved_tokens == 10 + 4096
+    assert one.reserved_micros == (10 * 2 + 4096 * 8 + 0)  # 2 and 8 USD per million
+    await call(info.Release, ReleaseRequest(request_id=rid(),
+                                            reservation_id=one.reservation_id))
+    outcomes = await asyncio.gather(*(call(info.Reserve, reserve_request(prompt=10, max_tokens=0))
+                                      for _ in range(16)), return_exceptions=True)
+    admitted = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(admitted) == 100_000 // one.reserved_micros
+    for r in admitted:
+        await call(info.Commit, CommitRequest(
+            request_id=rid(), reservation_id=r.reservation_id, model="gpt-test",
+            usage=Usage(prompt_tokens=10, completion_tokens=4096)))
+    assert (await status(info, "b")).spent_micros <= 100_000
+
+
+async def test_counts_beyond_any_call_are_invalid_and_change_nothing(info):
+    await make_budget(info, "b", micros=10**15)
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.Reserve, reserve_request(prompt=2**62, max_tokens=2**62))
+    assert {f for f, _ in err.value.field_violations} == {"estimated_prompt_tokens",
+                                                           "max_tokens"}
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test",
+            usage=Usage(prompt_tokens=2**63 - 1, completion_tokens=1)))
+    assert [f for f, _ in err.value.field_violations] == ["usage.prompt_tokens"]
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=1),
+            latency=duration_pb2.Duration(seconds=-1)))
+    assert [f for f, _ in err.value.field_violations] == ["latency"]
+    current = await status(info, "b")
+    assert (current.spent_micros, current.reserved_micros) == (0, 0)
+
+
+async def test_status_shows_overspend_and_holds_that_fill_the_limit(info):
+    await make_budget(info, "soft", micros=6_000, mode=SOFT)
+    held = await call(info.Reserve, reserve_request())  # holds exactly 6,000
+    full = await status(info, "soft")
+    assert (full.remaining_micros, full.exhausted) == (0, True)
+    await call(info.Commit, CommitRequest(
+        request_id=rid(), reservation_id=held.reservation_id, model="gpt-test",
+        usage=Usage(prompt_tokens=2000, completion_tokens=1000)))  # 12,000: twice the limit
+    over = await status(info, "soft")
+    assert (over.remaining_micros, over.exhausted) == (-6_000, True)
+    assert over.percent_used == pytest.approx(200.0)
 
 
 async def test_retried_reserve_and_commit_happen_once(info):
@@ -435,6 +488,18 @@ async def test_unknown_model_policy(tmp_path):
                 await call(stub.Reserve, ReserveRequest(
                     request_id=rid(), context=ctx(), model="mystery", max_tokens=10))
             assert err.value.reason == "MODEL_NOT_FOUND"
+            # Usage already spent is recorded, never refused: a commit naming
+            # the upstream's dated model, and a post-hoc track.
+            committed = await call(stub.Commit, CommitRequest(
+                request_id=rid(), reservation_id=free.reservation_id, model="mystery-2024",
+                usage=Usage(prompt_tokens=5, completion_tokens=5)))
+            assert committed.unpriced and committed.cost_micros == 0
+            tracked = await call(stub.TrackCompletion, TrackCompletionRequest(
+                request_id=rid(), context=ctx(), model="mystery", usage=Usage(prompt_tokens=3)))
+            assert tracked.unpriced and tracked.cost_micros == 0
+            metrics = await call(stub.GetMetrics, GetMetricsRequest(
+                start_time=timestamp_pb2.Timestamp(seconds=0)))
+            assert sum(a.request_count for a in metrics.aggregates) == 2
 
 
 async def test_timestamps_out_of_range_are_invalid(info):

@@ -569,8 +569,9 @@ export type CommitRequest = Message<"hivemesh.information.v1.CommitRequest"> & {
 
   /**
    * The reservation. NOT_FOUND if unknown; FAILED_PRECONDITION if it was
-   * released or committed under another request_id. An expired
-   * reservation is still committed (the spend happened).
+   * committed under another request_id. A released or expired reservation
+   * is still committed: the spend happened (a caller that released on a
+   * cancel that came too late still records what the call cost).
    *
    * @generated from field: string reservation_id = 2;
    */
