@@ -17,14 +17,21 @@ from opentelemetry import context as otel_context
 from hivemesh.common.v1 import RequestContext
 
 
-def new_context_id() -> str:
-    return f"ctx-{uuid.uuid4().hex}"
+_CONTEXT_IDS = uuid.UUID("6f1c2a52-3c1e-4b8e-9a57-0d5c1f3e8b21")
+
+
+def derived_context_id(*parts: str) -> str:
+    """The context id of a run, derived from its request: a retry of the
+    request runs under the same id and so sends every provider the very
+    requests of the first attempt, which their idempotency keys then accept
+    (answering what was already done) instead of refusing as conflicts."""
+    return f"ctx-{uuid.uuid5(_CONTEXT_IDS, chr(31).join(parts)).hex}"
 
 
 @dataclass
 class ExecutionContext:
     context_id: str
-    agent: str
+    agent: str  # the agent definition that runs
     tenant_id: str = ""
     workflow_id: str = ""
     task_id: str = ""
@@ -32,22 +39,30 @@ class ExecutionContext:
     parent_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    # The caller's agent id (budget scopes, lineage); empty: the agent's name.
+    agent_id: str = ""
 
     @classmethod
-    def from_request(cls, context: RequestContext, agent: str) -> ExecutionContext:
-        return cls(context_id=context.context_id or new_context_id(), agent=agent,
-                   tenant_id=context.tenant_id, workflow_id=context.workflow_id,
+    def from_request(cls, context: RequestContext, agent: str,
+                     request_id: str) -> ExecutionContext:
+        """The context of the run ``request_id`` asks for: the caller's
+        context id, or one derived from the request id."""
+        return cls(context_id=context.context_id or derived_context_id(request_id),
+                   agent=agent, tenant_id=context.tenant_id, workflow_id=context.workflow_id,
                    task_id=context.task_id, session_id=context.session_id,
-                   parent_id=context.parent_context_id)
+                   parent_id=context.parent_context_id, agent_id=context.agent_id)
 
-    def fork(self, agent: str, **changes: Any) -> ExecutionContext:
-        """A child context for a sub-agent; state is copied, not shared."""
-        return replace(self, context_id=new_context_id(), agent=agent,
-                       parent_id=self.context_id, state=dict(self.state), **changes)
+    def fork(self, agent: str, key: str, **changes: Any) -> ExecutionContext:
+        """A child context for a sub-agent, its id derived from this one's
+        and ``key`` (unique among this context's forks); state is copied,
+        not shared. The child acts as ``agent``, not as the caller's agent."""
+        return replace(self, context_id=derived_context_id(self.context_id, key), agent=agent,
+                       parent_id=self.context_id, state=dict(self.state), agent_id="",
+                       **changes)
 
     def to_proto(self) -> RequestContext:
         return RequestContext(tenant_id=self.tenant_id, workflow_id=self.workflow_id,
-                              task_id=self.task_id, agent_id=self.agent,
+                              task_id=self.task_id, agent_id=self.agent_id or self.agent,
                               context_id=self.context_id, parent_context_id=self.parent_id,
                               session_id=self.session_id)
 

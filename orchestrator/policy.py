@@ -82,6 +82,18 @@ def deadline_scope(timeout_s: float | None) -> Iterator[float]:
         _deadline.reset(token)
 
 
+@contextlib.contextmanager
+def beyond_deadline() -> Iterator[None]:
+    """Calls made in the block settle what a run already did (release its
+    budget hold, record what it spent): they run even when the run's own
+    deadline has passed, each within the call timeout."""
+    token = _deadline.set(None)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
 def remaining_s() -> float | None:
     deadline = _deadline.get()
     return None if deadline is None else deadline - time.monotonic()

@@ -46,7 +46,7 @@ from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of
 from hivemesh.services.orchestrator.events import EventSink
-from hivemesh.services.orchestrator.policy import Providers, provider_error
+from hivemesh.services.orchestrator.policy import Providers, beyond_deadline, provider_error
 from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
 from hivemesh.services.orchestrator.tools import ToolRegistry
 
@@ -139,6 +139,9 @@ class AgentRunner:
     def __init__(self, providers: Providers, tools: ToolRegistry) -> None:
         self.providers = providers
         self.tools = tools
+        # Settling calls that outlive the run that started them (it was
+        # cancelled): kept here until they end.
+        self._settling: set[asyncio.Task] = set()
 
     async def run(self, agent: AgentDefinition, ctx: ExecutionContext, opts: RunOptions,
                   sink: EventSink) -> AgentResult:
@@ -311,20 +314,45 @@ class AgentRunner:
 
     # ------------------------------------------------------------ budget
 
+    def _outlive(self, call: asyncio.Future, then=None) -> None:
+        """Lets ``call`` finish after its run was cancelled, then runs
+        ``then(result)`` if it succeeded."""
+        async def finish() -> None:
+            try:
+                result = await call
+            except (errors.ServiceError, asyncio.CancelledError):
+                return
+            if then is not None:
+                await then(result)
+        task = asyncio.create_task(finish())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
     async def _reserve(self, run: _Run, model: str, prompt: str, iteration: int) -> None:
-        response = await self.providers.call("information", "Reserve", ReserveRequest(
-            request_id=f"{run.opts.request_id}:reserve:{iteration}", context=run.context,
-            model=model, estimated_prompt_tokens=estimate_tokens(prompt + run.opts.input),
-            max_tokens=run.agent.sampling.max_tokens or DEFAULT_MAX_TOKENS))
+        reserving = asyncio.ensure_future(self.providers.call(
+            "information", "Reserve", ReserveRequest(
+                request_id=f"{run.opts.request_id}:reserve:{iteration}", context=run.context,
+                model=model, estimated_prompt_tokens=estimate_tokens(prompt + run.opts.input),
+                max_tokens=run.agent.sampling.max_tokens or DEFAULT_MAX_TOKENS)))
+        try:
+            response = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            # The hold may be made all the same: released as soon as it is.
+            self._outlive(reserving, lambda r: self._release_id(r.reservation_id, 2))
+            raise
         run.reservation = response.reservation_id
 
     async def _release(self, run: _Run, reason: int) -> None:
         reservation, run.reservation = run.reservation, None
-        if reservation is None:
-            return
+        if reservation is not None:
+            await self._release_id(reservation, reason)
+
+    async def _release_id(self, reservation: str, reason: int) -> None:
         try:
-            await self.providers.call("information", "Release", ReleaseRequest(
-                request_id=f"{reservation}:release", reservation_id=reservation, reason=reason))
+            with beyond_deadline():
+                await self.providers.call("information", "Release", ReleaseRequest(
+                    request_id=f"{reservation}:release", reservation_id=reservation,
+                    reason=reason))
         except errors.ServiceError:
             pass  # it expires on its own; nothing was charged
 
@@ -338,8 +366,7 @@ class AgentRunner:
                       latency=last.latency, cached=last.cached, success=True)
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
             try:
-                charged = await self.providers.call("information", "TrackCompletion",
-                                                    TrackCompletionRequest(
+                charged = await self._record_spend(run, "TrackCompletion", TrackCompletionRequest(
                     request_id=f"{run.opts.request_id}:track:{iteration}",
                     context=run.context, **common))
             except errors.ServiceError as exc:
@@ -347,10 +374,12 @@ class AgentRunner:
                 run.degrade(DegradedComponent.DEGRADED_COMPONENT_BUDGET, exc)
                 return
         else:
-            reservation, run.reservation = run.reservation, None
-            charged = await self.providers.call("information", "Commit", CommitRequest(
+            # Until the commit is answered the run still holds the
+            # reservation: if the commit fails, the run's failure releases it.
+            charged = await self._record_spend(run, "Commit", CommitRequest(
                 request_id=f"{run.opts.request_id}:commit:{iteration}",
-                reservation_id=reservation, **common))
+                reservation_id=run.reservation, **common))
+            run.reservation = None
         run.add_usage(last.usage, charged.cost_micros, charged.currency)
         for alert in charged.alerts:
             run.emit(EventType.EVENT_TYPE_BUDGET_ALERT, BudgetAlert(
@@ -359,6 +388,20 @@ class AgentRunner:
                 limit_micros=alert.limit_micros, spent_tokens=alert.spent_tokens,
                 limit_tokens=alert.limit_tokens, currency=alert.currency))
         self._check_run_caps(run)
+
+    async def _record_spend(self, run: _Run, method: str, request):
+        """Commits or tracks a generation's spend. The spend happened: it is
+        recorded even past the run's deadline, and a run cancelled meanwhile
+        leaves the call to finish (and settle its reservation)."""
+        with beyond_deadline():
+            recording = asyncio.ensure_future(self.providers.call("information", method,
+                                                                  request))
+        try:
+            return await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            run.reservation = None  # settled by the call in flight
+            self._outlive(recording)
+            raise
 
     def _check_run_caps(self, run: _Run) -> None:
         policy = run.agent.budget

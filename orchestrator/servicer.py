@@ -114,7 +114,7 @@ class OrchestratorServicer:
 
     async def _start(self, request) -> tuple:
         agent = await self.agents.get(request.agent)
-        ctx = ExecutionContext.from_request(request.context, agent.name)
+        ctx = ExecutionContext.from_request(request.context, agent.name, request.request_id)
         opts = RunOptions(request_id=request.request_id, input=request.input,
                           model_override=request.model_override,
                           variables=dict(request.variables),
@@ -200,7 +200,7 @@ class OrchestratorServicer:
         variables = dict(request.variables)
         agents = await self.agents.snapshot()
         validate(request.workflow, agents, variables)
-        base = ExecutionContext.from_request(request.context, "")
+        base = ExecutionContext.from_request(request.context, "", request.request_id)
 
         async def run():
             with self._deadline(context):

@@ -267,7 +267,7 @@ class WorkflowRun:
                         async with self.slots:
                             self._emit(EventType.EVENT_TYPE_TASK_START, TaskStart(
                                 task_id=task.task_id, input=rendered),
-                                self._ctx(task, task.agent), task.agent)
+                                self._ctx(task, task.agent, task.task_id), task.agent)
                             final = await self._follow(task, task.agent, task.model, rendered,
                                                        result, f"{task.task_id}")
                         result.result.CopyFrom(final)
@@ -295,8 +295,8 @@ class WorkflowRun:
         if not self.workflow.continue_on_failure:
             raise _TaskFailed(error)
 
-    def _ctx(self, task: TaskSpec, agent: str) -> ExecutionContext:
-        return self.base.fork(agent, task_id=task.task_id)
+    def _ctx(self, task: TaskSpec, agent: str, key: str) -> ExecutionContext:
+        return self.base.fork(agent, key, task_id=task.task_id)
 
     async def _run_agent(self, task: TaskSpec, agent: str, model: str, text: str,
                          result: TaskResult, key: str, handoff: bool = False) -> AgentResult:
@@ -306,7 +306,7 @@ class WorkflowRun:
                              model_override=model or task.model, variables=self.variables,
                              handoff_targets=targets)
         try:
-            run = await self.runner.run(self.agents.get(agent), self._ctx(task, agent),
+            run = await self.runner.run(self.agents.get(agent), self._ctx(task, agent, key),
                                         options, self.sink)
         except RunError as exc:
             _add_usage(result.usage, exc.failed.usage)
@@ -346,7 +346,7 @@ class WorkflowRun:
         async with self.slots:
             self._emit(EventType.EVENT_TYPE_TASK_START, TaskStart(
                 task_id=task.task_id, input=text, branch=branch.label),
-                self._ctx(task, branch.agent), branch.agent)
+                self._ctx(task, branch.agent, f"{task.task_id}:b{index}"), branch.agent)
             return await self._follow(task, branch.agent, branch.model, text, result,
                                       f"{task.task_id}:b{index}")
 

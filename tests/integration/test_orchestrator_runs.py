@@ -115,6 +115,67 @@ async def test_failed_generation_releases_the_reservation(tmp_path):
         assert status.reserved_micros == 0 and status.spent_micros == 0
 
 
+async def _budget_with_price(info, tenant: str = "acme"):
+    await info.set_price("main", input_micros_per_million=1_000_000,
+                         output_micros_per_million=1_000_000)
+    return await info.create_budget(Budget(scope=Scope(tenant_id=tenant),
+                                           limit_micros=1_000_000))
+
+
+async def _settled(info, budget_id: str, tries: int = 50):
+    """The budget's status once nothing is reserved any more (or the last)."""
+    for _ in range(tries):
+        (status,) = await info.status(budget_id=budget_id)
+        if status.reserved_micros == 0:
+            break
+        await asyncio.sleep(0.1)
+    return status
+
+
+async def test_a_failed_run_runs_again_when_retried_with_its_request_id(tmp_path):
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code")
+        request_id = rid()
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=10)
+        with pytest.raises(UnavailableError):
+            await run(m, "coder", request_id=request_id)
+        m.primary.reset_failure()
+        retried = await run(m, "coder", request_id=request_id)
+        assert not retried.replayed and retried.result.output.startswith("def solve")
+        again = await run(m, "coder", request_id=request_id)
+        assert again.replayed and again.result == retried.result
+        status = await _settled(info, budget.budget_id)
+        assert (status.reserved_micros, status.spent_micros) == (0, retried.result.cost_micros)
+
+
+async def test_a_run_past_its_deadline_still_releases_its_hold(tmp_path):
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.")
+        m.primary.latency_s = 1.0
+        with pytest.raises(DeadlineExceededError):
+            await call(m.orchestrator.RunAgent, RunAgentRequest(
+                request_id=rid(), agent="coder", input="x",
+                context=RequestContext(tenant_id="acme")), timeout=0.5)
+        status = await _settled(info, budget.budget_id)
+        assert (status.reserved_micros, status.spent_micros) == (0, 0)
+
+
+async def test_the_callers_agent_id_scopes_the_budget(tmp_path):
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        await info.set_price("main", input_micros_per_million=1_000_000,
+                             output_micros_per_million=1_000_000)
+        budget = await info.create_budget(Budget(scope=Scope(agent_id="custom-x"),
+                                                 limit_micros=1_000_000))
+        await register(m, name="coder", system_prompt="You write code.")
+        done = await run(m, "coder", context=RequestContext(tenant_id="acme",
+                                                            agent_id="custom-x"))
+        (status,) = await info.status(budget_id=budget.budget_id)
+        assert status.spent_micros == done.result.cost_micros > 0
+
+
 async def test_memory_outage_degrades_the_run(tmp_path):
     async with mesh(tmp_path, memory=False) as m:
         await register(m, name="coder", system_prompt="You write code.",

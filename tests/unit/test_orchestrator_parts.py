@@ -72,9 +72,9 @@ def test_a_slow_subscriber_is_marked_with_its_dropped_events():
 
 def test_fork_makes_a_child_context():
     parent = ExecutionContext.from_request(RequestContext(tenant_id="acme", workflow_id="wf",
-                                                         session_id="s"), "triage")
+                                                         session_id="s"), "triage", "req-1")
     parent.state["seen"] = 1
-    child = parent.fork("expert", task_id="t1")
+    child = parent.fork("expert", "t1", task_id="t1")
     assert child.parent_id == parent.context_id and child.context_id != parent.context_id
     assert (child.tenant_id, child.workflow_id, child.task_id, child.agent) == (
         "acme", "wf", "t1", "expert")
@@ -82,6 +82,20 @@ def test_fork_makes_a_child_context():
     assert parent.state["seen"] == 1
     proto = child.to_proto()
     assert proto.parent_context_id == parent.context_id and proto.agent_id == "expert"
+
+
+def test_context_ids_follow_the_request_and_the_callers_agent_id_is_kept():
+    def start(request_id, **ctx):
+        return ExecutionContext.from_request(RequestContext(tenant_id="acme", **ctx), "coder",
+                                             request_id)
+    first, retry = start("req-1"), start("req-1")
+    assert first.context_id == retry.context_id != start("req-2").context_id
+    assert first.fork("x", "t1").context_id == retry.fork("x", "t1").context_id
+    assert first.fork("x", "t1").context_id != first.fork("x", "t2").context_id
+    own = start("req-1", context_id="ctx-mine", agent_id="custom-x")
+    assert own.context_id == "ctx-mine" and own.to_proto().agent_id == "custom-x"
+    assert start("req-1").to_proto().agent_id == "coder"
+    assert own.fork("reviewer", "t").to_proto().agent_id == "reviewer"
 
 
 def test_template_references():
