@@ -143,7 +143,31 @@ async def _demonstrate(addresses: dict[str, str]) -> None:
     await channel.close()
 
 
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived: stop the mesh."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def run_up(data_dir: str | None, keep_running: bool) -> int:
+    """Starts the mesh, runs the demonstration and stops every process,
+    also when SIGINT or SIGTERM comes first (and ignores a second one while
+    the services shut down)."""
+    previous = {s: signal.signal(s, _stop) for s in _STOP_SIGNALS}
+    try:
+        return _up(data_dir, keep_running)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _up(data_dir: str | None, keep_running: bool) -> int:
+    code = 0
     with tempfile.TemporaryDirectory(prefix="hivemesh-") as tmp:
         root = Path(data_dir) if data_dir else Path(tmp)
         mesh = Mesh()
@@ -161,9 +185,15 @@ def run_up(data_dir: str | None, keep_running: bool) -> int:
                 print(f"{name:<12} listening on {proc.address} (pid {proc.process.pid})")
             asyncio.run(_demonstrate({n: p.address for n, p in mesh.services.items()}))
             if keep_running:
-                print("\nthe mesh keeps running; Ctrl-C stops it")
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+                print("\nthe mesh keeps running; Ctrl-C or SIGTERM stops it", flush=True)
+                while True:
+                    signal.pause()
+        except _Stop as stop:
+            print(f"\n{stop}: stopping the mesh", flush=True)
+            code = 0 if keep_running else 130
         finally:
+            for s in _STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
             mesh.stop()
         print("\nall services stopped")
-    return 0
+    return code

@@ -38,3 +38,40 @@ def test_up_runs_the_workflow_through_the_mesh_and_stops_everything(tmp_path):
     assert (tmp_path / "artifact" / "artifacts.sqlite3").exists()
     assert (tmp_path / "information" / "information.sqlite3").exists()
     assert any((tmp_path / "memory").iterdir())
+
+
+def test_sigterm_stops_a_mesh_kept_running(tmp_path):
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "hivemesh.cli.main", "up", "--keep-running",
+                             "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "keeps running" in line:
+                break
+        pids = [int(p) for p in re.findall(r"listening on \S+ \(pid (\d+)\)", "".join(lines))]
+        assert len(pids) == 5
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=60) == 0
+        assert rest.rstrip().endswith("all services stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
