@@ -39,18 +39,22 @@ _FORMATS = {1: "text", 2: "json_object", 3: "json_schema"}
 _CACHE_BYPASS, _CACHE_ALLOW_SAMPLED = 2, 3
 
 
-def chat_request(request) -> ChatRequest:
-    """The backend request of a Generate/StreamGenerate request."""
+def _messages(request) -> list[ChatMessage]:
+    """The messages of a request's ``input`` (prompt or conversation)."""
     if request.WhichOneof("input") == "prompt":
         messages = []
         if request.prompt.system_prompt:
             messages.append(ChatMessage("system", request.prompt.system_prompt))
         messages.append(ChatMessage("user", request.prompt.prompt))
-    else:
-        messages = [ChatMessage(
-            _ROLES[m.role], m.content,
-            tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
-            m.tool_call_id, m.name) for m in request.conversation.messages]
+        return messages
+    return [ChatMessage(_ROLES[m.role], m.content,
+                        tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+                        m.tool_call_id, m.name) for m in request.conversation.messages]
+
+
+def chat_request(request) -> ChatRequest:
+    """The backend request of a Generate/StreamGenerate request."""
+    messages = _messages(request)
     for m in messages:
         if m.role == "tool" and not m.tool_call_id:
             raise errors.invalid_argument([("conversation.messages.tool_call_id",
@@ -188,6 +192,9 @@ class LlmServicer(LlmServiceServicer):
                     response = GenerateResponse()
                     response.CopyFrom(hit)
                     response.cached = True
+                    # No upstream call was made: nothing used, nothing to pay.
+                    response.ClearField("usage")
+                    response.attempts = 0
                     response.latency.CopyFrom(duration_s(time.monotonic() - started))
                     return response
             try:
@@ -337,15 +344,7 @@ class LlmServicer(LlmServiceServicer):
 
     async def CountTokens(self, request, context):
         model = self._model(request.model, "chat")
-        if request.WhichOneof("input") == "prompt":
-            messages = [ChatMessage("system", request.prompt.system_prompt),
-                        ChatMessage("user", request.prompt.prompt)]
-        else:
-            messages = [ChatMessage(_ROLES[m.role], m.content,
-                                    tuple(ToolCall(c.id, c.name, c.arguments)
-                                          for c in m.tool_calls))
-                        for m in request.conversation.messages]
-        tokens = estimate_prompt_tokens(tuple(messages)) + sum(
+        tokens = estimate_prompt_tokens(tuple(_messages(request))) + sum(
             estimate_tokens(t.name + t.description + json.dumps(
                 json_format.MessageToDict(t.parameters))) for t in request.tools)
         return CountTokensResponse(prompt_tokens=tokens, estimated=True, model=model.alias,

@@ -181,6 +181,10 @@ async def test_cache_serves_exact_deterministic_repeats_only(llm):
     assert not first.cached and second.cached
     assert second.message == first.message
     assert len(backends["primary"].calls) == 1
+    # Nothing was used for the cached answer: a caller charging budgets from
+    # usage pays once.
+    assert first.usage.total_tokens > 0 and first.attempts == 1
+    assert second.usage.total_tokens == 0 and second.attempts == 0
     await call(stub.Generate, gen(prompt="same", temperature=0.7))
     await call(stub.Generate, gen(prompt="same", temperature=0.7))
     assert len(backends["primary"].calls) == 3  # sampled: not cached
@@ -332,6 +336,11 @@ async def test_count_tokens_and_invalid_requests(llm):
     counted = await call(stub.CountTokens, CountTokensRequest(
         model="main", prompt=Prompt(prompt="x" * 400)))
     assert counted.estimated and counted.prompt_tokens >= 100
+    # The count is what the generation then reports (no system message
+    # counted when there is none).
+    generated = await call(stub.Generate, GenerateRequest(
+        request_id=rid(), model="main", prompt=Prompt(prompt="x" * 400)))
+    assert counted.prompt_tokens == generated.usage.prompt_tokens
     with pytest.raises(InvalidArgumentError) as err:
         await call(stub.Generate, GenerateRequest(request_id=rid(), model="main"))
     assert err.value.reason == "INVALID_REQUEST"
