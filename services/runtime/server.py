@@ -94,12 +94,17 @@ async def start_server(settings: ServerSettings, *, domain: str,
     return RunningServer(server, port, health_servicer, names, tuple(on_shutdown))
 
 
-async def run_until_signalled(running: RunningServer, settings: ServerSettings) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+async def run_until_signalled(running: RunningServer, settings: ServerSettings,
+                              ready: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully. ``ready``
+    runs once the signals are handled (a signal from then on is a graceful
+    shutdown): where to announce the server."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready()
     serving = asyncio.create_task(running.server.wait_for_termination())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -301,6 +301,8 @@ def test_agent_files_load_and_registered_agents_persist(tmp_path):
     registry.register(AgentDefinition(name="extra", description="kept"), allow_update=False)
     reopened = AgentRegistry(tmp_path / "store" / "agents.json")
     assert reopened.get("extra").description == "kept"
+    # File agents are never stored: a deleted file takes its agent with it.
+    assert reopened.names() == ["extra"]
     (folder / "bad.toml").write_text('name = "Not Valid"\n')
     with pytest.raises(AgentFileError, match="bad.toml"):
         AgentRegistry().load_dir(folder)

@@ -32,6 +32,15 @@ def test_serve_prints_its_address_first_and_stops_cleanly_on_sigterm(tmp_path):
     assert '"msg": "shutting down"' in log
 
 
+@pytest.mark.parametrize("service", ["llm", "artifact"])
+def test_sigterm_right_after_the_address_line_is_a_graceful_shutdown(tmp_path, service):
+    """Once the address is printed, a SIGTERM is handled (not the default
+    action that kills the process)."""
+    proc = start_service(service, data_dir=tmp_path / "data", log_path=tmp_path / "log")
+    assert proc.stop() == 0
+    assert '"msg": "shutting down"' in (tmp_path / "log").read_text()
+
+
 def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
     env = {**os.environ, "HIVEMESH_ARTIFACT_BACKEND": "postgres"}
     result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
