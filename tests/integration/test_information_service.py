@@ -428,6 +428,41 @@ async def test_1000_cancelled_requests_leave_nothing_reserved(info):
     assert s.spent_micros == committed_total
 
 
+async def test_alerts_follow_the_budget_as_it_is_when_charged(info):
+    await make_budget(info, "b", micros=10_000, thresholds=[50])
+    reserved = await call(info.Reserve, reserve_request())  # holds 6,000
+    await call(info.UpdateBudget, UpdateBudgetRequest(
+        request_id=rid(), budget=Budget(budget_id="b", limit_micros=100_000),
+        update_mask=field_mask_pb2.FieldMask(paths=["limit_micros"])))
+    committed = await call(info.Commit, CommitRequest(
+        request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+        usage=Usage(prompt_tokens=1000, completion_tokens=500)))  # 6,000 of 100,000
+    assert list(committed.alerts) == [] and (await status(info, "b")).thresholds_crossed == []
+    tracked = await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test",
+        usage=Usage(prompt_tokens=1000, completion_tokens=5500)))  # 46,000 more: 52 %
+    assert [(a.threshold_percent, a.limit_micros) for a in tracked.alerts] == [(50, 100_000)]
+
+
+async def test_a_deleted_budget_takes_its_spend_and_holds_with_it(info):
+    await make_budget(info, "b", micros=100_000, thresholds=[50])
+    await make_budget(info, "other", micros=100_000)
+    await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test",
+        usage=Usage(prompt_tokens=1000, completion_tokens=6000)))  # 50,000: fires 50
+    open_hold = await call(info.Reserve, reserve_request())
+    await call(info.DeleteBudget, DeleteBudgetRequest(request_id=rid(), budget_id="b"))
+    await make_budget(info, "b", micros=100_000, thresholds=[50])
+    fresh = await status(info, "b")
+    assert (fresh.spent_micros, fresh.reserved_micros, list(fresh.thresholds_crossed)) == (
+        0, 0, [])
+    await call(info.Release, ReleaseRequest(request_id=rid(),
+                                            reservation_id=open_hold.reservation_id))
+    assert (await status(info, "b")).reserved_micros == 0  # nothing freed twice
+    other = await status(info, "other")  # the other budget kept everything
+    assert (other.spent_micros, other.reserved_micros) == (50_000, 0)
+
+
 # -- alerts and periods ----------------------------------------------------------
 
 async def test_thresholds_fire_once_each_and_periods_roll_over(info):

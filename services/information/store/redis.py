@@ -146,14 +146,46 @@ bump_config()
 return 1
 """
 
-# ARGV: prefix, budget_id
+# ARGV: prefix, budget_id. Its counters and fired thresholds of every period
+# go with it, and its holds leave the open reservations (their 'ctrs', which
+# releases and expiries free): a budget created again starts from nothing.
+# Budget writes are rare; this one scans its keys.
 _DELETE_BUDGET = _PRELUDE + r"""
-local key = P .. 'budget:' .. ARGV[2]
+local id = ARGV[2]
+local key = P .. 'budget:' .. id
 local scope = redis.call('HGET', key, 'scope')
 if not scope then return 0 end
 redis.call('DEL', key)
-redis.call('ZREM', P .. 'budgets', ARGV[2])
-redis.call('SREM', P .. 'scope:' .. scope, ARGV[2])
+redis.call('ZREM', P .. 'budgets', id)
+redis.call('SREM', P .. 'scope:' .. scope, id)
+local function glob(s) return (string.gsub(s, '[%*%?%[%]\\]', '\\%0')) end
+-- 'kind:{id}:{period}' with a period of digits only (another id may extend this one).
+local function is_mine(name, kind)
+  local head = kind .. ':' .. id .. ':'
+  return string.sub(name, 1, #head) == head and string.match(string.sub(name, #head + 1), '^%d+$')
+end
+for _, kind in ipairs({'ctr', 'fired'}) do
+  local cursor = '0'
+  repeat
+    local r = redis.call('SCAN', cursor, 'MATCH', glob(P .. kind .. ':' .. id .. ':') .. '*',
+                         'COUNT', 1000)
+    cursor = r[1]
+    for _, k in ipairs(r[2]) do
+      if is_mine(string.sub(k, #P + 1), kind) then redis.call('DEL', k) end
+    end
+  until cursor == '0'
+end
+for _, member in ipairs(redis.call('ZRANGE', P .. 'reservations:open', 0, -1)) do
+  local rkey = P .. 'res:' .. rid_of(member)
+  local ctrs = cjson.decode(redis.call('HGET', rkey, 'ctrs'))
+  local kept = {}
+  for _, c in ipairs(ctrs) do
+    if not is_mine(c, 'ctr') then table.insert(kept, c) end
+  end
+  if #kept ~= #ctrs then
+    redis.call('HSET', rkey, 'ctrs', #kept == 0 and '[]' or cjson.encode(kept))
+  end
+end
 bump_config()
 return 1
 """
@@ -249,7 +281,8 @@ return {'ok', result, hold_counters()}
 # ARGV: prefix, request_id, fingerprint, reservation_id ('' = track),
 #       expected ('1' the caller read the reservation, '0' it found none),
 #       cost_micros, tokens, call time_us, call JSON, result_head, n,
-#       config_version ('-1' = do not check; a track only), ctr keys (JSON
+#       config_version the holds were computed under ('-1' = do not check),
+#       ctr keys (JSON
 #       list, hold order), then per hold: ctr key, fired key, limit_micros (''
 #       when 0/none), limit_tokens (same), alert JSON fragment, m, then
 #       m x (threshold, alert_id JSON)
@@ -262,9 +295,10 @@ if seen then
   return {'replay', seen[3], ctrs and counters_of(cjson.decode(ctrs)) or {}}
 end
 local released = false
-if ARGV[4] == '' then
-  if stale(ARGV[12]) then return {'stale'} end
-else
+-- A track's holds, or a commit's holds as their budgets are defined now,
+-- were computed under this configuration version.
+if stale(ARGV[12]) then return {'stale'} end
+if ARGV[4] ~= '' then
   local key = P .. 'res:' .. ARGV[4]
   local state = redis.call('HGET', key, 'state')
   if not state then return {'notfound'} end
@@ -416,6 +450,11 @@ class RedisStore:
         # reservation_id -> (holds, tenant_id, workflow_id, agent_id), as
         # written by reserve; they never change once written.
         self._recent: OrderedDict[str, tuple] = OrderedDict()
+        # Budget definitions as of config version _defs_version (None: not
+        # read yet): a commit charges its holds with the limits and
+        # thresholds their budgets have now; the script checks the version.
+        self._defs: dict[str, BudgetRecord | None] = {}
+        self._defs_version: int | None = None
         register = client.register_script
         self._create_budget = register(_CREATE_BUDGET)
         self._put_budget = register(_PUT_BUDGET)
@@ -582,9 +621,36 @@ class RedisStore:
                                  int(r["tokens"]), int(r["expire_time_us"]), r["tenant_id"],
                                  r["workflow_id"], r["agent_id"])
 
+    async def _as_defined_now(self, holds: tuple[Hold, ...], refresh: bool
+                              ) -> tuple[int, tuple[Hold, ...]]:
+        """(config version, ``holds`` with their budgets' limits, mode and
+        thresholds as of that version; budgets deleted since left out)."""
+        ids = [h.budget_id for h in holds]
+        if refresh or self._defs_version is None or any(i not in self._defs for i in ids):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(self._key("config:version"))
+            for i in ids:
+                pipe.hget(self._key(f"budget:{i}"), "json")
+            version, *texts = await pipe.execute()
+            version = int(version or 0)
+            if version != self._defs_version:
+                self._defs, self._defs_version = {}, version
+            self._defs.update((i, None if t is None else _budget(t))
+                              for i, t in zip(ids, texts, strict=True))
+        now = []
+        for h in holds:
+            b = self._defs[h.budget_id]
+            if b is not None:
+                now.append(dataclasses.replace(h, limit_micros=b.limit_micros,
+                                               limit_tokens=b.limit_tokens, mode=b.mode,
+                                               thresholds=b.thresholds))
+        return self._defs_version, tuple(now)
+
     async def settle(self, op: SettleOp) -> SettleResult:
+        refresh = False
         for _ in range(5):
             holds, expected, c = op.holds, "1", op.call
+            version = -1 if op.reservation_id else op.config_version
             if op.reservation_id:
                 # A reservation's holds and ids never change once written:
                 # known here if it was made through this store, else read
@@ -605,6 +671,8 @@ class RedisStore:
                                                 workflow_id=_s(row[2]), agent_id=_s(row[3]))
                     else:
                         holds, expected = (), "0"
+                if holds:
+                    version, holds = await self._as_defined_now(holds, refresh)
             keys = [(h.budget_id, h.period_start_us) for h in holds]
             head = json.dumps({"cost_micros": c.cost_micros,
                                "budget_ids": [h.budget_id for h in holds],
@@ -614,13 +682,16 @@ class RedisStore:
                 self._settle, op.request_id, op.fingerprint, op.reservation_id, expected,
                 _num(c.cost_micros), _num(op.tokens), _num(c.time_us),
                 json.dumps(dataclasses.asdict(c)), head[:-1] + ', "hold_released": ',
-                str(len(holds)), str(int(op.config_version)),
+                str(len(holds)), str(int(version)),
                 json.dumps([_ctr(*k) for k in keys]), *self._settle_holds(holds, op))
             status = _s(reply[0])
             if status == "conflict":
                 raise IdempotencyConflict(op.request_id)
             if status == "stale":
-                raise StaleConfig()
+                if not op.reservation_id:
+                    raise StaleConfig()
+                refresh = True  # budgets changed: read them again
+                continue
             if status == "notfound":
                 raise ReservationNotFound(op.reservation_id)
             if status == "settled":

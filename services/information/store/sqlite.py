@@ -132,6 +132,21 @@ def _add(conn: sqlite3.Connection, hold: Hold, spent_m: int = 0, spent_t: int = 
         (hold.budget_id, hold.period_start_us, spent_m, spent_t, reserved_m, reserved_t))
 
 
+def _as_defined_now(conn: sqlite3.Connection, holds: tuple[Hold, ...]) -> tuple[Hold, ...]:
+    """A reservation's holds with the limits, mode and thresholds their
+    budgets have now (alerts follow a limit changed since the reservation);
+    a budget deleted since is not charged."""
+    out = []
+    for hold in holds:
+        row = conn.execute("SELECT limit_micros, limit_tokens, mode, thresholds FROM budgets "
+                           "WHERE budget_id = ?", (hold.budget_id,)).fetchone()
+        if row is not None:
+            out.append(dataclasses.replace(
+                hold, limit_micros=row[0], limit_tokens=row[1], mode=row[2],
+                thresholds=tuple(int(t) for t in row[3].split(",") if t)))
+    return tuple(out)
+
+
 def _free(conn: sqlite3.Connection, holds: tuple[Hold, ...], micros: int, tokens: int) -> None:
     for hold in holds:
         _add(conn, hold, reserved_m=-micros, reserved_t=-tokens)
@@ -251,6 +266,19 @@ class SqliteStore:
             deleted = conn.execute("DELETE FROM budgets WHERE budget_id = ?",
                                    (budget_id,)).rowcount > 0
             if deleted:
+                # Its spend, fired thresholds and holds go with it: a budget
+                # created again under the id starts from nothing.
+                conn.execute("DELETE FROM counters WHERE budget_id = ?", (budget_id,))
+                conn.execute("DELETE FROM fired WHERE budget_id = ?", (budget_id,))
+                for reservation_id, holds_json in conn.execute(
+                        "SELECT reservation_id, holds FROM reservations "
+                        "WHERE state = 'open' AND instr(holds, ?)",
+                        (json.dumps(budget_id),)).fetchall():
+                    holds = holds_from_json(holds_json)
+                    kept = tuple(h for h in holds if h.budget_id != budget_id)
+                    if len(kept) != len(holds):
+                        conn.execute("UPDATE reservations SET holds = ? WHERE reservation_id = ?",
+                                     (holds_to_json(kept), reservation_id))
                 _bump_config(conn)
             return deleted
 
@@ -364,6 +392,7 @@ class SqliteStore:
                 if state == "open":
                     _free(conn, holds, micros, tokens)
                     hold_released = True
+                holds = _as_defined_now(conn, holds)
                 conn.execute("UPDATE reservations SET state = 'committed' "
                              "WHERE reservation_id = ?", (op.reservation_id,))
             else:
