@@ -60,10 +60,13 @@ def _unavailable(exc: BackendUnavailable) -> errors.ServiceError:
 
 class ArtifactServicer(ArtifactServiceServicer):
     def __init__(self, backend: ArtifactBackend, *, max_content_bytes: int,
-                 default_page_size: int = 50) -> None:
+                 default_page_size: int = 50, page_content_bytes: int = 8 * 1024 * 1024) -> None:
         self.backend = backend
         self.max_content_bytes = max_content_bytes
         self.default_page_size = default_page_size
+        # Content one page may carry: a page ends early rather than exceed
+        # the response size limit (it always holds at least one artifact).
+        self.page_content_bytes = page_content_bytes
 
     async def SaveArtifact(self, request, context):
         content = request.content.encode("utf-8")
@@ -129,10 +132,16 @@ class ArtifactServicer(ArtifactServiceServicer):
         except BackendUnavailable as exc:
             raise _unavailable(exc) from exc
         response = ListArtifactsResponse()
+        taken, content_bytes = 0, 0
         for row in rows[:size]:
+            if not request.omit_content:
+                content_bytes += row.size_bytes
+                if taken and content_bytes > self.page_content_bytes:
+                    break
             fill_artifact(response.artifacts.add(), row)
-        if len(rows) > size:
-            last = rows[size - 1]
+            taken += 1
+        if len(rows) > taken:
+            last = rows[taken - 1]
             response.next_page_token = paging.encode([last.create_time_us, last.artifact_id],
                                                      filters)
         return response

@@ -191,3 +191,29 @@ async def test_backend_outage_is_unavailable_and_writes_nothing(artifact_setting
             assert backend.calls["get"] == 4  # maxAttempts in the service config
     finally:
         await running.shutdown(0)
+
+
+async def test_pages_end_early_rather_than_exceed_the_response_size_limit(
+        artifact_backend, tmp_path):
+    from hivemesh.client import ArtifactClient
+    from hivemesh.runtime.settings import ServerSettings
+    from hivemesh.services.artifact.server import create_server
+    from hivemesh.services.artifact.settings import ArtifactSettings
+
+    settings = ArtifactSettings(
+        server=ServerSettings(host="127.0.0.1", port=0, max_message_bytes=256 * 1024),
+        data_dir=tmp_path / "artifact", max_content_bytes=100 * 1024)
+    running, port = await create_server(settings, artifact_backend)
+    try:
+        async with ArtifactClient(f"127.0.0.1:{port}") as artifacts:
+            for i in range(5):
+                await artifacts.save(workflow_id="wf-big", agent_id="a", artifact_type="code",
+                                     content=str(i) * (90 * 1024))
+            first = await artifacts.list(workflow_id="wf-big")
+            assert len(first.artifacts) == 1 and first.next_page_token
+            listed = [a.content async for a in artifacts.iter(workflow_id="wf-big")]
+            assert [c[0] for c in listed] == ["4", "3", "2", "1", "0"]
+            bare = await artifacts.list(workflow_id="wf-big", omit_content=True)
+            assert len(bare.artifacts) == 5 and not bare.next_page_token
+    finally:
+        await running.shutdown(0)

@@ -115,7 +115,9 @@ export type ListArtifactsRequest = Message<"hivemesh.artifact.v1.ListArtifactsRe
   filter?: ArtifactFilter | undefined;
 
   /**
-   * At most this many per page; 0 means the default (50). At most 1000.
+   * At most this many per page; 0 means the default (50). At most 1000. A
+   * page with content ends early (with a next_page_token) where more would
+   * exceed the response size limit.
    *
    * @generated from field: int32 page_size = 2;
    */
