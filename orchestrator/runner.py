@@ -161,16 +161,22 @@ class AgentRunner:
             try:
                 await self._pipeline(run)
             except errors.ServiceError as exc:
-                await self._release(run, 3)
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 span.set_attribute("error.type", errors.reason_name(exc.reason))
                 failed = run.failed()
                 failed.error.CopyFrom(exc.to_status(DOMAIN))
                 run.emit(EventType.EVENT_TYPE_AGENT_FAILED, failed)
+                await asyncio.shield(self._release(run, 3))
                 raise RunError(exc, failed) from exc
             except asyncio.CancelledError:
-                await asyncio.shield(self._release(run, 2))
                 span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                failed = run.failed()
+                failed.error.CopyFrom(errors.ServiceError(
+                    grpc.StatusCode.CANCELLED, "CANCELLED",
+                    f"the run of agent {agent.name!r} was cancelled (the caller left or its "
+                    "deadline passed)").to_status(DOMAIN))
+                run.emit(EventType.EVENT_TYPE_AGENT_FAILED, failed)
+                await asyncio.shield(self._release(run, 2))
                 raise
             run.result.latency.CopyFrom(duration_s(time.monotonic() - started))
             run.emit(EventType.EVENT_TYPE_AGENT_COMPLETE, run.result)

@@ -176,10 +176,20 @@ class WorkflowRun:
                 self.trace_id = trace_id_of(span)
                 self._emit(EventType.EVENT_TYPE_WORKFLOW_START, WorkflowStart(
                     workflow_id=self.workflow_id, task_count=len(self.workflow.tasks)))
-                status = await self._run_tasks()
+                try:
+                    status = await self._run_tasks()
+                except asyncio.CancelledError:
+                    # Subscribers still learn how it ended.
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, "cancelled"))
+                    self._complete(WorkflowStatus.WORKFLOW_STATUS_CANCELLED, started)
+                    raise
                 if status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED:
                     span.set_status(trace.Status(trace.StatusCode.ERROR,
                                                  WorkflowStatus.Name(status)))
+        return self._complete(status, started)
+
+    def _complete(self, status: int, started: float) -> RunWorkflowResponse:
+        """The response, after emitting WORKFLOW_COMPLETE."""
         response = RunWorkflowResponse(workflow_id=self.workflow_id, status=status,
                                        trace_id=self.trace_id)
         for task in self.workflow.tasks:
@@ -220,6 +230,8 @@ class WorkflowRun:
         statuses = {r.status for r in self.results.values()}
         if statuses == {TaskStatus.TASK_STATUS_SUCCEEDED}:
             return WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        if TaskStatus.TASK_STATUS_SUCCEEDED not in statuses:
+            return WorkflowStatus.WORKFLOW_STATUS_FAILED  # continue_on_failure, all failed
         return WorkflowStatus.WORKFLOW_STATUS_PARTIALLY_SUCCEEDED
 
     def _mark_cancelled(self, why: str) -> None:

@@ -242,6 +242,39 @@ async def test_subscribe_events_filters_and_ends_after_the_workflow(tmp_path):
         other.cancel()
 
 
+async def test_a_workflow_cut_by_its_deadline_still_tells_subscribers_how_it_ended(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        m.primary.latency_s = 2.0
+        stream = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
+            workflow_id="wf-cut", until_workflow_complete=True), timeout=30)
+        assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await m.orchestrator.RunWorkflow(RunWorkflowRequest(
+                request_id=rid(), workflow=WorkflowDefinition(workflow_id="wf-cut", tasks=[
+                    TaskSpec(task_id="a", agent="coder", input_template="x"),
+                    TaskSpec(task_id="b", agent="coder", input_template="y",
+                             depends_on=["a"])])), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        received = []
+        while not received or received[-1].WhichOneof("event") != "end":
+            received.append(await asyncio.wait_for(stream.read(), 10))
+        types = [x.agent_event.type for x in received if x.WhichOneof("event") == "agent_event"]
+        assert EventType.EVENT_TYPE_AGENT_FAILED in types
+        assert types[-1] == EventType.EVENT_TYPE_WORKFLOW_COMPLETE
+        last = received[-2].agent_event.workflow_complete
+        assert last.status == WorkflowStatus.WORKFLOW_STATUS_CANCELLED
+
+
+async def test_a_workflow_whose_every_task_failed_has_failed(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        m.primary.simulate_failure(ErrorKind.BAD_REQUEST, times=10)
+        done = await workflow(m, TaskSpec(task_id="a", agent="coder", input_template="x"),
+                              definition={"continue_on_failure": True})
+        assert done.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+
+
 async def test_a_failing_subscriber_never_breaks_a_run(tmp_path):
     async with mesh(tmp_path) as m:
         seen = []

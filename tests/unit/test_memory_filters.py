@@ -64,7 +64,7 @@ def test_touching_inclusive_bounds_are_fine():
 def test_metadata_integers_become_integers_and_round_trip():
     meta = struct_pb2.Struct()
     meta.update({"n": 3, "x": 1.5, "nested": {"m": 2, "tags": ["a", 4]}, "ok": True})
-    payload = metadata_to_payload(meta)
+    payload = metadata_to_payload(meta, "items[0].metadata")
     assert payload == {"n": 3, "x": 1.5, "nested": {"m": 2, "tags": ["a", 4]}, "ok": True}
     assert isinstance(payload["n"], int) and isinstance(payload["nested"]["tags"][1], int)
     back = struct_pb2.Struct()

@@ -1952,7 +1952,7 @@ export enum WorkflowStatus {
   SUCCEEDED = 1,
 
   /**
-   * A task failed (and continue_on_failure was false).
+   * A task failed and continue_on_failure was false, or no task succeeded.
    *
    * @generated from enum value: WORKFLOW_STATUS_FAILED = 2;
    */
