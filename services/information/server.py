@@ -63,7 +63,8 @@ async def create_server(settings: InformationSettings,
         policy=PricePolicy(settings.unknown_model, default),
         reservation_ttl_s=settings.reservation_ttl_s,
         default_max_tokens=settings.default_max_tokens,
-        alert_poll_interval_s=settings.alert_poll_interval_s)
+        alert_poll_interval_s=settings.alert_poll_interval_s,
+        heartbeat_interval_s=settings.heartbeat_interval_s)
     sweeper = asyncio.create_task(_sweep(store, settings.sweep_interval_s))
 
     async def stop_background() -> None:

@@ -122,7 +122,7 @@ class _ConfigCache:
 class InformationServicer(InformationServiceServicer):
     def __init__(self, store: InformationStore, *, currency: str, policy: PricePolicy,
                  reservation_ttl_s: float, default_max_tokens: int = 4096,
-                 alert_poll_interval_s: float = 0.25,
+                 alert_poll_interval_s: float = 0.25, heartbeat_interval_s: float = 15.0,
                  metrics: CallMetrics | None = None) -> None:
         self.store = store
         self.currency = currency
@@ -130,6 +130,7 @@ class InformationServicer(InformationServiceServicer):
         self.reservation_ttl_us = int(reservation_ttl_s * 1e6)
         self.default_max_tokens = default_max_tokens
         self.alert_poll_interval_s = alert_poll_interval_s
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.metrics = metrics or CallMetrics()
         self._alert_event = asyncio.Event()
         self._closing = asyncio.Event()
@@ -457,8 +458,12 @@ class InformationServicer(InformationServiceServicer):
         else:
             since_us, seq = 0, await self.store.last_alert_seq()
         yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))
+        last_sent = time.monotonic()
         budgets: dict[str, BudgetRecord | None] = {}
         while not self._closing.is_set():
+            if time.monotonic() - last_sent >= self.heartbeat_interval_s:
+                yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))
+                last_sent = time.monotonic()
             for alert in await self.store.alerts_after(seq):
                 seq = alert.seq
                 if alert.create_time_us < since_us:
@@ -473,6 +478,7 @@ class InformationServicer(InformationServiceServicer):
                 if not _scope_matches(scope, alert, budget):
                     continue
                 yield WatchAlertsResponse(alert=alert_to_proto(alert, budget, self.currency))
+                last_sent = time.monotonic()
             self._alert_event.clear()
             try:
                 await asyncio.wait_for(self._alert_event.wait(), self.alert_poll_interval_s)

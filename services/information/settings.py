@@ -53,3 +53,5 @@ class InformationSettings(BaseSettings):
     sweep_interval_s: float = Field(default=1.0, gt=0)
     # How often alert watchers look for alerts fired by other replicas.
     alert_poll_interval_s: float = Field(default=0.25, gt=0)
+    # A watch with no alert to send sends a heartbeat this often.
+    heartbeat_interval_s: float = Field(default=15.0, gt=0)

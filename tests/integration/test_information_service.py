@@ -510,6 +510,16 @@ async def test_watch_streams_alerts_and_ends_explicitly(tmp_path):
         await shutdown
 
 
+async def test_an_idle_watch_sends_heartbeats(tmp_path):
+    async with open_store("sqlite", tmp_path) as store, \
+            serve(store, heartbeat_interval_s=0.1) as (stub, _):
+        stream = stub.WatchAlerts(WatchAlertsRequest())
+        kinds = [(await asyncio.wait_for(stream.read(), 5)).WhichOneof("event")
+                 for _ in range(3)]
+        assert kinds == ["heartbeat"] * 3
+        stream.cancel()
+
+
 # -- pricing and metrics ---------------------------------------------------------
 
 async def test_unknown_model_policy(tmp_path):

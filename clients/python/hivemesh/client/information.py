@@ -11,8 +11,8 @@ import grpc
 from google.protobuf import duration_pb2
 
 from hivemesh.client.base import DEFAULT, BaseClient, trace_metadata
-from hivemesh.client.errors import from_rpc_error
-from hivemesh.common.v1 import RequestContext, Usage
+from hivemesh.client.errors import from_rpc_error, from_status
+from hivemesh.common.v1 import RequestContext, StreamOutcome, Usage
 from hivemesh.information.v1 import (
     Alert, Budget, BudgetStatus, CommitRequest, CommitResponse, CreateBudgetRequest,
     GetBudgetStatusRequest, InformationServiceStub, ModelPrice, ReleaseRequest,
@@ -40,8 +40,12 @@ class InformationClient(BaseClient):
 
     async def set_price(self, model: str, *, input_micros_per_million: int,
                         output_micros_per_million: int,
-                        cached_input_micros_per_million: int = 0, backend: str = "",
+                        cached_input_micros_per_million: int | None = None, backend: str = "",
                         timeout=DEFAULT) -> ModelPrice:
+        """Sets a model's price; cached prompt tokens cost the input price
+        unless ``cached_input_micros_per_million`` says otherwise."""
+        if cached_input_micros_per_million is None:
+            cached_input_micros_per_million = input_micros_per_million
         request = SetModelPriceRequest(request_id=_rid(None), price=ModelPrice(
             model=model, backend=backend, input_micros_per_million=input_micros_per_million,
             output_micros_per_million=output_micros_per_million,
@@ -98,7 +102,9 @@ class InformationClient(BaseClient):
     async def watch_alerts(self, *, scope: Scope | None = None,
                            budget_ids: list[str] | None = None) -> AsyncIterator[Alert]:
         """Alerts as they fire, until the server ends the stream. A stream
-        that closes without its terminal message raises UnavailableError."""
+        that closes without its terminal message raises UnavailableError; one
+        that ends FAILED (this watcher fell behind and alerts were dropped)
+        raises the error it carries."""
         call = self._stub.WatchAlerts(WatchAlertsRequest(scope=scope or Scope(),
                                                          budget_ids=budget_ids or []),
                                       metadata=trace_metadata())
@@ -108,7 +114,9 @@ class InformationClient(BaseClient):
                 if kind == "alert":
                     yield message.alert
                 elif kind == "end":
-                    return
+                    if message.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED:
+                        return
+                    raise from_status(message.end.error)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         from hivemesh.client.errors import UnavailableError

@@ -430,7 +430,9 @@ export type ModelPrice = Message<"hivemesh.information.v1.ModelPrice"> & {
   outputMicrosPerMillion: bigint;
 
   /**
-   * Price of a million prompt tokens served from the upstream's cache.
+   * Price of a million prompt tokens served from the upstream's cache; 0
+   * makes them free (prices given in the service's settings default it to
+   * the input price when left out).
    *
    * @generated from field: int64 cached_input_micros_per_million = 5;
    */

@@ -1,0 +1,50 @@
+"""The Python client's reading of stream terminal messages."""
+
+from __future__ import annotations
+
+import pytest
+from google.rpc import status_pb2
+
+from hivemesh.client import InformationClient
+from hivemesh.client.errors import ResourceExhaustedError, UnavailableError
+from hivemesh.common.v1 import StreamEnd, StreamOutcome
+from hivemesh.information.v1 import Alert, Heartbeat, WatchAlertsResponse
+
+
+class _Stub:
+    def __init__(self, *messages: WatchAlertsResponse) -> None:
+        self.messages = messages
+
+    def WatchAlerts(self, request, metadata=None):  # noqa: N802 - the stub's name
+        async def stream():
+            for m in self.messages:
+                yield m
+        return stream()
+
+
+async def _alerts(*messages: WatchAlertsResponse) -> list[str]:
+    async with InformationClient("127.0.0.1:1") as client:
+        client._stub = _Stub(*messages)
+        return [a.budget_id async for a in client.watch_alerts()]
+
+
+ALERT = WatchAlertsResponse(alert=Alert(budget_id="b"))
+HEARTBEAT = WatchAlertsResponse(heartbeat=Heartbeat())
+
+
+async def test_a_completed_watch_ends_quietly():
+    end = WatchAlertsResponse(end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
+    assert await _alerts(HEARTBEAT, ALERT, end) == ["b"]
+
+
+async def test_a_failed_watch_raises_the_error_it_carries():
+    end = WatchAlertsResponse(end=StreamEnd(
+        outcome=StreamOutcome.STREAM_OUTCOME_FAILED,
+        error=status_pb2.Status(code=8, message="alerts were dropped")))
+    with pytest.raises(ResourceExhaustedError, match="dropped"):
+        await _alerts(ALERT, end)
+
+
+async def test_a_cut_watch_raises_unavailable():
+    with pytest.raises(UnavailableError):
+        await _alerts(HEARTBEAT, ALERT)
