@@ -104,6 +104,64 @@ def _usage(prompt: int, completion: int, cached: int = 0) -> Usage:
                  total_tokens=prompt + completion, cached_prompt_tokens=cached)
 
 
+def _idempotency_key(request) -> tuple[str, str]:
+    """(key, fingerprint): request ids are the caller's tenant's own, so the
+    key is scoped by tenant; the context (ids of the caller's run) is not
+    part of what the request asks."""
+    return (f"{type(request).__name__}\x1f{request.context.tenant_id}\x1f{request.request_id}",
+            fingerprint(request, ignore=("request_id", "context")))
+
+
+def _cache_key(request, chat: ChatRequest, alias: str) -> str | None:
+    """The response cache's key of a request, None when it may not be cached."""
+    if not _cacheable(request, chat):
+        return None
+    return hashlib.sha256(json.dumps([alias, request.disable_fallback, repr(chat)])
+                          .encode()).hexdigest()
+
+
+def _cached(hit: GenerateResponse) -> GenerateResponse:
+    """A cached answer: no upstream call was made, nothing used or paid."""
+    response = GenerateResponse()
+    response.CopyFrom(hit)
+    response.cached = True
+    response.ClearField("usage")
+    response.attempts = 0
+    return response
+
+
+def _response_of(summary: StreamSummary) -> GenerateResponse:
+    return GenerateResponse(
+        message=summary.message, usage=summary.usage, finish_reason=summary.finish_reason,
+        model=summary.model, backend=summary.backend, upstream_model=summary.upstream_model,
+        latency=summary.latency, attempts=summary.attempts,
+        fallback_used=summary.fallback_used)
+
+
+def _summary_of(response: GenerateResponse) -> StreamSummary:
+    return StreamSummary(
+        message=response.message, usage=response.usage, finish_reason=response.finish_reason,
+        model=response.model, backend=response.backend, upstream_model=response.upstream_model,
+        latency=response.latency, attempts=response.attempts,
+        fallback_used=response.fallback_used,
+        delivered_completion_tokens=estimate_tokens(response.message.content))
+
+
+def _as_stream(summary: StreamSummary) -> list[StreamGenerateResponse]:
+    """A completed answer as a stream: its content in one delta, each tool
+    call in one, then the terminal message."""
+    message = summary.message
+    out = [StreamGenerateResponse(delta=ContentDelta(text=message.content))] \
+        if message.content else []
+    out += [StreamGenerateResponse(tool_call_delta=ToolCallDelta(
+        index=i, id=c.id, name=c.name, arguments_delta=c.arguments))
+        for i, c in enumerate(message.tool_calls)]
+    summary.delivered_chunks = len(out)
+    out.append(StreamGenerateResponse(
+        end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED), summary=summary))
+    return out
+
+
 def route_error(exc: RouteError) -> errors.ServiceError:
     """The gRPC error of a failed route; never contains a credential."""
     last = exc.last
@@ -173,8 +231,7 @@ class LlmServicer(LlmServiceServicer):
 
     async def _once(self, request, run):
         """Run ``run()`` at most once per request_id (replay afterwards)."""
-        return await self.idempotency.once(
-            request.request_id, fingerprint(request, ignore=("request_id", "context")), run)
+        return await self.idempotency.once(*_idempotency_key(request), run)
 
     async def Generate(self, request, context):
         started = time.monotonic()
@@ -183,18 +240,11 @@ class LlmServicer(LlmServiceServicer):
         chain = self.router.chain(model, request.disable_fallback)
 
         async def run() -> GenerateResponse:
-            key = None
-            if _cacheable(request, chat):
-                key = hashlib.sha256(json.dumps(
-                    [model.alias, request.disable_fallback, repr(chat)]).encode()).hexdigest()
+            key = _cache_key(request, chat, model.alias)
+            if key is not None:
                 hit = self.cache.get(key)
                 if hit is not None:
-                    response = GenerateResponse()
-                    response.CopyFrom(hit)
-                    response.cached = True
-                    # No upstream call was made: nothing used, nothing to pay.
-                    response.ClearField("usage")
-                    response.attempts = 0
+                    response = _cached(hit)
                     response.latency.CopyFrom(duration_s(time.monotonic() - started))
                     return response
             try:
@@ -220,9 +270,53 @@ class LlmServicer(LlmServiceServicer):
             fallback_used=route.fallback_used)
 
     async def StreamGenerate(self, request, context):
+        """A completed stream is remembered under its request_id (a retry
+        replays it) and, where the cache policy allows, cached like a
+        Generate answer (each serves the other)."""
         started = time.monotonic()
         model = self._model(request.model, "chat")
         chat = chat_request(request)
+        request_key, digest = _idempotency_key(request)
+        try:
+            replay, stored = await self.idempotency.begin(request_key, digest)
+        except KeyError:
+            raise errors.idempotency_conflict(request.request_id) from None
+        if replay:
+            summary = StreamSummary()
+            summary.CopyFrom(stored)
+            summary.replayed = True
+            for message in _as_stream(summary):
+                yield message
+            return
+        completed: StreamSummary | None = None
+        try:
+            key = _cache_key(request, chat, model.alias)
+            hit = self.cache.get(key) if key is not None else None
+            if hit is not None:
+                completed = _summary_of(_cached(hit))
+                completed.cached = True
+                completed.latency.CopyFrom(duration_s(time.monotonic() - started))
+                for message in _as_stream(completed):
+                    yield message
+                return
+            async with contextlib.aclosing(self._stream(request, context, chat, model,
+                                                        started)) as stream:
+                async for message in stream:
+                    if message.HasField("end") and \
+                            message.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED:
+                        completed = message.summary
+                        if key is not None:
+                            self.cache.put(key, _response_of(completed))
+                    yield message
+        finally:
+            # Only a stream that completed is remembered; a failed or
+            # abandoned one runs again when retried.
+            if completed is not None:
+                self.idempotency.finish(request_key, digest, completed)
+            else:
+                self.idempotency.fail(request_key)
+
+    async def _stream(self, request, context, chat: ChatRequest, model, started: float):
         chain = self.router.chain(model, request.disable_fallback)
         estimated = estimate_prompt_tokens(chat.messages) + (chat.max_tokens or 0)
         try:

@@ -19,7 +19,7 @@ from hivemesh.client import from_rpc_error
 from hivemesh.client.errors import (
     AlreadyExistsError, InvalidArgumentError, NotFoundError, OutOfRangeError,
     ResourceExhaustedError, UnavailableError)
-from hivemesh.common.v1 import StreamOutcome
+from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.llm.v1 import (
     CountTokensRequest, EmbedRequest, GenerateRequest, GenerationConfig, ListModelsRequest,
     LlmServiceStub, Prompt, StreamGenerateRequest)
@@ -241,6 +241,65 @@ async def test_stream_delivers_deltas_then_an_explicit_end(llm):
     assert last.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
     assert last.summary.message.content == text and last.summary.delivered_chunks == 4
     assert last.summary.usage.completion_tokens > 0 and last.summary.finish_reason == 1
+
+
+async def test_a_retried_stream_replays_a_completed_one_and_runs_a_failed_one_again(llm):
+    stub, backends = llm
+    backends["primary"].queue_response("alpha beta gamma")
+    request = StreamGenerateRequest(request_id=rid(), model="main", prompt=Prompt(prompt="go"),
+                                    config=GenerationConfig(temperature=0.9))
+    first = await _read_stream(stub, request)
+    again = await _read_stream(stub, request)
+    assert len(backends["primary"].calls) == 1
+    assert again[-1].summary.replayed and not first[-1].summary.replayed
+    text = "".join(m.delta.text for m in again if m.WhichOneof("event") == "delta")
+    assert text == first[-1].summary.message.content == "alpha beta gamma"
+    assert again[-1].summary.usage == first[-1].summary.usage
+    request.prompt.prompt = "something else"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _read_stream(stub, request)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    # A stream that failed is not remembered: its retry generates again.
+    backends["primary"].queue_response("one two three")
+    backends["primary"].cut_next_stream_after(1)
+    cut = StreamGenerateRequest(request_id=rid(), model="main", prompt=Prompt(prompt="cut"),
+                                config=GenerationConfig(temperature=0.9))
+    failed = await _read_stream(stub, cut)
+    assert failed[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+    retried = await _read_stream(stub, cut)
+    assert retried[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+    assert not retried[-1].summary.replayed and len(backends["primary"].calls) == 3
+
+
+async def test_streams_and_generations_share_the_response_cache(llm):
+    stub, backends = llm
+    deterministic = GenerationConfig(temperature=0.0)
+    made = await call(stub.Generate, GenerateRequest(
+        request_id=rid(), model="main", prompt=Prompt(prompt="cache me"), config=deterministic))
+    streamed = await _read_stream(stub, StreamGenerateRequest(
+        request_id=rid(), model="main", prompt=Prompt(prompt="cache me"), config=deterministic))
+    summary = streamed[-1].summary
+    assert summary.cached and summary.message == made.message
+    assert summary.usage.total_tokens == 0 and summary.attempts == 0
+    assert len(backends["primary"].calls) == 1
+    await _read_stream(stub, StreamGenerateRequest(
+        request_id=rid(), model="main", prompt=Prompt(prompt="streamed first"),
+        config=deterministic))
+    answered = await call(stub.Generate, GenerateRequest(
+        request_id=rid(), model="main", prompt=Prompt(prompt="streamed first"),
+        config=deterministic))
+    assert answered.cached and len(backends["primary"].calls) == 2
+
+
+async def test_request_ids_are_each_tenants_own(llm):
+    stub, backends = llm
+    request_id = rid()
+    for tenant in ("alice", "bob"):
+        request = gen(temperature=0.9, context=RequestContext(tenant_id=tenant))
+        request.request_id = request_id
+        answer = await call(stub.Generate, request)
+        assert not answer.replayed
+    assert len(backends["primary"].calls) == 2
 
 
 async def test_stream_cut_after_first_token_ends_failed_without_fallback(llm):
