@@ -70,7 +70,8 @@ class Limits:
 
 
 def resolve_namespace(namespace: str, context: RequestContext) -> str:
-    """The request's namespace, or the lower-cased tenant, or "default"."""
+    """The request's namespace, or the lower-cased tenant, or "default" (as
+    the v1 contract says: tenant ids that differ only in case share one)."""
     if namespace:
         return namespace
     tenant = context.tenant_id.lower()
@@ -81,6 +82,12 @@ def resolve_namespace(namespace: str, context: RequestContext) -> str:
             "context.tenant_id", "cannot name a namespace (it must start with a letter or "
                                  "digit); set namespace explicitly")])
     return tenant
+
+
+def _ledger_id(namespace: str, request_id: str) -> str:
+    """Request ids are scoped by namespace: the same id in two namespaces
+    names two requests."""
+    return f"{namespace}\x1f{request_id}"
 
 
 def chunk_id(namespace: str, source_id: str, content_key: str, index: int) -> str:
@@ -197,7 +204,8 @@ class MemoryServicer(MemoryServiceServicer):
         size, overlap, whole = self._chunking(request.chunking)
         fp = fingerprint(request)
         with _backend_errors():
-            first = self.ledger.replay("AddMemories", request.request_id, fp)
+            first = self.ledger.replay("AddMemories", _ledger_id(namespace, request.request_id),
+                                       fp)
         if first is not None:
             return _replayed(AddMemoriesResponse.FromString(first))
         texts = self._split(request, size, overlap, whole)
@@ -237,7 +245,9 @@ class MemoryServicer(MemoryServiceServicer):
             embedding_model=self.embedder.model,
             embedding_usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
         with _backend_errors():
-            stored, twin = await self.ledger.remember("AddMemories", request.request_id, fp,
+            stored, twin = await self.ledger.remember("AddMemories",
+                                                      _ledger_id(namespace, request.request_id),
+                                                      fp,
                                                       response.SerializeToString())
         return _replayed(AddMemoriesResponse.FromString(stored)) if twin else response
 
@@ -323,11 +333,12 @@ class MemoryServicer(MemoryServiceServicer):
         """Runs ``work`` unless this request_id has an answer already."""
         fp = fingerprint(request)
         with _backend_errors():
-            first = self.ledger.replay(method, request.request_id, fp)
+            first = self.ledger.replay(method, _ledger_id(namespace, request.request_id), fp)
             if first is not None:
                 return response_type.FromString(first)
             response = await work()
-            stored, _ = await self.ledger.remember(method, request.request_id, fp,
+            stored, _ = await self.ledger.remember(method,
+                                                   _ledger_id(namespace, request.request_id), fp,
                                                    response.SerializeToString())
         return response_type.FromString(stored)
 
@@ -364,7 +375,7 @@ class MemoryServicer(MemoryServiceServicer):
         namespace = resolve_namespace(request.namespace, request.context)
         with _backend_errors():
             return await self.ledger.append(namespace, request.session_id, request.messages,
-                                            request.request_id,
+                                            _ledger_id(namespace, request.request_id),
                                             fingerprint(request))
 
     async def GetHistory(self, request, context):

@@ -265,6 +265,16 @@ async def test_namespaces_never_see_each_other(memory):
     assert await memory.count(namespace="tenant-a", context=b) == 1
 
 
+async def test_request_ids_are_scoped_by_namespace(memory):
+    request_id = str(uuid.uuid4())
+    first = await memory.add(["A note in one namespace."], namespace="one",
+                             request_id=request_id)
+    other = await memory.add(["Another note elsewhere."], namespace="two",
+                             request_id=request_id)
+    assert not first.replayed and not other.replayed
+    assert await memory.count(namespace="two") == 1
+
+
 async def test_forget_namespace_deletes_chunks_and_sessions(memory):
     await add_notes(memory, namespace="gone")
     await add_notes(memory, namespace="kept")
