@@ -87,7 +87,8 @@ class OrchestratorServicer:
     async def ListAgents(self, request, context):
         size = request.page_size or DEFAULT_PAGE_SIZE
         digest = paging.digest("agents")
-        after = paging.decode(request.page_token, digest)[0] if request.page_token else ""
+        after = (paging.decode(request.page_token, digest, (str,))[0] if request.page_token
+                 else "")
         page = await self.agents.page(after, size + 1)
         response = ListAgentsResponse(agents=page[:size])
         if len(page) > size:

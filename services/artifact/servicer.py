@@ -121,10 +121,7 @@ class ArtifactServicer(ArtifactServiceServicer):
         filters = paging.digest(flt.items())
         after = None
         if request.page_token:
-            key = paging.decode(request.page_token, filters)
-            if len(key) != 2 or not isinstance(key[0], int) or not isinstance(key[1], str):
-                raise errors.invalid_argument([("page_token", "page_token is malformed")])
-            after = Cursor(*key)
+            after = Cursor(*paging.decode(request.page_token, filters, (int, str)))
         size = request.page_size or self.default_page_size
         try:
             # One extra row tells whether another page exists.

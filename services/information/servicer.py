@@ -193,7 +193,8 @@ class InformationServicer(InformationServiceServicer):
     async def ListBudgets(self, request, context):
         scope = (request.scope.tenant_id, request.scope.workflow_id, request.scope.agent_id)
         digest = paging.digest("budgets", scope)
-        after = paging.decode(request.page_token, digest)[0] if request.page_token else ""
+        after = (paging.decode(request.page_token, digest, (str,))[0] if request.page_token
+                 else "")
         size = request.page_size or 50
         rows = await self.store.list_budgets(scope, size + 1, after)
         response = ListBudgetsResponse(budgets=[budget_to_proto(b) for b in rows[:size]])
@@ -244,7 +245,8 @@ class InformationServicer(InformationServiceServicer):
 
     async def ListModelPrices(self, request, context):
         digest = paging.digest("prices", request.model)
-        after = tuple(paging.decode(request.page_token, digest)) if request.page_token else None
+        after = (tuple(paging.decode(request.page_token, digest, (str, str)))
+                 if request.page_token else None)
         size = request.page_size or 100
         rows = await self.store.list_prices(request.model, size + 1, after)
         response = ListModelPricesResponse(prices=[_price_to_proto(p) for p in rows[:size]])

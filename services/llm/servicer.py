@@ -398,7 +398,7 @@ class LlmServicer(LlmServiceServicer):
         start = 0
         digest = paging.digest("models", request.kind)
         if request.page_token:
-            after = paging.decode(request.page_token, digest)[0]
+            after = paging.decode(request.page_token, digest, (str,))[0]
             start = next((i + 1 for i, m in enumerate(models) if m.alias == after), len(models))
         size = request.page_size or 100
         page = models[start:start + size]

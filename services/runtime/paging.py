@@ -22,12 +22,14 @@ def encode(key: list, filters_digest: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode(token: str, filters_digest: str) -> list:
-    """The key of a token; INVALID_ARGUMENT on ``page_token`` if the token is
-    malformed or was issued for other filters."""
+def decode(token: str, filters_digest: str, shape: tuple[type, ...]) -> list:
+    """The key of a token, one value of each type of ``shape``;
+    INVALID_ARGUMENT on ``page_token`` if the token is malformed or was
+    issued for other filters."""
     try:
         key, seen = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        if not isinstance(key, list):
+        if not isinstance(key, list) or len(key) != len(shape) or not all(
+                isinstance(v, t) and not isinstance(v, bool) for v, t in zip(key, shape)):
             raise ValueError("bad token")
     except (ValueError, TypeError):
         raise errors.invalid_argument([("page_token", "page_token is malformed")]) from None
