@@ -34,6 +34,7 @@ from google.protobuf import json_format
 from hivemesh.orchestrator.v1 import AgentDefinition
 from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import now_us
+from hivemesh.services.orchestrator import templates
 
 
 class AgentFileError(ValueError):
@@ -51,7 +52,22 @@ def parse_agent(data: dict, origin: str) -> AgentDefinition:
         first = violations[0].proto
         where = ".".join(e.field_name for e in first.field.elements) or "agent"
         raise AgentFileError(f"{origin}: {where}: {first.message or first.rule_id}")
+    problems = definition_problems(agent)
+    if problems:
+        raise AgentFileError(f"{origin}: {problems[0][0]}: {problems[0][1]}")
     return agent
+
+
+def definition_problems(agent: AgentDefinition) -> list[tuple[str, str]]:
+    """(field, problem) of what would make every run of the agent fail or
+    do what was not meant, beyond the contract's field rules."""
+    found = [("system_prompt", p) for p in templates.unknown_references(agent.system_prompt)]
+    seen = {agent.model}
+    for i, model in enumerate(agent.fallback_models):
+        if model in seen:
+            found.append((f"fallback_models[{i}]", f"{model!r} is already in the chain"))
+        seen.add(model)
+    return found
 
 
 def load_agent_file(path: Path) -> AgentDefinition:

@@ -17,6 +17,7 @@ from hivemesh.orchestrator.v1 import (
 from hivemesh.runtime import errors, paging
 from hivemesh.runtime.resilience import fingerprint, replayed_copy
 from hivemesh.runtime.wellknown import now_us, timestamp
+from hivemesh.services.orchestrator.agents import definition_problems
 from hivemesh.services.orchestrator.context import ExecutionContext
 from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
 from hivemesh.services.orchestrator.policy import deadline_scope
@@ -100,6 +101,9 @@ class OrchestratorServicer:
             if any(not self.tools.known(t) for t in request.agent.allowed_tools):
                 await self.tools.refresh()
             self._check_tools(request.agent)
+            problems = definition_problems(request.agent)
+            if problems:
+                raise errors.invalid_argument((f"agent.{f}", p) for f, p in problems)
             agent, created = await self.agents.register(request.agent, request.allow_update)
             return RegisterAgentResponse(agent=agent, created=created)
         response, replayed = await self._once("register", request, register, context)

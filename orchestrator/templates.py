@@ -17,6 +17,14 @@ def references(template: str) -> list[str]:
     return _REFERENCE.findall(template)
 
 
+def unknown_references(template: str) -> list[str]:
+    """References that are not ``{{variables.<name>}}`` (all an agent's
+    system prompt may hold: it is rendered with the run's variables)."""
+    return [f"{{{{{ref}}}}}: unknown reference (a system prompt may use "
+            "{{variables.<name>}} only)" for ref in references(template)
+            if _VARIABLE.match(ref) is None]
+
+
 def problems(template: str, variables: Mapping[str, str],
              tasks: frozenset[str] = frozenset(), *, allow_tasks: bool = False) -> list[str]:
     """What is wrong with the template's references (empty: nothing)."""

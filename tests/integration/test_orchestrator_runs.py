@@ -386,3 +386,10 @@ async def test_bad_requests_are_rejected_before_any_work(tmp_path):
             await run(m, "nobody")
         with pytest.raises(InvalidArgumentError):
             await register(m, name="bad", allowed_tools=["no_such_tool"])
+        # What would make every run fail is refused when the agent is registered.
+        with pytest.raises(InvalidArgumentError) as err:
+            await register(m, name="bad", system_prompt="Hi {{foo}}, see {{tasks.x.output}}.")
+        assert [f for f, _ in err.value.field_violations] == ["agent.system_prompt"] * 2
+        with pytest.raises(InvalidArgumentError) as err:
+            await register(m, name="bad", model="main", fallback_models=["backup", "main"])
+        assert [f for f, _ in err.value.field_violations] == ["agent.fallback_models[1]"]

@@ -339,6 +339,9 @@ def test_agent_files_load_and_registered_agents_persist(tmp_path):
     (folder / "bad.toml").write_text('name = "Not Valid"\n')
     with pytest.raises(AgentFileError, match="bad.toml"):
         AgentRegistry().load_dir(folder)
+    (folder / "bad.toml").write_text('name = "typo"\nsystem_prompt = "Hi {{variabels.x}}"\n')
+    with pytest.raises(AgentFileError, match="bad.toml: system_prompt: .*unknown reference"):
+        AgentRegistry().load_dir(folder)
 
 
 async def test_workflow_retry_replays_the_result(tmp_path):
