@@ -314,3 +314,26 @@ async def test_a_failing_log_sync_is_reported_unavailable(tmp_path, monkeypatch)
         monkeypatch.undo()
         await store.upsert(POINTS[:1])  # the next sync succeeds and covers it
         assert [f.id for f in await store.get("a", [POINTS[0].id])] == [POINTS[0].id]
+
+
+async def test_a_segment_renamed_during_the_sync_is_synced_under_its_new_name(
+        tmp_path, monkeypatch):
+    from hivemesh.services.memory.store import edge
+
+    fsync, synced, renamed = edge._fsync, [], []
+
+    def racing(path):
+        path = Path(path)
+        if path.name.startswith("open-") and not renamed:
+            # The engine closes the segment between the listing and the fsync.
+            renamed.append((path, path.rename(path.with_name("closed-99"))))
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        synced.append(path.name)
+        fsync(path)
+    async with open_store("edge", tmp_path) as store:
+        monkeypatch.setattr(edge, "_fsync", racing)
+        await store.upsert(POINTS[:1])
+        monkeypatch.undo()
+        original, moved = renamed[0]
+        moved.rename(original)  # back, for the engine
+    assert "closed-99" in synced

@@ -222,6 +222,10 @@ class EdgeStore(MemoryStore):
         self.shard.close()
 
 
+# Listings of the log's segments one sync may take (see _fsync_segments).
+_WAL_LISTINGS = 5
+
+
 class _WalSync:
     """fsyncs the shard's write-ahead log for the updates applied so far.
 
@@ -261,19 +265,31 @@ class _WalSync:
             self._running = None
 
     def _fsync_segments(self) -> None:
-        with os.scandir(self._dir) as entries:
-            names = frozenset(e.name for e in entries
-                              if e.name.startswith(("open-", "closed-")))
-        for name in sorted(names):
-            if name in self._closed_synced:
-                continue
-            _fsync(self._dir / name)
-            if name.startswith("closed-"):
-                self._closed_synced.add(name)
-        if names != self._names:
-            _fsync(self._dir)
-            self._names = names
-        self._closed_synced &= names
+        # The engine renames a full segment while this runs: a name that
+        # vanished between the listing and the fsync is found again, as a
+        # closed segment, by the next listing.
+        for _ in range(_WAL_LISTINGS):
+            with os.scandir(self._dir) as entries:
+                names = frozenset(e.name for e in entries
+                                  if e.name.startswith(("open-", "closed-")))
+            vanished = False
+            for name in sorted(names):
+                if name in self._closed_synced:
+                    continue
+                try:
+                    _fsync(self._dir / name)
+                except FileNotFoundError:
+                    vanished = True
+                    continue
+                if name.startswith("closed-"):
+                    self._closed_synced.add(name)
+            if names != self._names:
+                _fsync(self._dir)
+                self._names = names
+            self._closed_synced &= names
+            if not vanished:
+                return
+        raise OSError(f"the write-ahead log in {self._dir} kept changing while it was synced")
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
