@@ -320,31 +320,38 @@ class AgentRunner:
 
     # ------------------------------------------------------------ budget
 
-    def _outlive(self, call: asyncio.Future, then=None) -> None:
-        """Lets ``call`` finish after its run was cancelled, then runs
-        ``then(result)`` if it succeeded."""
-        async def finish() -> None:
-            try:
-                result = await call
-            except (errors.ServiceError, asyncio.CancelledError):
-                return
-            if then is not None:
-                await then(result)
-        task = asyncio.create_task(finish())
+    def _in_background(self, work) -> None:
+        """Runs ``work`` (a coroutine) to its end although the run that
+        needed it was cancelled."""
+        task = asyncio.create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _reserve(self, run: _Run, model: str, prompt: str, iteration: int) -> None:
-        reserving = asyncio.ensure_future(self.providers.call(
-            "information", "Reserve", ReserveRequest(
-                request_id=f"{run.opts.request_id}:reserve:{iteration}", context=run.context,
-                model=model, estimated_prompt_tokens=estimate_tokens(prompt + run.opts.input),
-                max_tokens=run.agent.sampling.max_tokens or DEFAULT_MAX_TOKENS)))
+    async def _resend(self, method: str, request):
+        """Sends an information request again past the run's deadline: its
+        request_id answers with what the first sending did, or does it now.
+        None when it fails (a hold then lapses at its TTL)."""
         try:
-            response = await asyncio.shield(reserving)
+            with beyond_deadline():
+                return await self.providers.call("information", method, request)
+        except errors.ServiceError:
+            return None
+
+    async def _release_reserved(self, request: ReserveRequest) -> None:
+        reserved = await self._resend("Reserve", request)
+        if reserved is not None:
+            await self._release_id(reserved.reservation_id, 2)
+
+    async def _reserve(self, run: _Run, model: str, prompt: str, iteration: int) -> None:
+        request = ReserveRequest(
+            request_id=f"{run.opts.request_id}:reserve:{iteration}", context=run.context,
+            model=model, estimated_prompt_tokens=estimate_tokens(prompt + run.opts.input),
+            max_tokens=run.agent.sampling.max_tokens or DEFAULT_MAX_TOKENS)
+        try:
+            response = await self.providers.call("information", "Reserve", request)
         except asyncio.CancelledError:
-            # The hold may be made all the same: released as soon as it is.
-            self._outlive(reserving, lambda r: self._release_id(r.reservation_id, 2))
+            # The hold may be made all the same: ask for it again and release it.
+            self._in_background(self._release_reserved(request))
             raise
         run.reservation = response.reservation_id
 
@@ -397,16 +404,15 @@ class AgentRunner:
 
     async def _record_spend(self, run: _Run, method: str, request):
         """Commits or tracks a generation's spend. The spend happened: it is
-        recorded even past the run's deadline, and a run cancelled meanwhile
-        leaves the call to finish (and settle its reservation)."""
-        with beyond_deadline():
-            recording = asyncio.ensure_future(self.providers.call("information", method,
-                                                                  request))
+        recorded even past the run's deadline, and if the run is cancelled
+        meanwhile the request is sent again in the background (and settles
+        the reservation)."""
         try:
-            return await asyncio.shield(recording)
+            with beyond_deadline():
+                return await self.providers.call("information", method, request)
         except asyncio.CancelledError:
-            run.reservation = None  # settled by the call in flight
-            self._outlive(recording)
+            run.reservation = None  # settled by the request sent again
+            self._in_background(self._resend(method, request))
             raise
 
     def _check_run_caps(self, run: _Run) -> None:

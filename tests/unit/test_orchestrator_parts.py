@@ -13,6 +13,7 @@ from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.context import ExecutionContext
 from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
 from hivemesh.services.orchestrator.policy import Providers, deadline_scope, remaining_s
+from hivemesh.services.orchestrator.tools import ToolRegistry
 
 START = EventType.EVENT_TYPE_AGENT_START
 CHUNK = EventType.EVENT_TYPE_GENERATION_CHUNK
@@ -130,3 +131,66 @@ async def test_deadline_scope_nests_and_fails_fast():
     finally:
         await providers.close()
     await asyncio.sleep(0)
+
+
+class _Information:
+    """Stands in for the providers: Reserve hangs the first time (until the
+    run is cancelled), Commit hangs when asked to; every call is recorded."""
+
+    def __init__(self, hang_commit: bool = False) -> None:
+        self.calls: list[str] = []
+        self.hang_commit = hang_commit
+
+    async def call(self, name, method, request, **kwargs):
+        from hivemesh.information.v1 import CommitResponse, ReleaseResponse, ReserveResponse
+        from hivemesh.llm.v1 import GenerateResponse, Message
+        self.calls.append(method)
+        if method == "Reserve":
+            if self.calls.count("Reserve") == 1 and not self.hang_commit:
+                await asyncio.Event().wait()
+            return ReserveResponse(reservation_id="rsv-1")
+        if method == "Generate":
+            return GenerateResponse(message=Message(content="done"), model="m")
+        if method == "Commit":
+            if self.calls.count("Commit") == 1 and self.hang_commit:
+                await asyncio.Event().wait()
+            return CommitResponse(cost_micros=5)
+        if method == "Release":
+            return ReleaseResponse(released=True)
+        raise AssertionError(method)
+
+
+async def _cancel_when(runner, fake: _Information, method: str) -> None:
+    from hivemesh.orchestrator.v1 import AgentDefinition
+    from hivemesh.services.orchestrator.runner import RunOptions
+    agent = AgentDefinition(name="coder", model="m")
+    ctx = ExecutionContext.from_request(RequestContext(tenant_id="acme"), "coder", "req-1")
+    run = asyncio.create_task(runner.run(agent, ctx, RunOptions("req-1", "x"),
+                                         EventSink(EventBus())))
+    for _ in range(1000):
+        if method in fake.calls or run.done():
+            break
+        await asyncio.sleep(0.001)
+    assert method in fake.calls and not run.done(), (fake.calls, run.done() and run.exception())
+    await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await asyncio.gather(*list(runner._settling))
+
+
+async def test_a_run_cancelled_while_reserving_releases_the_hold_it_may_have_got():
+    from hivemesh.services.orchestrator.runner import AgentRunner
+    fake = _Information()
+    runner = AgentRunner(fake, ToolRegistry(fake))
+    await _cancel_when(runner, fake, "Reserve")
+    assert fake.calls == ["Reserve", "Reserve", "Release"]
+
+
+async def test_a_run_cancelled_while_committing_still_records_the_spend():
+    from hivemesh.services.orchestrator.runner import AgentRunner
+    fake = _Information(hang_commit=True)
+    runner = AgentRunner(fake, ToolRegistry(fake))
+    await _cancel_when(runner, fake, "Commit")
+    # The commit is sent again (its request id answers once), nothing released.
+    assert fake.calls[-2:] == ["Commit", "Commit"] and "Release" not in fake.calls
