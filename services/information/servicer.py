@@ -505,7 +505,9 @@ def _check_token_counts(msg, fields: tuple[str, ...], prefix: str = "") -> None:
 
 
 def _status(b: BudgetRecord, c, now: int, currency: str) -> BudgetStatus:
-    start, end = period_bounds(b.period, now)
+    # The period of the counters shown (a charge settled after a period
+    # rolled over counts in the period its reservation was made in).
+    start, end = period_bounds(b.period, c.period_start_us)
     msg = BudgetStatus(budget_id=b.budget_id, scope=_scope(b.tenant_id, b.workflow_id,
                                                            b.agent_id),
                        mode=b.mode, currency=currency, period_start=timestamp(start),

@@ -510,6 +510,21 @@ async def test_watch_streams_alerts_and_ends_explicitly(tmp_path):
         await shutdown
 
 
+async def test_a_commit_after_midnight_shows_the_period_it_was_charged_to(info, monkeypatch):
+    from hivemesh.services.information import servicer
+    await make_budget(info, "daily", micros=1_000_000, period=DAILY)
+    yesterday = datetime(2026, 3, 1, 23, 59, tzinfo=UTC)
+    monkeypatch.setattr(servicer, "now_us", lambda: int(yesterday.timestamp() * 1e6))
+    reserved = await call(info.Reserve, reserve_request())
+    monkeypatch.undo()
+    committed = await call(info.Commit, CommitRequest(
+        request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+        usage=Usage(prompt_tokens=1000, completion_tokens=500)))
+    (shown,) = committed.budgets
+    assert shown.period_start.ToDatetime(tzinfo=UTC) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert shown.spent_micros == 6_000 and shown.reserved_micros == 0
+
+
 async def test_an_idle_watch_sends_heartbeats(tmp_path):
     async with open_store("sqlite", tmp_path) as store, \
             serve(store, heartbeat_interval_s=0.1) as (stub, _):
