@@ -9,6 +9,7 @@ reflection, and the standard middleware chain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,11 +35,44 @@ class ServiceBinding:
     servicer: object
 
 
+class Health(health.aio.HealthServicer):
+    """The library's health servicer, whose ``Watch`` streams end once the
+    server shuts down, after a last NOT_SERVING: a client watching health
+    (gRPC client-side health checking, a proxy) would otherwise hold every
+    shutdown for its whole grace period, then see its stream cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closing = asyncio.Event()
+
+    async def Watch(self, request, context) -> None:  # noqa: N802 - the RPC's name
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({watching, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not watching.done():
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+        if not watching.cancelled():
+            watching.result()  # the library's watch ended by itself: its outcome
+            return
+        # A courtesy to a watcher still there; one that left cannot be told.
+        with contextlib.suppress(Exception):
+            await context.write(health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    def close_watches(self) -> None:
+        self._closing.set()
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: Health
     service_names: tuple[str, ...]
     # Called once shutdown begins, before the grace period: services end
     # their long-lived streams here (with an explicit terminal message).
@@ -52,6 +86,7 @@ class RunningServer:
             await asyncio.sleep(drain_delay_s)
         for hook in self.on_shutdown:
             await hook()
+        self.health.close_watches()
         await self.server.stop(grace_s)
 
 
@@ -78,7 +113,7 @@ async def start_server(settings: ServerSettings, *, domain: str,
     are not wrapped."""
     chain = middleware if middleware is not None else default_chain(domain)
     server = grpc.aio.server(options=server_options(settings))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for binding in services:
         binding.add_to_server(binding.servicer, chain.registrar(server))

@@ -118,6 +118,21 @@ async def test_graceful_shutdown_finishes_in_flight_and_refuses_new(slow_server)
             await client.count(timeout=1)
 
 
+async def test_a_health_watch_ends_at_shutdown_instead_of_holding_it(artifact_settings):
+    """A watcher sees NOT_SERVING and its stream ends (status OK) when the
+    server shuts down, well inside a long grace period."""
+    running, port = await create_server(artifact_settings, MemoryBackend())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        await asyncio.wait_for(running.shutdown(grace_s=60), 30)
+        seen = []
+        while (message := await watch.read()) is not grpc.aio.EOF:
+            seen.append(message.status)
+        assert seen and set(seen) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+        assert await watch.code() == grpc.StatusCode.OK
+
+
 async def test_unexpected_handler_error_is_internal_without_internals(artifact_settings):
     class Broken(ArtifactServicer):
         async def CountArtifacts(self, request, context):
