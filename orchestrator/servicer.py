@@ -155,12 +155,14 @@ class OrchestratorServicer:
 
         task = asyncio.create_task(self._once("run", key, run, context))
         replayed_result = None
+        sent = False
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     event = getter.result()
+                    sent = True
                     yield StreamAgentResponse(agent_event=event)
                     if event.type in _TERMINAL:
                         break
@@ -184,14 +186,14 @@ class OrchestratorServicer:
                 return
             try:
                 await task
-            except RunError as exc:
+            except (RunError, errors.ServiceError) as exc:
+                error = exc.error if isinstance(exc, RunError) else exc
+                if not sent:
+                    # Nothing was delivered: the failure is the call's status
+                    # (such as IDEMPOTENCY_CONFLICT), as for any other call.
+                    raise error from None
                 yield StreamAgentResponse(end=StreamEnd(
-                    outcome=StreamOutcome.STREAM_OUTCOME_FAILED,
-                    error=exc.error.to_status(DOMAIN)))
-                return
-            except errors.ServiceError as exc:
-                yield StreamAgentResponse(end=StreamEnd(
-                    outcome=StreamOutcome.STREAM_OUTCOME_FAILED, error=exc.to_status(DOMAIN)))
+                    outcome=StreamOutcome.STREAM_OUTCOME_FAILED, error=error.to_status(DOMAIN)))
                 return
             yield StreamAgentResponse(end=StreamEnd(
                 outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))

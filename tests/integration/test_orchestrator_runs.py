@@ -325,6 +325,12 @@ async def test_stream_agent_events_end_and_replay(tmp_path):
         assert [x.WhichOneof("event") for x in replay] == ["agent_event", "end"]
         assert replay[0].agent_event.agent_complete == events[-1].agent_complete
         assert len(m.primary.calls) == calls
+        # The same request id with another input fails before any event: as
+        # the call's status, like any call's.
+        request.input = "something else"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 async def test_stream_agent_failure_ends_with_agent_failed(tmp_path):
