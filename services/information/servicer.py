@@ -32,7 +32,8 @@ from hivemesh.services.information.metrics import CallMetrics, aggregate
 from hivemesh.services.information.pricing import (
     MAX_TOKENS_PER_CALL, PricePolicy, cost_micros, period_bounds)
 from hivemesh.services.information.store.base import (
-    MODE_HARD, PERIOD_TOTAL, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Hold,
+    MODE_HARD, PERIOD_TOTAL, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord,
+    CreatedBudgetGone, Hold,
     IdempotencyConflict, InformationStore, PriceRecord, ReservationNotFound,
     ReservationSettled, ReserveOp, SettleOp, StaleConfig, applicable_scope_keys)
 
@@ -175,6 +176,11 @@ class InformationServicer(InformationServiceServicer):
                                                               fingerprint)
         except IdempotencyConflict:
             raise errors.idempotency_conflict(request.request_id) from None
+        except CreatedBudgetGone as gone:
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_NOT_FOUND,
+                f"budget {gone.args[0]!r}, created by this request, was deleted since",
+                {"budget_id": gone.args[0], "request_id": request.request_id}) from None
         except KeyError:
             raise errors.ServiceError(
                 grpc.StatusCode.ALREADY_EXISTS, ErrorReason.ERROR_REASON_ALREADY_EXISTS,

@@ -156,6 +156,11 @@ async def test_budget_lifecycle(info):
     assert deleted.deleted
     with pytest.raises(NotFoundError):
         await call(info.GetBudget, GetBudgetRequest(budget_id="team-a"))
+    # Retrying a creation whose budget was deleted since says so.
+    await call(info.DeleteBudget, DeleteBudgetRequest(request_id=rid(),
+                                                      budget_id=first.budget.budget_id))
+    with pytest.raises(FailedPreconditionError, match="deleted since"):
+        await call(info.CreateBudget, request)
 
 
 # -- reserve, commit, release ---------------------------------------------------

@@ -17,7 +17,7 @@ from conftest import drop_redis_prefix, on_local_redis
 
 from hivemesh.services.information.store.base import (
     MODE_HARD, MODE_SOFT, PERIOD_DAILY, PERIOD_TOTAL, BudgetExceeded, BudgetRecord, CallRecord,
-    Counter, Hold, IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound,
+    Counter, CreatedBudgetGone, Hold, IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound,
     ReservationSettled, ReserveOp, SettleOp, StaleConfig, applicable_scope_keys, scope_key)
 from hivemesh.services.information.store.sqlite import SqliteStore
 
@@ -142,7 +142,7 @@ async def test_budget_create_replay_conflict_and_duplicate_id(store):
     assert await store.get_budget("b3") is None
     # Replaying the creation of a budget deleted since: it is gone.
     assert await store.delete_budget("b1") is True
-    with pytest.raises(KeyError):
+    with pytest.raises(CreatedBudgetGone):
         await store.create_budget(b, "req-1", "fp-1")
 
 
@@ -294,7 +294,7 @@ async def test_config_version_counts_every_budget_and_price_write(store):
     assert await store.delete_budget("b1") is True
     assert await store.config_version() == 6
     assert await store.delete_budget("b1") is False
-    with pytest.raises(KeyError):  # replaying the creation of a deleted budget
+    with pytest.raises(CreatedBudgetGone):  # replaying the creation of a deleted budget
         await store.create_budget(b, "req-1", "fp")
     assert await store.config_version() == 6
 

@@ -231,6 +231,10 @@ class BudgetExceeded(Exception):
         return f"budget {self.budget_id} exceeded ({self.unit})"
 
 
+class CreatedBudgetGone(Exception):
+    """A retried CreateBudget whose budget was deleted since (its id)."""
+
+
 class IdempotencyConflict(Exception):
     """A request_id was used before with a different request."""
 

@@ -49,7 +49,8 @@ import redis.asyncio as aioredis
 
 from hivemesh.runtime.redis import open_redis
 from hivemesh.services.information.store.base import (
-    MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter, Hold,
+    MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter,
+    CreatedBudgetGone, Hold,
     IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
     ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, StaleConfig, alert_id,
     holds_from_json, holds_to_json)
@@ -493,7 +494,7 @@ class RedisStore:
         if status == "conflict":
             raise IdempotencyConflict(request_id)
         if status == "gone":
-            raise KeyError(_s(reply[1]))
+            raise CreatedBudgetGone(_s(reply[1]))
         if status == "exists":
             raise KeyError(budget.budget_id)
         if status == "replay":

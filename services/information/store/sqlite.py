@@ -12,7 +12,8 @@ from pathlib import Path
 
 from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous
 from hivemesh.services.information.store.base import (
-    MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter, Hold,
+    MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter,
+    CreatedBudgetGone, Hold,
     IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
     ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, StaleConfig, alert_id,
     crossed_thresholds, holds_from_json, holds_to_json)
@@ -203,7 +204,7 @@ class SqliteStore:
                 row = conn.execute(f"SELECT {_BUDGET_COLS} FROM budgets WHERE budget_id = ?",
                                    (seen["budget_id"],)).fetchone()
                 if row is None:
-                    raise KeyError(seen["budget_id"])
+                    raise CreatedBudgetGone(seen["budget_id"])
                 return _budget(row), True
             try:
                 self._insert_budget(conn, budget)
@@ -359,7 +360,8 @@ class SqliteStore:
     async def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
         row = self.db.reader.execute(
             "SELECT reservation_id, request_id, state, holds, micros, tokens, expire_time_us, "
-            "tenant_id, workflow_id, agent_id FROM reservations WHERE reservation_id = ?", (reservation_id,)).fetchone()
+            "tenant_id, workflow_id, agent_id FROM reservations WHERE reservation_id = ?",
+            (reservation_id,)).fetchone()
         if row is None:
             return None
         values = list(row)
