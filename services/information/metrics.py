@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from opentelemetry import metrics
 
 from hivemesh.information.v1 import MetricsAggregate
+from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import duration_us, timestamp
 from hivemesh.services.information.store.base import CallRecord
 
@@ -48,6 +49,10 @@ def _percentile(sorted_us: list[int], q: float) -> int:
     return sorted_us[index]
 
 
+# The most aggregates one GetMetrics answer holds (the contract's limit).
+MAX_AGGREGATES = 10_000
+
+
 def aggregate(calls: Iterable[CallRecord], *, scope, model: str, backend: str,
               group_by: list[int], start_us: int, end_us: int, bucket_us: int,
               currency: str) -> list[MetricsAggregate]:
@@ -68,16 +73,20 @@ def aggregate(calls: Iterable[CallRecord], *, scope, model: str, backend: str,
         bucket = start_us + ((call.time_us - start_us) // bucket_us) * bucket_us \
             if bucket_us else start_us
         groups[(bucket, *(getattr(call, f) for f in fields))].append(call)
+    if len(groups) > MAX_AGGREGATES:
+        raise errors.invalid_argument([("bucket", f"the request yields {len(groups):,} "
+                                        f"aggregates, more than {MAX_AGGREGATES:,}: use a longer "
+                                        "bucket, fewer dimensions or a shorter window")])
     out = []
     for key in sorted(groups):
         members = groups[key]
         bucket = key[0]
         latencies = sorted(c.latency_us for c in members)
-        errors = sum(not c.success for c in members)
+        failed = sum(not c.success for c in members)
         agg = MetricsAggregate(
             start_time=timestamp(bucket),
             end_time=timestamp(min(end_us, bucket + bucket_us) if bucket_us else end_us),
-            request_count=len(members), error_count=errors, error_rate=errors / len(members),
+            request_count=len(members), error_count=failed, error_rate=failed / len(members),
             cached_count=sum(c.cached for c in members),
             latency_p50=duration_us(_percentile(latencies, 0.50)),
             latency_p95=duration_us(_percentile(latencies, 0.95)),

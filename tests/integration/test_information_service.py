@@ -594,3 +594,19 @@ async def test_metrics_aggregate_by_model(info):
     assert gpt.total_tokens == 880 and gpt.cost_micros == 8 * (200 + 80)
     assert gpt.latency_p50.ToMilliseconds() in (40, 50)
     assert by_model["other"].cost_micros == 0
+
+
+async def test_metrics_beyond_the_aggregate_limit_are_invalid(info, monkeypatch):
+    from hivemesh.services.information import metrics
+    monkeypatch.setattr(metrics, "MAX_AGGREGATES", 3)
+    for i in range(5):
+        await call(info.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(agent=f"agent-{i}"), model="gpt-test",
+            usage=Usage(prompt_tokens=1)))
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.GetMetrics, GetMetricsRequest(
+            start_time=timestamp_pb2.Timestamp(seconds=0), group_by=[3]))  # by agent: 5
+    assert err.value.field_violations[0][0] == "bucket"
+    fine = await call(info.GetMetrics, GetMetricsRequest(
+        start_time=timestamp_pb2.Timestamp(seconds=0)))
+    assert [a.request_count for a in fine.aggregates] == [5]
