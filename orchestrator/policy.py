@@ -237,10 +237,16 @@ class Providers:
                 annotate(span, last)
 
 
+# Reasons of errors with no ErrorInfo (the provider was never reached or
+# never answered: gRPC made the status).
+_TRANSPORT_REASONS = {grpc.StatusCode.UNAVAILABLE: "BACKEND_UNAVAILABLE",
+                      grpc.StatusCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED"}
+
+
 def provider_error(name: str, typed: HivemeshError) -> errors.ServiceError:
     """The provider's error as this service's own: same code, reason and
     metadata, plus which provider failed."""
-    reason = typed.reason or "UPSTREAM_ERROR"
+    reason = typed.reason or _TRANSPORT_REASONS.get(typed.code, "UPSTREAM_ERROR")
     return errors.ServiceError(typed.code, reason, f"{name}: {typed.message}",
                                {**typed.metadata, "provider": name})
 

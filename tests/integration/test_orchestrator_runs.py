@@ -185,7 +185,7 @@ async def test_memory_outage_degrades_the_run(tmp_path):
         components = [d.component for d in result.degraded]
         assert components == [DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL,
                               DegradedComponent.DEGRADED_COMPONENT_MEMORY_WRITE_BACK]
-        assert result.degraded[0].reason  # names the cause
+        assert result.degraded[0].reason == "BACKEND_UNAVAILABLE"  # names the cause
 
 
 async def test_budget_outage_fails_clearly_and_opens_the_breaker(tmp_path):
@@ -197,7 +197,7 @@ async def test_budget_outage_fails_clearly_and_opens_the_breaker(tmp_path):
                 await run(m, "coder")
             assert err.value.metadata["provider"] == "information"
             reasons.append(err.value.reason)
-        assert reasons[-1] == "CIRCUIT_OPEN"
+        assert reasons[0] == "BACKEND_UNAVAILABLE" and reasons[-1] == "CIRCUIT_OPEN"
         assert m.primary.calls == []
         # An agent that does not account budgets still runs.
         await register(m, name="free", system_prompt="You write code.",
