@@ -192,6 +192,13 @@ class AgentRunner:
         system = templates.render(agent.system_prompt, opts.variables)
         enforcement = agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
         models = self._model_chain(run)
+        if agent.allowed_tools:
+            missing = await self.tools.find(agent.allowed_tools)
+            if missing:
+                run.degrade(DegradedComponent.DEGRADED_COMPONENT_TOOL, errors.ServiceError(
+                    grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                    f"tool(s) {', '.join(missing)} not available (tool servers unreachable: "
+                    f"{', '.join(self.tools.unreachable) or 'none'}); the run goes without"))
 
         recall = asyncio.create_task(self._recall(run)) if agent.memory.enabled else None
         history = (asyncio.create_task(self._history(run))

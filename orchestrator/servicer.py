@@ -73,8 +73,21 @@ class OrchestratorServicer:
         return await self.ledger.once(kind, request.request_id, fingerprint(request), run,
                                       _RESULTS[kind], LEASE_FACTOR * self._time(context))
 
-    def _check_tools(self, agent) -> None:
+    async def _check_tools(self, agent) -> None:
+        """Every allowed tool exists (the tool servers are listed again
+        first if one is not known yet); UNAVAILABLE when a tool server that
+        could hold it cannot be reached."""
         unknown = [t for t in agent.allowed_tools if not self.tools.known(t)]
+        unreachable: list[str] = []
+        if unknown:
+            unreachable = await self.tools.refresh()
+            unknown = [t for t in unknown if not self.tools.known(t)]
+        if unknown and unreachable:
+            raise errors.ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                f"tool server(s) {', '.join(unreachable)} unreachable: cannot check "
+                f"tool(s) {', '.join(unknown)}; retry later",
+                {"tools": ",".join(unknown), "servers": ",".join(unreachable)})
         if unknown:
             raise errors.invalid_argument(
                 [("agent.allowed_tools", f"unknown tool {t!r} (known: "
@@ -98,9 +111,7 @@ class OrchestratorServicer:
 
     async def RegisterAgent(self, request, context):
         async def register():
-            if any(not self.tools.known(t) for t in request.agent.allowed_tools):
-                await self.tools.refresh()
-            self._check_tools(request.agent)
+            await self._check_tools(request.agent)
             problems = definition_problems(request.agent)
             if problems:
                 raise errors.invalid_argument((f"agent.{f}", p) for f, p in problems)

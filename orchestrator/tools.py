@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -72,11 +73,18 @@ def _string(args: dict, key: str, *, required: bool = True) -> str:
     return value
 
 
+# A tool server that could not be listed is listed again, when a run or a
+# registration needs a tool not known yet, at most this often.
+RELIST_AFTER_S = 5.0
+
+
 class ToolRegistry:
     def __init__(self, providers: Providers) -> None:
         self.providers = providers
         self._tools: dict[str, tuple[ToolDefinition, Executor]] = {}
         self._servers: dict[str, str] = {}
+        self._unreachable: list[str] = []  # servers the last listing could not reach
+        self._listed_at = float("-inf")  # time.monotonic() of the last listing
         self._builtins()
 
     # ------------------------------------------------------------ registry
@@ -108,7 +116,25 @@ class ToolRegistry:
             except errors.ServiceError as exc:
                 log.warning("tool server %s unreachable: %s", server, exc.message)
                 unreachable.append(server)
+        self._unreachable, self._listed_at = unreachable, time.monotonic()
         return unreachable
+
+    async def find(self, names) -> list[str]:
+        """The names that are no known tool. While some are unknown and a
+        tool server could not be listed, the servers are listed again (at
+        most every ``RELIST_AFTER_S``): one that was down at start-up
+        brings its tools once it is up."""
+        unknown = [n for n in names if n not in self._tools]
+        if unknown and self._unreachable and \
+                time.monotonic() - self._listed_at >= RELIST_AFTER_S:
+            await self.refresh()
+            unknown = [n for n in names if n not in self._tools]
+        return unknown
+
+    @property
+    def unreachable(self) -> list[str]:
+        """Tool servers the last listing could not reach."""
+        return list(self._unreachable)
 
     async def _list(self, server: str) -> None:
         token = ""
@@ -117,7 +143,9 @@ class ToolRegistry:
                                              ListToolsRequest(page_token=token))
             for tool in page.tools:
                 existing = self._tools.get(tool.name)
-                if existing is not None and getattr(existing[1], "server", server) != server:
+                owner = existing[1].server if existing is not None and isinstance(
+                    existing[1], _RemoteExecutor) else None
+                if existing is not None and owner != server:
                     log.warning("tool %s of server %s ignored: the name is taken",
                                 tool.name, server)
                     continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 
 import grpc
@@ -298,6 +299,62 @@ async def test_remote_tool_server_in_any_language(tmp_path):
             assert result.output == "no weather today"
             assert result.tool_calls[0].error.code == "UNAVAILABLE"
             assert result.degraded[0].component == DegradedComponent.DEGRADED_COMPONENT_TOOL
+    finally:
+        await server.stop(0)
+
+
+class _ToolsClaimingABuiltIn(_Tools):
+    async def ListTools(self, request, context):
+        listed = await super().ListTools(request, context)
+        listed.tools.add(name="artifact_save", description="not the built-in one")
+        return listed
+
+
+async def test_a_tool_server_down_at_start_brings_its_tools_once_it_is_up(tmp_path,
+                                                                        monkeypatch):
+    from hivemesh.services.orchestrator import tools as tool_registry
+    monkeypatch.setattr(tool_registry, "RELIST_AFTER_S", 0.0)
+    with socket.socket() as probe:  # a port where nothing listens yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = tmp_path / "agents"
+    folder.mkdir()
+    (folder / "forecaster.toml").write_text(
+        'name = "forecaster"\nmodel = "main"\nallowed_tools = ["weather"]\n'
+        '[budget]\nenforcement = "BUDGET_ENFORCEMENT_DISABLED"\n')
+    server = grpc.aio.server()
+    add_ToolServiceServicer_to_server(_ToolsClaimingABuiltIn(), server)
+    try:
+        async with mesh(tmp_path, tool_servers={"wx": f"127.0.0.1:{port}"},
+                        breaker_reset_s=0.2, agents_dir=folder) as m:
+            # The server is down: registering an agent that needs one of its
+            # tools cannot be checked (not the caller's fault), and a run of
+            # the filed agent goes without the tool, reported.
+            with pytest.raises(UnavailableError) as err:
+                await register(m, name="other", allowed_tools=["weather"])
+            assert err.value.reason == "BACKEND_UNAVAILABLE"
+            m.primary.queue_response("no tools today")
+            down = (await run(m, "forecaster")).result
+            assert down.degraded[0].component == DegradedComponent.DEGRADED_COMPONENT_TOOL
+            assert "weather" in down.degraded[0].message
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            for _ in range(50):  # until the channel reconnects and the breaker lets it
+                await asyncio.sleep(0.2)
+                m.primary.queue_response(tool_calls=(
+                    ToolCall("a", "weather", json.dumps({"city": "Oslo"})),))
+                m.primary.queue_response("clear in Oslo")
+                result = (await run(m, "forecaster")).result
+                if not result.degraded:
+                    break
+            assert json.loads(result.tool_calls[0].result)["sky"] == "clear"
+            # A remote tool never replaces a built-in one of the same name.
+            await register(m, name="saver", allowed_tools=["artifact_save"],
+                           budget=BudgetPolicy(enforcement=3))
+            m.primary.queue_response("done")
+            await run(m, "saver")
+            offered = {t.name: t.description for t in m.primary.calls[-1].tools}
+            assert offered["artifact_save"] != "not the built-in one"
     finally:
         await server.stop(0)
 
