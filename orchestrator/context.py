@@ -6,6 +6,7 @@ new context id whose parent is the forking run, same tenant and workflow."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,21 @@ def derived_context_id(*parts: str) -> str:
     requests of the first attempt, which their idempotency keys then accept
     (answering what was already done) instead of refusing as conflicts."""
     return f"ctx-{uuid.uuid5(_CONTEXT_IDS, chr(31).join(parts)).hex}"
+
+
+# Request ids are at most this long in every contract.
+MAX_REQUEST_ID = 128
+
+
+def step_id(request_id: str, *parts: object) -> str:
+    """The request id of one step of a request (its reserve, its n-th
+    generation, a task of a workflow, ...): ``request_id:part:part``, or a
+    digest of that when it would be longer than a request id may be. The
+    same step of the same request always gets the same id."""
+    full = ":".join([request_id, *map(str, parts)])
+    if len(full) <= MAX_REQUEST_ID:
+        return full
+    return "h-" + hashlib.sha256(full.encode()).hexdigest()
 
 
 @dataclass

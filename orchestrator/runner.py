@@ -44,7 +44,7 @@ from hivemesh.orchestrator.v1 import (
 from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.orchestrator import templates
-from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of
+from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of, step_id
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import Providers, beyond_deadline, provider_error
 from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
@@ -110,6 +110,10 @@ class _Run:
         self.reservation: str | None = None
         self.output = ""
         self.last_generation = None  # GenerateResponse or StreamSummary
+
+    def step(self, *parts: object) -> str:
+        """The request id of one of this run's provider calls."""
+        return step_id(self.opts.request_id, *parts)
 
     def emit(self, event_type: int, payload) -> None:
         self.sink.emit(event_type, self.context, self.trace_id, payload, agent=self.agent.name)
@@ -226,6 +230,7 @@ class AgentRunner:
                 await self._reserve(run, models[0], "".join(m.content for m in messages),
                                     iteration)
             reply = await self._generate(run, models, messages, offered, iteration)
+            _unique_tool_call_ids(reply, iteration)
             calls = list(reply.tool_calls)
             if not calls:
                 run.output = reply.content
@@ -296,7 +301,7 @@ class AgentRunner:
         memory = run.agent.memory
         lineage = Lineage(workflow_id=run.ctx.workflow_id, task_id=run.ctx.task_id,
                           agent_id=run.agent.name,
-                          generation_id=f"{run.opts.request_id}:gen:{run.result.llm_calls}")
+                          generation_id=run.step("gen", run.result.llm_calls))
         items = [MemoryItem(content=text, source_id=f"{run.ctx.context_id}:{kind}",
                             lineage=lineage) for kind, text in
                  (("input", run.opts.input), ("output", run.output)) if text]
@@ -305,7 +310,7 @@ class AgentRunner:
                                   "agent": run.agent.name})
         try:
             added = await self.providers.call("memory", "AddMemories", AddMemoriesRequest(
-                request_id=f"{run.opts.request_id}:memory", context=run.context,
+                request_id=run.step("memory"), context=run.context,
                 namespace=memory.namespace, items=items))
         except errors.ServiceError as exc:
             run.degrade(DegradedComponent.DEGRADED_COMPONENT_MEMORY_WRITE_BACK, exc)
@@ -316,7 +321,7 @@ class AgentRunner:
     async def _append_history(self, run: _Run) -> None:
         try:
             await self.providers.call("memory", "AppendHistory", AppendHistoryRequest(
-                request_id=f"{run.opts.request_id}:history", context=run.context,
+                request_id=run.step("history"), context=run.context,
                 namespace=run.agent.memory.namespace, session_id=run.ctx.session_id,
                 messages=[HistoryMessage(role=MessageRole.MESSAGE_ROLE_USER,
                                          content=run.opts.input),
@@ -351,7 +356,7 @@ class AgentRunner:
 
     async def _reserve(self, run: _Run, model: str, prompt: str, iteration: int) -> None:
         request = ReserveRequest(
-            request_id=f"{run.opts.request_id}:reserve:{iteration}", context=run.context,
+            request_id=run.step("reserve", iteration), context=run.context,
             model=model, estimated_prompt_tokens=estimate_tokens(prompt + run.opts.input),
             max_tokens=run.agent.sampling.max_tokens or DEFAULT_MAX_TOKENS)
         try:
@@ -387,7 +392,7 @@ class AgentRunner:
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
             try:
                 charged = await self._record_spend(run, "TrackCompletion", TrackCompletionRequest(
-                    request_id=f"{run.opts.request_id}:track:{iteration}",
+                    request_id=run.step("track", iteration),
                     context=run.context, **common))
             except errors.ServiceError as exc:
                 run.add_usage(last.usage, 0, "")
@@ -397,7 +402,7 @@ class AgentRunner:
             # Until the commit is answered the run still holds the
             # reservation: if the commit fails, the run's failure releases it.
             charged = await self._record_spend(run, "Commit", CommitRequest(
-                request_id=f"{run.opts.request_id}:commit:{iteration}",
+                request_id=run.step("commit", iteration),
                 reservation_id=run.reservation, **common))
             run.reservation = None
         run.add_usage(last.usage, charged.cost_micros, charged.currency)
@@ -448,7 +453,7 @@ class AgentRunner:
         own_chain = bool(run.agent.fallback_models) or run.opts.disable_fallback
         failure: errors.ServiceError | None = None
         for position, model in enumerate(models):
-            fields = dict(request_id=f"{run.opts.request_id}:gen:{iteration}:{model}",
+            fields = dict(request_id=run.step("gen", iteration, model),
                           context=run.context, model=model,
                           conversation=Conversation(messages=messages), config=config,
                           tools=tools, disable_fallback=own_chain)
@@ -547,7 +552,7 @@ class AgentRunner:
             else:
                 result, error = await self.tools.execute(ToolInvocation(
                     name=call.name, arguments=call.arguments, tool_call_id=call.id,
-                    request_id=f"{run.opts.request_id}:tool:{iteration}:{call.id}"[:128],
+                    request_id=run.step("tool", iteration, call.id),
                     ctx=run.ctx, memory_namespace=run.agent.memory.namespace))
             if error is not None:
                 record.error.CopyFrom(error)
@@ -604,7 +609,7 @@ class AgentRunner:
 
     async def _save_artifact(self, run: _Run) -> None:
         request = SaveArtifactRequest(
-            request_id=f"{run.opts.request_id}:artifact", workflow_id=run.ctx.workflow_id or
+            request_id=run.step("artifact"), workflow_id=run.ctx.workflow_id or
             run.ctx.context_id, task_id=run.ctx.task_id, agent_id=run.agent.name,
             artifact_type=run.agent.output_artifact_type, content=run.output)
         request.metadata.update({"model": run.result.model, "backend": run.result.backend,
@@ -620,6 +625,17 @@ class AgentRunner:
 _ROLES = {MessageRole.MESSAGE_ROLE_SYSTEM: Role.ROLE_SYSTEM,
           MessageRole.MESSAGE_ROLE_USER: Role.ROLE_USER,
           MessageRole.MESSAGE_ROLE_ASSISTANT: Role.ROLE_ASSISTANT}
+
+
+def _unique_tool_call_ids(reply: Message, iteration: int) -> None:
+    """Gives each tool call of the reply an id of its own: a model (or an
+    OpenAI-compatible server) may send none, or one id twice, and results
+    are matched to calls by id."""
+    seen: set[str] = set()
+    for index, call in enumerate(reply.tool_calls):
+        if not call.id or call.id in seen:
+            call.id = f"call-{iteration}-{index}"
+        seen.add(call.id)
 
 
 def _with_memories(system: str, memories: list[str]) -> str:

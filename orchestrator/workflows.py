@@ -28,7 +28,7 @@ from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import duration_s, now_us
 from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.agents import AgentRegistry
-from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of
+from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of, step_id
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import (
@@ -314,7 +314,7 @@ class WorkflowRun:
                          result: TaskResult, key: str, handoff: bool = False) -> AgentResult:
         """One agent run of a task; usage (also of a failed run) goes to the task."""
         targets = tuple(n for n in self.agents.names() if n != agent) if handoff else ()
-        options = RunOptions(request_id=f"{self.request.request_id}:{key}"[:128], input=text,
+        options = RunOptions(request_id=step_id(self.request.request_id, key), input=text,
                              model_override=model or task.model, variables=self.variables,
                              handoff_targets=targets)
         try:

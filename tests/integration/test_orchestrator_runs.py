@@ -241,6 +241,37 @@ async def test_built_in_tools_allowlist_and_results_fed_back(tmp_path):
         assert offered == ["artifact_save"]
 
 
+async def test_tool_calls_without_ids_or_with_one_id_twice_get_their_own(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       allowed_tools=["artifact_save"], budget=BudgetPolicy(enforcement=3))
+        save = json.dumps({"artifact_type": "code", "content": "print(1)"})
+        other = json.dumps({"artifact_type": "code", "content": "print(2)"})
+        m.primary.queue_response(tool_calls=(ToolCall("", "artifact_save", save),
+                                             ToolCall("x", "artifact_save", save),
+                                             ToolCall("x", "artifact_save", other)))
+        m.primary.queue_response("saved them")
+        result = (await run(m, "coder")).result
+        ids = [c.tool_call_id for c in result.tool_calls]
+        assert len(set(ids)) == 3 and all(ids)
+        assert all(not c.HasField("error") for c in result.tool_calls)
+        saved = {json.loads(c.result)["artifact_id"] for c in result.tool_calls}
+        assert len(saved) == 3  # the third call was not answered with the second's result
+        tool_messages = [x for x in m.primary.calls[-1].messages if x.role == "tool"]
+        assert [x.tool_call_id for x in tool_messages] == ids
+
+
+async def test_request_ids_of_any_allowed_length_run(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code",
+                       memory=MemoryConfig(enabled=True, write_back=True))
+        long_id = "r" * 128
+        first = await run(m, "coder", request_id=long_id)
+        again = await run(m, "coder", request_id=long_id)
+        assert first.result.output and again.replayed
+
+
 async def test_tool_iteration_limit_fails_the_run(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="looper", system_prompt="You loop.", max_tool_iterations=2,
