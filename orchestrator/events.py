@@ -67,6 +67,8 @@ class Subscription:
     types: frozenset[int] = frozenset()
     min_priority: int = 0
     context_id: str = ""
+    # Ends with the workflow's WORKFLOW_COMPLETE, whatever the filters let through.
+    until_workflow_complete: bool = False
     queue_size: int = 10_000
     queue: asyncio.Queue = field(init=False)
     dropped: int = 0
@@ -80,6 +82,11 @@ class Subscription:
                 and (not self.types or event.type in self.types)
                 and event.priority >= self.min_priority
                 and (not self.context_id or event.context.context_id == self.context_id))
+
+    def ends_with(self, event: AgentEvent) -> bool:
+        return (self.until_workflow_complete
+                and event.type == EventType.EVENT_TYPE_WORKFLOW_COMPLETE
+                and event.context.workflow_id == self.workflow_id)
 
     def offer(self, event: AgentEvent) -> None:
         if self.dropped:
@@ -139,7 +146,7 @@ class EventBus:
                 self.subscriber_errors += 1
                 log.exception("event subscriber failed", extra={"event_type": event.type})
         for subscription in self._subscriptions:
-            if subscription.matches(event):
+            if subscription.matches(event) or subscription.ends_with(event):
                 subscription.offer(event)
         return event
 

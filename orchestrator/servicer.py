@@ -238,7 +238,9 @@ class OrchestratorServicer:
         subscription = Subscription(
             workflow_id=request.workflow_id, agent=request.agent,
             types=frozenset(request.types), min_priority=request.min_priority,
-            context_id=request.context_id, queue_size=self.settings.subscriber_queue_size)
+            context_id=request.context_id,
+            until_workflow_complete=request.until_workflow_complete,
+            queue_size=self.settings.subscriber_queue_size)
         self.bus.add_subscription(subscription)
         try:
             yield SubscribeEventsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))
@@ -266,10 +268,9 @@ class OrchestratorServicer:
                             heartbeat=Heartbeat(send_time=timestamp(now_us())))
                         continue
                     event = getter.result()
-                    yield SubscribeEventsResponse(agent_event=event)
-                    if (request.until_workflow_complete
-                            and event.type == EventType.EVENT_TYPE_WORKFLOW_COMPLETE
-                            and event.context.workflow_id == request.workflow_id):
+                    if subscription.matches(event):
+                        yield SubscribeEventsResponse(agent_event=event)
+                    if subscription.ends_with(event):
                         break
             finally:
                 closing.cancel()

@@ -221,6 +221,11 @@ async def test_subscribe_events_filters_and_ends_after_the_workflow(tmp_path):
             workflow_id="wf-watched", until_workflow_complete=True), timeout=30)
         other = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
             workflow_id="wf-watched", types=[EventType.EVENT_TYPE_TASK_COMPLETE]), timeout=30)
+        # Filters that leave out WORKFLOW_COMPLETE still end with the workflow.
+        filtered = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
+            workflow_id="wf-watched", types=[EventType.EVENT_TYPE_TASK_COMPLETE],
+            until_workflow_complete=True), timeout=30)
+        assert (await filtered.read()).WhichOneof("event") == "heartbeat"
         first = await stream.read()
         assert first.WhichOneof("event") == "heartbeat"
         assert (await other.read()).WhichOneof("event") == "heartbeat"
@@ -240,6 +245,12 @@ async def test_subscribe_events_filters_and_ends_after_the_workflow(tmp_path):
         completions = [await other.read(), await other.read()]
         assert {c.agent_event.task_complete.task_id for c in completions} == {"a", "b"}
         other.cancel()
+        rest = []
+        while not rest or rest[-1].WhichOneof("event") != "end":
+            rest.append(await asyncio.wait_for(filtered.read(), 10))
+        assert [x.agent_event.type for x in rest[:-1] if x.WhichOneof("event") == "agent_event"
+                ] == [EventType.EVENT_TYPE_TASK_COMPLETE] * 2
+        assert rest[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
 
 
 async def test_a_workflow_cut_by_its_deadline_still_tells_subscribers_how_it_ended(tmp_path):
