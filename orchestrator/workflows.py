@@ -76,6 +76,13 @@ def validate(workflow: WorkflowDefinition, agents: AgentRegistry,
         for problem in templates.problems(task.input_template, variables, closure[task.task_id],
                                           allow_tasks=True):
             problems.append((f"workflow.tasks[{i}].input_template", problem))
+        # The system prompts of the task's agents get the same variables:
+        # a missing one would fail the task after others ran (and cost).
+        judge = task.fan_out.judge_agent if task.HasField("fan_out") else ""
+        for name in dict.fromkeys([*_agents_of(task), *([judge] if judge else [])]):
+            for problem in templates.problems(agents.get(name).system_prompt, variables):
+                problems.append(("variables", f"agent {name!r} of task {task.task_id!r}: "
+                                              f"{problem}"))
     if problems:
         raise errors.invalid_argument(problems)
     return closure

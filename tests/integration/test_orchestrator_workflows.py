@@ -91,10 +91,17 @@ async def test_dag_runs_in_dependency_order_with_outputs_and_variables(tmp_path)
     ([TaskSpec(task_id="a", agent="coder", input_template="x", fan_out=FanOut(
         models=ModelList(models=["main", "backup"]), combine=CombineMode.COMBINE_MODE_JUDGE))],
      "JUDGE needs a judge_agent"),
+    ([TaskSpec(task_id="a", agent="coder", input_template="x"),
+      TaskSpec(task_id="b", agent="translator", input_template="y", depends_on=["a"])],
+     "agent 'translator' of task 'b': {{variables.lang}}: no variable 'lang'"),
 ])
 async def test_invalid_workflows_are_refused_before_anything_runs(tmp_path, tasks, problem):
     async with mesh(tmp_path) as m:
         await agents(m, "coder")
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=AgentDefinition(
+                name="translator", model="main", budget=FREE,
+                system_prompt="You translate into {{variables.lang}}.")))
         with pytest.raises(InvalidArgumentError) as err:
             await workflow(m, *tasks)
         assert problem in str(err.value)
