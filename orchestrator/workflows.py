@@ -165,6 +165,11 @@ class WorkflowRun:
         self.first_error = None
         self.trace_id = ""
 
+    def _task_complete(self, task: TaskSpec, result: TaskResult) -> None:
+        """TASK_COMPLETE, in the context its TASK_START had (task, agent)."""
+        self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result,
+                   self._ctx(task, task.agent, task.task_id), task.agent)
+
     def _emit(self, event_type: int, payload, ctx: ExecutionContext | None = None,
               agent: str = "") -> None:
         context = (ctx or self.base).to_proto()
@@ -242,12 +247,14 @@ class WorkflowRun:
         return WorkflowStatus.WORKFLOW_STATUS_PARTIALLY_SUCCEEDED
 
     def _mark_cancelled(self, why: str) -> None:
-        for result in self.results.values():
+        for task in self.workflow.tasks:
+            result = self.results[task.task_id]
             if result.status in (TaskStatus.TASK_STATUS_PENDING, TaskStatus.TASK_STATUS_RUNNING):
                 result.status = TaskStatus.TASK_STATUS_CANCELLED
                 result.error.CopyFrom(_cancelled(why))
                 if result.HasField("start_time"):
                     result.end_time.FromMicroseconds(now_us())
+                self._task_complete(task, result)
 
     async def _task(self, task: TaskSpec) -> None:
         result = self.results[task.task_id]
@@ -264,7 +271,7 @@ class WorkflowRun:
                     grpc.StatusCode.FAILED_PRECONDITION, "DEPENDENCY_FAILED",
                     f"not run: dependency {failed[0]!r} did not succeed",
                     {"dependency": failed[0]}).to_status(DOMAIN))
-                self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result)
+                self._task_complete(task, result)
                 return
             await self._execute(task, result)
         finally:
@@ -303,14 +310,14 @@ class WorkflowRun:
             result.status = TaskStatus.TASK_STATUS_SUCCEEDED
             result.end_time.FromMicroseconds(now_us())
             self.outputs[task.task_id] = result.output
-            self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result)
+            self._task_complete(task, result)
 
     def _fail(self, task: TaskSpec, result: TaskResult, error: errors.ServiceError) -> None:
         result.status = TaskStatus.TASK_STATUS_FAILED
         result.error.CopyFrom(error.to_status(DOMAIN))
         result.end_time.FromMicroseconds(now_us())
         self.first_error = self.first_error or result.error
-        self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result)
+        self._task_complete(task, result)
         if not self.workflow.continue_on_failure:
             raise _TaskFailed(error)
 

@@ -251,6 +251,9 @@ async def test_subscribe_events_filters_and_ends_after_the_workflow(tmp_path):
         assert events[-1].type == EventType.EVENT_TYPE_WORKFLOW_COMPLETE
         completions = [await other.read(), await other.read()]
         assert {c.agent_event.task_complete.task_id for c in completions} == {"a", "b"}
+        # In the context of the task and its agent, as its TASK_START.
+        assert {(c.agent_event.agent, c.agent_event.context.task_id) for c in completions} == {
+            ("coder", "a"), ("coder", "b")}
         other.cancel()
         rest = []
         while not rest or rest[-1].WhichOneof("event") != "end":
@@ -280,6 +283,12 @@ async def test_a_workflow_cut_by_its_deadline_still_tells_subscribers_how_it_end
         types = [x.agent_event.type for x in received if x.WhichOneof("event") == "agent_event"]
         assert EventType.EVENT_TYPE_AGENT_FAILED in types
         assert types[-1] == EventType.EVENT_TYPE_WORKFLOW_COMPLETE
+        # Every task that was not finished ends CANCELLED, the started one too.
+        ended = {x.agent_event.task_complete.task_id: x.agent_event.task_complete.status
+                 for x in received if x.WhichOneof("event") == "agent_event"
+                 and x.agent_event.type == EventType.EVENT_TYPE_TASK_COMPLETE}
+        assert ended == {"a": TaskStatus.TASK_STATUS_CANCELLED,
+                         "b": TaskStatus.TASK_STATUS_CANCELLED}
         last = received[-2].agent_event.workflow_complete
         assert last.status == WorkflowStatus.WORKFLOW_STATUS_CANCELLED
 
