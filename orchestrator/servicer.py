@@ -138,9 +138,10 @@ class OrchestratorServicer:
         return agent, ctx, opts
 
     async def RunAgent(self, request, context):
-        agent, ctx, opts = await self._start(request)
-
+        # The agent is looked up inside the run: a retry of a run that
+        # completed replays it even when the agent was deleted since.
         async def run():
+            agent, ctx, opts = await self._start(request)
             with self._deadline(context):
                 return await self.runner.run(agent, ctx, opts, EventSink(self.bus))
         try:
@@ -150,8 +151,6 @@ class OrchestratorServicer:
         return RunAgentResponse(result=result, replayed=replayed)
 
     async def StreamAgent(self, request, context):
-        agent, ctx, opts = await self._start(request)
-        opts.stream_chunks = True
         key = _as_run(request)
         queue: asyncio.Queue[AgentEvent] = asyncio.Queue()
 
@@ -161,6 +160,8 @@ class OrchestratorServicer:
                 queue.put_nowait(event)
 
         async def run():
+            agent, ctx, opts = await self._start(request)
+            opts.stream_chunks = True
             with self._deadline(context):
                 return await self.runner.run(agent, ctx, opts, EventSink(self.bus, listen))
 
@@ -187,8 +188,10 @@ class OrchestratorServicer:
                 if queue.empty():
                     break  # failed before emitting anything (or cut)
             if replayed_result is not None:
+                ctx = ExecutionContext.from_request(request.context, request.agent,
+                                                    request.request_id)
                 yield StreamAgentResponse(agent_event=AgentEvent(
-                    type=EventType.EVENT_TYPE_AGENT_COMPLETE, agent=agent.name,
+                    type=EventType.EVENT_TYPE_AGENT_COMPLETE, agent=request.agent,
                     context=ctx.to_proto(), trace_id=replayed_result.trace_id,
                     create_time=timestamp(now_us()), sequence=1,
                     agent_complete=replayed_result))
@@ -215,12 +218,12 @@ class OrchestratorServicer:
                     await task
 
     async def RunWorkflow(self, request, context):
-        variables = dict(request.variables)
-        agents = await self.agents.snapshot()
-        validate(request.workflow, agents, variables)
-        base = ExecutionContext.from_request(request.context, "", request.request_id)
-
+        # Checked inside the run: a retry of a workflow that completed
+        # replays it even when one of its agents was deleted since.
         async def run():
+            agents = await self.agents.snapshot()
+            validate(request.workflow, agents, dict(request.variables))
+            base = ExecutionContext.from_request(request.context, "", request.request_id)
             with self._deadline(context):
                 workflow = WorkflowRun(
                     self.runner, agents, request, base, EventSink(self.bus),

@@ -455,6 +455,25 @@ async def test_run_agent_is_idempotent_and_concurrent_retries_wait(tmp_path):
         assert err.value.reason == "IDEMPOTENCY_CONFLICT"
 
 
+async def test_a_completed_run_replays_after_its_agent_was_deleted(tmp_path):
+    from hivemesh.orchestrator.v1 import DeleteAgentRequest
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       budget=BudgetPolicy(enforcement=3))
+        request_id = rid()
+        first = await run(m, "coder", request_id=request_id)
+        await call(m.orchestrator.DeleteAgent, DeleteAgentRequest(request_id=rid(),
+                                                                  name="coder"))
+        again = await run(m, "coder", request_id=request_id)
+        assert again.replayed and again.result == first.result
+        streamed = [x async for x in m.orchestrator.StreamAgent(StreamAgentRequest(
+            request_id=request_id, agent="coder", input="Implement a function that adds two "
+            "numbers", context=RequestContext(tenant_id="acme")), timeout=20)]
+        assert streamed[0].agent_event.agent_complete == first.result
+        with pytest.raises(NotFoundError):  # a new run of it is refused, as before
+            await run(m, "coder")
+
+
 async def test_too_little_time_fails_fast_without_starting_work(tmp_path):
     async with mesh(tmp_path, min_call_time_s=0.5) as m:
         await register(m, name="coder", system_prompt="You write code.",
