@@ -28,8 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ECHO_PREFIX", "Fail", "FakeHttpServer", "Garbled", "HttpExchange", "Recorded", "Reply",
-           "ToolCallSpec", "last_user_text", "text_pieces"]
+__all__ = ["ECHO_PREFIX", "Fail", "FakeHttpServer", "Garbled", "HttpExchange", "Raw", "Recorded",
+           "Reply", "ToolCallSpec", "last_user_text", "send_raw_behaviour", "text_pieces"]
 
 ECHO_PREFIX = "You said: "
 
@@ -65,6 +65,16 @@ class Garbled:
 
     body: str = "<html><body>502 Bad Gateway</body></html>"
     content_type: str = "text/html"
+    delay: float = 0.0
+
+
+@dataclass
+class Raw:
+    """Answer 200 with exactly this JSON body, or (a stream) exactly these
+    events: what an upstream that speaks the API loosely sends."""
+
+    body: Any = None
+    events: tuple[Any, ...] = ()
     delay: float = 0.0
 
 
@@ -214,16 +224,16 @@ class FakeHttpServer:
         self.open_connections = 0  # connections open now
         self.max_open_connections = 0
         self.port = 0
-        self._script: deque[Reply | Fail | Garbled] = deque()
+        self._script: deque[Reply | Fail | Garbled | Raw] = deque()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- script and records --------------------------------------------------
 
-    def enqueue(self, *behaviours: Reply | Fail | Garbled) -> None:
+    def enqueue(self, *behaviours: Reply | Fail | Garbled | Raw) -> None:
         self._script.extend(behaviours)
 
-    def next_behaviour(self) -> Reply | Fail | Garbled:
+    def next_behaviour(self) -> Reply | Fail | Garbled | Raw:
         return self._script.popleft() if self._script else Reply()
 
     @property
@@ -316,3 +326,14 @@ async def _read_request(reader: asyncio.StreamReader) -> Recorded | None:
         data = await reader.readexactly(int(headers.get("content-length", "0")))
     body = json.loads(data) if data else None
     return Recorded(method=method, path=target.split("?", 1)[0], headers=headers, body=body)
+
+
+async def send_raw_behaviour(exchange: HttpExchange, raw: Raw) -> None:
+    """Sends a Raw behaviour: its body as JSON, or its events as a stream."""
+    if not raw.events:
+        await exchange.send_json(200, raw.body)
+        return
+    await exchange.start_stream({})
+    for event in raw.events:
+        await exchange.send_event(event if isinstance(event, str) else json.dumps(event))
+    await exchange.end_stream()

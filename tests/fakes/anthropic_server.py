@@ -15,7 +15,8 @@ from itertools import count
 from typing import Any
 
 from . import (
-    ECHO_PREFIX, Fail, FakeHttpServer, Garbled, HttpExchange, Reply, last_user_text, text_pieces)
+    ECHO_PREFIX, Fail, FakeHttpServer, Garbled, HttpExchange, Raw, Reply, last_user_text,
+    send_raw_behaviour, text_pieces)
 
 __all__ = ["FakeAnthropic", "bad_key", "context_too_long"]
 
@@ -49,6 +50,8 @@ class FakeAnthropic(FakeHttpServer):
         await asyncio.sleep(behaviour.delay)
         if isinstance(behaviour, Garbled):
             await exchange.send_raw(200, behaviour.body, behaviour.content_type)
+        elif isinstance(behaviour, Raw):
+            await send_raw_behaviour(exchange, behaviour)
         elif isinstance(behaviour, Fail):
             headers = {"request-id": f"req_{next(_ids)}"}
             if behaviour.retry_after is not None:

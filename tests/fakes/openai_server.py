@@ -19,7 +19,8 @@ from itertools import count
 from typing import Any
 
 from . import (
-    ECHO_PREFIX, Fail, FakeHttpServer, Garbled, HttpExchange, Reply, last_user_text, text_pieces)
+    ECHO_PREFIX, Fail, FakeHttpServer, Garbled, HttpExchange, Raw, Reply, last_user_text,
+    send_raw_behaviour, text_pieces)
 
 __all__ = ["FakeOpenAI", "bad_key", "context_too_long"]
 
@@ -59,6 +60,8 @@ class FakeOpenAI(FakeHttpServer):
         await asyncio.sleep(behaviour.delay)
         if isinstance(behaviour, Garbled):
             await exchange.send_raw(200, behaviour.body, behaviour.content_type)
+        elif isinstance(behaviour, Raw):
+            await send_raw_behaviour(exchange, behaviour)
         elif isinstance(behaviour, Fail):
             headers = {"x-request-id": f"req_{next(_ids)}"}
             if behaviour.retry_after is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fakes import ECHO_PREFIX, Fail, FakeHttpServer, Garbled, Recorded, Reply, ToolCallSpec
+from fakes import ECHO_PREFIX, Fail, FakeHttpServer, Garbled, Raw, Recorded, Reply, ToolCallSpec
 from fakes import anthropic_server, openai_server
 from fakes.anthropic_server import FakeAnthropic
 from fakes.openai_server import FakeOpenAI, embedding_of
@@ -637,6 +637,84 @@ async def test_closed_backend_fails_cleanly(upstream: Upstream):
 
 
 # -- embeddings ---------------------------------------------------------------
+
+# -- upstreams that speak the API loosely -------------------------------------------
+
+def _choice(message: dict) -> dict:
+    return {"id": "x", "model": MODEL, "choices": [
+        {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}]}
+
+
+def _chunk(delta: dict | None = None, finish: str | None = None, usage: dict | None = None):
+    body: dict = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+                  "choices": [] if delta is None else [
+                      {"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+async def test_loose_but_readable_answers_are_read(openai_upstream: Upstream):
+    """Compatible servers send arguments as objects, content as parts and
+    counts as strings: read them, never fail the call as a server bug."""
+    upstream = openai_upstream
+    upstream.server.enqueue(Raw(body={**_choice({
+        "content": [{"type": "text", "text": "Part one, "}, {"type": "text", "text": "two."}],
+        "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}),
+        "usage": {"prompt_tokens": "12", "completion_tokens": "3"}}))
+    result = await upstream.backend.generate(chat(user("x")), TIMEOUT_S)
+    assert result.content == "Part one, two."
+    assert json.loads(result.tool_calls[0].arguments) == {"city": "Oslo"}
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (12, 3)
+    assert result.finish_reason == "tool_calls"
+    upstream.server.enqueue(Raw(body=_choice({"content": {"unexpected": True}})))
+    error = await call(upstream.backend, "generate", chat(user("x")))
+    assert error.kind is ErrorKind.UNAVAILABLE and "malformed" in error.message
+
+
+async def test_streamed_tool_calls_without_index_stay_apart(openai_upstream: Upstream):
+    upstream = openai_upstream
+    upstream.server.enqueue(Raw(events=(
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"tool_calls": [{"id": "c1", "type": "function",
+                                "function": {"name": "f", "arguments": "{\"a\":"}}]}),
+        _chunk({"tool_calls": [{"function": {"arguments": "1}"}}]}),
+        _chunk({"tool_calls": [{"id": "c2", "type": "function",
+                                "function": {"name": "g", "arguments": "{\"b\":2}"}}]}),
+        _chunk({}, finish="stop"),  # some servers say stop with tool calls
+        _chunk(usage={"prompt_tokens": 5, "completion_tokens": 4}), "[DONE]")))
+    events, error = await drain(upstream.backend, chat(user("x")))
+    assert error is None
+    assert assembled_calls(events) == {0: ["c1", "f", '{"a":1}'], 1: ["c2", "g", '{"b":2}']}
+    assert events[-1].finish_reason == "tool_calls"
+
+
+async def test_a_streamed_refusal_is_the_answer(openai_upstream: Upstream):
+    upstream = openai_upstream
+    upstream.server.enqueue(Raw(events=(
+        _chunk({"role": "assistant", "content": None, "refusal": "I can't help "}),
+        _chunk({"refusal": "with that."}), _chunk({}, finish="stop"), "[DONE]")))
+    events, error = await drain(upstream.backend, chat(user("x")))
+    assert error is None
+    assert text_of(events) == "I can't help with that."
+    assert events[-1].finish_reason == "content_filter"
+
+
+async def test_a_json_answer_that_is_not_a_message_is_unavailable():
+    """Anthropic: a 200 carrying an error object (or anything but a
+    message) is an unavailable upstream, never an empty success."""
+    async with make_server("anthropic") as server:
+        backend = make_backend("anthropic", server.base_url)
+        try:
+            for body in ({"type": "error", "error": {"type": "overloaded_error",
+                                                      "message": "Overloaded"}}, {"foo": 1}):
+                server.enqueue(Raw(body=body))
+                error = await call(backend, "generate", chat(user("x")))
+                assert error.kind in (ErrorKind.UNAVAILABLE, ErrorKind.OVERLOADED)
+        finally:
+            await backend.close()
+
 
 async def test_embeddings(openai_upstream: Upstream):
     server, backend = openai_upstream.server, openai_upstream.backend

@@ -127,19 +127,26 @@ class AnthropicBackend(http.UpstreamErrors):
                 message = await self._client.messages.create(**params, timeout=timeout_s)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a BackendError
             raise self._map_error(exc, timeout_s) from _cause(exc)
-        if not isinstance(message, anthropic.types.Message):
-            # The SDK hands back the body as text when it is not JSON.
+        # The SDK hands back the body as text when it is not JSON, and builds
+        # a Message from any JSON object without checking it.
+        if not isinstance(message, anthropic.types.Message) or \
+                getattr(message, "type", None) != "message" or \
+                not isinstance(getattr(message, "content", None), list):
             raise BackendError(ErrorKind.UNAVAILABLE,
                                f"{self.name}: the upstream answer is not a Messages API message")
 
         text: list[str] = []
         tool_calls: list[ToolCall] = []
-        for block in message.content or ():
-            if block.type == "text":
-                text.append(block.text)
-            elif block.type == "tool_use":
-                tool_calls.append(ToolCall(id=block.id, name=block.name,
-                                           arguments=_dumps(block.input)))
+        try:
+            for block in message.content:
+                if block.type == "text":
+                    text.append(block.text)
+                elif block.type == "tool_use":
+                    tool_calls.append(ToolCall(id=block.id, name=block.name,
+                                               arguments=_dumps(block.input)))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise BackendError(ErrorKind.UNAVAILABLE,
+                               f"{self.name}: the upstream answer is malformed ({exc})") from None
         content = "".join(text)
         usage = _usage(getattr(message, "usage", None))
         if usage is None:

@@ -32,6 +32,7 @@ final :class:`StreamFinish` carries an estimate and ``usage_estimated=True``.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -136,7 +137,11 @@ class OpenAIBackend(http.UpstreamErrors):
         if not isinstance(completion, dict):
             raise BackendError(ErrorKind.UNAVAILABLE,
                                f"{self.name}: the upstream answer is not a JSON object")
-        return self._result(completion, request)
+        try:
+            return self._result(completion, request)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise BackendError(ErrorKind.UNAVAILABLE,
+                               f"{self.name}: the upstream answer is malformed ({exc})") from None
 
     async def stream(self, request: ChatRequest, timeout_s: float) -> AsyncIterator[StreamEvent]:
         params = _chat_params(request)
@@ -154,6 +159,9 @@ class OpenAIBackend(http.UpstreamErrors):
         model = request.upstream_model
         text: list[str] = []
         arguments: list[str] = []
+        refusal: list[str] = []
+        calls = _CallIndexes()
+        called = False  # a tool call was streamed
         try:
             async for chunk in upstream:
                 model = chunk.model or model
@@ -164,19 +172,23 @@ class OpenAIBackend(http.UpstreamErrors):
                         continue
                     delta = choice.delta
                     if delta is not None and delta.content:
-                        text.append(delta.content)
+                        content = _text_of(delta.content)
+                        text.append(content)
                         yielded = True
-                        yield StreamDelta(delta.content)
+                        yield StreamDelta(content)
+                    if delta is not None and getattr(delta, "refusal", None):
+                        refusal.append(delta.refusal)
                     for position, call in enumerate((delta.tool_calls if delta else None) or ()):
                         function = call.function
                         piece = ToolCallDelta(
-                            index=call.index if call.index is not None else position,
+                            index=calls.index(call.index, call.id, position),
                             id=call.id or "",
                             name=(function.name if function else None) or "",
-                            arguments=(function.arguments if function else None) or "")
+                            arguments=_arguments((function.arguments if function else None)
+                                                 or ""))
                         if piece.id or piece.name or piece.arguments:
                             arguments.append(piece.arguments)
-                            yielded = True
+                            yielded = called = True
                             yield piece
                     if choice.finish_reason:
                         finish_reason = _FINISH_REASONS.get(choice.finish_reason, "stop")
@@ -189,6 +201,13 @@ class OpenAIBackend(http.UpstreamErrors):
             raise BackendError(
                 ErrorKind.STREAM_CUT if yielded else ErrorKind.UNAVAILABLE,
                 f"{self.name}: the upstream stream ended before its final chunk")
+        # As for a whole answer (see _result).
+        if called and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        if not text and not called and refusal:
+            text.append("".join(refusal))
+            finish_reason = "content_filter"
+            yield StreamDelta(text[0])
         estimated = usage is None
         if usage is None:
             usage = Usage(prompt_tokens=estimate_prompt_tokens(request.messages),
@@ -206,10 +225,10 @@ class OpenAIBackend(http.UpstreamErrors):
                                f"{self.name}: the upstream answer has no choices")
         choice = choices[0]
         message = choice.get("message") or {}
-        content = message.get("content") or ""
+        content = _text_of(message.get("content") or "")
         tool_calls = tuple(
             ToolCall(id=call.get("id") or "", name=call["function"].get("name") or "",
-                     arguments=call["function"].get("arguments") or "")
+                     arguments=_arguments(call["function"].get("arguments") or ""))
             for call in message.get("tool_calls") or ()
             if isinstance(call, dict) and isinstance(call.get("function"), dict))
         finish = _FINISH_REASONS.get(choice.get("finish_reason") or "stop", "stop")
@@ -350,9 +369,57 @@ def _usage(usage: Any) -> Usage:
 
     details = get(usage, "prompt_tokens_details")
     cached = get(details, "cached_tokens") if details is not None else None
-    return Usage(prompt_tokens=get(usage, "prompt_tokens") or 0,
-                 completion_tokens=get(usage, "completion_tokens") or 0,
-                 cached_prompt_tokens=cached or 0)
+    return Usage(prompt_tokens=_count(get(usage, "prompt_tokens")),
+                 completion_tokens=_count(get(usage, "completion_tokens")),
+                 cached_prompt_tokens=_count(cached))
+
+
+def _count(value: Any) -> int:
+    """A token count as compatible servers send it: a number, a numeric
+    string, or nothing (0)."""
+    return int(value) if value else 0
+
+
+def _text_of(content: Any) -> str:
+    """Message content: a string, or (some compatible servers) a list of
+    parts whose text parts are joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content
+                       if isinstance(p, dict) and p.get("type", "text") == "text")
+    raise TypeError(f"content is a {type(content).__name__}")
+
+
+def _arguments(arguments: Any) -> str:
+    """Tool call arguments: the JSON text the model wrote, or (some
+    compatible servers) the object itself, written as JSON."""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+
+class _CallIndexes:
+    """The index of each streamed tool call. Some compatible servers send no
+    ``index``: then a chunk with a new call id starts a new call, and one
+    without an id continues the last."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, int] = {}
+        self._last: int | None = None
+
+    def index(self, given: int | None, call_id: str | None, position: int) -> int:
+        if given is not None:
+            index = given
+        elif call_id and call_id not in self._by_id:
+            index = max([*self._by_id.values(), *([self._last] if self._last is not None
+                                                  else [])], default=-1) + 1
+        elif call_id:
+            index = self._by_id[call_id]
+        else:
+            index = self._last if self._last is not None else position
+        if call_id:
+            self._by_id.setdefault(call_id, index)
+        self._last = index
+        return index
 
 
 def _error_kind(status: int | None, error_type: str | None, code: str | None,
