@@ -136,5 +136,43 @@ export const hivemeshErrors: Interceptor = (next) => async (req) => {
   };
 };
 
+/** The terminal message of a hivemesh stream (`hivemesh.common.v1.StreamEnd`). */
+interface StreamEndLike {
+  readonly outcome: number;
+  readonly error?: Status;
+}
+
+/** A message of a hivemesh server stream: its `event` oneof ends with `end`. */
+interface StreamMessage {
+  readonly event: { readonly case: string | undefined; readonly value?: unknown };
+}
+
+// hivemesh.common.v1.StreamOutcome.STREAM_OUTCOME_COMPLETED
+const STREAM_OUTCOME_COMPLETED = 1;
+
+/** Iterates a hivemesh server stream (StreamGenerate, StreamAgent,
+ * SubscribeEvents, WatchAlerts) up to its terminal message and enforces the
+ * stream contract: a COMPLETED `end` finishes the iteration (the terminal
+ * message itself is yielded last, for what it carries, such as a summary), a
+ * FAILED one throws the HivemeshError of its status, and a stream that stops
+ * without one throws UNAVAILABLE: it was cut. */
+export async function* untilEnd<M extends StreamMessage>(stream: AsyncIterable<M>): AsyncGenerator<M> {
+  for await (const message of stream) {
+    yield message;
+    if (message.event.case === "end") {
+      const end = message.event.value as StreamEndLike;
+      if (end.outcome === STREAM_OUTCOME_COMPLETED) {
+        return;
+      }
+      throw end.error !== undefined
+        ? HivemeshError.fromStatus(end.error)
+        : HivemeshError.from(new ConnectError("the stream ended FAILED without a status", Code.Unknown));
+    }
+  }
+  throw HivemeshError.from(
+    new ConnectError("the stream was cut before its terminal message", Code.Unavailable),
+  );
+}
+
 // Re-exported for callers that switch on codes.
 export { Code };

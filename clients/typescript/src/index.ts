@@ -4,8 +4,8 @@
 
 export { createClient } from "@connectrpc/connect";
 export type { Client, Transport } from "@connectrpc/connect";
-export { Code, HivemeshError, hivemeshErrors, unpackDetail } from "./errors.js";
+export { Code, HivemeshError, hivemeshErrors, unpackDetail, untilEnd } from "./errors.js";
 export type { FieldViolation } from "./errors.js";
 export { checkHealth, ServingStatus } from "./health.js";
-export { createMeshTransport } from "./transport.js";
+export { createMeshTransport, withHivemeshErrors } from "./transport.js";
 export type { MeshTransportOptions } from "./transport.js";

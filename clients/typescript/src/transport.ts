@@ -3,7 +3,7 @@
 import type { Interceptor, Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
-import { hivemeshErrors } from "./errors.js";
+import { HivemeshError, hivemeshErrors } from "./errors.js";
 
 export interface MeshTransportOptions {
   /** Interceptors run before the error translation (outermost first). */
@@ -19,12 +19,49 @@ export interface MeshTransportOptions {
 }
 
 /** A transport speaking gRPC over HTTP/2 to `host:port`. Failures of calls
- * through it are thrown as HivemeshError. */
+ * through it are thrown as HivemeshError, deadlines and cancellations
+ * included. */
 export function createMeshTransport(address: string, options: MeshTransportOptions = {}): Transport {
-  return createGrpcTransport({
-    baseUrl: `${options.tls ? "https" : "http"}://${address}`,
-    interceptors: [...(options.interceptors ?? []), hivemeshErrors],
-    defaultTimeoutMs: options.defaultTimeoutMs,
-    readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,
-  });
+  return withHivemeshErrors(
+    createGrpcTransport({
+      baseUrl: `${options.tls ? "https" : "http"}://${address}`,
+      interceptors: [...(options.interceptors ?? []), hivemeshErrors],
+      defaultTimeoutMs: options.defaultTimeoutMs,
+      readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,
+    }),
+  );
+}
+
+/** The transport with every failure thrown as a HivemeshError. The
+ * interceptor alone is not enough: when a call's deadline passes or its
+ * signal aborts, connect throws the signal's reason past the interceptors. */
+export function withHivemeshErrors(transport: Transport): Transport {
+  return {
+    async unary(method, signal, timeoutMs, header, input, contextValues) {
+      try {
+        return await transport.unary(method, signal, timeoutMs, header, input, contextValues);
+      } catch (err) {
+        throw HivemeshError.from(err);
+      }
+    },
+    async stream(method, signal, timeoutMs, header, input, contextValues) {
+      let res;
+      try {
+        res = await transport.stream(method, signal, timeoutMs, header, input, contextValues);
+      } catch (err) {
+        throw HivemeshError.from(err);
+      }
+      const messages = res.message;
+      return {
+        ...res,
+        message: (async function* () {
+          try {
+            yield* messages;
+          } catch (err) {
+            throw HivemeshError.from(err);
+          }
+        })(),
+      };
+    },
+  };
 }

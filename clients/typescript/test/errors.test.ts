@@ -9,7 +9,7 @@ import { create, toBinary, type DescMessage, type MessageInitShape } from "@bufb
 import { anyPack } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 
-import { HivemeshError, unpackDetail } from "@hivemesh/client";
+import { HivemeshError, unpackDetail, untilEnd } from "@hivemesh/client";
 import {
   BadRequestSchema,
   ErrorInfoSchema,
@@ -72,4 +72,36 @@ test("the Status of a FAILED StreamEnd becomes the same HivemeshError", () => {
   assert.equal(unpackDetail(status, ErrorInfoSchema)?.domain, "hivemesh.llm");
   assert.equal(unpackDetail(status, BadRequestSchema), undefined);
   assert.equal(HivemeshError.fromStatus(create(StatusSchema, { code: 99 })).code, Code.Unknown);
+});
+
+test("untilEnd: a COMPLETED end finishes, a FAILED one throws its status, a cut stream throws", async () => {
+  const end = (outcome: number, error?: ReturnType<typeof create<typeof StatusSchema>>) => ({
+    event: { case: "end" as const, value: { outcome, error } },
+  });
+  const delta = { event: { case: "delta" as const, value: { text: "hi" } } };
+  async function* of<T>(...items: T[]) {
+    yield* items;
+  }
+  const done = [];
+  for await (const m of untilEnd(of<{ event: { case: string; value?: unknown } }>(delta, end(1)))) {
+    done.push(m.event.case);
+  }
+  assert.deepEqual(done, ["delta", "end"]);
+  const failed = create(StatusSchema, { code: Code.Unavailable, message: "stream interrupted" });
+  await assert.rejects(
+    (async () => {
+      for await (const _ of untilEnd(of<{ event: { case: string; value?: unknown } }>(delta, end(2, failed)))) {
+        // drain
+      }
+    })(),
+    (err: unknown) => err instanceof HivemeshError && err.code === Code.Unavailable && err.rawMessage === "stream interrupted",
+  );
+  await assert.rejects(
+    (async () => {
+      for await (const _ of untilEnd(of<{ event: { case: string; value?: unknown } }>(delta))) {
+        // drain
+      }
+    })(),
+    (err: unknown) => err instanceof HivemeshError && err.code === Code.Unavailable,
+  );
 });

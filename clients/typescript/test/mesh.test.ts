@@ -10,7 +10,15 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
 
-import { Code, checkHealth, createClient, createMeshTransport, HivemeshError, ServingStatus } from "@hivemesh/client";
+import {
+  Code,
+  checkHealth,
+  createClient,
+  createMeshTransport,
+  HivemeshError,
+  ServingStatus,
+  untilEnd,
+} from "@hivemesh/client";
 import { ArtifactService } from "@hivemesh/client/artifact/v1";
 import { StreamOutcome } from "@hivemesh/client/common/v1";
 import { LlmService, type StreamGenerateResponse } from "@hivemesh/client/llm/v1";
@@ -176,6 +184,28 @@ describe("TypeScript client against the running mesh", { timeout: 240_000 }, () 
     assert.equal(err.code, Code.NotFound);
     assert.equal(err.reason, "MODEL_NOT_FOUND");
     assert.equal(err.domain, "hivemesh.llm");
+  });
+
+  test("a deadline or a cancellation is a HivemeshError too, and untilEnd ends a stream", async () => {
+    const llm = createClient(LlmService, createMeshTransport(mesh.address("llm")));
+    const request = {
+      requestId: randomUUID(),
+      model: "mock-small",
+      input: { case: "prompt" as const, value: { prompt: "Count to three." } },
+    };
+    const aborted = await failure(llm.generate(request, { signal: AbortSignal.abort() }));
+    assert.equal(aborted.code, Code.Canceled);
+    const late = await failure(async () => {
+      for await (const _ of llm.streamGenerate(request, { timeoutMs: 1, signal: AbortSignal.timeout(1) })) {
+        // may or may not get a message before the deadline
+      }
+    });
+    assert.ok([Code.DeadlineExceeded, Code.Canceled].includes(late.code), `got ${late.code}`);
+    const seen: string[] = [];
+    for await (const message of untilEnd(llm.streamGenerate({ ...request, requestId: randomUUID() }, CALL))) {
+      seen.push(message.event.case ?? "");
+    }
+    assert.equal(seen.at(-1), "end");
   });
 
   test("RunAgent runs an agent through the whole mesh, and a retry replays it", async () => {
