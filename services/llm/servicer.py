@@ -19,7 +19,7 @@ from hivemesh.llm.v1 import (
     StreamSummary, ToolCallDelta)
 from hivemesh.llm.v1 import ToolCall as ToolCallMsg
 from hivemesh.runtime import errors, paging
-from hivemesh.runtime.wellknown import duration_s
+from hivemesh.runtime.wellknown import duration_s, struct_dict
 from hivemesh.services.llm.backends.base import (
     BackendError, ChatMessage, ChatRequest, ChatResult, ErrorKind, StreamDelta, StreamFinish,
     ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
@@ -76,10 +76,12 @@ def chat_request(request) -> ChatRequest:
         top_p=cfg.top_p if cfg.HasField("top_p") else None,
         max_tokens=cfg.max_tokens or None, stop=tuple(cfg.stop_sequences),
         seed=cfg.seed if cfg.HasField("seed") else None,
-        tools=tuple(ToolSpec(t.name, t.description, json_format.MessageToDict(t.parameters))
-                    for t in request.tools),
+        tools=tuple(ToolSpec(t.name, t.description, struct_dict(t.parameters,
+                                                                 f"tools[{i}].parameters"))
+                    for i, t in enumerate(request.tools)),
         tool_choice=choice, response_format=fmt,
-        response_schema=json_format.MessageToDict(schema.schema) if fmt == "json_schema" else None,
+        response_schema=(struct_dict(schema.schema, "config.response_format.json_schema.schema")
+                         if fmt == "json_schema" else None),
         response_schema_name=schema.name or "response", response_schema_strict=schema.strict)
 
 

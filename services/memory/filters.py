@@ -5,7 +5,6 @@ that exclude everything) is refused here with the field that is wrong."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -15,9 +14,6 @@ from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import rfc3339, struct_dict
 from hivemesh.services.memory.store.base import (
     AnyOf, Condition, Equals, NumberRange, TimeRange)
-
-_INT64 = 2 ** 63
-
 
 def _bounds(msg, names: tuple[str, ...]) -> dict[str, Any]:
     return {n: getattr(msg, n) for n in names if msg.HasField(n)}
@@ -81,23 +77,9 @@ def to_conditions(flt: Filter, field: str = "filter") -> list[Condition]:
     return out
 
 
-def _plain(value: Any) -> Any:
-    """JSON-like metadata with integral numbers as integers, so that both
-    ``equals_int`` and numeric ranges match them (Struct numbers are
-    doubles)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < _INT64 \
-            and math.isfinite(value):
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def metadata_to_payload(metadata: struct_pb2.Struct, field: str) -> dict[str, Any]:
     """An item's metadata as payload; ``field`` names it in errors."""
-    return _plain(struct_dict(metadata, field))
+    return struct_dict(metadata, field)
 
 
 def payload_to_metadata(value: dict[str, Any] | None, into: struct_pb2.Struct) -> None:

@@ -39,15 +39,30 @@ def duration_s(seconds: float) -> duration_pb2.Duration:
 
 
 def struct_dict(value: struct_pb2.Struct, field: str) -> dict[str, Any]:
-    """A request's Struct as JSON-like data. NaN and infinities, which JSON
-    cannot hold, are refused."""
+    """A request's Struct as JSON-like data, with integral numbers as
+    integers (a Struct's numbers are all doubles: a JSON schema's
+    ``"maxItems": 3`` must not become ``3.0``, nor metadata's ``2`` fail an
+    integer match). NaN and infinities, which JSON cannot hold, are refused."""
     if not value.fields:
         return {}
     try:
-        return json_format.MessageToDict(value)
+        return _integral(json_format.MessageToDict(value))
     except (json_format.Error, ValueError):
         raise errors.invalid_argument([(field, "numbers must be finite (NaN and infinities "
                                                "cannot be stored)")]) from None
+
+
+_INT64 = 2 ** 63
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < _INT64:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def rfc3339(ts: timestamp_pb2.Timestamp, field: str) -> str:

@@ -403,3 +403,23 @@ async def test_count_tokens_and_invalid_requests(llm):
     with pytest.raises(InvalidArgumentError) as err:
         await call(stub.Generate, GenerateRequest(request_id=rid(), model="main"))
     assert err.value.reason == "INVALID_REQUEST"
+
+
+async def test_schemas_reach_the_upstream_with_integers_as_integers(llm):
+    """A Struct's numbers are doubles; JSON schema keywords such as maxItems
+    must arrive as 3, not 3.0 (strict upstreams refuse the latter)."""
+    from google.protobuf import struct_pb2
+
+    from hivemesh.llm.v1 import JsonSchema, ResponseFormat, Tool
+    stub, backends = llm
+    schema = struct_pb2.Struct()
+    schema.update({"type": "array", "maxItems": 3, "items": {"type": "number", "minimum": 0.5}})
+    request = gen(temperature=0.9)
+    request.config.response_format.CopyFrom(ResponseFormat(
+        type=3, json_schema=JsonSchema(name="answer", schema=schema)))
+    request.tools.append(Tool(name="pick", description="Pick", parameters=schema))
+    await call(stub.Generate, request)
+    sent = backends["primary"].calls[-1]
+    for got in (sent.response_schema, sent.tools[0].parameters):
+        assert got["maxItems"] == 3 and type(got["maxItems"]) is int
+        assert got["items"]["minimum"] == 0.5
