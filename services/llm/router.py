@@ -161,7 +161,7 @@ class Router:
 
         async def call(model: ModelSettings, state: BackendState, timeout_s: float):
             result = await state.backend.generate(
-                replace(request, upstream_model=model.upstream_model), timeout_s)
+                _for(request, model), timeout_s)
             state.limiter.settle(tokens, result.usage.total_tokens)
             return result
 
@@ -175,7 +175,7 @@ class Router:
         tokens = estimate_prompt_tokens(request.messages) + (request.max_tokens or 0)
 
         async def call(model: ModelSettings, state: BackendState, timeout_s: float):
-            events = state.backend.stream(replace(request, upstream_model=model.upstream_model),
+            events = state.backend.stream(_for(request, model),
                                           timeout_s)
             try:
                 first = await events.__anext__()
@@ -208,3 +208,9 @@ class Router:
 
         tokens = sum(len(t) // 4 + 1 for t in texts)
         return await self._run([model], deadline, tokens, call)
+
+
+def _for(request: ChatRequest, model: ModelSettings) -> ChatRequest:
+    """The request as one candidate model gets it."""
+    return replace(request, upstream_model=model.upstream_model,
+                   max_output_tokens=model.max_output_tokens)

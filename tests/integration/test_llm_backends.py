@@ -273,6 +273,13 @@ async def test_request_parameters(upstream: Upstream):
         assert body["max_tokens"] == DEFAULT_MAX_TOKENS  # required by Anthropic
     else:
         assert "max_tokens" not in body
+    # The model's own output limit, when its settings give one (as the router does).
+    await upstream.backend.generate(chat(user("x"), max_output_tokens=8192), TIMEOUT_S)
+    body = upstream.server.last.body
+    if upstream.is_anthropic:
+        assert body["max_tokens"] == 8192
+    else:
+        assert "max_tokens" not in body
 
 
 # -- tools --------------------------------------------------------------------

@@ -14,7 +14,8 @@ How a :class:`ChatRequest` maps onto the Messages API:
   messages become ``tool_result`` blocks in a user turn; consecutive
   messages of one role are merged into one turn, as the API wants all the
   results of one assistant turn in the next user turn;
-* ``max_tokens`` is required by Anthropic: 1024 when the request has none;
+* ``max_tokens`` is required by Anthropic: the model's ``max_output_tokens``
+  (its settings) when the request has none, else 1024;
 * ``tool_choice`` auto/required/none/<name> -> auto/any/none/tool;
 * ``temperature``, ``top_p`` and ``seed`` are not sent: the API version
   that the anthropic 2.x SDK speaks (``anthropic-version: 2026-10-21``)
@@ -316,7 +317,8 @@ def _message_params(request: ChatRequest) -> dict[str, Any]:
     params: dict[str, Any] = {
         "model": request.upstream_model,
         "messages": turns,
-        "max_tokens": request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS,
+        "max_tokens": (request.max_tokens if request.max_tokens is not None
+                       else request.max_output_tokens or DEFAULT_MAX_TOKENS),
     }
     if system:
         params["system"] = "\n\n".join(system)

@@ -91,6 +91,9 @@ class ChatRequest:
     response_schema: dict[str, Any] | None = None
     response_schema_name: str = "response"
     response_schema_strict: bool = False
+    # The model's output limit (its settings), for a backend whose API needs
+    # a max_tokens when the request sets none (Anthropic).
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
