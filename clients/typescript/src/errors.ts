@@ -120,21 +120,18 @@ export const hivemeshErrors: Interceptor = (next) => async (req) => {
   } catch (err) {
     throw HivemeshError.from(err);
   }
-  if (!res.stream) {
-    return res;
-  }
-  const messages = res.message;
-  return {
-    ...res,
-    message: (async function* () {
-      try {
-        yield* messages;
-      } catch (err) {
-        throw HivemeshError.from(err);
-      }
-    })(),
-  };
+  return res.stream ? { ...res, message: translated(res.message) } : res;
 };
+
+/** The messages of a stream, any failure while reading them thrown as a
+ * HivemeshError. */
+export async function* translated<T>(messages: AsyncIterable<T>): AsyncGenerator<T> {
+  try {
+    yield* messages;
+  } catch (err) {
+    throw HivemeshError.from(err);
+  }
+}
 
 /** The terminal message of a hivemesh stream (`hivemesh.common.v1.StreamEnd`). */
 interface StreamEndLike {

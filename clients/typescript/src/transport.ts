@@ -3,7 +3,7 @@
 import type { Interceptor, Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
-import { HivemeshError, hivemeshErrors } from "./errors.js";
+import { HivemeshError, hivemeshErrors, translated } from "./errors.js";
 
 export interface MeshTransportOptions {
   /** Interceptors run before the error translation (outermost first). */
@@ -51,17 +51,7 @@ export function withHivemeshErrors(transport: Transport): Transport {
       } catch (err) {
         throw HivemeshError.from(err);
       }
-      const messages = res.message;
-      return {
-        ...res,
-        message: (async function* () {
-          try {
-            yield* messages;
-          } catch (err) {
-            throw HivemeshError.from(err);
-          }
-        })(),
-      };
+      return { ...res, message: translated(res.message) };
     },
   };
 }
