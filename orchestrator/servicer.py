@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import grpc
 
@@ -170,16 +171,13 @@ class OrchestratorServicer:
         sent = False
         try:
             while True:
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    event = getter.result()
+                got, event = await _next(queue, {task})
+                if got:
                     sent = True
                     yield StreamAgentResponse(agent_event=event)
                     if event.type in _TERMINAL:
                         break
                     continue
-                getter.cancel()
                 if task.exception() is None:
                     result, replayed = task.result()
                     if replayed:
@@ -259,18 +257,14 @@ class OrchestratorServicer:
                                 {"dropped_events": str(subscription.dropped)}
                             ).to_status(DOMAIN)))
                         return
-                    getter = asyncio.ensure_future(subscription.queue.get())
-                    done, _ = await asyncio.wait(
-                        {getter, closing}, timeout=self.settings.heartbeat_interval_s,
-                        return_when=asyncio.FIRST_COMPLETED)
-                    if getter not in done:
-                        getter.cancel()
-                        if closing in done:
+                    got, event = await _next(subscription.queue, {closing},
+                                             self.settings.heartbeat_interval_s)
+                    if not got:
+                        if closing.done():
                             break
                         yield SubscribeEventsResponse(
                             heartbeat=Heartbeat(send_time=timestamp(now_us())))
                         continue
-                    event = getter.result()
                     if subscription.matches(event):
                         yield SubscribeEventsResponse(agent_event=event)
                     if subscription.ends_with(event):
@@ -281,6 +275,23 @@ class OrchestratorServicer:
                 outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
         finally:
             self.bus.remove_subscription(subscription)
+
+
+async def _next(queue: asyncio.Queue, others: set[asyncio.Future],
+                timeout: float | None = None) -> tuple[bool, Any]:
+    """(True, the queue's next item), or (False, None) once one of ``others``
+    is done or the timeout passed; its wait on the queue never outlives it
+    (a stream closed by its client leaves no task behind)."""
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        await asyncio.wait({getter, *others}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return True, getter.result()
+    return False, None
 
 
 def _as_run(request) -> RunAgentRequest:

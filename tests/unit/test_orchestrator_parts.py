@@ -194,3 +194,21 @@ async def test_a_run_cancelled_while_committing_still_records_the_spend():
     await _cancel_when(runner, fake, "Commit")
     # The commit is sent again (its request id answers once), nothing released.
     assert fake.calls[-2:] == ["Commit", "Commit"] and "Release" not in fake.calls
+
+
+async def test_waiting_on_an_event_queue_leaves_nothing_behind():
+    from hivemesh.services.orchestrator.servicer import _next
+    queue: asyncio.Queue = asyncio.Queue()
+    never = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(_next(queue, {never}))
+    await asyncio.sleep(0)
+    waiting.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    assert left == []
+    queue.put_nowait("event")
+    assert await _next(queue, {never}) == (True, "event")
+    assert await _next(queue, {never}, timeout=0.01) == (False, None)
+    never.cancel()
