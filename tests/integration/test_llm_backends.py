@@ -477,7 +477,8 @@ async def test_error_event_in_stream(upstream: Upstream):
 # -- errors -------------------------------------------------------------------
 
 STATUS_KINDS = [(400, ErrorKind.BAD_REQUEST), (401, ErrorKind.AUTHENTICATION),
-                (403, ErrorKind.PERMISSION), (404, ErrorKind.NOT_FOUND),
+                (402, ErrorKind.PERMISSION), (403, ErrorKind.PERMISSION),
+                (404, ErrorKind.NOT_FOUND),
                 (422, ErrorKind.BAD_REQUEST), (429, ErrorKind.RATE_LIMITED),
                 (500, ErrorKind.UNAVAILABLE), (502, ErrorKind.UNAVAILABLE),
                 (503, ErrorKind.UNAVAILABLE), (529, ErrorKind.OVERLOADED)]
@@ -706,6 +707,18 @@ async def test_a_streamed_refusal_is_the_answer(openai_upstream: Upstream):
     assert error is None
     assert text_of(events) == "I can't help with that."
     assert events[-1].finish_reason == "content_filter"
+
+
+async def test_a_stream_that_drops_after_its_finish_is_complete(openai_upstream: Upstream):
+    """The usage chunk and [DONE] lost after the finish: the answer is whole
+    (its usage estimated), not a failure."""
+    upstream = openai_upstream
+    upstream.server.enqueue(Raw(events=(
+        _chunk({"role": "assistant", "content": "All "}), _chunk({"content": "there."}),
+        _chunk({}, finish="stop"), "not json: the connection broke here")))
+    events, error = await drain(upstream.backend, chat(user("x")))
+    assert error is None and text_of(events) == "All there."
+    assert events[-1].finish_reason == "stop" and events[-1].usage_estimated
 
 
 async def test_a_json_answer_that_is_not_a_message_is_unavailable():

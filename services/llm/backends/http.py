@@ -28,7 +28,10 @@ def error_kind(status: int | None, error_type: str | None, texts: tuple[str | No
         return ErrorKind.CONTEXT_TOO_LONG
     if status is None or status < 400:
         return type_kinds.get(error_type or "", ErrorKind.UNAVAILABLE)
-    by_status = {401: ErrorKind.AUTHENTICATION, 403: ErrorKind.PERMISSION,
+    # 402: the account cannot pay (credits, billing): this backend refuses,
+    # another may answer, as for 403.
+    by_status = {401: ErrorKind.AUTHENTICATION, 402: ErrorKind.PERMISSION,
+                 403: ErrorKind.PERMISSION,
                  404: ErrorKind.NOT_FOUND, 408: ErrorKind.TIMEOUT, 429: ErrorKind.RATE_LIMITED}
     if status in by_status:
         return by_status[status]

@@ -193,7 +193,10 @@ class OpenAIBackend(http.UpstreamErrors):
                     if choice.finish_reason:
                         finish_reason = _FINISH_REASONS.get(choice.finish_reason, "stop")
         except Exception as exc:  # noqa: BLE001
-            raise self._stream_error(exc, timeout_s, yielded) from _cause(exc)
+            if finish_reason is None:
+                raise self._stream_error(exc, timeout_s, yielded) from _cause(exc)
+            # The answer had finished: only its usage chunk and the end of the
+            # stream were lost (the usage is then estimated below).
         finally:
             await upstream.close()
 
