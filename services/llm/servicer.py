@@ -82,7 +82,8 @@ def chat_request(request) -> ChatRequest:
         tool_choice=choice, response_format=fmt,
         response_schema=(struct_dict(schema.schema, "config.response_format.json_schema.schema")
                          if fmt == "json_schema" else None),
-        response_schema_name=schema.name or "response", response_schema_strict=schema.strict)
+        response_schema_name=schema.name or "response",
+        response_schema_description=schema.description, response_schema_strict=schema.strict)
 
 
 def _cacheable(request, chat: ChatRequest) -> bool:

@@ -359,14 +359,15 @@ async def test_response_format(upstream: Upstream):
 
     await upstream.backend.generate(chat(user("x"), response_format="json_schema",
                                          response_schema=schema, response_schema_name="answer",
-                                         response_schema_strict=True), TIMEOUT_S)
+                                         response_schema_strict=True,
+                                         response_schema_description="One answer."), TIMEOUT_S)
     body = upstream.server.last.body
     if upstream.is_anthropic:
         assert body["system"].startswith(JSON_OBJECT_INSTRUCTION)
-        assert json.dumps(schema) in body["system"]
+        assert json.dumps(schema) in body["system"] and "One answer." in body["system"]
     else:
         assert body["response_format"] == {"type": "json_schema", "json_schema": {
-            "name": "answer", "schema": schema, "strict": True}}
+            "name": "answer", "schema": schema, "strict": True, "description": "One answer."}}
 
     with pytest.raises(BackendError) as caught:
         await upstream.backend.generate(chat(user("x"), response_format="json_schema"), TIMEOUT_S)

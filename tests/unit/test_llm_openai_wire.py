@@ -43,7 +43,8 @@ REQUESTS = {
                                response_format="json_schema",
                                response_schema={"type": "object",
                                                 "properties": {"a": {"type": "integer"}}},
-                               response_schema_name="answer", response_schema_strict=True),
+                               response_schema_name="answer", response_schema_strict=True,
+                               response_schema_description="The answer, as an object."),
 }
 
 

@@ -310,6 +310,8 @@ def _message_params(request: ChatRequest) -> dict[str, Any]:
                                    "response_format json_schema needs a response_schema")
             system.append(JSON_SCHEMA_INSTRUCTION.format(
                 schema=json.dumps(request.response_schema, ensure_ascii=False)))
+            if request.response_schema_description:
+                system.append(f"What the object is: {request.response_schema_description}")
     elif request.response_format not in (None, "", "text"):
         raise BackendError(ErrorKind.BAD_REQUEST,
                            f"unknown response_format {request.response_format!r}")

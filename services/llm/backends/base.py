@@ -90,6 +90,7 @@ class ChatRequest:
     response_format: str | None = None
     response_schema: dict[str, Any] | None = None
     response_schema_name: str = "response"
+    response_schema_description: str = ""
     response_schema_strict: bool = False
     # The model's output limit (its settings), for a backend whose API needs
     # a max_tokens when the request sets none (Anthropic).

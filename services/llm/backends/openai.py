@@ -336,6 +336,9 @@ def _chat_params(request: ChatRequest) -> dict[str, Any]:
             "name": request.response_schema_name or "response",
             "schema": request.response_schema,
             "strict": request.response_schema_strict}}
+        if request.response_schema_description:
+            params["response_format"]["json_schema"]["description"] = \
+                request.response_schema_description
     elif fmt not in (None, "", "text"):
         raise BackendError(ErrorKind.BAD_REQUEST, f"unknown response_format {fmt!r}")
     return params
