@@ -343,13 +343,17 @@ class LlmServicer(LlmServiceServicer):
                     delivered += 1
                     yield StreamGenerateResponse(delta=ContentDelta(text=pending.text))
                 elif isinstance(pending, ToolCallPiece):
-                    slot = calls.setdefault(pending.index, [pending.id, pending.name, ""])
+                    slot = calls.setdefault(pending.index, ["", "", ""])
+                    # The id and the name go out once, as soon as known (some
+                    # upstreams repeat them on every chunk).
+                    new_id = pending.id if not slot[0] else ""
+                    new_name = pending.name if not slot[1] else ""
                     slot[0] = slot[0] or pending.id
                     slot[1] = slot[1] or pending.name
                     slot[2] += pending.arguments
                     delivered += 1
                     yield StreamGenerateResponse(tool_call_delta=ToolCallDelta(
-                        index=pending.index, id=pending.id, name=pending.name,
+                        index=pending.index, id=new_id, name=new_name,
                         arguments_delta=pending.arguments))
                 try:
                     pending = await events.__anext__()
