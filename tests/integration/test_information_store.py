@@ -299,6 +299,29 @@ async def test_config_version_counts_every_budget_and_price_write(store):
     assert await store.config_version() == 6
 
 
+async def test_a_retried_reserve_whose_hold_is_gone_holds_again(store):
+    """A retry of a reserve whose reservation was released (or lapsed) since
+    holds again, under the same id, checked against the budget as it is now
+    (a bare replay would let a retried call run with no hold at all)."""
+    b = budget("b", micros=1000)
+    await store.create_budget(b, rid(), "fp")
+    first = await store.reserve(reserve_op([hold(b)], 600, request_id="r-1"))
+    assert (await store.release(first.reservation_id, T0)).released
+    again = await store.reserve(reserve_op([hold(b)], 600, request_id="r-1", now=T0 + 1))
+    assert (again.reservation_id, again.replayed) == (first.reservation_id, True)
+    assert (await store.get_reservation(first.reservation_id)).state == "open"
+    assert (await counter(store, b)).reserved_micros == 600
+    # While it holds, a retry is a plain replay: nothing is held twice.
+    await store.reserve(reserve_op([hold(b)], 600, request_id="r-1", now=T0 + 2))
+    assert (await counter(store, b)).reserved_micros == 600
+    # Released again while another caller filled the budget: refused.
+    assert (await store.release(first.reservation_id, T0 + 3)).released
+    await store.reserve(reserve_op([hold(b)], 900, request_id="r-2", now=T0 + 3))
+    with pytest.raises(BudgetExceeded):
+        await store.reserve(reserve_op([hold(b)], 600, request_id="r-1", now=T0 + 4))
+    assert (await counter(store, b)).reserved_micros == 900
+
+
 async def test_stale_reserve_writes_nothing(store):
     b = budget("b", micros=1000, tokens=100)
     await store.create_budget(b, rid(), "fp")

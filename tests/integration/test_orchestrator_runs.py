@@ -151,6 +151,27 @@ async def test_a_failed_run_runs_again_when_retried_with_its_request_id(tmp_path
         assert (status.reserved_micros, status.spent_micros) == (0, retried.result.cost_micros)
 
 
+async def test_a_retried_run_is_checked_against_the_budget_again(tmp_path):
+    """Its first attempt's hold was released when it failed: the retry must
+    hold again, and is refused when the budget has filled meanwhile."""
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.")
+        request_id = rid()
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=10)
+        with pytest.raises(UnavailableError):
+            await run(m, "coder", request_id=request_id)
+        m.primary.reset_failure()
+        await info.reserve(RequestContext(tenant_id="acme"), model="main",
+                           prompt_tokens=999_000, max_tokens=1)  # someone else fills it
+        calls = len(m.primary.calls)
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "coder", request_id=request_id)
+        assert err.value.reason == "BUDGET_EXCEEDED" and len(m.primary.calls) == calls
+        (status,) = await info.status(budget_id=budget.budget_id)
+        assert status.spent_micros == 0
+
+
 async def test_a_run_past_its_deadline_still_releases_its_hold(tmp_path):
     async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
         budget = await _budget_with_price(info)

@@ -215,13 +215,20 @@ local function hold_counters()
   return counters_of(ctrs)
 end
 local seen = seen_request(ARGV[2])
+local rid = ARGV[4]
 if seen then
   if seen[1] ~= 'reserve' or seen[2] ~= ARGV[3] then return {'conflict'} end
-  return {'replay', seen[3], hold_counters()}
+  local state = redis.call('HGET', P .. 'res:' .. seen[4], 'state')
+  if state ~= 'released' and state ~= 'expired' then
+    return {'replay', seen[3], hold_counters()}
+  end
+  -- Its hold is gone (released, or lapsed): a retry holds again, checked
+  -- against the budget as it is now, under the same reservation id.
+  rid = seen[4]
 end
 if stale(ARGV[16]) then return {'stale'} end
-local key = P .. 'res:' .. ARGV[4]
-if redis.call('EXISTS', key) == 1 then return {'duplicate'} end
+local key = P .. 'res:' .. rid
+if not seen and redis.call('EXISTS', key) == 1 then return {'duplicate'} end
 -- Reservations past their expiry: released below, but only if the request is
 -- admitted (a refused request writes nothing); the checks already count them
 -- as released.
@@ -268,15 +275,20 @@ for i = 0, n - 1 do
   redis.call('HINCRBY', ctr, 'reserved_tokens', ARGV[6])
 end
 local seq = redis.call('INCR', P .. 'reservations:seq')
-local member = string.format('%020d', seq) .. ARGV[4]
+local member = string.format('%020d', seq) .. rid
 redis.call('HSET', key, 'request_id', ARGV[2], 'state', 'open', 'holds', ARGV[9],
            'micros', ARGV[5], 'tokens', ARGV[6], 'expire_time_us', ARGV[7],
            'tenant_id', ARGV[12], 'workflow_id', ARGV[13], 'agent_id', ARGV[14],
            'ctrs', ARGV[10], 'member', member)
 redis.call('ZADD', P .. 'reservations:open', ARGV[7], member)
-local result = ARGV[11] .. table.concat(soft, ', ') .. ']}'
-remember(ARGV[2], 'reserve', ARGV[3], result, ARGV[4])
-return {'ok', result, hold_counters()}
+local head = ARGV[11]
+if seen then
+  head = '{"reservation_id": ' .. cjson.encode(rid) .. ', "expire_time_us": ' .. ARGV[7] ..
+         ', "over_soft_limit": ['
+end
+local result = head .. table.concat(soft, ', ') .. ']}'
+remember(ARGV[2], 'reserve', ARGV[3], result, rid)
+return {seen and 'reopened' or 'ok', result, hold_counters()}
 """
 
 # ARGV: prefix, request_id, fingerprint, reservation_id ('' = track),
@@ -605,12 +617,13 @@ class RedisStore:
                                  int(requested))
         if status == "duplicate":
             raise KeyError(op.reservation_id)
-        if status == "ok":
-            self._recent[op.reservation_id] = (op.holds, op.tenant_id, op.workflow_id,
-                                               op.agent_id)
+        result = _reserve_result(reply[1], status in ("replay", "reopened"), op.holds, reply[2])
+        if status in ("ok", "reopened"):
+            self._recent[result.reservation_id] = (op.holds, op.tenant_id, op.workflow_id,
+                                                   op.agent_id)
             if len(self._recent) > _RECENT_RESERVATIONS:
                 self._recent.popitem(last=False)
-        return _reserve_result(reply[1], status == "replay", op.holds, reply[2])
+        return result
 
     async def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
         row = await self.client.hgetall(self._key(f"res:{reservation_id}"))

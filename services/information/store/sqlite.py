@@ -148,6 +148,26 @@ def _as_defined_now(conn: sqlite3.Connection, holds: tuple[Hold, ...]) -> tuple[
     return tuple(out)
 
 
+def _admit(conn: sqlite3.Connection, op: ReserveOp) -> list[str]:
+    """Checks a reservation against every budget it holds: raises
+    BudgetExceeded for a HARD one it does not fit; returns the SOFT ones it
+    goes over."""
+    over_soft: list[str] = []
+    for hold in op.holds:
+        spent_m, spent_t, reserved_m, reserved_t = _counter(conn, hold.budget_id,
+                                                            hold.period_start_us)
+        for unit, limit, spent, reserved, requested in (
+                ("micros", hold.limit_micros, spent_m, reserved_m, op.micros),
+                ("tokens", hold.limit_tokens, spent_t, reserved_t, op.tokens)):
+            if limit is None or spent + reserved + requested <= limit:
+                continue
+            if hold.mode == MODE_HARD:
+                raise BudgetExceeded(hold.budget_id, unit, limit, spent, reserved, requested)
+            if hold.budget_id not in over_soft:
+                over_soft.append(hold.budget_id)
+    return over_soft
+
+
 def _free(conn: sqlite3.Connection, holds: tuple[Hold, ...], micros: int, tokens: int) -> None:
     for hold in holds:
         _add(conn, hold, reserved_m=-micros, reserved_t=-tokens)
@@ -323,37 +343,40 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> ReserveResult:
             keys = [(h.budget_id, h.period_start_us) for h in op.holds]
             seen = _check_request(conn, op.request_id, "reserve", op.fingerprint)
+            reopened = None
             if seen is not None:
-                return ReserveResult(seen["reservation_id"], seen["expire_time_us"],
-                                     tuple(seen["over_soft_limit"]), True,
-                                     _counters(conn, keys))
+                (state,) = conn.execute("SELECT state FROM reservations WHERE reservation_id = ?",
+                                        (seen["reservation_id"],)).fetchone() or ("",)
+                if state not in ("released", "expired"):
+                    return ReserveResult(seen["reservation_id"], seen["expire_time_us"],
+                                         tuple(seen["over_soft_limit"]), True,
+                                         _counters(conn, keys))
+                # Its hold is gone (the caller released it, or it lapsed): a
+                # retry holds again, checked against the budget as it is now.
+                reopened = seen["reservation_id"]
             _check_config(conn, op.config_version)
             _expire(conn, op.now_us, 100)
-            over_soft: list[str] = []
-            for hold in op.holds:
-                spent_m, spent_t, reserved_m, reserved_t = _counter(conn, hold.budget_id,
-                                                                    hold.period_start_us)
-                for unit, limit, spent, reserved, requested in (
-                        ("micros", hold.limit_micros, spent_m, reserved_m, op.micros),
-                        ("tokens", hold.limit_tokens, spent_t, reserved_t, op.tokens)):
-                    if limit is None or spent + reserved + requested <= limit:
-                        continue
-                    if hold.mode == MODE_HARD:
-                        raise BudgetExceeded(hold.budget_id, unit, limit, spent, reserved,
-                                             requested)
-                    if hold.budget_id not in over_soft:
-                        over_soft.append(hold.budget_id)
+            over_soft = _admit(conn, op)
             for hold in op.holds:
                 _add(conn, hold, reserved_m=op.micros, reserved_t=op.tokens)
-            conn.execute("INSERT INTO reservations VALUES (?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)",
-                         (op.reservation_id, op.request_id, holds_to_json(op.holds), op.micros,
-                          op.tokens, op.expire_time_us, op.tenant_id, op.workflow_id,
-                          op.agent_id))
-            _remember(conn, op.request_id, "reserve", op.fingerprint,
-                      {"reservation_id": op.reservation_id,
-                       "expire_time_us": op.expire_time_us, "over_soft_limit": over_soft})
-            return ReserveResult(op.reservation_id, op.expire_time_us, tuple(over_soft), False,
-                                 _counters(conn, keys))
+            reservation_id = reopened or op.reservation_id
+            result = {"reservation_id": reservation_id, "expire_time_us": op.expire_time_us,
+                      "over_soft_limit": over_soft}
+            if reopened:
+                conn.execute("UPDATE reservations SET state = 'open', holds = ?, micros = ?, "
+                             "tokens = ?, expire_time_us = ? WHERE reservation_id = ?",
+                             (holds_to_json(op.holds), op.micros, op.tokens, op.expire_time_us,
+                              reopened))
+                conn.execute("UPDATE requests SET result = ? WHERE request_id = ?",
+                             (json.dumps(result), op.request_id))
+            else:
+                conn.execute("INSERT INTO reservations VALUES (?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)",
+                             (op.reservation_id, op.request_id, holds_to_json(op.holds),
+                              op.micros, op.tokens, op.expire_time_us, op.tenant_id,
+                              op.workflow_id, op.agent_id))
+                _remember(conn, op.request_id, "reserve", op.fingerprint, result)
+            return ReserveResult(reservation_id, op.expire_time_us, tuple(over_soft),
+                                 reopened is not None, _counters(conn, keys))
 
         return await self.db.write(run)
 

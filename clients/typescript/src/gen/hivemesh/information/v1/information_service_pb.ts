@@ -417,7 +417,10 @@ export const SetModelPriceResponseSchema: GenMessage<SetModelPriceResponse> = /*
 export type ReserveRequest = Message<"hivemesh.information.v1.ReserveRequest"> & {
   /**
    * Idempotency key: a retry returns the first reservation (replayed =
-   * true) instead of holding twice.
+   * true) instead of holding twice. If that reservation's hold is gone
+   * (released, or expired) the retry holds again under the same id, checked
+   * against the budgets as they are now (RESOURCE_EXHAUSTED if it no longer
+   * fits): a retried call never runs without a hold.
    *
    * @generated from field: string request_id = 1;
    */
