@@ -41,7 +41,10 @@ class AgentFileError(ValueError):
     pass
 
 
-def parse_agent(data: dict, origin: str) -> AgentDefinition:
+def parse_agent(data: dict, origin: str, *, check_definition: bool = True) -> AgentDefinition:
+    """An agent from its JSON-like form; ``check_definition`` also refuses
+    what would make every run fail (files and registrations; the store keeps
+    what was accepted when it was registered)."""
     agent = AgentDefinition()
     try:
         json_format.ParseDict(data, agent)
@@ -52,7 +55,7 @@ def parse_agent(data: dict, origin: str) -> AgentDefinition:
         first = violations[0].proto
         where = ".".join(e.field_name for e in first.field.elements) or "agent"
         raise AgentFileError(f"{origin}: {where}: {first.message or first.rule_id}")
-    problems = definition_problems(agent)
+    problems = definition_problems(agent) if check_definition else []
     if problems:
         raise AgentFileError(f"{origin}: {problems[0][0]}: {problems[0][1]}")
     return agent
@@ -90,7 +93,7 @@ class AgentRegistry:
         self._store_path = store_path
         if store_path is not None and store_path.exists():
             for data in json.loads(store_path.read_text()):
-                agent = parse_agent(data, str(store_path))
+                agent = parse_agent(data, str(store_path), check_definition=False)
                 self._agents[agent.name] = agent
                 self._registered.add(agent.name)
 

@@ -444,7 +444,8 @@ class AgentRunner:
     async def _generate(self, run: _Run, models: list[str], messages: list[Message],
                         tools: list[Tool], iteration: int) -> Message:
         sampling = run.agent.sampling
-        config = GenerationConfig(max_tokens=sampling.max_tokens)
+        # The limit the reservation was made for, so no answer outgrows its hold.
+        config = GenerationConfig(max_tokens=sampling.max_tokens or DEFAULT_MAX_TOKENS)
         if sampling.HasField("temperature"):
             config.temperature = sampling.temperature
         if sampling.HasField("top_p"):

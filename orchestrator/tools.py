@@ -9,6 +9,7 @@ ToolError with code UNAVAILABLE and the run goes on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -84,7 +85,8 @@ class ToolRegistry:
         self._tools: dict[str, tuple[ToolDefinition, Executor]] = {}
         self._servers: dict[str, str] = {}
         self._unreachable: list[str] = []  # servers the last listing could not reach
-        self._listed_at = float("-inf")  # time.monotonic() of the last listing
+        self._listed_at = float("-inf")  # time.monotonic() of the last listing's start
+        self._listing: asyncio.Task | None = None  # the listing under way
         self._builtins()
 
     # ------------------------------------------------------------ registry
@@ -108,7 +110,14 @@ class ToolRegistry:
 
     async def refresh(self) -> list[str]:
         """List the tools of every remote server; returns the servers that
-        could not be reached (their tools stay as last listed)."""
+        could not be reached (their tools stay as last listed). Callers that
+        come while a listing runs share it."""
+        if self._listing is None or self._listing.done():
+            self._listed_at = time.monotonic()
+            self._listing = asyncio.ensure_future(self._list_all())
+        return list(await asyncio.shield(self._listing))
+
+    async def _list_all(self) -> list[str]:
         unreachable = []
         for server in self._servers:
             try:
@@ -116,7 +125,7 @@ class ToolRegistry:
             except errors.ServiceError as exc:
                 log.warning("tool server %s unreachable: %s", server, exc.message)
                 unreachable.append(server)
-        self._unreachable, self._listed_at = unreachable, time.monotonic()
+        self._unreachable = unreachable
         return unreachable
 
     async def find(self, names) -> list[str]:

@@ -78,7 +78,8 @@ def validate(workflow: WorkflowDefinition, agents: AgentRegistry,
             problems.append((f"workflow.tasks[{i}].input_template", problem))
         # The system prompts of the task's agents get the same variables:
         # a missing one would fail the task after others ran (and cost).
-        judge = task.fan_out.judge_agent if task.HasField("fan_out") else ""
+        judge = (task.fan_out.judge_agent if task.HasField("fan_out")
+                 and task.fan_out.combine == CombineMode.COMBINE_MODE_JUDGE else "")
         for name in dict.fromkeys([*_agents_of(task), *([judge] if judge else [])]):
             for problem in templates.problems(agents.get(name).system_prompt, variables):
                 problems.append(("variables", f"agent {name!r} of task {task.task_id!r}: "

@@ -59,7 +59,12 @@ def start_service(service: str, *, data_dir: Path | None = None, host: str = "12
                             env={**os.environ, **(env or {})})
     if log_path:
         stderr.close()
-    line = _first_line(proc, timeout_s)
+    try:
+        line = _first_line(proc, timeout_s)
+    except BaseException:  # interrupted (a signal): the process is nobody's yet
+        proc.kill()
+        proc.wait()
+        raise
     if not line.startswith("listening on "):
         proc.kill()
         proc.wait()

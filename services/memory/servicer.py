@@ -136,7 +136,8 @@ def _backend_errors() -> Iterator[None]:
         raise errors.ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                   ErrorReason.ERROR_REASON_UPSTREAM_ERROR, str(exc)) from exc
     except IdempotencyConflict as exc:
-        raise errors.idempotency_conflict(str(exc)) from None
+        # The ledger's key is the namespace-scoped id; the caller knows its own.
+        raise errors.idempotency_conflict(str(exc).rpartition("\x1f")[2]) from None
 
 
 def _content_key(content: str, size: int, overlap: int, whole: bool) -> str:

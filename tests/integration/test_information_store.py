@@ -322,6 +322,27 @@ async def test_a_retried_reserve_whose_hold_is_gone_holds_again(store):
     assert (await counter(store, b)).reserved_micros == 900
 
 
+async def test_a_budget_deleted_and_created_again_starts_from_nothing(store):
+    """Its open holds, its counters of every period (a negative period start
+    too: a daily budget charged for a time before 1970) and its thresholds
+    go with it; a reservation made before is not charged to the new one."""
+    old = budget("b", micros=1000, period=PERIOD_DAILY, thresholds=(50,))
+    await store.create_budget(old, rid(), "fp")
+    before_1970 = -86_400_000_000
+    await store.settle(track_op([hold(old, before_1970)], 10, now=before_1970 + 1))
+    await store.settle(track_op([hold(old)], 600))  # fires 50 % in period 0
+    other = budget("other", micros=10_000)
+    await store.create_budget(other, rid(), "fp")
+    open_hold = await store.reserve(reserve_op([hold(old), hold(other)], 70))
+    assert await store.delete_budget("b") is True
+    await store.create_budget(old, rid(), "fp2")
+    for period in (0, before_1970):
+        assert await counter(store, old, period) == Counter("b", period)
+    await store.settle(commit_op(open_hold.reservation_id, 70))
+    assert await counter(store, old) == Counter("b", 0)
+    assert (await counter(store, other)).spent_micros == 70
+
+
 async def test_stale_reserve_writes_nothing(store):
     b = budget("b", micros=1000, tokens=100)
     await store.create_budget(b, rid(), "fp")

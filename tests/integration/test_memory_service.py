@@ -273,6 +273,9 @@ async def test_request_ids_are_scoped_by_namespace(memory):
                              request_id=request_id)
     assert not first.replayed and not other.replayed
     assert await memory.count(namespace="two") == 1
+    with pytest.raises(AlreadyExistsError) as err:  # reused in one namespace: a conflict
+        await memory.add(["Something else."], namespace="one", request_id=request_id)
+    assert err.value.metadata["request_id"] == request_id
 
 
 async def test_forget_namespace_deletes_chunks_and_sessions(memory):

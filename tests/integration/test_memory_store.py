@@ -337,3 +337,31 @@ async def test_a_segment_renamed_during_the_sync_is_synced_under_its_new_name(
         original, moved = renamed[0]
         moved.rename(original)  # back, for the engine
     assert "closed-99" in synced
+
+
+async def test_an_update_waiting_for_its_sync_when_the_store_closes_is_unavailable(
+        tmp_path, monkeypatch):
+    import asyncio
+    import threading
+
+    from hivemesh.services.memory.store import edge
+    from hivemesh.services.memory.store.base import StoreUnavailable
+
+    store = edge.EdgeStore.open(tmp_path / "edge", "test", "hashing-256", DIMS)
+    await store.upsert(POINTS[:1])
+    gate = threading.Event()
+    segments = edge._WalSync._fsync_segments
+
+    def slow(self):
+        gate.wait(10)
+        segments(self)
+    monkeypatch.setattr(edge._WalSync, "_fsync_segments", slow)
+    first = asyncio.create_task(store.upsert(POINTS[1:2]))  # its sync is held at the gate
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(store.upsert(POINTS[2:3]))  # waits for the next sync
+    await asyncio.sleep(0.05)
+    threading.Timer(0.2, gate.set).start()
+    await store.close()  # waits for the sync under way
+    await first
+    with pytest.raises(StoreUnavailable):
+        await second

@@ -86,6 +86,8 @@ async def test_pipeline_recalls_reserves_generates_saves_commits_and_writes_back
             (status,) = await info.status(budget_id=budget.budget_id)
         assert status.spent_micros == first.cost_micros + second.cost_micros
         assert status.reserved_micros == 0
+        # The generation may use no more tokens than the reservation held.
+        assert m.primary.calls[-1].max_tokens == 1024
 
 
 async def test_refused_budget_generates_nothing(tmp_path):

@@ -108,6 +108,16 @@ async def test_invalid_workflows_are_refused_before_anything_runs(tmp_path, task
         assert m.primary.calls == []
 
 
+async def test_a_judge_named_but_not_used_is_not_checked(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        done = await workflow(m, TaskSpec(task_id="a", agent="coder", input_template="x",
+                                          fan_out=FanOut(models=ModelList(models=["main", "backup"]),
+                                                         combine=CombineMode.COMBINE_MODE_FIRST,
+                                                         judge_agent="nobody")))
+        assert done.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+
+
 async def test_failure_cancels_the_rest_by_default(tmp_path):
     async with mesh(tmp_path) as m:
         await agents(m, "coder")
@@ -363,6 +373,13 @@ def test_agent_files_load_and_registered_agents_persist(tmp_path):
     assert reopened.get("extra").description == "kept"
     # File agents are never stored: a deleted file takes its agent with it.
     assert reopened.names() == ["extra"]
+    # What was accepted when registered still loads (a later check refuses
+    # duplicate fallbacks at registration, not in the store).
+    store = tmp_path / "store" / "agents.json"
+    stored = json.loads(store.read_text())
+    stored[0]["fallbackModels"] = ["main", "main"]
+    store.write_text(json.dumps(stored))
+    assert AgentRegistry(store).get("extra").fallback_models == ["main", "main"]
     (folder / "bad.toml").write_text('name = "Not Valid"\n')
     with pytest.raises(AgentFileError, match="bad.toml"):
         AgentRegistry().load_dir(folder)

@@ -4,6 +4,7 @@ context's fork, template references and the deadline scope."""
 
 import asyncio
 
+import grpc
 import pytest
 
 from hivemesh.common.v1 import RequestContext
@@ -212,3 +213,26 @@ async def test_waiting_on_an_event_queue_leaves_nothing_behind():
     assert await _next(queue, {never}) == (True, "event")
     assert await _next(queue, {never}, timeout=0.01) == (False, None)
     never.cancel()
+
+
+async def test_concurrent_runs_share_one_listing_of_an_unreachable_tool_server():
+    from hivemesh.services.orchestrator import tools as tool_registry
+
+    class Down:
+        listings = 0
+
+        def add(self, *args):
+            pass
+
+        async def call(self, name, method, request, **kwargs):
+            Down.listings += 1
+            await asyncio.sleep(0.05)
+            raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "down")
+
+    registry = tool_registry.ToolRegistry(Down())
+    registry.add_server("wx", "127.0.0.1:1")
+    await registry.refresh()
+    assert Down.listings == 1
+    registry._listed_at = float("-inf")  # as if RELIST_AFTER_S had passed
+    missing = await asyncio.gather(*(registry.find(["weather"]) for _ in range(5)))
+    assert missing == [["weather"]] * 5 and Down.listings == 2

@@ -163,7 +163,7 @@ local function glob(s) return (string.gsub(s, '[%*%?%[%]\\]', '\\%0')) end
 -- 'kind:{id}:{period}' with a period of digits only (another id may extend this one).
 local function is_mine(name, kind)
   local head = kind .. ':' .. id .. ':'
-  return string.sub(name, 1, #head) == head and string.match(string.sub(name, #head + 1), '^%d+$')
+  return string.sub(name, 1, #head) == head and string.match(string.sub(name, #head + 1), '^%-?%d+$')
 end
 for _, kind in ipairs({'ctr', 'fired'}) do
   local cursor = '0'
@@ -308,6 +308,7 @@ if seen then
   return {'replay', seen[3], ctrs and counters_of(cjson.decode(ctrs)) or {}}
 end
 local released = false
+local held = nil
 -- A track's holds, or a commit's holds as their budgets are defined now,
 -- were computed under this configuration version.
 if stale(ARGV[12]) then return {'stale'} end
@@ -319,6 +320,9 @@ if ARGV[4] ~= '' then
   -- the reservation may have been created in between.
   if ARGV[5] ~= '1' then return {'retry'} end
   if state == 'committed' then return {'settled'} end
+  -- The budgets it still holds (a deleted budget's hold was taken out).
+  held = {}
+  for _, ctr in ipairs(cjson.decode(redis.call('HGET', key, 'ctrs'))) do held[ctr] = true end
   if state == 'open' then
     close_open(ARGV[4], 'committed')
     released = true
@@ -332,14 +336,19 @@ local i = 14
 for _ = 1, n do
   local ctr, fired, lim_m, lim_t, frag = P .. ARGV[i], P .. ARGV[i + 1], ARGV[i + 2],
                                          ARGV[i + 3], ARGV[i + 4]
+  local charged = held == nil or held[ARGV[i]]
   local m = tonumber(ARGV[i + 5])
   i = i + 6
-  local sm = redis.call('HINCRBY', ctr, 'spent_micros', ARGV[6])
-  local st = redis.call('HINCRBY', ctr, 'spent_tokens', ARGV[7])
+  local sm, st = 0, 0
+  if charged then
+    sm = redis.call('HINCRBY', ctr, 'spent_micros', ARGV[6])
+    st = redis.call('HINCRBY', ctr, 'spent_tokens', ARGV[7])
+  end
   for _ = 1, m do
     local th, aid = ARGV[i], ARGV[i + 1]
     i = i + 2
     local kind = nil
+    if not charged then lim_m, lim_t = '', '' end
     if lim_m ~= '' and sm * 100 >= tonumber(th) * tonumber(lim_m) then
       kind = '1'
     elseif lim_t ~= '' and st * 100 >= tonumber(th) * tonumber(lim_t) then
@@ -712,7 +721,9 @@ class RedisStore:
                 raise ReservationSettled(op.reservation_id)
             if status != "retry":
                 return _settle_result(reply[1], status == "replay", reply[2])
-        raise RuntimeError(f"reservation {op.reservation_id} kept changing")  # pragma: no cover
+        # Budgets kept changing under the commit: the service retries (or
+        # answers ABORTED), as for any stale configuration.
+        raise StaleConfig()
 
     @staticmethod
     def _settle_holds(holds: tuple[Hold, ...], op: SettleOp) -> list[str]:

@@ -261,6 +261,8 @@ class _WalSync:
         try:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._fsync_segments)
             self._synced = max(self._synced, covers)
+        except RuntimeError as exc:  # the store closed under the update
+            raise OSError(f"the store is closed: {exc}") from None
         finally:
             self._running = None
 
