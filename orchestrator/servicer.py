@@ -226,7 +226,7 @@ class OrchestratorServicer:
                 workflow = WorkflowRun(
                     self.runner, agents, request, base, EventSink(self.bus),
                     request.max_concurrency or self.settings.default_max_concurrency)
-                return await workflow.run()
+                return _within(await workflow.run(), self.settings.server.max_message_bytes)
         response, replayed = await self._once("workflow", request, run, context)
         return replayed_copy(response) if replayed else response
 
@@ -292,6 +292,33 @@ async def _next(queue: asyncio.Queue, others: set[asyncio.Future],
     if getter.done() and not getter.cancelled():
         return True, getter.result()
     return False, None
+
+
+# What a response leaves for the rest of its message (status, headers).
+_RESPONSE_MARGIN = 64 * 1024
+
+
+def _within(response: RunWorkflowResponse, limit: int) -> RunWorkflowResponse:
+    """A workflow's response as a call can carry it. Outputs are repeated in
+    it (a task's output, its final agent's, each branch's): when the whole
+    outgrows the message limit, only each task's output stays (the agents'
+    outputs are also in their artifacts); when even that is too big, the run
+    fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE, naming the
+    sizes, and is not kept for replay."""
+    if response.ByteSize() <= limit - _RESPONSE_MARGIN:
+        return response
+    for task in response.tasks:
+        for holder in (task, *task.branches):
+            if holder.HasField("result"):
+                holder.result.output = ""
+    size = response.ByteSize()
+    if size > limit - _RESPONSE_MARGIN:
+        raise errors.ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE",
+            f"the workflow's results are {size:,} bytes, more than the {limit:,} a response "
+            "may carry; the tasks' outputs are in the artifact store where their agents save "
+            "one", {"size_bytes": str(size), "limit_bytes": str(limit)})
+    return response
 
 
 def _as_run(request) -> RunAgentRequest:

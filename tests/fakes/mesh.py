@@ -99,11 +99,12 @@ async def mesh(tmp: Path, *, memory: bool = True, information: bool = True,
         memory_backend = await open_memory(memory_settings)
         stack.push_async_callback(memory_backend.close)
         await serve("memory", await memory_server(memory_settings, memory_backend))
-        settings = OrchestratorSettings(
-            server=SERVER, llm_address=addresses["llm"], artifact_address=addresses["artifact"],
-            memory_address=addresses["memory"] if memory else dead_address(),
-            information_address=addresses["information"] if information else dead_address(),
-            **orchestrator_settings)
+        settings = OrchestratorSettings(**{
+            "server": SERVER, "llm_address": addresses["llm"],
+            "artifact_address": addresses["artifact"],
+            "memory_address": addresses["memory"] if memory else dead_address(),
+            "information_address": addresses["information"] if information else dead_address(),
+            **orchestrator_settings})
         backend = await open_backend(settings)
         stack.push_async_callback(backend.close)
         await serve("orchestrator", await orchestrator_server(settings, backend))

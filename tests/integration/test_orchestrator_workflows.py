@@ -13,13 +13,15 @@ import pytest
 from fakes.mesh import mesh
 
 from hivemesh.client import from_rpc_error
-from hivemesh.client.errors import AlreadyExistsError, InvalidArgumentError
+from hivemesh.client.errors import (
+    AlreadyExistsError, InvalidArgumentError, ResourceExhaustedError)
 from hivemesh.common.v1 import StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, AgentList, BudgetPolicy, CombineMode, DeleteAgentRequest, EventType,
     FanOut, GetAgentRequest, ListAgentsRequest, ModelList, RegisterAgentRequest,
-    RunWorkflowRequest, SubscribeEventsRequest, TaskSpec, TaskStatus, WorkflowDefinition,
-    WorkflowStatus)
+    RunWorkflowRequest, SamplingConfig, SubscribeEventsRequest, TaskSpec, TaskStatus,
+    WorkflowDefinition, WorkflowStatus)
+from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
 from hivemesh.services.orchestrator.agents import AgentFileError, AgentRegistry
 
@@ -399,3 +401,22 @@ async def test_workflow_retry_replays_the_result(tmp_path):
         assert again.tasks == first.tasks
         assert len(m.primary.calls) == 1
         await asyncio.sleep(0)
+
+
+async def test_results_too_big_for_one_response_keep_each_output_once_or_fail_clearly(
+        tmp_path):
+    async with mesh(tmp_path, server=ServerSettings(port=0, max_message_bytes=256 * 1024)) as m:
+        await agents(m, "coder", sampling=SamplingConfig(max_tokens=100_000))
+        for _ in range(2):
+            m.primary.queue_response("x" * 60_000)
+        fits = await workflow(m, TaskSpec(task_id="a", agent="coder", input_template="x"),
+                              TaskSpec(task_id="b", agent="coder", input_template="y"))
+        assert [len(t.output) for t in fits.tasks] == [60_000, 60_000]
+        assert [t.result.output for t in fits.tasks] == ["", ""]  # the copies left out
+        for _ in range(5):
+            m.primary.queue_response("y" * 60_000)
+        with pytest.raises(ResourceExhaustedError) as err:
+            await workflow(m, *(TaskSpec(task_id=f"t{i}", agent="coder", input_template="x")
+                                for i in range(5)))
+        assert err.value.reason == "PAYLOAD_TOO_LARGE"
+        assert err.value.metadata["limit_bytes"] == str(256 * 1024)
