@@ -29,7 +29,7 @@ async def create_server(settings: ArtifactSettings,
                         backend: ArtifactBackend) -> tuple[RunningServer, int]:
     servicer = ArtifactServicer(backend, max_content_bytes=settings.max_content_bytes,
                                 default_page_size=settings.default_page_size,
-                                page_content_bytes=settings.server.max_message_bytes // 2)
+                                max_message_bytes=settings.server.max_message_bytes)
     running = await start_server(settings.server, domain=DOMAIN, services=[
         ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server, servicer)])
     return running, running.port

@@ -8,7 +8,6 @@ import time
 import uuid
 
 import grpc
-from google.protobuf import struct_pb2
 
 from hivemesh.artifact.v1 import (
     Artifact, ArtifactServiceServicer, CountArtifactsResponse, DeleteArtifactResponse,
@@ -45,30 +44,70 @@ def fill_artifact(artifact: Artifact, record: ArtifactRecord) -> Artifact:
     return artifact
 
 
-def _metadata_json(metadata: struct_pb2.Struct) -> str:
-    return json.dumps(struct_dict(metadata, "metadata"), separators=(",", ":"), sort_keys=True)
+def _refuse_nul(request, metadata: dict) -> None:
+    """NUL characters are refused in every string of a save (PostgreSQL
+    text cannot hold them, and every backend answers alike)."""
+    bad = [f for f in ("workflow_id", "task_id", "agent_id", "artifact_type", "content")
+           if "\x00" in getattr(request, f)]
+    if _has_nul(metadata):
+        bad.append("metadata")
+    if bad:
+        raise errors.invalid_argument((f, "must not contain NUL (U+0000) characters")
+                                      for f in bad)
+
+
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _filter(msg) -> Filter:
-    return Filter(workflow_id=msg.workflow_id, task_id=msg.task_id, agent_id=msg.agent_id,
-                  artifact_type=msg.artifact_type)
+    flt = Filter(workflow_id=msg.workflow_id, task_id=msg.task_id, agent_id=msg.agent_id,
+                 artifact_type=msg.artifact_type)
+    bad = [f"filter.{f}" for f, v in flt.items() if "\x00" in v]
+    if bad:
+        raise errors.invalid_argument((f, "must not contain NUL (U+0000) characters")
+                                      for f in bad)
+    return flt
 
 
 def _unavailable(exc: BackendUnavailable) -> errors.ServiceError:
     return errors.unavailable("artifact storage", str(exc), retry_after_s=1.0)
 
 
+# What an answer leaves for the rest of its message (status, headers).
+_RESPONSE_MARGIN = 64 * 1024
+
+
 class ArtifactServicer(ArtifactServiceServicer):
     def __init__(self, backend: ArtifactBackend, *, max_content_bytes: int,
-                 default_page_size: int = 50, page_content_bytes: int = 8 * 1024 * 1024) -> None:
+                 default_page_size: int = 50,
+                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
         self.backend = backend
         self.max_content_bytes = max_content_bytes
         self.default_page_size = default_page_size
-        # Content one page may carry: a page ends early rather than exceed
-        # the response size limit (it always holds at least one artifact).
-        self.page_content_bytes = page_content_bytes
+        # An artifact must fit one answer (a Get of it); a page ends early
+        # rather than carry more than half of one (it always holds one).
+        self.max_artifact_bytes = max_message_bytes - _RESPONSE_MARGIN
+        self.page_bytes = max_message_bytes // 2
 
     async def SaveArtifact(self, request, context):
+        metadata = struct_dict(request.metadata, "metadata")
+        _refuse_nul(request, metadata)
+        if request.ByteSize() > self.max_artifact_bytes:
+            raise errors.ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
+                f"the artifact (content and metadata) is {request.ByteSize():,} bytes; "
+                f"one must fit an answer of at most {self.max_artifact_bytes:,}",
+                {"size_bytes": str(request.ByteSize()),
+                 "limit_bytes": str(self.max_artifact_bytes)},
+                [errors.bad_request([("metadata", "content and metadata together are too "
+                                                  "large to be read back")])])
         content = request.content.encode("utf-8")
         if len(content) > self.max_content_bytes:
             raise errors.ServiceError(
@@ -78,7 +117,7 @@ class ArtifactServicer(ArtifactServiceServicer):
                 [errors.bad_request([("content", f"must be at most {self.max_content_bytes} "
                                                  "bytes (UTF-8)")])])
         content_sha256 = hashlib.sha256(content).hexdigest()
-        metadata_json = _metadata_json(request.metadata)
+        metadata_json = json.dumps(metadata, separators=(",", ":"), sort_keys=True)
         # The fingerprint identifies the request apart from its request_id, so
         # a retry matches and a different request under the same id does not.
         fingerprint = hashlib.sha256("\0".join((
@@ -129,12 +168,12 @@ class ArtifactServicer(ArtifactServiceServicer):
         except BackendUnavailable as exc:
             raise _unavailable(exc) from exc
         response = ListArtifactsResponse()
-        taken, content_bytes = 0, 0
+        taken, page_bytes = 0, 0
         for row in rows[:size]:
-            if not request.omit_content:
-                content_bytes += row.size_bytes
-                if taken and content_bytes > self.page_content_bytes:
-                    break
+            page_bytes += len(row.metadata_json) + (0 if request.omit_content
+                                                     else row.size_bytes)
+            if taken and page_bytes > self.page_bytes:
+                break
             fill_artifact(response.artifacts.add(), row)
             taken += 1
         if len(rows) > taken:

@@ -217,3 +217,46 @@ async def test_pages_end_early_rather_than_exceed_the_response_size_limit(
             assert len(bare.artifacts) == 5 and not bare.next_page_token
     finally:
         await running.shutdown(0)
+
+
+async def test_nul_characters_are_refused_alike_on_every_backend(artifacts):
+    for fields, where in ((dict(content="a\x00b"), "content"),
+                          (dict(content="x", task_id="t\x00"), "task_id"),
+                          (dict(content="x", metadata={"k": "v\x00"}), "metadata")):
+        with pytest.raises(InvalidArgumentError) as err:
+            await artifacts.save(**{"workflow_id": "wf-nul", "agent_id": "a",
+                                    "artifact_type": "code", **fields})
+        assert err.value.field_violations[0][0] == where
+    with pytest.raises(InvalidArgumentError) as err:
+        await artifacts.count(workflow_id="wf\x00")
+    assert err.value.field_violations[0][0] == "filter.workflow_id"
+    assert await artifacts.count(workflow_id="wf-nul") == 0
+
+
+async def test_an_artifact_too_big_to_read_back_is_refused_and_pages_count_metadata(
+        artifact_backend, tmp_path):
+    from hivemesh.client import ArtifactClient
+    from hivemesh.runtime.settings import ServerSettings
+    from hivemesh.services.artifact.server import create_server
+    from hivemesh.services.artifact.settings import ArtifactSettings
+
+    settings = ArtifactSettings(
+        server=ServerSettings(host="127.0.0.1", port=0, max_message_bytes=256 * 1024),
+        data_dir=tmp_path / "artifact", max_content_bytes=100 * 1024)
+    running, port = await create_server(settings, artifact_backend)
+    try:
+        async with ArtifactClient(f"127.0.0.1:{port}") as artifacts:
+            with pytest.raises(InvalidArgumentError) as err:  # content fits, metadata not
+                await artifacts.save(workflow_id="wf-meta", agent_id="a", artifact_type="code",
+                                     content="x" * (90 * 1024),
+                                     metadata={"notes": "y" * (150 * 1024)})
+            assert err.value.reason == "PAYLOAD_TOO_LARGE"
+            assert await artifacts.count(workflow_id="wf-meta") == 0
+            for _ in range(4):
+                await artifacts.save(workflow_id="wf-meta", agent_id="a", artifact_type="code",
+                                     content="small", metadata={"notes": "z" * (60 * 1024)})
+            page = await artifacts.list(workflow_id="wf-meta", omit_content=True)
+            assert 1 <= len(page.artifacts) < 4 and page.next_page_token
+            assert len([a async for a in artifacts.iter(workflow_id="wf-meta")]) == 4
+    finally:
+        await running.shutdown(0)

@@ -70,8 +70,11 @@ class PostgresBackend:
     @classmethod
     async def open(cls, dsn: str, schema: str = "hivemesh", *, min_size: int = 1,
                    max_size: int = 16, timeout_s: float = 10.0) -> PostgresBackend:
+        # Connections are checked when taken: after a PostgreSQL restart the
+        # pooled ones are dead, and each would fail one call.
         pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, open=False,
-                                   timeout=timeout_s, kwargs={"autocommit": True})
+                                   timeout=timeout_s, kwargs={"autocommit": True},
+                                   check=AsyncConnectionPool.check_connection)
         try:
             await pool.open(wait=True, timeout=timeout_s)
             async with pool.connection() as conn:
