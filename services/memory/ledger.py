@@ -124,10 +124,12 @@ class Ledger:
         return await self.db.write(write)
 
     def history(self, namespace: str, session_id: str, token_budget: int,
-                max_messages: int) -> tuple[list[HistoryMessage], int, bool, int]:
+                max_messages: int, max_bytes: int = 8 * 1024 * 1024
+                ) -> tuple[list[HistoryMessage], int, bool, int]:
         """(messages oldest first, their tokens, truncated, messages stored):
         the newest messages, taken newest-backwards until the next would
-        exceed ``token_budget`` (0: no limit) or ``max_messages``."""
+        exceed ``token_budget`` (0: no limit), ``max_messages`` or, in text,
+        ``max_bytes`` (what one answer may carry; the newest always comes)."""
         conn = self.db.reader
         (stored,) = conn.execute("SELECT count(*) FROM messages WHERE namespace = ? "
                                  "AND session_id = ?", (namespace, session_id)).fetchone()
@@ -136,9 +138,12 @@ class Ledger:
             "WHERE namespace = ? AND session_id = ? ORDER BY seq DESC LIMIT ?",
             (namespace, session_id, max_messages)).fetchall()
         taken: list[HistoryMessage] = []
-        total = 0
+        total = size = 0
         for message_id, role, content, tokens, name, created in rows:
             if token_budget and total + tokens > token_budget:
+                break
+            size += len(content.encode()) + len(name.encode())
+            if taken and size > max_bytes:
                 break
             total += tokens
             taken.append(HistoryMessage(message_id=message_id, role=role, content=content,

@@ -91,7 +91,8 @@ def limits(settings: MemorySettings) -> Limits:
                   max_chunks_per_request=settings.max_chunks_per_request,
                   upsert_batch_size=settings.upsert_batch_size,
                   hybrid_prefetch=settings.hybrid_prefetch, rrf_k=settings.rrf_k,
-                  embed_timeout_s=settings.embed_timeout_s)
+                  embed_timeout_s=settings.embed_timeout_s,
+                  history_bytes=settings.server.max_message_bytes // 2)
 
 
 async def create_server(settings: MemorySettings,

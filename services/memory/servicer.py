@@ -67,6 +67,8 @@ class Limits:
     hybrid_prefetch: int = 100
     rrf_k: int = 60
     embed_timeout_s: float = 30.0
+    # Text one history answer may carry (half the message limit).
+    history_bytes: int = 8 * 1024 * 1024
 
 
 def resolve_namespace(namespace: str, context: RequestContext) -> str:
@@ -383,7 +385,7 @@ class MemoryServicer(MemoryServiceServicer):
         namespace = resolve_namespace(request.namespace, request.context)
         messages, total, truncated, stored = self.ledger.history(
             namespace, request.session_id, request.token_budget,
-            request.max_messages or DEFAULT_HISTORY_MESSAGES)
+            request.max_messages or DEFAULT_HISTORY_MESSAGES, self.limits.history_bytes)
         return GetHistoryResponse(messages=messages, total_tokens=total, truncated=truncated,
                                   session_message_count=stored)
 

@@ -12,8 +12,15 @@ _WORD = re.compile(r"\w+")
 
 
 def estimate_tokens(text: str) -> int:
-    """A model-independent estimate: about four characters per token."""
-    return max(1, (len(text) + 3) // 4) if text else 0
+    """A model-independent estimate: about four characters per token for
+    ASCII text, one per other character (CJK, emoji and the like take one or
+    more tokens each in real tokenizers: never underestimated four times)."""
+    if not text:
+        return 0
+    if text.isascii():
+        return max(1, (len(text) + 3) // 4)
+    other = sum(1 for c in text if ord(c) > 127)
+    return max(1, (len(text) - other + 3) // 4 + other)
 
 
 def hashing_embedding(text: str, dimensions: int) -> list[float]:

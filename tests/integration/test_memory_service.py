@@ -325,6 +325,18 @@ async def test_history_estimates_tokens_and_keeps_the_retention_limit(memory):
     assert [m.content for m in got.messages] == [f"m{i}" for i in range(2, 7)]
 
 
+async def test_history_answers_stay_within_the_message_limit(tmp_path):
+    settings = memory_settings(tmp_path)
+    settings.server.max_message_bytes = 256 * 1024  # a history answer carries 128 KiB
+    async with serve(settings) as memory:
+        for i in range(5):
+            await memory.append_history("big", [message("user", str(i) * (50 * 1024))],
+                                        namespace="h")
+        got = await memory.get_history("big", namespace="h")
+        assert got.truncated and got.session_message_count == 5
+        assert [m.content[0] for m in got.messages] == ["3", "4"]  # the newest that fit
+
+
 async def test_retried_append_appends_once(memory):
     rid = str(uuid.uuid4())
     first = await memory.append_history("s", [("user", "once")], namespace="h", request_id=rid)
