@@ -75,7 +75,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run_service(args))
     except ValidationError as exc:
-        print(f"invalid {args.service} settings:\n{exc}", file=sys.stderr)
+        # Never the input values: they may hold a secret.
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False, include_context=False))
+        print(f"invalid {args.service} settings:\n{problems}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
         print(f"{args.service} could not start: {exc}", file=sys.stderr)

@@ -48,6 +48,13 @@ def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
     assert result.returncode != 0
     assert "HIVEMESH_ARTIFACT_POSTGRES_DSN is required" in result.stderr
     assert result.stdout == ""
+    # The message never echoes what was given: settings may hold secrets.
+    env = {**os.environ, "HIVEMESH_MEMORY_STORE": "qdrant",
+           "HIVEMESH_MEMORY_QDRANT_API_KEY": "qdrant-secret-key-123"}
+    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "memory",
+                             "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "QDRANT_URL" in result.stderr
+    assert "qdrant-secret" not in result.stderr + result.stdout
 
 
 async def _save_some(address: str, n: int) -> list[str]:

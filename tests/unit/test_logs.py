@@ -37,3 +37,8 @@ def test_secrets_never_reach_a_log_line():
     assert "sk-live-123" not in text and "hunter2" not in text
     assert entry["api_key"] == "[REDACTED]"
     assert redact("nothing secret here") == "nothing secret here"
+    for secret, where in (("pw1", "redis://:pw1@cache:6379/0"), ("pw2", "rediss://u:pw2@cache"),
+                          ("pw3", "https://user:pw3@proxy:8443/x"),
+                          ("pw4", "host=db password=pw4 dbname=app")):
+        assert secret not in redact(f"connecting to {where}")
+    assert redact("http://host:8080/path") == "http://host:8080/path"
