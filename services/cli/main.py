@@ -47,7 +47,7 @@ async def _run_service(args: argparse.Namespace) -> int:
     from hivemesh.runtime.logs import configure_logging
     from hivemesh.runtime.server import run_until_signalled
     from hivemesh.runtime.settings import secrets_dir
-    from hivemesh.runtime.telemetry import configure_metrics, configure_tracing
+    from hivemesh.runtime.telemetry import configure_metrics, configure_tracing, shutdown_within
 
     settings_cls, open_backend, create_server = _service(args.service)
     settings = settings_cls(_secrets_dir=secrets_dir())
@@ -66,8 +66,7 @@ async def _run_service(args: argparse.Namespace) -> int:
             f"listening on {settings.server.host}:{port}", flush=True))
     finally:
         await backend.close()
-        for provider in providers:
-            provider.shutdown()
+        shutdown_within(providers)
     return 0
 
 

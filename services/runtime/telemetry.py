@@ -5,7 +5,10 @@ otherwise both stay no-ops, apart from propagating incoming trace context."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
+import time
 from typing import Any
 
 from opentelemetry import trace
@@ -54,6 +57,30 @@ def configure_metrics(service_name: str):
                              metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
     metrics.set_meter_provider(provider)
     return provider
+
+
+# The most a service's exit waits for its last spans and metrics to leave
+# (an unreachable collector would otherwise hold it for half a minute).
+FLUSH_ON_EXIT_S = 5.0
+
+
+def shutdown_within(providers, timeout_s: float = FLUSH_ON_EXIT_S) -> bool:
+    """Shuts the providers down (flushing what they hold), all at once and
+    for at most ``timeout_s``; returns False when some did not finish (what
+    they still held is dropped when the process exits)."""
+    threads = [threading.Thread(target=p.shutdown, daemon=True,
+                                name=f"telemetry-shutdown-{type(p).__name__}")
+               for p in providers]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    finished = not any(t.is_alive() for t in threads)
+    if not finished:
+        logging.getLogger("hivemesh.telemetry").warning(
+            "telemetry export did not finish within %.0f s; the rest is dropped", timeout_s)
+    return finished
 
 
 def records(provider: trace.TracerProvider | None = None) -> bool:

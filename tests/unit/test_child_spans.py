@@ -43,3 +43,26 @@ def test_child_spans_are_built_only_where_they_can_be_recorded(monkeypatch):
     assert set(spans) == {"parent", "child", "root"}
     assert spans["child"].parent.span_id == spans["parent"].context.span_id
     assert spans["root"].parent is None
+
+
+def test_exit_waits_a_bounded_time_for_telemetry_to_leave():
+    import threading
+
+    from hivemesh.runtime.telemetry import shutdown_within
+
+    class Stuck:  # an exporter whose collector never answers
+        released = threading.Event()
+
+        def shutdown(self):
+            self.released.wait(30)
+
+    class Quick:
+        done = False
+
+        def shutdown(self):
+            Quick.done = True
+    # False: it returned while the stuck one was still at it.
+    assert shutdown_within([Stuck(), Quick()], timeout_s=0.2) is False
+    assert Quick.done
+    Stuck.released.set()
+    assert shutdown_within([Quick()], timeout_s=5) is True
