@@ -247,8 +247,11 @@ def provider_error(name: str, typed: HivemeshError) -> errors.ServiceError:
     """The provider's error as this service's own: same code, reason and
     metadata, plus which provider failed."""
     reason = typed.reason or _TRANSPORT_REASONS.get(typed.code, "UPSTREAM_ERROR")
+    # The provider was already retried by this service's own policy: a
+    # caller retrying the whole call would multiply the attempts (and the
+    # runs) against a provider that is down.
     return errors.ServiceError(typed.code, reason, f"{name}: {typed.message}",
-                               {**typed.metadata, "provider": name})
+                               {**typed.metadata, "provider": name}, retry=False)
 
 
 def _span_error(span, error: errors.ServiceError) -> None:

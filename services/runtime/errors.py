@@ -37,6 +37,10 @@ class ServiceError(Exception):
     message: str
     metadata: Mapping[str, str] = field(default_factory=dict)
     details: list[message.Message] = field(default_factory=list)
+    # False: the client must not retry the call automatically even if its
+    # retry policy covers the code (the failure comes from a dependency this
+    # service already retried; a retry of the whole call would multiply them).
+    retry: bool = True
 
     def __post_init__(self) -> None:
         super().__init__(self.message)

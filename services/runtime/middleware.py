@@ -177,7 +177,11 @@ class ErrorMiddleware(Middleware):
             log.exception("unexpected error in handler")
             error = errors.internal()
         status: status_pb2.Status = error.to_status(self.domain)
-        await context.abort_with_status(rpc_status.to_status(status))
+        trailers = rpc_status.to_status(status).trailing_metadata
+        if not error.retry:
+            # A negative pushback tells gRPC clients not to retry this call.
+            trailers = (*trailers, ("grpc-retry-pushback-ms", "-1"))
+        await context.abort(error.code, error.message, trailing_metadata=trailers)
 
     async def unary(self, behavior, request, context, method):
         try:

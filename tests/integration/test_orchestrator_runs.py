@@ -497,6 +497,29 @@ async def test_a_completed_run_replays_after_its_agent_was_deleted(tmp_path):
             await run(m, "coder")
 
 
+async def test_a_provider_failure_is_not_retried_again_by_the_callers_channel(tmp_path):
+    """The orchestrator has retried the provider already: its UNAVAILABLE tells
+    gRPC clients not to retry the whole run (each retry would run the agent
+    again against a provider that is down)."""
+    from hivemesh.client.channel import insecure_channel
+    from hivemesh.orchestrator.v1 import OrchestratorServiceStub
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       budget=BudgetPolicy(enforcement=3))
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=1000)
+        m.secondary.simulate_failure(ErrorKind.UNAVAILABLE, times=1000)
+        runs = []
+        m.backend.bus.subscribe(lambda event: runs.append(event)
+                                if event.type == EventType.EVENT_TYPE_AGENT_START else None)
+        async with insecure_channel(m.addresses["orchestrator"], "orchestrator") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # retries UNAVAILABLE otherwise
+                await OrchestratorServiceStub(channel).RunAgent(RunAgentRequest(
+                    request_id=rid(), agent="coder", input="x",
+                    context=RequestContext(tenant_id="acme")), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(runs) == 1
+
+
 async def test_too_little_time_fails_fast_without_starting_work(tmp_path):
     async with mesh(tmp_path, min_call_time_s=0.5) as m:
         await register(m, name="coder", system_prompt="You write code.",
