@@ -275,22 +275,23 @@ async def test_subscribe_events_filters_and_ends_after_the_workflow(tmp_path):
         assert rest[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
 
 
-async def test_a_workflow_cut_by_its_deadline_still_tells_subscribers_how_it_ended(tmp_path):
+async def test_a_workflow_its_caller_cancels_still_tells_subscribers_how_it_ended(tmp_path):
     async with mesh(tmp_path) as m:
         await agents(m, "coder")
-        m.primary.latency_s = 2.0
+        m.primary.latency_s = 5.0
         stream = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
             workflow_id="wf-cut", until_workflow_complete=True), timeout=30)
         assert (await stream.read()).WhichOneof("event") == "heartbeat"
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await m.orchestrator.RunWorkflow(RunWorkflowRequest(
-                request_id=rid(), workflow=WorkflowDefinition(workflow_id="wf-cut", tasks=[
-                    TaskSpec(task_id="a", agent="coder", input_template="x"),
-                    TaskSpec(task_id="b", agent="coder", input_template="y",
-                             depends_on=["a"])])), timeout=0.5)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        running = m.orchestrator.RunWorkflow(RunWorkflowRequest(
+            request_id=rid(), workflow=WorkflowDefinition(workflow_id="wf-cut", tasks=[
+                TaskSpec(task_id="a", agent="coder", input_template="x"),
+                TaskSpec(task_id="b", agent="coder", input_template="y", depends_on=["a"])])),
+            timeout=30)
         received = []
-        while not received or received[-1].WhichOneof("event") != "end":
+        while not any(x.agent_event.type == EventType.EVENT_TYPE_AGENT_START for x in received):
+            received.append(await asyncio.wait_for(stream.read(), 10))
+        running.cancel()  # the caller leaves while task a generates
+        while received[-1].WhichOneof("event") != "end":
             received.append(await asyncio.wait_for(stream.read(), 10))
         types = [x.agent_event.type for x in received if x.WhichOneof("event") == "agent_event"]
         assert EventType.EVENT_TYPE_AGENT_FAILED in types
