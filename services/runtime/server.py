@@ -120,7 +120,10 @@ async def start_server(settings: ServerSettings, *, domain: str,
     names = tuple(b.name for b in services)
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as exc:  # grpcio's way of saying the address is taken
+        raise OSError(f"could not bind {settings.host}:{settings.port}: {exc}") from None
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     await server.start()

@@ -57,6 +57,20 @@ def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
     assert "qdrant-secret" not in result.stderr + result.stdout
 
 
+def test_a_port_already_taken_is_a_clear_message(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
+                                 "--port", str(port), "--data-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"artifact could not start: could not bind 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def _save_some(address: str, n: int) -> list[str]:
     async with ArtifactClient(address) as client:
         results = await asyncio.gather(*[
