@@ -4,6 +4,7 @@ the same scenarios, the same answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import uuid
@@ -193,8 +194,10 @@ async def test_backend_outage_is_unavailable_and_writes_nothing(artifact_setting
         await running.shutdown(0)
 
 
-async def test_pages_end_early_rather_than_exceed_the_response_size_limit(
-        artifact_backend, tmp_path):
+@contextlib.asynccontextmanager
+async def small_messages(artifact_backend, tmp_path):
+    """A client of an artifact server whose messages are at most 256 KiB
+    (content at most 100 KiB), over the backend under test."""
     from hivemesh.client import ArtifactClient
     from hivemesh.runtime.settings import ServerSettings
     from hivemesh.services.artifact.server import create_server
@@ -204,19 +207,23 @@ async def test_pages_end_early_rather_than_exceed_the_response_size_limit(
         server=ServerSettings(host="127.0.0.1", port=0, max_message_bytes=256 * 1024),
         data_dir=tmp_path / "artifact", max_content_bytes=100 * 1024)
     running, port = await create_server(settings, artifact_backend)
-    try:
-        async with ArtifactClient(f"127.0.0.1:{port}") as artifacts:
-            for i in range(5):
-                await artifacts.save(workflow_id="wf-big", agent_id="a", artifact_type="code",
-                                     content=str(i) * (90 * 1024))
-            first = await artifacts.list(workflow_id="wf-big")
-            assert len(first.artifacts) == 1 and first.next_page_token
-            listed = [a.content async for a in artifacts.iter(workflow_id="wf-big")]
-            assert [c[0] for c in listed] == ["4", "3", "2", "1", "0"]
-            bare = await artifacts.list(workflow_id="wf-big", omit_content=True)
-            assert len(bare.artifacts) == 5 and not bare.next_page_token
-    finally:
-        await running.shutdown(0)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(running.shutdown, 0)
+        yield await stack.enter_async_context(ArtifactClient(f"127.0.0.1:{port}"))
+
+
+async def test_pages_end_early_rather_than_exceed_the_response_size_limit(
+        artifact_backend, tmp_path):
+    async with small_messages(artifact_backend, tmp_path) as artifacts:
+        for i in range(5):
+            await artifacts.save(workflow_id="wf-big", agent_id="a", artifact_type="code",
+                                 content=str(i) * (90 * 1024))
+        first = await artifacts.list(workflow_id="wf-big")
+        assert len(first.artifacts) == 1 and first.next_page_token
+        listed = [a.content async for a in artifacts.iter(workflow_id="wf-big")]
+        assert [c[0] for c in listed] == ["4", "3", "2", "1", "0"]
+        bare = await artifacts.list(workflow_id="wf-big", omit_content=True)
+        assert len(bare.artifacts) == 5 and not bare.next_page_token
 
 
 async def test_nul_characters_are_refused_alike_on_every_backend(artifacts):
@@ -235,28 +242,16 @@ async def test_nul_characters_are_refused_alike_on_every_backend(artifacts):
 
 async def test_an_artifact_too_big_to_read_back_is_refused_and_pages_count_metadata(
         artifact_backend, tmp_path):
-    from hivemesh.client import ArtifactClient
-    from hivemesh.runtime.settings import ServerSettings
-    from hivemesh.services.artifact.server import create_server
-    from hivemesh.services.artifact.settings import ArtifactSettings
-
-    settings = ArtifactSettings(
-        server=ServerSettings(host="127.0.0.1", port=0, max_message_bytes=256 * 1024),
-        data_dir=tmp_path / "artifact", max_content_bytes=100 * 1024)
-    running, port = await create_server(settings, artifact_backend)
-    try:
-        async with ArtifactClient(f"127.0.0.1:{port}") as artifacts:
-            with pytest.raises(InvalidArgumentError) as err:  # content fits, metadata not
-                await artifacts.save(workflow_id="wf-meta", agent_id="a", artifact_type="code",
-                                     content="x" * (90 * 1024),
-                                     metadata={"notes": "y" * (150 * 1024)})
-            assert err.value.reason == "PAYLOAD_TOO_LARGE"
-            assert await artifacts.count(workflow_id="wf-meta") == 0
-            for _ in range(4):
-                await artifacts.save(workflow_id="wf-meta", agent_id="a", artifact_type="code",
-                                     content="small", metadata={"notes": "z" * (60 * 1024)})
-            page = await artifacts.list(workflow_id="wf-meta", omit_content=True)
-            assert 1 <= len(page.artifacts) < 4 and page.next_page_token
-            assert len([a async for a in artifacts.iter(workflow_id="wf-meta")]) == 4
-    finally:
-        await running.shutdown(0)
+    async with small_messages(artifact_backend, tmp_path) as artifacts:
+        with pytest.raises(InvalidArgumentError) as err:  # content fits, metadata not
+            await artifacts.save(workflow_id="wf-meta", agent_id="a", artifact_type="code",
+                                 content="x" * (90 * 1024),
+                                 metadata={"notes": "y" * (150 * 1024)})
+        assert err.value.reason == "PAYLOAD_TOO_LARGE"
+        assert await artifacts.count(workflow_id="wf-meta") == 0
+        for _ in range(4):
+            await artifacts.save(workflow_id="wf-meta", agent_id="a", artifact_type="code",
+                                 content="small", metadata={"notes": "z" * (60 * 1024)})
+        page = await artifacts.list(workflow_id="wf-meta", omit_content=True)
+        assert 1 <= len(page.artifacts) < 4 and page.next_page_token
+        assert len([a async for a in artifacts.iter(workflow_id="wf-meta")]) == 4
