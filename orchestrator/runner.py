@@ -340,9 +340,10 @@ class AgentRunner:
         task.add_done_callback(self._settling.discard)
 
     async def _resend(self, method: str, request):
-        """Sends an information request again past the run's deadline: its
-        request_id answers with what the first sending did, or does it now.
-        None when it fails (a hold then lapses at its TTL)."""
+        """Sends an information request that settles what the run did, past
+        the run's deadline; sent again, its request_id answers with what the
+        first sending did, or does it now. None when it fails (a hold then
+        lapses at its TTL)."""
         try:
             with beyond_deadline():
                 return await self.providers.call("information", method, request)
@@ -373,13 +374,9 @@ class AgentRunner:
             await self._release_id(reservation, reason)
 
     async def _release_id(self, reservation: str, reason: int) -> None:
-        try:
-            with beyond_deadline():
-                await self.providers.call("information", "Release", ReleaseRequest(
-                    request_id=f"{reservation}:release", reservation_id=reservation,
-                    reason=reason))
-        except errors.ServiceError:
-            pass  # it expires on its own; nothing was charged
+        # If it fails, the hold expires on its own; nothing was charged.
+        await self._resend("Release", ReleaseRequest(
+            request_id=f"{reservation}:release", reservation_id=reservation, reason=reason))
 
     async def _settle(self, run: _Run, enforcement: int, iteration: int) -> None:
         """Commit (or track) the usage of the last generation."""

@@ -17,6 +17,7 @@ from hivemesh.orchestrator.v1 import (
     RunWorkflowResponse, StreamAgentResponse, SubscribeEventsResponse)
 from hivemesh.runtime import errors, paging
 from hivemesh.runtime.resilience import fingerprint, replayed_copy
+from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.orchestrator.agents import definition_problems
 from hivemesh.services.orchestrator.context import ExecutionContext
@@ -294,10 +295,6 @@ async def _next(queue: asyncio.Queue, others: set[asyncio.Future],
     return False, None
 
 
-# What a response leaves for the rest of its message (status, headers).
-_RESPONSE_MARGIN = 64 * 1024
-
-
 def _within(response: RunWorkflowResponse, limit: int) -> RunWorkflowResponse:
     """A workflow's response as a call can carry it. Outputs are repeated in
     it (a task's output, its final agent's, each branch's): when the whole
@@ -305,14 +302,14 @@ def _within(response: RunWorkflowResponse, limit: int) -> RunWorkflowResponse:
     outputs are also in their artifacts); when even that is too big, the run
     fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE, naming the
     sizes, and is not kept for replay."""
-    if response.ByteSize() <= limit - _RESPONSE_MARGIN:
+    if response.ByteSize() <= limit - RESPONSE_MARGIN_BYTES:
         return response
     for task in response.tasks:
         for holder in (task, *task.branches):
             if holder.HasField("result"):
                 holder.result.output = ""
     size = response.ByteSize()
-    if size > limit - _RESPONSE_MARGIN:
+    if size > limit - RESPONSE_MARGIN_BYTES:
         raise errors.ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE",
             f"the workflow's results are {size:,} bytes, more than the {limit:,} a response "

@@ -14,6 +14,7 @@ from hivemesh.artifact.v1 import (
     GetArtifactResponse, ListArtifactsResponse, SaveArtifactResponse)
 from hivemesh.common.v1 import ErrorReason
 from hivemesh.runtime import errors, paging
+from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.runtime.wellknown import struct_dict
 from hivemesh.services.artifact.backends.base import (
     ArtifactBackend, ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
@@ -80,10 +81,6 @@ def _unavailable(exc: BackendUnavailable) -> errors.ServiceError:
     return errors.unavailable("artifact storage", str(exc), retry_after_s=1.0)
 
 
-# What an answer leaves for the rest of its message (status, headers).
-_RESPONSE_MARGIN = 64 * 1024
-
-
 class ArtifactServicer(ArtifactServiceServicer):
     def __init__(self, backend: ArtifactBackend, *, max_content_bytes: int,
                  default_page_size: int = 50,
@@ -93,7 +90,7 @@ class ArtifactServicer(ArtifactServiceServicer):
         self.default_page_size = default_page_size
         # An artifact must fit one answer (a Get of it); a page ends early
         # rather than carry more than half of one (it always holds one).
-        self.max_artifact_bytes = max_message_bytes - _RESPONSE_MARGIN
+        self.max_artifact_bytes = max_message_bytes - RESPONSE_MARGIN_BYTES
         self.page_bytes = max_message_bytes // 2
 
     async def SaveArtifact(self, request, context):

@@ -49,10 +49,17 @@ class IdempotencyConflict(Exception):
     """The request_id was used before for a different request."""
 
 
-def _stored(conn: sqlite3.Connection, method: str, request_id: str,
+def _key(namespace: str, request_id: str) -> str:
+    """Request ids are scoped by namespace: the same id in two namespaces
+    names two requests."""
+    return f"{namespace}\x1f{request_id}"
+
+
+def _stored(conn: sqlite3.Connection, method: str, namespace: str, request_id: str,
             digest: str) -> bytes | None:
     row = conn.execute("SELECT fingerprint, response FROM requests "
-                       "WHERE method = ? AND request_id = ?", (method, request_id)).fetchone()
+                       "WHERE method = ? AND request_id = ?",
+                       (method, _key(namespace, request_id))).fetchone()
     if row is None:
         return None
     if row[0] != digest:
@@ -69,11 +76,12 @@ class Ledger:
         self.history_retention = history_retention
 
     # -- idempotency ----------------------------------------------------------
-    def replay(self, method: str, request_id: str, digest: str) -> bytes | None:
+    def replay(self, method: str, namespace: str, request_id: str,
+               digest: str) -> bytes | None:
         """The first answer to this request, if there was one."""
-        return _stored(self.db.reader, method, request_id, digest)
+        return _stored(self.db.reader, method, namespace, request_id, digest)
 
-    async def remember(self, method: str, request_id: str, digest: str,
+    async def remember(self, method: str, namespace: str, request_id: str, digest: str,
                        response: bytes) -> tuple[bytes, bool]:
         """Records ``response`` as the answer; when a concurrent twin of the
         request got there first, returns its answer instead (and True)."""
@@ -81,11 +89,11 @@ class Ledger:
             now = now_us()
             conn.execute("DELETE FROM requests WHERE create_time_us < ?",
                          (now - self.request_ttl_us,))
-            first = _stored(conn, method, request_id, digest)
+            first = _stored(conn, method, namespace, request_id, digest)
             if first is not None:
                 return first, True
             conn.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
-                         (method, request_id, digest, response, now))
+                         (method, _key(namespace, request_id), digest, response, now))
             return response, False
         return await self.db.write(write)
 
@@ -95,7 +103,7 @@ class Ledger:
         """Appends in one transaction with the request record: a retry
         appends nothing and gets the first answer (replayed = True)."""
         def write(conn: sqlite3.Connection) -> AppendHistoryResponse:
-            first = _stored(conn, "AppendHistory", request_id, digest)
+            first = _stored(conn, "AppendHistory", namespace, request_id, digest)
             if first is not None:
                 response = AppendHistoryResponse.FromString(first)
                 response.replayed = True
@@ -118,7 +126,7 @@ class Ledger:
                                     "AND session_id = ?", (namespace, session_id)).fetchone()
             response = AppendHistoryResponse(message_ids=ids, session_message_count=count)
             conn.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
-                         ("AppendHistory", request_id, digest,
+                         ("AppendHistory", _key(namespace, request_id), digest,
                           response.SerializeToString(), now))
             return response
         return await self.db.write(write)

@@ -86,12 +86,6 @@ def resolve_namespace(namespace: str, context: RequestContext) -> str:
     return tenant
 
 
-def _ledger_id(namespace: str, request_id: str) -> str:
-    """Request ids are scoped by namespace: the same id in two namespaces
-    names two requests."""
-    return f"{namespace}\x1f{request_id}"
-
-
 def chunk_id(namespace: str, source_id: str, content_key: str, index: int) -> str:
     return str(uuid.uuid5(_CHUNK_IDS, f"{namespace}\n{source_id}\n{content_key}\n{index}"))
 
@@ -138,8 +132,7 @@ def _backend_errors() -> Iterator[None]:
         raise errors.ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                   ErrorReason.ERROR_REASON_UPSTREAM_ERROR, str(exc)) from exc
     except IdempotencyConflict as exc:
-        # The ledger's key is the namespace-scoped id; the caller knows its own.
-        raise errors.idempotency_conflict(str(exc).rpartition("\x1f")[2]) from None
+        raise errors.idempotency_conflict(str(exc)) from None
 
 
 def _content_key(content: str, size: int, overlap: int, whole: bool) -> str:
@@ -207,8 +200,7 @@ class MemoryServicer(MemoryServiceServicer):
         size, overlap, whole = self._chunking(request.chunking)
         fp = fingerprint(request)
         with _backend_errors():
-            first = self.ledger.replay("AddMemories", _ledger_id(namespace, request.request_id),
-                                       fp)
+            first = self.ledger.replay("AddMemories", namespace, request.request_id, fp)
         if first is not None:
             return _replayed(AddMemoriesResponse.FromString(first))
         texts = self._split(request, size, overlap, whole)
@@ -248,9 +240,8 @@ class MemoryServicer(MemoryServiceServicer):
             embedding_model=self.embedder.model,
             embedding_usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
         with _backend_errors():
-            stored, twin = await self.ledger.remember("AddMemories",
-                                                      _ledger_id(namespace, request.request_id),
-                                                      fp,
+            stored, twin = await self.ledger.remember("AddMemories", namespace,
+                                                      request.request_id, fp,
                                                       response.SerializeToString())
         return _replayed(AddMemoriesResponse.FromString(stored)) if twin else response
 
@@ -336,12 +327,11 @@ class MemoryServicer(MemoryServiceServicer):
         """Runs ``work`` unless this request_id has an answer already."""
         fp = fingerprint(request)
         with _backend_errors():
-            first = self.ledger.replay(method, _ledger_id(namespace, request.request_id), fp)
+            first = self.ledger.replay(method, namespace, request.request_id, fp)
             if first is not None:
                 return response_type.FromString(first)
             response = await work()
-            stored, _ = await self.ledger.remember(method,
-                                                   _ledger_id(namespace, request.request_id), fp,
+            stored, _ = await self.ledger.remember(method, namespace, request.request_id, fp,
                                                    response.SerializeToString())
         return response_type.FromString(stored)
 
@@ -378,7 +368,7 @@ class MemoryServicer(MemoryServiceServicer):
         namespace = resolve_namespace(request.namespace, request.context)
         with _backend_errors():
             return await self.ledger.append(namespace, request.session_id, request.messages,
-                                            _ledger_id(namespace, request.request_id),
+                                            request.request_id,
                                             fingerprint(request))
 
     async def GetHistory(self, request, context):

@@ -26,6 +26,11 @@ def secrets_dir() -> Path | None:
     return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
 
 
+# What an answer leaves of max_message_bytes for the rest of its message
+# (status details, headers): an answer a handler builds fits in the rest.
+RESPONSE_MARGIN_BYTES = 64 * 1024
+
+
 class ServerSettings(BaseModel):
     """Network and lifecycle knobs of one gRPC server."""
 
