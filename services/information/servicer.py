@@ -9,12 +9,13 @@ Redis, stay exact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import grpc
 from google.rpc import error_details_pb2
@@ -32,10 +33,10 @@ from hivemesh.services.information.metrics import CallMetrics, aggregate
 from hivemesh.services.information.pricing import (
     MAX_TOKENS_PER_CALL, PricePolicy, cost_micros, period_bounds)
 from hivemesh.services.information.store.base import (
-    MODE_HARD, PERIOD_TOTAL, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord,
-    CreatedBudgetGone, Hold,
-    IdempotencyConflict, InformationStore, PriceRecord, ReservationNotFound,
-    ReservationSettled, ReserveOp, SettleOp, StaleConfig, applicable_scope_keys)
+    MODE_HARD, PERIOD_TOTAL, UPDATE_BUDGET, AlertRecord, BudgetChanged, BudgetExceeded,
+    BudgetRecord, CallRecord, CreatedBudgetGone, Hold, IdempotencyConflict, InformationStore,
+    Once, PriceRecord, ReservationNotFound, ReservationSettled, ReserveOp, SettleOp,
+    StaleConfig, applicable_scope_keys, budget_from_json)
 
 log = logging.getLogger("hivemesh.information")
 
@@ -50,6 +51,18 @@ def _request_fingerprint(kind: str, request) -> str:
     different request under the same request_id does not."""
     return hashlib.sha256(kind.encode() + request.SerializeToString(deterministic=True)
                           ).hexdigest()
+
+
+def _once(kind: str, request) -> Once:
+    return Once(request.request_id, _request_fingerprint(kind, request))
+
+
+@contextlib.contextmanager
+def _idempotent(request) -> Iterator[None]:
+    try:
+        yield
+    except IdempotencyConflict:
+        raise errors.idempotency_conflict(request.request_id) from None
 
 
 def _scope(tenant_id: str, workflow_id: str, agent_id: str) -> Scope:
@@ -90,6 +103,7 @@ def _hold(budget: BudgetRecord, now: int) -> Hold:
 
 
 _CONFIG_RETRIES = 5
+_UPDATE_ATTEMPTS = 5
 # Budget definitions shown in responses are re-read at least this often even
 # when no write is seen (another replica may have changed them). Money
 # decisions never use a stale definition: the store checks the version.
@@ -215,26 +229,49 @@ class InformationServicer(InformationServiceServicer):
             raise errors.invalid_argument(
                 [("update_mask.paths", f"only {sorted(_UPDATABLE)} can be updated; got "
                                        f"{bad or 'nothing'}")])
-        current = await self._get_budget(request.budget.budget_id)
+        once = _once("update_budget", request)
+        with _idempotent(request):
+            # A retry answers as the first update did, even if the budget has
+            # changed or gone since.
+            first = await self.store.answer(UPDATE_BUDGET, once)
+            if first is not None:
+                return UpdateBudgetResponse(budget=budget_to_proto(budget_from_json(first)),
+                                            replayed=True)
+            # Read, merge, write if unchanged meanwhile: two updates of
+            # different fields never undo each other.
+            for _ in range(_UPDATE_ATTEMPTS):
+                current = await self._get_budget(request.budget.budget_id)
+                record = self._merged(current, request.budget, paths)
+                try:
+                    stored, replayed = await self.store.put_budget(record, expected=current,
+                                                                   once=once)
+                except BudgetChanged:
+                    continue
+                self._config.invalidate()
+                return UpdateBudgetResponse(budget=budget_to_proto(stored), replayed=replayed)
+        raise errors.ServiceError(
+            grpc.StatusCode.ABORTED, ErrorReason.ERROR_REASON_INTERNAL,
+            "the budget kept changing during the update; retry it",
+            {"budget_id": request.budget.budget_id})
+
+    def _merged(self, current: BudgetRecord, update: Budget, paths: list[str]) -> BudgetRecord:
         merged = budget_to_proto(current)
         for path in paths:
             if path == "alert_thresholds_percent":
                 del merged.alert_thresholds_percent[:]
-                merged.alert_thresholds_percent.extend(request.budget.alert_thresholds_percent)
-            elif path in ("limit_micros", "limit_tokens") and not request.budget.HasField(path):
+                merged.alert_thresholds_percent.extend(update.alert_thresholds_percent)
+            elif path in ("limit_micros", "limit_tokens") and not update.HasField(path):
                 merged.ClearField(path)
             else:
-                setattr(merged, path, getattr(request.budget, path))
-        record = self._budget_record(merged, current.budget_id, current.create_time_us,
-                                     now_us())
-        await self.store.put_budget(record)
-        self._config.invalidate()
-        return UpdateBudgetResponse(budget=budget_to_proto(record))
+                setattr(merged, path, getattr(update, path))
+        return self._budget_record(merged, current.budget_id, current.create_time_us, now_us())
 
     async def DeleteBudget(self, request, context):
-        deleted = await self.store.delete_budget(request.budget_id)
+        with _idempotent(request):
+            deleted, replayed = await self.store.delete_budget(
+                request.budget_id, once=_once("delete_budget", request))
         self._config.invalidate()
-        return DeleteBudgetResponse(deleted=deleted)
+        return DeleteBudgetResponse(deleted=deleted, replayed=replayed)
 
     # -- prices ---------------------------------------------------------------
     async def SetModelPrice(self, request, context):
@@ -245,9 +282,12 @@ class InformationServicer(InformationServiceServicer):
         record = PriceRecord(p.model, p.backend, p.input_micros_per_million,
                              p.output_micros_per_million, p.cached_input_micros_per_million,
                              self.currency, now_us())
-        replaced = await self.store.set_price(record)
+        with _idempotent(request):
+            stored, replaced, replayed = await self.store.set_price(
+                record, once=_once("set_price", request))
         self._config.invalidate()
-        return SetModelPriceResponse(price=_price_to_proto(record), replaced=replaced)
+        return SetModelPriceResponse(price=_price_to_proto(stored), replaced=replaced,
+                                     replayed=replayed)
 
     async def ListModelPrices(self, request, context):
         digest = paging.digest("prices", request.model)
@@ -411,11 +451,13 @@ class InformationServicer(InformationServiceServicer):
                                        replayed=result.replayed)
 
     async def Release(self, request, context):
-        result = await self.store.release(request.reservation_id, now_us())
+        with _idempotent(request):
+            result = await self.store.release(request.reservation_id, now_us(),
+                                              once=_once("release", request))
         if not result.found:
             raise errors.not_found("reservation", request.reservation_id)
         return ReleaseResponse(released=result.released, released_micros=result.micros,
-                               released_tokens=result.tokens)
+                               released_tokens=result.tokens, replayed=result.replayed)
 
     # -- status, metrics, alerts ---------------------------------------------
     async def _budgets(self, budget_ids: Iterable[str]) -> list[BudgetRecord]:

@@ -163,6 +163,94 @@ async def test_budget_lifecycle(info):
         await call(info.CreateBudget, request)
 
 
+async def test_configuration_writes_and_releases_answer_a_retry_as_the_first_time(info):
+    await make_budget(info, "b", micros=1_000_000, thresholds=[50])
+    reserved = await call(info.Reserve, reserve_request())
+    release = ReleaseRequest(request_id=rid(), reservation_id=reserved.reservation_id)
+    freed = await call(info.Release, release)
+    freed_again = await call(info.Release, release)
+    assert freed.released and freed.released_micros == reserved.reserved_micros
+    assert freed_again.replayed and (freed_again.released, freed_again.released_micros) == (
+        True, freed.released_micros)
+    with pytest.raises(AlreadyExistsError):
+        await call(info.Release, ReleaseRequest(request_id=release.request_id,
+                                                reservation_id=reserved.reservation_id,
+                                                detail="another request"))
+
+    mask = field_mask_pb2.FieldMask(paths=["limit_micros"])
+    update = UpdateBudgetRequest(request_id=rid(), budget=Budget(budget_id="b", limit_micros=7),
+                                 update_mask=mask)
+    first = await call(info.UpdateBudget, update)
+    await call(info.UpdateBudget, UpdateBudgetRequest(
+        request_id=rid(), budget=Budget(budget_id="b", limit_micros=9), update_mask=mask))
+    again = await call(info.UpdateBudget, update)
+    assert again.replayed and not first.replayed and again.budget == first.budget
+    assert (await call(info.GetBudget, GetBudgetRequest(budget_id="b"))).budget.limit_micros == 9
+    with pytest.raises(AlreadyExistsError) as err:
+        await call(info.UpdateBudget, UpdateBudgetRequest(
+            request_id=update.request_id, budget=Budget(budget_id="b", limit_micros=8),
+            update_mask=mask))
+    assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+
+    price = SetModelPriceRequest(request_id=rid(), price=ModelPrice(
+        model="m", input_micros_per_million=1, output_micros_per_million=2))
+    set_first = await call(info.SetModelPrice, price)
+    set_again = await call(info.SetModelPrice, price)
+    assert (set_again.replayed, set_again.replaced) == (True, set_first.replaced)
+    assert set_again.price == set_first.price
+
+    delete = DeleteBudgetRequest(request_id=rid(), budget_id="b")
+    assert (await call(info.DeleteBudget, delete)).deleted
+    deleted_again = await call(info.DeleteBudget, delete)
+    assert deleted_again.deleted and deleted_again.replayed
+    # The update's answer outlives the budget.
+    assert (await call(info.UpdateBudget, update)).budget == first.budget
+
+
+class _SlowReads:
+    """A store whose budget reads take a while: concurrent updates all read
+    the budget before any of them writes."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def get_budget(self, budget_id):
+        found = await self.inner.get_budget(budget_id)
+        await asyncio.sleep(0.05)
+        return found
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_concurrent_updates_of_different_fields_all_stay(kind, tmp_path):
+    async with open_store(kind, tmp_path) as store, serve(_SlowReads(store)) as (info, _):
+        await make_budget(info, "b", micros=1_000, tokens=1_000)
+        await asyncio.gather(
+            call(info.UpdateBudget, UpdateBudgetRequest(
+                request_id=rid(), budget=Budget(budget_id="b", limit_micros=2_000),
+                update_mask=field_mask_pb2.FieldMask(paths=["limit_micros"]))),
+            call(info.UpdateBudget, UpdateBudgetRequest(
+                request_id=rid(), budget=Budget(budget_id="b", display_name="renamed"),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]))),
+            call(info.UpdateBudget, UpdateBudgetRequest(
+                request_id=rid(), budget=Budget(budget_id="b", limit_tokens=3_000),
+                update_mask=field_mask_pb2.FieldMask(paths=["limit_tokens"]))))
+        got = (await call(info.GetBudget, GetBudgetRequest(budget_id="b"))).budget
+        assert (got.limit_micros, got.display_name, got.limit_tokens) == (2_000, "renamed",
+                                                                          3_000)
+        # An update racing a deletion does not bring the budget back.
+        await asyncio.gather(
+            call(info.DeleteBudget, DeleteBudgetRequest(request_id=rid(), budget_id="b")),
+            call(info.UpdateBudget, UpdateBudgetRequest(
+                request_id=rid(), budget=Budget(budget_id="b", limit_micros=5),
+                update_mask=field_mask_pb2.FieldMask(paths=["limit_micros"]))),
+            return_exceptions=True)
+        with pytest.raises(NotFoundError):
+            await call(info.GetBudget, GetBudgetRequest(budget_id="b"))
+
+
 # -- reserve, commit, release ---------------------------------------------------
 
 async def test_reserve_then_commit_charges_exact_cost(info):

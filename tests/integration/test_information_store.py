@@ -17,8 +17,8 @@ from conftest import drop_redis_prefix, on_local_redis
 
 from hivemesh.services.information.store.base import (
     MODE_HARD, MODE_SOFT, PERIOD_DAILY, PERIOD_TOTAL, BudgetExceeded, BudgetRecord, CallRecord,
-    Counter, CreatedBudgetGone, Hold, IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound,
-    ReservationSettled, ReserveOp, SettleOp, StaleConfig, applicable_scope_keys, scope_key)
+    BudgetChanged, Counter, CreatedBudgetGone, Hold, IdempotencyConflict, Once, PriceRecord,
+    ReleaseResult, ReservationNotFound, ReservationSettled, ReserveOp, SettleOp, StaleConfig, applicable_scope_keys, scope_key)
 from hivemesh.services.information.store.sqlite import SqliteStore
 
 T0 = 1_700_000_000_000_000  # microseconds since the epoch
@@ -141,7 +141,7 @@ async def test_budget_create_replay_conflict_and_duplicate_id(store):
         await store.create_budget(budget("b3"), "req-3", "fp")
     assert await store.get_budget("b3") is None
     # Replaying the creation of a budget deleted since: it is gone.
-    assert await store.delete_budget("b1") is True
+    assert await store.delete_budget("b1") == (True, False)
     with pytest.raises(CreatedBudgetGone):
         await store.create_budget(b, "req-1", "fp-1")
 
@@ -160,8 +160,8 @@ async def test_budget_update_keeps_counters_and_delete(store):
     assert await store.list_budgets(("globex", "", ""), 10, "") == [moved]
     c = await counter(store, b)
     assert (c.spent_micros, c.spent_tokens) == (300, 7)
-    assert await store.delete_budget("b1") is True
-    assert await store.delete_budget("b1") is False
+    assert await store.delete_budget("b1") == (True, False)
+    assert await store.delete_budget("b1") == (False, False)
     assert await store.get_budget("b1") is None
     assert await store.list_budgets(("", "", ""), 10, "") == []
     assert await store.budgets_for_scopes([moved.scope_key]) == []
@@ -232,13 +232,14 @@ async def test_budgets_for_scopes(store):
 
 async def test_prices(store):
     assert await store.get_price("gpt", "azure") is None
-    assert await store.set_price(price("gpt", "", 10)) is False
+    assert (await store.set_price(price("gpt", "", 10)))[1:] == (False, False)
     assert await store.get_price("gpt", "azure") == price("gpt", "", 10)  # fallback to ""
     assert await store.get_price("gpt", "") == price("gpt", "", 10)
-    assert await store.set_price(price("gpt", "azure", 20)) is False
+    assert (await store.set_price(price("gpt", "azure", 20)))[1:] == (False, False)
     assert await store.get_price("gpt", "azure") == price("gpt", "azure", 20)
     assert await store.get_price("gpt", "openai") == price("gpt", "", 10)
-    assert await store.set_price(price("gpt", "azure", 30, now=T0 + 1)) is True  # replaced
+    # replaced
+    assert (await store.set_price(price("gpt", "azure", 30, now=T0 + 1)))[1:] == (True, False)
     assert await store.get_price("gpt", "azure") == price("gpt", "azure", 30, now=T0 + 1)
     assert await store.get_price("claude", "") is None
     for model, backend in [("claude", "bedrock"), ("claude", ""), ("gpt-mini", ""),
@@ -280,9 +281,9 @@ async def test_config_version_counts_every_budget_and_price_write(store):
     assert await store.config_version() == 2
     await store.put_budget(replace(b, limit_micros=5))  # same record again: still a write
     assert await store.config_version() == 3
-    assert await store.set_price(price("gpt")) is False
+    assert (await store.set_price(price("gpt")))[1:] == (False, False)
     assert await store.config_version() == 4
-    assert await store.set_price(price("gpt", inp=7)) is True
+    assert (await store.set_price(price("gpt", inp=7)))[1:] == (True, False)
     assert await store.config_version() == 5
     # The ledger does not touch it.
     await store.reserve(reserve_op([hold(b)], 1, reservation_id="res-1", ttl=10))
@@ -291,9 +292,9 @@ async def test_config_version_counts_every_budget_and_price_write(store):
     await store.reserve(reserve_op([hold(b)], 1, ttl=10))
     assert await store.expire(T0 + 10) == 1
     assert await store.config_version() == 5
-    assert await store.delete_budget("b1") is True
+    assert await store.delete_budget("b1") == (True, False)
     assert await store.config_version() == 6
-    assert await store.delete_budget("b1") is False
+    assert await store.delete_budget("b1") == (False, False)
     with pytest.raises(CreatedBudgetGone):  # replaying the creation of a deleted budget
         await store.create_budget(b, "req-1", "fp")
     assert await store.config_version() == 6
@@ -334,7 +335,7 @@ async def test_a_budget_deleted_and_created_again_starts_from_nothing(store):
     other = budget("other", micros=10_000)
     await store.create_budget(other, rid(), "fp")
     open_hold = await store.reserve(reserve_op([hold(old), hold(other)], 70))
-    assert await store.delete_budget("b") is True
+    assert await store.delete_budget("b") == (True, False)
     await store.create_budget(old, rid(), "fp2")
     for period in (0, before_1970):
         assert await counter(store, old, period) == Counter("b", period)
@@ -593,6 +594,102 @@ async def test_release(store):
     assert await store.release("res-1", T0) == ReleaseResult(False)
 
 
+async def test_release_once_answers_a_retry_as_the_first_time(store):
+    b = budget("b", micros=1000, tokens=100)
+    await store.create_budget(b, rid(), "fp")
+    await store.reserve(reserve_op([hold(b)], 400, 30, reservation_id="res-1"))
+    once = Once("rel-1", "fp-rel")
+    assert await store.release("res-1", T0, once=once) == ReleaseResult(True, 400, 30)
+    # The retry frees nothing more and says what the first call freed.
+    assert await store.release("res-1", T0, once=once) == ReleaseResult(True, 400, 30,
+                                                                       replayed=True)
+    assert await counter(store, b) == Counter("b", 0, 0, 0, 0, 0)
+    assert await store.release("res-1", T0, once=Once("rel-2", "fp")) == ReleaseResult(False)
+    assert await store.release("res-1", T0, once=Once("rel-2", "fp")) == ReleaseResult(
+        False, replayed=True)
+    with pytest.raises(IdempotencyConflict):
+        await store.release("res-1", T0, once=Once("rel-1", "another request"))
+    # An unknown reservation records nothing: the id stays free.
+    assert await store.release("res-nope", T0, once=Once("rel-3", "fp")) == ReleaseResult(
+        False, found=False)
+    await store.reserve(reserve_op([hold(b)], 10, 1, reservation_id="res-2",
+                                   request_id="rsv-2"))
+    assert await store.release("res-2", T0, once=Once("rel-3", "fp")) == ReleaseResult(
+        True, 10, 1)
+    with pytest.raises(IdempotencyConflict):  # the id of another kind of request
+        await store.release("res-2", T0, once=Once("rsv-2", "fp"))
+
+
+async def test_configuration_writes_once(store):
+    b = budget("b1", micros=1000)
+    await store.create_budget(b, "create", "fp")
+    version = await store.config_version()
+    # Update: a retry answers with the budget the first update wrote, and
+    # writes nothing, even after a later update.
+    first = replace(b, limit_micros=2000, update_time_us=T0 + 1)
+    assert await store.put_budget(first, expected=b, once=Once("up-1", "fp")) == (first, False)
+    later = replace(first, limit_micros=3000, update_time_us=T0 + 2)
+    await store.put_budget(later, once=Once("up-2", "fp"))
+    version = await store.config_version()
+    assert await store.put_budget(replace(first, update_time_us=T0 + 9), expected=first,
+                                  once=Once("up-1", "fp")) == (first, True)
+    assert await store.get_budget("b1") == later
+    assert await store.config_version() == version
+    assert await store.answer("update_budget", Once("up-1", "fp")) == json_of(first)
+    assert await store.answer("update_budget", Once("up-9", "fp")) is None
+    with pytest.raises(IdempotencyConflict):
+        await store.answer("update_budget", Once("up-1", "other"))
+    with pytest.raises(IdempotencyConflict):
+        await store.answer("delete_budget", Once("up-1", "fp"))
+    with pytest.raises(IdempotencyConflict):
+        await store.put_budget(first, once=Once("up-1", "other"))
+    # Prices: the first answer comes back, the price written since stays.
+    p1, p2 = price("gpt", inp=1), price("gpt", inp=2, now=T0 + 1)
+    assert await store.set_price(p1, once=Once("price-1", "fp")) == (p1, False, False)
+    assert await store.set_price(p2, once=Once("price-2", "fp")) == (p2, True, False)
+    assert await store.set_price(p1, once=Once("price-1", "fp")) == (p1, False, True)
+    assert await store.get_price("gpt", "") == p2
+    with pytest.raises(IdempotencyConflict):
+        await store.set_price(p1, once=Once("price-1", "changed"))
+    # Delete: the retry says the first call deleted it.
+    assert await store.delete_budget("b1", once=Once("del-1", "fp")) == (True, False)
+    assert await store.delete_budget("b1", once=Once("del-1", "fp")) == (True, True)
+    assert await store.delete_budget("b1", once=Once("del-2", "fp")) == (False, False)
+    with pytest.raises(IdempotencyConflict):
+        await store.delete_budget("b1", once=Once("del-1", "changed"))
+    # The update's answer outlives the budget.
+    assert await store.put_budget(first, expected=first, once=Once("up-1", "fp")) == (
+        first, True)
+
+
+async def test_put_budget_expected_refuses_a_changed_or_deleted_budget(store):
+    b = budget("b1", micros=1000)
+    await store.create_budget(b, rid(), "fp")
+    changed = replace(b, display_name="renamed", update_time_us=T0 + 1)
+    await store.put_budget(changed)
+    version = await store.config_version()
+    with pytest.raises(BudgetChanged):  # read before the rename: refused, nothing written
+        await store.put_budget(replace(b, limit_micros=5), expected=b,
+                               once=Once("up-1", "fp"))
+    assert await store.get_budget("b1") == changed
+    assert await store.config_version() == version
+    # Refused, the request id was not used: the retry after re-reading works.
+    merged = replace(changed, limit_micros=5)
+    assert await store.put_budget(merged, expected=changed, once=Once("up-1", "fp")) == (
+        merged, False)
+    await store.delete_budget("b1")
+    with pytest.raises(BudgetChanged):  # deleted meanwhile: not brought back
+        await store.put_budget(merged, expected=merged)
+    assert await store.get_budget("b1") is None
+
+
+def json_of(b: BudgetRecord) -> dict:
+    import json
+
+    from hivemesh.services.information.store.base import budget_to_json
+    return json.loads(budget_to_json(b))
+
+
 async def test_expire_frees_holds_and_a_late_commit_still_charges(store):
     b = budget("b", micros=1000, tokens=100)
     await store.create_budget(b, rid(), "fp")
@@ -839,7 +936,11 @@ async def test_sqlite_and_redis_answer_the_same_random_history(tmp_path, seed):
                     op = replace(op, fingerprint="changed")
                 await _both(stores, method, op)
             elif kind < 0.82 and reservations:
-                await _both(stores, "release", rng.choice(reservations), now)
+                # Now and then under a request id, retried, or reused for another
+                # release.
+                once = (Once(f"release-{rng.randint(0, 5)}", rng.choice(["fp", "other"]))
+                        if rng.random() < 0.5 else None)
+                await _both(stores, "release", rng.choice(reservations), now, once=once)
             elif kind < 0.9:
                 await _both(stores, "expire", now, rng.choice([1, 2, 1000]))
             elif kind < 0.92:

@@ -16,6 +16,7 @@ store never reads a clock and tests can move time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Protocol
@@ -247,6 +248,11 @@ class ReservationSettled(Exception):
     """The reservation was already committed (by another request_id)."""
 
 
+class BudgetChanged(Exception):
+    """The budget is no longer as the caller read it (changed or deleted
+    meanwhile); nothing was written. The caller reads it again and retries."""
+
+
 class StaleConfig(Exception):
     """Budgets or prices changed since the caller read them; nothing was
     written. The caller re-reads the configuration and retries."""
@@ -288,6 +294,53 @@ class ReleaseResult:
     micros: int = 0
     tokens: int = 0
     found: bool = True
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """Makes a configuration write or a release idempotent: the store runs
+    it at most once per request_id, in the same transaction as the write
+    records its answer, and answers a retry (same fingerprint) with that
+    answer; another request under the same id raises IdempotencyConflict."""
+
+    request_id: str
+    fingerprint: str
+
+
+# The answers a store records for Once writes, by kind: JSON documents the two
+# stores write and read alike.
+UPDATE_BUDGET, DELETE_BUDGET, SET_PRICE, RELEASE = (
+    "update_budget", "delete_budget", "set_price", "release")
+
+
+def budget_to_json(b: BudgetRecord) -> str:
+    d = dataclasses.asdict(b)
+    d["thresholds"] = list(b.thresholds)
+    return json.dumps(d)
+
+
+def budget_from_json(text: str | bytes | dict) -> BudgetRecord:
+    d = dict(text) if isinstance(text, dict) else json.loads(text)
+    d["thresholds"] = tuple(d["thresholds"])
+    return BudgetRecord(**d)
+
+
+def price_to_json(p: PriceRecord) -> str:
+    return json.dumps(dataclasses.astuple(p))
+
+
+def price_from_json(text: str | bytes | list) -> PriceRecord:
+    return PriceRecord(*(text if isinstance(text, list) else json.loads(text)))
+
+
+def release_answer(result: ReleaseResult) -> str:
+    return json.dumps({"released": result.released, "micros": result.micros,
+                       "tokens": result.tokens})
+
+
+def replayed_release(answer: dict) -> ReleaseResult:
+    return ReleaseResult(answer["released"], answer["micros"], answer["tokens"], replayed=True)
 
 
 class InformationStore(Protocol):
@@ -306,8 +359,12 @@ class InformationStore(Protocol):
         if the request_id was used for something else."""
         ...
 
-    async def put_budget(self, budget: BudgetRecord) -> None:
-        """Replace an existing budget (update); its counters are kept."""
+    async def put_budget(self, budget: BudgetRecord, *, expected: BudgetRecord | None = None,
+                         once: Once | None = None) -> tuple[BudgetRecord, bool]:
+        """Replace a budget (update); its counters are kept. Returns (budget,
+        replayed): a replayed ``once`` returns the budget as that first
+        update wrote it. With ``expected``, raises BudgetChanged (writing
+        nothing) unless the stored budget equals it."""
         ...
 
     async def get_budget(self, budget_id: str) -> BudgetRecord | None: ...
@@ -322,11 +379,22 @@ class InformationStore(Protocol):
         """Budgets whose scope_key is one of ``scope_keys``."""
         ...
 
-    async def delete_budget(self, budget_id: str) -> bool: ...
+    async def delete_budget(self, budget_id: str, *, once: Once | None = None
+                            ) -> tuple[bool, bool]:
+        """(deleted, replayed)."""
+        ...
+
+    async def answer(self, kind: str, once: Once) -> dict | None:
+        """The recorded answer of a ``once`` write of ``kind``, or None when
+        its request_id is new; IdempotencyConflict when the id was used for
+        another request."""
+        ...
 
     # prices ---------------------------------------------------------------
-    async def set_price(self, price: PriceRecord) -> bool:
-        """Create or replace; True when one existed."""
+    async def set_price(self, price: PriceRecord, *, once: Once | None = None
+                        ) -> tuple[PriceRecord, bool, bool]:
+        """Create or replace: (price, replaced, replayed); replaced when one
+        existed. A replay returns the first call's price and answer."""
         ...
 
     async def get_price(self, model: str, backend: str) -> PriceRecord | None:
@@ -355,9 +423,11 @@ class InformationStore(Protocol):
         budget and period (an alert each)."""
         ...
 
-    async def release(self, reservation_id: str, now_us: int) -> ReleaseResult:
+    async def release(self, reservation_id: str, now_us: int, *,
+                      once: Once | None = None) -> ReleaseResult:
         """Free an open reservation's hold. Releasing one that is settled or
-        expired frees nothing (released=False)."""
+        expired frees nothing (released=False). An unknown reservation
+        (found=False) records no answer."""
         ...
 
     async def expire(self, now_us: int, limit: int = 1000) -> int:

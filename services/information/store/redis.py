@@ -49,11 +49,11 @@ import redis.asyncio as aioredis
 
 from hivemesh.runtime.redis import open_redis
 from hivemesh.services.information.store.base import (
-    MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter,
-    CreatedBudgetGone, Hold,
-    IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
-    ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, StaleConfig, alert_id,
-    holds_from_json, holds_to_json)
+    MODE_HARD, AlertRecord, BudgetChanged, BudgetExceeded, BudgetRecord, CallRecord, Counter,
+    CreatedBudgetGone, Hold, IdempotencyConflict, Once, PriceRecord, ReleaseResult,
+    ReservationNotFound, ReservationRecord, ReservationSettled, ReserveOp, ReserveResult,
+    SettleOp, SettleResult, StaleConfig, alert_id, budget_from_json, budget_to_json,
+    holds_from_json, holds_to_json, price_from_json, price_to_json, replayed_release)
 
 DEFAULT_PREFIX = "hivemesh:info:"
 
@@ -93,6 +93,19 @@ end
 local function remember(request_id, kind, fingerprint, result, ref)
   redis.call('HSET', P .. 'req:' .. request_id, 'kind', kind, 'fingerprint', fingerprint,
              'result', result, 'ref', ref)
+end
+-- A write made idempotent by the caller (ARGV[2] its request_id, '' for
+-- none; ARGV[3] the fingerprint): the reply for a retry, or nil when the
+-- request is new; answer_once records a new request's answer.
+local function replay_once(kind)
+  if ARGV[2] == '' then return nil end
+  local seen = seen_request(ARGV[2])
+  if not seen then return nil end
+  if seen[1] ~= kind or seen[2] ~= ARGV[3] then return {'conflict'} end
+  return {'replay', seen[3]}
+end
+local function answer_once(kind, answer)
+  if ARGV[2] ~= '' then remember(ARGV[2], kind, ARGV[3], answer, '') end
 end
 local function bump_config() redis.call('INCR', P .. 'config:version') end
 -- True when the caller's configuration version (a decimal string, '-1' = do
@@ -135,27 +148,37 @@ bump_config()
 return {'ok'}
 """
 
-# ARGV: prefix, budget_id, json, scope_key
+# ARGV: prefix, request_id, fingerprint, budget_id, json, scope_key,
+#       expected json ('' = write whatever is stored)
 _PUT_BUDGET = _PRELUDE + r"""
-local key = P .. 'budget:' .. ARGV[2]
+local replay = replay_once('update_budget')
+if replay then return replay end
+local key = P .. 'budget:' .. ARGV[4]
+if ARGV[7] ~= '' and redis.call('HGET', key, 'json') ~= ARGV[7] then return {'changed'} end
 local old = redis.call('HGET', key, 'scope')
-if old and old ~= ARGV[4] then redis.call('SREM', P .. 'scope:' .. old, ARGV[2]) end
-redis.call('HSET', key, 'json', ARGV[3], 'scope', ARGV[4])
-redis.call('ZADD', P .. 'budgets', 0, ARGV[2])
-redis.call('SADD', P .. 'scope:' .. ARGV[4], ARGV[2])
+if old and old ~= ARGV[6] then redis.call('SREM', P .. 'scope:' .. old, ARGV[4]) end
+redis.call('HSET', key, 'json', ARGV[5], 'scope', ARGV[6])
+redis.call('ZADD', P .. 'budgets', 0, ARGV[4])
+redis.call('SADD', P .. 'scope:' .. ARGV[6], ARGV[4])
 bump_config()
-return 1
+answer_once('update_budget', ARGV[5])
+return {'ok'}
 """
 
-# ARGV: prefix, budget_id. Its counters and fired thresholds of every period
+# ARGV: prefix, request_id, fingerprint, budget_id. Its counters and fired thresholds of every period
 # go with it, and its holds leave the open reservations (their 'ctrs', which
 # releases and expiries free): a budget created again starts from nothing.
 # Budget writes are rare; this one scans its keys.
 _DELETE_BUDGET = _PRELUDE + r"""
-local id = ARGV[2]
+local replay = replay_once('delete_budget')
+if replay then return replay end
+local id = ARGV[4]
 local key = P .. 'budget:' .. id
 local scope = redis.call('HGET', key, 'scope')
-if not scope then return 0 end
+if not scope then
+  answer_once('delete_budget', '{"deleted": false}')
+  return {'ok', 0}
+end
 redis.call('DEL', key)
 redis.call('ZREM', P .. 'budgets', id)
 redis.call('SREM', P .. 'scope:' .. scope, id)
@@ -188,17 +211,22 @@ for _, member in ipairs(redis.call('ZRANGE', P .. 'reservations:open', 0, -1)) d
   end
 end
 bump_config()
-return 1
+answer_once('delete_budget', '{"deleted": true}')
+return {'ok', 1}
 """
 
-# ARGV: prefix, member (model \0 backend), json
+# ARGV: prefix, request_id, fingerprint, member (model \0 backend), json
 _SET_PRICE = _PRELUDE + r"""
-local key = P .. 'price:' .. ARGV[2]
+local replay = replay_once('set_price')
+if replay then return replay end
+local key = P .. 'price:' .. ARGV[4]
 local existed = redis.call('EXISTS', key)
-redis.call('SET', key, ARGV[3])
-redis.call('ZADD', P .. 'prices', 0, ARGV[2])
+redis.call('SET', key, ARGV[5])
+redis.call('ZADD', P .. 'prices', 0, ARGV[4])
 bump_config()
-return existed
+answer_once('set_price', '{"price": ' .. ARGV[5] .. ', "replaced": ' ..
+            (existed == 1 and 'true' or 'false') .. '}')
+return {'ok', existed}
 """
 
 # ARGV: prefix, request_id, fingerprint, reservation_id, micros, tokens,
@@ -373,12 +401,18 @@ redis.call('HSET', P .. 'req:' .. ARGV[2], 'ctrs', ARGV[13])
 return {'ok', result, counters_of(cjson.decode(ARGV[13]))}
 """
 
-# ARGV: prefix, reservation_id
+# ARGV: prefix, request_id, fingerprint, reservation_id
 _RELEASE = _PRELUDE + r"""
-local state = redis.call('HGET', P .. 'res:' .. ARGV[2], 'state')
+local replay = replay_once('release')
+if replay then return replay end
+local state = redis.call('HGET', P .. 'res:' .. ARGV[4], 'state')
 if not state then return {'notfound'} end
-if state ~= 'open' then return {'no'} end
-local m, t = close_open(ARGV[2], 'released')
+if state ~= 'open' then
+  answer_once('release', '{"released": false, "micros": 0, "tokens": 0}')
+  return {'no'}
+end
+local m, t = close_open(ARGV[4], 'released')
+answer_once('release', '{"released": true, "micros": ' .. m .. ', "tokens": ' .. t .. '}')
 return {'ok', m, t}
 """
 
@@ -405,16 +439,16 @@ def _num(value: int | None) -> str:
     return "" if value is None else str(int(value))
 
 
-def _budget_json(b: BudgetRecord) -> str:
-    d = dataclasses.asdict(b)
-    d["thresholds"] = list(b.thresholds)
-    return json.dumps(d)
+def _once_args(once: Once | None) -> tuple[str, str]:
+    return (once.request_id, once.fingerprint) if once is not None else ("", "")
 
 
-def _budget(text) -> BudgetRecord:
-    d = json.loads(text)
-    d["thresholds"] = tuple(d["thresholds"])
-    return BudgetRecord(**d)
+def _replayed(reply, once: Once | None):
+    """The recorded answer (parsed) when ``reply`` replays ``once``, else None."""
+    status = _s(reply[0])
+    if status == "conflict":
+        raise IdempotencyConflict(once.request_id if once else "")
+    return json.loads(reply[1]) if status == "replay" else None
 
 
 def _price_member(model: str, backend: str) -> str:
@@ -509,7 +543,7 @@ class RedisStore:
     # budgets --------------------------------------------------------------
     async def create_budget(self, budget: BudgetRecord, request_id: str, fingerprint: str):
         reply = await self._run(self._create_budget, request_id, fingerprint, budget.budget_id,
-                                _budget_json(budget), budget.scope_key,
+                                budget_to_json(budget), budget.scope_key,
                                 json.dumps({"budget_id": budget.budget_id}))
         status = _s(reply[0])
         if status == "conflict":
@@ -519,16 +553,33 @@ class RedisStore:
         if status == "exists":
             raise KeyError(budget.budget_id)
         if status == "replay":
-            return _budget(reply[1]), True
+            return budget_from_json(reply[1]), True
         return budget, False
 
-    async def put_budget(self, budget: BudgetRecord) -> None:
-        await self._run(self._put_budget, budget.budget_id, _budget_json(budget),
-                        budget.scope_key)
+    async def put_budget(self, budget: BudgetRecord, *, expected: BudgetRecord | None = None,
+                         once: Once | None = None) -> tuple[BudgetRecord, bool]:
+        reply = await self._run(self._put_budget, *_once_args(once), budget.budget_id,
+                                budget_to_json(budget), budget.scope_key,
+                                budget_to_json(expected) if expected is not None else "")
+        seen = _replayed(reply, once)
+        if seen is not None:
+            return budget_from_json(seen), True
+        if _s(reply[0]) == "changed":
+            raise BudgetChanged(budget.budget_id)
+        return budget, False
+
+    async def answer(self, kind: str, once: Once) -> dict | None:
+        seen = await self.client.hmget(self._key(f"req:{once.request_id}"),
+                                       ["kind", "fingerprint", "result"])
+        if seen[0] is None:
+            return None
+        if _s(seen[0]) != kind or _s(seen[1]) != once.fingerprint:
+            raise IdempotencyConflict(once.request_id)
+        return json.loads(seen[2])
 
     async def get_budget(self, budget_id: str) -> BudgetRecord | None:
         text = await self.client.hget(self._key(f"budget:{budget_id}"), "json")
-        return _budget(text) if text is not None else None
+        return budget_from_json(text) if text is not None else None
 
     async def _budgets(self, ids: list) -> list[BudgetRecord]:
         """The budgets of ``ids`` that still exist, in the order given."""
@@ -537,7 +588,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         for budget_id in ids:
             pipe.hget(self._key(b"budget:" + _b(budget_id)), "json")
-        return [_budget(t) for t in await pipe.execute() if t is not None]
+        return [budget_from_json(t) for t in await pipe.execute() if t is not None]
 
     async def list_budgets(self, scope_filter, limit, after_id):
         wanted = [(f, v) for f, v in zip(("tenant_id", "workflow_id", "agent_id"), scope_filter,
@@ -567,21 +618,30 @@ class RedisStore:
         # By budget_id as SQLite orders text: UTF-8 bytes (= code points).
         return await self._budgets(sorted(_b(i) for i in ids))
 
-    async def delete_budget(self, budget_id: str) -> bool:
-        return bool(await self._run(self._delete_budget, budget_id))
+    async def delete_budget(self, budget_id: str, *, once: Once | None = None
+                            ) -> tuple[bool, bool]:
+        reply = await self._run(self._delete_budget, *_once_args(once), budget_id)
+        seen = _replayed(reply, once)
+        if seen is not None:
+            return seen["deleted"], True
+        return bool(int(reply[1])), False
 
     # prices ---------------------------------------------------------------
-    async def set_price(self, p: PriceRecord) -> bool:
-        existed = await self._run(self._set_price, _price_member(p.model, p.backend),
-                                  json.dumps(dataclasses.astuple(p)))
-        return bool(existed)
+    async def set_price(self, p: PriceRecord, *, once: Once | None = None
+                        ) -> tuple[PriceRecord, bool, bool]:
+        reply = await self._run(self._set_price, *_once_args(once),
+                                _price_member(p.model, p.backend), price_to_json(p))
+        seen = _replayed(reply, once)
+        if seen is not None:
+            return price_from_json(seen["price"]), seen["replaced"], True
+        return p, bool(int(reply[1])), False
 
     async def get_price(self, model: str, backend: str) -> PriceRecord | None:
         texts = await self.client.mget([self._key(f"price:{_price_member(model, backend)}"),
                                         self._key(f"price:{_price_member(model, '')}")])
         for text in texts:
             if text is not None:
-                return PriceRecord(*json.loads(text))
+                return price_from_json(text)
         return None
 
     async def list_prices(self, model, limit, after):
@@ -598,7 +658,7 @@ class RedisStore:
         if not members:
             return []
         texts = await self.client.mget([self._key(b"price:" + _b(m)) for m in members])
-        return [PriceRecord(*json.loads(t)) for t in texts if t is not None]
+        return [price_from_json(t) for t in texts if t is not None]
 
     # the ledger -----------------------------------------------------------
     async def reserve(self, op: ReserveOp) -> ReserveResult:
@@ -658,7 +718,7 @@ class RedisStore:
             version = int(version or 0)
             if version != self._defs_version:
                 self._defs, self._defs_version = {}, version
-            self._defs.update((i, None if t is None else _budget(t))
+            self._defs.update((i, None if t is None else budget_from_json(t))
                               for i, t in zip(ids, texts, strict=True))
         now = []
         for h in holds:
@@ -741,8 +801,12 @@ class RedisStore:
                 out += [str(int(threshold)), json.dumps(alert_id(h, threshold))]
         return out
 
-    async def release(self, reservation_id: str, now_us: int) -> ReleaseResult:
-        reply = await self._run(self._release, reservation_id)
+    async def release(self, reservation_id: str, now_us: int, *,
+                      once: Once | None = None) -> ReleaseResult:
+        reply = await self._run(self._release, *_once_args(once), reservation_id)
+        seen = _replayed(reply, once)
+        if seen is not None:
+            return replayed_release(seen)
         status = _s(reply[0])
         if status == "notfound":
             return ReleaseResult(False, found=False)

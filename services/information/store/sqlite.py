@@ -12,11 +12,13 @@ from pathlib import Path
 
 from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous
 from hivemesh.services.information.store.base import (
-    MODE_HARD, AlertRecord, BudgetExceeded, BudgetRecord, CallRecord, Counter,
-    CreatedBudgetGone, Hold,
-    IdempotencyConflict, PriceRecord, ReleaseResult, ReservationNotFound, ReservationRecord,
-    ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult, StaleConfig, alert_id,
-    crossed_thresholds, holds_from_json, holds_to_json)
+    DELETE_BUDGET, MODE_HARD, RELEASE, SET_PRICE, UPDATE_BUDGET, AlertRecord, BudgetChanged,
+    BudgetExceeded, BudgetRecord, CallRecord, Counter, CreatedBudgetGone, Hold,
+    IdempotencyConflict, Once, PriceRecord, ReleaseResult, ReservationNotFound,
+    ReservationRecord, ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult,
+    StaleConfig, alert_id, budget_from_json, budget_to_json, crossed_thresholds,
+    holds_from_json, holds_to_json, price_from_json, price_to_json, release_answer,
+    replayed_release)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -108,9 +110,21 @@ def _check_request(conn: sqlite3.Connection, request_id: str, kind: str,
 
 
 def _remember(conn: sqlite3.Connection, request_id: str, kind: str, fingerprint: str,
-              result: dict) -> None:
+              result: dict | str) -> None:
+    """``result``: a dict, or a JSON document already encoded."""
     conn.execute("INSERT INTO requests (request_id, kind, fingerprint, result) "
-                 "VALUES (?, ?, ?, ?)", (request_id, kind, fingerprint, json.dumps(result)))
+                 "VALUES (?, ?, ?, ?)", (request_id, kind, fingerprint,
+                                         result if isinstance(result, str) else json.dumps(result)))
+
+
+def _answer_of(conn: sqlite3.Connection, kind: str, once: Once | None) -> dict | None:
+    return None if once is None else _check_request(conn, once.request_id, kind,
+                                                     once.fingerprint)
+
+
+def _answered(conn: sqlite3.Connection, kind: str, once: Once | None, answer: str) -> None:
+    if once is not None:
+        _remember(conn, once.request_id, kind, once.fingerprint, answer)
 
 
 def _counter(conn: sqlite3.Connection, budget_id: str, period: int) -> tuple[int, int, int, int]:
@@ -248,12 +262,26 @@ class SqliteStore:
              ",".join(map(str, b.thresholds)), b.mode, b.create_time_us, b.update_time_us,
              b.scope_key))
 
-    async def put_budget(self, budget: BudgetRecord) -> None:
-        def op(conn: sqlite3.Connection) -> None:
+    async def put_budget(self, budget: BudgetRecord, *, expected: BudgetRecord | None = None,
+                         once: Once | None = None) -> tuple[BudgetRecord, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[BudgetRecord, bool]:
+            seen = _answer_of(conn, UPDATE_BUDGET, once)
+            if seen is not None:
+                return budget_from_json(seen), True
+            if expected is not None:
+                row = conn.execute(f"SELECT {_BUDGET_COLS} FROM budgets WHERE budget_id = ?",
+                                   (expected.budget_id,)).fetchone()
+                if row is None or _budget(row) != expected:
+                    raise BudgetChanged(expected.budget_id)
             self._insert_budget(conn, budget, replace=True)
             _bump_config(conn)
+            _answered(conn, UPDATE_BUDGET, once, budget_to_json(budget))
+            return budget, False
 
-        await self.db.write(op)
+        return await self.db.write(op)
+
+    async def answer(self, kind: str, once: Once) -> dict | None:
+        return _answer_of(self.db.reader, kind, once)
 
     async def config_version(self) -> int:
         return _config_version(self.db.reader)
@@ -282,8 +310,12 @@ class SqliteStore:
             "ORDER BY budget_id", scope_keys).fetchall()
         return [_budget(r) for r in rows]
 
-    async def delete_budget(self, budget_id: str) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
+    async def delete_budget(self, budget_id: str, *, once: Once | None = None
+                            ) -> tuple[bool, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[bool, bool]:
+            seen = _answer_of(conn, DELETE_BUDGET, once)
+            if seen is not None:
+                return seen["deleted"], True
             deleted = conn.execute("DELETE FROM budgets WHERE budget_id = ?",
                                    (budget_id,)).rowcount > 0
             if deleted:
@@ -301,13 +333,18 @@ class SqliteStore:
                         conn.execute("UPDATE reservations SET holds = ? WHERE reservation_id = ?",
                                      (holds_to_json(kept), reservation_id))
                 _bump_config(conn)
-            return deleted
+            _answered(conn, DELETE_BUDGET, once, json.dumps({"deleted": deleted}))
+            return deleted, False
 
         return await self.db.write(op)
 
     # prices ---------------------------------------------------------------
-    async def set_price(self, p: PriceRecord) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
+    async def set_price(self, p: PriceRecord, *, once: Once | None = None
+                        ) -> tuple[PriceRecord, bool, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[PriceRecord, bool, bool]:
+            seen = _answer_of(conn, SET_PRICE, once)
+            if seen is not None:
+                return price_from_json(seen["price"]), seen["replaced"], True
             existed = conn.execute("SELECT 1 FROM prices WHERE model = ? AND backend = ?",
                                    (p.model, p.backend)).fetchone() is not None
             conn.execute("INSERT OR REPLACE INTO prices VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -315,7 +352,9 @@ class SqliteStore:
                           p.output_micros_per_million, p.cached_input_micros_per_million,
                           p.currency, p.update_time_us))
             _bump_config(conn)
-            return existed
+            _answered(conn, SET_PRICE, once,
+                      f'{{"price": {price_to_json(p)}, "replaced": {json.dumps(existed)}}}')
+            return p, existed, False
 
         return await self.db.write(op)
 
@@ -463,19 +502,25 @@ class SqliteStore:
 
         return await self.db.write(run)
 
-    async def release(self, reservation_id: str, now_us: int) -> ReleaseResult:
+    async def release(self, reservation_id: str, now_us: int, *,
+                      once: Once | None = None) -> ReleaseResult:
         def run(conn: sqlite3.Connection) -> ReleaseResult:
+            seen = _answer_of(conn, RELEASE, once)
+            if seen is not None:
+                return replayed_release(seen)
             row = conn.execute("SELECT state, holds, micros, tokens FROM reservations "
                                "WHERE reservation_id = ?", (reservation_id,)).fetchone()
             if row is None:
                 return ReleaseResult(False, found=False)
             state, holds, micros, tokens = row
-            if state != "open":
-                return ReleaseResult(False)
-            _free(conn, holds_from_json(holds), micros, tokens)
-            conn.execute("UPDATE reservations SET state = 'released' WHERE reservation_id = ?",
-                         (reservation_id,))
-            return ReleaseResult(True, micros, tokens)
+            result = ReleaseResult(False)
+            if state == "open":
+                _free(conn, holds_from_json(holds), micros, tokens)
+                conn.execute("UPDATE reservations SET state = 'released' "
+                             "WHERE reservation_id = ?", (reservation_id,))
+                result = ReleaseResult(True, micros, tokens)
+            _answered(conn, RELEASE, once, release_answer(result))
+            return result
 
         return await self.db.write(run)
 

@@ -83,10 +83,12 @@ class UpdateBudgetRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., budget: _Optional[_Union[_resources_pb2.Budget, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class UpdateBudgetResponse(_message.Message):
-    __slots__ = ("budget",)
+    __slots__ = ("budget", "replayed")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     budget: _resources_pb2.Budget
-    def __init__(self, budget: _Optional[_Union[_resources_pb2.Budget, _Mapping]] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, budget: _Optional[_Union[_resources_pb2.Budget, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class DeleteBudgetRequest(_message.Message):
     __slots__ = ("request_id", "budget_id")
@@ -97,10 +99,12 @@ class DeleteBudgetRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., budget_id: _Optional[str] = ...) -> None: ...
 
 class DeleteBudgetResponse(_message.Message):
-    __slots__ = ("deleted",)
+    __slots__ = ("deleted", "replayed")
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     deleted: bool
-    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, deleted: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ListModelPricesRequest(_message.Message):
     __slots__ = ("model", "page_size", "page_token")
@@ -129,12 +133,14 @@ class SetModelPriceRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., price: _Optional[_Union[_resources_pb2.ModelPrice, _Mapping]] = ...) -> None: ...
 
 class SetModelPriceResponse(_message.Message):
-    __slots__ = ("price", "replaced")
+    __slots__ = ("price", "replaced", "replayed")
     PRICE_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     price: _resources_pb2.ModelPrice
     replaced: bool
-    def __init__(self, price: _Optional[_Union[_resources_pb2.ModelPrice, _Mapping]] = ..., replaced: _Optional[bool] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, price: _Optional[_Union[_resources_pb2.ModelPrice, _Mapping]] = ..., replaced: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "context", "model", "backend", "estimated_prompt_tokens", "max_tokens", "ttl")
@@ -225,14 +231,16 @@ class ReleaseRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., reason: _Optional[_Union[ReleaseReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
-    __slots__ = ("released", "released_micros", "released_tokens")
+    __slots__ = ("released", "released_micros", "released_tokens", "replayed")
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     RELEASED_MICROS_FIELD_NUMBER: _ClassVar[int]
     RELEASED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     released_micros: int
     released_tokens: int
-    def __init__(self, released: _Optional[bool] = ..., released_micros: _Optional[int] = ..., released_tokens: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, released: _Optional[bool] = ..., released_micros: _Optional[int] = ..., released_tokens: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class TrackCompletionRequest(_message.Message):
     __slots__ = ("request_id", "context", "model", "backend", "usage", "latency", "success", "cached", "error_reason", "completion_time")
