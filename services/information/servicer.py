@@ -381,7 +381,9 @@ class InformationServicer(InformationServiceServicer):
             replayed=result.replayed)
 
     async def _settle(self, request, reservation_id: str, ctx_ids: tuple[str, str, str],
-                      now: int):
+                      now: int, arrival: int = 0):
+        """``now``: the time the call is accounted at; ``arrival``: when the
+        request came (if not ``now``), the time of the alerts it fires."""
         usage = request.usage
         _check_token_counts(usage, ("prompt_tokens", "completion_tokens",
                                     "cached_prompt_tokens"), "usage.")
@@ -406,7 +408,8 @@ class InformationServicer(InformationServiceServicer):
                 success=request.success, cached=request.cached,
                 error_reason=getattr(request, "error_reason", ""))
             op = SettleOp(request.request_id, fingerprint, reservation_id, holds, call,
-                          usage.prompt_tokens + usage.completion_tokens, now, version)
+                          usage.prompt_tokens + usage.completion_tokens, now, version,
+                          arrival)
             return await self.store.settle(op), call, unpriced
 
         try:
@@ -441,11 +444,12 @@ class InformationServicer(InformationServiceServicer):
                               replayed=result.replayed)
 
     async def TrackCompletion(self, request, context):
-        now = (timestamp_us(request.completion_time, "completion_time")
-               if request.HasField("completion_time") else now_us())
+        arrival = now_us()
+        at = (timestamp_us(request.completion_time, "completion_time")
+              if request.HasField("completion_time") else arrival)
         ctx = request.context
         result, unpriced, alerts, statuses = await self._settle(
-            request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), now)
+            request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), at, arrival)
         return TrackCompletionResponse(cost_micros=result.cost_micros, currency=self.currency,
                                        budgets=statuses, alerts=alerts, unpriced=unpriced,
                                        replayed=result.replayed)
@@ -516,7 +520,7 @@ class InformationServicer(InformationServiceServicer):
                 last_sent = time.monotonic()
             for alert in await self.store.alerts_after(seq):
                 seq = alert.seq
-                if alert.create_time_us < since_us:
+                if alert.create_time_us <= since_us:
                     continue
                 if wanted_ids and alert.budget_id not in wanted_ids:
                     continue

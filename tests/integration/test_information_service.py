@@ -603,6 +603,34 @@ async def test_watch_streams_alerts_and_ends_explicitly(tmp_path):
         await shutdown
 
 
+async def test_a_resumed_watch_replays_alerts_fired_after_since_once(tmp_path):
+    async with open_store("sqlite", tmp_path) as store, serve(store) as (stub, _):
+        await call(stub.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+        await make_budget(stub, "b", tokens=100, thresholds=[50, 100])
+        before = timestamp_pb2.Timestamp()
+        before.GetCurrentTime()
+        # A call reported two hours after it finished: its alert fires now.
+        finished = timestamp_pb2.Timestamp(seconds=before.seconds - 7200)
+        tracked = await call(stub.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", completion_time=finished,
+            usage=Usage(prompt_tokens=60)))
+        (fired,) = tracked.alerts
+        assert fired.create_time.ToMicroseconds() >= before.ToMicroseconds()
+        stream = stub.WatchAlerts(WatchAlertsRequest(since=before))
+        assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        replayed = await asyncio.wait_for(stream.read(), 5)
+        assert replayed.alert.alert_id == fired.alert_id
+        stream.cancel()
+        # Resuming from the last alert received does not send it again.
+        stream = stub.WatchAlerts(WatchAlertsRequest(since=fired.create_time))
+        assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        await call(stub.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=50)))
+        nxt = await asyncio.wait_for(stream.read(), 5)
+        assert nxt.alert.threshold_percent == 100
+        stream.cancel()
+
+
 async def test_a_commit_after_midnight_shows_the_period_it_was_charged_to(info, monkeypatch):
     from hivemesh.services.information import servicer
     await make_budget(info, "daily", micros=1_000_000, period=DAILY)

@@ -185,6 +185,13 @@ class SettleOp:
     # As in ReserveOp; checked for a track only (a commit charges the holds
     # its reservation was made with).
     config_version: int = -1
+    # When the request arrived, if not now_us (a call tracked after the fact
+    # is accounted at its completion time): the time of the alerts it fires.
+    arrival_us: int = 0
+
+    @property
+    def alert_time_us(self) -> int:
+        return self.arrival_us or self.now_us
 
 
 @dataclass(frozen=True, slots=True)

@@ -793,7 +793,8 @@ class RedisStore:
             frag = json.dumps({"budget_id": h.budget_id, "limit_micros": h.limit_micros,
                                "limit_tokens": h.limit_tokens,
                                "period_start_us": h.period_start_us,
-                               "create_time_us": op.now_us, "request_id": op.request_id})
+                               "create_time_us": op.alert_time_us,
+                               "request_id": op.request_id})
             out += [_ctr(h.budget_id, h.period_start_us), _fired(h.budget_id, h.period_start_us),
                     _num(h.limit_micros or None), _num(h.limit_tokens or None), frag[1:-1],
                     str(len(h.thresholds))]

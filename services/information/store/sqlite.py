@@ -474,8 +474,8 @@ class SqliteStore:
                         continue
                     alert = AlertRecord(alert_id(hold, threshold), hold.budget_id, threshold,
                                         kind, spent_m, hold.limit_micros, spent_t,
-                                        hold.limit_tokens, hold.period_start_us, op.now_us,
-                                        op.request_id)
+                                        hold.limit_tokens, hold.period_start_us,
+                                        op.alert_time_us, op.request_id)
                     seq = conn.execute(
                         f"INSERT INTO alerts ({_ALERT_COLS.removesuffix(', seq')}) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -875,7 +875,9 @@ export type TrackCompletionRequest = Message<"hivemesh.information.v1.TrackCompl
   errorReason: string;
 
   /**
-   * When the call finished; unset means now.
+   * When the call finished; unset means now. The call is recorded at this
+   * time and charged to the budget periods it falls in; the alerts it fires
+   * carry the time they fired (now).
    *
    * @generated from field: google.protobuf.Timestamp completion_time = 10;
    */
@@ -1118,8 +1120,9 @@ export type WatchAlertsRequest = Message<"hivemesh.information.v1.WatchAlertsReq
   minThresholdPercent: number;
 
   /**
-   * First replay stored alerts created after this time, then go live (for
-   * resuming after a reconnect); unset means live alerts only.
+   * First replay stored alerts created strictly after this time, then go
+   * live (for resuming after a reconnect: pass the create_time of the last
+   * alert received); unset means live alerts only.
    *
    * @generated from field: google.protobuf.Timestamp since = 4;
    */
