@@ -373,7 +373,9 @@ class InformationServicer(InformationServiceServicer):
         except BudgetExceeded as exc:
             raise _budget_exceeded(exc) from None
         return ReserveResponse(
-            reservation_id=result.reservation_id, reserved_micros=micros, reserved_tokens=tokens,
+            reservation_id=result.reservation_id,
+            reserved_micros=micros if result.micros is None else result.micros,
+            reserved_tokens=tokens if result.tokens is None else result.tokens,
             currency=self.currency, expire_time=timestamp(result.expire_time_us),
             budgets=[_status(b, c, now, self.currency)
                      for b, c in zip(budgets, result.counters, strict=False)],

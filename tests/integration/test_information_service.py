@@ -335,9 +335,16 @@ async def test_retried_reserve_and_commit_happen_once(info):
     await make_budget(info, "b", micros=1_000_000)
     request = reserve_request()
     first = await call(info.Reserve, request)
+    # The price doubles before the retry: it says what the first call holds.
+    await call(info.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=ModelPrice(
+        model=PRICE.model, input_micros_per_million=2 * PRICE.input_micros_per_million,
+        output_micros_per_million=2 * PRICE.output_micros_per_million)))
     again = await call(info.Reserve, request)
     assert again.replayed and again.reservation_id == first.reservation_id
+    assert (again.reserved_micros, again.reserved_tokens) == (first.reserved_micros,
+                                                             first.reserved_tokens)
     assert (await status(info, "b")).reserved_micros == 6_000
+    await call(info.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
     commit = CommitRequest(request_id=rid(), reservation_id=first.reservation_id,
                            model="gpt-test", usage=Usage(prompt_tokens=1000,
                                                          completion_tokens=500))

@@ -368,7 +368,7 @@ async def test_stale_reserve_writes_nothing(store):
     # A replay answers before the version is checked, even a stale one.
     again = await store.reserve(replace(reserve_op([hold(b)], 100, 1, request_id="r-1"),
                                         config_version=version))
-    assert again == replace(first, replayed=True, counters=(before,))
+    assert again == replace(first, replayed=True, counters=(before,), micros=100, tokens=1)
     # -1 does not check; the request id refused above is free.
     result = await store.reserve(replace(op, config_version=-1))
     assert result.replayed is False and (await store.get_reservation("res-2")).state == "open"
@@ -475,7 +475,7 @@ async def test_reserve_replay_and_conflict(store):
     # A retry with a new reservation id and a later clock: the first answer.
     again = await store.reserve(replace(op, reservation_id="res-b", now_us=T0 + 5,
                                         expire_time_us=T0 + 10))
-    assert again == replace(first, replayed=True)
+    assert again == replace(first, replayed=True, micros=50, tokens=5)
     assert await store.get_reservation("res-b") is None
     assert (await counter(store, soft)).reserved_micros == 50
     with pytest.raises(IdempotencyConflict):

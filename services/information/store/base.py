@@ -169,6 +169,10 @@ class ReserveResult:
     # Counters of the holds after the operation, in hold order (on a replay:
     # as they are now).
     counters: tuple[Counter, ...] = ()
+    # On a replay: the amounts the first request reserved (prices may have
+    # changed since); None when the reservation is no longer stored.
+    micros: int | None = None
+    tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

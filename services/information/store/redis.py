@@ -246,9 +246,10 @@ local seen = seen_request(ARGV[2])
 local rid = ARGV[4]
 if seen then
   if seen[1] ~= 'reserve' or seen[2] ~= ARGV[3] then return {'conflict'} end
-  local state = redis.call('HGET', P .. 'res:' .. seen[4], 'state')
+  local r = redis.call('HMGET', P .. 'res:' .. seen[4], 'state', 'micros', 'tokens')
+  local state = r[1]
   if state ~= 'released' and state ~= 'expired' then
-    return {'replay', seen[3], hold_counters()}
+    return {'replay', seen[3], hold_counters(), r[2] or '', r[3] or ''}
   end
   -- Its hold is gone (released, or lapsed): a retry holds again, checked
   -- against the budget as it is now, under the same reservation id.
@@ -481,13 +482,14 @@ def _settle_result(text, replayed: bool, counter_replies) -> SettleResult:
                         tuple(d.get("call_context", ("", "", ""))))
 
 
-def _reserve_result(text, replayed: bool, holds: tuple[Hold, ...],
-                    counter_replies) -> ReserveResult:
-    d = json.loads(text)
+def _reserve_result(reply, replayed: bool, holds: tuple[Hold, ...]) -> ReserveResult:
+    """``reply``: {status, result, counters[, micros, tokens of a replay]}."""
+    d = json.loads(reply[1])
     keys = [(h.budget_id, h.period_start_us) for h in holds]
+    held = [int(v) if _s(v) else None for v in reply[3:5]] if len(reply) > 3 else [None, None]
     return ReserveResult(d["reservation_id"], d["expire_time_us"],
                          tuple(d["over_soft_limit"]), replayed,
-                         _counters(keys, counter_replies))
+                         _counters(keys, reply[2]), *held)
 
 
 # Reservations made through this store whose holds and ids it remembers, so
@@ -686,7 +688,7 @@ class RedisStore:
                                  int(requested))
         if status == "duplicate":
             raise KeyError(op.reservation_id)
-        result = _reserve_result(reply[1], status in ("replay", "reopened"), op.holds, reply[2])
+        result = _reserve_result(reply, status in ("replay", "reopened"), op.holds)
         if status in ("ok", "reopened"):
             self._recent[result.reservation_id] = (op.holds, op.tenant_id, op.workflow_id,
                                                    op.agent_id)

@@ -384,12 +384,13 @@ class SqliteStore:
             seen = _check_request(conn, op.request_id, "reserve", op.fingerprint)
             reopened = None
             if seen is not None:
-                (state,) = conn.execute("SELECT state FROM reservations WHERE reservation_id = ?",
-                                        (seen["reservation_id"],)).fetchone() or ("",)
+                state, micros, tokens = conn.execute(
+                    "SELECT state, micros, tokens FROM reservations WHERE reservation_id = ?",
+                    (seen["reservation_id"],)).fetchone() or ("", None, None)
                 if state not in ("released", "expired"):
                     return ReserveResult(seen["reservation_id"], seen["expire_time_us"],
                                          tuple(seen["over_soft_limit"]), True,
-                                         _counters(conn, keys))
+                                         _counters(conn, keys), micros, tokens)
                 # Its hold is gone (the caller released it, or it lapsed): a
                 # retry holds again, checked against the budget as it is now.
                 reopened = seen["reservation_id"]
