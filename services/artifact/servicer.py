@@ -22,6 +22,8 @@ from hivemesh.services.artifact.backends.base import (
 
 DOMAIN = "hivemesh.artifact"
 SERVICE_NAME = "hivemesh.artifact.v1.ArtifactService"
+# An artifact's tag and length prefix in the page.
+_FIELD_OVERHEAD_BYTES = 8
 
 
 def new_artifact_id() -> str:
@@ -167,11 +169,12 @@ class ArtifactServicer(ArtifactServiceServicer):
         response = ListArtifactsResponse()
         taken, page_bytes = 0, 0
         for row in rows[:size]:
-            page_bytes += len(row.metadata_json) + (0 if request.omit_content
-                                                     else row.size_bytes)
+            item = fill_artifact(response.artifacts.add(), row)
+            # As encoded: metadata takes several times its JSON length.
+            page_bytes += item.ByteSize() + _FIELD_OVERHEAD_BYTES
             if taken and page_bytes > self.page_bytes:
+                del response.artifacts[-1]
                 break
-            fill_artifact(response.artifacts.add(), row)
             taken += 1
         if len(rows) > taken:
             last = rows[taken - 1]

@@ -255,3 +255,11 @@ async def test_an_artifact_too_big_to_read_back_is_refused_and_pages_count_metad
         page = await artifacts.list(workflow_id="wf-meta", omit_content=True)
         assert 1 <= len(page.artifacts) < 4 and page.next_page_token
         assert len([a async for a in artifacts.iter(workflow_id="wf-meta")]) == 4
+        # Metadata counts as encoded (a number in a list takes 11 bytes, not
+        # its 2 in JSON): two of these exceed one answer.
+        for _ in range(2):
+            await artifacts.save(workflow_id="wf-numbers", agent_id="a", artifact_type="code",
+                                 content="small", metadata={"samples": [1] * 16_000})
+        page = await artifacts.list(workflow_id="wf-numbers")
+        assert len(page.artifacts) == 1 and page.next_page_token
+        assert len([a async for a in artifacts.iter(workflow_id="wf-numbers")]) == 2
