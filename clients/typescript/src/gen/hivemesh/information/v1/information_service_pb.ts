@@ -207,8 +207,10 @@ export type UpdateBudgetRequest = Message<"hivemesh.information.v1.UpdateBudgetR
   budget?: Budget | undefined;
 
   /**
-   * Fields to change (such as "limit_micros", "alert_thresholds_percent");
-   * budget_id, create_time and update_time cannot be changed.
+   * Fields to change: "display_name", "limit_micros", "limit_tokens",
+   * "alert_thresholds_percent" and "mode". Any other path (budget_id, scope,
+   * currency, period, create_time, update_time) is INVALID_ARGUMENT: a
+   * budget for another scope or period is a new budget.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 3;
    */
