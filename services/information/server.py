@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from hivemesh.information.v1 import add_InformationServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
@@ -17,6 +18,10 @@ from hivemesh.services.information.settings import InformationSettings, PriceSet
 from hivemesh.services.information.store.base import InformationStore, PriceRecord
 
 log = logging.getLogger("hivemesh.information")
+# Records past their retention are looked for this often, at most this many
+# of a kind at once.
+_PRUNE_INTERVAL_S = 60.0
+_PRUNE_BATCH = 10_000
 
 
 async def open_store(settings: InformationSettings) -> InformationStore:
@@ -25,9 +30,11 @@ async def open_store(settings: InformationSettings) -> InformationStore:
             raise ValueError("HIVEMESH_INFORMATION_REDIS_URL is required with the redis backend")
         from hivemesh.services.information.store.redis import RedisStore
         return await RedisStore.open(settings.redis_url.get_secret_value(),
-                                     prefix=settings.redis_prefix)
+                                     prefix=settings.redis_prefix,
+                                     request_ttl_s=settings.request_ttl_s)
     from hivemesh.services.information.store.sqlite import SqliteStore
-    return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous)
+    return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous,
+                       request_ttl_s=settings.request_ttl_s)
 
 
 def _price(model: str, backend: str, p: PriceSettings, currency: str) -> PriceRecord:
@@ -37,14 +44,26 @@ def _price(model: str, backend: str, p: PriceSettings, currency: str) -> PriceRe
                        now_us())
 
 
-async def _sweep(store: InformationStore, interval_s: float) -> None:
-    """Release reservations that were never settled, once their TTL is over."""
+async def _sweep(store: InformationStore, interval_s: float, history_retention_s: float
+                 ) -> None:
+    """Release reservations that were never settled, once their TTL is over;
+    now and then forget what is past its retention (until nothing is left to
+    forget, a batch per sweep)."""
+    next_prune = 0.0
     while True:
         await asyncio.sleep(interval_s)
         try:
             expired = await store.expire(now_us())
             if expired:
                 log.info("released expired reservations", extra={"count": expired})
+            if time.monotonic() >= next_prune:
+                now = now_us()
+                pruned = await store.prune(now, now - int(history_retention_s * 1e6),
+                                           _PRUNE_BATCH)
+                if pruned:
+                    log.info("forgot records past their retention", extra={"count": pruned})
+                next_prune = 0.0 if pruned >= _PRUNE_BATCH else (
+                    time.monotonic() + _PRUNE_INTERVAL_S)
         except Exception:  # noqa: BLE001 - the next sweep retries; reserve also expires
             log.exception("sweeping expired reservations failed")
 
@@ -65,7 +84,8 @@ async def create_server(settings: InformationSettings,
         default_max_tokens=settings.default_max_tokens,
         alert_poll_interval_s=settings.alert_poll_interval_s,
         heartbeat_interval_s=settings.heartbeat_interval_s)
-    sweeper = asyncio.create_task(_sweep(store, settings.sweep_interval_s))
+    sweeper = asyncio.create_task(_sweep(store, settings.sweep_interval_s,
+                                         settings.history_retention_s))
 
     async def stop_background() -> None:
         await servicer.close_streams()

@@ -54,7 +54,7 @@ def _request_fingerprint(kind: str, request) -> str:
 
 
 def _once(kind: str, request) -> Once:
-    return Once(request.request_id, _request_fingerprint(kind, request))
+    return Once(request.request_id, _request_fingerprint(kind, request), now_us())
 
 
 @contextlib.contextmanager

@@ -51,6 +51,13 @@ class InformationSettings(BaseSettings):
     reservation_ttl_s: float = Field(default=300.0, gt=0, le=86400)
     # How often expired reservations are swept.
     sweep_interval_s: float = Field(default=1.0, gt=0)
+    # How long the answer to a request_id is kept (a retry within it gets
+    # the first answer; later it is a new request), and a settled or
+    # expired reservation after its expiry (a Commit of it later: NOT_FOUND).
+    request_ttl_s: float = Field(default=86400.0, gt=0)
+    # How long recorded calls (GetMetrics) and alerts (WatchAlerts since) are
+    # kept; budget counters are kept whatever their age.
+    history_retention_s: float = Field(default=30 * 86400.0, gt=0)
     # How often alert watchers look for alerts fired by other replicas.
     alert_poll_interval_s: float = Field(default=0.25, gt=0)
     # A watch with no alert to send sends a heartbeat this often.

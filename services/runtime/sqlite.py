@@ -118,7 +118,11 @@ class GroupCommitDatabase:
     transaction (its own savepoint when grouped, so a failing write rolls
     back alone); ``reader`` sees committed data only."""
 
-    def __init__(self, path: Path, schema: str, *, synchronous: Synchronous = "full") -> None:
+    def __init__(self, path: Path, schema: str, *, synchronous: Synchronous = "full",
+                 upgrade: Callable[[sqlite3.Connection], None] | None = None) -> None:
+        """``schema``: statements run at every open (CREATE ... IF NOT
+        EXISTS); ``upgrade(conn)`` then brings a file written by an older
+        version up to date, in one transaction."""
         if synchronous not in _PRAGMA:
             raise ValueError(f"synchronous must be one of {sorted(_PRAGMA)}, not {synchronous!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,8 @@ class GroupCommitDatabase:
         self._flusher: asyncio.Task | None = None
         self._last_commit_end = 0.0
         self._last_commit_s = 0.0
+        if upgrade is not None:
+            self._write_now(upgrade)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._committer is None:

@@ -638,6 +638,31 @@ async def test_a_resumed_watch_replays_alerts_fired_after_since_once(tmp_path):
         stream.cancel()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_the_service_forgets_calls_past_their_retention(kind, tmp_path, monkeypatch):
+    from hivemesh.services.information import server
+    monkeypatch.setattr(server, "_PRUNE_INTERVAL_S", 0.05)
+    async with open_store(kind, tmp_path) as store, serve(
+            store, history_retention_s=0.3) as (info, _):
+        start = timestamp_pb2.Timestamp()
+        start.GetCurrentTime()
+        start.seconds -= 60
+        await call(info.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", success=True,
+            usage=Usage(prompt_tokens=10)))
+
+        async def recorded() -> int:
+            response = await call(info.GetMetrics, GetMetricsRequest(start_time=start))
+            return sum(a.request_count for a in response.aggregates)
+
+        assert await recorded() == 1
+        for _ in range(100):  # the sweeper runs every 0.2 s
+            if await recorded() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await recorded() == 0
+
+
 async def test_a_commit_after_midnight_shows_the_period_it_was_charged_to(info, monkeypatch):
     from hivemesh.services.information import servicer
     await make_budget(info, "daily", micros=1_000_000, period=DAILY)

@@ -27,9 +27,10 @@ MINUTE = 60_000_000
 
 # -- fixtures -------------------------------------------------------------------
 
-async def open_redis(prefix: str):
+async def open_redis(prefix: str, request_ttl_s: float = 86400.0):
     from hivemesh.services.information.store.redis import RedisStore
-    return await on_local_redis(lambda url: RedisStore.open(url, prefix=prefix))
+    return await on_local_redis(lambda url: RedisStore.open(url, prefix=prefix,
+                                                            request_ttl_s=request_ttl_s))
 
 
 async def drop_prefix(store) -> None:
@@ -37,17 +38,18 @@ async def drop_prefix(store) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_store(kind: str, tmp_path):
+async def open_store(kind: str, tmp_path, request_ttl_s: float = 86400.0):
     if kind.startswith("sqlite"):
         # "sqlite-normal": the same suite with synchronous=normal.
         synchronous = kind.partition("-")[2] or "full"
-        store = SqliteStore(tmp_path / f"sqlite-{uuid.uuid4().hex[:8]}", synchronous=synchronous)
+        store = SqliteStore(tmp_path / f"sqlite-{uuid.uuid4().hex[:8]}", synchronous=synchronous,
+                            request_ttl_s=request_ttl_s)
         try:
             yield store
         finally:
             await store.close()
         return
-    store = await open_redis(f"hmtest:{uuid.uuid4().hex}:")
+    store = await open_redis(f"hmtest:{uuid.uuid4().hex}:", request_ttl_s)
     try:
         yield store
     finally:
@@ -598,26 +600,26 @@ async def test_release_once_answers_a_retry_as_the_first_time(store):
     b = budget("b", micros=1000, tokens=100)
     await store.create_budget(b, rid(), "fp")
     await store.reserve(reserve_op([hold(b)], 400, 30, reservation_id="res-1"))
-    once = Once("rel-1", "fp-rel")
+    once = Once("rel-1", "fp-rel", T0)
     assert await store.release("res-1", T0, once=once) == ReleaseResult(True, 400, 30)
     # The retry frees nothing more and says what the first call freed.
     assert await store.release("res-1", T0, once=once) == ReleaseResult(True, 400, 30,
                                                                        replayed=True)
     assert await counter(store, b) == Counter("b", 0, 0, 0, 0, 0)
-    assert await store.release("res-1", T0, once=Once("rel-2", "fp")) == ReleaseResult(False)
-    assert await store.release("res-1", T0, once=Once("rel-2", "fp")) == ReleaseResult(
+    assert await store.release("res-1", T0, once=Once("rel-2", "fp", T0)) == ReleaseResult(False)
+    assert await store.release("res-1", T0, once=Once("rel-2", "fp", T0)) == ReleaseResult(
         False, replayed=True)
     with pytest.raises(IdempotencyConflict):
-        await store.release("res-1", T0, once=Once("rel-1", "another request"))
+        await store.release("res-1", T0, once=Once("rel-1", "another request", T0))
     # An unknown reservation records nothing: the id stays free.
-    assert await store.release("res-nope", T0, once=Once("rel-3", "fp")) == ReleaseResult(
+    assert await store.release("res-nope", T0, once=Once("rel-3", "fp", T0)) == ReleaseResult(
         False, found=False)
     await store.reserve(reserve_op([hold(b)], 10, 1, reservation_id="res-2",
                                    request_id="rsv-2"))
-    assert await store.release("res-2", T0, once=Once("rel-3", "fp")) == ReleaseResult(
+    assert await store.release("res-2", T0, once=Once("rel-3", "fp", T0)) == ReleaseResult(
         True, 10, 1)
     with pytest.raises(IdempotencyConflict):  # the id of another kind of request
-        await store.release("res-2", T0, once=Once("rsv-2", "fp"))
+        await store.release("res-2", T0, once=Once("rsv-2", "fp", T0))
 
 
 async def test_configuration_writes_once(store):
@@ -627,38 +629,38 @@ async def test_configuration_writes_once(store):
     # Update: a retry answers with the budget the first update wrote, and
     # writes nothing, even after a later update.
     first = replace(b, limit_micros=2000, update_time_us=T0 + 1)
-    assert await store.put_budget(first, expected=b, once=Once("up-1", "fp")) == (first, False)
+    assert await store.put_budget(first, expected=b, once=Once("up-1", "fp", T0)) == (first, False)
     later = replace(first, limit_micros=3000, update_time_us=T0 + 2)
-    await store.put_budget(later, once=Once("up-2", "fp"))
+    await store.put_budget(later, once=Once("up-2", "fp", T0))
     version = await store.config_version()
     assert await store.put_budget(replace(first, update_time_us=T0 + 9), expected=first,
-                                  once=Once("up-1", "fp")) == (first, True)
+                                  once=Once("up-1", "fp", T0)) == (first, True)
     assert await store.get_budget("b1") == later
     assert await store.config_version() == version
-    assert await store.answer("update_budget", Once("up-1", "fp")) == json_of(first)
-    assert await store.answer("update_budget", Once("up-9", "fp")) is None
+    assert await store.answer("update_budget", Once("up-1", "fp", T0)) == json_of(first)
+    assert await store.answer("update_budget", Once("up-9", "fp", T0)) is None
     with pytest.raises(IdempotencyConflict):
-        await store.answer("update_budget", Once("up-1", "other"))
+        await store.answer("update_budget", Once("up-1", "other", T0))
     with pytest.raises(IdempotencyConflict):
-        await store.answer("delete_budget", Once("up-1", "fp"))
+        await store.answer("delete_budget", Once("up-1", "fp", T0))
     with pytest.raises(IdempotencyConflict):
-        await store.put_budget(first, once=Once("up-1", "other"))
+        await store.put_budget(first, once=Once("up-1", "other", T0))
     # Prices: the first answer comes back, the price written since stays.
     p1, p2 = price("gpt", inp=1), price("gpt", inp=2, now=T0 + 1)
-    assert await store.set_price(p1, once=Once("price-1", "fp")) == (p1, False, False)
-    assert await store.set_price(p2, once=Once("price-2", "fp")) == (p2, True, False)
-    assert await store.set_price(p1, once=Once("price-1", "fp")) == (p1, False, True)
+    assert await store.set_price(p1, once=Once("price-1", "fp", T0)) == (p1, False, False)
+    assert await store.set_price(p2, once=Once("price-2", "fp", T0)) == (p2, True, False)
+    assert await store.set_price(p1, once=Once("price-1", "fp", T0)) == (p1, False, True)
     assert await store.get_price("gpt", "") == p2
     with pytest.raises(IdempotencyConflict):
-        await store.set_price(p1, once=Once("price-1", "changed"))
+        await store.set_price(p1, once=Once("price-1", "changed", T0))
     # Delete: the retry says the first call deleted it.
-    assert await store.delete_budget("b1", once=Once("del-1", "fp")) == (True, False)
-    assert await store.delete_budget("b1", once=Once("del-1", "fp")) == (True, True)
-    assert await store.delete_budget("b1", once=Once("del-2", "fp")) == (False, False)
+    assert await store.delete_budget("b1", once=Once("del-1", "fp", T0)) == (True, False)
+    assert await store.delete_budget("b1", once=Once("del-1", "fp", T0)) == (True, True)
+    assert await store.delete_budget("b1", once=Once("del-2", "fp", T0)) == (False, False)
     with pytest.raises(IdempotencyConflict):
-        await store.delete_budget("b1", once=Once("del-1", "changed"))
+        await store.delete_budget("b1", once=Once("del-1", "changed", T0))
     # The update's answer outlives the budget.
-    assert await store.put_budget(first, expected=first, once=Once("up-1", "fp")) == (
+    assert await store.put_budget(first, expected=first, once=Once("up-1", "fp", T0)) == (
         first, True)
 
 
@@ -670,12 +672,12 @@ async def test_put_budget_expected_refuses_a_changed_or_deleted_budget(store):
     version = await store.config_version()
     with pytest.raises(BudgetChanged):  # read before the rename: refused, nothing written
         await store.put_budget(replace(b, limit_micros=5), expected=b,
-                               once=Once("up-1", "fp"))
+                               once=Once("up-1", "fp", T0))
     assert await store.get_budget("b1") == changed
     assert await store.config_version() == version
     # Refused, the request id was not used: the retry after re-reading works.
     merged = replace(changed, limit_micros=5)
-    assert await store.put_budget(merged, expected=changed, once=Once("up-1", "fp")) == (
+    assert await store.put_budget(merged, expected=changed, once=Once("up-1", "fp", T0)) == (
         merged, False)
     await store.delete_budget("b1")
     with pytest.raises(BudgetChanged):  # deleted meanwhile: not brought back
@@ -688,6 +690,71 @@ def json_of(b: BudgetRecord) -> dict:
 
     from hivemesh.services.information.store.base import budget_to_json
     return json.loads(budget_to_json(b))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_prune_forgets_answers_reservations_and_history_past_retention(kind, tmp_path):
+    # Redis expires answers by itself, on its own clock; SQLite when pruned
+    # at a later time: the test waits out the TTL for one and moves the
+    # clock for the other.
+    ttl_s = 0.2
+    async with open_store(kind, tmp_path, request_ttl_s=ttl_s) as store:
+        b = budget("b", micros=10_000, tokens=1_000, thresholds=(10, 50))
+        assert await store.create_budget(b, "create", "fp") == (b, False)
+        done = reserve_op([hold(b)], 100, 1, request_id="r-done", reservation_id="res-done",
+                          ttl=10)
+        await store.reserve(done)
+        commit = commit_op("res-done", 50, 1, request_id="c-done")
+        await store.settle(commit)
+        held = reserve_op([hold(b)], 200, 2, request_id="r-open", reservation_id="res-open",
+                          ttl=60 * MINUTE)
+        await store.reserve(held)
+        await store.settle(track_op([hold(b)], 1000, 1, now=T0))  # fires 10%, at T0
+        recent = await store.settle(track_op([hold(b)], 5000, 1, now=T0 + 5))  # fires 50%
+        assert await store.release("res-open", T0, once=Once("never-held", "fp", T0)) == (
+            ReleaseResult(True, 200, 2))
+        await store.reserve(held)  # retried after the release: held again
+        await asyncio.sleep(ttl_s * 2)
+        gone = await store.prune(T0 + 1_000_000, history_before_us=T0 + 1)
+        assert gone >= 2  # at least the old call and alert
+        # Answers past their TTL are forgotten: the requests are new again.
+        with pytest.raises(KeyError):  # creating it again: the budget exists
+            await store.create_budget(b, "create", "fp")
+        with pytest.raises(ReservationNotFound):  # its reservation went too
+            await store.settle(commit)
+        assert await store.get_reservation("res-done") is None
+        # An open reservation and its answer stay: a retry still replays.
+        again = await store.reserve(replace(held, reservation_id="res-other"))
+        assert again.replayed and again.reservation_id == "res-open"
+        assert (await store.get_reservation("res-open")).state == "open"
+        # The release's answer is forgotten: the same request releases again.
+        assert await store.release("res-open", T0, once=Once("never-held", "fp", T0)) == (
+            ReleaseResult(True, 200, 2))
+        # History before the cut is gone, the rest stays.
+        assert [c.time_us for c in await store.calls(0, 2 * T0)] == [T0 + 5]
+        assert [a.threshold_percent for a in await store.alerts_after(0)] == [
+            a.threshold_percent for a in recent.alerts] == [50]
+
+
+async def test_an_older_sqlite_file_keeps_its_answers_a_request_ttl(tmp_path):
+    import sqlite3
+    path = tmp_path / "old"
+    path.mkdir()
+    old = sqlite3.connect(path / "information.sqlite3")
+    old.executescript("""
+        CREATE TABLE requests (request_id TEXT PRIMARY KEY, kind TEXT NOT NULL,
+                               fingerprint TEXT NOT NULL, result TEXT NOT NULL);
+        INSERT INTO requests VALUES ('create', 'create_budget', 'fp', '{"budget_id": "b"}');
+    """)
+    old.close()
+    store = SqliteStore(path, request_ttl_s=3600)
+    try:
+        await store.db.write(lambda conn: SqliteStore._insert_budget(conn, budget("b")))
+        # The clock of the test is far behind: pruning "now" keeps it.
+        assert await store.prune(T0, history_before_us=T0) == 0
+        assert await store.create_budget(budget("b"), "create", "fp") == (budget("b"), True)
+    finally:
+        await store.close()
 
 
 async def test_expire_frees_holds_and_a_late_commit_still_charges(store):
@@ -938,11 +1005,14 @@ async def test_sqlite_and_redis_answer_the_same_random_history(tmp_path, seed):
             elif kind < 0.82 and reservations:
                 # Now and then under a request id, retried, or reused for another
                 # release.
-                once = (Once(f"release-{rng.randint(0, 5)}", rng.choice(["fp", "other"]))
+                once = (Once(f"release-{rng.randint(0, 5)}", rng.choice(["fp", "other"]), now)
                         if rng.random() < 0.5 else None)
                 await _both(stores, "release", rng.choice(reservations), now, once=once)
-            elif kind < 0.9:
+            elif kind < 0.88:
                 await _both(stores, "expire", now, rng.choice([1, 2, 1000]))
+            elif kind < 0.9:
+                await _both(stores, "prune", now, now - rng.choice([5, 50, 500]),
+                            rng.choice([1, 2, 10_000]))
             elif kind < 0.92:
                 await _both(stores, "set_price", price("gpt", rng.choice(["", "azure"]),
                                                        rng.randint(1, 9), now=now))

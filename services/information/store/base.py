@@ -190,11 +190,12 @@ class SettleOp:
     # its reservation was made with).
     config_version: int = -1
     # When the request arrived, if not now_us (a call tracked after the fact
-    # is accounted at its completion time): the time of the alerts it fires.
+    # is accounted at its completion time): the time of the alerts it fires,
+    # and the start of the request TTL of its answer.
     arrival_us: int = 0
 
     @property
-    def alert_time_us(self) -> int:
+    def arrived_us(self) -> int:
         return self.arrival_us or self.now_us
 
 
@@ -317,6 +318,7 @@ class Once:
 
     request_id: str
     fingerprint: str
+    now_us: int  # when the request came: its answer is kept a request TTL from then
 
 
 # The answers a store records for Once writes, by kind: JSON documents the two
@@ -443,6 +445,15 @@ class InformationStore(Protocol):
 
     async def expire(self, now_us: int, limit: int = 1000) -> int:
         """Release up to ``limit`` open reservations past their expiry."""
+        ...
+
+    async def prune(self, now_us: int, history_before_us: int, limit: int = 10_000) -> int:
+        """Forget, up to ``limit`` of each kind, what is past its retention:
+        answers to request ids a request TTL after their request (a
+        reservation and its Reserve answer a request TTL after it expires),
+        and recorded calls and alerts older than ``history_before_us``.
+        Returns how many records went (a store that expires answers by itself
+        counts only the history)."""
         ...
 
     async def counters(self, keys: list[tuple[str, int]]) -> list[Counter]:

@@ -63,7 +63,16 @@ DEFAULT_PREFIX = "hivemesh:info:"
 
 _PRELUDE = r"""
 local P = ARGV[1]
+-- The store's request TTL, written into the script when it is registered.
+local REQUEST_TTL_MS = tonumber('@REQUEST_TTL_MS@')
 local function fmt(n) return string.format('%d', n) end
+-- Milliseconds a record is kept: the request TTL after `until_us`, counted
+-- from `now_us` (both in the caller's clock, decimal strings).
+local function keep_ms(until_us, now_us)
+  local extra = math.floor((tonumber(until_us) - tonumber(now_us)) / 1000)
+  if extra < 0 then extra = 0 end
+  return fmt(REQUEST_TTL_MS + extra)
+end
 -- The negation of an integer written in decimal, as a string (exact).
 local function neg(s)
   if s == '0' then return s end
@@ -71,10 +80,11 @@ local function neg(s)
   return '-' .. s
 end
 local function rid_of(member) return string.sub(member, 21) end
--- Free the hold of an OPEN reservation and move it to `state`.
-local function close_open(rid, state)
+-- Free the hold of an OPEN reservation and move it to `state` at `now_us`;
+-- the reservation is kept a request TTL after it expires.
+local function close_open(rid, state, now_us)
   local key = P .. 'res:' .. rid
-  local r = redis.call('HMGET', key, 'micros', 'tokens', 'ctrs', 'member')
+  local r = redis.call('HMGET', key, 'micros', 'tokens', 'ctrs', 'member', 'expire_time_us')
   local nm, nt = neg(r[1]), neg(r[2])
   for _, ctr in ipairs(cjson.decode(r[3])) do
     redis.call('HINCRBY', P .. ctr, 'reserved_micros', nm)
@@ -82,6 +92,7 @@ local function close_open(rid, state)
   end
   redis.call('ZREM', P .. 'reservations:open', r[4])
   redis.call('HSET', key, 'state', state)
+  redis.call('PEXPIRE', key, keep_ms(r[5], now_us))
   return r[1], r[2]
 end
 -- (kind, fingerprint, result, ref) of a known request, or nil.
@@ -90,9 +101,11 @@ local function seen_request(request_id)
   if not r[1] then return nil end
   return r
 end
-local function remember(request_id, kind, fingerprint, result, ref)
-  redis.call('HSET', P .. 'req:' .. request_id, 'kind', kind, 'fingerprint', fingerprint,
-             'result', result, 'ref', ref)
+-- Records a request's answer, kept `ms` milliseconds.
+local function remember(request_id, kind, fingerprint, result, ref, ms)
+  local key = P .. 'req:' .. request_id
+  redis.call('HSET', key, 'kind', kind, 'fingerprint', fingerprint, 'result', result, 'ref', ref)
+  redis.call('PEXPIRE', key, ms)
 end
 -- A write made idempotent by the caller (ARGV[2] its request_id, '' for
 -- none; ARGV[3] the fingerprint): the reply for a retry, or nil when the
@@ -105,7 +118,7 @@ local function replay_once(kind)
   return {'replay', seen[3]}
 end
 local function answer_once(kind, answer)
-  if ARGV[2] ~= '' then remember(ARGV[2], kind, ARGV[3], answer, '') end
+  if ARGV[2] ~= '' then remember(ARGV[2], kind, ARGV[3], answer, '', fmt(REQUEST_TTL_MS)) end
 end
 local function bump_config() redis.call('INCR', P .. 'config:version') end
 -- True when the caller's configuration version (a decimal string, '-1' = do
@@ -143,7 +156,7 @@ if redis.call('EXISTS', key) == 1 then return {'exists'} end
 redis.call('HSET', key, 'json', ARGV[5], 'scope', ARGV[6])
 redis.call('ZADD', P .. 'budgets', 0, ARGV[4])
 redis.call('SADD', P .. 'scope:' .. ARGV[6], ARGV[4])
-remember(ARGV[2], 'create_budget', ARGV[3], ARGV[7], ARGV[4])
+remember(ARGV[2], 'create_budget', ARGV[3], ARGV[7], ARGV[4], fmt(REQUEST_TTL_MS))
 bump_config()
 return {'ok'}
 """
@@ -297,7 +310,7 @@ for i = 0, n - 1 do
     end
   end
 end
-for _, member in ipairs(expired) do close_open(rid_of(member), 'expired') end
+for _, member in ipairs(expired) do close_open(rid_of(member), 'expired', ARGV[8]) end
 for i = 0, n - 1 do
   local ctr = P .. ARGV[17 + i * 6]
   redis.call('HINCRBY', ctr, 'reserved_micros', ARGV[5])
@@ -309,6 +322,7 @@ redis.call('HSET', key, 'request_id', ARGV[2], 'state', 'open', 'holds', ARGV[9]
            'micros', ARGV[5], 'tokens', ARGV[6], 'expire_time_us', ARGV[7],
            'tenant_id', ARGV[12], 'workflow_id', ARGV[13], 'agent_id', ARGV[14],
            'ctrs', ARGV[10], 'member', member)
+redis.call('PERSIST', key)  -- reopened: kept while open
 redis.call('ZADD', P .. 'reservations:open', ARGV[7], member)
 local head = ARGV[11]
 if seen then
@@ -316,7 +330,7 @@ if seen then
          ', "over_soft_limit": ['
 end
 local result = head .. table.concat(soft, ', ') .. ']}'
-remember(ARGV[2], 'reserve', ARGV[3], result, rid)
+remember(ARGV[2], 'reserve', ARGV[3], result, rid, keep_ms(ARGV[7], ARGV[8]))
 return {seen and 'reopened' or 'ok', result, hold_counters()}
 """
 
@@ -353,7 +367,7 @@ if ARGV[4] ~= '' then
   held = {}
   for _, ctr in ipairs(cjson.decode(redis.call('HGET', key, 'ctrs'))) do held[ctr] = true end
   if state == 'open' then
-    close_open(ARGV[4], 'committed')
+    close_open(ARGV[4], 'committed', ARGV[8])
     released = true
   else
     redis.call('HSET', key, 'state', 'committed')
@@ -397,12 +411,12 @@ local call_seq = redis.call('INCR', P .. 'calls:seq')
 redis.call('ZADD', P .. 'calls', ARGV[8], string.format('%020d', call_seq) .. ARGV[9])
 local result = ARGV[10] .. (released and 'true' or 'false') .. ', "alerts": [' ..
                table.concat(alerts, ', ') .. ']}'
-remember(ARGV[2], 'settle', ARGV[3], result, ARGV[4])
+remember(ARGV[2], 'settle', ARGV[3], result, ARGV[4], fmt(REQUEST_TTL_MS))
 redis.call('HSET', P .. 'req:' .. ARGV[2], 'ctrs', ARGV[13])
 return {'ok', result, counters_of(cjson.decode(ARGV[13]))}
 """
 
-# ARGV: prefix, request_id, fingerprint, reservation_id
+# ARGV: prefix, request_id, fingerprint, reservation_id, now_us
 _RELEASE = _PRELUDE + r"""
 local replay = replay_once('release')
 if replay then return replay end
@@ -412,7 +426,7 @@ if state ~= 'open' then
   answer_once('release', '{"released": false, "micros": 0, "tokens": 0}')
   return {'no'}
 end
-local m, t = close_open(ARGV[4], 'released')
+local m, t = close_open(ARGV[4], 'released', ARGV[5])
 answer_once('release', '{"released": true, "micros": ' .. m .. ', "tokens": ' .. t .. '}')
 return {'ok', m, t}
 """
@@ -421,8 +435,25 @@ return {'ok', m, t}
 _EXPIRE = _PRELUDE + r"""
 local expired = redis.call('ZRANGEBYSCORE', P .. 'reservations:open', '-inf', ARGV[2],
                            'LIMIT', 0, tonumber(ARGV[3]))
-for _, member in ipairs(expired) do close_open(rid_of(member), 'expired') end
+for _, member in ipairs(expired) do close_open(rid_of(member), 'expired', ARGV[2]) end
 return #expired
+"""
+
+# ARGV: prefix, history_before_us, limit. Request answers and closed
+# reservations expire by themselves (PEXPIRE); recorded calls (scored by
+# time) and alerts (scored by sequence, in time order) older than the cut go.
+_PRUNE = _PRELUDE + r"""
+local cut, limit = ARGV[2], tonumber(ARGV[3])
+local old = redis.call('ZCOUNT', P .. 'calls', '-inf', '(' .. cut)
+if old > limit then old = limit end
+if old > 0 then redis.call('ZREMRANGEBYRANK', P .. 'calls', 0, old - 1) end
+local alerts = 0
+for _, a in ipairs(redis.call('ZRANGE', P .. 'alerts', 0, limit - 1)) do
+  if cjson.decode(a).create_time_us >= tonumber(cut) then break end
+  redis.call('ZREM', P .. 'alerts', a)
+  alerts = alerts + 1
+end
+return old + alerts
 """
 
 
@@ -501,7 +532,10 @@ _RECENT_RESERVATIONS = 4096
 class RedisStore:
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX, *,
+                 request_ttl_s: float = 86400.0) -> None:
+        """``request_ttl_s``: how long answers to request ids are kept (on
+        Redis's clock), and closed reservations after their expiry."""
         self.client = client
         self.prefix = prefix
         self._p = prefix.encode()
@@ -513,7 +547,10 @@ class RedisStore:
         # thresholds their budgets have now; the script checks the version.
         self._defs: dict[str, BudgetRecord | None] = {}
         self._defs_version: int | None = None
-        register = client.register_script
+        ttl_ms = str(max(1, int(request_ttl_s * 1000)))
+
+        def register(script: str):
+            return client.register_script(script.replace("@REQUEST_TTL_MS@", ttl_ms))
         self._create_budget = register(_CREATE_BUDGET)
         self._put_budget = register(_PUT_BUDGET)
         self._delete_budget = register(_DELETE_BUDGET)
@@ -522,13 +559,16 @@ class RedisStore:
         self._settle = register(_SETTLE)
         self._release = register(_RELEASE)
         self._expire = register(_EXPIRE)
+        self._prune = register(_PRUNE)
 
     @classmethod
-    async def open(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisStore:
+    async def open(cls, url: str, prefix: str = DEFAULT_PREFIX, *,
+                   request_ttl_s: float = 86400.0) -> RedisStore:
         """Connect to ``url`` and check that Redis answers; raises
         :class:`hivemesh.runtime.redis.RedisUnavailable` (a ``ConnectionError``)
         when it does not."""
-        return cls(await open_redis(url, socket_connect_timeout=5), prefix)
+        return cls(await open_redis(url, socket_connect_timeout=5), prefix,
+                   request_ttl_s=request_ttl_s)
 
     def _key(self, suffix: str | bytes) -> bytes:
         return self._p + _b(suffix)
@@ -795,7 +835,7 @@ class RedisStore:
             frag = json.dumps({"budget_id": h.budget_id, "limit_micros": h.limit_micros,
                                "limit_tokens": h.limit_tokens,
                                "period_start_us": h.period_start_us,
-                               "create_time_us": op.alert_time_us,
+                               "create_time_us": op.arrived_us,
                                "request_id": op.request_id})
             out += [_ctr(h.budget_id, h.period_start_us), _fired(h.budget_id, h.period_start_us),
                     _num(h.limit_micros or None), _num(h.limit_tokens or None), frag[1:-1],
@@ -806,7 +846,8 @@ class RedisStore:
 
     async def release(self, reservation_id: str, now_us: int, *,
                       once: Once | None = None) -> ReleaseResult:
-        reply = await self._run(self._release, *_once_args(once), reservation_id)
+        reply = await self._run(self._release, *_once_args(once), reservation_id,
+                                _num(now_us))
         seen = _replayed(reply, once)
         if seen is not None:
             return replayed_release(seen)
@@ -819,6 +860,9 @@ class RedisStore:
 
     async def expire(self, now_us: int, limit: int = 1000) -> int:
         return int(await self._run(self._expire, _num(now_us), str(int(limit))))
+
+    async def prune(self, now_us: int, history_before_us: int, limit: int = 10_000) -> int:
+        return int(await self._run(self._prune, _num(history_before_us), str(int(limit))))
 
     async def counters(self, keys):
         if not keys:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous
@@ -54,7 +55,7 @@ CREATE INDEX IF NOT EXISTS reservations_open ON reservations (expire_time_us)
     WHERE state = 'open';
 CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY, kind TEXT NOT NULL, fingerprint TEXT NOT NULL,
-    result TEXT NOT NULL
+    result TEXT NOT NULL, keep_until_us INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS calls (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,
@@ -110,11 +111,12 @@ def _check_request(conn: sqlite3.Connection, request_id: str, kind: str,
 
 
 def _remember(conn: sqlite3.Connection, request_id: str, kind: str, fingerprint: str,
-              result: dict | str) -> None:
+              result: dict | str, keep_until_us: int) -> None:
     """``result``: a dict, or a JSON document already encoded."""
-    conn.execute("INSERT INTO requests (request_id, kind, fingerprint, result) "
-                 "VALUES (?, ?, ?, ?)", (request_id, kind, fingerprint,
-                                         result if isinstance(result, str) else json.dumps(result)))
+    conn.execute("INSERT INTO requests (request_id, kind, fingerprint, result, keep_until_us) "
+                 "VALUES (?, ?, ?, ?, ?)",
+                 (request_id, kind, fingerprint,
+                  result if isinstance(result, str) else json.dumps(result), keep_until_us))
 
 
 def _answer_of(conn: sqlite3.Connection, kind: str, once: Once | None) -> dict | None:
@@ -122,9 +124,14 @@ def _answer_of(conn: sqlite3.Connection, kind: str, once: Once | None) -> dict |
                                                      once.fingerprint)
 
 
-def _answered(conn: sqlite3.Connection, kind: str, once: Once | None, answer: str) -> None:
-    if once is not None:
-        _remember(conn, once.request_id, kind, once.fingerprint, answer)
+def _upgrade(conn: sqlite3.Connection, keep_until_us: int) -> None:
+    """A file from before answers expired: its answers are kept until
+    ``keep_until_us`` (a request TTL from this start)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    if "keep_until_us" not in columns:
+        conn.execute("ALTER TABLE requests ADD COLUMN keep_until_us INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE requests SET keep_until_us = ?", (keep_until_us,))
+    conn.execute("CREATE INDEX IF NOT EXISTS requests_by_age ON requests (keep_until_us)")
 
 
 def _counter(conn: sqlite3.Connection, budget_id: str, period: int) -> tuple[int, int, int, int]:
@@ -226,9 +233,19 @@ def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
 class SqliteStore:
     name = "sqlite"
 
-    def __init__(self, data_dir: Path, *, synchronous: Synchronous = "full") -> None:
+    def __init__(self, data_dir: Path, *, synchronous: Synchronous = "full",
+                 request_ttl_s: float = 86400.0) -> None:
+        self.request_ttl_us = int(request_ttl_s * 1e6)
+        keep_old_until = time.time_ns() // 1000 + self.request_ttl_us
         self.db = GroupCommitDatabase(data_dir / "information.sqlite3", _SCHEMA,
-                                      synchronous=synchronous)
+                                      synchronous=synchronous,
+                                      upgrade=lambda conn: _upgrade(conn, keep_old_until))
+
+    def _answered(self, conn: sqlite3.Connection, kind: str, once: Once | None,
+                  answer: str) -> None:
+        if once is not None:
+            _remember(conn, once.request_id, kind, once.fingerprint, answer,
+                      once.now_us + self.request_ttl_us)
 
     # budgets --------------------------------------------------------------
     async def create_budget(self, budget: BudgetRecord, request_id: str, fingerprint: str):
@@ -246,7 +263,8 @@ class SqliteStore:
                 raise KeyError(budget.budget_id) from None
             _bump_config(conn)
             _remember(conn, request_id, "create_budget", fingerprint,
-                      {"budget_id": budget.budget_id})
+                      {"budget_id": budget.budget_id},
+                      budget.create_time_us + self.request_ttl_us)
             return budget, False
 
         return await self.db.write(op)
@@ -275,7 +293,7 @@ class SqliteStore:
                     raise BudgetChanged(expected.budget_id)
             self._insert_budget(conn, budget, replace=True)
             _bump_config(conn)
-            _answered(conn, UPDATE_BUDGET, once, budget_to_json(budget))
+            self._answered(conn, UPDATE_BUDGET, once, budget_to_json(budget))
             return budget, False
 
         return await self.db.write(op)
@@ -333,7 +351,7 @@ class SqliteStore:
                         conn.execute("UPDATE reservations SET holds = ? WHERE reservation_id = ?",
                                      (holds_to_json(kept), reservation_id))
                 _bump_config(conn)
-            _answered(conn, DELETE_BUDGET, once, json.dumps({"deleted": deleted}))
+            self._answered(conn, DELETE_BUDGET, once, json.dumps({"deleted": deleted}))
             return deleted, False
 
         return await self.db.write(op)
@@ -352,7 +370,7 @@ class SqliteStore:
                           p.output_micros_per_million, p.cached_input_micros_per_million,
                           p.currency, p.update_time_us))
             _bump_config(conn)
-            _answered(conn, SET_PRICE, once,
+            self._answered(conn, SET_PRICE, once,
                       f'{{"price": {price_to_json(p)}, "replaced": {json.dumps(existed)}}}')
             return p, existed, False
 
@@ -400,6 +418,8 @@ class SqliteStore:
             for hold in op.holds:
                 _add(conn, hold, reserved_m=op.micros, reserved_t=op.tokens)
             reservation_id = reopened or op.reservation_id
+            # The answer (and the reservation) outlive the hold by a request TTL.
+            keep = max(op.now_us, op.expire_time_us) + self.request_ttl_us
             result = {"reservation_id": reservation_id, "expire_time_us": op.expire_time_us,
                       "over_soft_limit": over_soft}
             if reopened:
@@ -407,14 +427,14 @@ class SqliteStore:
                              "tokens = ?, expire_time_us = ? WHERE reservation_id = ?",
                              (holds_to_json(op.holds), op.micros, op.tokens, op.expire_time_us,
                               reopened))
-                conn.execute("UPDATE requests SET result = ? WHERE request_id = ?",
-                             (json.dumps(result), op.request_id))
+                conn.execute("UPDATE requests SET result = ?, keep_until_us = ? "
+                             "WHERE request_id = ?", (json.dumps(result), keep, op.request_id))
             else:
                 conn.execute("INSERT INTO reservations VALUES (?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)",
                              (op.reservation_id, op.request_id, holds_to_json(op.holds),
                               op.micros, op.tokens, op.expire_time_us, op.tenant_id,
                               op.workflow_id, op.agent_id))
-                _remember(conn, op.request_id, "reserve", op.fingerprint, result)
+                _remember(conn, op.request_id, "reserve", op.fingerprint, result, keep)
             return ReserveResult(reservation_id, op.expire_time_us, tuple(over_soft),
                                  reopened is not None, _counters(conn, keys))
 
@@ -476,7 +496,7 @@ class SqliteStore:
                     alert = AlertRecord(alert_id(hold, threshold), hold.budget_id, threshold,
                                         kind, spent_m, hold.limit_micros, spent_t,
                                         hold.limit_tokens, hold.period_start_us,
-                                        op.alert_time_us, op.request_id)
+                                        op.arrived_us, op.request_id)
                     seq = conn.execute(
                         f"INSERT INTO alerts ({_ALERT_COLS.removesuffix(', seq')}) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -497,7 +517,8 @@ class SqliteStore:
                       {"cost_micros": cost, "hold_released": hold_released,
                        "budget_ids": budget_ids, "keys": keys, "call_context": call_context,
                        "alerts": [{f: getattr(a, f) for f in AlertRecord.__slots__}
-                                  for a in alerts]})
+                                  for a in alerts]},
+                      op.arrived_us + self.request_ttl_us)
             return SettleResult(cost, tuple(alerts), hold_released, False, budget_ids,
                                 _counters(conn, keys), call_context)
 
@@ -520,13 +541,35 @@ class SqliteStore:
                 conn.execute("UPDATE reservations SET state = 'released' "
                              "WHERE reservation_id = ?", (reservation_id,))
                 result = ReleaseResult(True, micros, tokens)
-            _answered(conn, RELEASE, once, release_answer(result))
+            self._answered(conn, RELEASE, once, release_answer(result))
             return result
 
         return await self.db.write(run)
 
     async def expire(self, now_us: int, limit: int = 1000) -> int:
         return await self.db.write(lambda conn: _expire(conn, now_us, limit))
+
+    async def prune(self, now_us: int, history_before_us: int, limit: int = 10_000) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            # A reservation goes with its Reserve answer (never while open).
+            gone = conn.execute(
+                "DELETE FROM reservations WHERE state != 'open' AND reservation_id IN ("
+                "SELECT json_extract(result, '$.reservation_id') FROM requests "
+                "WHERE kind = 'reserve' AND keep_until_us < ? LIMIT ?)",
+                (now_us, limit)).rowcount
+            gone += conn.execute(
+                "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests r "
+                "WHERE keep_until_us < ? AND NOT (kind = 'reserve' AND EXISTS ("
+                "SELECT 1 FROM reservations WHERE state = 'open' "
+                "AND reservation_id = json_extract(r.result, '$.reservation_id'))) LIMIT ?)",
+                (now_us, limit)).rowcount
+            for table, column in (("calls", "time_us"), ("alerts", "create_time_us")):
+                gone += conn.execute(
+                    f"DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} "
+                    f"WHERE {column} < ? LIMIT ?)", (history_before_us, limit)).rowcount
+            return gone
+
+        return await self.db.write(run)
 
     async def counters(self, keys):
         return list(_counters(self.db.reader, keys))
@@ -542,7 +585,10 @@ class SqliteStore:
         return [AlertRecord(*r) for r in rows]
 
     async def last_alert_seq(self) -> int:
-        return self.db.reader.execute("SELECT coalesce(max(seq), 0) FROM alerts").fetchone()[0]
+        # The sequence, not the largest seq stored: old alerts may be pruned.
+        row = self.db.reader.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'alerts'").fetchone()
+        return row[0] if row else 0
 
     async def close(self) -> None:
         await self.db.close()
