@@ -1,7 +1,9 @@
-"""Server middleware: tracing, error translation and validation around
-every call, in an explicit chain (the first middleware is outermost)::
+"""Server middleware: tracing, error translation, draining at shutdown and
+validation around every call, in an explicit chain (the first middleware is
+outermost)::
 
-    MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain), ValidationMiddleware()])
+    MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain), DrainMiddleware(),
+                     ValidationMiddleware()])
 
 The chain is applied where a service is registered (``start_server`` wraps
 each method handler once), so a call pays one coroutine frame per
@@ -315,6 +317,72 @@ def _is_cancel(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError | GeneratorExit)
 
 
+class DrainMiddleware(Middleware):
+    """Knows the calls in flight, so that a shutdown can wait for them and,
+    when its grace period ends, stop those still running with UNAVAILABLE,
+    reason SHUTTING_DOWN (a status with ErrorInfo that clients retry
+    elsewhere) instead of leaving them to be cut off as CANCELLED."""
+
+    def __init__(self) -> None:
+        self._running: set[asyncio.Task] = set()
+        self._stopped: set[asyncio.Task] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _enter(self) -> asyncio.Task | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+            self._idle.clear()
+        return task
+
+    def _leave(self, task: asyncio.Task | None) -> None:
+        self._running.discard(task)
+        self._stopped.discard(task)
+        if not self._running:
+            self._idle.set()
+
+    async def unary(self, behavior, request, context, method):
+        task = self._enter()
+        try:
+            return await behavior(request, context)
+        except asyncio.CancelledError:
+            if task in self._stopped:
+                raise errors.shutting_down() from None
+            raise
+        finally:
+            self._leave(task)
+
+    async def stream(self, behavior, request, context, method):
+        task = self._enter()
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except asyncio.CancelledError:
+            if task in self._stopped:
+                raise errors.shutting_down() from None
+            raise
+        finally:
+            self._leave(task)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no call is in flight; False if some still are after
+        ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def stop_running(self) -> int:
+        """Stops every call in flight (each answers SHUTTING_DOWN)."""
+        for task in self._running:
+            self._stopped.add(task)
+            task.cancel()
+        return len(self._running)
+
+
 def default_chain(domain: str) -> MiddlewareChain:
     """The standard chain every hivemesh server uses."""
-    return MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain), ValidationMiddleware()])
+    return MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain), DrainMiddleware(),
+                            ValidationMiddleware()])

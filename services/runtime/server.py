@@ -19,10 +19,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hivemesh.runtime.middleware import MiddlewareChain, default_chain
+from hivemesh.runtime.middleware import DrainMiddleware, MiddlewareChain, default_chain
 from hivemesh.runtime.settings import ServerSettings
 
 log = logging.getLogger("hivemesh.server")
+# Calls stopped at the end of the grace period get this long to send their
+# answer before gRPC cuts them off.
+_ANSWER_MARGIN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -77,17 +80,30 @@ class RunningServer:
     # Called once shutdown begins, before the grace period: services end
     # their long-lived streams here (with an explicit terminal message).
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
+    # The calls in flight (None with a chain that does not track them).
+    drain: DrainMiddleware | None = None
 
     async def shutdown(self, grace_s: float, drain_delay_s: float = 0.0) -> None:
         """Health goes NOT_SERVING first; then new calls are refused and
-        in-flight calls get ``grace_s`` seconds to finish."""
+        in-flight calls get ``grace_s`` seconds to finish; those still
+        running then answer UNAVAILABLE, reason SHUTTING_DOWN."""
         await self.health.enter_graceful_shutdown()
         if drain_delay_s:
             await asyncio.sleep(drain_delay_s)
         for hook in self.on_shutdown:
             await hook()
         self.health.close_watches()
-        await self.server.stop(grace_s)
+        if self.drain is None:
+            await self.server.stop(grace_s)
+            return
+        # gRPC refuses new calls at once and cuts what remains after its own
+        # grace; the calls still running at ours answer before that.
+        stopping = asyncio.ensure_future(self.server.stop(grace_s + _ANSWER_MARGIN_S))
+        if not await self.drain.wait_idle(grace_s):
+            stopped = self.drain.stop_running()
+            log.warning("stopped calls still running at the end of the grace period",
+                        extra={"calls": stopped, "grace_period_s": grace_s})
+        await stopping
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -129,7 +145,8 @@ async def start_server(settings: ServerSettings, *, domain: str,
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, names, tuple(on_shutdown))
+    drain = next((m for m in chain.middlewares if isinstance(m, DrainMiddleware)), None)
+    return RunningServer(server, port, health_servicer, names, tuple(on_shutdown), drain)
 
 
 async def run_until_signalled(running: RunningServer, settings: ServerSettings,

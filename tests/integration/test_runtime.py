@@ -118,6 +118,25 @@ async def test_graceful_shutdown_finishes_in_flight_and_refuses_new(slow_server)
             await client.count(timeout=1)
 
 
+async def test_a_call_still_running_when_the_grace_period_ends_answers_shutting_down(
+        slow_server):
+    from hivemesh.artifact.v1 import ArtifactServiceStub, CountArtifactsRequest
+    from hivemesh.client import from_rpc_error
+    running, address, backend = slow_server
+    backend.latency_s = 30.0
+    # No client retries: the answer of this server is what arrives.
+    async with grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)]) as ch:
+        call = asyncio.ensure_future(ArtifactServiceStub(ch).CountArtifacts(
+            CountArtifactsRequest(), timeout=20))
+        await asyncio.sleep(0.3)  # the call is now inside the handler
+        await asyncio.wait_for(running.shutdown(grace_s=0.3), 10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    error = from_rpc_error(err.value)
+    assert (error.reason, error.domain) == ("SHUTTING_DOWN", DOMAIN)
+
+
 async def test_a_health_watch_ends_at_shutdown_instead_of_holding_it(artifact_settings):
     """A watcher sees NOT_SERVING and its stream ends (status OK) when the
     server shuts down, well inside a long grace period."""
