@@ -18,7 +18,8 @@ def digest(*filters: object) -> str:
 
 
 def encode(key: list, filters_digest: str) -> str:
-    raw = json.dumps([key, filters_digest]).encode()
+    # UTF-8 rather than escapes: a key of non-ASCII text stays short.
+    raw = json.dumps([key, filters_digest], ensure_ascii=False, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

@@ -23,6 +23,7 @@ from hivemesh.common.v1 import RequestContext, StreamOutcome, Usage
 from hivemesh.information.v1 import (
     Budget, CommitRequest, CreateBudgetRequest, DeleteBudgetRequest, GetBudgetRequest,
     GetBudgetStatusRequest, GetMetricsRequest, InformationServiceStub, ListBudgetsRequest,
+    ListModelPricesRequest,
     ModelPrice, ReleaseRequest, ReserveRequest, Scope, SetModelPriceRequest,
     TrackCompletionRequest, UpdateBudgetRequest, WatchAlertsRequest)
 from hivemesh.runtime.settings import ServerSettings
@@ -249,6 +250,34 @@ async def test_concurrent_updates_of_different_fields_all_stay(kind, tmp_path):
             return_exceptions=True)
         with pytest.raises(NotFoundError):
             await call(info.GetBudget, GetBudgetRequest(budget_id="b"))
+
+
+async def test_model_prices_page_through_any_model_names(info):
+    long_names = ["é" * 128, "模型" * 64, "\U0001F600" * 128]
+    for model in long_names:
+        for backend in ("", "b" * 128, "ü" * 128):
+            await call(info.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=ModelPrice(
+                model=model, backend=backend, input_micros_per_million=1,
+                output_micros_per_million=2)))
+    seen, token = [], ""
+    while True:
+        page = await call(info.ListModelPrices, ListModelPricesRequest(page_size=1,
+                                                                       page_token=token))
+        seen += [(p.model, p.backend) for p in page.prices]
+        token = page.next_page_token
+        if not token:
+            break
+    expected = sorted([(m, b) for m in long_names for b in ("", "b" * 128, "ü" * 128)]
+                      + [(PRICE.model, "")])
+    assert seen == expected
+    only = await call(info.ListModelPrices, ListModelPricesRequest(model=long_names[2],
+                                                                   page_size=2))
+    rest = await call(info.ListModelPrices, ListModelPricesRequest(
+        model=long_names[2], page_size=2, page_token=only.next_page_token))
+    assert [p.backend for p in [*only.prices, *rest.prices]] == ["", "b" * 128, "ü" * 128]
+    with pytest.raises(InvalidArgumentError):  # a token is tied to its filter
+        await call(info.ListModelPrices, ListModelPricesRequest(
+            model=long_names[0], page_token=only.next_page_token))
 
 
 # -- reserve, commit, release ---------------------------------------------------
