@@ -232,9 +232,29 @@ class LlmServicer(LlmServiceServicer):
                 grpc.StatusCode.NOT_FOUND, ErrorReason.ERROR_REASON_MODEL_NOT_FOUND,
                 f"no {kind} model alias {alias!r}", {"model": alias}) from None
 
+    async def _begin(self, request) -> tuple[str, str, bool, object]:
+        """(key, fingerprint, replay, stored): whether this request_id has a
+        result to replay; a conflict names the caller's request_id, never
+        the key it is kept under."""
+        key, digest = _idempotency_key(request)
+        try:
+            replay, stored = await self.idempotency.begin(key, digest)
+        except KeyError:
+            raise errors.idempotency_conflict(request.request_id) from None
+        return key, digest, replay, stored
+
     async def _once(self, request, run):
-        """Run ``run()`` at most once per request_id (replay afterwards)."""
-        return await self.idempotency.once(*_idempotency_key(request), run)
+        """(result, replayed): ``run()`` at most once per request_id."""
+        key, digest, replay, stored = await self._begin(request)
+        if replay:
+            return stored, True
+        try:
+            result = await run()
+        except BaseException:
+            self.idempotency.fail(key)
+            raise
+        self.idempotency.finish(key, digest, result)
+        return result, False
 
     async def Generate(self, request, context):
         started = time.monotonic()
@@ -279,11 +299,7 @@ class LlmServicer(LlmServiceServicer):
         started = time.monotonic()
         model = self._model(request.model, "chat")
         chat = chat_request(request)
-        request_key, digest = _idempotency_key(request)
-        try:
-            replay, stored = await self.idempotency.begin(request_key, digest)
-        except KeyError:
-            raise errors.idempotency_conflict(request.request_id) from None
+        request_key, digest, replay, stored = await self._begin(request)
         if replay:
             summary = StreamSummary()
             summary.CopyFrom(stored)

@@ -223,6 +223,37 @@ async def test_retried_request_id_replays_without_calling_upstream(llm):
     assert len(backends["primary"].calls) == 2
 
 
+async def test_a_conflict_names_the_callers_request_id(llm):
+    """The error carries the request_id the caller sent, whichever method."""
+    stub, _ = llm
+    acme = RequestContext(tenant_id="acme")
+
+    async def stream(request):
+        try:
+            return await _read_stream(stub, request)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+
+    def other_prompt(request):
+        request.prompt.prompt = "a different prompt"
+
+    cases = [
+        (lambda r: call(stub.Generate, r), gen(temperature=0.9, context=acme), other_prompt),
+        (lambda r: call(stub.Embed, r),
+         EmbedRequest(request_id=rid(), context=acme, texts=["one text"]),
+         lambda r: r.texts.append("another text")),
+        (stream, StreamGenerateRequest(request_id=rid(), context=acme, model="main",
+                                       prompt=Prompt(prompt="go")), other_prompt),
+    ]
+    for send, request, change in cases:
+        await send(request)
+        change(request)
+        with pytest.raises(AlreadyExistsError) as err:
+            await send(request)
+        assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+        assert err.value.metadata["request_id"] == request.request_id
+
+
 async def _read_stream(stub, request):
     messages = []
     async for message in stub.StreamGenerate(request, timeout=10):
