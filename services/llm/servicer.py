@@ -315,6 +315,9 @@ class LlmServicer(LlmServiceServicer):
                 completed = _summary_of(_cached(hit))
                 completed.cached = True
                 completed.latency.CopyFrom(duration_s(time.monotonic() - started))
+                if completed.message.content or completed.message.tool_calls:
+                    # Its deltas go out now, with the terminal message.
+                    completed.time_to_first_token.CopyFrom(completed.latency)
                 for message in _as_stream(completed):
                     yield message
                 return
@@ -342,7 +345,7 @@ class LlmServicer(LlmServiceServicer):
             first, events, route = await self.router.stream(chat, chain, self._deadline(context))
         except RouteError as exc:
             raise route_error(exc) from exc
-        first_token_at = time.monotonic()
+        first_token_at: float | None = None  # when the first delta went out
         text: list[str] = []
         calls: dict[int, list[str]] = {}
         delivered = 0
@@ -354,6 +357,8 @@ class LlmServicer(LlmServiceServicer):
                 if isinstance(pending, StreamFinish):
                     finish = pending
                     break
+                if isinstance(pending, (StreamDelta, ToolCallPiece)) and first_token_at is None:
+                    first_token_at = time.monotonic()
                 if isinstance(pending, StreamDelta):
                     text.append(pending.text)
                     delivered += 1
@@ -386,11 +391,12 @@ class LlmServicer(LlmServiceServicer):
         summary = StreamSummary(
             model=route.alias, backend=route.backend,
             upstream_model=(finish.upstream_model if finish else "") or route.upstream_model,
-            latency=duration_s(time.monotonic() - started),
-            time_to_first_token=duration_s(first_token_at - started), attempts=route.attempts,
+            latency=duration_s(time.monotonic() - started), attempts=route.attempts,
             fallback_used=route.fallback_used, delivered_chunks=delivered,
             delivered_completion_tokens=estimate_tokens(content),
             message=_message(content, tool_calls))
+        if first_token_at is not None:
+            summary.time_to_first_token.CopyFrom(duration_s(first_token_at - started))
         if finish is not None:
             summary.usage.CopyFrom(_usage(finish.usage.prompt_tokens,
                                           finish.usage.completion_tokens,

@@ -322,6 +322,29 @@ async def test_streams_and_generations_share_the_response_cache(llm):
     assert answered.cached and len(backends["primary"].calls) == 2
 
 
+async def test_time_to_first_token_is_set_exactly_when_a_delta_was_sent(llm):
+    stub, backends = llm
+    deterministic = GenerationConfig(temperature=0.0)
+
+    async def summary(prompt):
+        messages = await _read_stream(stub, StreamGenerateRequest(
+            request_id=rid(), model="main", prompt=Prompt(prompt=prompt), config=deterministic))
+        return messages[-1].summary
+
+    backends["primary"].queue_response("some words")
+    live = await summary("words")
+    assert live.delivered_chunks == 2 and live.HasField("time_to_first_token")
+    cached = await summary("words")
+    assert cached.cached and cached.delivered_chunks == 1
+    assert cached.HasField("time_to_first_token")
+    backends["primary"].queue_response("")
+    empty = await summary("nothing")
+    assert empty.delivered_chunks == 0 and not empty.HasField("time_to_first_token")
+    empty_cached = await summary("nothing")
+    assert empty_cached.cached and empty_cached.delivered_chunks == 0
+    assert not empty_cached.HasField("time_to_first_token")
+
+
 async def test_request_ids_are_each_tenants_own(llm):
     stub, backends = llm
     request_id = rid()
