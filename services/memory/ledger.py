@@ -3,16 +3,20 @@ under the data directory (WAL, group commit, ``full`` or ``normal``
 durability, see :mod:`hivemesh.runtime.sqlite`):
 
 - the answers of mutating requests by request_id, so a retry is answered
-  with the first result (AIP-155), kept for ``request_ttl_s``;
+  with the first result (AIP-155), kept for ``request_ttl_s``; requests
+  under one request_id take turns (``one_at_a_time``), so each looks the
+  id up before it writes anything;
 - conversation history: messages per (namespace, session), oldest first,
   with a retention limit per session.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
@@ -74,8 +78,30 @@ class Ledger:
                                       synchronous=synchronous)
         self.request_ttl_us = int(request_ttl_s * 1e6)
         self.history_retention = history_retention
+        # Per (method, namespace, request_id) in flight: its lock and how
+        # many requests hold or wait for it.
+        self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     # -- idempotency ----------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def one_at_a_time(self, method: str, namespace: str,
+                            request_id: str) -> AsyncIterator[None]:
+        """Holds the requests of one request_id to one at a time (in this
+        process, the one that owns the ledger): the next one then finds the
+        first answer recorded. A lone request does not wait."""
+        key = (method, _key(namespace, request_id))
+        lock, users = self._turns.get(key) or (asyncio.Lock(), 0)
+        self._turns[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._turns[key]
+            if users == 1:
+                del self._turns[key]
+            else:
+                self._turns[key] = (lock, users - 1)
+
     def replay(self, method: str, namespace: str, request_id: str,
                digest: str) -> bytes | None:
         """The first answer to this request, if there was one."""

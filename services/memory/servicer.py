@@ -7,13 +7,17 @@ of (namespace, source_id, a digest of the content and the chunking, chunk
 index): a retried add writes the very same points again, so it can neither
 duplicate chunks nor leave stray ones, even when the first attempt died
 half-way. The answer is recorded by request_id only after every batch is
-acknowledged, so nothing half-written is ever reported as stored.
+acknowledged, so nothing half-written is ever reported as stored. Requests
+under one request_id take turns, each looking the id up first: a retry
+replays the first answer and a different request conflicts before either
+writes a chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import re
 import uuid
@@ -155,6 +159,23 @@ class MemoryServicer(MemoryServiceServicer):
         return max(0.001, min(remaining or self.limits.embed_timeout_s,
                               self.limits.embed_timeout_s))
 
+    async def _once(self, method: str, request, namespace: str, response_type, work,
+                    replayed=lambda response: response):
+        """Runs ``work`` unless this request_id has an answer already. The
+        requests of one request_id take turns and look it up before they
+        write: a retry gets the first answer (through ``replayed``) and a
+        different request conflicts, neither having touched the store."""
+        fp = fingerprint(request)
+        async with self.ledger.one_at_a_time(method, namespace, request.request_id):
+            with _backend_errors():
+                first = self.ledger.replay(method, namespace, request.request_id, fp)
+                if first is not None:
+                    return replayed(response_type.FromString(first))
+                response = await work()
+                stored, twin = await self.ledger.remember(
+                    method, namespace, request.request_id, fp, response.SerializeToString())
+        return replayed(response_type.FromString(stored)) if twin else response
+
     # -- adding --------------------------------------------------------------
     def _chunking(self, options) -> tuple[int, int, bool]:
         size = options.chunk_size_chars or self.limits.chunk_size_chars
@@ -198,11 +219,12 @@ class MemoryServicer(MemoryServiceServicer):
     async def AddMemories(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)
         size, overlap, whole = self._chunking(request.chunking)
-        fp = fingerprint(request)
-        with _backend_errors():
-            first = self.ledger.replay("AddMemories", namespace, request.request_id, fp)
-        if first is not None:
-            return _replayed(AddMemoriesResponse.FromString(first))
+        add = functools.partial(self._add, request, context, namespace, size, overlap, whole)
+        return await self._once("AddMemories", request, namespace, AddMemoriesResponse, add,
+                                replayed=_replayed)
+
+    async def _add(self, request, context, namespace: str, size: int, overlap: int,
+                   whole: bool) -> AddMemoriesResponse:
         texts = self._split(request, size, overlap, whole)
         created_us = now_us()
         created = timestamp(created_us).ToJsonString()
@@ -222,28 +244,22 @@ class MemoryServicer(MemoryServiceServicer):
                 "chunk_index": n, "chunk_count": len(chunks), "metadata": metadata,
                 "lineage": lineage, "create_time": created, "create_time_us": created_us,
             }) for n, text in enumerate(chunks)]
-        with _backend_errors():
-            tokens = await self._embed_and_upsert(points, self._timeout(context))
-            # The source's chunks stored before this request go (deleted after
-            # the new ones are stored, so a failure never leaves the source
-            # empty). Chunks of this request, or of a later one replacing the
-            # same source concurrently, are newer and stay.
-            this_request = [i for result in added for i in result.chunk_ids]
-            for item, result in zip(request.items, added, strict=True):
-                if item.replace_source:
-                    result.replaced_chunk_count = await self.store.delete(
-                        namespace, conditions=[Equals("source_id", item.source_id),
-                                               NumberRange("create_time_us", lt=created_us)],
-                        keep_ids=this_request)
-        response = AddMemoriesResponse(
+        tokens = await self._embed_and_upsert(points, self._timeout(context))
+        # The source's chunks stored before this request go (deleted after
+        # the new ones are stored, so a failure never leaves the source
+        # empty). Chunks of this request, or of a later one replacing the
+        # same source concurrently, are newer and stay.
+        this_request = [i for result in added for i in result.chunk_ids]
+        for item, result in zip(request.items, added, strict=True):
+            if item.replace_source:
+                result.replaced_chunk_count = await self.store.delete(
+                    namespace, conditions=[Equals("source_id", item.source_id),
+                                           NumberRange("create_time_us", lt=created_us)],
+                    keep_ids=this_request)
+        return AddMemoriesResponse(
             items=added, item_count=len(added), chunk_count=len(points), namespace=namespace,
             embedding_model=self.embedder.model,
             embedding_usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
-        with _backend_errors():
-            stored, twin = await self.ledger.remember("AddMemories", namespace,
-                                                      request.request_id, fp,
-                                                      response.SerializeToString())
-        return _replayed(AddMemoriesResponse.FromString(stored)) if twin else response
 
     async def _embed_and_upsert(self, points: list[ChunkPoint], timeout_s: float) -> int:
         """Embeds and upserts batch by batch, embedding the next batch while
@@ -323,18 +339,6 @@ class MemoryServicer(MemoryServiceServicer):
             return CountMemoriesResponse(count=await self.store.count(namespace, conditions))
 
     # -- deleting ------------------------------------------------------------
-    async def _once(self, method: str, request, namespace: str, response_type, work):
-        """Runs ``work`` unless this request_id has an answer already."""
-        fp = fingerprint(request)
-        with _backend_errors():
-            first = self.ledger.replay(method, namespace, request.request_id, fp)
-            if first is not None:
-                return response_type.FromString(first)
-            response = await work()
-            stored, _ = await self.ledger.remember(method, namespace, request.request_id, fp,
-                                                   response.SerializeToString())
-        return response_type.FromString(stored)
-
     async def DeleteMemories(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)
         if request.WhichOneof("target") == "filter":

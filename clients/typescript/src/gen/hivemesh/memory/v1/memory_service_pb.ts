@@ -88,8 +88,10 @@ export const GetMemoriesResponseSchema: GenMessage<GetMemoriesResponse> = /*@__P
 export type AddMemoriesRequest = Message<"hivemesh.memory.v1.AddMemoriesRequest"> & {
   /**
    * Idempotency key. A retry with the same id and the same items returns
-   * the first result with replayed = true; the same id with different items
-   * fails with ALREADY_EXISTS, reason IDEMPOTENCY_CONFLICT.
+   * the first result with replayed = true (a retry that arrives while the
+   * first call still runs waits for it); the same id with different items
+   * fails with ALREADY_EXISTS, reason IDEMPOTENCY_CONFLICT, and stores and
+   * replaces nothing.
    *
    * @generated from field: string request_id = 1;
    */
