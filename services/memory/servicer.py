@@ -3,14 +3,16 @@ embedder.
 
 Adding memories: every item is chunked, the chunks are embedded (dense) and
 keyword-encoded (BM25), and upserted in batches. A chunk's id is a UUIDv5
-of (namespace, source_id, a digest of the content and the chunking, chunk
-index): a retried add writes the very same points again, so it can neither
-duplicate chunks nor leave stray ones, even when the first attempt died
-half-way. The answer is recorded by request_id only after every batch is
-acknowledged, so nothing half-written is ever reported as stored. Requests
-under one request_id take turns, each looking the id up first: a retry
-replays the first answer and a different request conflicts before either
-writes a chunk.
+of (namespace, source_id, a digest of the content, the chunking, the
+metadata and the lineage, chunk index): a retried add writes the very same
+points again, so it can neither duplicate chunks nor leave stray ones, even
+when the first attempt died half-way; the same text added with other
+metadata or lineage is another memory and never overwrites the first. The
+answer is recorded by request_id only after every batch is acknowledged, so
+nothing half-written is ever reported as stored. Requests under one
+request_id take turns, each looking the id up first: a retry replays the
+first answer and a different request conflicts before either writes a
+chunk.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import re
 import uuid
 from collections.abc import Iterator, Sequence
@@ -90,8 +93,8 @@ def resolve_namespace(namespace: str, context: RequestContext) -> str:
     return tenant
 
 
-def chunk_id(namespace: str, source_id: str, content_key: str, index: int) -> str:
-    return str(uuid.uuid5(_CHUNK_IDS, f"{namespace}\n{source_id}\n{content_key}\n{index}"))
+def chunk_id(namespace: str, source_id: str, item_key: str, index: int) -> str:
+    return str(uuid.uuid5(_CHUNK_IDS, f"{namespace}\n{source_id}\n{item_key}\n{index}"))
 
 
 def _valid_ids(ids: Sequence[str]) -> list[str]:
@@ -139,9 +142,20 @@ def _backend_errors() -> Iterator[None]:
         raise errors.idempotency_conflict(str(exc)) from None
 
 
-def _content_key(content: str, size: int, overlap: int, whole: bool) -> str:
-    """Digest of what decides an item's chunks: its content and the chunking."""
-    return hashlib.sha256(f"{size}/{overlap}/{int(whole)}\n{content}".encode()).hexdigest()
+def _item_key(content: str, size: int, overlap: int, whole: bool,
+              metadata: dict[str, Any], lineage: dict[str, str]) -> str:
+    """Digest of what an item's chunks keep besides their namespace and
+    source: the content and the chunking (which decide the texts), the
+    metadata and the lineage. Items that differ in any of them are distinct
+    memories; an item with neither metadata nor lineage keeps the key it
+    had before they counted."""
+    key = hashlib.sha256(f"{size}/{overlap}/{int(whole)}\n{content}".encode()).hexdigest()
+    lineage = {f: v for f, v in lineage.items() if v}
+    if not metadata and not lineage:
+        return key
+    extra = json.dumps([metadata, lineage], sort_keys=True, ensure_ascii=False,
+                       separators=(",", ":"))
+    return hashlib.sha256(f"{key}\n{extra}".encode()).hexdigest()
 
 
 class MemoryServicer(MemoryServiceServicer):
@@ -232,11 +246,11 @@ class MemoryServicer(MemoryServiceServicer):
         points: list[ChunkPoint] = []
         added: list[AddedItem] = []
         for index, (item, chunks) in enumerate(zip(request.items, texts, strict=True)):
-            key = _content_key(item.content, size, overlap, whole)
             lineage = {f: getattr(item.lineage, f) for f in LINEAGE_FIELDS}
             for f in ("workflow_id", "task_id", "agent_id"):
                 lineage[f] = lineage[f] or getattr(ctx, f)
             metadata = metadata_to_payload(item.metadata, f"items[{index}].metadata")
+            key = _item_key(item.content, size, overlap, whole, metadata, lineage)
             ids = [chunk_id(namespace, item.source_id, key, n) for n in range(len(chunks))]
             added.append(AddedItem(index=index, chunk_ids=ids))
             points += [ChunkPoint(ids[n], (), self.keywords.document(text), {

@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 import uuid
 
-import pytest
+from google.protobuf import struct_pb2
 
-from hivemesh.common.v1 import ErrorReason
+from hivemesh.common.v1 import ErrorReason, RequestContext
 from hivemesh.memory.v1 import (
-    AddMemoriesRequest, CountMemoriesRequest, GetMemoriesRequest, MemoryItem)
+    AddMemoriesRequest, Condition, CountMemoriesRequest, Filter, GetMemoriesRequest, Lineage,
+    MemoryItem)
 from hivemesh.runtime.errors import ServiceError
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.memory.server import open_backend
@@ -98,3 +99,46 @@ async def test_concurrent_requests_under_one_request_id_write_only_the_first(tmp
             **{old_ids[i]: f"Old text of source {i}." for i in (1, 2, 3)},
             new_ids[0]: "New text of source 0."}
         assert await count(servicer) == 4
+
+
+async def test_the_same_text_with_other_metadata_or_lineage_is_another_memory(tmp_path):
+    def item(kind: str, **lineage) -> MemoryItem:
+        metadata = struct_pb2.Struct()
+        metadata.update({"kind": kind})
+        return MemoryItem(content="Tests pass.", metadata=metadata, lineage=Lineage(**lineage))
+
+    def in_workflow(workflow_id: str) -> CountMemoriesRequest:
+        return CountMemoriesRequest(namespace="adds", filter=Filter(conditions=[
+            Condition(key="lineage.workflow_id", equals_string=workflow_id)]))
+
+    async with memory_servicer(tmp_path) as (servicer, _):
+        note = add([item("note")])
+        note.context.CopyFrom(RequestContext(workflow_id="wf-1", agent_id="coder"))
+        first = await servicer.AddMemories(note, None)
+        verdict = add([item("verdict")])
+        verdict.context.CopyFrom(RequestContext(workflow_id="wf-2", agent_id="tester"))
+        second = await servicer.AddMemories(verdict, None)
+        retagged = await servicer.AddMemories(add([item("note", workflow_id="wf-1",
+                                                        agent_id="coder",
+                                                        generation_id="gen-7")]), None)
+        ids = [r.items[0].chunk_ids[0] for r in (first, second, retagged)]
+        assert len(set(ids)) == 3 and await count(servicer) == 3
+        got = await servicer.GetMemories(GetMemoriesRequest(namespace="adds", chunk_ids=ids[:1]),
+                                         None)
+        [chunk] = got.chunks
+        assert (chunk.lineage.workflow_id, chunk.lineage.agent_id, chunk.lineage.generation_id,
+                dict(chunk.metadata)) == ("wf-1", "coder", "", {"kind": "note"})
+        assert (await servicer.CountMemories(in_workflow("wf-1"), None)).count == 2
+        # Adding an identical item again writes the same chunk: no duplicate.
+        note.request_id = str(uuid.uuid4())
+        again = await servicer.AddMemories(note, None)
+        assert again.items[0].chunk_ids == first.items[0].chunk_ids and await count(servicer) == 3
+
+
+async def test_an_item_without_metadata_or_lineage_keeps_its_chunk_id(tmp_path):
+    """Ids of plain items are what they were before metadata and lineage
+    counted, so such items added again are not stored twice."""
+    async with memory_servicer(tmp_path) as (servicer, _):
+        added = await servicer.AddMemories(add([MemoryItem(content="A plain note.",
+                                                           source_id="notes")]), None)
+        assert list(added.items[0].chunk_ids) == ["e681a824-2916-5f66-af3c-46f6f4558a3f"]

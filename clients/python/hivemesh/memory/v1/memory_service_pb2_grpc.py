@@ -101,6 +101,15 @@ class MemoryServiceServicer:
     def AddMemories(self, request, context):
         """Chunks, embeds and stores a batch of items. Retrying with the same
         request_id returns the first result without storing anything again.
+
+        A chunk's id follows from the namespace, the item's source_id, content,
+        metadata and lineage (with the fields filled from context), the
+        chunking and the chunk's position. Adding an item that matches a
+        stored one in all of these writes the same chunks again: no duplicate,
+        and their create_time becomes that of the later add. Items that differ
+        in any of them, metadata or lineage included, are distinct chunks, so
+        the same text added twice with different metadata or lineage is kept
+        twice, each with its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
