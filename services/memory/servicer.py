@@ -243,7 +243,8 @@ class MemoryServicer(MemoryServiceServicer):
         created_us = now_us()
         created = timestamp(created_us).ToJsonString()
         ctx = request.context
-        points: list[ChunkPoint] = []
+        # By id: items identical to one another share their chunks, stored once.
+        points: dict[str, ChunkPoint] = {}
         added: list[AddedItem] = []
         for index, (item, chunks) in enumerate(zip(request.items, texts, strict=True)):
             lineage = {f: getattr(item.lineage, f) for f in LINEAGE_FIELDS}
@@ -253,17 +254,19 @@ class MemoryServicer(MemoryServiceServicer):
             key = _item_key(item.content, size, overlap, whole, metadata, lineage)
             ids = [chunk_id(namespace, item.source_id, key, n) for n in range(len(chunks))]
             added.append(AddedItem(index=index, chunk_ids=ids))
-            points += [ChunkPoint(ids[n], (), self.keywords.document(text), {
-                "namespace": namespace, "text": text, "source_id": item.source_id,
-                "chunk_index": n, "chunk_count": len(chunks), "metadata": metadata,
-                "lineage": lineage, "create_time": created, "create_time_us": created_us,
-            }) for n, text in enumerate(chunks)]
-        tokens = await self._embed_and_upsert(points, self._timeout(context))
+            for n, text in enumerate(chunks):
+                if ids[n] not in points:
+                    points[ids[n]] = ChunkPoint(ids[n], (), self.keywords.document(text), {
+                        "namespace": namespace, "text": text, "source_id": item.source_id,
+                        "chunk_index": n, "chunk_count": len(chunks), "metadata": metadata,
+                        "lineage": lineage, "create_time": created,
+                        "create_time_us": created_us})
+        tokens = await self._embed_and_upsert(list(points.values()), self._timeout(context))
         # The source's chunks stored before this request go (deleted after
         # the new ones are stored, so a failure never leaves the source
         # empty). Chunks of this request, or of a later one replacing the
         # same source concurrently, are newer and stay.
-        this_request = [i for result in added for i in result.chunk_ids]
+        this_request = list(points)
         for item, result in zip(request.items, added, strict=True):
             if item.replace_source:
                 result.replaced_chunk_count = await self.store.delete(

@@ -142,3 +142,14 @@ async def test_an_item_without_metadata_or_lineage_keeps_its_chunk_id(tmp_path):
         added = await servicer.AddMemories(add([MemoryItem(content="A plain note.",
                                                            source_id="notes")]), None)
         assert list(added.items[0].chunk_ids) == ["e681a824-2916-5f66-af3c-46f6f4558a3f"]
+
+
+async def test_identical_items_of_one_request_are_stored_and_counted_once(tmp_path):
+    async with memory_servicer(tmp_path) as (servicer, _):
+        twin = MemoryItem(content="Said twice in one request.", source_id="doc")
+        added = await servicer.AddMemories(add([
+            twin, MemoryItem(content="Said once.", source_id="doc"), twin]), None)
+        assert added.item_count == 3 and added.chunk_count == 2 == await count(servicer)
+        assert added.items[0].chunk_ids == added.items[2].chunk_ids
+        assert set(await stored(servicer, [i for it in added.items for i in it.chunk_ids])) \
+            == {added.items[0].chunk_ids[0], added.items[1].chunk_ids[0]}

@@ -155,7 +155,8 @@ export type AddMemoriesResponse = Message<"hivemesh.memory.v1.AddMemoriesRespons
   itemCount: number;
 
   /**
-   * Number of chunks stored, over all items.
+   * Number of chunks stored, over all items. Items of the request identical
+   * to one another share their chunks, which are stored and counted once.
    *
    * @generated from field: int32 chunk_count = 3;
    */
@@ -211,7 +212,8 @@ export type AddedItem = Message<"hivemesh.memory.v1.AddedItem"> & {
   index: number;
 
   /**
-   * Ids of the item's chunks, in chunk order.
+   * Ids of the item's chunks, in chunk order (the same ids for items of
+   * the request identical to one another).
    *
    * @generated from field: repeated string chunk_ids = 2;
    */
