@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from hivemesh.memory.v1 import add_MemoryServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
+from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.services.memory.embedders import (
     Embedder, HashingEmbedder, LlmServiceEmbedder, LocalEmbedder)
 from hivemesh.services.memory.ledger import Ledger
@@ -92,7 +93,8 @@ def limits(settings: MemorySettings) -> Limits:
                   upsert_batch_size=settings.upsert_batch_size,
                   hybrid_prefetch=settings.hybrid_prefetch, rrf_k=settings.rrf_k,
                   embed_timeout_s=settings.embed_timeout_s,
-                  history_bytes=settings.server.max_message_bytes // 2)
+                  history_bytes=settings.server.max_message_bytes // 2,
+                  answer_bytes=settings.server.max_message_bytes - RESPONSE_MARGIN_BYTES)
 
 
 async def create_server(settings: MemorySettings,

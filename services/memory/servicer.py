@@ -37,6 +37,7 @@ from hivemesh.memory.v1 import (
     MemoryServiceServicer, SearchMemoriesResponse, SearchMode)
 from hivemesh.runtime import errors
 from hivemesh.runtime.resilience import fingerprint
+from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.memory.chunking import chunk_text
 from hivemesh.services.memory.embedders import (
@@ -76,6 +77,9 @@ class Limits:
     embed_timeout_s: float = 30.0
     # Text one history answer may carry (half the message limit).
     history_bytes: int = 8 * 1024 * 1024
+    # Largest GetMemories or SearchMemories answer (the message limit less
+    # the margin for the rest of the message).
+    answer_bytes: int = 16 * 1024 * 1024 - RESPONSE_MARGIN_BYTES
 
 
 def resolve_namespace(namespace: str, context: RequestContext) -> str:
@@ -313,14 +317,27 @@ class MemoryServicer(MemoryServiceServicer):
             found = await self.store.get(namespace, wanted) if wanted else []
         by_id = {f.id: f for f in found}
         response = GetMemoriesResponse()
+        size = 0
         for raw in request.chunk_ids:
             normal = _valid_ids([raw])
             hit = by_id.get(normal[0]) if normal else None
             if hit is None:
                 response.missing_ids.append(raw)
             else:
-                fill_chunk(response.chunks.add(), hit.id, hit.payload)
+                # Counted as it grows: a doomed answer stops being built early.
+                size += fill_chunk(response.chunks.add(), hit.id, hit.payload).ByteSize()
+                self._fits(size, "ask for fewer chunk_ids per call")
+        self._fits(response.ByteSize(), "ask for fewer chunk_ids per call")
         return response
+
+    def _fits(self, size: int, advice: str) -> None:
+        """Refuses an answer of ``size`` bytes that a message cannot carry."""
+        limit = self.limits.answer_bytes
+        if size > limit:
+            raise errors.ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
+                f"the answer is over {limit:,} bytes, more than one message may carry; "
+                f"{advice}", {"size_bytes": str(size), "limit_bytes": str(limit)})
 
     async def SearchMemories(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)
@@ -347,6 +364,7 @@ class MemoryServicer(MemoryServiceServicer):
         for hit in hits:
             result = response.results.add(score=hit.score)
             fill_chunk(result.chunk, hit.id, hit.payload)
+        self._fits(response.ByteSize(), "ask for fewer results (limit)")
         return response
 
     async def CountMemories(self, request, context):

@@ -19,7 +19,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hivemesh.client import (
-    AlreadyExistsError, InvalidArgumentError, MemoryClient, UnavailableError)
+    AlreadyExistsError, InvalidArgumentError, MemoryClient, ResourceExhaustedError,
+    UnavailableError)
 from hivemesh.client.memory import any_of, equals, in_range, in_time_range, memory_item, message
 from hivemesh.common.v1 import RequestContext
 from hivemesh.memory.v1 import (
@@ -335,6 +336,26 @@ async def test_history_answers_stay_within_the_message_limit(tmp_path):
         got = await memory.get_history("big", namespace="h")
         assert got.truncated and got.session_message_count == 5
         assert [m.content[0] for m in got.messages] == ["3", "4"]  # the newest that fit
+
+
+async def test_answers_too_large_for_a_message_fail_with_payload_too_large(tmp_path):
+    settings = memory_settings(tmp_path)
+    settings.server.max_message_bytes = 256 * 1024  # an answer carries up to 192 KiB
+    async with serve(settings) as memory:
+        long = [f"{n} " + "lorem ipsum " * 2665 for n in range(8)]  # about 32,000 characters
+        added = await memory.add(long, namespace="big", whole_item=True)
+        ids = [item.chunk_ids[0] for item in added.items]
+        assert len((await memory.get(ids[:4], namespace="big")).chunks) == 4
+        for call in (lambda: memory.get([ids[0]] * 7, namespace="big"),
+                     lambda: memory.get(ids, namespace="big"),
+                     lambda: memory.search("lorem ipsum", mode="keyword", namespace="big",
+                                           limit=8)):
+            with pytest.raises(ResourceExhaustedError) as err:
+                await call()
+            assert err.value.reason == "PAYLOAD_TOO_LARGE"
+            assert err.value.metadata["limit_bytes"] == str(192 * 1024)
+            assert int(err.value.metadata["size_bytes"]) > 192 * 1024
+        assert len((await memory.search("lorem ipsum", namespace="big", limit=4)).results) == 4
 
 
 async def test_retried_append_appends_once(memory):

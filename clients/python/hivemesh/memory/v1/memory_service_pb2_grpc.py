@@ -93,6 +93,11 @@ class MemoryServiceServicer:
 
     def GetMemories(self, request, context):
         """Returns chunks by id; ids that do not exist are listed in missing_ids.
+        An id asked for more than once returns its chunk as many times. An
+        answer larger than the service's message limit (less a margin for the
+        status) fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE
+        (ErrorInfo.metadata: limit_bytes, and size_bytes, the size reached when
+        the answer was refused): ask for fewer ids per call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,7 +128,8 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchMemories(self, request, context):
-        """Finds the chunks most relevant to a query.
+        """Finds the chunks most relevant to a query. An answer larger than the
+        message limit fails as GetMemories does: ask for a lower limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

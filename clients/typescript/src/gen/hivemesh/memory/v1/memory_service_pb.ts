@@ -744,6 +744,11 @@ export const GetHistoryResponseSchema: GenMessage<GetHistoryResponse> = /*@__PUR
 export const MemoryService: GenService<{
   /**
    * Returns chunks by id; ids that do not exist are listed in missing_ids.
+   * An id asked for more than once returns its chunk as many times. An
+   * answer larger than the service's message limit (less a margin for the
+   * status) fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE
+   * (ErrorInfo.metadata: limit_bytes, and size_bytes, the size reached when
+   * the answer was refused): ask for fewer ids per call.
    *
    * @generated from rpc hivemesh.memory.v1.MemoryService.GetMemories
    */
@@ -783,7 +788,8 @@ export const MemoryService: GenService<{
     output: typeof DeleteMemoriesResponseSchema;
   },
   /**
-   * Finds the chunks most relevant to a query.
+   * Finds the chunks most relevant to a query. An answer larger than the
+   * message limit fails as GetMemories does: ask for a lower limit.
    *
    * @generated from rpc hivemesh.memory.v1.MemoryService.SearchMemories
    */
