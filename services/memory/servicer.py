@@ -22,7 +22,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from hivemesh.common.v1 import ErrorReason, RequestContext, Usage
+from hivemesh.common.v1 import ErrorReason, Usage
 from hivemesh.memory.v1 import (
     AddedItem, AddMemoriesResponse, CountMemoriesResponse, DeleteMemoriesResponse,
     ForgetNamespaceResponse, GetHistoryResponse, GetMemoriesResponse, MemoryChunk,
@@ -46,15 +45,14 @@ from hivemesh.services.memory.filters import (
     metadata_to_payload, payload_to_metadata, to_conditions)
 from hivemesh.services.memory.keywords import KeywordEncoder
 from hivemesh.services.memory.ledger import IdempotencyConflict, Ledger
+from hivemesh.services.memory.namespaces import resolve_namespace
 from hivemesh.services.memory.store.base import (
     LINEAGE_FIELDS, ChunkPoint, Equals, MemoryStore, Mode, NumberRange, Search,
     StoreUnavailable)
 
 DOMAIN = "hivemesh.memory"
 SERVICE_NAME = "hivemesh.memory.v1.MemoryService"
-DEFAULT_NAMESPACE = "default"
 DEFAULT_HISTORY_MESSAGES = 50
-_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")
 # The UUIDv5 namespace of chunk ids.
 _CHUNK_IDS = uuid.UUID("6f1c1d5e-3b8a-5e57-9b39-0d7b6f0e2a41")
 _MODES = {SearchMode.SEARCH_MODE_UNSPECIFIED: Mode.DENSE, SearchMode.SEARCH_MODE_DENSE: Mode.DENSE,
@@ -80,21 +78,6 @@ class Limits:
     # Largest GetMemories or SearchMemories answer (the message limit less
     # the margin for the rest of the message).
     answer_bytes: int = 16 * 1024 * 1024 - RESPONSE_MARGIN_BYTES
-
-
-def resolve_namespace(namespace: str, context: RequestContext) -> str:
-    """The request's namespace, or the lower-cased tenant, or "default" (as
-    the v1 contract says: tenant ids that differ only in case share one)."""
-    if namespace:
-        return namespace
-    tenant = context.tenant_id.lower()
-    if not tenant:
-        return DEFAULT_NAMESPACE
-    if not _NAMESPACE.match(tenant):
-        raise errors.invalid_argument([(
-            "context.tenant_id", "cannot name a namespace (it must start with a letter or "
-                                 "digit); set namespace explicitly")])
-    return tenant
 
 
 def chunk_id(namespace: str, source_id: str, item_key: str, index: int) -> str:

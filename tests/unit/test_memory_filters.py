@@ -1,18 +1,23 @@
 """The contract's Filter becomes store conditions; impossible ranges are
-refused with the field that is wrong; metadata numbers round-trip."""
+refused with the field that is wrong; metadata numbers round-trip; a
+request's namespace comes from the request or its tenant."""
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import grpc
 import pytest
+from buf.validate import validate_pb2
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from hivemesh.client.memory import any_of, equals, in_range, to_filter
-from hivemesh.memory.v1 import Condition, Filter, NumericRange, TimeRange
+from hivemesh.memory.v1 import Condition, Filter, GetMemoriesRequest, NumericRange, TimeRange
 from hivemesh.runtime.errors import ServiceError
 from hivemesh.services.memory.filters import (
     metadata_to_payload, payload_to_metadata, to_conditions)
-from hivemesh.services.memory.servicer import resolve_namespace
+from hivemesh.services.memory.namespaces import resolve_namespace
 from hivemesh.services.memory.store.base import AnyOf, Equals, NumberRange, TimeRange as TR
 from hivemesh.common.v1 import RequestContext
 
@@ -76,6 +81,16 @@ def test_namespace_comes_from_the_request_or_the_tenant():
     assert resolve_namespace("ns-1", RequestContext(tenant_id="Acme")) == "ns-1"
     assert resolve_namespace("", RequestContext(tenant_id="Acme")) == "acme"
     assert resolve_namespace("", RequestContext()) == "default"
-    with pytest.raises(ServiceError) as err:
-        resolve_namespace("", RequestContext(tenant_id="_hidden"))
-    assert err.value.details[0].field_violations[0].field == "context.tenant_id"
+
+
+def test_every_tenant_id_has_a_namespace_of_its_own():
+    """Tenant ids that cannot be a namespace as they are (they start with
+    . _ : or -) get a derived one, valid, distinct per id up to case."""
+    pattern = re.compile(GetMemoriesRequest.DESCRIPTOR.fields_by_name["namespace"]
+                         .GetOptions().Extensions[validate_pb2.field].string.pattern)
+    odd = ["_x", ".x", "-x", ":x", "_" * 128, "-Acme"]
+    derived = [resolve_namespace("", RequestContext(tenant_id=t)) for t in odd]
+    assert all(pattern.match(ns) and ns for ns in derived)
+    assert len(set(derived)) == len(odd)
+    assert derived[0] == "tenant-" + hashlib.sha256(b"_x").hexdigest()[:32]
+    assert resolve_namespace("", RequestContext(tenant_id="-ACME")) == derived[-1]

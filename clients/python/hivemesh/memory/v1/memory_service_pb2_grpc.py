@@ -31,7 +31,10 @@ class MemoryServiceStub:
 
     Every request names a namespace. An empty namespace is derived from the
     request context: the lower-cased context.tenant_id, or "default" when
-    there is no tenant. Namespaces are created on first write.
+    there is no tenant. A tenant id that cannot be a namespace as it is
+    (one starting with ".", "_", ":" or "-") gets "tenant-" followed by the
+    first 32 hex digits of the SHA-256 of the lower-cased tenant id; the
+    responses name it. Namespaces are created on first write.
     """
 
     def __init__(self, channel):
@@ -88,7 +91,10 @@ class MemoryServiceServicer:
 
     Every request names a namespace. An empty namespace is derived from the
     request context: the lower-cased context.tenant_id, or "default" when
-    there is no tenant. Namespaces are created on first write.
+    there is no tenant. A tenant id that cannot be a namespace as it is
+    (one starting with ".", "_", ":" or "-") gets "tenant-" followed by the
+    first 32 hex digits of the SHA-256 of the lower-cased tenant id; the
+    responses name it. Namespaces are created on first write.
     """
 
     def GetMemories(self, request, context):
@@ -220,7 +226,10 @@ class MemoryService:
 
     Every request names a namespace. An empty namespace is derived from the
     request context: the lower-cased context.tenant_id, or "default" when
-    there is no tenant. Namespaces are created on first write.
+    there is no tenant. A tenant id that cannot be a namespace as it is
+    (one starting with ".", "_", ":" or "-") gets "tenant-" followed by the
+    first 32 hex digits of the SHA-256 of the lower-cased tenant id; the
+    responses name it. Namespaces are created on first write.
     """
 
     @staticmethod
