@@ -32,8 +32,8 @@ from hivemesh.client.errors import from_status
 from hivemesh.common.v1 import StreamOutcome, Usage
 from hivemesh.information.v1 import CommitRequest, ReleaseRequest, ReserveRequest, TrackCompletionRequest
 from hivemesh.llm.v1 import (
-    Conversation, FinishReason, GenerateRequest, GenerationConfig, Message, Role,
-    StreamGenerateRequest, Tool, ToolCall)
+    Conversation, FinishReason, GenerateRequest, GenerationConfig, ListModelsRequest, Message,
+    ModelKind, Role, StreamGenerateRequest, Tool, ToolCall)
 from hivemesh.memory.v1 import (
     AddMemoriesRequest, AppendHistoryRequest, GetHistoryRequest, HistoryMessage, Lineage,
     MemoryItem, MessageRole, SearchMemoriesRequest, SearchMode)
@@ -209,6 +209,10 @@ class AgentRunner:
                    if agent.memory.history_enabled and run.ctx.session_id else None)
         try:
             if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
+                if not models[0]:
+                    # Held (and generated) under the alias the LLM service
+                    # would answer with: a hold needs a model to be priced.
+                    models = self._model_chain(run, await self._default_model())
                 await self._reserve(run, models[0], system, 1)
             memories = await recall if recall else []
             past = await history if history else []
@@ -249,11 +253,29 @@ class AgentRunner:
             messages += await self._run_tools(run, calls, iteration)
         await self._finish(run, enforcement, iteration, settled=False)
 
-    def _model_chain(self, run: _Run) -> list[str]:
-        first = run.opts.model_override or run.agent.model
+    def _model_chain(self, run: _Run, default: str = "") -> list[str]:
+        """The aliases to try in order; ``default`` stands for an empty
+        model (the LLM service's default chat alias)."""
+        first = run.opts.model_override or run.agent.model or default
         if run.opts.disable_fallback:
             return [first]
         return [first, *(m for m in run.agent.fallback_models if m != first)]
+
+    async def _default_model(self) -> str:
+        """The LLM service's default chat alias (ListModels)."""
+        token = ""
+        while True:
+            page = await self.providers.call("llm", "ListModels", ListModelsRequest(
+                kind=ModelKind.MODEL_KIND_CHAT, page_size=1000, page_token=token))
+            default = next((m.alias for m in page.models if m.is_default), None)
+            if default:
+                return default
+            token = page.next_page_token
+            if not token:
+                raise errors.ServiceError(
+                    grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND",
+                    "llm: the agent names no model and the LLM service has no default chat "
+                    "model alias", {"provider": "llm"})
 
     def _offered_tools(self, run: _Run) -> list[Tool]:
         tools = [Tool(name=d.name, description=d.description, parameters=d.parameters)

@@ -90,6 +90,17 @@ async def test_pipeline_recalls_reserves_generates_saves_commits_and_writes_back
         assert m.primary.calls[-1].max_tokens == 1024
 
 
+async def test_an_agent_without_a_model_runs_on_the_default_alias_under_its_budget(tmp_path):
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="plain", model="", system_prompt="You write code.")
+        result = (await run(m, "plain")).result
+        assert result.output and result.model == "main"  # the LLM service's default
+        assert result.cost_micros > 0 and result.currency == "USD"
+        status = await _settled(info, budget.budget_id)
+        assert (status.reserved_micros, status.spent_micros) == (0, result.cost_micros)
+
+
 async def test_refused_budget_generates_nothing(tmp_path):
     async with mesh(tmp_path) as m:
         async with InformationClient(m.addresses["information"]) as info:

@@ -49,7 +49,9 @@ export type AgentDefinition = Message<"hivemesh.orchestrator.v1.AgentDefinition"
   systemPrompt: string;
 
   /**
-   * LLM model alias; empty uses the LLM service's default chat alias.
+   * LLM model alias; empty uses the LLM service's default chat alias
+   * (under BUDGET_ENFORCEMENT_RESERVE the orchestrator asks the LLM service
+   * which alias that is, and reserves and generates under it).
    *
    * @generated from field: string model = 4;
    */
