@@ -34,7 +34,7 @@ from google.protobuf import json_format
 from hivemesh.orchestrator.v1 import AgentDefinition
 from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import now_us
-from hivemesh.services.orchestrator import templates
+from hivemesh.services.orchestrator import caps, templates
 
 
 class AgentFileError(ValueError):
@@ -70,7 +70,7 @@ def definition_problems(agent: AgentDefinition) -> list[tuple[str, str]]:
         if model in seen:
             found.append((f"fallback_models[{i}]", f"{model!r} is already in the chain"))
         seen.add(model)
-    return found
+    return found + caps.definition_problems(agent)
 
 
 def load_agent_file(path: Path) -> AgentDefinition:

@@ -7,7 +7,9 @@
    before any output; run the tools the model asks for (bounded by the
    agent's allowlist and iteration limit) and feed their results back;
 3. save the output artifact, commit usage and write memory back,
-   concurrently; a failed generation releases its reservation.
+   concurrently (an agent with per-run caps commits first: a run over a cap
+   fails and keeps nothing, ``caps.py``); a failed generation releases its
+   reservation.
 
 Every id sent to a provider is derived from the run's request id, so a
 retried run finds the providers' idempotency records instead of doing the
@@ -43,7 +45,7 @@ from hivemesh.orchestrator.v1 import (
     GenerationComplete, Handoff, MemoryRecalled, MemoryWritten, ToolCallRecord, ToolError)
 from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import duration_s
-from hivemesh.services.orchestrator import templates
+from hivemesh.services.orchestrator import caps, templates
 from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of, step_id
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import Providers, beyond_deadline, provider_error
@@ -57,7 +59,6 @@ HANDOFF_TOOL = "handoff"
 DEFAULT_RECALL_LIMIT = 5
 DEFAULT_HISTORY_TOKENS = 2000
 DEFAULT_TOOL_ITERATIONS = 8
-DEFAULT_MAX_TOKENS = 1024
 # Errors after which the next fallback model is tried.
 _FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
@@ -84,10 +85,6 @@ class RunError(Exception):
         super().__init__(error.message)
         self.error = error
         self.failed = failed
-
-
-def estimate_tokens(text: str) -> int:
-    return len(text) // 4 + 1
 
 
 def trace_id_of(span) -> str:
@@ -204,6 +201,9 @@ class AgentRunner:
                     f"tool(s) {', '.join(missing)} not available (tool servers unreachable: "
                     f"{', '.join(self.tools.unreachable) or 'none'}); the run goes without"))
 
+        # What the prompt holds before memories and history are known.
+        known = [Message(role=Role.ROLE_SYSTEM, content=system),
+                 Message(role=Role.ROLE_USER, content=opts.input)]
         recall = asyncio.create_task(self._recall(run)) if agent.memory.enabled else None
         history = (asyncio.create_task(self._history(run))
                    if agent.memory.history_enabled and run.ctx.session_id else None)
@@ -213,7 +213,7 @@ class AgentRunner:
                     # Held (and generated) under the alias the LLM service
                     # would answer with: a hold needs a model to be priced.
                     models = self._model_chain(run, await self._default_model())
-                await self._reserve(run, models[0], system, 1)
+                await self._reserve(run, models[0], known, 1)
             memories = await recall if recall else []
             past = await history if history else []
         except BaseException:
@@ -231,8 +231,7 @@ class AgentRunner:
         while True:
             iteration += 1
             if iteration > 1 and enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
-                await self._reserve(run, models[0], "".join(m.content for m in messages),
-                                    iteration)
+                await self._reserve(run, models[0], messages, iteration)
             reply = await self._generate(run, models, messages, offered, iteration)
             _unique_tool_call_ids(reply, iteration)
             calls = list(reply.tool_calls)
@@ -377,11 +376,12 @@ class AgentRunner:
         if reserved is not None:
             await self._release_id(reserved.reservation_id, 2)
 
-    async def _reserve(self, run: _Run, model: str, prompt: str, iteration: int) -> None:
+    async def _reserve(self, run: _Run, model: str, messages: list[Message],
+                       iteration: int) -> None:
         request = ReserveRequest(
-            request_id=run.step("reserve", iteration), context=run.context,
-            model=model, estimated_prompt_tokens=estimate_tokens(prompt + run.opts.input),
-            max_tokens=run.agent.sampling.max_tokens or DEFAULT_MAX_TOKENS)
+            request_id=run.step("reserve", iteration), context=run.context, model=model,
+            estimated_prompt_tokens=caps.estimate_prompt_tokens(messages),
+            max_tokens=caps.completion_limit(run.agent, run.result, messages))
         try:
             response = await self.providers.call("information", "Reserve", request)
         except asyncio.CancelledError:
@@ -401,7 +401,12 @@ class AgentRunner:
             request_id=f"{reservation}:release", reservation_id=reservation, reason=reason))
 
     async def _settle(self, run: _Run, enforcement: int, iteration: int) -> None:
-        """Commit (or track) the usage of the last generation."""
+        """Commit (or track) the usage of the last generation; then the run
+        must be within its per-run caps."""
+        await self._charge(run, enforcement, iteration)
+        caps.check_spent(run.agent, run.result)
+
+    async def _charge(self, run: _Run, enforcement: int, iteration: int) -> None:
         last = run.last_generation
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
             run.add_usage(last.usage, 0, "")
@@ -431,7 +436,6 @@ class AgentRunner:
                 threshold_percent=alert.threshold_percent, spent_micros=alert.spent_micros,
                 limit_micros=alert.limit_micros, spent_tokens=alert.spent_tokens,
                 limit_tokens=alert.limit_tokens, currency=alert.currency))
-        self._check_run_caps(run)
 
     async def _record_spend(self, run: _Run, method: str, request):
         """Commits or tracks a generation's spend. The spend happened: it is
@@ -446,25 +450,16 @@ class AgentRunner:
             self._in_background(self._resend(method, request))
             raise
 
-    def _check_run_caps(self, run: _Run) -> None:
-        policy = run.agent.budget
-        for limit, spent, unit in ((policy.max_cost_micros_per_run, run.result.cost_micros,
-                                    "micros"),
-                                   (policy.max_tokens_per_run, run.result.usage.total_tokens,
-                                    "tokens")):
-            if limit and spent > limit:
-                raise errors.ServiceError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXCEEDED",
-                    f"the run spent {spent} {unit}, over the agent's per-run cap of {limit}",
-                    {"scope": "run", "unit": unit, "limit": str(limit), "spent": str(spent)})
-
     # ------------------------------------------------------------ generation
 
     async def _generate(self, run: _Run, models: list[str], messages: list[Message],
                         tools: list[Tool], iteration: int) -> Message:
         sampling = run.agent.sampling
-        # The limit the reservation was made for, so no answer outgrows its hold.
-        config = GenerationConfig(max_tokens=sampling.max_tokens or DEFAULT_MAX_TOKENS)
+        # Within the limit the reservation was made for (its prompt had no
+        # memories yet), so no answer outgrows its hold, and within what the
+        # run's token cap leaves.
+        config = GenerationConfig(
+            max_tokens=caps.completion_limit(run.agent, run.result, messages))
         if sampling.HasField("temperature"):
             config.temperature = sampling.temperature
         if sampling.HasField("top_p"):
@@ -613,6 +608,12 @@ class AgentRunner:
     async def _finish(self, run: _Run, enforcement: int, iteration: int, *,
                       settled: bool) -> None:
         run.result.output = run.output
+        policy = run.agent.budget
+        if not settled and (policy.max_cost_micros_per_run or policy.max_tokens_per_run):
+            # Whether the run stayed within its caps decides whether it
+            # succeeds: known before anything of it is kept.
+            await self._settle(run, enforcement, iteration)
+            settled = True
         steps = []
         if not settled:
             steps.append(self._settle(run, enforcement, iteration))

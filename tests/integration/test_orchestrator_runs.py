@@ -198,6 +198,59 @@ async def test_a_run_past_its_deadline_still_releases_its_hold(tmp_path):
         assert (status.reserved_micros, status.spent_micros) == (0, 0)
 
 
+async def test_a_generation_asks_for_no_more_tokens_than_the_run_has_left(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="capped", system_prompt="You write code.",
+                       budget=BudgetPolicy(max_tokens_per_run=200))
+        m.primary.queue_response("x" * 4000)  # 1000 tokens if nothing bounded it
+        result = (await run(m, "capped")).result
+        (asked,) = m.primary.calls
+        assert asked.max_tokens < 200
+        assert 0 < len(result.output) < 4000 and result.usage.total_tokens <= 200
+
+
+async def test_a_run_over_its_cost_cap_fails_before_keeping_anything(tmp_path):
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="capped", system_prompt="You write code.",
+                       output_artifact_type="code",
+                       budget=BudgetPolicy(max_cost_micros_per_run=1),
+                       memory=MemoryConfig(write_back=True, namespace="capped"))
+        events = []
+        m.backend.bus.subscribe(lambda event: events.append(event.type))
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "capped")
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        assert (err.value.metadata["scope"], err.value.metadata["unit"]) == ("run", "micros")
+        assert EventType.EVENT_TYPE_ARTIFACT_SAVED not in events
+        assert EventType.EVENT_TYPE_MEMORY_WRITTEN not in events
+        async with ArtifactClient(m.addresses["artifact"]) as artifacts:
+            assert await artifacts.count(agent_id="capped") == 0
+        async with MemoryClient(m.addresses["memory"]) as memory:
+            assert await memory.count(namespace="capped") == 0
+        status = await _settled(info, budget.budget_id)
+        assert status.spent_micros > 1  # what it spent is charged all the same
+
+
+async def test_the_token_cap_holds_without_accounting_and_a_cost_cap_needs_it(tmp_path):
+    async with mesh(tmp_path) as m:
+        with pytest.raises(InvalidArgumentError) as err:
+            await register(m, name="unpriced", budget=BudgetPolicy(
+                enforcement=3, max_cost_micros_per_run=1000))
+        assert [f for f, _ in err.value.field_violations] == [
+            "agent.budget.max_cost_micros_per_run"]
+        await register(m, name="capped", system_prompt="You search.",
+                       allowed_tools=["memory_search"],
+                       budget=BudgetPolicy(enforcement=3, max_tokens_per_run=100))
+        m.primary.queue_response(tool_calls=(  # the arguments alone are over the cap
+            ToolCall("c1", "memory_search", json.dumps({"query": "q" * 800})),))
+        m.primary.queue_response("found nothing")
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "capped")
+        assert err.value.reason == "BUDGET_EXCEEDED" and err.value.metadata["unit"] == "tokens"
+        assert len(m.primary.calls) == 1  # no second turn after the cap was passed
+
+
 async def test_the_callers_agent_id_scopes_the_budget(tmp_path):
     async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
         await info.set_price("main", input_micros_per_million=1_000_000,

@@ -254,6 +254,14 @@ export const MemoryConfigSchema: GenMessage<MemoryConfig> = /*@__PURE__*/
  * match the run's RequestContext; context.agent_id defaults to the agent's
  * name.
  *
+ * Per-run caps: each LLM call of a run asks for at most the tokens the run
+ * has left under max_tokens_per_run (its max_tokens is lowered; a call
+ * whose prompt alone would not fit is not made), and no call is made once
+ * the run's cost has reached max_cost_micros_per_run. A run found at or over
+ * a cap fails with RESOURCE_EXHAUSTED, reason BUDGET_EXCEEDED
+ * (ErrorInfo.metadata "scope" = "run"), before it saves its artifact or
+ * writes memory; what it spent is still charged.
+ *
  * @generated from message hivemesh.orchestrator.v1.BudgetPolicy
  */
 export type BudgetPolicy = Message<"hivemesh.orchestrator.v1.BudgetPolicy"> & {
@@ -266,13 +274,18 @@ export type BudgetPolicy = Message<"hivemesh.orchestrator.v1.BudgetPolicy"> & {
 
   /**
    * Most cost one run may spend, in micro-units; 0 means no per-run cap.
+   * Cost is known from the charges only: with BUDGET_ENFORCEMENT_DISABLED a
+   * cost cap is refused (INVALID_ARGUMENT), and a call whose charge could
+   * not be recorded (DEGRADED_COMPONENT_BUDGET) counts as costing nothing.
    *
    * @generated from field: int64 max_cost_micros_per_run = 2;
    */
   maxCostMicrosPerRun: bigint;
 
   /**
-   * Most tokens one run may use; 0 means no per-run cap.
+   * Most tokens (prompt and completion, over every LLM call) one run may
+   * use; 0 means no per-run cap. Holds under every enforcement, as tokens
+   * are known from the LLM service's answers.
    *
    * @generated from field: int64 max_tokens_per_run = 3;
    */
