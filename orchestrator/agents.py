@@ -104,6 +104,11 @@ class AgentRegistry:
         registry._agents = {agent.name: agent for agent in agents}
         return registry
 
+    def snapshot(self) -> AgentRegistry:
+        """The agents as they are now, untouched by later registrations and
+        deletions (which replace or drop entries, never change one)."""
+        return AgentRegistry.of(self._agents.values())
+
     def load_dir(self, directory: Path) -> list[str]:
         """Load every ``*.toml``/``*.json`` agent file; returns the names."""
         if not directory.is_dir():

@@ -84,8 +84,8 @@ class LocalAgents:
         return self.registry.delete(name)
 
     async def snapshot(self) -> AgentRegistry:
-        # The live registry: a workflow sees registrations made while it runs.
-        return self.registry
+        # A copy: a workflow runs its agents as they were when it started.
+        return self.registry.snapshot()
 
 
 class LocalLedger:

@@ -210,6 +210,42 @@ async def test_handoff_is_followed_when_the_task_allows_it(tmp_path):
         assert "handoff" in [t.name for t in m.primary.calls[0].tools]
 
 
+def hold_first_generation(m) -> tuple[asyncio.Event, asyncio.Event]:
+    """(started, release): the first generation waits for ``release``."""
+    started, release = asyncio.Event(), asyncio.Event()
+    original = m.primary._begin
+
+    async def held(request, timeout_s):
+        if not started.is_set():
+            started.set()
+            await release.wait()
+        return await original(request, timeout_s)
+    m.primary._begin = held
+    return started, release
+
+
+async def test_a_workflow_runs_its_agents_as_they_were_when_it_started(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "first", "second", "third")
+        started, release = hold_first_generation(m)
+        running = asyncio.create_task(workflow(
+            m, TaskSpec(task_id="a", agent="first", input_template="go"),
+            TaskSpec(task_id="b", agent="second", input_template="then", depends_on=["a"]),
+            TaskSpec(task_id="c", agent="third", input_template="and", depends_on=["a"])))
+        await started.wait()  # task a is generating
+        await call(m.orchestrator.DeleteAgent, DeleteAgentRequest(request_id=rid(),
+                                                                  name="second"))
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), allow_update=True, agent=AgentDefinition(
+                name="third", model="main", budget=FREE, system_prompt="You changed.")))
+        release.set()
+        response = await running
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        systems = {c.messages[-1].content: c.messages[0].content for c in m.primary.calls}
+        assert systems == {"go": "You are first.", "then": "You are second.",
+                           "and": "You are third."}
+
+
 async def test_concurrency_limit_is_respected(tmp_path):
     async with mesh(tmp_path) as m:
         await agents(m, "coder")
