@@ -74,6 +74,8 @@ class RunOptions:
     disable_fallback: bool = False
     # Agents this run may hand off to (a workflow task with allow_handoff).
     handoff_targets: tuple[str, ...] = ()
+    # A handoff request fails the run (a workflow task without allow_handoff).
+    refuse_handoff: bool = False
     # Stream the generation and emit GENERATION_CHUNK events.
     stream_chunks: bool = False
 
@@ -240,6 +242,12 @@ class AgentRunner:
                 break
             await self._settle(run, enforcement, iteration)
             handoff = next((c for c in calls if c.name == HANDOFF_TOOL), None)
+            if handoff is not None and opts.refuse_handoff \
+                    and HANDOFF_TOOL not in agent.allowed_tools:
+                raise errors.ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "HANDOFF_NOT_ALLOWED",
+                    f"agent {agent.name!r} asked to hand off, which its task does not allow "
+                    "(allow_handoff is false)", {"agent": agent.name})
             if handoff is not None and self._handoff(run, handoff):
                 run.output = reply.content
                 return await self._finish(run, enforcement, iteration, settled=True)

@@ -331,7 +331,7 @@ class WorkflowRun:
         targets = tuple(n for n in self.agents.names() if n != agent) if handoff else ()
         options = RunOptions(request_id=step_id(self.request.request_id, key), input=text,
                              model_override=model or task.model, variables=self.variables,
-                             handoff_targets=targets)
+                             handoff_targets=targets, refuse_handoff=not task.allow_handoff)
         try:
             run = await self.runner.run(self.agents.get(agent), self._ctx(task, agent, key),
                                         options, self.sink)

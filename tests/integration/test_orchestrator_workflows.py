@@ -14,7 +14,7 @@ from fakes.mesh import mesh
 
 from hivemesh.client import from_rpc_error
 from hivemesh.client.errors import (
-    AlreadyExistsError, InvalidArgumentError, ResourceExhaustedError)
+    AlreadyExistsError, InvalidArgumentError, ResourceExhaustedError, from_status)
 from hivemesh.common.v1 import StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, AgentList, BudgetPolicy, CombineMode, DeleteAgentRequest, EventType,
@@ -208,6 +208,22 @@ async def test_handoff_is_followed_when_the_task_allows_it(tmp_path):
             "triage", "expert", "deep question")
         assert m.primary.calls[-1].messages[-1].content == "deep question"
         assert "handoff" in [t.name for t in m.primary.calls[0].tools]
+
+
+async def test_a_handoff_request_fails_a_task_that_does_not_allow_it(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "triage", "expert")
+        m.primary.queue_response(tool_calls=(ToolCall("h", "handoff", json.dumps(
+            {"agent": "expert", "reason": "needs an expert"})),))
+        m.primary.queue_response("triage answered itself")
+        response = await workflow(m, TaskSpec(task_id="ask", agent="triage",
+                                              input_template="question"))
+        (task,) = response.tasks
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+        assert task.status == TaskStatus.TASK_STATUS_FAILED and not task.handoffs
+        assert from_status(task.error).reason == "HANDOFF_NOT_ALLOWED"
+        assert len(m.primary.calls) == 1 and "handoff" not in [
+            t.name for t in m.primary.calls[0].tools]
 
 
 def hold_first_generation(m) -> tuple[asyncio.Event, asyncio.Event]:

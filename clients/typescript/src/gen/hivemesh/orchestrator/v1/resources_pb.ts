@@ -747,7 +747,9 @@ export type TaskSpec = Message<"hivemesh.orchestrator.v1.TaskSpec"> & {
 
   /**
    * Let the agent hand the task to another agent (following up to
-   * max_handoffs handoffs); when false a handoff request fails the task.
+   * max_handoffs handoffs); when false no handoff tool is offered and a
+   * handoff request fails the task (FAILED_PRECONDITION, reason
+   * HANDOFF_NOT_ALLOWED).
    *
    * @generated from field: bool allow_handoff = 6;
    */
