@@ -14,7 +14,7 @@ from hivemesh.common.v1 import StreamEnd, StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentEvent, AgentResult, DeleteAgentResponse, EventType, GetAgentResponse, Heartbeat,
     ListAgentsResponse, RegisterAgentResponse, RunAgentRequest, RunAgentResponse,
-    RunWorkflowResponse, StreamAgentResponse, SubscribeEventsResponse)
+    RunWorkflowResponse, StreamAgentResponse, SubscribeEventsResponse, WorkflowStatus)
 from hivemesh.runtime import errors, paging
 from hivemesh.runtime.resilience import fingerprint, replayed_copy
 from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
@@ -22,7 +22,7 @@ from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.orchestrator.agents import definition_problems
 from hivemesh.services.orchestrator.context import ExecutionContext
 from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
-from hivemesh.services.orchestrator.policy import deadline_scope
+from hivemesh.services.orchestrator.policy import deadline_scope, remaining_s
 from hivemesh.services.orchestrator.runner import DOMAIN, AgentRunner, RunError, RunOptions
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
 from hivemesh.services.orchestrator.state import AgentStore, LocalLedger, RequestLedger
@@ -227,8 +227,18 @@ class OrchestratorServicer:
                 workflow = WorkflowRun(
                     self.runner, agents, request, base, EventSink(self.bus),
                     request.max_concurrency or self.settings.default_max_concurrency)
-                return _within(await workflow.run(), self.settings.server.max_message_bytes)
-        response, replayed = await self._once("workflow", request, run, context)
+                response = _within(await workflow.run(), self.settings.server.max_message_bytes)
+                left = remaining_s()
+                if response.status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED \
+                        and left is not None and left < self.settings.min_call_time_s:
+                    # Cut off by the request's own time, as when its caller
+                    # cancels: answered, not kept, so a retry runs it again.
+                    raise _CutOff(response)
+                return response
+        try:
+            response, replayed = await self._once("workflow", request, run, context)
+        except _CutOff as cut:
+            return cut.response
         return replayed_copy(response) if replayed else response
 
     # ------------------------------------------------------------ events
@@ -276,6 +286,15 @@ class OrchestratorServicer:
                 outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
         finally:
             self.bus.remove_subscription(subscription)
+
+
+class _CutOff(Exception):
+    """A workflow that ran out of its request's time: its response is
+    returned but not kept for replays."""
+
+    def __init__(self, response: RunWorkflowResponse) -> None:
+        super().__init__("the workflow ran out of its request's time")
+        self.response = response
 
 
 async def _next(queue: asyncio.Queue, others: set[asyncio.Future],

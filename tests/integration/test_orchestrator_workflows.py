@@ -334,11 +334,11 @@ async def test_a_workflow_its_caller_cancels_still_tells_subscribers_how_it_ende
         stream = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
             workflow_id="wf-cut", until_workflow_complete=True), timeout=30)
         assert (await stream.read()).WhichOneof("event") == "heartbeat"
-        running = m.orchestrator.RunWorkflow(RunWorkflowRequest(
+        request = RunWorkflowRequest(
             request_id=rid(), workflow=WorkflowDefinition(workflow_id="wf-cut", tasks=[
                 TaskSpec(task_id="a", agent="coder", input_template="x"),
-                TaskSpec(task_id="b", agent="coder", input_template="y", depends_on=["a"])])),
-            timeout=30)
+                TaskSpec(task_id="b", agent="coder", input_template="y", depends_on=["a"])]))
+        running = m.orchestrator.RunWorkflow(request, timeout=30)
         received = []
         while not any(x.agent_event.type == EventType.EVENT_TYPE_AGENT_START for x in received):
             received.append(await asyncio.wait_for(stream.read(), 10))
@@ -356,6 +356,11 @@ async def test_a_workflow_its_caller_cancels_still_tells_subscribers_how_it_ende
                          "b": TaskStatus.TASK_STATUS_CANCELLED}
         last = received[-2].agent_event.workflow_complete
         assert last.status == WorkflowStatus.WORKFLOW_STATUS_CANCELLED
+        # Not kept under its request_id: a retry runs it.
+        m.primary.latency_s = 0
+        retried = await call(m.orchestrator.RunWorkflow, request)
+        assert not retried.replayed
+        assert retried.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
 
 
 async def test_a_workflow_whose_every_task_failed_has_failed(tmp_path):
@@ -454,6 +459,22 @@ async def test_workflow_retry_replays_the_result(tmp_path):
         assert again.tasks == first.tasks
         assert len(m.primary.calls) == 1
         await asyncio.sleep(0)
+
+
+async def test_a_workflow_cut_off_by_its_callers_deadline_runs_again_when_retried(tmp_path):
+    async with mesh(tmp_path, min_call_time_s=0.5) as m:
+        await agents(m, "coder")
+        request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(
+            tasks=[TaskSpec(task_id="a", agent="coder", input_template="x")]))
+        # Too little time for any provider call: the task fails at once.
+        cut = await call(m.orchestrator.RunWorkflow, request, timeout=0.3)
+        assert cut.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+        assert from_status(cut.tasks[0].error).reason == "DEADLINE_TOO_SHORT"
+        retried = await call(m.orchestrator.RunWorkflow, request)
+        assert not retried.replayed
+        assert retried.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        again = await call(m.orchestrator.RunWorkflow, request)
+        assert again.replayed and again.tasks == retried.tasks
 
 
 async def test_results_too_big_for_one_response_keep_each_output_once_or_fail_clearly(

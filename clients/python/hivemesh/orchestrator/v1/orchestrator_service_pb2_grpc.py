@@ -30,9 +30,13 @@ class OrchestratorServiceStub:
     memory, information and artifact providers (seed: Orchestrator).
 
     Idempotency of runs: only finished runs are remembered under a
-    request_id (succeeded runs, and workflows in any final status). A retry
-    of a request_id whose agent run failed runs again; a retry that arrives
-    while the first run is in progress waits for it and replays its result.
+    request_id: agent runs that succeeded, and workflows that ended in any
+    status within their request's time. A retry of a request_id runs again
+    when its agent run failed, or when its workflow was cut off: cancelled by
+    its caller, or out of the request's time (the caller's deadline, or the
+    default run timeout when it set none) before it succeeded, whatever
+    status the first call reported. A retry that arrives while the first run
+    is in progress waits for it and replays its result.
     """
 
     def __init__(self, channel):
@@ -88,9 +92,13 @@ class OrchestratorServiceServicer:
     memory, information and artifact providers (seed: Orchestrator).
 
     Idempotency of runs: only finished runs are remembered under a
-    request_id (succeeded runs, and workflows in any final status). A retry
-    of a request_id whose agent run failed runs again; a retry that arrives
-    while the first run is in progress waits for it and replays its result.
+    request_id: agent runs that succeeded, and workflows that ended in any
+    status within their request's time. A retry of a request_id runs again
+    when its agent run failed, or when its workflow was cut off: cancelled by
+    its caller, or out of the request's time (the caller's deadline, or the
+    default run timeout when it set none) before it succeeded, whatever
+    status the first call reported. A retry that arrives while the first run
+    is in progress waits for it and replays its result.
     """
 
     def GetAgent(self, request, context):
@@ -215,9 +223,13 @@ class OrchestratorService:
     memory, information and artifact providers (seed: Orchestrator).
 
     Idempotency of runs: only finished runs are remembered under a
-    request_id (succeeded runs, and workflows in any final status). A retry
-    of a request_id whose agent run failed runs again; a retry that arrives
-    while the first run is in progress waits for it and replays its result.
+    request_id: agent runs that succeeded, and workflows that ended in any
+    status within their request's time. A retry of a request_id runs again
+    when its agent run failed, or when its workflow was cut off: cancelled by
+    its caller, or out of the request's time (the caller's deadline, or the
+    default run timeout when it set none) before it succeeded, whatever
+    status the first call reported. A retry that arrives while the first run
+    is in progress waits for it and replays its result.
     """
 
     @staticmethod

@@ -455,7 +455,8 @@ export const StreamAgentResponseSchema: GenMessage<StreamAgentResponse> = /*@__P
 export type RunWorkflowRequest = Message<"hivemesh.orchestrator.v1.RunWorkflowRequest"> & {
   /**
    * Idempotency key. A retry with the same id returns the first run's
-   * result (replayed = true) without running again.
+   * result (replayed = true) without running again, unless the first run
+   * was cut off by a cancellation or its deadline (see the service).
    *
    * @generated from field: string request_id = 1;
    */
@@ -697,9 +698,13 @@ export const SubscribeEventsResponseSchema: GenMessage<SubscribeEventsResponse> 
  * memory, information and artifact providers (seed: Orchestrator).
  *
  * Idempotency of runs: only finished runs are remembered under a
- * request_id (succeeded runs, and workflows in any final status). A retry
- * of a request_id whose agent run failed runs again; a retry that arrives
- * while the first run is in progress waits for it and replays its result.
+ * request_id: agent runs that succeeded, and workflows that ended in any
+ * status within their request's time. A retry of a request_id runs again
+ * when its agent run failed, or when its workflow was cut off: cancelled by
+ * its caller, or out of the request's time (the caller's deadline, or the
+ * default run timeout when it set none) before it succeeded, whatever
+ * status the first call reported. A retry that arrives while the first run
+ * is in progress waits for it and replays its result.
  *
  * @generated from service hivemesh.orchestrator.v1.OrchestratorService
  */
