@@ -148,7 +148,12 @@ class AgentRunner:
 
     async def run(self, agent: AgentDefinition, ctx: ExecutionContext, opts: RunOptions,
                   sink: EventSink) -> AgentResult:
-        """Runs the agent; returns its result or raises RunError."""
+        """Runs the agent; returns its result or raises RunError (an invalid
+        request raises its ServiceError before the run starts)."""
+        problems = templates.problems(agent.system_prompt, opts.variables)
+        if problems:
+            raise errors.invalid_argument([("variables", p) for p in problems])
+        system = templates.render(agent.system_prompt, opts.variables)
         started = time.monotonic()
         with baggage_of(ctx), tracer.start_as_current_span(
                 f"invoke_agent {agent.name}", kind=SpanKind.INTERNAL,
@@ -162,7 +167,7 @@ class AgentRunner:
             run.emit(EventType.EVENT_TYPE_AGENT_START,
                      AgentStart(input=opts.input, model=opts.model_override or agent.model))
             try:
-                await self._pipeline(run)
+                await self._pipeline(run, system)
             except errors.ServiceError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 span.set_attribute("error.type", errors.reason_name(exc.reason))
@@ -187,12 +192,8 @@ class AgentRunner:
 
     # ------------------------------------------------------------ pipeline
 
-    async def _pipeline(self, run: _Run) -> None:
+    async def _pipeline(self, run: _Run, system: str) -> None:
         agent, opts = run.agent, run.opts
-        problems = templates.problems(agent.system_prompt, opts.variables)
-        if problems:
-            raise errors.invalid_argument([("variables", p) for p in problems])
-        system = templates.render(agent.system_prompt, opts.variables)
         enforcement = agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
         models = self._model_chain(run)
         if agent.allowed_tools:

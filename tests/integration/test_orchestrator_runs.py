@@ -526,6 +526,22 @@ async def test_stream_agent_failure_ends_with_agent_failed(tmp_path):
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_stream_agent_refuses_an_invalid_request_as_the_calls_status(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="greeter", system_prompt="Greet {{variables.name}}.",
+                       budget=BudgetPolicy(enforcement=3))
+        events = []
+        m.backend.bus.subscribe(lambda event: events.append(event.type))
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for message in m.orchestrator.StreamAgent(StreamAgentRequest(
+                    request_id=rid(), agent="greeter", input="hi"), timeout=20):
+                received.append(message)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert from_rpc_error(err.value).field_violations[0][0] == "variables"
+        assert received == [] and events == [] and m.primary.calls == []
+
+
 async def test_run_agent_is_idempotent_and_concurrent_retries_wait(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="coder", system_prompt="You write code.",
