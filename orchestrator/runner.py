@@ -50,7 +50,7 @@ from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of,
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import Providers, beyond_deadline, provider_error
 from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
-from hivemesh.services.orchestrator.tools import ToolRegistry
+from hivemesh.services.orchestrator.tools import ToolOutcome, ToolRegistry
 
 tracer = trace.get_tracer("hivemesh.orchestrator")
 
@@ -570,24 +570,24 @@ class AgentRunner:
                             "gen_ai.tool.name": call.name, "gen_ai.tool.call.id": call.id},
                 record_exception=False, set_status_on_exception=False) as span:
             if call.name not in run.agent.allowed_tools:
-                result, error = "", ToolError(
+                outcome = ToolOutcome(error=ToolError(
                     code="NOT_ALLOWED",
-                    message=f"agent {run.agent.name!r} may not call {call.name!r}")
+                    message=f"agent {run.agent.name!r} may not call {call.name!r}"))
             else:
-                result, error = await self.tools.execute(ToolInvocation(
+                outcome = await self.tools.execute(ToolInvocation(
                     name=call.name, arguments=call.arguments, tool_call_id=call.id,
                     request_id=run.step("tool", iteration, call.id),
                     ctx=run.ctx, memory_namespace=run.agent.memory.namespace))
-            if error is not None:
-                record.error.CopyFrom(error)
-                span.set_status(Status(StatusCode.ERROR, error.message))
-                span.set_attribute("error.type", error.code)
-                if error.code == "UNAVAILABLE":
-                    run.degrade(DegradedComponent.DEGRADED_COMPONENT_TOOL,
-                                errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE",
-                                                    f"tool {call.name}: {error.message}"))
+            if outcome.error is not None:
+                record.error.CopyFrom(outcome.error)
+                span.set_status(Status(StatusCode.ERROR, outcome.error.message))
+                span.set_attribute("error.type", outcome.error.code)
             else:
-                record.result = result
+                record.result = outcome.result
+            if outcome.failure is not None:
+                failure = outcome.failure
+                run.degrade(DegradedComponent.DEGRADED_COMPONENT_TOOL, errors.ServiceError(
+                    failure.code, failure.reason, f"tool {call.name}: {failure.message}"))
         record.duration.CopyFrom(duration_s(time.monotonic() - started))
         return record
 

@@ -2,9 +2,11 @@
 artifact get and save) and remote tools served by any process that
 implements ``hivemesh.orchestrator.v1.ToolService``, in any language.
 
-A tool's own failure (bad arguments, nothing found) becomes a ToolError
-handed back to the model; a remote tool that cannot be reached becomes a
-ToolError with code UNAVAILABLE and the run goes on.
+A tool's own failure (bad arguments, nothing found, an error result a
+remote tool declares) becomes a ToolError handed back to the model as it
+is. A tool that could not answer at all (its server unreachable, failing
+with a gRPC error or out of time; a built-in's provider failing) becomes a
+ToolError with code UNAVAILABLE, and the run goes on without it, degraded.
 """
 
 from __future__ import annotations
@@ -49,6 +51,21 @@ class ToolCall:
 
 
 Executor = Callable[[ToolCall], Awaitable[str]]
+
+
+@dataclass
+class ToolOutcome:
+    """A tool call's result, or the error the model is given; ``failure``
+    is set when the tool could not answer at all (the run is degraded)."""
+
+    result: str = ""
+    error: ToolError | None = None
+    failure: errors.ServiceError | None = None
+
+
+# Failures to answer after which calling again may succeed.
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 
 
 def _schema(properties: dict, required: list[str]) -> struct_pb2.Struct:
@@ -163,20 +180,18 @@ class ToolRegistry:
             if not token:
                 return
 
-    async def execute(self, call: ToolCall) -> tuple[str, ToolError | None]:
-        """(result JSON, None) or ("", the error for the model)."""
+    async def execute(self, call: ToolCall) -> ToolOutcome:
         entry = self._tools.get(call.name)
         if entry is None:
-            return "", ToolError(code="UNKNOWN_TOOL", message=f"no tool named {call.name!r}")
+            return ToolOutcome(error=ToolError(code="UNKNOWN_TOOL",
+                                               message=f"no tool named {call.name!r}"))
         try:
-            return await entry[1](call), None
+            return ToolOutcome(result=await entry[1](call))
         except ToolFailure as failure:
-            return "", failure.error
+            return ToolOutcome(error=failure.error)
         except errors.ServiceError as exc:
-            unreachable = exc.code == grpc.StatusCode.UNAVAILABLE
-            return "", ToolError(code="UNAVAILABLE" if unreachable
-                                 else errors.reason_name(exc.reason),
-                                 message=exc.message, retryable=unreachable)
+            return ToolOutcome(error=ToolError(code="UNAVAILABLE", message=exc.message,
+                                               retryable=exc.code in _TRANSIENT), failure=exc)
 
     # ------------------------------------------------------------ built-ins
 
@@ -203,9 +218,14 @@ class ToolRegistry:
         limit = args.get("limit", 5)
         if not isinstance(limit, int) or not 1 <= limit <= 20:
             raise ToolFailure("INVALID_ARGUMENTS", "'limit' must be an integer from 1 to 20")
-        found = await self.providers.call("memory", "SearchMemories", SearchMemoriesRequest(
-            context=call.ctx.to_proto(), namespace=call.memory_namespace,
-            query=_string(args, "query"), limit=limit, mode=SearchMode.SEARCH_MODE_HYBRID))
+        try:
+            found = await self.providers.call("memory", "SearchMemories", SearchMemoriesRequest(
+                context=call.ctx.to_proto(), namespace=call.memory_namespace,
+                query=_string(args, "query"), limit=limit, mode=SearchMode.SEARCH_MODE_HYBRID))
+        except errors.ServiceError as exc:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ToolFailure("INVALID_ARGUMENTS", exc.message) from None
+            raise
         return json.dumps([{"chunk_id": r.chunk.chunk_id, "text": r.chunk.text,
                             "score": round(r.score, 6), "source_id": r.chunk.source_id}
                            for r in found.results])

@@ -6,6 +6,7 @@ stream of events, idempotent replays, deadlines and breakers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import uuid
@@ -389,14 +390,23 @@ class _Tools(ToolServiceServicer):
         return ExecuteToolResponse(result=json.dumps({"city": city, "sky": "clear"}))
 
 
-async def test_remote_tool_server_in_any_language(tmp_path):
-    tools = _Tools()
+@contextlib.asynccontextmanager
+async def tool_server(tools: ToolServiceServicer):
+    """(server, address) of ``tools`` served on a loopback port 0."""
     server = grpc.aio.server()
     add_ToolServiceServicer_to_server(tools, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with mesh(tmp_path, tool_servers={"wx": f"127.0.0.1:{port}"}) as m:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_remote_tool_server_in_any_language(tmp_path):
+    tools = _Tools()
+    async with tool_server(tools) as (server, address):
+        async with mesh(tmp_path, tool_servers={"wx": address}) as m:
             await register(m, name="forecaster", system_prompt="You tell the weather.",
                            allowed_tools=["weather"], budget=BudgetPolicy(enforcement=3))
             m.primary.queue_response(tool_calls=(
@@ -417,8 +427,52 @@ async def test_remote_tool_server_in_any_language(tmp_path):
             assert result.output == "no weather today"
             assert result.tool_calls[0].error.code == "UNAVAILABLE"
             assert result.degraded[0].component == DegradedComponent.DEGRADED_COMPONENT_TOOL
-    finally:
-        await server.stop(0)
+
+
+class _BrokenTools(ToolServiceServicer):
+    """Tools that fail to answer (a crash, a timeout) or declare an error."""
+
+    async def ListTools(self, request, context):
+        return ListToolsResponse(tools=[ToolDefinition(name=n, description=n)
+                                        for n in ("crash", "stuck", "picky")])
+
+    async def ExecuteTool(self, request, context):
+        if request.tool_name == "crash":
+            await context.abort(grpc.StatusCode.INTERNAL, "tool crashed")
+        if request.tool_name == "stuck":
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "tool took too long")
+        return ExecuteToolResponse(error=ToolError(code="NOT_FOUND", message="no such city"))
+
+
+async def test_a_remote_tool_that_fails_to_answer_is_unavailable_and_degrades_the_run(tmp_path):
+    async with tool_server(_BrokenTools()) as (_, address), \
+            mesh(tmp_path, tool_servers={"broken": address}) as m:
+        await register(m, name="user", system_prompt="You use tools.",
+                       allowed_tools=["crash", "stuck", "picky"],
+                       budget=BudgetPolicy(enforcement=3))
+        m.primary.queue_response(tool_calls=tuple(
+            ToolCall(n, n, "{}") for n in ("crash", "stuck", "picky")))
+        m.primary.queue_response("went without")
+        result = (await run(m, "user")).result
+        assert result.output == "went without"
+        errors_by_tool = {c.tool_name: (c.error.code, c.error.retryable)
+                          for c in result.tool_calls}
+        assert errors_by_tool == {"crash": ("UNAVAILABLE", False),
+                                  "stuck": ("UNAVAILABLE", True),
+                                  "picky": ("NOT_FOUND", False)}  # as the tool declared it
+        assert {d.component for d in result.degraded} == {
+            DegradedComponent.DEGRADED_COMPONENT_TOOL}
+        assert sorted(d.reason for d in result.degraded) == ["DEADLINE_EXCEEDED",
+                                                             "UPSTREAM_ERROR"]
+        # A built-in tool's provider refusing the model's arguments is the
+        # tool's own error, not an outage.
+        await register(m, name="searcher", allowed_tools=["memory_search"],
+                       budget=BudgetPolicy(enforcement=3))
+        m.primary.queue_response(tool_calls=(
+            ToolCall("s", "memory_search", json.dumps({"query": "q" * 20_000})),))
+        m.primary.queue_response("found nothing")
+        result = (await run(m, "searcher")).result
+        assert result.tool_calls[0].error.code == "INVALID_ARGUMENTS" and not result.degraded
 
 
 class _ToolsClaimingABuiltIn(_Tools):

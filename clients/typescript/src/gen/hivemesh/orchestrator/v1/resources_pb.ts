@@ -407,8 +407,11 @@ export type ToolCallRecord = Message<"hivemesh.orchestrator.v1.ToolCallRecord"> 
   result: string;
 
   /**
-   * Set when the call failed (a tool error, or a transport error mapped to
-   * code "UNAVAILABLE").
+   * Set when the call failed: the tool's own error as the tool reported
+   * it, or, when the tool could not answer at all (its server unreachable,
+   * failing with a gRPC error or out of time; a built-in tool's provider
+   * failing), code "UNAVAILABLE" (retryable when calling again may
+   * succeed), also reported as a DegradedNote (DEGRADED_COMPONENT_TOOL).
    *
    * @generated from field: hivemesh.orchestrator.v1.ToolError error = 5;
    */
@@ -1822,7 +1825,9 @@ export enum DegradedComponent {
   ARTIFACT = 5,
 
   /**
-   * A tool call failed and the model continued without it.
+   * A tool was not available or could not answer a call (ToolError code
+   * "UNAVAILABLE"; the reason is the failure's, such as "UPSTREAM_ERROR")
+   * and the model continued without it.
    *
    * @generated from enum value: DEGRADED_COMPONENT_TOOL = 6;
    */
