@@ -13,8 +13,9 @@ import grpc
 from hivemesh.common.v1 import StreamEnd, StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentEvent, AgentResult, DeleteAgentResponse, EventType, GetAgentResponse, Heartbeat,
-    ListAgentsResponse, RegisterAgentResponse, RunAgentRequest, RunAgentResponse,
-    RunWorkflowResponse, StreamAgentResponse, SubscribeEventsResponse, WorkflowStatus)
+    ListAgentsResponse, RegisterAgentRequest, RegisterAgentResponse, RunAgentRequest,
+    RunAgentResponse, RunWorkflowResponse, StreamAgentResponse, SubscribeEventsResponse,
+    WorkflowStatus)
 from hivemesh.runtime import errors, paging
 from hivemesh.runtime.resilience import fingerprint, replayed_copy
 from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
@@ -119,7 +120,8 @@ class OrchestratorServicer:
                 raise errors.invalid_argument((f"agent.{f}", p) for f, p in problems)
             agent, created = await self.agents.register(request.agent, request.allow_update)
             return RegisterAgentResponse(agent=agent, created=created)
-        response, replayed = await self._once("register", request, register, context)
+        response, replayed = await self._once("register", _as_registration(request), register,
+                                              context)
         return replayed_copy(response) if replayed else response
 
     async def DeleteAgent(self, request, context):
@@ -335,6 +337,16 @@ def _within(response: RunWorkflowResponse, limit: int) -> RunWorkflowResponse:
             "may carry; the tasks' outputs are in the artifact store where their agents save "
             "one", {"size_bytes": str(size), "limit_bytes": str(limit)})
     return response
+
+
+def _as_registration(request: RegisterAgentRequest) -> RegisterAgentRequest:
+    """The request as far as it asks for something: the agent's create_time
+    and update_time are ignored (a retry may send the agent as returned)."""
+    key = RegisterAgentRequest()
+    key.CopyFrom(request)
+    key.agent.ClearField("create_time")
+    key.agent.ClearField("update_time")
+    return key
 
 
 def _as_run(request) -> RunAgentRequest:

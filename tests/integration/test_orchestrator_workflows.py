@@ -408,6 +408,10 @@ async def test_agent_registry_over_grpc(tmp_path):
         first = await call(m.orchestrator.RegisterAgent, request)
         again = await call(m.orchestrator.RegisterAgent, request)
         assert not first.created and again.replayed and again.agent == first.agent
+        # Its times are ignored: a retry may send the agent as it was returned.
+        as_returned = await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=request.request_id, allow_update=True, agent=first.agent))
+        assert as_returned.replayed and as_returned.agent == first.agent
         deleted = await call(m.orchestrator.DeleteAgent,
                              DeleteAgentRequest(request_id=rid(), name="agent-3"))
         assert deleted.deleted
