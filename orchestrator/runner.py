@@ -135,7 +135,7 @@ class _Run:
     def failed(self) -> AgentFailed:
         r = self.result
         return AgentFailed(partial_output=self.output, usage=r.usage, cost_micros=r.cost_micros,
-                           tool_calls=r.tool_calls, degraded=r.degraded)
+                           currency=r.currency, tool_calls=r.tool_calls, degraded=r.degraded)
 
 
 class AgentRunner:

@@ -21,9 +21,9 @@ from opentelemetry import trace
 
 from hivemesh.common.v1 import Usage
 from hivemesh.orchestrator.v1 import (
-    AgentResult, BranchResult, CombineMode, EventType, RunWorkflowRequest, RunWorkflowResponse,
-    TaskResult, TaskSpec, TaskStart, TaskStatus, WorkflowComplete, WorkflowDefinition,
-    WorkflowStart, WorkflowStatus)
+    AgentFailed, AgentResult, BranchResult, CombineMode, EventType, RunWorkflowRequest,
+    RunWorkflowResponse, TaskResult, TaskSpec, TaskStart, TaskStatus, WorkflowComplete,
+    WorkflowDefinition, WorkflowStart, WorkflowStatus)
 from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import duration_s, now_us
 from hivemesh.services.orchestrator import templates
@@ -165,6 +165,7 @@ class WorkflowRun:
         self.finished = {t.task_id: asyncio.Event() for t in self.workflow.tasks}
         self.first_error = None
         self.trace_id = ""
+        self.currency = ""  # of the runs' charges
 
     def _task_complete(self, task: TaskSpec, result: TaskResult) -> None:
         """TASK_COMPLETE, in the context its TASK_START had (task, agent)."""
@@ -210,8 +211,7 @@ class WorkflowRun:
             response.tasks.append(result)
             _add_usage(response.usage, result.usage)
             response.cost_micros += result.cost_micros
-            response.currency = response.currency or (
-                result.result.currency if result.HasField("result") else "")
+        response.currency = self.currency
         response.latency.CopyFrom(duration_s(time.monotonic() - started))
         if self.first_error is not None:
             response.error.CopyFrom(self.first_error)
@@ -336,12 +336,16 @@ class WorkflowRun:
             run = await self.runner.run(self.agents.get(agent), self._ctx(task, agent, key),
                                         options, self.sink)
         except RunError as exc:
-            _add_usage(result.usage, exc.failed.usage)
-            result.cost_micros += exc.failed.cost_micros
+            self._charge(result, exc.failed)
             raise
+        self._charge(result, run)
+        return run
+
+    def _charge(self, result: TaskResult, run: AgentResult | AgentFailed) -> None:
+        """A run's usage and cost go to its task, its currency to the workflow."""
         _add_usage(result.usage, run.usage)
         result.cost_micros += run.cost_micros
-        return run
+        self.currency = self.currency or run.currency
 
     async def _follow(self, task: TaskSpec, agent: str, model: str, text: str,
                       result: TaskResult, key: str) -> AgentResult:

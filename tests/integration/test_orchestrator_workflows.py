@@ -12,7 +12,7 @@ import grpc
 import pytest
 from fakes.mesh import mesh
 
-from hivemesh.client import from_rpc_error
+from hivemesh.client import InformationClient, from_rpc_error
 from hivemesh.client.errors import (
     AlreadyExistsError, InvalidArgumentError, ResourceExhaustedError, from_status)
 from hivemesh.common.v1 import StreamOutcome
@@ -191,6 +191,26 @@ async def test_fan_out_all_and_judge_and_first(tmp_path):
         slow, fast = task.branches
         assert fast.selected and task.result.model == "backup"
         assert slow.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+
+async def test_the_workflows_currency_is_that_of_every_run_it_paid_for(tmp_path):
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        await info.set_price("main", input_micros_per_million=1_000_000,
+                             output_micros_per_million=1_000_000)
+        for name, budget in (("a1", BudgetPolicy()), ("a2", BudgetPolicy()),
+                             ("capped", BudgetPolicy(max_cost_micros_per_run=1))):
+            await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+                request_id=rid(), agent=AgentDefinition(name=name, model="main",
+                                                        budget=budget)))
+        every = await workflow(m, TaskSpec(
+            task_id="all", input_template="solve", fan_out=FanOut(
+                agents=AgentList(agents=["a1", "a2"]), combine=CombineMode.COMBINE_MODE_ALL)))
+        assert every.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        assert every.cost_micros > 0 and every.currency == "USD"
+        # A run that failed after it was charged (over its cost cap).
+        failed = await workflow(m, TaskSpec(task_id="a", agent="capped", input_template="x"))
+        assert failed.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+        assert failed.cost_micros > 0 and failed.currency == "USD"
 
 
 async def test_handoff_is_followed_when_the_task_allows_it(tmp_path):

@@ -547,20 +547,22 @@ class BudgetAlert(_message.Message):
     def __init__(self, alert_id: _Optional[str] = ..., budget_id: _Optional[str] = ..., threshold_percent: _Optional[int] = ..., spent_micros: _Optional[int] = ..., limit_micros: _Optional[int] = ..., spent_tokens: _Optional[int] = ..., limit_tokens: _Optional[int] = ..., currency: _Optional[str] = ...) -> None: ...
 
 class AgentFailed(_message.Message):
-    __slots__ = ("error", "partial_output", "usage", "cost_micros", "tool_calls", "degraded")
+    __slots__ = ("error", "partial_output", "usage", "cost_micros", "tool_calls", "degraded", "currency")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     COST_MICROS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
     error: _status_pb2.Status
     partial_output: str
     usage: _common_pb2.Usage
     cost_micros: int
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCallRecord]
     degraded: _containers.RepeatedCompositeFieldContainer[DegradedNote]
-    def __init__(self, error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., partial_output: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_micros: _Optional[int] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallRecord, _Mapping]]] = ..., degraded: _Optional[_Iterable[_Union[DegradedNote, _Mapping]]] = ...) -> None: ...
+    currency: str
+    def __init__(self, error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., partial_output: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_micros: _Optional[int] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallRecord, _Mapping]]] = ..., degraded: _Optional[_Iterable[_Union[DegradedNote, _Mapping]]] = ..., currency: _Optional[str] = ...) -> None: ...
 
 class TaskStart(_message.Message):
     __slots__ = ("task_id", "input", "branch")

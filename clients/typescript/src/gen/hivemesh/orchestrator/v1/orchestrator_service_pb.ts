@@ -543,7 +543,8 @@ export type RunWorkflowResponse = Message<"hivemesh.orchestrator.v1.RunWorkflowR
   costMicros: bigint;
 
   /**
-   * Currency of cost_micros.
+   * Currency of cost_micros (of every run of the workflow, succeeded or
+   * failed, fan-out branches included).
    *
    * @generated from field: string currency = 6;
    */
