@@ -250,7 +250,9 @@ class AgentRunner:
                     f"agent {agent.name!r} asked to hand off, which its task does not allow "
                     "(allow_handoff is false)", {"agent": agent.name})
             if handoff is not None and self._handoff(run, handoff):
-                run.output = reply.content
+                # Not an answer: the agent taking over gives it (and saves
+                # its artifact); this run keeps nothing.
+                run.output = ""
                 return await self._finish(run, enforcement, iteration, settled=True)
             if iteration > limit:
                 raise errors.ServiceError(

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from fakes.mesh import mesh
 
-from hivemesh.client import InformationClient, from_rpc_error
+from hivemesh.client import ArtifactClient, InformationClient, from_rpc_error
 from hivemesh.client.errors import (
     AlreadyExistsError, InvalidArgumentError, ResourceExhaustedError, from_status)
 from hivemesh.common.v1 import StreamOutcome
@@ -215,14 +215,26 @@ async def test_the_workflows_currency_is_that_of_every_run_it_paid_for(tmp_path)
 
 async def test_handoff_is_followed_when_the_task_allows_it(tmp_path):
     async with mesh(tmp_path) as m:
-        await agents(m, "triage", "expert")
-        m.primary.queue_response(tool_calls=(ToolCall("h", "handoff", json.dumps(
-            {"agent": "expert", "reason": "needs an expert", "input": "deep question"})),))
+        await agents(m, "triage", "expert", output_artifact_type="note")
+        completed = []
+        m.backend.bus.subscribe(lambda event: completed.append(event.agent_complete)
+                                if event.type == EventType.EVENT_TYPE_AGENT_COMPLETE else None)
+        m.primary.queue_response("Let me pass this on.", tool_calls=(ToolCall(
+            "h", "handoff", json.dumps({"agent": "expert", "reason": "needs an expert",
+                                        "input": "deep question"})),))
         m.primary.queue_response("expert answer")
         response = await workflow(m, TaskSpec(task_id="ask", agent="triage",
                                               input_template="question", allow_handoff=True))
         (task,) = response.tasks
         assert task.output == "expert answer" and task.result.agent == "expert"
+        # The handing agent did not answer: it keeps no output and no artifact.
+        handed, answered = completed
+        assert handed.HasField("handoff") and handed.output == ""
+        assert list(handed.artifact_ids) == []
+        async with ArtifactClient(m.addresses["artifact"]) as artifacts:
+            saved = [a async for a in artifacts.iter(workflow_id=response.workflow_id)]
+        assert [(a.agent_id, a.content) for a in saved] == [("expert", "expert answer")]
+        assert list(answered.artifact_ids) == [saved[0].artifact_id]
         (handoff,) = task.handoffs
         assert (handoff.from_agent, handoff.to_agent, handoff.input) == (
             "triage", "expert", "deep question")

@@ -642,8 +642,10 @@ export type AgentResult = Message<"hivemesh.orchestrator.v1.AgentResult"> & {
   latency?: Duration | undefined;
 
   /**
-   * Set when the agent handed off instead of answering; output is then
-   * empty unless the caller followed the handoff.
+   * Set when the agent handed off instead of answering. Its output is then
+   * empty and the run keeps nothing (no artifact saved, no memory or
+   * history written): the agent taking over answers. A workflow task that
+   * follows the handoff reports that agent's result as TaskResult.result.
    *
    * @generated from field: hivemesh.orchestrator.v1.Handoff handoff = 18;
    */
