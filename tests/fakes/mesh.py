@@ -72,9 +72,9 @@ class Mesh:
 
 @contextlib.asynccontextmanager
 async def mesh(tmp: Path, *, memory: bool = True, information: bool = True,
-               **orchestrator_settings):
-    """Yields a Mesh; ``memory=False``/``information=False`` point the
-    orchestrator at an address where nothing listens (an outage)."""
+               artifact: bool = True, **orchestrator_settings):
+    """Yields a Mesh; ``memory=False``/``information=False``/``artifact=False``
+    point the orchestrator at an address where nothing listens (an outage)."""
     stack = contextlib.AsyncExitStack()
     async with stack:
         addresses: dict[str, str] = {}
@@ -101,7 +101,7 @@ async def mesh(tmp: Path, *, memory: bool = True, information: bool = True,
         await serve("memory", await memory_server(memory_settings, memory_backend))
         settings = OrchestratorSettings(**{
             "server": SERVER, "llm_address": addresses["llm"],
-            "artifact_address": addresses["artifact"],
+            "artifact_address": addresses["artifact"] if artifact else dead_address(),
             "memory_address": addresses["memory"] if memory else dead_address(),
             "information_address": addresses["information"] if information else dead_address(),
             **orchestrator_settings})

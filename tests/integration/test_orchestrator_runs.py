@@ -277,6 +277,21 @@ async def test_memory_outage_degrades_the_run(tmp_path):
         assert result.degraded[0].reason == "BACKEND_UNAVAILABLE"  # names the cause
 
 
+async def test_an_artifact_outage_fails_the_run_instead_of_degrading_it(tmp_path):
+    async with mesh(tmp_path, artifact=False) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code", budget=BudgetPolicy(enforcement=3))
+        events = []
+        m.backend.bus.subscribe(lambda event: events.append(event))
+        with pytest.raises(UnavailableError) as err:
+            await run(m, "coder")
+        assert err.value.metadata["provider"] == "artifact"
+        assert EventType.EVENT_TYPE_DEGRADED not in [e.type for e in events]
+        (failed,) = [e.agent_failed for e in events
+                     if e.type == EventType.EVENT_TYPE_AGENT_FAILED]
+        assert list(failed.degraded) == []
+
+
 async def test_budget_outage_fails_clearly_and_opens_the_breaker(tmp_path):
     async with mesh(tmp_path, information=False, breaker_failure_threshold=2) as m:
         await register(m, name="coder", system_prompt="You write code.")
