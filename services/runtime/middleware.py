@@ -15,10 +15,11 @@ registered apart and never wrapped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -342,10 +343,13 @@ class DrainMiddleware(Middleware):
         if not self._running:
             self._idle.set()
 
-    async def unary(self, behavior, request, context, method):
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """The current call, in flight until the block ends; stopped by
+        :meth:`stop_running`, it raises SHUTTING_DOWN."""
         task = self._enter()
         try:
-            return await behavior(request, context)
+            yield
         except asyncio.CancelledError:
             if task in self._stopped:
                 raise errors.shutting_down() from None
@@ -353,17 +357,14 @@ class DrainMiddleware(Middleware):
         finally:
             self._leave(task)
 
+    async def unary(self, behavior, request, context, method):
+        with self._tracked():
+            return await behavior(request, context)
+
     async def stream(self, behavior, request, context, method):
-        task = self._enter()
-        try:
+        with self._tracked():
             async for item in behavior(request, context):
                 yield item
-        except asyncio.CancelledError:
-            if task in self._stopped:
-                raise errors.shutting_down() from None
-            raise
-        finally:
-            self._leave(task)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no call is in flight; False if some still are after
