@@ -33,9 +33,9 @@ from hivemesh.services.information.metrics import CallMetrics, aggregate
 from hivemesh.services.information.pricing import (
     MAX_TOKENS_PER_CALL, PricePolicy, cost_micros, period_bounds)
 from hivemesh.services.information.store.base import (
-    MODE_HARD, PERIOD_TOTAL, UPDATE_BUDGET, AlertRecord, BudgetChanged, BudgetExceeded,
-    BudgetRecord, CallRecord, CreatedBudgetGone, Hold, IdempotencyConflict, InformationStore,
-    Once, PriceRecord, ReservationNotFound, ReservationSettled, ReserveOp, SettleOp,
+    DELETE_BUDGET, MODE_HARD, PERIOD_TOTAL, RELEASE, SET_PRICE, UPDATE_BUDGET, AlertRecord,
+    BudgetChanged, BudgetExceeded, BudgetRecord, CallRecord, CreatedBudgetGone, Hold,
+    IdempotencyConflict, InformationStore, Once, PriceRecord, ReservationNotFound, ReservationSettled, ReserveOp, SettleOp,
     StaleConfig, applicable_scope_keys, budget_from_json)
 
 log = logging.getLogger("hivemesh.information")
@@ -229,7 +229,7 @@ class InformationServicer(InformationServiceServicer):
             raise errors.invalid_argument(
                 [("update_mask.paths", f"only {sorted(_UPDATABLE)} can be updated; got "
                                        f"{bad or 'nothing'}")])
-        once = _once("update_budget", request)
+        once = _once(UPDATE_BUDGET, request)
         with _idempotent(request):
             # A retry answers as the first update did, even if the budget has
             # changed or gone since.
@@ -269,7 +269,7 @@ class InformationServicer(InformationServiceServicer):
     async def DeleteBudget(self, request, context):
         with _idempotent(request):
             deleted, replayed = await self.store.delete_budget(
-                request.budget_id, once=_once("delete_budget", request))
+                request.budget_id, once=_once(DELETE_BUDGET, request))
         self._config.invalidate()
         return DeleteBudgetResponse(deleted=deleted, replayed=replayed)
 
@@ -284,7 +284,7 @@ class InformationServicer(InformationServiceServicer):
                              self.currency, now_us())
         with _idempotent(request):
             stored, replaced, replayed = await self.store.set_price(
-                record, once=_once("set_price", request))
+                record, once=_once(SET_PRICE, request))
         self._config.invalidate()
         return SetModelPriceResponse(price=_price_to_proto(stored), replaced=replaced,
                                      replayed=replayed)
@@ -459,7 +459,7 @@ class InformationServicer(InformationServiceServicer):
     async def Release(self, request, context):
         with _idempotent(request):
             result = await self.store.release(request.reservation_id, now_us(),
-                                              once=_once("release", request))
+                                              once=_once(RELEASE, request))
         if not result.found:
             raise errors.not_found("reservation", request.reservation_id)
         return ReleaseResponse(released=result.released, released_micros=result.micros,
