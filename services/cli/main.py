@@ -11,7 +11,6 @@ logs are JSON lines on stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
@@ -71,8 +70,9 @@ async def _run_service(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from hivemesh.runtime import eventloop
     try:
-        return asyncio.run(_run_service(args))
+        return eventloop.run(_run_service(args))
     except ValidationError as exc:
         # Never the input values: they may hold a secret.
         problems = "\n".join(

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hivemesh.runtime.eventloop import loop_name
 from hivemesh.runtime.middleware import DrainMiddleware, MiddlewareChain, default_chain
 from hivemesh.runtime.settings import ServerSettings
 
@@ -160,6 +161,7 @@ async def run_until_signalled(running: RunningServer, settings: ServerSettings,
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready()
+    log.info("serving", extra={"port": running.port, "event_loop": loop_name(loop)})
     serving = asyncio.create_task(running.server.wait_for_termination())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -4,6 +4,7 @@ durability on SQLite, and spans exported over OTLP to a real receiver."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,32 @@ def test_sigterm_right_after_the_address_line_is_a_graceful_shutdown(tmp_path, s
     proc = start_service(service, data_dir=tmp_path / "data", log_path=tmp_path / "log")
     assert proc.stop() == 0
     assert '"msg": "shutting down"' in (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize(("setting", "loop"), [("", "uvloop"), ("asyncio", "asyncio")])
+def test_a_service_runs_on_uvloop_unless_told_otherwise(tmp_path, setting, loop):
+    proc = start_service("artifact", data_dir=tmp_path / "data", log_path=tmp_path / "log",
+                         env={"HIVEMESH_EVENT_LOOP": setting})
+    try:
+        assert asyncio.run(_save_some(proc.address, 3))
+    finally:
+        code = proc.stop()
+    assert code == 0
+    served = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()
+              if '"msg": "serving"' in line]
+    assert [(s["event_loop"], s["port"]) for s in served] == [
+        (loop, int(proc.address.rsplit(":", 1)[1]))]
+
+
+def test_an_unknown_event_loop_is_a_clear_message(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
+                             "--port", "0", "--data-dir", str(tmp_path)],
+                            env={**os.environ, "HIVEMESH_EVENT_LOOP": "trio"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert ("artifact could not start: HIVEMESH_EVENT_LOOP='trio': choose one of "
+            "uvloop, asyncio") in result.stderr
+    assert "Traceback" not in result.stderr and "never awaited" not in result.stderr
 
 
 def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
