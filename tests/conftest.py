@@ -4,11 +4,13 @@ the local Redis (127.0.0.1:6379), which tests use under unique key prefixes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -59,6 +61,49 @@ async def drop_redis_prefix(client, prefix: str) -> None:
     keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
     for i in range(0, len(keys), 500):
         await client.delete(*keys[i:i + 500])
+
+
+class RedisProxy:
+    """A TCP proxy to Redis that the test can cut."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
+        self.url = ""
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        parts = urlsplit(REDIS_URL)
+        self.url = parts._replace(netloc=f"127.0.0.1:{port}").geturl()
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.close()
+            return
+        self.writers += [writer, up_writer]
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+        await self.server.wait_closed()
 
 
 @contextlib.asynccontextmanager

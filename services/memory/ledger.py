@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
@@ -53,6 +53,11 @@ class IdempotencyConflict(Exception):
     """The request_id was used before for a different request."""
 
 
+class LedgerUnavailable(ConnectionError):
+    """The ledger's database (Redis) did not answer; nothing of the
+    operation is reported as done."""
+
+
 def _key(namespace: str, request_id: str) -> str:
     """Request ids are scoped by namespace: the same id in two namespaces
     names two requests."""
@@ -71,6 +76,50 @@ def _stored(conn: sqlite3.Connection, method: str, namespace: str, request_id: s
     return row[1]
 
 
+class Turns:
+    """One at a time per key, in this process: the first holder goes at
+    once, the others wait in turn."""
+
+    def __init__(self) -> None:
+        # Per key in flight: its lock and how many hold or wait for it.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def held(self, method: str, key: str) -> AsyncIterator[None]:
+        key = f"{method}\x1f{key}"
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def take_newest(newest_first: Iterable[HistoryMessage], stored: int, token_budget: int,
+                max_bytes: int) -> tuple[list[HistoryMessage], int, bool, int]:
+    """What GetHistory answers, from a session's messages newest first:
+    (messages oldest first, their tokens, truncated, messages stored),
+    taken until the next would exceed ``token_budget`` (0: no limit) or, in
+    text, ``max_bytes`` (the newest always comes)."""
+    taken: list[HistoryMessage] = []
+    total = size = 0
+    for message in newest_first:
+        if token_budget and total + message.token_count > token_budget:
+            break
+        size += len(message.content.encode()) + len(message.name.encode())
+        if taken and size > max_bytes:
+            break
+        total += message.token_count
+        taken.append(message)
+    taken.reverse()
+    return taken, total, len(taken) < stored, stored
+
+
 class Ledger:
     def __init__(self, data_dir: Path, *, request_ttl_s: float = 86400.0,
                  history_retention: int = 1000, synchronous: Synchronous = "full") -> None:
@@ -78,32 +127,18 @@ class Ledger:
                                       synchronous=synchronous)
         self.request_ttl_us = int(request_ttl_s * 1e6)
         self.history_retention = history_retention
-        # Per (method, namespace, request_id) in flight: its lock and how
-        # many requests hold or wait for it.
-        self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._turns = Turns()
 
     # -- idempotency ----------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def one_at_a_time(self, method: str, namespace: str,
-                            request_id: str) -> AsyncIterator[None]:
+    def one_at_a_time(self, method: str, namespace: str,
+                      request_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Holds the requests of one request_id to one at a time (in this
         process, the one that owns the ledger): the next one then finds the
         first answer recorded. A lone request does not wait."""
-        key = (method, _key(namespace, request_id))
-        lock, users = self._turns.get(key) or (asyncio.Lock(), 0)
-        self._turns[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._turns[key]
-            if users == 1:
-                del self._turns[key]
-            else:
-                self._turns[key] = (lock, users - 1)
+        return self._turns.held(method, _key(namespace, request_id))
 
-    def replay(self, method: str, namespace: str, request_id: str,
-               digest: str) -> bytes | None:
+    async def replay(self, method: str, namespace: str, request_id: str,
+                     digest: str) -> bytes | None:
         """The first answer to this request, if there was one."""
         return _stored(self.db.reader, method, namespace, request_id, digest)
 
@@ -157,9 +192,9 @@ class Ledger:
             return response
         return await self.db.write(write)
 
-    def history(self, namespace: str, session_id: str, token_budget: int,
-                max_messages: int, max_bytes: int = 8 * 1024 * 1024
-                ) -> tuple[list[HistoryMessage], int, bool, int]:
+    async def history(self, namespace: str, session_id: str, token_budget: int,
+                      max_messages: int, max_bytes: int = 8 * 1024 * 1024
+                      ) -> tuple[list[HistoryMessage], int, bool, int]:
         """(messages oldest first, their tokens, truncated, messages stored):
         the newest messages, taken newest-backwards until the next would
         exceed ``token_budget`` (0: no limit), ``max_messages`` or, in text,
@@ -171,20 +206,11 @@ class Ledger:
             "SELECT message_id, role, content, token_count, name, create_time_us FROM messages "
             "WHERE namespace = ? AND session_id = ? ORDER BY seq DESC LIMIT ?",
             (namespace, session_id, max_messages)).fetchall()
-        taken: list[HistoryMessage] = []
-        total = size = 0
-        for message_id, role, content, tokens, name, created in rows:
-            if token_budget and total + tokens > token_budget:
-                break
-            size += len(content.encode()) + len(name.encode())
-            if taken and size > max_bytes:
-                break
-            total += tokens
-            taken.append(HistoryMessage(message_id=message_id, role=role, content=content,
-                                        token_count=tokens, name=name,
-                                        create_time=timestamp(created)))
-        taken.reverse()
-        return taken, total, len(taken) < stored, stored
+        newest_first = (HistoryMessage(message_id=message_id, role=role, content=content,
+                                       token_count=tokens, name=name,
+                                       create_time=timestamp(created))
+                        for message_id, role, content, tokens, name, created in rows)
+        return take_newest(newest_first, stored, token_budget, max_bytes)
 
     async def forget(self, namespace: str) -> int:
         """Deletes every session of ``namespace``; returns how many."""

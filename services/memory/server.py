@@ -4,6 +4,7 @@ settings; only ``main`` (the CLI) reads them from the environment."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hivemesh.memory.v1 import add_MemoryServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
@@ -15,6 +16,9 @@ from hivemesh.services.memory.servicer import DOMAIN, SERVICE_NAME, Limits, Memo
 from hivemesh.services.memory.settings import MemorySettings
 from hivemesh.services.memory.store.base import MemoryStore
 
+if TYPE_CHECKING:
+    from hivemesh.services.memory.redis_ledger import RedisLedger
+
 
 @dataclass
 class MemoryBackend:
@@ -23,7 +27,7 @@ class MemoryBackend:
 
     store: MemoryStore
     embedder: Embedder
-    ledger: Ledger
+    ledger: Ledger | RedisLedger
 
     async def close(self) -> None:
         await self.store.close()
@@ -79,10 +83,27 @@ async def open_backend(settings: MemorySettings) -> MemoryBackend:
     except BaseException:
         await embedder.close()
         raise
-    ledger = Ledger(settings.data_dir, request_ttl_s=settings.request_ttl_s,
-                    history_retention=settings.history_retention,
-                    synchronous=settings.sqlite_synchronous)
+    try:
+        ledger = await open_ledger(settings)
+    except BaseException:
+        await store.close()
+        await embedder.close()
+        raise
     return MemoryBackend(store, embedder, ledger)
+
+
+async def open_ledger(settings: MemorySettings) -> Ledger | RedisLedger:
+    """The configured ledger. Raises RedisUnavailable (a ConnectionError,
+    so an OSError) when its Redis cannot be reached."""
+    if settings.ledger == "redis":
+        from hivemesh.services.memory.redis_ledger import RedisLedger
+        # Settings refuse ledger=redis without a URL.
+        return await RedisLedger.open(
+            settings.redis_url.get_secret_value(), settings.redis_prefix,
+            request_ttl_s=settings.request_ttl_s, history_retention=settings.history_retention)
+    return Ledger(settings.data_dir, request_ttl_s=settings.request_ttl_s,
+                  history_retention=settings.history_retention,
+                  synchronous=settings.sqlite_synchronous)
 
 
 def limits(settings: MemorySettings) -> Limits:

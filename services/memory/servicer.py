@@ -44,7 +44,7 @@ from hivemesh.services.memory.embedders import (
 from hivemesh.services.memory.filters import (
     metadata_to_payload, payload_to_metadata, to_conditions)
 from hivemesh.services.memory.keywords import KeywordEncoder
-from hivemesh.services.memory.ledger import IdempotencyConflict, Ledger
+from hivemesh.services.memory.ledger import IdempotencyConflict, Ledger, LedgerUnavailable
 from hivemesh.services.memory.namespaces import resolve_namespace
 from hivemesh.services.memory.store.base import (
     LINEAGE_FIELDS, ChunkPoint, Equals, MemoryStore, Mode, NumberRange, Search,
@@ -127,6 +127,8 @@ def _backend_errors() -> Iterator[None]:
                                   ErrorReason.ERROR_REASON_UPSTREAM_ERROR, str(exc)) from exc
     except IdempotencyConflict as exc:
         raise errors.idempotency_conflict(str(exc)) from None
+    except LedgerUnavailable as exc:
+        raise errors.unavailable("memory ledger", str(exc), retry_after_s=1.0) from exc
 
 
 def _item_key(content: str, size: int, overlap: int, whole: bool,
@@ -167,9 +169,9 @@ class MemoryServicer(MemoryServiceServicer):
         write: a retry gets the first answer (through ``replayed``) and a
         different request conflicts, neither having touched the store."""
         fp = fingerprint(request)
-        async with self.ledger.one_at_a_time(method, namespace, request.request_id):
-            with _backend_errors():
-                first = self.ledger.replay(method, namespace, request.request_id, fp)
+        with _backend_errors():
+            async with self.ledger.one_at_a_time(method, namespace, request.request_id):
+                first = await self.ledger.replay(method, namespace, request.request_id, fp)
                 if first is not None:
                     return replayed(response_type.FromString(first))
                 response = await work()
@@ -395,9 +397,10 @@ class MemoryServicer(MemoryServiceServicer):
 
     async def GetHistory(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)
-        messages, total, truncated, stored = self.ledger.history(
-            namespace, request.session_id, request.token_budget,
-            request.max_messages or DEFAULT_HISTORY_MESSAGES, self.limits.history_bytes)
+        with _backend_errors():
+            messages, total, truncated, stored = await self.ledger.history(
+                namespace, request.session_id, request.token_budget,
+                request.max_messages or DEFAULT_HISTORY_MESSAGES, self.limits.history_bytes)
         return GetHistoryResponse(messages=messages, total_tokens=total, truncated=truncated,
                                   session_message_count=stored)
 

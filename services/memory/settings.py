@@ -70,6 +70,14 @@ class MemorySettings(BaseSettings):
     # history) or normal (survives kill -9 of the service, not a power loss).
     # A Qdrant server keeps its own durability.
     sqlite_synchronous: Synchronous = "full"
+    # Where the answers to request ids and the conversation history are
+    # kept. sqlite: a file under data_dir, this replica's own (the default;
+    # durability as sqlite_synchronous). redis: one Redis shared by every
+    # replica (several replicas on one Qdrant server answer alike).
+    ledger: Literal["sqlite", "redis"] = "sqlite"
+    # Required with the redis ledger; a secret (it may hold a password).
+    redis_url: SecretStr | None = None
+    redis_prefix: str = Field(default="hivemesh:memory:", min_length=1)
     # Messages kept per session; older ones are dropped on append.
     history_retention: int = Field(default=1000, ge=1)
     # How long answers to mutating requests are kept for retries.
@@ -81,6 +89,8 @@ class MemorySettings(BaseSettings):
             raise ValueError("chunk_overlap_chars must be smaller than chunk_size_chars")
         if self.embedder == "llm" and not self.llm_address:
             raise ValueError("embedder=llm needs HIVEMESH_MEMORY_LLM_ADDRESS")
+        if self.ledger == "redis" and self.redis_url is None:
+            raise ValueError("ledger=redis needs HIVEMESH_MEMORY_REDIS_URL")
         if self.store == "qdrant" and (self.qdrant_url is None) == (self.qdrant_location is None):
             raise ValueError("store=qdrant needs exactly one of HIVEMESH_MEMORY_QDRANT_URL "
                              "and HIVEMESH_MEMORY_QDRANT_LOCATION")

@@ -290,3 +290,22 @@ def test_production_orchestrator_replicas_share_their_state_through_redis():
     dev = next(d for d in of_kind(build("overlays/dev"), "Deployment")
                if service_of(d) == "orchestrator")
     assert "HIVEMESH_ORCHESTRATOR_STATE_BACKEND" not in env_of(containers(dev)["app"])
+
+
+def test_production_memory_replicas_share_vectors_and_ledger():
+    """Two memory replicas must answer a session's history and a retried
+    request alike: the Qdrant server for vectors, the redis ledger, both
+    URLs from Secrets."""
+    docs = build("overlays/production")
+    memory = next(d for d in of_kind(docs, "Deployment") if service_of(d) == "memory")
+    assert memory["spec"]["replicas"] >= 2
+    app = containers(memory)["app"]
+    env = env_of(app)
+    assert (env["HIVEMESH_MEMORY_STORE"], env["HIVEMESH_MEMORY_LEDGER"]) == ("qdrant", "redis")
+    [secrets] = [v["projected"]["sources"] for v in memory["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "secrets"]
+    paths = {i["path"] for s in secrets for i in s["secret"]["items"]}
+    assert {"HIVEMESH_MEMORY_QDRANT_URL", "HIVEMESH_MEMORY_REDIS_URL"} <= paths
+    dev = next(d for d in of_kind(build("overlays/dev"), "Deployment")
+               if service_of(d) == "memory")
+    assert "HIVEMESH_MEMORY_LEDGER" not in env_of(containers(dev)["app"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import REDIS_URL, drop_redis_prefix, on_local_redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hivemesh.client import (
@@ -26,6 +27,7 @@ from hivemesh.common.v1 import RequestContext
 from hivemesh.memory.v1 import (
     Condition, Filter, MemoryServiceStub, NumericRange, SearchMemoriesRequest, SearchMode,
     TimeRange)
+from hivemesh.runtime.redis import open_redis
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.memory.server import create_server, open_backend
 from hivemesh.services.memory.settings import MemorySettings
@@ -59,12 +61,29 @@ async def serve(settings: MemorySettings):
         await backend.close()
 
 
-@pytest.fixture(params=["edge", "qdrant"])
+@contextlib.asynccontextmanager
+async def redis_prefix():
+    """A unique key prefix on the local Redis, its keys dropped afterwards
+    (skips when Redis is absent, except in CI)."""
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    client = await on_local_redis(open_redis)
+    try:
+        yield prefix
+    finally:
+        await drop_redis_prefix(client, prefix)
+        await client.aclose()
+
+
+@pytest.fixture(params=["edge", "qdrant", "qdrant-redis-ledger"])
 async def memory(request, tmp_path):
-    extra = {"store": "qdrant", "qdrant_location": ":memory:"} if request.param == "qdrant" \
-        else {}
-    async with serve(memory_settings(tmp_path, history_retention=5, **extra)) as client:
-        yield client
+    extra = {"store": "qdrant", "qdrant_location": ":memory:"} \
+        if request.param.startswith("qdrant") else {}
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param.endswith("redis-ledger"):
+            extra.update(ledger="redis", redis_url=REDIS_URL,
+                         redis_prefix=await stack.enter_async_context(redis_prefix()))
+        yield await stack.enter_async_context(
+            serve(memory_settings(tmp_path, history_retention=5, **extra)))
 
 
 async def add_notes(memory: MemoryClient, namespace: str = "zoo", **kwargs):

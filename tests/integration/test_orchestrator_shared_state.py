@@ -15,11 +15,10 @@ import asyncio
 import contextlib
 import json
 import uuid
-from urllib.parse import urlsplit
 
 import grpc
 import pytest
-from conftest import REDIS_URL, drop_redis_prefix, on_local_redis
+from conftest import REDIS_URL, RedisProxy, drop_redis_prefix, on_local_redis
 from fakes.mesh import SERVER, mesh
 
 from hivemesh.client import from_rpc_error
@@ -338,51 +337,8 @@ async def test_a_running_claim_holds_until_its_lease_ends_then_is_taken_over(
 
 # -- Redis unreachable ------------------------------------------------------------
 
-class Proxy:
-    """A TCP proxy to Redis that the test can cut."""
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
-        self.url = ""
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        parts = urlsplit(REDIS_URL)
-        self.url = parts._replace(netloc=f"127.0.0.1:{port}").geturl()
-
-    async def _serve(self, reader, writer) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-        except OSError:
-            writer.close()
-            return
-        self.writers += [writer, up_writer]
-
-        async def pipe(src, dst):
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        self.writers.clear()
-        await self.server.wait_closed()
-
-
 async def test_an_unreachable_redis_is_unavailable_and_nothing_runs(tmp_path, redis_state):
-    proxy = Proxy(REDIS_URL)
+    proxy = RedisProxy(REDIS_URL)
     await proxy.start()
     try:
         async with two_replicas(tmp_path, redis_state, redis_url=proxy.url) as (m, a, b):
@@ -409,7 +365,7 @@ async def test_an_unreachable_redis_is_unavailable_and_nothing_runs(tmp_path, re
 async def test_the_redis_backend_needs_a_reachable_url_at_start_up():
     with pytest.raises(ValueError, match="HIVEMESH_ORCHESTRATOR_REDIS_URL is required"):
         await open_backend(OrchestratorSettings(state_backend="redis"))
-    proxy = Proxy(REDIS_URL)
+    proxy = RedisProxy(REDIS_URL)
     await proxy.start()
     url = proxy.url
     await proxy.cut()  # nothing listens there any more

@@ -1,0 +1,120 @@
+"""Memory service replicas sharing one ledger in Redis
+(``HIVEMESH_MEMORY_LEDGER=redis``): a session's history and the answers to
+request ids are the same whichever replica a call reaches, requests of one
+request_id take turns across replicas, and a Redis outage is UNAVAILABLE.
+
+Each replica here has a store of its own (qdrant-client's local mode), so
+what a replica stored shows in its own store only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import pytest
+from conftest import REDIS_URL, RedisProxy
+from test_memory_service import memory_settings, redis_prefix, serve
+
+from hivemesh.client import AlreadyExistsError, UnavailableError
+from hivemesh.client.memory import memory_item
+from hivemesh.services.memory.server import open_backend
+from hivemesh.services.memory.settings import MemorySettings
+
+
+@contextlib.asynccontextmanager
+async def replicas(tmp_path, redis_url: str = REDIS_URL):
+    async with redis_prefix() as prefix, contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(serve(memory_settings(
+            tmp_path / name, store="qdrant", qdrant_location=":memory:", history_retention=5,
+            ledger="redis", redis_url=redis_url, redis_prefix=prefix)))
+            for name in ("a", "b")]
+
+
+async def test_history_appended_on_one_replica_is_read_on_the_other(tmp_path):
+    async with replicas(tmp_path) as (a, b):
+        await a.append_history("chat", [("user", "hello"), ("assistant", "hi there")],
+                               namespace="h")
+        await b.append_history("chat", [("user", "and you?")], namespace="h")
+        for replica in (a, b):
+            got = await replica.get_history("chat", namespace="h")
+            assert [m.content for m in got.messages] == ["hello", "hi there", "and you?"]
+            assert got.session_message_count == 3
+        # The retention limit (5 per session) holds across replicas.
+        await b.append_history("chat", [("user", f"m{i}") for i in range(4)], namespace="h")
+        got = await a.get_history("chat", namespace="h")
+        assert [m.content for m in got.messages] == ["and you?", "m0", "m1", "m2", "m3"]
+        forgotten = await b.forget("h")
+        assert forgotten.deleted_session_count == 1
+        assert (await a.get_history("chat", namespace="h")).session_message_count == 0
+
+
+async def test_a_retry_on_another_replica_replays_the_first_answer(tmp_path):
+    rid = str(uuid.uuid4())
+    async with replicas(tmp_path) as (a, b):
+        first = await a.append_history("s", [("user", "once")], namespace="h", request_id=rid)
+        again = await b.append_history("s", [("user", "once")], namespace="h", request_id=rid)
+        assert again.replayed and not first.replayed
+        assert list(again.message_ids) == list(first.message_ids)
+        assert again.session_message_count == first.session_message_count == 1
+        assert (await a.get_history("s", namespace="h")).session_message_count == 1
+        with pytest.raises(AlreadyExistsError) as caught:
+            await b.append_history("s", [("user", "twice")], namespace="h", request_id=rid)
+        assert caught.value.reason == "IDEMPOTENCY_CONFLICT"
+        added = await a.add([memory_item("a fact to keep")], namespace="n", request_id=rid)
+        replayed = await b.add([memory_item("a fact to keep")], namespace="n", request_id=rid)
+        assert replayed.replayed
+        assert [i.chunk_ids for i in replayed.items] == [i.chunk_ids for i in added.items]
+        # The retry was answered from the ledger: b's own store holds nothing.
+        assert await b.count(namespace="n") == 0 and await a.count(namespace="n") == 1
+
+
+async def test_one_request_id_takes_turns_across_replicas(tmp_path):
+    """Two different requests under one request_id at once, one per
+    replica: one is stored, the other is refused having stored nothing."""
+    async with replicas(tmp_path) as (a, b):
+        for round_ in range(5):
+            rid, namespace = str(uuid.uuid4()), f"n{round_}"
+            outcomes = await asyncio.gather(
+                a.add([memory_item(f"first text {i}") for i in range(20)],
+                      namespace=namespace, request_id=rid),
+                b.add([memory_item(f"second text {i}") for i in range(20)],
+                      namespace=namespace, request_id=rid),
+                return_exceptions=True)
+            stored = [await r.count(namespace=namespace) for r in (a, b)]
+            refused = [isinstance(o, AlreadyExistsError) for o in outcomes]
+            assert sorted(refused) == [False, True], outcomes
+            assert stored == [0 if r else 20 for r in refused]
+
+
+async def test_an_unreachable_redis_is_unavailable(tmp_path):
+    proxy = RedisProxy(REDIS_URL)
+    await proxy.start()
+    try:
+        async with replicas(tmp_path, proxy.url) as (a, _):
+            await a.append_history("s", [("user", "kept")], namespace="h")
+            await proxy.cut()
+            calls = (lambda: a.append_history("s", [("user", "lost?")], namespace="h"),
+                     lambda: a.get_history("s", namespace="h"),
+                     lambda: a.add([memory_item("not stored")], namespace="h"))
+            for call in calls:
+                with pytest.raises(UnavailableError) as caught:
+                    await call()
+                assert caught.value.reason == "BACKEND_UNAVAILABLE"
+                assert caught.value.metadata["backend"] == "memory ledger"
+            # Nothing half-written is reported: the add never reached the store.
+            assert await a.count(namespace="h") == 0
+    finally:
+        if proxy.server is not None and proxy.server.is_serving():
+            await proxy.cut()
+
+
+async def test_the_redis_ledger_needs_a_url_and_a_reachable_redis(tmp_path):
+    with pytest.raises(ValueError, match="ledger=redis needs HIVEMESH_MEMORY_REDIS_URL"):
+        MemorySettings(ledger="redis")
+    proxy = RedisProxy(REDIS_URL)
+    await proxy.start()
+    url = proxy.url
+    await proxy.cut()  # nothing listens there any more
+    with pytest.raises(ConnectionError, match="Redis is not reachable at redis://127.0.0.1"):
+        await open_backend(memory_settings(tmp_path, ledger="redis", redis_url=url))
