@@ -736,6 +736,69 @@ async def test_prune_forgets_answers_reservations_and_history_past_retention(kin
             a.threshold_percent for a in recent.alerts] == [50]
 
 
+async def test_redis_keys_of_older_versions_get_their_expiry_when_pruned():
+    # Versions before answers expired wrote the same keys without a TTL:
+    # written here through the store, then made persistent.
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    store = await open_redis(prefix, request_ttl_s=3600)
+    client, request_ttl_ms = store.client, 3600 * 1000
+    elsewhere = f"hmtest:{uuid.uuid4().hex}:req:old".encode()  # another store's answer
+    try:
+        b = budget("b", micros=10_000, thresholds=(10,))
+        await store.create_budget(b, "create", "fp")
+        await store.set_price(price("m"), once=Once("price", "fp", T0))
+        await store.reserve(reserve_op([hold(b)], 100, request_id="r-done",
+                                       reservation_id="res-done", ttl=10))
+        commit = commit_op("res-done", 2000, request_id="c-done")  # fires 10 %
+        await store.settle(commit)
+        held = reserve_op([hold(b)], 200, request_id="r-open", reservation_id="res-open",
+                          ttl=60 * MINUTE)
+        await store.reserve(held)
+        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        for key in keys:
+            await client.persist(key)
+        await client.hset(elsewhere, mapping={"kind": "settle", "fingerprint": "fp"})
+
+        for _ in range(10_000):
+            await store.prune(T0, history_before_us=0)
+            if await client.get(prefix + "expiry:legacy") == b"done":
+                break
+        else:
+            pytest.fail("the pass over keys without expiry never ended")
+
+        ttls = {k[len(prefix):].decode(): await client.pttl(k) for k in keys}
+        expiring = {"req:create", "req:price", "req:r-done", "req:c-done", "req:r-open",
+                    "res:res-done"}
+        assert expiring < set(ttls)
+        assert all(ttls[name] > 0 for name in expiring)
+        # A Reserve answer is kept a request TTL after its reservation expires.
+        assert ttls["req:r-open"] > request_ttl_ms
+        # Budgets, counters, prices, history, the open reservation: no expiry.
+        assert {name: ttl for name, ttl in ttls.items() if name not in expiring} == {
+            name: -1 for name in set(ttls) - expiring}
+        assert {"budget:b", "ctr:b:0", "fired:b:0", "config:version", "calls", "alerts",
+                "res:res-open"} < set(ttls) - expiring
+        assert await client.pttl(elsewhere) == -1
+        # The migrated answers still answer retries.
+        again = await store.reserve(replace(held, reservation_id="res-other"))
+        assert again.replayed and again.reservation_id == "res-open"
+        assert (await store.settle(commit)).replayed
+        assert await store.create_budget(b, "create", "fp") == (b, True)
+
+        # Once over, the pass does not run again, on this store or another.
+        await client.persist(prefix + "req:c-done")
+        later = await open_redis(prefix, request_ttl_s=3600)
+        try:
+            assert await later.prune(T0, history_before_us=0) == 0
+        finally:
+            await later.close()
+        assert await client.pttl(prefix + "req:c-done") == -1
+    finally:
+        await client.delete(elsewhere)
+        await drop_prefix(store)
+        await store.close()
+
+
 async def test_an_older_sqlite_file_keeps_its_answers_a_request_ttl(tmp_path):
     import sqlite3
     path = tmp_path / "old"

@@ -453,7 +453,8 @@ class InformationStore(Protocol):
         reservation and its Reserve answer a request TTL after it expires),
         and recorded calls and alerts older than ``history_before_us``.
         Returns how many records went (a store that expires answers by itself
-        counts only the history)."""
+        counts only the history, and the records of older versions it gave
+        the expiry they lacked)."""
         ...
 
     async def counters(self, keys: list[tuple[str, int]]) -> list[Counter]:

@@ -28,6 +28,9 @@ Keys, all under ``prefix``:
 ``alerts:seq`` etc.         counters
 ``config:version``          integer, incremented by every budget or price
                             write (0 when absent)
+``expiry:legacy``           the SCAN cursor of the pass that gives answers
+                            and closed reservations written before they
+                            expired their expiry; ``done`` once it is over
 ==========================  ===============================================
 
 Amounts are integers everywhere. Lua numbers are doubles: amounts, limits and
@@ -121,6 +124,8 @@ local function answer_once(kind, answer)
   if ARGV[2] ~= '' then remember(ARGV[2], kind, ARGV[3], answer, '', fmt(REQUEST_TTL_MS)) end
 end
 local function bump_config() redis.call('INCR', P .. 'config:version') end
+-- `s` escaped for a SCAN MATCH pattern.
+local function glob(s) return (string.gsub(s, '[%*%?%[%]\\]', '\\%0')) end
 -- True when the caller's configuration version (a decimal string, '-1' = do
 -- not check) is not the current one.
 local function stale(seen)
@@ -195,7 +200,6 @@ end
 redis.call('DEL', key)
 redis.call('ZREM', P .. 'budgets', id)
 redis.call('SREM', P .. 'scope:' .. scope, id)
-local function glob(s) return (string.gsub(s, '[%*%?%[%]\\]', '\\%0')) end
 -- 'kind:{id}:{period}' with a period of digits only (another id may extend this one).
 local function is_mine(name, kind)
   local head = kind .. ':' .. id .. ':'
@@ -456,6 +460,43 @@ end
 return old + alerts
 """
 
+# ARGV: prefix, now_us, count. One step of a SCAN (COUNT `count`) of this
+# prefix's answers and reservations: those written before answers and closed
+# reservations expired (no TTL) get the expiry the scripts give them now, a
+# request TTL from `now_us` (a Reserve answer and a closed reservation a
+# request TTL after the reservation expires). Open reservations keep none
+# (closing one gives it its expiry); no other key is touched. The cursor is
+# kept in 'expiry:legacy', so any replica resumes the pass; 'done' ends it.
+# Replies {keys given an expiry, 1 when the pass is over}.
+_EXPIRE_LEGACY = _PRELUDE + r"""
+local mark = P .. 'expiry:legacy'
+local cursor = redis.call('GET', mark) or '0'
+if cursor == 'done' then return {0, 1} end
+local r = redis.call('SCAN', cursor, 'MATCH', glob(P) .. 're[qs]:*', 'COUNT', ARGV[3])
+local n = 0
+for _, key in ipairs(r[2]) do
+  if redis.call('PTTL', key) == -1 then
+    local ms = nil
+    if string.sub(key, #P + 3, #P + 3) == 'q' then
+      local f = redis.call('HMGET', key, 'kind', 'ref')
+      local until_us = f[1] == 'reserve' and redis.call('HGET', P .. 'res:' .. f[2],
+                                                       'expire_time_us')
+      ms = until_us and keep_ms(until_us, ARGV[2]) or fmt(REQUEST_TTL_MS)
+    else
+      local f = redis.call('HMGET', key, 'state', 'expire_time_us')
+      if f[1] ~= 'open' then ms = keep_ms(f[2], ARGV[2]) end
+    end
+    if ms then
+      redis.call('PEXPIRE', key, ms)
+      n = n + 1
+    end
+  end
+end
+local done = r[1] == '0'
+redis.call('SET', mark, done and 'done' or r[1])
+return {n, done and 1 or 0}
+"""
+
 
 # -- helpers ------------------------------------------------------------------
 
@@ -528,6 +569,10 @@ def _reserve_result(reply, replayed: bool, holds: tuple[Hold, ...]) -> ReserveRe
 # settled by the replica that reserved them).
 _RECENT_RESERVATIONS = 4096
 
+# Keys one step of the pass over keys written before expiry looks at (SCAN's
+# COUNT): each step is one short script.
+_LEGACY_SCAN_COUNT = 1000
+
 
 class RedisStore:
     name = "redis"
@@ -560,6 +605,9 @@ class RedisStore:
         self._release = register(_RELEASE)
         self._expire = register(_EXPIRE)
         self._prune = register(_PRUNE)
+        self._expire_legacy = register(_EXPIRE_LEGACY)
+        # Set once the pass over keys written before expiry is seen over.
+        self._legacy_done = False
 
     @classmethod
     async def open(cls, url: str, prefix: str = DEFAULT_PREFIX, *,
@@ -862,7 +910,23 @@ class RedisStore:
         return int(await self._run(self._expire, _num(now_us), str(int(limit))))
 
     async def prune(self, now_us: int, history_before_us: int, limit: int = 10_000) -> int:
-        return int(await self._run(self._prune, _num(history_before_us), str(int(limit))))
+        pruned = int(await self._run(self._prune, _num(history_before_us), str(int(limit))))
+        return pruned + await self._expire_legacy_keys(now_us, limit)
+
+    async def _expire_legacy_keys(self, now_us: int, limit: int) -> int:
+        """Give answers and closed reservations written by versions that did
+        not expire them their expiry: a few SCAN steps, at most about
+        ``limit`` keys looked at, resumed by the next call (on any replica)
+        until the pass is over. Returns how many keys got an expiry."""
+        given = 0
+        for _ in range(max(1, limit // _LEGACY_SCAN_COUNT)):
+            if self._legacy_done:
+                break
+            n, done = await self._run(self._expire_legacy, _num(now_us),
+                                      str(_LEGACY_SCAN_COUNT))
+            given += int(n)
+            self._legacy_done = bool(done)
+        return given
 
     async def counters(self, keys):
         if not keys:
