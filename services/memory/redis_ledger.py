@@ -31,7 +31,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
 from hivemesh.runtime.redis import open_redis
@@ -132,11 +132,9 @@ class RedisLedger:
         return f"{self.prefix}sessions:{namespace}"
 
     async def _script(self, script, keys: list[str], args: list) -> list:
+        # redis-py loads a script Redis has lost (a restart) and runs it again.
         with _redis_errors():
-            try:
-                return await script(keys=keys, args=args)
-            except NoScriptError:  # Redis restarted and lost its script cache
-                return await script(keys=keys, args=args)
+            return await script(keys=keys, args=args)
 
     # -- idempotency ----------------------------------------------------------
     @contextlib.asynccontextmanager
