@@ -12,9 +12,9 @@ Keys, under the prefix (``hivemesh:memory:`` by default):
   TTL. Written by Lua scripts, so a request's answer and its effect land
   together.
 - ``turn:{method}:{namespace}␟{request_id}``: held while a request of that
-  id runs on some replica (a lease, so a replica that dies lets go of it);
-  requests of one id take turns across replicas, as they do in one
-  process.
+  id runs on some replica (a lease the replica renews while the request
+  runs, so one that dies lets go of it within ``TURN_LEASE_MS``); requests
+  of one id take turns across replicas, as they do in one process.
 - ``hist:{namespace}␟{session}``: a list, the session's messages oldest
   first (serialized ``HistoryMessage``), trimmed to the retention limit.
 - ``sessions:{namespace}``: the namespace's session ids (for ForgetNamespace).
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -40,10 +41,13 @@ from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.memory.ledger import (
     IdempotencyConflict, LedgerUnavailable, Turns, take_newest)
 
+log = logging.getLogger("hivemesh.memory")
+
 SEP = "\x1f"
 # A request's turn is held at most this long by a replica that stopped
-# answering (a crash); one that runs renews nothing and needs less.
-TURN_LEASE_MS = 300_000
+# answering (a crash); while the request runs, its replica renews the lease
+# every third of it, so a long request keeps its turn.
+TURN_LEASE_MS = 15_000
 # How often a request waiting for its turn looks again.
 TURN_POLL_S = 0.02
 
@@ -94,6 +98,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS[1] turn key. ARGV: the holder's token, lease ms. Renewed only by its
+# holder; returns 0 when the lease was lost (it lapsed and another took it).
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 @contextlib.contextmanager
 def _redis_errors() -> Iterator[None]:
@@ -115,6 +126,10 @@ class RedisLedger:
         self._append = client.register_script(_APPEND)
         self._forget = client.register_script(_FORGET)
         self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+        # Leases this replica holds (turn key -> token), renewed by one task.
+        self._held: dict[str, str] = {}
+        self._renewing: asyncio.Task | None = None
 
     @classmethod
     async def open(cls, url: str, prefix: str, **options) -> RedisLedger:
@@ -150,12 +165,42 @@ class RedisLedger:
             with _redis_errors():
                 while not await self.client.set(turn, token, nx=True, px=TURN_LEASE_MS):
                     await asyncio.sleep(TURN_POLL_S)
+            self._held[turn] = token
+            if self._renewing is None or self._renewing.done():
+                self._renewing = asyncio.create_task(self._renew_leases())
             try:
                 yield
             finally:
+                del self._held[turn]
                 with contextlib.suppress(LedgerUnavailable):
                     # If Redis fails here, the lease lapses on its own.
                     await asyncio.shield(self._script(self._release, [turn], [token]))
+
+    async def _renew_leases(self) -> None:
+        """Renews every lease held here each third of ``TURN_LEASE_MS``
+        until none is held. A failed renewal is logged and tried again next
+        time; a lease lost meanwhile (Redis lost it, or this process stalled
+        past it) only lets a twin run at the same time, whose answer
+        ``remember`` then reconciles."""
+        while self._held:
+            await asyncio.sleep(TURN_LEASE_MS / 3000)
+            held = list(self._held.items())
+            if not held:
+                return
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for turn, token in held:
+                        await self._renew(keys=[turn], args=[token, TURN_LEASE_MS],
+                                          client=pipe)
+                    kept = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("could not renew request turns in Redis: %s", exc)
+                continue
+            lost = [turn for (turn, _), ok in zip(held, kept, strict=True)
+                    if not ok and turn in self._held]
+            if lost:
+                log.warning("lost the turn of %d running request(s); a retry elsewhere "
+                            "may run alongside", len(lost))
 
     async def replay(self, method: str, namespace: str, request_id: str,
                      digest: str) -> bytes | None:
@@ -225,4 +270,8 @@ class RedisLedger:
                                       [self._history(namespace)]))
 
     async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
         await self.client.aclose()

@@ -18,6 +18,8 @@ from test_memory_service import memory_settings, redis_prefix, serve
 
 from hivemesh.client import AlreadyExistsError, UnavailableError
 from hivemesh.client.memory import memory_item
+from hivemesh.services.memory import redis_ledger
+from hivemesh.services.memory.redis_ledger import RedisLedger
 from hivemesh.services.memory.server import open_backend
 from hivemesh.services.memory.settings import MemorySettings
 
@@ -85,6 +87,44 @@ async def test_one_request_id_takes_turns_across_replicas(tmp_path):
             refused = [isinstance(o, AlreadyExistsError) for o in outcomes]
             assert sorted(refused) == [False, True], outcomes
             assert stored == [0 if r else 20 for r in refused]
+
+
+async def test_a_request_longer_than_the_lease_keeps_its_turn(monkeypatch):
+    """The replica running a request renews its lease, so a twin on another
+    replica waits however long the first one runs; a replica that stops
+    renewing (it died) lets go of the turn when the lease lapses."""
+    monkeypatch.setattr(redis_ledger, "TURN_LEASE_MS", 150)
+    async with redis_prefix() as prefix:
+        a = await RedisLedger.open(REDIS_URL, prefix)
+        b = await RedisLedger.open(REDIS_URL, prefix)
+        try:
+            order: list[str] = []
+            a_inside = asyncio.Event()
+
+            async def first():
+                async with a.one_at_a_time("AddMemories", "n", "rid"):
+                    a_inside.set()
+                    await asyncio.sleep(1.0)  # about seven leases
+                    order.append("a done")
+
+            async def twin():
+                await a_inside.wait()
+                async with b.one_at_a_time("AddMemories", "n", "rid"):
+                    order.append("b in")
+
+            await asyncio.gather(first(), twin())
+            assert order == ["a done", "b in"]
+
+            # A holder that stopped renewing: its lease lapses and the twin goes.
+            turn = f"{prefix}turn:AddMemories:n{redis_ledger.SEP}rid"
+            await a.client.set(turn, "a replica that died", px=150)
+            async with asyncio.timeout(10):
+                async with b.one_at_a_time("AddMemories", "n", "rid"):
+                    assert await b.client.get(turn) != b"a replica that died"
+            assert not await b.client.exists(turn)  # released on the way out
+        finally:
+            await a.close()
+            await b.close()
 
 
 async def test_an_unreachable_redis_is_unavailable(tmp_path):
