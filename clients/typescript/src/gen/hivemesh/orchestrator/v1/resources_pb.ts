@@ -1252,7 +1252,10 @@ export type AgentStart = Message<"hivemesh.orchestrator.v1.AgentStart"> & {
   input: string;
 
   /**
-   * The model alias the run starts with.
+   * The model alias the run starts with: the run's override, else the
+   * agent's model. Empty when neither names one: the run then uses the LLM
+   * service's default chat alias, which the generation events and the
+   * result name.
    *
    * @generated from field: string model = 2;
    */
