@@ -61,7 +61,7 @@ class MemorySettings(BaseSettings):
     build_index_on_start: bool = True
     # Threads the embedded engine gives one search. 1 runs a search on the
     # thread that asked, without handing it to the engine's own pool and
-    # back; concurrent searches still run in parallel on the store's threads.
+    # back.
     search_threads: int = Field(default=1, ge=1, le=64)
 
     # Durability of acknowledged writes, as for the artifact store: full

@@ -7,12 +7,13 @@ on close. The log is memory-mapped and the engine never syncs it while it
 runs, so a power loss could drop acknowledged updates: with ``sync_writes``
 (the service's ``full`` durability, its default) each update is answered only
 after the log's segments are fsynced, one fsync for all the updates applied
-before it began (group commit). Engine calls run on a small thread pool, off the event loop,
-except short ones (a search, a get, an upsert of a few points) that find no
-other engine call in flight: they run inline, because the hop to a pool
-thread and back costs a tenth of a millisecond or more, more than such a
-call itself. The engine releases the interpreter lock while it searches, so
-reads that arrive while others run go to the pool and run in parallel.
+before it began (group commit).
+
+Engine calls run inline, on the event loop's thread: the binding holds the
+interpreter lock for the whole of a call (a search, an upsert, a count), so
+a pool of threads would run nothing in parallel with it, neither other
+engine calls nor the loop, and would only add a hop to a thread and back
+(a tenth of a millisecond or more, more than a short call itself).
 
 The engine builds its HNSW index only when asked (``optimize()``), and the
 binding holds the interpreter lock while it does, which would freeze the
@@ -43,9 +44,6 @@ from hivemesh.services.memory.store.base import (
     SparseVector, StoreUnavailable)
 
 log = logging.getLogger("hivemesh.memory.edge")
-# Upserts of at most this many points run inline when the engine is idle
-# (an agent's write-back is a few chunks; a bulk add goes to the pool).
-INLINE_UPSERT_POINTS = 16
 T = TypeVar("T")
 
 
@@ -82,13 +80,11 @@ class EdgeStore(MemoryStore):
     """Open with :meth:`open`; ``close`` flushes and releases the shard."""
 
     def __init__(self, shard: q.EdgeShard, root: Path, info: CollectionInfo, *,
-                 threads: int = 4, sync_writes: bool = True) -> None:
+                 sync_writes: bool = True) -> None:
         self.shard = shard
         self.root = root
         self.info = info
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qdrant-edge")
         self._closed = False
-        self._in_flight = 0  # engine calls running on the pool
         self._wal = _WalSync(root / "shard" / "wal") if sync_writes else None
 
     @classmethod
@@ -132,23 +128,17 @@ class EdgeStore(MemoryStore):
             shard.flush()
         return cls(shard, root, wanted, **kwargs)
 
-    async def _run(self, fn: Callable[[], T], *, short: bool = False) -> T:
+    async def _run(self, fn: Callable[[], T]) -> T:
         if self._closed:
             raise StoreUnavailable("the memory store is closed")
         try:
-            if short and not self._in_flight:
-                return fn()
-            self._in_flight += 1
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
-            finally:
-                self._in_flight -= 1
+            return fn()
         except OSError as exc:
             raise StoreUnavailable(f"the embedded engine failed: {exc}") from exc
 
-    async def _update(self, fn: Callable[[], T], *, short: bool = False) -> T:
+    async def _update(self, fn: Callable[[], T]) -> T:
         """Runs an update; with ``sync_writes`` returns once it is on disk."""
-        result = await self._run(fn, short=short)
+        result = await self._run(fn)
         if self._wal is not None:
             try:
                 await self._wal.durable()
@@ -162,11 +152,11 @@ class EdgeStore(MemoryStore):
             self.shard.update(q.UpdateOperation.upsert_points([
                 q.Point(uuid.UUID(p.id), {DENSE: list(p.dense), SPARSE: _sparse(p.sparse)},
                         p.payload) for p in points]))
-        await self._update(write, short=len(points) <= INLINE_UPSERT_POINTS)
+        await self._update(write)
 
     async def get(self, namespace: str, ids: Sequence[str]) -> list[Found]:
         records = await self._run(lambda: self.shard.retrieve(
-            [uuid.UUID(i) for i in ids], with_payload=True, with_vector=False), short=True)
+            [uuid.UUID(i) for i in ids], with_payload=True, with_vector=False))
         return [Found(str(r.id), r.payload) for r in records
                 if r.payload and r.payload.get(NAMESPACE) == namespace]
 
@@ -192,7 +182,7 @@ class EdgeStore(MemoryStore):
                 limit=search.limit, filter=flt, with_payload=True,
                 score_threshold=search.score_threshold, query=sparse if keyword else dense,
                 params=idf if keyword else None)
-        points = await self._run(lambda: self.shard.query(request), short=True)
+        points = await self._run(lambda: self.shard.query(request))
         return [Found(str(p.id), p.payload or {}, p.score) for p in points]
 
     async def count(self, namespace: str, conditions: Sequence[Condition] = ()) -> int:
@@ -215,7 +205,6 @@ class EdgeStore(MemoryStore):
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True)
         if self._wal is not None:
             self._wal.close()
         self.shard.flush()
