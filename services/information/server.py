@@ -61,7 +61,8 @@ async def _sweep(store: InformationStore, interval_s: float, history_retention_s
                 pruned = await store.prune(now, now - int(history_retention_s * 1e6),
                                            _PRUNE_BATCH)
                 if pruned:
-                    log.info("forgot records past their retention", extra={"count": pruned})
+                    log.info("forgot records past their retention, or set them to expire",
+                             extra={"count": pruned})
                 next_prune = 0.0 if pruned >= _PRUNE_BATCH else (
                     time.monotonic() + _PRUNE_INTERVAL_S)
         except Exception:  # noqa: BLE001 - the next sweep retries; reserve also expires
