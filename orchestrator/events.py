@@ -1,4 +1,4 @@
-"""The in-process event bus (seed 002): every event of a run passes through
+"""The in-process event bus: every event of a run passes through
 the bus's middleware (which may enrich or drop it), then reaches the
 subscribers in priority order (higher first). A subscriber that raises is
 logged and counted, never allowed to break the run.

@@ -1,6 +1,6 @@
 """``hivemesh up``: start the whole mesh, each service in its own process
 with embedded defaults (mock LLM unless a backend is configured, embedded
-Qdrant, SQLite), and run seed 004's coding -> test -> review workflow
+Qdrant, SQLite), and run a coding -> test -> review workflow
 through the orchestrator.
 
 The orchestrator loads the example agents (``orchestrator/examples/agents``)

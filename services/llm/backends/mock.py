@@ -1,4 +1,4 @@
-"""The mock backend (seed 004's MockLLMProvider): the mesh runs with no API
+"""The mock backend: the mesh runs with no API
 key. Queued responses, a sensible default answer, simulated failures and
 latency, call history, token estimates, streaming by words, and
 deterministic hashing embeddings."""
@@ -142,7 +142,7 @@ class MockBackend:
 
 
 def _smart_default(request: ChatRequest) -> str:
-    """A contextual answer for keyless runs (seed 004's smart default)."""
+    """A contextual answer for keyless runs."""
     last = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
     system = next((m.content for m in request.messages if m.role == "system"), "")
     topic = f"{system}\n{last}".lower()
