@@ -166,6 +166,11 @@ class WorkflowRun:
         self.first_error = None
         self.trace_id = ""
         self.currency = ""  # of the runs' charges
+        # Handoff targets: the agents whose system prompts the run's
+        # variables fill (validate checked only the tasks' own agents).
+        self.startable = tuple(n for n in agents.names()
+                               if not templates.problems(agents.get(n).system_prompt,
+                                                         self.variables))
 
     def _task_complete(self, task: TaskSpec, result: TaskResult) -> None:
         """TASK_COMPLETE, in the context its TASK_START had (task, agent)."""
@@ -328,7 +333,7 @@ class WorkflowRun:
     async def _run_agent(self, task: TaskSpec, agent: str, model: str, text: str,
                          result: TaskResult, key: str, handoff: bool = False) -> AgentResult:
         """One agent run of a task; usage (also of a failed run) goes to the task."""
-        targets = tuple(n for n in self.agents.names() if n != agent) if handoff else ()
+        targets = tuple(n for n in self.startable if n != agent) if handoff else ()
         options = RunOptions(request_id=step_id(self.request.request_id, key), input=text,
                              model_override=model or task.model, variables=self.variables,
                              handoff_targets=targets, refuse_handoff=not task.allow_handoff)

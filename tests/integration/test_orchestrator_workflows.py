@@ -530,3 +530,22 @@ async def test_results_too_big_for_one_response_keep_each_output_once_or_fail_cl
                                 for i in range(5)))
         assert err.value.reason == "PAYLOAD_TOO_LARGE"
         assert err.value.metadata["limit_bytes"] == str(256 * 1024)
+
+
+async def test_a_handoff_is_offered_only_to_agents_the_runs_variables_can_start(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "triage", "expert")
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=AgentDefinition(
+                name="translator", model="main", budget=FREE,
+                system_prompt="You translate into {{variables.lang}}.")))
+        m.primary.queue_response(tool_calls=(ToolCall("h", "handoff", json.dumps(
+            {"agent": "translator", "reason": "needs a translation"})),))
+        m.primary.queue_response("triage answered itself")
+        response = await workflow(m, TaskSpec(task_id="ask", agent="triage",
+                                              input_template="question", allow_handoff=True))
+        (task,) = response.tasks
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED, task.error
+        offered = next(t for t in m.primary.calls[0].tools if t.name == "handoff")
+        assert list(offered.parameters["properties"]["agent"]["enum"]) == ["expert"]
+        assert task.output == "triage answered itself" and not task.handoffs
