@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -78,6 +79,8 @@ class RunOptions:
     refuse_handoff: bool = False
     # Stream the generation and emit GENERATION_CHUNK events.
     stream_chunks: bool = False
+    # Told what a cancelled run had used (a failed run's RunError carries it).
+    on_cancel: Callable[[AgentFailed], None] | None = None
 
 
 class RunError(Exception):
@@ -184,6 +187,8 @@ class AgentRunner:
                     f"the run of agent {agent.name!r} was cancelled (the caller left or its "
                     "deadline passed)").to_status(DOMAIN))
                 run.emit(EventType.EVENT_TYPE_AGENT_FAILED, failed)
+                if opts.on_cancel is not None:
+                    opts.on_cancel(failed)
                 await asyncio.shield(self._release(run, 2))
                 raise
             run.result.latency.CopyFrom(duration_s(time.monotonic() - started))

@@ -332,11 +332,13 @@ class WorkflowRun:
 
     async def _run_agent(self, task: TaskSpec, agent: str, model: str, text: str,
                          result: TaskResult, key: str, handoff: bool = False) -> AgentResult:
-        """One agent run of a task; usage (also of a failed run) goes to the task."""
+        """One agent run of a task; usage (also of a failed or cancelled run,
+        such as a branch another one beat) goes to the task."""
         targets = tuple(n for n in self.startable if n != agent) if handoff else ()
         options = RunOptions(request_id=step_id(self.request.request_id, key), input=text,
                              model_override=model or task.model, variables=self.variables,
-                             handoff_targets=targets, refuse_handoff=not task.allow_handoff)
+                             handoff_targets=targets, refuse_handoff=not task.allow_handoff,
+                             on_cancel=lambda failed: self._charge(result, failed))
         try:
             run = await self.runner.run(self.agents.get(agent), self._ctx(task, agent, key),
                                         options, self.sink)

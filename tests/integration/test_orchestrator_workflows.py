@@ -549,3 +549,39 @@ async def test_a_handoff_is_offered_only_to_agents_the_runs_variables_can_start(
         offered = next(t for t in m.primary.calls[0].tools if t.name == "handoff")
         assert list(offered.parameters["properties"]["agent"]["enum"]) == ["expert"]
         assert task.output == "triage answered itself" and not task.handoffs
+
+
+async def test_a_first_fan_out_counts_what_its_cancelled_branch_used(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        failed = []
+        m.backend.bus.subscribe(lambda event: failed.append(event.agent_failed)
+                                if event.type == EventType.EVENT_TYPE_AGENT_FAILED else None)
+        # main asks for a tool (a generation that is paid for), then hangs;
+        # backup answers once main's second generation has started.
+        m.primary.queue_response(tool_calls=(ToolCall("t", "memory_search", "{}"),))
+        second_started = asyncio.Event()
+        primary_begin, secondary_begin = m.primary._begin, m.secondary._begin
+
+        async def hangs_second_time(request, timeout_s):
+            if len(m.primary.calls) == 1:
+                second_started.set()
+                await asyncio.Event().wait()
+            return await primary_begin(request, timeout_s)
+
+        async def after_main(request, timeout_s):
+            await second_started.wait()
+            return await secondary_begin(request, timeout_s)
+        m.primary._begin, m.secondary._begin = hangs_second_time, after_main
+        response = await workflow(m, TaskSpec(
+            task_id="first", agent="coder", input_template="solve", fan_out=FanOut(
+                models=ModelList(models=["main", "backup"]),
+                combine=CombineMode.COMBINE_MODE_FIRST)))
+        (task,) = response.tasks
+        slow, fast = task.branches
+        assert fast.selected and slow.error.code == grpc.StatusCode.CANCELLED.value[0]
+        (cancelled,) = failed
+        assert cancelled.usage.total_tokens > 0
+        assert task.usage.total_tokens == (fast.result.usage.total_tokens
+                                           + cancelled.usage.total_tokens)
+        assert response.usage.total_tokens == task.usage.total_tokens
