@@ -29,6 +29,13 @@ def derived_context_id(*parts: str) -> str:
     return f"ctx-{uuid.uuid5(_CONTEXT_IDS, chr(31).join(parts)).hex}"
 
 
+def derived_workflow_id(request_id: str) -> str:
+    """The id of a workflow run whose definition names none, derived from
+    its request like a context id, for the same reason: the providers get
+    the very requests of the first attempt ("wf-" + a UUID)."""
+    return f"wf-{uuid.uuid5(_CONTEXT_IDS, chr(31).join(('workflow', request_id)))}"
+
+
 # Request ids are at most this long in every contract.
 MAX_REQUEST_ID = 128
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -28,7 +27,8 @@ from hivemesh.runtime import errors
 from hivemesh.runtime.wellknown import duration_s, now_us
 from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.agents import AgentRegistry
-from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of, step_id
+from hivemesh.services.orchestrator.context import (
+    ExecutionContext, baggage_of, derived_workflow_id, step_id)
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import (
@@ -153,7 +153,7 @@ class WorkflowRun:
         self.request = request
         self.workflow = request.workflow
         self.variables = dict(request.variables)
-        self.workflow_id = self.workflow.workflow_id or f"wf-{uuid.uuid4()}"
+        self.workflow_id = self.workflow.workflow_id or derived_workflow_id(request.request_id)
         self.base = base
         self.base.workflow_id = self.workflow_id
         self.sink = sink

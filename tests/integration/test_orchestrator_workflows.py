@@ -585,3 +585,29 @@ async def test_a_first_fan_out_counts_what_its_cancelled_branch_used(tmp_path):
         assert task.usage.total_tokens == (fast.result.usage.total_tokens
                                            + cancelled.usage.total_tokens)
         assert response.usage.total_tokens == task.usage.total_tokens
+
+
+async def test_a_cut_off_workflow_without_an_id_runs_again_when_retried(tmp_path):
+    async with mesh(tmp_path) as m:
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=AgentDefinition(name="coder", model="main",
+                                                    budget=BudgetPolicy())))
+        held = asyncio.Event()
+        original = m.primary._begin
+
+        async def hold_second(request, timeout_s):
+            if len(m.primary.calls) == 1:  # task b: wait until the caller has left
+                held.set()
+                await asyncio.Event().wait()
+            return await original(request, timeout_s)
+        m.primary._begin = hold_second
+        request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(tasks=[
+            TaskSpec(task_id="a", agent="coder", input_template="x"),
+            TaskSpec(task_id="b", agent="coder", input_template="y", depends_on=["a"])]))
+        running = m.orchestrator.RunWorkflow(request, timeout=30)
+        await asyncio.wait_for(held.wait(), 10)  # task a is done, b generates
+        running.cancel()
+        m.primary._begin = original
+        retried = await call(m.orchestrator.RunWorkflow, request)
+        assert not retried.replayed
+        assert retried.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED, retried.error

@@ -667,8 +667,9 @@ export const AgentResultSchema: GenMessage<AgentResult> = /*@__PURE__*/
 export type WorkflowDefinition = Message<"hivemesh.orchestrator.v1.WorkflowDefinition"> & {
   /**
    * Id of this workflow run, used as RequestContext.workflow_id; empty lets
-   * the service assign one ("wf-" + UUID). Choose it to subscribe to the
-   * run's events before starting it.
+   * the service assign one ("wf-" + a UUID derived from the request_id, so
+   * a retry runs under the same id). Choose it to subscribe to the run's
+   * events before starting it.
    *
    * @generated from field: string workflow_id = 1;
    */
