@@ -649,9 +649,10 @@ class AgentRunner:
             request_id=run.step("artifact"), workflow_id=run.ctx.workflow_id or
             run.ctx.context_id, task_id=run.ctx.task_id, agent_id=run.agent.name,
             artifact_type=run.agent.output_artifact_type, content=run.output)
+        # Nothing that differs between attempts (such as the trace id): a
+        # retried run saves the very request of the first attempt.
         request.metadata.update({"model": run.result.model, "backend": run.result.backend,
-                                 "context_id": run.ctx.context_id,
-                                 "trace_id": run.trace_id})
+                                 "context_id": run.ctx.context_id})
         saved = await self.providers.call("artifact", "SaveArtifact", request)
         run.result.artifact_ids.append(saved.artifact.artifact_id)
         run.emit(EventType.EVENT_TYPE_ARTIFACT_SAVED, ArtifactSaved(

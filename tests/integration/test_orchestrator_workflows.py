@@ -587,27 +587,50 @@ async def test_a_first_fan_out_counts_what_its_cancelled_branch_used(tmp_path):
         assert response.usage.total_tokens == task.usage.total_tokens
 
 
+async def cut_off_in_the_second_generation(m, request: RunWorkflowRequest) -> None:
+    """Runs the workflow and leaves (cancels the call) once the second
+    generation has started: the first task is done, its work kept."""
+    held = asyncio.Event()
+    original = m.primary._begin
+
+    async def hold_second(chat, timeout_s):
+        if len(m.primary.calls) == 1:
+            held.set()
+            await asyncio.Event().wait()
+        return await original(chat, timeout_s)
+    m.primary._begin = hold_second
+    running = m.orchestrator.RunWorkflow(request, timeout=30)
+    try:
+        await asyncio.wait_for(held.wait(), 10)
+    finally:
+        running.cancel()
+        m.primary._begin = original
+
+
 async def test_a_cut_off_workflow_without_an_id_runs_again_when_retried(tmp_path):
     async with mesh(tmp_path) as m:
         await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
             request_id=rid(), agent=AgentDefinition(name="coder", model="main",
                                                     budget=BudgetPolicy())))
-        held = asyncio.Event()
-        original = m.primary._begin
-
-        async def hold_second(request, timeout_s):
-            if len(m.primary.calls) == 1:  # task b: wait until the caller has left
-                held.set()
-                await asyncio.Event().wait()
-            return await original(request, timeout_s)
-        m.primary._begin = hold_second
         request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(tasks=[
             TaskSpec(task_id="a", agent="coder", input_template="x"),
             TaskSpec(task_id="b", agent="coder", input_template="y", depends_on=["a"])]))
-        running = m.orchestrator.RunWorkflow(request, timeout=30)
-        await asyncio.wait_for(held.wait(), 10)  # task a is done, b generates
-        running.cancel()
-        m.primary._begin = original
+        await cut_off_in_the_second_generation(m, request)
         retried = await call(m.orchestrator.RunWorkflow, request)
         assert not retried.replayed
         assert retried.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED, retried.error
+
+
+async def test_a_retried_workflow_finds_the_artifacts_its_first_attempt_saved(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder", output_artifact_type="note")
+        request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(
+            workflow_id="wf-saved", tasks=[
+                TaskSpec(task_id="a", agent="coder", input_template="x"),
+                TaskSpec(task_id="b", agent="coder", input_template="y", depends_on=["a"])]))
+        await cut_off_in_the_second_generation(m, request)
+        retried = await call(m.orchestrator.RunWorkflow, request)
+        assert retried.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED, retried.error
+        async with ArtifactClient(m.addresses["artifact"]) as artifacts:
+            saved = [a async for a in artifacts.iter(workflow_id="wf-saved")]
+        assert sorted(a.task_id for a in saved) == ["a", "b"]
