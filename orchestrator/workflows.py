@@ -11,8 +11,10 @@ rest (the default) or, with continue_on_failure, skips only its dependents.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -135,6 +137,15 @@ class _Branch:
     label: str
     agent: str
     model: str
+
+
+@dataclass
+class _Limit:
+    """A task's time limit (None: none), counted from when the task first
+    holds a concurrency slot (``deadline``, loop time, set then)."""
+    timeout: float | None
+    timer: asyncio.Timeout
+    deadline: float | None = None
 
 
 class _TaskFailed(Exception):
@@ -285,18 +296,17 @@ class WorkflowRun:
 
     async def _execute(self, task: TaskSpec, result: TaskResult) -> None:
         rendered = templates.render(task.input_template, self.variables, self.outputs)
-        result.start_time.FromMicroseconds(now_us())
-        result.status = TaskStatus.TASK_STATUS_RUNNING
         timeout = task.timeout.ToTimedelta().total_seconds() if task.HasField("timeout") \
             else None
         try:
             with tracer.start_as_current_span(f"task {task.task_id}", attributes={
-                    "hivemesh.task_id": task.task_id}), deadline_scope(timeout):
-                async with asyncio.timeout(timeout):
+                    "hivemesh.task_id": task.task_id}):
+                async with asyncio.timeout(None) as timer:
+                    limit = _Limit(timeout, timer)
                     if task.HasField("fan_out"):
-                        await self._fan_out(task, rendered, result)
+                        await self._fan_out(task, rendered, result, limit)
                     else:
-                        async with self.slots:
+                        async with self._slot(result, limit):
                             self._emit(EventType.EVENT_TYPE_TASK_START, TaskStart(
                                 task_id=task.task_id, input=rendered),
                                 self._ctx(task, task.agent, task.task_id), task.agent)
@@ -317,6 +327,23 @@ class WorkflowRun:
             result.end_time.FromMicroseconds(now_us())
             self.outputs[task.task_id] = result.output
             self._task_complete(task, result)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, result: TaskResult, limit: _Limit) -> AsyncIterator[None]:
+        """A concurrency slot for (a branch of, the judge of) the task. The
+        task starts when it first holds one: its time limit counts from
+        then, not while it waits for other tasks to make room."""
+        async with self.slots:
+            loop = asyncio.get_running_loop()
+            if not result.HasField("start_time"):
+                result.start_time.FromMicroseconds(now_us())
+                result.status = TaskStatus.TASK_STATUS_RUNNING
+                if limit.timeout is not None:
+                    limit.deadline = loop.time() + limit.timeout
+                    limit.timer.reschedule(limit.deadline)
+            left = None if limit.deadline is None else max(0.0, limit.deadline - loop.time())
+            with deadline_scope(left):
+                yield
 
     def _fail(self, task: TaskSpec, result: TaskResult, error: errors.ServiceError) -> None:
         result.status = TaskStatus.TASK_STATUS_FAILED
@@ -380,19 +407,20 @@ class WorkflowRun:
         return [_Branch(m, task.agent, m) for m in fan.models.models]
 
     async def _branch(self, task: TaskSpec, branch: _Branch, index: int, text: str,
-                      result: TaskResult) -> AgentResult:
-        async with self.slots:
+                      result: TaskResult, limit: _Limit) -> AgentResult:
+        async with self._slot(result, limit):
             self._emit(EventType.EVENT_TYPE_TASK_START, TaskStart(
                 task_id=task.task_id, input=text, branch=branch.label),
                 self._ctx(task, branch.agent, f"{task.task_id}:b{index}"), branch.agent)
             return await self._follow(task, branch.agent, branch.model, text, result,
                                       f"{task.task_id}:b{index}")
 
-    async def _fan_out(self, task: TaskSpec, text: str, result: TaskResult) -> None:
+    async def _fan_out(self, task: TaskSpec, text: str, result: TaskResult,
+                       limit: _Limit) -> None:
         branches = self._branches(task)
         records = [BranchResult(branch=b.label, agent=b.agent, model=b.model)
                    for b in branches]
-        runs = [asyncio.create_task(self._branch(task, b, i, text, result))
+        runs = [asyncio.create_task(self._branch(task, b, i, text, result, limit))
                 for i, b in enumerate(branches)]
         combine = task.fan_out.combine
         try:
@@ -426,7 +454,7 @@ class WorkflowRun:
                                  for r in winners)
             judge_input = (f"Task:\n{text}\n\nCandidates:\n\n{judged}\n\n"
                            "Pick or merge the best answer and give the final answer.")
-            async with self.slots:
+            async with self._slot(result, limit):
                 final = await self._run_agent(task, task.fan_out.judge_agent, "", judge_input,
                                               result, f"{task.task_id}:judge")
             result.result.CopyFrom(final)

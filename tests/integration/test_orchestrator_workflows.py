@@ -5,12 +5,14 @@ handoffs, the concurrency limit, subscriptions, and the agent registry."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 
 import grpc
 import pytest
 from fakes.mesh import mesh
+from google.protobuf.duration_pb2 import Duration
 
 from hivemesh.client import ArtifactClient, InformationClient, from_rpc_error
 from hivemesh.client.errors import (
@@ -634,3 +636,40 @@ async def test_a_retried_workflow_finds_the_artifacts_its_first_attempt_saved(tm
         async with ArtifactClient(m.addresses["artifact"]) as artifacts:
             saved = [a async for a in artifacts.iter(workflow_id="wf-saved")]
         assert sorted(a.task_id for a in saved) == ["a", "b"]
+
+
+async def test_a_tasks_time_limit_starts_when_it_gets_a_concurrency_slot(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        quick_done = asyncio.Event()
+        m.backend.bus.subscribe(lambda event: quick_done.set() if event.type
+                                == EventType.EVENT_TYPE_TASK_COMPLETE
+                                and event.task_complete.task_id == "quick" else None)
+        original = m.primary._begin
+
+        async def slow_first(request, timeout_s):
+            if len(m.primary.calls) == 0:  # "slow" holds the only slot
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(quick_done.wait(), 3)
+            return await original(request, timeout_s)
+        m.primary._begin = slow_first
+        response = await workflow(
+            m, TaskSpec(task_id="slow", agent="coder", input_template="x"),
+            TaskSpec(task_id="quick", agent="coder", input_template="y",
+                     timeout=Duration(seconds=1)),
+            max_concurrency=1)
+        slow, quick = response.tasks
+        assert quick.status == TaskStatus.TASK_STATUS_SUCCEEDED, quick.error
+        assert quick.start_time.ToMicroseconds() >= slow.end_time.ToMicroseconds()
+        # Once running, a task (a fan-out too) still ends at its limit.
+        async def hangs(request, timeout_s):
+            await asyncio.Event().wait()
+        m.primary._begin = hangs
+        for fan_out in (None, FanOut(models=ModelList(models=["main", "main"]),
+                                     combine=CombineMode.COMBINE_MODE_ALL)):
+            response = await workflow(m, TaskSpec(
+                task_id="stuck", agent="coder", input_template="z",
+                timeout=Duration(seconds=1), fan_out=fan_out))
+            (stuck,) = response.tasks
+            assert stuck.status == TaskStatus.TASK_STATUS_FAILED
+            assert from_status(stuck.error).reason == "DEADLINE_EXCEEDED"

@@ -776,8 +776,9 @@ export type TaskSpec = Message<"hivemesh.orchestrator.v1.TaskSpec"> & {
   model: string;
 
   /**
-   * Time limit of the task; unset means no limit but the workflow's
-   * deadline.
+   * Time limit of the task, counted from when it starts (holds its first
+   * concurrency slot), not while it waits for one; unset means no limit but
+   * the workflow's deadline.
    *
    * @generated from field: google.protobuf.Duration timeout = 9;
    */
