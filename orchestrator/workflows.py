@@ -428,13 +428,12 @@ class WorkflowRun:
                 await self._first(runs, records)
             else:
                 await asyncio.gather(*runs, return_exceptions=True)
-        finally:
-            for run in runs:
-                run.cancel()
-            await asyncio.gather(*runs, return_exceptions=True)
-        for run, record in zip(runs, records, strict=True):
-            _record_branch(run, record)
-        result.branches.extend(records)
+        except BaseException:
+            # Out of time, or the workflow is ending: each branch is still
+            # reported, as far as it got.
+            await _stop(runs, records, result, "the task ended before this branch did")
+            raise
+        await _stop(runs, records, result, "another branch answered first")
         winners = [r for r in records if r.HasField("result")]
         if not winners:
             first = next((r.error for r in records if r.HasField("error")), None)
@@ -470,9 +469,21 @@ class WorkflowRun:
                     return
 
 
-def _record_branch(run: asyncio.Task, record: BranchResult) -> None:
+async def _stop(runs: list[asyncio.Task], records: list[BranchResult], result: TaskResult,
+                why: str) -> None:
+    """Cancel the branches still running (``why``) and record every branch
+    in the task's result."""
+    for run in runs:
+        run.cancel()
+    await asyncio.gather(*runs, return_exceptions=True)
+    for run, record in zip(runs, records, strict=True):
+        _record_branch(run, record, why)
+    result.branches.extend(records)
+
+
+def _record_branch(run: asyncio.Task, record: BranchResult, why: str) -> None:
     if run.cancelled():
-        record.error.CopyFrom(_cancelled("another branch answered first"))
+        record.error.CopyFrom(_cancelled(why))
         return
     exc = run.exception()
     if exc is None:

@@ -673,3 +673,25 @@ async def test_a_tasks_time_limit_starts_when_it_gets_a_concurrency_slot(tmp_pat
             (stuck,) = response.tasks
             assert stuck.status == TaskStatus.TASK_STATUS_FAILED
             assert from_status(stuck.error).reason == "DEADLINE_EXCEEDED"
+
+
+async def test_a_fan_out_out_of_time_still_reports_each_branch(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        m.primary.queue_responses(["from main"])
+        original = m.secondary._begin
+
+        async def hangs(request, timeout_s):
+            await asyncio.Event().wait()
+        m.secondary._begin = hangs
+        response = await workflow(m, TaskSpec(
+            task_id="all", agent="coder", input_template="solve", timeout=Duration(seconds=1),
+            fan_out=FanOut(models=ModelList(models=["main", "backup"]),
+                           combine=CombineMode.COMBINE_MODE_ALL)))
+        m.secondary._begin = original
+        (task,) = response.tasks
+        assert from_status(task.error).reason == "DEADLINE_EXCEEDED"
+        done, cut = task.branches
+        assert done.result.output == "from main"
+        assert cut.branch == "backup" and cut.error.code == grpc.StatusCode.CANCELLED.value[0]
+        assert "answered first" not in cut.error.message
