@@ -51,7 +51,7 @@ from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of,
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import Providers, beyond_deadline, provider_error
 from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
-from hivemesh.services.orchestrator.tools import ToolOutcome, ToolRegistry
+from hivemesh.services.orchestrator.tools import ToolOutcome, ToolRegistry, parse_arguments
 
 tracer = trace.get_tracer("hivemesh.orchestrator")
 
@@ -602,8 +602,8 @@ class AgentRunner:
         """Record a valid handoff request; False when it is not valid (the
         model then gets a tool error like any other bad call)."""
         try:
-            args = json.loads(call.arguments or "{}")
-        except json.JSONDecodeError:
+            args = parse_arguments(call.arguments)
+        except ValueError:
             return False
         target = args.get("agent") if isinstance(args, dict) else None
         if target not in run.opts.handoff_targets:

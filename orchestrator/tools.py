@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -74,10 +75,20 @@ def _schema(properties: dict, required: list[str]) -> struct_pb2.Struct:
     return schema
 
 
+def parse_arguments(arguments: str) -> Any:
+    """The JSON value of a tool call's arguments (empty: ``{}``). ValueError
+    also for JSON the parser cannot hold (nested too deep, an integer of too
+    many digits): a model's output must never crash the run."""
+    try:
+        return json.loads(arguments or "{}")
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _arguments(call: ToolCall) -> dict:
     try:
-        args = json.loads(call.arguments or "{}")
-    except json.JSONDecodeError as exc:
+        args = parse_arguments(call.arguments)
+    except ValueError as exc:
         raise ToolFailure("INVALID_ARGUMENTS", f"arguments are not JSON: {exc}") from None
     if not isinstance(args, dict):
         raise ToolFailure("INVALID_ARGUMENTS", "arguments must be a JSON object")

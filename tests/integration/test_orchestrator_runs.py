@@ -344,6 +344,21 @@ async def test_built_in_tools_allowlist_and_results_fed_back(tmp_path):
         assert offered == ["artifact_save"]
 
 
+async def test_tool_arguments_json_cannot_parse_are_a_tool_error_not_a_crash(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       allowed_tools=["memory_search"], budget=BudgetPolicy(enforcement=3))
+        # Valid JSON that Python's parser refuses: nested too deep, an
+        # integer of too many digits.
+        m.primary.queue_response(tool_calls=(
+            ToolCall("c1", "memory_search", "[" * 100_000 + "]" * 100_000),
+            ToolCall("c2", "memory_search", '{"query": "x", "limit": ' + "1" * 5000 + "}")))
+        m.primary.queue_response("done without it")
+        result = (await run(m, "coder")).result
+        assert result.output == "done without it"
+        assert [c.error.code for c in result.tool_calls] == ["INVALID_ARGUMENTS"] * 2
+
+
 async def test_tool_calls_without_ids_or_with_one_id_twice_get_their_own(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="coder", system_prompt="You write code.",

@@ -695,3 +695,16 @@ async def test_a_fan_out_out_of_time_still_reports_each_branch(tmp_path):
         assert done.result.output == "from main"
         assert cut.branch == "backup" and cut.error.code == grpc.StatusCode.CANCELLED.value[0]
         assert "answered first" not in cut.error.message
+
+
+async def test_a_handoff_whose_arguments_cannot_be_parsed_is_refused_not_a_crash(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "triage", "expert")
+        m.primary.queue_response(tool_calls=(
+            ToolCall("h", "handoff", "[" * 100_000 + "]" * 100_000),))
+        m.primary.queue_response("triage answered itself")
+        response = await workflow(m, TaskSpec(task_id="ask", agent="triage",
+                                              input_template="question", allow_handoff=True))
+        (task,) = response.tasks
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED, task.error
+        assert task.output == "triage answered itself" and not task.handoffs
