@@ -23,6 +23,25 @@ def encode(key: list, filters_digest: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_INT64 = 2 ** 63
+
+
+def _storable(value: object) -> bool:
+    """Whether every store can compare a key value: a 64-bit integer, or
+    text UTF-8 can encode with no NUL (which PostgreSQL text cannot hold).
+    Tokens are not signed; a doctored one must fail here, not in a store."""
+    if isinstance(value, int):
+        return -_INT64 <= value < _INT64
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
 def decode(token: str, filters_digest: str, shape: tuple[type, ...]) -> list:
     """The key of a token, one value of each type of ``shape``;
     INVALID_ARGUMENT on ``page_token`` if the token is malformed or was
@@ -30,7 +49,8 @@ def decode(token: str, filters_digest: str, shape: tuple[type, ...]) -> list:
     try:
         key, seen = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not isinstance(key, list) or len(key) != len(shape) or not all(
-                isinstance(v, t) and not isinstance(v, bool) for v, t in zip(key, shape)):
+                isinstance(v, t) and not isinstance(v, bool) and _storable(v)
+                for v, t in zip(key, shape)):
             raise ValueError("bad token")
     except (ValueError, TypeError):
         raise errors.invalid_argument([("page_token", "page_token is malformed")]) from None

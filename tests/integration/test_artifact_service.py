@@ -110,6 +110,27 @@ async def test_page_token_is_bound_to_its_filter(artifacts):
         await artifacts.list(page_token="not-a-token")
 
 
+
+@pytest.mark.parametrize("key", [
+    "[9223372036854775808,\"art-x\"]",  # past a 64-bit integer
+    "[-9223372036854775809,\"art-x\"]",
+    "[1,\"art\\u0000x\"]",  # NUL, which PostgreSQL text cannot hold
+    "[1,\"art\\ud800x\"]",  # a lone surrogate, which UTF-8 cannot encode
+])
+async def test_a_forged_page_token_is_invalid_on_every_backend(artifacts, key):
+    """Tokens are only base64 of JSON: a doctored one must be refused as
+    page_token, not fail inside the backend as INTERNAL."""
+    import base64
+
+    from hivemesh.runtime import paging
+
+    await artifacts.save(workflow_id="wf-f", agent_id="a", artifact_type="code", content="x")
+    raw = f'[{key},"{paging.digest([])}"]'.encode()
+    token = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    with pytest.raises(InvalidArgumentError) as err:
+        await artifacts.list(page_token=token)
+    assert err.value.field_violations[0][0] == "page_token"
+
 async def test_delete_then_get_is_not_found(artifacts):
     saved = await artifacts.save(workflow_id="wf-d", agent_id="a", artifact_type="code",
                                  content="x")
