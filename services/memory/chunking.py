@@ -1,8 +1,9 @@
 """Splitting memory items into chunks.
 
 A chunk is at most ``size`` characters. Text is cut at paragraph breaks
-where it can, else at sentence ends, else between words, and only a single
-word longer than a chunk is cut inside. With an overlap, each chunk after
+where it can, else at sentence ends (the full-width ones of Chinese and
+Japanese too, which no space follows), else between words, and only a
+single word longer than a chunk is cut inside. With an overlap, each chunk after
 the first starts with the last (up to) ``overlap`` characters of the one
 before, taken from a word boundary, so a sentence cut in two is still found
 whole in one of them.
@@ -16,7 +17,9 @@ import re
 # text before it, so the pieces concatenate back into the original.
 _BOUNDARIES = (
     re.compile(r"\n[ \t]*\n\s*"),          # paragraph
-    re.compile(r"(?<=[.!?;:])[\"')\]]*\s+"),  # sentence
+    # sentence: a mark and its closing quotes or brackets, then a space, or
+    # none after the full-width marks of scripts written without spaces
+    re.compile(r"(?<=[.!?;:])[\"')\]”’»]*\s+|(?<=[。！？；：｡])[\"')\]”’»」』）】〕〗〙〛]*\s*"),
     re.compile(r"\s+"),                    # word
 )
 _SPACE = re.compile(r"\s")

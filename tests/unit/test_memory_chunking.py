@@ -45,6 +45,18 @@ def test_cuts_at_sentences_before_words():
                       "Third one ends."]
 
 
+
+def test_cuts_at_sentences_of_scripts_written_without_spaces():
+    # Japanese and Chinese end sentences with full-width marks and put no
+    # space after them: there, not inside a word, is where to cut.
+    text = "記憶サービスはテキストを分割します。各チャンクは埋め込まれます。検索で再び見つかります！"
+    assert chunk_text(text, 30, 0) == ["記憶サービスはテキストを分割します。",
+                                       "各チャンクは埋め込まれます。検索で再び見つかります！"]
+    assert chunk_text("你好。「他说。」再见！好吗？", 5, 0) == ["你好。", "「他说。」", "再见！", "好吗？"]
+    # A sentence closed by a curly quote ends there too.
+    assert chunk_text("He said “Stop.” Then he left.", 20, 0) == ["He said “Stop.”",
+                                                                 "Then he left."]
+
 def test_long_word_is_cut_inside_only_when_it_must():
     chunks = chunk_text("a " + "x" * 25 + " b", 10, 0)
     assert all(len(c) <= 10 for c in chunks)
