@@ -126,6 +126,18 @@ async def test_score_threshold_leaves_out_weaker_results(store):
     assert all(h.score >= cut for h in kept)
 
 
+@pytest.mark.parametrize("mode", list(Mode))
+async def test_a_result_scoring_exactly_the_threshold_is_kept(store, mode):
+    """The contract leaves out results scoring below the threshold: one
+    scoring exactly it stays, in every mode alike."""
+    everything = await store.search("a", _query("fox dog friends", mode))
+    assert len(everything) > 1
+    for hit in everything:
+        kept = await store.search("a", _query("fox dog friends", mode,
+                                              score_threshold=hit.score))
+        assert hit.id in {k.id for k in kept}
+        assert all(k.score >= hit.score for k in kept)
+
 @pytest.mark.parametrize("conditions,expected", [
     ([Equals("metadata.kind", "note")], {0, 1}),
     ([Equals("metadata.n", 3)], {2}),

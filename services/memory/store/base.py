@@ -121,6 +121,15 @@ class Search:
     rrf_k: int = 60
 
 
+def at_least(found: list[Found], threshold: float | None) -> list[Found]:
+    """The results (best first) scoring ``threshold`` or more; None keeps
+    all. The engines' own threshold leaves out a result scoring exactly it
+    in dense and keyword searches but not in fused ones, so the stores apply
+    it here: the first ``limit`` results that pass are the best ``limit``
+    of those that would."""
+    return found if threshold is None else [f for f in found if f.score >= threshold]
+
+
 @dataclass(frozen=True)
 class CollectionInfo:
     """What a collection records about the embeddings it holds."""

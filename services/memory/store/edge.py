@@ -41,7 +41,7 @@ import qdrant_edge as q
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
     CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
-    SparseVector, StoreUnavailable)
+    SparseVector, StoreUnavailable, at_least)
 
 log = logging.getLogger("hivemesh.memory.edge")
 T = TypeVar("T")
@@ -172,7 +172,7 @@ class EdgeStore(MemoryStore):
         if search.mode is Mode.HYBRID:
             request = q.QueryRequest(
                 limit=search.limit, filter=flt, with_payload=True,
-                score_threshold=search.score_threshold, query=q.Fusion.Rrf(k=search.rrf_k),
+                query=q.Fusion.Rrf(k=search.rrf_k),
                 prefetches=[q.Prefetch(limit=search.prefetch_limit, query=dense, filter=flt),
                             q.Prefetch(limit=search.prefetch_limit, query=sparse, filter=flt,
                                        params=idf)])
@@ -180,10 +180,11 @@ class EdgeStore(MemoryStore):
             keyword = search.mode is Mode.KEYWORD
             request = q.QueryRequest(
                 limit=search.limit, filter=flt, with_payload=True,
-                score_threshold=search.score_threshold, query=sparse if keyword else dense,
+                query=sparse if keyword else dense,
                 params=idf if keyword else None)
         points = await self._run(lambda: self.shard.query(request))
-        return [Found(str(p.id), p.payload or {}, p.score) for p in points]
+        return at_least([Found(str(p.id), p.payload or {}, p.score) for p in points],
+                        search.score_threshold)
 
     async def count(self, namespace: str, conditions: Sequence[Condition] = ()) -> int:
         request = q.CountRequest(exact=True, filter=_filter(namespace, conditions))

@@ -23,7 +23,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
     CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
-    SparseVector, StoreUnavailable)
+    SparseVector, StoreUnavailable, at_least)
 
 T = TypeVar("T")
 _TRANSIENT_GRPC = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -173,9 +173,9 @@ class QdrantStore(MemoryStore):
             kwargs = dict(query=dense, using=DENSE)
         response = await self._guard(self.client.query_points(
             self.collection, query_filter=flt, limit=search.limit, with_payload=True,
-            score_threshold=search.score_threshold, **kwargs))
-        return [Found(str(uuid.UUID(str(p.id))), p.payload or {}, p.score)
-                for p in response.points]
+            **kwargs))
+        return at_least([Found(str(uuid.UUID(str(p.id))), p.payload or {}, p.score)
+                         for p in response.points], search.score_threshold)
 
     async def count(self, namespace: str, conditions: Sequence[Condition] = ()) -> int:
         result = await self._guard(self.client.count(
