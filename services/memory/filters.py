@@ -5,9 +5,10 @@ that exclude everything) is refused here with the field that is wrong."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from hivemesh.memory.v1 import Filter
 from hivemesh.runtime import errors
@@ -39,6 +40,23 @@ def _upper(b: dict[str, Any]) -> tuple[Any, bool] | None:
     return min(bounds, key=lambda x: (x[0], x[1])) if bounds else None
 
 
+def _time_bound(key: str, name: str, ts: timestamp_pb2.Timestamp, field: str) -> str:
+    """A time bound in RFC 3339. The engines drop the digits of a bound
+    finer than a microsecond, which moves it earlier: on create_time, which
+    is stored to the microsecond, a ``gte`` or ``lt`` bound inside one is
+    rounded up to the next instead, where it means the same (``gt`` and
+    ``lte`` lose nothing by the cut). Metadata times may be finer; their
+    bounds are left to the engines."""
+    text = rfc3339(ts, field)
+    finer = ts.nanos % 1000
+    if key == "create_time" and name in ("gte", "lt") and finer:
+        up = timestamp_pb2.Timestamp()
+        up.FromNanoseconds(ts.ToNanoseconds() + 1000 - finer)
+        with contextlib.suppress(ValueError):  # past year 9999: no stored time is there
+            text = up.ToJsonString()
+    return text
+
+
 def to_conditions(flt: Filter, field: str = "filter") -> list[Condition]:
     out: list[Condition] = []
     bad: list[tuple[str, str]] = []
@@ -68,8 +86,9 @@ def to_conditions(flt: Filter, field: str = "filter") -> list[Condition]:
             if which == "range":
                 out.append(NumberRange(c.key, **_bounds(msg, ("gte", "gt", "lte", "lt"))))
             else:
-                out.append(TimeRange(c.key, **{k: rfc3339(getattr(msg, k), f"{where}.{which}.{k}")
-                                                for k in b}))
+                out.append(TimeRange(c.key, **{
+                    k: _time_bound(c.key, k, getattr(msg, k), f"{where}.{which}.{k}")
+                    for k in b}))
         else:
             bad.append((where, "set one match (equals_*, any_of, range or time_range)"))
     if bad:

@@ -250,6 +250,22 @@ async def test_create_time_filter(memory):
         in_time_range(gte=now + dt.timedelta(minutes=5))]) == 0
 
 
+
+async def test_time_bounds_finer_than_a_microsecond_keep_their_meaning(memory):
+    """Stored times have microseconds; a bound a nanosecond after a chunk's
+    create_time is after it, not on it."""
+    added = await memory.add(["A note stored at some microsecond."], namespace="ns-time")
+    [chunk] = (await memory.get(added.items[0].chunk_ids, namespace="ns-time")).chunks
+    just_after = Timestamp(seconds=chunk.create_time.seconds,
+                           nanos=chunk.create_time.nanos + 1)
+
+    def within(**bound) -> Filter:
+        return Filter(conditions=[Condition(key="create_time", time_range=TimeRange(**bound))])
+    assert await memory.count(namespace="ns-time", where=within(gte=just_after)) == 0
+    assert await memory.count(namespace="ns-time", where=within(lt=just_after)) == 1
+    assert await memory.count(namespace="ns-time", where=within(gt=just_after)) == 0
+    assert await memory.count(namespace="ns-time", where=within(lte=just_after)) == 1
+
 # -- deleting and namespaces ------------------------------------------------
 async def test_delete_by_ids_and_by_filter(memory):
     added = await add_notes(memory)
