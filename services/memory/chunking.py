@@ -16,7 +16,7 @@ import re
 # Boundaries from the strongest to the weakest; a separator stays with the
 # text before it, so the pieces concatenate back into the original.
 _BOUNDARIES = (
-    re.compile(r"\n[ \t]*\n\s*"),          # paragraph
+    re.compile(r"\n[ \t\r]*\n\s*"),        # paragraph: a blank line (LF or CRLF)
     # sentence: a mark and its closing quotes or brackets, then a space, or
     # none after the full-width marks of scripts written without spaces
     re.compile(r"(?<=[.!?;:])[\"')\]”’»]*\s+|(?<=[。！？；：｡])[\"')\]”’»」』）】〕〗〙〛]*\s*"),

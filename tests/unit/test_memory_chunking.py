@@ -38,6 +38,14 @@ def test_cuts_at_paragraphs_when_they_fit():
     assert chunks == [p.strip() for p in PARAGRAPHS.split("\n\n")]
 
 
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_blank_line_is_a_paragraph_break_whatever_the_line_ends(newline):
+    # Windows files and e-mail end lines with CRLF; a heading has no full stop.
+    text = f"Release notes{newline}{newline}The memory service keeps lineage for every chunk"
+    assert chunk_text(text, 60, 0) == ["Release notes",
+                                       "The memory service keeps lineage for every chunk"]
+
 def test_cuts_at_sentences_before_words():
     text = "First sentence is here. Second sentence follows it. Third one ends."
     chunks = chunk_text(text, 30, 0)
