@@ -151,6 +151,8 @@ async def test_a_result_scoring_exactly_the_threshold_is_kept(store, mode):
     ([Equals("lineage.workflow_id", "wf-0"), Equals("metadata.kind", "doc")], {2}),
     ([Equals("source_id", "src-1")], {1, 4}),
     ([NumberRange("source_id", gte=0)], set()),  # wrong type for the key: no match
+    ([NumberRange("create_time", gte=0)], set()),  # nor on the indexed time field
+    ([NumberRange("create_time", lt=2e15), Equals("source_id", "src-1")], set()),
 ])
 async def test_filters_select_the_same_points(store, conditions, expected):
     ids = {POINTS[i].id for i in expected}

@@ -100,6 +100,17 @@ class TimeRange:
 Condition = Equals | AnyOf | NumberRange | TimeRange
 
 
+def typed(conditions: Sequence[Condition]) -> list[Condition]:
+    """``conditions`` as the stores send them. A match of the wrong type for
+    a field matches nothing; but the embedded engine's datetime index reads
+    a numeric range on an indexed time field as microseconds since the epoch
+    (qdrant-client's local mode, which has no index, matches nothing): such
+    a range goes as one that nothing meets, on every store."""
+    return [NumberRange(c.key, gt=0, lt=0)
+            if isinstance(c, NumberRange) and c.key in DATETIME_INDEXES else c
+            for c in conditions]
+
+
 class Mode(enum.Enum):
     DENSE = "dense"
     KEYWORD = "keyword"

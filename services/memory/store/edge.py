@@ -41,7 +41,7 @@ import qdrant_edge as q
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
     CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
-    SparseVector, StoreUnavailable, at_least)
+    SparseVector, StoreUnavailable, at_least, typed)
 
 log = logging.getLogger("hivemesh.memory.edge")
 T = TypeVar("T")
@@ -65,7 +65,7 @@ def _condition(c: Condition):
 def _filter(namespace: str, conditions: Sequence[Condition] = (), ids: Sequence[str] | None = None,
             keep_ids: Sequence[str] = ()) -> q.Filter:
     must = [q.FieldCondition(key=NAMESPACE, match=q.MatchValue(namespace)),
-            *(_condition(c) for c in conditions)]
+            *(_condition(c) for c in typed(conditions))]
     if ids is not None:
         must.append(q.HasIdCondition({uuid.UUID(i) for i in ids}))
     must_not = [q.HasIdCondition({uuid.UUID(i) for i in keep_ids})] if keep_ids else None

@@ -23,7 +23,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
     CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
-    SparseVector, StoreUnavailable, at_least)
+    SparseVector, StoreUnavailable, at_least, typed)
 
 T = TypeVar("T")
 _TRANSIENT_GRPC = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -46,7 +46,7 @@ def _scope(namespace: str, conditions: Sequence[Condition] = (),
            ids: Sequence[str] | None = None, keep_ids: Sequence[str] = ()) -> models.Filter:
     must: list[Any] = [models.FieldCondition(key=NAMESPACE,
                                              match=models.MatchValue(value=namespace))]
-    must += [_match(c) for c in conditions]
+    must += [_match(c) for c in typed(conditions)]
     if ids is not None:
         must.append(models.HasIdCondition(has_id=list(ids)))
     must_not = [models.HasIdCondition(has_id=list(keep_ids))] if keep_ids else None
