@@ -203,6 +203,13 @@ class MemoryServicer(MemoryServiceServicer):
                 bad.append((f"items[{i}].replace_source", "needs items[].source_id"))
         if bad:
             raise errors.invalid_argument(bad)
+        if not whole:
+            # Each chunk holds at most ``size`` of an item's non-blank
+            # characters: a request bound to exceed the limit is refused
+            # before splitting (which holds the event loop) begins.
+            least = sum(-(-len("".join(item.content.split())) // size)
+                        for item in request.items)
+            self._check_chunk_count(least)
         for i, item in enumerate(request.items):
             if whole:
                 text = item.content.strip()
@@ -213,11 +220,13 @@ class MemoryServicer(MemoryServiceServicer):
                 chunks.append([text])
             else:
                 chunks.append(chunk_text(item.content, size, overlap))
-        total = sum(len(c) for c in chunks)
+        self._check_chunk_count(sum(len(c) for c in chunks))
+        return chunks
+
+    def _check_chunk_count(self, total: int) -> None:
         if total > self.limits.max_chunks_per_request:
             raise _too_large("items", total, self.limits.max_chunks_per_request,
                              "chunks in one request; send fewer or larger items")
-        return chunks
 
     async def AddMemories(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)

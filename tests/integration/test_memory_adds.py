@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import uuid
 
+import pytest
 from google.protobuf import struct_pb2
 
 from hivemesh.common.v1 import ErrorReason, RequestContext
@@ -153,3 +154,29 @@ async def test_identical_items_of_one_request_are_stored_and_counted_once(tmp_pa
         assert added.items[0].chunk_ids == added.items[2].chunk_ids
         assert set(await stored(servicer, [i for it in added.items for i in it.chunk_ids])) \
             == {added.items[0].chunk_ids[0], added.items[1].chunk_ids[0]}
+
+
+async def test_a_request_bound_to_exceed_the_chunk_limit_is_refused_before_splitting(
+        tmp_path, monkeypatch):
+    """Splitting runs on the event loop (about half a second per MiB of
+    small chunks): a request that cannot fit the chunk limit, whose items
+    hold more non-blank characters than the allowed chunks can, is refused
+    before any item is split."""
+    import grpc
+
+    from hivemesh.services.memory import servicer as module
+    from hivemesh.services.memory.servicer import Limits
+
+    split: list = []
+    monkeypatch.setattr(module, "chunk_text", lambda *args: split.append(args) or ["x"])
+    async with memory_servicer(tmp_path) as (servicer, embedder):
+        servicer = MemoryServicer(servicer.store, embedder, servicer.ledger,
+                                  Limits(max_chunks_per_request=10))
+        request = add([MemoryItem(content="word " * 100)] * 2)
+        request.chunking.chunk_size_chars = 50
+        request.chunking.no_overlap = True
+        with pytest.raises(ServiceError) as err:
+            await servicer.AddMemories(request, None)
+        assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.reason == ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE
+        assert split == [] and await count(servicer) == 0
