@@ -199,17 +199,18 @@ class Ledger:
         the newest messages, taken newest-backwards until the next would
         exceed ``token_budget`` (0: no limit), ``max_messages`` or, in text,
         ``max_bytes`` (what one answer may carry; the newest always comes)."""
-        conn = self.db.reader
-        (stored,) = conn.execute("SELECT count(*) FROM messages WHERE namespace = ? "
-                                 "AND session_id = ?", (namespace, session_id)).fetchone()
-        rows = conn.execute(
-            "SELECT message_id, role, content, token_count, name, create_time_us FROM messages "
-            "WHERE namespace = ? AND session_id = ? ORDER BY seq DESC LIMIT ?",
+        # One statement, so the count and the messages come from one
+        # snapshot (an append may commit between two).
+        rows = self.db.reader.execute(
+            "SELECT message_id, role, content, token_count, name, create_time_us, "
+            "(SELECT count(*) FROM messages WHERE namespace = ?1 AND session_id = ?2) "
+            "FROM messages WHERE namespace = ?1 AND session_id = ?2 ORDER BY seq DESC LIMIT ?3",
             (namespace, session_id, max_messages)).fetchall()
+        stored = rows[0][-1] if rows else 0
         newest_first = (HistoryMessage(message_id=message_id, role=role, content=content,
                                        token_count=tokens, name=name,
                                        create_time=timestamp(created))
-                        for message_id, role, content, tokens, name, created in rows)
+                        for message_id, role, content, tokens, name, created, _ in rows)
         return take_newest(newest_first, stored, token_budget, max_bytes)
 
     async def forget(self, namespace: str) -> int:

@@ -364,6 +364,40 @@ async def test_history_fits_the_token_budget_newest_first(memory):
     assert (await memory.get_history("other", namespace="h")).session_message_count == 0
 
 
+async def test_history_counts_the_session_in_the_snapshot_its_messages_come_from(tmp_path):
+    """An append that commits while the SQLite ledger reads a session must
+    show in both the messages and the count, or in neither."""
+    import sqlite3
+
+    from hivemesh.memory.v1 import HistoryMessage, MessageRole
+    from hivemesh.services.memory.ledger import Ledger
+
+    ledger = Ledger(tmp_path)
+    try:
+        first = [HistoryMessage(role=MessageRole.MESSAGE_ROLE_USER, content="one")]
+        await ledger.append("h", "s", first, "r1", "fp1")
+        reader, path = ledger.db.reader, tmp_path / "memory" / "ledger.sqlite3"
+
+        class AppendAfterFirstRead:
+            """The ledger's reader, with another append committed right after
+            its first statement (as the writer thread may)."""
+            statements = 0
+
+            def execute(self, *args):
+                cursor = reader.execute(*args)
+                self.statements += 1
+                if self.statements == 1:
+                    with contextlib.closing(sqlite3.connect(path)) as other, other:
+                        other.execute("INSERT INTO messages VALUES "
+                                      "('h', 's', 99, 'm-99', 2, 'two', 1, '', 0)")
+                return cursor
+        ledger.db.reader = AppendAfterFirstRead()
+        messages, _, truncated, stored = await ledger.history("h", "s", 0, 50)
+        assert stored == len(messages) and not truncated
+    finally:
+        ledger.db.reader = reader
+        await ledger.close()
+
 async def test_history_estimates_tokens_and_keeps_the_retention_limit(memory):
     await memory.append_history("s", [("user", "x" * 40)], namespace="h")
     [m] = (await memory.get_history("s", namespace="h")).messages
