@@ -148,8 +148,7 @@ class Ledger:
         request got there first, returns its answer instead (and True)."""
         def write(conn: sqlite3.Connection) -> tuple[bytes, bool]:
             now = now_us()
-            conn.execute("DELETE FROM requests WHERE create_time_us < ?",
-                         (now - self.request_ttl_us,))
+            self._expire(conn, now)
             first = _stored(conn, method, namespace, request_id, digest)
             if first is not None:
                 return first, True
@@ -158,18 +157,25 @@ class Ledger:
             return response, False
         return await self.db.write(write)
 
+    def _expire(self, conn: sqlite3.Connection, now: int) -> None:
+        """Drops the answers older than the request TTL (in every write that
+        records one, so that no method's answers pile up)."""
+        conn.execute("DELETE FROM requests WHERE create_time_us < ?",
+                     (now - self.request_ttl_us,))
+
     # -- history ------------------------------------------------------------------
     async def append(self, namespace: str, session_id: str, messages: Sequence[HistoryMessage],
                      request_id: str, digest: str) -> AppendHistoryResponse:
         """Appends in one transaction with the request record: a retry
         appends nothing and gets the first answer (replayed = True)."""
         def write(conn: sqlite3.Connection) -> AppendHistoryResponse:
+            now = now_us()
+            self._expire(conn, now)
             first = _stored(conn, "AppendHistory", namespace, request_id, digest)
             if first is not None:
                 response = AppendHistoryResponse.FromString(first)
                 response.replayed = True
                 return response
-            now = now_us()
             (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM messages "
                                    "WHERE namespace = ? AND session_id = ?",
                                    (namespace, session_id)).fetchone()

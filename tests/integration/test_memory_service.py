@@ -398,6 +398,31 @@ async def test_history_counts_the_session_in_the_snapshot_its_messages_come_from
         ledger.db.reader = reader
         await ledger.close()
 
+async def test_history_appends_alone_do_not_keep_request_answers_past_their_ttl(
+        tmp_path, monkeypatch):
+    """Answers to request ids are kept for request_ttl_s, also in a ledger
+    that only ever sees AppendHistory (the SQLite ledger dropped old
+    answers only when another method recorded one)."""
+    from hivemesh.memory.v1 import HistoryMessage, MessageRole
+    from hivemesh.services.memory import ledger as ledger_module
+    from hivemesh.services.memory.ledger import Ledger
+
+    clock = [1_000_000_000]
+    monkeypatch.setattr(ledger_module, "now_us", lambda: clock[0])
+    ledger = Ledger(tmp_path, request_ttl_s=60)
+    try:
+        said = [HistoryMessage(role=MessageRole.MESSAGE_ROLE_USER, content="hi")]
+        first = await ledger.append("h", "s", said, "r1", "fp")
+        clock[0] += 61_000_000
+        await ledger.append("h", "s", said, "r2", "fp")
+        (kept,) = ledger.db.reader.execute("SELECT count(*) FROM requests").fetchone()
+        assert kept == 1
+        # Past its TTL the id is new again, as in the Redis ledger.
+        again = await ledger.append("h", "s", said, "r1", "fp")
+        assert not again.replayed and again.message_ids != first.message_ids
+    finally:
+        await ledger.close()
+
 async def test_history_estimates_tokens_and_keeps_the_retention_limit(memory):
     await memory.append_history("s", [("user", "x" * 40)], namespace="h")
     [m] = (await memory.get_history("s", namespace="h")).messages
