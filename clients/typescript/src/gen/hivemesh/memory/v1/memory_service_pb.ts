@@ -412,8 +412,9 @@ export type SearchMemoriesResponse = Message<"hivemesh.memory.v1.SearchMemoriesR
   results: ScoredChunk[];
 
   /**
-   * The mode actually used (hybrid falls back to dense when the namespace
-   * has no keyword index).
+   * The mode actually used: hybrid falls back to dense when the query has
+   * no keyword to match (only stop words), and score_threshold then applies
+   * on the dense scale.
    *
    * @generated from field: hivemesh.memory.v1.SearchMode mode = 2;
    */
