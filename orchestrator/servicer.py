@@ -228,7 +228,8 @@ class OrchestratorServicer:
             with self._deadline(context):
                 workflow = WorkflowRun(
                     self.runner, agents, request, base, EventSink(self.bus),
-                    request.max_concurrency or self.settings.default_max_concurrency)
+                    request.max_concurrency or self.settings.default_max_concurrency,
+                    self.ledger, LEASE_FACTOR * self._time(context))
                 response = _within(await workflow.run(), self.settings.server.max_message_bytes)
                 left = remaining_s()
                 if response.status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED \

@@ -26,8 +26,9 @@ from hivemesh.runtime.resilience import Idempotency
 from hivemesh.services.orchestrator.agents import AgentRegistry
 
 # One record per kind of request, so request ids of different RPCs never
-# meet; RunAgent and StreamAgent share "run".
-KINDS = ("register", "delete", "run", "workflow")
+# meet; RunAgent and StreamAgent share "run"; "step" is one agent run of a
+# workflow.
+KINDS = ("register", "delete", "run", "workflow", "step")
 
 
 class AgentStore(Protocol):

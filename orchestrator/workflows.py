@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from opentelemetry import trace
 
 from hivemesh.common.v1 import Usage
 from hivemesh.orchestrator.v1 import (
-    AgentFailed, AgentResult, BranchResult, CombineMode, EventType, RunWorkflowRequest,
+    AgentDefinition, AgentFailed, AgentResult, BranchResult, CombineMode, EventType, RunWorkflowRequest,
     RunWorkflowResponse, TaskResult, TaskSpec, TaskStart, TaskStatus, WorkflowComplete,
     WorkflowDefinition, WorkflowStart, WorkflowStatus)
 from hivemesh.runtime import errors
@@ -35,6 +36,7 @@ from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import (
     DOMAIN, AgentRunner, RunError, RunOptions, trace_id_of)
+from hivemesh.services.orchestrator.state import RequestLedger
 
 tracer = trace.get_tracer("hivemesh.orchestrator")
 
@@ -158,8 +160,15 @@ class WorkflowRun:
     """One execution of a workflow definition."""
 
     def __init__(self, runner: AgentRunner, agents: AgentRegistry, request: RunWorkflowRequest,
-                 base: ExecutionContext, sink: EventSink, max_concurrency: int) -> None:
+                 base: ExecutionContext, sink: EventSink, max_concurrency: int,
+                 ledger: RequestLedger, lease_s: float) -> None:
+        """``ledger``: where the agent runs that ended are kept, so that a
+        retry of the workflow (same request_id) takes them instead of
+        running them again; ``lease_s``: how long a running one's claim
+        holds there."""
         self.runner = runner
+        self.ledger = ledger
+        self.lease_s = lease_s
         self.agents = agents
         self.request = request
         self.workflow = request.workflow
@@ -366,9 +375,19 @@ class WorkflowRun:
                              model_override=model or task.model, variables=self.variables,
                              handoff_targets=targets, refuse_handoff=not task.allow_handoff,
                              on_cancel=lambda failed: self._charge(result, failed))
+        definition = self.agents.get(agent)
+
+        async def attempt() -> AgentResult:
+            return await self.runner.run(definition, self._ctx(task, agent, key), options,
+                                         self.sink)
         try:
-            run = await self.runner.run(self.agents.get(agent), self._ctx(task, agent, key),
-                                        options, self.sink)
+            # A run that ended in an earlier attempt of this workflow is taken
+            # as it was: run again, it could read what it wrote itself (its
+            # memory write-back) and send the providers other requests under
+            # the same request ids.
+            run, _ = await self.ledger.once(
+                "step", options.request_id, _step_fingerprint(definition, options), attempt,
+                AgentResult, self.lease_s)
         except RunError as exc:
             self._charge(result, exc.failed)
             raise
@@ -467,6 +486,19 @@ class WorkflowRun:
                 if not finished.cancelled() and finished.exception() is None:
                     records[runs.index(finished)].selected = True
                     return
+
+
+def _step_fingerprint(agent: AgentDefinition, options: RunOptions) -> str:
+    """What one agent run of a workflow asks for: the agent (as defined,
+    its times aside), the input, the model and the handoffs offered."""
+    probe = AgentDefinition()
+    probe.CopyFrom(agent)
+    probe.ClearField("create_time")
+    probe.ClearField("update_time")
+    return hashlib.sha256(json.dumps([
+        probe.SerializeToString(deterministic=True).hex(), options.input,
+        options.model_override, sorted(options.handoff_targets), options.refuse_handoff,
+        sorted(options.variables.items())]).encode()).hexdigest()
 
 
 async def _stop(runs: list[asyncio.Task], records: list[BranchResult], result: TaskResult,

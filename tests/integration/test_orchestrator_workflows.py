@@ -20,7 +20,7 @@ from hivemesh.client.errors import (
 from hivemesh.common.v1 import StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, AgentList, BudgetPolicy, CombineMode, DeleteAgentRequest, EventType,
-    FanOut, GetAgentRequest, ListAgentsRequest, ModelList, RegisterAgentRequest,
+    FanOut, GetAgentRequest, ListAgentsRequest, MemoryConfig, ModelList, RegisterAgentRequest,
     RunWorkflowRequest, SamplingConfig, SubscribeEventsRequest, TaskSpec, TaskStatus,
     WorkflowDefinition, WorkflowStatus)
 from hivemesh.runtime.settings import ServerSettings
@@ -708,3 +708,28 @@ async def test_a_handoff_whose_arguments_cannot_be_parsed_is_refused_not_a_crash
         (task,) = response.tasks
         assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED, task.error
         assert task.output == "triage answered itself" and not task.handoffs
+
+
+async def test_a_retried_workflow_replays_the_tasks_that_ended_with_memory_written(tmp_path):
+    """Task "a" recalled nothing, wrote its work to memory and ended before
+    the caller left. Run again, it would recall its own write-back and send
+    the LLM service another prompt under the first attempt's request id (an
+    idempotency conflict): a retried workflow takes the runs that ended from
+    the first attempt instead of running them again."""
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder", memory=MemoryConfig(enabled=True, write_back=True,
+                                                     namespace="wf-retry"))
+        request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(tasks=[
+            TaskSpec(task_id="a", agent="coder", input_template="write the adder"),
+            TaskSpec(task_id="b", agent="coder", input_template="test {{tasks.a.output}}",
+                     depends_on=["a"])]))
+        await cut_off_in_the_second_generation(m, request)
+        first_a = [c for c in m.primary.calls]
+        retried = await call(m.orchestrator.RunWorkflow, request)
+        assert retried.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED, retried.error
+        a, b = retried.tasks
+        assert a.status == b.status == TaskStatus.TASK_STATUS_SUCCEEDED
+        # "a" was not generated again: one generation for it, one for "b"
+        # cut off, one for "b" now.
+        assert len(m.primary.calls) == len(first_a) + 1
+        assert a.usage.total_tokens > 0  # its usage still counts in the workflow
