@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
 from hivemesh.services.orchestrator.tools import ToolOutcome, ToolRegistry, parse_arguments
 
 tracer = trace.get_tracer("hivemesh.orchestrator")
+log = logging.getLogger("hivemesh.orchestrator")
 
 DOMAIN = "hivemesh.orchestrator"
 HANDOFF_TOOL = "handoff"
@@ -141,6 +143,13 @@ class _Run:
                            currency=r.currency, tool_calls=r.tool_calls, degraded=r.degraded)
 
 
+def _defect(agent: AgentDefinition, exc: Exception) -> errors.ServiceError:
+    """An unexpected error in a run: logged, and the run fails as INTERNAL
+    like any failed run (its hold released, AGENT_FAILED sent)."""
+    log.error("the run of agent %r failed unexpectedly", agent.name, exc_info=exc)
+    return errors.internal()
+
+
 class AgentRunner:
     def __init__(self, providers: Providers, tools: ToolRegistry) -> None:
         self.providers = providers
@@ -171,14 +180,15 @@ class AgentRunner:
                      AgentStart(input=opts.input, model=opts.model_override or agent.model))
             try:
                 await self._pipeline(run, system)
-            except errors.ServiceError as exc:
-                span.set_status(Status(StatusCode.ERROR, exc.message))
-                span.set_attribute("error.type", errors.reason_name(exc.reason))
+            except Exception as exc:  # noqa: BLE001 - a defect too ends the run cleanly
+                error = exc if isinstance(exc, errors.ServiceError) else _defect(agent, exc)
+                span.set_status(Status(StatusCode.ERROR, error.message))
+                span.set_attribute("error.type", errors.reason_name(error.reason))
                 failed = run.failed()
-                failed.error.CopyFrom(exc.to_status(DOMAIN))
+                failed.error.CopyFrom(error.to_status(DOMAIN))
                 run.emit(EventType.EVENT_TYPE_AGENT_FAILED, failed)
                 await asyncio.shield(self._release(run, 3))
-                raise RunError(exc, failed) from exc
+                raise RunError(error, failed) from exc
             except asyncio.CancelledError:
                 span.set_status(Status(StatusCode.ERROR, "cancelled"))
                 failed = run.failed()

@@ -17,8 +17,8 @@ from fakes.mesh import mesh
 
 from hivemesh.client import ArtifactClient, InformationClient, from_rpc_error
 from hivemesh.client.errors import (
-    DeadlineExceededError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
-    UnavailableError)
+    DeadlineExceededError, InternalError, InvalidArgumentError, NotFoundError,
+    ResourceExhaustedError, UnavailableError)
 from hivemesh.client.memory import MemoryClient
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.information.v1 import Budget, Scope
@@ -27,6 +27,7 @@ from hivemesh.orchestrator.v1 import (
     ListToolsResponse, MemoryConfig, RegisterAgentRequest, RunAgentRequest, StreamAgentRequest,
     ToolDefinition, ToolError, ToolServiceServicer, add_ToolServiceServicer_to_server)
 from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
+from hivemesh.services.orchestrator.runner import AgentRunner
 
 
 def rid() -> str:
@@ -128,6 +129,28 @@ async def test_failed_generation_releases_the_reservation(tmp_path):
                 await run(m, "coder")
             (status,) = await info.status(budget_id=budget.budget_id)
         assert status.reserved_micros == 0 and status.spent_micros == 0
+
+
+async def test_a_defect_in_a_run_fails_it_cleanly_and_releases_its_hold(tmp_path, monkeypatch):
+    """An unexpected error inside the pipeline (a defect, not a provider's
+    answer) ends the run as INTERNAL like any failed run: AGENT_FAILED is
+    sent and the budget hold released, not left to its TTL."""
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code")
+
+        def broken(self, run, generated, iteration):
+            raise RuntimeError("a defect")  # after the generation, before its commit
+        monkeypatch.setattr(AgentRunner, "_generated", broken)
+        failed = []
+        m.backend.bus.subscribe(lambda e: failed.append(e.agent_failed)
+                                if e.type == EventType.EVENT_TYPE_AGENT_FAILED else None)
+        with pytest.raises(InternalError):
+            await run(m, "coder")
+        assert [f.error.code for f in failed] == [grpc.StatusCode.INTERNAL.value[0]]
+        status = await _settled(info, budget.budget_id)
+        assert status.reserved_micros == 0
 
 
 async def _budget_with_price(info, tenant: str = "acme"):
