@@ -506,6 +506,29 @@ async def test_two_replicas_on_one_redis_stay_exact(tmp_path):
         assert s_a.spent_micros == committed <= 60_000 and s_a.reserved_micros == 0
 
 
+async def test_a_commit_on_one_replica_charges_a_price_set_on_another(tmp_path, monkeypatch):
+    """A price set through one replica applies to every call committed from
+    then on, on every replica, however fresh the others' cached copy is."""
+    from hivemesh.services.information import servicer
+    monkeypatch.setattr(servicer, "_CONFIG_MAX_AGE_S", 3600.0)  # never re-read by age
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    async with open_store("redis", tmp_path, prefix) as store_a, \
+            open_store("redis", tmp_path, prefix) as store_b, \
+            serve(store_a) as (replica_a, _), serve(store_b) as (replica_b, _):
+        await call(replica_a.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+        await make_budget(replica_a, "b", micros=1_000_000)
+        reserved = await call(replica_a.Reserve, reserve_request())
+        doubled = ModelPrice(model="gpt-test", input_micros_per_million=4_000_000,
+                             output_micros_per_million=16_000_000)
+        await call(replica_b.SetModelPrice, SetModelPriceRequest(request_id=rid(),
+                                                                 price=doubled))
+        committed = await call(replica_a.Commit, CommitRequest(
+            request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+            usage=Usage(prompt_tokens=1000, completion_tokens=500)))
+        assert committed.cost_micros == 12_000  # 1,000 * 4 + 500 * 16
+        assert (await status(replica_b, "b")).spent_micros == 12_000
+
+
 async def test_1000_cancelled_requests_leave_nothing_reserved(info):
     await make_budget(info, "big", micros=10**12, tokens=10**12)
     rng = random.Random(7)

@@ -380,7 +380,7 @@ async def test_stale_reserve_writes_nothing(store):
     assert result.counters == (Counter("b", 0, 0, 0, 201, 2),)
 
 
-async def test_stale_track_writes_nothing_and_commit_is_not_checked(store):
+async def test_stale_settles_write_nothing(store):
     b = budget("b", micros=1000, thresholds=(10,))
     await store.create_budget(b, rid(), "fp")
     version = await store.config_version()
@@ -401,8 +401,15 @@ async def test_stale_track_writes_nothing_and_commit_is_not_checked(store):
     replayed = await store.settle(replace(track_op([hold(b)], 10, request_id="t-1"),
                                           config_version=version))
     assert replayed == replace(first, replayed=True)
-    # A commit charges its reservation's holds: its version is not checked.
-    committed = await store.settle(replace(commit_op("res-1", 400), config_version=version))
+    # A commit charges its reservation's holds as defined now, but it was
+    # priced under a configuration: a stale one is refused too.
+    with pytest.raises(StaleConfig):
+        await store.settle(replace(commit_op("res-1", 400, request_id="c-1"),
+                                   config_version=version))
+    assert await counter(store, b) == Counter("b", 0, 10, 0, 500, 0)
+    assert (await store.get_reservation("res-1")).state == "open"
+    committed = await store.settle(replace(commit_op("res-1", 400, request_id="c-1"),
+                                           config_version=await store.config_version()))
     assert committed.hold_released is True
     assert [a.threshold_percent for a in committed.alerts] == [10]
     result = await store.settle(replace(op, config_version=await store.config_version()))
@@ -1052,7 +1059,7 @@ async def test_sqlite_and_redis_answer_the_same_random_history(tmp_path, seed):
             elif kind < 0.55 and reservations:
                 target = rng.choice(reservations + ["res-unknown"])
                 op = commit_op(target, rng.randint(0, 800), rng.randint(0, 50), now=now)
-                op = replace(op, config_version=seen)  # not checked for a commit
+                op = replace(op, config_version=seen)  # checked for a commit too
                 requests.append(("settle", op))
                 await _both(stores, "settle", op)
             elif kind < 0.65:

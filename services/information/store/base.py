@@ -186,8 +186,10 @@ class SettleOp:
     call: CallRecord  # for a commit, the store records it with the reservation's ids
     tokens: int  # charged to token limits: prompt + completion
     now_us: int
-    # As in ReserveOp; checked for a track only (a commit charges the holds
-    # its reservation was made with).
+    # As in ReserveOp: the version the call was priced under (and a track's
+    # holds computed under). A commit charges its reservation's holds as
+    # their budgets are defined when it runs, but its cost is only right if
+    # no price changed since the caller read them.
     config_version: int = -1
     # When the request arrived, if not now_us (a call tracked after the fact
     # is accounted at its completion time): the time of the alerts it fires,

@@ -823,7 +823,9 @@ class RedisStore:
         refresh = False
         for _ in range(5):
             holds, expected, c = op.holds, "1", op.call
-            version = -1 if op.reservation_id else op.config_version
+            # The version the call was priced (and a track's holds computed)
+            # under; -1: a commit charges under the version it reads below.
+            version = op.config_version
             if op.reservation_id:
                 # A reservation's holds and ids never change once written:
                 # known here if it was made through this store, else read
@@ -845,7 +847,13 @@ class RedisStore:
                     else:
                         holds, expected = (), "0"
                 if holds:
-                    version, holds = await self._as_defined_now(holds, refresh)
+                    seen = op.config_version
+                    defs_version, holds = await self._as_defined_now(
+                        holds, refresh or seen not in (-1, self._defs_version))
+                    if seen == -1:
+                        version = defs_version
+                    # else: if the definitions read are of another version,
+                    # the script answers stale (or replays).
             keys = [(h.budget_id, h.period_start_us) for h in holds]
             head = json.dumps({"cost_micros": c.cost_micros,
                                "budget_ids": [h.budget_id for h in holds],
@@ -861,7 +869,7 @@ class RedisStore:
             if status == "conflict":
                 raise IdempotencyConflict(op.request_id)
             if status == "stale":
-                if not op.reservation_id:
+                if not op.reservation_id or op.config_version != -1:
                     raise StaleConfig()
                 refresh = True  # budgets changed: read them again
                 continue

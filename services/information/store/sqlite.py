@@ -460,6 +460,9 @@ class SqliteStore:
                                     seen["hold_released"], True, tuple(seen["budget_ids"]),
                                     _counters(conn, seen.get("keys", [])),
                                     tuple(seen.get("call_context", ("", "", ""))))
+            # The cost was priced, and a track's holds computed, under this
+            # configuration version.
+            _check_config(conn, op.config_version)
             holds, hold_released = op.holds, False
             c = op.call
             if op.reservation_id:
@@ -480,8 +483,6 @@ class SqliteStore:
                 holds = _as_defined_now(conn, holds)
                 conn.execute("UPDATE reservations SET state = 'committed' "
                              "WHERE reservation_id = ?", (op.reservation_id,))
-            else:
-                _check_config(conn, op.config_version)
             alerts: list[AlertRecord] = []
             cost = op.call.cost_micros
             for hold in holds:
