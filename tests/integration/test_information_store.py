@@ -346,6 +346,29 @@ async def test_a_budget_deleted_and_created_again_starts_from_nothing(store):
     assert (await counter(store, other)).spent_micros == 70
 
 
+async def test_a_late_commit_never_charges_a_budget_created_again(store):
+    """A reservation released or lapsed before its budget was deleted can
+    still be committed (the spend happened), but not to a budget created
+    again under the id; nor does a commit name such a budget as charged."""
+    old = budget("b", micros=1000)
+    other = budget("other", micros=10_000)
+    for b in (old, other):
+        await store.create_budget(b, rid(), "fp")
+    held = await store.reserve(reserve_op([hold(old), hold(other)], 70))
+    released = await store.reserve(reserve_op([hold(old), hold(other)], 70))
+    assert (await store.release(released.reservation_id, T0)).released
+    lapsed = await store.reserve(reserve_op([hold(old), hold(other)], 70, ttl=1))
+    assert await store.expire(T0 + 1) == 1
+    assert await store.delete_budget("b") == (True, False)
+    await store.create_budget(old, rid(), "fp2")
+    for reservation in (held, released, lapsed):
+        result = await store.settle(commit_op(reservation.reservation_id, 70))
+        assert result.budget_ids == ("other",)
+        assert [c.budget_id for c in result.counters] == ["other"]
+    assert await counter(store, old) == Counter("b", 0)
+    assert await counter(store, other) == Counter("other", 0, 210)
+
+
 async def test_stale_reserve_writes_nothing(store):
     b = budget("b", micros=1000, tokens=100)
     await store.create_budget(b, rid(), "fp")

@@ -184,8 +184,9 @@ return {'ok'}
 """
 
 # ARGV: prefix, request_id, fingerprint, budget_id. Its counters and fired thresholds of every period
-# go with it, and its holds leave the open reservations (their 'ctrs', which
-# releases and expiries free): a budget created again starts from nothing.
+# go with it, and its holds leave the reservations not committed yet (their
+# 'ctrs', which releases and expiries free and commits charge): a budget
+# created again starts from nothing.
 # Budget writes are rare; this one scans its keys.
 _DELETE_BUDGET = _PRELUDE + r"""
 local replay = replay_once('delete_budget')
@@ -216,17 +217,26 @@ for _, kind in ipairs({'ctr', 'fired'}) do
     end
   until cursor == '0'
 end
-for _, member in ipairs(redis.call('ZRANGE', P .. 'reservations:open', 0, -1)) do
-  local rkey = P .. 'res:' .. rid_of(member)
-  local ctrs = cjson.decode(redis.call('HGET', rkey, 'ctrs'))
-  local kept = {}
-  for _, c in ipairs(ctrs) do
-    if not is_mine(c, 'ctr') then table.insert(kept, c) end
+-- Every reservation not committed yet (a released or lapsed one may still
+-- be committed) holds it no more.
+local cursor = '0'
+repeat
+  local r = redis.call('SCAN', cursor, 'MATCH', glob(P .. 'res:') .. '*', 'COUNT', 1000)
+  cursor = r[1]
+  for _, rkey in ipairs(r[2]) do
+    local f = redis.call('HMGET', rkey, 'state', 'ctrs')
+    if f[1] and f[1] ~= 'committed' and f[2] then
+      local ctrs = cjson.decode(f[2])
+      local kept = {}
+      for _, c in ipairs(ctrs) do
+        if not is_mine(c, 'ctr') then table.insert(kept, c) end
+      end
+      if #kept ~= #ctrs then
+        redis.call('HSET', rkey, 'ctrs', #kept == 0 and '[]' or cjson.encode(kept))
+      end
+    end
   end
-  if #kept ~= #ctrs then
-    redis.call('HSET', rkey, 'ctrs', #kept == 0 and '[]' or cjson.encode(kept))
-  end
-end
+until cursor == '0'
 bump_config()
 answer_once('delete_budget', '{"deleted": true}')
 return {'ok', 1}
@@ -342,10 +352,10 @@ return {seen and 'reopened' or 'ok', result, hold_counters()}
 #       expected ('1' the caller read the reservation, '0' it found none),
 #       cost_micros, tokens, call time_us, call JSON, result_head, n,
 #       config_version the holds were computed under ('-1' = do not check),
-#       ctr keys (JSON
-#       list, hold order), then per hold: ctr key, fired key, limit_micros (''
-#       when 0/none), limit_tokens (same), alert JSON fragment, m, then
-#       m x (threshold, alert_id JSON)
+#       then per hold: ctr key, fired key, limit_micros ('' when 0/none),
+#       limit_tokens (same), alert JSON fragment, budget_id as JSON,
+#       [budget_id, period_start_us] as JSON, m, then m x (threshold,
+#       alert_id JSON)
 # Replies {status, result, counters of the holds charged (as counters_of)}.
 _SETTLE = _PRELUDE + r"""
 local seen = seen_request(ARGV[2])
@@ -378,14 +388,22 @@ if ARGV[4] ~= '' then
   end
 end
 local alerts = {}
+-- The holds charged (a commit's may have lost some): ids and keys as JSON,
+-- counter keys.
+local charged_ids, charged_keys, charged_ctrs = {}, {}, {}
 local n = tonumber(ARGV[11])
-local i = 14
+local i = 13
 for _ = 1, n do
   local ctr, fired, lim_m, lim_t, frag = P .. ARGV[i], P .. ARGV[i + 1], ARGV[i + 2],
                                          ARGV[i + 3], ARGV[i + 4]
   local charged = held == nil or held[ARGV[i]]
-  local m = tonumber(ARGV[i + 5])
-  i = i + 6
+  if charged then
+    table.insert(charged_ids, ARGV[i + 5])
+    table.insert(charged_keys, ARGV[i + 6])
+    table.insert(charged_ctrs, ARGV[i])
+  end
+  local m = tonumber(ARGV[i + 7])
+  i = i + 8
   local sm, st = 0, 0
   if charged then
     sm = redis.call('HINCRBY', ctr, 'spent_micros', ARGV[6])
@@ -413,11 +431,14 @@ for _ = 1, n do
 end
 local call_seq = redis.call('INCR', P .. 'calls:seq')
 redis.call('ZADD', P .. 'calls', ARGV[8], string.format('%020d', call_seq) .. ARGV[9])
-local result = ARGV[10] .. (released and 'true' or 'false') .. ', "alerts": [' ..
+local result = ARGV[10] .. '"budget_ids": [' .. table.concat(charged_ids, ', ') ..
+               '], "keys": [' .. table.concat(charged_keys, ', ') .. '], "hold_released": ' ..
+               (released and 'true' or 'false') .. ', "alerts": [' ..
                table.concat(alerts, ', ') .. ']}'
 remember(ARGV[2], 'settle', ARGV[3], result, ARGV[4], fmt(REQUEST_TTL_MS))
-redis.call('HSET', P .. 'req:' .. ARGV[2], 'ctrs', ARGV[13])
-return {'ok', result, counters_of(cjson.decode(ARGV[13]))}
+redis.call('HSET', P .. 'req:' .. ARGV[2], 'ctrs',
+           #charged_ctrs == 0 and '[]' or cjson.encode(charged_ctrs))
+return {'ok', result, counters_of(charged_ctrs)}
 """
 
 # ARGV: prefix, request_id, fingerprint, reservation_id, now_us
@@ -854,17 +875,14 @@ class RedisStore:
                         version = defs_version
                     # else: if the definitions read are of another version,
                     # the script answers stale (or replays).
-            keys = [(h.budget_id, h.period_start_us) for h in holds]
+            # The script adds the budgets it charged (ids and keys).
             head = json.dumps({"cost_micros": c.cost_micros,
-                               "budget_ids": [h.budget_id for h in holds],
-                               "keys": keys,
                                "call_context": [c.tenant_id, c.workflow_id, c.agent_id]})
             reply = await self._run(
                 self._settle, op.request_id, op.fingerprint, op.reservation_id, expected,
                 _num(c.cost_micros), _num(op.tokens), _num(c.time_us),
-                json.dumps(dataclasses.asdict(c)), head[:-1] + ', "hold_released": ',
-                str(len(holds)), str(int(version)),
-                json.dumps([_ctr(*k) for k in keys]), *self._settle_holds(holds, op))
+                json.dumps(dataclasses.asdict(c)), head[:-1] + ', ',
+                str(len(holds)), str(int(version)), *self._settle_holds(holds, op))
             status = _s(reply[0])
             if status == "conflict":
                 raise IdempotencyConflict(op.request_id)
@@ -895,6 +913,7 @@ class RedisStore:
                                "request_id": op.request_id})
             out += [_ctr(h.budget_id, h.period_start_us), _fired(h.budget_id, h.period_start_us),
                     _num(h.limit_micros or None), _num(h.limit_tokens or None), frag[1:-1],
+                    json.dumps(h.budget_id), json.dumps([h.budget_id, h.period_start_us]),
                     str(len(h.thresholds))]
             for threshold in h.thresholds:
                 out += [str(int(threshold)), json.dumps(alert_id(h, threshold))]

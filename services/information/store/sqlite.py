@@ -338,12 +338,13 @@ class SqliteStore:
                                    (budget_id,)).rowcount > 0
             if deleted:
                 # Its spend, fired thresholds and holds go with it: a budget
-                # created again under the id starts from nothing.
+                # created again under the id starts from nothing (a released
+                # or lapsed reservation, which may still be committed, too).
                 conn.execute("DELETE FROM counters WHERE budget_id = ?", (budget_id,))
                 conn.execute("DELETE FROM fired WHERE budget_id = ?", (budget_id,))
                 for reservation_id, holds_json in conn.execute(
                         "SELECT reservation_id, holds FROM reservations "
-                        "WHERE state = 'open' AND instr(holds, ?)",
+                        "WHERE state != 'committed' AND instr(holds, ?)",
                         (json.dumps(budget_id),)).fetchall():
                     holds = holds_from_json(holds_json)
                     kept = tuple(h for h in holds if h.budget_id != budget_id)
