@@ -42,11 +42,14 @@ class CallMetrics:
         self.latency.record(call.latency_us / 1e6, attrs)
 
 
-def _percentile(sorted_us: list[int], q: float) -> int:
+def _percentile(sorted_us: list[int], percent: int) -> int:
+    """Nearest rank: the smallest value at or above ``percent`` % of them
+    (integer arithmetic: no rounding of float ranks, which made the median
+    of an even count the lower or the upper middle depending on the count)."""
     if not sorted_us:
         return 0
-    index = min(len(sorted_us) - 1, max(0, int(round(q * (len(sorted_us) - 1)))))
-    return sorted_us[index]
+    rank = -(-percent * len(sorted_us) // 100)
+    return sorted_us[max(rank, 1) - 1]
 
 
 # The most aggregates one GetMetrics answer holds (the contract's limit).
@@ -88,9 +91,9 @@ def aggregate(calls: Iterable[CallRecord], *, scope, model: str, backend: str,
             end_time=timestamp(min(end_us, bucket + bucket_us) if bucket_us else end_us),
             request_count=len(members), error_count=failed, error_rate=failed / len(members),
             cached_count=sum(c.cached for c in members),
-            latency_p50=duration_us(_percentile(latencies, 0.50)),
-            latency_p95=duration_us(_percentile(latencies, 0.95)),
-            latency_p99=duration_us(_percentile(latencies, 0.99)),
+            latency_p50=duration_us(_percentile(latencies, 50)),
+            latency_p95=duration_us(_percentile(latencies, 95)),
+            latency_p99=duration_us(_percentile(latencies, 99)),
             prompt_tokens=sum(c.prompt_tokens for c in members),
             completion_tokens=sum(c.completion_tokens for c in members),
             total_tokens=sum(c.total_tokens for c in members),

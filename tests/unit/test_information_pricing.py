@@ -55,3 +55,26 @@ def test_calls_are_exported_as_opentelemetry_metrics():
     cost = sum(p.value for p in data["hivemesh.llm.cost"].data.data_points)
     assert (calls, tokens, cost) == (3, 360, 750)
     assert sum(p.count for p in data["gen_ai.client.operation.duration"].data.data_points) == 3
+
+
+def _latency_p50_p95_ms(latencies_ms: list[int]) -> tuple[int, int]:
+    from hivemesh.information.v1 import Scope
+    from hivemesh.services.information.metrics import aggregate
+    calls = [CallRecord(f"r{i}", "", 1_000 + i, "t", "w", "a", "m", "", 1, 1, 0, 0, "USD",
+                        ms * 1_000, True, False) for i, ms in enumerate(latencies_ms)]
+    (agg,) = aggregate(calls, scope=Scope(), model="", backend="", group_by=[], start_us=0,
+                       end_us=10_000, bucket_us=0, currency="USD")
+    return agg.latency_p50.ToMilliseconds(), agg.latency_p95.ToMilliseconds()
+
+
+def test_latency_percentiles_are_nearest_rank_whatever_the_count():
+    """The p-th percentile is the smallest latency at or above p % of the
+    calls: the median of an even count is always its lower middle, not the
+    lower or the upper one depending on how the count divides by 4."""
+    assert _latency_p50_p95_ms([10]) == (10, 10)
+    assert _latency_p50_p95_ms([10, 20]) == (10, 20)
+    assert _latency_p50_p95_ms([10, 20, 30, 40]) == (20, 40)
+    assert _latency_p50_p95_ms([10, 20, 30, 40, 50, 60]) == (30, 60)
+    assert _latency_p50_p95_ms(list(range(10, 90, 10))) == (40, 80)
+    assert _latency_p50_p95_ms(list(range(1, 21))) == (10, 19)
+    assert _latency_p50_p95_ms(list(range(1, 101))) == (50, 95)
