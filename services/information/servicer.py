@@ -411,11 +411,11 @@ class InformationServicer(InformationServiceServicer):
                 error_reason=getattr(request, "error_reason", ""))
             op = SettleOp(request.request_id, fingerprint, reservation_id, holds, call,
                           usage.prompt_tokens + usage.completion_tokens, now, version,
-                          arrival)
-            return await self.store.settle(op), call, unpriced
+                          arrival, unpriced)
+            return await self.store.settle(op), call
 
         try:
-            result, call, unpriced = await self._with_config(attempt)
+            result, call = await self._with_config(attempt)
         except IdempotencyConflict:
             raise errors.idempotency_conflict(request.request_id) from None
         except ReservationNotFound:
@@ -436,13 +436,13 @@ class InformationServicer(InformationServiceServicer):
                     for c in result.counters if c.budget_id in budgets]
         alerts = [alert_to_proto(a, budgets.get(a.budget_id), self.currency)
                   for a in result.alerts]
-        return result, unpriced, alerts, statuses
+        return result, alerts, statuses
 
     async def Commit(self, request, context):
-        result, unpriced, alerts, statuses = await self._settle(
+        result, alerts, statuses = await self._settle(
             request, request.reservation_id, ("", "", ""), now_us())
         return CommitResponse(cost_micros=result.cost_micros, currency=self.currency,
-                              budgets=statuses, alerts=alerts, unpriced=unpriced,
+                              budgets=statuses, alerts=alerts, unpriced=result.unpriced,
                               replayed=result.replayed)
 
     async def TrackCompletion(self, request, context):
@@ -450,10 +450,11 @@ class InformationServicer(InformationServiceServicer):
         at = (timestamp_us(request.completion_time, "completion_time")
               if request.HasField("completion_time") else arrival)
         ctx = request.context
-        result, unpriced, alerts, statuses = await self._settle(
+        result, alerts, statuses = await self._settle(
             request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), at, arrival)
         return TrackCompletionResponse(cost_micros=result.cost_micros, currency=self.currency,
-                                       budgets=statuses, alerts=alerts, unpriced=unpriced,
+                                       budgets=statuses, alerts=alerts,
+                                       unpriced=result.unpriced,
                                        replayed=result.replayed)
 
     async def Release(self, request, context):

@@ -767,6 +767,28 @@ async def test_unknown_model_policy(tmp_path):
             assert sum(a.request_count for a in metrics.aggregates) == 2
 
 
+async def test_a_retried_charge_says_unpriced_as_the_first_did(info):
+    """A retry returns the first result: a call charged 0 because its model
+    had no price stays unpriced when the price is set before the retry."""
+    first = TrackCompletionRequest(request_id=rid(), context=ctx(), model="mystery",
+                                   usage=Usage(prompt_tokens=1000))
+    tracked = await call(info.TrackCompletion, first)
+    assert tracked.unpriced and tracked.cost_micros == 0
+    reserved = await call(info.Reserve, ReserveRequest(request_id=rid(), context=ctx(),
+                                                       model="mystery", max_tokens=10))
+    commit = CommitRequest(request_id=rid(), reservation_id=reserved.reservation_id,
+                           model="mystery", usage=Usage(prompt_tokens=1000))
+    committed = await call(info.Commit, commit)
+    assert committed.unpriced and committed.cost_micros == 0
+    await call(info.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=ModelPrice(
+        model="mystery", input_micros_per_million=1_000_000)))
+    for method, request, response in ((info.TrackCompletion, first, tracked),
+                                      (info.Commit, commit, committed)):
+        again = await call(method, request)
+        assert again.replayed and again.cost_micros == 0
+        assert again.unpriced == response.unpriced
+
+
 async def test_timestamps_out_of_range_are_invalid(info):
     with pytest.raises(InvalidArgumentError) as err:
         await call(info.GetMetrics, GetMetricsRequest(

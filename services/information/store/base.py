@@ -195,6 +195,9 @@ class SettleOp:
     # is accounted at its completion time): the time of the alerts it fires,
     # and the start of the request TTL of its answer.
     arrival_us: int = 0
+    # The call was charged 0 because its model had no price (recorded with
+    # the answer: a replay says so even if the model was priced since).
+    unpriced: bool = False
 
     @property
     def arrived_us(self) -> int:
@@ -213,6 +216,7 @@ class SettleResult:
     counters: tuple[Counter, ...] = ()
     # (tenant, workflow, agent) recorded with the call.
     call_context: tuple[str, str, str] = ("", "", "")
+    unpriced: bool = False  # as the operation (on a replay: the first) said
 
 
 @dataclass(frozen=True, slots=True)

@@ -572,7 +572,7 @@ def _settle_result(text, replayed: bool, counter_replies) -> SettleResult:
     return SettleResult(d["cost_micros"], tuple(AlertRecord(**a) for a in d["alerts"]),
                         d["hold_released"], replayed, tuple(d["budget_ids"]),
                         _counters(keys, counter_replies) if keys else (),
-                        tuple(d.get("call_context", ("", "", ""))))
+                        tuple(d.get("call_context", ("", "", ""))), d.get("unpriced", False))
 
 
 def _reserve_result(reply, replayed: bool, holds: tuple[Hold, ...]) -> ReserveResult:
@@ -877,7 +877,8 @@ class RedisStore:
                     # the script answers stale (or replays).
             # The script adds the budgets it charged (ids and keys).
             head = json.dumps({"cost_micros": c.cost_micros,
-                               "call_context": [c.tenant_id, c.workflow_id, c.agent_id]})
+                               "call_context": [c.tenant_id, c.workflow_id, c.agent_id],
+                               "unpriced": op.unpriced})
             reply = await self._run(
                 self._settle, op.request_id, op.fingerprint, op.reservation_id, expected,
                 _num(c.cost_micros), _num(op.tokens), _num(c.time_us),

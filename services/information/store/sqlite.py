@@ -460,7 +460,8 @@ class SqliteStore:
                                     tuple(AlertRecord(**a) for a in seen["alerts"]),
                                     seen["hold_released"], True, tuple(seen["budget_ids"]),
                                     _counters(conn, seen.get("keys", [])),
-                                    tuple(seen.get("call_context", ("", "", ""))))
+                                    tuple(seen.get("call_context", ("", "", ""))),
+                                    seen.get("unpriced", False))
             # The cost was priced, and a track's holds computed, under this
             # configuration version.
             _check_config(conn, op.config_version)
@@ -518,11 +519,12 @@ class SqliteStore:
             _remember(conn, op.request_id, "settle", op.fingerprint,
                       {"cost_micros": cost, "hold_released": hold_released,
                        "budget_ids": budget_ids, "keys": keys, "call_context": call_context,
+                       "unpriced": op.unpriced,
                        "alerts": [{f: getattr(a, f) for f in AlertRecord.__slots__}
                                   for a in alerts]},
                       op.arrived_us + self.request_ttl_us)
             return SettleResult(cost, tuple(alerts), hold_released, False, budget_ids,
-                                _counters(conn, keys), call_context)
+                                _counters(conn, keys), call_context, op.unpriced)
 
         return await self.db.write(run)
 
