@@ -363,11 +363,12 @@ class InformationServicer(InformationServiceServicer):
             budgets = await self._budgets_for(ctx.tenant_id, ctx.workflow_id, ctx.agent_id)
             op = ReserveOp(request.request_id, fingerprint, reservation_id,
                            tuple(_hold(b, now) for b in budgets), micros, tokens, now + ttl_us,
-                           now, ctx.tenant_id, ctx.workflow_id, ctx.agent_id, version)
-            return await self.store.reserve(op), budgets, micros, unpriced
+                           now, ctx.tenant_id, ctx.workflow_id, ctx.agent_id, version,
+                           unpriced)
+            return await self.store.reserve(op), budgets, micros
 
         try:
-            result, budgets, micros, unpriced = await self._with_config(attempt)
+            result, budgets, micros = await self._with_config(attempt)
         except IdempotencyConflict:
             raise errors.idempotency_conflict(request.request_id) from None
         except BudgetExceeded as exc:
@@ -379,7 +380,7 @@ class InformationServicer(InformationServiceServicer):
             currency=self.currency, expire_time=timestamp(result.expire_time_us),
             budgets=[_status(b, c, now, self.currency)
                      for b, c in zip(budgets, result.counters, strict=False)],
-            over_limit_budget_ids=list(result.over_soft_limit), unpriced=unpriced,
+            over_limit_budget_ids=list(result.over_soft_limit), unpriced=result.unpriced,
             replayed=result.replayed)
 
     async def _settle(self, request, reservation_id: str, ctx_ids: tuple[str, str, str],

@@ -767,21 +767,24 @@ async def test_unknown_model_policy(tmp_path):
             assert sum(a.request_count for a in metrics.aggregates) == 2
 
 
-async def test_a_retried_charge_says_unpriced_as_the_first_did(info):
-    """A retry returns the first result: a call charged 0 because its model
-    had no price stays unpriced when the price is set before the retry."""
+async def test_a_retry_says_unpriced_as_the_first_answer_did(info):
+    """A retry returns the first result: a call held or charged 0 because its
+    model had no price stays unpriced when the price is set before the retry."""
     first = TrackCompletionRequest(request_id=rid(), context=ctx(), model="mystery",
                                    usage=Usage(prompt_tokens=1000))
     tracked = await call(info.TrackCompletion, first)
     assert tracked.unpriced and tracked.cost_micros == 0
-    reserved = await call(info.Reserve, ReserveRequest(request_id=rid(), context=ctx(),
-                                                       model="mystery", max_tokens=10))
+    reserve = ReserveRequest(request_id=rid(), context=ctx(), model="mystery", max_tokens=10)
+    reserved = await call(info.Reserve, reserve)
+    assert reserved.unpriced and reserved.reserved_micros == 0
     commit = CommitRequest(request_id=rid(), reservation_id=reserved.reservation_id,
                            model="mystery", usage=Usage(prompt_tokens=1000))
     committed = await call(info.Commit, commit)
     assert committed.unpriced and committed.cost_micros == 0
     await call(info.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=ModelPrice(
         model="mystery", input_micros_per_million=1_000_000)))
+    again = await call(info.Reserve, reserve)
+    assert again.replayed and again.reserved_micros == 0 and again.unpriced
     for method, request, response in ((info.TrackCompletion, first, tracked),
                                       (info.Commit, commit, committed)):
         again = await call(method, request)

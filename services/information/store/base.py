@@ -158,6 +158,8 @@ class ReserveOp:
     # raises StaleConfig (writing nothing) if budgets or prices changed since.
     # -1: do not check.
     config_version: int = -1
+    # The model had no price (recorded with the answer, as for a settle).
+    unpriced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +175,7 @@ class ReserveResult:
     # changed since); None when the reservation is no longer stored.
     micros: int | None = None
     tokens: int | None = None
+    unpriced: bool = False  # as the reservation held now was made
 
 
 @dataclass(frozen=True, slots=True)

@@ -339,9 +339,9 @@ redis.call('HSET', key, 'request_id', ARGV[2], 'state', 'open', 'holds', ARGV[9]
 redis.call('PERSIST', key)  -- reopened: kept while open
 redis.call('ZADD', P .. 'reservations:open', ARGV[7], member)
 local head = ARGV[11]
-if seen then
-  head = '{"reservation_id": ' .. cjson.encode(rid) .. ', "expire_time_us": ' .. ARGV[7] ..
-         ', "over_soft_limit": ['
+if seen then  -- the same answer under the first reservation id
+  local rest = string.find(head, ', "expire_time_us": ', 1, true)
+  head = '{"reservation_id": ' .. cjson.encode(rid) .. string.sub(head, rest)
 end
 local result = head .. table.concat(soft, ', ') .. ']}'
 remember(ARGV[2], 'reserve', ARGV[3], result, rid, keep_ms(ARGV[7], ARGV[8]))
@@ -582,7 +582,7 @@ def _reserve_result(reply, replayed: bool, holds: tuple[Hold, ...]) -> ReserveRe
     held = [int(v) if _s(v) else None for v in reply[3:5]] if len(reply) > 3 else [None, None]
     return ReserveResult(d["reservation_id"], d["expire_time_us"],
                          tuple(d["over_soft_limit"]), replayed,
-                         _counters(keys, reply[2]), *held)
+                         _counters(keys, reply[2]), *held, d.get("unpriced", False))
 
 
 # Reservations made through this store whose holds and ids it remembers, so
@@ -779,7 +779,8 @@ class RedisStore:
                          json.dumps(h.budget_id), _num(h.limit_micros), _num(h.limit_tokens),
                          "1" if h.mode == MODE_HARD else "0"]
         head = json.dumps({"reservation_id": op.reservation_id,
-                           "expire_time_us": op.expire_time_us})[:-1] + ', "over_soft_limit": ['
+                           "expire_time_us": op.expire_time_us,
+                           "unpriced": op.unpriced})[:-1] + ', "over_soft_limit": ['
         reply = await self._run(
             self._reserve, op.request_id, op.fingerprint, op.reservation_id, _num(op.micros),
             _num(op.tokens), _num(op.expire_time_us), _num(op.now_us), holds_to_json(op.holds),

@@ -409,7 +409,8 @@ class SqliteStore:
                 if state not in ("released", "expired"):
                     return ReserveResult(seen["reservation_id"], seen["expire_time_us"],
                                          tuple(seen["over_soft_limit"]), True,
-                                         _counters(conn, keys), micros, tokens)
+                                         _counters(conn, keys), micros, tokens,
+                                         seen.get("unpriced", False))
                 # Its hold is gone (the caller released it, or it lapsed): a
                 # retry holds again, checked against the budget as it is now.
                 reopened = seen["reservation_id"]
@@ -422,7 +423,7 @@ class SqliteStore:
             # The answer (and the reservation) outlive the hold by a request TTL.
             keep = max(op.now_us, op.expire_time_us) + self.request_ttl_us
             result = {"reservation_id": reservation_id, "expire_time_us": op.expire_time_us,
-                      "over_soft_limit": over_soft}
+                      "over_soft_limit": over_soft, "unpriced": op.unpriced}
             if reopened:
                 conn.execute("UPDATE reservations SET state = 'open', holds = ?, micros = ?, "
                              "tokens = ?, expire_time_us = ? WHERE reservation_id = ?",
@@ -437,7 +438,8 @@ class SqliteStore:
                               op.workflow_id, op.agent_id))
                 _remember(conn, op.request_id, "reserve", op.fingerprint, result, keep)
             return ReserveResult(reservation_id, op.expire_time_us, tuple(over_soft),
-                                 reopened is not None, _counters(conn, keys))
+                                 reopened is not None, _counters(conn, keys),
+                                 unpriced=op.unpriced)
 
         return await self.db.write(run)
 
