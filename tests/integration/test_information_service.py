@@ -691,6 +691,29 @@ async def test_a_resumed_watch_replays_alerts_fired_after_since_once(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_watch_resumed_from_the_first_of_two_alerts_of_one_charge_gets_the_second(
+        kind, tmp_path):
+    """Alerts are ordered by their create_time, one apart at least: resuming
+    from the create_time of any alert received (even the first of several
+    fired by one charge) misses none and repeats none."""
+    async with open_store(kind, tmp_path) as store, serve(store) as (stub, _):
+        await make_budget(stub, "b", tokens=100, thresholds=[50, 80, 100])
+        tracked = await call(stub.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=90)))
+        first, second = tracked.alerts
+        assert (first.threshold_percent, second.threshold_percent) == (50, 80)
+        assert first.create_time.ToMicroseconds() < second.create_time.ToMicroseconds()
+        stream = stub.WatchAlerts(WatchAlertsRequest(since=first.create_time))
+        assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        await call(stub.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=10)))
+        received = [(await asyncio.wait_for(stream.read(), 5)).alert.threshold_percent
+                    for _ in range(2)]
+        assert received == [80, 100]
+        stream.cancel()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_the_service_forgets_calls_past_their_retention(kind, tmp_path, monkeypatch):
     from hivemesh.services.information import server
     monkeypatch.setattr(server, "_PRUNE_INTERVAL_S", 0.05)

@@ -352,10 +352,11 @@ return {seen and 'reopened' or 'ok', result, hold_counters()}
 #       expected ('1' the caller read the reservation, '0' it found none),
 #       cost_micros, tokens, call time_us, call JSON, result_head, n,
 #       config_version the holds were computed under ('-1' = do not check),
-#       then per hold: ctr key, fired key, limit_micros ('' when 0/none),
-#       limit_tokens (same), alert JSON fragment, budget_id as JSON,
-#       [budget_id, period_start_us] as JSON, m, then m x (threshold,
-#       alert_id JSON)
+#       now (when the request arrived: the time of its alerts), then per
+#       hold: ctr key, fired key, limit_micros ('' when 0/none), limit_tokens
+#       (same), alert JSON fragment, budget_id as JSON, [budget_id,
+#       period_start_us] as JSON, m, then m x (threshold, alert_id JSON).
+#       The script completes result_head with the budgets it charged.
 # Replies {status, result, counters of the holds charged (as counters_of)}.
 _SETTLE = _PRELUDE + r"""
 local seen = seen_request(ARGV[2])
@@ -391,8 +392,19 @@ local alerts = {}
 -- The holds charged (a commit's may have lost some): ids and keys as JSON,
 -- counter keys.
 local charged_ids, charged_keys, charged_ctrs = {}, {}, {}
+-- When an alert fires: now (ARGV[13]), but after the last alert's time, so
+-- that alerts are strictly ordered by it (as in SQLite).
+local function alert_time()
+  local t = tonumber(ARGV[13])
+  local last = redis.call('ZRANGE', P .. 'alerts', -1, -1)[1]
+  if last then
+    local after = cjson.decode(last).create_time_us + 1
+    if after > t then t = after end
+  end
+  return fmt(t)
+end
 local n = tonumber(ARGV[11])
-local i = 13
+local i = 14
 for _ = 1, n do
   local ctr, fired, lim_m, lim_t, frag = P .. ARGV[i], P .. ARGV[i + 1], ARGV[i + 2],
                                          ARGV[i + 3], ARGV[i + 4]
@@ -421,7 +433,8 @@ for _ = 1, n do
     end
     if kind and redis.call('SADD', fired, th) == 1 then
       local seq = redis.call('INCR', P .. 'alerts:seq')
-      local alert = '{' .. frag .. ', "alert_id": ' .. aid .. ', "threshold_percent": ' .. th ..
+      local alert = '{' .. frag .. ', "create_time_us": ' .. alert_time() ..
+                    ', "alert_id": ' .. aid .. ', "threshold_percent": ' .. th ..
                     ', "limit_kind": ' .. kind .. ', "spent_micros": ' .. fmt(sm) ..
                     ', "spent_tokens": ' .. fmt(st) .. ', "seq": ' .. fmt(seq) .. '}'
       redis.call('ZADD', P .. 'alerts', seq, alert)
@@ -884,7 +897,8 @@ class RedisStore:
                 self._settle, op.request_id, op.fingerprint, op.reservation_id, expected,
                 _num(c.cost_micros), _num(op.tokens), _num(c.time_us),
                 json.dumps(dataclasses.asdict(c)), head[:-1] + ', ',
-                str(len(holds)), str(int(version)), *self._settle_holds(holds, op))
+                str(len(holds)), str(int(version)), _num(op.arrived_us),
+                *self._settle_holds(holds, op))
             status = _s(reply[0])
             if status == "conflict":
                 raise IdempotencyConflict(op.request_id)
@@ -911,7 +925,6 @@ class RedisStore:
             frag = json.dumps({"budget_id": h.budget_id, "limit_micros": h.limit_micros,
                                "limit_tokens": h.limit_tokens,
                                "period_start_us": h.period_start_us,
-                               "create_time_us": op.arrived_us,
                                "request_id": op.request_id})
             out += [_ctr(h.budget_id, h.period_start_us), _fired(h.budget_id, h.period_start_us),
                     _num(h.limit_micros or None), _num(h.limit_tokens or None), frag[1:-1],

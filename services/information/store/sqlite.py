@@ -218,6 +218,14 @@ def _counters(conn: sqlite3.Connection, keys) -> tuple[Counter, ...]:
     return tuple(out)
 
 
+def _alert_time(conn: sqlite3.Connection, now_us: int) -> int:
+    """When an alert fires: ``now_us``, but after the last alert's time, so
+    that alerts are strictly ordered by it (a watch resumed from the time of
+    the last alert it received misses none fired by the same charge)."""
+    row = conn.execute("SELECT create_time_us FROM alerts ORDER BY seq DESC LIMIT 1").fetchone()
+    return now_us if row is None else max(now_us, row[0] + 1)
+
+
 def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
     rows = conn.execute(
         "SELECT reservation_id, holds, micros, tokens FROM reservations "
@@ -501,7 +509,7 @@ class SqliteStore:
                     alert = AlertRecord(alert_id(hold, threshold), hold.budget_id, threshold,
                                         kind, spent_m, hold.limit_micros, spent_t,
                                         hold.limit_tokens, hold.period_start_us,
-                                        op.arrived_us, op.request_id)
+                                        _alert_time(conn, op.arrived_us), op.request_id)
                     seq = conn.execute(
                         f"INSERT INTO alerts ({_ALERT_COLS.removesuffix(', seq')}) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
