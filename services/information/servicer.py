@@ -123,6 +123,13 @@ class _ConfigCache:
     def invalidate(self) -> None:
         self.version = None
 
+    def keep(self, read_under: int | None, table: dict, key, value) -> None:
+        """Cache ``value``, read while the version was ``read_under``, unless
+        the configuration changed during the read (it may predate the change:
+        kept, it would stand for the newer version)."""
+        if read_under is not None and read_under == self.version:
+            table[key] = value
+
     async def current(self, store: InformationStore) -> int:
         if self.version is None or time.monotonic() - self.loaded_at > _CONFIG_MAX_AGE_S:
             version = await store.config_version()
@@ -307,9 +314,12 @@ class InformationServicer(InformationServiceServicer):
         refuses a reservation; usage already ``spent`` is never refused (it
         is recorded unpriced, charged 0)."""
         key = (model, backend)
-        if key not in self._config.prices:
-            self._config.prices[key] = await self.store.get_price(model, backend)
-        price = self._config.prices[key]
+        if key in self._config.prices:
+            price = self._config.prices[key]
+        else:
+            read_under = self._config.version
+            price = await self.store.get_price(model, backend)
+            self._config.keep(read_under, self._config.prices, key, price)
         if price is not None:
             return price, False
         if self.policy.unknown_model == "reject" and not spent:
@@ -327,10 +337,12 @@ class InformationServicer(InformationServiceServicer):
         key = (tenant_id, workflow_id, agent_id)
         budgets = self._config.by_scope.get(key)
         if budgets is None:
+            read_under = self._config.version
             budgets = await self.store.budgets_for_scopes(
                 applicable_scope_keys(tenant_id, workflow_id, agent_id))
-            self._config.by_scope[key] = budgets
-            self._config.by_id.update((b.budget_id, b) for b in budgets)
+            self._config.keep(read_under, self._config.by_scope, key, budgets)
+            for b in budgets:
+                self._config.keep(read_under, self._config.by_id, b.budget_id, b)
         return budgets
 
     async def _with_config(self, attempt):
@@ -473,9 +485,10 @@ class InformationServicer(InformationServiceServicer):
         for budget_id in dict.fromkeys(budget_ids):
             budget = self._config.by_id.get(budget_id)
             if budget is None:
+                read_under = self._config.version
                 budget = await self.store.get_budget(budget_id)
                 if budget is not None:
-                    self._config.by_id[budget_id] = budget
+                    self._config.keep(read_under, self._config.by_id, budget_id, budget)
             if budget is not None:
                 out.append(budget)
         return out
