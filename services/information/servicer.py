@@ -81,12 +81,20 @@ def budget_to_proto(b: BudgetRecord) -> Budget:
     return msg
 
 
+def _shown_period_start(budget: BudgetRecord | None, period_start_us: int) -> int:
+    """A TOTAL budget's one period is stored from 0 but starts, as the
+    contract says, when the budget was created."""
+    if budget is not None and budget.period in (0, PERIOD_TOTAL):
+        return budget.create_time_us
+    return period_start_us
+
+
 def alert_to_proto(a: AlertRecord, budget: BudgetRecord | None, currency: str) -> Alert:
     msg = Alert(alert_id=a.alert_id, budget_id=a.budget_id,
                 threshold_percent=a.threshold_percent, limit_kind=a.limit_kind,
                 spent_micros=a.spent_micros, spent_tokens=a.spent_tokens, currency=currency,
-                period_start=timestamp(a.period_start_us), create_time=timestamp(a.create_time_us),
-                request_id=a.request_id)
+                period_start=timestamp(_shown_period_start(budget, a.period_start_us)),
+                create_time=timestamp(a.create_time_us), request_id=a.request_id)
     if budget is not None:
         msg.scope.CopyFrom(_scope(budget.tenant_id, budget.workflow_id, budget.agent_id))
     if a.limit_micros is not None:
@@ -579,7 +587,8 @@ def _status(b: BudgetRecord, c, now: int, currency: str) -> BudgetStatus:
     start, end = period_bounds(b.period, c.period_start_us)
     msg = BudgetStatus(budget_id=b.budget_id, scope=_scope(b.tenant_id, b.workflow_id,
                                                            b.agent_id),
-                       mode=b.mode, currency=currency, period_start=timestamp(start),
+                       mode=b.mode, currency=currency,
+                       period_start=timestamp(_shown_period_start(b, start)),
                        spent_micros=c.spent_micros, reserved_micros=c.reserved_micros,
                        spent_tokens=c.spent_tokens, reserved_tokens=c.reserved_tokens,
                        thresholds_crossed=list(c.fired))

@@ -738,6 +738,20 @@ async def test_the_service_forgets_calls_past_their_retention(kind, tmp_path, mo
         assert await recorded() == 0
 
 
+async def test_a_total_budget_s_period_starts_when_it_was_created(info):
+    """A TOTAL budget has one window, from its creation: its status and its
+    alerts say so, not 1970."""
+    created = await make_budget(info, "total", tokens=100, thresholds=[50])
+    tracked = await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=60)))
+    (alert,) = tracked.alerts
+    (charged,) = tracked.budgets
+    shown = await status(info, "total")
+    for start in (alert.period_start, charged.period_start, shown.period_start):
+        assert start == created.create_time
+    assert not shown.HasField("period_end")
+
+
 async def test_a_commit_after_midnight_shows_the_period_it_was_charged_to(info, monkeypatch):
     from hivemesh.services.information import servicer
     await make_budget(info, "daily", micros=1_000_000, period=DAILY)
