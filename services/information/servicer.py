@@ -111,6 +111,8 @@ def _hold(budget: BudgetRecord, now: int) -> Hold:
 
 
 _CONFIG_RETRIES = 5
+# Stored alerts a watch reads at once.
+_ALERT_PAGE = 1000
 _UPDATE_ATTEMPTS = 5
 # Budget definitions shown in responses are re-read at least this often even
 # when no write is seen (another replica may have changed them). Money
@@ -543,7 +545,8 @@ class InformationServicer(InformationServiceServicer):
             if time.monotonic() - last_sent >= self.heartbeat_interval_s:
                 yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))
                 last_sent = time.monotonic()
-            for alert in await self.store.alerts_after(seq):
+            page = await self.store.alerts_after(seq, _ALERT_PAGE)
+            for alert in page:
                 seq = alert.seq
                 if alert.create_time_us <= since_us:
                     continue
@@ -558,6 +561,8 @@ class InformationServicer(InformationServiceServicer):
                     continue
                 yield WatchAlertsResponse(alert=alert_to_proto(alert, budget, self.currency))
                 last_sent = time.monotonic()
+            if len(page) == _ALERT_PAGE:
+                continue  # more are stored (a replay from `since`): read on at once
             self._alert_event.clear()
             try:
                 await asyncio.wait_for(self._alert_event.wait(), self.alert_poll_interval_s)

@@ -64,8 +64,8 @@ async def open_store(kind: str, tmp_path, prefix: str | None = None):
 @contextlib.asynccontextmanager
 async def serve(store, **overrides):
     settings = InformationSettings(server=ServerSettings(port=0, grace_period_s=2),
-                                   sweep_interval_s=0.2, alert_poll_interval_s=0.05,
-                                   **overrides)
+                                   **{"sweep_interval_s": 0.2, "alert_poll_interval_s": 0.05,
+                                      **overrides})
     running, port = await create_server(settings, store)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -687,6 +687,26 @@ async def test_a_resumed_watch_replays_alerts_fired_after_since_once(tmp_path):
             request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=50)))
         nxt = await asyncio.wait_for(stream.read(), 5)
         assert nxt.alert.threshold_percent == 100
+        stream.cancel()
+
+
+async def test_a_resumed_watch_replays_every_page_without_waiting_to_poll(tmp_path,
+                                                                            monkeypatch):
+    """Replaying stored alerts reads them page after page at once; a watch
+    resumed after a long gap does not wait a poll interval per page."""
+    from hivemesh.services.information import servicer
+    monkeypatch.setattr(servicer, "_ALERT_PAGE", 2)
+    async with open_store("sqlite", tmp_path) as store, \
+            serve(store, alert_poll_interval_s=3600) as (stub, _):
+        await make_budget(stub, "b", tokens=100, thresholds=[10, 20, 30, 40, 50])
+        tracked = await call(stub.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=60)))
+        assert len(tracked.alerts) == 5
+        stream = stub.WatchAlerts(WatchAlertsRequest(since=timestamp_pb2.Timestamp(seconds=1)))
+        assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        received = [(await asyncio.wait_for(stream.read(), 5)).alert.threshold_percent
+                    for _ in range(5)]
+        assert received == [10, 20, 30, 40, 50]
         stream.cancel()
 
 
