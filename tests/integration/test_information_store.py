@@ -369,6 +369,21 @@ async def test_a_late_commit_never_charges_a_budget_created_again(store):
     assert await counter(store, other) == Counter("other", 0, 210)
 
 
+async def test_a_budget_created_again_fires_its_thresholds_again(store):
+    """A budget deleted and created again under its id starts from nothing:
+    a threshold the old one fired in this period fires again (the old one's
+    alerts went with it), and the charge that fires it is recorded."""
+    b = budget("b", micros=1000, thresholds=(50,))
+    await store.create_budget(b, rid(), "fp")
+    (old,) = (await store.settle(track_op([hold(b)], 600))).alerts
+    assert await store.delete_budget("b") == (True, False)
+    await store.create_budget(b, rid(), "fp2")
+    (new,) = (await store.settle(track_op([hold(b)], 700, now=T0 + 1))).alerts
+    assert (new.alert_id, new.spent_micros) == (old.alert_id, 700) and new.seq > old.seq
+    assert await store.alerts_after(0) == [new]
+    assert (await counter(store, b)).spent_micros == 700
+
+
 async def test_stale_reserve_writes_nothing(store):
     b = budget("b", micros=1000, tokens=100)
     await store.create_budget(b, rid(), "fp")

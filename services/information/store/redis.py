@@ -184,7 +184,7 @@ return {'ok'}
 """
 
 # ARGV: prefix, request_id, fingerprint, budget_id. Its counters and fired thresholds of every period
-# go with it, and its holds leave the reservations not committed yet (their
+# and its alerts go with it, and its holds leave the reservations not committed yet (their
 # 'ctrs', which releases and expiries free and commits charge): a budget
 # created again starts from nothing.
 # Budget writes are rare; this one scans its keys.
@@ -216,6 +216,10 @@ for _, kind in ipairs({'ctr', 'fired'}) do
       if is_mine(string.sub(k, #P + 1), kind) then redis.call('DEL', k) end
     end
   until cursor == '0'
+end
+-- Its alerts too: a budget created again fires them again, under their ids.
+for _, a in ipairs(redis.call('ZRANGE', P .. 'alerts', 0, -1)) do
+  if cjson.decode(a).budget_id == id then redis.call('ZREM', P .. 'alerts', a) end
 end
 -- Every reservation not committed yet (a released or lapsed one may still
 -- be committed) holds it no more.

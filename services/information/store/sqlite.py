@@ -350,6 +350,8 @@ class SqliteStore:
                 # or lapsed reservation, which may still be committed, too).
                 conn.execute("DELETE FROM counters WHERE budget_id = ?", (budget_id,))
                 conn.execute("DELETE FROM fired WHERE budget_id = ?", (budget_id,))
+                # Its alerts too: the new one fires them again, under their ids.
+                conn.execute("DELETE FROM alerts WHERE budget_id = ?", (budget_id,))
                 for reservation_id, holds_json in conn.execute(
                         "SELECT reservation_id, holds FROM reservations "
                         "WHERE state != 'committed' AND instr(holds, ?)",
