@@ -291,7 +291,8 @@ export const BudgetStatusSchema: GenMessage<BudgetStatus> = /*@__PURE__*/
  */
 export type Alert = Message<"hivemesh.information.v1.Alert"> & {
   /**
-   * Id of the alert ("alt-" + UUID).
+   * Id of the alert: "alert:{budget_id}:{period start, microseconds since
+   * the epoch}:{threshold_percent}", one per budget, period and threshold.
    *
    * @generated from field: string alert_id = 1;
    */
