@@ -15,7 +15,7 @@ import pytest
 from conftest import drop_redis_prefix, on_local_redis
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
-from hivemesh.client import from_rpc_error
+from hivemesh.client import InformationClient, from_rpc_error
 from hivemesh.client.errors import (
     AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
     ResourceExhaustedError)
@@ -892,3 +892,24 @@ async def test_metrics_beyond_the_aggregate_limit_are_invalid(info, monkeypatch)
     fine = await call(info.GetMetrics, GetMetricsRequest(
         start_time=timestamp_pb2.Timestamp(seconds=0)))
     assert [a.request_count for a in fine.aggregates] == [5]
+
+
+async def test_the_python_client_resumes_a_watch_after_the_last_alert_it_got(tmp_path):
+    async with open_store("sqlite", tmp_path) as store:
+        running, port = await create_server(InformationSettings(
+            server=ServerSettings(port=0, grace_period_s=2), alert_poll_interval_s=0.05), store)
+        try:
+            async with InformationClient(f"127.0.0.1:{port}") as client:
+                await client.create_budget(Budget(
+                    scope=Scope(tenant_id="acme"), limit_tokens=100, mode=SOFT,
+                    alert_thresholds_percent=[50, 100]))
+                tracked = [await client.track(ctx(), Usage(prompt_tokens=tokens),
+                                              model="gpt-test") for tokens in (60, 40)]
+                (half,), (full,) = (t.alerts for t in tracked)
+                # Resumed after the first alert: the second comes from the store.
+                watch = client.watch_alerts(since=half.create_time, min_threshold_percent=50)
+                got = await asyncio.wait_for(anext(watch), 10)
+                await watch.aclose()
+                assert (got.alert_id, got.threshold_percent) == (full.alert_id, 100)
+        finally:
+            await running.shutdown(0)

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from hivemesh.client.base import DEFAULT, BaseClient, trace_metadata
 from hivemesh.client.errors import from_rpc_error, from_status
@@ -100,14 +101,19 @@ class InformationClient(BaseClient):
         return list((await self._unary(self._stub.GetBudgetStatus, request, timeout)).statuses)
 
     async def watch_alerts(self, *, scope: Scope | None = None,
-                           budget_ids: list[str] | None = None) -> AsyncIterator[Alert]:
-        """Alerts as they fire, until the server ends the stream. A stream
-        that closes without its terminal message raises UnavailableError; one
-        that ends FAILED (this watcher fell behind and alerts were dropped)
-        raises the error it carries."""
-        call = self._stub.WatchAlerts(WatchAlertsRequest(scope=scope or Scope(),
-                                                         budget_ids=budget_ids or []),
-                                      metadata=trace_metadata())
+                           budget_ids: list[str] | None = None, min_threshold_percent: int = 0,
+                           since: Timestamp | None = None) -> AsyncIterator[Alert]:
+        """Alerts as they fire, until the server ends the stream. ``since``
+        (the ``create_time`` of the last alert received) first replays the
+        stored alerts created after it, to resume a watch without a gap. A
+        stream that closes without its terminal message raises
+        UnavailableError; one that ends FAILED (this watcher fell behind and
+        alerts were dropped) raises the error it carries."""
+        request = WatchAlertsRequest(scope=scope or Scope(), budget_ids=budget_ids or [],
+                                     min_threshold_percent=min_threshold_percent)
+        if since is not None:
+            request.since.CopyFrom(since)
+        call = self._stub.WatchAlerts(request, metadata=trace_metadata())
         try:
             async for message in call:
                 kind = message.WhichOneof("event")
