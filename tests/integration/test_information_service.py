@@ -488,12 +488,19 @@ async def test_64_concurrent_reservations_admit_exactly_10(info):
     assert s.reserved_micros == 0
 
 
-async def test_two_replicas_on_one_redis_stay_exact(tmp_path):
+@contextlib.asynccontextmanager
+async def two_replicas(tmp_path):
+    """Two services on one Redis prefix, the model priced."""
     prefix = f"hmtest:{uuid.uuid4().hex}:"
     async with open_store("redis", tmp_path, prefix) as store_a, \
             open_store("redis", tmp_path, prefix) as store_b, \
             serve(store_a) as (replica_a, _), serve(store_b) as (replica_b, _):
         await call(replica_a.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+        yield replica_a, replica_b
+
+
+async def test_two_replicas_on_one_redis_stay_exact(tmp_path):
+    async with two_replicas(tmp_path) as (replica_a, replica_b):
         await make_budget(replica_a, "ten", micros=60_000)
         results = await _race([replica_a, replica_b], 64)
         admitted = [r for r in results if r is not None]
@@ -511,11 +518,7 @@ async def test_a_commit_on_one_replica_charges_a_price_set_on_another(tmp_path, 
     then on, on every replica, however fresh the others' cached copy is."""
     from hivemesh.services.information import servicer
     monkeypatch.setattr(servicer, "_CONFIG_MAX_AGE_S", 3600.0)  # never re-read by age
-    prefix = f"hmtest:{uuid.uuid4().hex}:"
-    async with open_store("redis", tmp_path, prefix) as store_a, \
-            open_store("redis", tmp_path, prefix) as store_b, \
-            serve(store_a) as (replica_a, _), serve(store_b) as (replica_b, _):
-        await call(replica_a.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+    async with two_replicas(tmp_path) as (replica_a, replica_b):
         await make_budget(replica_a, "b", micros=1_000_000)
         reserved = await call(replica_a.Reserve, reserve_request())
         doubled = ModelPrice(model="gpt-test", input_micros_per_million=4_000_000,
