@@ -111,6 +111,9 @@ def _hold(budget: BudgetRecord, now: int) -> Hold:
 
 
 _CONFIG_RETRIES = 5
+# How far ahead of this service's clock a completion_time may be (the
+# caller's clock may run a little ahead).
+_MAX_CLOCK_SKEW_US = 300_000_000
 # Stored alerts a watch reads at once.
 _ALERT_PAGE = 1000
 _UPDATE_ATTEMPTS = 5
@@ -472,6 +475,10 @@ class InformationServicer(InformationServiceServicer):
         arrival = now_us()
         at = (timestamp_us(request.completion_time, "completion_time")
               if request.HasField("completion_time") else arrival)
+        if at > arrival + _MAX_CLOCK_SKEW_US:
+            # A call that has not finished yet would be charged to a period
+            # that has not begun.
+            raise errors.invalid_argument([("completion_time", "must not be in the future")])
         ctx = request.context
         result, alerts, statuses = await self._settle(
             request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), at, arrival)

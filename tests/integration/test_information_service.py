@@ -864,6 +864,18 @@ async def test_timestamps_out_of_range_are_invalid(info):
     assert err.value.field_violations[0][0] == "completion_time"
 
 
+async def test_a_completion_in_the_future_is_refused_and_charges_nothing(info):
+    await make_budget(info, "b", micros=1_000_000, period=DAILY)
+    tomorrow = timestamp_pb2.Timestamp()
+    tomorrow.FromSeconds(int(datetime.now(UTC).timestamp()) + 86_400)
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.TrackCompletion, TrackCompletionRequest(
+            request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=1000),
+            completion_time=tomorrow))
+    assert err.value.field_violations == [("completion_time", "must not be in the future")]
+    assert (await status(info, "b")).spent_micros == 0
+
+
 async def test_metrics_aggregate_by_model(info):
     for i in range(10):
         await call(info.TrackCompletion, TrackCompletionRequest(

@@ -879,9 +879,10 @@ export type TrackCompletionRequest = Message<"hivemesh.information.v1.TrackCompl
   errorReason: string;
 
   /**
-   * When the call finished; unset means now. The call is recorded at this
-   * time and charged to the budget periods it falls in; the alerts it fires
-   * carry the time they fired (now).
+   * When the call finished; unset means now, and a time more than five
+   * minutes ahead of the service's clock is INVALID_ARGUMENT. The call is
+   * recorded at this time and charged to the budget periods it falls in;
+   * the alerts it fires carry the time they fired (now).
    *
    * @generated from field: google.protobuf.Timestamp completion_time = 10;
    */
