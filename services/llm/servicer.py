@@ -133,6 +133,12 @@ def _cached(hit: GenerateResponse) -> GenerateResponse:
     return response
 
 
+def _completion_tokens(content: str, calls) -> int:
+    """The completion tokens of an answer: its text and its tool calls'
+    arguments (what the client receives of it)."""
+    return estimate_tokens(content) + sum(estimate_tokens(c.arguments) for c in calls)
+
+
 def _response_of(summary: StreamSummary) -> GenerateResponse:
     return GenerateResponse(
         message=summary.message, usage=summary.usage, finish_reason=summary.finish_reason,
@@ -147,7 +153,8 @@ def _summary_of(response: GenerateResponse) -> StreamSummary:
         model=response.model, backend=response.backend, upstream_model=response.upstream_model,
         latency=response.latency, attempts=response.attempts,
         fallback_used=response.fallback_used,
-        delivered_completion_tokens=estimate_tokens(response.message.content))
+        delivered_completion_tokens=_completion_tokens(response.message.content,
+                                                       response.message.tool_calls))
 
 
 def _as_stream(summary: StreamSummary) -> list[StreamGenerateResponse]:
@@ -393,7 +400,7 @@ class LlmServicer(LlmServiceServicer):
             upstream_model=(finish.upstream_model if finish else "") or route.upstream_model,
             latency=duration_s(time.monotonic() - started), attempts=route.attempts,
             fallback_used=route.fallback_used, delivered_chunks=delivered,
-            delivered_completion_tokens=estimate_tokens(content),
+            delivered_completion_tokens=_completion_tokens(content, tool_calls),
             message=_message(content, tool_calls))
         if first_token_at is not None:
             summary.time_to_first_token.CopyFrom(duration_s(first_token_at - started))
@@ -408,7 +415,7 @@ class LlmServicer(LlmServiceServicer):
             return
         summary.finish_reason = _FINISH["error"]
         summary.usage.CopyFrom(_usage(estimate_prompt_tokens(chat.messages),
-                                      estimate_tokens(content)))
+                                      summary.delivered_completion_tokens))
         summary.usage_estimated = True
         error = errors.ServiceError(
             grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_STREAM_INTERRUPTED,

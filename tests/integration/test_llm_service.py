@@ -479,33 +479,55 @@ async def test_schemas_reach_the_upstream_with_integers_as_integers(llm):
         assert got["items"]["minimum"] == 0.5
 
 
-async def test_a_streamed_tool_call_names_itself_once(monkeypatch):
-    """Some upstreams repeat a tool call's id and name on every chunk; the
-    contract sends them on the call's first delta only."""
+def _chunk(delta, finish=None):
+    return {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "up",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+async def _stream_from_openai(monkeypatch, events, prompt="call f"):
+    """The messages of a StreamGenerate served by a fake OpenAI upstream
+    that sends exactly ``events``."""
     from fakes import Raw
     from fakes.openai_server import FakeOpenAI
 
-    def chunk(delta, finish=None):
-        return {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "up",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    call_piece = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f"}}
     monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
     async with FakeOpenAI() as upstream:
-        upstream.enqueue(Raw(events=(
-            chunk({"tool_calls": [{**call_piece,
-                                   "function": {"name": "f", "arguments": "{\"a\""}}]}),
-            chunk({"tool_calls": [{**call_piece,
-                                   "function": {"name": "f", "arguments": ":1}"}}]}),
-            chunk({}, finish="tool_calls"), "[DONE]")))
+        upstream.enqueue(Raw(events=tuple(events)))
         s = LlmSettings(
             server=ServerSettings(port=0, grace_period_s=1),
             backends={"up": BackendSettings(type="openai_compatible", base_url=upstream.base_url,
                                             api_key_env="FAKE_UPSTREAM_KEY")},
             models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True)])
         async with serve(s) as (stub, _):
-            messages = await _read_stream(stub, StreamGenerateRequest(
-                request_id=rid(), model="main", prompt=Prompt(prompt="call f")))
+            return await _read_stream(stub, StreamGenerateRequest(
+                request_id=rid(), model="main", prompt=Prompt(prompt=prompt)))
+
+
+async def test_a_streamed_tool_call_names_itself_once(monkeypatch):
+    """Some upstreams repeat a tool call's id and name on every chunk; the
+    contract sends them on the call's first delta only."""
+    call_piece = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f"}}
+    messages = await _stream_from_openai(monkeypatch, (
+        _chunk({"tool_calls": [{**call_piece, "function": {"name": "f", "arguments": "{\"a\""}}]}),
+        _chunk({"tool_calls": [{**call_piece, "function": {"name": "f", "arguments": ":1}"}}]}),
+        _chunk({}, finish="tool_calls"), "[DONE]"))
     deltas = [m.tool_call_delta for m in messages if m.WhichOneof("event") == "tool_call_delta"]
     assert [(d.id, d.name) for d in deltas] == [("c1", "f"), ("", "")]
     assert "".join(d.arguments_delta for d in deltas) == '{"a":1}'
     assert messages[-1].summary.message.tool_calls[0].name == "f"
+
+
+async def test_a_stream_cut_in_a_tool_call_counts_the_arguments_delivered(monkeypatch):
+    """The client holds the tool call's arguments sent before the cut: they
+    are completion tokens delivered (and estimated as used), not zero."""
+    arguments = '{"path": "src/main.py", "content": "' + "x = 1\\n" * 40
+    piece = {"index": 0, "id": "c1", "type": "function",
+             "function": {"name": "write_file", "arguments": arguments}}
+    messages = await _stream_from_openai(monkeypatch, (
+        _chunk({"role": "assistant", "content": None}), _chunk({"tool_calls": [piece]}),
+        "not json: the connection broke here"))
+    last = messages[-1]
+    assert last.end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+    assert last.summary.message.tool_calls[0].arguments == arguments
+    assert last.summary.delivered_completion_tokens > 0
+    assert last.summary.usage.completion_tokens >= last.summary.delivered_completion_tokens
