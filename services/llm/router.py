@@ -133,10 +133,17 @@ class Router:
                     if not exc.kind.retryable or retry + 1 >= state.settings.max_attempts \
                             or not state.breaker.allow():
                         break
+                    # From here the retry holds the breaker's probe (when
+                    # half-open): giving up or leaving must hand it back.
                     delay = state.backoff.delay(retry, exc.retry_after_s)
                     if time.monotonic() + delay >= deadline - _MIN_ATTEMPT_S:
+                        state.breaker.release_probe()
                         break
-                    await asyncio.sleep(delay)
+                    try:
+                        await asyncio.sleep(delay)
+                    except BaseException:
+                        state.breaker.release_probe()
+                        raise
                     continue
                 except BaseException:
                     state.breaker.release_probe()

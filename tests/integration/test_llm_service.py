@@ -161,6 +161,23 @@ async def test_breaker_opens_skips_to_fallback_then_probes_and_closes():
         assert await backend_health(stub, "primary") == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_a_probe_that_gives_up_on_a_long_retry_after_leaves_the_breaker_usable():
+    """Half-open, the breaker lets one probe through. A probe that ends
+    because the upstream's Retry-After outlasts the deadline must hand it
+    back: otherwise the backend is skipped for good although it answers."""
+    async with serve(settings(breaker_failure_threshold=1, breaker_reset_s=1e-6,
+                              max_attempts=3)) as (stub, backends):
+        primary = backends["primary"]
+        primary.simulate_failure(ErrorKind.UNAVAILABLE)  # opens the breaker
+        # the retry is the half-open probe: told to come back in a minute
+        primary.simulate_failure(ErrorKind.RATE_LIMITED, retry_after_s=60)
+        with pytest.raises(ResourceExhaustedError):
+            await call(stub.Generate, gen(model="solo"))
+        assert len(primary.calls) == 2
+        answer = await call(stub.Generate, gen(model="solo"))
+        assert answer.backend == "primary" and len(primary.calls) == 3
+
+
 async def test_rate_limit_refuses_before_any_upstream_call():
     async with serve(settings(requests_per_minute=2)) as (stub, backends):
         for _ in range(2):
