@@ -119,6 +119,12 @@ class Router:
                     state.breaker.release_probe()
                     raise RouteError("the deadline ran out", last=last, deadline=True,
                                      attempts=attempts)
+                if retry and (wait := state.limiter.acquire(0)) > 0:
+                    # Each retry is one more upstream request: over the
+                    # backend's limit it is not made.
+                    state.breaker.release_probe()
+                    limited.append(wait)
+                    break
                 attempts += 1
                 try:
                     result = await call(model, state, min(state.settings.timeout_s, left))

@@ -191,6 +191,18 @@ async def test_rate_limit_refuses_before_any_upstream_call():
         assert (await call(stub.Generate, gen())).backend == "secondary"
 
 
+async def test_retries_count_against_the_request_rate_limit():
+    """Each retry is one more upstream request: a backend limited to 3
+    requests a minute gets no fourth after one call needed three attempts."""
+    async with serve(settings(requests_per_minute=3)) as (stub, backends):
+        backends["primary"].simulate_failure(ErrorKind.UNAVAILABLE, times=2)
+        assert (await call(stub.Generate, gen(model="solo"))).attempts == 3
+        with pytest.raises(ResourceExhaustedError) as err:
+            await call(stub.Generate, gen(model="solo"))
+        assert err.value.reason == "RATE_LIMITED"
+        assert len(backends["primary"].calls) == 3
+
+
 async def test_cache_serves_exact_deterministic_repeats_only(llm):
     stub, backends = llm
     first = await call(stub.Generate, gen(prompt="same", temperature=0.0))
