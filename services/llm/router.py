@@ -24,6 +24,8 @@ _HEALTH = {ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT, ErrorKind.OVERLOADED,
            ErrorKind.STREAM_CUT}
 # Failures that are the request's fault: no other backend will do better.
 _FINAL = {ErrorKind.BAD_REQUEST, ErrorKind.CONTEXT_TOO_LONG}
+# Failures after which the upstream may have used the request's tokens.
+_MAYBE_USED = {ErrorKind.TIMEOUT, ErrorKind.STREAM_CUT}
 # Below this much time left an attempt is not started.
 _MIN_ATTEMPT_S = 0.01
 
@@ -113,10 +115,15 @@ class Router:
                 state.breaker.release_probe()
                 limited.append(wait)
                 continue
+            # The reservation, given back when the candidate gives no answer
+            # and no attempt may have used it (the upstream refused or was
+            # not reached).
+            unused = tokens
             for retry in range(state.settings.max_attempts):
                 left = deadline - time.monotonic()
                 if left < _MIN_ATTEMPT_S:
                     state.breaker.release_probe()
+                    state.limiter.settle(unused, 0)
                     raise RouteError("the deadline ran out", last=last, deadline=True,
                                      attempts=attempts)
                 if retry and (wait := state.limiter.acquire(0)) > 0:
@@ -130,11 +137,14 @@ class Router:
                     result = await call(model, state, min(state.settings.timeout_s, left))
                 except BackendError as exc:
                     last = exc
+                    if exc.kind in _MAYBE_USED:
+                        unused = 0
                     if exc.kind in _HEALTH:
                         state.breaker.record_failure()
                     else:
                         state.breaker.release_probe()
                     if exc.kind in _FINAL:
+                        state.limiter.settle(unused, 0)
                         raise RouteError(exc.message, last=exc, attempts=attempts) from exc
                     if not exc.kind.retryable or retry + 1 >= state.settings.max_attempts \
                             or not state.breaker.allow():
@@ -157,6 +167,7 @@ class Router:
                 state.breaker.record_success()
                 return result, Route(model.alias, model.backend, model.upstream_model,
                                      attempts, position > 0)
+            state.limiter.settle(unused, 0)
         if last is None and limited and not open_breakers:
             raise RouteError("every backend of the chain is over its rate limit",
                              rate_limited_for_s=min(limited), attempts=attempts)

@@ -203,6 +203,18 @@ async def test_retries_count_against_the_request_rate_limit():
         assert len(backends["primary"].calls) == 3
 
 
+async def test_a_request_the_upstream_refuses_gives_its_reserved_tokens_back():
+    """Prompt and max_tokens are reserved before the call; an upstream that
+    refuses the request outright used none of them. One too-long prompt
+    must not leave the backend over its token limit for everyone else."""
+    async with serve(settings(tokens_per_minute=1000)) as (stub, backends):
+        backends["primary"].simulate_failure(ErrorKind.CONTEXT_TOO_LONG, "too long")
+        with pytest.raises(OutOfRangeError):
+            await call(stub.Generate, gen(model="solo", prompt="word " * 600))  # ~960 tokens
+        answer = await call(stub.Generate, gen(model="solo"))  # ~220 tokens
+        assert answer.backend == "primary"
+
+
 async def test_cache_serves_exact_deterministic_repeats_only(llm):
     stub, backends = llm
     first = await call(stub.Generate, gen(prompt="same", temperature=0.0))
