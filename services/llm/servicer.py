@@ -69,6 +69,14 @@ def chat_request(request) -> ChatRequest:
         which = request.tool_choice.WhichOneof("choice")
         choice = (_TOOL_CHOICE[request.tool_choice.mode] if which == "mode"
                   else request.tool_choice.tool_name)
+        names = {t.name for t in request.tools}
+        if (which == "tool_name" and choice not in names) or (choice == "required"
+                                                               and not names):
+            # The backends send a tool choice only with tools: it would be
+            # silently dropped (or refused upstream after a call).
+            raise errors.invalid_argument([("tool_choice", (
+                f"names tool {choice!r}, which is not one of the request's tools"
+                if which == "tool_name" else "requires a tool call, but there are no tools"))])
     schema = cfg.response_format.json_schema
     return ChatRequest(
         upstream_model="", messages=tuple(messages),

@@ -500,6 +500,25 @@ async def test_count_tokens_and_invalid_requests(llm):
     assert err.value.reason == "INVALID_REQUEST"
 
 
+async def test_a_tool_choice_the_request_cannot_honour_is_invalid(llm):
+    """Naming a tool the request does not offer, or requiring a tool call
+    with no tools, is the caller's mistake: said at once, with the field,
+    never a plain answer that silently ignores the constraint."""
+    from hivemesh.llm.v1 import Tool, ToolChoice
+    stub, backends = llm
+    search = Tool(name="search", description="web search")
+    for tools, choice in (([], ToolChoice(tool_name="search")),
+                          ([search], ToolChoice(tool_name="fetch")),
+                          ([], ToolChoice(mode=3))):
+        with pytest.raises(InvalidArgumentError) as err:
+            await call(stub.Generate, gen(tools=tools, tool_choice=choice))
+        assert [f for f, _ in err.value.field_violations] == ["tool_choice"]
+    assert not backends["primary"].calls
+    answer = await call(stub.Generate, gen(tools=[search], tool_choice=ToolChoice(
+        tool_name="search")))
+    assert answer.backend == "primary"
+
+
 async def test_schemas_reach_the_upstream_with_integers_as_integers(llm):
     """A Struct's numbers are doubles; JSON schema keywords such as maxItems
     must arrive as 3, not 3.0 (strict upstreams refuse the latter)."""
