@@ -113,13 +113,16 @@ class LlmSettings(BaseSettings):
                 self.backends = {k: BackendSettings(**v) for k, v in doc["backends"].items()}
             if "models" in doc:
                 self.models = [ModelSettings(**m) for m in doc["models"]]
-        aliases = {m.alias for m in self.models}
-        if len(aliases) != len(self.models):
+        kinds = {m.alias: m.kind for m in self.models}
+        if len(kinds) != len(self.models):
             raise ValueError("model aliases must be unique")
         for m in self.models:
             if m.backend not in self.backends:
                 raise ValueError(f"model {m.alias!r} names unknown backend {m.backend!r}")
             for f in m.fallback:
-                if f not in aliases:
+                if f not in kinds:
                     raise ValueError(f"model {m.alias!r} falls back to unknown alias {f!r}")
+                if kinds[f] != m.kind:
+                    raise ValueError(f"{m.kind} model {m.alias!r} falls back to {f!r}, "
+                                     f"of kind {kinds[f]}")
         return self

@@ -30,3 +30,14 @@ def test_bad_values_fail_at_construction(monkeypatch):
     monkeypatch.setenv("HIVEMESH_ARTIFACT_BACKEND", "mongodb")
     with pytest.raises(ValidationError):
         ArtifactSettings()
+
+
+def test_an_llm_alias_falls_back_only_to_an_alias_of_its_kind():
+    """A chat request that fell back to an embedding model could only fail
+    (and as the caller's bad request): such a chain is refused at start."""
+    from hivemesh.services.llm.settings import BackendSettings, LlmSettings, ModelSettings
+    backends = {"mock": BackendSettings(type="mock")}
+    with pytest.raises(ValidationError, match="kind"):
+        LlmSettings(backends=backends, models=[
+            ModelSettings(alias="chat", backend="mock", upstream_model="c", fallback=["embed"]),
+            ModelSettings(alias="embed", kind="embedding", backend="mock", upstream_model="e")])
