@@ -516,6 +516,21 @@ async def test_rate_limited_with_retry_after(upstream: Upstream, mode: str, head
 
 
 @pytest.mark.parametrize("mode", ["generate", "stream"])
+async def test_an_exhausted_openai_quota_is_a_refusal_not_a_rate_limit(openai_upstream: Upstream,
+                                                                      mode: str):
+    """OpenAI says "no credit left" with a 429: waiting does not help (as
+    with a 402), so it is neither retried as a rate limit nor reported as
+    one with a delay to retry after."""
+    upstream = openai_upstream
+    upstream.server.enqueue(Fail(
+        status=429, type="insufficient_quota", code="insufficient_quota",
+        message="You exceeded your current quota, please check your plan and billing details."))
+    error = await call(upstream.backend, mode, chat(user("x")))
+    assert error.kind is ErrorKind.PERMISSION and not error.kind.retryable
+    assert "current quota" in error.message
+
+
+@pytest.mark.parametrize("mode", ["generate", "stream"])
 async def test_authentication_error_hides_the_key(upstream: Upstream, mode: str):
     fail = upstream.fakes.bad_key(KEY)
     assert KEY in fail.message  # the fake echoes it...

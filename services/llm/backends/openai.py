@@ -430,6 +430,10 @@ class _CallIndexes:
 
 def _error_kind(status: int | None, error_type: str | None, code: str | None,
                 message: str | None) -> ErrorKind:
+    if "insufficient_quota" in (error_type, code):
+        # OpenAI's "no credit left" comes as a 429, but waiting does not
+        # help: the account cannot pay, as with a 402.
+        return ErrorKind.PERMISSION
     return http.error_kind(status, error_type, (code, message), _CONTEXT_PATTERNS, _TYPE_KINDS)
 
 
