@@ -531,6 +531,22 @@ async def test_an_exhausted_openai_quota_is_a_refusal_not_a_rate_limit(openai_up
 
 
 @pytest.mark.parametrize("mode", ["generate", "stream"])
+async def test_an_anthropic_account_out_of_credit_is_a_refusal(mode: str):
+    """Anthropic says "no credit left" with a 400 invalid_request_error: the
+    request is fine (another backend may answer it), the account cannot pay."""
+    async with make_server("anthropic") as server:
+        backend = make_backend("anthropic", server.base_url)
+        try:
+            server.enqueue(Fail(status=400, type="invalid_request_error", message=(
+                "Your credit balance is too low to access the Anthropic API. Please go to "
+                "Plans & Billing to upgrade or purchase credits.")))
+            error = await call(backend, mode, chat(user("x")))
+        finally:
+            await backend.close()
+    assert error.kind is ErrorKind.PERMISSION and "credit balance" in error.message
+
+
+@pytest.mark.parametrize("mode", ["generate", "stream"])
 async def test_authentication_error_hides_the_key(upstream: Upstream, mode: str):
     fail = upstream.fakes.bad_key(KEY)
     assert KEY in fail.message  # the fake echoes it...

@@ -377,6 +377,10 @@ def _usage(usage: Any, output_tokens: int | None = None) -> Usage | None:
 
 
 def _error_kind(status: int | None, error_type: str | None, message: str | None) -> ErrorKind:
+    if message and "credit balance" in message.lower():
+        # Anthropic's "credit balance is too low" comes as a 400, but the
+        # request is fine: the account cannot pay, as with a 402.
+        return ErrorKind.PERMISSION
     return http.error_kind(status, error_type, (message,), _CONTEXT_PATTERNS, _TYPE_KINDS)
 
 
