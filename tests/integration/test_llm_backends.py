@@ -730,6 +730,24 @@ async def test_streamed_tool_calls_without_index_stay_apart(openai_upstream: Ups
     assert events[-1].finish_reason == "tool_calls"
 
 
+async def test_streamed_tool_calls_that_all_say_index_0_stay_apart(openai_upstream: Upstream):
+    """Ollama streams every call of a parallel batch with index 0: a new
+    call id at an index another call holds is a new call."""
+    upstream = openai_upstream
+    upstream.server.enqueue(Raw(events=(
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                "function": {"name": "f", "arguments": "{\"a\":"}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+        _chunk({"tool_calls": [{"index": 0, "id": "c2", "type": "function",
+                                "function": {"name": "g", "arguments": "{\"b\":"}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "2}"}}]}),
+        _chunk({}, finish="tool_calls"), "[DONE]")))
+    events, error = await drain(upstream.backend, chat(user("x")))
+    assert error is None
+    assert assembled_calls(events) == {0: ["c1", "f", '{"a":1}'], 1: ["c2", "g", '{"b":2}']}
+
+
 async def test_a_streamed_refusal_is_the_answer(openai_upstream: Upstream):
     upstream = openai_upstream
     upstream.server.enqueue(Raw(events=(

@@ -406,22 +406,27 @@ def _arguments(arguments: Any) -> str:
 class _CallIndexes:
     """The index of each streamed tool call. Some compatible servers send no
     ``index``: then a chunk with a new call id starts a new call, and one
-    without an id continues the last."""
+    without an id continues the last. Others (Ollama) send index 0 for
+    every call of a parallel batch: a new call id at an index another call
+    holds is a new call too, and that index then stands for it."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, int] = {}
+        self._by_given: dict[int, int] = {}  # the upstream's index -> ours
         self._last: int | None = None
 
     def index(self, given: int | None, call_id: str | None, position: int) -> int:
-        if given is not None:
-            index = given
-        elif call_id and call_id not in self._by_id:
-            index = max([*self._by_id.values(), *([self._last] if self._last is not None
-                                                  else [])], default=-1) + 1
-        elif call_id:
+        if call_id and call_id in self._by_id:
             index = self._by_id[call_id]
         else:
-            index = self._last if self._last is not None else position
+            index = (self._by_given.get(given, given) if given is not None
+                     else self._last if self._last is not None else position)
+            if call_id and (given is None or index in self._by_id.values()):
+                used = [*self._by_id.values(), *self._by_given.values(),
+                        *([self._last] if self._last is not None else [])]
+                index = max(used, default=-1) + 1
+        if given is not None:
+            self._by_given[given] = index
         if call_id:
             self._by_id.setdefault(call_id, index)
         self._last = index
