@@ -59,6 +59,10 @@ def chat_request(request) -> ChatRequest:
         if m.role == "tool" and not m.tool_call_id:
             raise errors.invalid_argument([("conversation.messages.tool_call_id",
                                             "a tool message needs the tool_call_id it answers")])
+        if m.tool_calls and m.role != "assistant":
+            # The backends would drop them without a word.
+            raise errors.invalid_argument([("conversation.messages.tool_calls",
+                                            f"a {m.role} message cannot call tools")])
     cfg = request.config
     fmt = _FORMATS.get(cfg.response_format.type)
     if fmt == "json_schema" and not cfg.response_format.HasField("json_schema"):

@@ -519,6 +519,20 @@ async def test_a_tool_choice_the_request_cannot_honour_is_invalid(llm):
     assert answer.backend == "primary"
 
 
+async def test_tool_calls_on_a_message_not_from_the_assistant_are_invalid(llm):
+    """Only the assistant calls tools: a user message carrying tool calls
+    was sent on without them, silently; it is the caller's mistake."""
+    from hivemesh.llm.v1 import Conversation, Message, ToolCall
+    stub, backends = llm
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(stub.Generate, GenerateRequest(
+            request_id=rid(), model="main", conversation=Conversation(messages=[Message(
+                role=2, content="run it", tool_calls=[ToolCall(id="c1", name="f",
+                                                               arguments="{}")])])))
+    assert [f for f, _ in err.value.field_violations] == ["conversation.messages.tool_calls"]
+    assert not backends["primary"].calls
+
+
 async def test_schemas_reach_the_upstream_with_integers_as_integers(llm):
     """A Struct's numbers are doubles; JSON schema keywords such as maxItems
     must arrive as 3, not 3.0 (strict upstreams refuse the latter)."""
