@@ -44,7 +44,7 @@ def _service(name: str):
 
 async def _run_service(args: argparse.Namespace) -> int:
     from hivemesh.runtime.logs import configure_logging
-    from hivemesh.runtime.server import run_until_signalled
+    from hivemesh.runtime.server import host_port, run_until_signalled
     from hivemesh.runtime.settings import secrets_dir
     from hivemesh.runtime.telemetry import configure_metrics, configure_tracing, shutdown_within
 
@@ -62,7 +62,7 @@ async def _run_service(args: argparse.Namespace) -> int:
     try:
         running, port = await create_server(settings, backend)
         await run_until_signalled(running, settings.server, ready=lambda: print(
-            f"listening on {settings.server.host}:{port}", flush=True))
+            f"listening on {host_port(settings.server.host, port)}", flush=True))
     finally:
         await backend.close()
         shutdown_within(providers)

@@ -107,6 +107,14 @@ class RunningServer:
         await stopping
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets (``[::1]:7001``):
+    without them the last group would be read as the port."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -137,12 +145,13 @@ async def start_server(settings: ServerSettings, *, domain: str,
     names = tuple(b.name for b in services)
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = host_port(settings.host, settings.port)
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        port = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpcio's way of saying the address is taken
-        raise OSError(f"could not bind {settings.host}:{settings.port}: {exc}") from None
+        raise OSError(f"could not bind {address}: {exc}") from None
     if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
+        raise OSError(f"could not bind {address}")
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

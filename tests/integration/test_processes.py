@@ -98,6 +98,18 @@ def test_a_port_already_taken_is_a_clear_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_an_ipv6_host_binds_and_is_announced_as_a_dialable_address(tmp_path):
+    """An IPv6 literal needs brackets both to bind and in the address line:
+    ``::1:0`` is not ``[::1]:0``."""
+    proc = start_service("artifact", host="::1", data_dir=tmp_path / "data",
+                         log_path=tmp_path / "log")
+    try:
+        assert proc.address.startswith("[::1]:")
+        assert asyncio.run(_save_some(proc.address, 1))
+    finally:
+        assert proc.stop() == 0
+
+
 async def _save_some(address: str, n: int) -> list[str]:
     async with ArtifactClient(address) as client:
         results = await asyncio.gather(*[
