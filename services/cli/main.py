@@ -52,7 +52,9 @@ async def _run_service(args: argparse.Namespace) -> int:
     settings = settings_cls(_secrets_dir=secrets_dir())
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
-        settings.server = settings.server.model_copy(update=overrides)
+        # Validated as the environment's values are (model_copy would not).
+        settings.server = type(settings.server).model_validate(
+            {**settings.server.model_dump(), **overrides})
     if args.data_dir is not None and hasattr(settings, "data_dir"):
         settings.data_dir = Path(args.data_dir)
     configure_logging(args.service, settings.server.log_level)

@@ -84,6 +84,21 @@ def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
     assert "qdrant-secret" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("port", ["70000", "-5"])
+def test_a_port_flag_out_of_range_is_refused_like_the_setting(tmp_path, port):
+    """--port gets the checks HIVEMESH_<SERVICE>_SERVER__PORT gets: gRPC
+    would otherwise bind the port modulo 65536 (70000 serves on 4464)."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
+                                 "--port", port, "--data-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"--port {port} served: {exc.stdout!r}")
+    assert result.returncode == 2
+    assert "invalid artifact settings" in result.stderr and "port" in result.stderr
+    assert result.stdout == ""
+
+
 def test_a_port_already_taken_is_a_clear_message(tmp_path):
     import socket
     with socket.socket() as taken:
