@@ -19,8 +19,10 @@ from hivemesh.runtime.middleware import request_id_var
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|token|authorization|dsn)", re.I)
 _SECRET_VALUE = re.compile(
     r"(sk-[A-Za-z0-9_\-]{8,}|sk-ant-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,}"
-    # credentials in any URL (postgresql://u:pw@, redis://:pw@, https://u:pw@ ...)
-    r"|[a-z][a-z0-9+.\-]*://[^\s:@/]*:[^\s@/]+@"
+    # credentials in any URL (postgresql://u:pw@, redis://:pw@, https://u:pw@ ...),
+    # up to the last @ before the path: URL parsers read an unescaped @ as
+    # part of the password
+    r"|[a-z][a-z0-9+.\-]*://[^\s:@/]*:[^\s/]*@"
     # keyword DSNs (password=...)
     r"|\b(password|passwd)\s*=\s*\S+)", re.I)
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}

@@ -42,3 +42,13 @@ def test_secrets_never_reach_a_log_line():
                           ("pw4", "host=db password=pw4 dbname=app")):
         assert secret not in redact(f"connecting to {where}")
     assert redact("http://host:8080/path") == "http://host:8080/path"
+
+
+def test_a_url_password_holding_an_at_sign_is_redacted_whole():
+    """URL parsers (redis-py's, libpq's) take the userinfo up to the last
+    ``@`` before the host, so an unescaped ``@`` belongs to the password."""
+    assert redact("connecting to postgresql://app:p@ss@db:5432/x failed") == (
+        "connecting to [REDACTED]db:5432/x failed")
+    assert redact("connecting to redis://:s@cr@t@cache:6379/0 failed") == (
+        "connecting to [REDACTED]cache:6379/0 failed")
+    assert redact("http://host:8080/a@b") == "http://host:8080/a@b"
