@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import tempfile
 import uuid
 from importlib import resources
 from pathlib import Path
 
-from hivemesh.cli.processes import Mesh, start_service
+from hivemesh.cli.processes import Mesh, ServiceDidNotStart, start_service
 
 PROVIDERS = ("artifact", "information", "llm", "memory")
 MODEL = "mock-small"
@@ -191,6 +192,10 @@ def _up(data_dir: str | None, keep_running: bool) -> int:
         except _Stop as stop:
             print(f"\n{stop}: stopping the mesh", flush=True)
             code = 0 if keep_running else 130
+        except ServiceDidNotStart as exc:
+            # Its message quotes the log: said plainly, without a traceback.
+            print(exc, file=sys.stderr, flush=True)
+            code = 1
         finally:
             for s in _STOP_SIGNALS:
                 signal.signal(s, signal.SIG_IGN)

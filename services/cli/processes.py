@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class ServiceDidNotStart(RuntimeError):
+    """A service exited, or said something else, before its address line."""
+
+
 @dataclass
 class ServiceProcess:
     service: str
@@ -68,9 +72,21 @@ def start_service(service: str, *, data_dir: Path | None = None, host: str = "12
     if not line.startswith("listening on "):
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"{service} did not start (exit {proc.returncode}); "
-                           f"first output: {line!r}" + (f"; log: {log_path}" if log_path else ""))
+        # The log itself may not outlive the caller (a temporary directory):
+        # its end, where the service says why, goes into the message.
+        raise ServiceDidNotStart(f"{service} did not start (exit {proc.returncode}); "
+                                 f"first output: {line!r}"
+                                 + (f"; log {log_path}:\n{_tail(log_path)}" if log_path else ""))
     return ServiceProcess(service, proc, line.removeprefix("listening on ").strip(), log_path)
+
+
+def _tail(path: Path, max_bytes: int = 4096) -> str:
+    """The last lines of a log, at most ``max_bytes`` of them."""
+    try:
+        data = path.read_bytes()[-max_bytes:]
+    except OSError as exc:
+        return f"(unreadable: {exc.strerror})"
+    return data.decode(errors="replace").rstrip()
 
 
 def _first_line(proc: subprocess.Popen, timeout_s: float) -> str:

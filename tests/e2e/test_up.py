@@ -75,3 +75,19 @@ def test_sigterm_stops_a_mesh_kept_running(tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+
+
+def test_a_service_that_cannot_start_says_why_and_stops_the_others(tmp_path):
+    """The services' logs live in a temporary directory that is gone once
+    ``up`` exits: the reason a service did not start must reach the user."""
+    import os
+
+    env = {**os.environ, "HIVEMESH_MEMORY_STORE": "qdrant"}  # and no HIVEMESH_MEMORY_QDRANT_URL
+    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "up",
+                             "--data-dir", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "memory did not start" in result.stderr
+    assert "QDRANT_URL" in result.stderr  # what the memory service said
+    assert "Traceback" not in result.stderr
+    assert result.stdout.rstrip().endswith("all services stopped")
