@@ -66,13 +66,22 @@ def bad_request(violations: Iterable[tuple[str, str]]) -> error_details_pb2.BadR
     ])
 
 
+# Violations an error lists: the status travels in trailers, which gRPC
+# refuses over 16 KiB (and may over 8 KiB); ErrorInfo counts them all.
+MAX_LISTED_VIOLATIONS = 10
+
+
 def invalid_argument(violations: Iterable[tuple[str, str]], message: str | None = None,
                      reason: int = ErrorReason.ERROR_REASON_INVALID_REQUEST) -> ServiceError:
-    """INVALID_ARGUMENT with a BadRequest listing (field, description) pairs."""
+    """INVALID_ARGUMENT with a BadRequest listing (field, description) pairs,
+    the first ``MAX_LISTED_VIOLATIONS`` of them."""
     violations = list(violations)
-    bad = bad_request(violations)
+    listed = violations[:MAX_LISTED_VIOLATIONS]
+    bad = bad_request(listed)
     if message is None:
-        message = "; ".join(f"{f}: {d}" for f, d in violations) or "invalid request"
+        message = "; ".join(f"{f}: {d}" for f, d in listed) or "invalid request"
+        if len(violations) > len(listed):
+            message += f"; and {len(violations) - len(listed)} more"
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, reason, message,
                         {"violations": str(len(violations))}, [bad])
 

@@ -171,6 +171,35 @@ async def test_unexpected_handler_error_is_internal_without_internals(artifact_s
     assert "secret" not in str(err.value) and "sk-live" not in str(err.value)
 
 
+async def test_a_request_with_many_violations_is_still_invalid_argument(artifact_settings):
+    """gRPC refuses trailers over 16 KiB (and may refuse them over 8 KiB):
+    a status listing every one of a thousand violations would reach the
+    client as RESOURCE_EXHAUSTED, not as what was wrong with its request."""
+    from hivemesh.client import InvalidArgumentError
+    from hivemesh.runtime import errors
+
+    class Strict(ArtifactServicer):
+        async def CountArtifacts(self, request, context):
+            raise errors.invalid_argument(
+                (f"chunk_ids[{i}]", "value length must be at least 1 characters")
+                for i in range(1000))
+
+    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                       Strict(MemoryBackend(), max_content_bytes=1024))])
+    try:
+        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
+            with pytest.raises(InvalidArgumentError) as err:
+                await client.count()
+    finally:
+        await running.shutdown(0)
+    assert err.value.reason == "INVALID_REQUEST"
+    assert err.value.metadata["violations"] == "1000"
+    assert err.value.field_violations[0] == (
+        "chunk_ids[0]", "value length must be at least 1 characters")
+    assert "more" in err.value.message
+
+
 async def test_server_span_continues_the_callers_trace(artifact_settings):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
