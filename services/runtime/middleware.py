@@ -369,6 +369,10 @@ class DrainMiddleware(Middleware):
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no call is in flight; False if some still are after
         ``timeout_s``."""
+        if self._idle.is_set():
+            # Before wait_for: with a timeout of 0 it times out even an
+            # event already set (its wait has not run yet).
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:

@@ -137,6 +137,16 @@ async def test_a_call_still_running_when_the_grace_period_ends_answers_shutting_
     assert (error.reason, error.domain) == ("SHUTTING_DOWN", DOMAIN)
 
 
+async def test_a_shutdown_without_grace_and_no_call_in_flight_warns_of_nothing(
+        artifact_settings, caplog):
+    """grace_period_s=0 with nothing running: no call was stopped, so no
+    warning that some were."""
+    running, _ = await create_server(artifact_settings, MemoryBackend())
+    with caplog.at_level("WARNING", logger="hivemesh.server"):
+        await running.shutdown(0)
+    assert not [r for r in caplog.records if r.name == "hivemesh.server"]
+
+
 async def test_a_health_watch_ends_at_shutdown_instead_of_holding_it(artifact_settings):
     """A watcher sees NOT_SERVING and its stream ends (status OK) when the
     server shuts down, well inside a long grace period."""
