@@ -162,23 +162,31 @@ async def test_a_health_watch_ends_at_shutdown_instead_of_holding_it(artifact_se
         assert await watch.code() == grpc.StatusCode.OK
 
 
+async def _count_error(settings, servicer_class: type[ArtifactServicer],
+                       expected: type[Exception]) -> Exception:
+    """The error a client's CountArtifacts gets from a server running
+    ``servicer_class``."""
+    running = await start_server(settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                       servicer_class(MemoryBackend(), max_content_bytes=1024))])
+    try:
+        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
+            with pytest.raises(expected) as err:
+                await client.count()
+    finally:
+        await running.shutdown(0)
+    return err.value
+
+
 async def test_unexpected_handler_error_is_internal_without_internals(artifact_settings):
     class Broken(ArtifactServicer):
         async def CountArtifacts(self, request, context):
             raise RuntimeError("secret detail sk-live-0123456789abcdef")
 
-    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
-        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
-                       Broken(MemoryBackend(), max_content_bytes=1024))])
-    try:
-        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
-            with pytest.raises(InternalError) as err:
-                await client.count()
-    finally:
-        await running.shutdown(0)
-    assert err.value.reason == "INTERNAL"
-    assert err.value.domain == DOMAIN
-    assert "secret" not in str(err.value) and "sk-live" not in str(err.value)
+    error = await _count_error(artifact_settings, Broken, InternalError)
+    assert error.reason == "INTERNAL"
+    assert error.domain == DOMAIN
+    assert "secret" not in str(error) and "sk-live" not in str(error)
 
 
 async def test_a_request_with_many_violations_is_still_invalid_argument(artifact_settings):
@@ -194,20 +202,12 @@ async def test_a_request_with_many_violations_is_still_invalid_argument(artifact
                 (f"chunk_ids[{i}]", "value length must be at least 1 characters")
                 for i in range(1000))
 
-    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
-        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
-                       Strict(MemoryBackend(), max_content_bytes=1024))])
-    try:
-        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
-            with pytest.raises(InvalidArgumentError) as err:
-                await client.count()
-    finally:
-        await running.shutdown(0)
-    assert err.value.reason == "INVALID_REQUEST"
-    assert err.value.metadata["violations"] == "1000"
-    assert err.value.field_violations[0] == (
+    error = await _count_error(artifact_settings, Strict, InvalidArgumentError)
+    assert error.reason == "INVALID_REQUEST"
+    assert error.metadata["violations"] == "1000"
+    assert error.field_violations[0] == (
         "chunk_ids[0]", "value length must be at least 1 characters")
-    assert "more" in err.value.message
+    assert "more" in error.message
 
 
 async def test_server_span_continues_the_callers_trace(artifact_settings):
