@@ -128,10 +128,13 @@ def _idempotency_key(request) -> tuple[str, str]:
 
 
 def _cache_key(request, chat: ChatRequest, alias: str) -> str | None:
-    """The response cache's key of a request, None when it may not be cached."""
+    """The response cache's key of a request, None when it may not be cached.
+    Scoped by tenant: a hit tells its caller that this prompt was sent
+    before, which must never be another tenant's."""
     if not _cacheable(request, chat):
         return None
-    return hashlib.sha256(json.dumps([alias, request.disable_fallback, repr(chat)])
+    return hashlib.sha256(json.dumps([request.context.tenant_id, alias,
+                                      request.disable_fallback, repr(chat)])
                           .encode()).hexdigest()
 
 

@@ -236,6 +236,21 @@ async def test_cache_serves_exact_deterministic_repeats_only(llm):
     assert not bypass.cached and len(backends["primary"].calls) == 5
 
 
+async def test_the_cache_never_answers_one_tenant_with_another_tenants_call(llm):
+    """A cached answer tells its caller that someone sent this very prompt:
+    within a tenant that is its own history, across tenants a leak."""
+    stub, backends = llm
+    acme, globex = RequestContext(tenant_id="acme"), RequestContext(tenant_id="globex")
+    first = await call(stub.Generate, gen(prompt="our secret plan", temperature=0.0,
+                                          context=acme))
+    other = await call(stub.Generate, gen(prompt="our secret plan", temperature=0.0,
+                                          context=globex))
+    again = await call(stub.Generate, gen(prompt="our secret plan", temperature=0.0,
+                                          context=acme))
+    assert not first.cached and not other.cached and again.cached
+    assert len(backends["primary"].calls) == 2
+
+
 async def test_errors_are_never_cached(llm):
     stub, backends = llm
     backends["primary"].simulate_failure(ErrorKind.BAD_REQUEST)
