@@ -44,14 +44,19 @@ def _price(model: str, backend: str, p: PriceSettings, currency: str) -> PriceRe
                        now_us())
 
 
-async def _sweep(store: InformationStore, interval_s: float, history_retention_s: float
-                 ) -> None:
+async def _sweep(store: InformationStore, interval_s: float, history_retention_s: float,
+                 stop: asyncio.Event) -> None:
     """Release reservations that were never settled, once their TTL is over;
     now and then forget what is past its retention (until nothing is left to
-    forget, a batch per sweep)."""
+    forget, a batch per sweep); until ``stop`` is set. The flag, not only
+    the task's cancellation, ends it: a cancellation that arrives while a
+    store call is waiting can be lost inside the client library, and the
+    shutdown waiting for the sweeper would then wait forever."""
     next_prune = 0.0
-    while True:
+    while not stop.is_set():
         await asyncio.sleep(interval_s)
+        if stop.is_set():
+            return
         try:
             expired = await store.expire(now_us())
             if expired:
@@ -85,11 +90,13 @@ async def create_server(settings: InformationSettings,
         default_max_tokens=settings.default_max_tokens,
         alert_poll_interval_s=settings.alert_poll_interval_s,
         heartbeat_interval_s=settings.heartbeat_interval_s)
+    stop = asyncio.Event()
     sweeper = asyncio.create_task(_sweep(store, settings.sweep_interval_s,
-                                         settings.history_retention_s))
+                                         settings.history_retention_s, stop))
 
     async def stop_background() -> None:
         await servicer.close_streams()
+        stop.set()
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
