@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -186,11 +187,15 @@ class WorkflowRun:
         self.first_error = None
         self.trace_id = ""
         self.currency = ""  # of the runs' charges
-        # Handoff targets: the agents whose system prompts the run's
-        # variables fill (validate checked only the tasks' own agents).
-        self.startable = tuple(n for n in agents.names()
-                               if not templates.problems(agents.get(n).system_prompt,
-                                                         self.variables))
+
+    @functools.cached_property
+    def startable(self) -> tuple[str, ...]:
+        """Handoff targets: the agents whose system prompts the run's
+        variables fill (validate checked only the tasks' own agents). Worked
+        out once, and only for a workflow whose tasks may hand off."""
+        return tuple(n for n in self.agents.names()
+                     if not templates.problems(self.agents.get(n).system_prompt,
+                                               self.variables))
 
     def _task_complete(self, task: TaskSpec, result: TaskResult) -> None:
         """TASK_COMPLETE, in the context its TASK_START had (task, agent)."""

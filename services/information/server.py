@@ -53,7 +53,7 @@ async def _sweep(store: InformationStore, interval_s: float, history_retention_s
     store call is waiting can be lost inside the client library, and the
     shutdown waiting for the sweeper would then wait forever."""
     next_prune = 0.0
-    while not stop.is_set():
+    while True:
         await asyncio.sleep(interval_s)
         if stop.is_set():
             return
