@@ -39,18 +39,22 @@ from hivemesh.llm.v1 import (
     Conversation, FinishReason, GenerateRequest, GenerationConfig, ListModelsRequest, Message,
     ModelKind, Role, StreamGenerateRequest, Tool, ToolCall)
 from hivemesh.memory.v1 import (
-    AddMemoriesRequest, AppendHistoryRequest, GetHistoryRequest, HistoryMessage, Lineage,
-    MemoryItem, MessageRole, SearchMemoriesRequest, SearchMode)
+    AddMemoriesRequest, AppendHistoryRequest, GetHistoryRequest, GetHistoryResponse,
+    HistoryMessage, Lineage, MemoryItem, MessageRole, SearchMemoriesRequest,
+    SearchMemoriesResponse, SearchMode)
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, AgentFailed, AgentResult, AgentStart, ArtifactSaved, BudgetAlert,
     BudgetEnforcement, DegradedComponent, DegradedNote, EventType, GenerationChunk,
     GenerationComplete, Handoff, MemoryRecalled, MemoryWritten, ToolCallRecord, ToolError)
 from hivemesh.runtime import errors
+from hivemesh.runtime.resilience import fingerprint
 from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.orchestrator import caps, templates
 from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of, step_id
 from hivemesh.services.orchestrator.events import EventSink
-from hivemesh.services.orchestrator.policy import Providers, beyond_deadline, provider_error
+from hivemesh.services.orchestrator.policy import (
+    Providers, beyond_deadline, provider_error, remaining_s)
+from hivemesh.services.orchestrator.state import RequestLedger
 from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
 from hivemesh.services.orchestrator.tools import ToolOutcome, ToolRegistry, parse_arguments
 
@@ -62,6 +66,9 @@ HANDOFF_TOOL = "handoff"
 DEFAULT_RECALL_LIMIT = 5
 DEFAULT_HISTORY_TOKENS = 2000
 DEFAULT_TOOL_ITERATIONS = 8
+# How long a memory read's claim in the request ledger holds when the run
+# has no deadline (``_pinned``).
+READ_LEASE_S = 60.0
 # Errors after which the next fallback model is tried.
 _FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
@@ -151,9 +158,13 @@ def _defect(agent: AgentDefinition, exc: Exception) -> errors.ServiceError:
 
 
 class AgentRunner:
-    def __init__(self, providers: Providers, tools: ToolRegistry) -> None:
+    def __init__(self, providers: Providers, tools: ToolRegistry,
+                 ledger: RequestLedger) -> None:
+        """``ledger``: where the reads a run builds its prompt from are kept
+        under the run's request id (``_pinned``)."""
         self.providers = providers
         self.tools = tools
+        self.ledger = ledger
         # Settling calls that outlive the run that started them (it was
         # cancelled): kept here until they end.
         self._settling: set[asyncio.Task] = set()
@@ -320,7 +331,7 @@ class AgentRunner:
         if memory.HasField("score_threshold"):
             request.score_threshold = memory.score_threshold
         try:
-            found = await self.providers.call("memory", "SearchMemories", request)
+            found = await self._pinned(run, "SearchMemories", request, SearchMemoriesResponse)
         except errors.ServiceError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise
@@ -333,16 +344,33 @@ class AgentRunner:
 
     async def _history(self, run: _Run) -> list[Message]:
         memory = run.agent.memory
+        request = GetHistoryRequest(
+            context=run.context, namespace=memory.namespace, session_id=run.ctx.session_id,
+            token_budget=memory.history_token_budget or DEFAULT_HISTORY_TOKENS)
         try:
-            found = await self.providers.call("memory", "GetHistory", GetHistoryRequest(
-                context=run.context, namespace=memory.namespace, session_id=run.ctx.session_id,
-                token_budget=memory.history_token_budget or DEFAULT_HISTORY_TOKENS))
+            found = await self._pinned(run, "GetHistory", request, GetHistoryResponse)
         except errors.ServiceError as exc:
             run.degrade(DegradedComponent.DEGRADED_COMPONENT_HISTORY, exc)
             return []
         return [Message(role=_ROLES.get(m.role, Role.ROLE_USER), content=m.content,
                         name=m.name) for m in found.messages
                 if m.role != MessageRole.MESSAGE_ROLE_TOOL]
+
+    async def _pinned(self, run: _Run, method: str, request, result_type: type):
+        """The memory read ``method(request)`` as it answered the first attempt of
+        this run (kept in the request ledger under the run's request id).
+        A retried run builds the prompt its first attempt sent: its
+        generation keeps the first attempt's request id, and read again
+        the memory would hold the first attempt's own write-back and
+        history, a different prompt the LLM service refuses as an
+        idempotency conflict. A failed read is not kept."""
+        digest = fingerprint(request, ignore=())
+
+        async def read():
+            return await self.providers.call("memory", method, request)
+        found, _ = await self.ledger.once("read", run.step(method, digest[:16]), digest, read,
+                                          result_type, remaining_s() or READ_LEASE_S)
+        return found
 
     async def _write_back(self, run: _Run) -> None:
         memory = run.agent.memory

@@ -120,7 +120,7 @@ async def create_server(settings: OrchestratorSettings,
         if missing and not unreachable:
             raise ValueError(f"agent {agent!r} allows unknown tools: {', '.join(missing)}")
     servicer = OrchestratorServicer(settings, agents, orchestrator.tools,
-                                    AgentRunner(orchestrator.providers, orchestrator.tools),
+                                    AgentRunner(orchestrator.providers, orchestrator.tools, ledger),
                                     orchestrator.bus, ledger)
 
     async def end_subscriptions() -> None:

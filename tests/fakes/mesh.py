@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from hivemesh.orchestrator.v1 import OrchestratorServiceStub
+from hivemesh.runtime import errors
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.artifact.backends.memory import MemoryBackend
 from hivemesh.services.artifact.server import create_server as artifact_server
@@ -55,6 +56,17 @@ def llm_settings() -> LlmSettings:
                               upstream_model="e-1", embedding_dimensions=64, default=True)])
 
 
+class ArtifactOutage(MemoryBackend):
+    """An artifact store that fails every save while ``down``."""
+
+    down = True
+
+    async def save(self, record, request_id, fingerprint):
+        if self.down:
+            raise errors.unavailable("artifact store", "disk detached")
+        return await super().save(record, request_id, fingerprint)
+
+
 @dataclass
 class Mesh:
     orchestrator: OrchestratorServiceStub
@@ -72,9 +84,12 @@ class Mesh:
 
 @contextlib.asynccontextmanager
 async def mesh(tmp: Path, *, memory: bool = True, information: bool = True,
-               artifact: bool = True, **orchestrator_settings):
+               artifact: bool = True, artifact_backend: MemoryBackend | None = None,
+               **orchestrator_settings):
     """Yields a Mesh; ``memory=False``/``information=False``/``artifact=False``
-    point the orchestrator at an address where nothing listens (an outage)."""
+    point the orchestrator at an address where nothing listens (an outage);
+    ``artifact_backend`` is the artifact service's store (a fresh one by
+    default)."""
     stack = contextlib.AsyncExitStack()
     async with stack:
         addresses: dict[str, str] = {}
@@ -85,7 +100,7 @@ async def mesh(tmp: Path, *, memory: bool = True, information: bool = True,
             addresses[name] = f"127.0.0.1:{port}"
 
         await serve("artifact", await artifact_server(
-            ArtifactSettings(server=SERVER, backend="memory"), MemoryBackend()))
+            ArtifactSettings(server=SERVER, backend="memory"), artifact_backend or MemoryBackend()))
         info_settings = InformationSettings(server=SERVER, data_dir=tmp / "information",
                                             sweep_interval_s=0.2)
         store = await open_store(info_settings)

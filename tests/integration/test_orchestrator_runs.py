@@ -13,7 +13,7 @@ import uuid
 
 import grpc
 import pytest
-from fakes.mesh import mesh
+from fakes.mesh import ArtifactOutage, mesh
 
 from hivemesh.client import ArtifactClient, InformationClient, from_rpc_error
 from hivemesh.client.errors import (
@@ -313,6 +313,43 @@ async def test_an_artifact_outage_fails_the_run_instead_of_degrading_it(tmp_path
         (failed,) = [e.agent_failed for e in events
                      if e.type == EventType.EVENT_TYPE_AGENT_FAILED]
         assert list(failed.degraded) == []
+
+
+async def test_a_run_retried_after_writing_back_sends_its_first_prompt_again(tmp_path):
+    """The first attempt recalled, read the session's history, generated,
+    wrote its input and output to memory and history, then failed on the
+    artifact store. Read again, memory and history would hold that
+    attempt's own write-back: the retry builds its prompt from what the
+    first attempt read, so the LLM service replays the generation instead
+    of refusing another prompt under the same request id."""
+    store = ArtifactOutage()
+    async with mesh(tmp_path, artifact_backend=store) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code",
+                       memory=MemoryConfig(enabled=True, write_back=True, history_enabled=True,
+                                           namespace="retried"))
+        context = RequestContext(tenant_id="acme", session_id="s-1")
+        request_id = rid()
+        with pytest.raises(UnavailableError):
+            await run(m, "coder", context=context, request_id=request_id)
+        (first,) = m.primary.calls
+        async with MemoryClient(m.addresses["memory"]) as memory:
+            tenant = RequestContext(tenant_id="acme")
+            history = await memory.get_history("s-1", namespace="retried", context=tenant)
+            found = await memory.search("Implement a function that adds two numbers",
+                                        namespace="retried", context=tenant)
+        assert len(history.messages) == 2 and found.results  # the write-back landed
+
+        store.down = False
+        done = (await run(m, "coder", context=context, request_id=request_id)).result
+        assert done.output and len(done.artifact_ids) == 1
+        assert done.memories_recalled == 0  # as in the first attempt
+        assert len(m.primary.calls) == 1  # the generation was replayed, not sent again
+        assert first.messages == m.primary.calls[0].messages
+        # A new request reads what is there now.
+        later = (await run(m, "coder", context=context)).result
+        assert later.memories_recalled > 0
+        assert len(m.primary.calls[-1].messages) > len(first.messages)  # with the history
 
 
 async def test_budget_outage_fails_clearly_and_opens_the_breaker(tmp_path):

@@ -19,12 +19,13 @@ import uuid
 import grpc
 import pytest
 from conftest import REDIS_URL, RedisProxy, drop_redis_prefix, on_local_redis
-from fakes.mesh import SERVER, mesh
+from fakes.mesh import SERVER, ArtifactOutage, mesh
 
 from hivemesh.client import from_rpc_error
+from hivemesh.client.errors import UnavailableError
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.orchestrator.v1 import (
-    AgentDefinition, BudgetPolicy, DeleteAgentRequest, EventType, GetAgentRequest,
+    AgentDefinition, BudgetPolicy, DeleteAgentRequest, MemoryConfig, EventType, GetAgentRequest,
     ListAgentsRequest, OrchestratorServiceStub, RegisterAgentRequest, RunAgentRequest,
     RunWorkflowRequest, StreamAgentRequest, TaskSpec, WorkflowDefinition)
 from hivemesh.runtime.resilience import fingerprint
@@ -256,6 +257,27 @@ async def test_a_run_retried_on_the_other_replica_replays_the_first_result(
             await call(b.RunAgent, run_request("coder", request.request_id, "another input"))
         assert err.value.reason == "IDEMPOTENCY_CONFLICT"
         assert len(m.primary.calls) == 1
+
+
+async def test_a_run_retried_on_the_other_replica_after_its_write_back_sends_its_first_prompt(
+        tmp_path, redis_state):
+    """What the first attempt recalled is kept in Redis: the other replica,
+    retrying after the first attempt wrote back to memory and failed,
+    builds the same prompt and the LLM service replays the generation."""
+    store = ArtifactOutage()
+    shared = dict(state_backend="redis", redis_url=REDIS_URL, redis_prefix=redis_state.prefix)
+    async with mesh(tmp_path, artifact_backend=store, **shared) as m, \
+            replica(m, **shared) as b:
+        await register(m.orchestrator, agent("coder", output_artifact_type="code",
+                                             memory=MemoryConfig(enabled=True, write_back=True,
+                                                                 namespace="retried")))
+        request = run_request("coder")
+        with pytest.raises(UnavailableError):
+            await call(m.orchestrator.RunAgent, request)
+        store.down = False
+        retry = await call(b.RunAgent, request)
+        assert retry.result.output and len(retry.result.artifact_ids) == 1
+        assert len(m.primary.calls) == 1  # replayed by the LLM service
 
 
 async def test_a_streamed_run_retried_on_the_other_replica_replays(tmp_path, redis_state):

@@ -182,16 +182,18 @@ async def _cancel_when(runner, fake: _Information, method: str) -> None:
 
 async def test_a_run_cancelled_while_reserving_releases_the_hold_it_may_have_got():
     from hivemesh.services.orchestrator.runner import AgentRunner
+    from hivemesh.services.orchestrator.state import LocalLedger
     fake = _Information()
-    runner = AgentRunner(fake, ToolRegistry(fake))
+    runner = AgentRunner(fake, ToolRegistry(fake), LocalLedger(100, 60))
     await _cancel_when(runner, fake, "Reserve")
     assert fake.calls == ["Reserve", "Reserve", "Release"]
 
 
 async def test_a_run_cancelled_while_committing_still_records_the_spend():
     from hivemesh.services.orchestrator.runner import AgentRunner
+    from hivemesh.services.orchestrator.state import LocalLedger
     fake = _Information(hang_commit=True)
-    runner = AgentRunner(fake, ToolRegistry(fake))
+    runner = AgentRunner(fake, ToolRegistry(fake), LocalLedger(100, 60))
     await _cancel_when(runner, fake, "Commit")
     # The commit is sent again (its request id answers once), nothing released.
     assert fake.calls[-2:] == ["Commit", "Commit"] and "Release" not in fake.calls
