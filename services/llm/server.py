@@ -32,7 +32,8 @@ def build_backend(name: str, settings: BackendSettings) -> LlmBackend:
                                 max_connections=settings.max_connections)
     from hivemesh.services.llm.backends.openai import OpenAIBackend
     return OpenAIBackend(name, api_key=settings.api_key(), base_url=settings.base_url,
-                         max_connections=settings.max_connections)
+                         max_connections=settings.max_connections,
+                         reasoning_models=settings.reasoning_model_prefixes())
 
 
 class Backends:

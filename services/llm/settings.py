@@ -20,6 +20,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
 
+# Upstream model-name prefixes of OpenAI's reasoning models (o1, o3, o4-mini,
+# the gpt-5 family, ...): the default of ``reasoning_models`` for a backend of
+# type ``openai``.
+OPENAI_REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
+
 
 class BackendSettings(BaseModel):
     type: Literal["mock", "openai", "anthropic", "openai_compatible"]
@@ -36,12 +41,24 @@ class BackendSettings(BaseModel):
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_reset_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=100, ge=1)
+    # openai and openai_compatible only: upstream model-name prefixes of
+    # reasoning models, which refuse ``max_tokens`` (they get the request's
+    # limit as ``max_completion_tokens``) and sampling parameters (they get
+    # no temperature or top_p). None: OPENAI_REASONING_MODELS for type
+    # openai, none for openai_compatible (vLLM, Ollama, ... take max_tokens).
+    reasoning_models: list[str] | None = None
     # mock only
     mock_default_response: str | None = None
     mock_latency_s: float = Field(default=0.0, ge=0)
     # Fault injection for resilience drills: the first N attempts fail
     # with UNAVAILABLE.
     mock_fail_first: int = Field(default=0, ge=0)
+
+    def reasoning_model_prefixes(self) -> tuple[str, ...]:
+        """``reasoning_models``, or its default for the backend's type."""
+        if self.reasoning_models is not None:
+            return tuple(self.reasoning_models)
+        return OPENAI_REASONING_MODELS if self.type == "openai" else ()
 
     def api_key(self) -> str:
         """The key, read from its environment variable or secret file."""

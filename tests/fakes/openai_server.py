@@ -45,10 +45,17 @@ def bad_key(key: str) -> Fail:
 
 
 class FakeOpenAI(FakeHttpServer):
-    def __init__(self, base_path: str = "/v1", embedding_dimensions: int = 8) -> None:
+    """``reasoning_models``: prefixes of the model names that the fake
+    treats as OpenAI treats its reasoning models: a request for one with
+    ``max_tokens``, or with ``temperature`` or ``top_p`` other than 1, is
+    refused with OpenAI's 400, before any scripted behaviour."""
+
+    def __init__(self, base_path: str = "/v1", embedding_dimensions: int = 8,
+                 reasoning_models: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.base_path = base_path
         self.embedding_dimensions = embedding_dimensions
+        self.reasoning_models = reasoning_models
 
     async def handle(self, exchange: HttpExchange) -> None:
         recorded = exchange.recorded
@@ -56,6 +63,11 @@ class FakeOpenAI(FakeHttpServer):
         if recorded.method != "POST" or endpoint not in ("/chat/completions", "/embeddings"):
             await exchange.send_json(404, _error_body(Fail(404, f"Unknown URL {recorded.path}")))
             return
+        if endpoint == "/chat/completions":
+            refusal = self._refusal(recorded.body)
+            if refusal is not None:
+                await exchange.send_json(400, _error_body(refusal))
+                return
         behaviour = self.next_behaviour()
         await asyncio.sleep(behaviour.delay)
         if isinstance(behaviour, Garbled):
@@ -75,6 +87,23 @@ class FakeOpenAI(FakeHttpServer):
             await _stream(exchange, behaviour, recorded.body)
         else:
             await exchange.send_json(200, _completion(behaviour, recorded.body))
+
+    def _refusal(self, body: dict[str, Any]) -> Fail | None:
+        """OpenAI's answer to parameters a reasoning model does not take."""
+        model = str(body.get("model", "")).removeprefix("ft:")
+        if not self.reasoning_models or not model.startswith(self.reasoning_models):
+            return None
+        if "max_tokens" in body:
+            return Fail(status=400, type="invalid_request_error", code="unsupported_parameter",
+                        message="Unsupported parameter: 'max_tokens' is not supported with "
+                                "this model. Use 'max_completion_tokens' instead.")
+        for name in ("temperature", "top_p"):
+            if name in body and body[name] != 1:
+                return Fail(status=400, type="invalid_request_error", code="unsupported_value",
+                            message=f"Unsupported value: '{name}' does not support "
+                                    f"{body[name]} with this model. Only the default (1) "
+                                    "value is supported.")
+        return None
 
     def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]

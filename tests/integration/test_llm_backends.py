@@ -30,6 +30,8 @@ from hivemesh.services.llm.backends.base import (
     BackendError, ChatMessage, ChatRequest, ErrorKind, StreamDelta, StreamFinish, ToolCall,
     ToolCallDelta, ToolSpec, Usage)
 from hivemesh.services.llm.backends.openai import OpenAIBackend
+from hivemesh.services.llm.server import build_backend
+from hivemesh.services.llm.settings import OPENAI_REASONING_MODELS, BackendSettings
 
 KEY = "sk-test-SECRET-123"
 MODEL = "test-model-1"
@@ -50,6 +52,7 @@ def make_backend(kind: str, base_url: str, **options: Any):
     if kind == "openai_compatible":
         return OpenAIBackend(kind, api_key=KEY, base_url=base_url,
                              default_headers={"X-Title": "hivemesh-tests"}, **options)
+    options.setdefault("reasoning_models", OPENAI_REASONING_MODELS)  # as the settings say
     return OpenAIBackend(kind, api_key=KEY, base_url=base_url, **options)
 
 
@@ -58,7 +61,7 @@ def make_server(kind: str) -> FakeHttpServer:
         return FakeAnthropic()
     if kind == "openai_compatible":
         return FakeOpenAI(base_path="/openai/v1")  # as Groq serves it
-    return FakeOpenAI()
+    return FakeOpenAI(reasoning_models=OPENAI_REASONING_MODELS)
 
 
 @dataclass
@@ -280,6 +283,62 @@ async def test_request_parameters(upstream: Upstream):
         assert body["max_tokens"] == 8192
     else:
         assert "max_tokens" not in body
+
+
+def _limits(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: body[k] for k in ("max_tokens", "max_completion_tokens", "temperature", "top_p")
+            if k in body}
+
+
+@pytest.mark.parametrize("mode", ["generate", "stream"])
+async def test_openai_reasoning_models_get_max_completion_tokens(monkeypatch, mode: str):
+    """OpenAI refuses max_tokens (and non-default sampling) for its reasoning
+    models; a backend of type openai knows them by name, a compatible one
+    only when configured so (vLLM, Ollama, ... want max_tokens)."""
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    async with FakeOpenAI(reasoning_models=OPENAI_REASONING_MODELS) as openai_fake, \
+            FakeOpenAI(reasoning_models=("my-o3",)) as compatible_fake:
+        configured = {
+            "openai": (openai_fake, {"type": "openai"}),
+            "openai, none configured": (openai_fake, {"type": "openai", "reasoning_models": []}),
+            "compatible": (compatible_fake, {"type": "openai_compatible"}),
+            "compatible, configured": (compatible_fake, {"type": "openai_compatible",
+                                                         "reasoning_models": ["my-o3"]}),
+        }
+        backends = {name: build_backend(name, BackendSettings(
+            base_url=fake.base_url, api_key_env="TEST_LLM_KEY", **settings))
+            for name, (fake, settings) in configured.items()}
+        try:
+            async def send(backend: str, model: str) -> dict[str, Any]:
+                request = ChatRequest(upstream_model=model, messages=(user("x"),),
+                                      max_tokens=50, temperature=0.5, top_p=0.9)
+                if mode == "generate":
+                    await backends[backend].generate(request, TIMEOUT_S)
+                else:
+                    events, error = await drain(backends[backend], request)
+                    assert error is None and isinstance(events[-1], StreamFinish)
+                return _limits(configured[backend][0].last.body)
+
+            reasoning = {"max_completion_tokens": 50}
+            sampling = {"max_tokens": 50, "temperature": 0.5, "top_p": 0.9}
+            for model in ("o1", "o3-mini", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini",
+                          "ft:o4-mini-2025-04-16:acme::abc123"):
+                assert await send("openai", model) == reasoning, model
+            for model in ("gpt-4o", "gpt-4.1-mini", "ft:gpt-4o-mini:acme::abc123"):
+                assert await send("openai", model) == sampling, model
+            # A compatible server's model is nobody's reasoning model by name.
+            assert await send("compatible", "o3-mini") == sampling
+            assert await send("compatible, configured", "my-o3-deployment") == reasoning
+            # What the upstream answers when the rule does not name the model.
+            with pytest.raises(BackendError) as caught:
+                await backends["openai, none configured"].generate(
+                    ChatRequest(upstream_model="o3", messages=(user("x"),), max_tokens=5),
+                    TIMEOUT_S)
+            assert caught.value.kind is ErrorKind.BAD_REQUEST
+            assert "max_completion_tokens" in caught.value.message
+        finally:
+            for backend in backends.values():
+                await backend.close()
 
 
 # -- tools --------------------------------------------------------------------

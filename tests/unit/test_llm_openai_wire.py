@@ -48,9 +48,17 @@ REQUESTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(REQUESTS))
+# Bodies for a reasoning model (max_completion_tokens, no sampling parameters).
+REASONING = {"reasoning model": "sampling", "reasoning model, tools": "conversation and tools"}
+
+
+@pytest.mark.parametrize("name", [*REQUESTS, *REASONING])
 def test_the_sdk_would_send_the_body_unchanged(name):
-    body = _chat_params(REQUESTS[name])
+    if name in REASONING:
+        body = _chat_params(REQUESTS[REASONING[name]], reasoning=True)
+        assert "max_tokens" not in body and "temperature" not in body
+    else:
+        body = _chat_params(REQUESTS[name])
     assert maybe_transform(copy.deepcopy(body),
                            completion_create_params.CompletionCreateParamsNonStreaming) == body
     streaming = _stream_params(body)

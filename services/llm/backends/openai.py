@@ -17,6 +17,13 @@ every shape of body built here and fails if it would change one). Responses
 are still the SDK's own types, errors its own exceptions, streams its own
 SSE parser.
 
+Reasoning models (OpenAI's o1, o3, o4-mini, the gpt-5 family; the backend's
+``reasoning_models`` name them by prefix) refuse ``max_tokens``: their
+requests carry the limit as ``max_completion_tokens``, and no
+``temperature`` or ``top_p``, which they refuse unless at the default. Every
+other model, and every model of a compatible server unless configured so,
+gets ``max_tokens``, which all compatible servers take.
+
 Timeouts: ``timeout_s`` bounds the whole of a ``generate``/``embed`` call.
 For ``stream`` it bounds the wait for the response to start and every
 silence between two chunks, not the length of the whole stream.
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import httpx2
@@ -46,7 +53,7 @@ from .base import (
     StreamEvent, StreamFinish, ToolCall, ToolCallDelta, Usage, estimate_prompt_tokens,
     estimate_tokens)
 
-__all__ = ["OpenAIBackend"]
+__all__ = ["OpenAIBackend", "is_reasoning_model"]
 
 _FINISH_REASONS = {
     "stop": "stop",
@@ -90,7 +97,9 @@ class OpenAIBackend(http.UpstreamErrors):
     compatible servers it is their ``.../v1`` root, e.g.
     ``https://api.groq.com/openai/v1`` or ``http://localhost:11434/v1``.
     Servers that need no key still get one in the ``Authorization`` header:
-    an empty ``api_key`` is sent as ``"unused"``.
+    an empty ``api_key`` is sent as ``"unused"``. ``reasoning_models`` are
+    the upstream model-name prefixes of the reasoning models (see the
+    module's docstring); none by default.
     """
 
     _timeout_errors = (openai.APITimeoutError,)
@@ -98,9 +107,10 @@ class OpenAIBackend(http.UpstreamErrors):
 
     def __init__(self, name: str, *, api_key: str, base_url: str | None = None,
                  default_headers: dict[str, str] | None = None,
-                 max_connections: int = 100) -> None:
+                 max_connections: int = 100, reasoning_models: Sequence[str] = ()) -> None:
         self.name = name
         self._secrets = http.secrets(api_key, default_headers)
+        self._reasoning_models = tuple(reasoning_models)
         http_client = openai.DefaultAioHttpClient(limits=httpx2.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections))
         self._client = openai.AsyncOpenAI(
@@ -122,8 +132,12 @@ class OpenAIBackend(http.UpstreamErrors):
             options={"timeout": timeout_s, "security": {"bearer_auth": True}},
             stream=stream_cls is not None, stream_cls=stream_cls)
 
+    def _params(self, request: ChatRequest) -> dict[str, Any]:
+        return _chat_params(request, reasoning=is_reasoning_model(request.upstream_model,
+                                                                  self._reasoning_models))
+
     async def generate(self, request: ChatRequest, timeout_s: float) -> ChatResult:
-        params = _chat_params(request)
+        params = self._params(request)
         try:
             async with asyncio.timeout(timeout_s):
                 response = await self._post("/chat/completions", params, httpx2.Response,
@@ -144,7 +158,7 @@ class OpenAIBackend(http.UpstreamErrors):
                                f"{self.name}: the upstream answer is malformed ({exc})") from None
 
     async def stream(self, request: ChatRequest, timeout_s: float) -> AsyncIterator[StreamEvent]:
-        params = _chat_params(request)
+        params = self._params(request)
         try:
             async with asyncio.timeout(timeout_s):
                 upstream = await self._post("/chat/completions", _stream_params(params),
@@ -305,13 +319,25 @@ class OpenAIBackend(http.UpstreamErrors):
 
 # -- request mapping --------------------------------------------------------
 
-def _chat_params(request: ChatRequest) -> dict[str, Any]:
+def is_reasoning_model(upstream_model: str, prefixes: Sequence[str]) -> bool:
+    """Whether the model's name starts with one of ``prefixes``; a
+    fine-tuned model (``ft:<base model>:...``) is matched by its base."""
+    return upstream_model.removeprefix("ft:").startswith(tuple(prefixes))
+
+
+def _chat_params(request: ChatRequest, reasoning: bool = False) -> dict[str, Any]:
+    """The wire body of a chat request; for a reasoning model the output
+    limit goes as ``max_completion_tokens`` and the sampling parameters,
+    which it refuses, are not sent."""
     params: dict[str, Any] = {"model": request.upstream_model,
                               "messages": [_message(m) for m in request.messages]}
-    for field in ("temperature", "top_p", "max_tokens", "seed"):
+    fields = ("seed",) if reasoning else ("temperature", "top_p", "max_tokens", "seed")
+    for field in fields:
         value = getattr(request, field)
         if value is not None:
             params[field] = value
+    if reasoning and request.max_tokens is not None:
+        params["max_completion_tokens"] = request.max_tokens
     if request.stop:
         params["stop"] = list(request.stop)
     if request.tools:
