@@ -5,6 +5,11 @@ The stream is what Anthropic sends: ``message_start`` (with the input
 usage), a ``ping``, per content block ``content_block_start``, its deltas
 (``text_delta`` or ``input_json_delta``) and ``content_block_stop``, then
 ``message_delta`` (stop reason, output tokens) and ``message_stop``.
+
+Requests are checked as Anthropic checks them where the backend could get
+it wrong: every message needs content (but an optional final assistant
+message), and a text block needs text; else a 400, before any scripted
+behaviour.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class FakeAnthropic(FakeHttpServer):
         if recorded.method != "POST" or recorded.path != "/v1/messages":
             await exchange.send_json(404, _error_body(Fail(404, f"Unknown URL {recorded.path}")))
             return
+        refusal = _refusal(recorded.body)
+        if refusal is not None:
+            await exchange.send_json(400, _error_body(refusal))
+            return
         behaviour = self.next_behaviour()
         await asyncio.sleep(behaviour.delay)
         if isinstance(behaviour, Garbled):
@@ -63,6 +72,23 @@ class FakeAnthropic(FakeHttpServer):
             await _stream(exchange, behaviour, recorded.body)
         else:
             await exchange.send_json(200, _message(behaviour, recorded.body))
+
+
+def _refusal(body: Any) -> Fail | None:
+    """Anthropic's answer to messages it does not take."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for index, message in enumerate(messages or []):
+        content = message.get("content")
+        final_assistant = index == len(messages) - 1 and message.get("role") == "assistant"
+        if not content and not final_assistant:
+            return Fail(status=400, type="invalid_request_error",
+                        message=f"messages.{index}: all messages must have non-empty content "
+                                "except for the optional final assistant message")
+        for block in content if isinstance(content, list) else []:
+            if block.get("type") == "text" and not block.get("text"):
+                return Fail(status=400, type="invalid_request_error",
+                            message="messages: text content blocks must be non-empty")
+    return None
 
 
 def _error_body(fail: Fail) -> dict[str, Any]:

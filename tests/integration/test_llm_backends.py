@@ -256,6 +256,37 @@ async def test_system_prompt_placement(upstream: Upstream):
     assert upstream.roles(body) == ["user", "assistant", "user"]
 
 
+@pytest.mark.parametrize("mode", ["generate", "stream"])
+async def test_an_empty_assistant_message_is_no_failure(upstream: Upstream, mode: str):
+    """An assistant turn without text or tool calls (a model that answered
+    nothing) is valid in the contract and OpenAI takes it; Anthropic refuses
+    a message without content, so there it is left out."""
+    empty = ChatMessage(role="assistant", content="")
+    conversations = [(user("Hi"), empty, user("Still there?")),
+                     (user("Hi"), ChatMessage(role="assistant", content="Hello."), empty,
+                      user("Well?")),
+                     (user("Hi"), empty)]
+    sent = []
+    for messages in conversations:
+        if mode == "generate":
+            await upstream.backend.generate(chat(*messages), TIMEOUT_S)
+        else:
+            events, error = await drain(upstream.backend, chat(*messages))
+            assert error is None and isinstance(events[-1], StreamFinish)
+        sent.append(upstream.server.last.body["messages"])
+    if not upstream.is_anthropic:
+        assert [[m["role"] for m in s] for s in sent] == [
+            [m.role for m in messages] for messages in conversations]
+        return
+    text = {"type": "text"}
+    assert sent == [
+        [{"role": "user", "content": [{**text, "text": "Hi"}, {**text, "text": "Still there?"}]}],
+        [{"role": "user", "content": [{**text, "text": "Hi"}]},
+         {"role": "assistant", "content": [{**text, "text": "Hello."}]},
+         {"role": "user", "content": [{**text, "text": "Well?"}]}],
+        [{"role": "user", "content": [{**text, "text": "Hi"}]}]]
+
+
 async def test_request_parameters(upstream: Upstream):
     await upstream.backend.generate(chat(user("x"), temperature=0.5, top_p=0.9, max_tokens=50,
                                          stop=("END",), seed=7), TIMEOUT_S)

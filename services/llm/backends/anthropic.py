@@ -14,6 +14,10 @@ How a :class:`ChatRequest` maps onto the Messages API:
   messages become ``tool_result`` blocks in a user turn; consecutive
   messages of one role are merged into one turn, as the API wants all the
   results of one assistant turn in the next user turn;
+* an assistant message with neither text nor tool calls is left out: it
+  says nothing, and the API refuses a message without content (but an
+  optional final assistant one), where OpenAI takes it; the user messages
+  around it then make one turn;
 * ``max_tokens`` is required by Anthropic: the model's ``max_output_tokens``
   (its settings) when the request has none, else 1024;
 * ``tool_choice`` auto/required/none/<name> -> auto/any/none/tool;
@@ -292,6 +296,8 @@ def _message_params(request: ChatRequest) -> dict[str, Any]:
             blocks += [{"type": "tool_use", "id": call.id, "name": call.name,
                         "input": _tool_input(call.name, call.arguments)}
                        for call in message.tool_calls]
+            if not blocks:
+                continue  # an empty assistant message (see the module's docstring)
         elif message.role == "tool":
             role, blocks = "user", [{"type": "tool_result", "tool_use_id": message.tool_call_id,
                                      "content": message.content}]
