@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from hivemesh.services.llm.backends.base import (
     BackendError, ChatRequest, ChatResult, EmbedResult, ErrorKind, LlmBackend, StreamEvent,
-    StreamFinish, estimate_prompt_tokens)
+    estimate_prompt_tokens)
 from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter
 from hivemesh.services.llm.settings import BackendSettings, ModelSettings
 
@@ -215,15 +215,18 @@ class Router:
         (first, events), route = await self._run(chain, deadline, tokens, call)
         return first, events, route
 
-    def settle_stream(self, route: Route, estimated: int, finish: StreamFinish | None,
+    def settle_stream(self, route: Route, estimated: int, used: int,
                       failed: BackendError | None) -> None:
         """Feed the outcome of a stream (after its first event) back to the
-        breaker and limiter of the backend that served it."""
+        breaker and limiter of the backend that served it, however it
+        ended: ``estimated`` tokens were reserved, ``used`` were used (the
+        usage of a stream that finished; for one that broke or that its
+        caller left, the best estimate: its prompt and the completion
+        delivered so far)."""
         state = self.backends[route.backend]
         if failed is not None and failed.kind in _HEALTH:
             state.breaker.record_failure()
-        if finish is not None:
-            state.limiter.settle(estimated, finish.usage.total_tokens)
+        state.limiter.settle(estimated, used)
 
     async def embed(self, texts: list[str], model: ModelSettings, dimensions: int | None,
                     deadline: float) -> tuple[EmbedResult, Route]:

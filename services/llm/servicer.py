@@ -154,6 +154,12 @@ def _completion_tokens(content: str, calls) -> int:
     return estimate_tokens(content) + sum(estimate_tokens(c.arguments) for c in calls)
 
 
+def _tool_calls(pieces: dict[int, list[str]]) -> list[ToolCall]:
+    """The tool calls of a stream so far, from its [id, name, arguments]
+    by index."""
+    return [ToolCall(i, n, a) for i, n, a in (pieces[k] for k in sorted(pieces))]
+
+
 def _response_of(summary: StreamSummary) -> GenerateResponse:
     return GenerateResponse(
         message=summary.message, usage=summary.usage, finish_reason=summary.finish_reason,
@@ -373,43 +379,52 @@ class LlmServicer(LlmServiceServicer):
         delivered = 0
         finish: StreamFinish | None = None
         failure: BackendError | None = None
-        async with contextlib.aclosing(events):
-            pending = first
-            while pending is not None:
-                if isinstance(pending, StreamFinish):
-                    finish = pending
-                    break
-                if isinstance(pending, (StreamDelta, ToolCallPiece)) and first_token_at is None:
-                    first_token_at = time.monotonic()
-                if isinstance(pending, StreamDelta):
-                    text.append(pending.text)
-                    delivered += 1
-                    yield StreamGenerateResponse(delta=ContentDelta(text=pending.text))
-                elif isinstance(pending, ToolCallPiece):
-                    slot = calls.setdefault(pending.index, ["", "", ""])
-                    # The id and the name go out once, as soon as known (some
-                    # upstreams repeat them on every chunk).
-                    new_id = pending.id if not slot[0] else ""
-                    new_name = pending.name if not slot[1] else ""
-                    slot[0] = slot[0] or pending.id
-                    slot[1] = slot[1] or pending.name
-                    slot[2] += pending.arguments
-                    delivered += 1
-                    yield StreamGenerateResponse(tool_call_delta=ToolCallDelta(
-                        index=pending.index, id=new_id, name=new_name,
-                        arguments_delta=pending.arguments))
-                try:
-                    pending = await events.__anext__()
-                except StopAsyncIteration:
-                    failure = BackendError(ErrorKind.STREAM_CUT,
-                                           f"{route.backend}: stream ended without finishing")
-                    pending = None
-                except BackendError as exc:
-                    failure = exc
-                    pending = None
-        self.router.settle_stream(route, estimated, finish, failure)
+        try:
+            async with contextlib.aclosing(events):
+                pending = first
+                while pending is not None:
+                    if isinstance(pending, StreamFinish):
+                        finish = pending
+                        break
+                    if first_token_at is None and isinstance(pending,
+                                                             (StreamDelta, ToolCallPiece)):
+                        first_token_at = time.monotonic()
+                    if isinstance(pending, StreamDelta):
+                        text.append(pending.text)
+                        delivered += 1
+                        yield StreamGenerateResponse(delta=ContentDelta(text=pending.text))
+                    elif isinstance(pending, ToolCallPiece):
+                        slot = calls.setdefault(pending.index, ["", "", ""])
+                        # The id and the name go out once, as soon as known (some
+                        # upstreams repeat them on every chunk).
+                        new_id = pending.id if not slot[0] else ""
+                        new_name = pending.name if not slot[1] else ""
+                        slot[0] = slot[0] or pending.id
+                        slot[1] = slot[1] or pending.name
+                        slot[2] += pending.arguments
+                        delivered += 1
+                        yield StreamGenerateResponse(tool_call_delta=ToolCallDelta(
+                            index=pending.index, id=new_id, name=new_name,
+                            arguments_delta=pending.arguments))
+                    try:
+                        pending = await events.__anext__()
+                    except StopAsyncIteration:
+                        failure = BackendError(ErrorKind.STREAM_CUT,
+                                               f"{route.backend}: stream ended without finishing")
+                        pending = None
+                    except BackendError as exc:
+                        failure = exc
+                        pending = None
+        finally:
+            # However the stream ended: also when it broke, or when its
+            # caller left (this generator is then closed or cancelled where
+            # it waits, and nothing after this block runs).
+            used = (finish.usage.total_tokens if finish is not None else
+                    estimate_prompt_tokens(chat.messages)
+                    + _completion_tokens("".join(text), _tool_calls(calls)))
+            self.router.settle_stream(route, estimated, used, failure)
         content = "".join(text)
-        tool_calls = [ToolCall(i, n, a) for i, n, a in (calls[k] for k in sorted(calls))]
+        tool_calls = _tool_calls(calls)
         summary = StreamSummary(
             model=route.alias, backend=route.backend,
             upstream_model=(finish.upstream_model if finish else "") or route.upstream_model,

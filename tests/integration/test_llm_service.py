@@ -23,9 +23,13 @@ from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.llm.v1 import (
     CountTokensRequest, EmbedRequest, GenerateRequest, GenerationConfig, ListModelsRequest,
     LlmServiceStub, Prompt, StreamGenerateRequest)
+from hivemesh.runtime.resilience import Idempotency, RateLimiter, TtlLru
 from hivemesh.runtime.settings import ServerSettings
-from hivemesh.services.llm.backends.base import ErrorKind
-from hivemesh.services.llm.server import Backends, create_server
+from hivemesh.runtime.text import estimate_tokens
+from hivemesh.services.llm import server as llm_server
+from hivemesh.services.llm.backends.base import ErrorKind, estimate_prompt_tokens
+from hivemesh.services.llm.server import Backends, build_router, create_server
+from hivemesh.services.llm.servicer import LlmServicer, chat_request
 from hivemesh.services.llm.settings import BackendSettings, LlmSettings, ModelSettings
 
 
@@ -469,6 +473,98 @@ async def test_cancelled_stream_closes_upstream_and_leaves_nothing_unhandled(
     done = await _read_stream(stub, StreamGenerateRequest(
         request_id=rid(), model="solo", prompt=Prompt(prompt="again")))
     assert done[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+
+
+# -- the token limit of streams that do not finish ------------------------------
+
+def _still_limiter(requests_per_minute, tokens_per_minute) -> RateLimiter:
+    """A limiter whose buckets never refill: what a call took stays visible."""
+    return RateLimiter(requests_per_minute, tokens_per_minute, clock=lambda: 0.0)
+
+
+def _charged(limiter: RateLimiter) -> float:
+    return limiter.tokens.capacity - limiter.tokens.level
+
+
+@contextlib.asynccontextmanager
+async def _servicer():
+    """The servicer over the mock backends, called directly (as gRPC calls
+    it), with the primary backend's tokens in a limiter that never refills."""
+    s = settings(tokens_per_minute=1_000_000)
+    backends = Backends(s)
+    router = build_router(s, backends)
+    limiter = router.backends["primary"].limiter = _still_limiter(None, 1_000_000)
+    try:
+        yield LlmServicer(router, default_deadline_s=10, cache=TtlLru(0, 60),
+                          idempotency=Idempotency(100, 60)), backends.by_name["primary"], limiter
+    finally:
+        await backends.close()
+
+
+def _long_stream(prompt: str = "go") -> StreamGenerateRequest:
+    # max_tokens is reserved before the call: far more than the answers use
+    return StreamGenerateRequest(request_id=rid(), model="solo", prompt=Prompt(prompt=prompt),
+                                 config=GenerationConfig(max_tokens=100_000))
+
+
+async def test_a_cut_stream_is_charged_what_it_used_not_what_it_reserved():
+    async with _servicer() as (servicer, primary, limiter):
+        primary.queue_response("alpha beta gamma delta")
+        primary.cut_next_stream_after(2)
+        request = _long_stream()
+        messages = [m async for m in servicer.StreamGenerate(request, None)]
+        summary = messages[-1].summary
+        assert messages[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+        prompt = estimate_prompt_tokens(chat_request(request).messages)
+        assert _charged(limiter) == prompt + estimate_tokens("alpha beta ") \
+            == summary.usage.total_tokens
+
+
+async def test_an_abandoned_stream_is_charged_what_it_used_so_far():
+    """The caller leaves mid-stream: the servicer's generator is closed at a
+    yield, and the tokens reserved for the whole answer are settled to the
+    prompt and what was delivered."""
+    async with _servicer() as (servicer, primary, limiter):
+        primary.queue_response(" ".join(f"w{i}" for i in range(50)))
+        request = _long_stream()
+        stream = servicer.StreamGenerate(request, None)
+        received = [await anext(stream) for _ in range(3)]
+        assert primary.open_streams == 1
+        await stream.aclose()
+        assert primary.open_streams == 0
+        prompt = estimate_prompt_tokens(chat_request(request).messages)
+        assert _charged(limiter) == prompt + estimate_tokens(
+            "".join(m.delta.text for m in received))
+
+
+@pytest.mark.parametrize("chunk_delay_s, words", [(0.01, 200), (0.0, 3000)],
+                         ids=["awaiting", "writing"])
+async def test_a_stream_its_client_cancels_gives_back_what_it_did_not_use(
+        monkeypatch, chunk_delay_s, words):
+    limiters: list[RateLimiter] = []
+
+    def limiter(requests_per_minute, tokens_per_minute):
+        limiters.append(_still_limiter(requests_per_minute, tokens_per_minute))
+        return limiters[-1]
+
+    monkeypatch.setattr(llm_server, "RateLimiter", limiter)
+    async with serve(settings(tokens_per_minute=1_000_000)) as (stub, backends):
+        [tokens] = [t for t in limiters if t.tokens is not None]  # the primary's
+        text = " ".join(f"w{i}" for i in range(words))
+        backends["primary"].queue_response(text)
+        backends["primary"].stream_chunk_delay_s = chunk_delay_s
+        request = _long_stream("long")
+        prompt = estimate_prompt_tokens(chat_request(request).messages)
+        stream = stub.StreamGenerate(request, timeout=10)
+        first = await stream.read()
+        assert _charged(tokens) == prompt + 100_000  # reserved while it runs
+        stream.cancel()
+        for _ in range(100):
+            if _charged(tokens) < prompt + 100_000:
+                break
+            await asyncio.sleep(0.02)
+        assert prompt + estimate_tokens(first.delta.text) <= _charged(tokens) \
+            <= prompt + estimate_tokens(text)
 
 
 async def test_unknown_model_and_models_listing(llm):
