@@ -144,12 +144,18 @@ async def _demonstrate(addresses: dict[str, str]) -> None:
     await channel.close()
 
 
-class _Stop(Exception):
-    """SIGINT or SIGTERM arrived: stop the mesh."""
+class _Stop(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: stop the mesh. A KeyboardInterrupt, as
+    Python makes of SIGINT itself: the event loop of the demonstration lets
+    it through where it drops other exceptions raised in its callbacks."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _stop(signum, frame) -> None:
-    raise _Stop(signal.Signals(signum).name)
+    raise _Stop(signum)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -169,6 +175,7 @@ def run_up(data_dir: str | None, keep_running: bool) -> int:
 
 def _up(data_dir: str | None, keep_running: bool) -> int:
     code = 0
+    serving = False  # the demonstration is done and the mesh kept running
     with tempfile.TemporaryDirectory(prefix="hivemesh-") as tmp:
         root = Path(data_dir) if data_dir else Path(tmp)
         mesh = Mesh()
@@ -186,12 +193,17 @@ def _up(data_dir: str | None, keep_running: bool) -> int:
                 print(f"{name:<12} listening on {proc.address} (pid {proc.process.pid})")
             asyncio.run(_demonstrate({n: p.address for n, p in mesh.services.items()}))
             if keep_running:
+                serving = True
                 print("\nthe mesh keeps running; Ctrl-C or SIGTERM stops it", flush=True)
                 while True:
                     signal.pause()
         except _Stop as stop:
             print(f"\n{stop}: stopping the mesh", flush=True)
-            code = 0 if keep_running else 130
+            # A mesh kept running is stopped by a signal, and that is a
+            # success, as for `hivemesh serve`. Before that, the signal
+            # interrupted the command: 128 + its number, as a shell reports
+            # a command it killed (130 for SIGINT, 143 for SIGTERM).
+            code = 0 if serving else 128 + stop.signum
         except ServiceDidNotStart as exc:
             # Its message quotes the log: said plainly, without a traceback.
             print(exc, file=sys.stderr, flush=True)

@@ -2,9 +2,13 @@
 the coding -> test -> review workflow through the orchestrator and stops
 every process."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
+
+import pytest
 
 
 def test_up_runs_the_workflow_through_the_mesh_and_stops_everything(tmp_path):
@@ -91,3 +95,55 @@ def test_a_service_that_cannot_start_says_why_and_stops_the_others(tmp_path):
     assert "QDRANT_URL" in result.stderr  # what the memory service said
     assert "Traceback" not in result.stderr
     assert result.stdout.rstrip().endswith("all services stopped")
+
+
+# ``hivemesh up`` whose demonstration never ends: a signal is sure to
+# interrupt it, after every service has started.
+_UP_WITH_ENDLESS_DEMONSTRATION = """
+import asyncio, sys
+from hivemesh.cli import demo, main
+
+async def endless(addresses):
+    print("demonstrating", flush=True)
+    await asyncio.Event().wait()
+
+demo._demonstrate = endless
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_demonstration_stops_everything_and_exits_128_plus_it(
+        tmp_path, signum, status):
+    """Interrupted before it is done, ``up`` exits as a shell expects of a
+    command killed by the signal (128 + its number), after stopping every
+    service."""
+    proc = subprocess.Popen([sys.executable, "-c", _UP_WITH_ENDLESS_DEMONSTRATION, "up",
+                             "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("demonstrating"):
+                break
+        pids = [int(p) for p in re.findall(r"listening on \S+ \(pid (\d+)\)", "".join(lines))]
+        assert len(pids) == 5
+        proc.send_signal(signum)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=60) == status
+        assert f"{signal.Signals(signum).name}: stopping the mesh" in rest
+        assert rest.rstrip().endswith("all services stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
