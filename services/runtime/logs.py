@@ -16,20 +16,56 @@ from opentelemetry import trace
 
 from hivemesh.runtime.middleware import request_id_var
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|token|authorization|dsn)", re.I)
+# A name (of a field, setting, header or parameter) holds a credential when
+# one of its words is one of these: api_key, x-api-key, OPENAI_API_KEY,
+# apiKey, access_token, client_secret, postgres_dsn, Authorization. A word
+# ends at anything but a letter or digit, or where camelCase starts one, so
+# that counts (tokens, max_tokens, maxTokens) and other names that merely
+# contain such a word (api_key_env, secrets_dir) are not credentials.
+_SECRET_NAME = (
+    r"(?-i:(?<![A-Za-z0-9])|(?<=[a-z])(?=[A-Z]))"
+    r"(?:api[_-]?key|secret|password|passwd|token|authorization|dsn)"
+    r"(?-i:(?![A-Za-z0-9])|(?<=[a-z])(?=[A-Z]))")
+_SECRET_KEY = re.compile(_SECRET_NAME, re.I)
 _SECRET_VALUE = re.compile(
-    r"(sk-[A-Za-z0-9_\-]{8,}|sk-ant-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,}"
+    # such a name given a value, in free text: key=value (query strings,
+    # keyword DSNs, environment), a header (x-api-key: value), JSON or a
+    # repr ("api_key": "value"); an Authorization value keeps its scheme
+    rf"(?P<name>{_SECRET_NAME}[\"']?\s*[:=]\s*(?:(?:Bearer|Basic|Token|Digest)\s+)?)"
+    # (a value unquoted ends at a space or &, without the punctuation
+    # that closes the text around it)
+    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s&\"']*[^\s&\"',;.)\]}>])"
+    # a bearer token anywhere; one that looks like a word (Bearer
+    # authentication.) is not a token: a token has a digit, a symbol inside
+    # it, or capitals after its first letter
+    r"|(?P<scheme>\bBearer\s+)"
+    r"(?=[A-Za-z0-9._~+/-]*(?:[0-9]|[._~+/-][A-Za-z0-9]|(?-i:[a-z][A-Z])))"
+    r"[A-Za-z0-9._~+/-]{8,}=*"
+    # provider keys by their shape: OpenAI's and Anthropic's sk-... (not the
+    # end of a word such as task- or disk-), Google's AIza...
+    r"|(?<![A-Za-z0-9_-])sk-[A-Za-z0-9_-]{8,}"
+    r"|(?-i:(?<![A-Za-z0-9_-])AIza[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-]))"
     # credentials in any URL (postgresql://u:pw@, redis://:pw@, https://u:pw@ ...),
     # up to the last @ before the path: URL parsers read an unescaped @ as
     # part of the password
-    r"|[a-z][a-z0-9+.\-]*://[^\s:@/]*:[^\s/]*@"
-    # keyword DSNs (password=...)
-    r"|\b(password|passwd)\s*=\s*\S+)", re.I)
+    r"|[a-z][a-z0-9+.\-]*://[^\s:@/]*:[^\s/]*@", re.I)
+
+
+def _hide(match: re.Match[str]) -> str:
+    """What stays of a secret: the name it was given and its quotes, or
+    the scheme of a bearer token."""
+    if match["name"] is not None:
+        value = match["value"]
+        quote = value[0] if value[0] in "\"'" else ""
+        return f"{match['name']}{quote}[REDACTED]{quote}"
+    return f"{match['scheme'] or ''}[REDACTED]"
+
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
 def redact(text: str) -> str:
-    return _SECRET_VALUE.sub("[REDACTED]", text)
+    return _SECRET_VALUE.sub(_hide, text)
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,6 +1,7 @@
 import json
 import logging
 
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from hivemesh.runtime.middleware import request_id_var
@@ -52,3 +53,80 @@ def test_a_url_password_holding_an_at_sign_is_redacted_whole():
     assert redact("connecting to redis://:s@cr@t@cache:6379/0 failed") == (
         "connecting to [REDACTED]cache:6379/0 failed")
     assert redact("http://host:8080/a@b") == "http://host:8080/a@b"
+
+
+@pytest.mark.parametrize(("text", "secret"), [
+    # Exception messages of HTTP clients and SDKs, with the request's headers
+    ("401 for headers {'Authorization': 'Bearer abc123def456'}", "abc123def456"),
+    ("Authorization: Bearer eyJhbGciOi.J9.sig-nature", "eyJhbGciOi"),
+    ("authorization=Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+    ("x-api-key: qdrant-key-123 rejected", "qdrant-key-123"),
+    ("X-Goog-Api-Key: AIzaSyA-0123456789abcdefghijklmnopqrstu", "AIzaSyA-0123456789"),
+    ("api-key: azurekey0987", "azurekey0987"),
+    # query strings
+    ("GET https://api.example.com/v1/models?api_key=k3y-in-url&limit=5", "k3y-in-url"),
+    ("GET /search?apikey=abcd1234", "abcd1234"),
+    ("redirect to /cb?code=1&access_token=at-777xyz#state", "at-777xyz"),
+    ("wss://stream.example.com/?token=t0k3n", "t0k3n"),
+    ("POST /oauth?client_secret=shh-its-a-secret", "shh-its-a-secret"),
+    # JSON-ish text and reprs
+    ('{"api_key": "json-key-1", "model": "gpt-4o"}', "json-key-1"),
+    ("{'apiKey': 'camel-key-2'}", "camel-key-2"),
+    ('body {"accessToken":"camel-token-3"}', "camel-token-3"),
+    ('config {"secret": "s3 cr3t with spaces"}', "cr3t"),
+    ("OPENAI_API_KEY=envkey999 was given", "envkey999"),
+    ("HIVEMESH_MEMORY_QDRANT_API_KEY: mounted4567", "mounted4567"),
+    ("token = spaced-out-7", "spaced-out-7"),
+    ("SECRET='quoted value'", "quoted value"),
+    # provider key shapes, wherever they are
+    ("Incorrect API key provided: sk-proj-AbC123xyz987", "sk-proj-AbC123xyz987"),
+    ("key sk-ant-api03-Zz9_yy8-XX7 is invalid", "sk-ant-api03-Zz9_yy8-XX7"),
+    ("(sk-abcdef0123456789)", "sk-abcdef0123456789"),
+    ("url ...?key=AIzaSyB0123456789abcdefghijklmnopqrstuv", "AIzaSyB0123456789"),
+])
+def test_credentials_in_free_text_are_redacted(text, secret):
+    hidden = redact(text)
+    assert secret not in hidden, hidden
+    assert "[REDACTED]" in hidden
+
+
+def test_redaction_keeps_the_name_of_what_it_hides():
+    assert redact("GET /v1/models?api_key=abc&limit=5") == (
+        "GET /v1/models?api_key=[REDACTED]&limit=5")
+    assert redact('{"api_key": "abc", "model": "m"}') == '{"api_key": "[REDACTED]", "model": "m"}'
+    assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer [REDACTED]"
+    assert redact("sent Bearer ABCdef123456 upstream") == "sent Bearer [REDACTED] upstream"
+    assert redact("refused (token=abc), retrying") == "refused (token=[REDACTED]), retrying"
+    assert redact("password=p,w; next") == "password=[REDACTED]; next"
+
+
+@pytest.mark.parametrize("text", [
+    "token budget exceeded for tenant acme",
+    "tokens=123 prompt_tokens=100 completion_tokens=23",
+    "max_tokens=4096 is above the model's limit",
+    '{"max_tokens": 512, "total_tokens": 40, "tokens": 7}',
+    "maxTokens: 256, inputTokens: 12",
+    "MAX_TOKENS=100",
+    "token_count=12 api_key_env=OPENAI_API_KEY",
+    "the request has no token",
+    "a bearer token is required",
+    "Bearer authentication failed",
+    "the upstream wants Bearer authentication.",
+    "task-0123456789abcdef finished; disk-usage-threshold reached",
+    "ask-the-reviewer-agent says risk-assessment done",
+    "secrets_dir=/var/run/secrets/hivemesh",
+    "http://host:8080/path?limit=5&page_token_hint=x",
+    "rate limit: 200000 tokens per minute",
+])
+def test_redaction_leaves_ordinary_text_alone(text):
+    assert redact(text) == text
+
+
+def test_structured_fields_named_like_counts_stay_and_secret_names_go():
+    entry = _format("generated", max_tokens=512, prompt_tokens=10, tokens=3,
+                    access_token="at-1", openai_api_key="k-2", client_secret="s-3",
+                    apiKey="k-4", token="t-5", authorization="Basic x")
+    assert (entry["max_tokens"], entry["prompt_tokens"], entry["tokens"]) == (512, 10, 3)
+    for key in ("access_token", "openai_api_key", "client_secret", "apiKey", "token",
+                "authorization"):
+        assert entry[key] == "[REDACTED]", key
