@@ -19,10 +19,19 @@ DEFAULT_SECRETS_DIR = Path("/var/run/secrets/hivemesh")
 
 def secrets_dir() -> Path | None:
     """Where secret settings are read from files: ``HIVEMESH_SECRETS_DIR``,
-    else the default mount point if it exists, else nowhere."""
+    else the default mount point if it exists, else nowhere.
+
+    A directory named by ``HIVEMESH_SECRETS_DIR`` must exist (ValueError
+    otherwise): a secret volume that was not mounted would start the
+    service without its keys, as pydantic-settings only warns of it."""
     configured = os.environ.get("HIVEMESH_SECRETS_DIR")
     if configured:
-        return Path(configured)
+        path = Path(configured)
+        if not path.is_dir():
+            problem = "is not a directory" if path.exists() else "does not exist"
+            raise ValueError(f"HIVEMESH_SECRETS_DIR={path} {problem} "
+                             "(is the secret volume mounted there?)")
+        return path
     return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
 
 

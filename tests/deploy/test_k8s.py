@@ -37,6 +37,8 @@ FULL_NAMES = {svc: f"hivemesh.{svc}.v1.{name}Service" for svc, name in (
     ("artifact", "Artifact"), ("information", "Information"), ("llm", "Llm"),
     ("memory", "Memory"), ("orchestrator", "Orchestrator"))}
 APP_PORT = 8080
+# Read by every service, outside its own prefix.
+RUNTIME_VARIABLES = {"HIVEMESH_SECRETS_DIR", "HIVEMESH_EVENT_LOOP"}
 SECRET_EXAMPLES = {"POSTGRES_DSN": "postgresql://hivemesh@db:5432/hivemesh",
                    "REDIS_URL": "redis://redis:6379/0", "QDRANT_URL": "http://qdrant:6333",
                    "QDRANT_API_KEY": "key"}
@@ -156,6 +158,8 @@ def test_every_setting_in_the_manifests_is_a_real_setting(name, tmp_path):
             if not var.startswith("HIVEMESH_"):
                 assert var.startswith("OTEL_"), var
                 continue
+            if var in RUNTIME_VARIABLES:
+                continue
             assert var.startswith(prefix), var
             field = var.removeprefix(prefix).lower()
             if "__" in field:
@@ -179,6 +183,30 @@ def test_every_setting_in_the_manifests_is_a_real_setting(name, tmp_path):
             settings = settings_cls(_secrets_dir=secrets_dir)
         assert settings.server.grace_period_s == float(
             env[f"{prefix}SERVER__GRACE_PERIOD_S"])
+
+
+def secret_volumes(deployment: dict) -> set[str]:
+    return {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]
+            if "secret" in v or any("secret" in s for s in v.get("projected", {})
+                                    .get("sources", []))}
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_a_pod_whose_secrets_are_not_mounted_does_not_start(name):
+    """A service mounting secrets names their directory in
+    HIVEMESH_SECRETS_DIR, which then must exist at start-up: a volume
+    mounted elsewhere, or not at all, would otherwise leave it running
+    without them. A service without secrets does not name one."""
+    with_secrets = 0
+    for deployment in of_kind(build(name), "Deployment"):
+        app = containers(deployment)["app"]
+        mounted = [m["mountPath"] for m in app.get("volumeMounts", [])
+                   if m["name"] in secret_volumes(deployment)]
+        configured = env_of(app).get("HIVEMESH_SECRETS_DIR")
+        assert [configured] == (mounted or [None]), deployment["metadata"]["name"]
+        with_secrets += bool(mounted)
+    if name == "overlays/production":
+        assert with_secrets == 4  # artifact, information, memory, orchestrator
 
 
 @pytest.mark.parametrize("name", BUILDS)

@@ -99,6 +99,24 @@ def test_a_port_flag_out_of_range_is_refused_like_the_setting(tmp_path, port):
     assert result.stdout == ""
 
 
+def test_a_secrets_directory_set_but_missing_stops_start_up(tmp_path):
+    """A secret volume that is not mounted must not start a service that
+    quietly lacks its keys: HIVEMESH_SECRETS_DIR names a directory that
+    has to be there."""
+    missing = tmp_path / "not-mounted"
+    env = {**os.environ, "HIVEMESH_SECRETS_DIR": str(missing)}
+    try:
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "memory",
+                                 "--port", "0", "--data-dir", str(tmp_path / "data")],
+                                env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"served without its secrets directory: {exc.stdout!r}")
+    assert result.returncode == 1 and result.stdout == ""
+    assert (f"memory could not start: HIVEMESH_SECRETS_DIR={missing} does not exist"
+            in result.stderr)
+    assert "Traceback" not in result.stderr
+
+
 def test_a_port_already_taken_is_a_clear_message(tmp_path):
     import socket
     with socket.socket() as taken:

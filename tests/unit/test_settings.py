@@ -3,6 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
+from hivemesh.runtime import settings as runtime_settings
 from hivemesh.runtime.settings import secrets_dir
 from hivemesh.services.artifact.settings import ArtifactSettings
 
@@ -41,3 +42,27 @@ def test_an_llm_alias_falls_back_only_to_an_alias_of_its_kind():
         LlmSettings(backends=backends, models=[
             ModelSettings(alias="chat", backend="mock", upstream_model="c", fallback=["embed"]),
             ModelSettings(alias="embed", kind="embedding", backend="mock", upstream_model="e")])
+
+
+def test_a_secrets_directory_set_explicitly_must_exist(monkeypatch, tmp_path):
+    """A secret volume that failed to mount would otherwise start the
+    service without its keys (pydantic-settings only warns)."""
+    missing = tmp_path / "not-mounted"
+    monkeypatch.setenv("HIVEMESH_SECRETS_DIR", str(missing))
+    with pytest.raises(ValueError, match=f"HIVEMESH_SECRETS_DIR={missing} does not exist"):
+        secrets_dir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    monkeypatch.setenv("HIVEMESH_SECRETS_DIR", str(a_file))
+    with pytest.raises(ValueError, match=f"HIVEMESH_SECRETS_DIR={a_file} is not a directory"):
+        secrets_dir()
+
+
+def test_the_default_secrets_directory_is_used_only_when_it_exists(monkeypatch, tmp_path):
+    monkeypatch.delenv("HIVEMESH_SECRETS_DIR", raising=False)
+    monkeypatch.setattr(runtime_settings, "DEFAULT_SECRETS_DIR", tmp_path / "absent")
+    assert secrets_dir() is None
+    monkeypatch.setattr(runtime_settings, "DEFAULT_SECRETS_DIR", tmp_path)
+    assert secrets_dir() == tmp_path
+    monkeypatch.setenv("HIVEMESH_SECRETS_DIR", "")  # empty: as if unset
+    assert secrets_dir() == tmp_path
