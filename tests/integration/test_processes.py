@@ -42,6 +42,20 @@ def test_sigterm_right_after_the_address_line_is_a_graceful_shutdown(tmp_path, s
     assert '"msg": "shutting down"' in (tmp_path / "log").read_text()
 
 
+def test_sigint_is_the_same_graceful_shutdown_and_exits_0(tmp_path):
+    """Ctrl-C on ``serve`` stops it as SIGTERM does: a graceful shutdown is
+    a success, not an interrupted command (130)."""
+    import signal
+    proc = start_service("artifact", data_dir=tmp_path / "data", log_path=tmp_path / "log")
+    try:
+        proc.process.send_signal(signal.SIGINT)
+        code = proc.process.wait(timeout=30)
+    finally:
+        proc.stop()
+    assert code == 0
+    assert '"msg": "shutting down"' in (tmp_path / "log").read_text()
+
+
 @pytest.mark.parametrize(("setting", "loop"), [("", "uvloop"), ("asyncio", "asyncio")])
 def test_a_service_runs_on_uvloop_unless_told_otherwise(tmp_path, setting, loop):
     proc = start_service("artifact", data_dir=tmp_path / "data", log_path=tmp_path / "log",
