@@ -258,17 +258,17 @@ class WorkflowRun:
         try:
             await asyncio.gather(*tasks.values())
         except _TaskFailed:
-            for pending in tasks.values():
-                pending.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-            self._mark_cancelled("cancelled after another task failed")
+            try:
+                await _cancel_all(tasks.values())
+            finally:  # the workflow too may be cancelled meanwhile
+                self._mark_cancelled("cancelled after another task failed")
             return WorkflowStatus.WORKFLOW_STATUS_FAILED
         except asyncio.CancelledError:
-            for pending in tasks.values():
-                pending.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-            self._mark_cancelled("the workflow was cancelled")
-            self.first_error = self.first_error or _cancelled("the workflow was cancelled")
+            try:
+                await _cancel_all(tasks.values())
+            finally:  # also when cancelled again meanwhile
+                self._mark_cancelled("the workflow was cancelled")
+                self.first_error = self.first_error or _cancelled("the workflow was cancelled")
             raise
         statuses = {r.status for r in self.results.values()}
         if statuses == {TaskStatus.TASK_STATUS_SUCCEEDED}:
@@ -506,16 +506,42 @@ def _step_fingerprint(agent: AgentDefinition, options: RunOptions) -> str:
         sorted(options.variables.items())]).encode()).hexdigest()
 
 
+async def _cancel_all(tasks) -> None:
+    """Cancels ``tasks`` and waits until every one has ended, also when the
+    caller is cancelled meanwhile: what they report (their results, the
+    usage their runs charge, their TASK_COMPLETE) is then all in before it
+    is read, and none of them goes on after its workflow has ended. A
+    cancellation of the caller while it waits is passed on to the tasks
+    (settling what they did, such as releasing budget holds, is cut short)
+    and raised once they have ended."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    interrupted: asyncio.CancelledError | None = None
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as exc:
+            interrupted = exc
+            for task in tasks:
+                task.cancel()
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: reported by the caller, not logged
+    if interrupted is not None:
+        raise interrupted
+
+
 async def _stop(runs: list[asyncio.Task], records: list[BranchResult], result: TaskResult,
                 why: str) -> None:
     """Cancel the branches still running (``why``) and record every branch
-    in the task's result."""
-    for run in runs:
-        run.cancel()
-    await asyncio.gather(*runs, return_exceptions=True)
-    for run, record in zip(runs, records, strict=True):
-        _record_branch(run, record, why)
-    result.branches.extend(records)
+    in the task's result (also when the task is cancelled meanwhile)."""
+    try:
+        await _cancel_all(runs)
+    finally:
+        for run, record in zip(runs, records, strict=True):
+            _record_branch(run, record, why)
+        result.branches.extend(records)
 
 
 def _record_branch(run: asyncio.Task, record: BranchResult, why: str) -> None:

@@ -1,6 +1,7 @@
 """Pieces of the orchestrator on their own: the event bus (middleware,
 priorities, failing subscribers, slow remote subscribers), the execution
-context's fork, template references and the deadline scope."""
+context's fork, template references and the deadline scope; runs and
+workflows over stand-in providers, cancelled at chosen points."""
 
 import asyncio
 
@@ -238,3 +239,166 @@ async def test_concurrent_runs_share_one_listing_of_an_unreachable_tool_server()
     registry._listed_at = float("-inf")  # as if RELIST_AFTER_S had passed
     missing = await asyncio.gather(*(registry.find(["weather"]) for _ in range(5)))
     assert missing == [["weather"]] * 5 and Down.listings == 2
+
+
+# -- workflows cut off while they clean up -------------------------------------
+
+
+class _Steered:
+    """Stands in for every provider of a workflow's runs. Each generation
+    uses 7 tokens and each commit costs 5; ``hooks[(method, model)]`` (the
+    model a Reserve, Generate or Commit is for; "" for Release) runs first
+    and may wait or fail. Every call is recorded as (method, model)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.hooks: dict[tuple[str, str], object] = {}
+        self.reserved: dict[str, str] = {}  # reservation id -> model
+
+    async def call(self, name, method, request, **kwargs):
+        from hivemesh.common.v1 import Usage
+        from hivemesh.information.v1 import CommitResponse, ReleaseResponse, ReserveResponse
+        from hivemesh.llm.v1 import GenerateResponse, Message
+        model = getattr(request, "model", "") or self.reserved.get(
+            getattr(request, "reservation_id", ""), "")
+        self.calls.append((method, model))
+        hook = self.hooks.get((method, model))
+        if hook is not None:
+            await hook(self.calls.count((method, model)))
+        if method == "Reserve":
+            self.reserved[f"rsv:{request.request_id}"] = model
+            return ReserveResponse(reservation_id=f"rsv:{request.request_id}")
+        if method == "Generate":
+            return GenerateResponse(
+                message=Message(content=f"from {model}"), model=model,
+                usage=Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7))
+        if method == "Commit":
+            return CommitResponse(cost_micros=5, currency="USD")
+        if method == "Release":
+            return ReleaseResponse(released=True)
+        raise AssertionError(method)
+
+
+def _workflow_run(providers, *tasks, agents=("coder",)):
+    """A WorkflowRun of ``tasks`` over the real runner, and the events it sends."""
+    from hivemesh.orchestrator.v1 import AgentDefinition, RunWorkflowRequest, WorkflowDefinition
+    from hivemesh.services.orchestrator.agents import AgentRegistry
+    from hivemesh.services.orchestrator.runner import AgentRunner
+    from hivemesh.services.orchestrator.state import LocalLedger
+    from hivemesh.services.orchestrator.workflows import WorkflowRun
+    bus = EventBus()
+    events = []
+    bus.subscribe(events.append)
+    request = RunWorkflowRequest(request_id="wf-1", workflow=WorkflowDefinition(tasks=tasks))
+    base = ExecutionContext.from_request(RequestContext(tenant_id="acme"), "", "wf-1")
+    runner = AgentRunner(providers, ToolRegistry(providers))
+    workflow = WorkflowRun(runner, AgentRegistry.of(
+        AgentDefinition(name=name, model="main") for name in agents), request, base,
+        EventSink(bus), 4, LocalLedger(100, 60.0), 60.0)
+    return workflow, events
+
+
+async def _run(workflow):
+    """The workflow run as the servicer runs it: within the request's time."""
+    with deadline_scope(60):
+        return await workflow.run()
+
+
+def _blocks(entered: asyncio.Event, until: asyncio.Event):
+    """A hook that, on the first call, signals ``entered`` and waits for
+    ``until``."""
+    async def hook(count: int) -> None:
+        if count == 1:
+            entered.set()
+            await until.wait()
+    return hook
+
+
+def _after(event: asyncio.Event):
+    async def hook(count: int) -> None:
+        await event.wait()
+    return hook
+
+
+async def _drained(gate: asyncio.Event) -> None:
+    """Opens ``gate`` and waits for what still waited on it (calls left to
+    finish in the background)."""
+    gate.set()
+    await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not asyncio.current_task()))
+
+
+def _reported(events) -> dict[str, list]:
+    """Each task's TASK_COMPLETE payloads, as sent before WORKFLOW_COMPLETE
+    (which must be the last event)."""
+    from hivemesh.orchestrator.v1 import EventType as T
+    assert events and events[-1].type == T.EVENT_TYPE_WORKFLOW_COMPLETE
+    assert [e.type for e in events].count(T.EVENT_TYPE_WORKFLOW_COMPLETE) == 1
+    ended: dict[str, list] = {}
+    for event in events:
+        if event.type == T.EVENT_TYPE_TASK_COMPLETE:
+            ended.setdefault(event.task_complete.task_id, []).append(event.task_complete)
+    return ended
+
+
+@pytest.mark.parametrize("cleaning_up_after", ["a failed task", "a first cancellation"])
+async def test_a_workflow_cancelled_while_it_cleans_up_still_ends_every_task(
+        cleaning_up_after):
+    from hivemesh.orchestrator.v1 import TaskSpec, TaskStatus
+    fake = _Steered()
+    generating, releasing, gate = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    fake.hooks[("Generate", "main")] = _blocks(generating, gate)
+    fake.hooks[("Release", "main")] = _blocks(releasing, gate)
+    tasks = [TaskSpec(task_id="slow", agent="coder", input_template="x"),
+             TaskSpec(task_id="after", agent="coder", input_template="y", depends_on=["slow"])]
+    if cleaning_up_after == "a failed task":
+        async def refused(count: int) -> None:
+            await generating.wait()
+            raise errors.ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "REFUSED", "no")
+        fake.hooks[("Generate", "bad")] = refused
+        tasks.append(TaskSpec(task_id="bad", agent="coder", model="bad", input_template="z"))
+    workflow, events = _workflow_run(fake, *tasks)
+    running = asyncio.create_task(_run(workflow))
+    await asyncio.wait_for(generating.wait(), 10)
+    if cleaning_up_after == "a first cancellation":
+        running.cancel()
+    # The run of "slow" is cancelled and releases its hold: the workflow is
+    # cancelled (again) meanwhile.
+    await asyncio.wait_for(releasing.wait(), 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await _drained(gate)
+    ended = _reported(events)
+    want = {"slow": TaskStatus.TASK_STATUS_CANCELLED, "after": TaskStatus.TASK_STATUS_CANCELLED}
+    if cleaning_up_after == "a failed task":
+        want["bad"] = TaskStatus.TASK_STATUS_FAILED
+    assert {t: [r.status for r in results] for t, results in ended.items()} == {
+        t: [status] for t, status in want.items()}
+    assert {t: r.status for t, r in workflow.results.items()} == want
+
+
+async def test_a_fan_out_cancelled_while_it_stops_its_other_branch_reports_both():
+    from hivemesh.orchestrator.v1 import (
+        CombineMode, FanOut, ModelList, TaskSpec, TaskStatus)
+    fake = _Steered()
+    generating, releasing, gate = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    fake.hooks[("Generate", "slow")] = _blocks(generating, gate)
+    fake.hooks[("Generate", "fast")] = _after(generating)
+    fake.hooks[("Release", "slow")] = _blocks(releasing, gate)
+    workflow, events = _workflow_run(fake, TaskSpec(
+        task_id="first", agent="coder", input_template="x", fan_out=FanOut(
+            models=ModelList(models=["slow", "fast"]), combine=CombineMode.COMBINE_MODE_FIRST)))
+    running = asyncio.create_task(_run(workflow))
+    # "fast" answers first; "slow" is cancelled and releases its hold: the
+    # workflow is cancelled meanwhile.
+    await asyncio.wait_for(releasing.wait(), 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await _drained(gate)
+    (task,) = _reported(events)["first"]
+    assert task.status == TaskStatus.TASK_STATUS_CANCELLED
+    slow, fast = task.branches
+    assert fast.selected and fast.result.output == "from fast"
+    assert slow.error.code == grpc.StatusCode.CANCELLED.value[0] and not slow.selected
+    assert task.usage.total_tokens == 7 and task.cost_micros == 5
