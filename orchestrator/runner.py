@@ -121,6 +121,9 @@ class _Run:
         self.reservation: str | None = None
         self.output = ""
         self.last_generation = None  # GenerateResponse or StreamSummary
+        # The last generation's Commit (or TrackCompletion), sent again in
+        # the background after the run was cancelled while sending it.
+        self.spend_resent: asyncio.Task | None = None
 
     def step(self, *parts: object) -> str:
         """The request id of one of this run's provider calls."""
@@ -202,6 +205,7 @@ class AgentRunner:
                 raise RunError(error, failed) from exc
             except asyncio.CancelledError:
                 span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                await self._resent_spend(run)
                 failed = run.failed()
                 failed.error.CopyFrom(errors.ServiceError(
                     grpc.StatusCode.CANCELLED, "CANCELLED",
@@ -407,12 +411,13 @@ class AgentRunner:
 
     # ------------------------------------------------------------ budget
 
-    def _in_background(self, work) -> None:
+    def _in_background(self, work) -> asyncio.Task:
         """Runs ``work`` (a coroutine) to its end although the run that
         needed it was cancelled."""
         task = asyncio.create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
 
     async def _resend(self, method: str, request):
         """Sends an information request that settles what the run did, past
@@ -424,6 +429,46 @@ class AgentRunner:
                 return await self.providers.call("information", method, request)
         except errors.ServiceError:
             return None
+
+    async def _resend_spend(self, method: str, request):
+        """``_resend`` of a Commit or TrackCompletion: its response, or the
+        error it failed with."""
+        try:
+            with beyond_deadline():
+                return await self.providers.call("information", method, request)
+        except errors.ServiceError as exc:
+            return exc
+
+    async def _resent_spend(self, run: _Run) -> None:
+        """A run cancelled while recording its last generation's spend sends
+        the request again in the background (``_record_spend``). Its answer
+        is awaited here, as a cancelled run awaits the release of its hold,
+        so that what the run reports (AGENT_FAILED, its workflow task)
+        counts that generation at the cost the budget was charged. If the
+        request fails, or the run is cancelled again before it is answered
+        (it is still sent), the generation's tokens are counted without a
+        cost and a DEGRADED note (budget) says why."""
+        resent, run.spend_resent = run.spend_resent, None
+        if resent is None:
+            return
+        try:
+            charged = await asyncio.shield(resent)
+        except asyncio.CancelledError:
+            # Cancelled again: the run ends now (it raises a cancellation anyway).
+            unknown = errors.ServiceError(
+                grpc.StatusCode.CANCELLED, "CANCELLED",
+                "the run was cancelled again before the spend of its last generation was "
+                "recorded: the request is still pending, its cost is not counted here")
+        else:
+            if not isinstance(charged, errors.ServiceError):
+                self._charged(run, charged)
+                return
+            unknown = errors.ServiceError(
+                charged.code, charged.reason,
+                "the spend of the last generation, cut off by the run's cancellation, could "
+                f"not be recorded: {charged.message}")
+        run.add_usage(run.last_generation.usage, 0, "")
+        run.degrade(DegradedComponent.DEGRADED_COMPONENT_BUDGET, unknown)
 
     async def _release_reserved(self, request: ReserveRequest) -> None:
         reserved = await self._resend("Reserve", request)
@@ -483,7 +528,12 @@ class AgentRunner:
                 request_id=run.step("commit", iteration),
                 reservation_id=run.reservation, **common))
             run.reservation = None
-        run.add_usage(last.usage, charged.cost_micros, charged.currency)
+        self._charged(run, charged)
+
+    def _charged(self, run: _Run, charged) -> None:
+        """Counts the last generation at the cost recording its spend
+        charged, and reports the budget alerts that recording fired."""
+        run.add_usage(run.last_generation.usage, charged.cost_micros, charged.currency)
         for alert in charged.alerts:
             run.emit(EventType.EVENT_TYPE_BUDGET_ALERT, BudgetAlert(
                 alert_id=alert.alert_id, budget_id=alert.budget_id,
@@ -501,7 +551,7 @@ class AgentRunner:
                 return await self.providers.call("information", method, request)
         except asyncio.CancelledError:
             run.reservation = None  # settled by the request sent again
-            self._in_background(self._resend(method, request))
+            run.spend_resent = self._in_background(self._resend_spend(method, request))
             raise
 
     # ------------------------------------------------------------ generation

@@ -402,3 +402,117 @@ async def test_a_fan_out_cancelled_while_it_stops_its_other_branch_reports_both(
     assert fast.selected and fast.result.output == "from fast"
     assert slow.error.code == grpc.StatusCode.CANCELLED.value[0] and not slow.selected
     assert task.usage.total_tokens == 7 and task.cost_micros == 5
+
+
+# -- a spend recorded again after its run was cancelled -----------------------
+
+
+async def test_a_fan_out_counts_the_spend_its_cancelled_branch_was_committing():
+    from hivemesh.orchestrator.v1 import CombineMode, FanOut, ModelList, TaskSpec, TaskStatus
+    from hivemesh.orchestrator.v1 import EventType as T
+    fake = _Steered()
+    committing, gate = asyncio.Event(), asyncio.Event()
+    # "slow" has generated and is committing when "fast" answers.
+    fake.hooks[("Commit", "slow")] = _blocks(committing, gate)
+    fake.hooks[("Generate", "fast")] = _after(committing)
+    workflow, events = _workflow_run(fake, TaskSpec(
+        task_id="first", agent="coder", input_template="x", fan_out=FanOut(
+            models=ModelList(models=["slow", "fast"]), combine=CombineMode.COMBINE_MODE_FIRST)))
+    response = await asyncio.wait_for(_run(workflow), 10)
+    (task,) = response.tasks
+    assert task.status == TaskStatus.TASK_STATUS_SUCCEEDED, task.error
+    slow, fast = task.branches
+    assert fast.selected and slow.error.code == grpc.StatusCode.CANCELLED.value[0]
+    # The commit cut off was sent again and answered: both generations, and
+    # both commits, are the task's.
+    assert fake.calls.count(("Commit", "slow")) == 2
+    (failed,) = [e.agent_failed for e in events if e.type == T.EVENT_TYPE_AGENT_FAILED]
+    assert (failed.usage.total_tokens, failed.cost_micros, failed.currency) == (7, 5, "USD")
+    assert not failed.degraded
+    assert (task.usage.total_tokens, task.cost_micros) == (14, 10)
+    assert (response.usage.total_tokens, response.cost_micros) == (14, 10)
+    await _drained(gate)
+
+
+async def _cancelled_while_committing(fake: _Steered, *, cancel_again: bool = False):
+    """Runs an agent on model "main", cancels it while its first Commit is
+    under way (and again, with ``cancel_again``, once the Commit is sent
+    again); returns what the run reported (on_cancel, AGENT_FAILED)."""
+    from hivemesh.orchestrator.v1 import AgentDefinition
+    from hivemesh.orchestrator.v1 import EventType as T
+    from hivemesh.services.orchestrator.runner import AgentRunner, RunOptions
+    bus = EventBus()
+    events, told = [], []
+    bus.subscribe(events.append)
+    runner = AgentRunner(fake, ToolRegistry(fake))
+    ctx = ExecutionContext.from_request(RequestContext(tenant_id="acme"), "coder", "req-1")
+    run = asyncio.create_task(runner.run(
+        AgentDefinition(name="coder", model="main"), ctx,
+        RunOptions("req-1", "x", on_cancel=told.append), EventSink(bus)))
+    await asyncio.wait_for(fake.first_commit.wait(), 10)
+    run.cancel()
+    if cancel_again:
+        await asyncio.wait_for(fake.second_commit.wait(), 10)
+        run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    (failed,) = [e.agent_failed for e in events if e.type == T.EVENT_TYPE_AGENT_FAILED]
+    assert told == [failed]
+    return failed
+
+
+def _committing(fake: _Steered, second):
+    """Commit of "main": the first waits (for the run's cancellation), the
+    second runs ``second``."""
+    fake.first_commit, fake.second_commit, fake.gate = (
+        asyncio.Event(), asyncio.Event(), asyncio.Event())
+
+    async def hook(count: int) -> None:
+        if count == 1:
+            fake.first_commit.set()
+            await fake.gate.wait()
+        else:
+            fake.second_commit.set()
+            await second()
+    fake.hooks[("Commit", "main")] = hook
+
+
+async def test_a_run_cancelled_while_committing_reports_what_the_commit_sent_again_charged():
+    fake = _Steered()
+
+    async def answers() -> None:
+        return None
+    _committing(fake, answers)
+    failed = await _cancelled_while_committing(fake)
+    assert (failed.usage.total_tokens, failed.cost_micros, failed.currency) == (7, 5, "USD")
+    assert not failed.degraded
+    await _drained(fake.gate)
+
+
+async def test_a_spend_not_recorded_after_a_cancellation_is_counted_without_its_cost():
+    from hivemesh.orchestrator.v1 import DegradedComponent
+    fake = _Steered()
+
+    async def fails() -> None:
+        raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "down")
+    _committing(fake, fails)
+    failed = await _cancelled_while_committing(fake)
+    assert (failed.usage.total_tokens, failed.cost_micros) == (7, 0)
+    (note,) = failed.degraded
+    assert note.component == DegradedComponent.DEGRADED_COMPONENT_BUDGET
+    assert note.reason == "BACKEND_UNAVAILABLE" and "down" in note.message
+    await _drained(fake.gate)
+
+
+async def test_a_run_cancelled_again_reports_its_commit_as_still_pending():
+    from hivemesh.orchestrator.v1 import DegradedComponent
+    fake = _Steered()
+    _committing(fake, lambda: fake.gate.wait())
+    failed = await _cancelled_while_committing(fake, cancel_again=True)
+    assert (failed.usage.total_tokens, failed.cost_micros) == (7, 0)
+    (note,) = failed.degraded
+    assert note.component == DegradedComponent.DEGRADED_COMPONENT_BUDGET
+    assert "pending" in note.message
+    # The commit sent again still ends (and settles the hold).
+    await _drained(fake.gate)
+    assert fake.calls.count(("Commit", "main")) == 2 and ("Release", "main") not in fake.calls
