@@ -88,7 +88,8 @@ class RunOptions:
     refuse_handoff: bool = False
     # Stream the generation and emit GENERATION_CHUNK events.
     stream_chunks: bool = False
-    # Told what a cancelled run had used (a failed run's RunError carries it).
+    # Told what a cancelled run had used (a failed run's RunError carries
+    # it; a failed run cancelled while releasing its hold is told here).
     on_cancel: Callable[[AgentFailed], None] | None = None
 
 
@@ -201,7 +202,14 @@ class AgentRunner:
                 failed = run.failed()
                 failed.error.CopyFrom(error.to_status(DOMAIN))
                 run.emit(EventType.EVENT_TYPE_AGENT_FAILED, failed)
-                await asyncio.shield(self._release(run, 3))
+                try:
+                    await asyncio.shield(self._release(run, 3))
+                except asyncio.CancelledError:
+                    # Cancelled while releasing: the run ends as cancelled,
+                    # and the one waiting for it is told what it used.
+                    if opts.on_cancel is not None:
+                        opts.on_cancel(failed)
+                    raise
                 raise RunError(error, failed) from exc
             except asyncio.CancelledError:
                 span.set_status(Status(StatusCode.ERROR, "cancelled"))

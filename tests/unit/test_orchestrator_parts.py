@@ -247,8 +247,9 @@ async def test_concurrent_runs_share_one_listing_of_an_unreachable_tool_server()
 class _Steered:
     """Stands in for every provider of a workflow's runs. Each generation
     uses 7 tokens and each commit costs 5; ``hooks[(method, model)]`` (the
-    model a Reserve, Generate or Commit is for; "" for Release) runs first
-    and may wait or fail. Every call is recorded as (method, model)."""
+    model a Reserve, Generate, Commit or Release is for) runs first, with
+    the number of such calls so far, and may wait, fail, or return the
+    response. Every call is recorded as (method, model)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -264,7 +265,9 @@ class _Steered:
         self.calls.append((method, model))
         hook = self.hooks.get((method, model))
         if hook is not None:
-            await hook(self.calls.count((method, model)))
+            answer = await hook(self.calls.count((method, model)))
+            if answer is not None:
+                return answer
         if method == "Reserve":
             self.reserved[f"rsv:{request.request_id}"] = model
             return ReserveResponse(reservation_id=f"rsv:{request.request_id}")
@@ -516,3 +519,40 @@ async def test_a_run_cancelled_again_reports_its_commit_as_still_pending():
     # The commit sent again still ends (and settles the hold).
     await _drained(fake.gate)
     assert fake.calls.count(("Commit", "main")) == 2 and ("Release", "main") not in fake.calls
+
+
+async def test_a_failed_run_cancelled_while_releasing_its_hold_still_counts_its_spend():
+    from hivemesh.common.v1 import Usage
+    from hivemesh.llm.v1 import GenerateResponse, Message, ToolCall
+    from hivemesh.orchestrator.v1 import TaskSpec, TaskStatus
+    from hivemesh.orchestrator.v1 import EventType as T
+    fake = _Steered()
+    releasing, gate = asyncio.Event(), asyncio.Event()
+
+    async def tool_then_failure(count: int):
+        if count == 1:  # paid for (committed) before the run fails
+            return GenerateResponse(
+                message=Message(tool_calls=[ToolCall(id="c1", name="lookup", arguments="{}")]),
+                model="main", usage=Usage(prompt_tokens=3, completion_tokens=4,
+                                          total_tokens=7))
+        raise errors.ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "REFUSED", "no")
+    fake.hooks[("Generate", "main")] = tool_then_failure
+    fake.hooks[("Release", "main")] = _blocks(releasing, gate)
+    workflow, events = _workflow_run(fake, TaskSpec(task_id="a", agent="coder",
+                                                    input_template="x"))
+    running = asyncio.create_task(_run(workflow))
+    # The run failed and releases the hold of its second generation: the
+    # workflow is cancelled meanwhile.
+    await asyncio.wait_for(releasing.wait(), 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await _drained(gate)
+    (task,) = _reported(events)["a"]
+    assert task.status == TaskStatus.TASK_STATUS_CANCELLED
+    (failed,) = [e.agent_failed for e in events if e.type == T.EVENT_TYPE_AGENT_FAILED]
+    assert (failed.usage.total_tokens, failed.cost_micros) == (7, 5)
+    assert (task.usage.total_tokens, task.cost_micros) == (7, 5)
+    (complete,) = [e.workflow_complete for e in events
+                   if e.type == T.EVENT_TYPE_WORKFLOW_COMPLETE]
+    assert (complete.usage.total_tokens, complete.cost_micros) == (7, 5)
