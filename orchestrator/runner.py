@@ -531,10 +531,15 @@ class AgentRunner:
                 return
         else:
             # Until the commit is answered the run still holds the
-            # reservation: if the commit fails, the run's failure releases it.
-            charged = await self._record_spend(run, "Commit", CommitRequest(
-                request_id=run.step("commit", iteration),
-                reservation_id=run.reservation, **common))
+            # reservation: if the commit fails, the run's failure releases it
+            # (and reports the generation's tokens, charged nothing).
+            try:
+                charged = await self._record_spend(run, "Commit", CommitRequest(
+                    request_id=run.step("commit", iteration),
+                    reservation_id=run.reservation, **common))
+            except errors.ServiceError:
+                run.add_usage(last.usage, 0, "")
+                raise
             run.reservation = None
         self._charged(run, charged)
 

@@ -556,3 +556,22 @@ async def test_a_failed_run_cancelled_while_releasing_its_hold_still_counts_its_
     (complete,) = [e.workflow_complete for e in events
                    if e.type == T.EVENT_TYPE_WORKFLOW_COMPLETE]
     assert (complete.usage.total_tokens, complete.cost_micros) == (7, 5)
+
+
+async def test_a_run_whose_commit_fails_reports_the_tokens_it_generated():
+    from hivemesh.orchestrator.v1 import AgentDefinition
+    from hivemesh.services.orchestrator.runner import AgentRunner, RunError, RunOptions
+    fake = _Steered()
+
+    async def fails(count: int) -> None:
+        raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "down")
+    fake.hooks[("Commit", "main")] = fails
+    runner = AgentRunner(fake, ToolRegistry(fake))
+    ctx = ExecutionContext.from_request(RequestContext(tenant_id="acme"), "coder", "req-1")
+    with pytest.raises(RunError) as err:
+        await runner.run(AgentDefinition(name="coder", model="main"), ctx,
+                         RunOptions("req-1", "x"), EventSink(EventBus()))
+    assert err.value.error.reason == "BACKEND_UNAVAILABLE"
+    failed = err.value.failed
+    assert (failed.usage.total_tokens, failed.cost_micros) == (7, 0)
+    assert fake.calls[-1] == ("Release", "main")  # the hold is not kept
