@@ -512,8 +512,9 @@ async def _cancel_all(tasks) -> None:
     usage their runs charge, their TASK_COMPLETE) is then all in before it
     is read, and none of them goes on after its workflow has ended. A
     cancellation of the caller while it waits is passed on to the tasks
-    (settling what they did, such as releasing budget holds, is cut short)
-    and raised once they have ended."""
+    (their runs stop waiting for the calls that settle them, such as the
+    release of a budget hold, which go on in the background) and raised
+    once they have ended."""
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
