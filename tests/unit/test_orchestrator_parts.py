@@ -15,10 +15,16 @@ from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.context import ExecutionContext
 from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
 from hivemesh.services.orchestrator.policy import Providers, deadline_scope, remaining_s
+from hivemesh.services.orchestrator.runner import AgentRunner
+from hivemesh.services.orchestrator.state import LocalLedger
 from hivemesh.services.orchestrator.tools import ToolRegistry
 
 START = EventType.EVENT_TYPE_AGENT_START
 CHUNK = EventType.EVENT_TYPE_GENERATION_CHUNK
+
+
+def _runner(providers) -> AgentRunner:
+    return AgentRunner(providers, ToolRegistry(providers), LocalLedger(100, 60.0))
 
 
 def emit(sink, event_type=START, agent="coder", workflow="wf-1"):
@@ -182,19 +188,15 @@ async def _cancel_when(runner, fake: _Information, method: str) -> None:
 
 
 async def test_a_run_cancelled_while_reserving_releases_the_hold_it_may_have_got():
-    from hivemesh.services.orchestrator.runner import AgentRunner
-    from hivemesh.services.orchestrator.state import LocalLedger
     fake = _Information()
-    runner = AgentRunner(fake, ToolRegistry(fake), LocalLedger(100, 60))
+    runner = _runner(fake)
     await _cancel_when(runner, fake, "Reserve")
     assert fake.calls == ["Reserve", "Reserve", "Release"]
 
 
 async def test_a_run_cancelled_while_committing_still_records_the_spend():
-    from hivemesh.services.orchestrator.runner import AgentRunner
-    from hivemesh.services.orchestrator.state import LocalLedger
     fake = _Information(hang_commit=True)
-    runner = AgentRunner(fake, ToolRegistry(fake), LocalLedger(100, 60))
+    runner = _runner(fake)
     await _cancel_when(runner, fake, "Commit")
     # The commit is sent again (its request id answers once), nothing released.
     assert fake.calls[-2:] == ["Commit", "Commit"] and "Release" not in fake.calls
@@ -286,15 +288,13 @@ def _workflow_run(providers, *tasks, agents=("coder",)):
     """A WorkflowRun of ``tasks`` over the real runner, and the events it sends."""
     from hivemesh.orchestrator.v1 import AgentDefinition, RunWorkflowRequest, WorkflowDefinition
     from hivemesh.services.orchestrator.agents import AgentRegistry
-    from hivemesh.services.orchestrator.runner import AgentRunner
-    from hivemesh.services.orchestrator.state import LocalLedger
     from hivemesh.services.orchestrator.workflows import WorkflowRun
     bus = EventBus()
     events = []
     bus.subscribe(events.append)
     request = RunWorkflowRequest(request_id="wf-1", workflow=WorkflowDefinition(tasks=tasks))
     base = ExecutionContext.from_request(RequestContext(tenant_id="acme"), "", "wf-1")
-    runner = AgentRunner(providers, ToolRegistry(providers))
+    runner = _runner(providers)
     workflow = WorkflowRun(runner, AgentRegistry.of(
         AgentDefinition(name=name, model="main") for name in agents), request, base,
         EventSink(bus), 4, LocalLedger(100, 60.0), 60.0)
@@ -443,11 +443,11 @@ async def _cancelled_while_committing(fake: _Steered, *, cancel_again: bool = Fa
     again); returns what the run reported (on_cancel, AGENT_FAILED)."""
     from hivemesh.orchestrator.v1 import AgentDefinition
     from hivemesh.orchestrator.v1 import EventType as T
-    from hivemesh.services.orchestrator.runner import AgentRunner, RunOptions
+    from hivemesh.services.orchestrator.runner import RunOptions
     bus = EventBus()
     events, told = [], []
     bus.subscribe(events.append)
-    runner = AgentRunner(fake, ToolRegistry(fake))
+    runner = _runner(fake)
     ctx = ExecutionContext.from_request(RequestContext(tenant_id="acme"), "coder", "req-1")
     run = asyncio.create_task(runner.run(
         AgentDefinition(name="coder", model="main"), ctx,
@@ -560,13 +560,13 @@ async def test_a_failed_run_cancelled_while_releasing_its_hold_still_counts_its_
 
 async def test_a_run_whose_commit_fails_reports_the_tokens_it_generated():
     from hivemesh.orchestrator.v1 import AgentDefinition
-    from hivemesh.services.orchestrator.runner import AgentRunner, RunError, RunOptions
+    from hivemesh.services.orchestrator.runner import RunError, RunOptions
     fake = _Steered()
 
     async def fails(count: int) -> None:
         raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "down")
     fake.hooks[("Commit", "main")] = fails
-    runner = AgentRunner(fake, ToolRegistry(fake))
+    runner = _runner(fake)
     ctx = ExecutionContext.from_request(RequestContext(tenant_id="acme"), "coder", "req-1")
     with pytest.raises(RunError) as err:
         await runner.run(AgentDefinition(name="coder", model="main"), ctx,
