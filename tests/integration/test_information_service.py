@@ -825,6 +825,18 @@ async def test_unknown_model_policy(tmp_path):
             metrics = await call(stub.GetMetrics, GetMetricsRequest(
                 start_time=timestamp_pb2.Timestamp(seconds=0)))
             assert sum(a.request_count for a in metrics.aggregates) == 2
+        # default: charged at the default price, still reported unpriced.
+        async with serve(store, unknown_model="default", default_price={
+                "input_micros_per_million": 1_000_000,
+                "output_micros_per_million": 2_000_000}) as (stub, _):
+            held = await call(stub.Reserve, ReserveRequest(
+                request_id=rid(), context=ctx(), model="mystery", estimated_prompt_tokens=100,
+                max_tokens=10))
+            assert held.unpriced and held.reserved_micros == 100 + 2 * 10
+            committed = await call(stub.Commit, CommitRequest(
+                request_id=rid(), reservation_id=held.reservation_id, model="mystery",
+                usage=Usage(prompt_tokens=100, completion_tokens=5)))
+            assert committed.unpriced and committed.cost_micros == 100 + 2 * 5
 
 
 async def test_a_retry_says_unpriced_as_the_first_answer_did(info):

@@ -569,7 +569,8 @@ export type ReserveResponse = Message<"hivemesh.information.v1.ReserveResponse">
   overLimitBudgetIds: string[];
 
   /**
-   * True when no price is known for the model; reserved_micros is then 0.
+   * True when no price is known for the model; reserved_micros is then 0,
+   * unless the service charges unknown models a default price.
    *
    * @generated from field: bool unpriced = 8;
    */
@@ -700,7 +701,8 @@ export type CommitResponse = Message<"hivemesh.information.v1.CommitResponse"> &
 
   /**
    * True when no price is known for the model; cost_micros is then 0 and
-   * only tokens were charged.
+   * only tokens were charged, unless the service charges unknown models a
+   * default price.
    *
    * @generated from field: bool unpriced = 5;
    */
@@ -931,7 +933,8 @@ export type TrackCompletionResponse = Message<"hivemesh.information.v1.TrackComp
   alerts: Alert[];
 
   /**
-   * True when no price is known for the model; cost_micros is then 0.
+   * True when no price is known for the model; cost_micros is then 0,
+   * unless the service charges unknown models a default price.
    *
    * @generated from field: bool unpriced = 5;
    */
