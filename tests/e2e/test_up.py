@@ -45,40 +45,12 @@ def test_up_runs_the_workflow_through_the_mesh_and_stops_everything(tmp_path):
 
 
 def test_sigterm_stops_a_mesh_kept_running(tmp_path):
-    import os
-    import signal
-    import time
-
-    proc = subprocess.Popen([sys.executable, "-m", "hivemesh.cli.main", "up", "--keep-running",
-                             "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "keeps running" in line:
-                break
-        pids = [int(p) for p in re.findall(r"listening on \S+ \(pid (\d+)\)", "".join(lines))]
-        assert len(pids) == 5
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=60) == 0
-        assert rest.rstrip().endswith("all services stopped")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(p) for p in pids)
+    status, rest, pids = _signalled(
+        [sys.executable, "-m", "hivemesh.cli.main", "up", "--keep-running",
+         "--data-dir", str(tmp_path)], "the mesh keeps running", signal.SIGTERM)
+    assert status == 0
+    assert rest.rstrip().endswith("all services stopped")
+    assert not any(_alive(p) for p in pids)
 
 
 def test_a_service_that_cannot_start_says_why_and_stops_the_others(tmp_path):
@@ -112,33 +84,41 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_the_demonstration_stops_everything_and_exits_128_plus_it(
-        tmp_path, signum, status):
+        tmp_path, signum, expected):
     """Interrupted before it is done, ``up`` exits as a shell expects of a
     command killed by the signal (128 + its number), after stopping every
     service."""
-    proc = subprocess.Popen([sys.executable, "-c", _UP_WITH_ENDLESS_DEMONSTRATION, "up",
-                             "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    status, rest, pids = _signalled(
+        [sys.executable, "-c", _UP_WITH_ENDLESS_DEMONSTRATION, "up", "--data-dir", str(tmp_path)],
+        "demonstrating", signum)
+    assert status == expected
+    assert f"{signal.Signals(signum).name}: stopping the mesh" in rest
+    assert rest.rstrip().endswith("all services stopped")
+    assert not any(_alive(p) for p in pids)
+
+
+def _signalled(cmd: list[str], ready: str, signum: int) -> tuple[int, str, list[int]]:
+    """Runs ``up`` (``cmd``) until a line starts with ``ready``, sends it
+    ``signum``; returns its exit status, what it printed after the signal
+    and the pids of the five services it had started."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("demonstrating"):
+            if line.startswith(ready):
                 break
         pids = [int(p) for p in re.findall(r"listening on \S+ \(pid (\d+)\)", "".join(lines))]
         assert len(pids) == 5
         proc.send_signal(signum)
         rest = proc.stdout.read()
-        assert proc.wait(timeout=60) == status
-        assert f"{signal.Signals(signum).name}: stopping the mesh" in rest
-        assert rest.rstrip().endswith("all services stopped")
+        return proc.wait(timeout=60), rest, pids
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert not any(_alive(p) for p in pids)
 
 
 def _alive(pid: int) -> bool:

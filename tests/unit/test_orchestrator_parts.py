@@ -330,6 +330,17 @@ async def _drained(gate: asyncio.Event) -> None:
     await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not asyncio.current_task()))
 
 
+async def _cancel_once(running: asyncio.Task, entered: asyncio.Event,
+                       gate: asyncio.Event) -> None:
+    """Cancels the workflow ``running`` once ``entered`` is set, checks that
+    the cancellation ends it, then lets everything it left go on finish."""
+    await asyncio.wait_for(entered.wait(), 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await _drained(gate)
+
+
 def _reported(events) -> dict[str, list]:
     """Each task's TASK_COMPLETE payloads, as sent before WORKFLOW_COMPLETE
     (which must be the last event)."""
@@ -366,11 +377,7 @@ async def test_a_workflow_cancelled_while_it_cleans_up_still_ends_every_task(
         running.cancel()
     # The run of "slow" is cancelled and releases its hold: the workflow is
     # cancelled (again) meanwhile.
-    await asyncio.wait_for(releasing.wait(), 10)
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    await _drained(gate)
+    await _cancel_once(running, releasing, gate)
     ended = _reported(events)
     want = {"slow": TaskStatus.TASK_STATUS_CANCELLED, "after": TaskStatus.TASK_STATUS_CANCELLED}
     if cleaning_up_after == "a failed task":
@@ -394,11 +401,7 @@ async def test_a_fan_out_cancelled_while_it_stops_its_other_branch_reports_both(
     running = asyncio.create_task(_run(workflow))
     # "fast" answers first; "slow" is cancelled and releases its hold: the
     # workflow is cancelled meanwhile.
-    await asyncio.wait_for(releasing.wait(), 10)
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    await _drained(gate)
+    await _cancel_once(running, releasing, gate)
     (task,) = _reported(events)["first"]
     assert task.status == TaskStatus.TASK_STATUS_CANCELLED
     slow, fast = task.branches
@@ -543,11 +546,7 @@ async def test_a_failed_run_cancelled_while_releasing_its_hold_still_counts_its_
     running = asyncio.create_task(_run(workflow))
     # The run failed and releases the hold of its second generation: the
     # workflow is cancelled meanwhile.
-    await asyncio.wait_for(releasing.wait(), 10)
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    await _drained(gate)
+    await _cancel_once(running, releasing, gate)
     (task,) = _reported(events)["a"]
     assert task.status == TaskStatus.TASK_STATUS_CANCELLED
     (failed,) = [e.agent_failed for e in events if e.type == T.EVENT_TYPE_AGENT_FAILED]
