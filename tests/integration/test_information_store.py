@@ -1238,3 +1238,30 @@ async def test_a_commit_through_another_replica_settles_the_same():
         await drop_prefix(first)
         await second.close()
         await first.close()
+
+
+async def test_a_commit_after_another_replica_held_the_reservation_again():
+    """A replica's memory of a reservation's holds goes stale when another
+    replica holds it again (a retried Reserve after a release, in the next
+    period or with a budget created since): the commit charges the holds the
+    reservation has now, as on SQLite."""
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    first = await open_redis(prefix)
+    second = await open_redis(prefix)
+    try:
+        day = 86_400_000_000
+        b = budget("b", micros=1000, period=PERIOD_DAILY)
+        await first.create_budget(b, rid(), "fp")
+        held = await first.reserve(reserve_op([hold(b, 0)], 200, request_id="r-1"))
+        assert (await first.release(held.reservation_id, T0)).released
+        again = await second.reserve(reserve_op([hold(b, day)], 200, request_id="r-1",
+                                                now=T0 + 1))
+        assert again.reservation_id == held.reservation_id
+        done = await first.settle(commit_op(held.reservation_id, 150, 3, now=T0 + 2))
+        assert done.budget_ids == ("b",)
+        assert await counter(first, b, day) == Counter("b", day, 150, 3, 0, 0)
+        assert await counter(first, b, 0) == Counter("b", 0, 0, 0, 0, 0)
+    finally:
+        await drop_prefix(first)
+        await second.close()
+        await first.close()

@@ -378,13 +378,24 @@ if ARGV[4] ~= '' then
   local key = P .. 'res:' .. ARGV[4]
   local state = redis.call('HGET', key, 'state')
   if not state then return {'notfound'} end
-  -- The caller read the holds before: they never change once written, but
-  -- the reservation may have been created in between.
+  -- The caller read the holds before: only a retried Reserve changes them,
+  -- but the reservation may have been created in between.
   if ARGV[5] ~= '1' then return {'retry'} end
   if state == 'committed' then return {'settled'} end
   -- The budgets it still holds (a deleted budget's hold was taken out).
   held = {}
   for _, ctr in ipairs(cjson.decode(redis.call('HGET', key, 'ctrs'))) do held[ctr] = true end
+  -- Holds the caller remembered may be older than the reservation's (another
+  -- replica held it again since, in another period or with other budgets):
+  -- it reads them again.
+  local listed, j = {}, 14
+  for _ = 1, tonumber(ARGV[11]) do
+    listed[ARGV[j]] = true
+    j = j + 8 + 2 * tonumber(ARGV[j + 7])
+  end
+  for ctr in pairs(held) do
+    if not listed[ctr] then return {'retry'} end
+  end
   if state == 'open' then
     close_open(ARGV[4], 'committed', ARGV[8])
     released = true
@@ -623,7 +634,8 @@ class RedisStore:
         self.prefix = prefix
         self._p = prefix.encode()
         # reservation_id -> (holds, tenant_id, workflow_id, agent_id), as
-        # written by reserve; they never change once written.
+        # written by reserve (a retried Reserve through another replica may
+        # hold it again with other holds: the settle script then says retry).
         self._recent: OrderedDict[str, tuple] = OrderedDict()
         # Budget definitions as of config version _defs_version (None: not
         # read yet): a commit charges its holds with the limits and
@@ -866,9 +878,10 @@ class RedisStore:
             # under; -1: a commit charges under the version it reads below.
             version = op.config_version
             if op.reservation_id:
-                # A reservation's holds and ids never change once written:
-                # known here if it was made through this store, else read
-                # here; the script checks the reservation is (still) there.
+                # A reservation's holds and ids change only when a retried
+                # Reserve holds it again: known here if it was made through
+                # this store, else read here; the script checks the
+                # reservation is (still) there and holds nothing else.
                 # The call is recorded with the reservation's ids.
                 known = self._recent.pop(op.reservation_id, None)
                 if known is not None:
