@@ -415,6 +415,13 @@ class InformationServicer(InformationServiceServicer):
         usage = request.usage
         _check_token_counts(usage, ("prompt_tokens", "completion_tokens",
                                     "cached_prompt_tokens"), "usage.")
+        try:
+            # Beyond the Duration range it overflows the stores' integers.
+            request.latency.ToJsonString()
+        except ValueError:
+            raise errors.invalid_argument([("latency", "not a valid duration (at most "
+                                                       "315,576,000,000 seconds, seconds and "
+                                                       "nanos of one sign)")]) from None
         if request.latency.ToNanoseconds() < 0:
             raise errors.invalid_argument([("latency", "must not be negative")])
         fingerprint = _request_fingerprint("settle", request)

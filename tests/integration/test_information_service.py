@@ -876,6 +876,27 @@ async def test_timestamps_out_of_range_are_invalid(info):
     assert err.value.field_violations[0][0] == "completion_time"
 
 
+async def test_a_latency_outside_the_duration_range_is_invalid_and_charges_nothing(info):
+    """A Duration beyond its documented range (10,000 years) is a field
+    violation on every store, not INTERNAL on one and recorded on another."""
+    await make_budget(info, "b", micros=1_000_000)
+    reserved = await call(info.Reserve, reserve_request())
+    for latency in (duration_pb2.Duration(seconds=10**13),
+                    duration_pb2.Duration(seconds=1, nanos=-5)):
+        with pytest.raises(InvalidArgumentError) as err:
+            await call(info.TrackCompletion, TrackCompletionRequest(
+                request_id=rid(), context=ctx(), model="gpt-test",
+                usage=Usage(prompt_tokens=1000), latency=latency))
+        assert err.value.field_violations[0][0] == "latency"
+        with pytest.raises(InvalidArgumentError) as err:
+            await call(info.Commit, CommitRequest(
+                request_id=rid(), reservation_id=reserved.reservation_id, model="gpt-test",
+                usage=Usage(prompt_tokens=1000), latency=latency))
+        assert err.value.field_violations[0][0] == "latency"
+    current = await status(info, "b")
+    assert (current.spent_micros, current.reserved_micros) == (0, 6_000)
+
+
 async def test_a_completion_in_the_future_is_refused_and_charges_nothing(info):
     await make_budget(info, "b", micros=1_000_000, period=DAILY)
     tomorrow = timestamp_pb2.Timestamp()
