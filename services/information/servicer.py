@@ -554,12 +554,14 @@ class InformationServicer(InformationServiceServicer):
             since_us, seq = 0, await self.store.last_alert_seq()
         yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))
         last_sent = time.monotonic()
-        budgets: dict[str, BudgetRecord | None] = {}
         while not self._closing.is_set():
             if time.monotonic() - last_sent >= self.heartbeat_interval_s:
                 yield WatchAlertsResponse(heartbeat=Heartbeat(send_time=timestamp(now_us())))
                 last_sent = time.monotonic()
             page = await self.store.alerts_after(seq, _ALERT_PAGE)
+            # Read for each page: a budget deleted and created again under its
+            # id may have another scope.
+            budgets: dict[str, BudgetRecord | None] = {}
             for alert in page:
                 seq = alert.seq
                 if alert.create_time_us <= since_us:

@@ -665,6 +665,44 @@ async def test_watch_streams_alerts_and_ends_explicitly(tmp_path):
         await shutdown
 
 
+async def test_a_watch_sees_a_budget_created_again_for_another_scope(tmp_path):
+    """A budget deleted and created again under its id for another tenant:
+    a watch filtered by the first tenant no longer gets its alerts, and a
+    watch of everything shows them with the new scope."""
+    async with open_store("sqlite", tmp_path) as store, serve(store) as (stub, _):
+        await call(stub.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+        await make_budget(stub, "b", tokens=100, thresholds=[50])
+        acme = stub.WatchAlerts(WatchAlertsRequest(scope=Scope(tenant_id="acme")))
+        every = stub.WatchAlerts(WatchAlertsRequest())
+        for stream in (acme, every):
+            assert (await stream.read()).WhichOneof("event") == "heartbeat"
+
+        async def track(tenant: str) -> None:
+            await call(stub.TrackCompletion, TrackCompletionRequest(
+                request_id=rid(), context=ctx(tenant=tenant), model="gpt-test",
+                usage=Usage(prompt_tokens=60)))
+
+        async def next_alert(stream):
+            while True:
+                msg = await asyncio.wait_for(stream.read(), 5)
+                if msg.WhichOneof("event") == "alert":
+                    return msg.alert
+
+        await track("acme")
+        for stream in (acme, every):
+            assert (await next_alert(stream)).budget_id == "b"
+        await call(stub.DeleteBudget, DeleteBudgetRequest(request_id=rid(), budget_id="b"))
+        await make_budget(stub, "b", scope=Scope(tenant_id="zeta"), tokens=100, thresholds=[50])
+        await track("zeta")
+        await make_budget(stub, "marker", tokens=100, thresholds=[50])
+        await track("acme")
+        again = await next_alert(every)
+        assert (again.budget_id, again.scope.tenant_id) == ("b", "zeta")
+        assert (await next_alert(acme)).budget_id == "marker"
+        acme.cancel()
+        every.cancel()
+
+
 async def test_a_resumed_watch_replays_alerts_fired_after_since_once(tmp_path):
     async with open_store("sqlite", tmp_path) as store, serve(store) as (stub, _):
         await call(stub.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
