@@ -4,12 +4,13 @@ micro-units of the currency (1 USD = 1,000,000 micros) and microseconds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from hivemesh.services.information.store.base import (
     PERIOD_DAILY, PERIOD_MONTHLY, PERIOD_TOTAL, PriceRecord)
 
 _US = 1_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -40,7 +41,9 @@ def period_bounds(period: int, now_us: int) -> tuple[int, int | None]:
     TOTAL budget has one period, from the epoch, without end."""
     if period in (0, PERIOD_TOTAL):
         return 0, None
-    now = datetime.fromtimestamp(now_us / _US, UTC)
+    # In integers: a float of seconds does not hold every microsecond of
+    # times far from 1970 (the last one of a day would fall in the next).
+    now = _EPOCH + timedelta(microseconds=now_us)
     if period == PERIOD_DAILY:
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         end = start.fromordinal(start.toordinal() + 1).replace(tzinfo=UTC)

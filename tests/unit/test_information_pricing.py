@@ -42,6 +42,18 @@ def test_periods_roll_over_in_utc():
         (_us(2028, 2, 1), _us(2028, 3, 1))
 
 
+def test_the_last_microsecond_of_a_period_belongs_to_it_in_any_year():
+    """A call tracked at the last microsecond of a day counts in that day,
+    also centuries away from 1970 (a completion_time may be any past time),
+    where a float of seconds no longer holds every microsecond."""
+    for day in ((1000, 1, 1), (1400, 3, 1), (1970, 1, 1), (2026, 6, 1)):
+        start = _us(*day)
+        for period in (PERIOD_DAILY, PERIOD_MONTHLY):
+            first, end = period_bounds(period, start - 1)
+            assert end == start and first < start
+            assert period_bounds(period, start)[0] == start
+
+
 def test_calls_are_exported_as_opentelemetry_metrics():
     reader = InMemoryMetricReader()
     metrics = CallMetrics(MeterProvider(metric_readers=[reader]))
