@@ -249,6 +249,8 @@ class InformationServicer(InformationServiceServicer):
             raise errors.invalid_argument(
                 [("update_mask.paths", f"only {sorted(_UPDATABLE)} can be updated; got "
                                        f"{bad or 'nothing'}")])
+        if not request.budget.budget_id:
+            raise errors.invalid_argument([("budget.budget_id", "names the budget to update")])
         once = _once(UPDATE_BUDGET, request)
         with _idempotent(request):
             # A retry answers as the first update did, even if the budget has

@@ -164,6 +164,14 @@ async def test_budget_lifecycle(info):
         await call(info.CreateBudget, request)
 
 
+async def test_an_update_naming_no_budget_is_invalid(info):
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.UpdateBudget, UpdateBudgetRequest(
+            request_id=rid(), budget=Budget(limit_micros=5),
+            update_mask=field_mask_pb2.FieldMask(paths=["limit_micros"])))
+    assert [f for f, _ in err.value.field_violations] == ["budget.budget_id"]
+
+
 async def test_configuration_writes_and_releases_answer_a_retry_as_the_first_time(info):
     await make_budget(info, "b", micros=1_000_000, thresholds=[50])
     reserved = await call(info.Reserve, reserve_request())
