@@ -121,6 +121,9 @@ _UPDATE_ATTEMPTS = 5
 # when no write is seen (another replica may have changed them). Money
 # decisions never use a stale definition: the store checks the version.
 _CONFIG_MAX_AGE_S = 1.0
+# Request contexts whose budgets are cached at once: a context names a
+# workflow run, so new ones keep coming while the configuration stays.
+_MAX_CACHED_SCOPES = 10_000
 
 
 class _ConfigCache:
@@ -355,6 +358,8 @@ class InformationServicer(InformationServiceServicer):
             read_under = self._config.version
             budgets = await self.store.budgets_for_scopes(
                 applicable_scope_keys(tenant_id, workflow_id, agent_id))
+            if len(self._config.by_scope) >= _MAX_CACHED_SCOPES:
+                self._config.by_scope.clear()
             self._config.keep(read_under, self._config.by_scope, key, budgets)
             for b in budgets:
                 self._config.keep(read_under, self._config.by_id, b.budget_id, b)

@@ -78,3 +78,22 @@ async def test_budgets_read_across_a_configuration_change_are_not_cached(tmp_pat
         slow.release_read.set()
         slow.go.set()
         await store.close()
+
+
+async def test_the_budgets_of_every_context_seen_are_not_kept_forever(tmp_path, monkeypatch):
+    """Budgets are cached per request context; a context names a workflow
+    run, so a service whose budgets do not change sees new ones all the
+    time: the cache holds a bounded number of them."""
+    from hivemesh.services.information import servicer as module
+    monkeypatch.setattr(module, "_MAX_CACHED_SCOPES", 8)
+    store = SqliteStore(tmp_path / "info")
+    servicer = InformationServicer(store, currency="USD", policy=PricePolicy(),
+                                   reservation_ttl_s=60)
+    try:
+        for run in range(20):
+            await servicer.Reserve(ReserveRequest(
+                request_id=f"r-{run}", model="m", max_tokens=1,
+                context=RequestContext(tenant_id="acme", workflow_id=f"run-{run}")), None)
+        assert len(servicer._config.by_scope) <= 8
+    finally:
+        await store.close()
