@@ -15,6 +15,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from hivemesh.services.orchestrator.runner import (
 from hivemesh.services.orchestrator.state import RequestLedger
 
 tracer = trace.get_tracer("hivemesh.orchestrator")
+log = logging.getLogger("hivemesh.orchestrator")
 
 DEFAULT_MAX_HANDOFFS = 3
 
@@ -336,6 +338,11 @@ class WorkflowRun:
             self._fail(task, result, exc.error)
         except errors.ServiceError as exc:
             self._fail(task, result, exc)
+        except Exception as exc:  # noqa: BLE001 - a defect fails its task, not the workflow
+            # Left to escape, it would skip WORKFLOW_COMPLETE and leave the
+            # other tasks running: the task fails as INTERNAL instead.
+            log.error("task %r failed unexpectedly", task.task_id, exc_info=exc)
+            self._fail(task, result, errors.internal())
         else:
             result.status = TaskStatus.TASK_STATUS_SUCCEEDED
             result.end_time.FromMicroseconds(now_us())

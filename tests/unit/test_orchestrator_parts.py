@@ -574,3 +574,31 @@ async def test_a_run_whose_commit_fails_reports_the_tokens_it_generated():
     failed = err.value.failed
     assert (failed.usage.total_tokens, failed.cost_micros) == (7, 0)
     assert fake.calls[-1] == ("Release", "main")  # the hold is not kept
+
+
+# -- a defect inside a workflow task -------------------------------------------
+
+
+async def test_an_unexpected_error_in_a_task_fails_it_and_ends_the_workflow():
+    from hivemesh.orchestrator.v1 import TaskSpec, TaskStatus, WorkflowStatus
+    fake = _Steered()
+    generating, gate = asyncio.Event(), asyncio.Event()
+    fake.hooks[("Generate", "main")] = _blocks(generating, gate)
+    workflow, events = _workflow_run(
+        fake, TaskSpec(task_id="slow", agent="coder", input_template="x"),
+        TaskSpec(task_id="broken", agent="coder", model="broken", input_template="y"))
+    run = workflow.runner.run
+
+    async def defective(agent, ctx, options, sink):
+        if options.model_override == "broken":
+            await generating.wait()
+            raise RuntimeError("a defect")
+        return await run(agent, ctx, options, sink)
+    workflow.runner.run = defective
+    response = await asyncio.wait_for(_run(workflow), 10)
+    await _drained(gate)
+    assert response.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+    assert response.error.code == grpc.StatusCode.INTERNAL.value[0]
+    ended = _reported(events)
+    assert [r.status for r in ended["broken"]] == [TaskStatus.TASK_STATUS_FAILED]
+    assert [r.status for r in ended["slow"]] == [TaskStatus.TASK_STATUS_CANCELLED]
