@@ -617,24 +617,29 @@ class AgentRunner:
     async def _stream(self, run: _Run, request: StreamGenerateRequest, iteration: int):
         delivered = 0
         summary = None
-        async for message in self.providers.stream(
-                "llm", "StreamGenerate", request, span_attributes=_genai_request(request),
-                annotate=lambda span, last: _genai_response(span, last.summary)):
-            kind = message.WhichOneof("event")
-            if kind == "delta":
-                delivered += 1
-                run.output += message.delta.text
-                run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
-                         GenerationChunk(text=message.delta.text, iteration=iteration))
-            elif kind == "end":
-                summary = message.summary
-                if message.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
-                    error = provider_error("llm", from_status(message.end.error))
-                    error.partial_output = delivered > 0  # no fallback after output
-                    raise error
-        if summary is None:
-            raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED",
-                                      "llm: the generation stream was cut")
+        try:
+            async for message in self.providers.stream(
+                    "llm", "StreamGenerate", request, span_attributes=_genai_request(request),
+                    annotate=lambda span, last: _genai_response(span, last.summary)):
+                kind = message.WhichOneof("event")
+                if kind == "delta":
+                    delivered += 1
+                    run.output += message.delta.text
+                    run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
+                             GenerationChunk(text=message.delta.text, iteration=iteration))
+                elif kind == "end":
+                    summary = message.summary
+                    if message.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
+                        raise provider_error("llm", from_status(message.end.error))
+            if summary is None:
+                raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED",
+                                          "llm: the generation stream was cut")
+        except errors.ServiceError as error:
+            # No fallback after output, however the stream ended (its own
+            # end, a gRPC error, or closing without an end): the chunks
+            # already sent would run on into another model's text.
+            error.partial_output = delivered > 0
+            raise
         return summary
 
     def _generated(self, run: _Run, generated, iteration: int) -> Message:

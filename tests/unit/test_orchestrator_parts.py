@@ -602,3 +602,59 @@ async def test_an_unexpected_error_in_a_task_fails_it_and_ends_the_workflow():
     ended = _reported(events)
     assert [r.status for r in ended["broken"]] == [TaskStatus.TASK_STATUS_FAILED]
     assert [r.status for r in ended["slow"]] == [TaskStatus.TASK_STATUS_CANCELLED]
+
+
+# -- a streamed generation cut after some output --------------------------------
+
+
+class _CutStream:
+    """Stands in for the providers of a streamed run without accounting:
+    model "first" streams one piece of text and is then cut (``how``: a
+    gRPC error, or the stream closing without its end); "second" answers."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.models: list[str] = []
+
+    async def call(self, name, method, request, **kwargs):
+        raise AssertionError(method)
+
+    async def stream(self, name, method, request, **kwargs):
+        from hivemesh.common.v1 import StreamEnd, StreamOutcome
+        from hivemesh.llm.v1 import ContentDelta, Message, StreamGenerateResponse, StreamSummary
+        self.models.append(request.model)
+        if request.model == "first":
+            yield StreamGenerateResponse(delta=ContentDelta(text="half an ans"))
+            if self.how == "error":
+                raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                                          "llm: connection reset")
+            return
+        yield StreamGenerateResponse(delta=ContentDelta(text="whole"))
+        yield StreamGenerateResponse(
+            end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED),
+            summary=StreamSummary(model=request.model, message=Message(content="whole")))
+
+
+@pytest.mark.parametrize("how", ["error", "closed"])
+async def test_a_streamed_generation_cut_after_output_does_not_fall_back(how):
+    from hivemesh.orchestrator.v1 import AgentDefinition, BudgetPolicy
+    from hivemesh.orchestrator.v1 import EventType as T
+    from hivemesh.services.orchestrator.runner import RunError, RunOptions
+    fake = _CutStream(how)
+    runner = _runner(fake)
+    agent = AgentDefinition(name="coder", model="first", fallback_models=["second"],
+                            budget=BudgetPolicy(enforcement=3))
+    ctx = ExecutionContext.from_request(RequestContext(), "coder", "req-1")
+    bus = EventBus()
+    events = []
+    bus.subscribe(events.append)
+    with deadline_scope(60), pytest.raises(RunError) as failed:
+        await runner.run(agent, ctx, RunOptions("req-1", "x", stream_chunks=True),
+                         EventSink(bus))
+    # The client holds the first model's text: another model's would not
+    # continue it.
+    assert fake.models == ["first"]
+    assert failed.value.error.code == grpc.StatusCode.UNAVAILABLE
+    assert failed.value.failed.partial_output == "half an ans"
+    assert [e.generation_chunk.text for e in events if e.type == T.EVENT_TYPE_GENERATION_CHUNK
+            ] == ["half an ans"]
