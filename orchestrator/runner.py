@@ -776,9 +776,17 @@ def _unique_tool_call_ids(reply: Message, iteration: int) -> None:
     OpenAI-compatible server) may send none, or one id twice, and results
     are matched to calls by id."""
     seen: set[str] = set()
+    # An id given is never given again, also not one the model itself
+    # wrote on a later call.
+    taken = {call.id for call in reply.tool_calls if call.id}
     for index, call in enumerate(reply.tool_calls):
         if not call.id or call.id in seen:
-            call.id = f"call-{iteration}-{index}"
+            given, n = f"call-{iteration}-{index}", 0
+            while given in taken:
+                n += 1
+                given = f"call-{iteration}-{index}-{n}"
+            call.id = given
+            taken.add(given)
         seen.add(call.id)
 
 

@@ -658,3 +658,14 @@ async def test_a_streamed_generation_cut_after_output_does_not_fall_back(how):
     assert failed.value.failed.partial_output == "half an ans"
     assert [e.generation_chunk.text for e in events if e.type == T.EVENT_TYPE_GENERATION_CHUNK
             ] == ["half an ans"]
+
+
+def test_tool_calls_get_ids_unlike_any_other_call_of_the_reply():
+    from hivemesh.llm.v1 import Message, ToolCall
+    from hivemesh.services.orchestrator.runner import _unique_tool_call_ids
+    # The model's own id may be the one a call without an id would be given.
+    reply = Message(tool_calls=[ToolCall(id="call-1-1", name="a"), ToolCall(id="", name="b"),
+                                ToolCall(id="call-1-1", name="c"), ToolCall(id="", name="d")])
+    _unique_tool_call_ids(reply, 1)
+    ids = [c.id for c in reply.tool_calls]
+    assert ids[0] == "call-1-1" and len(set(ids)) == 4 and all(ids)
