@@ -227,7 +227,8 @@ class ToolRegistry:
     async def _memory_search(self, call: ToolCall) -> str:
         args = _arguments(call)
         limit = args.get("limit", 5)
-        if not isinstance(limit, int) or not 1 <= limit <= 20:
+        # JSON true is no integer (bool is an int to Python; protobuf refuses it).
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 20:
             raise ToolFailure("INVALID_ARGUMENTS", "'limit' must be an integer from 1 to 20")
         try:
             found = await self.providers.call("memory", "SearchMemories", SearchMemoriesRequest(

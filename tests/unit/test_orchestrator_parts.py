@@ -669,3 +669,23 @@ def test_tool_calls_get_ids_unlike_any_other_call_of_the_reply():
     _unique_tool_call_ids(reply, 1)
     ids = [c.id for c in reply.tool_calls]
     assert ids[0] == "call-1-1" and len(set(ids)) == 4 and all(ids)
+
+
+async def test_memory_search_refuses_a_limit_that_is_not_an_integer():
+    from hivemesh.services.orchestrator.tools import ToolCall
+
+    class Memory:
+        calls = []
+
+        async def call(self, name, method, request, **kwargs):
+            from hivemesh.memory.v1 import SearchMemoriesResponse
+            self.calls.append(request.limit)
+            return SearchMemoriesResponse()
+    memory = Memory()
+    registry = ToolRegistry(memory)
+    ctx = ExecutionContext.from_request(RequestContext(), "coder", "req-1")
+    outcomes = [await registry.execute(ToolCall(
+        name="memory_search", arguments=f'{{"query": "x", "limit": {limit}}}',
+        tool_call_id="c1", request_id="req-1:tool", ctx=ctx)) for limit in ("true", "3")]
+    assert outcomes[0].error is not None and outcomes[0].error.code == "INVALID_ARGUMENTS"
+    assert outcomes[1].error is None and memory.calls == [3]
