@@ -78,11 +78,16 @@ def _schema(properties: dict, required: list[str]) -> struct_pb2.Struct:
 def parse_arguments(arguments: str) -> Any:
     """The JSON value of a tool call's arguments (empty: ``{}``). ValueError
     also for JSON the parser cannot hold (nested too deep, an integer of too
-    many digits): a model's output must never crash the run."""
+    many digits) and for text no message can carry (a lone surrogate escape
+    such as ``"\\ud800"``, which is no UTF-8): a model's output must never
+    crash the run."""
     try:
-        return json.loads(arguments or "{}")
+        value = json.loads(arguments or "{}")
+        # UnicodeEncodeError is a ValueError.
+        json.dumps(value, ensure_ascii=False).encode()
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    return value
 
 
 def _arguments(call: ToolCall) -> dict:

@@ -689,3 +689,21 @@ async def test_memory_search_refuses_a_limit_that_is_not_an_integer():
         tool_call_id="c1", request_id="req-1:tool", ctx=ctx)) for limit in ("true", "3")]
     assert outcomes[0].error is not None and outcomes[0].error.code == "INVALID_ARGUMENTS"
     assert outcomes[1].error is None and memory.calls == [3]
+
+
+async def test_tool_arguments_with_text_no_message_can_carry_are_a_tool_error():
+    from hivemesh.services.orchestrator.tools import ToolCall, parse_arguments
+
+    class Memory:
+        async def call(self, name, method, request, **kwargs):
+            from hivemesh.memory.v1 import SearchMemoriesResponse
+            return SearchMemoriesResponse()
+    registry = ToolRegistry(Memory())
+    ctx = ExecutionContext.from_request(RequestContext(), "coder", "req-1")
+    # Valid JSON: a lone surrogate escape, which is no UTF-8 text.
+    outcome = await registry.execute(ToolCall(
+        name="memory_search", arguments='{"query": "x \\ud800"}', tool_call_id="c1",
+        request_id="req-1:tool", ctx=ctx))
+    assert outcome.error is not None and outcome.error.code == "INVALID_ARGUMENTS"
+    with pytest.raises(ValueError):  # a handoff's reason or input too
+        parse_arguments('{"agent": "b", "reason": "\\udc00"}')
