@@ -139,7 +139,9 @@ class EventBus:
             if result is None:
                 return None
             event = result
-        for _, _, subscriber in self._subscribers:
+        # A copy: a subscriber may subscribe or unsubscribe (itself, say)
+        # while it is called, and the others must still get the event.
+        for _, _, subscriber in tuple(self._subscribers):
             try:
                 subscriber(event)
             except Exception:

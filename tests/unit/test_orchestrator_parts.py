@@ -53,6 +53,23 @@ def test_bus_runs_middleware_then_subscribers_by_priority_and_survives_failures(
     assert sink.sequence == 2
 
 
+def test_a_subscriber_that_unsubscribes_while_called_leaves_the_others_the_event():
+    bus = EventBus()
+    seen = []
+    unsubscribe = None
+
+    def once(event):
+        seen.append("once")
+        unsubscribe()
+    unsubscribe = bus.subscribe(once, priority=5)
+    bus.subscribe(lambda e: seen.append("next"), priority=1)
+    bus.subscribe(lambda e: seen.append("last"))
+    sink = EventSink(bus)
+    emit(sink)
+    emit(sink)
+    assert seen == ["once", "next", "last", "next", "last"]
+
+
 def test_default_priorities_and_subscription_filters():
     bus = EventBus()
     chunks = Subscription(types=frozenset({CHUNK}))
