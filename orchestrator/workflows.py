@@ -565,4 +565,6 @@ def _record_branch(run: asyncio.Task, record: BranchResult, why: str) -> None:
     elif isinstance(exc, errors.ServiceError):
         record.error.CopyFrom(exc.to_status(DOMAIN))
     else:
+        # The error tells to see the service log: the defect must be there.
+        log.error("fan-out branch %r failed unexpectedly", record.branch, exc_info=exc)
         record.error.CopyFrom(errors.internal().to_status(DOMAIN))

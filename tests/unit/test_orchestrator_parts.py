@@ -724,3 +724,28 @@ async def test_tool_arguments_with_text_no_message_can_carry_are_a_tool_error():
     assert outcome.error is not None and outcome.error.code == "INVALID_ARGUMENTS"
     with pytest.raises(ValueError):  # a handoff's reason or input too
         parse_arguments('{"agent": "b", "reason": "\\udc00"}')
+
+
+async def test_an_unexpected_error_in_a_fan_out_branch_is_logged_and_fails_only_it(caplog):
+    from hivemesh.orchestrator.v1 import (
+        CombineMode, FanOut, ModelList, TaskSpec, TaskStatus, WorkflowStatus)
+    workflow, events = _workflow_run(_Steered(), TaskSpec(
+        task_id="all", agent="coder", input_template="x", fan_out=FanOut(
+            models=ModelList(models=["broken", "main"]), combine=CombineMode.COMBINE_MODE_ALL)))
+    run = workflow.runner.run
+
+    async def defective(agent, ctx, options, sink):
+        if options.model_override == "broken":
+            raise RuntimeError("a defect in the branch")
+        return await run(agent, ctx, options, sink)
+    workflow.runner.run = defective
+    with caplog.at_level("ERROR", logger="hivemesh.orchestrator"):
+        response = await asyncio.wait_for(_run(workflow), 10)
+    assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+    (task,) = response.tasks
+    assert task.status == TaskStatus.TASK_STATUS_SUCCEEDED
+    broken, main = task.branches
+    assert broken.error.code == grpc.StatusCode.INTERNAL.value[0] and main.result.output
+    # The error says to see the service log: the defect is there.
+    assert any(r.exc_info and "a defect in the branch" in str(r.exc_info[1])
+               for r in caplog.records)
