@@ -149,7 +149,7 @@ export const AgentDefinitionSchema: GenMessage<AgentDefinition> = /*@__PURE__*/
 
 /**
  * Sampling parameters of an agent's LLM calls; unset fields use the
- * model's defaults.
+ * model's defaults, max_tokens aside.
  *
  * @generated from message hivemesh.orchestrator.v1.SamplingConfig
  */
@@ -162,7 +162,9 @@ export type SamplingConfig = Message<"hivemesh.orchestrator.v1.SamplingConfig"> 
   temperature?: number | undefined;
 
   /**
-   * Most tokens per completion; 0 means the model's default.
+   * Most tokens per completion; 0 means 1024, not the model's default:
+   * every LLM call names its limit, as the run's budget hold and per-run
+   * token cap are sized by it.
    *
    * @generated from field: int32 max_tokens = 2;
    */
