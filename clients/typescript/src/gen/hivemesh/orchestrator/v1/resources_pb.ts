@@ -1371,7 +1371,9 @@ export type GenerationComplete = Message<"hivemesh.orchestrator.v1.GenerationCom
   usage?: Usage | undefined;
 
   /**
-   * Cost charged, in micro-units.
+   * Always 0: the event is sent when the call answers, before its usage
+   * is charged; what the run was charged is in its AGENT_COMPLETE or
+   * AGENT_FAILED (cost_micros).
    *
    * @generated from field: int64 cost_micros = 6;
    */
