@@ -180,6 +180,7 @@ class ToolRegistry:
 
     async def _list(self, server: str) -> None:
         token = ""
+        seen: set[str] = set()  # page tokens asked for
         while True:
             page = await self.providers.call(f"tool:{server}", "ListTools",
                                              ListToolsRequest(page_token=token))
@@ -195,6 +196,14 @@ class ToolRegistry:
             token = page.next_page_token
             if not token:
                 return
+            if token in seen:
+                # A server paging in a circle would hold the listing (which
+                # every run and registration needing a tool waits for) forever.
+                raise errors.ServiceError(
+                    grpc.StatusCode.UNKNOWN, "UPSTREAM_ERROR",
+                    f"tool:{server}: ListTools gave the page token {token!r} twice",
+                    {"provider": f"tool:{server}"})
+            seen.add(token)
 
     async def execute(self, call: ToolCall) -> ToolOutcome:
         entry = self._tools.get(call.name)

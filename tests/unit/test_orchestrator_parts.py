@@ -749,3 +749,26 @@ async def test_an_unexpected_error_in_a_fan_out_branch_is_logged_and_fails_only_
     # The error says to see the service log: the defect is there.
     assert any(r.exc_info and "a defect in the branch" in str(r.exc_info[1])
                for r in caplog.records)
+
+
+async def test_a_tool_server_that_pages_in_a_circle_is_listed_once_not_forever():
+    from hivemesh.orchestrator.v1 import ListToolsResponse, ToolDefinition
+
+    class Circular:
+        pages = 0
+
+        def add(self, *args):
+            pass
+
+        async def call(self, name, method, request, **kwargs):
+            Circular.pages += 1
+            if Circular.pages > 50:
+                raise AssertionError("still listing")
+            # The same page again and again, always with a next page.
+            return ListToolsResponse(tools=[ToolDefinition(name="weather")],
+                                     next_page_token="page-2")
+
+    registry = ToolRegistry(Circular())
+    registry.add_server("wx", "127.0.0.1:1")
+    assert await registry.refresh() == ["wx"]
+    assert registry.known("weather") and Circular.pages == 2
