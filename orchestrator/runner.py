@@ -122,6 +122,7 @@ class _Run:
         self.reservation: str | None = None
         self.output = ""
         self.last_generation = None  # GenerateResponse or StreamSummary
+        self.last_generation_id = ""  # the request id of its LLM call
         # The last generation's Commit (or TrackCompletion), sent again in
         # the background after the run was cancelled while sending it.
         self.spend_resent: asyncio.Task | None = None
@@ -388,7 +389,7 @@ class AgentRunner:
         memory = run.agent.memory
         lineage = Lineage(workflow_id=run.ctx.workflow_id, task_id=run.ctx.task_id,
                           agent_id=run.agent.name,
-                          generation_id=run.step("gen", run.result.llm_calls))
+                          generation_id=run.last_generation_id)
         items = [MemoryItem(content=text, source_id=f"{run.ctx.context_id}:{kind}",
                             lineage=lineage) for kind, text in
                  (("input", run.opts.input), ("output", run.output)) if text]
@@ -605,6 +606,7 @@ class AgentRunner:
                 run.result.fallback_used = True
                 run.degrade(DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK, failure)
             run.result.fallback_used |= generated.fallback_used
+            run.last_generation_id = fields["request_id"]
             return self._generated(run, generated, iteration)
         assert failure is not None
         raise failure

@@ -772,3 +772,32 @@ async def test_a_tool_server_that_pages_in_a_circle_is_listed_once_not_forever()
     registry.add_server("wx", "127.0.0.1:1")
     assert await registry.refresh() == ["wx"]
     assert registry.known("weather") and Circular.pages == 2
+
+
+async def test_memory_written_back_names_the_generation_that_produced_it():
+    from hivemesh.orchestrator.v1 import AgentDefinition, BudgetPolicy, MemoryConfig
+    from hivemesh.services.orchestrator.runner import RunOptions
+
+    class Providers:
+        generations: list[str] = []
+        lineages: list = []
+
+        async def call(self, name, method, request, **kwargs):
+            from hivemesh.llm.v1 import GenerateResponse, Message
+            from hivemesh.memory.v1 import AddMemoriesResponse
+            if method == "Generate":
+                self.generations.append(request.request_id)
+                return GenerateResponse(message=Message(content="answer"), model=request.model)
+            if method == "AddMemories":
+                self.lineages += [item.lineage for item in request.items]
+                return AddMemoriesResponse()
+            raise AssertionError(method)
+    fake = Providers()
+    agent = AgentDefinition(name="coder", model="main", budget=BudgetPolicy(enforcement=3),
+                            memory=MemoryConfig(write_back=True))
+    ctx = ExecutionContext.from_request(RequestContext(), "coder", "req-1")
+    with deadline_scope(60):
+        await _runner(fake).run(agent, ctx, RunOptions("req-1", "question"),
+                                EventSink(EventBus()))
+    assert fake.lineages and {lin.generation_id for lin in fake.lineages} == {
+        fake.generations[-1]}
