@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -298,7 +299,7 @@ class AgentRunner:
                     grpc.StatusCode.FAILED_PRECONDITION, "TOOL_ITERATION_LIMIT",
                     f"agent {agent.name!r} still asked for tools after {limit} tool turns",
                     {"max_tool_iterations": str(limit)})
-            messages.append(reply)
+            messages.append(_as_sent(reply))
             messages += await self._run_tools(run, calls, iteration)
         await self._finish(run, enforcement, iteration, settled=False)
 
@@ -672,7 +673,7 @@ class AgentRunner:
             content = record.result if not record.HasField("error") else json.dumps(
                 {"error": {"code": record.error.code, "message": record.error.message}})
             replies.append(Message(role=Role.ROLE_TOOL, content=content,
-                                   tool_call_id=call.id, name=call.name))
+                                   tool_call_id=call.id, name=_sendable_name(call.name)))
         return replies
 
     async def _run_tool(self, run: _Run, call: ToolCall, iteration: int) -> ToolCallRecord:
@@ -790,6 +791,30 @@ def _unique_tool_call_ids(reply: Message, iteration: int) -> None:
             call.id = given
             taken.add(given)
         seen.add(call.id)
+
+
+# What the LLM contract accepts as a tool call's name.
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _sendable_name(name: str) -> str:
+    """A tool name as the conversation sent back to the LLM service may
+    carry it: a model may make up one the contract refuses (such as
+    ``functions.search``), which would fail every later call of the run."""
+    if _TOOL_NAME.fullmatch(name):
+        return name
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "unnamed"
+
+
+def _as_sent(reply: Message) -> Message:
+    """The model's reply as the next call sends it back: its tool calls
+    under names the contract accepts (the calls were run, and are recorded,
+    under the names the model gave)."""
+    sent = Message()
+    sent.CopyFrom(reply)
+    for call in sent.tool_calls:
+        call.name = _sendable_name(call.name)
+    return sent
 
 
 def _with_memories(system: str, memories: list[str]) -> str:

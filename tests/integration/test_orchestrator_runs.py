@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import uuid
 
@@ -417,6 +418,26 @@ async def test_tool_arguments_json_cannot_parse_are_a_tool_error_not_a_crash(tmp
         result = (await run(m, "coder")).result
         assert result.output == "done without it"
         assert [c.error.code for c in result.tool_calls] == ["INVALID_ARGUMENTS"] * 2
+
+
+async def test_a_tool_name_the_llm_contract_refuses_is_a_tool_error_not_a_failed_run(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       allowed_tools=["memory_search"], budget=BudgetPolicy(enforcement=3))
+        # Models make up names such as these; the conversation sent back to
+        # the LLM service must still be one it accepts.
+        m.primary.queue_response(tool_calls=(
+            ToolCall("c1", "functions.memory_search", json.dumps({"query": "x"})),
+            ToolCall("c2", "t" * 200, "{}")))
+        m.primary.queue_response("done without them")
+        result = (await run(m, "coder")).result
+        assert result.output == "done without them"
+        assert [c.tool_name for c in result.tool_calls] == ["functions.memory_search", "t" * 200]
+        assert [c.error.code for c in result.tool_calls] == ["NOT_ALLOWED"] * 2
+        sent = m.primary.calls[-1].messages
+        names = [c.name for x in sent for c in x.tool_calls]
+        assert len(names) == 2 and len(set(names)) == 2
+        assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n) for n in names)
 
 
 async def test_tool_calls_without_ids_or_with_one_id_twice_get_their_own(tmp_path):
