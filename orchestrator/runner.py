@@ -67,6 +67,8 @@ HANDOFF_TOOL = "handoff"
 DEFAULT_RECALL_LIMIT = 5
 DEFAULT_HISTORY_TOKENS = 2000
 DEFAULT_TOOL_ITERATIONS = 8
+# Most characters of a tool call's id (the LLM contract's ToolCall.id).
+MAX_TOOL_CALL_ID = 128
 # How long a memory read's claim in the request ledger holds when the run
 # has no deadline (``_pinned``).
 READ_LEASE_S = 60.0
@@ -270,13 +272,14 @@ class AgentRunner:
         messages.append(Message(role=Role.ROLE_USER, content=opts.input))
         offered = self._offered_tools(run)
         limit = agent.max_tool_iterations or DEFAULT_TOOL_ITERATIONS
+        call_ids: set[str] = set()  # of the tool calls made so far
         iteration = 0
         while True:
             iteration += 1
             if iteration > 1 and enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
                 await self._reserve(run, models[0], messages, iteration)
             reply = await self._generate(run, models, messages, offered, iteration)
-            _unique_tool_call_ids(reply, iteration)
+            _unique_tool_call_ids(reply, iteration, call_ids)
             calls = list(reply.tool_calls)
             if not calls:
                 run.output = reply.content
@@ -774,16 +777,21 @@ _ROLES = {MessageRole.MESSAGE_ROLE_SYSTEM: Role.ROLE_SYSTEM,
           MessageRole.MESSAGE_ROLE_ASSISTANT: Role.ROLE_ASSISTANT}
 
 
-def _unique_tool_call_ids(reply: Message, iteration: int) -> None:
-    """Gives each tool call of the reply an id of its own: a model (or an
-    OpenAI-compatible server) may send none, or one id twice, and results
-    are matched to calls by id."""
-    seen: set[str] = set()
+def _unique_tool_call_ids(reply: Message, iteration: int,
+                          used: set[str] | None = None) -> None:
+    """Gives each tool call of the reply an id of its own, as the LLM
+    contract wants them (at most 128 characters, unique within the
+    conversation): a model (or an OpenAI-compatible server) may send none,
+    one id twice, an id of an earlier reply again (numbering each reply's
+    calls afresh) or one too long, and results are matched to calls by id.
+    ``used``: the ids of the conversation's earlier replies; this reply's
+    are added to it."""
+    seen: set[str] = set(used or ())
     # An id given is never given again, also not one the model itself
     # wrote on a later call.
-    taken = {call.id for call in reply.tool_calls if call.id}
+    taken = seen | {call.id for call in reply.tool_calls if call.id}
     for index, call in enumerate(reply.tool_calls):
-        if not call.id or call.id in seen:
+        if not call.id or call.id in seen or len(call.id) > MAX_TOOL_CALL_ID:
             given, n = f"call-{iteration}-{index}", 0
             while given in taken:
                 n += 1
@@ -791,6 +799,8 @@ def _unique_tool_call_ids(reply: Message, iteration: int) -> None:
             call.id = given
             taken.add(given)
         seen.add(call.id)
+    if used is not None:
+        used.update(seen)
 
 
 # What the LLM contract accepts as a tool call's name.

@@ -460,6 +460,26 @@ async def test_tool_calls_without_ids_or_with_one_id_twice_get_their_own(tmp_pat
         assert [x.tool_call_id for x in tool_messages] == ids
 
 
+async def test_tool_call_ids_sent_back_are_ones_the_llm_contract_accepts(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       allowed_tools=["memory_search"], budget=BudgetPolicy(enforcement=3))
+        search = json.dumps({"query": "x"})
+        # Too long an id, and ids a server numbers afresh in each reply: the
+        # contract wants at most 128 characters, unique within the conversation.
+        m.primary.queue_response(tool_calls=(ToolCall("i" * 200, "memory_search", search),
+                                             ToolCall("call_0", "memory_search", search)))
+        m.primary.queue_response(tool_calls=(ToolCall("call_0", "memory_search", search),))
+        m.primary.queue_response("found nothing")
+        result = (await run(m, "coder")).result
+        assert result.output == "found nothing"
+        ids = [c.tool_call_id for c in result.tool_calls]
+        assert len(ids) == 3 and len(set(ids)) == 3 and all(0 < len(i) <= 128 for i in ids)
+        sent = m.primary.calls[-1].messages
+        assert [c.id for x in sent for c in x.tool_calls] == ids
+        assert [x.tool_call_id for x in sent if x.role == "tool"] == ids
+
+
 async def test_request_ids_of_any_allowed_length_run(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="coder", system_prompt="You write code.",
