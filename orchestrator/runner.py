@@ -688,7 +688,14 @@ class AgentRunner:
                 attributes={"gen_ai.operation.name": "execute_tool",
                             "gen_ai.tool.name": call.name, "gen_ai.tool.call.id": call.id},
                 record_exception=False, set_status_on_exception=False) as span:
-            if call.name not in run.agent.allowed_tools:
+            if call.name == HANDOFF_TOOL and run.opts.handoff_targets \
+                    and HANDOFF_TOOL not in run.agent.allowed_tools:
+                # Offered, but not called as it must be (_handoff refused it).
+                outcome = ToolOutcome(error=ToolError(
+                    code="INVALID_ARGUMENTS",
+                    message="hand off with a JSON object naming as 'agent' one of: "
+                            f"{', '.join(run.opts.handoff_targets)}"))
+            elif call.name not in run.agent.allowed_tools:
                 outcome = ToolOutcome(error=ToolError(
                     code="NOT_ALLOWED",
                     message=f"agent {run.agent.name!r} may not call {call.name!r}"))

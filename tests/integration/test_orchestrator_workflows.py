@@ -710,6 +710,23 @@ async def test_a_handoff_whose_arguments_cannot_be_parsed_is_refused_not_a_crash
         assert task.output == "triage answered itself" and not task.handoffs
 
 
+async def test_a_handoff_to_no_agent_it_was_offered_tells_the_model_which_it_may_name(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "triage", "expert")
+        m.primary.queue_response(tool_calls=(
+            ToolCall("h", "handoff", json.dumps({"agent": "nobody", "reason": "r"})),))
+        m.primary.queue_response("triage answered itself")
+        response = await workflow(m, TaskSpec(task_id="ask", agent="triage",
+                                              input_template="question", allow_handoff=True))
+        (task,) = response.tasks
+        assert task.output == "triage answered itself" and not task.handoffs
+        (refused,) = task.result.tool_calls
+        # The handoff tool was offered: the model is told what was wrong
+        # with its call, not that it may not make it.
+        assert refused.error.code == "INVALID_ARGUMENTS"
+        assert "expert" in refused.error.message
+
+
 async def test_a_retried_workflow_replays_the_tasks_that_ended_with_memory_written(tmp_path):
     """Task "a" recalled nothing, wrote its work to memory and ended before
     the caller left. Run again, it would recall its own write-back and send
