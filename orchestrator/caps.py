@@ -1,7 +1,8 @@
 """An agent's per-run caps (``BudgetPolicy.max_cost_micros_per_run`` and
 ``max_tokens_per_run``): each generation asks for at most the tokens the run
-has left, and a run found at or over a cap fails with RESOURCE_EXHAUSTED,
-reason BUDGET_EXCEEDED, before anything of it is kept.
+has left, and a run found over a cap, or needing another call once at one,
+fails with RESOURCE_EXHAUSTED, reason BUDGET_EXCEEDED, before anything of it
+is kept (a run that ends exactly at a cap succeeds).
 
 Tokens are known from the LLM service's answers, so the token cap holds
 whatever the enforcement; cost is known only from the information service's

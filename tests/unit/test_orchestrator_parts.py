@@ -801,3 +801,31 @@ async def test_memory_written_back_names_the_generation_that_produced_it():
                                 EventSink(EventBus()))
     assert fake.lineages and {lin.generation_id for lin in fake.lineages} == {
         fake.generations[-1]}
+
+
+async def test_a_run_that_ends_at_its_token_cap_succeeds_and_one_over_it_fails():
+    from hivemesh.common.v1 import Usage
+    from hivemesh.llm.v1 import GenerateResponse, Message
+    from hivemesh.orchestrator.v1 import AgentDefinition, BudgetPolicy
+    from hivemesh.services.orchestrator.runner import RunError, RunOptions
+
+    class Llm:
+        total = 0
+
+        async def call(self, name, method, request, **kwargs):
+            assert method == "Generate"
+            return GenerateResponse(message=Message(content="answer"), model="main",
+                                    usage=Usage(total_tokens=self.total))
+    fake = Llm()
+    agent = AgentDefinition(name="coder", model="main", budget=BudgetPolicy(
+        enforcement=3, max_tokens_per_run=100))
+    ctx = ExecutionContext.from_request(RequestContext(), "coder", "req-1")
+    fake.total = 100  # all the cap allowed: within it
+    with deadline_scope(60):
+        result = await _runner(fake).run(agent, ctx, RunOptions("req-1", "x"),
+                                         EventSink(EventBus()))
+    assert result.output == "answer" and result.usage.total_tokens == 100
+    fake.total = 101
+    with deadline_scope(60), pytest.raises(RunError) as over:
+        await _runner(fake).run(agent, ctx, RunOptions("req-2", "x"), EventSink(EventBus()))
+    assert over.value.error.reason == "BUDGET_EXCEEDED"

@@ -259,10 +259,11 @@ export const MemoryConfigSchema: GenMessage<MemoryConfig> = /*@__PURE__*/
  * Per-run caps: each LLM call of a run asks for at most the tokens the run
  * has left under max_tokens_per_run (its max_tokens is lowered; a call
  * whose prompt alone would not fit is not made), and no call is made once
- * the run's cost has reached max_cost_micros_per_run. A run found at or over
- * a cap fails with RESOURCE_EXHAUSTED, reason BUDGET_EXCEEDED
- * (ErrorInfo.metadata "scope" = "run"), before it saves its artifact or
- * writes memory; what it spent is still charged.
+ * the run's cost has reached max_cost_micros_per_run. A run found over a
+ * cap, or needing another call once at one, fails with RESOURCE_EXHAUSTED,
+ * reason BUDGET_EXCEEDED (ErrorInfo.metadata "scope" = "run"), before it
+ * saves its artifact or writes memory; what it spent is still charged. A
+ * run that ends exactly at a cap succeeds.
  *
  * @generated from message hivemesh.orchestrator.v1.BudgetPolicy
  */
