@@ -98,6 +98,14 @@ class ArtifactServicer(ArtifactServiceServicer):
     async def SaveArtifact(self, request, context):
         metadata = struct_dict(request.metadata, "metadata")
         _refuse_nul(request, metadata)
+        content = request.content.encode("utf-8")
+        if len(content) > self.max_content_bytes:
+            raise errors.ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
+                f"content is {len(content)} bytes; the limit is {self.max_content_bytes}",
+                {"size_bytes": str(len(content)), "limit_bytes": str(self.max_content_bytes)},
+                [errors.bad_request([("content", f"must be at most {self.max_content_bytes} "
+                                                 "bytes (UTF-8)")])])
         if request.ByteSize() > self.max_artifact_bytes:
             raise errors.ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
@@ -107,14 +115,6 @@ class ArtifactServicer(ArtifactServiceServicer):
                  "limit_bytes": str(self.max_artifact_bytes)},
                 [errors.bad_request([("metadata", "content and metadata together are too "
                                                   "large to be read back")])])
-        content = request.content.encode("utf-8")
-        if len(content) > self.max_content_bytes:
-            raise errors.ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
-                f"content is {len(content)} bytes; the limit is {self.max_content_bytes}",
-                {"size_bytes": str(len(content)), "limit_bytes": str(self.max_content_bytes)},
-                [errors.bad_request([("content", f"must be at most {self.max_content_bytes} "
-                                                 "bytes (UTF-8)")])])
         content_sha256 = hashlib.sha256(content).hexdigest()
         metadata_json = json.dumps(metadata, separators=(",", ":"), sort_keys=True)
         # The fingerprint identifies the request apart from its request_id, so

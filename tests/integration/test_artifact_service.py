@@ -284,3 +284,17 @@ async def test_an_artifact_too_big_to_read_back_is_refused_and_pages_count_metad
         page = await artifacts.list(workflow_id="wf-numbers")
         assert len(page.artifacts) == 1 and page.next_page_token
         assert len([a async for a in artifacts.iter(workflow_id="wf-numbers")]) == 2
+
+
+async def test_content_over_its_limit_is_named_even_when_it_would_not_fit_an_answer(
+        artifact_backend, tmp_path):
+    """Content above max_content_bytes is refused on `content`, with that
+    limit, however large it is (not blamed on metadata it does not have)."""
+    async with small_messages(artifact_backend, tmp_path) as artifacts:
+        with pytest.raises(InvalidArgumentError) as err:
+            await artifacts.save(workflow_id="wf-huge", agent_id="a", artifact_type="code",
+                                 content="x" * (200 * 1024))
+        assert err.value.reason == "PAYLOAD_TOO_LARGE"
+        assert err.value.field_violations[0][0] == "content"
+        assert err.value.metadata["limit_bytes"] == str(100 * 1024)
+        assert await artifacts.count(workflow_id="wf-huge") == 0
