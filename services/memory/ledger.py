@@ -65,10 +65,12 @@ def _key(namespace: str, request_id: str) -> str:
 
 
 def _stored(conn: sqlite3.Connection, method: str, namespace: str, request_id: str,
-            digest: str) -> bytes | None:
+            digest: str, since_us: int = 0) -> bytes | None:
+    """The answer recorded at ``since_us`` or later (older ones have
+    expired, even if no write has dropped them yet)."""
     row = conn.execute("SELECT fingerprint, response FROM requests "
-                       "WHERE method = ? AND request_id = ?",
-                       (method, _key(namespace, request_id))).fetchone()
+                       "WHERE method = ? AND request_id = ? AND create_time_us >= ?",
+                       (method, _key(namespace, request_id), since_us)).fetchone()
     if row is None:
         return None
     if row[0] != digest:
@@ -140,7 +142,8 @@ class Ledger:
     async def replay(self, method: str, namespace: str, request_id: str,
                      digest: str) -> bytes | None:
         """The first answer to this request, if there was one."""
-        return _stored(self.db.reader, method, namespace, request_id, digest)
+        return _stored(self.db.reader, method, namespace, request_id, digest,
+                       now_us() - self.request_ttl_us)
 
     async def remember(self, method: str, namespace: str, request_id: str, digest: str,
                        response: bytes) -> tuple[bytes, bool]:

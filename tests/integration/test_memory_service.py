@@ -423,6 +423,26 @@ async def test_history_appends_alone_do_not_keep_request_answers_past_their_ttl(
     finally:
         await ledger.close()
 
+async def test_an_answer_past_its_ttl_is_neither_replayed_nor_a_conflict(
+        tmp_path, monkeypatch):
+    """A request id whose answer is older than request_ttl_s is new again
+    (as in the Redis ledger), also when nothing was written since."""
+    from hivemesh.services.memory import ledger as ledger_module
+    from hivemesh.services.memory.ledger import Ledger
+
+    clock = [1_000_000_000]
+    monkeypatch.setattr(ledger_module, "now_us", lambda: clock[0])
+    ledger = Ledger(tmp_path, request_ttl_s=60)
+    try:
+        await ledger.remember("DeleteMemories", "ns", "r1", "fp", b"first")
+        assert await ledger.replay("DeleteMemories", "ns", "r1", "fp") == b"first"
+        clock[0] += 61_000_000
+        assert await ledger.replay("DeleteMemories", "ns", "r1", "fp") is None
+        assert await ledger.replay("DeleteMemories", "ns", "r1", "other") is None
+    finally:
+        await ledger.close()
+
+
 async def test_history_estimates_tokens_and_keeps_the_retention_limit(memory):
     await memory.append_history("s", [("user", "x" * 40)], namespace="h")
     [m] = (await memory.get_history("s", namespace="h")).messages
