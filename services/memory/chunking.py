@@ -25,21 +25,22 @@ _BOUNDARIES = (
 _SPACE = re.compile(r"\s")
 
 
-def _pieces(text: str, limit: int, level: int = 0) -> list[str]:
+def _pieces(text: str, limit: int, size: int, level: int = 0) -> list[str]:
     """``text`` cut into pieces of at most ``limit`` characters, at the
-    strongest boundary that makes them fit."""
+    strongest boundary that makes them fit; a single word longer than that
+    stays whole if it fits in ``size``, else is cut in parts of ``size``."""
     if len(text) <= limit:
         return [text]
     if level == len(_BOUNDARIES):
-        return [text[i:i + limit] for i in range(0, len(text), limit)]
+        return [text[i:i + size] for i in range(0, len(text), size)]
     pieces: list[str] = []
     start = 0
     for match in _BOUNDARIES[level].finditer(text):
         if match.end() > start:
-            pieces.extend(_pieces(text[start:match.end()], limit, level + 1))
+            pieces.extend(_pieces(text[start:match.end()], limit, size, level + 1))
             start = match.end()
     if start < len(text):
-        pieces.extend(_pieces(text[start:], limit, level + 1))
+        pieces.extend(_pieces(text[start:], limit, size, level + 1))
     return pieces
 
 
@@ -64,11 +65,12 @@ def chunk_text(text: str, size: int, overlap: int = 0) -> list[str]:
         raise ValueError("chunk overlap must be at least 0 and smaller than the chunk size")
     chunks: list[str] = []
     current = ""
-    # Pieces leave room for the overlap that may precede them in a chunk.
-    for piece in _pieces(text, size - overlap):
+    # Pieces leave room for the overlap that may precede them in a chunk,
+    # but for a long word, before which the overlap gives way.
+    for piece in _pieces(text, size - overlap, size):
         if current.strip() and len(current) + len(piece) > size:
             chunks.append(current)
-            current = _tail(current, overlap).lstrip() + piece
+            current = _tail(current, min(overlap, size - len(piece))).lstrip() + piece
         else:
             current += piece
     if current.strip():

@@ -71,6 +71,18 @@ def test_long_word_is_cut_inside_only_when_it_must():
     assert "".join(chunks).replace(" ", "") == "a" + "x" * 25 + "b"
 
 
+@pytest.mark.parametrize("before", ["", "short words first, ", "y" * 40 + " abcdefghijklmno "])
+def test_a_word_that_fits_a_chunk_is_never_cut_even_with_an_overlap(before):
+    """The overlap before a word gives way to it (it is "up to" the overlap):
+    a word no longer than a chunk stays whole."""
+    word = "x" * 95
+    chunks = chunk_text(before + word + " after it", 100, 20)
+    assert all(len(c) <= 100 for c in chunks)
+    assert any(word in c for c in chunks), chunks
+    # A word longer than a chunk is cut in chunk-sized parts.
+    assert chunk_text("x" * 250, 100, 20) == ["x" * 100, "x" * 100, "x" * 50]
+
+
 def test_overlap_repeats_the_end_of_the_previous_chunk_from_a_word():
     text = " ".join(f"word{i}" for i in range(60))
     chunks = chunk_text(text, 60, 20)
