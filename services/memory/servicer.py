@@ -186,8 +186,11 @@ class MemoryServicer(MemoryServiceServicer):
             overlap = 0
         elif options.chunk_overlap_chars:
             overlap = options.chunk_overlap_chars
-        else:
+        elif options.chunk_size_chars:
+            # The default overlap, at most half a chunk size of the request's own.
             overlap = min(self.limits.chunk_overlap_chars, size // 2)
+        else:
+            overlap = self.limits.chunk_overlap_chars
         if overlap >= size:
             raise errors.invalid_argument([("chunking.chunk_overlap_chars",
                                             f"must be smaller than the chunk size ({size})")])

@@ -180,3 +180,33 @@ async def test_a_request_bound_to_exceed_the_chunk_limit_is_refused_before_split
         assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.reason == ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE
         assert split == [] and await count(servicer) == 0
+
+
+async def test_the_configured_default_overlap_is_the_one_used(tmp_path):
+    """A request that leaves the chunking to the service gets the service's
+    size and overlap, as configured (any overlap below the size is valid)."""
+    from hivemesh.memory.v1 import ChunkingOptions
+    from hivemesh.services.memory.servicer import Limits
+
+    settings = MemorySettings(server=ServerSettings(port=0), data_dir=tmp_path,
+                              embedding_dimensions=64, chunk_size_chars=100,
+                              chunk_overlap_chars=60)
+    backend = await open_backend(settings)
+    try:
+        servicer = MemoryServicer(backend.store, backend.embedder, backend.ledger,
+                                  Limits(chunk_size_chars=100, chunk_overlap_chars=60))
+        text = " ".join(f"w{i:02d}" for i in range(60))
+        answer = await servicer.AddMemories(add([MemoryItem(content=text)]), None)
+        ids = list(answer.items[0].chunk_ids)
+        chunks = [(await stored(servicer, [i]))[i] for i in ids]
+        assert len(chunks) > 2
+        for before, after in zip(chunks, chunks[1:], strict=False):
+            shared = max(k for k in range(len(after) + 1) if before.endswith(after[:k]))
+            assert shared > 50, (before, after)
+        # Asked for a chunk size of its own, a request still gets an overlap
+        # it can have.
+        small = add([MemoryItem(content=text)])
+        small.chunking.CopyFrom(ChunkingOptions(chunk_size_chars=40))
+        assert (await servicer.AddMemories(small, None)).chunk_count > 0
+    finally:
+        await backend.close()
