@@ -194,6 +194,9 @@ class MemoryServicer(MemoryServiceServicer):
         if overlap >= size:
             raise errors.invalid_argument([("chunking.chunk_overlap_chars",
                                             f"must be smaller than the chunk size ({size})")])
+        if size > self.limits.max_chunk_chars and not options.whole_item:
+            raise _too_large("chunking.chunk_size_chars", size, self.limits.max_chunk_chars,
+                             "characters for one chunk")
         return size, overlap, options.whole_item
 
     def _split(self, request, size: int, overlap: int, whole: bool) -> list[list[str]]:

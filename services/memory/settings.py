@@ -47,7 +47,8 @@ class MemorySettings(BaseSettings):
     # Chunking defaults (a request may override them).
     chunk_size_chars: int = Field(default=2000, ge=50, le=32000)
     chunk_overlap_chars: int = Field(default=200, ge=0, le=16000)
-    # Longest single chunk the embedder accepts (whole_item requests).
+    # Longest single chunk the embedder accepts (whole_item requests, and
+    # the largest chunk size).
     max_chunk_chars: int = Field(default=32000, ge=50)
     # Most chunks one AddMemories request may produce.
     max_chunks_per_request: int = Field(default=20000, ge=1)
@@ -87,6 +88,8 @@ class MemorySettings(BaseSettings):
     def _consistent(self) -> MemorySettings:
         if self.chunk_overlap_chars >= self.chunk_size_chars:
             raise ValueError("chunk_overlap_chars must be smaller than chunk_size_chars")
+        if self.chunk_size_chars > self.max_chunk_chars:
+            raise ValueError("chunk_size_chars must be at most max_chunk_chars")
         if self.embedder == "llm" and not self.llm_address:
             raise ValueError("embedder=llm needs HIVEMESH_MEMORY_LLM_ADDRESS")
         if self.ledger == "redis" and self.redis_url is None:

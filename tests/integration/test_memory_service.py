@@ -534,7 +534,8 @@ async def test_bad_requests_name_the_field(memory):
 
 
 async def test_oversized_requests_are_payload_too_large(tmp_path):
-    settings = memory_settings(tmp_path, max_chunk_chars=100, max_chunks_per_request=5)
+    settings = memory_settings(tmp_path, max_chunk_chars=100, max_chunks_per_request=5,
+                               chunk_size_chars=100, chunk_overlap_chars=10)
     async with serve(settings) as memory:
         with pytest.raises(InvalidArgumentError) as err:
             await memory.add(["y" * 101], namespace="e", whole_item=True)
@@ -545,6 +546,24 @@ async def test_oversized_requests_are_payload_too_large(tmp_path):
                              no_overlap=True)
         assert err.value.reason == "PAYLOAD_TOO_LARGE" and "items" in violations(err)
         assert await memory.count(namespace="e") == 0
+
+
+async def test_a_chunk_size_above_the_largest_chunk_is_refused(tmp_path):
+    """max_chunk_chars is the longest chunk the embedder takes: a request
+    asking for longer chunks is refused like a whole item that long."""
+    settings = memory_settings(tmp_path, max_chunk_chars=100, chunk_size_chars=80,
+                               chunk_overlap_chars=10)
+    async with serve(settings) as memory:
+        with pytest.raises(InvalidArgumentError) as err:
+            await memory.add(["word " * 100], namespace="e", chunk_size_chars=500)
+        assert err.value.reason == "PAYLOAD_TOO_LARGE"
+        assert "chunking.chunk_size_chars" in violations(err)
+        assert await memory.count(namespace="e") == 0
+        added = await memory.add(["word " * 100], namespace="e", chunk_size_chars=100)
+        got = await memory.get(list(added.items[0].chunk_ids), namespace="e")
+        assert all(len(c.text) <= 100 for c in got.chunks)
+    with pytest.raises(ValueError, match="max_chunk_chars"):
+        memory_settings(tmp_path, max_chunk_chars=100)  # the default chunk size is 2000
 
 
 async def test_unspecified_mode_means_dense(memory):
