@@ -5,8 +5,8 @@ where it can, else at sentence ends (the full-width ones of Chinese and
 Japanese too, which no space follows), else between words, and only a
 single word longer than a chunk is cut inside. With an overlap, each chunk after
 the first starts with the last (up to) ``overlap`` characters of the one
-before, taken from a word boundary, so a sentence cut in two is still found
-whole in one of them.
+before, taken from a word boundary (or a full-width sentence end), so a
+sentence cut in two is still found whole in one of them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ _BOUNDARIES = (
     re.compile(r"\s+"),                    # word
 )
 _SPACE = re.compile(r"\s")
+# Where an overlap may start: after a space, or after a full-width sentence
+# end (and its closing brackets), which no space follows.
+_START = re.compile(r"\s|(?<=[。！？；：｡])[」』）】〕〗〙〛\"')\]”’»]*")
 
 
 def _pieces(text: str, limit: int, size: int, level: int = 0) -> list[str]:
@@ -45,7 +48,8 @@ def _pieces(text: str, limit: int, size: int, level: int = 0) -> list[str]:
 
 
 def _tail(text: str, overlap: int) -> str:
-    """The last ``overlap`` characters of ``text`` or fewer, starting at a word."""
+    """The last ``overlap`` characters of ``text`` or fewer, starting at a
+    word or a sentence."""
     if overlap <= 0:
         return ""
     if len(text) <= overlap:
@@ -53,8 +57,8 @@ def _tail(text: str, overlap: int) -> str:
     tail = text[-overlap:]
     if _SPACE.match(text[-overlap - 1]):
         return tail
-    space = _SPACE.search(tail)
-    return tail[space.end():] if space else ""
+    start = _START.search(text, len(text) - overlap)
+    return text[start.end():] if start else ""
 
 
 def chunk_text(text: str, size: int, overlap: int = 0) -> list[str]:

@@ -93,6 +93,18 @@ def test_overlap_repeats_the_end_of_the_previous_chunk_from_a_word():
         assert before[-shared - 1] == " " and after[shared] == " "  # whole words
 
 
+def test_overlap_in_scripts_written_without_spaces_starts_after_a_sentence_end():
+    # Chinese and Japanese put no space between words or after a sentence:
+    # the overlap starts where a sentence does, rather than not at all.
+    text = "".join(f"第{i}句话很短。" for i in range(20))
+    chunks = chunk_text(text, 30, 10)
+    assert len(chunks) > 2 and all(len(c) <= 30 for c in chunks)
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        shared = max((k for k in range(1, 11) if before.endswith(after[:k])), default=0)
+        assert shared > 0, (before, after)
+        assert before[-shared - 1] == "。" and after[shared - 1] == "。"
+
+
 def test_no_overlap_shares_nothing():
     text = " ".join(f"word{i}" for i in range(60))
     chunks = chunk_text(text, 60, 0)
