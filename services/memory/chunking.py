@@ -1,8 +1,9 @@
 """Splitting memory items into chunks.
 
 A chunk is at most ``size`` characters. Text is cut at paragraph breaks
-where it can, else at sentence ends (the full-width ones of Chinese and
-Japanese too, which no space follows), else between words, and only a
+where it can, else at sentence ends (those of Devanagari and Arabic script,
+and the full-width ones of Chinese and Japanese, which no space follows,
+too), else between words, and only a
 single word longer than a chunk is cut inside. With an overlap, each chunk after
 the first starts with the last (up to) ``overlap`` characters of the one
 before, taken from a word boundary (or a full-width sentence end), so a
@@ -17,9 +18,10 @@ import re
 # text before it, so the pieces concatenate back into the original.
 _BOUNDARIES = (
     re.compile(r"\n[ \t\r]*\n\s*"),        # paragraph: a blank line (LF or CRLF)
-    # sentence: a mark and its closing quotes or brackets, then a space, or
-    # none after the full-width marks of scripts written without spaces
-    re.compile(r"(?<=[.!?;:])[\"')\]”’»]*\s+|(?<=[。！？；：｡])[\"')\]”’»」』）】〕〗〙〛]*\s*"),
+    # sentence: a mark (an ellipsis, and the marks of Devanagari and Arabic
+    # script too) and its closing quotes or brackets, then a space, or none
+    # after the full-width marks of scripts written without spaces
+    re.compile(r"(?<=[.!?;:…।॥؟۔؛])[\"')\]”’»]*\s+|(?<=[。！？；：｡])[\"')\]”’»」』）】〕〗〙〛]*\s*"),
     re.compile(r"\s+"),                    # word
 )
 _SPACE = re.compile(r"\s")

@@ -65,6 +65,19 @@ def test_cuts_at_sentences_of_scripts_written_without_spaces():
     assert chunk_text("He said “Stop.” Then he left.", 20, 0) == ["He said “Stop.”",
                                                                  "Then he left."]
 
+@pytest.mark.parametrize("sentence", [
+    "यह एक छोटा वाक्य है।",      # Hindi: the danda
+    "هل هذه جملة قصيرة؟",        # Arabic: the question mark
+    "یہ ایک چھوٹا جملہ ہے۔",      # Urdu: the full stop
+    "It went on and on…",          # an ellipsis
+])
+def test_cuts_at_the_sentence_ends_of_other_scripts(sentence):
+    text = " ".join(f"{n} {sentence}" for n in range(12))
+    chunks = chunk_text(text, 3 * len(sentence), 0)
+    assert len(chunks) > 1
+    assert all(c.endswith(sentence[-1]) for c in chunks), chunks
+
+
 def test_long_word_is_cut_inside_only_when_it_must():
     chunks = chunk_text("a " + "x" * 25 + " b", 10, 0)
     assert all(len(c) <= 10 for c in chunks)
