@@ -187,6 +187,9 @@ class LlmServiceEmbedder:
             ordered = sorted(response.embeddings, key=lambda e: e.index)
             vectors.extend(list(e.values) for e in ordered)
             tokens += response.usage.prompt_tokens
+        if len(vectors) != len(texts):
+            raise EmbeddingRejected(f"the LLM service returned {len(vectors)} vectors for "
+                                    f"{len(texts)} texts")
         if any(len(v) != self.dimensions for v in vectors):
             raise EmbeddingRejected(f"the LLM service returned vectors of another size than "
                                     f"{self.dimensions}")

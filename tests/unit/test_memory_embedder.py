@@ -35,3 +35,27 @@ def test_keyword_vectors_stem_and_drop_stop_words():
     doc = kw.document("running runners run")
     query = kw.query("run")
     assert query is not None and set(query.indices) <= set(doc.indices)
+
+
+async def test_an_llm_answer_with_another_number_of_vectors_is_rejected():
+    """One vector per text or the answer is refused (as one with vectors of
+    another size is), never zipped against the texts."""
+    import grpc
+    import pytest
+
+    from hivemesh.llm.v1 import EmbedResponse, Embedding
+    from hivemesh.services.memory.embedders import EmbeddingRejected, LlmServiceEmbedder
+
+    class OneVector:
+        async def Embed(self, request, timeout=None):
+            return EmbedResponse(embeddings=[Embedding(index=0, values=[1.0, 0.0])],
+                                 dimensions=2)
+
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
+    try:
+        embedder = LlmServiceEmbedder(channel, model="llm:m", alias="m", dimensions=2)
+        embedder._stub = OneVector()
+        with pytest.raises(EmbeddingRejected):
+            await embedder.embed(["one", "two"])
+    finally:
+        await channel.close()
