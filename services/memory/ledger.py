@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
-from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous
+from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous, WriterStopped
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import now_us, timestamp
 
@@ -54,8 +54,8 @@ class IdempotencyConflict(Exception):
 
 
 class LedgerUnavailable(ConnectionError):
-    """The ledger's database (Redis) did not answer; nothing of the
-    operation is reported as done."""
+    """The ledger's database (Redis, or SQLite failing to write) did not
+    answer; nothing of the operation is reported as done."""
 
 
 def _key(namespace: str, request_id: str) -> str:
@@ -131,6 +131,12 @@ class Ledger:
         self.history_retention = history_retention
         self._turns = Turns()
 
+    async def _write(self, fn):
+        try:
+            return await self.db.write(fn)
+        except (WriterStopped, sqlite3.OperationalError) as exc:
+            raise LedgerUnavailable(f"SQLite: {exc}") from exc
+
     # -- idempotency ----------------------------------------------------------
     def one_at_a_time(self, method: str, namespace: str,
                       request_id: str) -> contextlib.AbstractAsyncContextManager[None]:
@@ -158,7 +164,7 @@ class Ledger:
             conn.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
                          (method, _key(namespace, request_id), digest, response, now))
             return response, False
-        return await self.db.write(write)
+        return await self._write(write)
 
     def _expire(self, conn: sqlite3.Connection, now: int) -> None:
         """Drops the answers older than the request TTL (in every write that
@@ -199,7 +205,7 @@ class Ledger:
                          ("AppendHistory", _key(namespace, request_id), digest,
                           response.SerializeToString(), now))
             return response
-        return await self.db.write(write)
+        return await self._write(write)
 
     async def history(self, namespace: str, session_id: str, token_budget: int,
                       max_messages: int, max_bytes: int = 8 * 1024 * 1024
@@ -229,7 +235,7 @@ class Ledger:
                                        "WHERE namespace = ?", (namespace,)).fetchone()
             conn.execute("DELETE FROM messages WHERE namespace = ?", (namespace,))
             return sessions
-        return await self.db.write(write)
+        return await self._write(write)
 
     async def close(self) -> None:
         await self.db.close()

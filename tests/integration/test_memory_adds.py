@@ -210,3 +210,28 @@ async def test_the_configured_default_overlap_is_the_one_used(tmp_path):
         assert (await servicer.AddMemories(small, None)).chunk_count > 0
     finally:
         await backend.close()
+
+
+async def test_a_failing_ledger_database_is_unavailable(tmp_path):
+    """A write the SQLite ledger cannot commit (a full or failing disk) is
+    UNAVAILABLE, as a Redis ledger outage is, so the call is retried; the
+    chunks an add stored meanwhile carry the same ids on the retry."""
+    import sqlite3
+
+    import grpc
+
+    from hivemesh.memory.v1 import AppendHistoryRequest, HistoryMessage, MessageRole
+
+    async with memory_servicer(tmp_path) as (servicer, _):
+        async def failing(fn):
+            raise sqlite3.OperationalError("disk I/O error")
+        servicer.ledger.db.write = failing
+        history = AppendHistoryRequest(
+            request_id="r", namespace="adds", session_id="s",
+            messages=[HistoryMessage(role=MessageRole.MESSAGE_ROLE_USER, content="hi")])
+        for call in (lambda: servicer.AppendHistory(history, None),
+                     lambda: servicer.AddMemories(add([MemoryItem(content="x")]), None)):
+            with pytest.raises(ServiceError) as err:
+                await call()
+            assert err.value.code is grpc.StatusCode.UNAVAILABLE
+            assert err.value.reason == ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE
