@@ -54,9 +54,11 @@ class MemorySettings(BaseSettings):
     max_chunks_per_request: int = Field(default=20000, ge=1)
     upsert_batch_size: int = Field(default=256, ge=1, le=10000)
 
-    # Hybrid search: candidates per side before fusion, and the RRF constant.
+    # Hybrid search: candidates per side before fusion, and the RRF constant
+    # (at least 2: a result first on both sides scores 2 / rrf_k, which the
+    # contract keeps within 0..1).
     hybrid_prefetch: int = Field(default=100, ge=1, le=10000)
-    rrf_k: int = Field(default=60, ge=1)
+    rrf_k: int = Field(default=60, ge=2)
     # The embedded engine builds the HNSW index of points added since the
     # last start when it opens (start-up waits for it).
     build_index_on_start: bool = True

@@ -566,6 +566,17 @@ async def test_a_chunk_size_above_the_largest_chunk_is_refused(tmp_path):
         memory_settings(tmp_path, max_chunk_chars=100)  # the default chunk size is 2000
 
 
+async def test_hybrid_scores_stay_within_the_contract_range_for_any_rrf_constant(tmp_path):
+    """The contract gives fused scores in 0..1; with an RRF constant of 1 a
+    result first on both sides would score 2, so the lowest constant is 2."""
+    with pytest.raises(ValueError, match="rrf_k"):
+        memory_settings(tmp_path, rrf_k=1)
+    async with serve(memory_settings(tmp_path, rrf_k=2)) as memory:
+        await add_notes(memory)
+        top = (await memory.search(NOTES[0][0], mode="hybrid", namespace="zoo")).results[0]
+        assert top.chunk.source_id == NOTES[0][1] and 0 < top.score <= 1
+
+
 async def test_unspecified_mode_means_dense(memory):
     await add_notes(memory)
     stub = MemoryServiceStub(memory.channel)
