@@ -137,6 +137,12 @@ class Ledger:
         except (WriterStopped, sqlite3.OperationalError) as exc:
             raise LedgerUnavailable(f"SQLite: {exc}") from exc
 
+    def _read(self, fn):
+        try:
+            return fn(self.db.reader)
+        except sqlite3.OperationalError as exc:
+            raise LedgerUnavailable(f"SQLite: {exc}") from exc
+
     # -- idempotency ----------------------------------------------------------
     def one_at_a_time(self, method: str, namespace: str,
                       request_id: str) -> contextlib.AbstractAsyncContextManager[None]:
@@ -148,8 +154,9 @@ class Ledger:
     async def replay(self, method: str, namespace: str, request_id: str,
                      digest: str) -> bytes | None:
         """The first answer to this request, if there was one."""
-        return _stored(self.db.reader, method, namespace, request_id, digest,
-                       now_us() - self.request_ttl_us)
+        since = now_us() - self.request_ttl_us
+        return self._read(lambda reader: _stored(reader, method, namespace, request_id, digest,
+                                                 since))
 
     async def remember(self, method: str, namespace: str, request_id: str, digest: str,
                        response: bytes) -> tuple[bytes, bool]:
@@ -216,11 +223,11 @@ class Ledger:
         ``max_bytes`` (what one answer may carry; the newest always comes)."""
         # One statement, so the count and the messages come from one
         # snapshot (an append may commit between two).
-        rows = self.db.reader.execute(
+        rows = self._read(lambda reader: reader.execute(
             "SELECT message_id, role, content, token_count, name, create_time_us, "
             "(SELECT count(*) FROM messages WHERE namespace = ?1 AND session_id = ?2) "
             "FROM messages WHERE namespace = ?1 AND session_id = ?2 ORDER BY seq DESC LIMIT ?3",
-            (namespace, session_id, max_messages)).fetchall()
+            (namespace, session_id, max_messages)).fetchall())
         stored = rows[0][-1] if rows else 0
         newest_first = (HistoryMessage(message_id=message_id, role=role, content=content,
                                        token_count=tokens, name=name,

@@ -235,3 +235,31 @@ async def test_a_failing_ledger_database_is_unavailable(tmp_path):
                 await call()
             assert err.value.code is grpc.StatusCode.UNAVAILABLE
             assert err.value.reason == ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE
+
+
+async def test_a_failing_ledger_read_is_unavailable(tmp_path):
+    """Reads of the SQLite ledger (a request's first answer, a session's
+    history) that fail are UNAVAILABLE too, like its writes."""
+    import sqlite3
+
+    import grpc
+
+    from hivemesh.memory.v1 import ChunkIds, DeleteMemoriesRequest, GetHistoryRequest
+
+    class FailingReader:
+        def execute(self, *args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    async with memory_servicer(tmp_path) as (servicer, _):
+        reader, servicer.ledger.db.reader = servicer.ledger.db.reader, FailingReader()
+        try:
+            delete = DeleteMemoriesRequest(request_id="r", namespace="adds",
+                                           ids=ChunkIds(chunk_ids=[str(uuid.uuid4())]))
+            for call in (lambda: servicer.GetHistory(
+                             GetHistoryRequest(namespace="adds", session_id="s"), None),
+                         lambda: servicer.DeleteMemories(delete, None)):
+                with pytest.raises(ServiceError) as err:
+                    await call()
+                assert err.value.code is grpc.StatusCode.UNAVAILABLE
+        finally:
+            servicer.ledger.db.reader = reader
