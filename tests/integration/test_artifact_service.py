@@ -298,3 +298,27 @@ async def test_content_over_its_limit_is_named_even_when_it_would_not_fit_an_ans
         assert err.value.field_violations[0][0] == "content"
         assert err.value.metadata["limit_bytes"] == str(100 * 1024)
         assert await artifacts.count(workflow_id="wf-huge") == 0
+
+
+async def test_a_failing_sqlite_read_is_unavailable(tmp_path):
+    """A read SQLite cannot do (a failing disk) is BackendUnavailable, as a
+    failed write is, not an unexpected error."""
+    import sqlite3
+
+    from hivemesh.services.artifact.backends.base import BackendUnavailable
+    from hivemesh.services.artifact.backends.sqlite import SqliteBackend
+
+    class FailingReader:
+        def execute(self, *args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    backend = SqliteBackend(tmp_path)
+    reader, backend.db.reader = backend.db.reader, FailingReader()
+    try:
+        for read in (lambda: backend.get("art-x"), lambda: backend.count(Filter()),
+                     lambda: backend.list(Filter(), 10, None, True)):
+            with pytest.raises(BackendUnavailable):
+                await read()
+    finally:
+        backend.db.reader = reader
+        await backend.close()

@@ -102,21 +102,27 @@ class SqliteBackend:
         return await self._write(op)
 
     # -- reads (committed data only: writes commit before they are answered) --
+    def _read(self, sql: str, args) -> list:
+        try:
+            return self.db.reader.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise BackendUnavailable(f"SQLite: {exc}") from exc
+
     async def get(self, artifact_id: str) -> ArtifactRecord | None:
-        row = self.db.reader.execute(f"SELECT {_COLUMNS} FROM artifacts WHERE artifact_id = ?",
-                                 (artifact_id,)).fetchone()
-        return ArtifactRecord(*row) if row else None
+        rows = self._read(f"SELECT {_COLUMNS} FROM artifacts WHERE artifact_id = ?",
+                          (artifact_id,))
+        return ArtifactRecord(*rows[0]) if rows else None
 
     async def list(self, flt: Filter, limit: int, after: Cursor | None, with_content: bool):
         where, args = _where(flt, after)
-        rows = self.db.reader.execute(
+        rows = self._read(
             f"SELECT {_COLUMNS if with_content else _NO_CONTENT} FROM artifacts{where} "
-            "ORDER BY create_time_us DESC, artifact_id DESC LIMIT ?", (*args, limit)).fetchall()
+            "ORDER BY create_time_us DESC, artifact_id DESC LIMIT ?", (*args, limit))
         return [ArtifactRecord(*r) for r in rows]
 
     async def count(self, flt: Filter) -> int:
         where, args = _where(flt, None)
-        return self.db.reader.execute(f"SELECT count(*) FROM artifacts{where}", args).fetchone()[0]
+        return self._read(f"SELECT count(*) FROM artifacts{where}", args)[0][0]
 
     async def close(self) -> None:
         await self.db.close()
