@@ -21,6 +21,7 @@ client spans below it (the LLM calls carrying the GenAI attributes), one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -518,13 +519,26 @@ class AgentRunner:
         await self._charge(run, enforcement, iteration)
         caps.check_spent(run.agent, run.result)
 
-    async def _charge(self, run: _Run, enforcement: int, iteration: int) -> None:
+    async def _charge_cut(self, run: _Run, summary, iteration: int) -> None:
+        """A streamed generation that broke after some output used tokens
+        all the same (its summary's usage, the LLM service's estimate when
+        the upstream reported none): they are charged like a generation's,
+        as a failed call, so that the budget and the failed run's usage
+        count them. A charge that fails leaves the hold to the run's
+        release (the tokens counted at no cost)."""
+        run.last_generation = summary
+        enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
+        with contextlib.suppress(errors.ServiceError):
+            await self._charge(run, enforcement, iteration, success=False)
+
+    async def _charge(self, run: _Run, enforcement: int, iteration: int, *,
+                      success: bool = True) -> None:
         last = run.last_generation
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
             run.add_usage(last.usage, 0, "")
             return
         common = dict(usage=last.usage, model=last.model, backend=last.backend,
-                      latency=last.latency, cached=last.cached, success=True)
+                      latency=last.latency, cached=last.cached, success=success)
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
             try:
                 charged = await self._record_spend(run, "TrackCompletion", TrackCompletionRequest(
@@ -636,6 +650,8 @@ class AgentRunner:
                 elif kind == "end":
                     summary = message.summary
                     if message.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
+                        if delivered:
+                            await self._charge_cut(run, summary, iteration)
                         raise provider_error("llm", from_status(message.end.error))
             if summary is None:
                 raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED",

@@ -24,7 +24,7 @@ from hivemesh.client.memory import MemoryClient
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.information.v1 import Budget, Scope
 from hivemesh.orchestrator.v1 import (
-    AgentDefinition, BudgetPolicy, DegradedComponent, EventType, ExecuteToolResponse,
+    AgentDefinition, BudgetEnforcement, BudgetPolicy, DegradedComponent, EventType, ExecuteToolResponse,
     ListToolsResponse, MemoryConfig, RegisterAgentRequest, RunAgentRequest, StreamAgentRequest,
     ToolDefinition, ToolError, ToolServiceServicer, add_ToolServiceServicer_to_server)
 from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
@@ -709,6 +709,32 @@ async def test_stream_agent_failure_ends_with_agent_failed(tmp_path):
                     request_id=rid(), agent="nobody", input="x"), timeout=20):
                 pass
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
+                                         BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
+async def test_a_stream_cut_after_output_is_charged_what_it_used(tmp_path, enforcement):
+    """The upstream produced (and bills) the text it streamed before the
+    stream broke: the budget is charged for it and the failed run reports
+    it, instead of the hold being released as if nothing was used."""
+    async with mesh(tmp_path) as m:
+        async with InformationClient(m.addresses["information"]) as info:
+            await info.set_price("main", input_micros_per_million=1_000_000,
+                                 output_micros_per_million=2_000_000)
+            budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
+                                                     limit_micros=10_000_000))
+            await register(m, name="coder", system_prompt="You write code.",
+                           budget=BudgetPolicy(enforcement=enforcement))
+            m.primary.cut_next_stream_after(3)
+            messages = [x async for x in m.orchestrator.StreamAgent(StreamAgentRequest(
+                request_id=rid(), agent="coder", input="implement add",
+                context=RequestContext(tenant_id="acme")), timeout=20)]
+            assert messages[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+            failed = messages[-2].agent_event.agent_failed
+            assert failed.partial_output and failed.usage.completion_tokens > 0
+            assert failed.cost_micros > 0
+            (status,) = await info.status(budget_id=budget.budget_id)
+            assert status.spent_micros == failed.cost_micros and status.reserved_micros == 0
 
 
 async def test_stream_agent_refuses_an_invalid_request_as_the_calls_status(tmp_path):
