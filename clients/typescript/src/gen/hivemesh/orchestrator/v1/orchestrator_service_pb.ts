@@ -429,8 +429,10 @@ export type StreamAgentResponse = Message<"hivemesh.orchestrator.v1.StreamAgentR
   } | {
     /**
      * Terminal: how the stream ended. COMPLETED after AGENT_COMPLETE;
-     * FAILED after AGENT_FAILED (error equal to its error) or when the run
-     * broke off without one; CANCELLED on client cancellation or deadline.
+     * FAILED after AGENT_FAILED (error equal to its error; DEADLINE_EXCEEDED
+     * when the run's time ran out) or when the run broke off without one.
+     * A client that cancels, or whose deadline passes, gets no terminal
+     * message: the call itself ends CANCELLED or DEADLINE_EXCEEDED.
      * Always the last message; a stream without it was cut.
      *
      * @generated from field: hivemesh.common.v1.StreamEnd end = 15;
