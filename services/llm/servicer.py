@@ -234,8 +234,13 @@ def route_error(exc: RouteError) -> errors.ServiceError:
     details = []
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         details.append(errors.retry_info(last.retry_after_s or 1.0))
+    # Once the upstream was retried here (max_attempts per backend, then the
+    # chain), a client retrying the whole call on UNAVAILABLE, as the service
+    # config lets it, would multiply those attempts; after a single attempt
+    # its retry is the only one.
     return errors.ServiceError(code, reason, f"upstream: {last.message}",
-                               {**meta, "upstream_error": kind.value}, details)
+                               {**meta, "upstream_error": kind.value}, details,
+                               retry=exc.attempts <= 1)
 
 
 class LlmServicer(LlmServiceServicer):

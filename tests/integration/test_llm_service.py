@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hivemesh.client import from_rpc_error
+from hivemesh.client.channel import insecure_channel
 from hivemesh.client.errors import (
     AlreadyExistsError, InvalidArgumentError, NotFoundError, OutOfRangeError,
     ResourceExhaustedError, UnavailableError)
@@ -180,6 +181,34 @@ async def test_a_probe_that_gives_up_on_a_long_retry_after_leaves_the_breaker_us
         assert len(primary.calls) == 2
         answer = await call(stub.Generate, gen(model="solo"))
         assert answer.backend == "primary" and len(primary.calls) == 3
+
+
+async def test_a_client_does_not_retry_what_the_service_already_retried():
+    """The service retries the upstream itself (max_attempts, then the
+    chain). A client on the shipped service config, which retries
+    UNAVAILABLE, must not run all of that again: one call, three upstream
+    attempts, not twelve; a stream that cannot start, the same."""
+    s = settings(max_attempts=3)
+    backends = Backends(s)
+    running, port = await create_server(s, backends)
+    channel = insecure_channel(f"127.0.0.1:{port}", "llm")
+    stub = LlmServiceStub(channel)
+    primary = backends.by_name["primary"]
+    try:
+        primary.simulate_failure(ErrorKind.UNAVAILABLE, times=100)
+        with pytest.raises(UnavailableError) as err:
+            await call(stub.Generate, gen(model="solo"))
+        assert err.value.reason == "BACKEND_UNAVAILABLE"
+        assert len(primary.calls) == 3
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await _read_stream(stub, StreamGenerateRequest(
+                request_id=rid(), model="solo", prompt=Prompt(prompt="go")))
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(primary.calls) == 6
+    finally:
+        await channel.close()
+        await running.shutdown(0)
+        await backends.close()
 
 
 async def test_rate_limit_refuses_before_any_upstream_call():
