@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from hivemesh.services.llm.backends.base import (
-    BackendError, ChatRequest, ChatResult, EmbedResult, ErrorKind, LlmBackend, StreamEvent,
-    estimate_prompt_tokens)
+    JSON_OBJECT_INSTRUCTION, JSON_SCHEMA_INSTRUCTION, BackendError, ChatMessage, ChatRequest,
+    ChatResult, EmbedResult, ErrorKind, LlmBackend, StreamEvent, estimate_prompt_tokens)
 from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter
 from hivemesh.services.llm.settings import BackendSettings, ModelSettings
 
@@ -238,6 +239,22 @@ class Router:
 
 
 def _for(request: ChatRequest, model: ModelSettings) -> ChatRequest:
-    """The request as one candidate model gets it."""
-    return replace(request, upstream_model=model.upstream_model,
-                   max_output_tokens=model.max_output_tokens)
+    """The request as one candidate model gets it: a model without a
+    json_schema format (``supports_json_schema`` false) is asked for the
+    schema in the system prompt instead."""
+    request = replace(request, upstream_model=model.upstream_model,
+                      max_output_tokens=model.max_output_tokens)
+    if request.response_format != "json_schema" or model.supports_json_schema:
+        return request
+    note = [JSON_OBJECT_INSTRUCTION, JSON_SCHEMA_INSTRUCTION.format(
+        schema=json.dumps(request.response_schema, ensure_ascii=False))]
+    if request.response_schema_description:
+        note.append(f"What the object is: {request.response_schema_description}")
+    messages = list(request.messages)
+    if messages and messages[0].role == "system":
+        first = messages[0]
+        messages[0] = replace(first, content="\n\n".join([first.content, *note] if first.content
+                                                          else note))
+    else:
+        messages.insert(0, ChatMessage("system", "\n\n".join(note)))
+    return replace(request, messages=tuple(messages), response_format=None)

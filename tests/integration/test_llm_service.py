@@ -693,6 +693,38 @@ async def test_schemas_reach_the_upstream_with_integers_as_integers(llm):
         assert got["items"]["minimum"] == 0.5
 
 
+async def test_a_model_without_json_schema_support_is_prompted_for_the_schema():
+    """Model.supports_json_schema false: the service falls back to prompting
+    for JSON, as the contract says; the upstream gets the schema in the
+    system prompt, not a response_format it does not take."""
+    import json
+
+    from google.protobuf import struct_pb2
+
+    from hivemesh.llm.v1 import JsonSchema, ResponseFormat
+    s = settings()
+    next(m for m in s.models if m.alias == "solo").supports_json_schema = False
+    schema = struct_pb2.Struct()
+    schema.update({"type": "object", "properties": {"answer": {"type": "string"}}})
+    async with serve(s) as (stub, backends):
+        for model in ("solo", "main"):
+            request = gen(model=model)
+            request.config.response_format.CopyFrom(ResponseFormat(type=3, json_schema=JsonSchema(
+                name="answer", description="The answer.", schema=schema)))
+            await call(stub.Generate, request)
+        prompted, native = backends["primary"].calls[-2:]
+        assert prompted.response_format in (None, "text")
+        assert [m.role for m in prompted.messages] == ["system", "user"]
+        system = prompted.messages[0].content
+        assert system.startswith("You write code.\n\n")
+        written = system.split("JSON Schema:\n", 1)[1].split("\n\n", 1)[0]
+        assert json.loads(written) == {"type": "object",
+                                       "properties": {"answer": {"type": "string"}}}
+        assert "The answer." in system
+        assert native.response_format == "json_schema"
+        assert native.messages[0].content == "You write code."
+
+
 def _chunk(delta, finish=None):
     return {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "up",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}

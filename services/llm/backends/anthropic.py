@@ -59,16 +59,13 @@ import httpx2
 
 from . import http
 from .base import (
-    BackendError, ChatRequest, ChatResult, EmbedResult, ErrorKind, StreamDelta, StreamEvent,
-    StreamFinish, ToolCall, ToolCallDelta, Usage, estimate_prompt_tokens, estimate_tokens)
+    JSON_OBJECT_INSTRUCTION, JSON_SCHEMA_INSTRUCTION, BackendError, ChatRequest, ChatResult,
+    EmbedResult, ErrorKind, StreamDelta, StreamEvent, StreamFinish, ToolCall, ToolCallDelta,
+    Usage, estimate_prompt_tokens, estimate_tokens)
 
 __all__ = ["AnthropicBackend", "DEFAULT_MAX_TOKENS", "JSON_OBJECT_INSTRUCTION"]
 
 DEFAULT_MAX_TOKENS = 1024
-
-JSON_OBJECT_INSTRUCTION = ("Answer with a single valid JSON object and nothing else: "
-                           "no prose before or after it, no Markdown code fences.")
-JSON_SCHEMA_INSTRUCTION = "The JSON object must conform to this JSON Schema:\n{schema}"
 
 _FINISH_REASONS = {
     "end_turn": "stop",

@@ -18,6 +18,13 @@ from typing import Any, Protocol
 from hivemesh.runtime.text import estimate_tokens as estimate_tokens
 
 
+# How a model is asked for JSON where the upstream cannot be told to give it
+# (Anthropic; a model whose settings say it has no json_schema format).
+JSON_OBJECT_INSTRUCTION = ("Answer with a single valid JSON object and nothing else: "
+                           "no prose before or after it, no Markdown code fences.")
+JSON_SCHEMA_INSTRUCTION = "The JSON object must conform to this JSON Schema:\n{schema}"
+
+
 class ErrorKind(enum.Enum):
     BAD_REQUEST = "bad_request"          # 400: the request itself is wrong
     AUTHENTICATION = "authentication"    # 401: the key is wrong or missing
