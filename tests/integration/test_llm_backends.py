@@ -588,15 +588,29 @@ async def test_http_errors_map_to_kinds(upstream: Upstream, mode: str, status: i
     assert upstream.server.request_count == 1
 
 
+@pytest.fixture
+def local_time_not_utc(monkeypatch):
+    """The process's local time zone is not UTC (five hours behind it)."""
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
 @pytest.mark.parametrize("mode", ["generate", "stream"])
-@pytest.mark.parametrize("header", ["seconds", "milliseconds", "http_date"])
-async def test_rate_limited_with_retry_after(upstream: Upstream, mode: str, header: str):
+@pytest.mark.parametrize("header", ["seconds", "milliseconds", "http_date", "asctime_date"])
+async def test_rate_limited_with_retry_after(upstream: Upstream, mode: str, header: str,
+                                             local_time_not_utc):
     if header == "seconds":
         fail, low, high = Fail(status=429, retry_after="2"), 2.0, 2.0
     elif header == "milliseconds":
         fail, low, high = Fail(status=429, retry_after="9", retry_after_ms="1500"), 1.5, 1.5
-    else:
+    elif header == "http_date":
         fail = Fail(status=429, retry_after=email.utils.formatdate(time.time() + 3, usegmt=True))
+        low, high = 1.0, 3.0
+    else:  # HTTP's obsolete asctime form, which names no zone: it is GMT all the same
+        fail = Fail(status=429, retry_after=time.asctime(time.gmtime(time.time() + 3)))
         low, high = 1.0, 3.0
     upstream.server.enqueue(fail)
     error = await call(upstream.backend, mode, chat(user("x")))

@@ -4,6 +4,7 @@ transport (timeout, refused or broken connection) becomes a BackendError."""
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import time
 from collections.abc import Mapping
@@ -59,6 +60,10 @@ def retry_after(headers: Mapping[str, str] | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:
+        # An HTTP date is GMT, also in the asctime form, which names no zone
+        # (a naive datetime would be read as local time).
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - time.time())
 
 
