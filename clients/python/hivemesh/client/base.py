@@ -8,7 +8,7 @@ from typing import Any, Final
 import grpc
 from opentelemetry import propagate, trace
 
-from hivemesh.client.channel import insecure_channel
+from hivemesh.client.channel import insecure_channel, method_timeout
 from hivemesh.client.errors import from_rpc_error
 
 
@@ -31,10 +31,15 @@ def trace_metadata() -> tuple[tuple[str, str], ...] | None:
 
 
 class BaseClient:
+    """``timeout``: of every call unless the call gives its own; DEFAULT is
+    each method's timeout in the service config of its contract (the
+    deadline the contract allows it, such as 60 s for AddMemories); None
+    means no deadline."""
+
     api: str = ""
 
     def __init__(self, target: str | None = None, *, channel: grpc.aio.Channel | None = None,
-                 timeout: float | None = 10.0) -> None:
+                 timeout: float | None | _Default = DEFAULT) -> None:
         if (target is None) == (channel is None):
             raise ValueError("pass exactly one of target or channel")
         self._owns_channel = channel is None
@@ -53,8 +58,12 @@ class BaseClient:
 
     async def _unary(self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any,
                      timeout: float | None | _Default) -> Any:
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        if timeout is DEFAULT:
+            # Methods are named after their requests (GetArtifactRequest: GetArtifact).
+            timeout = method_timeout(self.api, type(request).__name__.removesuffix("Request"))
         try:
-            return await method(request, timeout=self.timeout if timeout is DEFAULT else timeout,
-                                metadata=trace_metadata())
+            return await method(request, timeout=timeout, metadata=trace_metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err

@@ -3,6 +3,7 @@ ships next to each contract (per-method timeouts, retries on UNAVAILABLE)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from importlib import resources
 
@@ -16,6 +17,28 @@ def service_config(api: str) -> str:
     text = resources.files(f"hivemesh.{api}.v1").joinpath(
         f"{api}_grpc_service_config.json").read_text()
     return json.dumps(json.loads(text))
+
+
+@functools.cache
+def _timeouts(api: str) -> dict[str, float]:
+    """The per-method timeouts of ``hivemesh.<api>.v1``'s service config in
+    seconds, by method name ("" for the service-wide one)."""
+    config = json.loads(service_config(api))
+    out: dict[str, float] = {}
+    for method_config in config.get("methodConfig", ()):
+        timeout = method_config.get("timeout")
+        if timeout is None:
+            continue
+        for name in method_config.get("name", ()):
+            out.setdefault(name.get("method", ""), float(timeout.removesuffix("s")))
+    return out
+
+
+def method_timeout(api: str, method: str) -> float | None:
+    """The timeout the service config gives ``method`` of ``hivemesh.<api>.v1``
+    (its own, else the service's), None when it gives none."""
+    timeouts = _timeouts(api)
+    return timeouts.get(method, timeouts.get(""))
 
 
 def insecure_channel(target: str, api: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
