@@ -677,6 +677,23 @@ async def test_context_too_long(upstream: Upstream, mode: str):
 
 
 @pytest.mark.parametrize("mode", ["generate", "stream"])
+async def test_an_anthropic_prompt_that_leaves_no_room_for_max_tokens_is_too_long(mode: str):
+    """Anthropic words its refusal of a prompt that leaves too little of the
+    context window for the requested max_tokens differently from that of a
+    prompt that does not fit at all; both are a context too long."""
+    async with make_server("anthropic") as server:
+        backend = make_backend("anthropic", server.base_url)
+        try:
+            server.enqueue(Fail(status=400, type="invalid_request_error", message=(
+                "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, "
+                "decrease input length or `max_tokens` and try again")))
+            error = await call(backend, mode, chat(user("x"), max_tokens=64000))
+        finally:
+            await backend.close()
+    assert error.kind is ErrorKind.CONTEXT_TOO_LONG and error.status == 400
+
+
+@pytest.mark.parametrize("mode", ["generate", "stream"])
 async def test_answer_that_is_not_the_api_is_unavailable(upstream: Upstream, mode: str):
     """A 200 whose body is not the API's answer (a proxy's error page) is an
     unavailable upstream, never an empty success."""

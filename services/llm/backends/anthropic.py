@@ -78,7 +78,9 @@ _FINISH_REASONS = {
 }
 
 _CONTEXT_PATTERNS = ("prompt is too long", "context window", "maximum context length",
-                     "context_length_exceeded")
+                     "context_length_exceeded",
+                     # the prompt leaves too little room for max_tokens
+                     "exceed context limit")
 
 # The error ``type`` of an error without an HTTP error status (an ``error``
 # event inside a stream, which arrives with the stream's 200).
