@@ -71,7 +71,8 @@ class Garbled:
 @dataclass
 class Raw:
     """Answer 200 with exactly this JSON body, or (a stream) exactly these
-    events: what an upstream that speaks the API loosely sends."""
+    events: what an upstream that speaks the API loosely sends. An event is
+    its data (JSON-encoded unless a string), or a pair (event name, data)."""
 
     body: Any = None
     events: tuple[Any, ...] = ()
@@ -335,5 +336,6 @@ async def send_raw_behaviour(exchange: HttpExchange, raw: Raw) -> None:
         return
     await exchange.start_stream({})
     for event in raw.events:
-        await exchange.send_event(event if isinstance(event, str) else json.dumps(event))
+        name, data = event if isinstance(event, tuple) else (None, event)
+        await exchange.send_event(data if isinstance(data, str) else json.dumps(data), name)
     await exchange.end_stream()

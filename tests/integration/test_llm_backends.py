@@ -892,6 +892,39 @@ async def test_a_stream_that_drops_after_its_finish_is_complete(openai_upstream:
     assert events[-1].finish_reason == "stop" and events[-1].usage_estimated
 
 
+@pytest.mark.parametrize("end", ["clean", "broken"])
+async def test_an_anthropic_stream_that_ends_after_its_message_delta_is_complete(end: str):
+    """message_delta carries the stop reason and the output usage after the
+    last content block: a stream that loses only message_stop after it is
+    a whole answer, as an OpenAI stream that loses what follows its finish."""
+    def event(kind: str, **data: Any) -> tuple[str, dict[str, Any]]:
+        return kind, {"type": kind, **data}
+
+    events: list[Any] = [
+        event("message_start", message={
+            "id": "msg_1", "type": "message", "role": "assistant", "model": MODEL,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 11, "output_tokens": 1}}),
+        event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        event("content_block_delta", index=0, delta={"type": "text_delta", "text": "All there."}),
+        event("content_block_stop", index=0),
+        event("message_delta", delta={"stop_reason": "max_tokens", "stop_sequence": None},
+              usage={"output_tokens": 3})]
+    if end == "broken":
+        events.append(("message_stop", "not json: the connection broke here"))
+    async with make_server("anthropic") as server:
+        backend = make_backend("anthropic", server.base_url)
+        try:
+            server.enqueue(Raw(events=tuple(events)))
+            got, error = await drain(backend, chat(user("x")))
+        finally:
+            await backend.close()
+    assert error is None and text_of(got) == "All there."
+    assert got[-1].finish_reason == "length"
+    assert got[-1].usage == Usage(prompt_tokens=11, completion_tokens=3)
+    assert not got[-1].usage_estimated
+
+
 async def test_a_json_answer_that_is_not_a_message_is_unavailable():
     """Anthropic: a 200 carrying an error object (or anything but a
     message) is an unavailable upstream, never an empty success."""

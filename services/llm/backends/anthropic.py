@@ -44,7 +44,8 @@ a whole ``generate``; for ``stream`` the wait for the response to start and
 every silence between two events. A failure before the first event reaches
 the caller keeps its own kind (an ``overloaded_error`` event is OVERLOADED);
 after it every failure is STREAM_CUT, and so is a stream that ends without
-``message_stop``.
+``message_stop``, unless ``message_delta`` (with the stop reason, after the
+last content block) came: the answer is then whole.
 """
 
 from __future__ import annotations
@@ -227,11 +228,14 @@ class AnthropicBackend(http.UpstreamErrors):
                 elif kind == "message_stop":
                     stopped = True
         except Exception as exc:  # noqa: BLE001
-            raise self._stream_error(exc, timeout_s, yielded) from _cause(exc)
+            if stop_reason is None:
+                raise self._stream_error(exc, timeout_s, yielded) from _cause(exc)
+            # The answer had finished (message_delta follows the last content
+            # block): only message_stop was lost.
         finally:
             await upstream.close()
 
-        if not stopped:
+        if not stopped and stop_reason is None:
             raise BackendError(
                 ErrorKind.STREAM_CUT if yielded else ErrorKind.UNAVAILABLE,
                 f"{self.name}: the upstream stream ended before message_stop")
