@@ -151,14 +151,18 @@ const STREAM_OUTCOME_COMPLETED = 1;
  * SubscribeEvents, WatchAlerts) up to its terminal message and enforces the
  * stream contract: a COMPLETED `end` finishes the iteration (the terminal
  * message itself is yielded last, for what it carries, such as a summary), a
- * FAILED one throws the HivemeshError of its status, and a stream that stops
+ * FAILED one throws the HivemeshError of its status instead of being yielded
+ * (a loop that stops at the terminal message cannot take it for a success;
+ * the error's metadata says what was delivered), and a stream that stops
  * without one throws UNAVAILABLE: it was cut. */
 export async function* untilEnd<M extends StreamMessage>(stream: AsyncIterable<M>): AsyncGenerator<M> {
   for await (const message of stream) {
-    yield message;
-    if (message.event.case === "end") {
+    if (message.event.case !== "end") {
+      yield message;
+    } else {
       const end = message.event.value as StreamEndLike;
       if (end.outcome === STREAM_OUTCOME_COMPLETED) {
+        yield message;
         return;
       }
       throw end.error !== undefined

@@ -105,3 +105,24 @@ test("untilEnd: a COMPLETED end finishes, a FAILED one throws its status, a cut 
     (err: unknown) => err instanceof HivemeshError && err.code === Code.Unavailable,
   );
 });
+
+test("untilEnd: a FAILED end is thrown, not yielded, so a loop that stops at the end still fails", async () => {
+  const failed = create(StatusSchema, { code: Code.Unavailable, message: "stream interrupted" });
+  async function* stream() {
+    yield { event: { case: "delta", value: { text: "hi" } } };
+    yield { event: { case: "end", value: { outcome: 2, error: failed } } };
+  }
+  const seen: string[] = [];
+  await assert.rejects(
+    (async () => {
+      for await (const m of untilEnd(stream())) {
+        seen.push(m.event.case);
+        if (m.event.case === "end") {
+          break; // the terminal message: nothing follows it
+        }
+      }
+    })(),
+    (err: unknown) => err instanceof HivemeshError && err.rawMessage === "stream interrupted",
+  );
+  assert.deepEqual(seen, ["delta"]);
+});
