@@ -252,8 +252,10 @@ class LlmServicer(LlmServiceServicer):
         self.idempotency = idempotency
 
     def _deadline(self, context) -> float:
+        """The caller's deadline; ``default_deadline_s`` from now when it
+        set none."""
         left = context.time_remaining() if context is not None else None
-        if left is None or left > self.default_deadline_s:
+        if left is None:
             left = self.default_deadline_s
         return time.monotonic() + left
 

@@ -211,6 +211,17 @@ async def test_a_client_does_not_retry_what_the_service_already_retried():
         await backends.close()
 
 
+async def test_the_default_deadline_applies_only_when_the_caller_sets_none():
+    """default_deadline_s is the deadline of a call without one: a caller
+    that allows longer than it (a slow model) is given what it allows."""
+    s = settings(max_attempts=1)
+    s.default_deadline_s = 0.3
+    async with serve(s) as (stub, backends):
+        backends["primary"].latency_s = 0.5  # longer than the default, shorter than the call's
+        answer = await call(stub.Generate, gen(model="solo"))
+        assert answer.backend == "primary" and answer.attempts == 1
+
+
 async def test_rate_limit_refuses_before_any_upstream_call():
     async with serve(settings(requests_per_minute=2)) as (stub, backends):
         for _ in range(2):
