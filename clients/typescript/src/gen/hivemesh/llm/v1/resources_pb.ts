@@ -391,7 +391,9 @@ export type Model = Message$1<"hivemesh.llm.v1.Model"> & {
 
   /**
    * Aliases tried in this order when this one fails with a retryable
-   * upstream error before any output was delivered.
+   * upstream error before any output was delivered. Chat aliases only: Embed
+   * uses the alias asked for alone (another model's vectors are not
+   * comparable with the ones a caller stored).
    *
    * @generated from field: repeated string fallback_aliases = 5;
    */
