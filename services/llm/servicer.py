@@ -231,6 +231,8 @@ def route_error(exc: RouteError) -> errors.ServiceError:
     }
     code, reason = table.get(kind, (grpc.StatusCode.UNAVAILABLE,
                                     ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE))
+    if kind is ErrorKind.BAD_REQUEST and last.status == 413:
+        reason = ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE
     details = []
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         details.append(errors.retry_info(last.retry_after_s or 1.0))

@@ -736,6 +736,30 @@ async def test_a_model_without_json_schema_support_is_prompted_for_the_schema():
         assert native.messages[0].content == "You write code."
 
 
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_a_request_too_large_for_the_upstream_is_payload_too_large(monkeypatch, kind):
+    """An upstream's 413 is the contract's PAYLOAD_TOO_LARGE, not an
+    unexplained upstream error; like any bad request it is not retried."""
+    from fakes import Fail
+    from fakes.anthropic_server import FakeAnthropic
+    from fakes.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    async with (FakeAnthropic() if kind == "anthropic" else FakeOpenAI()) as upstream:
+        upstream.enqueue(Fail(status=413, message="request exceeds the maximum allowed size"))
+        s = LlmSettings(
+            server=ServerSettings(port=0, grace_period_s=1),
+            backends={"up": BackendSettings(type=kind, base_url=upstream.base_url,
+                                            api_key_env="FAKE_UPSTREAM_KEY")},
+            models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True)])
+        async with serve(s) as (stub, _):
+            with pytest.raises(InvalidArgumentError) as err:
+                await call(stub.Generate, gen())
+        assert upstream.request_count == 1
+    assert err.value.reason == "PAYLOAD_TOO_LARGE"
+    assert err.value.metadata["upstream_status"] == "413"
+
+
 def _chunk(delta, finish=None):
     return {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "up",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
