@@ -154,6 +154,14 @@ def _completion_tokens(content: str, calls) -> int:
     return estimate_tokens(content) + sum(estimate_tokens(c.arguments) for c in calls)
 
 
+def _prompt_tokens(chat: ChatRequest, failure: BackendError | None) -> int:
+    """The prompt tokens of a stream that did not finish: as the upstream
+    reported them before it broke, else estimated."""
+    if failure is not None and failure.usage is not None:
+        return failure.usage.prompt_tokens
+    return estimate_prompt_tokens(chat.messages)
+
+
 def _tool_calls(pieces: dict[int, list[str]]) -> list[ToolCall]:
     """The tool calls of a stream so far, from its [id, name, arguments]
     by index."""
@@ -429,7 +437,7 @@ class LlmServicer(LlmServiceServicer):
             # caller left (this generator is then closed or cancelled where
             # it waits, and nothing after this block runs).
             used = (finish.usage.total_tokens if finish is not None else
-                    estimate_prompt_tokens(chat.messages)
+                    _prompt_tokens(chat, failure)
                     + _completion_tokens("".join(text), _tool_calls(calls)))
             self.router.settle_stream(route, estimated, used, failure)
         content = "".join(text)
@@ -453,9 +461,11 @@ class LlmServicer(LlmServiceServicer):
                 end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED), summary=summary)
             return
         summary.finish_reason = _FINISH["error"]
-        summary.usage.CopyFrom(_usage(estimate_prompt_tokens(chat.messages),
-                                      summary.delivered_completion_tokens))
-        summary.usage_estimated = True
+        summary.usage.CopyFrom(_usage(_prompt_tokens(chat, failure),
+                                      summary.delivered_completion_tokens,
+                                      failure.usage.cached_prompt_tokens
+                                      if failure is not None and failure.usage else 0))
+        summary.usage_estimated = True  # the completion's part at least
         error = errors.ServiceError(
             grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_STREAM_INTERRUPTED,
             f"the stream broke after {delivered} chunks: {failure.message if failure else ''}",

@@ -760,6 +760,35 @@ async def test_a_request_too_large_for_the_upstream_is_payload_too_large(monkeyp
     assert err.value.metadata["upstream_status"] == "413"
 
 
+@pytest.mark.parametrize("clean", [False, True])
+async def test_a_broken_stream_reports_the_prompt_usage_the_upstream_reported(monkeypatch, clean):
+    """Anthropic reports the prompt's tokens (with those read from its
+    cache) when the stream starts: a stream that breaks later summarises
+    those, not an estimate of the prompt's text."""
+    from fakes import Reply
+    from fakes.anthropic_server import FakeAnthropic
+
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    async with FakeAnthropic() as upstream:
+        upstream.enqueue(Reply(text="one two three four five", prompt_tokens=5000,
+                               cached_tokens=4000, cut_after=2, clean_cut=clean))
+        s = LlmSettings(
+            server=ServerSettings(port=0, grace_period_s=1),
+            backends={"up": BackendSettings(type="anthropic", base_url=upstream.base_url,
+                                            api_key_env="FAKE_UPSTREAM_KEY")},
+            models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True)])
+        async with serve(s) as (stub, _):
+            messages = await _read_stream(stub, StreamGenerateRequest(
+                request_id=rid(), model="main", prompt=Prompt(prompt="count")))
+    last = messages[-1]
+    assert last.end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+    usage = last.summary.usage
+    assert (usage.prompt_tokens, usage.cached_prompt_tokens) == (5000, 4000)
+    assert usage.completion_tokens == last.summary.delivered_completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert last.summary.usage_estimated  # the completion's part is
+
+
 def _chunk(delta, finish=None):
     return {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "up",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}

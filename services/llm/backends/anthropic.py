@@ -229,7 +229,9 @@ class AnthropicBackend(http.UpstreamErrors):
                     stopped = True
         except Exception as exc:  # noqa: BLE001
             if stop_reason is None:
-                raise self._stream_error(exc, timeout_s, yielded) from _cause(exc)
+                error = self._stream_error(exc, timeout_s, yielded)
+                error.usage = error.usage or input_usage  # the prompt's, from message_start
+                raise error from _cause(exc)
             # The answer had finished (message_delta follows the last content
             # block): only message_stop was lost.
         finally:
@@ -238,7 +240,7 @@ class AnthropicBackend(http.UpstreamErrors):
         if not stopped and stop_reason is None:
             raise BackendError(
                 ErrorKind.STREAM_CUT if yielded else ErrorKind.UNAVAILABLE,
-                f"{self.name}: the upstream stream ended before message_stop")
+                f"{self.name}: the upstream stream ended before message_stop", usage=input_usage)
         estimated = input_usage is None or output_tokens is None
         if estimated:
             usage = Usage(

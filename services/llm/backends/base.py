@@ -47,15 +47,18 @@ _RETRYABLE = {ErrorKind.RATE_LIMITED, ErrorKind.OVERLOADED, ErrorKind.UNAVAILABL
 
 
 class BackendError(Exception):
-    """One failed upstream attempt. ``message`` never contains a credential."""
+    """One failed upstream attempt. ``message`` never contains a credential.
+    ``usage``: what the upstream reported of a stream's usage before it
+    broke (its prompt tokens), None when it reported nothing."""
 
     def __init__(self, kind: ErrorKind, message: str, *, status: int | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, usage: Usage | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status
         self.retry_after_s = retry_after_s
+        self.usage = usage
 
 
 @dataclass(frozen=True, slots=True)
