@@ -89,7 +89,14 @@ class FakeOpenAI(FakeHttpServer):
             await exchange.send_json(200, _completion(behaviour, recorded.body))
 
     def _refusal(self, body: dict[str, Any]) -> Fail | None:
-        """OpenAI's answer to parameters a reasoning model does not take."""
+        """OpenAI's answer to a JSON mode request whose messages never say
+        JSON, and to parameters a reasoning model does not take."""
+        if (body.get("response_format") or {}).get("type") == "json_object" and \
+                "json" not in json.dumps([m.get("content") for m in body.get("messages", [])]
+                                         ).lower():
+            return Fail(status=400, type="invalid_request_error", code=None,
+                        message="'messages' must contain the word 'json' in some form, to use "
+                                "'response_format' of type 'json_object'.")
         model = str(body.get("model", "")).removeprefix("ft:")
         if not self.reasoning_models or not model.startswith(self.reasoning_models):
             return None

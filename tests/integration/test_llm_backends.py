@@ -442,10 +442,15 @@ async def test_response_format(upstream: Upstream):
     await upstream.backend.generate(chat(ChatMessage(role="system", content="Be exact."),
                                          user("x"), response_format="json_object"), TIMEOUT_S)
     body = upstream.server.last.body
-    if upstream.is_anthropic:  # emulated by an instruction in the system prompt
-        assert body["system"] == "Be exact.\n\n" + JSON_OBJECT_INSTRUCTION
-    else:
+    # Anthropic: emulated by an instruction in the system prompt; OpenAI
+    # refuses JSON mode unless a message asks for JSON: the same instruction
+    assert upstream.system_prompt(body) == "Be exact.\n\n" + JSON_OBJECT_INSTRUCTION
+    if not upstream.is_anthropic:
         assert body["response_format"] == {"type": "json_object"}
+    await upstream.backend.generate(chat(user("Answer in JSON."), response_format="json_object"),
+                                    TIMEOUT_S)
+    if not upstream.is_anthropic:  # asked already: nothing added
+        assert upstream.system_prompt(upstream.server.last.body) is None
 
     await upstream.backend.generate(chat(user("x"), response_format="json_schema",
                                          response_schema=schema, response_schema_name="answer",
@@ -462,7 +467,7 @@ async def test_response_format(upstream: Upstream):
     with pytest.raises(BackendError) as caught:
         await upstream.backend.generate(chat(user("x"), response_format="json_schema"), TIMEOUT_S)
     assert caught.value.kind is ErrorKind.BAD_REQUEST
-    assert upstream.server.request_count == 2
+    assert upstream.server.request_count == 3
 
 
 # -- streams ------------------------------------------------------------------

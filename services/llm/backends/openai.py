@@ -24,6 +24,10 @@ requests carry the limit as ``max_completion_tokens``, and no
 other model, and every model of a compatible server unless configured so,
 gets ``max_tokens``, which all compatible servers take.
 
+JSON mode (``response_format`` json_object) is refused by OpenAI unless a
+message asks for JSON: when none says "JSON", the request's system message
+gets the instruction the Anthropic backend uses for it.
+
 Timeouts: ``timeout_s`` bounds the whole of a ``generate``/``embed`` call.
 For ``stream`` it bounds the wait for the response to start and every
 silence between two chunks, not the length of the whole stream.
@@ -49,9 +53,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from . import http
 from .base import (
-    BackendError, ChatMessage, ChatRequest, ChatResult, EmbedResult, ErrorKind, StreamDelta,
-    StreamEvent, StreamFinish, ToolCall, ToolCallDelta, Usage, estimate_prompt_tokens,
-    estimate_tokens)
+    JSON_OBJECT_INSTRUCTION, BackendError, ChatMessage, ChatRequest, ChatResult, EmbedResult,
+    ErrorKind, StreamDelta, StreamEvent, StreamFinish, ToolCall, ToolCallDelta, Usage,
+    estimate_prompt_tokens, estimate_tokens)
 
 __all__ = ["OpenAIBackend", "is_reasoning_model"]
 
@@ -354,6 +358,9 @@ def _chat_params(request: ChatRequest, reasoning: bool = False) -> dict[str, Any
     fmt = request.response_format
     if fmt == "json_object":
         params["response_format"] = {"type": "json_object"}
+        if not any("json" in (m.content or "").lower() for m in request.messages):
+            # OpenAI refuses JSON mode unless a message asks for JSON.
+            _instruct(params["messages"], JSON_OBJECT_INSTRUCTION)
     elif fmt == "json_schema":
         if not request.response_schema:
             raise BackendError(ErrorKind.BAD_REQUEST,
@@ -368,6 +375,17 @@ def _chat_params(request: ChatRequest, reasoning: bool = False) -> dict[str, Any
     elif fmt not in (None, "", "text"):
         raise BackendError(ErrorKind.BAD_REQUEST, f"unknown response_format {fmt!r}")
     return params
+
+
+def _instruct(messages: list[dict[str, Any]], instruction: str) -> None:
+    """Adds ``instruction`` to the system message that opens ``messages``
+    (a new one if none does)."""
+    if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+        first = messages[0]
+        first["content"] = f"{first['content']}\n\n{instruction}" if first["content"] \
+            else instruction
+    else:
+        messages.insert(0, {"role": "system", "content": instruction})
 
 
 def _stream_params(params: dict[str, Any]) -> dict[str, Any]:
