@@ -47,3 +47,39 @@ async def test_the_clients_and_the_calls_own_timeouts_win():
         assert stub.timeouts["GetArtifact"] == 7
         await artifacts.get("a")
         assert stub.timeouts["GetArtifact"] == 10.0
+
+
+async def test_no_timeout_and_longer_timeouts_are_not_capped_by_the_service_config(
+        monkeypatch, tmp_path):
+    # The deadline a call asks for is its deadline: the channel's service
+    # config must not cut it shorter (here its timeout is far below the
+    # backend's latency).
+    import json
+
+    from hivemesh.client import channel as channel_module
+    from hivemesh.runtime.settings import ServerSettings
+    from hivemesh.services.artifact.backends.memory import MemoryBackend
+    from hivemesh.services.artifact.fake import FaultyBackend
+    from hivemesh.services.artifact.server import create_server
+    from hivemesh.services.artifact.settings import ArtifactSettings
+
+    contract = channel_module.service_config
+
+    def short_config(api: str) -> str:
+        config = json.loads(contract(api))
+        for method_config in config["methodConfig"]:
+            method_config["timeout"] = "0.01s"
+        return json.dumps(config)
+
+    monkeypatch.setattr(channel_module, "service_config", short_config)
+    backend = FaultyBackend(MemoryBackend())
+    backend.latency_s = 0.3
+    running, port = await create_server(ArtifactSettings(
+        server=ServerSettings(host="127.0.0.1", port=0, grace_period_s=0), data_dir=tmp_path),
+        backend)
+    try:
+        async with ArtifactClient(f"127.0.0.1:{port}", timeout=None) as artifacts:
+            assert await artifacts.count() == 0
+            assert await artifacts.count(timeout=30) == 0
+    finally:
+        await running.shutdown(0)

@@ -43,7 +43,10 @@ class BaseClient:
         if (target is None) == (channel is None):
             raise ValueError("pass exactly one of target or channel")
         self._owns_channel = channel is None
-        self.channel = channel if channel is not None else insecure_channel(target, self.api)
+        # Each call's deadline comes from _unary (the method's timeout unless
+        # the client or the call says otherwise), not from the channel.
+        self.channel = (channel if channel is not None
+                        else insecure_channel(target, self.api, timeouts=False))
         self.timeout = timeout
 
     async def close(self) -> None:

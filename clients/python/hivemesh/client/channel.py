@@ -41,10 +41,21 @@ def method_timeout(api: str, method: str) -> float | None:
     return timeouts.get(method, timeouts.get(""))
 
 
+def _without_timeouts(config_json: str) -> str:
+    config = json.loads(config_json)
+    for method_config in config.get("methodConfig", ()):
+        method_config.pop("timeout", None)
+    return json.dumps(config)
+
+
 def insecure_channel(target: str, api: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                     interceptors=None) -> grpc.aio.Channel:
+                     interceptors=None, timeouts: bool = True) -> grpc.aio.Channel:
+    """``timeouts=False`` leaves the service config's timeouts out, for callers
+    that give every call its deadline (gRPC would otherwise cap each call,
+    even one without a deadline, at its method's timeout)."""
+    config = service_config(api)
     options = [
-        ("grpc.service_config", service_config(api)),
+        ("grpc.service_config", config if timeouts else _without_timeouts(config)),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
