@@ -83,3 +83,14 @@ async def test_no_timeout_and_longer_timeouts_are_not_capped_by_the_service_conf
             assert await artifacts.count(timeout=30) == 0
     finally:
         await running.shutdown(0)
+
+
+def test_a_method_whose_own_config_gives_no_timeout_has_none():
+    # A method's own entry replaces the service's, timeout included: these
+    # long-lived streams get no deadline from the service config.
+    from hivemesh.client.channel import method_timeout
+
+    assert method_timeout("information", "WatchAlerts") is None
+    assert method_timeout("orchestrator", "SubscribeEvents") is None
+    assert method_timeout("information", "GetMetrics") == 30.0
+    assert method_timeout("information", "Reserve") == 5.0

@@ -20,17 +20,20 @@ def service_config(api: str) -> str:
 
 
 @functools.cache
-def _timeouts(api: str) -> dict[str, float]:
+def _timeouts(api: str) -> dict[str, float | None]:
     """The per-method timeouts of ``hivemesh.<api>.v1``'s service config in
-    seconds, by method name ("" for the service-wide one)."""
+    seconds, by method name ("" for the service-wide one); None for a method
+    whose own entry gives no timeout (it replaces the service-wide one)."""
     config = json.loads(service_config(api))
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = {}
     for method_config in config.get("methodConfig", ()):
         timeout = method_config.get("timeout")
-        if timeout is None:
-            continue
         for name in method_config.get("name", ()):
-            out.setdefault(name.get("method", ""), float(timeout.removesuffix("s")))
+            method = name.get("method", "")
+            if timeout is None and not method:
+                continue
+            out.setdefault(method, None if timeout is None
+                           else float(timeout.removesuffix("s")))
     return out
 
 
@@ -38,7 +41,7 @@ def method_timeout(api: str, method: str) -> float | None:
     """The timeout the service config gives ``method`` of ``hivemesh.<api>.v1``
     (its own, else the service's), None when it gives none."""
     timeouts = _timeouts(api)
-    return timeouts.get(method, timeouts.get(""))
+    return timeouts[method] if method in timeouts else timeouts.get("")
 
 
 def _without_timeouts(config_json: str) -> str:
