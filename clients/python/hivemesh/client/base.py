@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import baggage, propagate, trace
 
 from hivemesh.client.channel import insecure_channel, method_timeout
 from hivemesh.client.errors import from_rpc_error
@@ -23,7 +23,7 @@ DEFAULT: Final = _Default()
 
 def trace_metadata() -> tuple[tuple[str, str], ...] | None:
     """traceparent/tracestate/baggage of the current context, if any."""
-    if not trace.get_current_span().get_span_context().is_valid:
+    if not trace.get_current_span().get_span_context().is_valid and not baggage.get_all():
         return None
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
