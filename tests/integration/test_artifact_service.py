@@ -215,6 +215,30 @@ async def test_backend_outage_is_unavailable_and_writes_nothing(artifact_setting
         await running.shutdown(0)
 
 
+async def test_a_large_save_is_retried_like_a_small_one(artifact_settings, tmp_path):
+    # gRPC keeps 256 KiB of a call for its retries by default, and a call
+    # that outgrows the buffer is never retried; a save of up to the content
+    # limit must be retried on UNAVAILABLE all the same.
+    from hivemesh.client import ArtifactClient
+    from hivemesh.services.artifact.backends.memory import MemoryBackend
+    from hivemesh.services.artifact.fake import FaultyBackend
+    from hivemesh.services.artifact.server import create_server
+
+    settings = artifact_settings.model_copy(update={"max_content_bytes": 4 * 1024 * 1024})
+    backend = FaultyBackend(MemoryBackend())
+    running, port = await create_server(settings, backend)
+    try:
+        async with ArtifactClient(f"127.0.0.1:{port}") as client:
+            backend.fail_next(1)
+            saved = await client.save(workflow_id="wf-l", agent_id="a", artifact_type="code",
+                                      content="é" * (2 * 1024 * 1024))
+            assert backend.calls["save"] == 2
+            assert saved.artifact.size_bytes == 4 * 1024 * 1024
+            assert await client.count(workflow_id="wf-l") == 1
+    finally:
+        await running.shutdown(0)
+
+
 @contextlib.asynccontextmanager
 async def small_messages(artifact_backend, tmp_path):
     """A client of an artifact server whose messages are at most 256 KiB

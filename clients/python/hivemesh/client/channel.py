@@ -60,6 +60,9 @@ def insecure_channel(target: str, api: str, *, max_message_bytes: int = DEFAULT_
     options = [
         ("grpc.service_config", config if timeouts else _without_timeouts(config)),
         ("grpc.enable_retries", 1),
+        # A call is retried only while it fits this buffer (256 KiB unless
+        # set): any request the channel may send must fit it.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
