@@ -346,3 +346,21 @@ async def test_a_failing_sqlite_read_is_unavailable(tmp_path):
     finally:
         backend.db.reader = reader
         await backend.close()
+
+
+async def test_replicas_starting_at_once_on_a_new_postgres_schema_all_open():
+    """Several replicas opening the same new schema at the same moment all
+    start (creating the schema races like creating its tables)."""
+    from conftest import POSTGRES_DSN, fresh_postgres_schema
+
+    from hivemesh.services.artifact.backends.postgres import PostgresBackend
+
+    for _ in range(5):
+        async with fresh_postgres_schema() as schema:
+            opened = await asyncio.gather(
+                *[PostgresBackend.open(POSTGRES_DSN, schema, max_size=2) for _ in range(8)],
+                return_exceptions=True)
+            for backend in opened:
+                if not isinstance(backend, BaseException):
+                    await backend.close()
+            assert not [b for b in opened if isinstance(b, BaseException)]

@@ -78,11 +78,12 @@ class PostgresBackend:
         try:
             await pool.open(wait=True, timeout=timeout_s)
             async with pool.connection() as conn:
-                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                    sql.Identifier(schema)))
-                # Serialize concurrent first starts of several replicas.
+                # Serialize concurrent first starts of several replicas (IF NOT
+                # EXISTS does not: two may both find the schema missing).
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock(7263551)")
+                    await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                        sql.Identifier(schema)))
                     await conn.execute(sql.SQL(_SCHEMA).format(s=sql.Identifier(schema)))
         except (psycopg.OperationalError, TimeoutError) as exc:
             await pool.close()
