@@ -11,6 +11,7 @@ import uuid
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from hivemesh.artifact.v1 import ArtifactServiceStub, SaveArtifactRequest
 from hivemesh.services.artifact.backends.base import Filter
@@ -97,6 +98,54 @@ async def test_list_filters_combine_and_page_newest_first(artifacts):
     assert await artifacts.count() == 7
     lean = await artifacts.list(workflow_id="wf-p", omit_content=True, page_size=1)
     assert lean.artifacts[0].content == "" and lean.artifacts[0].size_bytes == 2
+
+
+async def test_equal_times_and_deletes_between_pages_lose_and_repeat_nothing(
+        artifacts, monkeypatch):
+    """Artifacts saved in the same microsecond page in one order on every
+    backend; deleting the last artifact of a page and the first of the next
+    before reading on neither skips nor repeats the others."""
+    from types import SimpleNamespace
+
+    from hivemesh.services.artifact import servicer
+
+    frozen = SimpleNamespace(time_ns=lambda: 1_700_000_000_123_456_000)
+    monkeypatch.setattr(servicer, "time", frozen)
+    ids = [(await artifacts.save(workflow_id="wf-eq", agent_id="a", artifact_type="code",
+                                 content=str(i))).artifact.artifact_id for i in range(9)]
+    monkeypatch.undo()
+    newest_first = sorted(ids, reverse=True)
+    first = await artifacts.list(workflow_id="wf-eq", page_size=3)
+    assert [a.artifact_id for a in first.artifacts] == newest_first[:3]
+    assert await artifacts.delete(newest_first[2]) and await artifacts.delete(newest_first[3])
+    rest, token = [], first.next_page_token
+    while token:
+        page = await artifacts.list(workflow_id="wf-eq", page_size=3, page_token=token)
+        rest += [a.artifact_id for a in page.artifacts]
+        token = page.next_page_token
+    assert rest == newest_first[4:]
+    assert await artifacts.count(workflow_id="wf-eq") == 7
+    assert len([a async for a in artifacts.iter(workflow_id="wf-eq", page_size=2)]) == 7
+
+
+async def test_unicode_content_and_metadata_keys_round_trip_with_their_checksum(artifacts):
+    content = "naïve café 🐝 日本語\r\n"
+    metadata = {"ключ": "значение", "🐝": 1, "ü": {"ß": [True, None, "ø"]}, "": "empty key"}
+    rid = str(uuid.uuid4())
+    saved = await artifacts.save(workflow_id="wf-ü", agent_id="агент", artifact_type="code",
+                                 content=content, metadata=metadata, request_id=rid)
+    a = saved.artifact
+    assert a.size_bytes == len(content.encode()) and a.size_bytes != len(content)
+    assert a.sha256 == hashlib.sha256(content.encode()).hexdigest()
+    got = await artifacts.get(a.artifact_id)
+    assert got == a and got.content == content
+    assert json_format.MessageToDict(got.metadata) == {**metadata, "🐝": 1.0}
+    again = await artifacts.save(workflow_id="wf-ü", agent_id="агент", artifact_type="code",
+                                 content=content, metadata=metadata, request_id=rid)
+    assert again.replayed and again.artifact == a
+    (listed,) = [x async for x in artifacts.iter(workflow_id="wf-ü", agent_id="агент")]
+    assert listed == a
+    assert await artifacts.count(workflow_id="wf-ü", agent_id="агент") == 1
 
 
 async def test_page_token_is_bound_to_its_filter(artifacts):
