@@ -22,3 +22,12 @@ def test_every_package_folder_is_listed():
     listed = set(config["packages"])
     assert expected == listed, {"missing": sorted(expected - listed),
                                 "stale": sorted(listed - expected)}
+
+
+def test_the_typed_client_is_marked_typed():
+    # PEP 561: without py.typed at the package root, type checkers ignore the
+    # annotations of the installed client and the generated .pyi stubs.
+    assert (ROOT / "clients/python/hivemesh/py.typed").is_file()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]
+    assert "py.typed" in package_data["*"]
