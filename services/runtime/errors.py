@@ -46,17 +46,37 @@ class ServiceError(Exception):
         super().__init__(self.message)
 
     def to_status(self, domain: str) -> status_pb2.Status:
+        """The status, its message and metadata values cut short to fit the
+        trailers (``MAX_MESSAGE_BYTES``, ``MAX_METADATA_VALUE_BYTES``)."""
         info = error_details_pb2.ErrorInfo(
             reason=reason_name(self.reason),
             domain=domain,
-            metadata={k: str(v) for k, v in self.metadata.items()},
+            metadata={k: _cut(str(v), MAX_METADATA_VALUE_BYTES)
+                      for k, v in self.metadata.items()},
         )
         packed = []
         for detail in [info, *self.details]:
             any_msg = any_pb2.Any()
             any_msg.Pack(detail)
             packed.append(any_msg)
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        return status_pb2.Status(code=self.code.value[0],
+                                 message=_cut(self.message, MAX_MESSAGE_BYTES), details=packed)
+
+
+# The status travels in trailers, twice (grpc-message, where each byte of
+# non-ASCII text takes three, and grpc-status-details-bin, in base64), and
+# gRPC refuses trailers over 16 KiB (and may over 8 KiB): an error quoting a
+# long id or upstream answer would reach the client as RESOURCE_EXHAUSTED.
+# Longer texts are cut to these many bytes of UTF-8.
+MAX_MESSAGE_BYTES = 1024
+MAX_METADATA_VALUE_BYTES = 256
+
+
+def _cut(text: str, limit: int) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit - 3].decode(errors="ignore") + "..."
 
 
 def bad_request(violations: Iterable[tuple[str, str]]) -> error_details_pb2.BadRequest:

@@ -184,7 +184,7 @@ class ErrorMiddleware(Middleware):
         if not error.retry:
             # A negative pushback tells gRPC clients not to retry this call.
             trailers = (*trailers, ("grpc-retry-pushback-ms", "-1"))
-        await context.abort(error.code, error.message, trailing_metadata=trailers)
+        await context.abort(error.code, status.message, trailing_metadata=trailers)
 
     async def unary(self, behavior, request, context, method):
         try:

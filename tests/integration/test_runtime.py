@@ -288,3 +288,22 @@ async def test_without_a_tracer_provider_the_callers_trace_passes_through(artifa
     assert outgoing["traceparent"].split("-")[1] == f"{span.trace_id:032x}"
     assert "hivemesh.tenant_id=acme" in outgoing["baggage"]
     assert not bare_span.is_valid and bare_tenant is None and bare_outgoing == {}
+
+
+async def test_an_error_with_a_long_message_or_metadata_still_reaches_the_client(
+        artifact_settings):
+    """The status travels in trailers, which gRPC refuses over 16 KiB: an
+    error quoting a long upstream answer or a long id must still arrive as
+    itself, its texts cut short, not as RESOURCE_EXHAUSTED."""
+    from hivemesh.client import NotFoundError
+    from hivemesh.runtime import errors
+
+    class Wordy(ArtifactServicer):
+        async def CountArtifacts(self, request, context):
+            raise errors.not_found("artifact", "é" * 20_000)
+
+    error = await _count_error(artifact_settings, Wordy, NotFoundError)
+    assert (error.reason, error.domain) == ("NOT_FOUND", DOMAIN)
+    assert error.message.startswith("artifact 'éé")
+    assert error.metadata["resource_type"] == "artifact"
+    assert error.metadata["resource_id"].startswith("éé")
