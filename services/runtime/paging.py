@@ -52,7 +52,7 @@ def decode(token: str, filters_digest: str, shape: tuple[type, ...]) -> list:
                 isinstance(v, t) and not isinstance(v, bool) and _storable(v)
                 for v, t in zip(key, shape)):
             raise ValueError("bad token")
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # (arrays nested past the stack)
         raise errors.invalid_argument([("page_token", "page_token is malformed")]) from None
     if seen != filters_digest:
         raise errors.invalid_argument(

@@ -30,3 +30,15 @@ def test_a_token_of_another_request_or_no_token_at_all_is_refused():
     for garbage in ("!!!", "bm90IGpzb24", paging.encode(["a"], "d")[:-3]):
         with pytest.raises(errors.ServiceError):
             paging.decode(garbage, "d", (str,))
+
+
+def test_a_token_nesting_arrays_deeper_than_python_recurses_is_malformed():
+    """A doctored token of nested arrays, within the 2048 characters some
+    page_token fields allow, is the caller's error, not INTERNAL."""
+    import base64
+
+    token = base64.urlsafe_b64encode(b"[" * 1500).decode().rstrip("=")
+    assert len(token) <= 2048
+    with pytest.raises(errors.ServiceError) as err:
+        paging.decode(token, "d", (str,))
+    assert err.value.message == "page_token: page_token is malformed"
