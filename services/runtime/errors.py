@@ -137,7 +137,14 @@ def shutting_down() -> ServiceError:
                         "the service is shutting down; retry on another replica")
 
 
+# The longest google.protobuf.Duration, in seconds (about 10,000 years).
+_MAX_DURATION_S = 315_576_000_000
+
+
 def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    """RetryInfo of ``seconds``, within what a Duration holds: an
+    upstream's Retry-After may be anything (``inf``, ``1e400``)."""
+    seconds = min(seconds, _MAX_DURATION_S) if seconds > 0 else 0.0  # (NaN: 0)
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(int(seconds * 1e9))
     return error_details_pb2.RetryInfo(retry_delay=delay)

@@ -53,3 +53,16 @@ def test_every_status_code_maps_to_a_typed_exception():
         translated = client_errors.from_rpc_error(_FakeRpcError(error.to_status("d")))
         assert translated.code is code
         assert isinstance(translated, client_errors.HivemeshError)
+
+
+def test_a_retry_delay_beyond_what_a_duration_holds_is_the_longest_one():
+    """An upstream's Retry-After can say anything (``inf``, ``1e400``):
+    RetryInfo carries the longest valid Duration, not an OverflowError that
+    turns the answer into INTERNAL; a negative or NaN delay is no delay."""
+    longest = 315_576_000_000  # google.protobuf.Duration's range, in seconds
+    for seconds in (float("inf"), 1e300, 1e12):
+        assert errors.retry_info(seconds).retry_delay.seconds == longest
+    for seconds in (-1.0, float("nan")):
+        delay = errors.retry_info(seconds).retry_delay
+        assert (delay.seconds, delay.nanos) == (0, 0)
+    assert errors.retry_info(1.5).retry_delay.ToNanoseconds() == 1_500_000_000
