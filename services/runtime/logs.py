@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
+from collections.abc import Mapping
 
 from opentelemetry import trace
 
@@ -68,6 +70,23 @@ def redact(text: str) -> str:
     return _SECRET_VALUE.sub(_hide, text)
 
 
+def _plain(value: object) -> object:
+    """``value`` as JSON holds it, its text redacted: a mapping with text
+    keys, a list, a finite number; anything else as its (redacted) text,
+    so that no field loses the line or makes it something other than JSON."""
+    if isinstance(value, str):
+        return redact(value)
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return redact(str(value))
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -92,8 +111,7 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key in _STANDARD or key.startswith("_"):
                 continue
-            entry[key] = "[REDACTED]" if _SECRET_KEY.search(key) else (
-                redact(value) if isinstance(value, str) else value)
+            entry[key] = "[REDACTED]" if _SECRET_KEY.search(key) else _plain(value)
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)

@@ -130,3 +130,31 @@ def test_structured_fields_named_like_counts_stay_and_secret_names_go():
     for key in ("access_token", "openai_api_key", "client_secret", "apiKey", "token",
                 "authorization"):
         assert entry[key] == "[REDACTED]", key
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_field_json_cannot_hold_as_is_still_gives_a_json_line():
+    """A mapping with keys that are not text, a NaN or an infinity: the line
+    is still written, and is JSON a strict parser reads."""
+    record = logging.LogRecord("hivemesh.test", logging.INFO, __file__, 1, "counted", (), None)
+    record.by_pair = {("a", "b"): 1}
+    record.ratio = float("nan")
+    record.ceiling = [float("inf")]
+    entry = _strict_json(JsonFormatter("artifact").format(record))
+    assert entry["msg"] == "counted"
+    assert entry["by_pair"] == {"('a', 'b')": 1}
+    assert entry["ratio"] == "nan" and entry["ceiling"] == ["inf"]
+
+
+def test_a_field_that_is_no_text_is_redacted_as_text():
+    class Endpoint:
+        def __str__(self):
+            return "https://user:hunter2@api.example.com/v1"
+
+    entry = _format("calling", endpoint=Endpoint(), urls=["postgresql://u:hunter2@db/x"])
+    assert "hunter2" not in json.dumps(entry)
