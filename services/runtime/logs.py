@@ -72,7 +72,7 @@ def redact(text: str) -> str:
 
 def _plain(value: object) -> object:
     """``value`` as JSON holds it, its text redacted: a mapping with text
-    keys, a list, a finite number; anything else as its (redacted) text,
+    keys (the value of one named like a credential replaced), a list, a finite number; anything else as its (redacted) text,
     so that no field loses the line or makes it something other than JSON."""
     if isinstance(value, str):
         return redact(value)
@@ -81,7 +81,8 @@ def _plain(value: object) -> object:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): "[REDACTED]" if _SECRET_KEY.search(str(k)) else _plain(v)
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return redact(str(value))

@@ -158,3 +158,12 @@ def test_a_field_that_is_no_text_is_redacted_as_text():
 
     entry = _format("calling", endpoint=Endpoint(), urls=["postgresql://u:hunter2@db/x"])
     assert "hunter2" not in json.dumps(entry)
+
+
+def test_a_credential_inside_a_structured_field_is_redacted_by_its_name():
+    entry = _format("calling", headers={"Authorization": "Basic dXNlcjpodW50ZXIy",
+                                        "x-api-key": "k-1", "max_tokens": 7},
+                    backends=[{"name": "openai", "api_key": "k-2"}])
+    assert entry["headers"] == {"Authorization": "[REDACTED]", "x-api-key": "[REDACTED]",
+                                "max_tokens": 7}
+    assert entry["backends"] == [{"name": "openai", "api_key": "[REDACTED]"}]
