@@ -92,7 +92,11 @@ class RunningServer:
         if drain_delay_s:
             await asyncio.sleep(drain_delay_s)
         for hook in self.on_shutdown:
-            await hook()
+            try:
+                await hook()
+            except Exception:
+                # The calls in flight still get their grace period.
+                log.exception("a shutdown hook failed")
         self.health.close_watches()
         if self.drain is None:
             await self.server.stop(grace_s)

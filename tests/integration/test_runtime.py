@@ -307,3 +307,30 @@ async def test_an_error_with_a_long_message_or_metadata_still_reaches_the_client
     assert error.message.startswith("artifact 'éé")
     assert error.metadata["resource_type"] == "artifact"
     assert error.metadata["resource_id"].startswith("éé")
+
+
+async def test_a_failing_shutdown_hook_does_not_stop_the_shutdown(artifact_settings, caplog):
+    """A hook that raises is logged, and the shutdown goes on: the call in
+    flight still gets its grace period, and the server stops."""
+    backend = FaultyBackend(MemoryBackend())
+
+    async def broken() -> None:
+        raise RuntimeError("the hook failed")
+
+    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                       ArtifactServicer(backend, max_content_bytes=1024))],
+        on_shutdown=[broken])
+    try:
+        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
+            backend.latency_s = 0.5
+            in_flight = asyncio.create_task(client.count(timeout=10))
+            await asyncio.sleep(0.2)  # the call is now inside the handler
+            with caplog.at_level("ERROR", logger="hivemesh.server"):
+                await asyncio.wait_for(running.shutdown(grace_s=5), 10)
+            assert await in_flight == 0
+            with pytest.raises(UnavailableError):
+                await client.count(timeout=1)
+        assert any(r.exc_info for r in caplog.records if r.name == "hivemesh.server")
+    finally:
+        await running.server.stop(0)
