@@ -7,10 +7,11 @@ Settings are built once in ``main()`` and passed down, never at import time:
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 # Kubernetes mounts secrets as files, one per setting, named like the
 # environment variable (e.g. HIVEMESH_ARTIFACT_POSTGRES_DSN).
@@ -58,3 +59,13 @@ class ServerSettings(BaseModel):
     # Clients may ping this often without data, no more.
     min_ping_interval_ms: int = Field(default=10_000, ge=1000)
     log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        # Checked here, with the other settings: logging.setLevel would
+        # refuse it only once the service is starting.
+        name = value.strip().upper()
+        if name not in logging.getLevelNamesMapping():
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return name

@@ -66,3 +66,16 @@ def test_the_default_secrets_directory_is_used_only_when_it_exists(monkeypatch, 
     assert secrets_dir() == tmp_path
     monkeypatch.setenv("HIVEMESH_SECRETS_DIR", "")  # empty: as if unset
     assert secrets_dir() == tmp_path
+
+
+def test_an_unknown_log_level_is_an_invalid_setting(monkeypatch):
+    """Refused with the other settings (``serve`` exits 2), not once logging
+    is set up; a level's name is taken in any case."""
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__LOG_LEVEL", "verbose")
+    with pytest.raises(ValidationError):
+        ArtifactSettings()
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__LOG_LEVEL", "")
+    with pytest.raises(ValidationError):
+        ArtifactSettings()
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__LOG_LEVEL", "debug")
+    assert ArtifactSettings().server.log_level == "DEBUG"
