@@ -205,8 +205,11 @@ class ErrorMiddleware(Middleware):
 
 
 def _is_grpc_control(exc: BaseException) -> bool:
-    # context.abort() raises AbortError; it has already set the status.
-    return isinstance(exc, grpc.aio.AbortError | grpc.aio.BaseError)
+    # context.abort() raises AbortError; it has already set the status. A
+    # UsageError or InternalError is a handler misusing its context: a bug
+    # like any other, answered INTERNAL (gRPC would answer UNKNOWN, quoting it).
+    return (isinstance(exc, grpc.aio.BaseError)
+            and not isinstance(exc, grpc.aio.UsageError | grpc.aio.InternalError))
 
 
 class TracingMiddleware(Middleware):

@@ -189,6 +189,20 @@ async def test_unexpected_handler_error_is_internal_without_internals(artifact_s
     assert "secret" not in str(error) and "sk-live" not in str(error)
 
 
+async def test_a_grpc_usage_error_in_a_handler_is_internal_without_internals(artifact_settings):
+    """A handler misusing its context (grpc's UsageError or InternalError)
+    is a bug like any other: INTERNAL with ErrorInfo, not gRPC's UNKNOWN
+    quoting the exception."""
+    for raised in (grpc.aio.UsageError, grpc.aio.InternalError):
+        class Misusing(ArtifactServicer):
+            async def CountArtifacts(self, request, context, raised=raised):
+                raise raised("secret detail sk-live-0123456789abcdef")
+
+        error = await _count_error(artifact_settings, Misusing, InternalError)
+        assert (error.reason, error.domain) == ("INTERNAL", DOMAIN)
+        assert "secret" not in str(error) and "sk-live" not in str(error)
+
+
 async def test_a_request_with_many_violations_is_still_invalid_argument(artifact_settings):
     """gRPC refuses trailers over 16 KiB (and may refuse them over 8 KiB):
     a status listing every one of a thousand violations would reach the
