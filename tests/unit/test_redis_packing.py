@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from hivemesh.runtime.redis import _with_hiredis_packing
+from hivemesh.runtime.redis import _with_hiredis_packing, redact_url
 
 COMMANDS = [
     ("PING",),
@@ -23,3 +23,11 @@ def test_hiredis_packs_what_redis_py_packs(base, command):
     assert issubclass(fast, base) and fast is not base
     expected = b"".join(base().pack_command(*command))
     assert b"".join(fast().pack_command(*command)) == expected
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://user:pw@[::1]:6379/0", "redis://[::1]:6379/0"),
+    ("rediss://:pw@cache.internal/2", "rediss://cache.internal/2"),
+])
+def test_a_redis_url_in_a_message_keeps_its_host_and_loses_its_credentials(url, shown):
+    assert redact_url(url) == shown
