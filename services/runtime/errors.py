@@ -70,6 +70,7 @@ class ServiceError(Exception):
 # Longer texts are cut to these many bytes of UTF-8.
 MAX_MESSAGE_BYTES = 1024
 MAX_METADATA_VALUE_BYTES = 256
+MAX_VIOLATION_TEXT_BYTES = 256
 
 
 def _cut(text: str, limit: int) -> str:
@@ -80,9 +81,13 @@ def _cut(text: str, limit: int) -> str:
 
 
 def bad_request(violations: Iterable[tuple[str, str]]) -> error_details_pb2.BadRequest:
-    """A BadRequest detail listing (field, description) pairs."""
+    """A BadRequest detail listing (field, description) pairs, each text cut
+    at ``MAX_VIOLATION_TEXT_BYTES`` (a field path names map keys, however
+    long the request made them)."""
     return error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations
+        error_details_pb2.BadRequest.FieldViolation(
+            field=_cut(f, MAX_VIOLATION_TEXT_BYTES),
+            description=_cut(d, MAX_VIOLATION_TEXT_BYTES)) for f, d in violations
     ])
 
 

@@ -224,6 +224,25 @@ async def test_a_request_with_many_violations_is_still_invalid_argument(artifact
     assert "more" in error.message
 
 
+async def test_a_violation_naming_a_long_map_key_is_still_invalid_argument(artifact_settings):
+    """A map key that breaks its pattern is named in the violation's field
+    path; a long one must not push the status past gRPC's trailer limit."""
+    from hivemesh.client import InvalidArgumentError
+    from hivemesh.runtime import errors
+
+    class Strict(ArtifactServicer):
+        async def CountArtifacts(self, request, context):
+            raise errors.invalid_argument(
+                (f"variables['{'k' * 20_000}{i}']", f"does not match {'p' * 20_000}")
+                for i in range(10))
+
+    error = await _count_error(artifact_settings, Strict, InvalidArgumentError)
+    assert error.reason == "INVALID_REQUEST"
+    assert len(error.field_violations) == 10
+    field, description = error.field_violations[0]
+    assert field.startswith("variables['kkk") and description.startswith("does not match pp")
+
+
 async def test_server_span_continues_the_callers_trace(artifact_settings):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
