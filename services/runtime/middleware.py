@@ -102,14 +102,18 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, chain: MiddlewareChain) -> None:
         self._inner = inner
         self._chain = chain
-        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details):
         method = handler_call_details.method
-        if method not in self._cache:
+        wrapped = self._cache.get(method)
+        if wrapped is None:
             handler = self._inner.service(handler_call_details)
-            self._cache[method] = None if handler is None else self._chain.wrap(handler, method)
-        return self._cache[method]
+            if handler is None:
+                # Not kept: a client can name any number of methods.
+                return None
+            wrapped = self._cache[method] = self._chain.wrap(handler, method)
+        return wrapped
 
 
 def _bind_unary(mw: Middleware, inner: Unary, method: str) -> Unary:

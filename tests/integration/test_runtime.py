@@ -367,3 +367,34 @@ async def test_a_failing_shutdown_hook_does_not_stop_the_shutdown(artifact_setti
         assert any(r.exc_info for r in caplog.records if r.name == "hivemesh.server")
     finally:
         await running.server.stop(0)
+
+
+async def test_methods_a_service_does_not_have_are_not_remembered():
+    """gRPC asks the generic handlers about every method name no service
+    registered; the wrapper keeps the methods it wrapped, not every name a
+    client made up (that would grow without end)."""
+    from types import SimpleNamespace
+
+    from hivemesh.runtime.middleware import default_chain
+
+    class Capturing:
+        def __init__(self):
+            self.generic = []
+
+        def add_generic_rpc_handlers(self, handlers):
+            self.generic.extend(handlers)
+
+        def add_registered_method_handlers(self, service, handlers):
+            pass
+
+    server = Capturing()
+    add_ArtifactServiceServicer_to_server(
+        ArtifactServicer(MemoryBackend(), max_content_bytes=1024),
+        default_chain(DOMAIN).registrar(server))
+    (handler,) = server.generic
+    known = handler.service(SimpleNamespace(method=f"/{SERVICE_NAME}/GetArtifact"))
+    assert known is not None
+    assert handler.service(SimpleNamespace(method=f"/{SERVICE_NAME}/GetArtifact")) is known
+    for i in range(100):
+        assert handler.service(SimpleNamespace(method=f"/{SERVICE_NAME}/Made{i}")) is None
+    assert list(handler._cache) == [f"/{SERVICE_NAME}/GetArtifact"]
