@@ -206,21 +206,28 @@ class GroupCommitDatabase:
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, _ in batch:
-                if single:
+            try:
+                for fn, _ in batch:
+                    if single:
+                        try:
+                            outcomes.append((fn(conn), None))
+                        except Exception as exc:  # noqa: BLE001 - handed to its caller
+                            conn.execute("ROLLBACK")
+                            return [(None, exc)]
+                        continue
+                    conn.execute("SAVEPOINT op")
                     try:
                         outcomes.append((fn(conn), None))
                     except Exception as exc:  # noqa: BLE001 - handed to its caller
-                        conn.execute("ROLLBACK")
-                        return [(None, exc)]
-                    continue
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((fn(conn), None))
-                except Exception as exc:  # noqa: BLE001 - handed to its caller
-                    conn.execute("ROLLBACK TO op")
-                    outcomes.append((None, exc))
-                conn.execute("RELEASE op")
+                        conn.execute("ROLLBACK TO op")
+                        outcomes.append((None, exc))
+                    conn.execute("RELEASE op")
+            except BaseException:
+                # Whatever a write raised, no transaction stays open behind
+                # it: every later BEGIN would fail.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
             started = time.perf_counter()
             if single and not self._pending and self._light_load(started):
                 conn.execute("COMMIT")

@@ -112,3 +112,25 @@ async def test_after_a_slow_commit_even_lone_writes_leave_the_loop(tmp_path, mon
         assert commits[1].startswith("sqlite-commit")
     finally:
         await db.close()
+
+
+async def test_a_write_raising_what_is_no_exception_leaves_no_transaction_open(tmp_path):
+    """A write that raises a BaseException (not an Exception) fails with
+    the writes grouped with it, and the writer goes on: its transaction is
+    rolled back, not left open for every later BEGIN to trip over."""
+    class Abandoned(BaseException):
+        pass
+
+    def abandon(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO notes (id, body) VALUES (99, 'x')")
+        raise Abandoned
+
+    db = GroupCommitDatabase(tmp_path / "t.sqlite3", SCHEMA, synchronous="full")
+    try:
+        outcomes = await asyncio.gather(db.write(insert(1)), db.write(abandon),
+                                        return_exceptions=True)
+        assert all(isinstance(o, BaseException) for o in outcomes)
+        assert await db.write(insert(2)) == 2
+        assert [r[0] for r in db.reader.execute("SELECT id FROM notes")] == [2]
+    finally:
+        await db.close()
