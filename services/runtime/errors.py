@@ -74,9 +74,11 @@ MAX_VIOLATION_TEXT_BYTES = 256
 
 
 def _cut(text: str, limit: int) -> str:
-    data = text.encode()
+    # A lone surrogate (from JSON's "\ud800", or a name decoded with
+    # surrogateescape) cannot be encoded: it becomes "?".
+    data = text.encode(errors="replace")
     if len(data) <= limit:
-        return text
+        return data.decode()
     return data[:limit - 3].decode(errors="ignore") + "..."
 
 

@@ -66,3 +66,17 @@ def test_a_retry_delay_beyond_what_a_duration_holds_is_the_longest_one():
         delay = errors.retry_info(seconds).retry_delay
         assert (delay.seconds, delay.nanos) == (0, 0)
     assert errors.retry_info(1.5).retry_delay.ToNanoseconds() == 1_500_000_000
+
+
+def test_a_message_holding_a_lone_surrogate_still_makes_a_status():
+    """Text from JSON (``"\\ud800"``) or a file name decoded with
+    surrogateescape can hold a lone surrogate, which UTF-8 cannot encode:
+    the status carries a replacement instead of failing to be built (the
+    caller would get UNKNOWN, quoting the encoding error)."""
+    error = errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                                "upstream said \ud800 no", {"body": "\udcff"})
+    status = error.to_status("hivemesh.test")
+    status.SerializeToString()
+    assert status.message == "upstream said ? no"
+    translated = client_errors.from_rpc_error(_FakeRpcError(status))
+    assert translated.metadata == {"body": "?"}
