@@ -49,8 +49,10 @@ _SECRET_VALUE = re.compile(
     r"|(?-i:(?<![A-Za-z0-9_-])AIza[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-]))"
     # credentials in any URL (postgresql://u:pw@, redis://:pw@, https://u:pw@ ...),
     # up to the last @ before the path: URL parsers read an unescaped @ as
-    # part of the password
-    r"|[a-z][a-z0-9+.\-]*://[^\s:@/]*:[^\s/]*@", re.I)
+    # part of the password; the scheme is taken whole, from the start of
+    # its run of characters (tried at each of them, a long run of letters
+    # would cost time quadratic in its length)
+    r"|(?<![a-z0-9+.\-])[a-z0-9+.\-]++://[^\s:@/]*:[^\s/]*@", re.I)
 
 
 def _hide(match: re.Match[str]) -> str:

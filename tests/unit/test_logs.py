@@ -1,5 +1,7 @@
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -167,3 +169,12 @@ def test_a_credential_inside_a_structured_field_is_redacted_by_its_name():
     assert entry["headers"] == {"Authorization": "[REDACTED]", "x-api-key": "[REDACTED]",
                                 "max_tokens": 7}
     assert entry["backends"] == [{"name": "openai", "api_key": "[REDACTED]"}]
+
+
+def test_a_long_run_of_letters_is_redacted_in_one_pass():
+    """A log line quoting a base64 blob (an upstream's error body, say):
+    the URL pattern, tried at each letter of the run, scanned the rest of it
+    each time (a 40 KB run held the event loop for seconds, a megabyte for
+    hours). Redacted in a child process, stopped if it has not finished."""
+    code = "from hivemesh.runtime.logs import redact; redact('A' * 1_000_000)"
+    subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
