@@ -60,17 +60,19 @@ class ServiceError(Exception):
             any_msg.Pack(detail)
             packed.append(any_msg)
         return status_pb2.Status(code=self.code.value[0],
-                                 message=_cut(self.message, MAX_MESSAGE_BYTES), details=packed)
+                                 message=_cut_message(self.message), details=packed)
 
 
-# The status travels in trailers, twice (grpc-message, where each byte of
-# non-ASCII text takes three, and grpc-status-details-bin, in base64), and
-# gRPC refuses trailers over 16 KiB (and may over 8 KiB): an error quoting a
-# long id or upstream answer would reach the client as RESOURCE_EXHAUSTED.
-# Longer texts are cut to these many bytes of UTF-8.
+# The status travels in trailers, twice (grpc-message, percent-encoded, and
+# grpc-status-details-bin, in base64), and gRPC clients refuse trailers over
+# 16 KiB, and some of those over 8 KiB: an error quoting a long id or
+# upstream answer would reach the client as RESOURCE_EXHAUSTED. Longer texts
+# are cut: the message where grpc-message would exceed MAX_MESSAGE_BYTES
+# (a byte of non-ASCII text takes three there), the others at these many
+# bytes of UTF-8.
 MAX_MESSAGE_BYTES = 1024
 MAX_METADATA_VALUE_BYTES = 256
-MAX_VIOLATION_TEXT_BYTES = 256
+MAX_VIOLATION_TEXT_BYTES = 128
 
 
 def _cut(text: str, limit: int) -> str:
@@ -80,6 +82,20 @@ def _cut(text: str, limit: int) -> str:
     if len(data) <= limit:
         return data.decode()
     return data[:limit - 3].decode(errors="ignore") + "..."
+
+
+def _cut_message(text: str) -> str:
+    text = text.encode(errors="replace").decode()
+    size = 0
+    end = 0
+    for i, char in enumerate(text):
+        # grpc-message percent-encodes every byte but printable ASCII and %
+        size += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode())
+        if size <= MAX_MESSAGE_BYTES - 3:
+            end = i + 1
+        elif size > MAX_MESSAGE_BYTES:
+            return text[:end] + "..."
+    return text
 
 
 def bad_request(violations: Iterable[tuple[str, str]]) -> error_details_pb2.BadRequest:
