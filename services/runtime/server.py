@@ -125,7 +125,7 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", settings.min_ping_interval_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         # Port 0 must mean "a port nobody else holds", never a shared one.
         ("grpc.so_reuseport", 0),

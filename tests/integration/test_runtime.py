@@ -417,3 +417,16 @@ async def test_methods_a_service_does_not_have_are_not_remembered():
     for i in range(100):
         assert handler.service(SimpleNamespace(method=f"/{SERVICE_NAME}/Made{i}")) is None
     assert list(handler._cache) == [f"/{SERVICE_NAME}/GetArtifact"]
+
+
+async def test_the_ping_interval_setting_reaches_grpc_under_its_channel_argument():
+    """gRPC ignores channel arguments it does not know: the least interval
+    between a client's pings must go under the name gRPC core reads
+    (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS), or the server
+    keeps its default of five minutes and answers a client pinging more
+    often, as the settings allow, with GOAWAY too_many_pings."""
+    from hivemesh.runtime.server import server_options
+    from hivemesh.runtime.settings import ServerSettings
+
+    options = dict(server_options(ServerSettings(min_ping_interval_ms=2000)))
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 2000
