@@ -44,7 +44,7 @@ RESPONSE_MARGIN_BYTES = 64 * 1024
 class ServerSettings(BaseModel):
     """Network and lifecycle knobs of one gRPC server."""
 
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     # Largest request or response, bytes. Artifact content is capped lower by
     # the service itself so that an oversize save gets a clear error.

@@ -79,3 +79,11 @@ def test_an_unknown_log_level_is_an_invalid_setting(monkeypatch):
         ArtifactSettings()
     monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__LOG_LEVEL", "debug")
     assert ArtifactSettings().server.log_level == "DEBUG"
+
+
+def test_an_empty_host_is_an_invalid_setting(monkeypatch):
+    """gRPC cannot bind an empty host (``:7001``): refused with the other
+    settings (``serve`` exits 2), not once the server binds."""
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HOST", "")
+    with pytest.raises(ValidationError):
+        ArtifactSettings()
