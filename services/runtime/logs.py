@@ -74,8 +74,9 @@ def redact(text: str) -> str:
 
 def _plain(value: object) -> object:
     """``value`` as JSON holds it, its text redacted: a mapping with text
-    keys (the value of one named like a credential replaced), a list, a finite number; anything else as its (redacted) text,
-    so that no field loses the line or makes it something other than JSON."""
+    keys (the value of one named like a credential replaced), a list, a
+    finite number; anything else as its (redacted) text, so that no field
+    loses the line or makes it something other than JSON."""
     if isinstance(value, str):
         return redact(value)
     if value is None or isinstance(value, int):
