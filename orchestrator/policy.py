@@ -41,7 +41,7 @@ from hivemesh.llm.v1 import LlmServiceStub
 from hivemesh.memory.v1 import MemoryServiceStub
 from hivemesh.orchestrator.v1 import ToolServiceStub
 from hivemesh.runtime import errors
-from hivemesh.runtime.resilience import CircuitBreaker
+from hivemesh.runtime.resilience import CircuitBreaker, Permit
 from hivemesh.runtime.telemetry import child_span
 
 tracer = trace.get_tracer("hivemesh.orchestrator")
@@ -159,35 +159,38 @@ class Providers:
             raise deadline_exceeded(what)
         return timeout
 
-    def _admit(self, provider: Provider, method: str) -> None:
-        if not provider.breaker.allow():
+    def _admit(self, provider: Provider, method: str) -> Permit:
+        permit = provider.breaker.allow()
+        if permit is None:
             raise errors.ServiceError(
                 grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN",
                 f"{provider.name} circuit is open after repeated failures; not calling {method}",
                 {"provider": provider.name})
+        return permit
 
-    def _record(self, provider: Provider, error: errors.ServiceError | None) -> None:
+    def _record(self, provider: Provider, error: errors.ServiceError | None,
+                permit: Permit) -> None:
         if error is None or error.code not in _UNHEALTHY:
             provider.breaker.record_success() if error is None else \
-                provider.breaker.release_probe()
+                provider.breaker.release_probe(permit)
         else:
             provider.breaker.record_failure()
 
     @contextlib.contextmanager
-    def _outcome(self, provider: Provider, span) -> Iterator[None]:
+    def _outcome(self, provider: Provider, span, permit: Permit) -> Iterator[None]:
         """Feeds the call's outcome to the breaker and the span; a gRPC error
         leaves as the provider's ServiceError."""
         try:
             yield
         except grpc.RpcError as err:
             error = provider_error(provider.name, from_rpc_error(err))
-            self._record(provider, error)
+            self._record(provider, error, permit)
             _span_error(span, error)
             raise error from err
         except BaseException:
-            provider.breaker.release_probe()
+            provider.breaker.release_probe(permit)
             raise
-        self._record(provider, None)
+        self._record(provider, None, permit)
 
     @contextlib.contextmanager
     def _span(self, provider: Provider, method: str, attributes: dict | None) -> Iterator:
@@ -205,9 +208,9 @@ class Providers:
         ``annotate(span, response)`` adds attributes from the response."""
         provider = self._provider(name)
         timeout = self._timeout(f"{name} {method}")
-        self._admit(provider, method)
+        permit = self._admit(provider, method)
         with self._span(provider, method, span_attributes) as span:
-            with self._outcome(provider, span):
+            with self._outcome(provider, span, permit):
                 response = await getattr(provider.stub, method)(
                     request, timeout=timeout, metadata=trace_metadata())
             if annotate is not None:
@@ -221,13 +224,13 @@ class Providers:
         ``annotate(span, last_message)`` runs when the stream ends."""
         provider = self._provider(name)
         timeout = self._timeout(f"{name} {method}")
-        self._admit(provider, method)
+        permit = self._admit(provider, method)
         with self._span(provider, method, span_attributes) as span:
             call = getattr(provider.stub, method)(request, timeout=timeout,
                                                   metadata=trace_metadata())
             last = None
             try:
-                with self._outcome(provider, span):
+                with self._outcome(provider, span, permit):
                     async for message in call:
                         last = message
                         yield message

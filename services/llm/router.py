@@ -108,12 +108,13 @@ class Router:
         attempts = 0
         for position, model in enumerate(chain):
             state = self.backends[model.backend]
-            if not state.breaker.allow():
+            permit = state.breaker.allow()
+            if permit is None:
                 open_breakers.append(model.backend)
                 continue
             wait = state.limiter.acquire(tokens)
             if wait > 0:
-                state.breaker.release_probe()
+                state.breaker.release_probe(permit)
                 limited.append(wait)
                 continue
             # The reservation, given back when the candidate gives no answer
@@ -123,14 +124,14 @@ class Router:
             for retry in range(state.settings.max_attempts):
                 left = deadline - time.monotonic()
                 if left < _MIN_ATTEMPT_S:
-                    state.breaker.release_probe()
+                    state.breaker.release_probe(permit)
                     state.limiter.settle(unused, 0)
                     raise RouteError("the deadline ran out", last=last, deadline=True,
                                      attempts=attempts)
                 if retry and (wait := state.limiter.acquire(0)) > 0:
                     # Each retry is one more upstream request: over the
                     # backend's limit it is not made.
-                    state.breaker.release_probe()
+                    state.breaker.release_probe(permit)
                     limited.append(wait)
                     break
                 attempts += 1
@@ -143,27 +144,29 @@ class Router:
                     if exc.kind in _HEALTH:
                         state.breaker.record_failure()
                     else:
-                        state.breaker.release_probe()
+                        state.breaker.release_probe(permit)
                     if exc.kind in _FINAL:
                         state.limiter.settle(unused, 0)
                         raise RouteError(exc.message, last=exc, attempts=attempts) from exc
-                    if not exc.kind.retryable or retry + 1 >= state.settings.max_attempts \
-                            or not state.breaker.allow():
+                    if not exc.kind.retryable or retry + 1 >= state.settings.max_attempts:
+                        break
+                    permit = state.breaker.allow()
+                    if permit is None:
                         break
                     # From here the retry holds the breaker's probe (when
                     # half-open): giving up or leaving must hand it back.
                     delay = state.backoff.delay(retry, exc.retry_after_s)
                     if time.monotonic() + delay >= deadline - _MIN_ATTEMPT_S:
-                        state.breaker.release_probe()
+                        state.breaker.release_probe(permit)
                         break
                     try:
                         await asyncio.sleep(delay)
                     except BaseException:
-                        state.breaker.release_probe()
+                        state.breaker.release_probe(permit)
                         raise
                     continue
                 except BaseException:
-                    state.breaker.release_probe()
+                    state.breaker.release_probe(permit)
                     raise
                 state.breaker.record_success()
                 return result, Route(model.alias, model.backend, model.upstream_model,

@@ -34,6 +34,19 @@ class Backoff:
         return max(jittered, retry_after_s or 0.0)
 
 
+class Permit:
+    """A call the breaker let through; ``probe``: the half-open breaker's
+    one probe (only its holder hands it back with ``release_probe``)."""
+
+    __slots__ = ("probe",)
+
+    def __init__(self, probe: bool) -> None:
+        self.probe = probe
+
+
+_PASS = Permit(False)  # a call let through by a closed breaker
+
+
 class CircuitBreaker:
     """closed -> (threshold consecutive failures) -> open -> (reset_s) ->
     half-open: one probe call; its success closes, its failure re-opens."""
@@ -49,7 +62,7 @@ class CircuitBreaker:
         self.state = self.CLOSED
         self.failures = 0
         self.opened_at = 0.0
-        self._probe_out = False
+        self._probe: Permit | None = None  # the probe out, when half-open
         self.transitions: list[str] = []
 
     def _move(self, state: str) -> None:
@@ -59,24 +72,25 @@ class CircuitBreaker:
             if self.on_change is not None:
                 self.on_change(state)
 
-    def allow(self) -> bool:
+    def allow(self) -> Permit | None:
+        """A permit for one call, or None when the breaker refuses it."""
         if self.state == self.OPEN and self.clock() - self.opened_at >= self.reset_s:
             self._move(self.HALF_OPEN)
-            self._probe_out = False
+            self._probe = None
         if self.state == self.CLOSED:
-            return True
-        if self.state == self.HALF_OPEN and not self._probe_out:
-            self._probe_out = True
-            return True
-        return False
+            return _PASS
+        if self.state == self.HALF_OPEN and self._probe is None:
+            self._probe = Permit(True)
+            return self._probe
+        return None
 
     def record_success(self) -> None:
         self.failures = 0
-        self._probe_out = False
+        self._probe = None
         self._move(self.CLOSED)
 
     def record_failure(self) -> None:
-        self._probe_out = False
+        self._probe = None
         if self.state == self.HALF_OPEN:
             self.opened_at = self.clock()
             self._move(self.OPEN)
@@ -86,9 +100,13 @@ class CircuitBreaker:
             self.opened_at = self.clock()
             self._move(self.OPEN)
 
-    def release_probe(self) -> None:
-        """The probe ended without telling anything (e.g. the caller left)."""
-        self._probe_out = False
+    def release_probe(self, permit: Permit | None) -> None:
+        """The call of ``permit`` ended without telling anything (e.g. the
+        caller left): if it is the probe, another call may probe. A call
+        let through before the breaker opened hands back nothing, so a
+        probe still out stays the only one."""
+        if permit is not None and permit is self._probe:
+            self._probe = None
 
 
 class TokenBucket:

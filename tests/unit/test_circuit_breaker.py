@@ -1,0 +1,54 @@
+"""The circuit breaker shared by the LLM router and the orchestrator's
+providers: closed, open, then half-open with exactly one probe."""
+
+from hivemesh.runtime.resilience import CircuitBreaker
+
+
+def _breaker(now: list[float]) -> CircuitBreaker:
+    return CircuitBreaker(failure_threshold=2, reset_s=10, clock=lambda: now[0])
+
+
+def test_it_opens_after_the_threshold_and_lets_one_probe_through_after_the_reset():
+    now = [0.0]
+    breaker = _breaker(now)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record_failure()
+    assert breaker.state == CircuitBreaker.OPEN and breaker.allow() is None
+    now[0] = 10
+    probe = breaker.allow()
+    assert probe and probe.probe and breaker.state == CircuitBreaker.HALF_OPEN
+    assert breaker.allow() is None  # one probe at a time
+    breaker.record_success()
+    assert breaker.state == CircuitBreaker.CLOSED and breaker.allow()
+
+
+def test_a_probe_that_tells_nothing_lets_another_call_probe():
+    now = [0.0]
+    breaker = _breaker(now)
+    for _ in range(2):
+        breaker.allow()
+        breaker.record_failure()
+    now[0] = 10
+    probe = breaker.allow()
+    breaker.release_probe(probe)  # e.g. its caller left
+    assert breaker.allow().probe
+
+
+def test_a_call_let_through_before_the_breaker_opened_does_not_free_the_probe():
+    """A call admitted while closed, still running when the breaker opens and
+    then goes half-open, ends without telling anything: the probe sent since
+    stays the only call let through."""
+    now = [0.0]
+    breaker = _breaker(now)
+    early = breaker.allow()
+    for _ in range(2):
+        breaker.allow()
+        breaker.record_failure()
+    now[0] = 10
+    probe = breaker.allow()
+    assert probe.probe
+    breaker.release_probe(early)
+    assert breaker.allow() is None  # still one probe out
+    breaker.release_probe(probe)
+    assert breaker.allow()
