@@ -3,8 +3,9 @@ package): every config under deploy/envoy validates, and the sidecar runs
 on loopback in front of real hivemesh services (separate processes) with
 only its addresses changed. Calls go through it with the project's stubs
 and client: unary calls, health, a server stream, error details, tracing,
-retries of UNAVAILABLE on another replica with outlier ejection, the rate
-limit, and the preStop drain."""
+retries of UNAVAILABLE on another replica with outlier ejection, no inbound
+retry of an UNAVAILABLE the service answered, the rate limit, and the
+preStop drain."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from hivemesh.client.errors import InvalidArgumentError, NotFoundError
 from hivemesh.common.v1 import StreamOutcome
 from hivemesh.llm.v1 import (
     GenerateRequest, LlmServiceStub, Prompt, StreamGenerateRequest)
+from hivemesh.orchestrator.v1 import OrchestratorServiceStub, RunAgentRequest
 
-from deploy_helpers import DEPLOY, DRAIN_SCRIPT, Envoy, envoy_binary, render_sidecar
+from deploy_helpers import (
+    DEPLOY, DRAIN_SCRIPT, NOWHERE, REPO, Envoy, envoy_binary, render_sidecar)
 
 LLM_SERVICE = "hivemesh.llm.v1.LlmService"
 ARTIFACT_SERVICE = "hivemesh.artifact.v1.ArtifactService"
@@ -297,6 +300,36 @@ async def test_rate_limited_calls_get_resource_exhausted(llm_service, tmp_path):
         assert envoy.stat("inbound_rate_limit.http_local_rate_limit.rate_limited") == 1
     finally:
         envoy.stop()
+
+
+async def test_an_unavailable_the_service_says_not_to_retry_is_not_retried(tmp_path):
+    """The orchestrator answers UNAVAILABLE with grpc-retry-pushback-ms -1
+    when a provider is down (it already retried the provider): a retry of
+    the whole run would run the agent again against the provider that is
+    down. Envoy does not read that trailer, so the inbound route must not
+    retry an UNAVAILABLE the service answered."""
+    providers = {f"HIVEMESH_ORCHESTRATOR_{name.upper()}_ADDRESS": NOWHERE
+                 for name in ("artifact", "information", "llm", "memory")}
+    orchestrator = start_service("orchestrator", log_path=tmp_path / "orchestrator.log", env={
+        **providers,
+        "HIVEMESH_ORCHESTRATOR_AGENTS_DIR": str(REPO / "orchestrator" / "examples" / "agents")})
+    envoy = None
+    try:
+        envoy = Envoy(render_sidecar(app=orchestrator.address), tmp_path / "envoy")
+        envoy.wait_healthy("app", 1)
+        async with _channel(envoy.address("inbound")) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                await OrchestratorServiceStub(channel).RunAgent(RunAgentRequest(
+                    request_id=rid(), agent="coder", input="a parser",
+                    variables={"project": "deploy"}), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ("grpc-retry-pushback-ms", "-1") in tuple(caught.value.trailing_metadata())
+        assert envoy.stat("cluster.app.upstream_rq_total") == 1
+        assert envoy.stat("cluster.app.upstream_rq_retry") == 0
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        orchestrator.stop()
 
 
 async def test_prestop_drain_fails_readiness_and_keeps_egress_working(llm_service, tmp_path):
