@@ -18,6 +18,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
@@ -31,7 +32,7 @@ from hivemesh.llm.v1 import (
 from hivemesh.orchestrator.v1 import OrchestratorServiceStub, RunAgentRequest
 
 from deploy_helpers import (
-    DEPLOY, DRAIN_SCRIPT, NOWHERE, REPO, Envoy, envoy_binary, render_sidecar)
+    DEPLOY, DRAIN_SCRIPT, NOWHERE, REPO, SIDECAR, Envoy, envoy_binary, render_sidecar)
 
 LLM_SERVICE = "hivemesh.llm.v1.LlmService"
 ARTIFACT_SERVICE = "hivemesh.artifact.v1.ArtifactService"
@@ -62,6 +63,32 @@ def test_envoy_validates_the_config_without_deprecated_fields(path):
     assert f"configuration '{path}' OK" in output
     # A deprecated field is removed in a later Envoy: fail now, not then.
     assert "Deprecated field" not in output, output
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+# How often a gRPC server lets a client ping by default (gRPC core's
+# min_recv_ping_interval_without_data, gRPC-Go's EnforcementPolicy.MinTime):
+# a client that pings more often gets GOAWAY "too_many_pings".
+GRPC_DEFAULT_MIN_PING_INTERVAL_S = 300.0
+
+
+def test_keepalive_pings_toward_the_collector_are_ones_it_permits():
+    """The collector is a stock gRPC server (the OpenTelemetry collector's
+    OTLP receiver keeps gRPC's default ping policy): pings more often than
+    every 5 minutes get its connection closed with GOAWAY."""
+    config = yaml.safe_load(SIDECAR.read_text())
+    collector = next(c for c in config["static_resources"]["clusters"]
+                     if c["name"] == "otel_collector")
+    options = collector.get("typed_extension_protocol_options", {}).get(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
+    http2 = options.get("explicit_http_config", {}).get("http2_protocol_options", {})
+    keepalive = http2.get("connection_keepalive")
+    if keepalive is not None:
+        assert _seconds(keepalive["interval"]) >= GRPC_DEFAULT_MIN_PING_INTERVAL_S, keepalive
 
 
 # --- a running sidecar in front of real services -----------------------------
