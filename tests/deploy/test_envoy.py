@@ -3,9 +3,9 @@ package): every config under deploy/envoy validates, and the sidecar runs
 on loopback in front of real hivemesh services (separate processes) with
 only its addresses changed. Calls go through it with the project's stubs
 and client: unary calls, health, a server stream, error details, tracing,
-retries of UNAVAILABLE on another replica with outlier ejection, no inbound
-retry of an UNAVAILABLE the service answered, the rate limit, and the
-preStop drain."""
+retries of UNAVAILABLE on another replica with outlier ejection, no retry
+of an UNAVAILABLE the service says not to retry (inbound, nor on another
+pod), the rate limit, and the preStop drain."""
 
 from __future__ import annotations
 
@@ -357,6 +357,40 @@ async def test_an_unavailable_the_service_says_not_to_retry_is_not_retried(tmp_p
         if envoy is not None:
             envoy.stop()
         orchestrator.stop()
+
+
+async def test_egress_does_not_retry_on_another_pod_what_the_service_says_not_to(tmp_path):
+    """An LLM service that already retried its upstream answers UNAVAILABLE
+    with grpc-retry-pushback-ms -1: the caller's gRPC policy honours it,
+    and so must the caller's sidecar, which would otherwise send the call
+    to every other LLM pod, each retrying the upstream again."""
+    backends = json.dumps({"mock": {"type": "mock", "mock_fail_first": 1000, "max_attempts": 2,
+                                    "initial_backoff_s": 0, "breaker_failure_threshold": 100}})
+    services, sidecars = [], []
+    try:
+        for index in range(2):
+            service = start_service("llm", log_path=tmp_path / f"llm-{index}.log",
+                                    env={"HIVEMESH_LLM_BACKENDS": backends})
+            services.append(service)
+            sidecars.append(Envoy(render_sidecar(app=service.address),
+                                  tmp_path / f"llm-{index}-envoy"))
+        caller = Envoy(render_sidecar(app=NOWHERE, providers={
+            "llm": [sidecar.address("inbound") for sidecar in sidecars]}), tmp_path / "caller")
+        sidecars.append(caller)
+        caller.wait_healthy("llm", 2)
+        async with _channel(caller.address("egress_llm")) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                await LlmServiceStub(channel).Generate(GenerateRequest(
+                    request_id=rid(), model="mock-small", prompt=Prompt(prompt="hi")), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ("grpc-retry-pushback-ms", "-1") in tuple(caught.value.trailing_metadata())
+        assert caller.stat("cluster.llm.upstream_rq_total") == 1
+        assert caller.stat("cluster.llm.upstream_rq_retry") == 0
+    finally:
+        for sidecar in sidecars:
+            sidecar.stop()
+        for service in services:
+            service.stop()
 
 
 async def test_prestop_drain_fails_readiness_and_keeps_egress_working(llm_service, tmp_path):
