@@ -91,6 +91,19 @@ def test_keepalive_pings_toward_the_collector_are_ones_it_permits():
         assert _seconds(keepalive["interval"]) >= GRPC_DEFAULT_MIN_PING_INTERVAL_S, keepalive
 
 
+def test_the_service_is_health_checked_at_its_interval_before_any_traffic():
+    """Envoy health-checks a cluster that has had no traffic every
+    no_traffic_interval (60 s unless set). The pod gets no traffic until it
+    is ready, and it is ready (/ready) once that check passes: a service
+    that came up after the first check (all of them: Envoy starts beside
+    it) would wait up to a minute for it."""
+    config = yaml.safe_load(SIDECAR.read_text())
+    app = next(c for c in config["static_resources"]["clusters"] if c["name"] == "app")
+    for check in app["health_checks"]:
+        assert "no_traffic_interval" in check, check
+        assert _seconds(check["no_traffic_interval"]) <= _seconds(check["interval"]), check
+
+
 # --- a running sidecar in front of real services -----------------------------
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
