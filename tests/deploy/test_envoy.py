@@ -342,6 +342,33 @@ async def test_rate_limited_calls_get_resource_exhausted(llm_service, tmp_path):
         envoy.stop()
 
 
+async def test_health_checks_are_answered_while_calls_are_rate_limited(llm_service, tmp_path):
+    """The other pods' sidecars health-check this pod through its inbound
+    listener: a busy pod whose token bucket is empty must still say it is
+    SERVING, or every caller marks it unhealthy and moves its load onto
+    the other pods."""
+    config = render_sidecar(app=llm_service.address, token_bucket={
+        "max_tokens": 1, "tokens_per_fill": 1, "fill_interval": "3600s"})
+    envoy = Envoy(config, tmp_path / "envoy")
+    try:
+        async with _channel(envoy.address("inbound")) as channel:
+            stub = LlmServiceStub(channel)
+            request = GenerateRequest(request_id=rid(), model="mock-small",
+                                      prompt=Prompt(prompt="hi"))
+            await stub.Generate(request, timeout=10)
+            with pytest.raises(grpc.RpcError) as caught:
+                await stub.Generate(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", LLM_SERVICE):
+                reply = await health_stub.Check(health_pb2.HealthCheckRequest(service=name),
+                                                timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert envoy.stat("inbound_rate_limit.http_local_rate_limit.rate_limited") == 1
+    finally:
+        envoy.stop()
+
+
 async def test_an_unavailable_the_service_says_not_to_retry_is_not_retried(tmp_path):
     """The orchestrator answers UNAVAILABLE with grpc-retry-pushback-ms -1
     when a provider is down (it already retried the provider): a retry of
