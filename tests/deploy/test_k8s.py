@@ -289,6 +289,20 @@ def test_production_runs_every_service_replicated_behind_its_sidecar():
         assert env[f"HIVEMESH_ORCHESTRATOR_{provider.upper()}_ADDRESS"] == f"127.0.0.1:{port}"
 
 
+def test_the_sidecar_runs_no_more_workers_than_the_cpus_it_may_use():
+    """Without --concurrency Envoy starts a worker per hardware thread of
+    the node (dozens on a large one), each with its own connections and
+    span batches, all throttled within the container's CPU limit."""
+    for deployment in of_kind(build("overlays/production"), "Deployment"):
+        envoy = containers(deployment)["envoy"]
+        args = envoy["args"]
+        assert "--concurrency" in args, deployment["metadata"]["name"]
+        workers = int(args[args.index("--concurrency") + 1])
+        limit = str(envoy["resources"]["limits"]["cpu"])
+        cpus = int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+        assert 1 <= workers <= max(1, cpus), (deployment["metadata"]["name"], workers, limit)
+
+
 def test_the_sidecar_forwards_to_the_port_the_service_listens_on():
     sidecar = yaml.safe_load(SIDECAR.read_text())
     app = next(c for c in sidecar["static_resources"]["clusters"] if c["name"] == "app")
