@@ -38,8 +38,8 @@ from hivemesh.client.errors import from_status
 from hivemesh.common.v1 import StreamOutcome, Usage
 from hivemesh.information.v1 import CommitRequest, ReleaseRequest, ReserveRequest, TrackCompletionRequest
 from hivemesh.llm.v1 import (
-    Conversation, FinishReason, GenerateRequest, GenerationConfig, ListModelsRequest, Message,
-    ModelKind, Role, StreamGenerateRequest, Tool, ToolCall)
+    Conversation, FinishReason, GenerateRequest, GenerateResponse, GenerationConfig,
+    ListModelsRequest, Message, ModelKind, Role, StreamGenerateRequest, Tool, ToolCall)
 from hivemesh.memory.v1 import (
     AddMemoriesRequest, AppendHistoryRequest, GetHistoryRequest, GetHistoryResponse,
     HistoryMessage, Lineage, MemoryItem, MessageRole, SearchMemoriesRequest,
@@ -630,9 +630,20 @@ class AgentRunner:
         raise failure
 
     async def _call_generate(self, run: _Run, request: GenerateRequest):
-        return await self.providers.call(
-            "llm", "Generate", request, span_attributes=_genai_request(request),
-            annotate=_genai_response)
+        """The generation as it answered the first attempt of this run, kept
+        in the request ledger under its request id like the memory reads
+        (``_pinned``): its usage was committed and its output saved under
+        ids derived from it, and the LLM service keeps its own record in
+        memory only (a restarted service, or another replica, would generate
+        again, and differently, under the same request id)."""
+        async def generate():
+            return await self.providers.call(
+                "llm", "Generate", request, span_attributes=_genai_request(request),
+                annotate=_genai_response)
+        found, _ = await self.ledger.once("read", request.request_id,
+                                          fingerprint(request, ignore=()), generate,
+                                          GenerateResponse, remaining_s() or READ_LEASE_S)
+        return found
 
     async def _stream(self, run: _Run, request: StreamGenerateRequest, iteration: int):
         delivered = 0
