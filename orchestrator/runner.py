@@ -39,7 +39,8 @@ from hivemesh.common.v1 import StreamOutcome, Usage
 from hivemesh.information.v1 import CommitRequest, ReleaseRequest, ReserveRequest, TrackCompletionRequest
 from hivemesh.llm.v1 import (
     Conversation, FinishReason, GenerateRequest, GenerateResponse, GenerationConfig,
-    ListModelsRequest, Message, ModelKind, Role, StreamGenerateRequest, Tool, ToolCall)
+    ListModelsRequest, Message, ModelKind, Role, StreamGenerateRequest, StreamSummary, Tool,
+    ToolCall)
 from hivemesh.memory.v1 import (
     AddMemoriesRequest, AppendHistoryRequest, GetHistoryRequest, GetHistoryResponse,
     HistoryMessage, Lineage, MemoryItem, MessageRole, SearchMemoriesRequest,
@@ -646,6 +647,20 @@ class AgentRunner:
         return found
 
     async def _stream(self, run: _Run, request: StreamGenerateRequest, iteration: int):
+        """The streamed generation, kept like an unstreamed one
+        (``_call_generate``); taken from there, its content is one chunk, as
+        the LLM service replays a stream."""
+        async def generate():
+            return await self._stream_live(run, request, iteration)
+        summary, replayed = await self.ledger.once(
+            "read", request.request_id, fingerprint(request, ignore=()), generate,
+            StreamSummary, remaining_s() or READ_LEASE_S)
+        if replayed and summary.message.content:
+            run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
+                     GenerationChunk(text=summary.message.content, iteration=iteration))
+        return summary
+
+    async def _stream_live(self, run: _Run, request: StreamGenerateRequest, iteration: int):
         delivered = 0
         summary = None
         try:

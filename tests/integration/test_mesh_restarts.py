@@ -8,14 +8,17 @@ import asyncio
 import socket
 
 import grpc
+import pytest
 
 from hivemesh.cli.demo import example_agents
 from hivemesh.cli.processes import start_service
 from hivemesh.client import ArtifactClient, InformationClient, from_rpc_error
+from hivemesh.client.errors import from_status
 from hivemesh.client.errors import UnavailableError
-from hivemesh.common.v1 import RequestContext
+from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.information.v1 import Budget, Scope
-from hivemesh.orchestrator.v1 import OrchestratorServiceStub, RunAgentRequest
+from hivemesh.orchestrator.v1 import (
+    EventType, OrchestratorServiceStub, RunAgentRequest, RunAgentResponse, StreamAgentRequest)
 
 MODEL = "mock-small"
 
@@ -30,12 +33,25 @@ def _port(proc) -> str:
     return proc.address.rsplit(":", 1)[1]
 
 
-async def _run(address: str, request: RunAgentRequest):
+async def _run(address: str, request: RunAgentRequest | StreamAgentRequest
+               ) -> RunAgentResponse:
+    """RunAgent, or StreamAgent as its response: its AGENT_COMPLETE event's
+    result (replayed when that is all the stream sent); a FAILED end raises
+    its error."""
     async with grpc.aio.insecure_channel(address) as channel:
+        stub = OrchestratorServiceStub(channel)
         try:
-            return await OrchestratorServiceStub(channel).RunAgent(request, timeout=30)
+            if isinstance(request, RunAgentRequest):
+                return await stub.RunAgent(request, timeout=30)
+            messages = [m async for m in stub.StreamAgent(request, timeout=30)]
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from err
+    end = messages[-1].end
+    if end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
+        raise from_status(end.error)
+    events = [m.agent_event for m in messages[:-1]]
+    assert events[-1].type == EventType.EVENT_TYPE_AGENT_COMPLETE
+    return RunAgentResponse(result=events[-1].agent_complete, replayed=len(events) == 1)
 
 
 async def _run_until_reachable(address: str, request: RunAgentRequest):
@@ -49,7 +65,9 @@ async def _run_until_reachable(address: str, request: RunAgentRequest):
     return await _run(address, request)
 
 
-def test_a_run_retried_after_the_llm_service_restarted_is_charged_and_saved_once(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["RunAgent", "StreamAgent"])
+def test_a_run_retried_after_the_llm_service_restarted_is_charged_and_saved_once(
+        tmp_path, streamed):
     """The first attempt generated, committed its usage and failed on the
     artifact store (down). The LLM service is then killed and restarted:
     it no longer holds the generation's record. The retry must still end
@@ -79,10 +97,9 @@ def test_a_run_retried_after_the_llm_service_restarted_is_charged_and_saved_once
                     limit_micros=10**9, mode=2))).budget_id
 
         budget_id = asyncio.run(budget())
-        request = RunAgentRequest(request_id="run-across-restarts", agent="tester",
-                                  input="Write a test for add(a, b).",
-                                  context=RequestContext(tenant_id="restarts",
-                                                         workflow_id="wf-restarts"))
+        request = (StreamAgentRequest if streamed else RunAgentRequest)(
+            request_id="run-across-restarts", agent="tester", input="Write a test for add(a, b).",
+            context=RequestContext(tenant_id="restarts", workflow_id="wf-restarts"))
         try:
             asyncio.run(_run(orchestrator.address, request))
         except UnavailableError as err:
