@@ -502,6 +502,12 @@ class AgentRunner:
             # The hold may be made all the same: ask for it again and release it.
             self._in_background(self._release_reserved(request))
             raise
+        except errors.ServiceError as exc:
+            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED \
+                    and exc.reason != "DEADLINE_TOO_SHORT":
+                # Sent, and not answered in time: the same.
+                self._in_background(self._release_reserved(request))
+            raise
         run.reservation = response.reservation_id
 
     async def _release(self, run: _Run, reason: int) -> None:

@@ -223,6 +223,35 @@ async def test_a_run_past_its_deadline_still_releases_its_hold(tmp_path):
         assert (status.reserved_micros, status.spent_micros) == (0, 0)
 
 
+async def test_a_reservation_answered_too_late_is_released_not_left_to_its_ttl(
+        tmp_path, monkeypatch):
+    """The information service made the hold but its answer came after the
+    Reserve call's deadline: the run fails, and the hold it never heard of
+    is released (asked for again under its request id), as when a run is
+    cancelled while reserving, not kept until its TTL."""
+    from hivemesh.services.information.store.sqlite import SqliteStore
+    reserve = SqliteStore.reserve
+    answered = asyncio.Event()
+
+    async def slow(self, op):
+        result = await reserve(self, op)
+        if op.request_id.endswith(":reserve:1") and not answered.is_set():
+            answered.set()
+            await asyncio.sleep(2)  # the hold is stored; the answer is late
+        return result
+    monkeypatch.setattr(SqliteStore, "reserve", slow)
+    async with mesh(tmp_path, call_timeout_s=0.5) as m, \
+            InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.")
+        with pytest.raises(DeadlineExceededError) as err:
+            await run(m, "coder")
+        assert err.value.metadata["provider"] == "information"
+        assert answered.is_set() and m.primary.calls == []
+        status = await _settled(info, budget.budget_id)
+        assert (status.reserved_micros, status.spent_micros) == (0, 0)
+
+
 async def test_a_generation_asks_for_no_more_tokens_than_the_run_has_left(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="capped", system_prompt="You write code.",
