@@ -2,9 +2,10 @@
 
 Every outbound call goes through :class:`Providers`, which
 
-* carves its deadline from the run's remaining time (``deadline_scope``),
-  capped by ``call_timeout_s``, and refuses to start a call with less than
-  ``min_call_time_s`` left (DEADLINE_EXCEEDED, reason DEADLINE_TOO_SHORT);
+* carves its deadline from the run's remaining time (``deadline_scope``; or
+  the share of it the call is given), capped by ``call_timeout_s``, and
+  refuses to start a call with less than ``min_call_time_s`` left
+  (DEADLINE_EXCEEDED, reason DEADLINE_TOO_SHORT);
 * keeps one circuit breaker per provider: after consecutive failures that
   say the provider is unhealthy (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
   UNKNOWN) calls fail fast with UNAVAILABLE, reason CIRCUIT_OPEN, until a
@@ -152,9 +153,10 @@ class Providers:
                 f"no {name} service is configured for the orchestrator", {"provider": name})
         return provider
 
-    def _timeout(self, what: str) -> float:
+    def _timeout(self, what: str, share: float = 1.0) -> float:
         left = remaining_s()
-        timeout = self.call_timeout_s if left is None else min(left, self.call_timeout_s)
+        timeout = self.call_timeout_s if left is None else min(left * share,
+                                                                self.call_timeout_s)
         if timeout < self.min_call_time_s:
             raise deadline_exceeded(what)
         return timeout
@@ -203,11 +205,14 @@ class Providers:
 
     async def call(self, name: str, method: str, request: Any, *,
                    span_attributes: dict | None = None,
-                   annotate: Callable[[Any, Any], None] | None = None) -> Any:
+                   annotate: Callable[[Any, Any], None] | None = None,
+                   share: float = 1.0) -> Any:
         """One unary call under the policy. Raises ServiceError.
-        ``annotate(span, response)`` adds attributes from the response."""
+        ``annotate(span, response)`` adds attributes from the response.
+        ``share``: the most of the run's remaining time the call may take
+        (a call the run can do without leaves it time to go on)."""
         provider = self._provider(name)
-        timeout = self._timeout(f"{name} {method}")
+        timeout = self._timeout(f"{name} {method}", share)
         permit = self._admit(provider, method)
         with self._span(provider, method, span_attributes) as span:
             with self._outcome(provider, span, permit):

@@ -74,6 +74,10 @@ MAX_TOOL_CALL_ID = 128
 # How long a memory read's claim in the request ledger holds when the run
 # has no deadline (``_pinned``).
 READ_LEASE_S = 60.0
+# The most of a run's remaining time a memory call may take: memory is
+# optional (an outage degrades the run), so a memory service that hangs
+# leaves the run time to generate and keep its work.
+MEMORY_SHARE = 0.5
 # Errors after which the next fallback model is tried.
 _FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
@@ -386,7 +390,7 @@ class AgentRunner:
         digest = fingerprint(request, ignore=())
 
         async def read():
-            return await self.providers.call("memory", method, request)
+            return await self.providers.call("memory", method, request, share=MEMORY_SHARE)
         found, _ = await self.ledger.once("read", run.step(method, digest[:16]), digest, read,
                                           result_type, remaining_s() or READ_LEASE_S)
         return found
@@ -405,7 +409,7 @@ class AgentRunner:
         try:
             added = await self.providers.call("memory", "AddMemories", AddMemoriesRequest(
                 request_id=run.step("memory"), context=run.context,
-                namespace=memory.namespace, items=items))
+                namespace=memory.namespace, items=items), share=MEMORY_SHARE)
         except errors.ServiceError as exc:
             run.degrade(DegradedComponent.DEGRADED_COMPONENT_MEMORY_WRITE_BACK, exc)
             return
@@ -420,7 +424,8 @@ class AgentRunner:
                 messages=[HistoryMessage(role=MessageRole.MESSAGE_ROLE_USER,
                                          content=run.opts.input),
                           HistoryMessage(role=MessageRole.MESSAGE_ROLE_ASSISTANT,
-                                         content=run.output, name=run.agent.name)]))
+                                         content=run.output, name=run.agent.name)]),
+                share=MEMORY_SHARE)
         except errors.ServiceError as exc:
             run.degrade(DegradedComponent.DEGRADED_COMPONENT_HISTORY, exc)
 

@@ -330,6 +330,33 @@ async def test_memory_outage_degrades_the_run(tmp_path):
         assert result.degraded[0].reason == "BACKEND_UNAVAILABLE"  # names the cause
 
 
+async def test_a_memory_service_that_hangs_degrades_the_run_instead_of_failing_it(tmp_path):
+    """A memory service that accepts connections and never answers (hung,
+    not down) is an outage too: recall and write-back are skipped and the
+    run succeeds within its caller's deadline, instead of the memory calls
+    taking all of the run's time and failing it with DEADLINE_EXCEEDED."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()  # never accepted: no answer to anything
+        address = f"127.0.0.1:{hung.getsockname()[1]}"
+        async with mesh(tmp_path, memory_address=address) as m:
+            await register(m, name="coder", system_prompt="You write code.",
+                           memory=MemoryConfig(enabled=True, write_back=True))
+            events = []
+            m.backend.bus.subscribe(lambda event: events.append(event))
+            result = (await call(m.orchestrator.RunAgent, RunAgentRequest(
+                request_id=rid(), agent="coder", input="implement add",
+                context=RequestContext(tenant_id="acme")), timeout=4)).result
+        assert result.output
+        assert [(d.component, d.reason) for d in result.degraded] == [
+            (DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL, "DEADLINE_EXCEEDED"),
+            (DegradedComponent.DEGRADED_COMPONENT_MEMORY_WRITE_BACK, "DEADLINE_EXCEEDED")]
+        assert [e.degraded.component for e in events
+                if e.type == EventType.EVENT_TYPE_DEGRADED] == [
+            DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL,
+            DegradedComponent.DEGRADED_COMPONENT_MEMORY_WRITE_BACK]
+
+
 async def test_an_artifact_outage_fails_the_run_instead_of_degrading_it(tmp_path):
     async with mesh(tmp_path, artifact=False) as m:
         await register(m, name="coder", system_prompt="You write code.",
