@@ -21,7 +21,6 @@ client spans below it (the LLM calls carrying the GenAI attributes), one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -534,14 +533,32 @@ class AgentRunner:
     async def _charge_cut(self, run: _Run, summary, iteration: int) -> None:
         """A streamed generation that broke after some output used tokens
         all the same (its summary's usage, the LLM service's estimate when
-        the upstream reported none): they are charged like a generation's,
-        as a failed call, so that the budget and the failed run's usage
-        count them. A charge that fails leaves the hold to the run's
-        release (the tokens counted at no cost)."""
+        the upstream reported none): they are charged as a failed call, so
+        that the budget and the failed run's usage count them. They are
+        tracked under a request id of their own, and the hold is left to
+        the run's release: a retry of the run generates again (the LLM
+        service keeps no broken stream) and settles that hold with its own
+        usage under the ids a completed generation uses, which a charge of
+        the cut one under those ids would make a conflict. A charge that
+        fails counts the tokens at no cost."""
         run.last_generation = summary
         enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
-        with contextlib.suppress(errors.ServiceError):
-            await self._charge(run, enforcement, iteration, success=False)
+        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
+            run.add_usage(summary.usage, 0, "")
+            return
+        try:
+            with beyond_deadline():
+                charged = await self.providers.call(
+                    "information", "TrackCompletion", TrackCompletionRequest(
+                        request_id=run.step("cut", iteration), context=run.context,
+                        usage=summary.usage, model=summary.model, backend=summary.backend,
+                        latency=summary.latency, cached=summary.cached, success=False))
+        except errors.ServiceError as exc:
+            run.add_usage(summary.usage, 0, "")
+            if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
+                run.degrade(DegradedComponent.DEGRADED_COMPONENT_BUDGET, exc)
+            return
+        self._charged(run, charged)
 
     async def _charge(self, run: _Run, enforcement: int, iteration: int, *,
                       success: bool = True) -> None:

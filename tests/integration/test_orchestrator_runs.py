@@ -793,6 +793,40 @@ async def test_a_stream_cut_after_output_is_charged_what_it_used(tmp_path, enfor
             assert status.spent_micros == failed.cost_micros and status.reserved_micros == 0
 
 
+@pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
+                                         BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
+async def test_a_run_retried_after_its_stream_was_cut_succeeds_and_is_charged_both(
+        tmp_path, enforcement):
+    """The cut stream's usage was charged under the run's request id; the
+    retry generates again (the LLM service keeps no broken stream) and its
+    usage is another charge, not a different request under the first
+    charge's request id (IDEMPOTENCY_CONFLICT on every retry)."""
+    async with mesh(tmp_path) as m:
+        async with InformationClient(m.addresses["information"]) as info:
+            await info.set_price("main", input_micros_per_million=1_000_000,
+                                 output_micros_per_million=2_000_000)
+            budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
+                                                     limit_micros=10_000_000))
+            await register(m, name="coder", system_prompt="You write code.",
+                           budget=BudgetPolicy(enforcement=enforcement))
+            m.primary.cut_next_stream_after(3)
+            request = StreamAgentRequest(request_id=rid(), agent="coder",
+                                         input="implement add",
+                                         context=RequestContext(tenant_id="acme"))
+            cut = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
+            assert cut[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+            failed = cut[-2].agent_event.agent_failed
+            assert failed.cost_micros > 0
+            retried = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
+            assert retried[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED, \
+                retried[-1].end.error.message
+            done = retried[-2].agent_event.agent_complete
+            assert done.output and done.cost_micros > 0
+            (status,) = await info.status(budget_id=budget.budget_id)
+            assert status.spent_micros == failed.cost_micros + done.cost_micros
+            assert status.reserved_micros == 0
+
+
 async def test_stream_agent_refuses_an_invalid_request_as_the_calls_status(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="greeter", system_prompt="Greet {{variables.name}}.",
