@@ -21,6 +21,7 @@ client spans below it (the LLM calls carrying the GenAI attributes), one
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import struct_pb2
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -631,32 +633,64 @@ class AgentRunner:
             config.top_p = sampling.top_p
         # The agent's own fallback list is the whole chain when it has one.
         own_chain = bool(run.agent.fallback_models) or run.opts.disable_fallback
-        failure: errors.ServiceError | None = None
-        for position, model in enumerate(models):
-            fields = dict(request_id=run.step("gen", iteration, model),
-                          context=run.context, model=model,
-                          conversation=Conversation(messages=messages), config=config,
-                          tools=tools, disable_fallback=own_chain)
-            try:
-                if run.opts.stream_chunks:
-                    generated = await self._stream(run, StreamGenerateRequest(**fields),
-                                                   iteration)
-                else:
-                    generated = await self._call_generate(run, GenerateRequest(**fields))
-            except errors.ServiceError as exc:
-                if exc.code not in _FALLBACK_CODES or exc.reason == "BUDGET_EXCEEDED" \
-                        or getattr(exc, "partial_output", False):
-                    raise
-                failure = exc
-                continue
-            if position > 0:
-                run.result.fallback_used = True
-                run.degrade(DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK, failure)
-            run.result.fallback_used |= generated.fallback_used
-            run.last_generation_id = fields["request_id"]
-            return self._generated(run, generated, iteration)
-        assert failure is not None
-        raise failure
+
+        def request_of(model: str) -> dict:
+            return dict(request_id=run.step("gen", iteration, model),
+                        context=run.context, model=model,
+                        conversation=Conversation(messages=messages), config=config,
+                        tools=tools, disable_fallback=own_chain)
+
+        async def one(fields: dict):
+            if run.opts.stream_chunks:
+                return await self._stream(run, StreamGenerateRequest(**fields), iteration)
+            return await self._call_generate(run, GenerateRequest(**fields))
+
+        answered: list = []  # this attempt's (generated, request fields)
+
+        async def pick() -> struct_pb2.Struct:
+            failure: errors.ServiceError | None = None
+            for model in models:
+                fields = request_of(model)
+                try:
+                    generated = await one(fields)
+                except errors.ServiceError as exc:
+                    if exc.code not in _FALLBACK_CODES or exc.reason == "BUDGET_EXCEEDED" \
+                            or getattr(exc, "partial_output", False):
+                        raise
+                    failure = exc
+                    continue
+                answered.append((generated, fields))
+                chosen = struct_pb2.Struct()
+                chosen.update({"model": model})
+                if failure is not None:
+                    chosen.update({"reason": errors.reason_name(failure.reason),
+                                   "message": failure.message})
+                return chosen
+            assert failure is not None
+            raise failure
+
+        # Which model of the chain answered is kept under the run's request
+        # id too: a retry takes that model's kept answer, not a new one from
+        # a model that failed in the first attempt and answers now (its
+        # usage and output would not be what was committed and saved).
+        digest = hashlib.sha256("\n".join(
+            [fingerprint(Conversation(messages=messages), ignore=()), *models]).encode()
+        ).hexdigest()
+        chosen, replayed = await self.ledger.once(
+            "read", run.step("model", iteration), digest, pick, struct_pb2.Struct,
+            remaining_s() or READ_LEASE_S)
+        if replayed:
+            fields = request_of(chosen["model"])
+            generated = await one(fields)
+        else:
+            generated, fields = answered[0]
+        if "reason" in chosen:
+            run.result.fallback_used = True
+            run.degrade(DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK, errors.ServiceError(
+                grpc.StatusCode.UNAVAILABLE, chosen["reason"], chosen["message"]))
+        run.result.fallback_used |= generated.fallback_used
+        run.last_generation_id = fields["request_id"]
+        return self._generated(run, generated, iteration)
 
     async def _call_generate(self, run: _Run, request: GenerateRequest):
         """The generation as it answered the first attempt of this run, kept

@@ -426,6 +426,36 @@ async def test_budget_outage_fails_clearly_and_opens_the_breaker(tmp_path):
         assert (await run(m, "free")).result.output
 
 
+async def test_a_run_retried_after_a_fallback_keeps_the_model_that_answered(tmp_path):
+    """The first attempt's model failed, its fallback answered, the usage
+    was committed and the artifact store was down. Its retry, with the
+    first model healthy again, must end the run with what the fallback
+    answered (charged and saved once), not generate with the first model
+    under the request ids of the fallback's commit and save (refused as
+    IDEMPOTENCY_CONFLICT on every retry)."""
+    store = ArtifactOutage()
+    async with mesh(tmp_path, artifact_backend=store) as m, \
+            InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await info.set_price("backup", input_micros_per_million=1_000_000,
+                             output_micros_per_million=1_000_000)
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code", fallback_models=["backup"])
+        request_id = rid()
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=5)
+        with pytest.raises(UnavailableError) as err:
+            await run(m, "coder", request_id=request_id)
+        assert err.value.metadata["provider"] == "artifact"
+        m.primary.reset_failure()
+        store.down = False
+        done = (await run(m, "coder", request_id=request_id)).result
+        assert done.model == "backup" and done.fallback_used
+        assert len(done.artifact_ids) == 1
+        status = await _settled(info, budget.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (done.cost_micros, 0)
+        assert len(m.secondary.calls) == 1  # the fallback's answer was not asked for again
+
+
 async def test_model_fallback_from_the_agent_definition(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="coder", system_prompt="You write code.",
