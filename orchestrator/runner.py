@@ -804,7 +804,7 @@ class AgentRunner:
                     code="NOT_ALLOWED",
                     message=f"agent {run.agent.name!r} may not call {call.name!r}"))
             else:
-                outcome = await self.tools.execute(ToolInvocation(
+                outcome = await self._tool_outcome(ToolInvocation(
                     name=call.name, arguments=call.arguments, tool_call_id=call.id,
                     request_id=run.step("tool", iteration, call.id),
                     ctx=run.ctx, memory_namespace=run.agent.memory.namespace))
@@ -820,6 +820,36 @@ class AgentRunner:
                     failure.code, failure.reason, f"tool {call.name}: {failure.message}"))
         record.duration.CopyFrom(duration_s(time.monotonic() - started))
         return record
+
+    async def _tool_outcome(self, invocation: ToolInvocation) -> ToolOutcome:
+        """The tool's answer as it answered the first attempt of this run,
+        kept in the request ledger under the call's request id like the
+        memory reads (``_pinned``): run again, a tool may answer otherwise
+        (``memory_search`` would find the first attempt's own write-back),
+        and the next generation would get another prompt under the same
+        request id. A tool that could not answer at all is not kept."""
+        failed: list[ToolOutcome] = []
+
+        async def execute() -> ToolCallRecord:
+            outcome = await self.tools.execute(invocation)
+            if outcome.failure is not None:
+                failed.append(outcome)
+                raise outcome.failure
+            kept = ToolCallRecord(result=outcome.result)
+            if outcome.error is not None:
+                kept.error.CopyFrom(outcome.error)
+            return kept
+        digest = hashlib.sha256(f"{invocation.name}\n{invocation.arguments}".encode()
+                                ).hexdigest()
+        try:
+            kept, _ = await self.ledger.once("read", invocation.request_id, digest, execute,
+                                             ToolCallRecord, remaining_s() or READ_LEASE_S)
+        except errors.ServiceError:
+            if failed:
+                return failed[0]
+            raise
+        return ToolOutcome(result=kept.result,
+                           error=kept.error if kept.HasField("error") else None)
 
     def _handoff(self, run: _Run, call: ToolCall) -> bool:
         """Record a valid handoff request; False when it is not valid (the

@@ -491,6 +491,39 @@ async def test_built_in_tools_allowlist_and_results_fed_back(tmp_path):
         assert offered == ["artifact_save"]
 
 
+async def test_a_run_retried_after_writing_back_gives_its_tools_first_results_again(
+        tmp_path):
+    """The first attempt searched memory through its tool, generated its
+    answer, wrote it back to memory and failed on the artifact store. The
+    retry must send the conversation of the first attempt again (as it
+    does for the memories it recalled): searched again, memory would hold
+    the first attempt's own write-back, and the next generation another
+    prompt under the same request id (IDEMPOTENCY_CONFLICT)."""
+    store = ArtifactOutage()
+    async with mesh(tmp_path, artifact_backend=store) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code", allowed_tools=["memory_search"],
+                       memory=MemoryConfig(enabled=False, write_back=True, namespace="tools"),
+                       budget=BudgetPolicy(enforcement=3))
+        m.primary.queue_response(tool_calls=(
+            ToolCall("c1", "memory_search", json.dumps({"query": "add two numbers"})),))
+        m.primary.queue_response("def add(a, b): return a + b  # add two numbers")
+        request_id = rid()
+        with pytest.raises(UnavailableError):
+            await run(m, "coder", "add two numbers", request_id=request_id)
+        async with MemoryClient(m.addresses["memory"]) as memory:
+            found = await memory.search("add two numbers", namespace="tools",
+                                        context=RequestContext(tenant_id="acme"))
+        assert found.results  # the write-back landed
+        store.down = False
+        done = (await run(m, "coder", "add two numbers", request_id=request_id)).result
+        assert done.output.startswith("def add") and len(done.artifact_ids) == 1
+        (searched,) = done.tool_calls
+        assert json.loads(searched.result) == {"results": []} or \
+            "def add" not in searched.result
+        assert len(m.primary.calls) == 2  # both generations kept, none sent again
+
+
 async def test_tool_arguments_json_cannot_parse_are_a_tool_error_not_a_crash(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="coder", system_prompt="You write code.",
