@@ -94,3 +94,15 @@ def test_a_method_whose_own_config_gives_no_timeout_has_none():
     assert method_timeout("orchestrator", "SubscribeEvents") is None
     assert method_timeout("information", "GetMetrics") == 30.0
     assert method_timeout("information", "Reserve") == 5.0
+
+
+def test_a_channel_reconnects_within_ten_seconds_of_a_provider_coming_back():
+    """gRPC's reconnect backoff grows to 120 s by default: a provider back
+    after a long outage would stay unreached for up to two minutes."""
+    from unittest import mock
+
+    from hivemesh.client import channel as channels
+    with mock.patch.object(channels.grpc.aio, "insecure_channel") as make:
+        channels.insecure_channel("127.0.0.1:1", "artifact")
+    options = dict(make.call_args.kwargs["options"])
+    assert options["grpc.max_reconnect_backoff_ms"] == 10_000

@@ -37,6 +37,9 @@ def _timeouts(api: str) -> dict[str, float | None]:
     return out
 
 
+MAX_RECONNECT_BACKOFF_MS = 10_000
+
+
 def method_timeout(api: str, method: str) -> float | None:
     """The timeout the service config gives ``method`` of ``hivemesh.<api>.v1``
     (its own, else the service's), None when it gives none."""
@@ -66,5 +69,9 @@ def insecure_channel(target: str, api: str, *, max_message_bytes: int = DEFAULT_
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
+        # After an outage the channel reconnects within this (gRPC's own
+        # backoff grows to 120 s, so a provider back up stayed unreached
+        # for up to two minutes).
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
