@@ -238,54 +238,52 @@ async def test_get_with_malformed_id_is_invalid_argument(artifacts):
     assert err.value.field_violations[0][0] == "artifact_id"
 
 
-async def test_backend_outage_is_unavailable_and_writes_nothing(artifact_settings, tmp_path):
+@contextlib.asynccontextmanager
+async def faulty_service(settings):
+    """(client, backend): an artifact server over an in-memory backend that
+    fails on demand (``backend.fail_next(n)``)."""
     from hivemesh.client import ArtifactClient
     from hivemesh.services.artifact.backends.memory import MemoryBackend
     from hivemesh.services.artifact.fake import FaultyBackend
     from hivemesh.services.artifact.server import create_server
 
-    backend = FaultyBackend(MemoryBackend())
-    running, port = await create_server(artifact_settings, backend)
-    try:
-        async with ArtifactClient(f"127.0.0.1:{port}") as client:
-            backend.fail_next(1)
-            # The channel retries UNAVAILABLE (service config): the second try succeeds.
-            saved = await client.save(workflow_id="wf-u", agent_id="a", artifact_type="code",
-                                      content="x")
-            assert backend.calls["save"] == 2
-            assert await client.count(workflow_id="wf-u") == 1
-            backend.fail_next(10)
-            with pytest.raises(UnavailableError) as err:
-                await client.get(saved.artifact.artifact_id)
-            assert err.value.reason == "BACKEND_UNAVAILABLE"
-            assert err.value.retry_delay is not None
-            assert backend.calls["get"] == 4  # maxAttempts in the service config
-    finally:
-        await running.shutdown(0)
-
-
-async def test_a_large_save_is_retried_like_a_small_one(artifact_settings, tmp_path):
-    # gRPC keeps 256 KiB of a call for its retries by default, and a call
-    # that outgrows the buffer is never retried; a save of up to the content
-    # limit must be retried on UNAVAILABLE all the same.
-    from hivemesh.client import ArtifactClient
-    from hivemesh.services.artifact.backends.memory import MemoryBackend
-    from hivemesh.services.artifact.fake import FaultyBackend
-    from hivemesh.services.artifact.server import create_server
-
-    settings = artifact_settings.model_copy(update={"max_content_bytes": 4 * 1024 * 1024})
     backend = FaultyBackend(MemoryBackend())
     running, port = await create_server(settings, backend)
     try:
         async with ArtifactClient(f"127.0.0.1:{port}") as client:
-            backend.fail_next(1)
-            saved = await client.save(workflow_id="wf-l", agent_id="a", artifact_type="code",
-                                      content="é" * (2 * 1024 * 1024))
-            assert backend.calls["save"] == 2
-            assert saved.artifact.size_bytes == 4 * 1024 * 1024
-            assert await client.count(workflow_id="wf-l") == 1
+            yield client, backend
     finally:
         await running.shutdown(0)
+
+
+async def test_backend_outage_is_unavailable_and_writes_nothing(artifact_settings):
+    async with faulty_service(artifact_settings) as (client, backend):
+        backend.fail_next(1)
+        # The channel retries UNAVAILABLE (service config): the second try succeeds.
+        saved = await client.save(workflow_id="wf-u", agent_id="a", artifact_type="code",
+                                  content="x")
+        assert backend.calls["save"] == 2
+        assert await client.count(workflow_id="wf-u") == 1
+        backend.fail_next(10)
+        with pytest.raises(UnavailableError) as err:
+            await client.get(saved.artifact.artifact_id)
+        assert err.value.reason == "BACKEND_UNAVAILABLE"
+        assert err.value.retry_delay is not None
+        assert backend.calls["get"] == 4  # maxAttempts in the service config
+
+
+async def test_a_large_save_is_retried_like_a_small_one(artifact_settings):
+    # gRPC keeps 256 KiB of a call for its retries by default, and a call
+    # that outgrows the buffer is never retried; a save of up to the content
+    # limit must be retried on UNAVAILABLE all the same.
+    settings = artifact_settings.model_copy(update={"max_content_bytes": 4 * 1024 * 1024})
+    async with faulty_service(settings) as (client, backend):
+        backend.fail_next(1)
+        saved = await client.save(workflow_id="wf-l", agent_id="a", artifact_type="code",
+                                  content="é" * (2 * 1024 * 1024))
+        assert backend.calls["save"] == 2
+        assert saved.artifact.size_bytes == 4 * 1024 * 1024
+        assert await client.count(workflow_id="wf-l") == 1
 
 
 @contextlib.asynccontextmanager

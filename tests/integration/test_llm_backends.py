@@ -639,19 +639,25 @@ async def test_an_exhausted_openai_quota_is_a_refusal_not_a_rate_limit(openai_up
     assert "current quota" in error.message
 
 
+async def _anthropic_refusal(mode: str, request, message: str):
+    """The error a backend makes of Anthropic's 400 invalid_request_error
+    saying ``message`` to ``request``."""
+    async with make_server("anthropic") as server:
+        backend = make_backend("anthropic", server.base_url)
+        try:
+            server.enqueue(Fail(status=400, type="invalid_request_error", message=message))
+            return await call(backend, mode, request)
+        finally:
+            await backend.close()
+
+
 @pytest.mark.parametrize("mode", ["generate", "stream"])
 async def test_an_anthropic_account_out_of_credit_is_a_refusal(mode: str):
     """Anthropic says "no credit left" with a 400 invalid_request_error: the
     request is fine (another backend may answer it), the account cannot pay."""
-    async with make_server("anthropic") as server:
-        backend = make_backend("anthropic", server.base_url)
-        try:
-            server.enqueue(Fail(status=400, type="invalid_request_error", message=(
-                "Your credit balance is too low to access the Anthropic API. Please go to "
-                "Plans & Billing to upgrade or purchase credits.")))
-            error = await call(backend, mode, chat(user("x")))
-        finally:
-            await backend.close()
+    error = await _anthropic_refusal(mode, chat(user("x")), (
+        "Your credit balance is too low to access the Anthropic API. Please go to "
+        "Plans & Billing to upgrade or purchase credits."))
     assert error.kind is ErrorKind.PERMISSION and "credit balance" in error.message
 
 
@@ -686,15 +692,9 @@ async def test_an_anthropic_prompt_that_leaves_no_room_for_max_tokens_is_too_lon
     """Anthropic words its refusal of a prompt that leaves too little of the
     context window for the requested max_tokens differently from that of a
     prompt that does not fit at all; both are a context too long."""
-    async with make_server("anthropic") as server:
-        backend = make_backend("anthropic", server.base_url)
-        try:
-            server.enqueue(Fail(status=400, type="invalid_request_error", message=(
-                "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, "
-                "decrease input length or `max_tokens` and try again")))
-            error = await call(backend, mode, chat(user("x"), max_tokens=64000))
-        finally:
-            await backend.close()
+    error = await _anthropic_refusal(mode, chat(user("x"), max_tokens=64000), (
+        "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, "
+        "decrease input length or `max_tokens` and try again"))
     assert error.kind is ErrorKind.CONTEXT_TOO_LONG and error.status == 400
 
 

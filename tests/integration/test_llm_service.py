@@ -736,6 +736,16 @@ async def test_a_model_without_json_schema_support_is_prompted_for_the_schema():
         assert native.messages[0].content == "You write code."
 
 
+def _one_upstream(kind: str, base_url: str) -> LlmSettings:
+    """An LLM service whose one model "main" is served by a fake upstream
+    of ``kind`` at ``base_url`` (its key in FAKE_UPSTREAM_KEY)."""
+    return LlmSettings(
+        server=ServerSettings(port=0, grace_period_s=1),
+        backends={"up": BackendSettings(type=kind, base_url=base_url,
+                                        api_key_env="FAKE_UPSTREAM_KEY")},
+        models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True)])
+
+
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
 async def test_a_request_too_large_for_the_upstream_is_payload_too_large(monkeypatch, kind):
     """An upstream's 413 is the contract's PAYLOAD_TOO_LARGE, not an
@@ -747,11 +757,7 @@ async def test_a_request_too_large_for_the_upstream_is_payload_too_large(monkeyp
     monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
     async with (FakeAnthropic() if kind == "anthropic" else FakeOpenAI()) as upstream:
         upstream.enqueue(Fail(status=413, message="request exceeds the maximum allowed size"))
-        s = LlmSettings(
-            server=ServerSettings(port=0, grace_period_s=1),
-            backends={"up": BackendSettings(type=kind, base_url=upstream.base_url,
-                                            api_key_env="FAKE_UPSTREAM_KEY")},
-            models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True)])
+        s = _one_upstream(kind, upstream.base_url)
         async with serve(s) as (stub, _):
             with pytest.raises(InvalidArgumentError) as err:
                 await call(stub.Generate, gen())
@@ -772,11 +778,7 @@ async def test_a_broken_stream_reports_the_prompt_usage_the_upstream_reported(mo
     async with FakeAnthropic() as upstream:
         upstream.enqueue(Reply(text="one two three four five", prompt_tokens=5000,
                                cached_tokens=4000, cut_after=2, clean_cut=clean))
-        s = LlmSettings(
-            server=ServerSettings(port=0, grace_period_s=1),
-            backends={"up": BackendSettings(type="anthropic", base_url=upstream.base_url,
-                                            api_key_env="FAKE_UPSTREAM_KEY")},
-            models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True)])
+        s = _one_upstream("anthropic", upstream.base_url)
         async with serve(s) as (stub, _):
             messages = await _read_stream(stub, StreamGenerateRequest(
                 request_id=rid(), model="main", prompt=Prompt(prompt="count")))
@@ -803,11 +805,7 @@ async def _stream_from_openai(monkeypatch, events, prompt="call f"):
     monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
     async with FakeOpenAI() as upstream:
         upstream.enqueue(Raw(events=tuple(events)))
-        s = LlmSettings(
-            server=ServerSettings(port=0, grace_period_s=1),
-            backends={"up": BackendSettings(type="openai_compatible", base_url=upstream.base_url,
-                                            api_key_env="FAKE_UPSTREAM_KEY")},
-            models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True)])
+        s = _one_upstream("openai_compatible", upstream.base_url)
         async with serve(s) as (stub, _):
             return await _read_stream(stub, StreamGenerateRequest(
                 request_id=rid(), model="main", prompt=Prompt(prompt=prompt)))

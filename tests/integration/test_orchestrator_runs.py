@@ -154,11 +154,12 @@ async def test_a_defect_in_a_run_fails_it_cleanly_and_releases_its_hold(tmp_path
         assert status.reserved_micros == 0
 
 
-async def _budget_with_price(info, tenant: str = "acme"):
+async def _budget_with_price(info, tenant: str = "acme", *, output_micros: int = 1_000_000,
+                             limit_micros: int = 1_000_000):
     await info.set_price("main", input_micros_per_million=1_000_000,
-                         output_micros_per_million=1_000_000)
+                         output_micros_per_million=output_micros)
     return await info.create_budget(Budget(scope=Scope(tenant_id=tenant),
-                                           limit_micros=1_000_000))
+                                           limit_micros=limit_micros))
 
 
 async def _settled(info, budget_id: str, tries: int = 50):
@@ -832,44 +833,18 @@ async def test_stream_agent_failure_ends_with_agent_failed(tmp_path):
 
 @pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
                                          BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
-async def test_a_stream_cut_after_output_is_charged_what_it_used(tmp_path, enforcement):
+async def test_a_stream_cut_after_output_is_charged_and_its_retry_too(tmp_path, enforcement):
     """The upstream produced (and bills) the text it streamed before the
     stream broke: the budget is charged for it and the failed run reports
-    it, instead of the hold being released as if nothing was used."""
-    async with mesh(tmp_path) as m:
-        async with InformationClient(m.addresses["information"]) as info:
-            await info.set_price("main", input_micros_per_million=1_000_000,
-                                 output_micros_per_million=2_000_000)
-            budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
-                                                     limit_micros=10_000_000))
-            await register(m, name="coder", system_prompt="You write code.",
-                           budget=BudgetPolicy(enforcement=enforcement))
-            m.primary.cut_next_stream_after(3)
-            messages = [x async for x in m.orchestrator.StreamAgent(StreamAgentRequest(
-                request_id=rid(), agent="coder", input="implement add",
-                context=RequestContext(tenant_id="acme")), timeout=20)]
-            assert messages[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
-            failed = messages[-2].agent_event.agent_failed
-            assert failed.partial_output and failed.usage.completion_tokens > 0
-            assert failed.cost_micros > 0
-            (status,) = await info.status(budget_id=budget.budget_id)
-            assert status.spent_micros == failed.cost_micros and status.reserved_micros == 0
-
-
-@pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
-                                         BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
-async def test_a_run_retried_after_its_stream_was_cut_succeeds_and_is_charged_both(
-        tmp_path, enforcement):
-    """The cut stream's usage was charged under the run's request id; the
-    retry generates again (the LLM service keeps no broken stream) and its
+    it, instead of the hold being released as if nothing was used. The cut
+    stream's usage is charged under a request id of its own; the retry
+    generates again (the LLM service keeps no broken stream) and its
     usage is another charge, not a different request under the first
     charge's request id (IDEMPOTENCY_CONFLICT on every retry)."""
     async with mesh(tmp_path) as m:
         async with InformationClient(m.addresses["information"]) as info:
-            await info.set_price("main", input_micros_per_million=1_000_000,
-                                 output_micros_per_million=2_000_000)
-            budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
-                                                     limit_micros=10_000_000))
+            budget = await _budget_with_price(info, output_micros=2_000_000,
+                                              limit_micros=10_000_000)
             await register(m, name="coder", system_prompt="You write code.",
                            budget=BudgetPolicy(enforcement=enforcement))
             m.primary.cut_next_stream_after(3)
@@ -879,7 +854,10 @@ async def test_a_run_retried_after_its_stream_was_cut_succeeds_and_is_charged_bo
             cut = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
             assert cut[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
             failed = cut[-2].agent_event.agent_failed
+            assert failed.partial_output and failed.usage.completion_tokens > 0
             assert failed.cost_micros > 0
+            (status,) = await info.status(budget_id=budget.budget_id)
+            assert status.spent_micros == failed.cost_micros and status.reserved_micros == 0
             retried = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
             assert retried[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED, \
                 retried[-1].end.error.message
