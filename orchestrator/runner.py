@@ -711,12 +711,14 @@ class AgentRunner:
     async def _stream(self, run: _Run, request: StreamGenerateRequest, iteration: int):
         """The streamed generation, kept like an unstreamed one
         (``_call_generate``); taken from there, its content is one chunk, as
-        the LLM service replays a stream."""
+        the LLM service replays a stream. It is kept as a GenerateResponse:
+        RunAgent and StreamAgent share runs, so a retry may take it under
+        the same request id either way (the requests' fingerprints match)."""
         async def generate():
-            return await self._stream_live(run, request, iteration)
+            return _as_response(await self._stream_live(run, request, iteration))
         summary, replayed = await self.ledger.once(
             "read", request.request_id, fingerprint(request, ignore=()), generate,
-            StreamSummary, remaining_s() or READ_LEASE_S)
+            GenerateResponse, remaining_s() or READ_LEASE_S)
         if replayed and summary.message.content:
             run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
                      GenerationChunk(text=summary.message.content, iteration=iteration))
@@ -942,6 +944,15 @@ def _unique_tool_call_ids(reply: Message, iteration: int,
         seen.add(call.id)
     if used is not None:
         used.update(seen)
+
+
+def _as_response(summary: StreamSummary) -> GenerateResponse:
+    """A streamed generation's summary as the unary call answers it."""
+    return GenerateResponse(
+        message=summary.message, usage=summary.usage, finish_reason=summary.finish_reason,
+        model=summary.model, backend=summary.backend, upstream_model=summary.upstream_model,
+        latency=summary.latency, cached=summary.cached, replayed=summary.replayed,
+        attempts=summary.attempts, fallback_used=summary.fallback_used)
 
 
 # What the LLM contract accepts as a tool call's name.

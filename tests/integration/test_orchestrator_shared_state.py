@@ -427,3 +427,27 @@ async def test_the_local_backend_is_the_default_and_keeps_state_in_the_process(t
             # itself answers the repeated generation from its own record.)
             assert not retry.replayed and retry.result.trace_id != first.result.trace_id
 
+
+
+async def test_a_streamed_run_that_failed_retried_as_run_agent_takes_its_generation(
+        tmp_path, redis_state):
+    """StreamAgent and RunAgent share runs: a StreamAgent attempt that
+    generated, then failed on the artifact store, retried as RunAgent on
+    the other replica, ends with the text the stream generated (kept in
+    Redis), not with a generation read back as another message type."""
+    store = ArtifactOutage()
+    shared = dict(state_backend="redis", redis_url=REDIS_URL, redis_prefix=redis_state.prefix)
+    async with mesh(tmp_path, artifact_backend=store, **shared) as m, \
+            replica(m, **shared) as b:
+        await register(m.orchestrator, agent("coder", output_artifact_type="code"))
+        request = StreamAgentRequest(request_id=rid(), agent="coder", input="implement add",
+                                     context=RequestContext(tenant_id="acme"))
+        first = [x async for x in m.orchestrator.StreamAgent(request, timeout=TIMEOUT)]
+        assert first[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+        streamed = "".join(x.agent_event.generation_chunk.text for x in first
+                           if x.agent_event.type == EventType.EVENT_TYPE_GENERATION_CHUNK)
+        assert streamed
+        store.down = False
+        retry = (await call(b.RunAgent, run_request("coder", request.request_id))).result
+        assert retry.output == streamed and len(retry.artifact_ids) == 1
+        assert len(m.primary.calls) == 1
