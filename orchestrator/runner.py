@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -552,7 +553,11 @@ class AgentRunner:
             with beyond_deadline():
                 charged = await self.providers.call(
                     "information", "TrackCompletion", TrackCompletionRequest(
-                        request_id=run.step("cut", iteration), context=run.context,
+                        # Each cut stream is a charge of its own: a retry
+                        # cut again tracks its own usage, not another
+                        # request under the first cut's id (a conflict).
+                        request_id=run.step("cut", iteration, uuid.uuid4().hex),
+                        context=run.context,
                         usage=summary.usage, model=summary.model, backend=summary.backend,
                         latency=summary.latency, cached=summary.cached, success=False))
         except errors.ServiceError as exc:

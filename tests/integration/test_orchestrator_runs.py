@@ -868,6 +868,36 @@ async def test_a_stream_cut_after_output_is_charged_and_its_retry_too(tmp_path, 
             assert status.reserved_micros == 0
 
 
+@pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
+                                         BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
+async def test_a_run_whose_stream_is_cut_again_when_retried_is_charged_each_cut(
+        tmp_path, enforcement):
+    """Each cut stream was generated (and billed) on its own: the retry's
+    cut is another charge, not another request under the first cut's
+    request id (refused as IDEMPOTENCY_CONFLICT, its tokens charged nothing)."""
+    async with mesh(tmp_path) as m:
+        async with InformationClient(m.addresses["information"]) as info:
+            await info.set_price("main", input_micros_per_million=1_000_000,
+                                 output_micros_per_million=2_000_000)
+            budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
+                                                     limit_micros=10_000_000))
+            await register(m, name="coder", system_prompt="You write code.",
+                           budget=BudgetPolicy(enforcement=enforcement))
+            request = StreamAgentRequest(request_id=rid(), agent="coder",
+                                         input="implement add",
+                                         context=RequestContext(tenant_id="acme"))
+            costs = []
+            for chunks in (3, 5):
+                m.primary.cut_next_stream_after(chunks)
+                cut = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
+                assert cut[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+                failed = cut[-2].agent_event.agent_failed
+                assert failed.cost_micros > 0, [d.message for d in failed.degraded]
+                costs.append(failed.cost_micros)
+            (status,) = await info.status(budget_id=budget.budget_id)
+            assert status.spent_micros == sum(costs)
+
+
 async def test_stream_agent_refuses_an_invalid_request_as_the_calls_status(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="greeter", system_prompt="Greet {{variables.name}}.",
