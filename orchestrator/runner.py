@@ -524,8 +524,13 @@ class AgentRunner:
 
     async def _release_id(self, reservation: str, reason: int) -> None:
         # If it fails, the hold expires on its own; nothing was charged.
+        # A request id of its own per release: a retried run's Reserve
+        # holds again under the same reservation id, and a release under an
+        # id already used would be answered as the first one was (the new
+        # hold left to its TTL).
         await self._resend("Release", ReleaseRequest(
-            request_id=f"{reservation}:release", reservation_id=reservation, reason=reason))
+            request_id=f"{reservation}:release:{uuid.uuid4().hex}", reservation_id=reservation,
+            reason=reason))
 
     async def _settle(self, run: _Run, enforcement: int, iteration: int) -> None:
         """Commit (or track) the usage of the last generation; then the run

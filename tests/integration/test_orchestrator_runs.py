@@ -211,6 +211,23 @@ async def test_a_retried_run_is_checked_against_the_budget_again(tmp_path):
         assert status.spent_micros == 0
 
 
+async def test_a_retried_run_that_fails_again_releases_its_hold_again(tmp_path):
+    """The retry's Reserve (same request id) holds again under the first
+    attempt's reservation id; when the retry fails too, that hold is
+    released, not answered with the first release (under the same release
+    request id) and left to its TTL."""
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.")
+        request_id = rid()
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=20)
+        for _ in range(2):
+            with pytest.raises(UnavailableError):
+                await run(m, "coder", request_id=request_id)
+            (status,) = await info.status(budget_id=budget.budget_id)
+            assert (status.reserved_micros, status.spent_micros) == (0, 0)
+
+
 async def test_a_run_past_its_deadline_still_releases_its_hold(tmp_path):
     async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
         budget = await _budget_with_price(info)
