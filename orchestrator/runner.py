@@ -682,12 +682,15 @@ class AgentRunner:
         # Which model of the chain answered is kept under the run's request
         # id too: a retry takes that model's kept answer, not a new one from
         # a model that failed in the first attempt and answers now (its
-        # usage and output would not be what was committed and saved).
+        # usage and output would not be what was committed and saved). It
+        # is kept per chain: a failed run retried with another chain (another
+        # model_override) runs it, as its generations' request ids are others.
         digest = hashlib.sha256("\n".join(
             [fingerprint(Conversation(messages=messages), ignore=()), *models]).encode()
         ).hexdigest()
+        chain = hashlib.sha256("\n".join(models).encode()).hexdigest()[:16]
         chosen, replayed = await self.ledger.once(
-            "read", run.step("model", iteration), digest, pick, struct_pb2.Struct,
+            "read", run.step("model", iteration, chain), digest, pick, struct_pb2.Struct,
             remaining_s() or READ_LEASE_S)
         if replayed:
             fields = request_of(chosen["model"])

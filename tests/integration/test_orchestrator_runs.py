@@ -474,6 +474,24 @@ async def test_a_run_retried_after_a_fallback_keeps_the_model_that_answered(tmp_
         assert len(m.secondary.calls) == 1  # the fallback's answer was not asked for again
 
 
+async def test_a_failed_run_retried_with_another_model_runs_with_it(tmp_path):
+    """A failed run is not kept: its request id may come again asking for
+    another model, whose generation has request ids of its own. The model
+    the first attempt's chain chose is no answer for that other chain: the
+    retry runs, not refused as IDEMPOTENCY_CONFLICT."""
+    store = ArtifactOutage()
+    async with mesh(tmp_path, artifact_backend=store) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code", budget=BudgetPolicy(enforcement=3))
+        request_id = rid()
+        with pytest.raises(UnavailableError):
+            await run(m, "coder", request_id=request_id)
+        store.down = False
+        done = (await run(m, "coder", request_id=request_id, model_override="backup")).result
+        assert done.model == "backup" and len(done.artifact_ids) == 1
+        assert len(m.secondary.calls) == 1
+
+
 async def test_model_fallback_from_the_agent_definition(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="coder", system_prompt="You write code.",
