@@ -459,6 +459,10 @@ class AgentRunner:
             with beyond_deadline():
                 return await self.providers.call("information", method, request)
         except errors.ServiceError as exc:
+            if method == "Commit":
+                # The run left its hold to this commit: not committed, the
+                # hold goes back, as a failed run's does.
+                await self._release_id(request.reservation_id, 2)
             return exc
 
     async def _resent_spend(self, run: _Run) -> None:

@@ -527,6 +527,21 @@ async def test_a_spend_not_recorded_after_a_cancellation_is_counted_without_its_
     await _drained(fake.gate)
 
 
+async def test_a_commit_sent_again_that_fails_releases_the_hold():
+    """Cancelled while committing, the run left the hold to the commit it
+    sends again; when that commit fails, nothing settled the hold: it is
+    released, as the hold of a run whose commit failed is."""
+    fake = _Steered()
+
+    async def fails() -> None:
+        raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "down")
+    _committing(fake, fails)
+    await _cancelled_while_committing(fake)
+    await _drained(fake.gate)
+    assert fake.calls.count(("Commit", "main")) == 2
+    assert fake.calls[-1] == ("Release", "main")
+
+
 async def test_a_run_cancelled_again_reports_its_commit_as_still_pending():
     from hivemesh.orchestrator.v1 import DegradedComponent
     fake = _Steered()
