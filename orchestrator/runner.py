@@ -858,8 +858,12 @@ class AgentRunner:
             if outcome.error is not None:
                 kept.error.CopyFrom(outcome.error)
             return kept
-        digest = hashlib.sha256(f"{invocation.name}\n{invocation.arguments}".encode()
-                                ).hexdigest()
+        # The context too: another tenant's request under the same id is
+        # another request, never a replay of this one.
+        digest = hashlib.sha256("\n".join([
+            invocation.name, invocation.arguments,
+            invocation.ctx.to_proto().SerializeToString(deterministic=True).hex()]).encode()
+        ).hexdigest()
         try:
             kept, _ = await self.ledger.once("read", invocation.request_id, digest, execute,
                                              ToolCallRecord, remaining_s() or READ_LEASE_S)

@@ -388,17 +388,17 @@ class WorkflowRun:
                              handoff_targets=targets, refuse_handoff=not task.allow_handoff,
                              on_cancel=lambda failed: self._charge(result, failed))
         definition = self.agents.get(agent)
+        ctx = self._ctx(task, agent, key)
 
         async def attempt() -> AgentResult:
-            return await self.runner.run(definition, self._ctx(task, agent, key), options,
-                                         self.sink)
+            return await self.runner.run(definition, ctx, options, self.sink)
         try:
             # A run that ended in an earlier attempt of this workflow is taken
             # as it was: run again, it could read what it wrote itself (its
             # memory write-back) and send the providers other requests under
             # the same request ids.
             run, _ = await self.ledger.once(
-                "step", options.request_id, _step_fingerprint(definition, options), attempt,
+                "step", options.request_id, _step_fingerprint(definition, options, ctx), attempt,
                 AgentResult, self.lease_s)
         except RunError as exc:
             self._charge(result, exc.failed)
@@ -500,15 +500,19 @@ class WorkflowRun:
                     return
 
 
-def _step_fingerprint(agent: AgentDefinition, options: RunOptions) -> str:
+def _step_fingerprint(agent: AgentDefinition, options: RunOptions,
+                      ctx: ExecutionContext) -> str:
     """What one agent run of a workflow asks for: the agent (as defined,
-    its times aside), the input, the model and the handoffs offered."""
+    its times aside), the input, the model, the handoffs offered and the
+    context it runs in (its tenant and session: another tenant's request
+    under the same id is another request, never a replay of this one)."""
     probe = AgentDefinition()
     probe.CopyFrom(agent)
     probe.ClearField("create_time")
     probe.ClearField("update_time")
     return hashlib.sha256(json.dumps([
-        probe.SerializeToString(deterministic=True).hex(), options.input,
+        probe.SerializeToString(deterministic=True).hex(),
+        ctx.to_proto().SerializeToString(deterministic=True).hex(), options.input,
         options.model_override, sorted(options.handoff_targets), options.refuse_handoff,
         sorted(options.variables.items())]).encode()).hexdigest()
 

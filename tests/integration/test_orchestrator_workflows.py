@@ -17,7 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from hivemesh.client import ArtifactClient, InformationClient, from_rpc_error
 from hivemesh.client.errors import (
     AlreadyExistsError, InvalidArgumentError, ResourceExhaustedError, from_status)
-from hivemesh.common.v1 import StreamOutcome
+from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, AgentList, BudgetPolicy, CombineMode, DeleteAgentRequest, EventType,
     FanOut, GetAgentRequest, ListAgentsRequest, MemoryConfig, ModelList, RegisterAgentRequest,
@@ -750,3 +750,25 @@ async def test_a_retried_workflow_replays_the_tasks_that_ended_with_memory_writt
         # cut off, one for "b" now.
         assert len(m.primary.calls) == len(first_a) + 1
         assert a.usage.total_tokens > 0  # its usage still counts in the workflow
+
+
+async def test_another_tenants_workflow_under_the_same_request_id_replays_nothing(tmp_path):
+    """The agent runs a cut-off workflow kept for its retry are the retry's
+    alone: another tenant's workflow under the same request_id (a client
+    reusing ids) is another request, refused, never given the first
+    tenant's outputs."""
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        tasks = [TaskSpec(task_id="a", agent="coder", input_template="write the adder"),
+                 TaskSpec(task_id="b", agent="coder", input_template="test {{tasks.a.output}}",
+                          depends_on=["a"])]
+        request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(tasks=tasks),
+                                     context=RequestContext(tenant_id="first"))
+        await cut_off_in_the_second_generation(m, request)
+        other = RunWorkflowRequest(request_id=request.request_id,
+                                   workflow=WorkflowDefinition(tasks=tasks),
+                                   context=RequestContext(tenant_id="second"))
+        response = await call(m.orchestrator.RunWorkflow, other)
+        a = response.tasks[0]
+        assert a.status == TaskStatus.TASK_STATUS_FAILED and not a.output
+        assert a.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
