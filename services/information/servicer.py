@@ -540,8 +540,10 @@ class InformationServicer(InformationServiceServicer):
         return GetBudgetStatusResponse(statuses=await self._statuses(budgets, now))
 
     async def GetMetrics(self, request, context):
-        start = timestamp_us(request.start_time, "start_time")
-        end = (timestamp_us(request.end_time, "end_time") if request.HasField("end_time")
+        # Calls are recorded to the microsecond: a bound between two
+        # microseconds is the next one (start inclusive, end exclusive).
+        start = _ceil_us(request.start_time, "start_time")
+        end = (_ceil_us(request.end_time, "end_time") if request.HasField("end_time")
                else now_us())
         if end <= start:
             raise errors.invalid_argument([("end_time", "must be after start_time")])
@@ -592,6 +594,12 @@ class InformationServicer(InformationServiceServicer):
             except TimeoutError:
                 pass
         yield WatchAlertsResponse(end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
+
+
+def _ceil_us(ts, field: str) -> int:
+    """A request's Timestamp in microseconds since the epoch, rounded up."""
+    us = timestamp_us(ts, field)
+    return us + 1 if ts.ToNanoseconds() > us * 1000 else us
 
 
 def _scope_matches(scope: Scope, alert: AlertRecord, budget: BudgetRecord | None) -> bool:

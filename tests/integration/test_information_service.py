@@ -972,6 +972,29 @@ async def test_metrics_aggregate_by_model(info):
     assert by_model["other"].cost_micros == 0
 
 
+async def test_a_metrics_window_between_microseconds_keeps_its_bounds(info):
+    """Calls are recorded to the microsecond; a window bound given to the
+    nanosecond still starts inclusive and ends exclusive: a call half a
+    microsecond before the start is out, one half a microsecond before the
+    end is in."""
+    at = timestamp_pb2.Timestamp(seconds=1_780_000_000, nanos=123_456_000)
+    await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test", completion_time=at,
+        usage=Usage(prompt_tokens=10)))
+
+    async def counted(start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp) -> int:
+        response = await call(info.GetMetrics, GetMetricsRequest(start_time=start,
+                                                                 end_time=end))
+        return sum(a.request_count for a in response.aggregates)
+
+    half_after = timestamp_pb2.Timestamp(seconds=at.seconds, nanos=at.nanos + 500)
+    before = timestamp_pb2.Timestamp(seconds=at.seconds - 60)
+    after = timestamp_pb2.Timestamp(seconds=at.seconds + 60)
+    assert await counted(before, after) == 1
+    assert await counted(half_after, after) == 0
+    assert await counted(before, half_after) == 1
+
+
 async def test_metrics_beyond_the_aggregate_limit_are_invalid(info, monkeypatch):
     from hivemesh.services.information import metrics
     monkeypatch.setattr(metrics, "MAX_AGGREGATES", 3)
