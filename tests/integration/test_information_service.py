@@ -27,6 +27,7 @@ from hivemesh.information.v1 import (
     ModelPrice, ReleaseRequest, ReserveRequest, Scope, SetModelPriceRequest,
     TrackCompletionRequest, UpdateBudgetRequest, WatchAlertsRequest)
 from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.wellknown import timestamp
 from hivemesh.services.information.server import create_server
 from hivemesh.services.information.settings import InformationSettings
 
@@ -993,6 +994,26 @@ async def test_a_metrics_window_between_microseconds_keeps_its_bounds(info):
     assert await counted(before, after) == 1
     assert await counted(half_after, after) == 0
     assert await counted(before, half_after) == 1
+
+
+async def test_a_metrics_window_keeps_its_bounds_centuries_from_1970(info):
+    """A call tracked long after it finished may be from any year; its
+    window bounds hold to the microsecond there too (Redis scores are
+    doubles, which hold every microsecond only about 285 years from 1970)."""
+    at_us = -24_000_000_000_000_005  # in 1209
+    await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test",
+        completion_time=timestamp(at_us), usage=Usage(prompt_tokens=10)))
+
+    async def counted(start_us: int, end_us: int) -> int:
+        response = await call(info.GetMetrics, GetMetricsRequest(
+            start_time=timestamp(start_us), end_time=timestamp(end_us)))
+        return sum(a.request_count for a in response.aggregates)
+
+    assert await counted(at_us - 10**6, at_us + 10**6) == 1
+    assert await counted(at_us, at_us + 1) == 1
+    assert await counted(at_us + 1, at_us + 10**6) == 0
+    assert await counted(at_us - 10**6, at_us) == 0
 
 
 async def test_metrics_beyond_the_aggregate_limit_are_invalid(info, monkeypatch):

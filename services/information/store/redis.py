@@ -1005,9 +1005,13 @@ class RedisStore:
         return out
 
     async def calls(self, start_us: int, end_us: int) -> list[CallRecord]:
+        # Scores are doubles: beyond 2**53 microseconds from 1970 (about 285
+        # years) neighbouring microseconds share one. Both bounds are read
+        # inclusive and the calls' exact times decide.
         members = await self.client.zrangebyscore(self._key("calls"), _num(start_us),
-                                                  f"({_num(end_us)}")
-        return [CallRecord(**json.loads(m[20:])) for m in members]
+                                                  _num(end_us))
+        calls = (CallRecord(**json.loads(m[20:])) for m in members)
+        return [c for c in calls if start_us <= c.time_us < end_us]
 
     async def alerts_after(self, seq: int, limit: int = 1000) -> list[AlertRecord]:
         if limit == 0:
