@@ -760,6 +760,26 @@ async def test_a_resumed_watch_replays_every_page_without_waiting_to_poll(tmp_pa
         stream.cancel()
 
 
+async def test_alerts_stay_ordered_by_time_after_the_latest_one_is_deleted(info,
+                                                                          monkeypatch):
+    """The alert received last may belong to a budget deleted since (its
+    alerts go with it); an alert fired afterwards by a replica whose clock
+    runs behind still comes after it, so a watch resumed from it gets it."""
+    from hivemesh.services.information import servicer
+    await make_budget(info, "gone", tokens=100, thresholds=[50])
+    (first,) = (await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=60)))
+                ).alerts
+    await call(info.DeleteBudget, DeleteBudgetRequest(request_id=rid(), budget_id="gone"))
+    await make_budget(info, "kept", tokens=100, thresholds=[50])
+    behind = first.create_time.ToMicroseconds() - 1_000_000
+    monkeypatch.setattr(servicer, "now_us", lambda: behind)
+    (second,) = (await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=60)))
+                 ).alerts
+    assert second.create_time.ToMicroseconds() > first.create_time.ToMicroseconds()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_a_watch_resumed_from_the_first_of_two_alerts_of_one_charge_gets_the_second(
         kind, tmp_path):

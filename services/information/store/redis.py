@@ -26,6 +26,7 @@ Keys, all under ``prefix``:
                             the call as JSON (ties in recording order)
 ``alerts``                  zset, score seq, member the alert as JSON
 ``alerts:seq`` etc.         counters
+``alerts:time``             create_time_us of the last alert fired
 ``config:version``          integer, incremented by every budget or price
                             write (0 when absent)
 ``expiry:legacy``           the SCAN cursor of the pass that gives answers
@@ -416,6 +417,10 @@ local function alert_time()
     local after = cjson.decode(last).create_time_us + 1
     if after > t then t = after end
   end
+  -- Kept apart from the alerts: the latest one goes with its budget.
+  local kept = redis.call('GET', P .. 'alerts:time')
+  if kept and tonumber(kept) + 1 > t then t = tonumber(kept) + 1 end
+  redis.call('SET', P .. 'alerts:time', fmt(t))
   return fmt(t)
 end
 local n = tonumber(ARGV[11])

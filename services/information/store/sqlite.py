@@ -221,9 +221,15 @@ def _counters(conn: sqlite3.Connection, keys) -> tuple[Counter, ...]:
 def _alert_time(conn: sqlite3.Connection, now_us: int) -> int:
     """When an alert fires: ``now_us``, but after the last alert's time, so
     that alerts are strictly ordered by it (a watch resumed from the time of
-    the last alert it received misses none fired by the same charge)."""
+    the last alert it received misses none fired by the same charge). The
+    last time is kept apart from the alerts: the latest one goes when its
+    budget is deleted, but a watch may have received it."""
     row = conn.execute("SELECT create_time_us FROM alerts ORDER BY seq DESC LIMIT 1").fetchone()
-    return now_us if row is None else max(now_us, row[0] + 1)
+    kept = conn.execute("SELECT value FROM config WHERE key = 'last_alert_us'").fetchone()
+    last = max((r[0] for r in (row, kept) if r is not None), default=None)
+    at = now_us if last is None else max(now_us, last + 1)
+    conn.execute("INSERT OR REPLACE INTO config VALUES ('last_alert_us', ?)", (at,))
+    return at
 
 
 def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
