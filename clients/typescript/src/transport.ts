@@ -1,6 +1,6 @@
 // A gRPC transport to one hivemesh service.
 
-import type { Interceptor, Transport } from "@connectrpc/connect";
+import { Code, ConnectError, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
 import { HivemeshError, hivemeshErrors, translated } from "./errors.js";
@@ -51,7 +51,23 @@ export function withHivemeshErrors(transport: Transport): Transport {
       } catch (err) {
         throw HivemeshError.from(err);
       }
-      return { ...res, message: translated(res.message) };
+      return { ...res, message: cutIsUnavailable(translated(res.message), signal) };
     },
   };
+}
+
+/** The messages of a stream, a reset by the peer thrown as UNAVAILABLE:
+ * connect reports an HTTP/2 stream the server reset (its process stopped,
+ * its grace period ran out) as Canceled, though only an abort of the
+ * caller's own signal cancels a call. */
+async function* cutIsUnavailable<T>(messages: AsyncIterable<T>, signal: AbortSignal | undefined): AsyncGenerator<T> {
+  try {
+    yield* messages;
+  } catch (err) {
+    const error = HivemeshError.from(err);
+    if (error.code !== Code.Canceled || signal?.aborted) {
+      throw error;
+    }
+    throw HivemeshError.from(new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, undefined, error));
+  }
 }

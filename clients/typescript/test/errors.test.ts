@@ -7,9 +7,10 @@ import { test } from "node:test";
 
 import { create, toBinary, type DescMessage, type MessageInitShape } from "@bufbuild/protobuf";
 import { anyPack } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, type Transport } from "@connectrpc/connect";
 
-import { HivemeshError, unpackDetail, untilEnd } from "@hivemesh/client";
+import { createClient, HivemeshError, unpackDetail, untilEnd, withHivemeshErrors } from "@hivemesh/client";
+import { InformationService, WatchAlertsResponseSchema } from "@hivemesh/client/information/v1";
 import {
   BadRequestSchema,
   ErrorInfoSchema,
@@ -125,4 +126,33 @@ test("untilEnd: a FAILED end is thrown, not yielded, so a loop that stops at the
     (err: unknown) => err instanceof HivemeshError && err.rawMessage === "stream interrupted",
   );
   assert.deepEqual(seen, ["delta"]);
+});
+
+test("a stream cut by the peer is UNAVAILABLE, one the caller aborts stays CANCELED", async () => {
+  // connect reports an HTTP/2 stream reset by the server (e.g. its process
+  // died) as Canceled, though the caller cancelled nothing.
+  const cut: Transport = {
+    unary: () => Promise.reject(new Error("not used")),
+    stream: async (method) => ({
+      stream: true,
+      service: method.parent,
+      method,
+      header: new Headers(),
+      trailer: new Headers(),
+      message: (async function* () {
+        yield create(WatchAlertsResponseSchema, { event: { case: "heartbeat", value: {} } });
+        throw new ConnectError("http/2 stream closed with error code CANCEL (0x8)", Code.Canceled);
+      })(),
+    }),
+  } as Transport;
+  const alerts = createClient(InformationService, withHivemeshErrors(cut));
+  const drain = async (signal?: AbortSignal) => {
+    for await (const _ of untilEnd(alerts.watchAlerts({}, { signal }))) {
+      // heartbeats
+    }
+  };
+  await assert.rejects(drain(), (err: unknown) => err instanceof HivemeshError && err.code === Code.Unavailable);
+  const aborted = new AbortController();
+  aborted.abort();
+  await assert.rejects(drain(aborted.signal), (err: unknown) => err instanceof HivemeshError && err.code === Code.Canceled);
 });
