@@ -107,8 +107,7 @@ class InformationClient(BaseClient):
         (the ``create_time`` of the last alert received) first replays the
         stored alerts created after it, to resume a watch without a gap. A
         stream that closes without its terminal message raises
-        UnavailableError; one that ends FAILED (this watcher fell behind and
-        alerts were dropped) raises the error it carries."""
+        UnavailableError; one that ends FAILED raises the error it carries."""
         request = WatchAlertsRequest(scope=scope or Scope(), budget_ids=budget_ids or [],
                                      min_threshold_percent=min_threshold_percent)
         if since is not None:

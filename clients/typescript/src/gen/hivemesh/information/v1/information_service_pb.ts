@@ -1174,9 +1174,11 @@ export type WatchAlertsResponse = Message<"hivemesh.information.v1.WatchAlertsRe
     case: "heartbeat";
   } | {
     /**
-     * Terminal: the stream ends (COMPLETED on graceful shutdown, FAILED when
-     * the subscriber fell too far behind and alerts were dropped). Always
-     * the last message; a stream without it was cut.
+     * Terminal: the stream ends, COMPLETED on graceful shutdown (a failure,
+     * such as the store becoming unreachable, ends the call with its
+     * status). A watcher that falls behind drops nothing: each reads the
+     * stored alerts at its own pace. Always the last message of a stream
+     * that ended; a stream without it was cut.
      *
      * @generated from field: hivemesh.common.v1.StreamEnd end = 15;
      */
