@@ -379,3 +379,72 @@ async def test_an_update_waiting_for_its_sync_when_the_store_closes_is_unavailab
     await first
     with pytest.raises(StoreUnavailable):
         await second
+
+
+class _IndexRecordingServer:
+    """qdrant-client's local mode standing in for a Qdrant server: it
+    answers as local mode does, and keeps the payload indexes asked for and
+    reports them in the collection's ``payload_schema`` as a server does
+    (local mode builds none)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.indexes: dict[str, object] = {}
+        self.asked: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    async def create_payload_index(self, collection, field, schema=None, **kwargs):
+        self.asked.append(field)
+        self.indexes[field] = schema
+        return await self.client.create_payload_index(collection, field, schema, **kwargs)
+
+    async def get_collection(self, collection):
+        from qdrant_client import models
+        info = await self.client.get_collection(collection)
+        schema = {}
+        for field, kind in self.indexes.items():
+            data_type = (models.PayloadSchemaType.KEYWORD
+                         if isinstance(kind, models.KeywordIndexParams) else kind)
+            schema[field] = models.PayloadIndexInfo(data_type=data_type, points=0)
+        return info.model_copy(update={"payload_schema": schema})
+
+
+async def test_a_server_collection_gets_its_payload_indexes_even_if_made_without_them(
+        monkeypatch):
+    """A replica that created the collection and stopped before its payload
+    indexes leaves it without them: the next replica to open it creates the
+    missing ones (keyword for the namespace, source and lineage; datetime
+    for create_time), and none that is there already."""
+    from qdrant_client import AsyncQdrantClient, models
+
+    from hivemesh.services.memory.store import qdrant
+    from hivemesh.services.memory.store.base import DENSE, SPARSE
+
+    local = AsyncQdrantClient(location=":memory:")
+    await local.create_collection(
+        "test", vectors_config={DENSE: models.VectorParams(size=DIMS,
+                                                           distance=models.Distance.COSINE)},
+        sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+        metadata={"embedding_model": "hashing-256", "dimensions": DIMS})
+    server = _IndexRecordingServer(local)
+    monkeypatch.setattr(qdrant, "AsyncQdrantClient", lambda **kwargs: server)
+    monkeypatch.setattr(server, "close", lambda: _nothing())
+    store = await qdrant.QdrantStore.open("test", "hashing-256", DIMS, url="http://qdrant:6333")
+    await store.close()
+    keyword = ["source_id", *(f"lineage.{f}" for f in ("workflow_id", "task_id", "agent_id",
+                                                       "generation_id", "artifact_id"))]
+    assert sorted(server.indexes) == sorted(["namespace", "create_time", *keyword])
+    assert server.indexes["namespace"].is_tenant
+    assert all(server.indexes[k] == models.PayloadSchemaType.KEYWORD for k in keyword)
+    assert server.indexes["create_time"] == models.PayloadSchemaType.DATETIME
+    asked = len(server.asked)
+    store = await qdrant.QdrantStore.open("test", "hashing-256", DIMS, url="http://qdrant:6333")
+    await store.close()
+    assert len(server.asked) == asked  # all there: none asked for again
+    await local.close()
+
+
+async def _nothing() -> None:
+    return None

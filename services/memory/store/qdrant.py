@@ -108,23 +108,28 @@ class QdrantStore(MemoryStore):
                         modifier=models.Modifier.IDF)},
                     metadata={"embedding_model": self.info.embedding_model,
                               "dimensions": self.info.dimensions})
-                if not self.local:  # local mode has no payload indexes
-                    await self._create_indexes()
-        await self._check_recorded()
+        collection = await self.client.get_collection(self.collection)
+        self._check_recorded(collection.config)
+        if not self.local:  # local mode has no payload indexes
+            # Made here whenever one is missing, not only with the
+            # collection: a replica that stopped between the two left none.
+            await self._create_indexes(collection.payload_schema or {})
 
-    async def _create_indexes(self) -> None:
+    async def _create_indexes(self, present: dict[str, models.PayloadIndexInfo]) -> None:
         c = self.collection
-        await self.client.create_payload_index(c, NAMESPACE, models.KeywordIndexParams(
-            type=models.KeywordIndexType.KEYWORD, is_tenant=True), wait=True)
-        for key in KEYWORD_INDEXES:
-            await self.client.create_payload_index(c, key, models.PayloadSchemaType.KEYWORD,
-                                                   wait=True)
-        for key in DATETIME_INDEXES:
-            await self.client.create_payload_index(c, key, models.PayloadSchemaType.DATETIME,
-                                                   wait=True)
+        wanted: list[tuple[str, Any, models.PayloadSchemaType]] = [
+            (NAMESPACE, models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD,
+                                                  is_tenant=True),
+             models.PayloadSchemaType.KEYWORD),
+            *((key, models.PayloadSchemaType.KEYWORD, models.PayloadSchemaType.KEYWORD)
+              for key in KEYWORD_INDEXES),
+            *((key, models.PayloadSchemaType.DATETIME, models.PayloadSchemaType.DATETIME)
+              for key in DATETIME_INDEXES)]
+        for key, schema, kind in wanted:
+            if key not in present or present[key].data_type != kind:
+                await self.client.create_payload_index(c, key, schema, wait=True)
 
-    async def _check_recorded(self) -> None:
-        config = (await self.client.get_collection(self.collection)).config
+    def _check_recorded(self, config: models.CollectionConfig) -> None:
         metadata = config.metadata or {}
         dense = config.params.vectors[DENSE] if isinstance(config.params.vectors, dict) else None
         recorded = CollectionInfo(str(metadata.get("embedding_model", "")),
