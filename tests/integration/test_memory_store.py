@@ -448,3 +448,38 @@ async def test_a_server_collection_gets_its_payload_indexes_even_if_made_without
 
 async def _nothing() -> None:
     return None
+
+
+async def test_replicas_starting_together_on_a_server_both_open_the_collection(monkeypatch):
+    """Two replicas start at once: both see no collection, one creates it
+    and the server refuses the other's create (over gRPC, an RPC error);
+    that one opens the collection the first made."""
+    import grpc
+    from qdrant_client import AsyncQdrantClient
+
+    from hivemesh.services.memory.store import qdrant
+
+    local = AsyncQdrantClient(location=":memory:")
+    server = _IndexRecordingServer(local)
+    monkeypatch.setattr(qdrant, "AsyncQdrantClient", lambda **kwargs: server)
+    monkeypatch.setattr(server, "close", lambda: _nothing())
+    first = await qdrant.QdrantStore.open("test", "hashing-256", DIMS, url="http://qdrant:6333")
+    await first.upsert(POINTS)
+
+    looked: list[str] = []
+
+    async def looked_before_it_was_made(collection):
+        looked.append(collection)
+        return len(looked) > 1  # the first look came before the other made it
+
+    async def refused(collection, **kwargs):
+        raise grpc.aio.AioRpcError(grpc.StatusCode.ALREADY_EXISTS, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(),
+                                   details=f"Collection `{collection}` already exists!")
+    monkeypatch.setattr(server, "collection_exists", looked_before_it_was_made)
+    monkeypatch.setattr(server, "create_collection", refused)
+    second = await qdrant.QdrantStore.open("test", "hashing-256", DIMS, url="http://qdrant:6333")
+    assert await second.count("a") == 5
+    await first.close()
+    await second.close()
+    await local.close()

@@ -11,7 +11,6 @@ stored unless every batch of the request was acknowledged.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
@@ -100,7 +99,7 @@ class QdrantStore(MemoryStore):
 
     async def _ensure_collection(self) -> None:
         if not await self.client.collection_exists(self.collection):
-            with contextlib.suppress(UnexpectedResponse, ValueError):  # another replica won
+            try:
                 await self.client.create_collection(
                     self.collection, vectors_config={DENSE: models.VectorParams(
                         size=self.info.dimensions, distance=models.Distance.COSINE)},
@@ -108,6 +107,11 @@ class QdrantStore(MemoryStore):
                         modifier=models.Modifier.IDF)},
                     metadata={"embedding_model": self.info.embedding_model,
                               "dimensions": self.info.dimensions})
+            except Exception:
+                # Another replica created it meanwhile (the server refuses
+                # this one's create, over REST or gRPC alike): open that.
+                if not await self.client.collection_exists(self.collection):
+                    raise
         collection = await self.client.get_collection(self.collection)
         self._check_recorded(collection.config)
         if not self.local:  # local mode has no payload indexes
