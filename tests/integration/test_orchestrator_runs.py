@@ -912,10 +912,8 @@ async def test_a_run_whose_stream_is_cut_again_when_retried_is_charged_each_cut(
     request id (refused as IDEMPOTENCY_CONFLICT, its tokens charged nothing)."""
     async with mesh(tmp_path) as m:
         async with InformationClient(m.addresses["information"]) as info:
-            await info.set_price("main", input_micros_per_million=1_000_000,
-                                 output_micros_per_million=2_000_000)
-            budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
-                                                     limit_micros=10_000_000))
+            budget = await _budget_with_price(info, output_micros=2_000_000,
+                                              limit_micros=10_000_000)
             await register(m, name="coder", system_prompt="You write code.",
                            budget=BudgetPolicy(enforcement=enforcement))
             request = StreamAgentRequest(request_id=rid(), agent="coder",
