@@ -868,48 +868,16 @@ async def test_stream_agent_failure_ends_with_agent_failed(tmp_path):
 
 @pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
                                          BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
-async def test_a_stream_cut_after_output_is_charged_and_its_retry_too(tmp_path, enforcement):
+async def test_a_cut_stream_each_cut_of_its_retries_and_the_retry_that_ends_are_charged(
+        tmp_path, enforcement):
     """The upstream produced (and bills) the text it streamed before the
     stream broke: the budget is charged for it and the failed run reports
-    it, instead of the hold being released as if nothing was used. The cut
-    stream's usage is charged under a request id of its own; the retry
-    generates again (the LLM service keeps no broken stream) and its
-    usage is another charge, not a different request under the first
-    charge's request id (IDEMPOTENCY_CONFLICT on every retry)."""
-    async with mesh(tmp_path) as m:
-        async with InformationClient(m.addresses["information"]) as info:
-            budget = await _budget_with_price(info, output_micros=2_000_000,
-                                              limit_micros=10_000_000)
-            await register(m, name="coder", system_prompt="You write code.",
-                           budget=BudgetPolicy(enforcement=enforcement))
-            m.primary.cut_next_stream_after(3)
-            request = StreamAgentRequest(request_id=rid(), agent="coder",
-                                         input="implement add",
-                                         context=RequestContext(tenant_id="acme"))
-            cut = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
-            assert cut[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
-            failed = cut[-2].agent_event.agent_failed
-            assert failed.partial_output and failed.usage.completion_tokens > 0
-            assert failed.cost_micros > 0
-            (status,) = await info.status(budget_id=budget.budget_id)
-            assert status.spent_micros == failed.cost_micros and status.reserved_micros == 0
-            retried = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
-            assert retried[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED, \
-                retried[-1].end.error.message
-            done = retried[-2].agent_event.agent_complete
-            assert done.output and done.cost_micros > 0
-            (status,) = await info.status(budget_id=budget.budget_id)
-            assert status.spent_micros == failed.cost_micros + done.cost_micros
-            assert status.reserved_micros == 0
-
-
-@pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
-                                         BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
-async def test_a_run_whose_stream_is_cut_again_when_retried_is_charged_each_cut(
-        tmp_path, enforcement):
-    """Each cut stream was generated (and billed) on its own: the retry's
-    cut is another charge, not another request under the first cut's
-    request id (refused as IDEMPOTENCY_CONFLICT, its tokens charged nothing)."""
+    it, instead of the hold being released as if nothing was used. Each cut
+    is charged under a request id of its own, so a retry cut again is
+    another charge, and a retry that ends generates again (the LLM service
+    keeps no broken stream) and is charged too: none is a different request
+    under an earlier charge's request id (IDEMPOTENCY_CONFLICT, its tokens
+    charged nothing)."""
     async with mesh(tmp_path) as m:
         async with InformationClient(m.addresses["information"]) as info:
             budget = await _budget_with_price(info, output_micros=2_000_000,
@@ -925,10 +893,19 @@ async def test_a_run_whose_stream_is_cut_again_when_retried_is_charged_each_cut(
                 cut = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
                 assert cut[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
                 failed = cut[-2].agent_event.agent_failed
+                assert failed.partial_output and failed.usage.completion_tokens > 0
                 assert failed.cost_micros > 0, [d.message for d in failed.degraded]
                 costs.append(failed.cost_micros)
+                (status,) = await info.status(budget_id=budget.budget_id)
+                assert status.spent_micros == sum(costs) and status.reserved_micros == 0
+            retried = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
+            assert retried[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED, \
+                retried[-1].end.error.message
+            done = retried[-2].agent_event.agent_complete
+            assert done.output and done.cost_micros > 0
             (status,) = await info.status(budget_id=budget.budget_id)
-            assert status.spent_micros == sum(costs)
+            assert status.spent_micros == sum(costs) + done.cost_micros
+            assert status.reserved_micros == 0
 
 
 async def test_stream_agent_refuses_an_invalid_request_as_the_calls_status(tmp_path):
