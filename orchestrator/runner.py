@@ -53,6 +53,7 @@ from hivemesh.orchestrator.v1 import (
     GenerationComplete, Handoff, MemoryRecalled, MemoryWritten, ToolCallRecord, ToolError)
 from hivemesh.runtime import errors
 from hivemesh.runtime.resilience import fingerprint
+from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.orchestrator import caps, templates
 from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of, step_id
@@ -764,6 +765,10 @@ class AgentRunner:
                 raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED",
                                           "llm: the generation stream was cut")
         except errors.ServiceError as error:
+            if delivered and summary is None:
+                # Cut below its own end (the LLM service went away): no
+                # usage came back, so what the text sent cost is estimated.
+                await self._charge_cut(run, _estimated_cut(request, run.output), iteration)
             # No fallback after output, however the stream ended (its own
             # end, a gRPC error, or closing without an end): the chunks
             # already sent would run on into another model's text.
@@ -939,6 +944,18 @@ class AgentRunner:
 _ROLES = {MessageRole.MESSAGE_ROLE_SYSTEM: Role.ROLE_SYSTEM,
           MessageRole.MESSAGE_ROLE_USER: Role.ROLE_USER,
           MessageRole.MESSAGE_ROLE_ASSISTANT: Role.ROLE_ASSISTANT}
+
+
+def _estimated_cut(request: StreamGenerateRequest, output: str) -> StreamSummary:
+    """The summary of a stream cut before the LLM service could send its
+    own: the request's model, the output delivered, and its usage
+    estimated from the text of the conversation and of that output."""
+    prompt = sum(estimate_tokens(m.content) for m in request.conversation.messages)
+    completion = estimate_tokens(output)
+    return StreamSummary(
+        model=request.model, usage_estimated=True, message=Message(content=output),
+        usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
+                    total_tokens=prompt + completion))
 
 
 def _unique_tool_call_ids(reply: Message, iteration: int,

@@ -692,6 +692,43 @@ async def test_a_streamed_generation_cut_after_output_does_not_fall_back(how):
             ] == ["half an ans"]
 
 
+class _CutAndTracked(_CutStream):
+    """A stream cut as _CutStream's, and an information service that
+    records what is tracked."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(how)
+        self.tracked = []
+
+    async def call(self, name, method, request, **kwargs):
+        from hivemesh.information.v1 import TrackCompletionResponse
+        if method != "TrackCompletion":
+            raise AssertionError(method)
+        self.tracked.append(request)
+        return TrackCompletionResponse(cost_micros=7, currency="USD")
+
+
+@pytest.mark.parametrize("how", ["error", "closed"])
+async def test_a_stream_cut_without_its_end_is_charged_an_estimate(how):
+    """The LLM service went away mid-stream, so no usage came back: the
+    text it had sent was generated (and billed) all the same, and is
+    tracked at an estimate instead of not at all."""
+    from hivemesh.orchestrator.v1 import AgentDefinition, BudgetPolicy
+    from hivemesh.services.orchestrator.runner import RunError, RunOptions
+    fake = _CutAndTracked(how)
+    runner = _runner(fake)
+    agent = AgentDefinition(name="coder", model="first", budget=BudgetPolicy(enforcement=2))
+    ctx = ExecutionContext.from_request(RequestContext(), "coder", "req-1")
+    with deadline_scope(60), pytest.raises(RunError) as failed:
+        await runner.run(agent, ctx, RunOptions("req-1", "x", stream_chunks=True),
+                         EventSink(EventBus()))
+    (tracked,) = fake.tracked
+    assert tracked.model == "first" and not tracked.success
+    assert tracked.usage.completion_tokens > 0 and tracked.usage.prompt_tokens > 0
+    assert failed.value.failed.cost_micros == 7
+    assert failed.value.failed.usage == tracked.usage
+
+
 def test_tool_calls_get_ids_unlike_any_other_call_of_the_reply():
     from hivemesh.llm.v1 import Message, ToolCall
     from hivemesh.services.orchestrator.runner import _unique_tool_call_ids
