@@ -394,9 +394,15 @@ class AgentRunner:
 
         async def read():
             return await self.providers.call("memory", method, request, share=MEMORY_SHARE)
-        found, _ = await self.ledger.once("read", run.step(method, digest[:16]), digest, read,
-                                          result_type, remaining_s() or READ_LEASE_S)
+        found, _ = await self._kept(run.step(method, digest[:16]), digest, read, result_type)
         return found
+
+    async def _kept(self, key: str, digest: str, work, result_type: type):
+        """(result, replayed): ``work()`` as it answered the first attempt
+        of the run, kept in the request ledger under ``key`` (a request id
+        derived from the run's); a failure is not kept."""
+        return await self.ledger.once("read", key, digest, work, result_type,
+                                      remaining_s() or READ_LEASE_S)
 
     async def _write_back(self, run: _Run) -> None:
         memory = run.agent.memory
@@ -442,29 +448,30 @@ class AgentRunner:
         task.add_done_callback(self._settling.discard)
         return task
 
-    async def _resend(self, method: str, request):
+    async def _past_deadline(self, method: str, request):
         """Sends an information request that settles what the run did, past
         the run's deadline; sent again, its request_id answers with what the
-        first sending did, or does it now. None when it fails (a hold then
-        lapses at its TTL)."""
-        try:
-            with beyond_deadline():
-                return await self.providers.call("information", method, request)
-        except errors.ServiceError:
-            return None
-
-    async def _resend_spend(self, method: str, request):
-        """``_resend`` of a Commit or TrackCompletion: its response, or the
-        error it failed with."""
+        first sending did, or does it now. Its response, or the
+        ServiceError it failed with."""
         try:
             with beyond_deadline():
                 return await self.providers.call("information", method, request)
         except errors.ServiceError as exc:
-            if method == "Commit":
-                # The run left its hold to this commit: not committed, the
-                # hold goes back, as a failed run's does.
-                await self._release_id(request.reservation_id, 2)
             return exc
+
+    async def _resend(self, method: str, request):
+        """``_past_deadline``, None when it fails (a hold then lapses at its TTL)."""
+        answer = await self._past_deadline(method, request)
+        return None if isinstance(answer, errors.ServiceError) else answer
+
+    async def _resend_spend(self, method: str, request):
+        """``_past_deadline`` of a Commit or TrackCompletion sent again."""
+        answer = await self._past_deadline(method, request)
+        if isinstance(answer, errors.ServiceError) and method == "Commit":
+            # The run left its hold to this commit: not committed, the hold
+            # goes back, as a failed run's does.
+            await self._release_id(request.reservation_id, 2)
+        return answer
 
     async def _resent_spend(self, run: _Run) -> None:
         """A run cancelled while recording its last generation's spend sends
@@ -559,32 +566,25 @@ class AgentRunner:
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
             run.add_usage(summary.usage, 0, "")
             return
-        try:
-            with beyond_deadline():
-                charged = await self.providers.call(
-                    "information", "TrackCompletion", TrackCompletionRequest(
-                        # Each cut stream is a charge of its own: a retry
-                        # cut again tracks its own usage, not another
-                        # request under the first cut's id (a conflict).
-                        request_id=run.step("cut", iteration, uuid.uuid4().hex),
-                        context=run.context,
-                        usage=summary.usage, model=summary.model, backend=summary.backend,
-                        latency=summary.latency, cached=summary.cached, success=False))
-        except errors.ServiceError as exc:
+        charged = await self._past_deadline("TrackCompletion", TrackCompletionRequest(
+            # Each cut stream is a charge of its own: a retry cut again
+            # tracks its own usage, not another request under the first
+            # cut's id (a conflict).
+            request_id=run.step("cut", iteration, uuid.uuid4().hex), context=run.context,
+            **_spend(summary, success=False)))
+        if isinstance(charged, errors.ServiceError):
             run.add_usage(summary.usage, 0, "")
             if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
-                run.degrade(DegradedComponent.DEGRADED_COMPONENT_BUDGET, exc)
+                run.degrade(DegradedComponent.DEGRADED_COMPONENT_BUDGET, charged)
             return
         self._charged(run, charged)
 
-    async def _charge(self, run: _Run, enforcement: int, iteration: int, *,
-                      success: bool = True) -> None:
+    async def _charge(self, run: _Run, enforcement: int, iteration: int) -> None:
         last = run.last_generation
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
             run.add_usage(last.usage, 0, "")
             return
-        common = dict(usage=last.usage, model=last.model, backend=last.backend,
-                      latency=last.latency, cached=last.cached, success=success)
+        common = _spend(last, success=True)
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
             try:
                 charged = await self._record_spend(run, "TrackCompletion", TrackCompletionRequest(
@@ -694,9 +694,8 @@ class AgentRunner:
             [fingerprint(Conversation(messages=messages), ignore=()), *models]).encode()
         ).hexdigest()
         chain = hashlib.sha256("\n".join(models).encode()).hexdigest()[:16]
-        chosen, replayed = await self.ledger.once(
-            "read", run.step("model", iteration, chain), digest, pick, struct_pb2.Struct,
-            remaining_s() or READ_LEASE_S)
+        chosen, replayed = await self._kept(run.step("model", iteration, chain), digest, pick,
+                                            struct_pb2.Struct)
         if replayed:
             fields = request_of(chosen["model"])
             generated = await one(fields)
@@ -721,9 +720,8 @@ class AgentRunner:
             return await self.providers.call(
                 "llm", "Generate", request, span_attributes=_genai_request(request),
                 annotate=_genai_response)
-        found, _ = await self.ledger.once("read", request.request_id,
-                                          fingerprint(request, ignore=()), generate,
-                                          GenerateResponse, remaining_s() or READ_LEASE_S)
+        found, _ = await self._kept(request.request_id, fingerprint(request, ignore=()),
+                                    generate, GenerateResponse)
         return found
 
     async def _stream(self, run: _Run, request: StreamGenerateRequest, iteration: int):
@@ -734,9 +732,8 @@ class AgentRunner:
         the same request id either way (the requests' fingerprints match)."""
         async def generate():
             return _as_response(await self._stream_live(run, request, iteration))
-        summary, replayed = await self.ledger.once(
-            "read", request.request_id, fingerprint(request, ignore=()), generate,
-            GenerateResponse, remaining_s() or READ_LEASE_S)
+        summary, replayed = await self._kept(request.request_id, fingerprint(request, ignore=()),
+                                             generate, GenerateResponse)
         if replayed and summary.message.content:
             run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
                      GenerationChunk(text=summary.message.content, iteration=iteration))
@@ -870,8 +867,7 @@ class AgentRunner:
             invocation.ctx.to_proto().SerializeToString(deterministic=True).hex()]).encode()
         ).hexdigest()
         try:
-            kept, _ = await self.ledger.once("read", invocation.request_id, digest, execute,
-                                             ToolCallRecord, remaining_s() or READ_LEASE_S)
+            kept, _ = await self._kept(invocation.request_id, digest, execute, ToolCallRecord)
         except errors.ServiceError:
             if failed:
                 return failed[0]
@@ -946,11 +942,18 @@ _ROLES = {MessageRole.MESSAGE_ROLE_SYSTEM: Role.ROLE_SYSTEM,
           MessageRole.MESSAGE_ROLE_ASSISTANT: Role.ROLE_ASSISTANT}
 
 
+def _spend(generation, *, success: bool) -> dict:
+    """The fields of a Commit or TrackCompletion recording ``generation``
+    (a GenerateResponse or a StreamSummary)."""
+    return dict(usage=generation.usage, model=generation.model, backend=generation.backend,
+                latency=generation.latency, cached=generation.cached, success=success)
+
+
 def _estimated_cut(request: StreamGenerateRequest, output: str) -> StreamSummary:
     """The summary of a stream cut before the LLM service could send its
     own: the request's model, the output delivered, and its usage
     estimated from the text of the conversation and of that output."""
-    prompt = sum(estimate_tokens(m.content) for m in request.conversation.messages)
+    prompt = caps.estimate_prompt_tokens(request.conversation.messages)
     completion = estimate_tokens(output)
     return StreamSummary(
         model=request.model, usage_estimated=True, message=Message(content=output),
