@@ -23,7 +23,7 @@ from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.orchestrator.agents import definition_problems
 from hivemesh.services.orchestrator.context import ExecutionContext
 from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
-from hivemesh.services.orchestrator.policy import deadline_scope, remaining_s
+from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import DOMAIN, AgentRunner, RunError, RunOptions
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
 from hivemesh.services.orchestrator.state import AgentStore, LocalLedger, RequestLedger
@@ -231,17 +231,17 @@ class OrchestratorServicer:
                     request.max_concurrency or self.settings.default_max_concurrency,
                     self.ledger, LEASE_FACTOR * self._time(context))
                 response = _within(await workflow.run(), self.settings.server.max_message_bytes)
-                left = remaining_s()
-                if response.status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED \
-                        and left is not None and left < self.settings.min_call_time_s:
-                    # Cut off by the request's own time, as when its caller
-                    # cancels: answered, not kept, so a retry runs it again.
-                    raise _CutOff(response)
+                if response.status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED:
+                    # Answered, not kept, as a failed agent run: a retry runs
+                    # it again (after an outage, or past a deadline that cut
+                    # it off), and takes each agent run that ended in this
+                    # attempt from its own record instead of running it again.
+                    raise _Unsucceeded(response)
                 return response
         try:
             response, replayed = await self._once("workflow", request, run, context)
-        except _CutOff as cut:
-            return cut.response
+        except _Unsucceeded as failed:
+            return failed.response
         return replayed_copy(response) if replayed else response
 
     # ------------------------------------------------------------ events
@@ -291,12 +291,12 @@ class OrchestratorServicer:
             self.bus.remove_subscription(subscription)
 
 
-class _CutOff(Exception):
-    """A workflow that ran out of its request's time: its response is
-    returned but not kept for replays."""
+class _Unsucceeded(Exception):
+    """A workflow that did not succeed: its response is returned but not
+    kept for replays."""
 
     def __init__(self, response: RunWorkflowResponse) -> None:
-        super().__init__("the workflow ran out of its request's time")
+        super().__init__("the workflow did not succeed")
         self.response = response
 
 

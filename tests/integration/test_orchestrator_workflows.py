@@ -499,6 +499,33 @@ async def test_workflow_retry_replays_the_result(tmp_path):
         await asyncio.sleep(0)
 
 
+async def test_a_workflow_failed_by_an_outage_runs_again_when_retried(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=AgentDefinition(name="reviewer", model="backup",
+                                                    budget=FREE)))
+        request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(tasks=[
+            TaskSpec(task_id="a", agent="coder", input_template="x"),
+            TaskSpec(task_id="b", agent="reviewer", input_template="{{tasks.a.output}}",
+                     depends_on=["a"])]))
+        m.secondary.simulate_failure(ErrorKind.UNAVAILABLE, times=20)
+        failed = await call(m.orchestrator.RunWorkflow, request)
+        assert failed.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+        assert [t.status for t in failed.tasks] == [TaskStatus.TASK_STATUS_SUCCEEDED,
+                                                     TaskStatus.TASK_STATUS_FAILED]
+        # The outage is over: the retry runs the workflow again instead of
+        # replaying its failure, and takes task a's run from the first attempt.
+        m.secondary.reset_failure()
+        retried = await call(m.orchestrator.RunWorkflow, request)
+        assert not retried.replayed
+        assert retried.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        assert retried.tasks[0].result == failed.tasks[0].result
+        assert len(m.primary.calls) == 1  # task a generated once
+        again = await call(m.orchestrator.RunWorkflow, request)
+        assert again.replayed and again.tasks == retried.tasks
+
+
 async def test_a_workflow_cut_off_by_its_callers_deadline_runs_again_when_retried(tmp_path):
     async with mesh(tmp_path, min_call_time_s=0.5) as m:
         await agents(m, "coder")

@@ -29,14 +29,15 @@ class OrchestratorServiceStub:
     """Registers agents and runs them, alone or as workflows, through the LLM,
     memory, information and artifact providers (seed: Orchestrator).
 
-    Idempotency of runs: only finished runs are remembered under a
-    request_id: agent runs that succeeded, and workflows that ended in any
-    status within their request's time. A retry of a request_id runs again
-    when its agent run failed, or when its workflow was cut off: cancelled by
-    its caller, or out of the request's time (the caller's deadline, or the
-    default run timeout when it set none) before it succeeded, whatever
-    status the first call reported. A retry that arrives while the first run
-    is in progress waits for it and replays its result.
+    Idempotency of runs: only runs that succeeded are remembered under a
+    request_id, agent runs and workflows alike. A retry of a request_id runs
+    again when its first run failed (a workflow that reported a failed status
+    included) or was cut off: cancelled by its caller, or out of the request's
+    time (the caller's deadline, or the default run timeout when it set none).
+    A workflow run again takes each agent run of the first attempt that
+    succeeded from its own record instead of running it again. A retry that
+    arrives while the first run is in progress waits for it and replays its
+    result.
     """
 
     def __init__(self, channel):
@@ -91,14 +92,15 @@ class OrchestratorServiceServicer:
     """Registers agents and runs them, alone or as workflows, through the LLM,
     memory, information and artifact providers (seed: Orchestrator).
 
-    Idempotency of runs: only finished runs are remembered under a
-    request_id: agent runs that succeeded, and workflows that ended in any
-    status within their request's time. A retry of a request_id runs again
-    when its agent run failed, or when its workflow was cut off: cancelled by
-    its caller, or out of the request's time (the caller's deadline, or the
-    default run timeout when it set none) before it succeeded, whatever
-    status the first call reported. A retry that arrives while the first run
-    is in progress waits for it and replays its result.
+    Idempotency of runs: only runs that succeeded are remembered under a
+    request_id, agent runs and workflows alike. A retry of a request_id runs
+    again when its first run failed (a workflow that reported a failed status
+    included) or was cut off: cancelled by its caller, or out of the request's
+    time (the caller's deadline, or the default run timeout when it set none).
+    A workflow run again takes each agent run of the first attempt that
+    succeeded from its own record instead of running it again. A retry that
+    arrives while the first run is in progress waits for it and replays its
+    result.
     """
 
     def GetAgent(self, request, context):
@@ -222,14 +224,15 @@ class OrchestratorService:
     """Registers agents and runs them, alone or as workflows, through the LLM,
     memory, information and artifact providers (seed: Orchestrator).
 
-    Idempotency of runs: only finished runs are remembered under a
-    request_id: agent runs that succeeded, and workflows that ended in any
-    status within their request's time. A retry of a request_id runs again
-    when its agent run failed, or when its workflow was cut off: cancelled by
-    its caller, or out of the request's time (the caller's deadline, or the
-    default run timeout when it set none) before it succeeded, whatever
-    status the first call reported. A retry that arrives while the first run
-    is in progress waits for it and replays its result.
+    Idempotency of runs: only runs that succeeded are remembered under a
+    request_id, agent runs and workflows alike. A retry of a request_id runs
+    again when its first run failed (a workflow that reported a failed status
+    included) or was cut off: cancelled by its caller, or out of the request's
+    time (the caller's deadline, or the default run timeout when it set none).
+    A workflow run again takes each agent run of the first attempt that
+    succeeded from its own record instead of running it again. A retry that
+    arrives while the first run is in progress waits for it and replays its
+    result.
     """
 
     @staticmethod

@@ -458,7 +458,7 @@ export type RunWorkflowRequest = Message<"hivemesh.orchestrator.v1.RunWorkflowRe
   /**
    * Idempotency key. A retry with the same id returns the first run's
    * result (replayed = true) without running again, unless the first run
-   * was cut off by a cancellation or its deadline (see the service).
+   * did not succeed or was cut off (see the service).
    *
    * @generated from field: string request_id = 1;
    */
@@ -700,14 +700,15 @@ export const SubscribeEventsResponseSchema: GenMessage<SubscribeEventsResponse> 
  * Registers agents and runs them, alone or as workflows, through the LLM,
  * memory, information and artifact providers (seed: Orchestrator).
  *
- * Idempotency of runs: only finished runs are remembered under a
- * request_id: agent runs that succeeded, and workflows that ended in any
- * status within their request's time. A retry of a request_id runs again
- * when its agent run failed, or when its workflow was cut off: cancelled by
- * its caller, or out of the request's time (the caller's deadline, or the
- * default run timeout when it set none) before it succeeded, whatever
- * status the first call reported. A retry that arrives while the first run
- * is in progress waits for it and replays its result.
+ * Idempotency of runs: only runs that succeeded are remembered under a
+ * request_id, agent runs and workflows alike. A retry of a request_id runs
+ * again when its first run failed (a workflow that reported a failed status
+ * included) or was cut off: cancelled by its caller, or out of the request's
+ * time (the caller's deadline, or the default run timeout when it set none).
+ * A workflow run again takes each agent run of the first attempt that
+ * succeeded from its own record instead of running it again. A retry that
+ * arrives while the first run is in progress waits for it and replays its
+ * result.
  *
  * @generated from service hivemesh.orchestrator.v1.OrchestratorService
  */
