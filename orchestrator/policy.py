@@ -9,7 +9,10 @@ Every outbound call goes through :class:`Providers`, which
 * keeps one circuit breaker per provider: after consecutive failures that
   say the provider is unhealthy (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
   UNKNOWN) calls fail fast with UNAVAILABLE, reason CIRCUIT_OPEN, until a
-  probe call succeeds;
+  probe call succeeds. A call that ran out of time only because the run had
+  less left than ``call_timeout_s`` (the caller's own deadline) says nothing
+  about the provider: it is not counted, and a probe ending so lets another
+  call probe;
 * opens a CLIENT span per call (the provider's server span is its child)
   and forwards W3C trace context;
 * turns a provider's gRPC error into a ServiceError with the same code,
@@ -53,6 +56,10 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 
 _UNHEALTHY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                         grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+# How much earlier than the call's own deadline a DEADLINE_EXCEEDED may be
+# seen and still be that deadline passing (gRPC keeps deadlines on its own
+# clock, not quite ``time.monotonic``).
+_CLOCK_SLACK_S = 0.02
 
 # provider -> (api whose service config the channel loads, stub, full service name)
 _PROVIDERS = {
@@ -153,13 +160,15 @@ class Providers:
                 f"no {name} service is configured for the orchestrator", {"provider": name})
         return provider
 
-    def _timeout(self, what: str, share: float = 1.0) -> float:
+    def _timeout(self, what: str, share: float = 1.0) -> tuple[float, bool]:
+        """(timeout, cut): the call's timeout, and whether the run's
+        remaining time cut it below ``call_timeout_s``."""
         left = remaining_s()
         timeout = self.call_timeout_s if left is None else min(left * share,
                                                                 self.call_timeout_s)
         if timeout < self.min_call_time_s:
             raise deadline_exceeded(what)
-        return timeout
+        return timeout, timeout < self.call_timeout_s
 
     def _admit(self, provider: Provider, method: str) -> Permit:
         permit = provider.breaker.allow()
@@ -171,28 +180,32 @@ class Providers:
         return permit
 
     def _record(self, provider: Provider, error: errors.ServiceError | None,
-                permit: Permit) -> None:
-        if error is None or error.code not in _UNHEALTHY:
-            provider.breaker.record_success() if error is None else \
-                provider.breaker.release_probe(permit)
+                permit: Permit, cut_at: float | None) -> None:
+        if error is None:
+            provider.breaker.record_success()
+        elif error.code not in _UNHEALTHY or _callers_deadline(error, cut_at):
+            provider.breaker.release_probe(permit)
         else:
             provider.breaker.record_failure()
 
     @contextlib.contextmanager
-    def _outcome(self, provider: Provider, span, permit: Permit) -> Iterator[None]:
+    def _outcome(self, provider: Provider, span, permit: Permit,
+                 cut_at: float | None) -> Iterator[None]:
         """Feeds the call's outcome to the breaker and the span; a gRPC error
-        leaves as the provider's ServiceError."""
+        leaves as the provider's ServiceError. ``cut_at``: when the call's
+        deadline passes, if the run's remaining time cut it (None: the call
+        had the whole call timeout)."""
         try:
             yield
         except grpc.RpcError as err:
             error = provider_error(provider.name, from_rpc_error(err))
-            self._record(provider, error, permit)
+            self._record(provider, error, permit, cut_at)
             _span_error(span, error)
             raise error from err
         except BaseException:
             provider.breaker.release_probe(permit)
             raise
-        self._record(provider, None, permit)
+        self._record(provider, None, permit, cut_at)
 
     @contextlib.contextmanager
     def _span(self, provider: Provider, method: str, attributes: dict | None) -> Iterator:
@@ -212,10 +225,10 @@ class Providers:
         ``share``: the most of the run's remaining time the call may take
         (a call the run can do without leaves it time to go on)."""
         provider = self._provider(name)
-        timeout = self._timeout(f"{name} {method}", share)
+        timeout, cut = self._timeout(f"{name} {method}", share)
         permit = self._admit(provider, method)
         with self._span(provider, method, span_attributes) as span:
-            with self._outcome(provider, span, permit):
+            with self._outcome(provider, span, permit, _cut_at(timeout, cut)):
                 response = await getattr(provider.stub, method)(
                     request, timeout=timeout, metadata=trace_metadata())
             if annotate is not None:
@@ -228,14 +241,15 @@ class Providers:
         """A server-streaming call under the policy; yields its messages.
         ``annotate(span, last_message)`` runs when the stream ends."""
         provider = self._provider(name)
-        timeout = self._timeout(f"{name} {method}")
+        timeout, cut = self._timeout(f"{name} {method}")
         permit = self._admit(provider, method)
         with self._span(provider, method, span_attributes) as span:
+            cut_at = _cut_at(timeout, cut)
             call = getattr(provider.stub, method)(request, timeout=timeout,
                                                   metadata=trace_metadata())
             last = None
             try:
-                with self._outcome(provider, span, permit):
+                with self._outcome(provider, span, permit, cut_at):
                     async for message in call:
                         last = message
                         yield message
@@ -243,6 +257,25 @@ class Providers:
                 call.cancel()  # no-op once the stream has ended
             if annotate is not None and last is not None:
                 annotate(span, last)
+
+
+def _cut_at(timeout: float, cut: bool) -> float | None:
+    """When a call starting now with ``timeout`` runs out of time, if the
+    run's remaining time cut its timeout."""
+    return time.monotonic() + timeout if cut else None
+
+
+def _callers_deadline(error: errors.ServiceError, cut_at: float | None) -> bool:
+    """Whether ``error`` is the call running out of the time the run had
+    left, shorter than the call timeout: the caller's deadline, not a sign
+    of the provider's health (a caller sending tight deadlines must not
+    open the breaker for everyone). Either the call's deadline passed, or
+    the provider said too little of it was left to start the work. A call
+    that had the whole call timeout and ran out of it still counts."""
+    if cut_at is None or error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+        return False
+    return (errors.reason_name(error.reason) == "DEADLINE_TOO_SHORT"
+            or time.monotonic() >= cut_at - _CLOCK_SLACK_S)
 
 
 # Reasons of errors with no ErrorInfo (the provider was never reached or
