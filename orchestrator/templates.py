@@ -1,20 +1,29 @@
-"""``{{variables.<name>}}`` and ``{{tasks.<task_id>.output}}`` references in
+r"""``{{variables.<name>}}`` and ``{{tasks.<task_id>.output}}`` references in
 system prompts and task inputs: found before anything runs, so a bad
-reference is INVALID_ARGUMENT, and expanded when the values are known."""
+reference is INVALID_ARGUMENT, and expanded when the values are known.
+
+A backslash right before two opening braces escapes them: ``\{{`` is not
+the start of a reference and renders as ``{{``, so a prompt can hold a
+literal ``{{word}}`` (written ``\{{word}}``). Nothing else is an escape: a
+backslash anywhere else, also one before a single brace, is kept as it is.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 
-_REFERENCE = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
+# An escaped "{{" or a reference, whichever starts first: read from left to
+# right, the braces an escape takes can never open a reference.
+_TOKEN = re.compile(r"\\\{\{|\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 _VARIABLE = re.compile(r"^variables\.([A-Za-z_][A-Za-z0-9_]{0,63})$")
 _TASK_OUTPUT = re.compile(r"^tasks\.([a-z][a-z0-9_-]{0,63})\.output$")
 
 
 def references(template: str) -> list[str]:
-    """Every reference in the template, in order (``variables.x``, ...)."""
-    return _REFERENCE.findall(template)
+    r"""Every reference in the template, in order (``variables.x``, ...);
+    escaped braces (``\{{``) start none."""
+    return [m.group(1) for m in _TOKEN.finditer(template) if m.group(1) is not None]
 
 
 def unknown_references(template: str) -> list[str]:
@@ -43,11 +52,15 @@ def problems(template: str, variables: Mapping[str, str],
 
 def render(template: str, variables: Mapping[str, str],
            outputs: Mapping[str, str] | None = None) -> str:
-    """The template with every reference replaced; call ``problems`` first."""
+    r"""The template with every reference replaced and every escaped
+    ``\{{`` written ``{{``, in one pass (a value is never read as a
+    template); call ``problems`` first."""
     def value(match: re.Match) -> str:
         ref = match.group(1)
+        if ref is None:
+            return "{{"
         if (m := _VARIABLE.match(ref)) is not None:
             return variables[m.group(1)]
         m = _TASK_OUTPUT.match(ref)
         return (outputs or {})[m.group(1)] if m is not None else match.group(0)
-    return _REFERENCE.sub(value, template)
+    return _TOKEN.sub(value, template)

@@ -79,6 +79,30 @@ async def test_dag_runs_in_dependency_order_with_outputs_and_variables(tmp_path)
         assert {t.result.trace_id for t in response.tasks} == {response.trace_id}
 
 
+async def test_escaped_braces_reach_the_prompts_as_written_beside_references(tmp_path):
+    r"""``\{{`` writes ``{{`` in an agent's system prompt and a task's input;
+    an agent whose prompt holds it is registered (not refused for an unknown
+    reference), and the task outputs and variables around it still expand."""
+    async with mesh(tmp_path) as m:
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=AgentDefinition(
+                name="filler", model="main", budget=FREE,
+                system_prompt=r"Fill \{{name}} slots for {{variables.team}}.")))
+        m.primary.queue_responses(["Hello {{name}}", "DONE"])
+        response = await workflow(
+            m, TaskSpec(task_id="draft", agent="filler",
+                        input_template=r"Write a greeting with \{{name}} for {{variables.team}}"),
+            TaskSpec(task_id="check", agent="filler", depends_on=["draft"],
+                     input_template=r"Check {{tasks.draft.output}} keeps \{{tasks.draft.output}}"),
+            variables={"team": "ops"})
+        assert response.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        systems = {c.messages[0].content for c in m.primary.calls}
+        assert systems == {"Fill {{name}} slots for ops."}
+        prompts = [c.messages[-1].content for c in m.primary.calls]
+        assert prompts == ["Write a greeting with {{name}} for ops",
+                           "Check Hello {{name}} keeps {{tasks.draft.output}}"]
+
+
 @pytest.mark.parametrize("tasks, problem", [
     ([TaskSpec(task_id="a", agent="coder", input_template="x", depends_on=["b"]),
       TaskSpec(task_id="b", agent="coder", input_template="x", depends_on=["a"])],

@@ -138,6 +138,22 @@ def test_template_references():
     assert templates.problems("{{env.HOME}}", {}) == ["{{env.HOME}}: unknown reference"]
 
 
+def test_a_backslash_before_two_braces_writes_them_literally():
+    r"""``\{{`` is no reference and renders as ``{{``: references,
+    unknown_references, problems and render all read it so; references
+    around it still work, and values are never read as templates."""
+    text = r"Fill \{{name}} and \{{ tasks.x.output }} for {{variables.user}}: {{tasks.code.output}}"
+    assert templates.references(text) == ["variables.user", "tasks.code.output"]
+    assert templates.problems(text, {"user": "ada"}, frozenset({"code"}), allow_tasks=True) == []
+    assert templates.unknown_references(r"Answer in \{{json}} for {{variables.user}}") == []
+    assert templates.render(text, {"user": "ada"}, {"code": r"\{{kept}} {{variables.user}}"}) \
+        == r"Fill {{name}} and {{ tasks.x.output }} for ada: \{{kept}} {{variables.user}}"
+    # The escape takes the backslash and the two braces only.
+    assert templates.render(r"a \{ b \\{{c}} {\{{d}}} \{{{variables.user}}", {"user": "ada"}) \
+        == r"a \{ b \{{c}} {{{d}}} {{{variables.user}}"
+    assert templates.problems("{{name}}", {}) == ["{{name}}: unknown reference"]
+
+
 async def test_deadline_scope_nests_and_fails_fast():
     assert remaining_s() is None
     with deadline_scope(10):

@@ -22,7 +22,8 @@ export const file_hivemesh_orchestrator_v1_resources: GenFile = /*@__PURE__*/
 /**
  * A registered agent: what it is told, which model it uses and which
  * providers it draws on. The text fields system_prompt may reference run
- * variables as "{{variables.<name>}}".
+ * variables as "{{variables.<name>}}"; a backslash before two opening
+ * braces writes them literally ("\{{word}}" reaches the model as "{{word}}").
  *
  * @generated from message hivemesh.orchestrator.v1.AgentDefinition
  */
@@ -735,6 +736,8 @@ export type TaskSpec = Message<"hivemesh.orchestrator.v1.TaskSpec"> & {
    * The agent's input. May reference "{{tasks.<task_id>.output}}" of tasks
    * it depends on (directly or transitively) and "{{variables.<name>}}" of
    * the run; any other reference is INVALID_ARGUMENT before anything runs.
+   * A backslash before two opening braces writes them literally:
+   * "\{{word}}" is no reference and reaches the agent as "{{word}}".
    *
    * @generated from field: string input_template = 3;
    */
