@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import any_pb2, struct_pb2
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -138,6 +138,10 @@ class _Run:
         # The last generation's Commit (or TrackCompletion), sent again in
         # the background after the run was cancelled while sending it.
         self.spend_resent: asyncio.Task | None = None
+        # Memory reads that failed (the run goes without them), not kept
+        # yet: (ledger key, fingerprint, note). Kept once the run goes on
+        # to generate (``_keep_failed_reads``).
+        self.failed_reads: list[tuple[str, str, DegradedNote]] = []
 
     def step(self, *parts: object) -> str:
         """The request id of one of this run's provider calls."""
@@ -146,9 +150,13 @@ class _Run:
     def emit(self, event_type: int, payload) -> None:
         self.sink.emit(event_type, self.context, self.trace_id, payload, agent=self.agent.name)
 
-    def degrade(self, component: int, error: errors.ServiceError) -> None:
+    def degrade(self, component: int, error: errors.ServiceError) -> DegradedNote:
         note = DegradedNote(component=component, reason=errors.reason_name(error.reason),
                             message=error.message)
+        self.noted(note)
+        return note
+
+    def noted(self, note: DegradedNote) -> None:
         self.result.degraded.append(note)
         self.emit(EventType.EVENT_TYPE_DEGRADED, note)
 
@@ -276,6 +284,7 @@ class AgentRunner:
                     task.cancel()
             raise
 
+        await self._keep_failed_reads(run)
         messages = [Message(role=Role.ROLE_SYSTEM, content=_with_memories(system, memories))]
         messages += past
         messages.append(Message(role=Role.ROLE_USER, content=opts.input))
@@ -356,12 +365,10 @@ class AgentRunner:
             mode=SearchMode.SEARCH_MODE_HYBRID)
         if memory.HasField("score_threshold"):
             request.score_threshold = memory.score_threshold
-        try:
-            found = await self._pinned(run, "SearchMemories", request, SearchMemoriesResponse)
-        except errors.ServiceError as exc:
-            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            run.degrade(DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL, exc)
+        found = await self._pinned(run, "SearchMemories", request, SearchMemoriesResponse,
+                                   DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL,
+                                   refused_fails=True)
+        if found is None:
             return []
         run.result.memories_recalled = len(found.results)
         run.emit(EventType.EVENT_TYPE_MEMORY_RECALLED, MemoryRecalled(
@@ -373,29 +380,71 @@ class AgentRunner:
         request = GetHistoryRequest(
             context=run.context, namespace=memory.namespace, session_id=run.ctx.session_id,
             token_budget=memory.history_token_budget or DEFAULT_HISTORY_TOKENS)
-        try:
-            found = await self._pinned(run, "GetHistory", request, GetHistoryResponse)
-        except errors.ServiceError as exc:
-            run.degrade(DegradedComponent.DEGRADED_COMPONENT_HISTORY, exc)
+        found = await self._pinned(run, "GetHistory", request, GetHistoryResponse,
+                                   DegradedComponent.DEGRADED_COMPONENT_HISTORY)
+        if found is None:
             return []
         return [Message(role=_ROLES.get(m.role, Role.ROLE_USER), content=m.content,
                         name=m.name) for m in found.messages
                 if m.role != MessageRole.MESSAGE_ROLE_TOOL]
 
-    async def _pinned(self, run: _Run, method: str, request, result_type: type):
+    async def _pinned(self, run: _Run, method: str, request, result_type: type,
+                      component: int, *, refused_fails: bool = False):
         """The memory read ``method(request)`` as it answered the first attempt of
-        this run (kept in the request ledger under the run's request id).
+        this run (kept in the request ledger under the run's request id);
+        None when the run goes without it (degraded, as ``component``).
         A retried run builds the prompt its first attempt sent: its
         generation keeps the first attempt's request id, and read again
         the memory would hold the first attempt's own write-back and
         history, a different prompt the LLM service refuses as an
-        idempotency conflict. A failed read is not kept."""
+        idempotency conflict. So a read that failed is kept too, as having
+        read nothing, once the run goes on to generate without it
+        (``_keep_failed_reads``); a retry then goes without it again and is
+        told why as the first attempt was (the same degraded note). A read
+        that failed in an attempt that generated nothing is read again.
+        ``refused_fails``: a read the memory service refuses as invalid
+        fails the run instead of degrading it."""
         digest = fingerprint(request, ignore=())
+        # Kept as an Any: the read's response, or the DegradedNote of a read
+        # that failed.
+        key = run.step("read", method, digest[:16])
 
         async def read():
-            return await self.providers.call("memory", method, request, share=MEMORY_SHARE)
-        found, _ = await self._kept(run.step(method, digest[:16]), digest, read, result_type)
+            kept = any_pb2.Any()
+            kept.Pack(await self.providers.call("memory", method, request,
+                                                share=MEMORY_SHARE))
+            return kept
+        try:
+            kept, _ = await self._kept(key, digest, read, any_pb2.Any)
+        except errors.ServiceError as exc:
+            if refused_fails and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            run.failed_reads.append((key, digest, run.degrade(component, exc)))
+            return None
+        if kept.Is(DegradedNote.DESCRIPTOR):
+            note = DegradedNote()
+            kept.Unpack(note)
+            run.noted(note)
+            return None
+        found = result_type()
+        kept.Unpack(found)
         return found
+
+    async def _keep_failed_reads(self, run: _Run) -> None:
+        """The run goes on to generate without the reads that failed: each
+        is kept now, before any generation is sent, as having read nothing
+        (with its degraded note), so that a retry builds the same prompt
+        (``_pinned``)."""
+        failed, run.failed_reads = run.failed_reads, []
+
+        async def keep(key: str, digest: str, note: DegradedNote) -> None:
+            kept = any_pb2.Any()
+            kept.Pack(note)
+
+            async def nothing():
+                return kept
+            await self._kept(key, digest, nothing, any_pb2.Any)
+        await asyncio.gather(*(keep(*read) for read in failed))
 
     async def _kept(self, key: str, digest: str, work, result_type: type):
         """(result, replayed): ``work()`` as it answered the first attempt

@@ -27,7 +27,8 @@ from hivemesh.services.orchestrator.agents import AgentRegistry
 
 # One record per kind of request, so request ids of different RPCs never
 # meet; RunAgent and StreamAgent share "run"; "step" is one agent run of a
-# workflow; "read" a memory read a run built its prompt from.
+# workflow; "read" a memory read a run built its prompt from (its answer,
+# or, once the run generated without it, that it failed).
 KINDS = ("register", "delete", "run", "workflow", "step", "read")
 
 

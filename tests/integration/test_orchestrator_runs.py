@@ -27,6 +27,7 @@ from hivemesh.orchestrator.v1 import (
     AgentDefinition, BudgetEnforcement, BudgetPolicy, DegradedComponent, EventType, ExecuteToolResponse,
     ListToolsResponse, MemoryConfig, RegisterAgentRequest, RunAgentRequest, StreamAgentRequest,
     ToolDefinition, ToolError, ToolServiceServicer, add_ToolServiceServicer_to_server)
+from hivemesh.runtime import errors
 from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
 from hivemesh.services.orchestrator.runner import AgentRunner
 
@@ -425,6 +426,87 @@ async def test_a_run_retried_after_writing_back_sends_its_first_prompt_again(tmp
         later = (await run(m, "coder", context=context)).result
         assert later.memories_recalled > 0
         assert len(m.primary.calls[-1].messages) > len(first.messages)  # with the history
+
+
+def providers_down(m, monkeypatch, *names: str) -> set[str]:
+    """The orchestrator's calls to the providers named in the returned set
+    fail as unreachable (UNAVAILABLE) until their names are taken out."""
+    down = set(names)
+    providers = m.backend.providers
+    real = providers.call
+
+    async def call_(name, method, request, **kwargs):
+        if name in down:
+            raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                                      f"{name}: connection refused", {"provider": name})
+        return await real(name, method, request, **kwargs)
+    monkeypatch.setattr(providers, "call", call_)
+    return down
+
+
+async def test_a_run_retried_after_its_memory_reads_failed_sends_its_first_prompt_again(
+        tmp_path, monkeypatch):
+    """The first attempt found memory down: it generated without memories
+    and history (degraded), then failed on the artifact store. Memory back,
+    the retry does not read them afresh (it would find them, a different
+    prompt under the generation's request id, IDEMPOTENCY_CONFLICT): it goes
+    without them as the first attempt did, and reports why again."""
+    store = ArtifactOutage()
+    store.down = False
+    async with mesh(tmp_path, artifact_backend=store) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code",
+                       memory=MemoryConfig(enabled=True, write_back=True, history_enabled=True,
+                                           namespace="retried"))
+        context = RequestContext(tenant_id="acme", session_id="s-1")
+        seeded = (await run(m, "coder", context=context)).result  # something to find
+        assert not seeded.degraded
+        store.down = True
+        down = providers_down(m, monkeypatch, "memory")
+        request_id = rid()
+        with pytest.raises(UnavailableError):
+            await run(m, "coder", context=context, request_id=request_id)
+        first = m.primary.calls[-1]
+        assert len(first.messages) == 2  # the system prompt and the input only
+
+        down.clear()
+        store.down = False
+        events = []
+        m.backend.bus.subscribe(lambda event: events.append(event))
+        done = (await run(m, "coder", context=context, request_id=request_id)).result
+        assert done.output and len(done.artifact_ids) == 1
+        assert len(m.primary.calls) == 2  # the generation was replayed, not sent again
+        assert done.memories_recalled == 0
+        failed_reads = {(d.component, d.reason) for d in done.degraded}
+        assert failed_reads == {
+            (DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL, "BACKEND_UNAVAILABLE"),
+            (DegradedComponent.DEGRADED_COMPONENT_HISTORY, "BACKEND_UNAVAILABLE")}
+        assert len(done.degraded) == 2  # its write-back went through this time
+        assert {e.degraded.component for e in events
+                if e.type == EventType.EVENT_TYPE_DEGRADED} == {c for c, _ in failed_reads}
+        # A new request reads what is there now.
+        later = (await run(m, "coder", context=context)).result
+        assert later.memories_recalled > 0 and not later.degraded
+
+
+async def test_a_read_that_failed_before_anything_was_generated_is_read_again(
+        tmp_path, monkeypatch):
+    """A first attempt that failed before generating (here its budget hold)
+    sent no prompt: its retry reads memory afresh."""
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       memory=MemoryConfig(enabled=True, write_back=True, namespace="afresh"))
+        await run(m, "coder")  # something to find
+        down = providers_down(m, monkeypatch, "memory", "information")
+        request_id = rid()
+        with pytest.raises(UnavailableError) as err:
+            await run(m, "coder", request_id=request_id)
+        assert err.value.metadata["provider"] == "information"
+        assert len(m.primary.calls) == 1
+        down.clear()
+        done = (await run(m, "coder", request_id=request_id)).result
+        assert done.memories_recalled > 0 and not done.degraded
+        assert "Relevant memories" in m.primary.calls[-1].messages[0].content
 
 
 async def test_budget_outage_fails_clearly_and_opens_the_breaker(tmp_path):

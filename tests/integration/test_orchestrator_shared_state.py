@@ -25,9 +25,9 @@ from hivemesh.client import from_rpc_error
 from hivemesh.client.errors import UnavailableError
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.orchestrator.v1 import (
-    AgentDefinition, BudgetPolicy, DeleteAgentRequest, MemoryConfig, EventType, GetAgentRequest,
-    ListAgentsRequest, OrchestratorServiceStub, RegisterAgentRequest, RunAgentRequest,
-    RunWorkflowRequest, StreamAgentRequest, TaskSpec, WorkflowDefinition)
+    AgentDefinition, BudgetPolicy, DegradedComponent, DeleteAgentRequest, MemoryConfig,
+    EventType, GetAgentRequest, ListAgentsRequest, OrchestratorServiceStub, RegisterAgentRequest,
+    RunAgentRequest, RunWorkflowRequest, StreamAgentRequest, TaskSpec, WorkflowDefinition)
 from hivemesh.runtime.resilience import fingerprint
 from hivemesh.services.llm.backends.base import ErrorKind
 from hivemesh.services.orchestrator.server import create_server, open_backend
@@ -278,6 +278,42 @@ async def test_a_run_retried_on_the_other_replica_after_its_write_back_sends_its
         retry = await call(b.RunAgent, request)
         assert retry.result.output and len(retry.result.artifact_ids) == 1
         assert len(m.primary.calls) == 1  # replayed by the LLM service
+
+
+async def test_a_run_whose_memory_reads_failed_retried_on_the_other_replica_sends_its_prompt(
+        tmp_path, redis_state):
+    """Replica A cannot reach memory: its attempt generates without
+    memories and history, then fails on the artifact store. Replica B
+    reaches memory, which holds what to recall; retrying, it finds A's
+    failed reads kept in Redis as having read nothing, builds A's prompt
+    (the generation is replayed, not refused as another prompt under the
+    same request id) and reports the reads as degraded, as A did."""
+    store = ArtifactOutage()
+    store.down = False
+    shared = dict(state_backend="redis", redis_url=REDIS_URL, redis_prefix=redis_state.prefix)
+    async with mesh(tmp_path, memory=False, artifact_backend=store, **shared) as m, \
+            replica(m, **shared) as b:
+        memory = MemoryConfig(enabled=True, write_back=True, history_enabled=True,
+                              namespace="retried")
+        await register(m.orchestrator, agent("coder", output_artifact_type="code",
+                                             memory=memory))
+        seeded = RunAgentRequest(request_id=rid(), agent="coder", input="implement add",
+                                 context=RequestContext(tenant_id="acme", session_id="s-1"))
+        assert not (await call(b.RunAgent, seeded)).result.degraded  # something to find
+        store.down = True
+        request = RunAgentRequest(request_id=rid(), agent="coder", input="implement add",
+                                  context=RequestContext(tenant_id="acme", session_id="s-1"))
+        with pytest.raises(UnavailableError):
+            await call(m.orchestrator.RunAgent, request)
+        assert len(m.primary.calls[-1].messages) == 2  # no memories, no history
+        store.down = False
+        retry = (await call(b.RunAgent, request)).result
+        assert retry.output and len(retry.artifact_ids) == 1
+        assert len(m.primary.calls) == 2  # replayed
+        assert retry.memories_recalled == 0
+        assert sorted(d.component for d in retry.degraded) == [
+            DegradedComponent.DEGRADED_COMPONENT_MEMORY_RECALL,
+            DegradedComponent.DEGRADED_COMPONENT_HISTORY]
 
 
 async def test_a_streamed_run_retried_on_the_other_replica_replays(tmp_path, redis_state):
