@@ -10,9 +10,10 @@ Every outbound call goes through :class:`Providers`, which
   say the provider is unhealthy (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
   UNKNOWN) calls fail fast with UNAVAILABLE, reason CIRCUIT_OPEN, until a
   probe call succeeds. A call that ran out of time only because the run had
-  less left than ``call_timeout_s`` (the caller's own deadline) says nothing
-  about the provider: it is not counted, and a probe ending so lets another
-  call probe;
+  less left than ``call_timeout_s`` (the caller's own deadline), and less
+  than twice what the provider's recent answers to that method took, says
+  nothing about the provider: it is not counted, and a probe ending so lets
+  another call probe;
 * opens a CLIENT span per call (the provider's server span is its child)
   and forwards W3C trace context;
 * turns a provider's gRPC error into a ServiceError with the same code,
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import statistics
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -60,6 +63,11 @@ _UNHEALTHY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EX
 # seen and still be that deadline passing (gRPC keeps deadlines on its own
 # clock, not quite ``time.monotonic``).
 _CLOCK_SLACK_S = 0.02
+# A call cut short by its caller's deadline counts against the provider
+# when it had at least this many times the median time of the provider's
+# recent answers to the same method (over the last _LATENCY_WINDOW).
+_SLOW_FACTOR = 2.0
+_LATENCY_WINDOW = 32
 
 # provider -> (api whose service config the channel loads, stub, full service name)
 _PROVIDERS = {
@@ -119,6 +127,48 @@ class Provider:
     channel: grpc.aio.Channel
     stub: Any
     breaker: CircuitBreaker
+    # method -> how long its recent successful calls took (s)
+    latencies: dict[str, deque[float]] = field(default_factory=dict)
+
+    def answered(self, method: str, took_s: float) -> None:
+        window = self.latencies.get(method)
+        if window is None:
+            window = self.latencies[method] = deque(maxlen=_LATENCY_WINDOW)
+        window.append(took_s)
+
+    def typical_s(self, method: str) -> float | None:
+        """The median time of the method's recent successful calls."""
+        window = self.latencies.get(method)
+        return statistics.median(window) if window else None
+
+
+@dataclass
+class _Attempt:
+    """One call: ``cut`` when the run's remaining time made its timeout
+    shorter than the call timeout."""
+    provider: Provider
+    method: str
+    timeout: float
+    cut: bool
+    started: float = field(default_factory=time.monotonic)
+
+    def callers_deadline(self, error: errors.ServiceError) -> bool:
+        """Whether ``error`` is the call running out of the time its run had
+        left, shorter than the call timeout and than the provider usually
+        needs: the caller's deadline, not a sign of the provider's health (a
+        caller sending tight deadlines must not open the breaker for
+        everyone). Either the call's deadline passed, or the provider said
+        too little of it was left to start the work. A call that had the
+        whole call timeout, or twice the provider's usual time (or that
+        has no usual time yet), and ran out of it still counts: a provider
+        that hangs opens its breaker whatever deadlines its callers send."""
+        if not self.cut or error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return False
+        if errors.reason_name(error.reason) != "DEADLINE_TOO_SHORT" and \
+                time.monotonic() < self.started + self.timeout - _CLOCK_SLACK_S:
+            return False
+        typical = self.provider.typical_s(self.method)
+        return typical is not None and self.timeout < _SLOW_FACTOR * typical
 
 
 class Providers:
@@ -179,33 +229,33 @@ class Providers:
                 {"provider": provider.name})
         return permit
 
-    def _record(self, provider: Provider, error: errors.ServiceError | None,
-                permit: Permit, cut_at: float | None) -> None:
+    @staticmethod
+    def _record(attempt: _Attempt, error: errors.ServiceError | None,
+                permit: Permit) -> None:
+        breaker = attempt.provider.breaker
         if error is None:
-            provider.breaker.record_success()
-        elif error.code not in _UNHEALTHY or _callers_deadline(error, cut_at):
-            provider.breaker.release_probe(permit)
+            breaker.record_success()
+            attempt.provider.answered(attempt.method, time.monotonic() - attempt.started)
+        elif error.code not in _UNHEALTHY or attempt.callers_deadline(error):
+            breaker.release_probe(permit)
         else:
-            provider.breaker.record_failure()
+            breaker.record_failure()
 
     @contextlib.contextmanager
-    def _outcome(self, provider: Provider, span, permit: Permit,
-                 cut_at: float | None) -> Iterator[None]:
+    def _outcome(self, attempt: _Attempt, span, permit: Permit) -> Iterator[None]:
         """Feeds the call's outcome to the breaker and the span; a gRPC error
-        leaves as the provider's ServiceError. ``cut_at``: when the call's
-        deadline passes, if the run's remaining time cut it (None: the call
-        had the whole call timeout)."""
+        leaves as the provider's ServiceError."""
         try:
             yield
         except grpc.RpcError as err:
-            error = provider_error(provider.name, from_rpc_error(err))
-            self._record(provider, error, permit, cut_at)
+            error = provider_error(attempt.provider.name, from_rpc_error(err))
+            self._record(attempt, error, permit)
             _span_error(span, error)
             raise error from err
         except BaseException:
-            provider.breaker.release_probe(permit)
+            attempt.provider.breaker.release_probe(permit)
             raise
-        self._record(provider, None, permit, cut_at)
+        self._record(attempt, None, permit)
 
     @contextlib.contextmanager
     def _span(self, provider: Provider, method: str, attributes: dict | None) -> Iterator:
@@ -228,7 +278,7 @@ class Providers:
         timeout, cut = self._timeout(f"{name} {method}", share)
         permit = self._admit(provider, method)
         with self._span(provider, method, span_attributes) as span:
-            with self._outcome(provider, span, permit, _cut_at(timeout, cut)):
+            with self._outcome(_Attempt(provider, method, timeout, cut), span, permit):
                 response = await getattr(provider.stub, method)(
                     request, timeout=timeout, metadata=trace_metadata())
             if annotate is not None:
@@ -244,12 +294,12 @@ class Providers:
         timeout, cut = self._timeout(f"{name} {method}")
         permit = self._admit(provider, method)
         with self._span(provider, method, span_attributes) as span:
-            cut_at = _cut_at(timeout, cut)
+            attempt = _Attempt(provider, method, timeout, cut)
             call = getattr(provider.stub, method)(request, timeout=timeout,
                                                   metadata=trace_metadata())
             last = None
             try:
-                with self._outcome(provider, span, permit, cut_at):
+                with self._outcome(attempt, span, permit):
                     async for message in call:
                         last = message
                         yield message
@@ -257,25 +307,6 @@ class Providers:
                 call.cancel()  # no-op once the stream has ended
             if annotate is not None and last is not None:
                 annotate(span, last)
-
-
-def _cut_at(timeout: float, cut: bool) -> float | None:
-    """When a call starting now with ``timeout`` runs out of time, if the
-    run's remaining time cut its timeout."""
-    return time.monotonic() + timeout if cut else None
-
-
-def _callers_deadline(error: errors.ServiceError, cut_at: float | None) -> bool:
-    """Whether ``error`` is the call running out of the time the run had
-    left, shorter than the call timeout: the caller's deadline, not a sign
-    of the provider's health (a caller sending tight deadlines must not
-    open the breaker for everyone). Either the call's deadline passed, or
-    the provider said too little of it was left to start the work. A call
-    that had the whole call timeout and ran out of it still counts."""
-    if cut_at is None or error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
-        return False
-    return (errors.reason_name(error.reason) == "DEADLINE_TOO_SHORT"
-            or time.monotonic() >= cut_at - _CLOCK_SLACK_S)
 
 
 # Reasons of errors with no ErrorInfo (the provider was never reached or

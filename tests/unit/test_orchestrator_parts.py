@@ -5,6 +5,7 @@ against a provider's breaker; runs and workflows over stand-in providers,
 cancelled at chosen points."""
 
 import asyncio
+import collections
 import contextlib
 
 import grpc
@@ -176,77 +177,112 @@ async def test_deadline_scope_nests_and_fails_fast():
     await asyncio.sleep(0)
 
 
-async def _llm_that_hangs(answer_early: dict):
-    """A gRPC server standing in for the LLM service: Generate waits until
-    its caller gives up; ListModels fails at once with DEADLINE_EXCEEDED
-    and the reason in ``answer_early["reason"]``. Returns (server, address)."""
+async def _llm_that_hangs(answer: dict):
+    """A gRPC server standing in for the LLM service: Generate answers at
+    once while ``answer["generate"]`` is set, then waits until its caller
+    gives up; ListModels fails at once with DEADLINE_EXCEEDED and the reason
+    in ``answer["reason"]``. Returns (server, address)."""
     from grpc_status import rpc_status
 
-    async def hang(request, context):
-        await asyncio.Event().wait()
+    async def generate(request, context):
+        if not answer["generate"]:
+            await asyncio.Event().wait()
+        return b""
 
     async def early(request, context):
         error = errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    answer_early["reason"], "out of time")
+                                    answer["reason"], "out of time")
         status = error.to_status("hivemesh.llm")
         await context.abort(error.code, status.message,
                             trailing_metadata=rpc_status.to_status(status).trailing_metadata)
 
     def handler(behavior):
         return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=lambda b: b, response_serializer=lambda m: b"")
+            behavior, request_deserializer=lambda b: b, response_serializer=lambda m: m)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "hivemesh.llm.v1.LlmService", {"Generate": handler(hang),
+        "hivemesh.llm.v1.LlmService", {"Generate": handler(generate),
                                        "ListModels": handler(early)})])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
 
 
+async def _fails(providers: Providers, method: str, request,
+                 timeout_s: float | None) -> errors.ServiceError:
+    with contextlib.ExitStack() as scope:
+        if timeout_s is not None:
+            scope.enter_context(deadline_scope(timeout_s))
+        with pytest.raises(errors.ServiceError) as err:
+            await providers.call("llm", method, request)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    return err.value
+
+
 async def test_a_call_cut_short_by_the_callers_deadline_does_not_count_against_the_breaker():
     """A call whose time ran out only because the run had less left than
-    the call timeout says nothing about the provider: it neither counts as
-    a failure nor, as the half-open breaker's probe, closes or re-opens the
-    breaker (it hands the probe back). A call that had the whole call
-    timeout, or that the provider failed early, still counts."""
+    the call timeout, and less than twice what the provider usually takes,
+    says nothing about the provider: it neither counts as a failure nor, as
+    the half-open breaker's probe, closes or re-opens the breaker (it hands
+    the probe back). A call that had the whole call timeout, or that the
+    provider failed early, still counts."""
     from hivemesh.llm.v1 import GenerateRequest, ListModelsRequest
-    answer_early = {"reason": "DEADLINE_TOO_SHORT"}
-    server, address = await _llm_that_hangs(answer_early)
+    answer = {"generate": True, "reason": "DEADLINE_TOO_SHORT"}
+    server, address = await _llm_that_hangs(answer)
     providers = Providers({"llm": address}, call_timeout_s=0.5, breaker_failure_threshold=2,
                           breaker_reset_s=0.05)
     breaker = providers.breaker("llm")
-
-    async def fails(method: str, request, timeout_s: float | None) -> errors.ServiceError:
-        with contextlib.ExitStack() as scope:
-            if timeout_s is not None:
-                scope.enter_context(deadline_scope(timeout_s))
-            with pytest.raises(errors.ServiceError) as err:
-                await providers.call("llm", method, request)
-        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        return err.value
-
+    # Its usual time: as if its answers took 0.2 s (this stand-in answers at once).
+    for _ in range(3):
+        await providers.call("llm", "Generate", GenerateRequest())
+    providers._providers["llm"].latencies["Generate"] = collections.deque([0.2] * 3)
+    providers._providers["llm"].latencies["ListModels"] = collections.deque([0.2])
+    answer["generate"] = False
     try:
-        for _ in range(3):  # the caller's deadline, shorter than the call timeout
-            await fails("Generate", GenerateRequest(), 0.1)
+        for _ in range(3):  # the caller's deadline, shorter than the usual time
+            await _fails(providers, "Generate", GenerateRequest(), 0.1)
         # The provider saying too little of the caller's deadline was left.
-        assert (await fails("ListModels", ListModelsRequest(), 0.3)).reason == \
+        assert (await _fails(providers, "ListModels", ListModelsRequest(), 0.3)).reason == \
             "DEADLINE_TOO_SHORT"
         assert (breaker.state, breaker.failures) == ("closed", 0)
         # Out of time early for a reason of the provider's own: it counts.
-        answer_early["reason"] = "UPSTREAM_ERROR"
-        await fails("ListModels", ListModelsRequest(), 0.3)
+        answer["reason"] = "UPSTREAM_ERROR"
+        await _fails(providers, "ListModels", ListModelsRequest(), 0.3)
         assert (breaker.state, breaker.failures) == ("closed", 1)
-        await fails("Generate", GenerateRequest(), None)  # the whole call timeout
+        await _fails(providers, "Generate", GenerateRequest(), None)  # the whole call timeout
         assert breaker.state == "open"
 
         await asyncio.sleep(0.06)  # half-open: the next call is the probe
-        await fails("Generate", GenerateRequest(), 0.1)
+        await _fails(providers, "Generate", GenerateRequest(), 0.1)
         assert breaker.transitions == ["closed->open", "open->half_open"]
         probe = breaker.allow()  # handed back: another call may probe
         assert probe is not None and probe.probe
         breaker.release_probe(probe)
-        await fails("Generate", GenerateRequest(), None)  # a probe out of the call timeout
+        await _fails(providers, "Generate", GenerateRequest(), None)  # out of the call timeout
+        assert breaker.state == "open"
+    finally:
+        await providers.close()
+        await server.stop(0)
+
+
+async def test_a_provider_that_hangs_opens_its_breaker_whatever_deadlines_callers_send():
+    """Cut short by the caller's deadline, a call that had more than twice
+    the provider's usual time (or with no usual time known yet) counts."""
+    from hivemesh.llm.v1 import GenerateRequest
+    answer = {"generate": False, "reason": "DEADLINE_TOO_SHORT"}
+    server, address = await _llm_that_hangs(answer)
+    providers = Providers({"llm": address}, call_timeout_s=5, breaker_failure_threshold=2,
+                          breaker_reset_s=10)
+    breaker = providers.breaker("llm")
+    try:
+        await _fails(providers, "Generate", GenerateRequest(), 0.1)  # no usual time yet
+        assert breaker.failures == 1
+        answer["generate"] = True
+        await providers.call("llm", "Generate", GenerateRequest())  # answers in far less
+        assert breaker.failures == 0
+        answer["generate"] = False
+        await _fails(providers, "Generate", GenerateRequest(), 0.1)
+        await _fails(providers, "Generate", GenerateRequest(), 0.1)
         assert breaker.state == "open"
     finally:
         await providers.close()
