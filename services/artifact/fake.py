@@ -44,9 +44,9 @@ class FaultyBackend:
         await self._enter("list")
         return await self.inner.list(flt, limit, after, with_content)
 
-    async def delete(self, artifact_id):
+    async def delete(self, artifact_id, request_id, fingerprint):
         await self._enter("delete")
-        return await self.inner.delete(artifact_id)
+        return await self.inner.delete(artifact_id, request_id, fingerprint)
 
     async def count(self, flt):
         await self._enter("count")

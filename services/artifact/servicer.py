@@ -79,6 +79,13 @@ def _filter(msg) -> Filter:
     return flt
 
 
+def _fingerprint(*parts: str) -> str:
+    """Identifies a mutating request apart from its request_id, so a retry
+    matches and a different request under the same id does not. Parts hold
+    no NUL (refused), so requests of different shapes never collide."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
 def _unavailable(exc: BackendUnavailable) -> errors.ServiceError:
     return errors.unavailable("artifact storage", str(exc), retry_after_s=1.0)
 
@@ -117,11 +124,8 @@ class ArtifactServicer(ArtifactServiceServicer):
                                                   "large to be read back")])])
         content_sha256 = hashlib.sha256(content).hexdigest()
         metadata_json = json.dumps(metadata, separators=(",", ":"), sort_keys=True)
-        # The fingerprint identifies the request apart from its request_id, so
-        # a retry matches and a different request under the same id does not.
-        fingerprint = hashlib.sha256("\0".join((
-            request.workflow_id, request.task_id, request.agent_id, request.artifact_type,
-            content_sha256, metadata_json)).encode()).hexdigest()
+        fingerprint = _fingerprint(request.workflow_id, request.task_id, request.agent_id,
+                                   request.artifact_type, content_sha256, metadata_json)
         record = ArtifactRecord(
             artifact_id=new_artifact_id(), workflow_id=request.workflow_id,
             task_id=request.task_id, agent_id=request.agent_id,
@@ -183,8 +187,14 @@ class ArtifactServicer(ArtifactServiceServicer):
         return response
 
     async def DeleteArtifact(self, request, context):
+        # With a request_id, a retry (its first answer lost) gets that answer,
+        # not "nothing deleted" for an artifact the first attempt removed.
         try:
-            deleted = await self.backend.delete(request.artifact_id)
+            deleted = await self.backend.delete(request.artifact_id, request.request_id,
+                                                _fingerprint("DeleteArtifact",
+                                                             request.artifact_id))
+        except IdempotencyConflict:
+            raise errors.idempotency_conflict(request.request_id) from None
         except BackendUnavailable as exc:
             raise _unavailable(exc) from exc
         return DeleteArtifactResponse(deleted=deleted)

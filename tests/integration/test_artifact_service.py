@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from hivemesh.artifact.v1 import ArtifactServiceStub, SaveArtifactRequest
+from hivemesh.artifact.v1 import ArtifactServiceStub, DeleteArtifactRequest, SaveArtifactRequest
 from hivemesh.services.artifact.backends.base import Filter
 from hivemesh.client import (
     AlreadyExistsError, InvalidArgumentError, NotFoundError, UnavailableError)
@@ -192,6 +192,55 @@ async def test_delete_then_get_is_not_found(artifacts):
     assert err.value.domain == "hivemesh.artifact"
     assert err.value.metadata == {"resource_type": "artifact", "resource_id": artifact_id}
     assert await artifacts.count(workflow_id="wf-d") == 0
+
+
+async def test_retried_delete_gets_the_first_answer(artifacts):
+    """A retry of a delete (its answer lost) finds the artifact gone, and
+    must still be told it was deleted, as the first attempt was."""
+    saved = await artifacts.save(workflow_id="wf-rd", agent_id="a", artifact_type="code",
+                                 content="x")
+    artifact_id = saved.artifact.artifact_id
+    rid = str(uuid.uuid4())
+    assert await artifacts.delete(artifact_id, request_id=rid) is True
+    assert await artifacts.delete(artifact_id, request_id=rid) is True
+    # A new request (another id) is answered afresh: nothing left to delete.
+    assert await artifacts.delete(artifact_id) is False
+    # A first answer of "nothing deleted" is replayed as it was too.
+    missing = f"art-{uuid.uuid4()}"
+    gone_rid = str(uuid.uuid4())
+    assert await artifacts.delete(missing, request_id=gone_rid) is False
+    assert await artifacts.delete(missing, request_id=gone_rid) is False
+    # The same id for another artifact, or for a save, is a conflict.
+    with pytest.raises(AlreadyExistsError) as err:
+        await artifacts.delete(missing, request_id=rid)
+    assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+    with pytest.raises(AlreadyExistsError):
+        await artifacts.save(workflow_id="wf-rd", agent_id="a", artifact_type="code",
+                             content="y", request_id=rid)
+    assert await artifacts.count(workflow_id="wf-rd") == 0
+
+
+async def test_concurrent_retries_of_one_delete_all_answer_deleted(artifacts):
+    saved = await artifacts.save(workflow_id="wf-cd", agent_id="a", artifact_type="code",
+                                 content="x")
+    rid = str(uuid.uuid4())
+    results = await asyncio.gather(*[
+        artifacts.delete(saved.artifact.artifact_id, request_id=rid) for _ in range(8)])
+    assert results == [True] * 8
+
+
+async def test_a_delete_without_request_id_is_answered_afresh(artifact_server):
+    from hivemesh.client import ArtifactClient
+
+    address, _ = artifact_server
+    async with ArtifactClient(address) as client:
+        saved = await client.save(workflow_id="wf-nr", agent_id="a", artifact_type="code",
+                                  content="x")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = ArtifactServiceStub(channel)
+        request = DeleteArtifactRequest(artifact_id=saved.artifact.artifact_id)
+        assert (await stub.DeleteArtifact(request)).deleted is True
+        assert (await stub.DeleteArtifact(request)).deleted is False
 
 
 async def test_oversize_content_is_refused_and_nothing_is_stored(artifacts):

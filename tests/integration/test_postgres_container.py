@@ -29,6 +29,7 @@ async def test_postgres_backend_in_a_container():
             assert await backend.count(Filter(workflow_id="wf")) == 1
             assert [r.artifact_id for r in await backend.list(Filter(), 10, None, True)] == \
                 [record.artifact_id]
-            assert await backend.delete(record.artifact_id) is True
+            assert await backend.delete(record.artifact_id, "r2", "f2") is True
+            assert await backend.delete(record.artifact_id, "r2", "f2") is True
         finally:
             await backend.close()

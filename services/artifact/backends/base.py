@@ -84,7 +84,13 @@ class ArtifactBackend(Protocol):
         after ``after``. Without content, ``content`` is ""."""
         ...
 
-    async def delete(self, artifact_id: str) -> bool: ...
+    async def delete(self, artifact_id: str, request_id: str, fingerprint: str) -> bool:
+        """Delete the artifact; True if this request deleted it. With a
+        request_id, record the answer with it in the same transaction as the
+        delete (as a save does): a retry gets the first answer, and another
+        fingerprint under a known id raises IdempotencyConflict. Without
+        one, every call is answered afresh."""
+        ...
 
     async def count(self, flt: Filter) -> int: ...
 

@@ -18,18 +18,27 @@ class MemoryBackend:
         self._requests: dict[str, tuple[str, str]] = {}  # request_id -> (fingerprint, id)
         self._lock = asyncio.Lock()
 
+    def _claim(self, request_id: str, fingerprint: str, artifact_id: str) -> str | None:
+        """The request record shared by saves and deletes (see the SQLite
+        backend): None if request_id is new (now recorded), else the
+        artifact id its first answer names."""
+        seen = self._requests.get(request_id)
+        if seen is None:
+            self._requests[request_id] = (fingerprint, artifact_id)
+            return None
+        if seen[0] != fingerprint:
+            raise IdempotencyConflict(request_id)
+        return seen[1]
+
     async def save(self, record, request_id, fingerprint):
         async with self._lock:
-            seen = self._requests.get(request_id)
+            seen = self._claim(request_id, fingerprint, record.artifact_id)
             if seen is not None:
-                if seen[0] != fingerprint:
-                    raise IdempotencyConflict(request_id)
-                first = self._artifacts.get(seen[1])
+                first = self._artifacts.get(seen)
                 if first is None:
-                    raise ReplayedArtifactGone(seen[1])
+                    raise ReplayedArtifactGone(seen)
                 return first, True
             self._artifacts[record.artifact_id] = record
-            self._requests[request_id] = (fingerprint, record.artifact_id)
             return record, False
 
     async def get(self, artifact_id):
@@ -46,9 +55,16 @@ class MemoryBackend:
             page = [dataclasses.replace(r, content="") for r in page]
         return page
 
-    async def delete(self, artifact_id):
+    async def delete(self, artifact_id, request_id, fingerprint):
         async with self._lock:
-            return self._artifacts.pop(artifact_id, None) is not None
+            if request_id:
+                seen = self._claim(request_id, fingerprint, artifact_id)
+                if seen is not None:
+                    return seen == artifact_id
+            deleted = self._artifacts.pop(artifact_id, None) is not None
+            if request_id and not deleted:
+                self._requests[request_id] = (fingerprint, "")
+            return deleted
 
     async def count(self, flt):
         return sum(1 for r in self._artifacts.values() if flt.matches(r))

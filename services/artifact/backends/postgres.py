@@ -40,6 +40,9 @@ CREATE INDEX IF NOT EXISTS artifacts_by_agent
     ON {s}.artifacts (agent_id, create_time_us DESC, artifact_id DESC);
 CREATE INDEX IF NOT EXISTS artifacts_by_type
     ON {s}.artifacts (artifact_type, create_time_us DESC, artifact_id DESC);
+-- The first answer to each request_id, saves' and deletes' alike: artifact_id
+-- is the artifact it names (saved, or deleted; '' for a delete that found
+-- nothing), fingerprint the request apart from its id.
 CREATE TABLE IF NOT EXISTS {s}.artifact_requests (
     request_id  TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
@@ -93,26 +96,35 @@ class PostgresBackend:
             raise
         return cls(pool, schema)
 
+    async def _claim(self, conn, request_id: str, fingerprint: str,
+                     artifact_id: str) -> str | None:
+        """Records request_id in the write's transaction: None if it is new,
+        else the artifact id its first answer names (IdempotencyConflict if
+        it came with another request). A concurrent retry waits here for the
+        first transaction to end, then reads what it recorded."""
+        cur = await conn.execute(
+            sql.SQL("INSERT INTO {}.artifact_requests (request_id, fingerprint, artifact_id) "
+                    "VALUES (%s, %s, %s) ON CONFLICT (request_id) DO NOTHING").format(self._s),
+            (request_id, fingerprint, artifact_id))
+        if cur.rowcount:
+            return None
+        seen = await (await conn.execute(
+            sql.SQL("SELECT fingerprint, artifact_id FROM {}.artifact_requests "
+                    "WHERE request_id = %s").format(self._s), (request_id,))).fetchone()
+        if seen[0] != fingerprint:
+            raise IdempotencyConflict(request_id)
+        return seen[1]
+
     async def save(self, record: ArtifactRecord, request_id: str, fingerprint: str):
         try:
             async with self._pool.connection() as conn, conn.transaction():
-                cur = await conn.execute(
-                    sql.SQL("INSERT INTO {}.artifact_requests (request_id, fingerprint, "
-                            "artifact_id) VALUES (%s, %s, %s) ON CONFLICT (request_id) "
-                            "DO NOTHING").format(self._s),
-                    (request_id, fingerprint, record.artifact_id))
-                if cur.rowcount == 0:
-                    seen = await (await conn.execute(
-                        sql.SQL("SELECT fingerprint, artifact_id FROM {}.artifact_requests "
-                                "WHERE request_id = %s").format(self._s),
-                        (request_id,))).fetchone()
-                    if seen[0] != fingerprint:
-                        raise IdempotencyConflict(request_id)
+                seen = await self._claim(conn, request_id, fingerprint, record.artifact_id)
+                if seen is not None:
                     row = await (await conn.execute(
                         sql.SQL("SELECT {} FROM {}.artifacts WHERE artifact_id = %s").format(
-                            self._cols, self._s), (seen[1],))).fetchone()
+                            self._cols, self._s), (seen,))).fetchone()
                     if row is None:
-                        raise ReplayedArtifactGone(seen[1])
+                        raise ReplayedArtifactGone(seen)
                     return _record(row), True
                 await conn.execute(
                     sql.SQL("INSERT INTO {}.artifacts ({}) VALUES "
@@ -162,12 +174,21 @@ class PostgresBackend:
             self._s, where), args)
         return int(rows[0][0])
 
-    async def delete(self, artifact_id: str) -> bool:
+    async def delete(self, artifact_id: str, request_id: str, fingerprint: str) -> bool:
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection() as conn, conn.transaction():
+                if request_id:
+                    seen = await self._claim(conn, request_id, fingerprint, artifact_id)
+                    if seen is not None:
+                        return seen == artifact_id
                 cur = await conn.execute(sql.SQL("DELETE FROM {}.artifacts WHERE artifact_id = %s")
                                          .format(self._s), (artifact_id,))
-                return cur.rowcount > 0
+                deleted = cur.rowcount > 0
+                if request_id and not deleted:
+                    await conn.execute(
+                        sql.SQL("UPDATE {}.artifact_requests SET artifact_id = '' "
+                                "WHERE request_id = %s").format(self._s), (request_id,))
+                return deleted
         except (psycopg.OperationalError, TimeoutError) as exc:
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
 

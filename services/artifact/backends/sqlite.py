@@ -40,6 +40,9 @@ CREATE INDEX IF NOT EXISTS artifacts_by_agent
     ON artifacts (agent_id, create_time_us DESC, artifact_id DESC);
 CREATE INDEX IF NOT EXISTS artifacts_by_type
     ON artifacts (artifact_type, create_time_us DESC, artifact_id DESC);
+-- The first answer to each request_id, saves' and deletes' alike: artifact_id
+-- is the artifact it names (saved, or deleted; '' for a delete that found
+-- nothing), fingerprint the request apart from its id.
 CREATE TABLE IF NOT EXISTS artifact_requests (
     request_id  TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
@@ -70,20 +73,31 @@ class SqliteBackend:
         except (WriterStopped, sqlite3.OperationalError) as exc:
             raise BackendUnavailable(f"SQLite: {exc}") from exc
 
+    @staticmethod
+    def _claim(conn: sqlite3.Connection, request_id: str, fingerprint: str,
+               artifact_id: str) -> str | None:
+        """Records request_id in the write's transaction: None if it is new,
+        else the artifact id its first answer names (IdempotencyConflict if
+        it came with another request)."""
+        claimed = conn.execute(
+            "INSERT OR IGNORE INTO artifact_requests (request_id, fingerprint, artifact_id) "
+            "VALUES (?, ?, ?)", (request_id, fingerprint, artifact_id)).rowcount
+        if claimed:
+            return None
+        seen = conn.execute("SELECT fingerprint, artifact_id FROM artifact_requests "
+                            "WHERE request_id = ?", (request_id,)).fetchone()
+        if seen[0] != fingerprint:
+            raise IdempotencyConflict(request_id)
+        return seen[1]
+
     async def save(self, record: ArtifactRecord, request_id: str, fingerprint: str):
         def op(conn: sqlite3.Connection):
-            claimed = conn.execute(
-                "INSERT OR IGNORE INTO artifact_requests (request_id, fingerprint, artifact_id) "
-                "VALUES (?, ?, ?)", (request_id, fingerprint, record.artifact_id)).rowcount
-            if not claimed:
-                seen = conn.execute("SELECT fingerprint, artifact_id FROM artifact_requests "
-                                    "WHERE request_id = ?", (request_id,)).fetchone()
-                if seen[0] != fingerprint:
-                    raise IdempotencyConflict(request_id)
+            seen = self._claim(conn, request_id, fingerprint, record.artifact_id)
+            if seen is not None:
                 row = conn.execute(f"SELECT {_COLUMNS} FROM artifacts WHERE artifact_id = ?",
-                                   (seen[1],)).fetchone()
+                                   (seen,)).fetchone()
                 if row is None:
-                    raise ReplayedArtifactGone(seen[1])
+                    raise ReplayedArtifactGone(seen)
                 return ArtifactRecord(*row), True
             conn.execute(f"INSERT INTO artifacts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                          (record.artifact_id, record.workflow_id, record.task_id,
@@ -94,10 +108,18 @@ class SqliteBackend:
 
         return await self._write(op)
 
-    async def delete(self, artifact_id: str) -> bool:
+    async def delete(self, artifact_id: str, request_id: str, fingerprint: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            return conn.execute("DELETE FROM artifacts WHERE artifact_id = ?",
-                                (artifact_id,)).rowcount > 0
+            if request_id:
+                seen = self._claim(conn, request_id, fingerprint, artifact_id)
+                if seen is not None:
+                    return seen == artifact_id
+            deleted = conn.execute("DELETE FROM artifacts WHERE artifact_id = ?",
+                                   (artifact_id,)).rowcount > 0
+            if request_id and not deleted:
+                conn.execute("UPDATE artifact_requests SET artifact_id = '' "
+                             "WHERE request_id = ?", (request_id,))
+            return deleted
 
         return await self._write(op)
 

@@ -16,8 +16,9 @@ from hivemesh.client.base import DEFAULT, BaseClient
 class ArtifactClient(BaseClient):
     """``async with ArtifactClient("127.0.0.1:7001") as artifacts: ...``
 
-    Retries of UNAVAILABLE happen in the channel (service config); saves carry
-    a request_id, so a retried save is stored once.
+    Retries of UNAVAILABLE happen in the channel (service config); saves and
+    deletes carry a request_id, so a retried save is stored once and a
+    retried delete gets the first answer.
     """
 
     api = "artifact"
@@ -61,11 +62,13 @@ class ArtifactClient(BaseClient):
             if not token:
                 return
 
-    async def delete(self, artifact_id: str, *, timeout=DEFAULT) -> bool:
-        response = await self._unary(
-            self._stub.DeleteArtifact,
-            DeleteArtifactRequest(artifact_id=artifact_id, request_id=str(uuid.uuid4())), timeout)
-        return response.deleted
+    async def delete(self, artifact_id: str, *, request_id: str | None = None,
+                     timeout=DEFAULT) -> bool:
+        """True if this request deleted the artifact; a retry with the same
+        request_id gets the first answer."""
+        request = DeleteArtifactRequest(artifact_id=artifact_id,
+                                        request_id=request_id or str(uuid.uuid4()))
+        return (await self._unary(self._stub.DeleteArtifact, request, timeout)).deleted
 
     async def count(self, *, workflow_id: str = "", task_id: str = "", agent_id: str = "",
                     artifact_type: str = "", timeout=DEFAULT) -> int:

@@ -90,7 +90,8 @@ class ArtifactServiceServicer:
 
     def DeleteArtifact(self, request, context):
         """Deletes an artifact. Deleting one that does not exist is not an error:
-        the response says whether anything was deleted.
+        the response says whether anything was deleted. Retrying with the same
+        request_id returns the first answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

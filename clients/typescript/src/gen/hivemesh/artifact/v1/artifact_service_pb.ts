@@ -283,7 +283,11 @@ export type DeleteArtifactRequest = Message<"hivemesh.artifact.v1.DeleteArtifact
   artifactId: string;
 
   /**
-   * Idempotency key; optional for deletes, which are idempotent anyway.
+   * Idempotency key (a UUID is recommended). A retry with the same id and
+   * the same artifact_id returns the first answer (deleted true even though
+   * the artifact is gone by then); the same id with another artifact_id, or
+   * an id used by a save, fails with ALREADY_EXISTS. Without one, every call
+   * is answered afresh.
    *
    * @generated from field: string request_id = 2;
    */
@@ -399,7 +403,8 @@ export const ArtifactService: GenService<{
   },
   /**
    * Deletes an artifact. Deleting one that does not exist is not an error:
-   * the response says whether anything was deleted.
+   * the response says whether anything was deleted. Retrying with the same
+   * request_id returns the first answer.
    *
    * @generated from rpc hivemesh.artifact.v1.ArtifactService.DeleteArtifact
    */
