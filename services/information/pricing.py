@@ -18,8 +18,19 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 # The most tokens one call may report or reserve, per field: a bound far
-# above any model's, which keeps every counter and cost far inside int64.
+# above any model's, which keeps every token counter far inside int64.
 MAX_TOKENS_PER_CALL = 10 ** 12
+# The highest price per million tokens (input, output or cached input): a
+# billion units of the currency, 1,000 a token, far above any model's in
+# any currency (the dearest output, 600 USD a million tokens, is about
+# 1.5 * 10**13 micros of VND). A price beyond it is a mistake, refused where
+# it is set (settings at start-up, SetModelPrice).
+MAX_PRICE_MICROS_PER_MILLION = 10 ** 15
+# The most one call (a reservation or a charge) may cost: a billion units of
+# the currency. Under 2**53, where the Redis store's Lua numbers (doubles)
+# are exact, and far under int64; a call costing more (a huge count at a
+# huge price) is refused as invalid rather than overflow.
+MAX_COST_MICROS_PER_CALL = 10 ** 15
 
 
 def cost_micros(price: PriceRecord | None, prompt_tokens: int, completion_tokens: int,

@@ -31,7 +31,8 @@ from hivemesh.runtime import errors, paging
 from hivemesh.runtime.wellknown import now_us, timestamp, timestamp_us
 from hivemesh.services.information.metrics import CallMetrics, aggregate
 from hivemesh.services.information.pricing import (
-    MAX_TOKENS_PER_CALL, PricePolicy, cost_micros, period_bounds)
+    MAX_COST_MICROS_PER_CALL, MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL, PricePolicy,
+    cost_micros, period_bounds)
 from hivemesh.services.information.store.base import (
     DELETE_BUDGET, MODE_HARD, PERIOD_TOTAL, RELEASE, SET_PRICE, UPDATE_BUDGET, AlertRecord,
     BudgetChanged, BudgetExceeded, BudgetRecord, CallRecord, CreatedBudgetGone, Hold,
@@ -304,6 +305,13 @@ class InformationServicer(InformationServiceServicer):
         if p.currency and p.currency != self.currency:
             raise errors.invalid_argument(
                 [("price.currency", f"this service accounts in {self.currency}")])
+        too_high = [(f"price.{f}", f"at most {MAX_PRICE_MICROS_PER_MILLION:,} micros per "
+                                   "million tokens")
+                    for f in ("input_micros_per_million", "output_micros_per_million",
+                              "cached_input_micros_per_million")
+                    if getattr(p, f) > MAX_PRICE_MICROS_PER_MILLION]
+        if too_high:
+            raise errors.invalid_argument(too_high)
         record = PriceRecord(p.model, p.backend, p.input_micros_per_million,
                              p.output_micros_per_million, p.cached_input_micros_per_million,
                              self.currency, now_us())
@@ -392,6 +400,9 @@ class InformationServicer(InformationServiceServicer):
         async def attempt(version: int):
             price, unpriced = await self._price(request.model, request.backend)
             micros = cost_micros(price, request.estimated_prompt_tokens, max_tokens)
+            _check_cost(micros, request.model, (
+                ("estimated_prompt_tokens", request.estimated_prompt_tokens),
+                ("max_tokens", max_tokens)))
             budgets = await self._budgets_for(ctx.tenant_id, ctx.workflow_id, ctx.agent_id)
             op = ReserveOp(request.request_id, fingerprint, reservation_id,
                            tuple(_hold(b, now) for b in budgets), micros, tokens, now + ttl_us,
@@ -437,6 +448,8 @@ class InformationServicer(InformationServiceServicer):
             price, unpriced = await self._price(request.model, request.backend, spent=True)
             cost = cost_micros(price, usage.prompt_tokens, usage.completion_tokens,
                                usage.cached_prompt_tokens)
+            _check_cost(cost, request.model, [(f"usage.{f}", getattr(usage, f)) for f in (
+                "prompt_tokens", "completion_tokens", "cached_prompt_tokens")])
             holds: tuple[Hold, ...] = ()
             if not reservation_id:
                 holds = tuple(_hold(b, now) for b in await self._budgets_for(*ctx_ids))
@@ -615,6 +628,18 @@ def _check_token_counts(msg, fields: tuple[str, ...], prefix: str = "") -> None:
                for f in fields if getattr(msg, f) > MAX_TOKENS_PER_CALL]
     if too_big:
         raise errors.invalid_argument(too_big)
+
+
+def _check_cost(micros: int, model: str, counts) -> None:
+    """A call costing more than one call may (a huge count at a huge price)
+    is invalid, naming its token counts, before any store sees an amount
+    beyond what it holds exactly."""
+    if micros <= MAX_COST_MICROS_PER_CALL:
+        return
+    raise errors.invalid_argument(
+        [(f, f"too many tokens at the price of model {model!r}") for f, n in counts if n],
+        f"at the price of model {model!r} this call would cost {micros:,} micros; one call "
+        f"may cost at most {MAX_COST_MICROS_PER_CALL:,}")
 
 
 def _status(b: BudgetRecord, c, now: int, currency: str) -> BudgetStatus:

@@ -9,16 +9,20 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
-from hivemesh.services.information.pricing import MAX_TOKENS_PER_CALL
+from hivemesh.services.information.pricing import (
+    MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL)
 from hivemesh.runtime.sqlite import Synchronous
 
 
 class PriceSettings(BaseModel):
-    """A price per million tokens, in micro-units of the service currency."""
+    """A price per million tokens, in micro-units of the service currency;
+    one beyond MAX_PRICE_MICROS_PER_MILLION (a billion units of the
+    currency) is a mistake, refused at start-up."""
 
-    input_micros_per_million: int = Field(ge=0)
-    output_micros_per_million: int = Field(ge=0)
-    cached_input_micros_per_million: int | None = Field(default=None, ge=0)
+    input_micros_per_million: int = Field(ge=0, le=MAX_PRICE_MICROS_PER_MILLION)
+    output_micros_per_million: int = Field(ge=0, le=MAX_PRICE_MICROS_PER_MILLION)
+    cached_input_micros_per_million: int | None = Field(
+        default=None, ge=0, le=MAX_PRICE_MICROS_PER_MILLION)
 
 
 class InformationSettings(BaseSettings):

@@ -356,6 +356,56 @@ async def test_counts_beyond_any_call_are_invalid_and_change_nothing(info):
     assert (current.spent_micros, current.reserved_micros) == (0, 0)
 
 
+async def test_a_cost_beyond_any_budget_is_invalid_and_changes_nothing(info):
+    """At the highest price a price may have, a call of a million tokens
+    costs the most one call may (10**15 micros, a billion units of the
+    currency) and is charged exactly; a call costing more is refused naming
+    its token counts, not cut short by an integer overflow (INTERNAL)."""
+    from hivemesh.services.information.pricing import (
+        MAX_COST_MICROS_PER_CALL, MAX_PRICE_MICROS_PER_MILLION)
+    await call(info.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=ModelPrice(
+        model="pricey", input_micros_per_million=MAX_PRICE_MICROS_PER_MILLION,
+        output_micros_per_million=MAX_PRICE_MICROS_PER_MILLION)))
+    await make_budget(info, "b", micros=2**62)
+    tracked = await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="pricey",
+        usage=Usage(prompt_tokens=400_000, completion_tokens=600_000)))
+    assert tracked.cost_micros == MAX_COST_MICROS_PER_CALL
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.Reserve, ReserveRequest(
+            request_id=rid(), context=ctx(), model="pricey", estimated_prompt_tokens=10**12,
+            max_tokens=10**12))
+    assert {f for f, _ in err.value.field_violations} == {"estimated_prompt_tokens",
+                                                           "max_tokens"}
+    reserved = await call(info.Reserve, ReserveRequest(
+        request_id=rid(), context=ctx(), model="pricey", max_tokens=10))
+    for method, kind, extra in (
+            (info.TrackCompletion, TrackCompletionRequest, {"context": ctx()}),
+            (info.Commit, CommitRequest, {"reservation_id": reserved.reservation_id})):
+        with pytest.raises(InvalidArgumentError) as err:
+            await call(method, kind(request_id=rid(), model="pricey", usage=Usage(
+                prompt_tokens=10**12, completion_tokens=1), **extra))
+        assert [f for f, _ in err.value.field_violations] == ["usage.prompt_tokens",
+                                                               "usage.completion_tokens"]
+        assert "pricey" in err.value.message
+    current = await status(info, "b")
+    assert current.spent_micros == MAX_COST_MICROS_PER_CALL
+    assert current.reserved_micros == 10 * MAX_PRICE_MICROS_PER_MILLION // 10**6
+
+
+async def test_a_price_beyond_any_real_one_is_invalid(info):
+    from hivemesh.services.information.pricing import MAX_PRICE_MICROS_PER_MILLION
+    with pytest.raises(InvalidArgumentError) as err:
+        await call(info.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=ModelPrice(
+            model="absurd", input_micros_per_million=2**62,
+            output_micros_per_million=MAX_PRICE_MICROS_PER_MILLION,
+            cached_input_micros_per_million=MAX_PRICE_MICROS_PER_MILLION + 1)))
+    assert [f for f, _ in err.value.field_violations] == [
+        "price.input_micros_per_million", "price.cached_input_micros_per_million"]
+    listed = await call(info.ListModelPrices, ListModelPricesRequest(model="absurd"))
+    assert not listed.prices
+
+
 async def test_status_shows_overspend_and_holds_that_fill_the_limit(info):
     await make_budget(info, "soft", micros=6_000, mode=SOFT)
     held = await call(info.Reserve, reserve_request())  # holds exactly 6,000

@@ -87,3 +87,30 @@ def test_an_empty_host_is_an_invalid_setting(monkeypatch):
     monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HOST", "")
     with pytest.raises(ValidationError):
         ArtifactSettings()
+
+
+def test_a_price_beyond_any_real_one_fails_at_start_naming_the_setting(monkeypatch):
+    """usage x price would overflow the int64 cost of a call: such a price
+    is refused at start-up, not charged as an INTERNAL error later."""
+    from hivemesh.services.information.pricing import MAX_PRICE_MICROS_PER_MILLION
+    from hivemesh.services.information.settings import InformationSettings
+    monkeypatch.setenv("HIVEMESH_INFORMATION_PRICES", (
+        '{"gpt-x": {"input_micros_per_million": 9223372036854775807,'
+        ' "output_micros_per_million": 8000000}}'))
+    with pytest.raises(ValidationError) as err:
+        InformationSettings()
+    [problem] = err.value.errors()
+    assert problem["loc"] == ("prices", "gpt-x", "input_micros_per_million")
+    assert f"{MAX_PRICE_MICROS_PER_MILLION}" in problem["msg"]
+    monkeypatch.delenv("HIVEMESH_INFORMATION_PRICES")
+    monkeypatch.setenv("HIVEMESH_INFORMATION_DEFAULT_PRICE__OUTPUT_MICROS_PER_MILLION",
+                       str(MAX_PRICE_MICROS_PER_MILLION + 1))
+    monkeypatch.setenv("HIVEMESH_INFORMATION_DEFAULT_PRICE__INPUT_MICROS_PER_MILLION", "1")
+    with pytest.raises(ValidationError) as err:
+        InformationSettings()
+    assert [e["loc"] for e in err.value.errors()] == [
+        ("default_price", "output_micros_per_million")]
+    monkeypatch.setenv("HIVEMESH_INFORMATION_DEFAULT_PRICE__OUTPUT_MICROS_PER_MILLION",
+                       str(MAX_PRICE_MICROS_PER_MILLION))
+    assert InformationSettings().default_price.output_micros_per_million == \
+        MAX_PRICE_MICROS_PER_MILLION

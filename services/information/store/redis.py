@@ -34,8 +34,10 @@ Keys, all under ``prefix``:
                             expired their expiry; ``done`` once it is over
 ==========================  ===============================================
 
-Amounts are integers everywhere. Lua numbers are doubles: amounts, limits and
-times stay far below 2**53, where doubles are exact. Stored numbers come from
+Amounts are integers everywhere. Lua numbers are doubles: the amounts of one
+call (at most ``MAX_COST_MICROS_PER_CALL``, 10**15, and 2 * 10**12 tokens,
+checked by the servicer before a script runs) and times stay below 2**53,
+where doubles are exact; counters add in Redis's int64 (HINCRBY). Stored numbers come from
 Python's ``str(int)`` or Lua's ``string.format('%d')``, never from Lua's
 default number formatting (which would write ``1e+15``), and every JSON
 document is assembled from fragments Python encoded, so no float reaches the
