@@ -21,7 +21,10 @@ Every outbound call goes through :class:`Providers`, which
 
 Retries are not done here: each channel carries its API's gRPC service
 config (UNAVAILABLE only, bounded attempts, jittered backoff, retry
-throttling), so a retried call stays one client span.
+throttling), so a retried call stays one client span; or, when the
+providers are reached through the Envoy sidecar's egress listeners (which
+retry on another pod), no retry policy at all (``channel_retries``), so
+that one layer retries a failure, not both.
 """
 
 from __future__ import annotations
@@ -177,8 +180,9 @@ class Providers:
 
     def __init__(self, addresses: dict[str, str | None], *, call_timeout_s: float = 60.0,
                  min_call_time_s: float = 0.05, breaker_failure_threshold: int = 5,
-                 breaker_reset_s: float = 10.0) -> None:
+                 breaker_reset_s: float = 10.0, channel_retries: bool = True) -> None:
         self.call_timeout_s = call_timeout_s
+        self.channel_retries = channel_retries
         self.min_call_time_s = min_call_time_s
         self._breaker = (breaker_failure_threshold, breaker_reset_s)
         self._providers: dict[str, Provider] = {}
@@ -188,7 +192,7 @@ class Providers:
 
     def add(self, name: str, address: str, kind: tuple[str, type, str]) -> None:
         api, stub, service = kind
-        channel = insecure_channel(address, api)
+        channel = insecure_channel(address, api, retries=self.channel_retries)
         self._providers[name] = Provider(name, service, channel, stub(channel),
                                          CircuitBreaker(*self._breaker))
 

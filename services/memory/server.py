@@ -44,7 +44,8 @@ async def open_embedder(settings: MemorySettings) -> Embedder:
     if address and settings.embedder in ("llm", "auto"):
         return await LlmServiceEmbedder.open(
             address, alias=settings.embedding_model,
-            batch_size=settings.embed_batch_size, timeout_s=settings.embed_timeout_s)
+            batch_size=settings.embed_batch_size, timeout_s=settings.embed_timeout_s,
+            channel_retries=settings.llm_channel_retries)
     return HashingEmbedder(settings.embedding_dimensions)
 
 

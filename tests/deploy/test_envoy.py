@@ -5,7 +5,8 @@ only its addresses changed. Calls go through it with the project's stubs
 and client: unary calls, health, a server stream, error details, tracing,
 retries of UNAVAILABLE on another replica with outlier ejection, no retry
 of an UNAVAILABLE the service says not to retry (inbound, nor on another
-pod), the rate limit, and the preStop drain."""
+pod), no retry by the inbound of a request that never reached the service
+(the caller's layer retries), the rate limit, and the preStop drain."""
 
 from __future__ import annotations
 
@@ -380,6 +381,24 @@ async def test_an_unavailable_the_service_says_not_to_retry_is_not_retried(tmp_p
         if envoy is not None:
             envoy.stop()
         orchestrator.stop()
+
+
+async def test_the_inbound_leaves_retries_to_the_caller(tmp_path):
+    """A request that never reached the service (here: nothing listens) is
+    not retried by the pod's own sidecar: it goes back UNAVAILABLE to the
+    caller, whose one retrying layer (its egress, else its channel) tries
+    another pod. A retry here too would multiply the caller's attempts."""
+    envoy = Envoy(render_sidecar(app=NOWHERE), tmp_path / "envoy")
+    try:
+        async with _channel(envoy.address("inbound")) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                await LlmServiceStub(channel).Generate(GenerateRequest(
+                    request_id=rid(), model="mock-small", prompt=Prompt(prompt="hi")), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert envoy.stat("cluster.app.upstream_rq_retry") == 0
+        assert envoy.stat("cluster.app.upstream_cx_connect_fail") >= 1
+    finally:
+        envoy.stop()
 
 
 async def test_egress_does_not_retry_on_another_pod_what_the_service_says_not_to(tmp_path):

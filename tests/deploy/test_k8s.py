@@ -8,6 +8,8 @@ setting names, and shutdown timers in order."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,7 +19,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, SIDECAR
+from deploy_helpers import DEPLOY, REPO, SIDECAR
 
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.artifact.settings import ArtifactSettings
@@ -287,6 +289,71 @@ def test_production_runs_every_service_replicated_behind_its_sidecar():
     env = env_of(containers(orchestrator)["app"])
     for provider, port in egress.items():
         assert env[f"HIVEMESH_ORCHESTRATOR_{provider.upper()}_ADDRESS"] == f"127.0.0.1:{port}"
+
+
+def _service_config_attempts() -> int:
+    """The most attempts a client channel makes (the service configs' retry
+    policies, shipped with the contracts)."""
+    attempts = 1
+    for path in (REPO / "protos" / "hivemesh").glob("*/v1/*_grpc_service_config.json"):
+        for method in json.loads(path.read_text())["methodConfig"]:
+            attempts = max(attempts, method.get("retryPolicy", {}).get("maxAttempts", 1))
+    return attempts
+
+
+def _route_attempts(listener: dict) -> list[int]:
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return [1 + route["route"].get("retry_policy", {}).get("num_retries", 1)
+            if "retry_policy" in route["route"] else 1
+            for host in hcm["route_config"]["virtual_hosts"] for route in host["routes"]]
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_a_failure_is_retried_by_one_layer_only(name):
+    """A provider call crosses up to three layers that could retry it: the
+    caller's channel (service config), the caller's sidecar egress and the
+    provider's sidecar inbound. Only one may retry, or the attempts
+    multiply (4 x 3 x 3): the egress (on another pod) when the call goes
+    through it, else the channel; the inbound never."""
+    sidecar = yaml.safe_load(SIDECAR.read_text())
+    listeners = {lst["name"]: lst for lst in sidecar["static_resources"]["listeners"]}
+    assert set(_route_attempts(listeners["inbound"])) == {1}
+    egress = {lst["address"]["socket_address"]["port_value"]: max(_route_attempts(lst))
+              for n, lst in listeners.items() if n.startswith("egress_")}
+    assert set(egress.values()) == {3}
+    channel = _service_config_attempts()
+    assert channel == 4
+    deployments = of_kind(build(name), "Deployment")
+    checked = 0
+    for deployment in deployments:
+        svc = service_of(deployment)
+        env = env_of(containers(deployment)["app"])
+        calls = {"orchestrator": ("PROVIDER_CHANNEL_RETRIES", [
+                     f"{p.upper()}_ADDRESS" for p in ("artifact", "information", "llm",
+                                                      "memory")]),
+                 "memory": ("LLM_CHANNEL_RETRIES", ["LLM_ADDRESS"])}.get(svc)
+        if calls is None:
+            continue
+        retries_var, address_vars = calls
+        prefix = f"HIVEMESH_{svc.upper()}_"
+        settings_cls = SETTINGS[svc]
+        channel_retries = settings_cls.model_fields[retries_var.lower()].default
+        if prefix + retries_var in env:
+            channel_retries = env[prefix + retries_var].lower() not in ("false", "0", "no")
+        for var in address_vars:
+            address = env.get(prefix + var)
+            if not address:
+                continue
+            host, port = address.rsplit(":", 1)
+            layers = [channel if channel_retries else 1]
+            if host == "127.0.0.1":
+                assert "envoy" in containers(deployment), (svc, var)
+                layers.append(egress[int(port)])
+            layers.append(1)  # the provider's inbound: checked above
+            assert sum(n > 1 for n in layers) == 1, (name, svc, var, layers)
+            assert math.prod(layers) <= channel, (name, svc, var, layers)
+            checked += 1
+    assert checked >= 4  # the orchestrator's four providers
 
 
 def test_the_sidecar_runs_no_more_workers_than_the_cpus_it_may_use():

@@ -321,6 +321,30 @@ async def test_backend_outage_is_unavailable_and_writes_nothing(artifact_setting
         assert backend.calls["get"] == 4  # maxAttempts in the service config
 
 
+async def test_a_channel_to_a_retrying_proxy_tries_once(artifact_settings):
+    """Behind an Envoy egress listener (which retries on another pod) the
+    caller's channel must not retry too: the attempts would multiply."""
+    from hivemesh.client import ArtifactClient
+    from hivemesh.client.channel import insecure_channel
+    from hivemesh.services.artifact.backends.memory import MemoryBackend
+    from hivemesh.services.artifact.fake import FaultyBackend
+    from hivemesh.services.artifact.server import create_server
+
+    backend = FaultyBackend(MemoryBackend())
+    running, port = await create_server(artifact_settings, backend)
+    channel = insecure_channel(f"127.0.0.1:{port}", "artifact", retries=False)
+    try:
+        async with ArtifactClient(channel=channel) as client:
+            backend.fail_next(1)
+            with pytest.raises(UnavailableError):
+                await client.count(workflow_id="wf-o")
+            assert backend.calls["count"] == 1
+            assert await client.count(workflow_id="wf-o") == 0
+    finally:
+        await channel.close()
+        await running.shutdown(0)
+
+
 async def test_a_large_save_is_retried_like_a_small_one(artifact_settings):
     # gRPC keeps 256 KiB of a call for its retries by default, and a call
     # that outgrows the buffer is never retried; a save of up to the content

@@ -47,22 +47,33 @@ def method_timeout(api: str, method: str) -> float | None:
     return timeouts[method] if method in timeouts else timeouts.get("")
 
 
-def _without_timeouts(config_json: str) -> str:
+def _without(config_json: str, *, timeouts: bool, retries: bool) -> str:
     config = json.loads(config_json)
     for method_config in config.get("methodConfig", ()):
-        method_config.pop("timeout", None)
+        if not timeouts:
+            method_config.pop("timeout", None)
+        if not retries:
+            method_config.pop("retryPolicy", None)
+    if not retries:
+        config.pop("retryThrottling", None)
     return json.dumps(config)
 
 
 def insecure_channel(target: str, api: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                     interceptors=None, timeouts: bool = True) -> grpc.aio.Channel:
+                     interceptors=None, timeouts: bool = True,
+                     retries: bool = True) -> grpc.aio.Channel:
     """``timeouts=False`` leaves the service config's timeouts out, for callers
     that give every call its deadline (gRPC would otherwise cap each call,
-    even one without a deadline, at its method's timeout)."""
+    even one without a deadline, at its method's timeout). ``retries=False``
+    leaves its retry policy out, for a target that retries itself (an Envoy
+    egress listener, which retries on another pod): one layer retries a
+    failure, not the product of two."""
     config = service_config(api)
+    if not (timeouts and retries):
+        config = _without(config, timeouts=timeouts, retries=retries)
     options = [
-        ("grpc.service_config", config if timeouts else _without_timeouts(config)),
-        ("grpc.enable_retries", 1),
+        ("grpc.service_config", config),
+        ("grpc.enable_retries", int(retries)),
         # A call is retried only while it fits this buffer (256 KiB unless
         # set): any request the channel may send must fit it.
         ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
