@@ -24,4 +24,4 @@ post() {
 
 post /healthcheck/fail
 post '/drain_listeners?graceful&inboundonly'
-sleep "${ENVOY_DRAIN_S:-30}"
+sleep "${ENVOY_DRAIN_S:-40}"

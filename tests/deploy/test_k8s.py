@@ -8,6 +8,7 @@ setting names, and shutdown timers in order."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -232,6 +233,47 @@ def test_shutdown_timers_are_in_order(name):
         assert envoy["lifecycle"]["preStop"]["exec"]["command"] == [
             "/bin/bash", "/etc/envoy/drain.sh"]
         assert "$(ENVOY_DRAIN_S)" in envoy["args"]
+
+
+def _longest_call_s(svc: str, call_timeout_s: float) -> float:
+    """The longest a unary call of ``svc`` may run: its contract's service
+    config timeouts (streams excluded: the services end them explicitly at
+    shutdown), capped by the orchestrator's call timeout, the deadline every
+    provider call of the mesh gets at most."""
+    config = json.loads((REPO / "protos" / "hivemesh" / svc / "v1" /
+                         f"{svc}_grpc_service_config.json").read_text())
+    module = importlib.import_module(f"hivemesh.{svc}.v1.{svc}_service_pb2")
+    [service] = module.DESCRIPTOR.services_by_name.values()
+    unary = {m.name for m in service.methods
+             if not (m.client_streaming or m.server_streaming)}
+    longest = 0.0
+    for method_config in config["methodConfig"]:
+        timeout = method_config.get("timeout")
+        names = {n.get("method") for n in method_config["name"]}
+        if timeout is None or not (None in names or names & unary):
+            continue
+        longest = max(longest, float(timeout.removesuffix("s")))
+    return min(longest, call_timeout_s)
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_a_provider_s_grace_period_outlasts_the_calls_it_accepts(name):
+    """A call accepted just before a provider stops taking new ones gets
+    the grace period to finish: at least the longest deadline a caller
+    gives it (60 s for AddMemories or an LLM call from the orchestrator),
+    or a long ingest is cut at every rollout."""
+    deployments = of_kind(build(name), "Deployment")
+    orchestrator = next(d for d in deployments if service_of(d) == "orchestrator")
+    call_timeout_s = float(env_of(containers(orchestrator)["app"]).get(
+        "HIVEMESH_ORCHESTRATOR_CALL_TIMEOUT_S",
+        OrchestratorSettings.model_fields["call_timeout_s"].default))
+    for deployment in deployments:
+        svc = service_of(deployment)
+        if svc == "orchestrator":  # a caller: its runs are not bounded by a grace period
+            continue
+        env = env_of(containers(deployment)["app"])
+        grace_s = float(env[f"HIVEMESH_{svc.upper()}_SERVER__GRACE_PERIOD_S"])
+        assert grace_s >= _longest_call_s(svc, call_timeout_s), (name, svc, grace_s)
 
 
 @pytest.mark.parametrize("name", BUILDS)
