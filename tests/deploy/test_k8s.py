@@ -290,6 +290,43 @@ def test_services_reach_their_pods_on_a_named_port(name):
 
 
 @pytest.mark.parametrize("name", BUILDS)
+def test_headless_services_expose_only_the_port_their_pods_are_reached_on(name):
+    """A ``-pods`` headless Service lists every ready pod for callers that
+    balance per call: with the sidecar, the other pods' egress clusters,
+    which connect to its inbound listener. It exposes that one port (the
+    app's own port there would let a caller past Envoy's limits, breakers
+    and spans), and without the sidecar the app's port."""
+    docs = build(name)
+    deployments = of_kind(docs, "Deployment")
+    sidecar = yaml.safe_load(SIDECAR.read_text())
+    inbound = next(lst for lst in sidecar["static_resources"]["listeners"]
+                   if lst["name"] == "inbound")["address"]["socket_address"]["port_value"]
+    headless = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")
+                if s["spec"].get("clusterIP") == "None"}
+    assert headless
+    for service in headless.values():
+        [deployment] = [d for d in deployments if service["spec"]["selector"].items()
+                        <= d["spec"]["template"]["metadata"]["labels"].items()]
+        [port] = service["spec"]["ports"]
+        by_name = {p["name"]: p["containerPort"] for c in containers(deployment).values()
+                   for p in c["ports"]}
+        # Headless: callers connect to the pod itself, on this port.
+        assert port["port"] == by_name[port["targetPort"]], service["metadata"]["name"]
+        expected = ("grpc-envoy", inbound) if "envoy" in containers(deployment) else (
+            "grpc", APP_PORT)
+        assert (port["targetPort"], port["port"]) == expected, service["metadata"]["name"]
+    if any("envoy" in containers(d) for d in deployments):
+        for cluster in sidecar["static_resources"]["clusters"]:
+            if cluster["name"] in ("app", "otel_collector"):
+                continue
+            [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            address = endpoint["endpoint"]["address"]["socket_address"]
+            assert address["address"] in headless, cluster["name"]
+            assert [p["port"] for p in headless[address["address"]]["spec"]["ports"]] == [
+                address["port_value"]], cluster["name"]
+
+
+@pytest.mark.parametrize("name", BUILDS)
 def test_replicated_services_do_not_share_a_single_writer_volume(name):
     docs = build(name)
     claims = {d["metadata"]["name"]: d for d in of_kind(docs, "PersistentVolumeClaim")}
