@@ -23,8 +23,9 @@ Retries are not done here: each channel carries its API's gRPC service
 config (UNAVAILABLE only, bounded attempts, jittered backoff, retry
 throttling), so a retried call stays one client span; or, when the
 providers are reached through the Envoy sidecar's egress listeners (which
-retry on another pod), no retry policy at all (``channel_retries``), so
-that one layer retries a failure, not both.
+retry on another pod), no retry policy at all (``channel_retries``, for
+the four providers; remote tool servers are reached directly and keep
+theirs), so that one layer retries a failure, not both.
 """
 
 from __future__ import annotations
@@ -182,17 +183,19 @@ class Providers:
                  min_call_time_s: float = 0.05, breaker_failure_threshold: int = 5,
                  breaker_reset_s: float = 10.0, channel_retries: bool = True) -> None:
         self.call_timeout_s = call_timeout_s
-        self.channel_retries = channel_retries
         self.min_call_time_s = min_call_time_s
         self._breaker = (breaker_failure_threshold, breaker_reset_s)
         self._providers: dict[str, Provider] = {}
         for name, address in addresses.items():
             if address:
-                self.add(name, address, _PROVIDERS[name])
+                self.add(name, address, _PROVIDERS[name], retries=channel_retries)
 
-    def add(self, name: str, address: str, kind: tuple[str, type, str]) -> None:
+    def add(self, name: str, address: str, kind: tuple[str, type, str], *,
+            retries: bool = True) -> None:
+        """``retries=False``: the channel does not retry (the address is a
+        sidecar egress listener, which does); tool servers keep theirs."""
         api, stub, service = kind
-        channel = insecure_channel(address, api, retries=self.channel_retries)
+        channel = insecure_channel(address, api, retries=retries)
         self._providers[name] = Provider(name, service, channel, stub(channel),
                                          CircuitBreaker(*self._breaker))
 

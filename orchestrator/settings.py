@@ -34,10 +34,11 @@ class OrchestratorSettings(BaseSettings):
     memory_address: str | None = None
     information_address: str | None = None
     artifact_address: str | None = None
-    # Whether the channels to the providers retry UNAVAILABLE (their gRPC
-    # service config: 4 attempts). Off when the addresses are the Envoy
-    # sidecar's egress listeners, which retry on another pod themselves:
-    # with both, a failure would be tried 4 x 3 times.
+    # Whether the channels to the four providers above retry UNAVAILABLE
+    # (their gRPC service config: 4 attempts). Off when the addresses are
+    # the Envoy sidecar's egress listeners, which retry on another pod
+    # themselves: with both, a failure would be tried 4 x 3 times. Tool
+    # servers' channels always retry.
     provider_channel_retries: bool = True
     agents_dir: Path | None = None
     # Where agents registered over gRPC are kept (local state backend); None

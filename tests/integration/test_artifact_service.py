@@ -340,6 +340,23 @@ async def test_a_channel_to_a_retrying_proxy_tries_once(artifact_settings):
                 await client.count(workflow_id="wf-o")
             assert backend.calls["count"] == 1
             assert await client.count(workflow_id="wf-o") == 0
+        # The orchestrator's provider channels, as the envoy-sidecar
+        # component configures them, and as they are by default.
+        from hivemesh.artifact.v1 import CountArtifactsRequest
+        from hivemesh.runtime import errors
+        from hivemesh.services.orchestrator.policy import Providers
+        for retries, calls in ((False, 1), (True, 2)):
+            providers = Providers({"artifact": f"127.0.0.1:{port}"}, channel_retries=retries)
+            try:
+                backend.calls.clear()
+                backend.fail_next(1)
+                try:
+                    await providers.call("artifact", "CountArtifacts", CountArtifactsRequest())
+                except errors.ServiceError as exc:
+                    assert not retries and exc.code == grpc.StatusCode.UNAVAILABLE
+                assert backend.calls["count"] == calls
+            finally:
+                await providers.close()
     finally:
         await channel.close()
         await running.shutdown(0)
