@@ -47,8 +47,8 @@ from hivemesh.services.memory.keywords import KeywordEncoder
 from hivemesh.services.memory.ledger import IdempotencyConflict, Ledger, LedgerUnavailable
 from hivemesh.services.memory.namespaces import resolve_namespace
 from hivemesh.services.memory.store.base import (
-    LINEAGE_FIELDS, ChunkPoint, Equals, MemoryStore, Mode, NumberRange, Search,
-    StoreUnavailable)
+    LINEAGE_FIELDS, ChunkPoint, Equals, MemoryStore, Mode, NumberRange, Refusal, Search,
+    StoreRefused, StoreUnavailable)
 
 DOMAIN = "hivemesh.memory"
 SERVICE_NAME = "hivemesh.memory.v1.MemoryService"
@@ -114,12 +114,41 @@ def fill_chunk(chunk: MemoryChunk, chunk_id_: str, payload: dict[str, Any]) -> M
     return chunk
 
 
+# The status and reason of each way the store refuses a call. A collection
+# that is gone or holds other vectors, a server that is locked or too old, and
+# credentials it refuses are the service's state, not the request's: the
+# caller can only wait for an operator (FAILED_PRECONDITION, not retried).
+_REFUSALS = {
+    Refusal.INVALID: (grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_UPSTREAM_ERROR),
+    Refusal.PRECONDITION: (grpc.StatusCode.FAILED_PRECONDITION,
+                           ErrorReason.ERROR_REASON_UPSTREAM_ERROR),
+    Refusal.CREDENTIALS: (grpc.StatusCode.FAILED_PRECONDITION,
+                          ErrorReason.ERROR_REASON_UPSTREAM_AUTH_FAILED),
+    Refusal.RATE_LIMITED: (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           ErrorReason.ERROR_REASON_RATE_LIMITED),
+    Refusal.FAILED: (grpc.StatusCode.INTERNAL, ErrorReason.ERROR_REASON_UPSTREAM_ERROR),
+}
+
+
+def _refused(exc: StoreRefused) -> errors.ServiceError:
+    code, reason = _REFUSALS[exc.refusal]
+    metadata = {"backend": "memory store", "store_status": exc.status}
+    details = []
+    if exc.refusal is Refusal.RATE_LIMITED:
+        wait = exc.retry_after_s if exc.retry_after_s is not None else 1.0
+        metadata["retry_after_s"] = f"{wait:.3f}"
+        details.append(errors.retry_info(wait))
+    return errors.ServiceError(code, reason, str(exc), metadata, details)
+
+
 @contextlib.contextmanager
 def _backend_errors() -> Iterator[None]:
     try:
         yield
     except StoreUnavailable as exc:
         raise errors.unavailable("memory store", str(exc), retry_after_s=1.0) from exc
+    except StoreRefused as exc:
+        raise _refused(exc) from exc
     except EmbedderUnavailable as exc:
         raise errors.unavailable("embedding model", str(exc), retry_after_s=1.0) from exc
     except EmbeddingRejected as exc:

@@ -630,6 +630,135 @@ async def test_unreachable_qdrant_is_unavailable_and_stores_nothing(tmp_path):
         await backend.close()
 
 
+class _RefusingQdrant:
+    """A Qdrant server (qdrant-client's local mode) that answers every call
+    from the service with ``error``, as qdrant-client raises it."""
+
+    def __init__(self, client, error: Exception) -> None:
+        self.client = client
+        self.error = error
+
+    def __getattr__(self, name):
+        async def refuse(*args, **kwargs):
+            raise self.error
+        return refuse
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _rpc_error(code: grpc.StatusCode, details: str, trailers=()) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers),
+                                details=details)
+
+
+def _rest_error(status: int, text: str, headers: dict | None = None):
+    import json
+
+    import httpx
+    from qdrant_client.http.exceptions import UnexpectedResponse
+    return UnexpectedResponse(status, "", json.dumps({"status": {"error": text}}).encode(),
+                              httpx.Headers(headers or {}))
+
+
+def _rate_limited_with_wait():
+    from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
+    return ResourceExhaustedResponse("Rate limiting exceeded: Write rate limit exceeded", 7)
+
+
+# (what the server answers, the status, reason and words of the service's error)
+_REFUSALS = [
+    (lambda: _rpc_error(grpc.StatusCode.INVALID_ARGUMENT,
+                        'Bad request: Index required but not found for "metadata.kind"'),
+     grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_ERROR", "refused the request as invalid"),
+    (lambda: _rpc_error(grpc.StatusCode.INVALID_ARGUMENT,
+                        "Wrong input: Vector dimension error: expected dim: 384, got 256"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_ERROR", "does not take the vectors"),
+    (lambda: _rpc_error(grpc.StatusCode.INVALID_ARGUMENT,
+                        "Wrong input: Not existing vector name error: bm25"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_ERROR", "does not take the vectors"),
+    (lambda: _rpc_error(grpc.StatusCode.NOT_FOUND,
+                        "Not found: Collection `memories` doesn't exist!"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_ERROR", "restart the service"),
+    (lambda: _rpc_error(grpc.StatusCode.FAILED_PRECONDITION,
+                        "Storage locked: write operations are forbidden"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_ERROR", "cannot serve the request"),
+    (lambda: _rpc_error(grpc.StatusCode.UNAUTHENTICATED, "Invalid api-key"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED", "QDRANT_API_KEY"),
+    (lambda: _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "Rate limiting exceeded: Read rate limit exceeded"),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "over its rate limit"),
+    (lambda: _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "Rate limiting exceeded",
+                        [("retry-after", "3")]),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "retry after 3 s"),
+    (_rate_limited_with_wait,
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "retry after 7 s"),
+    (lambda: _rpc_error(grpc.StatusCode.INTERNAL,
+                        "Service internal error: No space left on device"),
+     grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", "No space left on device"),
+    (lambda: _rest_error(400, "Wrong input: Vector dimension error: expected dim: 384, got 256"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_ERROR", "HTTP 400"),
+    (lambda: _rest_error(400, "Bad request: Limit exceeded 100 > 10 for \"limit\""),
+     grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_ERROR", "Limit exceeded"),
+    (lambda: _rest_error(404, "Not found: Collection `memories` doesn't exist!"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_ERROR", "restart the service"),
+    (lambda: _rest_error(429, "Rate limiting exceeded", {"Retry-After": "3"}),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "retry after 3 s"),
+    # Still transient: the client's retry policy retries these.
+    (lambda: _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+     grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "DEADLINE_EXCEEDED"),
+    (lambda: _rest_error(503, "Service Unavailable"),
+     grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "503"),
+]
+
+
+@pytest.mark.parametrize(("error", "code", "reason", "words"), _REFUSALS)
+async def test_a_qdrant_server_refusing_a_call_is_answered_with_the_matching_status(
+        tmp_path, error, code, reason, words):
+    """A Qdrant server's answer that is not a passing failure is no
+    UNKNOWN or INTERNAL error without a word: the request the server finds
+    invalid is INVALID_ARGUMENT; a collection that is gone or does not take
+    the service's vectors, a locked server and refused credentials are
+    FAILED_PRECONDITION; its rate limit is RESOURCE_EXHAUSTED with the wait;
+    its own failure INTERNAL; each with the server's words and ErrorInfo.
+    Nothing is recorded for replay."""
+    from hivemesh.client.errors import HivemeshError
+
+    settings = memory_settings(tmp_path, store="qdrant", qdrant_location=":memory:")
+    backend = await open_backend(settings)
+    server = backend.store.inner
+    local = server.client
+    server.client = _RefusingQdrant(local, error())
+    running, port = await create_server(settings, backend)
+    try:
+        async with MemoryClient(f"127.0.0.1:{port}") as memory:
+            rid = str(uuid.uuid4())
+            calls = [lambda: memory.add(["refused"], namespace="u", request_id=rid),
+                     lambda: memory.search("refused", namespace="u", mode="hybrid"),
+                     lambda: memory.count(namespace="u", where={"metadata.kind": "note"})]
+            for call in calls:
+                with pytest.raises(HivemeshError) as err:
+                    await call()
+                assert err.value.code == code, err.value
+                assert err.value.reason == reason, err.value
+                assert err.value.domain == "hivemesh.memory"
+                assert err.value.metadata["backend"] == "memory store"
+                assert words in err.value.message
+                assert "Qdrant at " in err.value.message or "collection at " in err.value.message
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # The server's wait, else a second.
+                    wait = float(words.split()[-2]) if words.startswith("retry") else 1.0
+                    assert float(err.value.metadata["retry_after_s"]) == wait
+                    assert err.value.retry_delay.total_seconds() == wait
+        server.client = local
+        async with MemoryClient(f"127.0.0.1:{port}") as memory:
+            retried = await memory.add(["refused"], namespace="u", request_id=rid)
+            assert not retried.replayed and await memory.count(namespace="u") == 1
+    finally:
+        await running.shutdown(0)
+        await backend.close()
+
+
 async def test_unreachable_qdrant_at_start_up_fails_clearly(tmp_path):
     from hivemesh.services.memory.store.base import StoreUnavailable
     port = _closed_port()

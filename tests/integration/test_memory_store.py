@@ -484,3 +484,29 @@ async def test_replicas_starting_together_on_a_server_both_open_the_collection(m
     await first.close()
     await second.close()
     await local.close()
+
+
+async def test_a_server_refusing_the_service_at_start_up_says_why(monkeypatch):
+    """Credentials the server refuses are no passing failure and no crash
+    without a word: opening fails with a StoreRefused (a ValueError, which
+    the command line reports as a configuration problem) naming the server
+    and the setting to check."""
+    import grpc
+    from qdrant_client import AsyncQdrantClient
+
+    from hivemesh.services.memory.store import qdrant
+    from hivemesh.services.memory.store.base import Refusal, StoreRefused
+
+    local = AsyncQdrantClient(location=":memory:")
+    server = _IndexRecordingServer(local)
+    monkeypatch.setattr(qdrant, "AsyncQdrantClient", lambda **kwargs: server)
+
+    async def refused(collection):
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), details="Invalid api-key")
+    monkeypatch.setattr(server, "collection_exists", refused)
+    with pytest.raises(StoreRefused, match=r"Qdrant at http://qdrant:6333 collection 'test' "
+                                           r"refused the service's credentials "
+                                           r"\(UNAUTHENTICATED: Invalid api-key\)") as err:
+        await qdrant.QdrantStore.open("test", "hashing-256", DIMS, url="http://qdrant:6333")
+    assert isinstance(err.value, ValueError) and err.value.refusal is Refusal.CREDENTIALS

@@ -40,6 +40,37 @@ class StoreUnavailable(ConnectionError):
     this may or may not have happened (a retry with the same ids is safe)."""
 
 
+class Refusal(enum.Enum):
+    """Why a store that answered refused a call."""
+    # The request as the store got it (a filter, a limit its rules refuse).
+    INVALID = "invalid"
+    # The collection or the server is not as the service needs it (the
+    # collection is gone or holds other vectors, the server is locked or
+    # too old): the same call fails until someone changes that.
+    PRECONDITION = "precondition"
+    # The server refused the service's credentials.
+    CREDENTIALS = "credentials"
+    # The server's rate limit: the call may succeed after ``retry_after_s``.
+    RATE_LIMITED = "rate_limited"
+    # The server failed the call itself (its internal error).
+    FAILED = "failed"
+
+
+class StoreRefused(ValueError):
+    """The store answered and refused the call; unlike
+    :class:`StoreUnavailable` the same call would be refused again (but for
+    RATE_LIMITED, once its wait is over). ``status`` is the store's own name
+    for the answer (a gRPC code name or an HTTP status). A ValueError, so a
+    refusal at start-up is reported as a configuration problem."""
+
+    def __init__(self, refusal: Refusal, message: str, *, status: str,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
 class EmbedderMismatch(ValueError):
     """The collection was built with another embedding model or dimension."""
 

@@ -6,27 +6,57 @@ Writes wait until the server has applied them (``wait=True``) with strong
 ordering, so an acknowledged add is in the collection's write-ahead log on
 every replica the write went to, and the next read sees it. A server that
 cannot be reached raises :class:`StoreUnavailable`; nothing is reported as
-stored unless every batch of the request was acknowledged.
+stored unless every batch of the request was acknowledged. A server that
+answers with a refusal (a request it finds invalid, a collection that is
+gone or holds other vectors, credentials it refuses, its rate limit, its own
+failure) raises :class:`StoreRefused`, which says which of these it is.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
 from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
-    CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
-    SparseVector, StoreUnavailable, at_least, typed)
+    CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Refusal, Search,
+    SparseVector, StoreRefused, StoreUnavailable, at_least, typed)
 
 T = TypeVar("T")
+# Failures that may pass: the server could not be reached or did not answer
+# in time (a retry of the call may succeed).
 _TRANSIENT_GRPC = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+                             grpc.StatusCode.ABORTED})
+_TRANSIENT_HTTP = frozenset({502, 503, 504})
+# The server's refusals, by the gRPC code (or the HTTP status of its REST
+# API) it answers with; any other answer is its own failure (Refusal.FAILED).
+# Qdrant answers NOT_FOUND for a missing collection: the service made its
+# collection at start-up, so that one is gone (the request names none).
+_REFUSALS_GRPC = {
+    grpc.StatusCode.INVALID_ARGUMENT: Refusal.INVALID,
+    grpc.StatusCode.OUT_OF_RANGE: Refusal.INVALID,
+    grpc.StatusCode.NOT_FOUND: Refusal.PRECONDITION,
+    grpc.StatusCode.FAILED_PRECONDITION: Refusal.PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED: Refusal.PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED: Refusal.CREDENTIALS,
+    grpc.StatusCode.PERMISSION_DENIED: Refusal.CREDENTIALS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Refusal.RATE_LIMITED,
+}
+_REFUSALS_HTTP = {400: Refusal.INVALID, 422: Refusal.INVALID, 404: Refusal.PRECONDITION,
+                  412: Refusal.PRECONDITION, 501: Refusal.PRECONDITION,
+                  401: Refusal.CREDENTIALS, 403: Refusal.CREDENTIALS,
+                  429: Refusal.RATE_LIMITED}
+# What Qdrant says when the vectors the service sends do not fit the
+# collection's ("Wrong input: Vector dimension error: ...", "Not existing
+# vector name error: bm25"): the collection, not the request, is at fault.
+_VECTOR_MISMATCH = ("vector dimension error", "not existing vector name",
+                    "sparse and regular vectors", "vector params for")
 
 
 def _match(c: Condition) -> models.FieldCondition:
@@ -56,12 +86,27 @@ def _vector(v: SparseVector) -> models.SparseVector:
     return models.SparseVector(indices=list(v.indices), values=list(v.values))
 
 
-def _unreachable(exc: BaseException) -> bool:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code() in _TRANSIENT_GRPC
-    if isinstance(exc, UnexpectedResponse):
-        return exc.status_code in (429, 502, 503, 504)
-    return isinstance(exc, ResponseHandlingException | ConnectionError | TimeoutError)
+def _retry_after(values: Any) -> float | None:
+    """The seconds of a ``retry-after`` among ``values`` (gRPC trailing
+    metadata or HTTP headers), when one is there and a number."""
+    # HTTP headers are a mapping; gRPC metadata is a collection of pairs.
+    items = values.items() if isinstance(values, Mapping) else values or ()
+    for key, value in items:
+        if str(key).lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _http_details(exc: UnexpectedResponse) -> str:
+    """The error text of a REST answer (``{"status": {"error": ...}}``), or
+    its start."""
+    try:
+        return str(exc.structured()["status"]["error"])
+    except (ValueError, KeyError, TypeError):
+        return exc.content[:200].decode(errors="replace") or exc.reason_phrase
 
 
 class QdrantStore(MemoryStore):
@@ -144,11 +189,62 @@ class QdrantStore(MemoryStore):
         try:
             return await call
         except Exception as exc:
-            if _unreachable(exc):
-                cause = (f"{exc.code().name}: {exc.details()}"
-                         if isinstance(exc, grpc.aio.AioRpcError) else str(exc))
-                raise StoreUnavailable(f"Qdrant at {self.where}: {cause}") from exc
-            raise
+            failure = self._failure(exc)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def _failure(self, exc: Exception) -> StoreUnavailable | StoreRefused | None:
+        """What a failed call to the server means; None for an error that
+        is not the server's (a bug here, or local mode's own errors)."""
+        retry_after: float | None = None
+        if isinstance(exc, ResourceExhaustedResponse):
+            # qdrant-client's own error for a rate limit that names its wait.
+            status, details, refusal = "RESOURCE_EXHAUSTED", str(exc), Refusal.RATE_LIMITED
+            retry_after = float(exc.retry_after_s)
+        elif isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+            code = exc.code()
+            status, details = code.name, exc.details() or ""
+            if code in _TRANSIENT_GRPC:
+                return StoreUnavailable(f"Qdrant at {self.where}: {status}: {details}")
+            refusal = _REFUSALS_GRPC.get(code, Refusal.FAILED)
+            if refusal is Refusal.RATE_LIMITED:
+                retry_after = _retry_after(exc.trailing_metadata())
+        elif isinstance(exc, UnexpectedResponse):
+            if exc.status_code in _TRANSIENT_HTTP:
+                return StoreUnavailable(f"Qdrant at {self.where}: {exc}")
+            status, details = f"HTTP {exc.status_code}", _http_details(exc)
+            refusal = _REFUSALS_HTTP.get(exc.status_code or 0, Refusal.FAILED)
+            if refusal is Refusal.RATE_LIMITED:
+                retry_after = _retry_after(exc.headers)
+        elif isinstance(exc, ResponseHandlingException | ConnectionError | TimeoutError):
+            return StoreUnavailable(f"Qdrant at {self.where}: {exc}")
+        else:
+            return None
+        answer = f"{status}: {details}"
+        if refusal is Refusal.INVALID and any(p in details.lower() for p in _VECTOR_MISMATCH):
+            refusal = Refusal.PRECONDITION
+            message = (f"the collection at {self.where} does not take the vectors the service "
+                       f"sends ({answer}); it was made by hand or by another version: use "
+                       "another collection, or make this one again")
+        elif refusal is Refusal.INVALID:
+            message = f"Qdrant at {self.where} refused the request as invalid ({answer})"
+        elif refusal is Refusal.PRECONDITION and status in ("NOT_FOUND", "HTTP 404"):
+            message = (f"Qdrant at {self.where} no longer has the collection ({answer}); it "
+                       "was deleted while the service ran: restart the service to make it "
+                       "again")
+        elif refusal is Refusal.PRECONDITION:
+            message = f"Qdrant at {self.where} cannot serve the request as it is ({answer})"
+        elif refusal is Refusal.CREDENTIALS:
+            message = (f"Qdrant at {self.where} refused the service's credentials ({answer}); "
+                       "check HIVEMESH_MEMORY_QDRANT_API_KEY")
+        elif refusal is Refusal.RATE_LIMITED:
+            message = f"Qdrant at {self.where} is over its rate limit ({answer})"
+            if retry_after is not None:
+                message += f"; retry after {retry_after:g} s"
+        else:
+            message = f"Qdrant at {self.where} failed the call ({answer})"
+        return StoreRefused(refusal, message, status=status, retry_after_s=retry_after)
 
     async def upsert(self, points: Sequence[ChunkPoint]) -> None:
         await self._guard(self.client.upsert(
