@@ -51,7 +51,9 @@ async def open_embedder(settings: MemorySettings) -> Embedder:
 
 async def open_store(settings: MemorySettings, model: str, dimensions: int) -> MemoryStore:
     """The configured store, every call traced. Raises EmbedderMismatch (a
-    ValueError) when the collection was built with another embedder."""
+    ValueError) when the collection was built with another embedder, and
+    VectorsMismatch (a ValueError) when it lacks a vector the service needs
+    (such as the ``bm25`` sparse vector of keyword search)."""
     from hivemesh.services.memory.store.traced import TracedStore
     store = await _open_engine(settings, model, dimensions)
     return TracedStore(store, collection=settings.collection,

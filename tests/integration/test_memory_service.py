@@ -814,6 +814,26 @@ async def test_another_embedder_is_refused_at_start_up(tmp_path):
     assert "'hashing-64' (64 dimensions)" in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["edge", "qdrant-local"])
+async def test_a_collection_without_the_keyword_vector_is_refused_at_start_up(tmp_path, kind):
+    """A collection made by hand or by an older version without the bm25
+    sparse vector: the service does not start (where it would start and fail
+    every keyword and hybrid search), and says what is missing where."""
+    from test_memory_store import make_collection_without_bm25
+
+    make_collection_without_bm25(kind, tmp_path)
+    env = {"HIVEMESH_MEMORY_COLLECTION": "test", "HIVEMESH_MEMORY_EMBEDDING_DIMENSIONS": "256"}
+    if kind == "qdrant-local":
+        env.update(HIVEMESH_MEMORY_STORE="qdrant",
+                   HIVEMESH_MEMORY_QDRANT_LOCATION=str(tmp_path / "qdrant"))
+    result = _serve_memory(tmp_path / "edge", **env)
+    assert result.returncode == 1
+    assert "listening" not in result.stdout
+    assert "memory could not start: the memory collection at " in result.stderr
+    assert "has no sparse vector 'bm25', which keyword and hybrid search need" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("synchronous", ["full", "normal"])
 async def test_acknowledged_memories_survive_kill_9(tmp_path, synchronous):
     from hivemesh.cli.processes import start_service

@@ -199,6 +199,64 @@ async def test_reopening_keeps_data_and_refuses_another_embedder(kind, tmp_path)
             pass
 
 
+def make_collection_without_bm25(kind: str, tmp_path: Path, sparse: str | None = None,
+                                 idf: bool = False) -> None:
+    """A collection of the store ``kind`` where ``open_store`` looks, made
+    as by hand or by an older version: the dense vector and the recorded
+    embedder right, a point in it, and as sparse vector only ``sparse``
+    (with the IDF modifier when ``idf``), if any."""
+    import json
+
+    point = POINTS[0]
+    if kind == "edge":
+        import qdrant_edge as q
+
+        root = tmp_path / "edge" / "memory" / "test"
+        root.mkdir(parents=True)
+        (root / "collection.json").write_text(json.dumps(
+            {"embedding_model": "hashing-256", "dimensions": DIMS}))
+        modifier = {"modifier": q.Modifier.Idf} if idf else {}
+        shard = q.EdgeShard.create(str(root / "shard"), q.EdgeConfig(
+            vectors={"dense": q.EdgeVectorParams(size=DIMS, distance=q.Distance.Cosine)},
+            sparse_vectors={sparse: q.EdgeSparseVectorParams(**modifier)} if sparse else {}))
+        shard.update(q.UpdateOperation.upsert_points([q.Point(
+            uuid.UUID(point.id), {"dense": list(point.dense)}, point.payload)]))
+        shard.flush()
+        shard.close()
+        return
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    client.create_collection(
+        "test", vectors_config={"dense": models.VectorParams(size=DIMS,
+                                                             distance=models.Distance.COSINE)},
+        sparse_vectors_config={sparse: models.SparseVectorParams(
+            modifier=models.Modifier.IDF if idf else None)} if sparse else None,
+        metadata={"embedding_model": "hashing-256", "dimensions": DIMS})
+    client.upsert("test", [models.PointStruct(id=point.id, vector={"dense": list(point.dense)},
+                                              payload=point.payload)])
+    client.close()
+
+
+@pytest.mark.parametrize("kind", ["edge", "qdrant-local"])
+@pytest.mark.parametrize(("sparse", "idf", "words"), [
+    (None, False, "has no sparse vector 'bm25', which keyword and hybrid search need"),
+    ("keywords", True, "has no sparse vector 'bm25', which keyword and hybrid search need"),
+    ("bm25", False, "has the sparse vector 'bm25' without the IDF modifier")])
+async def test_a_collection_without_the_keyword_vector_is_refused_at_opening(
+        kind, sparse, idf, words, tmp_path):
+    """A collection made by hand or by an older version without the bm25
+    sparse vector (or with it but no IDF) would open and then fail, or
+    score wrongly, every keyword and hybrid search: opening refuses it,
+    naming the collection and the vector, as it refuses another embedder."""
+    from hivemesh.services.memory.store.base import VectorsMismatch
+
+    make_collection_without_bm25(kind, tmp_path, sparse, idf)
+    with pytest.raises(VectorsMismatch, match=r"the memory collection at .*test.* " + words):
+        async with open_store(kind, tmp_path):
+            pass
+
+
 async def test_the_embedded_engine_searches_with_the_threads_it_is_given(tmp_path):
     """search_threads reaches the engine, and a reopened shard takes the
     new value (the engine records its configuration with the shard)."""

@@ -75,6 +75,11 @@ class EmbedderMismatch(ValueError):
     """The collection was built with another embedding model or dimension."""
 
 
+class VectorsMismatch(ValueError):
+    """The collection lacks a vector the service needs, or has it in
+    another form (made by hand, or by an older version)."""
+
+
 @dataclass(frozen=True)
 class SparseVector:
     indices: Sequence[int]
@@ -185,6 +190,27 @@ class CollectionInfo:
                 f"{self.embedding_model!r} ({self.dimensions} dimensions), but the service is "
                 f"configured with {model!r} ({dimensions} dimensions); configure the same "
                 "embedder, or use another collection or data directory")
+
+
+def check_vectors(where: str, *, dense: bool, sparse: bool, sparse_idf: bool) -> None:
+    """Raises VectorsMismatch unless the collection at ``where`` has the
+    named vectors every point gets: ``dense`` (the embeddings) and the
+    sparse ``bm25`` (keywords) with the IDF modifier, without which keyword
+    and hybrid searches fail, or weigh every word alike, on every call."""
+    advice = ("it was made by hand or by another version of the service: use another "
+              "collection or data directory, or make this one again")
+    if not dense:
+        raise VectorsMismatch(
+            f"the memory collection at {where} has no dense vector {DENSE!r}, which the "
+            f"service stores embeddings in; {advice}")
+    if not sparse:
+        raise VectorsMismatch(
+            f"the memory collection at {where} has no sparse vector {SPARSE!r}, which keyword "
+            f"and hybrid search need; {advice}")
+    if not sparse_idf:
+        raise VectorsMismatch(
+            f"the memory collection at {where} has the sparse vector {SPARSE!r} without the "
+            f"IDF modifier, which keyword and hybrid search need to weigh rare words; {advice}")
 
 
 class MemoryStore(abc.ABC):

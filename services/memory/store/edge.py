@@ -41,7 +41,7 @@ import qdrant_edge as q
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
     CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
-    SparseVector, StoreUnavailable, at_least, typed)
+    SparseVector, StoreUnavailable, at_least, check_vectors, typed)
 
 log = logging.getLogger("hivemesh.memory.edge")
 T = TypeVar("T")
@@ -110,7 +110,11 @@ class EdgeStore(MemoryStore):
             vectors={DENSE: q.EdgeVectorParams(size=dimensions, distance=q.Distance.Cosine)},
             sparse_vectors={SPARSE: q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)},
             max_search_threads=search_threads)
-        if (shard_path / "edge_config.json").exists():
+        engine_config = shard_path / "edge_config.json"
+        if engine_config.exists():
+            # The engine refuses a shard without the service's vectors only
+            # with an error that names neither the collection nor a way out.
+            _check_shard_vectors(engine_config, str(root))
             shard = q.EdgeShard.load(str(shard_path), config)
             if build_index and shard.optimize():
                 shard.flush()
@@ -285,6 +289,17 @@ class _WalSync:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+
+
+def _check_shard_vectors(engine_config: Path, where: str) -> None:
+    """Raises VectorsMismatch unless the shard's recorded configuration
+    (``{"vectors": {...}, "sparse_vectors": {"bm25": {"modifier": "idf"}}}``)
+    has the vectors the service needs."""
+    recorded = json.loads(engine_config.read_text())
+    sparse = (recorded.get("sparse_vectors") or {}).get(SPARSE)
+    check_vectors(where, dense=DENSE in (recorded.get("vectors") or {}),
+                  sparse=sparse is not None,
+                  sparse_idf=str((sparse or {}).get("modifier", "")).lower() == "idf")
 
 
 def _retrieve(task: asyncio.Task) -> None:

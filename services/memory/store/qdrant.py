@@ -26,7 +26,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
     CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Refusal, Search,
-    SparseVector, StoreRefused, StoreUnavailable, at_least, typed)
+    SparseVector, StoreRefused, StoreUnavailable, at_least, check_vectors, typed)
 
 T = TypeVar("T")
 # Failures that may pass: the server could not be reached or did not answer
@@ -111,7 +111,8 @@ def _http_details(exc: UnexpectedResponse) -> str:
 
 class QdrantStore(MemoryStore):
     """Open with :meth:`open` (it creates the collection and its payload
-    indexes when missing, and checks the recorded embedder otherwise)."""
+    indexes when missing, and checks its vectors and recorded embedder
+    otherwise)."""
 
     def __init__(self, client: AsyncQdrantClient, collection: str, info: CollectionInfo,
                  where: str, local: bool) -> None:
@@ -180,7 +181,11 @@ class QdrantStore(MemoryStore):
 
     def _check_recorded(self, config: models.CollectionConfig) -> None:
         metadata = config.metadata or {}
-        dense = config.params.vectors[DENSE] if isinstance(config.params.vectors, dict) else None
+        vectors = config.params.vectors
+        dense = vectors.get(DENSE) if isinstance(vectors, dict) else None
+        sparse = (config.params.sparse_vectors or {}).get(SPARSE)
+        check_vectors(self.where, dense=dense is not None, sparse=sparse is not None,
+                      sparse_idf=sparse is not None and sparse.modifier == models.Modifier.IDF)
         recorded = CollectionInfo(str(metadata.get("embedding_model", "")),
                                   int(metadata.get("dimensions") or (dense.size if dense else 0)))
         recorded.check(self.info.embedding_model, self.info.dimensions, self.where)
