@@ -234,9 +234,12 @@ def route_error(exc: RouteError) -> errors.ServiceError:
                               ErrorReason.ERROR_REASON_MODEL_NOT_FOUND),
         ErrorKind.RATE_LIMITED: (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  ErrorReason.ERROR_REASON_RATE_LIMITED),
-        ErrorKind.OVERLOADED: (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               ErrorReason.ERROR_REASON_RATE_LIMITED),
     }
+    # The rest is the provider's passing trouble, not the caller's quota:
+    # UNAVAILABLE, which the client's retry policy retries and the
+    # orchestrator falls back on. An overloaded upstream (Anthropic's 529,
+    # "overloaded_error": "the API is temporarily overloaded") is one, as
+    # any other 5xx.
     code, reason = table.get(kind, (grpc.StatusCode.UNAVAILABLE,
                                     ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE))
     if kind is ErrorKind.BAD_REQUEST and last.status == 413:
@@ -244,6 +247,9 @@ def route_error(exc: RouteError) -> errors.ServiceError:
     details = []
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         details.append(errors.retry_info(last.retry_after_s or 1.0))
+    elif last.retry_after_s is not None:
+        # The upstream said when to come back (an overloaded one may).
+        details.append(errors.retry_info(last.retry_after_s))
     # Once the upstream was retried here (max_attempts per backend, then the
     # chain), a client retrying the whole call on UNAVAILABLE, as the service
     # config lets it, would multiply those attempts; after a single attempt

@@ -736,13 +736,14 @@ async def test_a_model_without_json_schema_support_is_prompted_for_the_schema():
         assert native.messages[0].content == "You write code."
 
 
-def _one_upstream(kind: str, base_url: str) -> LlmSettings:
+def _one_upstream(kind: str, base_url: str, **backend) -> LlmSettings:
     """An LLM service whose one model "main" is served by a fake upstream
-    of ``kind`` at ``base_url`` (its key in FAKE_UPSTREAM_KEY)."""
+    of ``kind`` at ``base_url`` (its key in FAKE_UPSTREAM_KEY); ``backend``:
+    more of the backend's settings."""
     return LlmSettings(
         server=ServerSettings(port=0, grace_period_s=1),
         backends={"up": BackendSettings(type=kind, base_url=base_url,
-                                        api_key_env="FAKE_UPSTREAM_KEY")},
+                                        api_key_env="FAKE_UPSTREAM_KEY", **backend)},
         models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True)])
 
 
@@ -764,6 +765,54 @@ async def test_a_request_too_large_for_the_upstream_is_payload_too_large(monkeyp
         assert upstream.request_count == 1
     assert err.value.reason == "PAYLOAD_TOO_LARGE"
     assert err.value.metadata["upstream_status"] == "413"
+
+
+async def test_an_overloaded_anthropic_is_unavailable_which_clients_retry(monkeypatch):
+    """Anthropic's 529 (overloaded_error: "the API is temporarily
+    overloaded") is the provider's passing trouble, not the caller's quota:
+    UNAVAILABLE, reason BACKEND_UNAVAILABLE, as any other 5xx (with the
+    upstream's Retry-After as RetryInfo), not RESOURCE_EXHAUSTED; a unary
+    call or a stream alike. So a client on the shipped service config
+    retries it, and gets the answer once the upstream takes requests again."""
+    from fakes import Fail, Reply
+    from fakes.anthropic_server import FakeAnthropic
+
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+
+    def overloaded(retry_after: str) -> Fail:
+        return Fail(status=529, type="overloaded_error", message="Overloaded",
+                    retry_after=retry_after)
+
+    async with FakeAnthropic() as upstream:
+        s = _one_upstream("anthropic", upstream.base_url, max_attempts=1)
+        async with serve(s) as (stub, _):
+            upstream.enqueue(overloaded("2"))
+            with pytest.raises(UnavailableError) as err:
+                await call(stub.Generate, gen())
+            assert err.value.reason == "BACKEND_UNAVAILABLE"
+            assert err.value.metadata["upstream_status"] == "529"
+            assert err.value.metadata["upstream_error"] == "overloaded"
+            assert "Overloaded" in err.value.message
+            assert err.value.retry_delay.total_seconds() == 2
+            upstream.enqueue(overloaded("2"))
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await _read_stream(stub, StreamGenerateRequest(
+                    request_id=rid(), model="main", prompt=Prompt(prompt="go")))
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert upstream.request_count == 2
+
+        backends = Backends(s)
+        running, port = await create_server(s, backends)
+        channel = insecure_channel(f"127.0.0.1:{port}", "llm")
+        try:
+            upstream.enqueue(overloaded("0"), Reply(text="added"))
+            answer = await call(LlmServiceStub(channel).Generate, gen())
+            assert answer.message.content == "added"
+            assert upstream.request_count == 4  # the client's retry was the second
+        finally:
+            await channel.close()
+            await running.shutdown(0)
+            await backends.close()
 
 
 @pytest.mark.parametrize("clean", [False, True])

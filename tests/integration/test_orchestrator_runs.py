@@ -574,19 +574,25 @@ async def test_a_failed_run_retried_with_another_model_runs_with_it(tmp_path):
         assert len(m.secondary.calls) == 1
 
 
-async def test_model_fallback_from_the_agent_definition(tmp_path):
+@pytest.mark.parametrize("kind", [ErrorKind.UNAVAILABLE, ErrorKind.OVERLOADED])
+async def test_model_fallback_from_the_agent_definition(tmp_path, kind):
+    """A provider that is down or overloaded (Anthropic's 529) is passing
+    trouble: the run falls back to the next model, and without a fallback
+    fails UNAVAILABLE (BACKEND_UNAVAILABLE), not as a quota exhausted."""
     async with mesh(tmp_path) as m:
         await register(m, name="coder", system_prompt="You write code.",
                        fallback_models=["backup"], budget=BudgetPolicy(enforcement=3))
-        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=5)
+        m.primary.simulate_failure(kind, times=5)
         result = (await run(m, "coder")).result
         assert result.model == "backup" and result.backend == "secondary"
         assert result.fallback_used
         assert [d.component for d in result.degraded] == [
             DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK]
-        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=5)
-        with pytest.raises(UnavailableError):
+        assert result.degraded[0].reason == "BACKEND_UNAVAILABLE"
+        m.primary.simulate_failure(kind, times=5)
+        with pytest.raises(UnavailableError) as err:
             await run(m, "coder", disable_fallback=True)
+        assert err.value.reason == "BACKEND_UNAVAILABLE"
 
 
 async def test_built_in_tools_allowlist_and_results_fed_back(tmp_path):
