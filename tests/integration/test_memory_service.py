@@ -709,6 +709,8 @@ _REFUSALS = [
      grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "DEADLINE_EXCEEDED"),
     (lambda: _rest_error(503, "Service Unavailable"),
      grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "503"),
+    (lambda: _rest_error(408, "Timeout: Operation 'search' timed out after 10s"),
+     grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "408"),
 ]
 
 

@@ -33,7 +33,7 @@ T = TypeVar("T")
 # in time (a retry of the call may succeed).
 _TRANSIENT_GRPC = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                              grpc.StatusCode.ABORTED})
-_TRANSIENT_HTTP = frozenset({502, 503, 504})
+_TRANSIENT_HTTP = frozenset({408, 502, 503, 504})
 # The server's refusals, by the gRPC code (or the HTTP status of its REST
 # API) it answers with; any other answer is its own failure (Refusal.FAILED).
 # Qdrant answers NOT_FOUND for a missing collection: the service made its
@@ -230,7 +230,7 @@ class QdrantStore(MemoryStore):
         if refusal is Refusal.INVALID and any(p in details.lower() for p in _VECTOR_MISMATCH):
             refusal = Refusal.PRECONDITION
             message = (f"the collection at {self.where} does not take the vectors the service "
-                       f"sends ({answer}); it was made by hand or by another version: use "
+                       f"sends ({answer}); it was made or changed outside this service: use "
                        "another collection, or make this one again")
         elif refusal is Refusal.INVALID:
             message = f"Qdrant at {self.where} refused the request as invalid ({answer})"
