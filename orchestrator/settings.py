@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
@@ -72,3 +72,12 @@ class OrchestratorSettings(BaseSettings):
     # FAILED (dropped events); heartbeat interval of idle streams.
     subscriber_queue_size: int = Field(default=10_000, ge=1)
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OrchestratorSettings:
+        # Checked with the other settings, so that `serve` reports it as an
+        # invalid setting (exit 2), not as a service that could not start.
+        if self.state_backend == "redis" and self.redis_url is None:
+            raise ValueError("HIVEMESH_ORCHESTRATOR_REDIS_URL is required with the redis state "
+                             "backend (HIVEMESH_ORCHESTRATOR_STATE_BACKEND=redis)")
+        return self

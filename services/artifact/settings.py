@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
@@ -29,3 +29,11 @@ class ArtifactSettings(BaseSettings):
     postgres_pool_size: int = Field(default=16, ge=1, le=256)
     max_content_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     default_page_size: int = Field(default=50, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArtifactSettings:
+        # Checked with the other settings, so that `serve` reports it as an
+        # invalid setting (exit 2), not as a service that could not start.
+        if self.backend == "postgres" and self.postgres_dsn is None:
+            raise ValueError("HIVEMESH_ARTIFACT_POSTGRES_DSN is required with the postgres backend")
+        return self

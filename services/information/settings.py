@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hivemesh.runtime.settings import ServerSettings
@@ -66,3 +66,13 @@ class InformationSettings(BaseSettings):
     alert_poll_interval_s: float = Field(default=0.25, gt=0)
     # A watch with no alert to send sends a heartbeat this often.
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InformationSettings:
+        # Checked with the other settings, so that `serve` reports them as
+        # invalid settings (exit 2), not as a service that could not start.
+        if self.backend == "redis" and self.redis_url is None:
+            raise ValueError("HIVEMESH_INFORMATION_REDIS_URL is required with the redis backend")
+        if self.unknown_model == "default" and self.default_price is None:
+            raise ValueError("unknown_model=default needs HIVEMESH_INFORMATION_DEFAULT_PRICE")
+        return self

@@ -98,6 +98,27 @@ def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
     assert "qdrant-secret" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(("service", "env", "message"), [
+    ("artifact", {"HIVEMESH_ARTIFACT_BACKEND": "postgres"},
+     "HIVEMESH_ARTIFACT_POSTGRES_DSN is required"),
+    ("information", {"HIVEMESH_INFORMATION_BACKEND": "redis"},
+     "HIVEMESH_INFORMATION_REDIS_URL is required"),
+    ("information", {"HIVEMESH_INFORMATION_UNKNOWN_MODEL": "default"},
+     "needs HIVEMESH_INFORMATION_DEFAULT_PRICE"),
+    ("orchestrator", {"HIVEMESH_ORCHESTRATOR_STATE_BACKEND": "redis"},
+     "HIVEMESH_ORCHESTRATOR_REDIS_URL is required"),
+])
+def test_a_missing_required_setting_is_an_invalid_setting(tmp_path, service, env, message):
+    # The README: serve exits 2 on invalid settings, 1 when the service
+    # cannot start; a backend chosen without its address is the former.
+    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", service,
+                             "--port", "0", "--data-dir", str(tmp_path)],
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"invalid {service} settings:" in result.stderr and message in result.stderr
+
+
 @pytest.mark.parametrize("port", ["70000", "-5"])
 def test_a_port_flag_out_of_range_is_refused_like_the_setting(tmp_path, port):
     """--port gets the checks HIVEMESH_<SERVICE>_SERVER__PORT gets: gRPC
