@@ -82,6 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
             for e in exc.errors(include_url=False, include_input=False, include_context=False))
         print(f"invalid {args.service} settings:\n{problems}", file=sys.stderr)
         return 2
+    except eventloop.InvalidEventLoop as exc:
+        print(f"invalid {args.service} settings:\n  {exc}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"{args.service} could not start: {exc}", file=sys.stderr)
         return 1

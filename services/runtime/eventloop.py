@@ -20,11 +20,15 @@ ENV = "HIVEMESH_EVENT_LOOP"
 CHOICES = ("uvloop", "asyncio")
 
 
+class InvalidEventLoop(ValueError):
+    """``HIVEMESH_EVENT_LOOP`` names no loop: an invalid setting."""
+
+
 def chosen() -> str:
     """The loop ``run`` uses: the setting, else uvloop when it is installed."""
     value = os.environ.get(ENV, "").strip().lower()
     if value and value not in CHOICES:
-        raise ValueError(f"{ENV}={value!r}: choose one of {', '.join(CHOICES)}")
+        raise InvalidEventLoop(f"{ENV}={value!r}: choose one of {', '.join(CHOICES)}")
     if value == "asyncio":
         return "asyncio"
     try:

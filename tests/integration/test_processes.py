@@ -76,8 +76,9 @@ def test_an_unknown_event_loop_is_a_clear_message(tmp_path):
                              "--port", "0", "--data-dir", str(tmp_path)],
                             env={**os.environ, "HIVEMESH_EVENT_LOOP": "trio"},
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and result.stdout == ""
-    assert ("artifact could not start: HIVEMESH_EVENT_LOOP='trio': choose one of "
+    # An invalid setting, as the README lists it with the others: exit 2.
+    assert result.returncode == 2 and result.stdout == ""
+    assert ("invalid artifact settings:\n  HIVEMESH_EVENT_LOOP='trio': choose one of "
             "uvloop, asyncio") in result.stderr
     assert "Traceback" not in result.stderr and "never awaited" not in result.stderr
 
