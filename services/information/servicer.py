@@ -115,6 +115,8 @@ _CONFIG_RETRIES = 5
 # How far ahead of this service's clock a completion_time may be (the
 # caller's clock may run a little ahead).
 _MAX_CLOCK_SKEW_US = 300_000_000
+_FUTURE_COMPLETION = (
+    f"must not be more than {_MAX_CLOCK_SKEW_US // 60_000_000} minutes in the future")
 # Stored alerts a watch reads at once.
 _ALERT_PAGE = 1000
 _UPDATE_ATTEMPTS = 5
@@ -505,7 +507,7 @@ class InformationServicer(InformationServiceServicer):
         if at > arrival + _MAX_CLOCK_SKEW_US:
             # A call that has not finished yet would be charged to a period
             # that has not begun.
-            raise errors.invalid_argument([("completion_time", "must not be in the future")])
+            raise errors.invalid_argument([("completion_time", _FUTURE_COMPLETION)])
         ctx = request.context
         result, alerts, statuses = await self._settle(
             request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), at, arrival)

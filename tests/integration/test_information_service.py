@@ -1022,8 +1022,21 @@ async def test_a_completion_in_the_future_is_refused_and_charges_nothing(info):
         await call(info.TrackCompletion, TrackCompletionRequest(
             request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=1000),
             completion_time=tomorrow))
-    assert err.value.field_violations == [("completion_time", "must not be in the future")]
+    assert err.value.field_violations == [
+        ("completion_time", "must not be more than 5 minutes in the future")]
     assert (await status(info, "b")).spent_micros == 0
+
+
+async def test_a_completion_a_little_ahead_of_the_service_clock_is_accepted(info):
+    """up to five minutes ahead is allowed (the caller's clock may run ahead),
+    as the refusal above says."""
+    await make_budget(info, "b", micros=1_000_000, period=DAILY)
+    soon = timestamp_pb2.Timestamp()
+    soon.FromSeconds(int(datetime.now(UTC).timestamp()) + 240)
+    await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=1000),
+        completion_time=soon))
+    assert (await status(info, "b")).spent_micros > 0
 
 
 async def test_metrics_aggregate_by_model(info):
