@@ -19,10 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.settings import ServerSettings, existing_path
 
 
 class OrchestratorSettings(BaseSettings):
@@ -72,6 +72,13 @@ class OrchestratorSettings(BaseSettings):
     # FAILED (dropped events); heartbeat interval of idle streams.
     subscriber_queue_size: int = Field(default=10_000, ge=1)
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
+
+    @field_validator("agents_dir")
+    @classmethod
+    def _agents_dir_exists(cls, value: Path | None) -> Path | None:
+        # An invalid setting (exit 2), told before anything starts; a bad
+        # agent file found there stops start-up (exit 1).
+        return existing_path(value, "HIVEMESH_ORCHESTRATOR_AGENTS_DIR", "directory")
 
     @model_validator(mode="after")
     def _consistent(self) -> OrchestratorSettings:

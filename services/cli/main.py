@@ -73,6 +73,7 @@ async def _run_service(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from hivemesh.runtime import eventloop
+    from hivemesh.runtime.settings import InvalidSetting
     try:
         return eventloop.run(_run_service(args))
     except ValidationError as exc:
@@ -82,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
             for e in exc.errors(include_url=False, include_input=False, include_context=False))
         print(f"invalid {args.service} settings:\n{problems}", file=sys.stderr)
         return 2
-    except eventloop.InvalidEventLoop as exc:
+    except (eventloop.InvalidEventLoop, InvalidSetting) as exc:
         print(f"invalid {args.service} settings:\n  {exc}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:

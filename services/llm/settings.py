@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.settings import ServerSettings, existing_path
 
 # Upstream model-name prefixes of OpenAI's reasoning models (o1, o3, o4-mini,
 # the gpt-5 family, ...): the default of ``reasoning_models`` for a backend of
@@ -121,6 +121,13 @@ class LlmSettings(BaseSettings):
     cache_ttl_s: float = Field(default=300.0, gt=0)
     idempotency_size: int = Field(default=10_000, ge=0)
     idempotency_ttl_s: float = Field(default=3600.0, gt=0)
+
+    @field_validator("config_file")
+    @classmethod
+    def _config_file_exists(cls, value: Path | None) -> Path | None:
+        # An invalid setting (exit 2); a file found but not readable stops
+        # start-up (exit 1).
+        return existing_path(value, "HIVEMESH_LLM_CONFIG_FILE", "file")
 
     @model_validator(mode="after")
     def _load_file_and_check(self) -> LlmSettings:

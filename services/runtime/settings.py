@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -18,21 +19,41 @@ from pydantic import BaseModel, Field, field_validator
 DEFAULT_SECRETS_DIR = Path("/var/run/secrets/hivemesh")
 
 
+class InvalidSetting(ValueError):
+    """A setting read outside the settings classes is invalid: ``serve``
+    reports it with the other invalid settings (exit 2)."""
+
+
+def existing_path(path: Path | None, variable: str,
+                  kind: Literal["file", "directory"]) -> Path | None:
+    """``path`` when it names an existing ``kind`` (``"file"`` or
+    ``"directory"``), else ValueError naming ``variable`` and the path.
+
+    A path that is not there is an invalid setting (``serve`` exits 2),
+    told before anything starts; what is found there but cannot be read
+    is a start-up failure (exit 1)."""
+    if path is None:
+        return None
+    found = path.is_dir() if kind == "directory" else path.exists() and not path.is_dir()
+    if found:
+        return path
+    problem = f"is not a {kind}" if path.exists() else "does not exist"
+    raise ValueError(f"{variable}={path} {problem}")
+
+
 def secrets_dir() -> Path | None:
     """Where secret settings are read from files: ``HIVEMESH_SECRETS_DIR``,
     else the default mount point if it exists, else nowhere.
 
-    A directory named by ``HIVEMESH_SECRETS_DIR`` must exist (ValueError
+    A directory named by ``HIVEMESH_SECRETS_DIR`` must exist (InvalidSetting
     otherwise): a secret volume that was not mounted would start the
     service without its keys, as pydantic-settings only warns of it."""
     configured = os.environ.get("HIVEMESH_SECRETS_DIR")
     if configured:
-        path = Path(configured)
-        if not path.is_dir():
-            problem = "is not a directory" if path.exists() else "does not exist"
-            raise ValueError(f"HIVEMESH_SECRETS_DIR={path} {problem} "
-                             "(is the secret volume mounted there?)")
-        return path
+        try:
+            return existing_path(Path(configured), "HIVEMESH_SECRETS_DIR", "directory")
+        except ValueError as exc:
+            raise InvalidSetting(f"{exc} (is the secret volume mounted there?)") from None
     return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
 
 

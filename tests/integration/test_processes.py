@@ -135,10 +135,10 @@ def test_a_port_flag_out_of_range_is_refused_like_the_setting(tmp_path, port):
     assert result.stdout == ""
 
 
-def test_a_secrets_directory_set_but_missing_stops_start_up(tmp_path):
+def test_a_secrets_directory_set_but_missing_is_an_invalid_setting(tmp_path):
     """A secret volume that is not mounted must not start a service that
     quietly lacks its keys: HIVEMESH_SECRETS_DIR names a directory that
-    has to be there."""
+    has to be there, like any path a setting names (exit 2)."""
     missing = tmp_path / "not-mounted"
     env = {**os.environ, "HIVEMESH_SECRETS_DIR": str(missing)}
     try:
@@ -147,9 +147,47 @@ def test_a_secrets_directory_set_but_missing_stops_start_up(tmp_path):
                                 env=env, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
         pytest.fail(f"served without its secrets directory: {exc.stdout!r}")
-    assert result.returncode == 1 and result.stdout == ""
-    assert (f"memory could not start: HIVEMESH_SECRETS_DIR={missing} does not exist"
+    assert result.returncode == 2 and result.stdout == ""
+    assert (f"invalid memory settings:\n  HIVEMESH_SECRETS_DIR={missing} does not exist"
             in result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("service", "variable", "path", "problem"), [
+    ("llm", "HIVEMESH_LLM_CONFIG_FILE", "absent.json", "does not exist"),
+    ("llm", "HIVEMESH_LLM_CONFIG_FILE", ".", "is not a file"),
+    ("orchestrator", "HIVEMESH_ORCHESTRATOR_AGENTS_DIR", "absent", "does not exist"),
+])
+def test_a_path_setting_naming_nothing_is_an_invalid_setting(tmp_path, service, variable,
+                                                             path, problem):
+    """A file or directory a setting names that is not there is an invalid
+    setting (exit 2), the message naming the setting and the path."""
+    named = tmp_path / path
+    try:
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", service,
+                                 "--port", "0", "--data-dir", str(tmp_path / "data")],
+                                env={**os.environ, variable: str(named)},
+                                capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"served without {variable}: {exc.stdout!r}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"invalid {service} settings:" in result.stderr
+    assert f"{variable}={named} {problem}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_agent_file_found_at_start_up_is_a_start_up_failure(tmp_path):
+    """The directory is there, so the setting is valid; what cannot be read
+    in it stops start-up (exit 1) with the file's path."""
+    folder = tmp_path / "agents"
+    folder.mkdir()
+    (folder / "bad.toml").write_text("name = \n")
+    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "orchestrator",
+                             "--port", "0", "--data-dir", str(tmp_path / "data")],
+                            env={**os.environ, "HIVEMESH_ORCHESTRATOR_AGENTS_DIR": str(folder)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "orchestrator could not start:" in result.stderr and "bad.toml" in result.stderr
     assert "Traceback" not in result.stderr
 
 

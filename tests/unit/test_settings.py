@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from hivemesh.runtime import settings as runtime_settings
-from hivemesh.runtime.settings import secrets_dir
+from hivemesh.runtime.settings import InvalidSetting, secrets_dir
 from hivemesh.services.artifact.settings import ArtifactSettings
 
 
@@ -49,12 +49,13 @@ def test_a_secrets_directory_set_explicitly_must_exist(monkeypatch, tmp_path):
     service without its keys (pydantic-settings only warns)."""
     missing = tmp_path / "not-mounted"
     monkeypatch.setenv("HIVEMESH_SECRETS_DIR", str(missing))
-    with pytest.raises(ValueError, match=f"HIVEMESH_SECRETS_DIR={missing} does not exist"):
+    # An invalid setting, as ``serve`` reports it (exit 2).
+    with pytest.raises(InvalidSetting, match=f"HIVEMESH_SECRETS_DIR={missing} does not exist"):
         secrets_dir()
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     monkeypatch.setenv("HIVEMESH_SECRETS_DIR", str(a_file))
-    with pytest.raises(ValueError, match=f"HIVEMESH_SECRETS_DIR={a_file} is not a directory"):
+    with pytest.raises(InvalidSetting, match=f"HIVEMESH_SECRETS_DIR={a_file} is not a directory"):
         secrets_dir()
 
 
