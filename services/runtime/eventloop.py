@@ -25,9 +25,13 @@ class InvalidEventLoop(ValueError):
 
 
 def chosen() -> str:
-    """The loop ``run`` uses: the setting, else uvloop when it is installed."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if value and value not in CHOICES:
+    """The loop ``run`` uses: the setting, else uvloop when it is installed.
+
+    Set but empty is that value, as for every setting: an invalid one, not
+    the default."""
+    setting = os.environ.get(ENV)
+    value = "" if setting is None else setting.strip().lower()
+    if setting is not None and value not in CHOICES:
         raise InvalidEventLoop(f"{ENV}={value!r}: choose one of {', '.join(CHOICES)}")
     if value == "asyncio":
         return "asyncio"

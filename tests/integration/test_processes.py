@@ -56,10 +56,11 @@ def test_sigint_is_the_same_graceful_shutdown_and_exits_0(tmp_path):
     assert '"msg": "shutting down"' in (tmp_path / "log").read_text()
 
 
-@pytest.mark.parametrize(("setting", "loop"), [("", "uvloop"), ("asyncio", "asyncio")])
-def test_a_service_runs_on_uvloop_unless_told_otherwise(tmp_path, setting, loop):
+@pytest.mark.parametrize(("setting", "loop"), [(None, "uvloop"), ("asyncio", "asyncio")])
+def test_a_service_runs_on_uvloop_unless_told_otherwise(tmp_path, monkeypatch, setting, loop):
+    monkeypatch.delenv("HIVEMESH_EVENT_LOOP", raising=False)
     proc = start_service("artifact", data_dir=tmp_path / "data", log_path=tmp_path / "log",
-                         env={"HIVEMESH_EVENT_LOOP": setting})
+                         env=None if setting is None else {"HIVEMESH_EVENT_LOOP": setting})
     try:
         assert asyncio.run(_save_some(proc.address, 3))
     finally:
@@ -71,15 +72,21 @@ def test_a_service_runs_on_uvloop_unless_told_otherwise(tmp_path, setting, loop)
         (loop, int(proc.address.rsplit(":", 1)[1]))]
 
 
-def test_an_unknown_event_loop_is_a_clear_message(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
-                             "--port", "0", "--data-dir", str(tmp_path)],
-                            env={**os.environ, "HIVEMESH_EVENT_LOOP": "trio"},
-                            capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("setting", ["trio", "", " "])
+def test_an_unknown_event_loop_is_a_clear_message(tmp_path, setting):
+    """Set but empty is that value, as for every setting (the README), not
+    the default: an invalid setting too."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
+                                 "--port", "0", "--data-dir", str(tmp_path)],
+                                env={**os.environ, "HIVEMESH_EVENT_LOOP": setting},
+                                capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"served with HIVEMESH_EVENT_LOOP={setting!r}: {exc.stdout!r}")
     # An invalid setting, as the README lists it with the others: exit 2.
     assert result.returncode == 2 and result.stdout == ""
-    assert ("invalid artifact settings:\n  HIVEMESH_EVENT_LOOP='trio': choose one of "
-            "uvloop, asyncio") in result.stderr
+    assert (f"invalid artifact settings:\n  HIVEMESH_EVENT_LOOP={setting.strip()!r}: "
+            "choose one of uvloop, asyncio") in result.stderr
     assert "Traceback" not in result.stderr and "never awaited" not in result.stderr
 
 
