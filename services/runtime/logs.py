@@ -32,8 +32,13 @@ _SECRET_KEY = re.compile(_SECRET_NAME, re.I)
 _SECRET_VALUE = re.compile(
     # such a name given a value, in free text: key=value (query strings,
     # keyword DSNs, environment), a header (x-api-key: value), JSON or a
-    # repr ("api_key": "value"); an Authorization value keeps its scheme
-    rf"(?P<name>{_SECRET_NAME}[\"']?\s*[:=]\s*(?:(?:Bearer|Basic|Token|Digest)\s+)?)"
+    # repr ("api_key": "value"); an Authorization value keeps its scheme.
+    # The word token alone, then a space (token: value, token = value), is
+    # also prose about model tokens: there a bare value is hidden only when
+    # shaped like a key (see _hide), so "token: limit reached" or "max
+    # token: 10" is left alone.
+    rf"(?P<name>{_SECRET_NAME}(?P<quoted>[\"'])?(?P<sep>\s*[:=]\s*)"
+    r"(?P<auth>(?:Bearer|Basic|Token|Digest)\s+)?)"
     # (a value unquoted ends at a space or &, without the punctuation
     # that closes the text around it)
     r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s&\"']*[^\s&\"',;.)\]}>])"
@@ -55,10 +60,35 @@ _SECRET_VALUE = re.compile(
     r"|(?<![a-z0-9+.\-])[a-z0-9+.\-]++://[^\s:@/]*:[^\s/]*@", re.I)
 
 
+# A bare value shaped like a key: a letter, and a digit, a symbol between
+# two characters or a capital after a small letter (abc123def,
+# spaced-out-7, camelCaseKey); a plain word or a number is not one.
+# Patterns of fixed width, so that a search stays linear in the value.
+_LETTER = re.compile(r"[^\W\d_]")
+_KEY_SHAPE = re.compile(r"\d|.[\W_].|[a-z][A-Z]")
+
+
+def _prose(match: re.Match[str]) -> bool:
+    """Whether a value given to a name is prose, not a secret: the name is
+    the word token alone (not access_token, x-token or authToken), a space
+    comes before the value, and the value is bare (unquoted, after neither
+    a quoted name nor an Authorization scheme) and not shaped like a key."""
+    start = match.start()
+    before = match.string[start - 1] if start else " "
+    value = match["value"]
+    return (match["name"][:5].lower() == "token"
+            and not (before.isalnum() or before in "_-")
+            and match["sep"].strip() != match["sep"]
+            and not (match["quoted"] or match["auth"] or value[0] in "\"'")
+            and not (_LETTER.search(value) and _KEY_SHAPE.search(value)))
+
+
 def _hide(match: re.Match[str]) -> str:
     """What stays of a secret: the name it was given and its quotes, or
-    the scheme of a bearer token."""
+    the scheme of a bearer token; prose is left as it is."""
     if match["name"] is not None:
+        if _prose(match):
+            return match[0]
         value = match["value"]
         quote = value[0] if value[0] in "\"'" else ""
         return f"{match['name']}{quote}[REDACTED]{quote}"

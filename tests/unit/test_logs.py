@@ -85,6 +85,23 @@ def test_a_url_password_holding_an_at_sign_is_redacted_whole():
     ("key sk-ant-api03-Zz9_yy8-XX7 is invalid", "sk-ant-api03-Zz9_yy8-XX7"),
     ("(sk-abcdef0123456789)", "sk-abcdef0123456789"),
     ("url ...?key=AIzaSyB0123456789abcdefghijklmnopqrstuv", "AIzaSyB0123456789"),
+    # after the word token and a space, a value shaped like a key, a quoted
+    # one, or one after a scheme; right after = or :, any value
+    ("token: sk-abc123def456ghi", "abc123def456ghi"),
+    ("token: t0k3nvalue expired", "t0k3nvalue"),
+    ("Token: abcDefGhi rejected", "abcDefGhi"),
+    ("token: ghp_plainletters", "ghp_plainletters"),
+    ('token: "plainword"', "plainword"),
+    ("{'token': 'plainword'}", "plainword"),
+    ("token: Bearer plainword", "plainword"),
+    ("token=plainword", "plainword"),
+    ("token:plainword", "plainword"),
+    # names that are not the word token alone are never prose
+    ("access_token: plainword", "plainword"),
+    ("X-Auth-Token: plainword", "plainword"),
+    ("authToken: plainword", "plainword"),
+    ("password: hunter", "hunter"),
+    ("api_key: 12345678", "12345678"),
 ])
 def test_credentials_in_free_text_are_redacted(text, secret):
     hidden = redact(text)
@@ -119,6 +136,11 @@ def test_redaction_keeps_the_name_of_what_it_hides():
     "secrets_dir=/var/run/secrets/hivemesh",
     "http://host:8080/path?limit=5&page_token_hint=x",
     "rate limit: 200000 tokens per minute",
+    # the word token, then a word or a number: prose about model tokens
+    "token: limit reached",
+    "max token: 10",
+    "Token: expired, refreshing",
+    "token = none left; max token: 4,096 of 8192",
 ])
 def test_redaction_leaves_ordinary_text_alone(text):
     assert redact(text) == text
@@ -177,4 +199,13 @@ def test_a_long_run_of_letters_is_redacted_in_one_pass():
     each time (a 40 KB run held the event loop for seconds, a megabyte for
     hours). Redacted in a child process, stopped if it has not finished."""
     code = "from hivemesh.runtime.logs import redact; redact('A' * 1_000_000)"
+    subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
+
+
+def test_prose_after_the_word_token_is_told_apart_in_one_pass():
+    """Telling prose from a secret after ``token:`` looks at each value
+    once: a long value, or many such values, cost time linear in the line."""
+    code = ("from hivemesh.runtime.logs import redact; "
+            "redact('token: ' + 'a' * 1_000_000); redact('token: ' + 'a-' * 500_000); "
+            "redact('max token: 10 ' * 100_000); redact('token: ' * 200_000)")
     subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
