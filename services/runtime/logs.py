@@ -66,13 +66,15 @@ _SECRET_VALUE = re.compile(
 # Patterns of fixed width, so that a search stays linear in the value.
 _LETTER = re.compile(r"[^\W\d_]")
 _KEY_SHAPE = re.compile(r"\d|.[\W_].|[a-z][A-Z]")
+_KEY_MIN_CHARS = 16
 
 
 def _prose(match: re.Match[str]) -> bool:
     """Whether a value given to a name is prose, not a secret: the name is
     the word token alone (not access_token, x-token or authToken), a space
     comes before the value, and the value is bare (unquoted, after neither
-    a quoted name nor an Authorization scheme) and not shaped like a key."""
+    a quoted name nor an Authorization scheme), shorter than a key (a word
+    or number of 16 characters or more may be one) and not shaped like one."""
     start = match.start()
     before = match.string[start - 1] if start else " "
     value = match["value"]
@@ -80,6 +82,7 @@ def _prose(match: re.Match[str]) -> bool:
             and not (before.isalnum() or before in "_-")
             and match["sep"].strip() != match["sep"]
             and not (match["quoted"] or match["auth"] or value[0] in "\"'")
+            and len(value) < _KEY_MIN_CHARS
             and not (_LETTER.search(value) and _KEY_SHAPE.search(value)))
 
 

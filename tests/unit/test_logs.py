@@ -96,6 +96,9 @@ def test_a_url_password_holding_an_at_sign_is_redacted_whole():
     ("token: Bearer plainword", "plainword"),
     ("token=plainword", "plainword"),
     ("token:plainword", "plainword"),
+    # a word or number long enough to be a key, even a plain one
+    ("token: 9876543210123456", "9876543210123456"),
+    ("token: abcdefghijklmnopqrstuvwx expired", "abcdefghijklmnopqrstuvwx"),
     # names that are not the word token alone are never prose
     ("access_token: plainword", "plainword"),
     ("X-Auth-Token: plainword", "plainword"),
