@@ -119,6 +119,19 @@ def host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials of the server (None: plaintext), the files read now.
+    With ``tls_client_ca_file`` the handshake requires a client certificate
+    signed by one of its CAs."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    client_ca = (None if settings.tls_client_ca_file is None
+                 else settings.tls_client_ca_file.read_bytes())
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -139,8 +152,10 @@ async def start_server(settings: ServerSettings, *, domain: str,
                        ) -> RunningServer:
     """Bind, start and mark SERVING. ``middleware`` (default: tracing, errors,
     validation) wraps every method of ``services``; health and reflection
-    are not wrapped."""
+    are not wrapped. With TLS settings the port is TLS only (health and
+    reflection included)."""
     chain = middleware if middleware is not None else default_chain(domain)
+    credentials = server_credentials(settings)  # before anything is bound
     server = grpc.aio.server(options=server_options(settings))
     health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -151,7 +166,8 @@ async def start_server(settings: ServerSettings, *, domain: str,
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = host_port(settings.host, settings.port)
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
     except RuntimeError as exc:  # grpcio's way of saying the address is taken
         raise OSError(f"could not bind {address}: {exc}") from None
     if port == 0:

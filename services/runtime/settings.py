@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 # Kubernetes mounts secrets as files, one per setting, named like the
 # environment variable (e.g. HIVEMESH_ARTIFACT_POSTGRES_DSN).
@@ -57,6 +58,50 @@ def secrets_dir() -> Path | None:
     return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
 
 
+def _pem(path: Path, what: str, marker: str) -> None:
+    """ValueError unless ``path`` can be read and holds a PEM ``marker``
+    block (only the path goes into the message, never the contents)."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in text or marker.encode() not in text:
+        raise ValueError(f"{path} holds no PEM {what}")
+    if b"ENCRYPTED" in text and what == "private key":
+        raise ValueError(f"{path} is an encrypted private key; give it unencrypted "
+                         "(protect the file instead, as a mounted Secret)")
+
+
+def check_certificate_file(path: Path) -> Path:
+    _pem(path, "certificate", "CERTIFICATE-----")
+    return path
+
+
+def check_key_file(path: Path) -> Path:
+    _pem(path, "private key", "PRIVATE KEY-----")
+    return path
+
+
+def check_key_pair(cert_file: Path, key_file: Path) -> None:
+    """ValueError unless the key is the certificate's (each file checked
+    on its own before)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    def no_password() -> bytes:
+        raise ValueError("encrypted")
+    try:
+        context.load_cert_chain(cert_file, key_file, password=no_password)
+    except (ssl.SSLError, ValueError):
+        raise ValueError(f"the private key {key_file} is not the key of the certificate "
+                         f"{cert_file} (or one of them is malformed)") from None
+
+
+def _check_file(check):
+    def validate(value: Path | None) -> Path | None:
+        return None if value is None else check(value)
+    return validate
+
+
 # What an answer leaves of max_message_bytes for the rest of its message
 # (status details, headers): an answer a handler builds fits in the rest.
 RESPONSE_MARGIN_BYTES = 64 * 1024
@@ -80,6 +125,34 @@ class ServerSettings(BaseModel):
     # Clients may ping this often without data, no more.
     min_ping_interval_ms: int = Field(default=10_000, ge=1000)
     log_level: str = "INFO"
+    # TLS, off unless both are set: the server's certificate (PEM, with its
+    # chain) and its private key (PEM, unencrypted).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Mutual TLS: clients must present a certificate signed by one of these
+    # CAs (PEM bundle). Needs the two above.
+    tls_client_ca_file: Path | None = None
+
+    _cert = field_validator("tls_cert_file", "tls_client_ca_file")(
+        _check_file(check_certificate_file))
+    _key = field_validator("tls_key_file")(_check_file(check_key_file))
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServerSettings:
+        # Read and checked here, so that `serve` reports a missing file or a
+        # key of another certificate as an invalid setting (exit 2).
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
+                             "tls_key_file")
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            check_key_pair(self.tls_cert_file, self.tls_key_file)
+        return self
 
     @field_validator("log_level")
     @classmethod
@@ -90,3 +163,40 @@ class ServerSettings(BaseModel):
         if name not in logging.getLevelNamesMapping():
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return name
+
+
+class ChannelTlsSettings(BaseModel):
+    """TLS of a service's channels to another service (the orchestrator's to
+    the providers, the memory service's to the LLM service): on when
+    ``ca_file`` is set. ``ca_file``: PEM bundle of the CAs that sign the
+    servers' certificates; ``cert_file``/``key_file`` (both or neither): this
+    service's client certificate, for servers that require one (mutual
+    TLS); ``server_name``: the name the servers' certificates carry when it
+    is not the host of the address."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = Field(default=None, min_length=1)
+
+    _cert = field_validator("ca_file", "cert_file")(_check_file(check_certificate_file))
+    _key = field_validator("key_file")(_check_file(check_key_file))
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChannelTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        if self.ca_file is None and (self.cert_file is not None or self.server_name):
+            raise ValueError("TLS toward the services needs ca_file (the CA of their "
+                             "certificates); cert_file, key_file and server_name need it too")
+        if self.cert_file is not None and self.key_file is not None:
+            check_key_pair(self.cert_file, self.key_file)
+        return self
+
+    def channel_tls(self):
+        """The client's ChannelTls, None when TLS is off."""
+        if self.ca_file is None:
+            return None
+        from hivemesh.client.channel import ChannelTls
+        return ChannelTls(ca_file=self.ca_file, cert_file=self.cert_file,
+                          key_file=self.key_file, server_name=self.server_name)

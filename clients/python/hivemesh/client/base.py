@@ -8,7 +8,7 @@ from typing import Any, Final
 import grpc
 from opentelemetry import baggage, propagate, trace
 
-from hivemesh.client.channel import insecure_channel, method_timeout
+from hivemesh.client.channel import ChannelTls, method_timeout, open_channel
 from hivemesh.client.errors import from_rpc_error
 
 
@@ -34,19 +34,27 @@ class BaseClient:
     """``timeout``: of every call unless the call gives its own; DEFAULT is
     each method's timeout in the service config of its contract (the
     deadline the contract allows it, such as 60 s for AddMemories); None
-    means no deadline."""
+    means no deadline.
+
+    ``target`` opens a plaintext channel, or a TLS one with ``tls``
+    (:class:`~hivemesh.client.channel.ChannelTls`: CA bundle, client
+    certificate for mutual TLS, server name); ``channel`` is a channel of
+    the caller's own (which the client does not close)."""
 
     api: str = ""
 
     def __init__(self, target: str | None = None, *, channel: grpc.aio.Channel | None = None,
+                 tls: ChannelTls | None = None,
                  timeout: float | None | _Default = DEFAULT) -> None:
         if (target is None) == (channel is None):
             raise ValueError("pass exactly one of target or channel")
+        if tls is not None and channel is not None:
+            raise ValueError("tls goes with target: a channel passed in has its own credentials")
         self._owns_channel = channel is None
         # Each call's deadline comes from _unary (the method's timeout unless
         # the client or the call says otherwise), not from the channel.
         self.channel = (channel if channel is not None
-                        else insecure_channel(target, self.api, timeouts=False))
+                        else open_channel(target, self.api, tls, timeouts=False))
         self.timeout = timeout
 
     async def close(self) -> None:

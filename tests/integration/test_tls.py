@@ -1,0 +1,137 @@
+"""Optional TLS and mutual TLS of the runtime's servers and the client's
+channels, with throwaway certificates made by the test (tests/fakes/tls.py)
+and servers on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from hivemesh.client import ArtifactClient, ChannelTls, UnavailableError, secure_channel
+from hivemesh.runtime.settings import ServerSettings
+from hivemesh.services.artifact.backends.memory import MemoryBackend
+from hivemesh.services.artifact.server import create_server
+from hivemesh.services.artifact.servicer import SERVICE_NAME
+from hivemesh.services.artifact.settings import ArtifactSettings
+from tests.fakes.tls import Pki, make_pki
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+async def _serve(**server):
+    settings = ArtifactSettings(server=ServerSettings(port=0, grace_period_s=0, **server),
+                                backend="memory")
+    running, port = await create_server(settings, MemoryBackend())
+    return running, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def tls_server(pki):
+    running, address = await _serve(tls_cert_file=pki.server.cert, tls_key_file=pki.server.key)
+    yield address
+    await running.shutdown(0)
+
+
+@pytest.fixture
+async def mtls_server(pki):
+    running, address = await _serve(tls_cert_file=pki.server.cert, tls_key_file=pki.server.key,
+                                    tls_client_ca_file=pki.ca)
+    yield address
+    await running.shutdown(0)
+
+
+async def _save_and_get(client: ArtifactClient) -> str:
+    saved = await client.save(workflow_id="wf-tls", agent_id="coder", artifact_type="code",
+                              content="print('over TLS')")
+    got = await client.get(saved.artifact.artifact_id)
+    return got.content
+
+
+async def test_a_tls_client_calls_a_tls_service_and_its_health(pki, tls_server):
+    async with ArtifactClient(tls_server, tls=ChannelTls(ca_file=pki.ca)) as client:
+        assert await _save_and_get(client) == "print('over TLS')"
+    channel = secure_channel(tls_server, "artifact", ChannelTls(ca_file=pki.ca))
+    async with channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=service),
+                                        timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert SERVICE_NAME in names
+
+
+async def test_the_server_name_can_be_overridden(pki, tls_server):
+    # The certificate names localhost, hivemesh.test and 127.0.0.1: a name
+    # it lacks is refused, one it has (other than the target's) is accepted.
+    port = tls_server.rsplit(":", 1)[1]
+    wrong = ChannelTls(ca_file=pki.ca, server_name="elsewhere.test")
+    async with ArtifactClient(tls_server, tls=wrong) as client:
+        with pytest.raises(UnavailableError):
+            await client.count(timeout=3)
+    right = ChannelTls(ca_file=pki.ca, server_name="hivemesh.test")
+    async with ArtifactClient(f"127.0.0.1:{port}", tls=right) as client:
+        await client.count()
+
+
+async def test_a_plaintext_client_is_refused_by_a_tls_service(tls_server):
+    async with ArtifactClient(tls_server) as client:
+        with pytest.raises(UnavailableError):
+            await client.count(timeout=3)
+
+
+async def test_a_client_trusting_another_ca_refuses_the_server(pki, tls_server):
+    async with ArtifactClient(tls_server, tls=ChannelTls(ca_file=pki.other_ca)) as client:
+        with pytest.raises(UnavailableError):
+            await client.count(timeout=3)
+
+
+async def test_mutual_tls_needs_a_client_certificate_signed_by_the_ca(pki, mtls_server):
+    without = ChannelTls(ca_file=pki.ca)
+    async with ArtifactClient(mtls_server, tls=without) as client:
+        with pytest.raises(UnavailableError):
+            await client.count(timeout=3)
+    stranger = ChannelTls(ca_file=pki.ca, cert_file=pki.stranger.cert,
+                          key_file=pki.stranger.key)
+    async with ArtifactClient(mtls_server, tls=stranger) as client:
+        with pytest.raises(UnavailableError):
+            await client.count(timeout=3)
+    signed = ChannelTls(ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key)
+    async with ArtifactClient(mtls_server, tls=signed) as client:
+        assert await _save_and_get(client) == "print('over TLS')"
+    async with secure_channel(mtls_server, "artifact", signed) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_plaintext_service_stays_plaintext(pki):
+    running, address = await _serve()
+    try:
+        async with ArtifactClient(address) as client:
+            assert await client.count() == 0
+        async with ArtifactClient(address, tls=ChannelTls(ca_file=pki.ca)) as client:
+            with pytest.raises(UnavailableError):
+                await client.count(timeout=3)
+    finally:
+        await running.shutdown(0)
+
+
+async def test_client_tls_options_are_checked(pki, tmp_path):
+    with pytest.raises(ValueError, match="both or neither"):
+        ChannelTls(ca_file=pki.ca, cert_file=pki.client.cert)
+    with pytest.raises(ValueError, match="cannot read the CA file"):
+        ChannelTls(ca_file=tmp_path / "missing.pem").credentials()
+    with pytest.raises(ValueError, match="tls goes with target"):
+        ArtifactClient(channel=grpc.aio.insecure_channel("127.0.0.1:1"),
+                       tls=ChannelTls(ca_file=pki.ca))
