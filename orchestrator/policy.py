@@ -45,7 +45,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hivemesh.artifact.v1 import ArtifactServiceStub
 from hivemesh.client.base import trace_metadata
-from hivemesh.client.channel import insecure_channel
+from hivemesh.client.channel import ChannelTls, open_channel
 from hivemesh.client.errors import HivemeshError, from_rpc_error
 from hivemesh.information.v1 import InformationServiceStub
 from hivemesh.llm.v1 import LlmServiceStub
@@ -181,21 +181,24 @@ class Providers:
 
     def __init__(self, addresses: dict[str, str | None], *, call_timeout_s: float = 60.0,
                  min_call_time_s: float = 0.05, breaker_failure_threshold: int = 5,
-                 breaker_reset_s: float = 10.0, channel_retries: bool = True) -> None:
+                 breaker_reset_s: float = 10.0, channel_retries: bool = True,
+                 tls: ChannelTls | None = None) -> None:
         self.call_timeout_s = call_timeout_s
         self.min_call_time_s = min_call_time_s
         self._breaker = (breaker_failure_threshold, breaker_reset_s)
         self._providers: dict[str, Provider] = {}
         for name, address in addresses.items():
             if address:
-                self.add(name, address, _PROVIDERS[name], retries=channel_retries)
+                self.add(name, address, _PROVIDERS[name], retries=channel_retries, tls=tls)
 
     def add(self, name: str, address: str, kind: tuple[str, type, str], *,
-            retries: bool = True) -> None:
+            retries: bool = True, tls: ChannelTls | None = None) -> None:
         """``retries=False``: the channel does not retry (the address is a
-        sidecar egress listener, which does); tool servers keep theirs."""
+        sidecar egress listener, which does); tool servers keep theirs.
+        ``tls``: a TLS channel (the four providers' TLS settings), else
+        plaintext."""
         api, stub, service = kind
-        channel = insecure_channel(address, api, retries=retries)
+        channel = open_channel(address, api, tls, retries=retries)
         self._providers[name] = Provider(name, service, channel, stub(channel),
                                          CircuitBreaker(*self._breaker))
 

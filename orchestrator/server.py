@@ -77,7 +77,8 @@ async def open_backend(settings: OrchestratorSettings) -> Orchestrator:
         call_timeout_s=settings.call_timeout_s, min_call_time_s=settings.min_call_time_s,
         breaker_failure_threshold=settings.breaker_failure_threshold,
         breaker_reset_s=settings.breaker_reset_s,
-        channel_retries=settings.provider_channel_retries)
+        channel_retries=settings.provider_channel_retries,
+        tls=settings.provider_tls.channel_tls())
     tools = ToolRegistry(providers)
     for name, address in settings.tool_servers.items():
         tools.add_server(name, address)

@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings, existing_path
+from hivemesh.runtime.settings import ChannelTlsSettings, ServerSettings, existing_path
 
 
 class OrchestratorSettings(BaseSettings):
@@ -40,6 +40,11 @@ class OrchestratorSettings(BaseSettings):
     # themselves: with both, a failure would be tried 4 x 3 times. Tool
     # servers' channels always retry.
     provider_channel_retries: bool = True
+    # TLS toward the four providers (on when provider_tls.ca_file is set;
+    # cert_file/key_file for providers that require client certificates),
+    # e.g. HIVEMESH_ORCHESTRATOR_PROVIDER_TLS__CA_FILE. Tool servers'
+    # channels stay plaintext.
+    provider_tls: ChannelTlsSettings = Field(default_factory=ChannelTlsSettings)
     agents_dir: Path | None = None
     # Where agents registered over gRPC are kept (local state backend); None
     # keeps them in memory.

@@ -144,9 +144,10 @@ class LlmServiceEmbedder:
     @classmethod
     async def open(cls, address: str, *, alias: str = "", dimensions: int = 0,
                    batch_size: int = 256, timeout_s: float = 30.0,
-                   channel_retries: bool = True) -> LlmServiceEmbedder:
-        from hivemesh.client.channel import insecure_channel
-        channel = insecure_channel(address, "llm", retries=channel_retries)
+                   channel_retries: bool = True, tls=None) -> LlmServiceEmbedder:
+        """``tls``: a ChannelTls for a TLS channel, else plaintext."""
+        from hivemesh.client.channel import open_channel
+        channel = open_channel(address, "llm", tls, retries=channel_retries)
         embedder = cls(channel, model=alias, alias=alias, dimensions=dimensions,
                        batch_size=batch_size, timeout_s=timeout_s)
         try:

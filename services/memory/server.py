@@ -45,7 +45,7 @@ async def open_embedder(settings: MemorySettings) -> Embedder:
         return await LlmServiceEmbedder.open(
             address, alias=settings.embedding_model,
             batch_size=settings.embed_batch_size, timeout_s=settings.embed_timeout_s,
-            channel_retries=settings.llm_channel_retries)
+            channel_retries=settings.llm_channel_retries, tls=settings.llm_tls.channel_tls())
     return HashingEmbedder(settings.embedding_dimensions)
 
 

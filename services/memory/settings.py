@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.settings import ChannelTlsSettings, ServerSettings
 from hivemesh.runtime.sqlite import Synchronous
 
 
@@ -40,6 +40,9 @@ class MemorySettings(BaseSettings):
     # service config). Off when llm_address is the Envoy sidecar's egress
     # listener (127.0.0.1:15003), which retries on another pod itself.
     llm_channel_retries: bool = True
+    # TLS toward the LLM service (on when llm_tls.ca_file is set), e.g.
+    # HIVEMESH_MEMORY_LLM_TLS__CA_FILE, __CERT_FILE, __KEY_FILE.
+    llm_tls: ChannelTlsSettings = Field(default_factory=ChannelTlsSettings)
     # Embedding model alias at the LLM service; empty: its default alias.
     embedding_model: str = ""
     # Vector size of the hashing embedder (the LLM's and the local model

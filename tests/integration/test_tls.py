@@ -4,18 +4,25 @@ and servers on 127.0.0.1, port 0."""
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import pytest
+from fakes.mesh import mesh
+from fakes.tls import Pki, make_pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hivemesh.client import ArtifactClient, ChannelTls, UnavailableError, secure_channel
+from hivemesh.client.memory import MemoryClient
+from hivemesh.common.v1 import RequestContext
+from hivemesh.orchestrator.v1 import (
+    AgentDefinition, MemoryConfig, RegisterAgentRequest, RunAgentRequest)
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.artifact.backends.memory import MemoryBackend
 from hivemesh.services.artifact.server import create_server
 from hivemesh.services.artifact.servicer import SERVICE_NAME
 from hivemesh.services.artifact.settings import ArtifactSettings
-from tests.fakes.tls import Pki, make_pki
 
 pytestmark = pytest.mark.asyncio
 
@@ -125,6 +132,40 @@ async def test_a_plaintext_service_stays_plaintext(pki):
                 await client.count(timeout=3)
     finally:
         await running.shutdown(0)
+
+
+async def test_the_orchestrator_runs_an_agent_through_mutual_tls_providers(pki, tmp_path):
+    """Every server of the mesh requires a client certificate: the
+    orchestrator reaches the LLM, memory, information and artifact services
+    with its own, and the memory service embeds through the LLM service
+    with its own."""
+    client = ChannelTls(ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key)
+    async with mesh(tmp_path, tls=pki) as m:
+        agent = AgentDefinition(name="coder", model="main", output_artifact_type="code",
+                                memory=MemoryConfig(enabled=True, write_back=True,
+                                                    namespace="acme"))
+        await m.orchestrator.RegisterAgent(
+            RegisterAgentRequest(request_id=str(uuid.uuid4()), agent=agent), timeout=20)
+        request = dict(agent="coder", input="Implement a function that adds two numbers",
+                       context=RequestContext(tenant_id="acme"))
+        first = (await m.orchestrator.RunAgent(
+            RunAgentRequest(request_id=str(uuid.uuid4()), **request), timeout=30)).result
+        assert first.output.startswith("def solve") and first.model == "main"
+        assert not first.degraded
+        (saved,) = first.artifact_ids
+        async with ArtifactClient(m.addresses["artifact"], tls=client) as artifacts:
+            assert (await artifacts.get(saved)).content == first.output
+        async with MemoryClient(m.addresses["memory"], tls=client) as memory:
+            assert await memory.count(namespace="acme") > 0
+        # The second run recalls what the first wrote back (embedded over TLS).
+        second = (await m.orchestrator.RunAgent(
+            RunAgentRequest(request_id=str(uuid.uuid4()), **request), timeout=30)).result
+        assert second.memories_recalled > 0 and not second.degraded
+        # Without a client certificate the providers refuse the caller.
+        async with ArtifactClient(m.addresses["artifact"],
+                                  tls=ChannelTls(ca_file=pki.ca)) as artifacts:
+            with pytest.raises(UnavailableError):
+                await artifacts.count(timeout=3)
 
 
 async def test_client_tls_options_are_checked(pki, tmp_path):
