@@ -4,6 +4,9 @@ and servers on 127.0.0.1, port 0."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import grpc
@@ -13,6 +16,7 @@ from fakes.tls import Pki, make_pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from hivemesh.cli.processes import start_service
 from hivemesh.client import ArtifactClient, ChannelTls, UnavailableError, secure_channel
 from hivemesh.client.memory import MemoryClient
 from hivemesh.common.v1 import RequestContext
@@ -23,9 +27,6 @@ from hivemesh.services.artifact.backends.memory import MemoryBackend
 from hivemesh.services.artifact.server import create_server
 from hivemesh.services.artifact.servicer import SERVICE_NAME
 from hivemesh.services.artifact.settings import ArtifactSettings
-
-pytestmark = pytest.mark.asyncio
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
@@ -173,6 +174,85 @@ async def test_client_tls_options_are_checked(pki, tmp_path):
         ChannelTls(ca_file=pki.ca, cert_file=pki.client.cert)
     with pytest.raises(ValueError, match="cannot read the CA file"):
         ChannelTls(ca_file=tmp_path / "missing.pem").credentials()
-    with pytest.raises(ValueError, match="tls goes with target"):
-        ArtifactClient(channel=grpc.aio.insecure_channel("127.0.0.1:1"),
-                       tls=ChannelTls(ca_file=pki.ca))
+    async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
+        with pytest.raises(ValueError, match="tls goes with target"):
+            ArtifactClient(channel=channel, tls=ChannelTls(ca_file=pki.ca))
+
+
+async def test_serve_announces_a_tls_service_as_before(pki, tmp_path):
+    env = {"HIVEMESH_ARTIFACT_SERVER__TLS_CERT_FILE": str(pki.server.cert),
+           "HIVEMESH_ARTIFACT_SERVER__TLS_KEY_FILE": str(pki.server.key),
+           "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_CA_FILE": str(pki.ca)}
+    proc = start_service("artifact", data_dir=tmp_path, env=env)
+    try:
+        assert proc.address.startswith("127.0.0.1:")  # from `listening on HOST:PORT`
+        tls = ChannelTls(ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key)
+        async with ArtifactClient(proc.address, tls=tls) as client:
+            assert await client.count() == 0
+        async with ArtifactClient(proc.address) as client:
+            with pytest.raises(UnavailableError):
+                await client.count(timeout=3)
+    finally:
+        assert proc.stop() == 0
+
+
+def _serve_artifact(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
+                               "--port", "0", "--data-dir", str(tmp_path / "data")],
+                              env={**os.environ, **env}, capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"served with bad TLS settings: {exc.stdout!r}")
+
+
+_CERT = "HIVEMESH_ARTIFACT_SERVER__TLS_CERT_FILE"
+_KEY = "HIVEMESH_ARTIFACT_SERVER__TLS_KEY_FILE"
+_CLIENT_CA = "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_CA_FILE"
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({_CERT: "server.cert"}, "tls_cert_file and tls_key_file go together"),
+    ({_KEY: "server.key"}, "tls_cert_file and tls_key_file go together"),
+    ({_CERT: "server.cert", _KEY: "missing.key"},
+     "server.tls_key_file: Value error, cannot read {dir}/missing.key: No such file"),
+    ({_CERT: "server.cert", _KEY: "client.key"},
+     "the private key {dir}/client.key is not the key of the certificate {dir}/server.crt"),
+    ({_CERT: "server.key", _KEY: "server.key"},
+     "server.tls_cert_file: Value error, {dir}/server.key holds no PEM certificate"),
+    ({_CERT: "server.cert", _KEY: "server.key", _CLIENT_CA: "server.key"},
+     "server.tls_client_ca_file: Value error, {dir}/server.key holds no PEM certificate"),
+    ({_CLIENT_CA: "ca"}, "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file"),
+])
+def test_bad_tls_settings_are_invalid_settings(pki, tmp_path, files, message):
+    """serve exits 2, as on any invalid setting, naming the setting and the
+    file, never a key's contents."""
+    paths = {"server.cert": pki.server.cert, "server.key": pki.server.key,
+             "client.key": pki.client.key, "ca": pki.ca,
+             "missing.key": pki.ca.parent / "missing.key"}
+    env = {name: str(paths[file]) for name, file in files.items()}
+    result = _serve_artifact(env, tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "invalid artifact settings:" in result.stderr
+    assert message.format(dir=pki.ca.parent) in result.stderr
+    assert "PRIVATE KEY" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_provider_tls_settings_are_invalid_settings(pki, tmp_path):
+    env = {"HIVEMESH_ORCHESTRATOR_PROVIDER_TLS__CERT_FILE": str(pki.client.cert),
+           "HIVEMESH_ORCHESTRATOR_PROVIDER_TLS__KEY_FILE": str(pki.client.key)}
+    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
+                             "orchestrator", "--port", "0", "--data-dir", str(tmp_path)],
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert ("invalid orchestrator settings:\n  provider_tls: Value error, TLS toward the "
+            "services needs ca_file") in result.stderr
+    env = {"HIVEMESH_MEMORY_LLM_TLS__CA_FILE": str(pki.client.key)}
+    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
+                             "memory", "--port", "0", "--data-dir", str(tmp_path)],
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"llm_tls.ca_file: Value error, {pki.client.key} holds no PEM certificate" \
+        in result.stderr
