@@ -106,3 +106,25 @@ def test_a_channel_reconnects_within_ten_seconds_of_a_provider_coming_back():
         channels.insecure_channel("127.0.0.1:1", "artifact")
     options = dict(make.call_args.kwargs["options"])
     assert options["grpc.max_reconnect_backoff_ms"] == 10_000
+
+
+def test_a_tls_channel_has_the_plaintext_channels_options(tmp_path):
+    """One function builds the options: a TLS channel gets the same service
+    config, retries, message limits and reconnect backoff, plus the server
+    name override when one is given."""
+    from unittest import mock
+
+    from hivemesh.client import channel as channels
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    with mock.patch.object(channels.grpc.aio, "insecure_channel") as plain, \
+            mock.patch.object(channels.grpc.aio, "secure_channel") as secure, \
+            mock.patch.object(channels.grpc, "ssl_channel_credentials") as credentials:
+        channels.insecure_channel("127.0.0.1:1", "memory", retries=False)
+        channels.secure_channel("127.0.0.1:1", "memory",
+                                channels.ChannelTls(ca_file=ca, server_name="memory.test"),
+                                retries=False)
+    plain_options = plain.call_args.kwargs["options"]
+    secure_options = secure.call_args.kwargs["options"]
+    assert secure_options == [*plain_options, ("grpc.ssl_target_name_override", "memory.test")]
+    assert credentials.call_args.kwargs["root_certificates"] == ca.read_bytes()
