@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "typescript"
 NODE_BIN = ROOT / "node_modules" / ".bin"
-TESTS = ["test/errors.test.ts", "test/mesh.test.ts"]
+TESTS = ["test/errors.test.ts", "test/mesh.test.ts", "test/tls.test.ts"]
 
 
 def _node() -> str:

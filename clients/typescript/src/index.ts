@@ -8,4 +8,4 @@ export { Code, HivemeshError, hivemeshErrors, unpackDetail, untilEnd } from "./e
 export type { FieldViolation } from "./errors.js";
 export { checkHealth, ServingStatus } from "./health.js";
 export { createMeshTransport, withHivemeshErrors } from "./transport.js";
-export type { MeshTransportOptions } from "./transport.js";
+export type { MeshTlsOptions, MeshTransportOptions } from "./transport.js";

@@ -1,5 +1,7 @@
 // A gRPC transport to one hivemesh service.
 
+import type * as http2 from "node:http2";
+
 import { Code, ConnectError, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
@@ -13,18 +15,52 @@ export interface MeshTransportOptions {
   readonly defaultTimeoutMs?: number;
   /** Largest message received, in bytes (the services allow 16 MiB). */
   readonly readMaxBytes?: number;
-  /** Use TLS (`https`); by default plaintext HTTP/2, as on loopback or
-   * behind a sidecar. */
-  readonly tls?: boolean;
+  /** Use TLS (`https`): `true` trusts Node's default CAs, an object sets
+   * the CA, a client certificate (mutual TLS) and the server name. By
+   * default plaintext HTTP/2, as on loopback or behind a sidecar. */
+  readonly tls?: boolean | MeshTlsOptions;
+}
+
+/** TLS toward a hivemesh service whose settings turn it on
+ * (`HIVEMESH_<SVC>_SERVER__TLS_*`). Contents, not paths: PEM text or bytes,
+ * e.g. `readFileSync("ca.pem")`. */
+export interface MeshTlsOptions {
+  /** CAs that may sign the server's certificate (default: Node's). */
+  readonly ca?: string | Uint8Array;
+  /** The client's certificate and its key (both or neither), for a
+   * service that requires one (`..._SERVER__TLS_CLIENT_CA_FILE`). */
+  readonly cert?: string | Uint8Array;
+  readonly key?: string | Uint8Array;
+  /** The name the server's certificate must carry when it is not the
+   * address's host (an address by IP, a proxy). */
+  readonly serverName?: string;
+}
+
+function secureOptions(tls: MeshTlsOptions): http2.SecureClientSessionOptions {
+  if ((tls.cert === undefined) !== (tls.key === undefined)) {
+    throw new TypeError("tls.cert and tls.key go together: give both or neither");
+  }
+  const options: http2.SecureClientSessionOptions = {};
+  if (tls.ca !== undefined) options.ca = toPem(tls.ca);
+  if (tls.cert !== undefined) options.cert = toPem(tls.cert);
+  if (tls.key !== undefined) options.key = toPem(tls.key);
+  if (tls.serverName !== undefined) options.servername = tls.serverName;
+  return options;
+}
+
+function toPem(value: string | Uint8Array): string | Buffer {
+  return typeof value === "string" ? value : Buffer.from(value);
 }
 
 /** A transport speaking gRPC over HTTP/2 to `host:port`. Failures of calls
  * through it are thrown as HivemeshError, deadlines and cancellations
  * included. */
 export function createMeshTransport(address: string, options: MeshTransportOptions = {}): Transport {
+  const tls = options.tls;
   return withHivemeshErrors(
     createGrpcTransport({
-      baseUrl: `${options.tls ? "https" : "http"}://${address}`,
+      baseUrl: `${tls ? "https" : "http"}://${address}`,
+      nodeOptions: typeof tls === "object" ? secureOptions(tls) : undefined,
       interceptors: [...(options.interceptors ?? []), hivemeshErrors],
       defaultTimeoutMs: options.defaultTimeoutMs,
       readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,

@@ -9,7 +9,7 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
 export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
-const PYTHON = process.env.HIVEMESH_PYTHON ?? join(REPO, ".venv", "bin", "python");
+export const PYTHON = process.env.HIVEMESH_PYTHON ?? join(REPO, ".venv", "bin", "python");
 const START_TIMEOUT_MS = 90_000;
 const STOP_TIMEOUT_MS = 15_000;
 

@@ -1,0 +1,106 @@
+// The TypeScript client's TLS option against `hivemesh serve` with TLS and
+// mutual TLS on: throwaway certificates made for the test by the Python
+// helper tests/fakes/tls.py (a CA, a server certificate for localhost,
+// hivemesh.test and 127.0.0.1, a client certificate, and one from another CA).
+
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { promisify } from "node:util";
+
+import {
+  checkHealth,
+  createClient,
+  createMeshTransport,
+  HivemeshError,
+  type MeshTlsOptions,
+  ServingStatus,
+} from "@hivemesh/client";
+import { ArtifactService } from "@hivemesh/client/artifact/v1";
+
+import { PYTHON, REPO, type Service, startService } from "./services.js";
+
+const MAKE_PKI = "import sys, pathlib; sys.path.insert(0, 'tests'); " +
+  "from fakes.tls import make_pki; make_pki(pathlib.Path(sys.argv[1]))";
+
+async function refused(call: Promise<unknown>): Promise<HivemeshError> {
+  try {
+    await call;
+  } catch (err) {
+    assert.ok(err instanceof HivemeshError, `expected a HivemeshError, got ${String(err)}`);
+    return err;
+  }
+  assert.fail("the call succeeded");
+}
+
+describe("TypeScript client over TLS", { timeout: 180_000 }, () => {
+  const root = mkdtempSync(join(tmpdir(), "hivemesh-ts-tls-"));
+  const pki = join(root, "pki");
+  const pem = (name: string) => readFileSync(join(pki, name));
+  let tls: Service;
+  let mtls: Service;
+
+  before(async () => {
+    await promisify(execFile)(PYTHON, ["-c", MAKE_PKI, pki], { cwd: REPO });
+    const server = {
+      HIVEMESH_ARTIFACT_BACKEND: "memory",
+      HIVEMESH_ARTIFACT_SERVER__TLS_CERT_FILE: join(pki, "server.crt"),
+      HIVEMESH_ARTIFACT_SERVER__TLS_KEY_FILE: join(pki, "server.key"),
+    };
+    [tls, mtls] = await Promise.all([
+      startService("artifact", join(root, "tls"), server),
+      startService("artifact", join(root, "mtls"), {
+        ...server,
+        HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_CA_FILE: join(pki, "test-ca.pem"),
+      }),
+    ]);
+  });
+
+  after(async () => {
+    await Promise.all([tls?.stop(), mtls?.stop()]);
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  const count = (address: string, options: MeshTlsOptions | boolean | undefined) =>
+    createClient(ArtifactService, createMeshTransport(address, { tls: options })).countArtifacts(
+      {},
+      { timeoutMs: 5000 },
+    );
+
+  test("a client trusting the CA calls a TLS service and its health check", async () => {
+    const options = { ca: pem("test-ca.pem") };
+    assert.equal((await count(tls.address, options)).count, 0n);
+    assert.equal(await checkHealth(createMeshTransport(tls.address, { tls: options })), ServingStatus.SERVING);
+  });
+
+  test("a plaintext client, or one trusting other CAs, is refused", async () => {
+    await refused(count(tls.address, undefined));
+    // Node's default CAs, or another CA: the client refuses the server.
+    for (const options of [true, { ca: pem("other-ca.pem") }]) {
+      assert.match((await refused(count(tls.address, options))).rawMessage, /unable to verify/);
+    }
+  });
+
+  test("the server name can be overridden", async () => {
+    const wrong = await refused(count(tls.address, { ca: pem("test-ca.pem"), serverName: "elsewhere.test" }));
+    assert.match(wrong.rawMessage, /does not match certificate's altnames/);
+    const named = { ca: pem("test-ca.pem"), serverName: "hivemesh.test" };
+    assert.equal((await count(tls.address, named)).count, 0n);
+  });
+
+  test("mutual TLS refuses a client without a certificate signed by the CA", async () => {
+    const ca = pem("test-ca.pem");
+    await refused(count(mtls.address, { ca }));
+    await refused(count(mtls.address, { ca, cert: pem("stranger.crt"), key: pem("stranger.key") }));
+    const signed = { ca, cert: pem("client.crt"), key: pem("client.key") };
+    assert.equal((await count(mtls.address, signed)).count, 0n);
+    assert.equal(await checkHealth(createMeshTransport(mtls.address, { tls: signed })), ServingStatus.SERVING);
+  });
+
+  test("a certificate without its key is a usage error", () => {
+    assert.throws(() => createMeshTransport(tls.address, { tls: { cert: pem("client.crt") } }), TypeError);
+  });
+});
