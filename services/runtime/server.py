@@ -190,7 +190,8 @@ async def run_until_signalled(running: RunningServer, settings: ServerSettings,
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready()
-    log.info("serving", extra={"port": running.port, "event_loop": loop_name(loop)})
+    log.info("serving", extra={"port": running.port, "event_loop": loop_name(loop),
+                               "tls": settings.tls_mode})
     serving = asyncio.create_task(running.server.wait_for_termination())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -138,8 +138,11 @@ class ServerSettings(BaseModel):
     _key = field_validator("tls_key_file")(_check_file(check_key_file))
 
     @property
-    def tls(self) -> bool:
-        return self.tls_cert_file is not None
+    def tls_mode(self) -> str:
+        """off, tls, or mutual (clients need a certificate)."""
+        if self.tls_cert_file is None:
+            return "off"
+        return "tls" if self.tls_client_ca_file is None else "mutual"
 
     @model_validator(mode="after")
     def _tls_complete(self) -> ServerSettings:

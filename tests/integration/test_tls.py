@@ -4,6 +4,7 @@ and servers on 127.0.0.1, port 0."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -183,7 +184,7 @@ async def test_serve_announces_a_tls_service_as_before(pki, tmp_path):
     env = {"HIVEMESH_ARTIFACT_SERVER__TLS_CERT_FILE": str(pki.server.cert),
            "HIVEMESH_ARTIFACT_SERVER__TLS_KEY_FILE": str(pki.server.key),
            "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_CA_FILE": str(pki.ca)}
-    proc = start_service("artifact", data_dir=tmp_path, env=env)
+    proc = start_service("artifact", data_dir=tmp_path, env=env, log_path=tmp_path / "log")
     try:
         assert proc.address.startswith("127.0.0.1:")  # from `listening on HOST:PORT`
         tls = ChannelTls(ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key)
@@ -194,6 +195,10 @@ async def test_serve_announces_a_tls_service_as_before(pki, tmp_path):
                 await client.count(timeout=3)
     finally:
         assert proc.stop() == 0
+    # gRPC's own lines (a refused handshake) are not JSON.
+    logs = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()
+            if line.startswith("{")]
+    assert [entry["tls"] for entry in logs if entry["msg"] == "serving"] == ["mutual"]
 
 
 def _serve_artifact(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
