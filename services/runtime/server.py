@@ -132,6 +132,12 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
         root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+def _tls_hint(credentials: grpc.ServerCredentials | None) -> str:
+    # gRPC fails the same way when it refuses the key (a type its TLS
+    # library does not take, though the settings' check accepted it).
+    return "" if credentials is None else " (or gRPC refused the TLS certificate or key)"
+
+
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -169,9 +175,9 @@ async def start_server(settings: ServerSettings, *, domain: str,
         port = (server.add_insecure_port(address) if credentials is None
                 else server.add_secure_port(address, credentials))
     except RuntimeError as exc:  # grpcio's way of saying the address is taken
-        raise OSError(f"could not bind {address}: {exc}") from None
+        raise OSError(f"could not bind {address}{_tls_hint(credentials)}: {exc}") from None
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address}{_tls_hint(credentials)}")
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -261,3 +261,16 @@ def test_bad_provider_tls_settings_are_invalid_settings(pki, tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert f"llm_tls.ca_file: Value error, {pki.client.key} holds no PEM certificate" \
         in result.stderr
+
+
+async def test_a_key_grpc_refuses_at_bind_is_said_to_be_tls(pki):
+    """The settings' check runs on Python's TLS library, gRPC binds with its
+    own: a key the second refuses fails the bind, which must not read as a
+    port problem only (serve reports it as a start-up failure, exit 1)."""
+    from hivemesh.runtime.server import start_server
+    settings = ServerSettings.model_construct(**{
+        **ServerSettings(port=0).model_dump(),
+        "tls_cert_file": pki.server.cert, "tls_key_file": pki.client.key})  # unchecked
+    with pytest.raises(OSError, match=r"could not bind 127\.0\.0\.1:0 \(or gRPC refused the "
+                                      r"TLS certificate or key\)"):
+        await start_server(settings, domain="hivemesh.test", services=[])
