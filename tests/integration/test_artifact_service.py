@@ -362,6 +362,96 @@ async def test_a_channel_to_a_retrying_proxy_tries_once(artifact_settings):
         await running.shutdown(0)
 
 
+class _GoawayOnFirstCall:
+    """A TCP proxy to ``target`` standing in for an Envoy listener that
+    drops an idle connection just as a call arrives on it: its first
+    connection answers the first call's HEADERS with a GOAWAY that excludes
+    the call's stream (last stream id 0) and closes; every later connection
+    is relayed to the target as it is."""
+
+    # HTTP/2 frames: an empty SETTINGS, and a GOAWAY of last stream 0, NO_ERROR.
+    _SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    _GOAWAY = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + bytes(8)
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self.server.close()
+        for task in self._tasks:
+            task.cancel()
+
+    async def _accept(self, reader, writer) -> None:
+        self.connections += 1
+        if self.connections == 1:
+            await self._goaway(reader, writer)
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _goaway(self, reader, writer) -> None:
+        try:
+            await reader.readexactly(24)  # the client's connection preface
+            writer.write(self._SETTINGS)
+            while True:
+                header = await reader.readexactly(9)
+                await reader.readexactly(int.from_bytes(header[:3], "big"))
+                if header[3] == 0x1:  # HEADERS: a call
+                    break
+            writer.write(self._GOAWAY)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    @staticmethod
+    async def _pipe(src, dst) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except ConnectionError:
+            pass
+        finally:
+            dst.close()
+
+
+async def test_a_channel_without_retries_still_resends_a_call_never_taken(artifact_settings):
+    """Without its retry policy (behind an Envoy egress listener) a channel
+    still sends again a call the target never took: Envoy closing an idle
+    or draining connection with a GOAWAY as the call arrives. That call
+    reached no one, so no layer behind the target could retry it, and
+    sending it again retries no failure."""
+    from hivemesh.client import ArtifactClient
+    from hivemesh.client.channel import insecure_channel
+    from hivemesh.services.artifact.backends.memory import MemoryBackend
+    from hivemesh.services.artifact.fake import FaultyBackend
+    from hivemesh.services.artifact.server import create_server
+
+    backend = FaultyBackend(MemoryBackend())
+    running, port = await create_server(artifact_settings, backend)
+    proxy = _GoawayOnFirstCall(port)
+    channel = insecure_channel(f"127.0.0.1:{await proxy.start()}", "artifact", retries=False)
+    try:
+        async with ArtifactClient(channel=channel) as client:
+            assert await client.count(workflow_id="wf-g") == 0
+        assert proxy.connections == 2
+        assert backend.calls["count"] == 1
+    finally:
+        await channel.close()
+        await proxy.close()
+        await running.shutdown(0)
+
+
 async def test_a_large_save_is_retried_like_a_small_one(artifact_settings):
     # gRPC keeps 256 KiB of a call for its retries by default, and a call
     # that outgrows the buffer is never retried; a save of up to the content

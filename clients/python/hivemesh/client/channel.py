@@ -72,13 +72,20 @@ def channel_options(api: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
     call, even one without a deadline, at its method's timeout).
     ``retries=False`` leaves its retry policy out, for a target that retries
     itself (an Envoy egress listener, which retries on another pod): one
-    layer retries a failure, not the product of two."""
+    layer retries a failure, not the product of two. gRPC's transparent
+    retry of a call the target never took (it closed the connection with a
+    GOAWAY that excludes the call's stream, as Envoy does when it drains or
+    an idle connection times out) stays on: that call reached no one, so
+    sending it again retries no failure, and no layer behind the target
+    could."""
     config = service_config(api)
     if not (timeouts and retries):
         config = _without(config, timeouts=timeouts, retries=retries)
     return [
         ("grpc.service_config", config),
-        ("grpc.enable_retries", int(retries)),
+        # Also without a retry policy: gRPC does its transparent retries only
+        # with retries enabled.
+        ("grpc.enable_retries", 1),
         # A call is retried only while it fits this buffer (256 KiB unless
         # set): any request the channel may send must fit it.
         ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
