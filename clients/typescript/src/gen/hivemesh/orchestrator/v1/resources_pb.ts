@@ -187,8 +187,11 @@ export const SamplingConfigSchema: GenMessage<SamplingConfig> = /*@__PURE__*/
   messageDesc(file_hivemesh_orchestrator_v1_resources, 1);
 
 /**
- * How an agent uses the memory service. Memory failures never fail a run:
- * the step is skipped and reported as a DegradedNote.
+ * How an agent uses the memory service. A memory service that fails (down,
+ * out of time, any error of its own) never fails a run: the step is skipped
+ * and reported as a DegradedNote. A recall the memory service refuses as
+ * invalid (INVALID_ARGUMENT, such as a namespace it does not accept) fails
+ * the run with that error: the definition or the request needs fixing.
  *
  * @generated from message hivemesh.orchestrator.v1.MemoryConfig
  */
