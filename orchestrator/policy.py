@@ -9,7 +9,8 @@ Every outbound call goes through :class:`Providers`, which
 * keeps one circuit breaker per provider: after consecutive failures that
   say the provider is unhealthy (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
   UNKNOWN) calls fail fast with UNAVAILABLE, reason CIRCUIT_OPEN, until a
-  probe call succeeds. A call that ran out of time only because the run had
+  probe call succeeds; the LLM service saying one model's upstream failed
+  is not the service failing. A call that ran out of time only because the run had
   less left than ``call_timeout_s`` (the caller's own deadline), and less
   than twice what the provider's recent answers to that method took, says
   nothing about the provider: it is not counted, and a probe ending so lets
@@ -246,7 +247,8 @@ class Providers:
         if error is None:
             breaker.record_success()
             attempt.provider.answered(attempt.method, time.monotonic() - attempt.started)
-        elif error.code not in _UNHEALTHY or attempt.callers_deadline(error):
+        elif (error.code not in _UNHEALTHY or attempt.callers_deadline(error)
+              or _about_one_backend(error)):
             breaker.release_probe(permit)
         else:
             breaker.record_failure()
@@ -317,6 +319,17 @@ class Providers:
                 call.cancel()  # no-op once the stream has ended
             if annotate is not None and last is not None:
                 annotate(span, last)
+
+
+def _about_one_backend(error: errors.ServiceError) -> bool:
+    """Whether the provider answered about one backend of its own, not
+    about itself: the LLM service saying a model's upstream failed
+    (``upstream_error``) or that its own breakers are open for the model's
+    backends (``backends``). The service is healthy and serves other models:
+    counted against it, one model's outage would fail every model's calls
+    fast; its own breakers and the run's fallback chain deal with the model."""
+    return "upstream_error" in error.metadata or (
+        errors.reason_name(error.reason) == "CIRCUIT_OPEN" and "backends" in error.metadata)
 
 
 # Reasons of errors with no ErrorInfo (the provider was never reached or

@@ -526,6 +526,25 @@ async def test_budget_outage_fails_clearly_and_opens_the_breaker(tmp_path):
         assert (await run(m, "free")).result.output
 
 
+async def test_one_models_upstream_outage_does_not_open_the_llm_services_breaker(tmp_path):
+    """The LLM service answers that a model's upstream failed (or that its
+    own breakers are open for it): the service is healthy and serves other
+    models, which must not fail fast with CIRCUIT_OPEN."""
+    async with mesh(tmp_path, breaker_failure_threshold=2) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       budget=BudgetPolicy(enforcement=3))
+        await register(m, name="other", model="backup",
+                       budget=BudgetPolicy(enforcement=3))
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=50)
+        for _ in range(4):
+            with pytest.raises(UnavailableError) as err:
+                await run(m, "coder")
+            assert err.value.metadata["provider"] == "llm"
+            assert err.value.reason != "CIRCUIT_OPEN" or "backends" in err.value.metadata
+        assert m.backend.providers.breaker("llm").state == "closed"
+        assert (await run(m, "other")).result.model == "backup"
+
+
 async def test_a_run_retried_after_a_fallback_keeps_the_model_that_answered(tmp_path):
     """The first attempt's model failed, its fallback answered, the usage
     was committed and the artifact store was down. Its retry, with the
