@@ -3,6 +3,7 @@
     hivemesh up                      # run the mesh and a demonstration through it
     hivemesh up --keep-running       # ... and keep serving until Ctrl-C
     hivemesh serve artifact|information|llm|memory|orchestrator [--host H] [--port N] [--data-dir D]
+    hivemesh health HOST:PORT [--service NAME] [--tls-ca F [--tls-cert F --tls-key F]]
 
 ``serve`` prints ``listening on HOST:PORT`` as its first line on stdout;
 logs are JSON lines on stderr.
@@ -104,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep data here (default: a fresh temporary directory)")
     up.add_argument("--keep-running", action="store_true",
                     help="keep the services running after the demonstration")
+    from hivemesh.cli import health
+    health.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "health":
+        return health.run(args)
     from hivemesh.cli.demo import run_up
     return run_up(args.data_dir, args.keep_running)
 

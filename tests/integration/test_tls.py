@@ -274,3 +274,48 @@ async def test_a_key_grpc_refuses_at_bind_is_said_to_be_tls(pki):
     with pytest.raises(OSError, match=r"could not bind 127\.0\.0\.1:0 \(or gRPC refused the "
                                       r"TLS certificate or key\)"):
         await start_server(settings, domain="hivemesh.test", services=[])
+
+
+# -- hivemesh health: the probe that speaks TLS ----------------------------
+
+async def _health(capsys, *argv: str) -> tuple[int, str]:
+    """(exit code, what it printed: stdout, else stderr)."""
+    import asyncio
+
+    from hivemesh.cli.main import main
+    code = await asyncio.to_thread(main, ["health", *argv])
+    printed = capsys.readouterr()
+    return code, (printed.out or printed.err).strip()
+
+
+async def test_the_health_command_probes_plaintext_tls_and_mutual_tls_services(
+        pki, tls_server, mtls_server, capsys):
+    running, plain = await _serve()
+    try:
+        assert await _health(capsys, plain) == (0, "SERVING")
+        assert await _health(capsys, plain, "--service", SERVICE_NAME) == (0, "SERVING")
+        code, out = await _health(capsys, plain, "--service", "no.such.Service")
+        assert code == 1 and out.startswith("NOT_FOUND")
+        await running.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert await _health(capsys, plain, "--service", SERVICE_NAME) == (1, "NOT_SERVING")
+    finally:
+        await running.shutdown(0)
+    code, out = await _health(capsys, plain, "--timeout", "0.5")  # nothing listens now
+    assert code == 1 and out.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+
+    assert await _health(capsys, tls_server, "--tls-ca", str(pki.ca)) == (0, "SERVING")
+    code, _ = await _health(capsys, tls_server, "--timeout", "1")  # plaintext to a TLS port
+    assert code == 1
+    code, _ = await _health(capsys, tls_server, "--tls-ca", str(pki.other_ca), "--timeout", "1")
+    assert code == 1
+    assert await _health(capsys, mtls_server, "--tls-ca", str(pki.ca), "--tls-cert",
+                         str(pki.client.cert), "--tls-key", str(pki.client.key)) == (0, "SERVING")
+    code, _ = await _health(capsys, mtls_server, "--tls-ca", str(pki.ca), "--timeout", "1")
+    assert code == 1  # no client certificate
+
+
+async def test_the_health_command_refuses_bad_tls_arguments(pki, capsys):
+    code, said = await _health(capsys, "127.0.0.1:1", "--tls-cert", str(pki.client.cert))
+    assert code == 2 and "go together" in said
+    code, said = await _health(capsys, "127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem")
+    assert code == 2 and "/nonexistent/ca.pem" in said
