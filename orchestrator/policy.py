@@ -196,8 +196,8 @@ class Providers:
             retries: bool = True, tls: ChannelTls | None = None) -> None:
         """``retries=False``: the channel does not retry (the address is a
         sidecar egress listener, which does); tool servers keep theirs.
-        ``tls``: a TLS channel (the four providers' TLS settings), else
-        plaintext."""
+        ``tls``: a TLS channel (the providers' or the tool servers' TLS
+        settings), else plaintext."""
         api, stub, service = kind
         channel = open_channel(address, api, tls, retries=retries)
         self._providers[name] = Provider(name, service, channel, stub(channel),

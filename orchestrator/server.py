@@ -80,8 +80,9 @@ async def open_backend(settings: OrchestratorSettings) -> Orchestrator:
         channel_retries=settings.provider_channel_retries,
         tls=settings.provider_tls.channel_tls())
     tools = ToolRegistry(providers)
+    tool_tls = settings.tool_tls.channel_tls()
     for name, address in settings.tool_servers.items():
-        tools.add_server(name, address)
+        tools.add_server(name, address, tls=tool_tls)
     return Orchestrator(providers, tools, EventBus(), redis)
 
 

@@ -42,8 +42,7 @@ class OrchestratorSettings(BaseSettings):
     provider_channel_retries: bool = True
     # TLS toward the four providers (on when provider_tls.ca_file is set;
     # cert_file/key_file for providers that require client certificates),
-    # e.g. HIVEMESH_ORCHESTRATOR_PROVIDER_TLS__CA_FILE. Tool servers'
-    # channels stay plaintext.
+    # e.g. HIVEMESH_ORCHESTRATOR_PROVIDER_TLS__CA_FILE.
     provider_tls: ChannelTlsSettings = Field(default_factory=ChannelTlsSettings)
     agents_dir: Path | None = None
     # Where agents registered over gRPC are kept (local state backend); None
@@ -56,6 +55,9 @@ class OrchestratorSettings(BaseSettings):
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="hivemesh:orch:", min_length=1)
     tool_servers: dict[str, str] = Field(default_factory=dict)
+    # TLS toward the remote tool servers above, the same way (on when
+    # tool_tls.ca_file is set), e.g. HIVEMESH_ORCHESTRATOR_TOOL_TLS__CA_FILE.
+    tool_tls: ChannelTlsSettings = Field(default_factory=ChannelTlsSettings)
     # A run whose caller set no deadline gets this much time.
     default_run_timeout_s: float = Field(default=300.0, gt=0)
     # Each provider call gets at most this much of the remaining time.

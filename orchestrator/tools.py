@@ -23,6 +23,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from hivemesh.artifact.v1 import GetArtifactRequest, SaveArtifactRequest
+from hivemesh.client.channel import ChannelTls
 from hivemesh.memory.v1 import SearchMemoriesRequest, SearchMode
 from hivemesh.orchestrator.v1 import (
     ExecuteToolRequest, ListToolsRequest, ToolDefinition, ToolError)
@@ -137,9 +138,10 @@ class ToolRegistry:
         """Add an in-process tool (embedding applications use this)."""
         self._tools[definition.name] = (definition, executor)
 
-    def add_server(self, name: str, address: str) -> None:
+    def add_server(self, name: str, address: str, *, tls: ChannelTls | None = None) -> None:
+        """A remote tool server; ``tls``: a TLS channel to it."""
         self._servers[name] = address
-        self.providers.add(f"tool:{name}", address, TOOL_SERVICE)
+        self.providers.add(f"tool:{name}", address, TOOL_SERVICE, tls=tls)
 
     async def refresh(self) -> list[str]:
         """List the tools of every remote server; returns the servers that

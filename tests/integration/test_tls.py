@@ -319,3 +319,43 @@ async def test_the_health_command_refuses_bad_tls_arguments(pki, capsys):
     assert code == 2 and "go together" in said
     code, said = await _health(capsys, "127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem")
     assert code == 2 and "/nonexistent/ca.pem" in said
+
+
+async def test_the_orchestrator_reaches_remote_tool_servers_over_mutual_tls(pki, tmp_path):
+    import json
+
+    from hivemesh.orchestrator.v1 import (
+        ExecuteToolResponse, ListToolsResponse, ToolDefinition, ToolServiceServicer,
+        add_ToolServiceServicer_to_server)
+    from hivemesh.runtime.settings import ChannelTlsSettings
+    from hivemesh.services.llm.backends.base import ToolCall
+
+    class Weather(ToolServiceServicer):
+        async def ListTools(self, request, context):
+            return ListToolsResponse(tools=[ToolDefinition(name="weather", description="sky")])
+
+        async def ExecuteTool(self, request, context):
+            return ExecuteToolResponse(result=json.dumps({"sky": "clear"}))
+
+    server = grpc.aio.server()
+    add_ToolServiceServicer_to_server(Weather(), server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(pki.server.key.read_bytes(), pki.server.cert.read_bytes())],
+        root_certificates=pki.ca.read_bytes(), require_client_auth=True))
+    await server.start()
+    try:
+        async with mesh(tmp_path, tool_servers={"wx": f"127.0.0.1:{port}"},
+                        tool_tls=ChannelTlsSettings(ca_file=pki.ca, cert_file=pki.client.cert,
+                                                    key_file=pki.client.key)) as m:
+            await m.orchestrator.RegisterAgent(RegisterAgentRequest(
+                request_id=str(uuid.uuid4()), agent=AgentDefinition(
+                    name="forecaster", model="main", allowed_tools=["weather"])), timeout=20)
+            m.primary.queue_response(tool_calls=(ToolCall("a", "weather", "{}"),))
+            m.primary.queue_response("clear")
+            result = (await m.orchestrator.RunAgent(RunAgentRequest(
+                request_id=str(uuid.uuid4()), agent="forecaster", input="sky?",
+                context=RequestContext(tenant_id="acme")), timeout=30)).result
+            assert json.loads(result.tool_calls[0].result) == {"sky": "clear"}
+            assert not result.degraded
+    finally:
+        await server.stop(0)
