@@ -20,7 +20,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, REPO, SIDECAR
+from deploy_helpers import DEPLOY, MESH_TLS_DIR, REPO, SIDECAR, SIDECAR_MTLS
 
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.artifact.settings import ArtifactSettings
@@ -497,3 +497,72 @@ def test_production_memory_replicas_share_vectors_and_ledger():
     dev = next(d for d in of_kind(build("overlays/dev"), "Deployment")
                if service_of(d) == "memory")
     assert "HIVEMESH_MEMORY_LEDGER" not in env_of(containers(dev)["app"])
+
+
+def _envoy_config_file(deployment: dict) -> str:
+    """The ConfigMap key Envoy runs: the file its -c names, through the
+    volume's items when they map keys to other paths."""
+    envoy = containers(deployment)["envoy"]
+    path = envoy["args"][envoy["args"].index("-c") + 1]
+    mount = next(m for m in envoy["volumeMounts"] if m["name"] == "envoy-config")
+    assert path.startswith(mount["mountPath"] + "/"), path
+    relative = path[len(mount["mountPath"]) + 1:]
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == "envoy-config")
+    items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
+    if items:
+        # Every other file Envoy's container uses (the preStop) still there.
+        assert "drain.sh" in items.values(), items
+    return items.get(relative, relative) if items else relative
+
+
+def test_the_mtls_overlay_runs_the_generated_config_with_each_service_s_certificate():
+    """With the mesh-mtls component every sidecar runs sidecar-mtls.yaml,
+    the committed file Envoy validates and runs in test_envoy_mtls, and
+    reads its certificates where that config expects them, from its own
+    service's Secret; without it, sidecar.yaml and no certificates."""
+    docs = build("overlays/production-mtls")
+    [config_map] = of_kind(docs, "ConfigMap")
+    assert config_map["data"]["sidecar-mtls.yaml"] == SIDECAR_MTLS.read_text()
+    deployments = of_kind(docs, "Deployment")
+    assert sorted(service_of(d) for d in deployments) == sorted(SETTINGS)
+    for deployment in deployments:
+        svc, name = service_of(deployment), deployment["metadata"]["name"]
+        assert _envoy_config_file(deployment) == "sidecar-mtls.yaml", name
+        envoy, app = containers(deployment)["envoy"], containers(deployment)["app"]
+        [mount] = [m for m in envoy["volumeMounts"] if m["name"] == "mesh-tls"]
+        assert (mount["mountPath"], mount.get("readOnly")) == (MESH_TLS_DIR, True), name
+        # The key stays in the sidecar: the service never sees it.
+        assert "mesh-tls" not in {m["name"] for m in app.get("volumeMounts", [])}, name
+        [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                    if v["name"] == "mesh-tls"]
+        assert volume["secret"]["secretName"] == f"hivemesh-{svc}-mesh-tls", name
+        # A pod without its certificate does not start (Envoy would not).
+        assert not volume["secret"].get("optional"), name
+    # The name each egress cluster checks is the headless Service it
+    # resolves, whose pods present the certificate carrying that name.
+    config = yaml.safe_load(SIDECAR_MTLS.read_text())
+    headless = {s["metadata"]["name"] for s in of_kind(docs, "Service")
+                if s["spec"].get("clusterIP") == "None"}
+    checked = 0
+    for cluster in config["static_resources"]["clusters"]:
+        if "transport_socket" not in cluster:
+            continue
+        context = cluster["transport_socket"]["typed_config"]
+        [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        host = endpoint["endpoint"]["address"]["socket_address"]["address"]
+        assert host in headless and host == f"hivemesh-{cluster['name']}-pods", host
+        assert context["sni"] == host
+        sans = context["common_tls_context"]["validation_context"][
+            "match_typed_subject_alt_names"]
+        assert sans == [{"san_type": "DNS", "matcher": {"exact": host}}]
+        checked += 1
+    assert checked == 4
+    # The sidecars' port speaks TLS: no Service calls it h2c any more.
+    for service in of_kind(docs, "Service"):
+        assert all(p.get("appProtocol") != "kubernetes.io/h2c"
+                   for p in service["spec"]["ports"]), service["metadata"]["name"]
+    for deployment in of_kind(build("overlays/production"), "Deployment"):
+        assert _envoy_config_file(deployment) == "sidecar.yaml"
+        assert "mesh-tls" not in {v["name"] for v in deployment["spec"]["template"]["spec"]
+                                  ["volumes"]}
