@@ -77,6 +77,17 @@ def check_certificate_file(path: Path) -> Path:
     return path
 
 
+def check_ca_file(path: Path) -> Path:
+    """A CA bundle: PEM certificates that parse (gRPC cannot use one that
+    does not, and would only say so at bind or at every handshake)."""
+    _pem(path, "certificate", "CERTIFICATE-----")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        raise ValueError(f"{path} holds a malformed PEM certificate") from None
+    return path
+
+
 def check_key_file(path: Path) -> Path:
     _pem(path, "private key", "PRIVATE KEY-----")
     return path
@@ -133,8 +144,8 @@ class ServerSettings(BaseModel):
     # CAs (PEM bundle). Needs the two above.
     tls_client_ca_file: Path | None = None
 
-    _cert = field_validator("tls_cert_file", "tls_client_ca_file")(
-        _check_file(check_certificate_file))
+    _cert = field_validator("tls_cert_file")(_check_file(check_certificate_file))
+    _ca = field_validator("tls_client_ca_file")(_check_file(check_ca_file))
     _key = field_validator("tls_key_file")(_check_file(check_key_file))
 
     @property
@@ -182,7 +193,8 @@ class ChannelTlsSettings(BaseModel):
     key_file: Path | None = None
     server_name: str | None = Field(default=None, min_length=1)
 
-    _cert = field_validator("ca_file", "cert_file")(_check_file(check_certificate_file))
+    _cert = field_validator("cert_file")(_check_file(check_certificate_file))
+    _ca = field_validator("ca_file")(_check_file(check_ca_file))
     _key = field_validator("key_file")(_check_file(check_key_file))
 
     @model_validator(mode="after")

@@ -216,6 +216,12 @@ _KEY = "HIVEMESH_ARTIFACT_SERVER__TLS_KEY_FILE"
 _CLIENT_CA = "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_CA_FILE"
 
 
+def _malformed_ca(pki: Pki):
+    path = pki.ca.parent / "malformed-ca.pem"
+    path.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    return path
+
+
 @pytest.mark.parametrize(("files", "message"), [
     ({_CERT: "server.cert"}, "tls_cert_file and tls_key_file go together"),
     ({_KEY: "server.key"}, "tls_cert_file and tls_key_file go together"),
@@ -228,13 +234,19 @@ _CLIENT_CA = "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_CA_FILE"
     ({_CERT: "server.cert", _KEY: "server.key", _CLIENT_CA: "server.key"},
      "server.tls_client_ca_file: Value error, {dir}/server.key holds no PEM certificate"),
     ({_CLIENT_CA: "ca"}, "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file"),
+    # PEM markers around something that is no certificate: gRPC would
+    # refuse it only at bind (exit 1, blaming the certificate or key)
+    ({_CERT: "server.cert", _KEY: "server.key", _CLIENT_CA: "malformed.ca"},
+     "server.tls_client_ca_file: Value error, {dir}/malformed-ca.pem holds a malformed PEM "
+     "certificate"),
 ])
 def test_bad_tls_settings_are_invalid_settings(pki, tmp_path, files, message):
     """serve exits 2, as on any invalid setting, naming the setting and the
     file, never a key's contents."""
     paths = {"server.cert": pki.server.cert, "server.key": pki.server.key,
              "client.key": pki.client.key, "ca": pki.ca,
-             "missing.key": pki.ca.parent / "missing.key"}
+             "missing.key": pki.ca.parent / "missing.key",
+             "malformed.ca": _malformed_ca(pki)}
     env = {name: str(paths[file]) for name, file in files.items()}
     result = _serve_artifact(env, tmp_path)
     assert result.returncode == 2 and result.stdout == ""
@@ -261,6 +273,16 @@ def test_bad_provider_tls_settings_are_invalid_settings(pki, tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert f"llm_tls.ca_file: Value error, {pki.client.key} holds no PEM certificate" \
         in result.stderr
+
+
+def test_a_malformed_ca_bundle_of_the_channels_is_an_invalid_setting(pki):
+    """Accepted, it would start the service and fail every call to the
+    providers (gRPC cannot make a handshake of it)."""
+    from pydantic import ValidationError
+
+    from hivemesh.runtime.settings import ChannelTlsSettings
+    with pytest.raises(ValidationError, match="malformed-ca.pem holds a malformed PEM certificate"):
+        ChannelTlsSettings(ca_file=_malformed_ca(pki))
 
 
 async def test_a_key_grpc_refuses_at_bind_is_said_to_be_tls(pki):
