@@ -54,6 +54,13 @@ class BackendSettings(BaseModel):
     # with UNAVAILABLE.
     mock_fail_first: int = Field(default=0, ge=0)
 
+    @field_validator("api_key_file")
+    @classmethod
+    def _api_key_file_exists(cls, value: Path | None) -> Path | None:
+        # Like every path setting: one that names nothing is an invalid
+        # setting (exit 2); a file found but not readable stops start-up.
+        return existing_path(value, "api_key_file", "file")
+
     def reasoning_model_prefixes(self) -> tuple[str, ...]:
         """``reasoning_models``, or its default for the backend's type."""
         if self.reasoning_models is not None:

@@ -183,6 +183,28 @@ def test_a_path_setting_naming_nothing_is_an_invalid_setting(tmp_path, service, 
     assert "Traceback" not in result.stderr
 
 
+def test_a_backend_key_file_that_is_not_there_is_an_invalid_setting(tmp_path):
+    """A backend's api_key_file is a path setting too: missing, it is told
+    with the settings (exit 2, naming it), not as a bare "No such file"
+    once the service is starting."""
+    missing = tmp_path / "not-mounted" / "openai-key"
+    env = {**os.environ,
+           "HIVEMESH_LLM_BACKENDS": json.dumps(
+               {"primary": {"type": "openai", "api_key_file": str(missing)}}),
+           "HIVEMESH_LLM_MODELS": json.dumps(
+               [{"alias": "main", "backend": "primary", "upstream_model": "gpt-4o"}])}
+    try:
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "llm",
+                                 "--port", "0"], env=env, capture_output=True, text=True,
+                                timeout=60)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"served without its key file: {exc.stdout!r}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "invalid llm settings:" in result.stderr
+    assert f"api_key_file={missing} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_bad_agent_file_found_at_start_up_is_a_start_up_failure(tmp_path):
     """The directory is there, so the setting is valid; what cannot be read
     in it stops start-up (exit 1) with the file's path."""
