@@ -22,7 +22,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hivemesh.runtime.settings import ChannelTlsSettings, ServerSettings, existing_path
+from hivemesh.runtime.settings import (
+    ChannelTlsSettings, ServerSettings, existing_path, not_empty)
 
 
 class OrchestratorSettings(BaseSettings):
@@ -79,6 +80,8 @@ class OrchestratorSettings(BaseSettings):
     # FAILED (dropped events); heartbeat interval of idle streams.
     subscriber_queue_size: int = Field(default=10_000, ge=1)
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
+
+    _set = field_validator("agents_dir", mode="before")(not_empty)
 
     @field_validator("agents_dir")
     @classmethod

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings, existing_path
+from hivemesh.runtime.settings import ServerSettings, existing_path, not_empty
 
 # Upstream model-name prefixes of OpenAI's reasoning models (o1, o3, o4-mini,
 # the gpt-5 family, ...): the default of ``reasoning_models`` for a backend of
@@ -53,6 +53,8 @@ class BackendSettings(BaseModel):
     # Fault injection for resilience drills: the first N attempts fail
     # with UNAVAILABLE.
     mock_fail_first: int = Field(default=0, ge=0)
+
+    _set = field_validator("api_key_file", mode="before")(not_empty)
 
     @field_validator("api_key_file")
     @classmethod
@@ -128,6 +130,8 @@ class LlmSettings(BaseSettings):
     cache_ttl_s: float = Field(default=300.0, gt=0)
     idempotency_size: int = Field(default=10_000, ge=0)
     idempotency_ttl_s: float = Field(default=3600.0, gt=0)
+
+    _set = field_validator("config_file", mode="before")(not_empty)
 
     @field_validator("config_file")
     @classmethod

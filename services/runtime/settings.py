@@ -42,6 +42,15 @@ def existing_path(path: Path | None, variable: str,
     raise ValueError(f"{variable}={path} {problem}")
 
 
+def not_empty(value: object) -> object:
+    """For a path setting, before pydantic reads it: set but empty names
+    nothing (an invalid setting), where pydantic would make it ".", the
+    working directory."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty: give a path or leave the setting unset")
+    return value
+
+
 def secrets_dir() -> Path | None:
     """Where secret settings are read from files: ``HIVEMESH_SECRETS_DIR``,
     else the default mount point if it exists, else nowhere.
@@ -144,6 +153,8 @@ class ServerSettings(BaseModel):
     # CAs (PEM bundle). Needs the two above.
     tls_client_ca_file: Path | None = None
 
+    _set = field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file",
+                           mode="before")(not_empty)
     _cert = field_validator("tls_cert_file")(_check_file(check_certificate_file))
     _ca = field_validator("tls_client_ca_file")(_check_file(check_ca_file))
     _key = field_validator("tls_key_file")(_check_file(check_key_file))
@@ -193,6 +204,7 @@ class ChannelTlsSettings(BaseModel):
     key_file: Path | None = None
     server_name: str | None = Field(default=None, min_length=1)
 
+    _set = field_validator("ca_file", "cert_file", "key_file", mode="before")(not_empty)
     _cert = field_validator("cert_file")(_check_file(check_certificate_file))
     _ca = field_validator("ca_file")(_check_file(check_ca_file))
     _key = field_validator("key_file")(_check_file(check_key_file))

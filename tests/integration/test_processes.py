@@ -183,6 +183,28 @@ def test_a_path_setting_naming_nothing_is_an_invalid_setting(tmp_path, service, 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("service", "variable", "field"), [
+    ("orchestrator", "HIVEMESH_ORCHESTRATOR_AGENTS_DIR", "agents_dir"),
+    ("llm", "HIVEMESH_LLM_CONFIG_FILE", "config_file"),
+    ("artifact", "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_CA_FILE", "server.tls_client_ca_file"),
+])
+def test_a_path_setting_set_but_empty_is_an_invalid_setting(tmp_path, service, variable, field):
+    """Set but empty is that value (the README): a path that names nothing,
+    not ".", the working directory, which an empty string becomes as a
+    path (the orchestrator would load its agents from there)."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", service,
+                                 "--port", "0", "--data-dir", str(tmp_path / "data")],
+                                env={**os.environ, variable: ""}, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"served with {variable} empty: {exc.stdout!r}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert (f"invalid {service} settings:\n  {field}: Value error, is empty: give a path or "
+            "leave the setting unset") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_backend_key_file_that_is_not_there_is_an_invalid_setting(tmp_path):
     """A backend's api_key_file is a path setting too: missing, it is told
     with the settings (exit 2, naming it), not as a bare "No such file"
