@@ -41,15 +41,25 @@ function secureOptions(tls: MeshTlsOptions): http2.SecureClientSessionOptions {
     throw new TypeError("tls.cert and tls.key go together: give both or neither");
   }
   const options: http2.SecureClientSessionOptions = {};
-  if (tls.ca !== undefined) options.ca = toPem(tls.ca);
-  if (tls.cert !== undefined) options.cert = toPem(tls.cert);
-  if (tls.key !== undefined) options.key = toPem(tls.key);
+  if (tls.ca !== undefined) options.ca = toPem("ca", tls.ca);
+  if (tls.cert !== undefined) options.cert = toPem("cert", tls.cert);
+  if (tls.key !== undefined) options.key = toPem("key", tls.key);
   if (tls.serverName !== undefined) options.servername = tls.serverName;
   return options;
 }
 
-function toPem(value: string | Uint8Array): string | Buffer {
-  return typeof value === "string" ? value : Buffer.from(value);
+/** The option as Node takes it, PEM. A path given instead would be read by
+ * Node as PEM holding nothing: a CA that signs no server ("unable to
+ * verify the first certificate"), or a certificate or key it cannot
+ * parse. The message names the option, never its contents. */
+function toPem(name: string, value: string | Uint8Array): string | Buffer {
+  const pem = typeof value === "string" ? value : Buffer.from(value);
+  if (!pem.includes("-----BEGIN ")) {
+    throw new TypeError(
+      `tls.${name} holds no PEM block: give the contents (e.g. readFileSync(path)), not a path`,
+    );
+  }
+  return pem;
 }
 
 /** A transport speaking gRPC over HTTP/2 to `host:port`. Failures of calls

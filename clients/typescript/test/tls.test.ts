@@ -103,4 +103,19 @@ describe("TypeScript client over TLS", { timeout: 180_000 }, () => {
   test("a certificate without its key is a usage error", () => {
     assert.throws(() => createMeshTransport(tls.address, { tls: { cert: pem("client.crt") } }), TypeError);
   });
+
+  test("a path where PEM contents go is a usage error", () => {
+    // Node would take it as a CA that signs nothing ("unable to verify the
+    // first certificate", as if the server were the wrong one).
+    const ca = join(pki, "test-ca.pem");
+    assert.throws(() => createMeshTransport(tls.address, { tls: { ca } }), {
+      name: "TypeError",
+      message: /tls\.ca holds no PEM block: give the contents/,
+    });
+    const key = join(pki, "client.key");
+    assert.throws(
+      () => createMeshTransport(tls.address, { tls: { ca: pem("test-ca.pem"), cert: pem("client.crt"), key } }),
+      { name: "TypeError", message: /tls\.key holds no PEM block/ },
+    );
+  });
 });
