@@ -374,7 +374,7 @@ async def test_concurrent_runs_share_one_listing_of_an_unreachable_tool_server()
     class Down:
         listings = 0
 
-        def add(self, *args):
+        def add(self, *args, **kwargs):
             pass
 
         async def call(self, name, method, request, **kwargs):
@@ -940,7 +940,7 @@ async def test_a_tool_server_that_pages_in_a_circle_is_listed_once_not_forever()
     class Circular:
         pages = 0
 
-        def add(self, *args):
+        def add(self, *args, **kwargs):
             pass
 
         async def call(self, name, method, request, **kwargs):
