@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.settings import (
-    ChannelTlsSettings, ServerSettings, existing_path, not_empty)
+    ChannelTlsSettings, ServerSettings, ServiceSettings, existing_path, not_empty)
 
 
-class OrchestratorSettings(BaseSettings):
+class OrchestratorSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="HIVEMESH_ORCHESTRATOR_", env_nested_delimiter="__", extra="ignore")
 

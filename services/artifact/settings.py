@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.settings import ServerSettings, ServiceSettings
 from hivemesh.runtime.sqlite import Synchronous
 
 
-class ArtifactSettings(BaseSettings):
+class ArtifactSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="HIVEMESH_ARTIFACT_", env_nested_delimiter="__", extra="ignore")
 

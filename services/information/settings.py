@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.settings import ServerSettings, ServiceSettings
 from hivemesh.services.information.pricing import (
     MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL)
 from hivemesh.runtime.sqlite import Synchronous
@@ -25,7 +25,7 @@ class PriceSettings(BaseModel):
         default=None, ge=0, le=MAX_PRICE_MICROS_PER_MILLION)
 
 
-class InformationSettings(BaseSettings):
+class InformationSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="HIVEMESH_INFORMATION_", env_nested_delimiter="__", extra="ignore")
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings, existing_path, not_empty
+from hivemesh.runtime.settings import (
+    ServerSettings, ServiceSettings, existing_path, not_empty)
 
 # Upstream model-name prefixes of OpenAI's reasoning models (o1, o3, o4-mini,
 # the gpt-5 family, ...): the default of ``reasoning_models`` for a backend of
@@ -116,7 +117,7 @@ def _default_models() -> list[ModelSettings]:
     ]
 
 
-class LlmSettings(BaseSettings):
+class LlmSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="HIVEMESH_LLM_", env_nested_delimiter="__", extra="ignore")
 

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from hivemesh.runtime.settings import ChannelTlsSettings, ServerSettings
+from hivemesh.runtime.settings import ChannelTlsSettings, ServerSettings, ServiceSettings
 from hivemesh.runtime.sqlite import Synchronous
 
 
-class MemorySettings(BaseSettings):
+class MemorySettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="HIVEMESH_MEMORY_", env_nested_delimiter="__", extra="ignore")
 

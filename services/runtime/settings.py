@@ -1,5 +1,5 @@
 """Settings shared by every service. Each service defines one
-``pydantic_settings.BaseSettings`` class with its own env prefix and a nested
+:class:`ServiceSettings` class with its own env prefix and a nested
 ``server`` section of this type, e.g. ``HIVEMESH_ARTIFACT_SERVER__PORT=7001``.
 Settings are built once in ``main()`` and passed down, never at import time:
 ``ArtifactSettings(_secrets_dir=secrets_dir())``.
@@ -14,10 +14,30 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+from pydantic_settings.sources import NestedSecretsSettingsSource
 
 # Kubernetes mounts secrets as files, one per setting, named like the
 # environment variable (e.g. HIVEMESH_ARTIFACT_POSTGRES_DSN).
 DEFAULT_SECRETS_DIR = Path("/var/run/secrets/hivemesh")
+
+
+class ServiceSettings(BaseSettings):
+    """The base of every service's settings: the environment first, then the
+    secrets directory, one file per variable, nested settings included (a
+    file named ``HIVEMESH_ARTIFACT_SERVER__TLS_KEY_FILE`` is read as the
+    environment variable would be: ``__`` between sections)."""
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, dotenv_settings,
+                NestedSecretsSettingsSource(file_secret_settings,
+                                            secrets_nested_delimiter="__"))
 
 
 class InvalidSetting(ValueError):

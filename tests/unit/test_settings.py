@@ -27,6 +27,30 @@ def test_secret_from_a_mounted_file_never_shows_in_repr(monkeypatch, tmp_path):
     assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
 
 
+def test_nested_settings_come_from_the_secrets_directory_too(monkeypatch, tmp_path):
+    """A file named like a nested variable (``__`` between sections) is read
+    as that variable would be, for every service; the environment wins."""
+    from hivemesh.services.information.settings import InformationSettings
+    from hivemesh.services.llm.settings import LlmSettings
+    from hivemesh.services.memory.settings import MemorySettings
+    from hivemesh.services.orchestrator.settings import OrchestratorSettings
+    for cls, prefix in ((ArtifactSettings, "ARTIFACT"), (InformationSettings, "INFORMATION"),
+                        (LlmSettings, "LLM"), (MemorySettings, "MEMORY"),
+                        (OrchestratorSettings, "ORCHESTRATOR")):
+        (tmp_path / f"HIVEMESH_{prefix}_SERVER__DRAIN_DELAY_S").write_text("7\n")
+        assert cls(_secrets_dir=tmp_path).server.drain_delay_s == 7, cls
+    (tmp_path / "HIVEMESH_ARTIFACT_SERVER__LOG_LEVEL").write_text("debug")
+    (tmp_path / "HIVEMESH_ARTIFACT_BACKEND").write_text("memory")
+    settings = ArtifactSettings(_secrets_dir=tmp_path)
+    assert (settings.server.log_level, settings.backend) == ("DEBUG", "memory")
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__LOG_LEVEL", "WARNING")
+    assert ArtifactSettings(_secrets_dir=tmp_path).server.log_level == "WARNING"
+    # A bad value there is an invalid setting like one in the environment.
+    (tmp_path / "HIVEMESH_ARTIFACT_SERVER__PORT").write_text("70000")
+    with pytest.raises(ValidationError, match="port"):
+        ArtifactSettings(_secrets_dir=tmp_path)
+
+
 def test_bad_values_fail_at_construction(monkeypatch):
     monkeypatch.setenv("HIVEMESH_ARTIFACT_BACKEND", "mongodb")
     with pytest.raises(ValidationError):
