@@ -14,12 +14,36 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsError
 from pydantic_settings.sources import NestedSecretsSettingsSource
 
 # Kubernetes mounts secrets as files, one per setting, named like the
 # environment variable (e.g. HIVEMESH_ARTIFACT_POSTGRES_DSN).
 DEFAULT_SECRETS_DIR = Path("/var/run/secrets/hivemesh")
+
+
+class _SecretFiles(NestedSecretsSettingsSource):
+    """The secrets directory, read for the service's own files only (named
+    with its prefix): a mounted Secret may hold other files, a binary
+    keystore or another service's keys, that are no setting of this one
+    and must not stop it (pydantic-settings would read every file as UTF-8
+    text)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except SettingsError as exc:
+            # Which directory: pydantic-settings says only "secrets_dir".
+            raise SettingsError(f"the secrets directory {self.secrets_dir}: {exc}") from None
+
+    def load_secrets(self, path: Path) -> dict[str, str]:  # type: ignore[override]
+        prefix = self.secrets_prefix if self.case_sensitive else self.secrets_prefix.lower()
+        found = {}
+        for file in self._iter_secret_files(path):
+            name = str(file.relative_to(path))
+            if (name if self.case_sensitive else name.lower()).startswith(prefix):
+                found[name] = file.read_text(encoding="utf-8").strip()
+        return found
 
 
 class ServiceSettings(BaseSettings):
@@ -36,8 +60,7 @@ class ServiceSettings(BaseSettings):
             file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, dotenv_settings,
-                NestedSecretsSettingsSource(file_secret_settings,
-                                            secrets_nested_delimiter="__"))
+                _SecretFiles(file_secret_settings, secrets_nested_delimiter="__"))
 
 
 class InvalidSetting(ValueError):

@@ -139,3 +139,26 @@ def test_a_price_beyond_any_real_one_fails_at_start_naming_the_setting(monkeypat
                        str(MAX_PRICE_MICROS_PER_MILLION))
     assert InformationSettings().default_price.output_micros_per_million == \
         MAX_PRICE_MICROS_PER_MILLION
+
+
+def test_a_kubernetes_secret_volume_with_unrelated_files_is_read(tmp_path):
+    """A Secret volume holds its keys behind ``..data`` and a timestamped
+    directory, and may hold files that are no setting (a binary keystore,
+    another service's keys): only the service's own files are read."""
+    import warnings
+
+    from hivemesh.services.orchestrator.settings import OrchestratorSettings
+    stamped = tmp_path / "..2026_12_07_19_00_00.000000001"
+    stamped.mkdir()
+    (stamped / "HIVEMESH_ARTIFACT_POSTGRES_DSN").write_text("postgresql://app:s3cret@db/app\n")
+    (stamped / "HIVEMESH_ORCHESTRATOR_TOOL_SERVERS").write_text('{"search": "tools:7000"}\n')
+    (stamped / "keystore.p12").write_bytes(bytes(range(256)))
+    (tmp_path / "..data").symlink_to(stamped.name)
+    for entry in stamped.iterdir():
+        (tmp_path / entry.name).symlink_to(f"..data/{entry.name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dsn = ArtifactSettings(_secrets_dir=tmp_path).postgres_dsn
+        servers = OrchestratorSettings(_secrets_dir=tmp_path).tool_servers
+    assert dsn.get_secret_value() == "postgresql://app:s3cret@db/app"
+    assert servers == {"search": "tools:7000"}
