@@ -73,6 +73,8 @@ async def _run_service(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic_settings import SettingsError
+
     from hivemesh.runtime import eventloop
     from hivemesh.runtime.settings import InvalidSetting
     try:
@@ -84,7 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
             for e in exc.errors(include_url=False, include_input=False, include_context=False))
         print(f"invalid {args.service} settings:\n{problems}", file=sys.stderr)
         return 2
-    except (eventloop.InvalidEventLoop, InvalidSetting) as exc:
+    except (eventloop.InvalidEventLoop, InvalidSetting, SettingsError) as exc:
+        # SettingsError: a JSON value that does not parse, from the
+        # environment or the secrets directory, or a directory too large.
         print(f"invalid {args.service} settings:\n  {exc}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:

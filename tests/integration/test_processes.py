@@ -347,3 +347,38 @@ def test_spans_reach_an_otlp_receiver_in_the_callers_trace(tmp_path):
     service_names = [a.value.string_value for a in rs.resource.attributes
                      if a.key == "service.name"]
     assert service_names == ["hivemesh-artifact"]
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"HIVEMESH_ORCHESTRATOR_TOOL_SERVERS": '{"search": '}, "tool_servers"),
+    ({"HIVEMESH_ORCHESTRATOR_PADDING": "x" * (17 * 2**20)}, "is above"),
+])
+def test_a_bad_file_of_the_secrets_directory_is_an_invalid_setting(tmp_path, files, message):
+    """A JSON setting that does not parse, or a directory too large to be
+    read, given in the secrets directory: an invalid setting (exit 2), as
+    the same value in the environment would be."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for name, text in files.items():
+        (secrets / name).write_text(text)
+    env = {**os.environ, "HIVEMESH_SECRETS_DIR": str(secrets)}
+    try:
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
+                                 "orchestrator", "--port", "0"],
+                                env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"served: {exc.stdout!r}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "invalid orchestrator settings:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_json_setting_that_does_not_parse_is_an_invalid_setting(tmp_path):
+    env = {**os.environ, "HIVEMESH_ORCHESTRATOR_TOOL_SERVERS": '{"search": '}
+    try:
+        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
+                                 "orchestrator", "--port", "0"],
+                                env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
+        pytest.fail(f"served: {exc.stdout!r}")
+    assert result.returncode == 2 and "tool_servers" in result.stderr
