@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsError
@@ -20,6 +22,14 @@ from pydantic_settings.sources import NestedSecretsSettingsSource
 # Kubernetes mounts secrets as files, one per setting, named like the
 # environment variable (e.g. HIVEMESH_ARTIFACT_POSTGRES_DSN).
 DEFAULT_SECRETS_DIR = Path("/var/run/secrets/hivemesh")
+
+
+def _is_mapping(annotation: object) -> bool:
+    """A dict setting (``dict[str, X]``, optional or not), not a section."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_is_mapping(arg) for arg in get_args(annotation))
+    origin = get_origin(annotation) or annotation
+    return isinstance(origin, type) and issubclass(origin, Mapping)
 
 
 class _SecretFiles(NestedSecretsSettingsSource):
@@ -35,6 +45,24 @@ class _SecretFiles(NestedSecretsSettingsSource):
         except SettingsError as exc:
             # Which directory: pydantic-settings says only "secrets_dir".
             raise SettingsError(f"the secrets directory {self.secrets_dir}: {exc}") from None
+
+    # The environment's source, set by ServiceSettings: see __call__.
+    environment: PydanticBaseSettingsSource | None = None
+
+    def __call__(self) -> dict:
+        # pydantic-settings merges the sources' dicts key by key, so a JSON
+        # object setting (tool servers, backends, prices) given in both
+        # places would be the union of the two rather than the
+        # environment's. A section (``server``) still takes its nested
+        # settings from both.
+        found = super().__call__()
+        if self.environment is not None and found:
+            given = self.environment()
+            for name in [n for n in found if n in given]:
+                field = self.settings_cls.model_fields.get(name)
+                if field is not None and _is_mapping(field.annotation):
+                    del found[name]
+        return found
 
     def load_secrets(self, path: Path) -> dict[str, str]:  # type: ignore[override]
         prefix = self.secrets_prefix if self.case_sensitive else self.secrets_prefix.lower()
@@ -59,8 +87,9 @@ class ServiceSettings(BaseSettings):
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, dotenv_settings,
-                _SecretFiles(file_secret_settings, secrets_nested_delimiter="__"))
+        secrets = _SecretFiles(file_secret_settings, secrets_nested_delimiter="__")
+        secrets.environment = env_settings
+        return (init_settings, env_settings, dotenv_settings, secrets)
 
 
 class InvalidSetting(ValueError):

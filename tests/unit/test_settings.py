@@ -162,3 +162,24 @@ def test_a_kubernetes_secret_volume_with_unrelated_files_is_read(tmp_path):
         servers = OrchestratorSettings(_secrets_dir=tmp_path).tool_servers
     assert dsn.get_secret_value() == "postgresql://app:s3cret@db/app"
     assert servers == {"search": "tools:7000"}
+
+
+def test_a_json_object_setting_in_the_environment_replaces_the_file_s(monkeypatch, tmp_path):
+    """The environment wins over the secrets directory for a JSON object
+    setting too: its value is the environment's, not the two merged (a
+    tool server or a backend left out of the environment's is not used)."""
+    from hivemesh.services.llm.settings import LlmSettings
+    from hivemesh.services.orchestrator.settings import OrchestratorSettings
+    (tmp_path / "HIVEMESH_ORCHESTRATOR_TOOL_SERVERS").write_text('{"old": "tools-a:7000"}\n')
+    (tmp_path / "HIVEMESH_LLM_BACKENDS").write_text(
+        '{"mock": {"type": "mock"}, "other": {"type": "mock"}}\n')
+    assert OrchestratorSettings(_secrets_dir=tmp_path).tool_servers == {"old": "tools-a:7000"}
+    monkeypatch.setenv("HIVEMESH_ORCHESTRATOR_TOOL_SERVERS", '{"new": "tools-b:7000"}')
+    monkeypatch.setenv("HIVEMESH_LLM_BACKENDS", '{"mock": {"type": "mock"}}')
+    assert OrchestratorSettings(_secrets_dir=tmp_path).tool_servers == {"new": "tools-b:7000"}
+    assert set(LlmSettings(_secrets_dir=tmp_path).backends) == {"mock"}
+    # Sections still combine: a nested setting from each place.
+    monkeypatch.setenv("HIVEMESH_ORCHESTRATOR_SERVER__DRAIN_DELAY_S", "3")
+    (tmp_path / "HIVEMESH_ORCHESTRATOR_SERVER__GRACE_PERIOD_S").write_text("4")
+    server = OrchestratorSettings(_secrets_dir=tmp_path).server
+    assert (server.drain_delay_s, server.grace_period_s) == (3, 4)
