@@ -32,7 +32,7 @@ def _is_mapping(annotation: object) -> bool:
     return isinstance(origin, type) and issubclass(origin, Mapping)
 
 
-class _SecretFiles(NestedSecretsSettingsSource):
+class SecretsDirectorySource(NestedSecretsSettingsSource):
     """The secrets directory, read for the service's own files only (named
     with its prefix): a mounted Secret may hold other files, a binary
     keystore or another service's keys, that are no setting of this one
@@ -55,7 +55,10 @@ class _SecretFiles(NestedSecretsSettingsSource):
         # places would be the union of the two rather than the
         # environment's. A section (``server``) still takes its nested
         # settings from both.
-        found = super().__call__()
+        try:
+            found = super().__call__()
+        except SettingsError as exc:
+            raise SettingsError(f"{exc}, the secrets directory {self.secrets_dir}") from None
         if self.environment is not None and found:
             given = self.environment()
             for name in [n for n in found if n in given]:
@@ -87,7 +90,7 @@ class ServiceSettings(BaseSettings):
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        secrets = _SecretFiles(file_secret_settings, secrets_nested_delimiter="__")
+        secrets = SecretsDirectorySource(file_secret_settings, secrets_nested_delimiter="__")
         secrets.environment = env_settings
         return (init_settings, env_settings, dotenv_settings, secrets)
 

@@ -370,6 +370,7 @@ def test_a_bad_file_of_the_secrets_directory_is_an_invalid_setting(tmp_path, fil
         pytest.fail(f"served: {exc.stdout!r}")
     assert result.returncode == 2 and result.stdout == ""
     assert "invalid orchestrator settings:" in result.stderr and message in result.stderr
+    assert f"the secrets directory {secrets}" in result.stderr
     assert "Traceback" not in result.stderr
 
 
