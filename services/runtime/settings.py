@@ -54,17 +54,23 @@ class SecretsDirectorySource(NestedSecretsSettingsSource):
         # object setting (tool servers, backends, prices) given in both
         # places would be the union of the two rather than the
         # environment's. A section (``server``) still takes its nested
-        # settings from both.
+        # settings from both, and so does a dict the environment sets
+        # only nested keys of (HIVEMESH_LLM_BACKENDS__OPENAI__...).
         try:
             found = super().__call__()
         except SettingsError as exc:
             raise SettingsError(f"{exc}, the secrets directory {self.secrets_dir}") from None
-        if self.environment is not None and found:
-            given = self.environment()
-            for name in [n for n in found if n in given]:
-                field = self.settings_cls.model_fields.get(name)
-                if field is not None and _is_mapping(field.annotation):
-                    del found[name]
+        given = getattr(self.environment, "env_vars", None)
+        if given is None or not found:
+            return found
+        for name in list(found):
+            field = self.settings_cls.model_fields.get(name)
+            # The variable itself set (its JSON), not only nested keys of it.
+            variable = f"{self.environment.env_prefix}{name}"
+            if not self.environment.case_sensitive:
+                variable = variable.lower()
+            if field is not None and _is_mapping(field.annotation) and variable in given:
+                del found[name]
         return found
 
     def load_secrets(self, path: Path) -> dict[str, str]:  # type: ignore[override]

@@ -178,6 +178,11 @@ def test_a_json_object_setting_in_the_environment_replaces_the_file_s(monkeypatc
     monkeypatch.setenv("HIVEMESH_LLM_BACKENDS", '{"mock": {"type": "mock"}}')
     assert OrchestratorSettings(_secrets_dir=tmp_path).tool_servers == {"new": "tools-b:7000"}
     assert set(LlmSettings(_secrets_dir=tmp_path).backends) == {"mock"}
+    # Nested keys of one in the environment amend the file's.
+    monkeypatch.delenv("HIVEMESH_LLM_BACKENDS")
+    monkeypatch.setenv("HIVEMESH_LLM_BACKENDS__OTHER__REQUESTS_PER_MINUTE", "7")
+    backends = LlmSettings(_secrets_dir=tmp_path).backends
+    assert set(backends) == {"mock", "other"} and backends["other"].requests_per_minute == 7
     # Sections still combine: a nested setting from each place.
     monkeypatch.setenv("HIVEMESH_ORCHESTRATOR_SERVER__DRAIN_DELAY_S", "3")
     (tmp_path / "HIVEMESH_ORCHESTRATOR_SERVER__GRACE_PERIOD_S").write_text("4")
