@@ -79,7 +79,12 @@ class SecretsDirectorySource(NestedSecretsSettingsSource):
         for file in self._iter_secret_files(path):
             name = str(file.relative_to(path))
             if (name if self.case_sensitive else name.lower()).startswith(prefix):
-                found[name] = file.read_text(encoding="utf-8").strip()
+                try:
+                    found[name] = file.read_text(encoding="utf-8").strip()
+                except UnicodeDecodeError:
+                    # A bad value, as one in the environment would be (the
+                    # path only: the bytes may be a secret).
+                    raise SettingsError(f"{name} is not UTF-8 text") from None
         return found
 
 

@@ -352,15 +352,20 @@ def test_spans_reach_an_otlp_receiver_in_the_callers_trace(tmp_path):
 @pytest.mark.parametrize(("files", "message"), [
     ({"HIVEMESH_ORCHESTRATOR_TOOL_SERVERS": '{"search": '}, "tool_servers"),
     ({"HIVEMESH_ORCHESTRATOR_PADDING": "x" * (17 * 2**20)}, "is above"),
+    ({"HIVEMESH_ORCHESTRATOR_STATE_BACKEND": b"\xff\xfe"}, "HIVEMESH_ORCHESTRATOR_STATE_BACKEND"),
 ])
 def test_a_bad_file_of_the_secrets_directory_is_an_invalid_setting(tmp_path, files, message):
-    """A JSON setting that does not parse, or a directory too large to be
-    read, given in the secrets directory: an invalid setting (exit 2), as
-    the same value in the environment would be."""
+    """A JSON setting that does not parse, a file that is not text, or a
+    directory too large to be read, given in the secrets directory: an
+    invalid setting (exit 2), as the same value in the environment would
+    be."""
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     for name, text in files.items():
-        (secrets / name).write_text(text)
+        if isinstance(text, bytes):
+            (secrets / name).write_bytes(text)
+        else:
+            (secrets / name).write_text(text)
     env = {**os.environ, "HIVEMESH_SECRETS_DIR": str(secrets)}
     try:
         result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
