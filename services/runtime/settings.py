@@ -74,17 +74,28 @@ class SecretsDirectorySource(NestedSecretsSettingsSource):
         return found
 
     def load_secrets(self, path: Path) -> dict[str, str]:  # type: ignore[override]
+        # The directory's own entries only: with '__' between sections a
+        # setting's file is never in a subdirectory (nor in Kubernetes'
+        # hidden ..data, reached through the top-level links). A link is
+        # followed only to a file inside the directory.
         prefix = self.secrets_prefix if self.case_sensitive else self.secrets_prefix.lower()
         found = {}
-        for file in self._iter_secret_files(path):
-            name = str(file.relative_to(path))
-            if (name if self.case_sensitive else name.lower()).startswith(prefix):
-                try:
-                    found[name] = file.read_text(encoding="utf-8").strip()
-                except UnicodeDecodeError:
-                    # A bad value, as one in the environment would be (the
-                    # path only: the bytes may be a secret).
-                    raise SettingsError(f"{name} is not UTF-8 text") from None
+        for file in sorted(path.iterdir()):
+            name = file.name
+            if not (name if self.case_sensitive else name.lower()).startswith(prefix):
+                continue
+            try:
+                real = file.resolve()
+            except (OSError, RuntimeError):  # a loop of links
+                continue
+            if not (real.is_file() and path in real.parents):
+                continue
+            try:
+                found[name] = real.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                # A bad value, as one in the environment would be (the
+                # name only: the bytes may be a secret).
+                raise SettingsError(f"{name} is not UTF-8 text") from None
         return found
 
 

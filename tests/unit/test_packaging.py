@@ -31,3 +31,16 @@ def test_the_typed_client_is_marked_typed():
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]
     assert "py.typed" in package_data["*"]
+
+
+def test_pydantic_settings_is_required_recent_enough_for_nested_secrets():
+    """The settings read the secrets directory with NestedSecretsSettingsSource,
+    which pydantic-settings has had since 2.12: an older one would let every
+    service fail at import."""
+    import re
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "dependencies"]
+    [requirement] = [d for d in dependencies if re.match(r"pydantic-settings\b", d)]
+    minimum = re.search(r">=\s*([0-9.]+)", requirement)
+    assert minimum, requirement
+    assert tuple(int(p) for p in minimum.group(1).split(".")) >= (2, 12), requirement
