@@ -6,17 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from concurrent import futures
 
 import grpc
 import pytest
+from fakes.serve import serve_refused
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from hivemesh.cli.processes import start_service
 from hivemesh.client import ArtifactClient
+
 
 
 def test_serve_prints_its_address_first_and_stops_cleanly_on_sigterm(tmp_path):
@@ -76,13 +76,8 @@ def test_a_service_runs_on_uvloop_unless_told_otherwise(tmp_path, monkeypatch, s
 def test_an_unknown_event_loop_is_a_clear_message(tmp_path, setting):
     """Set but empty is that value, as for every setting (the README), not
     the default: an invalid setting too."""
-    try:
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
-                                 "--port", "0", "--data-dir", str(tmp_path)],
-                                env={**os.environ, "HIVEMESH_EVENT_LOOP": setting},
-                                capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"served with HIVEMESH_EVENT_LOOP={setting!r}: {exc.stdout!r}")
+    result = serve_refused("artifact", "--port", "0", "--data-dir", str(tmp_path),
+                           env={"HIVEMESH_EVENT_LOOP": setting})
     # An invalid setting, as the README lists it with the others: exit 2.
     assert result.returncode == 2 and result.stdout == ""
     assert (f"invalid artifact settings:\n  HIVEMESH_EVENT_LOOP={setting.strip()!r}: "
@@ -92,16 +87,14 @@ def test_an_unknown_event_loop_is_a_clear_message(tmp_path, setting):
 
 def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
     env = {**os.environ, "HIVEMESH_ARTIFACT_BACKEND": "postgres"}
-    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
-                             "--port", "0"], env=env, capture_output=True, text=True, timeout=30)
+    result = serve_refused("artifact", "--port", "0", env=env)
     assert result.returncode != 0
     assert "HIVEMESH_ARTIFACT_POSTGRES_DSN is required" in result.stderr
     assert result.stdout == ""
     # The message never echoes what was given: settings may hold secrets.
     env = {**os.environ, "HIVEMESH_MEMORY_STORE": "qdrant",
            "HIVEMESH_MEMORY_QDRANT_API_KEY": "qdrant-secret-key-123"}
-    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "memory",
-                             "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    result = serve_refused("memory", "--port", "0", env=env)
     assert result.returncode == 2 and "QDRANT_URL" in result.stderr
     assert "qdrant-secret" not in result.stderr + result.stdout
 
@@ -119,10 +112,7 @@ def test_bad_settings_fail_at_boot_with_a_clear_message(tmp_path):
 def test_a_missing_required_setting_is_an_invalid_setting(tmp_path, service, env, message):
     # The README: serve exits 2 on invalid settings, 1 when the service
     # cannot start; a backend chosen without its address is the former.
-    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", service,
-                             "--port", "0", "--data-dir", str(tmp_path)],
-                            env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=60)
+    result = serve_refused(service, "--port", "0", "--data-dir", str(tmp_path), env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert f"invalid {service} settings:" in result.stderr and message in result.stderr
 
@@ -131,12 +121,7 @@ def test_a_missing_required_setting_is_an_invalid_setting(tmp_path, service, env
 def test_a_port_flag_out_of_range_is_refused_like_the_setting(tmp_path, port):
     """--port gets the checks HIVEMESH_<SERVICE>_SERVER__PORT gets: gRPC
     would otherwise bind the port modulo 65536 (70000 serves on 4464)."""
-    try:
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
-                                 "--port", port, "--data-dir", str(tmp_path)],
-                                capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"--port {port} served: {exc.stdout!r}")
+    result = serve_refused("artifact", "--port", port, "--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert "invalid artifact settings" in result.stderr and "port" in result.stderr
     assert result.stdout == ""
@@ -148,12 +133,8 @@ def test_a_secrets_directory_set_but_missing_is_an_invalid_setting(tmp_path):
     has to be there, like any path a setting names (exit 2)."""
     missing = tmp_path / "not-mounted"
     env = {**os.environ, "HIVEMESH_SECRETS_DIR": str(missing)}
-    try:
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "memory",
-                                 "--port", "0", "--data-dir", str(tmp_path / "data")],
-                                env=env, capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"served without its secrets directory: {exc.stdout!r}")
+    result = serve_refused("memory", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                           env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert (f"invalid memory settings:\n  HIVEMESH_SECRETS_DIR={missing} does not exist"
             in result.stderr)
@@ -170,13 +151,8 @@ def test_a_path_setting_naming_nothing_is_an_invalid_setting(tmp_path, service, 
     """A file or directory a setting names that is not there is an invalid
     setting (exit 2), the message naming the setting and the path."""
     named = tmp_path / path
-    try:
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", service,
-                                 "--port", "0", "--data-dir", str(tmp_path / "data")],
-                                env={**os.environ, variable: str(named)},
-                                capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"served without {variable}: {exc.stdout!r}")
+    result = serve_refused(service, "--port", "0", "--data-dir", str(tmp_path / "data"),
+                           env={variable: str(named)})
     assert result.returncode == 2 and result.stdout == ""
     assert f"invalid {service} settings:" in result.stderr
     assert f"{variable}={named} {problem}" in result.stderr
@@ -192,13 +168,8 @@ def test_a_path_setting_set_but_empty_is_an_invalid_setting(tmp_path, service, v
     """Set but empty is that value (the README): a path that names nothing,
     not ".", the working directory, which an empty string becomes as a
     path (the orchestrator would load its agents from there)."""
-    try:
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", service,
-                                 "--port", "0", "--data-dir", str(tmp_path / "data")],
-                                env={**os.environ, variable: ""}, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"served with {variable} empty: {exc.stdout!r}")
+    result = serve_refused(service, "--port", "0", "--data-dir", str(tmp_path / "data"),
+                           env={variable: ""}, cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""
     assert (f"invalid {service} settings:\n  {field}: Value error, is empty: give a path or "
             "leave the setting unset") in result.stderr
@@ -215,12 +186,7 @@ def test_a_backend_key_file_that_is_not_there_is_an_invalid_setting(tmp_path):
                {"primary": {"type": "openai", "api_key_file": str(missing)}}),
            "HIVEMESH_LLM_MODELS": json.dumps(
                [{"alias": "main", "backend": "primary", "upstream_model": "gpt-4o"}])}
-    try:
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "llm",
-                                 "--port", "0"], env=env, capture_output=True, text=True,
-                                timeout=60)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"served without its key file: {exc.stdout!r}")
+    result = serve_refused("llm", "--port", "0", env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert "invalid llm settings:" in result.stderr
     assert f"api_key_file={missing} does not exist" in result.stderr
@@ -233,10 +199,8 @@ def test_a_bad_agent_file_found_at_start_up_is_a_start_up_failure(tmp_path):
     folder = tmp_path / "agents"
     folder.mkdir()
     (folder / "bad.toml").write_text("name = \n")
-    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "orchestrator",
-                             "--port", "0", "--data-dir", str(tmp_path / "data")],
-                            env={**os.environ, "HIVEMESH_ORCHESTRATOR_AGENTS_DIR": str(folder)},
-                            capture_output=True, text=True, timeout=60)
+    result = serve_refused("orchestrator", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                           env={"HIVEMESH_ORCHESTRATOR_AGENTS_DIR": str(folder)})
     assert result.returncode == 1 and result.stdout == ""
     assert "orchestrator could not start:" in result.stderr and "bad.toml" in result.stderr
     assert "Traceback" not in result.stderr
@@ -248,9 +212,7 @@ def test_a_port_already_taken_is_a_clear_message(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
-                                 "--port", str(port), "--data-dir", str(tmp_path)],
-                                capture_output=True, text=True, timeout=60)
+        result = serve_refused("artifact", "--port", str(port), "--data-dir", str(tmp_path))
     assert result.returncode == 1
     assert f"artifact could not start: could not bind 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -367,12 +329,7 @@ def test_a_bad_file_of_the_secrets_directory_is_an_invalid_setting(tmp_path, fil
         else:
             (secrets / name).write_text(text)
     env = {**os.environ, "HIVEMESH_SECRETS_DIR": str(secrets)}
-    try:
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
-                                 "orchestrator", "--port", "0"],
-                                env=env, capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"served: {exc.stdout!r}")
+    result = serve_refused("orchestrator", "--port", "0", env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert "invalid orchestrator settings:" in result.stderr and message in result.stderr
     assert f"the secrets directory {secrets}" in result.stderr
@@ -381,10 +338,5 @@ def test_a_bad_file_of_the_secrets_directory_is_an_invalid_setting(tmp_path, fil
 
 def test_a_json_setting_that_does_not_parse_is_an_invalid_setting(tmp_path):
     env = {**os.environ, "HIVEMESH_ORCHESTRATOR_TOOL_SERVERS": '{"search": '}
-    try:
-        result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
-                                 "orchestrator", "--port", "0"],
-                                env=env, capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"served: {exc.stdout!r}")
+    result = serve_refused("orchestrator", "--port", "0", env=env)
     assert result.returncode == 2 and "tool_servers" in result.stderr

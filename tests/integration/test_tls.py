@@ -5,14 +5,12 @@ and servers on 127.0.0.1, port 0."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 
 import grpc
 import pytest
 from fakes.mesh import mesh
+from fakes.serve import serve_refused
 from fakes.tls import Pki, make_pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -201,16 +199,6 @@ async def test_serve_announces_a_tls_service_as_before(pki, tmp_path):
     assert [entry["tls"] for entry in logs if entry["msg"] == "serving"] == ["mutual"]
 
 
-def _serve_artifact(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve", "artifact",
-                               "--port", "0", "--data-dir", str(tmp_path / "data")],
-                              env={**os.environ, **env}, capture_output=True, text=True,
-                              timeout=60)
-    except subprocess.TimeoutExpired as exc:  # killed by run(): it was serving
-        pytest.fail(f"served with bad TLS settings: {exc.stdout!r}")
-
-
 _CERT = "HIVEMESH_ARTIFACT_SERVER__TLS_CERT_FILE"
 _KEY = "HIVEMESH_ARTIFACT_SERVER__TLS_KEY_FILE"
 _CLIENT_CA = "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_CA_FILE"
@@ -248,7 +236,8 @@ def test_bad_tls_settings_are_invalid_settings(pki, tmp_path, files, message):
              "missing.key": pki.ca.parent / "missing.key",
              "malformed.ca": _malformed_ca(pki)}
     env = {name: str(paths[file]) for name, file in files.items()}
-    result = _serve_artifact(env, tmp_path)
+    result = serve_refused("artifact", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                           env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert "invalid artifact settings:" in result.stderr
     assert message.format(dir=pki.ca.parent) in result.stderr
@@ -258,18 +247,12 @@ def test_bad_tls_settings_are_invalid_settings(pki, tmp_path, files, message):
 def test_bad_provider_tls_settings_are_invalid_settings(pki, tmp_path):
     env = {"HIVEMESH_ORCHESTRATOR_PROVIDER_TLS__CERT_FILE": str(pki.client.cert),
            "HIVEMESH_ORCHESTRATOR_PROVIDER_TLS__KEY_FILE": str(pki.client.key)}
-    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
-                             "orchestrator", "--port", "0", "--data-dir", str(tmp_path)],
-                            env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=60)
+    result = serve_refused("orchestrator", "--port", "0", "--data-dir", str(tmp_path), env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert ("invalid orchestrator settings:\n  provider_tls: Value error, TLS toward the "
             "services needs ca_file") in result.stderr
     env = {"HIVEMESH_MEMORY_LLM_TLS__CA_FILE": str(pki.client.key)}
-    result = subprocess.run([sys.executable, "-m", "hivemesh.cli.main", "serve",
-                             "memory", "--port", "0", "--data-dir", str(tmp_path)],
-                            env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=60)
+    result = serve_refused("memory", "--port", "0", "--data-dir", str(tmp_path), env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert f"llm_tls.ca_file: Value error, {pki.client.key} holds no PEM certificate" \
         in result.stderr
