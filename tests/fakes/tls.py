@@ -60,7 +60,8 @@ def _ca(directory: Path, name: str):
     return key, cert, path
 
 
-def _leaf(directory: Path, name: str, ca_key, ca_cert, *, server: bool) -> Pair:
+def _signed(name: str, ca_key, ca_cert, usages: list, alt_names: list):
+    """(key, certificate) of a leaf ``name`` the CA signs, valid a day."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(name))
@@ -69,14 +70,18 @@ def _leaf(directory: Path, name: str, ca_key, ca_cert, *, server: bool) -> Pair:
                .not_valid_before(now - dt.timedelta(minutes=5))
                .not_valid_after(now + dt.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage(
-                   [ExtendedKeyUsageOID.SERVER_AUTH if server
-                    else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.DNSName("hivemesh.test"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
+               .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
+    if alt_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _leaf(directory: Path, name: str, ca_key, ca_cert, *, server: bool) -> Pair:
+    key, cert = _signed(
+        name, ca_key, ca_cert,
+        [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH],
+        [x509.DNSName("localhost"), x509.DNSName("hivemesh.test"),
+         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if server else [])
     pair = Pair(directory / f"{name}.crt", directory / f"{name}.key")
     pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, pair.key)
@@ -108,20 +113,9 @@ class MeshPki:
 def _mesh_leaf(directory: Path, name: str, dns_name: str, ca_key, ca_cert, ca_path: Path) -> Path:
     """A certificate for both ends of a connection (an Envoy sidecar serves
     and calls with the same one), its DNS subject alt name ``dns_name``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(name))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    key, cert = _signed(name, ca_key, ca_cert,
+                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                        [x509.DNSName(dns_name)])
     out = directory / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "ca.crt").write_bytes(ca_path.read_bytes())
