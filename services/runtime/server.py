@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from hivemesh.runtime.eventloop import loop_name
 from hivemesh.runtime.middleware import DrainMiddleware, MiddlewareChain, default_chain
 from hivemesh.runtime.settings import ServerSettings
+from hivemesh.runtime.tls import server_credentials
 
 log = logging.getLogger("hivemesh.server")
 # Calls stopped at the end of the grace period get this long to send their
@@ -117,19 +118,6 @@ def host_port(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
-
-
-def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
-    """TLS credentials of the server (None: plaintext), the files read now.
-    With ``tls_client_ca_file`` the handshake requires a client certificate
-    signed by one of its CAs."""
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        return None
-    client_ca = (None if settings.tls_client_ca_file is None
-                 else settings.tls_client_ca_file.read_bytes())
-    return grpc.ssl_server_credentials(
-        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
-        root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def _tls_hint(credentials: grpc.ServerCredentials | None) -> str:

@@ -364,3 +364,33 @@ async def test_the_orchestrator_reaches_remote_tool_servers_over_mutual_tls(pki,
             assert not result.degraded
     finally:
         await server.stop(0)
+
+
+async def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path):
+    """The server's certificate files replaced (as cert-manager renews a
+    Secret): new connections get the new certificate. Files that do not
+    form a usable set yet (a certificate without its key) are waited out,
+    the current certificate staying."""
+    first, renewed = make_pki(tmp_path / "first"), make_pki(tmp_path / "renewed")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "tls.crt", live / "tls.key"
+    cert.write_bytes(first.server.cert.read_bytes())
+    key.write_bytes(first.server.key.read_bytes())
+    running, address = await _serve(tls_cert_file=cert, tls_key_file=key)
+
+    async def serving(ca) -> bool:
+        async with ArtifactClient(address, tls=ChannelTls(ca_file=ca)) as client:
+            try:
+                await client.count(timeout=3)
+            except UnavailableError:
+                return False
+            return True
+    try:
+        assert await serving(first.ca) and not await serving(renewed.ca)
+        cert.write_bytes(renewed.server.cert.read_bytes())  # the key not yet
+        assert await serving(first.ca) and not await serving(renewed.ca)
+        key.write_bytes(renewed.server.key.read_bytes())
+        assert await serving(renewed.ca) and not await serving(first.ca)
+    finally:
+        await running.shutdown(0)
