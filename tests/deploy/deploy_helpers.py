@@ -23,6 +23,9 @@ SIDECAR = DEPLOY / "envoy" / "sidecar.yaml"
 SIDECAR_MTLS = DEPLOY / "envoy" / "sidecar-mtls.yaml"
 # Where the mTLS sidecar reads its certificates (the mounted Secret).
 MESH_TLS_DIR = "/etc/hivemesh/mesh-tls"
+# Where it finds the SDS files of its certificate and CA (the ConfigMap).
+ENVOY_CONFIG_DIR = "/etc/envoy"
+MESH_TLS_SDS = sorted(DEPLOY.joinpath("envoy").glob("*.sds.yaml"))
 DRAIN_SCRIPT = DEPLOY / "envoy" / "drain.sh"
 PROVIDERS = ("artifact", "information", "llm", "memory")
 # Nothing listens there: connections are refused at once.
@@ -43,10 +46,12 @@ def _endpoints(addresses: list[str]) -> list[dict]:
 
 
 def _move_files(node, old: str, new: str) -> None:
-    """Every ``filename`` under ``old`` moved to ``new``, in place."""
+    """Every ``filename`` or ``path`` at or under ``old`` moved to ``new``,
+    in place."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "filename" and isinstance(value, str) and value.startswith(old + "/"):
+            if (key in ("filename", "path") and isinstance(value, str)
+                    and (value == old or value.startswith(old + "/"))):
                 node[key] = new + value[len(old):]
             else:
                 _move_files(value, old, new)
@@ -55,18 +60,33 @@ def _move_files(node, old: str, new: str) -> None:
             _move_files(item, old, new)
 
 
+def place_mesh_tls(config: dict, mesh_tls_dir: Path, sds_dir: Path) -> None:
+    """The mTLS sidecar ``config`` (in place) reading its certificates
+    from ``mesh_tls_dir`` instead of the mounted Secret, through copies of
+    the shipped SDS files written to ``sds_dir`` (moved the same way)."""
+    sds_dir.mkdir(parents=True, exist_ok=True)
+    for path in MESH_TLS_SDS:
+        resource = yaml.safe_load(path.read_text())
+        _move_files(resource, MESH_TLS_DIR, str(mesh_tls_dir))
+        (sds_dir / path.name).write_text(json.dumps(resource))
+    _move_files(config, MESH_TLS_DIR, str(mesh_tls_dir))
+    _move_files(config, ENVOY_CONFIG_DIR, str(sds_dir))
+
+
 def render_sidecar(*, app: str, providers: dict[str, list[str]] | None = None,
                    collector: str | None = None, token_bucket: dict | None = None,
-                   source: Path = SIDECAR, mesh_tls_dir: Path | None = None) -> dict:
+                   source: Path = SIDECAR, mesh_tls_dir: Path | None = None,
+                   sds_dir: Path | None = None) -> dict:
     """The shipped sidecar config (``source``) with only its addresses
     changed for loopback: every listener and the admin on 127.0.0.1 port 0,
     the local service at ``app``, each provider cluster on the given
     endpoints (static instead of DNS) and the collector at ``collector``;
-    with ``mesh_tls_dir``, the certificates read from there instead of the
-    mounted Secret."""
+    with ``mesh_tls_dir`` and ``sds_dir``, the certificates read from there
+    instead of the mounted Secret (place_mesh_tls)."""
     config = yaml.safe_load(source.read_text())
     if mesh_tls_dir is not None:
-        _move_files(config, MESH_TLS_DIR, str(mesh_tls_dir))
+        assert sds_dir is not None, "the SDS files need a directory"
+        place_mesh_tls(config, mesh_tls_dir, sds_dir)
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
     for listener in config["static_resources"]["listeners"]:
         listener["address"]["socket_address"].update(address="127.0.0.1", port_value=0)

@@ -34,8 +34,8 @@ from hivemesh.llm.v1 import (
 from hivemesh.orchestrator.v1 import OrchestratorServiceStub, RunAgentRequest
 
 from deploy_helpers import (
-    DEPLOY, DRAIN_SCRIPT, MESH_TLS_DIR, NOWHERE, REPO, SIDECAR, Envoy, envoy_binary,
-    render_sidecar)
+    DEPLOY, DRAIN_SCRIPT, ENVOY_CONFIG_DIR, NOWHERE, REPO, SIDECAR, Envoy, envoy_binary,
+    place_mesh_tls, render_sidecar)
 from fakes.tls import make_mesh_pki
 
 LLM_SERVICE = "hivemesh.llm.v1.LlmService"
@@ -49,9 +49,10 @@ def rid() -> str:
 
 # --- the real tool's verdict on every shipped config -------------------------
 
-# Every Envoy config (the kustomization beside them only packs them up).
+# Every Envoy config (the kustomization beside them only packs them up; the
+# SDS files are resources the mTLS config reads, checked when it loads).
 ENVOY_CONFIGS = sorted(p for p in DEPLOY.joinpath("envoy").glob("*.yaml")
-                       if p.name != "kustomization.yaml")
+                       if p.name != "kustomization.yaml" and not p.name.endswith(".sds.yaml"))
 
 
 def test_there_are_envoy_configs_to_check():
@@ -61,12 +62,15 @@ def test_there_are_envoy_configs_to_check():
 @pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
 def test_envoy_validates_the_config_without_deprecated_fields(path, tmp_path):
     text = path.read_text()
-    if MESH_TLS_DIR in text:
-        # Envoy loads the certificates it names (sidecar-mtls.yaml): the same
-        # config with throwaway ones where the Secret would be mounted.
+    if ENVOY_CONFIG_DIR + "/" in text:
+        # Envoy loads the SDS files it names and the certificates they name
+        # (sidecar-mtls.yaml): the same config and SDS files with throwaway
+        # certificates where the Secret would be mounted.
         pki = make_mesh_pki(tmp_path / "pki", {"pod": "hivemesh-artifact-pods"})
+        config = yaml.safe_load(text)
+        place_mesh_tls(config, pki.dirs["pod"], tmp_path / "sds")
         path = tmp_path / path.name
-        path.write_text(text.replace(MESH_TLS_DIR, str(pki.dirs["pod"])))
+        path.write_text(json.dumps(config))
     result = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(path)],
                             capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr

@@ -16,7 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from deploy_helpers import NOWHERE, REPO, SIDECAR, SIDECAR_MTLS, Envoy, render_sidecar
+from deploy_helpers import (
+    ENVOY_CONFIG_DIR, MESH_TLS_SDS, NOWHERE, REPO, SIDECAR, SIDECAR_MTLS, Envoy, render_sidecar)
 from fakes.tls import make_mesh_pki
 
 ECHO = "/hivemesh.test.Echo/Echo"
@@ -33,6 +34,16 @@ def test_the_committed_mtls_config_is_generated_from_the_current_sidecar():
     """What ``python tools/envoy_mtls.py check`` (make contracts) checks."""
     assert SIDECAR_MTLS.read_text() == _envoy_mtls().render(SIDECAR.read_text()), (
         "stale: run python tools/envoy_mtls.py generate")
+
+
+def test_the_committed_sds_files_are_generated_and_are_the_ones_the_config_reads():
+    tool = _envoy_mtls()
+    assert [p.name for p in MESH_TLS_SDS] == sorted(tool.SDS_FILES.values())
+    for secret, name in tool.SDS_FILES.items():
+        path = SIDECAR_MTLS.parent / name
+        assert path.read_text() == tool.render_sds(secret), (
+            "stale: run python tools/envoy_mtls.py generate")
+        assert f"{ENVOY_CONFIG_DIR}/{name}" in SIDECAR_MTLS.read_text()
 
 
 class Echo(grpc.GenericRpcHandler):
@@ -69,9 +80,10 @@ def service():
 @pytest.fixture(scope="module")
 def provider(service, pki, tmp_path_factory):
     """An artifact pod's sidecar, in front of the plaintext service."""
+    workdir = tmp_path_factory.mktemp("provider-envoy")
     envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
-                                 mesh_tls_dir=pki.dirs["artifact"]),
-                  tmp_path_factory.mktemp("provider-envoy"))
+                                 mesh_tls_dir=pki.dirs["artifact"], sds_dir=workdir / "sds"),
+                  workdir)
     try:
         envoy.wait_healthy("app", 1)
         yield envoy
@@ -85,10 +97,11 @@ def caller(provider, pki, tmp_path_factory):
     pod; its information cluster is that pod too, which is not an
     information pod (its certificate names hivemesh-artifact-pods)."""
     inbound = provider.address("inbound")
+    workdir = tmp_path_factory.mktemp("caller-envoy")
     envoy = Envoy(render_sidecar(app=NOWHERE, source=SIDECAR_MTLS,
-                                 mesh_tls_dir=pki.dirs["orchestrator"],
+                                 mesh_tls_dir=pki.dirs["orchestrator"], sds_dir=workdir / "sds",
                                  providers={"artifact": [inbound], "information": [inbound]}),
-                  tmp_path_factory.mktemp("caller-envoy"))
+                  workdir)
     try:
         yield envoy
     finally:

@@ -20,7 +20,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, MESH_TLS_DIR, REPO, SIDECAR, SIDECAR_MTLS
+from deploy_helpers import (
+    DEPLOY, ENVOY_CONFIG_DIR, MESH_TLS_DIR, MESH_TLS_SDS, REPO, SIDECAR, SIDECAR_MTLS)
 
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.artifact.settings import ArtifactSettings
@@ -499,11 +500,28 @@ def test_production_memory_replicas_share_vectors_and_ledger():
     assert "HIVEMESH_MEMORY_LEDGER" not in env_of(containers(dev)["app"])
 
 
-def _envoy_config_file(deployment: dict) -> str:
-    """The ConfigMap key Envoy runs: the file its -c names, through the
-    volume's items when they map keys to other paths."""
+def _values(node, key: str) -> list:
+    """Every value of ``key`` anywhere in ``node``."""
+    if isinstance(node, dict):
+        return [v for k, value in node.items()
+                for v in ([value] if k == key else _values(value, key))]
+    if isinstance(node, list):
+        return [v for item in node for v in _values(item, key)]
+    return []
+
+
+def _sds_paths(config: dict) -> list[str]:
+    """The files an Envoy config takes secrets from (file-based SDS)."""
+    return [source["path"] for source in _values(config, "path_config_source")]
+
+
+def _envoy_config_file(deployment: dict, path: str | None = None) -> str | None:
+    """The ConfigMap key Envoy finds at ``path`` (by default the file its
+    -c names), through the volume's items when they map keys to other
+    paths; None when nothing is mounted there."""
     envoy = containers(deployment)["envoy"]
-    path = envoy["args"][envoy["args"].index("-c") + 1]
+    if path is None:
+        path = envoy["args"][envoy["args"].index("-c") + 1]
     mount = next(m for m in envoy["volumeMounts"] if m["name"] == "envoy-config")
     assert path.startswith(mount["mountPath"] + "/"), path
     relative = path[len(mount["mountPath"]) + 1:]
@@ -513,22 +531,35 @@ def _envoy_config_file(deployment: dict) -> str:
     if items:
         # Every other file Envoy's container uses (the preStop) still there.
         assert "drain.sh" in items.values(), items
-    return items.get(relative, relative) if items else relative
+    return items.get(relative) if items else relative
 
 
 def test_the_mtls_overlay_runs_the_generated_config_with_each_service_s_certificate():
     """With the mesh-mtls component every sidecar runs sidecar-mtls.yaml,
     the committed file Envoy validates and runs in test_envoy_mtls, and
     reads its certificates where that config expects them, from its own
-    service's Secret; without it, sidecar.yaml and no certificates."""
+    service's Secret, through the SDS files shipped beside it; without it,
+    sidecar.yaml and no certificates."""
     docs = build("overlays/production-mtls")
     [config_map] = of_kind(docs, "ConfigMap")
     assert config_map["data"]["sidecar-mtls.yaml"] == SIDECAR_MTLS.read_text()
+    # The SDS files the config names, committed and shipped as they are,
+    # each naming files in (and watching) the mounted Secret's directory.
+    sds_paths = set(_sds_paths(yaml.safe_load(SIDECAR_MTLS.read_text())))
+    assert sds_paths == {f"{ENVOY_CONFIG_DIR}/{p.name}" for p in MESH_TLS_SDS}, sds_paths
+    for path in MESH_TLS_SDS:
+        assert config_map["data"][path.name] == path.read_text(), path.name
+        [secret] = yaml.safe_load(path.read_text())["resources"]
+        files = _values(secret, "filename")
+        assert files and all(f.startswith(MESH_TLS_DIR + "/") for f in files), files
+        assert _values(secret, "path") == [MESH_TLS_DIR], path.name
     deployments = of_kind(docs, "Deployment")
     assert sorted(service_of(d) for d in deployments) == sorted(SETTINGS)
     for deployment in deployments:
         svc, name = service_of(deployment), deployment["metadata"]["name"]
         assert _envoy_config_file(deployment) == "sidecar-mtls.yaml", name
+        for sds in sds_paths:
+            assert _envoy_config_file(deployment, sds) == sds.rsplit("/", 1)[1], (name, sds)
         envoy, app = containers(deployment)["envoy"], containers(deployment)["app"]
         [mount] = [m for m in envoy["volumeMounts"] if m["name"] == "mesh-tls"]
         assert (mount["mountPath"], mount.get("readOnly")) == (MESH_TLS_DIR, True), name
@@ -553,8 +584,8 @@ def test_the_mtls_overlay_runs_the_generated_config_with_each_service_s_certific
         host = endpoint["endpoint"]["address"]["socket_address"]["address"]
         assert host in headless and host == f"hivemesh-{cluster['name']}-pods", host
         assert context["sni"] == host
-        sans = context["common_tls_context"]["validation_context"][
-            "match_typed_subject_alt_names"]
+        sans = context["common_tls_context"]["combined_validation_context"][
+            "default_validation_context"]["match_typed_subject_alt_names"]
         assert sans == [{"san_type": "DNS", "matcher": {"exact": host}}]
         checked += 1
     assert checked == 4
