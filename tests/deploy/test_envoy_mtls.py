@@ -5,12 +5,17 @@ egress listener over mutual TLS, and the provider's sidecar hands the call
 to a plaintext gRPC service behind it; the provider's inbound listener
 refuses plaintext clients, TLS clients without a certificate and clients
 whose certificate is from another CA; the caller's egress refuses a pod
-whose certificate names another service."""
+whose certificate names another service; a sidecar takes a renewed
+certificate and CA from its mounted Secret without a restart."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -121,7 +126,9 @@ def _tls_channel(address: str, ca, cert_dir=None) -> grpc.Channel:
                                                private_key=key, certificate_chain=cert)
     return grpc.secure_channel(address, credentials, options=[
         ("grpc.ssl_target_name_override", "hivemesh-artifact-pods"),
-        ("grpc.enable_retries", 0)])
+        ("grpc.enable_retries", 0),
+        # A connection of its own: never one another channel left open.
+        ("grpc.use_local_subchannel_pool", 1)])
 
 
 def test_a_call_goes_through_egress_mutual_tls_and_inbound_to_the_service(caller, provider):
@@ -175,3 +182,73 @@ def test_egress_refuses_a_pod_whose_certificate_names_another_service(caller):
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert caller.stat("cluster.information.ssl.fail_verify_san") >= 1
     assert caller.stat("cluster.information.upstream_rq_200") == 0
+
+
+# --- renewal --------------------------------------------------------------------
+
+SECRET_FILES = ("ca.crt", "tls.crt", "tls.key")
+
+
+def _write_secret_volume(mount: Path, source: Path, stamp: str) -> None:
+    """``source``'s files written into ``mount`` the way the kubelet updates
+    a Secret volume: a new timestamped directory, then the ``..data``
+    symlink swapped to it atomically (a rename), the old one removed; the
+    files themselves are symlinks through ``..data``."""
+    mount.mkdir(parents=True, exist_ok=True)
+    data = mount / f"..{stamp}"
+    data.mkdir()
+    for name in SECRET_FILES:
+        shutil.copyfile(source / name, data / name)
+    current = mount / "..data"
+    old = mount / os.readlink(current) if current.is_symlink() else None
+    swap = mount / "..data_tmp"
+    swap.symlink_to(data.name)
+    os.replace(swap, current)
+    for name in SECRET_FILES:
+        if not (mount / name).is_symlink():
+            (mount / name).symlink_to(f"..data/{name}")
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _answers(address: str, ca: Path, cert_dir: Path) -> bool:
+    """Whether a client trusting only ``ca``, presenting the certificate in
+    ``cert_dir``, gets a call through on a new connection."""
+    with _tls_channel(address, ca, cert_dir) as channel:
+        try:
+            return _echo(channel, b"renewed?") == b"renewed?"
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            return False
+
+
+def test_a_renewed_certificate_is_taken_without_a_restart(service, pki, tmp_path):
+    """The Secret renewed with a certificate and CA of a new mesh PKI: new
+    connections see the new ones (a client of the new CA gets through, one
+    of the old CA no longer does), from the same Envoy process."""
+    renewed = make_mesh_pki(tmp_path / "renewed-pki", {
+        "artifact": "hivemesh-artifact-pods", "orchestrator": "hivemesh-orchestrator-pods"})
+    mount = tmp_path / "mesh-tls"
+    _write_secret_volume(mount, pki.dirs["artifact"], "2026_01_01_00_00_00.1")
+    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS, mesh_tls_dir=mount,
+                                 sds_dir=tmp_path / "sds"),
+                  tmp_path / "envoy")
+    try:
+        envoy.wait_healthy("app", 1)
+        address = envoy.address("inbound")
+        old_client = (pki.ca, pki.dirs["orchestrator"])
+        new_client = (renewed.ca, renewed.dirs["orchestrator"])
+        assert _answers(address, *old_client)
+        assert not _answers(address, *new_client)
+        pid = envoy.process.pid
+
+        _write_secret_volume(mount, renewed.dirs["artifact"], "2026_02_01_00_00_00.2")
+        deadline = time.monotonic() + 30
+        while not _answers(address, *new_client):
+            assert time.monotonic() < deadline, "the renewed certificate was not taken"
+            time.sleep(0.2)
+        assert not _answers(address, *old_client)
+        # Reloaded, not restarted: the same process all along.
+        assert envoy.process.pid == pid and envoy.process.poll() is None
+    finally:
+        envoy.stop()
