@@ -6,7 +6,8 @@ to a plaintext gRPC service behind it; the provider's inbound listener
 refuses plaintext clients, TLS clients without a certificate and clients
 whose certificate is from another CA; the caller's egress refuses a pod
 whose certificate names another service; a sidecar takes a renewed
-certificate and CA from its mounted Secret without a restart."""
+certificate and CA from its mounted Secret without a restart, and keeps
+its certificate when the renewed key is not the renewed certificate's."""
 
 from __future__ import annotations
 
@@ -250,5 +251,36 @@ def test_a_renewed_certificate_is_taken_without_a_restart(service, pki, tmp_path
         assert not _answers(address, *old_client)
         # Reloaded, not restarted: the same process all along.
         assert envoy.process.pid == pid and envoy.process.poll() is None
+    finally:
+        envoy.stop()
+
+
+def test_a_renewal_whose_key_does_not_match_its_certificate_is_refused(service, pki, tmp_path):
+    """Envoy checks what it reloads as it does at start: with a key that is
+    not the certificate's it logs the failure and keeps serving the
+    certificate it had."""
+    mount = tmp_path / "mesh-tls"
+    _write_secret_volume(mount, pki.dirs["artifact"], "2026_01_01_00_00_00.1")
+    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS, mesh_tls_dir=mount,
+                                 sds_dir=tmp_path / "sds"),
+                  tmp_path / "envoy")
+    try:
+        envoy.wait_healthy("app", 1)
+        address = envoy.address("inbound")
+        client = (pki.ca, pki.dirs["orchestrator"])
+        assert _answers(address, *client)
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        for name in SECRET_FILES:
+            shutil.copyfile(pki.dirs["artifact"] / name, broken / name)
+        shutil.copyfile(pki.dirs["orchestrator"] / "tls.key", broken / "tls.key")
+
+        _write_secret_volume(mount, broken, "2026_02_01_00_00_00.2")
+        deadline = time.monotonic() + 30
+        while "Failed to reload certificates" not in envoy.log_path.read_text():
+            assert time.monotonic() < deadline, "the broken renewal was not read"
+            time.sleep(0.2)
+        assert _answers(address, *client)
+        assert envoy.process.poll() is None
     finally:
         envoy.stop()
