@@ -9,14 +9,15 @@ it reads its certificate and CA from, deploy/envoy/mesh-tls-*.sds.yaml.
 Envoy cannot turn TLS on from the environment, and a config that names
 certificate files which do not exist does not load, so the mTLS sidecar is
 a config file of its own. It is deploy/envoy/sidecar.yaml (comments and
-all) with two kinds of additions, and nothing else changed:
+all) with these additions, and nothing else changed:
 
 * the inbound listener (0.0.0.0:10000) terminates TLS and requires a client
   certificate that chains to the mesh CA;
 * each egress cluster toward provider pods (artifact, information, llm,
   memory) speaks TLS to the pod's sidecar, presents this pod's certificate,
   sends SNI ``hivemesh-<provider>-pods`` and accepts only a server
-  certificate from the mesh CA with that name as a DNS subject alt name.
+  certificate from the mesh CA with that name as a DNS subject alt name;
+* a node id and cluster (NODE), which SDS requires.
 
 The local cluster (the service on loopback), the admin and readiness
 listeners and the collector cluster stay plaintext. Certificates are read

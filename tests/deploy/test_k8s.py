@@ -568,7 +568,8 @@ def test_the_mtls_overlay_runs_the_generated_config_with_each_service_s_certific
         [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"]
                     if v["name"] == "mesh-tls"]
         assert volume["secret"]["secretName"] == f"hivemesh-{svc}-mesh-tls", name
-        # A pod without its certificate does not start (Envoy would not).
+        # A pod without its certificate does not start: Envoy, which reads it
+        # through SDS, would run with its TLS listener and clusters unusable.
         assert not volume["secret"].get("optional"), name
     # The name each egress cluster checks is the headless Service it
     # resolves, whose pods present the certificate carrying that name.
