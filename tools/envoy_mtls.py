@@ -6,9 +6,9 @@
 The files: deploy/envoy/sidecar-mtls.yaml and the two SDS resource files
 it reads its certificate and CA from, deploy/envoy/mesh-tls-*.sds.yaml.
 
-Envoy cannot turn TLS on from the environment, and a config that names
-certificate files which do not exist does not load, so the mTLS sidecar is
-a config file of its own. It is deploy/envoy/sidecar.yaml (comments and
+Envoy cannot turn TLS on from the environment, and a config that needs
+certificates leaves its TLS listener and clusters unusable where there are
+none, so the mTLS sidecar is a config file of its own. It is deploy/envoy/sidecar.yaml (comments and
 all) with these additions, and nothing else changed:
 
 * the inbound listener (0.0.0.0:10000) terminates TLS and requires a client
