@@ -11,6 +11,7 @@ its certificate when the renewed key is not the renewed certificate's."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -223,12 +224,11 @@ def _answers(address: str, ca: Path, cert_dir: Path) -> bool:
             return False
 
 
-def test_a_renewed_certificate_is_taken_without_a_restart(service, pki, tmp_path):
-    """The Secret renewed with a certificate and CA of a new mesh PKI: new
-    connections see the new ones (a client of the new CA gets through, one
-    of the old CA no longer does), from the same Envoy process."""
-    renewed = make_mesh_pki(tmp_path / "renewed-pki", {
-        "artifact": "hivemesh-artifact-pods", "orchestrator": "hivemesh-orchestrator-pods"})
+@contextlib.contextmanager
+def _sidecar_on_a_secret_volume(service, pki, tmp_path: Path):
+    """(Envoy, its Secret volume, its inbound address): the artifact pod's
+    sidecar on the mTLS config, its certificate in a volume laid out as the
+    kubelet does."""
     mount = tmp_path / "mesh-tls"
     _write_secret_volume(mount, pki.dirs["artifact"], "2026_01_01_00_00_00.1")
     envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS, mesh_tls_dir=mount,
@@ -236,7 +236,18 @@ def test_a_renewed_certificate_is_taken_without_a_restart(service, pki, tmp_path
                   tmp_path / "envoy")
     try:
         envoy.wait_healthy("app", 1)
-        address = envoy.address("inbound")
+        yield envoy, mount, envoy.address("inbound")
+    finally:
+        envoy.stop()
+
+
+def test_a_renewed_certificate_is_taken_without_a_restart(service, pki, tmp_path):
+    """The Secret renewed with a certificate and CA of a new mesh PKI: new
+    connections see the new ones (a client of the new CA gets through, one
+    of the old CA no longer does), from the same Envoy process."""
+    renewed = make_mesh_pki(tmp_path / "renewed-pki", {
+        "artifact": "hivemesh-artifact-pods", "orchestrator": "hivemesh-orchestrator-pods"})
+    with _sidecar_on_a_secret_volume(service, pki, tmp_path) as (envoy, mount, address):
         old_client = (pki.ca, pki.dirs["orchestrator"])
         new_client = (renewed.ca, renewed.dirs["orchestrator"])
         assert _answers(address, *old_client)
@@ -251,22 +262,13 @@ def test_a_renewed_certificate_is_taken_without_a_restart(service, pki, tmp_path
         assert not _answers(address, *old_client)
         # Reloaded, not restarted: the same process all along.
         assert envoy.process.pid == pid and envoy.process.poll() is None
-    finally:
-        envoy.stop()
 
 
 def test_a_renewal_whose_key_does_not_match_its_certificate_is_refused(service, pki, tmp_path):
     """Envoy checks what it reloads as it does at start: with a key that is
     not the certificate's it logs the failure and keeps serving the
     certificate it had."""
-    mount = tmp_path / "mesh-tls"
-    _write_secret_volume(mount, pki.dirs["artifact"], "2026_01_01_00_00_00.1")
-    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS, mesh_tls_dir=mount,
-                                 sds_dir=tmp_path / "sds"),
-                  tmp_path / "envoy")
-    try:
-        envoy.wait_healthy("app", 1)
-        address = envoy.address("inbound")
+    with _sidecar_on_a_secret_volume(service, pki, tmp_path) as (envoy, mount, address):
         client = (pki.ca, pki.dirs["orchestrator"])
         assert _answers(address, *client)
         broken = tmp_path / "broken"
@@ -282,5 +284,3 @@ def test_a_renewal_whose_key_does_not_match_its_certificate_is_refused(service, 
             time.sleep(0.2)
         assert _answers(address, *client)
         assert envoy.process.poll() is None
-    finally:
-        envoy.stop()
