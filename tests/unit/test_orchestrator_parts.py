@@ -368,14 +368,19 @@ async def test_waiting_on_an_event_queue_leaves_nothing_behind():
     never.cancel()
 
 
+class _NoChannels:
+    """Stands in for the providers of a tool registry: no channel is opened
+    (``add``); a subclass answers ``call``."""
+
+    def add(self, *args, **kwargs):
+        pass
+
+
 async def test_concurrent_runs_share_one_listing_of_an_unreachable_tool_server():
     from hivemesh.services.orchestrator import tools as tool_registry
 
-    class Down:
+    class Down(_NoChannels):
         listings = 0
-
-        def add(self, *args, **kwargs):
-            pass
 
         async def call(self, name, method, request, **kwargs):
             Down.listings += 1
@@ -937,11 +942,8 @@ async def test_an_unexpected_error_in_a_fan_out_branch_is_logged_and_fails_only_
 async def test_a_tool_server_that_pages_in_a_circle_is_listed_once_not_forever():
     from hivemesh.orchestrator.v1 import ListToolsResponse, ToolDefinition
 
-    class Circular:
+    class Circular(_NoChannels):
         pages = 0
-
-        def add(self, *args, **kwargs):
-            pass
 
         async def call(self, name, method, request, **kwargs):
             Circular.pages += 1
