@@ -71,6 +71,27 @@ class StoreRefused(ValueError):
         self.retry_after_s = retry_after_s
 
 
+# What Qdrant (server and embedded engine alike) says when the vectors the
+# service sends do not fit the collection's ("Wrong input: Vector dimension
+# error: ...", "Not existing vector name error: bm25"): the collection, not
+# the request, is at fault.
+_VECTOR_MISMATCH = ("vector dimension error", "vector inserting error",
+                    "not existing vector name", "missed vector name",
+                    "sparse and regular vectors", "vector params for")
+
+
+def vectors_refused(where: str, answer: str, *, status: str) -> StoreRefused | None:
+    """The refusal for a store's ``answer`` that says the collection at
+    ``where`` holds other vectors than the service sends; None for any
+    other answer."""
+    if not any(p in answer.lower() for p in _VECTOR_MISMATCH):
+        return None
+    return StoreRefused(Refusal.PRECONDITION,
+                        f"the collection at {where} does not take the vectors the service "
+                        f"sends ({answer}); it was made or changed outside this service: use "
+                        "another collection, or make this one again", status=status)
+
+
 class EmbedderMismatch(ValueError):
     """The collection was built with another embedding model or dimension."""
 

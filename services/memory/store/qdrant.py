@@ -26,7 +26,8 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
     CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Refusal, Search,
-    SparseVector, StoreRefused, StoreUnavailable, at_least, check_vectors, typed)
+    SparseVector, StoreRefused, StoreUnavailable, at_least, check_vectors, typed,
+    vectors_refused)
 
 T = TypeVar("T")
 # Failures that may pass: the server could not be reached or did not answer
@@ -52,11 +53,6 @@ _REFUSALS_HTTP = {400: Refusal.INVALID, 422: Refusal.INVALID, 404: Refusal.PRECO
                   412: Refusal.PRECONDITION, 501: Refusal.PRECONDITION,
                   401: Refusal.CREDENTIALS, 403: Refusal.CREDENTIALS,
                   429: Refusal.RATE_LIMITED}
-# What Qdrant says when the vectors the service sends do not fit the
-# collection's ("Wrong input: Vector dimension error: ...", "Not existing
-# vector name error: bm25"): the collection, not the request, is at fault.
-_VECTOR_MISMATCH = ("vector dimension error", "not existing vector name",
-                    "sparse and regular vectors", "vector params for")
 
 
 def _match(c: Condition) -> models.FieldCondition:
@@ -227,12 +223,11 @@ class QdrantStore(MemoryStore):
         else:
             return None
         answer = f"{status}: {details}"
-        if refusal is Refusal.INVALID and any(p in details.lower() for p in _VECTOR_MISMATCH):
-            refusal = Refusal.PRECONDITION
-            message = (f"the collection at {self.where} does not take the vectors the service "
-                       f"sends ({answer}); it was made or changed outside this service: use "
-                       "another collection, or make this one again")
-        elif refusal is Refusal.INVALID:
+        mismatch = (vectors_refused(self.where, answer, status=status)
+                    if refusal is Refusal.INVALID else None)
+        if mismatch is not None:
+            return mismatch
+        if refusal is Refusal.INVALID:
             message = f"Qdrant at {self.where} refused the request as invalid ({answer})"
         elif refusal is Refusal.PRECONDITION and status in ("NOT_FOUND", "HTTP 404"):
             message = (f"Qdrant at {self.where} no longer has the collection ({answer}); it "
