@@ -761,6 +761,87 @@ async def test_a_qdrant_server_refusing_a_call_is_answered_with_the_matching_sta
         await backend.close()
 
 
+class _FailingShard:
+    """The embedded engine's shard, failing every call with ``error`` as the
+    binding raises it (a bare Exception naming the engine's kind of error,
+    or a ValueError)."""
+
+    def __init__(self, shard, error: Exception) -> None:
+        self.shard = shard
+        self.error = error
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise self.error
+        return fail
+
+
+# (what the engine raises, the status, reason and words of the service's error)
+_ENGINE_FAILURES = [
+    (Exception("Vector dimension error: expected dim: 384, got 256"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_ERROR", "does not take the vectors"),
+    (Exception("Wrong input: Not existing vector name error: bm25"),
+     grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_ERROR", "does not take the vectors"),
+    (Exception("Bad request: Index required but not found"),
+     grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_ERROR", "refused the request as invalid"),
+    (ValueError("failed to parse date-time: input contains invalid characters"),
+     grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_ERROR", "failed to parse date-time"),
+    (Exception("Service internal error: No space left on device"),
+     grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", "No space left on device"),
+    (Exception("Inconsistent storage: segment 3 is missing"),
+     grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", "segment 3 is missing"),
+    (Exception("Timeout error: the update timed out"),
+     grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "timed out"),
+    (Exception("Service runtime error: Shard is not initialized"),
+     grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE", "not initialized"),
+    # Not the engine's: a bug stays a bug, with no internals in the answer.
+    (AttributeError("'NoneType' object has no attribute 'points'"),
+     grpc.StatusCode.INTERNAL, "INTERNAL", ""),
+]
+
+
+@pytest.mark.parametrize(("error", "code", "reason", "words"), _ENGINE_FAILURES)
+async def test_the_embedded_engine_failing_a_call_is_answered_with_the_matching_status(
+        tmp_path, error, code, reason, words):
+    """The embedded engine's errors are told apart as a Qdrant server's
+    are: a shard that does not take the service's vectors is
+    FAILED_PRECONDITION, a request it refuses INVALID_ARGUMENT, a call it
+    could not do now UNAVAILABLE, its own failure (storage, disk) INTERNAL
+    with its words; each with ErrorInfo. Nothing is recorded for replay."""
+    from hivemesh.client.errors import HivemeshError
+
+    settings = memory_settings(tmp_path)
+    backend = await open_backend(settings)
+    engine = backend.store.inner
+    shard = engine.shard
+    running, port = await create_server(settings, backend)
+    try:
+        async with MemoryClient(f"127.0.0.1:{port}") as memory:
+            engine.shard = _FailingShard(shard, error)
+            rid = str(uuid.uuid4())
+            calls = [lambda: memory.add(["refused"], namespace="u", request_id=rid),
+                     lambda: memory.search("refused", namespace="u", mode="hybrid"),
+                     lambda: memory.count(namespace="u", where={"metadata.kind": "note"})]
+            for call in calls:
+                with pytest.raises(HivemeshError) as err:
+                    await call()
+                assert err.value.code == code, err.value
+                assert err.value.reason == reason, err.value
+                assert err.value.domain == "hivemesh.memory"
+                assert words in err.value.message
+                if reason != "INTERNAL":
+                    assert err.value.metadata["backend"] == "memory store"
+                else:
+                    assert str(error) not in err.value.message
+            engine.shard = shard
+            retried = await memory.add(["refused"], namespace="u", request_id=rid)
+            assert not retried.replayed and await memory.count(namespace="u") == 1
+    finally:
+        engine.shard = shard
+        await running.shutdown(0)
+        await backend.close()
+
+
 async def test_unreachable_qdrant_at_start_up_fails_clearly(tmp_path):
     from hivemesh.services.memory.store.base import StoreUnavailable
     port = _closed_port()

@@ -40,11 +40,44 @@ import qdrant_edge as q
 
 from hivemesh.services.memory.store.base import (
     DATETIME_INDEXES, DENSE, KEYWORD_INDEXES, NAMESPACE, SPARSE, AnyOf, ChunkPoint,
-    CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Search,
-    SparseVector, StoreUnavailable, at_least, check_vectors, typed)
+    CollectionInfo, Condition, Equals, Found, MemoryStore, Mode, NumberRange, Refusal, Search,
+    SparseVector, StoreRefused, StoreUnavailable, at_least, check_vectors, typed,
+    vectors_refused)
 
 log = logging.getLogger("hivemesh.memory.edge")
 T = TypeVar("T")
+
+# The engine raises a bare Exception whose text starts with the kind of its
+# error (Qdrant's own error names). What each kind means for a call, besides
+# vectors that do not fit the shard (``vectors_refused``):
+# - the request as the engine got it;
+_INVALID = ("wrong input", "bad request", "bad input", "validation error",
+            "payload type does not match", "unable to infer type")
+# - the engine could not do it now (a retry may succeed);
+_TRANSIENT = ("timeout error", "operation cancelled", "service runtime error: shard is not")
+# anything else (storage, memory, its own failure) is the engine failing the
+# call: Refusal.FAILED, with its text, which names no secret.
+
+
+def engine_failure(exc: Exception, where: str) -> StoreRefused | StoreUnavailable | None:
+    """What an error the engine raised means for the call; None for an
+    error that is not the engine's (a bug here stays a bug)."""
+    if type(exc) is not Exception and not isinstance(exc, ValueError):
+        return None
+    text = str(exc)
+    lowered = text.lower()
+    kind = text.split(":", 1)[0].strip()[:60] if ":" in text else type(exc).__name__
+    mismatch = vectors_refused(where, text, status=kind)
+    if mismatch is not None:
+        return mismatch
+    if isinstance(exc, ValueError) or lowered.startswith(_INVALID):
+        return StoreRefused(Refusal.INVALID,
+                            f"the embedded engine refused the request as invalid ({text})",
+                            status=kind)
+    if lowered.startswith(_TRANSIENT):
+        return StoreUnavailable(f"the embedded engine at {where} could not answer: {text}")
+    return StoreRefused(Refusal.FAILED, f"the embedded engine at {where} failed the call "
+                        f"({text})", status=kind)
 
 
 def _condition(c: Condition):
@@ -139,6 +172,11 @@ class EdgeStore(MemoryStore):
             return fn()
         except OSError as exc:
             raise StoreUnavailable(f"the embedded engine failed: {exc}") from exc
+        except Exception as exc:
+            failure = engine_failure(exc, str(self.root))
+            if failure is None:
+                raise
+            raise failure from exc
 
     async def _update(self, fn: Callable[[], T]) -> T:
         """Runs an update; with ``sync_writes`` returns once it is on disk."""
