@@ -28,6 +28,7 @@ from hivemesh.services.orchestrator.tools import ToolRegistry
 
 if TYPE_CHECKING:
     from hivemesh.services.orchestrator.redis_state import RedisState
+    from hivemesh.services.orchestrator.sqlite_state import SqliteLedger
 
 log = logging.getLogger("hivemesh.orchestrator")
 
@@ -35,17 +36,21 @@ log = logging.getLogger("hivemesh.orchestrator")
 @dataclass
 class Orchestrator:
     """What the orchestrator holds open: provider channels, tools, bus, and
-    the Redis connection of the redis state backend."""
+    the Redis connection of the redis state backend or the SQLite file of
+    finished requests of the local one (with a data directory)."""
 
     providers: Providers
     tools: ToolRegistry
     bus: EventBus
     redis: RedisState | None = None
+    requests: SqliteLedger | None = None
 
     async def close(self) -> None:
         await self.providers.close()
         if self.redis is not None:
             await self.redis.close()
+        if self.requests is not None:
+            await self.requests.close()
 
 
 def ensure_trace_ids() -> None:
@@ -69,6 +74,19 @@ async def open_state(settings: OrchestratorSettings) -> RedisState | None:
                                  prefix=settings.redis_prefix)
 
 
+def open_requests(settings: OrchestratorSettings) -> SqliteLedger | None:
+    """The finished requests of the local state backend in its data
+    directory, kept across restarts (None: in memory, or in Redis)."""
+    if settings.state_backend != "local" or settings.data_dir is None:
+        return None
+    from hivemesh.services.orchestrator.sqlite_state import SqliteLedger
+    ledger = SqliteLedger(settings.data_dir, settings.idempotency_size,
+                          settings.idempotency_ttl_s, synchronous=settings.sqlite_synchronous)
+    log.info("request results in %s (synchronous=%s)", ledger.db.path,
+             settings.sqlite_synchronous)
+    return ledger
+
+
 async def open_backend(settings: OrchestratorSettings) -> Orchestrator:
     redis = await open_state(settings)
     providers = Providers(
@@ -83,7 +101,7 @@ async def open_backend(settings: OrchestratorSettings) -> Orchestrator:
     tool_tls = settings.tool_tls.channel_tls()
     for name, address in settings.tool_servers.items():
         tools.add_server(name, address, tls=tool_tls)
-    return Orchestrator(providers, tools, EventBus(), redis)
+    return Orchestrator(providers, tools, EventBus(), redis, open_requests(settings))
 
 
 def build_state(settings: OrchestratorSettings,
@@ -99,8 +117,10 @@ def build_state(settings: OrchestratorSettings,
         loaded = files.load_dir(settings.agents_dir)
         log.info("loaded %d agents from %s", len(loaded), settings.agents_dir)
     if orchestrator.redis is None:
-        return (LocalAgents(files),
-                LocalLedger(settings.idempotency_size, settings.idempotency_ttl_s))
+        ledger: RequestLedger | None = orchestrator.requests
+        if ledger is None:
+            ledger = LocalLedger(settings.idempotency_size, settings.idempotency_ttl_s)
+        return LocalAgents(files), ledger
     from hivemesh.services.orchestrator.redis_state import RedisAgents, RedisLedger
     log.info("registered agents and request results in %s, prefix %s",
              orchestrator.redis.where, orchestrator.redis.prefix)

@@ -10,8 +10,9 @@ start-up.
 
 ``state_backend`` says where registered agents and the results of finished
 requests (request_id replays) are kept: ``local`` (this process; agents in
-``<data_dir>/agents.json``) or ``redis`` (one Redis shared by every replica,
-so replicas behave as one; see ``redis_state``).
+``<data_dir>/agents.json``, results in ``<data_dir>/requests.sqlite3``, so
+that they outlive a restart; see ``sqlite_state``) or ``redis`` (one Redis
+shared by every replica, so replicas behave as one; see ``redis_state``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.settings import (
     ChannelTlsSettings, ServerSettings, ServiceSettings, existing_path, not_empty)
+from hivemesh.runtime.sqlite import Synchronous
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -46,12 +48,17 @@ class OrchestratorSettings(ServiceSettings):
     # e.g. HIVEMESH_ORCHESTRATOR_PROVIDER_TLS__CA_FILE.
     provider_tls: ChannelTlsSettings = Field(default_factory=ChannelTlsSettings)
     agents_dir: Path | None = None
-    # Where agents registered over gRPC are kept (local state backend); None
-    # keeps them in memory.
+    # Where agents registered over gRPC and the results of finished requests
+    # are kept (local state backend); None keeps them in memory.
     data_dir: Path | None = None
-    # local: registered agents and finished requests in this process;
-    # redis: in Redis, shared by every replica.
+    # local: registered agents and finished requests in this process
+    # (finished requests in <data_dir>/requests.sqlite3, in memory without a
+    # data_dir); redis: in Redis, shared by every replica.
     state_backend: Literal["local", "redis"] = "local"
+    # Durability of <data_dir>/requests.sqlite3: normal (survives kill -9; a
+    # power loss may drop the last results, each a duplicate run on retry)
+    # or full (fsync per write). See orchestrator/sqlite_state.py.
+    sqlite_synchronous: Synchronous = "normal"
     # Required with the redis state backend; a secret (it may hold a password).
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="hivemesh:orch:", min_length=1)

@@ -10,7 +10,10 @@ servicer has one code path:
   most once per request_id and replay its result to a retry.
 
 ``local`` (the default) keeps both in the process: agents registered over
-gRPC in ``<data_dir>/agents.json``, finished requests in memory. ``redis``
+gRPC in ``<data_dir>/agents.json``, finished requests in
+``<data_dir>/requests.sqlite3`` (``hivemesh.services.orchestrator.sqlite_state``,
+so that a retry after a restart replays), or in memory without a data
+directory. ``redis``
 (``hivemesh.services.orchestrator.redis_state``) keeps both in one Redis,
 shared by every replica.
 """
@@ -91,7 +94,8 @@ class LocalAgents:
 
 
 class LocalLedger:
-    """Finished requests in this process's memory (bounded, with a TTL)."""
+    """Finished requests in this process's memory (bounded, with a TTL):
+    the local backend without a data directory."""
 
     def __init__(self, size: int, ttl_s: float) -> None:
         self.stores = {kind: Idempotency(size, ttl_s) for kind in KINDS}

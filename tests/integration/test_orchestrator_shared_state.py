@@ -22,7 +22,7 @@ from conftest import REDIS_URL, RedisProxy, drop_redis_prefix, on_local_redis
 from fakes.mesh import SERVER, ArtifactOutage, mesh
 
 from hivemesh.client import from_rpc_error
-from hivemesh.client.errors import UnavailableError
+from hivemesh.client.errors import AlreadyExistsError, UnavailableError
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, BudgetPolicy, DegradedComponent, DeleteAgentRequest, MemoryConfig,
@@ -462,6 +462,28 @@ async def test_the_local_backend_is_the_default_and_keeps_state_in_the_process(t
             # Run again (its own trace), not replayed. (The LLM service
             # itself answers the repeated generation from its own record.)
             assert not retry.replayed and retry.result.trace_id != first.result.trace_id
+
+
+async def test_the_local_backend_replays_a_run_that_finished_before_a_restart(tmp_path):
+    """With a data dir, finished requests outlive the orchestrator: a run
+    retried after a restart on the same data dir is replayed (its artifact,
+    no second generation); another request under its id is a conflict."""
+    data = tmp_path / "orchestrator"
+    async with mesh(tmp_path) as m:
+        async with replica(m, data_dir=data) as a:
+            await register(a, agent("coder", output_artifact_type="code"))
+            request = run_request("coder")
+            first = await call(a.RunAgent, request)
+            assert not first.replayed and len(first.result.artifact_ids) == 1
+        async with replica(m, data_dir=data) as restarted:
+            again = await call(restarted.RunAgent, request)
+            assert again.replayed and again.result == first.result
+            assert len(m.primary.calls) == 1
+            with pytest.raises(AlreadyExistsError) as err:
+                await call(restarted.RunAgent, run_request("coder", request.request_id,
+                                                           text="implement sub"))
+            assert err.value.reason == "IDEMPOTENCY_CONFLICT"
+        assert (data / "requests.sqlite3").exists()
 
 
 

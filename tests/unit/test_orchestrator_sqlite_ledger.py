@@ -18,6 +18,8 @@ from hivemesh.common.v1 import ErrorReason
 from hivemesh.orchestrator.v1 import AgentResult
 from hivemesh.runtime import errors
 from hivemesh.services.orchestrator import sqlite_state
+from hivemesh.services.orchestrator.server import open_requests
+from hivemesh.services.orchestrator.settings import OrchestratorSettings
 from hivemesh.services.orchestrator.sqlite_state import FILE_NAME, SqliteLedger
 
 TTL_S = 60.0
@@ -200,3 +202,15 @@ async def test_concurrent_duplicates_run_once(tmp_path):
         release.set()
         (a, a_replayed), (b, b_replayed) = await asyncio.gather(first, second)
     assert len(calls) == 1 and a == b and sorted([a_replayed, b_replayed]) == [False, True]
+
+
+async def test_the_local_backend_keeps_results_in_sqlite_only_with_a_data_dir(tmp_path):
+    assert open_requests(OrchestratorSettings()) is None  # in memory, as before
+    assert open_requests(OrchestratorSettings(
+        data_dir=tmp_path, state_backend="redis", redis_url="redis://127.0.0.1:1/0")) is None
+    kept = open_requests(OrchestratorSettings(data_dir=tmp_path))
+    try:
+        assert isinstance(kept, SqliteLedger) and kept.db.path == tmp_path / FILE_NAME
+        assert kept.db.synchronous == "normal"
+    finally:
+        await kept.close()
