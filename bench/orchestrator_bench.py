@@ -15,7 +15,7 @@ budget), one generation, and an output artifact. Every run's input differs,
 so the LLM's response cache never answers.
 
 Phase 1, latency: the mesh runs without telemetry, once per SQLite
-durability level (``--synchronous``: ``full``, every service's default,
+durability level (``--synchronous``: ``full``, every provider's default,
 fsyncs each commit; ``normal`` survives ``kill -9`` but not a power loss).
 p50/p99 at c=1, runs per second with p50/p99 at c=16; rounds interleave the
 baseline and the runs (the median round counts). The CPU each process spent
@@ -63,8 +63,9 @@ from hivemesh.orchestrator.v1 import (  # noqa: E402
 
 TARGETS = {"p50 in bare round trips": 5.0, "runs/s at c=16": 300, "spans per hop": 2.0}
 PROVIDERS = ("artifact", "information", "llm", "memory")
-# The services keeping an SQLite file (the memory service its ledger).
-SQLITE_SERVICES = ("artifact", "information", "memory")
+# The services keeping an SQLite file (the memory service its ledger, the
+# orchestrator its request results).
+SQLITE_SERVICES = ("artifact", "information", "memory", "orchestrator")
 MODEL = "mock-small"
 AGENT = "bench-coder"
 NAMESPACE = "bench"
