@@ -170,7 +170,7 @@ async def test_a_damaged_result_is_run_again_with_a_warning_and_replaced(tmp_pat
     assert replayed and replay == again and run.calls == 2
 
 
-async def test_an_unreadable_file_is_run_again_with_a_warning(tmp_path, caplog):
+async def test_a_failing_read_runs_the_request_with_a_warning(tmp_path, caplog):
     clock, run = Clock(), Runs()
     async with ledger(tmp_path, clock) as led:
         await once(led, run)
