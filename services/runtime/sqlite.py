@@ -66,6 +66,11 @@ class WriterStopped(ConnectionError):
     """The writer failed unexpectedly; the write may not have happened."""
 
 
+class UnusableDatabase(ValueError):
+    """The file is no SQLite database (or one too damaged to open); a
+    ValueError, so the service refuses to start and names the file."""
+
+
 def connect(path: Path, synchronous: Synchronous = "full") -> sqlite3.Connection:
     # The writer connection is handed to the committer thread for COMMIT, but
     # never used by two threads at once.
@@ -128,10 +133,19 @@ class GroupCommitDatabase:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.synchronous = synchronous
-        self._writer = connect(path, synchronous)
-        self._writer.execute("PRAGMA wal_autocheckpoint=0")
-        self._writer.executescript(schema)
-        self.reader = connect(path, synchronous)
+        try:
+            self._writer = connect(path, synchronous)
+            self._writer.execute("PRAGMA wal_autocheckpoint=0")
+            self._writer.executescript(schema)
+            self.reader = connect(path, synchronous)
+        except sqlite3.DatabaseError as exc:
+            # Not OperationalError (locked, read-only, a full disk): those
+            # say what is wrong already, and the file may be fine.
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            raise UnusableDatabase(
+                f"{path} is not a usable SQLite database ({exc}): restore it from a backup, "
+                "or move it aside to start with an empty one") from exc
         self._checkpointer = _Checkpointer(path, synchronous)
         # Only a COMMIT that waits for fsync is worth a hop to another thread.
         self._committer = (ThreadPoolExecutor(max_workers=1,

@@ -206,6 +206,25 @@ def test_a_bad_agent_file_found_at_start_up_is_a_start_up_failure(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("service", "file"), [
+    ("artifact", "artifacts.sqlite3"), ("information", "information.sqlite3"),
+    ("memory", "memory/ledger.sqlite3"), ("orchestrator", "requests.sqlite3")])
+def test_a_database_file_that_is_no_database_is_a_start_up_failure_naming_it(
+        tmp_path, service, file):
+    """A damaged or foreign file where the service keeps its SQLite data
+    stops start-up (exit 1) with the file's path and what to do, not a
+    traceback; the file is left as it was."""
+    damaged = tmp_path / "data" / file
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a database, but somebody's data" * 200)
+    result = serve_refused(service, "--port", "0", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert f"{service} could not start: {damaged} is not a usable SQLite database" \
+        in result.stderr
+    assert "move it aside" in result.stderr and "Traceback" not in result.stderr
+    assert damaged.read_bytes() == b"not a database, but somebody's data" * 200
+
+
 def test_a_port_already_taken_is_a_clear_message(tmp_path):
     import socket
     with socket.socket() as taken:
