@@ -9,7 +9,7 @@ with reason INTERNAL and no internals in the message.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -153,6 +153,22 @@ def idempotency_conflict(request_id: str, what: str = "request") -> ServiceError
 def internal() -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, ErrorReason.ERROR_REASON_INTERNAL,
                         "internal error; see the service log for this trace id")
+
+
+def client_not_allowed(presented: Sequence[str]) -> ServiceError:
+    """PERMISSION_DENIED: the client certificate, from a trusted CA, carries
+    none of the accepted names; ``presented``, the names it does carry.
+
+    Not UNAUTHENTICATED: the handshake has authenticated the client (its
+    certificate chains to a trusted CA and names who it is); that client is
+    only not one this service serves, and another try with the same
+    certificate would fail the same way."""
+    listed = ", ".join(presented) or "none"
+    return ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                        ErrorReason.ERROR_REASON_CLIENT_NOT_ALLOWED,
+                        f"the client certificate carries none of the names this service "
+                        f"accepts (it carries: {listed})",
+                        {"client_names": listed})
 
 
 def shutting_down() -> ServiceError:

@@ -28,6 +28,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_SHUTTING_DOWN: _ClassVar[ErrorReason]
     ERROR_REASON_ALREADY_EXISTS: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+    ERROR_REASON_CLIENT_NOT_ALLOWED: _ClassVar[ErrorReason]
 
 class StreamOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -53,6 +54,7 @@ ERROR_REASON_STREAM_INTERRUPTED: ErrorReason
 ERROR_REASON_SHUTTING_DOWN: ErrorReason
 ERROR_REASON_ALREADY_EXISTS: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
+ERROR_REASON_CLIENT_NOT_ALLOWED: ErrorReason
 STREAM_OUTCOME_UNSPECIFIED: StreamOutcome
 STREAM_OUTCOME_COMPLETED: StreamOutcome
 STREAM_OUTCOME_FAILED: StreamOutcome
