@@ -1,12 +1,14 @@
 """Throwaway certificates for the TLS tests: a CA, a server certificate
-for localhost and 127.0.0.1, and client certificates, written as PEM files
-under the test's temporary directory (never committed); and the Envoy
-sidecars' mesh certificates (make_mesh_pki)."""
+for localhost and 127.0.0.1, and client certificates (Pki.named_client
+for one with given names), written as PEM files under the test's
+temporary directory (never committed); and the Envoy sidecars' mesh
+certificates (make_mesh_pki)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,18 @@ class Pki:
     # Signed by another CA: a client certificate the server must refuse.
     stranger: Pair
     other_ca: Path
+    ca_key: Path  # the CA's key, for named_client
+
+    def named_client(self, name: str, *, dns: Sequence[str] = (),
+                     uris: Sequence[str] = ()) -> Pair:
+        """A client certificate from the CA, its common name ``name``, its
+        subject alt names ``dns`` and ``uris`` (a SPIFFE id is a URI)."""
+        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(self.ca.read_bytes())
+        alt_names = ([x509.DNSName(n) for n in dns]
+                     + [x509.UniformResourceIdentifier(u) for u in uris])
+        key, cert = _signed(name, ca_key, ca_cert, [ExtendedKeyUsageOID.CLIENT_AUTH], alt_names)
+        return _write_pair(self.ca.parent, name, key, cert)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -40,6 +54,13 @@ def _write_key(key, path: Path) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
+
+
+def _write_pair(directory: Path, name: str, key, cert) -> Pair:
+    pair = Pair(directory / f"{name}.crt", directory / f"{name}.key")
+    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, pair.key)
+    return pair
 
 
 def _ca(directory: Path, name: str):
@@ -82,21 +103,20 @@ def _leaf(directory: Path, name: str, ca_key, ca_cert, *, server: bool) -> Pair:
         [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH],
         [x509.DNSName("localhost"), x509.DNSName("hivemesh.test"),
          x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if server else [])
-    pair = Pair(directory / f"{name}.crt", directory / f"{name}.key")
-    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(key, pair.key)
-    return pair
+    return _write_pair(directory, name, key, cert)
 
 
 def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert, ca_path = _ca(directory, "test-ca")
     other_key, other_cert, other_path = _ca(directory, "other-ca")
+    ca_key_path = directory / "test-ca.key"
+    _write_key(ca_key, ca_key_path)
     return Pki(ca=ca_path,
                server=_leaf(directory, "server", ca_key, ca_cert, server=True),
                client=_leaf(directory, "client", ca_key, ca_cert, server=False),
                stranger=_leaf(directory, "stranger", other_key, other_cert, server=False),
-               other_ca=other_path)
+               other_ca=other_path, ca_key=ca_key_path)
 
 
 @dataclass(frozen=True)
