@@ -20,7 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hivemesh.runtime.eventloop import loop_name
-from hivemesh.runtime.middleware import DrainMiddleware, MiddlewareChain, default_chain
+from hivemesh.runtime.middleware import (
+    DrainMiddleware, MiddlewareChain, checking_client_names, default_chain)
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.runtime.tls import server_credentials
 
@@ -147,8 +148,17 @@ async def start_server(settings: ServerSettings, *, domain: str,
     """Bind, start and mark SERVING. ``middleware`` (default: tracing, errors,
     validation) wraps every method of ``services``; health and reflection
     are not wrapped. With TLS settings the port is TLS only (health and
-    reflection included)."""
-    chain = middleware if middleware is not None else default_chain(domain)
+    reflection included).
+
+    With ``tls_client_names`` the methods of ``services`` serve only clients
+    whose certificate carries one of them (ClientNamesMiddleware, in front
+    of the chain). Health and reflection are exempt, still behind the
+    handshake's CA check: a probe (``hivemesh health``) may present the
+    pod's own certificate, not a caller's, and what they tell (serving or
+    not; the public contracts' names) is no service's data."""
+    chain = checking_client_names(
+        middleware if middleware is not None else default_chain(domain),
+        settings.tls_client_names, domain)
     credentials = server_credentials(settings)  # before anything is bound
     server = grpc.aio.server(options=server_options(settings))
     health_servicer = Health()

@@ -172,12 +172,27 @@ class ServerSettings(BaseModel):
     # Mutual TLS: clients must present a certificate signed by one of these
     # CAs (PEM bundle). Needs the two above.
     tls_client_ca_file: Path | None = None
+    # Mutual TLS, and the client certificate must carry one of these names
+    # (a DNS or URI subject alt name, or the subject common name), matched
+    # exactly; empty: any certificate the CAs signed. Needs the one above.
+    tls_client_names: list[str] = Field(default_factory=list)
 
     _set = field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file",
                            mode="before")(not_empty)
     _cert = field_validator("tls_cert_file")(_check_file(check_certificate_file))
     _ca = field_validator("tls_client_ca_file")(_check_file(check_ca_file))
     _key = field_validator("tls_key_file")(_check_file(check_key_file))
+
+    @field_validator("tls_client_names")
+    @classmethod
+    def _names_given(cls, names: list[str]) -> list[str]:
+        # An empty or padded name would never match a certificate's: the
+        # service would refuse every client while looking configured.
+        for name in names:
+            if not name or name != name.strip():
+                raise ValueError(f"{name!r} is not a name: give names without spaces around "
+                                 "them, none empty")
+        return names
 
     @property
     def tls_mode(self) -> str:
@@ -195,6 +210,9 @@ class ServerSettings(BaseModel):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
                              "tls_key_file")
+        if self.tls_client_names and self.tls_client_ca_file is None:
+            raise ValueError("tls_client_names needs tls_client_ca_file (mutual TLS): without "
+                             "a client certificate there is no name to check")
         if self.tls_cert_file is not None and self.tls_key_file is not None:
             check_key_pair(self.tls_cert_file, self.tls_key_file)
         return self

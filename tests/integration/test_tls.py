@@ -12,11 +12,13 @@ import pytest
 from fakes.mesh import mesh
 from fakes.serve import serve_refused
 from fakes.tls import Pki, make_pki
+from google.protobuf import empty_pb2, wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hivemesh.cli.processes import start_service
 from hivemesh.client import ArtifactClient, ChannelTls, UnavailableError, secure_channel
+from hivemesh.client.errors import PermissionDeniedError, from_rpc_error
 from hivemesh.client.memory import MemoryClient
 from hivemesh.common.v1 import RequestContext
 from hivemesh.orchestrator.v1 import (
@@ -394,3 +396,190 @@ async def test_a_renewed_certificate_serves_new_connections_without_a_restart(tm
         assert await serving(renewed.ca) and not await serving(first.ca)
     finally:
         await running.shutdown(0)
+
+
+# -- mutual TLS by name: tls_client_names ------------------------------------
+
+ORCHESTRATOR_DNS = "orchestrator.hivemesh.svc"
+ORCHESTRATOR_SPIFFE = "spiffe://hivemesh.test/ns/hivemesh/sa/orchestrator"
+
+
+@pytest.fixture
+async def named_server(pki):
+    """Mutual TLS serving only clients named like the orchestrator."""
+    running, address = await _serve(
+        tls_cert_file=pki.server.cert, tls_key_file=pki.server.key, tls_client_ca_file=pki.ca,
+        tls_client_names=[ORCHESTRATOR_DNS, ORCHESTRATOR_SPIFFE])
+    yield address
+    await running.shutdown(0)
+
+
+def _client_tls(pki: Pki, pair) -> ChannelTls:
+    return ChannelTls(ca_file=pki.ca, cert_file=pair.cert, key_file=pair.key)
+
+
+async def _refuses_other_names(pki: Pki, address: str) -> bool:
+    """Whether the server at ``address`` refuses a certificate from its CA
+    carrying none of its names (common name ``client``, no alt names)."""
+    async with ArtifactClient(address, tls=_client_tls(pki, pki.client)) as artifacts:
+        try:
+            await artifacts.count()
+        except PermissionDeniedError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("names", [
+    {"dns": [ORCHESTRATOR_DNS]},
+    {"uris": [ORCHESTRATOR_SPIFFE]},
+    # Among others, in either kind of alt name.
+    {"dns": ["other.hivemesh.svc", ORCHESTRATOR_DNS]},
+    {"uris": ["spiffe://hivemesh.test/ns/hivemesh/sa/other", ORCHESTRATOR_SPIFFE]},
+], ids=["dns", "uri", "dns among others", "uri among others"])
+async def test_a_client_whose_certificate_carries_an_accepted_name_is_served(
+        pki, named_server, names):
+    client = pki.named_client("orchestrator", **names)
+    async with ArtifactClient(named_server, tls=_client_tls(pki, client)) as artifacts:
+        assert await _save_and_get(artifacts) == "print('over TLS')"
+    assert await _refuses_other_names(pki, named_server)
+
+
+async def test_the_common_name_counts_as_a_name(pki):
+    running, address = await _serve(
+        tls_cert_file=pki.server.cert, tls_key_file=pki.server.key, tls_client_ca_file=pki.ca,
+        tls_client_names=["orchestrator"])
+    try:
+        # Its common name, with no alt names at all.
+        client = pki.named_client("orchestrator")
+        async with ArtifactClient(address, tls=_client_tls(pki, client)) as artifacts:
+            assert await artifacts.count() == 0
+        assert await _refuses_other_names(pki, address)
+    finally:
+        await running.shutdown(0)
+
+
+@pytest.mark.parametrize(("names", "listed"), [
+    ({"dns": ["memory.hivemesh.svc"]}, "memory.hivemesh.svc, memory"),
+    ({"uris": ["spiffe://hivemesh.test/ns/hivemesh/sa/memory"]},
+     "spiffe://hivemesh.test/ns/hivemesh/sa/memory, memory"),
+    # An accepted name as a part of another does not count.
+    ({"dns": [f"x.{ORCHESTRATOR_DNS}"], "uris": [f"{ORCHESTRATOR_SPIFFE}/x"]},
+     f"x.{ORCHESTRATOR_DNS}, {ORCHESTRATOR_SPIFFE}/x, memory"),
+], ids=["dns", "uri", "longer names"])
+async def test_a_client_carrying_other_names_is_refused_with_the_names_it_carries(
+        pki, named_server, names, listed):
+    refused = pki.named_client("memory", **names)
+    async with ArtifactClient(named_server, tls=_client_tls(pki, refused)) as artifacts:
+        with pytest.raises(PermissionDeniedError) as caught:
+            await artifacts.save(workflow_id="wf-tls", agent_id="coder", artifact_type="code",
+                                 content="not saved")
+    error = caught.value
+    assert (error.reason, error.domain) == ("CLIENT_NOT_ALLOWED", "hivemesh.artifact")
+    assert error.metadata == {"client_names": listed}
+    assert listed in str(error)
+    # Refused before the handler: nothing was saved.
+    allowed = pki.named_client("orchestrator", dns=[ORCHESTRATOR_DNS])
+    async with ArtifactClient(named_server, tls=_client_tls(pki, allowed)) as artifacts:
+        assert await artifacts.count() == 0
+
+
+async def test_a_certificate_without_names_is_refused_but_still_probes_health(
+        pki, named_server):
+    """Health checking and reflection are exempt from the names (the CA
+    still checked): a probe may present the pod's own certificate."""
+    tls = _client_tls(pki, pki.client)  # common name "client", no alt names
+    async with ArtifactClient(named_server, tls=tls) as artifacts:
+        with pytest.raises(PermissionDeniedError) as caught:
+            await artifacts.count()
+    assert caught.value.metadata == {"client_names": "client"}
+    async with secure_channel(named_server, "artifact", tls) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert SERVICE_NAME in names
+
+
+class _Countdown(grpc.GenericRpcHandler):
+    """A server-streaming method, /hivemesh.test.Countdown/Run, that counts
+    the calls its handler got."""
+
+    METHOD = "/hivemesh.test.Countdown/Run"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def service(self, handler_call_details):
+        if handler_call_details.method != self.METHOD:
+            return None
+        return grpc.unary_stream_rpc_method_handler(
+            self._run, request_deserializer=empty_pb2.Empty.FromString,
+            response_serializer=wrappers_pb2.StringValue.SerializeToString)
+
+    async def _run(self, request, context):
+        self.calls += 1
+        for step in ("3", "2", "1"):
+            yield wrappers_pb2.StringValue(value=step)
+
+
+async def test_a_streaming_call_is_checked_too_before_its_handler_runs(pki):
+    from hivemesh.runtime.server import ServiceBinding, start_server
+    countdown = _Countdown()
+    settings = ServerSettings(port=0, tls_cert_file=pki.server.cert, tls_key_file=pki.server.key,
+                              tls_client_ca_file=pki.ca, tls_client_names=[ORCHESTRATOR_DNS])
+    running = await start_server(settings, domain="hivemesh.test", services=[ServiceBinding(
+        "hivemesh.test.Countdown", lambda servicer, server: server.add_generic_rpc_handlers(
+            (servicer,)), countdown)])
+
+    async def run(pair) -> list[str]:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{running.port}",
+                                           _client_tls(pki, pair).credentials()) as channel:
+            steps = channel.unary_stream(
+                countdown.METHOD, request_serializer=empty_pb2.Empty.SerializeToString,
+                response_deserializer=wrappers_pb2.StringValue.FromString)
+            return [step.value async for step in steps(empty_pb2.Empty(), timeout=5)]
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await run(pki.named_client("memory", dns=["memory.hivemesh.svc"]))
+        error = from_rpc_error(caught.value)
+        assert isinstance(error, PermissionDeniedError)
+        assert (error.reason, error.domain) == ("CLIENT_NOT_ALLOWED", "hivemesh.test")
+        assert error.metadata == {"client_names": "memory.hivemesh.svc, memory"}
+        assert countdown.calls == 0
+        assert await run(pki.named_client("orchestrator", dns=[ORCHESTRATOR_DNS])) == [
+            "3", "2", "1"]
+        assert countdown.calls == 1
+    finally:
+        await running.shutdown(0)
+
+
+_CLIENT_NAMES = "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_NAMES"
+
+
+def test_client_names_are_read_from_the_environment_as_json(pki, monkeypatch):
+    monkeypatch.setenv(_CERT, str(pki.server.cert))
+    monkeypatch.setenv(_KEY, str(pki.server.key))
+    monkeypatch.setenv(_CLIENT_CA, str(pki.ca))
+    monkeypatch.setenv(_CLIENT_NAMES, json.dumps([ORCHESTRATOR_DNS, ORCHESTRATOR_SPIFFE]))
+    assert ArtifactSettings().server.tls_client_names == [ORCHESTRATOR_DNS, ORCHESTRATOR_SPIFFE]
+
+
+@pytest.mark.parametrize(("mutual", "names", "message"), [
+    (False, f'["{ORCHESTRATOR_DNS}"]',
+     "tls_client_names needs tls_client_ca_file (mutual TLS)"),
+    (True, '["orchestrator", ""]', "server.tls_client_names: Value error, '' is not a name"),
+    (True, '[" orchestrator"]', "server.tls_client_names: Value error, ' orchestrator' is not"),
+    # Not JSON: refused as any JSON setting that does not parse is.
+    (True, "orchestrator", 'error parsing value for field "server"'),
+])
+def test_bad_client_names_are_invalid_settings(pki, tmp_path, mutual, names, message):
+    env = {_CERT: str(pki.server.cert), _KEY: str(pki.server.key), _CLIENT_NAMES: names}
+    if mutual:
+        env[_CLIENT_CA] = str(pki.ca)
+    result = serve_refused("artifact", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                           env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "invalid artifact settings:" in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
