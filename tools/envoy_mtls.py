@@ -2,9 +2,10 @@
 
     python tools/envoy_mtls.py generate   # rewrite the files below
     python tools/envoy_mtls.py check      # fail if a committed one is stale
+    python tools/envoy_mtls.py clients NAME...   # print a clients file naming them
 
-The files: deploy/envoy/sidecar-mtls.yaml and the two SDS resource files
-it reads its certificate and CA from, deploy/envoy/mesh-tls-*.sds.yaml.
+The files: deploy/envoy/sidecar-mtls.yaml and the three SDS resource
+files it reads its certificate and CAs from, deploy/envoy/mesh-tls-*.sds.yaml.
 
 Envoy cannot turn TLS on from the environment, and a config that needs
 certificates leaves its TLS listener and clusters unusable where there are
@@ -12,7 +13,8 @@ none, so the mTLS sidecar is a config file of its own. It is deploy/envoy/sideca
 all) with these additions, and nothing else changed:
 
 * the inbound listener (0.0.0.0:10000) terminates TLS and requires a client
-  certificate that chains to the mesh CA;
+  certificate that chains to the mesh CA, and, when the clients file names
+  some (``clients``), carries one of those names;
 * each egress cluster toward provider pods (artifact, information, llm,
   memory) speaks TLS to the pod's sidecar, presents this pod's certificate,
   sends SNI ``hivemesh-<provider>-pods`` and accepts only a server
@@ -26,7 +28,11 @@ from the Secret mounted by deploy/k8s/components/mesh-mtls (CERT_DIR).
 The TLS contexts do not name the certificate files: they take the
 certificate and the CA from file-based SDS (secret discovery), one
 resource file each, shipped in the sidecar ConfigMap beside the config
-(CONFIG_DIR). Each Secret resource names the files and watches CERT_DIR,
+(CONFIG_DIR). The inbound listener takes the CA from a file of its own,
+the clients file (mesh-tls-clients.sds.yaml): the same CA, plus the names
+a client certificate must carry one of. The generated one names none (any
+certificate from the mesh CA, as the egress clusters' CA file); an overlay
+replaces it with one ``clients`` prints. Each Secret resource names the files and watches CERT_DIR,
 so when the kubelet swaps the Secret's ..data symlink for a renewed
 certificate Envoy reads the files again and new connections use them,
 without a restart.
@@ -43,6 +49,7 @@ import argparse
 import copy
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -56,8 +63,11 @@ CONFIG_DIR = "/etc/envoy"
 # The SDS secrets: name -> the resource file (beside TARGET, in the ConfigMap).
 CERTIFICATE_SECRET = "mesh_certificate"
 CA_SECRET = "mesh_ca"
+# The inbound listener's CA, with the names its clients must carry one of.
+CLIENTS_SECRET = "mesh_clients"
 SDS_FILES = {CERTIFICATE_SECRET: "mesh-tls-certificate.sds.yaml",
-             CA_SECRET: "mesh-tls-ca.sds.yaml"}
+             CA_SECRET: "mesh-tls-ca.sds.yaml",
+             CLIENTS_SECRET: "mesh-tls-clients.sds.yaml"}
 PROVIDERS = ("artifact", "information", "llm", "memory")
 # The node Envoy identifies itself as; required by SDS, the same in every pod.
 NODE = {"id": "hivemesh-sidecar", "cluster": "hivemesh"}
@@ -72,7 +82,8 @@ HEADER = f"""\
 # CA and the name hivemesh-<provider>-pods). Certificates from the Secret
 # mounted at {CERT_DIR} (ca.crt, tls.crt, tls.key)
 # through file-based SDS ({CONFIG_DIR}/mesh-tls-*.sds.yaml): a renewed
-# certificate is taken without a restart.
+# certificate is taken without a restart. The names a client certificate
+# must carry one of, if any, are in {SDS_FILES[CLIENTS_SECRET]}.
 #
 """
 
@@ -82,24 +93,36 @@ _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 _SECRET = _TLS + "Secret"
 
 
-def sds_resources() -> dict[str, dict]:
-    """Each SDS file's content: a DiscoveryResponse with one Secret. The
-    files are read through CERT_DIR's ..data symlink; watching the
-    directory makes the kubelet's atomic swap of it a reload, and the
-    certificate and key are read together."""
-    watched = {"path": CERT_DIR}
+def subject_alt_name_matchers(names: Sequence[str]) -> list[dict]:
+    """Envoy's exact matchers of ``names``: a name with ``://`` (a SPIFFE
+    id) is a URI subject alt name, any other a DNS one."""
+    return [{"san_type": "URI" if "://" in name else "DNS", "matcher": {"exact": name}}
+            for name in names]
+
+
+def _mesh_ca(secret: str, client_names: Sequence[str] = ()) -> dict:
+    context: dict = {"trusted_ca": {"filename": f"{CERT_DIR}/ca.crt"}}
+    if client_names:
+        context["match_typed_subject_alt_names"] = subject_alt_name_matchers(client_names)
+    context["watched_directory"] = {"path": CERT_DIR}
+    return {"resources": [{"@type": _SECRET, "name": secret, "validation_context": context}]}
+
+
+def sds_resources(client_names: Sequence[str] = ()) -> dict[str, dict]:
+    """Each SDS file's content: a DiscoveryResponse with one Secret; the
+    clients file's requiring one of ``client_names`` (none: any client
+    certificate from the mesh CA). The files are read through CERT_DIR's
+    ..data symlink; watching the directory makes the kubelet's atomic swap
+    of it a reload, and the certificate and key are read together."""
     return {
         CERTIFICATE_SECRET: {"resources": [{
             "@type": _SECRET, "name": CERTIFICATE_SECRET,
             "tls_certificate": {
                 "certificate_chain": {"filename": f"{CERT_DIR}/tls.crt"},
                 "private_key": {"filename": f"{CERT_DIR}/tls.key"},
-                "watched_directory": watched}}]},
-        CA_SECRET: {"resources": [{
-            "@type": _SECRET, "name": CA_SECRET,
-            "validation_context": {
-                "trusted_ca": {"filename": f"{CERT_DIR}/ca.crt"},
-                "watched_directory": watched}}]},
+                "watched_directory": {"path": CERT_DIR}}}]},
+        CA_SECRET: _mesh_ca(CA_SECRET),
+        CLIENTS_SECRET: _mesh_ca(CLIENTS_SECRET, client_names),
     }
 
 
@@ -126,7 +149,7 @@ def inbound_socket() -> dict:
         "common_tls_context": {
             "alpn_protocols": ["h2"],
             "tls_certificate_sds_secret_configs": _certificate(),
-            "validation_context_sds_secret_config": _sds(CA_SECRET)}}}
+            "validation_context_sds_secret_config": _sds(CLIENTS_SECRET)}}}
 
 
 def upstream_socket(provider: str) -> dict:
@@ -169,7 +192,8 @@ node: {{id: {NODE["id"]}, cluster: {NODE["cluster"]}}}
 
 _INBOUND_SOCKET = f"""\
     - transport_socket:
-        # TLS only; the client must present a certificate from the mesh CA.
+        # TLS only; the client must present a certificate from the mesh CA
+        # carrying one of the names of the clients file, if it names any.
         name: envoy.transport_sockets.tls
         typed_config:
           "@type": {_TLS}DownstreamTlsContext
@@ -177,23 +201,33 @@ _INBOUND_SOCKET = f"""\
           common_tls_context:
             alpn_protocols: [h2]
             # The certificate and the CA from file-based SDS, reloaded
-            # when the mounted Secret changes.
+            # when the mounted Secret (or the clients file) changes.
             tls_certificate_sds_secret_configs: &mesh_certificate
             - name: {CERTIFICATE_SECRET}
               sds_config:
                 path_config_source: {{path: {CONFIG_DIR}/{SDS_FILES[CERTIFICATE_SECRET]}}}
                 resource_api_version: V3
-            validation_context_sds_secret_config: &mesh_ca
-              name: {CA_SECRET}
+            validation_context_sds_secret_config:
+              name: {CLIENTS_SECRET}
               sds_config:
-                path_config_source: {{path: {CONFIG_DIR}/{SDS_FILES[CA_SECRET]}}}
+                path_config_source: {{path: {CONFIG_DIR}/{SDS_FILES[CLIENTS_SECRET]}}}
                 resource_api_version: V3
       filters:
 """
 
 
+_MESH_CA_TEXT = f"""&mesh_ca
+              name: {CA_SECRET}
+              sds_config:
+                path_config_source: {{path: {CONFIG_DIR}/{SDS_FILES[CA_SECRET]}}}
+                resource_api_version: V3"""
+
+
 def _upstream_socket_text(provider: str) -> str:
+    """The socket of ``provider``'s cluster; the first one's defines the
+    mesh CA's anchor, the others refer to it."""
     name = server_name(provider)
+    mesh_ca = _MESH_CA_TEXT if provider == PROVIDERS[0] else "*mesh_ca"
     return f"""\
     # TLS to the pod's sidecar, which must present a certificate from the
     # mesh CA naming {name}; this pod presents its own.
@@ -210,7 +244,7 @@ def _upstream_socket_text(provider: str) -> str:
               match_typed_subject_alt_names:
               - san_type: DNS
                 matcher: {{exact: {name}}}
-            validation_context_sds_secret_config: *mesh_ca
+            validation_context_sds_secret_config: {mesh_ca}
 """
 
 
@@ -241,13 +275,20 @@ def render(source_text: str) -> str:
     return text
 
 
-def render_sds(secret: str) -> str:
-    """The SDS resource file of ``secret``."""
-    return (f"# Generated by tools/envoy_mtls.py. DO NOT EDIT.\n#\n"
-            f"# The {secret} secret of sidecar-mtls.yaml (file-based SDS), from the\n"
-            f"# Secret mounted at {CERT_DIR}: read again when the kubelet swaps\n"
-            f"# that directory's ..data symlink.\n"
-            + yaml.safe_dump(sds_resources()[secret], sort_keys=False))
+def render_sds(secret: str, client_names: Sequence[str] = ()) -> str:
+    """The SDS resource file of ``secret`` (the clients file requiring one
+    of ``client_names``, if any)."""
+    header = (f"# Generated by tools/envoy_mtls.py. DO NOT EDIT.\n#\n"
+              f"# The {secret} secret of sidecar-mtls.yaml (file-based SDS), from the\n"
+              f"# Secret mounted at {CERT_DIR}: read again when the kubelet swaps\n"
+              f"# that directory's ..data symlink.\n")
+    if secret == CLIENTS_SECRET:
+        header += ("#\n# The inbound listener's: a client certificate from the mesh CA, "
+                   + ("carrying one\n# of the names below (DNS or URI subject alt names)."
+                      if client_names else "any name.\n# To accept only some names, "
+                      "ship instead the file that\n# `python tools/envoy_mtls.py clients "
+                      "NAME...` prints (README, Deploy).") + "\n")
+    return header + yaml.safe_dump(sds_resources(client_names)[secret], sort_keys=False)
 
 
 def outputs() -> dict[Path, str]:
@@ -279,9 +320,16 @@ def main() -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("generate")
     sub.add_parser("check")
+    clients = sub.add_parser("clients", help=f"print a {SDS_FILES[CLIENTS_SECRET]} whose "
+                             "inbound listener accepts only client certificates carrying one "
+                             "of NAME (a DNS name, or a URI such as a SPIFFE id)")
+    clients.add_argument("names", nargs="+", metavar="NAME")
     args = parser.parse_args()
     if args.cmd == "generate":
         generate()
+        return 0
+    if args.cmd == "clients":
+        sys.stdout.write(render_sds(CLIENTS_SECRET, args.names))
         return 0
     return check()
 

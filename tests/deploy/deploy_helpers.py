@@ -60,13 +60,16 @@ def _move_files(node, old: str, new: str) -> None:
             _move_files(item, old, new)
 
 
-def place_mesh_tls(config: dict, mesh_tls_dir: Path, sds_dir: Path) -> None:
+def place_mesh_tls(config: dict, mesh_tls_dir: Path, sds_dir: Path,
+                   sds_files: dict[str, str] | None = None) -> None:
     """The mTLS sidecar ``config`` (in place) reading its certificates
     from ``mesh_tls_dir`` instead of the mounted Secret, through copies of
-    the shipped SDS files written to ``sds_dir`` (moved the same way)."""
+    the shipped SDS files written to ``sds_dir`` (moved the same way);
+    ``sds_files``: file name -> the text shipped instead (as an overlay
+    would ship its own clients file)."""
     sds_dir.mkdir(parents=True, exist_ok=True)
     for path in MESH_TLS_SDS:
-        resource = yaml.safe_load(path.read_text())
+        resource = yaml.safe_load((sds_files or {}).get(path.name) or path.read_text())
         _move_files(resource, MESH_TLS_DIR, str(mesh_tls_dir))
         (sds_dir / path.name).write_text(json.dumps(resource))
     _move_files(config, MESH_TLS_DIR, str(mesh_tls_dir))
@@ -76,17 +79,19 @@ def place_mesh_tls(config: dict, mesh_tls_dir: Path, sds_dir: Path) -> None:
 def render_sidecar(*, app: str, providers: dict[str, list[str]] | None = None,
                    collector: str | None = None, token_bucket: dict | None = None,
                    source: Path = SIDECAR, mesh_tls_dir: Path | None = None,
-                   sds_dir: Path | None = None) -> dict:
+                   sds_dir: Path | None = None, sds_files: dict[str, str] | None = None
+                   ) -> dict:
     """The shipped sidecar config (``source``) with only its addresses
     changed for loopback: every listener and the admin on 127.0.0.1 port 0,
     the local service at ``app``, each provider cluster on the given
     endpoints (static instead of DNS) and the collector at ``collector``;
     with ``mesh_tls_dir`` and ``sds_dir``, the certificates read from there
-    instead of the mounted Secret (place_mesh_tls)."""
+    instead of the mounted Secret, the SDS files in ``sds_files`` replaced
+    (place_mesh_tls)."""
     config = yaml.safe_load(source.read_text())
     if mesh_tls_dir is not None:
         assert sds_dir is not None, "the SDS files need a directory"
-        place_mesh_tls(config, mesh_tls_dir, sds_dir)
+        place_mesh_tls(config, mesh_tls_dir, sds_dir, sds_files)
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
     for listener in config["static_resources"]["listeners"]:
         listener["address"]["socket_address"].update(address="127.0.0.1", port_value=0)

@@ -4,8 +4,10 @@ certificates: a caller's sidecar reaches a provider's sidecar through its
 egress listener over mutual TLS, and the provider's sidecar hands the call
 to a plaintext gRPC service behind it; the provider's inbound listener
 refuses plaintext clients, TLS clients without a certificate and clients
-whose certificate is from another CA; the caller's egress refuses a pod
-whose certificate names another service; a sidecar takes a renewed
+whose certificate is from another CA; with a clients file naming the
+orchestrator, it also refuses a client from the mesh CA with another name;
+the caller's egress refuses a pod whose certificate names another service;
+a sidecar takes a renewed
 certificate and CA from its mounted Secret without a restart, and keeps
 its certificate when the renewed key is not the renewed certificate's."""
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from deploy_helpers import (
@@ -172,6 +175,63 @@ def test_the_inbound_refuses_clients_without_a_mesh_certificate(provider, pki, c
         _echo(channel, b"let me in")
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
     assert provider.stat("cluster.app.upstream_rq_total") == before
+
+
+# --- the clients file: names the inbound listener accepts -----------------------
+
+@pytest.fixture(scope="module")
+def strict_provider(service, pki, tmp_path_factory):
+    """An artifact pod's sidecar whose clients file, as ``envoy_mtls.py
+    clients`` prints it, accepts the orchestrator's name alone."""
+    clients = _envoy_mtls()
+    workdir = tmp_path_factory.mktemp("strict-provider-envoy")
+    names = clients.render_sds(clients.CLIENTS_SECRET, ["hivemesh-orchestrator-pods"])
+    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
+                                 mesh_tls_dir=pki.dirs["artifact"], sds_dir=workdir / "sds",
+                                 sds_files={clients.SDS_FILES[clients.CLIENTS_SECRET]: names}),
+                  workdir)
+    try:
+        envoy.wait_healthy("app", 1)
+        yield envoy
+    finally:
+        envoy.stop()
+
+
+def test_a_clients_file_lets_in_only_the_names_it_lists(strict_provider, pki):
+    address = strict_provider.address("inbound")
+    with _tls_channel(address, pki.ca, pki.dirs["orchestrator"]) as channel:
+        assert _echo(channel, b"named") == b"named"
+    served = strict_provider.stat("cluster.app.upstream_rq_total")
+    # From the mesh CA, but the artifact pods' name, not the orchestrator's.
+    with _tls_channel(address, pki.ca, pki.dirs["artifact"]) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            _echo(channel, b"another name")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+    # Named after the configured address (port 0); the one TLS listener.
+    assert strict_provider.stat("listener.127.0.0.1_0.ssl.fail_verify_san") >= 1
+    assert strict_provider.stat("cluster.app.upstream_rq_total") == served
+
+
+def test_the_shipped_clients_file_accepts_any_name_from_the_mesh_ca(provider, pki):
+    """The default: the artifact pods' certificate, refused above, passes."""
+    with _tls_channel(provider.address("inbound"), pki.ca, pki.dirs["artifact"]) as channel:
+        assert _echo(channel, b"any name") == b"any name"
+
+
+def test_the_clients_command_prints_dns_and_uri_names(pki):
+    tool = _envoy_mtls()
+    text = tool.render_sds(tool.CLIENTS_SECRET, ["hivemesh-orchestrator-pods",
+                                                 "spiffe://hivemesh.test/sa/orchestrator"])
+    [secret] = yaml.safe_load(text)["resources"]
+    assert secret["name"] == tool.CLIENTS_SECRET
+    assert secret["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "hivemesh-orchestrator-pods"}},
+        {"san_type": "URI", "matcher": {"exact": "spiffe://hivemesh.test/sa/orchestrator"}}]
+    shipped = yaml.safe_load((SIDECAR_MTLS.parent / tool.SDS_FILES[tool.CLIENTS_SECRET])
+                             .read_text())
+    # Otherwise the shipped file, the mesh CA's validation and nothing more.
+    del secret["validation_context"]["match_typed_subject_alt_names"]
+    assert [secret] == shipped["resources"]
 
 
 def test_egress_refuses_a_pod_whose_certificate_names_another_service(caller):
