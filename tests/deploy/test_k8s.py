@@ -59,12 +59,17 @@ def kubectl() -> str:
 _built: dict[str, list[dict]] = {}
 
 
+def kustomize(directory: Path) -> list[dict]:
+    """The objects the kustomization in ``directory`` builds."""
+    result = subprocess.run([kubectl(), "kustomize", str(directory)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
 def build(name: str) -> list[dict]:
     if name not in _built:
-        result = subprocess.run([kubectl(), "kustomize", str(K8S / name)],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        _built[name] = [d for d in yaml.safe_load_all(result.stdout) if d]
+        _built[name] = kustomize(K8S / name)
     return _built[name]
 
 
@@ -598,3 +603,34 @@ def test_the_mtls_overlay_runs_the_generated_config_with_each_service_s_certific
         assert _envoy_config_file(deployment) == "sidecar.yaml"
         assert "mesh-tls" not in {v["name"] for v in deployment["spec"]["template"]["spec"]
                                   ["volumes"]}
+
+
+def test_an_overlay_can_ship_its_own_clients_file(tmp_path):
+    """The README's recipe: an overlay of production-mtls merges the file
+    ``envoy_mtls.py clients`` prints into the sidecar ConfigMap, and every
+    sidecar reads it where the config names it."""
+    clients_file = "mesh-tls-clients.sds.yaml"
+    printed = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "envoy_mtls.py"), "clients",
+         "hivemesh-orchestrator-pods"], capture_output=True, text=True, timeout=60, check=True)
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / clients_file).write_text(printed.stdout)
+    base = os.path.relpath(K8S / "overlays" / "production-mtls", overlay)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [base],
+        "configMapGenerator": [{"name": "hivemesh-envoy-sidecar", "behavior": "merge",
+                                "files": [clients_file]}]}))
+    docs = kustomize(overlay)
+    [config_map] = of_kind(docs, "ConfigMap")
+    assert config_map["data"][clients_file] == printed.stdout
+    assert config_map["data"]["sidecar-mtls.yaml"] == SIDECAR_MTLS.read_text()
+    assert f"{ENVOY_CONFIG_DIR}/{clients_file}" in _sds_paths(
+        yaml.safe_load(SIDECAR_MTLS.read_text()))
+    for deployment in of_kind(docs, "Deployment"):
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                      if v["name"] == "envoy-config")
+        assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+        assert _envoy_config_file(deployment, f"{ENVOY_CONFIG_DIR}/{clients_file}") == (
+            clients_file)
