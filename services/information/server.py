@@ -4,12 +4,12 @@ take settings; only the CLI reads them from the environment."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
+from collections.abc import Awaitable
 
 from hivemesh.information.v1 import add_InformationServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
+from hivemesh.runtime.sweeper import Pruning, Sweeper, sweep_until
 from hivemesh.services.information.pricing import PricePolicy
 from hivemesh.services.information.servicer import (
     DOMAIN, SERVICE_NAME, InformationServicer)
@@ -48,30 +48,25 @@ async def _sweep(store: InformationStore, interval_s: float, history_retention_s
                  stop: asyncio.Event) -> None:
     """Release reservations that were never settled, once their TTL is over;
     now and then forget what is past its retention (until nothing is left to
-    forget, a batch per sweep); until ``stop`` is set. The flag, not only
-    the task's cancellation, ends it: a cancellation that arrives while a
-    store call is waiting can be lost inside the client library, and the
-    shutdown waiting for the sweeper would then wait forever."""
-    next_prune = 0.0
-    while True:
-        await asyncio.sleep(interval_s)
-        if stop.is_set():
-            return
-        try:
-            expired = await store.expire(now_us())
-            if expired:
-                log.info("released expired reservations", extra={"count": expired})
-            if time.monotonic() >= next_prune:
-                now = now_us()
-                pruned = await store.prune(now, now - int(history_retention_s * 1e6),
-                                           _PRUNE_BATCH)
-                if pruned:
-                    log.info("forgot records past their retention, or set them to expire",
-                             extra={"count": pruned})
-                next_prune = 0.0 if pruned >= _PRUNE_BATCH else (
-                    time.monotonic() + _PRUNE_INTERVAL_S)
-        except Exception:  # noqa: BLE001 - the next sweep retries; reserve also expires
-            log.exception("sweeping expired reservations failed")
+    forget, a batch per sweep); until ``stop`` is set (see ``sweep_until``)."""
+    def prune(limit: int) -> Awaitable[int]:
+        now = now_us()
+        return store.prune(now, now - int(history_retention_s * 1e6), limit)
+
+    pruning = Pruning(prune, batch=_PRUNE_BATCH, interval_s=_PRUNE_INTERVAL_S)
+
+    async def step() -> None:
+        expired = await store.expire(now_us())
+        if expired:
+            log.info("released expired reservations", extra={"count": expired})
+        pruned = await pruning()
+        if pruned:
+            log.info("forgot records past their retention, or set them to expire",
+                     extra={"count": pruned})
+
+    # A failed sweep is retried by the next; reserve also expires.
+    await sweep_until(stop, step, interval_s, logger=log,
+                      failure="sweeping expired reservations failed")
 
 
 async def create_server(settings: InformationSettings,
@@ -90,16 +85,13 @@ async def create_server(settings: InformationSettings,
         default_max_tokens=settings.default_max_tokens,
         alert_poll_interval_s=settings.alert_poll_interval_s,
         heartbeat_interval_s=settings.heartbeat_interval_s)
-    stop = asyncio.Event()
-    sweeper = asyncio.create_task(_sweep(store, settings.sweep_interval_s,
-                                         settings.history_retention_s, stop))
+    sweeper = Sweeper(lambda stop: _sweep(store, settings.sweep_interval_s,
+                                          settings.history_retention_s, stop),
+                      name="hivemesh.information.sweeper")
 
     async def stop_background() -> None:
         await servicer.close_streams()
-        stop.set()
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        await sweeper.stop()
 
     running = await start_server(settings.server, domain=DOMAIN, services=[
         ServiceBinding(SERVICE_NAME, add_InformationServiceServicer_to_server, servicer)],
