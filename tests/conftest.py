@@ -120,22 +120,24 @@ async def fresh_postgres_schema():
 
 
 @contextlib.asynccontextmanager
-async def open_artifact_backend(kind: str, tmp_path: Path):
+async def open_artifact_backend(kind: str, tmp_path: Path, **options):
+    """``options``: the backends' own (request_ttl_s, clock)."""
     if kind == "memory":
         from hivemesh.services.artifact.backends.memory import MemoryBackend
-        backend = MemoryBackend()
+        backend = MemoryBackend(**options)
         yield backend
         await backend.close()
     elif kind.startswith("sqlite"):
         # "sqlite-normal": the same suite with synchronous=normal.
         from hivemesh.services.artifact.backends.sqlite import SqliteBackend
-        backend = SqliteBackend(tmp_path / "sqlite", synchronous=kind.partition("-")[2] or "full")
+        backend = SqliteBackend(tmp_path / "sqlite", synchronous=kind.partition("-")[2] or "full",
+                                **options)
         yield backend
         await backend.close()
     else:
         from hivemesh.services.artifact.backends.postgres import PostgresBackend
         async with fresh_postgres_schema() as schema:
-            backend = await PostgresBackend.open(POSTGRES_DSN, schema)
+            backend = await PostgresBackend.open(POSTGRES_DSN, schema, **options)
             yield backend
             await backend.close()
 

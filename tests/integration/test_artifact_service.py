@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import re
 import uuid
@@ -14,9 +15,10 @@ import pytest
 from google.protobuf import json_format
 
 from hivemesh.artifact.v1 import ArtifactServiceStub, DeleteArtifactRequest, SaveArtifactRequest
-from hivemesh.services.artifact.backends.base import Filter
 from hivemesh.client import (
     AlreadyExistsError, InvalidArgumentError, NotFoundError, UnavailableError)
+from hivemesh.runtime.wellknown import now_us
+from hivemesh.services.artifact.backends.base import Filter
 
 ID = re.compile(r"^art-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 TYPES = ["code", "test", "test_data", "review", "config", "deployment", "monitoring_report",
@@ -591,3 +593,240 @@ async def test_replicas_starting_at_once_on_a_new_postgres_schema_all_open():
                 if not isinstance(backend, BaseException):
                     await backend.close()
             assert not [b for b in opened if isinstance(b, BaseException)]
+
+
+# -- answers to request ids are kept for the request TTL, then forgotten ----
+
+TTL_S = 60
+TTL_US = TTL_S * 1_000_000
+
+
+class FakeClock:
+    """Microseconds since the epoch, moved by the test. It starts in 2096,
+    far ahead of the wall clock at which the server's own sweeper forgets
+    answers, so that sweeper never forgets one a test has timed."""
+
+    def __init__(self) -> None:
+        self.now = 4_000_000_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def clocked(request, tmp_path, artifact_settings):
+    """(client, backend, clock): a server over each backend whose request
+    records are timed by ``clock`` and kept for TTL_S."""
+    from hivemesh.client import ArtifactClient
+    from hivemesh.services.artifact.server import create_server
+
+    from conftest import open_artifact_backend
+
+    clock = FakeClock()
+    async with open_artifact_backend(request.param, tmp_path, request_ttl_s=TTL_S,
+                                     clock=clock) as backend:
+        running, port = await create_server(artifact_settings, backend)
+        try:
+            async with ArtifactClient(f"127.0.0.1:{port}") as client:
+                yield client, backend, clock
+        finally:
+            await running.shutdown(0)
+
+
+async def _save(client, request_id: str, content: str = "x"):
+    return await client.save(workflow_id="wf-ttl", agent_id="a", artifact_type="code",
+                             content=content, request_id=request_id)
+
+
+async def test_within_the_request_ttl_an_answer_is_kept_and_replayed(clocked):
+    client, backend, clock = clocked
+    saved_rid, deleted_rid = str(uuid.uuid4()), str(uuid.uuid4())
+    first = await _save(client, saved_rid)
+    doomed = await _save(client, str(uuid.uuid4()), "doomed")
+    assert await client.delete(doomed.artifact.artifact_id, request_id=deleted_rid) is True
+    clock.now += TTL_US  # a TTL old: not yet past it
+    assert await backend.prune(clock.now, 100) == 0
+    again = await _save(client, saved_rid)
+    assert again.replayed and again.artifact == first.artifact
+    assert await client.delete(doomed.artifact.artifact_id, request_id=deleted_rid) is True
+    with pytest.raises(AlreadyExistsError):
+        await _save(client, saved_rid, "another request")
+    assert await client.count(workflow_id="wf-ttl") == 1
+
+
+async def test_past_the_request_ttl_an_answer_is_forgotten_and_a_retry_is_a_new_request(
+        clocked):
+    client, backend, clock = clocked
+    saved_rid, deleted_rid = str(uuid.uuid4()), str(uuid.uuid4())
+    first = await _save(client, saved_rid)
+    doomed = await _save(client, str(uuid.uuid4()), "doomed")
+    assert await client.delete(doomed.artifact.artifact_id, request_id=deleted_rid) is True
+    clock.now += TTL_US + 1
+    assert await backend.prune(clock.now, 100) == 3  # two saves and a delete
+    assert await backend.prune(clock.now, 100) == 0
+    again = await _save(client, saved_rid)
+    assert not again.replayed and again.artifact.artifact_id != first.artifact.artifact_id
+    # The artifact of the first answer is untouched.
+    assert await client.get(first.artifact.artifact_id) == first.artifact
+    assert await client.count(workflow_id="wf-ttl") == 2
+    # The delete, asked again, is answered afresh: nothing left to delete.
+    assert await client.delete(doomed.artifact.artifact_id, request_id=deleted_rid) is False
+    # The new answers are kept for a TTL of their own.
+    assert (await _save(client, saved_rid)).artifact == again.artifact
+    assert await client.delete(doomed.artifact.artifact_id, request_id=deleted_rid) is False
+
+
+async def test_past_the_request_ttl_a_retry_is_new_even_before_its_answer_is_forgotten(
+        clocked):
+    client, _, clock = clocked
+    rid = str(uuid.uuid4())
+    first = await _save(client, rid)
+    clock.now += TTL_US + 1
+    # Not a conflict any more: another request may take the id.
+    other = await _save(client, rid, "another request")
+    assert not other.replayed and other.artifact.content == "another request"
+    assert await client.get(first.artifact.artifact_id) == first.artifact
+    assert (await _save(client, rid, "another request")).replayed
+
+
+async def test_answers_are_forgotten_in_bounded_batches_and_artifacts_stay(clocked):
+    client, backend, clock = clocked
+    saved = [(await _save(client, str(uuid.uuid4()), str(i))).artifact for i in range(5)]
+    clock.now += TTL_US // 2
+    recent = (await _save(client, str(uuid.uuid4()), "recent")).artifact
+    clock.now += TTL_US // 2 + 1  # the five are past the TTL, the recent one is not
+    assert [await backend.prune(clock.now, 2) for _ in range(4)] == [2, 2, 1, 0]
+    assert [await client.get(a.artifact_id) for a in saved + [recent]] == saved + [recent]
+
+
+# A table as the version before request records were timed created it.
+_OLD_SCHEMA = """
+CREATE TABLE {p}artifacts (
+    artifact_id TEXT PRIMARY KEY, workflow_id TEXT NOT NULL, task_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL, artifact_type TEXT NOT NULL, content TEXT NOT NULL,
+    metadata_json {json} NOT NULL, create_time_us BIGINT NOT NULL,
+    size_bytes BIGINT NOT NULL, sha256 TEXT NOT NULL);
+CREATE TABLE {p}artifact_requests (
+    request_id  TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    artifact_id TEXT NOT NULL);
+"""
+_OLD_ARTIFACT = ("art-00000000-0000-4000-8000-000000000001", "wf-old", "", "a", "code", "old",
+                 "{}", 1_600_000_000_000_000, 3, hashlib.sha256(b"old").hexdigest())
+_OLD_REQUESTS = [("rid-save", "fp-save", _OLD_ARTIFACT[0]), ("rid-delete", "fp-delete", "")]
+
+
+@contextlib.asynccontextmanager
+async def _old_sqlite(tmp_path):
+    """A directory holding an artifact file of the previous version, and
+    how to open a backend on it."""
+    import sqlite3
+
+    from hivemesh.services.artifact.backends.sqlite import SqliteBackend
+
+    data_dir = tmp_path / "old"
+    data_dir.mkdir()
+    with contextlib.closing(sqlite3.connect(data_dir / "artifacts.sqlite3")) as conn:
+        conn.executescript(_OLD_SCHEMA.format(p="", json="TEXT"))
+        conn.execute("INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _OLD_ARTIFACT)
+        conn.executemany("INSERT INTO artifact_requests VALUES (?, ?, ?)", _OLD_REQUESTS)
+        conn.commit()
+
+    async def open_backend(clock):
+        return SqliteBackend(data_dir, request_ttl_s=TTL_S, clock=clock)
+
+    yield open_backend
+
+
+async def _write_as_the_previous_version(schema: str, *, tables: bool = False,
+                                         requests=_OLD_REQUESTS) -> None:
+    """Into a PostgreSQL schema, as the previous version wrote: its tables
+    (with ``tables``, then the old artifact too) and ``requests``."""
+    import psycopg
+    from conftest import POSTGRES_DSN
+
+    async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as conn:
+        if tables:
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            await conn.execute(_OLD_SCHEMA.format(p=f'"{schema}".', json="JSONB"))
+            await conn.execute(f'INSERT INTO "{schema}".artifacts VALUES '
+                               "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)", _OLD_ARTIFACT)
+        async with conn.cursor() as cur:
+            await cur.executemany(f'INSERT INTO "{schema}".artifact_requests '
+                                  "(request_id, fingerprint, artifact_id) VALUES (%s, %s, %s)",
+                                  requests)
+
+
+@contextlib.asynccontextmanager
+async def _old_postgres(tmp_path):
+    """A schema holding the tables of the previous version, and how to open
+    a backend on it."""
+    from conftest import POSTGRES_DSN, fresh_postgres_schema
+
+    from hivemesh.services.artifact.backends.postgres import PostgresBackend
+
+    async with fresh_postgres_schema() as schema:
+        await _write_as_the_previous_version(schema, tables=True)
+
+        async def open_backend(clock):
+            return await PostgresBackend.open(POSTGRES_DSN, schema, request_ttl_s=TTL_S,
+                                              clock=clock)
+
+        yield open_backend
+
+
+@pytest.mark.parametrize("old_storage", [_old_sqlite, _old_postgres], ids=["sqlite", "postgres"])
+async def test_storage_of_the_previous_version_keeps_its_answers_for_a_ttl_from_the_upgrade(
+        old_storage, tmp_path):
+    from hivemesh.services.artifact.backends.base import ArtifactRecord
+
+    clock = FakeClock()
+    upgraded_at = clock.now
+    old = ArtifactRecord(*_OLD_ARTIFACT)
+    retry = dataclasses.replace(old, artifact_id=f"art-{uuid.uuid4()}")
+    async with old_storage(tmp_path) as open_backend:
+        backend = await open_backend(clock)
+        try:
+            # Every answer is still there, and a retry of it replays.
+            assert await backend.save(retry, "rid-save", "fp-save") == (old, True)
+            assert await backend.delete("art-gone", "rid-delete", "fp-delete") is False
+            clock.now = upgraded_at + TTL_US
+            assert await backend.prune(clock.now, 100) == 0
+            assert await backend.save(retry, "rid-save", "fp-save") == (old, True)
+        finally:
+            await backend.close()
+        # Opened again later, the answers keep the time of the upgrade.
+        backend = await open_backend(clock)
+        try:
+            assert await backend.save(retry, "rid-save", "fp-save") == (old, True)
+            # A TTL after the upgrade they are forgotten; the artifact is not.
+            clock.now += 1
+            assert await backend.prune(clock.now, 100) == 2
+            assert await backend.get(old.artifact_id) == old
+            assert await backend.save(retry, "rid-save", "fp-save") == (retry, False)
+            assert await backend.count(Filter()) == 2
+        finally:
+            await backend.close()
+
+
+async def test_a_replica_of_the_previous_version_still_records_answers_once_upgraded():
+    """Replicas sharing one PostgreSQL schema are upgraded one by one: one
+    of the previous version, which writes no time, must still be able to
+    record an answer that the upgraded ones replay."""
+    from conftest import POSTGRES_DSN, fresh_postgres_schema
+
+    from hivemesh.services.artifact.backends.base import ArtifactRecord
+    from hivemesh.services.artifact.backends.postgres import PostgresBackend
+
+    old = ArtifactRecord(*_OLD_ARTIFACT)
+    async with fresh_postgres_schema() as schema:
+        await _write_as_the_previous_version(schema, tables=True)
+        backend = await PostgresBackend.open(POSTGRES_DSN, schema, request_ttl_s=TTL_S)
+        try:
+            await _write_as_the_previous_version(
+                schema, requests=[("rid-later", "fp-later", old.artifact_id)])
+            retry = dataclasses.replace(old, artifact_id=f"art-{uuid.uuid4()}")
+            assert await backend.save(retry, "rid-later", "fp-later") == (old, True)
+            assert await backend.prune(now_us(), 100) == 0
+        finally:
+            await backend.close()

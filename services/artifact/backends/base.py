@@ -4,8 +4,12 @@ below and the servicer maps them to status codes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+# Microseconds since the epoch, UTC: when a backend records a request.
+Clock = Callable[[], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,12 @@ class BackendUnavailable(ConnectionError):
 
 
 class ArtifactBackend(Protocol):
-    """Storage of artifacts. Implementations: memory, sqlite, postgres."""
+    """Storage of artifacts. Implementations: memory, sqlite, postgres.
+
+    Each keeps the answer to a request_id (saves' and deletes') for its
+    request TTL, from the time its clock gave when the answer was recorded:
+    within it a retry gets the first answer; after it the request_id is
+    new again, whether or not ``prune`` has forgotten the answer yet."""
 
     name: str
 
@@ -93,5 +102,11 @@ class ArtifactBackend(Protocol):
         ...
 
     async def count(self, flt: Filter) -> int: ...
+
+    async def prune(self, now_us: int, limit: int) -> int:
+        """Forget up to ``limit`` answers to request ids recorded more than
+        a request TTL before ``now_us``; returns how many went. Artifacts
+        are never touched."""
+        ...
 
     async def close(self) -> None: ...

@@ -11,8 +11,9 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from hivemesh.runtime import wellknown
 from hivemesh.services.artifact.backends.base import (
-    ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
+    ArtifactRecord, BackendUnavailable, Clock, Cursor, Filter, IdempotencyConflict,
     ReplayedArtifactGone)
 
 _COLUMNS = ("artifact_id", "workflow_id", "task_id", "agent_id", "artifact_type", "content",
@@ -42,13 +43,41 @@ CREATE INDEX IF NOT EXISTS artifacts_by_type
     ON {s}.artifacts (artifact_type, create_time_us DESC, artifact_id DESC);
 -- The first answer to each request_id, saves' and deletes' alike: artifact_id
 -- is the artifact it names (saved, or deleted; '' for a delete that found
--- nothing), fingerprint the request apart from its id.
+-- nothing), fingerprint the request apart from its id, create_time_us when
+-- it was recorded (it is kept for the request TTL from then).
 CREATE TABLE IF NOT EXISTS {s}.artifact_requests (
-    request_id  TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    artifact_id TEXT NOT NULL
+    request_id     TEXT PRIMARY KEY,
+    fingerprint    TEXT NOT NULL,
+    artifact_id    TEXT NOT NULL,
+    create_time_us BIGINT NOT NULL DEFAULT {now_us}
 );
 """
+# The time of a request record that a replica of an earlier version writes
+# (it leaves the column out) while replicas are upgraded one by one, or
+# after a rollback.
+_NOW_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+
+
+async def _upgrade(conn: psycopg.AsyncConnection, schema: str, recorded_us: int) -> None:
+    """A schema from before answers expired: its answers are given
+    ``recorded_us`` (this start) as their time, so each is kept for a
+    request TTL from now. The table is altered only when it lacks the
+    column (ALTER TABLE would lock it out at every start). The constant
+    default fills the rows without rewriting the table; the default then
+    set serves the rows written later without the column."""
+    s = sql.Identifier(schema)
+    cur = await conn.execute(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+        "AND table_name = 'artifact_requests' AND column_name = 'create_time_us'", (schema,))
+    if await cur.fetchone() is None:
+        await conn.execute(sql.SQL("ALTER TABLE {}.artifact_requests ADD COLUMN create_time_us "
+                                   "BIGINT NOT NULL DEFAULT {}").format(
+            s, sql.Literal(recorded_us)))
+        await conn.execute(sql.SQL("ALTER TABLE {}.artifact_requests "
+                                   "ALTER COLUMN create_time_us SET DEFAULT {}").format(
+            s, sql.SQL(_NOW_US)))
+    await conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS artifact_requests_by_time "
+                               "ON {}.artifact_requests (create_time_us)").format(s))
 
 
 def _record(row) -> ArtifactRecord:
@@ -62,8 +91,11 @@ def _record(row) -> ArtifactRecord:
 class PostgresBackend:
     name = "postgres"
 
-    def __init__(self, pool: AsyncConnectionPool, schema: str) -> None:
+    def __init__(self, pool: AsyncConnectionPool, schema: str, *,
+                 request_ttl_s: float = 86400.0, clock: Clock = wellknown.now_us) -> None:
         self._pool = pool
+        self.request_ttl_us = int(request_ttl_s * 1e6)
+        self._clock = clock
         self._s = sql.Identifier(schema)
         cols = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
         self._cols = cols
@@ -72,7 +104,8 @@ class PostgresBackend:
 
     @classmethod
     async def open(cls, dsn: str, schema: str = "hivemesh", *, min_size: int = 1,
-                   max_size: int = 16, timeout_s: float = 10.0) -> PostgresBackend:
+                   max_size: int = 16, timeout_s: float = 10.0, request_ttl_s: float = 86400.0,
+                   clock: Clock = wellknown.now_us) -> PostgresBackend:
         # Connections are checked when taken: after a PostgreSQL restart the
         # pooled ones are dead, and each would fail one call.
         pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, open=False,
@@ -87,25 +120,33 @@ class PostgresBackend:
                     await conn.execute("SELECT pg_advisory_xact_lock(7263551)")
                     await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                         sql.Identifier(schema)))
-                    await conn.execute(sql.SQL(_SCHEMA).format(s=sql.Identifier(schema)))
+                    await conn.execute(sql.SQL(_SCHEMA).format(s=sql.Identifier(schema),
+                                                               now_us=sql.SQL(_NOW_US)))
+                    await _upgrade(conn, schema, clock())
         except (psycopg.OperationalError, TimeoutError) as exc:
             await pool.close()
             raise BackendUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
         except BaseException:
             await pool.close()
             raise
-        return cls(pool, schema)
+        return cls(pool, schema, request_ttl_s=request_ttl_s, clock=clock)
 
     async def _claim(self, conn, request_id: str, fingerprint: str,
                      artifact_id: str) -> str | None:
-        """Records request_id in the write's transaction: None if it is new,
-        else the artifact id its first answer names (IdempotencyConflict if
-        it came with another request). A concurrent retry waits here for the
-        first transaction to end, then reads what it recorded."""
+        """Records request_id in the write's transaction: None if it is new
+        (or its answer is past the TTL, now replaced), else the artifact id
+        its first answer names (IdempotencyConflict if it came with another
+        request). A concurrent retry waits here for the first transaction to
+        end, then reads what it recorded."""
+        now = self._clock()
         cur = await conn.execute(
-            sql.SQL("INSERT INTO {}.artifact_requests (request_id, fingerprint, artifact_id) "
-                    "VALUES (%s, %s, %s) ON CONFLICT (request_id) DO NOTHING").format(self._s),
-            (request_id, fingerprint, artifact_id))
+            sql.SQL("INSERT INTO {}.artifact_requests AS r "
+                    "(request_id, fingerprint, artifact_id, create_time_us) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (request_id) DO UPDATE SET "
+                    "fingerprint = excluded.fingerprint, artifact_id = excluded.artifact_id, "
+                    "create_time_us = excluded.create_time_us "
+                    "WHERE r.create_time_us < %s").format(self._s),
+            (request_id, fingerprint, artifact_id, now, now - self.request_ttl_us))
         if cur.rowcount:
             return None
         seen = await (await conn.execute(
@@ -189,6 +230,21 @@ class PostgresBackend:
                         sql.SQL("UPDATE {}.artifact_requests SET artifact_id = '' "
                                 "WHERE request_id = %s").format(self._s), (request_id,))
                 return deleted
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
+
+    async def prune(self, now_us: int, limit: int) -> int:
+        before = now_us - self.request_ttl_us
+        try:
+            async with self._pool.connection() as conn:
+                # The outer condition again: an answer a retry recorded
+                # afresh meanwhile is kept.
+                cur = await conn.execute(
+                    sql.SQL("DELETE FROM {s}.artifact_requests WHERE create_time_us < %s "
+                            "AND request_id IN (SELECT request_id FROM {s}.artifact_requests "
+                            "WHERE create_time_us < %s LIMIT %s)").format(s=self._s),
+                    (before, before, limit))
+                return cur.rowcount
         except (psycopg.OperationalError, TimeoutError) as exc:
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
 

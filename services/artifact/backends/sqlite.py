@@ -10,9 +10,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from hivemesh.runtime import wellknown
 from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous, WriterStopped
 from hivemesh.services.artifact.backends.base import (
-    ArtifactRecord, BackendUnavailable, Cursor, Filter, IdempotencyConflict,
+    ArtifactRecord, BackendUnavailable, Clock, Cursor, Filter, IdempotencyConflict,
     ReplayedArtifactGone)
 
 _COLUMNS = ("artifact_id, workflow_id, task_id, agent_id, artifact_type, content, "
@@ -42,13 +43,28 @@ CREATE INDEX IF NOT EXISTS artifacts_by_type
     ON artifacts (artifact_type, create_time_us DESC, artifact_id DESC);
 -- The first answer to each request_id, saves' and deletes' alike: artifact_id
 -- is the artifact it names (saved, or deleted; '' for a delete that found
--- nothing), fingerprint the request apart from its id.
+-- nothing), fingerprint the request apart from its id, create_time_us when
+-- it was recorded (it is kept for the request TTL from then).
 CREATE TABLE IF NOT EXISTS artifact_requests (
-    request_id  TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    artifact_id TEXT NOT NULL
+    request_id     TEXT PRIMARY KEY,
+    fingerprint    TEXT NOT NULL,
+    artifact_id    TEXT NOT NULL,
+    create_time_us INTEGER NOT NULL
 );
 """
+
+
+def _upgrade(conn: sqlite3.Connection, recorded_us: int) -> None:
+    """A file from before answers expired: its answers are given
+    ``recorded_us`` (this start) as their time, so each is kept for a
+    request TTL from now."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(artifact_requests)")}
+    if "create_time_us" not in columns:
+        conn.execute("ALTER TABLE artifact_requests "
+                     "ADD COLUMN create_time_us INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE artifact_requests SET create_time_us = ?", (recorded_us,))
+    conn.execute("CREATE INDEX IF NOT EXISTS artifact_requests_by_time "
+                 "ON artifact_requests (create_time_us)")
 
 
 def _where(flt: Filter, after: Cursor | None) -> tuple[str, list[Any]]:
@@ -63,9 +79,14 @@ def _where(flt: Filter, after: Cursor | None) -> tuple[str, list[Any]]:
 class SqliteBackend:
     name = "sqlite"
 
-    def __init__(self, data_dir: Path, *, synchronous: Synchronous = "full") -> None:
+    def __init__(self, data_dir: Path, *, synchronous: Synchronous = "full",
+                 request_ttl_s: float = 86400.0, clock: Clock = wellknown.now_us) -> None:
+        self.request_ttl_us = int(request_ttl_s * 1e6)
+        self._clock = clock
+        started_us = clock()
         self.db = GroupCommitDatabase(data_dir / "artifacts.sqlite3", _SCHEMA,
-                                      synchronous=synchronous)
+                                      synchronous=synchronous,
+                                      upgrade=lambda conn: _upgrade(conn, started_us))
 
     async def _write(self, fn):
         try:
@@ -73,15 +94,20 @@ class SqliteBackend:
         except (WriterStopped, sqlite3.OperationalError) as exc:
             raise BackendUnavailable(f"SQLite: {exc}") from exc
 
-    @staticmethod
-    def _claim(conn: sqlite3.Connection, request_id: str, fingerprint: str,
+    def _claim(self, conn: sqlite3.Connection, request_id: str, fingerprint: str,
                artifact_id: str) -> str | None:
-        """Records request_id in the write's transaction: None if it is new,
-        else the artifact id its first answer names (IdempotencyConflict if
-        it came with another request)."""
+        """Records request_id in the write's transaction: None if it is new
+        (or its answer is past the TTL, now replaced), else the artifact id
+        its first answer names (IdempotencyConflict if it came with another
+        request)."""
+        now = self._clock()
         claimed = conn.execute(
-            "INSERT OR IGNORE INTO artifact_requests (request_id, fingerprint, artifact_id) "
-            "VALUES (?, ?, ?)", (request_id, fingerprint, artifact_id)).rowcount
+            "INSERT INTO artifact_requests (request_id, fingerprint, artifact_id, create_time_us) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
+            "fingerprint = excluded.fingerprint, artifact_id = excluded.artifact_id, "
+            "create_time_us = excluded.create_time_us "
+            "WHERE artifact_requests.create_time_us < ?",
+            (request_id, fingerprint, artifact_id, now, now - self.request_ttl_us)).rowcount
         if claimed:
             return None
         seen = conn.execute("SELECT fingerprint, artifact_id FROM artifact_requests "
@@ -120,6 +146,15 @@ class SqliteBackend:
                 conn.execute("UPDATE artifact_requests SET artifact_id = '' "
                              "WHERE request_id = ?", (request_id,))
             return deleted
+
+        return await self._write(op)
+
+    async def prune(self, now_us: int, limit: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM artifact_requests WHERE rowid IN (SELECT rowid "
+                "FROM artifact_requests WHERE create_time_us < ? LIMIT ?)",
+                (now_us - self.request_ttl_us, limit)).rowcount
 
         return await self._write(op)
 
