@@ -29,6 +29,10 @@ class ArtifactSettings(ServiceSettings):
     postgres_pool_size: int = Field(default=16, ge=1, le=256)
     max_content_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     default_page_size: int = Field(default=50, ge=1, le=1000)
+    # How long the answer to a request_id (SaveArtifact, DeleteArtifact) is
+    # kept: a retry within it gets the first answer; later it is a new
+    # request. Artifacts themselves are kept whatever their age.
+    request_ttl_s: float = Field(default=86400.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> ArtifactSettings:

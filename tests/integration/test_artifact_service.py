@@ -19,6 +19,7 @@ from hivemesh.client import (
     AlreadyExistsError, InvalidArgumentError, NotFoundError, UnavailableError)
 from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.artifact.backends.base import Filter
+from hivemesh.services.artifact.settings import ArtifactSettings
 
 ID = re.compile(r"^art-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 TYPES = ["code", "test", "test_data", "review", "config", "deployment", "monitoring_report",
@@ -699,6 +700,24 @@ async def test_answers_are_forgotten_in_bounded_batches_and_artifacts_stay(clock
     assert [await client.get(a.artifact_id) for a in saved + [recent]] == saved + [recent]
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
+async def test_the_backend_a_server_opens_keeps_answers_for_the_configured_ttl(kind, tmp_path):
+    from conftest import POSTGRES_DSN, fresh_postgres_schema
+
+    from hivemesh.services.artifact.server import open_backend
+
+    async with contextlib.AsyncExitStack() as stack:
+        options = {}
+        if kind == "postgres":
+            options = {"postgres_dsn": POSTGRES_DSN,
+                       "postgres_schema": await stack.enter_async_context(
+                           fresh_postgres_schema())}
+        backend = await open_backend(ArtifactSettings(backend=kind, data_dir=tmp_path,
+                                                      request_ttl_s=5, **options))
+        stack.push_async_callback(backend.close)
+        assert backend.request_ttl_us == 5_000_000
+
+
 # A table as the version before request records were timed created it.
 _OLD_SCHEMA = """
 CREATE TABLE {p}artifacts (
@@ -830,3 +849,45 @@ async def test_a_replica_of_the_previous_version_still_records_answers_once_upgr
             assert await backend.prune(now_us(), 100) == 0
         finally:
             await backend.close()
+
+
+class _StuckPrune:
+    """A memory backend whose prune waits and swallows its cancellation, as
+    a client library waiting on its database can."""
+
+    def __init__(self) -> None:
+        from hivemesh.services.artifact.backends.memory import MemoryBackend
+
+        self.inner = MemoryBackend()
+        self.entered = asyncio.Event()
+        self.limits: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def prune(self, now_us: int, limit: int) -> int:
+        self.limits.append(limit)
+        self.entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+        return 0
+
+
+async def test_the_server_sweeps_request_records_and_its_sweeper_stops_on_shutdown(
+        artifact_settings, monkeypatch):
+    from hivemesh.services.artifact import server
+
+    monkeypatch.setattr(server, "_SWEEP_INTERVAL_S", 0.001)
+    backend = _StuckPrune()
+    running, _ = await server.create_server(artifact_settings, backend)
+    try:
+        await asyncio.wait_for(backend.entered.wait(), 30)
+        assert backend.limits == [server._PRUNE_BATCH]
+        sweepers = [t for t in asyncio.all_tasks() if t.get_name() == "hivemesh.artifact.sweeper"]
+        assert len(sweepers) == 1 and not sweepers[0].done()
+    finally:
+        await asyncio.wait_for(running.shutdown(0), 30)
+    assert sweepers[0].done()
+    assert backend.limits == [server._PRUNE_BATCH]

@@ -57,6 +57,16 @@ def test_bad_values_fail_at_construction(monkeypatch):
         ArtifactSettings()
 
 
+def test_the_artifact_request_ttl_is_a_day_unless_set_and_must_be_positive(monkeypatch):
+    assert ArtifactSettings().request_ttl_s == 86400.0
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_REQUEST_TTL_S", "3600")
+    assert ArtifactSettings().request_ttl_s == 3600.0
+    for bad in ("0", "-1", "a day"):
+        monkeypatch.setenv("HIVEMESH_ARTIFACT_REQUEST_TTL_S", bad)
+        with pytest.raises(ValidationError):
+            ArtifactSettings()
+
+
 def test_an_llm_alias_falls_back_only_to_an_alias_of_its_kind():
     """A chat request that fell back to an embedding model could only fail
     (and as the caller's bad request): such a chain is refused at start."""
