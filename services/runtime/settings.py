@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from hivemesh.client.tls_files import (
+    check_ca_file, check_certificate_file, check_key_file, check_key_pair)
 from hivemesh.runtime.secret_files import SecretsDirectorySource
 
 # Kubernetes mounts secrets as files, one per setting, named like the
@@ -85,55 +86,6 @@ def secrets_dir() -> Path | None:
         except ValueError as exc:
             raise InvalidSetting(f"{exc} (is the secret volume mounted there?)") from None
     return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
-
-
-def _pem(path: Path, what: str, marker: str) -> None:
-    """ValueError unless ``path`` can be read and holds a PEM ``marker``
-    block (only the path goes into the message, never the contents)."""
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if b"-----BEGIN " not in text or marker.encode() not in text:
-        raise ValueError(f"{path} holds no PEM {what}")
-    if b"ENCRYPTED" in text and what == "private key":
-        raise ValueError(f"{path} is an encrypted private key; give it unencrypted "
-                         "(protect the file instead, as a mounted Secret)")
-
-
-def check_certificate_file(path: Path) -> Path:
-    _pem(path, "certificate", "CERTIFICATE-----")
-    return path
-
-
-def check_ca_file(path: Path) -> Path:
-    """A CA bundle: PEM certificates that parse (gRPC cannot use one that
-    does not, and would only say so at bind or at every handshake)."""
-    _pem(path, "certificate", "CERTIFICATE-----")
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except ssl.SSLError:
-        raise ValueError(f"{path} holds a malformed PEM certificate") from None
-    return path
-
-
-def check_key_file(path: Path) -> Path:
-    _pem(path, "private key", "PRIVATE KEY-----")
-    return path
-
-
-def check_key_pair(cert_file: Path, key_file: Path) -> None:
-    """ValueError unless the key is the certificate's (each file checked
-    on its own before)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-
-    def no_password() -> bytes:
-        raise ValueError("encrypted")
-    try:
-        context.load_cert_chain(cert_file, key_file, password=no_password)
-    except (ssl.SSLError, ValueError):
-        raise ValueError(f"the private key {key_file} is not the key of the certificate "
-                         f"{cert_file} (or one of them is malformed)") from None
 
 
 def _check_file(check):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import grpc
 
-from hivemesh.runtime.settings import (
-    ServerSettings, check_ca_file, check_certificate_file, check_key_file, check_key_pair)
+from hivemesh.client.tls_files import FileStamps, check_tls_files
+from hivemesh.runtime.settings import ServerSettings
 
 log = logging.getLogger("hivemesh.server")
 
@@ -18,24 +18,15 @@ log = logging.getLogger("hivemesh.server")
 class CertificateFiles:
     """The certificate, key and client CA files of a TLS server. gRPC asks
     :meth:`fetch` before each new connection's handshake: the files are
-    read again only when one of them changed (its modification time or
-    size), and taken only once they form a usable set again (a rotation
+    read again only when one of them changed (its modification time, size
+    or inode), and taken only once they form a usable set again (a rotation
     that has written the certificate but not yet its key is waited out;
     Kubernetes swaps a Secret's files at once)."""
 
     def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None) -> None:
         self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
-        self._seen = self._stamp()
-
-    def _files(self) -> tuple[Path, ...]:
-        return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file)
-                     if p is not None)
-
-    def _stamp(self) -> tuple | None:
-        try:
-            return tuple((s.st_mtime_ns, s.st_size) for s in (p.stat() for p in self._files()))
-        except OSError:
-            return None
+        self._stamps = FileStamps(p for p in (cert_file, key_file, client_ca_file)
+                                  if p is not None)
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration(
@@ -47,16 +38,10 @@ class CertificateFiles:
         """A new configuration when the files changed into a usable set,
         else None (gRPC keeps the current one). Never raises: it runs in
         gRPC's handshake path."""
-        stamp = self._stamp()
-        if stamp is None or stamp == self._seen:
+        if not self._stamps.changed():
             return None
-        self._seen = stamp
         try:
-            check_certificate_file(self.cert_file)
-            check_key_file(self.key_file)
-            check_key_pair(self.cert_file, self.key_file)
-            if self.client_ca_file is not None:
-                check_ca_file(self.client_ca_file)
+            check_tls_files(self.cert_file, self.key_file, self.client_ca_file)
             configuration = self.configuration()
         except (OSError, ValueError) as exc:
             log.warning("the TLS files changed but do not form a usable set; the current "
