@@ -4,11 +4,18 @@ and servers on 127.0.0.1, port 0."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import os
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from fakes.mesh import mesh
 from fakes.serve import serve_refused
 from fakes.tls import Pki, make_pki
@@ -18,6 +25,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hivemesh.cli.processes import start_service
 from hivemesh.client import ArtifactClient, ChannelTls, UnavailableError, secure_channel
+from hivemesh.client import channel as channel_module
+from hivemesh.client.channel import RenewingChannel, open_channel
 from hivemesh.client.errors import PermissionDeniedError, from_rpc_error
 from hivemesh.client.memory import MemoryClient
 from hivemesh.common.v1 import RequestContext
@@ -583,3 +592,222 @@ def test_bad_client_names_are_invalid_settings(pki, tmp_path, mutual, names, mes
     assert result.returncode == 2 and result.stdout == ""
     assert "invalid artifact settings:" in result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+# -- client certificates renewed without a restart -------------------------
+
+class _Issuers(health_pb2_grpc.HealthServicer):
+    """Health that answers a call only when the client's certificate on its
+    connection was issued by an accepted CA (a server that trusts the new CA
+    alone once rotated), whichever connection the call came on."""
+
+    def __init__(self, *accepted: str) -> None:
+        self.accepted = set(accepted)
+
+    async def Check(self, request, context):
+        pem = context.auth_context()["x509_pem_cert"][0]
+        issuer = x509.load_pem_x509_certificate(pem).issuer.get_attributes_for_oid(
+            NameOID.COMMON_NAME)[0].value
+        if issuer not in self.accepted:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"client certificate issued by {issuer}")
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def Watch(self, request, context):
+        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        await asyncio.Event().wait()  # open until the client or the server ends it
+
+
+@contextlib.asynccontextmanager
+async def _issuers_server(pki: Pki, *accepted: str):
+    """A mutual TLS server trusting both CAs of ``pki``; its servicer says
+    which issuers it answers."""
+    servicer = _Issuers(*accepted)
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(pki.server.key.read_bytes(), pki.server.cert.read_bytes())],
+        root_certificates=pki.ca.read_bytes() + pki.other_ca.read_bytes(),
+        require_client_auth=True))
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+def _replace_file(path: Path, source: Path) -> None:
+    """``path`` swapped for a copy of ``source`` at once, as the kubelet
+    swaps a Secret's files."""
+    staged = path.with_name(f".{path.name}.new")
+    staged.write_bytes(source.read_bytes())
+    os.replace(staged, path)
+
+
+def _live_tls(directory: Path, pki: Pki) -> ChannelTls:
+    """A client's TLS files in ``directory``, its certificate the CA's
+    client one."""
+    directory.mkdir(exist_ok=True)
+    tls = ChannelTls(ca_file=directory / "ca.crt", cert_file=directory / "tls.crt",
+                     key_file=directory / "tls.key")
+    _replace_file(tls.ca_file, pki.ca)
+    _install(tls, pki.client)
+    return tls
+
+
+def _install(tls: ChannelTls, pair) -> None:
+    _replace_file(tls.key_file, pair.key)
+    _replace_file(tls.cert_file, pair.cert)
+
+
+async def _serving(health) -> bool:
+    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class _Counting(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        self.calls += 1
+        return await continuation(client_call_details, request)
+
+
+@pytest.fixture
+def every_call_looks(monkeypatch):
+    """Channels look at their certificate files before every call."""
+    monkeypatch.setattr(channel_module, "CERTIFICATE_CHECK_INTERVAL_S", 0.0)
+
+
+async def test_a_renewed_client_certificate_is_presented_by_the_same_stub(
+        pki, tmp_path, every_call_looks):
+    tls = _live_tls(tmp_path / "live", pki)
+    counting = _Counting()
+    async with _issuers_server(pki, "test-ca") as (servicer, address):
+        async with secure_channel(address, "artifact", tls, interceptors=[counting]) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert await _serving(health)
+            servicer.accepted = {"other-ca"}  # the server trusts the new CA only
+            _install(tls, pki.stranger)  # a certificate of the new CA, with its key
+            assert await _serving(health)
+            assert counting.calls == 2  # the interceptors go with the new channel
+
+
+async def test_a_half_written_client_certificate_keeps_the_current_one(
+        pki, tmp_path, every_call_looks, caplog):
+    tls = _live_tls(tmp_path / "live", pki)
+    async with _issuers_server(pki, "test-ca") as (servicer, address):
+        async with secure_channel(address, "artifact", tls) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert await _serving(health)
+            _replace_file(tls.cert_file, pki.stranger.cert)  # its key not yet
+            with caplog.at_level(logging.WARNING, logger="hivemesh.client"):
+                for _ in range(3):
+                    assert await _serving(health)  # on the current certificate
+            warnings = [r for r in caplog.records
+                        if r.name == "hivemesh.client" and r.levelno == logging.WARNING]
+            assert len(warnings) == 1, warnings  # once per change
+            assert "do not form a usable set" in warnings[0].getMessage()
+            assert "is not the key of the certificate" in warnings[0].problem
+            servicer.accepted = {"other-ca"}
+            _replace_file(tls.key_file, pki.stranger.key)
+            assert await _serving(health)
+
+
+async def _until_shut_down(channel: grpc.aio.Channel) -> bool:
+    for _ in range(100):
+        if channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_replaced_channel_closes_once_its_calls_in_flight_end(
+        pki, tmp_path, every_call_looks):
+    tls = _live_tls(tmp_path / "live", pki)
+    async with _issuers_server(pki, "test-ca", "other-ca") as (_, address):
+        async with secure_channel(address, "artifact", tls) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            first = channel.current()
+            _install(tls, pki.stranger)
+            assert await _serving(health)
+            assert channel.current() is not first
+            assert not watch.done()  # in flight on the replaced channel, not cut
+            assert first.get_state() != grpc.ChannelConnectivity.SHUTDOWN
+            watch.cancel()
+            assert await _until_shut_down(first)
+
+
+async def test_a_replaced_channel_closes_after_its_grace_period(
+        pki, tmp_path, every_call_looks, monkeypatch):
+    monkeypatch.setattr(channel_module, "REPLACED_CHANNEL_GRACE_S", 0.0)
+    tls = _live_tls(tmp_path / "live", pki)
+    async with _issuers_server(pki, "test-ca", "other-ca") as (_, address):
+        async with secure_channel(address, "artifact", tls) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            first = channel.current()
+            _install(tls, pki.stranger)
+            assert await _serving(health)
+            assert await watch.code() == grpc.StatusCode.CANCELLED  # it outlived the grace
+            assert await _until_shut_down(first)
+            assert await _serving(health)
+
+
+async def test_closing_a_renewing_channel_closes_the_replaced_one_too(
+        pki, tmp_path, every_call_looks):
+    tls = _live_tls(tmp_path / "live", pki)
+    async with _issuers_server(pki, "test-ca", "other-ca") as (_, address):
+        channel = secure_channel(address, "artifact", tls)
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        first = channel.current()
+        _install(tls, pki.stranger)
+        assert await _serving(health)
+        second = channel.current()
+        assert second is not first
+        await channel.close()
+        assert await watch.code() == grpc.StatusCode.CANCELLED
+        assert first.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+        assert second.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+        with pytest.raises(grpc.aio.UsageError):
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+async def test_the_certificate_files_are_looked_at_once_per_interval(pki, tmp_path):
+    tls = _live_tls(tmp_path / "live", pki)
+    now = 0.0
+    opened: list[grpc.aio.Channel] = []
+
+    def open_with(credentials):
+        opened.append(grpc.aio.secure_channel("127.0.0.1:1", credentials))
+        return opened[-1]
+    channel = RenewingChannel("127.0.0.1:1", tls, open_with, check_interval_s=10.0,
+                              clock=lambda: now)
+    try:
+        _install(tls, pki.stranger)
+        now = 9.9
+        assert channel.current() is opened[0] and len(opened) == 1
+        now = 10.0
+        assert channel.current() is opened[1]
+        now = 30.0
+        assert channel.current() is opened[1] and len(opened) == 2  # nothing changed since
+    finally:
+        await channel.close()
+
+
+async def test_only_channels_with_a_client_certificate_look_at_their_files(pki):
+    channels = [open_channel("127.0.0.1:1", "artifact"),
+                open_channel("127.0.0.1:1", "artifact", ChannelTls(ca_file=pki.ca)),
+                open_channel("127.0.0.1:1", "artifact", ChannelTls(
+                    ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key))]
+    try:
+        assert [isinstance(c, RenewingChannel) for c in channels] == [False, False, True]
+    finally:
+        for channel in channels:
+            await channel.close()

@@ -1,18 +1,29 @@
 """Channels to hivemesh services, configured from the service config that
 ships next to each contract (per-method timeouts, retries on UNAVAILABLE):
 plaintext (:func:`insecure_channel`) or TLS (:func:`secure_channel`, with
-:class:`ChannelTls`), both with the same options."""
+:class:`ChannelTls`), both with the same options. A TLS channel with a
+client certificate takes it again from its files when they change
+(:class:`RenewingChannel`)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import logging
 import os
+import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import grpc
+
+from hivemesh.client.tls_files import FileStamps, check_tls_files
+
+log = logging.getLogger("hivemesh.client")
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -134,28 +145,237 @@ class ChannelTls:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together: give both or neither")
 
-    def credentials(self) -> grpc.ChannelCredentials:
-        """The channel credentials, the files read now (ValueError when one
-        cannot be read)."""
-        return grpc.ssl_channel_credentials(
-            root_certificates=(None if self.ca_file is None
-                               else _read(self.ca_file, "CA file")),
-            private_key=None if self.key_file is None else _read(self.key_file, "key file"),
-            certificate_chain=(None if self.cert_file is None
-                               else _read(self.cert_file, "certificate file")))
+    def files(self) -> tuple[Path, ...]:
+        """The files given: CA bundle, certificate, key."""
+        return tuple(Path(p) for p in (self.ca_file, self.cert_file, self.key_file)
+                     if p is not None)
+
+    def contents(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(CA bundle, key, certificate) as read now, None where not given
+        (ValueError when one cannot be read)."""
+        return ((None if self.ca_file is None else _read(self.ca_file, "CA file")),
+                (None if self.key_file is None else _read(self.key_file, "key file")),
+                (None if self.cert_file is None else _read(self.cert_file, "certificate file")))
+
+    def checked_contents(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """:meth:`contents` once the files form a usable set (the key is
+        the certificate's, the CA bundle parses), else ValueError."""
+        if self.cert_file is not None and self.key_file is not None:
+            check_tls_files(Path(self.cert_file), Path(self.key_file),
+                            None if self.ca_file is None else Path(self.ca_file))
+        return self.contents()
+
+    def credentials(self, contents: tuple[bytes | None, bytes | None, bytes | None]
+                    | None = None) -> grpc.ChannelCredentials:
+        """The channel credentials of ``contents`` (:meth:`contents`), else
+        of the files read now (ValueError when one cannot be read)."""
+        root, key, chain = self.contents() if contents is None else contents
+        return grpc.ssl_channel_credentials(root_certificates=root, private_key=key,
+                                            certificate_chain=chain)
+
+
+# How often, at most, a TLS channel with a client certificate looks at its
+# files (when a call is made: an idle channel looks at none).
+CERTIFICATE_CHECK_INTERVAL_S = 10.0
+# How long calls in flight on a channel replaced by a renewed certificate get
+# to finish before it closes, cancelling those left.
+REPLACED_CHANNEL_GRACE_S = 300.0
+
+
+class RenewingChannel(grpc.aio.Channel):
+    """A TLS channel with a client certificate that takes it again from its
+    files when they change (cert-manager renewing a mounted Secret).
+
+    gRPC fixes a channel's credentials when it opens it, so this one holds a
+    channel of the current certificate and, at most every
+    ``check_interval_s`` when a call is made, looks at the files' stamps
+    (:class:`~hivemesh.client.tls_files.FileStamps`). When they changed and
+    form a usable set (the key is the certificate's), it opens a new
+    channel with ``open_with`` (the same target, options and interceptors)
+    and sends the next calls there; the old one closes once its calls in
+    flight end, or after ``grace_s``. A set that is not usable (a
+    certificate written before its key) is logged once and waited out, the
+    current channel staying. Multicallables, and so stubs, made before a
+    renewal follow it: each call goes to the channel current then."""
+
+    def __init__(self, target: str, tls: ChannelTls,
+                 open_with: Callable[[grpc.ChannelCredentials], grpc.aio.Channel], *,
+                 check_interval_s: float = CERTIFICATE_CHECK_INTERVAL_S,
+                 grace_s: float = REPLACED_CHANNEL_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._target, self._tls, self._open_with = target, tls, open_with
+        self._interval, self._grace, self._clock = check_interval_s, grace_s, clock
+        self._stamps = FileStamps(tls.files())
+        self._contents = tls.contents()
+        self._channel = open_with(tls.credentials(self._contents))
+        self._next_check = clock() + check_interval_s
+        # The calls made on the current channel, for the time it is replaced.
+        self._calls: weakref.WeakSet = weakref.WeakSet()
+        self._replaced: dict[grpc.aio.Channel, asyncio.Task] = {}
+        self._closed = False
+
+    def current(self) -> grpc.aio.Channel:
+        """The channel calls go to now, a new one when the files changed
+        into a usable set since the last look."""
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._interval
+            self._renew()
+        return self._channel
+
+    def _renew(self) -> None:
+        if self._closed or not _in_event_loop() or not self._stamps.changed():
+            return
+        try:
+            contents = self._tls.checked_contents()
+        except (OSError, ValueError) as exc:
+            log.warning("the client certificate files changed but do not form a usable set; "
+                        "the channel keeps the current certificate",
+                        extra={"target": self._target, "problem": str(exc)})
+            return
+        if contents == self._contents:
+            return
+        self._contents = contents
+        self._replace(self._open_with(self._tls.credentials(contents)))
+        log.info("client certificate taken again from its files",
+                 extra={"target": self._target, "cert_file": str(self._tls.cert_file)})
+
+    def _replace(self, channel: grpc.aio.Channel) -> None:
+        old, calls = self._channel, self._calls
+        self._channel, self._calls = channel, weakref.WeakSet()
+        closing = asyncio.get_running_loop().create_task(self._retire(old, calls))
+        self._replaced[old] = closing
+        closing.add_done_callback(lambda _: self._replaced.pop(old, None))
+
+    async def _retire(self, channel: grpc.aio.Channel, calls: weakref.WeakSet) -> None:
+        """Closes a replaced channel once the calls made on it end, or after
+        the grace period (cancelling those left)."""
+        ends = [asyncio.ensure_future(call.code()) for call in list(calls) if not call.done()]
+        try:
+            if ends:
+                await asyncio.wait(ends, timeout=self._grace)
+        finally:
+            for end in ends:
+                end.cancel()
+        await channel.close()
+
+    def _track(self, call):
+        """``call``, made on the current channel, counted among its calls in
+        flight (a replaced channel waits for them)."""
+        self._calls.add(call)
+        return call
+
+    async def close(self, grace: float | None = None) -> None:
+        """Closes the current channel and those replaced, ``grace`` for
+        their calls in flight as :meth:`grpc.aio.Channel.close`."""
+        self._closed = True
+        replaced = list(self._replaced.items())
+        for _, closing in replaced:
+            closing.cancel()
+        await asyncio.gather(*(closing for _, closing in replaced), return_exceptions=True)
+        await asyncio.gather(self._channel.close(grace),
+                             *(old.close(grace) for old, _ in replaced))
+
+    async def __aenter__(self) -> RenewingChannel:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """The state of the current channel."""
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        """Waits for the current channel's state to change (to SHUTDOWN when
+        a renewal replaces it)."""
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.current().channel_ready()
+
+    def unary_unary(self, method, request_serializer=None, response_deserializer=None,
+                    _registered_method=False):
+        return _UnaryUnary(self, "unary_unary", method, request_serializer,
+                           response_deserializer, _registered_method)
+
+    def unary_stream(self, method, request_serializer=None, response_deserializer=None,
+                     _registered_method=False):
+        return _UnaryStream(self, "unary_stream", method, request_serializer,
+                            response_deserializer, _registered_method)
+
+    def stream_unary(self, method, request_serializer=None, response_deserializer=None,
+                     _registered_method=False):
+        return _StreamUnary(self, "stream_unary", method, request_serializer,
+                            response_deserializer, _registered_method)
+
+    def stream_stream(self, method, request_serializer=None, response_deserializer=None,
+                      _registered_method=False):
+        return _StreamStream(self, "stream_stream", method, request_serializer,
+                             response_deserializer, _registered_method)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _Current:
+    """A multicallable of a :class:`RenewingChannel`: each call goes to the
+    same method's multicallable on the channel current then, made again
+    only after a renewal."""
+
+    def __init__(self, renewing: RenewingChannel, kind: str, *args) -> None:
+        self._renewing, self._kind, self._args = renewing, kind, args
+        self._channel: grpc.aio.Channel | None = None
+        self._callable = None
+
+    def __call__(self, *args, **kwargs):
+        channel = self._renewing.current()
+        if channel is not self._channel:
+            self._channel = channel
+            self._callable = getattr(channel, self._kind)(*self._args)
+        return self._renewing._track(self._callable(*args, **kwargs))
+
+
+class _UnaryUnary(_Current, grpc.aio.UnaryUnaryMultiCallable):
+    pass
+
+
+class _UnaryStream(_Current, grpc.aio.UnaryStreamMultiCallable):
+    pass
+
+
+class _StreamUnary(_Current, grpc.aio.StreamUnaryMultiCallable):
+    pass
+
+
+class _StreamStream(_Current, grpc.aio.StreamStreamMultiCallable):
+    pass
 
 
 def secure_channel(target: str, api: str, tls: ChannelTls, *,
                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, interceptors=None,
                    timeouts: bool = True, retries: bool = True) -> grpc.aio.Channel:
     """A TLS channel (mutual TLS when ``tls`` has a client certificate),
-    with the options of :func:`insecure_channel`."""
+    with the options of :func:`insecure_channel`. With a client certificate
+    it is a :class:`RenewingChannel`, which takes a renewed certificate
+    (and CA bundle) from the files without a restart."""
     options = channel_options(api, max_message_bytes=max_message_bytes, timeouts=timeouts,
                               retries=retries)
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(target, tls.credentials(), options=options,
-                                   interceptors=interceptors)
+
+    def open_with(credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(target, credentials, options=options,
+                                       interceptors=interceptors)
+    if tls.cert_file is None:
+        return open_with(tls.credentials())
+    return RenewingChannel(target, tls, open_with, check_interval_s=CERTIFICATE_CHECK_INTERVAL_S,
+                           grace_s=REPLACED_CHANNEL_GRACE_S)
 
 
 def open_channel(target: str, api: str, tls: ChannelTls | None = None,
