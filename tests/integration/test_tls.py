@@ -687,11 +687,14 @@ async def test_a_renewed_client_certificate_is_presented_by_the_same_stub(
     async with _issuers_server(pki, "test-ca") as (servicer, address):
         async with secure_channel(address, "artifact", tls, interceptors=[counting]) as channel:
             health = health_pb2_grpc.HealthStub(channel)
+            await asyncio.wait_for(channel.channel_ready(), 10)
             assert await _serving(health)
             servicer.accepted = {"other-ca"}  # the server trusts the new CA only
             _install(tls, pki.stranger)  # a certificate of the new CA, with its key
             assert await _serving(health)
             assert counting.calls == 2  # the interceptors go with the new channel
+            # The state is the new channel's (the old one closes, its calls over).
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
 
 
 async def test_a_half_written_client_certificate_keeps_the_current_one(
