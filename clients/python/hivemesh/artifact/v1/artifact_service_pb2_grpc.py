@@ -82,7 +82,8 @@ class ArtifactServiceServicer:
 
     def SaveArtifact(self, request, context):
         """Stores a new artifact; the service assigns its id. Retrying with the
-        same request_id returns the artifact stored the first time.
+        same request_id returns the artifact stored the first time (within the
+        service's request TTL, a day by default).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,7 +92,7 @@ class ArtifactServiceServicer:
     def DeleteArtifact(self, request, context):
         """Deletes an artifact. Deleting one that does not exist is not an error:
         the response says whether anything was deleted. Retrying with the same
-        request_id returns the first answer.
+        request_id returns the first answer (within the request TTL).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -183,7 +183,9 @@ export type SaveArtifactRequest = Message<"hivemesh.artifact.v1.SaveArtifactRequ
   /**
    * Idempotency key (a UUID is recommended). A retry with the same id and
    * the same artifact returns the artifact stored the first time; the same
-   * id with a different artifact fails with ALREADY_EXISTS.
+   * id with a different artifact fails with ALREADY_EXISTS. The service
+   * keeps the id for its request TTL (a day by default); a retry after that
+   * is a new request.
    *
    * @generated from field: string request_id = 1;
    */
@@ -287,7 +289,7 @@ export type DeleteArtifactRequest = Message<"hivemesh.artifact.v1.DeleteArtifact
    * the same artifact_id returns the first answer (deleted true even though
    * the artifact is gone by then); the same id with another artifact_id, or
    * an id used by a save, fails with ALREADY_EXISTS. Without one, every call
-   * is answered afresh.
+   * is answered afresh. Kept for the request TTL, as a save's.
    *
    * @generated from field: string request_id = 2;
    */
@@ -392,7 +394,8 @@ export const ArtifactService: GenService<{
   },
   /**
    * Stores a new artifact; the service assigns its id. Retrying with the
-   * same request_id returns the artifact stored the first time.
+   * same request_id returns the artifact stored the first time (within the
+   * service's request TTL, a day by default).
    *
    * @generated from rpc hivemesh.artifact.v1.ArtifactService.SaveArtifact
    */
@@ -404,7 +407,7 @@ export const ArtifactService: GenService<{
   /**
    * Deletes an artifact. Deleting one that does not exist is not an error:
    * the response says whether anything was deleted. Retrying with the same
-   * request_id returns the first answer.
+   * request_id returns the first answer (within the request TTL).
    *
    * @generated from rpc hivemesh.artifact.v1.ArtifactService.DeleteArtifact
    */
