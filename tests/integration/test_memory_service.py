@@ -714,6 +714,26 @@ _REFUSALS = [
 ]
 
 
+async def _every_call_fails(memory, rid: str, code, reason: str, words: str) -> list:
+    """Adds (under ``rid``), searches and counts, each failing with
+    ``code``, ``reason`` and ``words``; returns their errors."""
+    from hivemesh.client.errors import HivemeshError
+
+    calls = [lambda: memory.add(["refused"], namespace="u", request_id=rid),
+             lambda: memory.search("refused", namespace="u", mode="hybrid"),
+             lambda: memory.count(namespace="u", where={"metadata.kind": "note"})]
+    failures = []
+    for call in calls:
+        with pytest.raises(HivemeshError) as err:
+            await call()
+        assert err.value.code == code, err.value
+        assert err.value.reason == reason, err.value
+        assert err.value.domain == "hivemesh.memory"
+        assert words in err.value.message
+        failures.append(err.value)
+    return failures
+
+
 @pytest.mark.parametrize(("error", "code", "reason", "words"), _REFUSALS)
 async def test_a_qdrant_server_refusing_a_call_is_answered_with_the_matching_status(
         tmp_path, error, code, reason, words):
@@ -724,8 +744,6 @@ async def test_a_qdrant_server_refusing_a_call_is_answered_with_the_matching_sta
     FAILED_PRECONDITION; its rate limit is RESOURCE_EXHAUSTED with the wait;
     its own failure INTERNAL; each with the server's words and ErrorInfo.
     Nothing is recorded for replay."""
-    from hivemesh.client.errors import HivemeshError
-
     settings = memory_settings(tmp_path, store="qdrant", qdrant_location=":memory:")
     backend = await open_backend(settings)
     server = backend.store.inner
@@ -735,23 +753,14 @@ async def test_a_qdrant_server_refusing_a_call_is_answered_with_the_matching_sta
     try:
         async with MemoryClient(f"127.0.0.1:{port}") as memory:
             rid = str(uuid.uuid4())
-            calls = [lambda: memory.add(["refused"], namespace="u", request_id=rid),
-                     lambda: memory.search("refused", namespace="u", mode="hybrid"),
-                     lambda: memory.count(namespace="u", where={"metadata.kind": "note"})]
-            for call in calls:
-                with pytest.raises(HivemeshError) as err:
-                    await call()
-                assert err.value.code == code, err.value
-                assert err.value.reason == reason, err.value
-                assert err.value.domain == "hivemesh.memory"
-                assert err.value.metadata["backend"] == "memory store"
-                assert words in err.value.message
-                assert "Qdrant at " in err.value.message or "collection at " in err.value.message
+            for err in await _every_call_fails(memory, rid, code, reason, words):
+                assert err.metadata["backend"] == "memory store"
+                assert "Qdrant at " in err.message or "collection at " in err.message
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     # The server's wait, else a second.
                     wait = float(words.split()[-2]) if words.startswith("retry") else 1.0
-                    assert float(err.value.metadata["retry_after_s"]) == wait
-                    assert err.value.retry_delay.total_seconds() == wait
+                    assert float(err.metadata["retry_after_s"]) == wait
+                    assert err.retry_delay.total_seconds() == wait
         server.client = local
         async with MemoryClient(f"127.0.0.1:{port}") as memory:
             retried = await memory.add(["refused"], namespace="u", request_id=rid)
@@ -808,8 +817,6 @@ async def test_the_embedded_engine_failing_a_call_is_answered_with_the_matching_
     FAILED_PRECONDITION, a request it refuses INVALID_ARGUMENT, a call it
     could not do now UNAVAILABLE, its own failure (storage, disk) INTERNAL
     with its words; each with ErrorInfo. Nothing is recorded for replay."""
-    from hivemesh.client.errors import HivemeshError
-
     settings = memory_settings(tmp_path)
     backend = await open_backend(settings)
     engine = backend.store.inner
@@ -819,20 +826,11 @@ async def test_the_embedded_engine_failing_a_call_is_answered_with_the_matching_
         async with MemoryClient(f"127.0.0.1:{port}") as memory:
             engine.shard = _FailingShard(shard, error)
             rid = str(uuid.uuid4())
-            calls = [lambda: memory.add(["refused"], namespace="u", request_id=rid),
-                     lambda: memory.search("refused", namespace="u", mode="hybrid"),
-                     lambda: memory.count(namespace="u", where={"metadata.kind": "note"})]
-            for call in calls:
-                with pytest.raises(HivemeshError) as err:
-                    await call()
-                assert err.value.code == code, err.value
-                assert err.value.reason == reason, err.value
-                assert err.value.domain == "hivemesh.memory"
-                assert words in err.value.message
+            for err in await _every_call_fails(memory, rid, code, reason, words):
                 if reason != "INTERNAL":
-                    assert err.value.metadata["backend"] == "memory store"
+                    assert err.metadata["backend"] == "memory store"
                 else:
-                    assert str(error) not in err.value.message
+                    assert str(error) not in err.message
             engine.shard = shard
             retried = await memory.add(["refused"], namespace="u", request_id=rid)
             assert not retried.replayed and await memory.count(namespace="u") == 1
