@@ -76,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic_settings import SettingsError
 
     from hivemesh.runtime import eventloop
-    from hivemesh.runtime.settings import InvalidSetting
+    from hivemesh.runtime.settings import InvalidSetting, variables_not_json
     try:
         return eventloop.run(_run_service(args))
     except ValidationError as exc:
@@ -86,9 +86,17 @@ def _serve(args: argparse.Namespace) -> int:
             for e in exc.errors(include_url=False, include_input=False, include_context=False))
         print(f"invalid {args.service} settings:\n{problems}", file=sys.stderr)
         return 2
-    except (eventloop.InvalidEventLoop, InvalidSetting, SettingsError) as exc:
-        # SettingsError: a JSON value that does not parse, from the
-        # environment or the secrets directory, or a directory too large.
+    except SettingsError as exc:
+        # A JSON value that does not parse, from the environment or the
+        # secrets directory, or a directory too large. pydantic-settings
+        # names only the top field: name the variables (never their values).
+        settings_cls = _service(args.service)[0]
+        named = "".join(f"\n  {name} is not JSON: a list or object setting is read as JSON, "
+                        "e.g. '[\"a\", \"b\"]' or '{\"key\": \"value\"}'"
+                        for name in variables_not_json(settings_cls))
+        print(f"invalid {args.service} settings:\n  {exc}{named}", file=sys.stderr)
+        return 2
+    except (eventloop.InvalidEventLoop, InvalidSetting) as exc:
         print(f"invalid {args.service} settings:\n  {exc}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:

@@ -7,10 +7,14 @@ Settings are built once in ``main()`` and passed down, never at import time:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
@@ -86,6 +90,74 @@ def secrets_dir() -> Path | None:
         except ValueError as exc:
             raise InvalidSetting(f"{exc} (is the secret volume mounted there?)") from None
     return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
+
+
+def _annotation_at(model: type[BaseModel], path: list[str]) -> Any:
+    """The annotation of the setting at ``path`` (field names, lower case)
+    below ``model``; None when there is none."""
+    annotation: Any = model
+    for part in path:
+        fields = _nested_model(annotation)
+        if fields is not None:
+            field = fields.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif typing.get_origin(_unwrap_optional(annotation)) is dict:
+            annotation = typing.get_args(_unwrap_optional(annotation))[1]
+        else:
+            return None
+    return annotation
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kept = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return kept[0] if len(kept) == 1 else annotation
+    return annotation
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    annotation = _unwrap_optional(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _read_as_json(annotation: Any) -> bool:
+    """Whether pydantic-settings reads a variable for this setting as JSON
+    (lists, sets, tuples, mappings and nested models)."""
+    annotation = _unwrap_optional(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_read_as_json(a) for a in typing.get_args(annotation))
+    origin = typing.get_origin(annotation) or annotation
+    return (_nested_model(annotation) is not None
+            or (isinstance(origin, type) and issubclass(origin, list | set | frozenset | tuple
+                                                        | dict)))
+
+
+def variables_not_json(settings_cls: type[BaseSettings],
+                       environ: Mapping[str, str] | None = None) -> list[str]:
+    """The environment variables of ``settings_cls`` that set a list or
+    object setting (which is read as JSON) to text that is not JSON: what
+    pydantic-settings' "error parsing value for field" is about, named."""
+    environ = os.environ if environ is None else environ
+    config = settings_cls.model_config
+    prefix = config.get("env_prefix", "").upper()
+    delimiter = config.get("env_nested_delimiter") or None
+    found = []
+    for name, value in environ.items():
+        if not name.upper().startswith(prefix) or len(name) == len(prefix):
+            continue
+        rest = name[len(prefix):].lower()
+        annotation = _annotation_at(settings_cls, rest.split(delimiter) if delimiter else [rest])
+        if annotation is None or not _read_as_json(annotation):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            found.append(name)
+    return sorted(found)
 
 
 def _check_file(check):

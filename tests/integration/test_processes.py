@@ -355,7 +355,12 @@ def test_a_bad_file_of_the_secrets_directory_is_an_invalid_setting(tmp_path, fil
     assert "Traceback" not in result.stderr
 
 
-def test_a_json_setting_that_does_not_parse_is_an_invalid_setting(tmp_path):
-    env = {**os.environ, "HIVEMESH_ORCHESTRATOR_TOOL_SERVERS": '{"search": '}
+@pytest.mark.parametrize(("variable", "value"), [
+    ("HIVEMESH_ORCHESTRATOR_TOOL_SERVERS", '{"search": '),
+    ("HIVEMESH_ORCHESTRATOR_SERVER__TLS_CLIENT_NAMES", "orchestrator.hivemesh.svc")])
+def test_a_json_setting_that_does_not_parse_is_an_invalid_setting_naming_it(
+        tmp_path, variable, value):
+    env = {**os.environ, variable: value}
     result = serve_refused("orchestrator", "--port", "0", env=env)
-    assert result.returncode == 2 and "tool_servers" in result.stderr
+    assert result.returncode == 2 and f"{variable} is not JSON" in result.stderr
+    assert value not in result.stderr and "Traceback" not in result.stderr

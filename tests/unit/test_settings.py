@@ -198,3 +198,31 @@ def test_a_json_object_setting_in_the_environment_replaces_the_file_s(monkeypatc
     (tmp_path / "HIVEMESH_ORCHESTRATOR_SERVER__GRACE_PERIOD_S").write_text("4")
     server = OrchestratorSettings(_secrets_dir=tmp_path).server
     assert (server.drain_delay_s, server.grace_period_s) == (3, 4)
+
+
+def test_the_variables_holding_no_json_for_a_list_or_object_setting_are_named():
+    """What pydantic-settings' "error parsing value for field" is about:
+    a list, mapping or section set to text that is not JSON, at any depth;
+    scalars (read as text) and other services' variables are not."""
+    from hivemesh.services.llm.settings import LlmSettings
+    from hivemesh.services.orchestrator.settings import OrchestratorSettings
+    environ = {
+        "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_NAMES": "orchestrator.hivemesh.svc",
+        "HIVEMESH_ARTIFACT_SERVER__HOST": "0.0.0.0",  # a scalar: text, not JSON
+        "hivemesh_artifact_server__tls_client_names_extra": "x",  # no such setting
+        "HIVEMESH_ARTIFACT_MAX_CONTENT_BYTES": "8MiB",  # a scalar: pydantic says
+        "HIVEMESH_LLM_MODELS": "[{",
+        "HIVEMESH_ORCHESTRATOR_TOOL_SERVERS": '{"search": "127.0.0.1:1"}',  # fine
+    }
+    assert runtime_settings.variables_not_json(ArtifactSettings, environ) == [
+        "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_NAMES"]
+    assert runtime_settings.variables_not_json(LlmSettings, environ) == ["HIVEMESH_LLM_MODELS"]
+    assert runtime_settings.variables_not_json(OrchestratorSettings, environ) == []
+    assert runtime_settings.variables_not_json(
+        OrchestratorSettings, {"hivemesh_orchestrator_server": "{"}) == [
+        "hivemesh_orchestrator_server"]
+    # A section within a mapping of sections.
+    from hivemesh.services.information.settings import InformationSettings
+    assert runtime_settings.variables_not_json(
+        InformationSettings, {"HIVEMESH_INFORMATION_PRICES__gpt-4o": "2.5 per million"}) == [
+        "HIVEMESH_INFORMATION_PRICES__gpt-4o"]
