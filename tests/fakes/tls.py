@@ -1,8 +1,8 @@
 """Throwaway certificates for the TLS tests: a CA, a server certificate
-for localhost and 127.0.0.1, and client certificates (Pki.named_client
-for one with given names), written as PEM files under the test's
-temporary directory (never committed); and the Envoy sidecars' mesh
-certificates (make_mesh_pki)."""
+for localhost and 127.0.0.1 (and one from another CA, as after a CA
+rotation), and client certificates (Pki.named_client for one with given
+names), written as PEM files under the test's temporary directory (never
+committed); and the Envoy sidecars' mesh certificates (make_mesh_pki)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ class Pki:
     stranger: Pair
     other_ca: Path
     ca_key: Path  # the CA's key, for named_client
+    # The server's names signed by the other CA: the server re-issued under a
+    # rotated CA.
+    other_server: Pair
 
     def named_client(self, name: str, *, dns: Sequence[str] = (),
                      uris: Sequence[str] = ()) -> Pair:
@@ -116,7 +119,8 @@ def make_pki(directory: Path) -> Pki:
                server=_leaf(directory, "server", ca_key, ca_cert, server=True),
                client=_leaf(directory, "client", ca_key, ca_cert, server=False),
                stranger=_leaf(directory, "stranger", other_key, other_cert, server=False),
-               other_ca=other_path, ca_key=ca_key_path)
+               other_ca=other_path, ca_key=ca_key_path,
+               other_server=_leaf(directory, "other-server", other_key, other_cert, server=True))
 
 
 @dataclass(frozen=True)
