@@ -636,11 +636,11 @@ async def _issuers_server(pki: Pki, *accepted: str):
         await server.stop(0)
 
 
-def _replace_file(path: Path, source: Path) -> None:
-    """``path`` swapped for a copy of ``source`` at once, as the kubelet
-    swaps a Secret's files."""
+def _replace_file(path: Path, *sources: Path) -> None:
+    """``path`` swapped at once for a copy of ``sources`` (several: a
+    bundle), as the kubelet swaps a Secret's files."""
     staged = path.with_name(f".{path.name}.new")
-    staged.write_bytes(source.read_bytes())
+    staged.write_bytes(b"".join(source.read_bytes() for source in sources))
     os.replace(staged, path)
 
 
@@ -804,13 +804,88 @@ async def test_the_certificate_files_are_looked_at_once_per_interval(pki, tmp_pa
         await channel.close()
 
 
-async def test_only_channels_with_a_client_certificate_look_at_their_files(pki):
+async def test_only_tls_channels_that_name_files_look_at_them(pki):
     channels = [open_channel("127.0.0.1:1", "artifact"),
+                open_channel("127.0.0.1:1", "artifact", ChannelTls()),
+                open_channel("127.0.0.1:1", "artifact", ChannelTls(server_name="hivemesh.test")),
                 open_channel("127.0.0.1:1", "artifact", ChannelTls(ca_file=pki.ca)),
                 open_channel("127.0.0.1:1", "artifact", ChannelTls(
                     ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key))]
     try:
-        assert [isinstance(c, RenewingChannel) for c in channels] == [False, False, True]
+        assert ([isinstance(c, RenewingChannel) for c in channels]
+                == [False, False, False, True, True])
     finally:
         for channel in channels:
             await channel.close()
+
+
+# -- CA bundles renewed without a restart -------------------------------------
+
+class _Serving(health_pb2_grpc.HealthServicer):
+    async def Check(self, request, context):
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _health_server(pair, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """A started TLS server of health on 127.0.0.1 presenting ``pair``, on
+    ``port`` (0: one the OS picks), and its port."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(_Serving(), server)
+    bound = server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials(
+        [(pair.key.read_bytes(), pair.cert.read_bytes())]))
+    await server.start()
+    return server, bound
+
+
+async def _serving_once_ready(health) -> bool:
+    """A health check that waits (bounded) for the channel to connect, as
+    after the server restarted."""
+    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=15,
+                                wait_for_ready=True)
+    return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_server_reissued_under_a_new_ca_is_reached_by_the_same_stub(
+        pki, tmp_path, every_call_looks):
+    ca_file = tmp_path / "ca.crt"
+    _replace_file(ca_file, pki.ca)
+    server, port = await _health_server(pki.server)
+    channel = secure_channel(f"127.0.0.1:{port}", "artifact", ChannelTls(ca_file=ca_file))
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert await _serving(health)
+        _replace_file(ca_file, pki.ca, pki.other_ca)  # the trust bundle gains the new CA
+        assert await _serving(health)
+        await server.stop(0)  # restarted on a certificate of the new CA
+        server, _ = await _health_server(pki.other_server, port)
+        assert await _serving_once_ready(health)
+        _replace_file(ca_file, pki.other_ca)  # and loses the old one
+        assert await _serving(health)
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_a_malformed_ca_bundle_keeps_the_current_channel(
+        pki, tmp_path, tls_server, every_call_looks, caplog):
+    ca_file = tmp_path / "ca.crt"
+    _replace_file(ca_file, pki.ca)
+    async with secure_channel(tls_server, "artifact", ChannelTls(ca_file=ca_file)) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert await _serving(health)
+        first = channel.current()
+        cut_short = tmp_path / "cut-short.pem"
+        cut_short.write_bytes(pki.ca.read_bytes() + pki.other_ca.read_bytes()[:200])
+        _replace_file(ca_file, cut_short)
+        with caplog.at_level(logging.WARNING, logger="hivemesh.client"):
+            for _ in range(3):
+                assert await _serving(health)  # on the current channel
+        assert channel.current() is first
+        warnings = [r for r in caplog.records
+                    if r.name == "hivemesh.client" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings  # once per change
+        assert "do not form a usable set" in warnings[0].getMessage()
+        assert "holds a malformed PEM certificate" in warnings[0].problem
+        _replace_file(ca_file, pki.ca, pki.other_ca)  # the bundle written whole
+        assert await _serving(health)
+        assert channel.current() is not first

@@ -1,8 +1,8 @@
 """Channels to hivemesh services, configured from the service config that
 ships next to each contract (per-method timeouts, retries on UNAVAILABLE):
 plaintext (:func:`insecure_channel`) or TLS (:func:`secure_channel`, with
-:class:`ChannelTls`), both with the same options. A TLS channel with a
-client certificate takes it again from its files when they change
+:class:`ChannelTls`), both with the same options. A TLS channel that names
+files (a CA bundle, a client certificate) takes them again when they change
 (:class:`RenewingChannel`)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from hivemesh.client.tls_files import FileStamps, check_tls_files
+from hivemesh.client.tls_files import FileStamps, check_ca_file, check_tls_files
 
 log = logging.getLogger("hivemesh.client")
 
@@ -160,9 +160,11 @@ class ChannelTls:
     def checked_contents(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """:meth:`contents` once the files form a usable set (the key is
         the certificate's, the CA bundle parses), else ValueError."""
+        ca_file = None if self.ca_file is None else Path(self.ca_file)
         if self.cert_file is not None and self.key_file is not None:
-            check_tls_files(Path(self.cert_file), Path(self.key_file),
-                            None if self.ca_file is None else Path(self.ca_file))
+            check_tls_files(Path(self.cert_file), Path(self.key_file), ca_file)
+        elif ca_file is not None:
+            check_ca_file(ca_file)
         return self.contents()
 
     def credentials(self, contents: tuple[bytes | None, bytes | None, bytes | None]
@@ -174,29 +176,31 @@ class ChannelTls:
                                             certificate_chain=chain)
 
 
-# How often, at most, a TLS channel with a client certificate looks at its
-# files (when a call is made: an idle channel looks at none).
+# How often, at most, a TLS channel looks at its files, CA bundle and client
+# certificate (when a call is made: an idle channel looks at none).
 CERTIFICATE_CHECK_INTERVAL_S = 10.0
-# How long calls in flight on a channel replaced by a renewed certificate get
-# to finish before it closes, cancelling those left.
+# How long calls in flight on a channel replaced by renewed TLS files get to
+# finish before it closes, cancelling those left.
 REPLACED_CHANNEL_GRACE_S = 300.0
 
 
 class RenewingChannel(grpc.aio.Channel):
-    """A TLS channel with a client certificate that takes it again from its
-    files when they change (cert-manager renewing a mounted Secret).
+    """A TLS channel that takes its files (CA bundle, client certificate
+    and key) again when they change: cert-manager renewing a mounted
+    Secret, or a trust bundle gaining a new CA and later losing the old.
 
     gRPC fixes a channel's credentials when it opens it, so this one holds a
-    channel of the current certificate and, at most every
-    ``check_interval_s`` when a call is made, looks at the files' stamps
+    channel of the current files and, at most every ``check_interval_s``
+    when a call is made, looks at their stamps
     (:class:`~hivemesh.client.tls_files.FileStamps`). When they changed and
-    form a usable set (the key is the certificate's), it opens a new
-    channel with ``open_with`` (the same target, options and interceptors)
-    and sends the next calls there; the old one closes once its calls in
-    flight end, or after ``grace_s``. A set that is not usable (a
-    certificate written before its key) is logged once and waited out, the
-    current channel staying. Multicallables, and so stubs, made before a
-    renewal follow it: each call goes to the channel current then."""
+    form a usable set (the CA bundle parses, the key is the certificate's),
+    it opens a new channel with ``open_with`` (the same target, options and
+    interceptors) and sends the next calls there; the old one closes once
+    its calls in flight end, or after ``grace_s``. A set that is not usable
+    (a certificate written before its key, a bundle cut short) is logged
+    once and waited out, the current channel staying. Multicallables, and
+    so stubs, made before a renewal follow it: each call goes to the
+    channel current then."""
 
     def __init__(self, target: str, tls: ChannelTls,
                  open_with: Callable[[grpc.ChannelCredentials], grpc.aio.Channel], *,
@@ -229,16 +233,16 @@ class RenewingChannel(grpc.aio.Channel):
         try:
             contents = self._tls.checked_contents()
         except (OSError, ValueError) as exc:
-            log.warning("the client certificate files changed but do not form a usable set; "
-                        "the channel keeps the current certificate",
+            log.warning("the TLS files changed but do not form a usable set; "
+                        "the channel keeps the current ones",
                         extra={"target": self._target, "problem": str(exc)})
             return
         if contents == self._contents:
             return
         self._contents = contents
         self._replace(self._open_with(self._tls.credentials(contents)))
-        log.info("client certificate taken again from its files",
-                 extra={"target": self._target, "cert_file": str(self._tls.cert_file)})
+        log.info("TLS files taken again", extra={
+            "target": self._target, "files": [str(path) for path in self._tls.files()]})
 
     def _replace(self, channel: grpc.aio.Channel) -> None:
         old, calls = self._channel, self._calls
@@ -361,9 +365,10 @@ def secure_channel(target: str, api: str, tls: ChannelTls, *,
                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, interceptors=None,
                    timeouts: bool = True, retries: bool = True) -> grpc.aio.Channel:
     """A TLS channel (mutual TLS when ``tls`` has a client certificate),
-    with the options of :func:`insecure_channel`. With a client certificate
-    it is a :class:`RenewingChannel`, which takes a renewed certificate
-    (and CA bundle) from the files without a restart."""
+    with the options of :func:`insecure_channel`. When ``tls`` names files
+    (a CA bundle, a client certificate) it is a :class:`RenewingChannel`,
+    which takes them again when they change, without a restart; with none
+    (the roots gRPC ships with) a plain channel."""
     options = channel_options(api, max_message_bytes=max_message_bytes, timeouts=timeouts,
                               retries=retries)
     if tls.server_name:
@@ -372,7 +377,7 @@ def secure_channel(target: str, api: str, tls: ChannelTls, *,
     def open_with(credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(target, credentials, options=options,
                                        interceptors=interceptors)
-    if tls.cert_file is None:
+    if not tls.files():
         return open_with(tls.credentials())
     return RenewingChannel(target, tls, open_with, check_interval_s=CERTIFICATE_CHECK_INTERVAL_S,
                            grace_s=REPLACED_CHANNEL_GRACE_S)
