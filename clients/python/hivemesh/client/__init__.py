@@ -8,7 +8,7 @@
 
 Over TLS: ``ArtifactClient(target, tls=ChannelTls(ca_file="ca.pem"))``, plus
 ``cert_file``/``key_file`` for a service that requires client certificates
-(taken again from the files when they are renewed, without reopening).
+(the files taken again when they are renewed, without reopening).
 """
 
 from hivemesh.client.artifact import ArtifactClient
