@@ -46,10 +46,12 @@ export class Service {
   }
 }
 
+/** `port` 0: one the OS picks; another: the port of a service restarted. */
 export async function startService(
   name: string,
   dataDir: string,
   env: Record<string, string> = {},
+  port = 0,
 ): Promise<Service> {
   if (!existsSync(PYTHON)) {
     throw new Error(`no Python at ${PYTHON}: run make install, or set HIVEMESH_PYTHON`);
@@ -59,7 +61,7 @@ export async function startService(
   const log = openSync(logPath, "a");
   const child = spawn(
     PYTHON,
-    ["-m", "hivemesh.cli.main", "serve", name, "--host", "127.0.0.1", "--port", "0", "--data-dir", dataDir],
+    ["-m", "hivemesh.cli.main", "serve", name, "--host", "127.0.0.1", "--port", String(port), "--data-dir", dataDir],
     { cwd: REPO, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", log] },
   );
   closeSync(log);
