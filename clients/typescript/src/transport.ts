@@ -1,11 +1,14 @@
 // A gRPC transport to one hivemesh service.
 
 import type * as http2 from "node:http2";
+import { isIP } from "node:net";
+import * as tls from "node:tls";
 
 import { Code, ConnectError, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
 import { HivemeshError, hivemeshErrors, translated } from "./errors.js";
+import { FollowedTlsFiles, type TlsContents } from "./tls-files.js";
 
 export interface MeshTransportOptions {
   /** Interceptors run before the error translation (outermost first). */
@@ -22,8 +25,14 @@ export interface MeshTransportOptions {
 }
 
 /** TLS toward a hivemesh service whose settings turn it on
- * (`HIVEMESH_<SVC>_SERVER__TLS_*`). Contents, not paths: PEM text or bytes,
- * e.g. `readFileSync("ca.pem")`. */
+ * (`HIVEMESH_<SVC>_SERVER__TLS_*`). `ca`, `cert` and `key` are contents, PEM
+ * text or bytes such as `readFileSync("ca.pem")`, taken once; `caFile`,
+ * `certFile` and `keyFile` are paths instead, read again when they change
+ * (looked at when a connection opens, at most every `fileCheckIntervalMs`):
+ * new connections trust a renewed CA bundle and present a renewed
+ * certificate, connections already open keep theirs. A set of files that is
+ * not usable (a bundle cut short, a certificate written before its key) is
+ * warned about once (`process.emitWarning`) and the current one kept. */
 export interface MeshTlsOptions {
   /** CAs that may sign the server's certificate (default: Node's). */
   readonly ca?: string | Uint8Array;
@@ -31,21 +40,48 @@ export interface MeshTlsOptions {
    * service that requires one (`..._SERVER__TLS_CLIENT_CA_FILE`). */
   readonly cert?: string | Uint8Array;
   readonly key?: string | Uint8Array;
+  /** Paths of the same, PEM, each instead of its contents option. */
+  readonly caFile?: string;
+  readonly certFile?: string;
+  readonly keyFile?: string;
+  /** How often, at most, the files are looked at (default 10 s). */
+  readonly fileCheckIntervalMs?: number;
   /** The name the server's certificate must carry when it is not the
    * address's host (an address by IP, a proxy). */
   readonly serverName?: string;
 }
 
-function secureOptions(tls: MeshTlsOptions): http2.SecureClientSessionOptions {
-  if ((tls.cert === undefined) !== (tls.key === undefined)) {
+function secureOptions(options: MeshTlsOptions): http2.SecureClientSessionOptions {
+  for (const name of ["ca", "cert", "key"] as const) {
+    if (options[name] !== undefined && options[`${name}File`] !== undefined) {
+      throw new TypeError(`tls.${name} and tls.${name}File are the same: give one`);
+    }
+  }
+  if ((options.cert ?? options.certFile) === undefined !== ((options.key ?? options.keyFile) === undefined)) {
     throw new TypeError("tls.cert and tls.key go together: give both or neither");
   }
-  const options: http2.SecureClientSessionOptions = {};
-  if (tls.ca !== undefined) options.ca = toPem("ca", tls.ca);
-  if (tls.cert !== undefined) options.cert = toPem("cert", tls.cert);
-  if (tls.key !== undefined) options.key = toPem("key", tls.key);
-  if (tls.serverName !== undefined) options.servername = tls.serverName;
-  return options;
+  const contents: TlsContents = {};
+  if (options.ca !== undefined) contents.ca = toPem("ca", options.ca);
+  if (options.cert !== undefined) contents.cert = toPem("cert", options.cert);
+  if (options.key !== undefined) contents.key = toPem("key", options.key);
+  if (options.caFile === undefined && options.certFile === undefined && options.keyFile === undefined) {
+    return options.serverName === undefined ? contents : { ...contents, servername: options.serverName };
+  }
+  const files = new FollowedTlsFiles(options, contents, { checkIntervalMs: options.fileCheckIntervalMs });
+  return { createConnection: (authority: URL) => connectTls(authority, files.secureContext(), options.serverName) };
+}
+
+/** A TLS connection for an HTTP/2 session to `authority`, as Node's own
+ * (ALPN h2, the host as the server name unless it is an address). */
+function connectTls(authority: URL, secureContext: tls.SecureContext, serverName: string | undefined): tls.TLSSocket {
+  const host = authority.hostname.replace(/^\[(.*)\]$/, "$1");
+  return tls.connect({
+    host,
+    port: Number(authority.port || 443),
+    servername: serverName ?? (isIP(host) ? undefined : host),
+    ALPNProtocols: ["h2"],
+    secureContext,
+  });
 }
 
 /** The option as Node takes it, PEM. A path given instead would be read by
