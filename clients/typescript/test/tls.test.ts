@@ -159,6 +159,24 @@ describe("TypeScript client over TLS", { timeout: 180_000 }, () => {
     }
   });
 
+  test("a renewed client certificate is presented by the next connection", async () => {
+    const live = join(root, "client-files");
+    mkdirSync(live, { recursive: true });
+    const [certFile, keyFile] = [join(live, "tls.crt"), join(live, "tls.key")];
+    const install = (name: string) => {
+      replaceFile(keyFile, pem(`${name}.key`));
+      replaceFile(certFile, pem(`${name}.crt`));
+    };
+    install("stranger"); // a certificate of a CA the service does not trust
+    const transport = createMeshTransport(mtls.address, {
+      tls: { ca: pem("test-ca.pem"), certFile, keyFile, fileCheckIntervalMs: 0 },
+    });
+    const client = createClient(ArtifactService, transport);
+    await refused(client.countArtifacts({}, { timeoutMs: 5000 }));
+    install("client"); // renewed by the service's CA
+    assert.equal((await client.countArtifacts({}, { timeoutMs: 5000 })).count, 0n);
+  });
+
   test("a CA bundle cut short keeps the current secure context, warned about once", async () => {
     const caFile = liveCaFile("cut-ca", "test-ca.pem");
     const files = new FollowedTlsFiles({ caFile }, {}, { checkIntervalMs: 0 });
