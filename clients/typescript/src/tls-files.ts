@@ -137,8 +137,9 @@ export class FollowedTlsFiles {
     try {
       this.context = readSecureContext(this.files, this.fixed);
     } catch (err) {
+      const problem = (err as Error).message;
       process.emitWarning(
-        `the TLS files changed but do not form a usable set; new connections keep the current ones (${(err as Error).message})`,
+        `the TLS files changed but do not form a usable set; new connections keep the current ones (${problem})`,
         { code: "HIVEMESH_TLS_FILES" },
       );
     }
