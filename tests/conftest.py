@@ -1,6 +1,7 @@
 """Shared fixtures: artifact backends of every kind, in-process servers on
-port 0, the local PostgreSQL server (127.0.0.1:5432, database ``test``) and
-the local Redis (127.0.0.1:6379), which tests use under unique key prefixes."""
+port 0, the local PostgreSQL server (127.0.0.1:5432, database ``test``), the
+local Redis (127.0.0.1:6379), which tests use under unique key prefixes, and
+a Redis Cluster started for the session from the installed redis-server."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import contextlib
 import os
 import re
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from redis_cluster import cluster_tools, redis_cluster as start_redis_cluster
 
+from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.artifact.settings import ArtifactSettings
 
@@ -53,6 +58,50 @@ async def on_local_redis(open_fn):
         if os.environ.get("CI"):
             pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
         pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[str]:
+    """The URL of a Redis Cluster of three masters (no replicas) on loopback,
+    started once for the session and stopped at its end; skips when
+    redis-server or redis-cli is not installed."""
+    tools = cluster_tools()
+    if tools is None:
+        pytest.skip("redis-server and redis-cli are needed to start a Redis Cluster")
+    with start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"), *tools) as url:
+        yield url
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where a shared-Redis scenario runs: the local Redis, or the session's
+    Redis Cluster (``cluster``)."""
+    url: str
+    cluster: bool = False
+
+    def key_prefix(self, prefix: str) -> str:
+        """The prefix a backend opened on this target writes its keys under."""
+        return cluster_prefix(prefix) if self.cluster else prefix
+
+
+LOCAL_REDIS = RedisTarget(REDIS_URL)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_target(request) -> RedisTarget:
+    """The local Redis, then the Redis Cluster: each shared-Redis scenario
+    that asks for it runs on both."""
+    if request.param == "redis-cluster":
+        return RedisTarget(request.getfixturevalue("redis_cluster"), cluster=True)
+    return LOCAL_REDIS
+
+
+async def on_redis(target: RedisTarget, open_fn):
+    """``await open_fn(target.url)``; on the local Redis as
+    :func:`on_local_redis` (skips when it is absent)."""
+    if target.cluster:
+        return await open_fn(target.url)
+    return await on_local_redis(open_fn)
 
 
 async def drop_redis_prefix(client, prefix: str) -> None:
