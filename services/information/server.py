@@ -31,6 +31,7 @@ async def open_store(settings: InformationSettings) -> InformationStore:
         from hivemesh.services.information.store.redis import RedisStore
         return await RedisStore.open(settings.redis_url.get_secret_value(),
                                      prefix=settings.redis_prefix,
+                                     cluster=settings.redis_cluster,
                                      request_ttl_s=settings.request_ttl_s)
     from hivemesh.services.information.store.sqlite import SqliteStore
     return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous,

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import ServerSettings, ServiceSettings
 from hivemesh.services.information.pricing import (
     MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL)
@@ -39,6 +40,9 @@ class InformationSettings(ServiceSettings):
     # Required with the redis backend; a secret (it may hold a password).
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="hivemesh:info:", min_length=1)
+    # The Redis at redis_url is a Redis Cluster (the URL names any node of it):
+    # every key under redis_prefix, as a hash tag, in one slot (one shard).
+    redis_cluster: bool = False
     # Every budget and price is in this currency (ISO 4217).
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     # How an unpriced model is charged: free (0, marked unpriced), reject
@@ -73,6 +77,8 @@ class InformationSettings(ServiceSettings):
         # invalid settings (exit 2), not as a service that could not start.
         if self.backend == "redis" and self.redis_url is None:
             raise ValueError("HIVEMESH_INFORMATION_REDIS_URL is required with the redis backend")
+        if self.redis_cluster:
+            cluster_prefix(self.redis_prefix)  # ValueError for a prefix that cannot be a tag
         if self.unknown_model == "default" and self.default_price is None:
             raise ValueError("unknown_model=default needs HIVEMESH_INFORMATION_DEFAULT_PRICE")
         return self

@@ -2,7 +2,8 @@
 one congruence suite that runs on each and expects the same answers, a
 differential run that feeds both the same random sequence of operations and
 compares every answer, and exactness of concurrent reservations (also with
-two Redis clients on one prefix, as two replicas would be)."""
+two Redis clients on one prefix, as two replicas would be). The Redis store
+runs on the local Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import uuid
 from dataclasses import replace
 
 import pytest
-from conftest import drop_redis_prefix, on_local_redis
+from conftest import LOCAL_REDIS, RedisTarget, drop_redis_prefix, on_redis
 
 from hivemesh.services.information.store.base import (
     MODE_HARD, MODE_SOFT, PERIOD_DAILY, PERIOD_TOTAL, BudgetExceeded, BudgetRecord, CallRecord,
@@ -27,10 +28,11 @@ MINUTE = 60_000_000
 
 # -- fixtures -------------------------------------------------------------------
 
-async def open_redis(prefix: str, request_ttl_s: float = 86400.0):
+async def open_redis(prefix: str, request_ttl_s: float = 86400.0,
+                     target: RedisTarget = LOCAL_REDIS):
     from hivemesh.services.information.store.redis import RedisStore
-    return await on_local_redis(lambda url: RedisStore.open(url, prefix=prefix,
-                                                            request_ttl_s=request_ttl_s))
+    return await on_redis(target, lambda url: RedisStore.open(
+        url, prefix=prefix, cluster=target.cluster, request_ttl_s=request_ttl_s))
 
 
 async def drop_prefix(store) -> None:
@@ -38,7 +40,9 @@ async def drop_prefix(store) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_store(kind: str, tmp_path, request_ttl_s: float = 86400.0):
+async def open_store(kind: str, tmp_path, request_ttl_s: float = 86400.0,
+                     target: RedisTarget = LOCAL_REDIS):
+    """``target``: the Redis of the redis kinds."""
     if kind.startswith("sqlite"):
         # "sqlite-normal": the same suite with synchronous=normal.
         synchronous = kind.partition("-")[2] or "full"
@@ -49,7 +53,7 @@ async def open_store(kind: str, tmp_path, request_ttl_s: float = 86400.0):
         finally:
             await store.close()
         return
-    store = await open_redis(f"hmtest:{uuid.uuid4().hex}:", request_ttl_s)
+    store = await open_redis(f"hmtest:{uuid.uuid4().hex}:", request_ttl_s, target)
     try:
         yield store
     finally:
@@ -57,9 +61,17 @@ async def open_store(kind: str, tmp_path, request_ttl_s: float = 86400.0):
         await store.close()
 
 
-@pytest.fixture(params=["sqlite", "sqlite-normal", "redis"])
+def redis_of(request, kind: str) -> RedisTarget:
+    """The Redis of a store kind: the session's cluster for redis-cluster."""
+    if kind == "redis-cluster":
+        return RedisTarget(request.getfixturevalue("redis_cluster"), cluster=True)
+    return LOCAL_REDIS
+
+
+@pytest.fixture(params=["sqlite", "sqlite-normal", "redis", "redis-cluster"])
 async def store(request, tmp_path):
-    async with open_store(request.param, tmp_path) as s:
+    async with open_store(request.param, tmp_path,
+                          target=redis_of(request, request.param)) as s:
         yield s
 
 
@@ -737,13 +749,15 @@ def json_of(b: BudgetRecord) -> dict:
     return json.loads(budget_to_json(b))
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-async def test_prune_forgets_answers_reservations_and_history_past_retention(kind, tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "redis-cluster"])
+async def test_prune_forgets_answers_reservations_and_history_past_retention(
+        kind, tmp_path, request):
     # Redis expires answers by itself, on its own clock; SQLite when pruned
     # at a later time: the test waits out the TTL for one and moves the
     # clock for the other.
     ttl_s = 0.2
-    async with open_store(kind, tmp_path, request_ttl_s=ttl_s) as store:
+    async with open_store(kind, tmp_path, request_ttl_s=ttl_s,
+                          target=redis_of(request, kind)) as store:
         b = budget("b", micros=10_000, tokens=1_000, thresholds=(10, 50))
         assert await store.create_budget(b, "create", "fp") == (b, False)
         done = reserve_op([hold(b)], 100, 1, request_id="r-done", reservation_id="res-done",
@@ -1188,11 +1202,11 @@ async def test_64_concurrent_reserves_admit_exactly_10(store):
     _check_race(outcomes, await counter(store, b))
 
 
-async def test_two_redis_clients_on_one_prefix_admit_exactly_10():
+async def test_two_redis_clients_on_one_prefix_admit_exactly_10(redis_target):
     prefix = f"hmtest:{uuid.uuid4().hex}:"
-    first = await open_redis(prefix)
+    first = await open_redis(prefix, target=redis_target)
     try:
-        second = await open_redis(prefix)
+        second = await open_redis(prefix, target=redis_target)
         try:
             assert second.client is not first.client
             b = budget("hard", micros=10 * AMOUNT)
@@ -1208,13 +1222,13 @@ async def test_two_redis_clients_on_one_prefix_admit_exactly_10():
         await first.close()
 
 
-async def test_a_commit_through_another_replica_settles_the_same():
+async def test_a_commit_through_another_replica_settles_the_same(redis_target):
     """A replica remembers the holds and ids of the reservations it made and
     does not read them back to commit them; one that did not make the
     reservation reads them from Redis. Both give the same answer."""
     prefix = f"hmtest:{uuid.uuid4().hex}:"
-    first = await open_redis(prefix)
-    second = await open_redis(prefix)
+    first = await open_redis(prefix, target=redis_target)
+    second = await open_redis(prefix, target=redis_target)
     try:
         b = budget("b", micros=1000, thresholds=(50,))
         await first.create_budget(b, rid(), "fp")
@@ -1240,14 +1254,14 @@ async def test_a_commit_through_another_replica_settles_the_same():
         await first.close()
 
 
-async def test_a_commit_after_another_replica_held_the_reservation_again():
+async def test_a_commit_after_another_replica_held_the_reservation_again(redis_target):
     """A replica's memory of a reservation's holds goes stale when another
     replica holds it again (a retried Reserve after a release, in the next
     period or with a budget created since): the commit charges the holds the
     reservation has now, as on SQLite."""
     prefix = f"hmtest:{uuid.uuid4().hex}:"
-    first = await open_redis(prefix)
-    second = await open_redis(prefix)
+    first = await open_redis(prefix, target=redis_target)
+    second = await open_redis(prefix, target=redis_target)
     try:
         day = 86_400_000_000
         b = budget("b", micros=1000, period=PERIOD_DAILY)

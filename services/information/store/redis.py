@@ -41,8 +41,11 @@ where doubles are exact; counters add in Redis's int64 (HINCRBY). Stored numbers
 Python's ``str(int)`` or Lua's ``string.format('%d')``, never from Lua's
 default number formatting (which would write ``1e+15``), and every JSON
 document is assembled from fragments Python encoded, so no float reaches the
-store. The scripts compute key names from the prefix, so they need a single
-Redis (or a primary with replicas), not Redis Cluster.
+store. The scripts compute key names from the prefix and name the prefix as
+their one key: on a Redis Cluster the prefix is a hash tag
+(:func:`~hivemesh.runtime.redis.cluster_prefix`), so a script goes to the
+shard that holds every key it touches (one script charges several budgets'
+counters, so all the store's keys share one slot there).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from collections import OrderedDict
 
 import redis.asyncio as aioredis
 
-from hivemesh.runtime.redis import open_redis
+from hivemesh.runtime.redis import cluster_prefix, open_redis
 from hivemesh.services.information.store.base import (
     MODE_HARD, AlertRecord, BudgetChanged, BudgetExceeded, BudgetRecord, CallRecord, Counter,
     CreatedBudgetGone, Hold, IdempotencyConflict, Once, PriceRecord, ReleaseResult,
@@ -667,19 +670,24 @@ class RedisStore:
         self._legacy_done = False
 
     @classmethod
-    async def open(cls, url: str, prefix: str = DEFAULT_PREFIX, *,
+    async def open(cls, url: str, prefix: str = DEFAULT_PREFIX, *, cluster: bool = False,
                    request_ttl_s: float = 86400.0) -> RedisStore:
-        """Connect to ``url`` and check that Redis answers; raises
-        :class:`hivemesh.runtime.redis.RedisUnavailable` (a ``ConnectionError``)
-        when it does not."""
-        return cls(await open_redis(url, socket_connect_timeout=5), prefix,
+        """Connect to ``url`` (with ``cluster``, to the Redis Cluster of that
+        node, keys under ``prefix`` as a hash tag) and check that Redis
+        answers; raises :class:`hivemesh.runtime.redis.RedisUnavailable` (a
+        ``ConnectionError``) when it does not."""
+        if cluster:
+            prefix = cluster_prefix(prefix)
+        return cls(await open_redis(url, cluster=cluster, socket_connect_timeout=5), prefix,
                    request_ttl_s=request_ttl_s)
 
     def _key(self, suffix: str | bytes) -> bytes:
         return self._p + _b(suffix)
 
     async def _run(self, script, *args) -> list:
-        reply = await script(keys=[], args=[self.prefix, *args])
+        # The prefix is the key the script declares: on a cluster, the hash
+        # tag that sends it to the shard of every key it builds from it.
+        reply = await script(keys=[self.prefix], args=[self.prefix, *args])
         return reply
 
     async def config_version(self) -> int:
