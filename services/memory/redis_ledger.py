@@ -19,6 +19,11 @@ Keys, under the prefix (``hivemesh:memory:`` by default):
   first (serialized ``HistoryMessage``), trimmed to the retention limit.
 - ``sessions:{namespace}``: the namespace's session ids (for ForgetNamespace).
 
+On a Redis Cluster the prefix is a hash tag
+(:func:`~hivemesh.runtime.redis.cluster_prefix`): every key in one slot, so
+the scripts (which touch a request's, a session's and a namespace's keys at
+once) run on the shard that holds them all.
+
 Durability is Redis's own: an acknowledged append survives a Redis restart
 as its persistence settings (AOF, ``appendfsync``) say.
 """
@@ -32,10 +37,10 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
-from hivemesh.runtime.redis import open_redis
+from hivemesh.runtime.redis import cluster_prefix, open_redis
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.memory.ledger import (
@@ -132,10 +137,15 @@ class RedisLedger:
         self._renewing: asyncio.Task | None = None
 
     @classmethod
-    async def open(cls, url: str, prefix: str, **options) -> RedisLedger:
-        """Raises :class:`hivemesh.runtime.redis.RedisUnavailable` (a
+    async def open(cls, url: str, prefix: str, *, cluster: bool = False,
+                   **options) -> RedisLedger:
+        """With ``cluster``, on the Redis Cluster of ``url``'s node, keys under
+        ``prefix`` as a hash tag. Raises
+        :class:`hivemesh.runtime.redis.RedisUnavailable` (a
         ``ConnectionError``) when Redis cannot be reached."""
-        return cls(await open_redis(url), prefix, **options)
+        if cluster:
+            prefix = cluster_prefix(prefix)
+        return cls(await open_redis(url, cluster=cluster), prefix, **options)
 
     def _request(self, method: str, namespace: str, request_id: str) -> str:
         return f"{self.prefix}req:{method}:{namespace}{SEP}{request_id}"
@@ -188,11 +198,7 @@ class RedisLedger:
             if not held:
                 return
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for turn, token in held:
-                        await self._renew(keys=[turn], args=[token, TURN_LEASE_MS],
-                                          client=pipe)
-                    kept = await pipe.execute()
+                kept = await self._renew_all(held)
             except (RedisError, OSError) as exc:
                 log.warning("could not renew request turns in Redis: %s", exc)
                 continue
@@ -201,6 +207,24 @@ class RedisLedger:
             if lost:
                 log.warning("lost the turn of %d running request(s); a retry elsewhere "
                             "may run alongside", len(lost))
+
+    async def _renew_all(self, held: list[tuple[str, str]]) -> list:
+        """Renews the leases ``held`` (turn key, token) in one pipeline: a
+        reply per lease, 0 when it was lost. A cluster's pipeline does not
+        load scripts as a single Redis's does: when a shard lacks the script
+        (new, or restarted), it is loaded on every shard and the pipeline
+        sent again (renewing a lease twice is harmless)."""
+        try:
+            return await self._renew_pipelined(held)
+        except NoScriptError:
+            await self.client.script_load(_RENEW)
+            return await self._renew_pipelined(held)
+
+    async def _renew_pipelined(self, held: list[tuple[str, str]]) -> list:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for turn, token in held:
+                await self._renew(keys=[turn], args=[token, TURN_LEASE_MS], client=pipe)
+            return await pipe.execute()
 
     async def replay(self, method: str, namespace: str, request_id: str,
                      digest: str) -> bytes | None:

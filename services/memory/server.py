@@ -103,7 +103,8 @@ async def open_ledger(settings: MemorySettings) -> Ledger | RedisLedger:
         # Settings refuse ledger=redis without a URL.
         return await RedisLedger.open(
             settings.redis_url.get_secret_value(), settings.redis_prefix,
-            request_ttl_s=settings.request_ttl_s, history_retention=settings.history_retention)
+            cluster=settings.redis_cluster, request_ttl_s=settings.request_ttl_s,
+            history_retention=settings.history_retention)
     return Ledger(settings.data_dir, request_ttl_s=settings.request_ttl_s,
                   history_retention=settings.history_retention,
                   synchronous=settings.sqlite_synchronous)

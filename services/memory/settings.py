@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import ChannelTlsSettings, ServerSettings, ServiceSettings
 from hivemesh.runtime.sqlite import Synchronous
 
@@ -88,6 +89,9 @@ class MemorySettings(ServiceSettings):
     # Required with the redis ledger; a secret (it may hold a password).
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="hivemesh:memory:", min_length=1)
+    # The Redis at redis_url is a Redis Cluster (the URL names any node of it):
+    # every key under redis_prefix, as a hash tag, in one slot (one shard).
+    redis_cluster: bool = False
     # Messages kept per session; older ones are dropped on append.
     history_retention: int = Field(default=1000, ge=1)
     # How long answers to mutating requests are kept for retries.
@@ -103,6 +107,8 @@ class MemorySettings(ServiceSettings):
             raise ValueError("embedder=llm needs HIVEMESH_MEMORY_LLM_ADDRESS")
         if self.ledger == "redis" and self.redis_url is None:
             raise ValueError("ledger=redis needs HIVEMESH_MEMORY_REDIS_URL")
+        if self.redis_cluster:
+            cluster_prefix(self.redis_prefix)  # ValueError for a prefix that cannot be a tag
         if self.store == "qdrant" and (self.qdrant_url is None) == (self.qdrant_location is None):
             raise ValueError("store=qdrant needs exactly one of HIVEMESH_MEMORY_QDRANT_URL "
                              "and HIVEMESH_MEMORY_QDRANT_LOCATION")

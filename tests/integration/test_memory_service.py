@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import REDIS_URL, drop_redis_prefix, on_local_redis
+from conftest import LOCAL_REDIS, REDIS_URL, RedisTarget, drop_redis_prefix, on_redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hivemesh.client import (
@@ -62,15 +62,15 @@ async def serve(settings: MemorySettings):
 
 
 @contextlib.asynccontextmanager
-async def redis_prefix():
-    """A unique key prefix on the local Redis, its keys dropped afterwards
-    (skips when Redis is absent, except in CI)."""
+async def redis_prefix(target: RedisTarget = LOCAL_REDIS):
+    """A unique key prefix on ``target`` (the local Redis by default), its
+    keys dropped afterwards (skips when Redis is absent, except in CI)."""
     prefix = f"hmtest:{uuid.uuid4().hex}:"
-    client = await on_local_redis(open_redis)
+    client = await on_redis(target, lambda url: open_redis(url, cluster=target.cluster))
     try:
         yield prefix
     finally:
-        await drop_redis_prefix(client, prefix)
+        await drop_redis_prefix(client, target.key_prefix(prefix))
         await client.aclose()
 
 

@@ -2,6 +2,7 @@
 (``HIVEMESH_MEMORY_LEDGER=redis``): a session's history and the answers to
 request ids are the same whichever replica a call reaches, requests of one
 request_id take turns across replicas, and a Redis outage is UNAVAILABLE.
+The shared scenarios run on the local Redis and on a Redis Cluster.
 
 Each replica here has a store of its own (qdrant-client's local mode), so
 what a replica stored shows in its own store only."""
@@ -13,7 +14,7 @@ import contextlib
 import uuid
 
 import pytest
-from conftest import REDIS_URL, RedisProxy
+from conftest import LOCAL_REDIS, REDIS_URL, RedisProxy, RedisTarget
 from test_memory_service import memory_settings, redis_prefix, serve
 
 from hivemesh.client import AlreadyExistsError, UnavailableError
@@ -25,16 +26,18 @@ from hivemesh.services.memory.settings import MemorySettings
 
 
 @contextlib.asynccontextmanager
-async def replicas(tmp_path, redis_url: str = REDIS_URL):
-    async with redis_prefix() as prefix, contextlib.AsyncExitStack() as stack:
+async def replicas(tmp_path, target: RedisTarget = LOCAL_REDIS, redis_url: str = ""):
+    """Two replicas on ``target`` (through ``redis_url`` when given)."""
+    async with redis_prefix(target) as prefix, contextlib.AsyncExitStack() as stack:
         yield [await stack.enter_async_context(serve(memory_settings(
             tmp_path / name, store="qdrant", qdrant_location=":memory:", history_retention=5,
-            ledger="redis", redis_url=redis_url, redis_prefix=prefix)))
+            ledger="redis", redis_url=redis_url or target.url, redis_cluster=target.cluster,
+            redis_prefix=prefix)))
             for name in ("a", "b")]
 
 
-async def test_history_appended_on_one_replica_is_read_on_the_other(tmp_path):
-    async with replicas(tmp_path) as (a, b):
+async def test_history_appended_on_one_replica_is_read_on_the_other(tmp_path, redis_target):
+    async with replicas(tmp_path, redis_target) as (a, b):
         await a.append_history("chat", [("user", "hello"), ("assistant", "hi there")],
                                namespace="h")
         await b.append_history("chat", [("user", "and you?")], namespace="h")
@@ -51,9 +54,9 @@ async def test_history_appended_on_one_replica_is_read_on_the_other(tmp_path):
         assert (await a.get_history("chat", namespace="h")).session_message_count == 0
 
 
-async def test_a_retry_on_another_replica_replays_the_first_answer(tmp_path):
+async def test_a_retry_on_another_replica_replays_the_first_answer(tmp_path, redis_target):
     rid = str(uuid.uuid4())
-    async with replicas(tmp_path) as (a, b):
+    async with replicas(tmp_path, redis_target) as (a, b):
         first = await a.append_history("s", [("user", "once")], namespace="h", request_id=rid)
         again = await b.append_history("s", [("user", "once")], namespace="h", request_id=rid)
         assert again.replayed and not first.replayed
@@ -71,10 +74,10 @@ async def test_a_retry_on_another_replica_replays_the_first_answer(tmp_path):
         assert await b.count(namespace="n") == 0 and await a.count(namespace="n") == 1
 
 
-async def test_one_request_id_takes_turns_across_replicas(tmp_path):
+async def test_one_request_id_takes_turns_across_replicas(tmp_path, redis_target):
     """Two different requests under one request_id at once, one per
     replica: one is stored, the other is refused having stored nothing."""
-    async with replicas(tmp_path) as (a, b):
+    async with replicas(tmp_path, redis_target) as (a, b):
         for round_ in range(5):
             rid, namespace = str(uuid.uuid4()), f"n{round_}"
             outcomes = await asyncio.gather(
@@ -89,14 +92,14 @@ async def test_one_request_id_takes_turns_across_replicas(tmp_path):
             assert stored == [0 if r else 20 for r in refused]
 
 
-async def test_a_request_longer_than_the_lease_keeps_its_turn(monkeypatch):
+async def test_a_request_longer_than_the_lease_keeps_its_turn(monkeypatch, redis_target):
     """The replica running a request renews its lease, so a twin on another
     replica waits however long the first one runs; a replica that stops
     renewing (it died) lets go of the turn when the lease lapses."""
     monkeypatch.setattr(redis_ledger, "TURN_LEASE_MS", 150)
-    async with redis_prefix() as prefix:
-        a = await RedisLedger.open(REDIS_URL, prefix)
-        b = await RedisLedger.open(REDIS_URL, prefix)
+    async with redis_prefix(redis_target) as prefix:
+        a = await RedisLedger.open(redis_target.url, prefix, cluster=redis_target.cluster)
+        b = await RedisLedger.open(redis_target.url, prefix, cluster=redis_target.cluster)
         try:
             order: list[str] = []
             a_inside = asyncio.Event()
@@ -116,7 +119,7 @@ async def test_a_request_longer_than_the_lease_keeps_its_turn(monkeypatch):
             assert order == ["a done", "b in"]
 
             # A holder that stopped renewing: its lease lapses and the twin goes.
-            turn = f"{prefix}turn:AddMemories:n{redis_ledger.SEP}rid"
+            turn = f"{a.prefix}turn:AddMemories:n{redis_ledger.SEP}rid"
             await a.client.set(turn, "a replica that died", px=150)
             async with asyncio.timeout(10):
                 async with b.one_at_a_time("AddMemories", "n", "rid"):
@@ -131,7 +134,7 @@ async def test_an_unreachable_redis_is_unavailable(tmp_path):
     proxy = RedisProxy(REDIS_URL)
     await proxy.start()
     try:
-        async with replicas(tmp_path, proxy.url) as (a, _):
+        async with replicas(tmp_path, redis_url=proxy.url) as (a, _):
             await a.append_history("s", [("user", "kept")], namespace="h")
             await proxy.cut()
             calls = (lambda: a.append_history("s", [("user", "lost?")], namespace="h"),
