@@ -30,8 +30,10 @@ before the replica started, and a registration made afterwards replaces
 the file's agent); a deletion hides the file agents loaded before it. Times
 are the replicas' wall clocks (microseconds), so keep them synchronised.
 
-The scripts compute key names from the prefix: a single Redis (or a primary
-with replicas), not Redis Cluster.
+The scripts compute key names from the prefix and name the prefix as their
+one key: on a Redis Cluster the prefix is a hash tag
+(:func:`~hivemesh.runtime.redis.cluster_prefix`), every key in one slot, and
+each script goes to the shard that holds them.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from redis.exceptions import RedisError
 
 from hivemesh.orchestrator.v1 import AgentDefinition
 from hivemesh.runtime import errors
-from hivemesh.runtime.redis import open_redis, redact_url
+from hivemesh.runtime.redis import cluster_prefix, open_redis, redact_url
 from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.state import state_unavailable
@@ -193,17 +195,24 @@ class RedisState:
             ("claim", _CLAIM), ("finish", _FINISH), ("release", _RELEASE))}
 
     @classmethod
-    async def open(cls, url: str, prefix: str = DEFAULT_PREFIX) -> RedisState:
-        """Connect to ``url`` and check that Redis answers; raises
-        :class:`hivemesh.runtime.redis.RedisUnavailable` (a ``ConnectionError``)
-        when it does not."""
-        client = await open_redis(url, socket_connect_timeout=5, socket_timeout=5)
+    async def open(cls, url: str, prefix: str = DEFAULT_PREFIX, *,
+                   cluster: bool = False) -> RedisState:
+        """Connect to ``url`` (with ``cluster``, to the Redis Cluster of that
+        node, keys under ``prefix`` as a hash tag) and check that Redis
+        answers; raises :class:`hivemesh.runtime.redis.RedisUnavailable` (a
+        ``ConnectionError``) when it does not."""
+        if cluster:
+            prefix = cluster_prefix(prefix)
+        client = await open_redis(url, cluster=cluster, socket_connect_timeout=5,
+                                  socket_timeout=5)
         return cls(client, prefix, f"Redis at {redact_url(url)}")
 
     async def run(self, script: str, *args) -> Any:
         """One script; UNAVAILABLE when Redis cannot be reached."""
         try:
-            return await self._scripts[script](keys=[], args=[self.prefix, *args])
+            # The prefix is the key the script declares: on a cluster, the
+            # hash tag that sends it to the shard of every key it builds.
+            return await self._scripts[script](keys=[self.prefix], args=[self.prefix, *args])
         except (RedisError, OSError) as exc:
             raise state_unavailable(f"{self.where}: {exc}") from exc
 

@@ -71,7 +71,8 @@ async def open_state(settings: OrchestratorSettings) -> RedisState | None:
                          "backend (HIVEMESH_ORCHESTRATOR_STATE_BACKEND=redis)")
     from hivemesh.services.orchestrator.redis_state import RedisState
     return await RedisState.open(settings.redis_url.get_secret_value(),
-                                 prefix=settings.redis_prefix)
+                                 prefix=settings.redis_prefix,
+                                 cluster=settings.redis_cluster)
 
 
 def open_requests(settings: OrchestratorSettings) -> SqliteLedger | None:

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import (
     ChannelTlsSettings, ServerSettings, ServiceSettings, existing_path, not_empty)
 from hivemesh.runtime.sqlite import Synchronous
@@ -62,6 +63,9 @@ class OrchestratorSettings(ServiceSettings):
     # Required with the redis state backend; a secret (it may hold a password).
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="hivemesh:orch:", min_length=1)
+    # The Redis at redis_url is a Redis Cluster (the URL names any node of it):
+    # every key under redis_prefix, as a hash tag, in one slot (one shard).
+    redis_cluster: bool = False
     tool_servers: dict[str, str] = Field(default_factory=dict)
     # TLS toward the remote tool servers above, the same way (on when
     # tool_tls.ca_file is set), e.g. HIVEMESH_ORCHESTRATOR_TOOL_TLS__CA_FILE.
@@ -104,4 +108,6 @@ class OrchestratorSettings(ServiceSettings):
         if self.state_backend == "redis" and self.redis_url is None:
             raise ValueError("HIVEMESH_ORCHESTRATOR_REDIS_URL is required with the redis state "
                              "backend (HIVEMESH_ORCHESTRATOR_STATE_BACKEND=redis)")
+        if self.redis_cluster:
+            cluster_prefix(self.redis_prefix)  # ValueError for a prefix that cannot be a tag
         return self

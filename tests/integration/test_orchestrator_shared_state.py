@@ -7,7 +7,8 @@ local backend (the default) as it always was.
 
 Uses the local Redis (HIVEMESH_TEST_REDIS_URL, default
 redis://127.0.0.1:6379/0) under a unique key prefix per test, dropped after
-it; skipped when Redis is not reachable (failed under CI)."""
+it; skipped when Redis is not reachable (failed under CI). The shared-state
+scenarios run again on a Redis Cluster started for the session."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import uuid
 
 import grpc
 import pytest
-from conftest import REDIS_URL, RedisProxy, drop_redis_prefix, on_local_redis
+from conftest import (
+    LOCAL_REDIS, REDIS_URL, RedisProxy, RedisTarget, drop_redis_prefix, on_redis)
 from fakes.mesh import SERVER, ArtifactOutage, mesh
 
 from hivemesh.client import from_rpc_error
@@ -84,25 +86,52 @@ async def list_names(stub, page_size: int) -> list[str]:
 
 # -- fixtures -------------------------------------------------------------------
 
-async def open_redis_state(prefix: str):
+async def open_redis_state(prefix: str, target: RedisTarget = LOCAL_REDIS):
     from hivemesh.services.orchestrator.redis_state import RedisState
-    return await on_local_redis(lambda url: RedisState.open(url, prefix=prefix))
+    return await on_redis(target, lambda url: RedisState.open(url, prefix=prefix,
+                                                              cluster=target.cluster))
 
 
 async def drop_prefix(state) -> None:
     await drop_redis_prefix(state.client, state.prefix)
 
 
-@pytest.fixture
-async def redis_state():
-    """The test's own view of the shared Redis, under a unique prefix that
-    is dropped afterwards."""
-    state = await open_redis_state(f"hmtest:orch:{uuid.uuid4().hex}:")
+@contextlib.asynccontextmanager
+async def state_on(target: RedisTarget):
+    """A view of ``target`` under a unique prefix, dropped afterwards."""
+    state = await open_redis_state(f"hmtest:orch:{uuid.uuid4().hex}:", target)
     try:
         yield state
     finally:
         await drop_prefix(state)
         await state.close()
+
+
+@pytest.fixture
+async def redis_state(redis_target):
+    """The test's own view of the shared Redis (the local one, then the
+    cluster), under a unique prefix that is dropped afterwards."""
+    async with state_on(redis_target) as state:
+        yield state
+
+
+@pytest.fixture
+async def local_redis_state():
+    """As ``redis_state``, on the local Redis only (which a proxy can cut)."""
+    async with state_on(LOCAL_REDIS) as state:
+        yield state
+
+
+def redis_settings(target: RedisTarget, state) -> dict:
+    """The settings of a replica on ``state``'s Redis and prefix."""
+    return dict(state_backend="redis", redis_url=target.url, redis_cluster=target.cluster,
+                redis_prefix=state.prefix)
+
+
+@pytest.fixture
+def shared(redis_target, redis_state) -> dict:
+    """The settings of the replicas sharing ``redis_state``."""
+    return redis_settings(redis_target, redis_state)
 
 
 @contextlib.asynccontextmanager
@@ -128,10 +157,10 @@ async def replica(m, **settings):
 
 
 @contextlib.asynccontextmanager
-async def two_replicas(tmp_path, state, redis_url: str = REDIS_URL, **settings):
-    """(mesh, stub of replica A, stub of replica B) on one Redis prefix."""
-    shared = dict(state_backend="redis", redis_url=redis_url, redis_prefix=state.prefix,
-                  **settings)
+async def two_replicas(tmp_path, shared: dict, **settings):
+    """(mesh, stub of replica A, stub of replica B) on one Redis prefix
+    (``shared``: the replicas' Redis settings)."""
+    shared = {**shared, **settings}
     async with mesh(tmp_path, **shared) as m, replica(m, **shared) as b:
         yield m, m.orchestrator, b
 
@@ -149,8 +178,8 @@ def agents_dir(tmp_path, *names: str):
 # -- agents -----------------------------------------------------------------------
 
 async def test_an_agent_registered_on_one_replica_is_run_listed_and_deleted_on_the_other(
-        tmp_path, redis_state):
-    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        tmp_path, shared):
+    async with two_replicas(tmp_path, shared) as (m, a, b):
         created = (await register(a, agent("coder", description="first"))).agent
         seen = (await call(b.GetAgent, GetAgentRequest(name="coder"))).agent
         assert seen == created
@@ -177,8 +206,8 @@ async def test_an_agent_registered_on_one_replica_is_run_listed_and_deleted_on_t
         assert not again.deleted
 
 
-async def test_a_registration_retried_on_the_other_replica_is_replayed(tmp_path, redis_state):
-    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+async def test_a_registration_retried_on_the_other_replica_is_replayed(tmp_path, shared):
+    async with two_replicas(tmp_path, shared) as (m, a, b):
         request = RegisterAgentRequest(request_id=rid(), agent=agent("coder"))
         first = await call(a.RegisterAgent, request)
         retry = await call(b.RegisterAgent, request)  # not ALREADY_EXISTS
@@ -187,9 +216,9 @@ async def test_a_registration_retried_on_the_other_replica_is_replayed(tmp_path,
 
 
 async def test_files_and_registered_agents_keep_their_precedence_across_replicas(
-        tmp_path, redis_state):
+        tmp_path, shared):
     folder = agents_dir(tmp_path, "filed-a", "filed-b", "filed-c")
-    async with two_replicas(tmp_path, redis_state, agents_dir=folder) as (m, a, b):
+    async with two_replicas(tmp_path, shared, agents_dir=folder) as (m, a, b):
         for name in ("reg-a", "reg-b", "reg-c"):
             await register(a if name != "reg-b" else b, agent(name))
         expected = ["filed-a", "filed-b", "filed-c", "reg-a", "reg-b", "reg-c"]
@@ -219,8 +248,7 @@ async def test_files_and_registered_agents_keep_their_precedence_across_replicas
 
         # A replica started afterwards loads its files again: files win over
         # what was registered or deleted before its start, as after a restart.
-        async with replica(m, state_backend="redis", redis_url=REDIS_URL,
-                           redis_prefix=redis_state.prefix, agents_dir=folder) as c:
+        async with replica(m, **shared, agents_dir=folder) as c:
             got = (await call(c.GetAgent, GetAgentRequest(name="filed-b"))).agent
             assert got.description == "from the file"
             assert await list_names(c, 2) == expected
@@ -233,8 +261,8 @@ async def test_files_and_registered_agents_keep_their_precedence_across_replicas
 # -- runs -------------------------------------------------------------------------
 
 async def test_a_run_retried_on_the_other_replica_replays_the_first_result(
-        tmp_path, redis_state):
-    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        tmp_path, shared):
+    async with two_replicas(tmp_path, shared) as (m, a, b):
         await register(a, agent("coder", output_artifact_type="code"))
         request = run_request("coder")
         first = await call(a.RunAgent, request)
@@ -260,12 +288,11 @@ async def test_a_run_retried_on_the_other_replica_replays_the_first_result(
 
 
 async def test_a_run_retried_on_the_other_replica_after_its_write_back_sends_its_first_prompt(
-        tmp_path, redis_state):
+        tmp_path, shared):
     """What the first attempt recalled is kept in Redis: the other replica,
     retrying after the first attempt wrote back to memory and failed,
     builds the same prompt and the LLM service replays the generation."""
     store = ArtifactOutage()
-    shared = dict(state_backend="redis", redis_url=REDIS_URL, redis_prefix=redis_state.prefix)
     async with mesh(tmp_path, artifact_backend=store, **shared) as m, \
             replica(m, **shared) as b:
         await register(m.orchestrator, agent("coder", output_artifact_type="code",
@@ -281,7 +308,7 @@ async def test_a_run_retried_on_the_other_replica_after_its_write_back_sends_its
 
 
 async def test_a_run_whose_memory_reads_failed_retried_on_the_other_replica_sends_its_prompt(
-        tmp_path, redis_state):
+        tmp_path, shared):
     """Replica A cannot reach memory: its attempt generates without
     memories and history, then fails on the artifact store. Replica B
     reaches memory, which holds what to recall; retrying, it finds A's
@@ -290,7 +317,6 @@ async def test_a_run_whose_memory_reads_failed_retried_on_the_other_replica_send
     same request id) and reports the reads as degraded, as A did."""
     store = ArtifactOutage()
     store.down = False
-    shared = dict(state_backend="redis", redis_url=REDIS_URL, redis_prefix=redis_state.prefix)
     async with mesh(tmp_path, memory=False, artifact_backend=store, **shared) as m, \
             replica(m, **shared) as b:
         memory = MemoryConfig(enabled=True, write_back=True, history_enabled=True,
@@ -316,8 +342,8 @@ async def test_a_run_whose_memory_reads_failed_retried_on_the_other_replica_send
             DegradedComponent.DEGRADED_COMPONENT_HISTORY]
 
 
-async def test_a_streamed_run_retried_on_the_other_replica_replays(tmp_path, redis_state):
-    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+async def test_a_streamed_run_retried_on_the_other_replica_replays(tmp_path, shared):
+    async with two_replicas(tmp_path, shared) as (m, a, b):
         await register(a, agent("coder"))
         request = StreamAgentRequest(request_id=rid(), agent="coder", input="implement add")
         first = [x async for x in a.StreamAgent(request, timeout=TIMEOUT)]
@@ -329,8 +355,8 @@ async def test_a_streamed_run_retried_on_the_other_replica_replays(tmp_path, red
         assert len(m.primary.calls) == 1
 
 
-async def test_identical_requests_on_both_replicas_at_once_run_once(tmp_path, redis_state):
-    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+async def test_identical_requests_on_both_replicas_at_once_run_once(tmp_path, shared):
+    async with two_replicas(tmp_path, shared) as (m, a, b):
         await register(a, agent("coder", output_artifact_type="code"))
         m.primary.latency_s = 0.3  # the second request finds the first running
         request = run_request("coder")
@@ -341,8 +367,8 @@ async def test_identical_requests_on_both_replicas_at_once_run_once(tmp_path, re
         assert len(one.result.artifact_ids) == 1
 
 
-async def test_a_workflow_retried_on_the_other_replica_replays(tmp_path, redis_state):
-    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+async def test_a_workflow_retried_on_the_other_replica_replays(tmp_path, shared):
+    async with two_replicas(tmp_path, shared) as (m, a, b):
         await register(b, agent("coder"))
         request = RunWorkflowRequest(request_id=rid(), workflow=WorkflowDefinition(
             tasks=[TaskSpec(task_id="a", agent="coder", input_template="x")]))
@@ -353,8 +379,8 @@ async def test_a_workflow_retried_on_the_other_replica_replays(tmp_path, redis_s
         assert len(m.primary.calls) == 1
 
 
-async def test_a_failed_run_releases_its_claim_so_a_retry_runs(tmp_path, redis_state):
-    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+async def test_a_failed_run_releases_its_claim_so_a_retry_runs(tmp_path, shared):
+    async with two_replicas(tmp_path, shared) as (m, a, b):
         await register(a, agent("coder"))
         m.primary.simulate_failure(ErrorKind.BAD_REQUEST, times=1)
         request = run_request("coder")
@@ -369,8 +395,8 @@ async def test_a_failed_run_releases_its_claim_so_a_retry_runs(tmp_path, redis_s
 
 
 async def test_a_running_claim_holds_until_its_lease_ends_then_is_taken_over(
-        tmp_path, redis_state):
-    async with two_replicas(tmp_path, redis_state) as (m, a, b):
+        tmp_path, redis_state, shared):
+    async with two_replicas(tmp_path, shared) as (m, a, b):
         await register(a, agent("coder"))
         # A replica that claimed these requests and died: its claims stay
         # until their lease ends.
@@ -395,11 +421,12 @@ async def test_a_running_claim_holds_until_its_lease_ends_then_is_taken_over(
 
 # -- Redis unreachable ------------------------------------------------------------
 
-async def test_an_unreachable_redis_is_unavailable_and_nothing_runs(tmp_path, redis_state):
+async def test_an_unreachable_redis_is_unavailable_and_nothing_runs(tmp_path, local_redis_state):
     proxy = RedisProxy(REDIS_URL)
     await proxy.start()
     try:
-        async with two_replicas(tmp_path, redis_state, redis_url=proxy.url) as (m, a, b):
+        async with two_replicas(tmp_path, redis_settings(LOCAL_REDIS, local_redis_state),
+                                redis_url=proxy.url) as (m, a, b):
             await register(a, agent("coder"))
             await proxy.cut()
             for stub in (a, b):
@@ -488,13 +515,12 @@ async def test_the_local_backend_replays_a_run_that_finished_before_a_restart(tm
 
 
 async def test_a_streamed_run_that_failed_retried_as_run_agent_takes_its_generation(
-        tmp_path, redis_state):
+        tmp_path, shared):
     """StreamAgent and RunAgent share runs: a StreamAgent attempt that
     generated, then failed on the artifact store, retried as RunAgent on
     the other replica, ends with the text the stream generated (kept in
     Redis), not with a generation read back as another message type."""
     store = ArtifactOutage()
-    shared = dict(state_backend="redis", redis_url=REDIS_URL, redis_prefix=redis_state.prefix)
     async with mesh(tmp_path, artifact_backend=store, **shared) as m, \
             replica(m, **shared) as b:
         await register(m.orchestrator, agent("coder", output_artifact_type="code"))

@@ -7,6 +7,9 @@ import pytest
 from redis.crc import key_slot
 
 from hivemesh.runtime.redis import cluster_prefix
+from hivemesh.services.information.settings import InformationSettings
+from hivemesh.services.memory.settings import MemorySettings
+from hivemesh.services.orchestrator.settings import OrchestratorSettings
 
 
 @pytest.mark.parametrize("prefix, tagged", [
@@ -32,3 +35,15 @@ def test_every_key_under_a_tagged_prefix_is_in_one_slot(prefix):
 def test_a_prefix_with_braces_but_no_tag_is_refused(prefix):
     with pytest.raises(ValueError, match="has braces but no hash tag"):
         cluster_prefix(prefix)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: InformationSettings(backend="redis", redis_url="redis://h:1/0", **kw),
+    lambda **kw: MemorySettings(ledger="redis", redis_url="redis://h:1/0", **kw),
+    lambda **kw: OrchestratorSettings(state_backend="redis", redis_url="redis://h:1/0", **kw),
+], ids=["information", "memory", "orchestrator"])
+def test_each_service_refuses_a_prefix_that_cannot_be_a_tag_on_a_cluster(make):
+    assert make(redis_cluster=True).redis_cluster
+    assert make(redis_prefix="odd{:").redis_prefix == "odd{:"  # fine on a single Redis
+    with pytest.raises(ValueError, match="has braces but no hash tag"):
+        make(redis_cluster=True, redis_prefix="odd{:")
