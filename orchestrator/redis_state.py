@@ -47,7 +47,7 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from hivemesh.orchestrator.v1 import AgentDefinition
 from hivemesh.runtime import errors
@@ -213,7 +213,9 @@ class RedisState:
             # The prefix is the key the script declares: on a cluster, the
             # hash tag that sends it to the shard of every key it builds.
             return await self._scripts[script](keys=[self.prefix], args=[self.prefix, *args])
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # A cluster client also raises RedisClusterException (not a
+            # RedisError), e.g. when no node answers.
             raise state_unavailable(f"{self.where}: {exc}") from exc
 
     async def close(self) -> None:

@@ -37,7 +37,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
 from hivemesh.runtime.redis import cluster_prefix, open_redis
@@ -111,11 +111,16 @@ return 0
 """
 
 
+# What a failing Redis raises; a cluster client also raises
+# RedisClusterException (not a RedisError), e.g. when no node answers.
+_FAILURES = (RedisError, RedisClusterException, OSError)
+
+
 @contextlib.contextmanager
 def _redis_errors() -> Iterator[None]:
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except _FAILURES as exc:
         raise LedgerUnavailable(f"Redis failed: {exc}") from exc
 
 
@@ -199,7 +204,7 @@ class RedisLedger:
                 return
             try:
                 kept = await self._renew_all(held)
-            except (RedisError, OSError) as exc:
+            except _FAILURES as exc:
                 log.warning("could not renew request turns in Redis: %s", exc)
                 continue
             lost = [turn for (turn, _), ok in zip(held, kept, strict=True)
