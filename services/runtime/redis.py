@@ -100,8 +100,9 @@ async def open_redis(url: str, *, cluster: bool = False, **options: Any):
     """A ``redis.asyncio`` client for ``url`` that has answered a PING;
     raises :class:`RedisUnavailable` when the URL is invalid or Redis does
     not answer. ``options`` go to ``redis.asyncio.from_url``. With
-    ``cluster``, a ``redis.asyncio.RedisCluster`` that learns the cluster's
-    nodes from the one of ``url`` and follows its redirections."""
+    ``cluster``, a ``redis.asyncio.RedisCluster`` (``options`` to its
+    ``from_url``) that learns the cluster's nodes from the one of ``url``
+    and follows its redirections."""
     from redis.exceptions import RedisClusterException, RedisError
 
     try:
