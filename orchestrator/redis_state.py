@@ -47,14 +47,16 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException, RedisError
 
 from hivemesh.orchestrator.v1 import AgentDefinition
 from hivemesh.runtime import errors
-from hivemesh.runtime.redis import cluster_prefix, open_redis, redact_url
+from hivemesh.runtime.redis import cluster_prefix, failures, open_redis, redact_url
 from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.state import state_unavailable
+
+# What a failing Redis raises (a cluster client's errors included).
+_FAILURES = failures()
 
 log = logging.getLogger("hivemesh.orchestrator")
 
@@ -213,9 +215,7 @@ class RedisState:
             # The prefix is the key the script declares: on a cluster, the
             # hash tag that sends it to the shard of every key it builds.
             return await self._scripts[script](keys=[self.prefix], args=[self.prefix, *args])
-        except (RedisError, RedisClusterException, OSError) as exc:
-            # A cluster client also raises RedisClusterException (not a
-            # RedisError), e.g. when no node answers.
+        except _FAILURES as exc:
             raise state_unavailable(f"{self.where}: {exc}") from exc
 
     async def close(self) -> None:

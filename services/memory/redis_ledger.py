@@ -37,10 +37,10 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
-from hivemesh.runtime.redis import cluster_prefix, open_redis
+from hivemesh.runtime.redis import cluster_prefix, failures, open_redis
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.memory.ledger import (
@@ -111,9 +111,7 @@ return 0
 """
 
 
-# What a failing Redis raises; a cluster client also raises
-# RedisClusterException (not a RedisError), e.g. when no node answers.
-_FAILURES = (RedisError, RedisClusterException, OSError)
+_FAILURES = failures()
 
 
 @contextlib.contextmanager

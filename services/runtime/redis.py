@@ -25,6 +25,15 @@ class RedisUnavailable(ConnectionError):
     """Redis cannot be reached."""
 
 
+def failures() -> tuple[type[BaseException], ...]:
+    """What a failing Redis raises: RedisError, OSError, and a cluster
+    client's RedisClusterException (not a RedisError), e.g. when no node
+    answers. (A function: the ``redis`` package is imported only by the
+    backends that use it.)"""
+    from redis.exceptions import RedisClusterException, RedisError
+    return (RedisError, RedisClusterException, OSError)
+
+
 def redact_url(url: str) -> str:
     """The URL without its credentials, for messages."""
     try:
@@ -103,7 +112,7 @@ async def open_redis(url: str, *, cluster: bool = False, **options: Any):
     ``cluster``, a ``redis.asyncio.RedisCluster`` (``options`` to its
     ``from_url``) that learns the cluster's nodes from the one of ``url``
     and follows its redirections."""
-    from redis.exceptions import RedisClusterException, RedisError
+    from redis.exceptions import RedisClusterException
 
     try:
         client = _cluster(url, options) if cluster else _single(url, options)
@@ -111,7 +120,7 @@ async def open_redis(url: str, *, cluster: bool = False, **options: Any):
         raise RedisUnavailable(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
     try:
         await client.ping()
-    except (RedisError, RedisClusterException, OSError) as exc:
+    except failures() as exc:
         await client.aclose()
         what = "Redis Cluster" if cluster else "Redis"
         raise RedisUnavailable(f"{what} is not reachable at {redact_url(url)}: {exc}") from exc
