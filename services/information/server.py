@@ -8,6 +8,8 @@ import logging
 from collections.abc import Awaitable
 
 from hivemesh.information.v1 import add_InformationServiceServicer_to_server
+from hivemesh.runtime import errors
+from hivemesh.runtime.middleware import default_chain
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
 from hivemesh.runtime.sweeper import Pruning, Sweeper, sweep_until
 from hivemesh.services.information.pricing import PricePolicy
@@ -36,6 +38,17 @@ async def open_store(settings: InformationSettings) -> InformationStore:
     from hivemesh.services.information.store.sqlite import SqliteStore
     return SqliteStore(settings.data_dir, synchronous=settings.sqlite_synchronous,
                        request_ttl_s=settings.request_ttl_s)
+
+
+def _store_failure(store: InformationStore):
+    """A store that could not be reached or could not write is UNAVAILABLE
+    (a retry may succeed; nothing was reported as done), not INTERNAL."""
+    def translate(exc: BaseException) -> errors.ServiceError | None:
+        if not isinstance(exc, store.failures):
+            return None
+        return errors.unavailable("information store", f"{store.name}: {exc}",
+                                  retry_after_s=1.0)
+    return translate
 
 
 def _price(model: str, backend: str, p: PriceSettings, currency: str) -> PriceRecord:
@@ -96,5 +109,6 @@ async def create_server(settings: InformationSettings,
 
     running = await start_server(settings.server, domain=DOMAIN, services=[
         ServiceBinding(SERVICE_NAME, add_InformationServiceServicer_to_server, servicer)],
+        middleware=default_chain(DOMAIN, translate=_store_failure(store)),
         on_shutdown=[stop_background])
     return running, running.port

@@ -168,15 +168,24 @@ def _field_path(violation) -> str:
     return ".".join(parts)
 
 
-class ErrorMiddleware(Middleware):
-    """Turns ServiceError (and anything unexpected) into a rich google.rpc.Status."""
+# What a service says an exception escaping its handlers means (a backend it
+# cannot reach, say); None: it is unexpected.
+Translate = Callable[[BaseException], "errors.ServiceError | None"]
 
-    def __init__(self, domain: str) -> None:
+
+class ErrorMiddleware(Middleware):
+    """Turns ServiceError (and anything unexpected) into a rich google.rpc.Status.
+    ``translate``: the service's reading of other exceptions, before they
+    count as unexpected (INTERNAL, no details)."""
+
+    def __init__(self, domain: str, translate: Translate | None = None) -> None:
         self.domain = domain
+        self.translate = translate
 
     async def _abort(self, context, exc: BaseException) -> None:
-        if isinstance(exc, errors.ServiceError):
-            error = exc
+        error = exc if isinstance(exc, errors.ServiceError) else (
+            self.translate(exc) if self.translate is not None else None)
+        if error is not None:
             if error.code in errors.SERVER_FAULT_CODES:
                 log.warning("rpc failed: %s", error.message,
                             extra={"reason": errors.reason_name(error.reason)})
@@ -456,7 +465,8 @@ def checking_client_names(chain: MiddlewareChain, names: Iterable[str],
     return MiddlewareChain([ClientNamesMiddleware(names, domain), *chain.middlewares])
 
 
-def default_chain(domain: str) -> MiddlewareChain:
-    """The standard chain every hivemesh server uses."""
-    return MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain), DrainMiddleware(),
-                            ValidationMiddleware()])
+def default_chain(domain: str, translate: Translate | None = None) -> MiddlewareChain:
+    """The standard chain every hivemesh server uses; ``translate``, see
+    :class:`ErrorMiddleware`."""
+    return MiddlewareChain([TracingMiddleware(), ErrorMiddleware(domain, translate),
+                            DrainMiddleware(), ValidationMiddleware()])

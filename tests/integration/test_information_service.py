@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 
 import grpc
 import pytest
-from conftest import drop_redis_prefix, on_local_redis
+from conftest import REDIS_URL, RedisProxy, drop_redis_prefix, on_local_redis
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from hivemesh.client import InformationClient, from_rpc_error
 from hivemesh.client.errors import (
     AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
-    ResourceExhaustedError)
+    ResourceExhaustedError, UnavailableError)
 from hivemesh.common.v1 import RequestContext, StreamOutcome, Usage
 from hivemesh.information.v1 import (
     Budget, CommitRequest, CreateBudgetRequest, DeleteBudgetRequest, GetBudgetRequest,
@@ -1134,3 +1134,69 @@ async def test_the_python_client_resumes_a_watch_after_the_last_alert_it_got(tmp
                 assert (got.alert_id, got.threshold_percent) == (full.alert_id, 100)
         finally:
             await running.shutdown(0)
+
+
+# -- a store that fails ---------------------------------------------------------
+
+async def _every_call_is_unavailable(stub, budget_id: str, reservation_id: str) -> None:
+    calls = [(stub.Reserve, reserve_request()),
+             (stub.Commit, CommitRequest(request_id=rid(), reservation_id=reservation_id,
+                                         model="gpt-test", success=True,
+                                         usage=Usage(prompt_tokens=10, completion_tokens=5))),
+             (stub.GetBudgetStatus, GetBudgetStatusRequest(budget_id=budget_id)),
+             (stub.CreateBudget, CreateBudgetRequest(request_id=rid(), budget=Budget(
+                 scope=Scope(tenant_id="other"), limit_micros=10)))]
+    for method, request in calls:
+        with pytest.raises(UnavailableError) as caught:
+            await call(method, request)
+        assert caught.value.reason == "BACKEND_UNAVAILABLE"
+        assert caught.value.metadata["backend"] == "information store"
+        assert caught.value.retry_delay is not None
+
+
+async def test_a_redis_gone_away_is_unavailable_not_an_internal_error(tmp_path):
+    """Budgets on a Redis that stops answering: every call says the store
+    is unavailable (clients retry, the orchestrator fails the run clearly),
+    not INTERNAL; once Redis is back, the reservation is still there."""
+    from hivemesh.services.information.store.redis import RedisStore
+    proxy = RedisProxy(REDIS_URL)
+    await proxy.start()
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    store = await RedisStore.open(proxy.url, prefix=prefix)
+    try:
+        async with serve(store) as (stub, _):
+            await call(stub.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+            budget = await make_budget(stub, "b-redis", micros=1_000_000)
+            held = await call(stub.Reserve, reserve_request())
+            await proxy.cut()
+            await _every_call_is_unavailable(stub, budget.budget_id, held.reservation_id)
+    finally:
+        await store.close()
+        if proxy.server is not None and proxy.server.is_serving():
+            await proxy.cut()
+        async with open_store("redis", tmp_path, prefix=prefix) as back:
+            assert (await back.get_reservation(held.reservation_id)) is not None
+
+
+async def test_a_sqlite_store_failing_to_write_is_unavailable(tmp_path, monkeypatch):
+    """A SQLite file that cannot be written (a full disk, a lock held too
+    long) is UNAVAILABLE with the database's words, not INTERNAL."""
+    import sqlite3
+    async with open_store("sqlite", tmp_path) as store, serve(store) as (stub, _):
+        await call(stub.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
+        budget = await make_budget(stub, "b-sqlite", micros=1_000_000)
+        held = await call(stub.Reserve, reserve_request())
+
+        def full(*args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(store.db, "write", full)
+        with pytest.raises(UnavailableError) as caught:
+            await call(stub.Reserve, reserve_request())
+        assert "database or disk is full" in caught.value.message
+        assert caught.value.metadata["backend"] == "information store"
+        with pytest.raises(UnavailableError):
+            await call(stub.Commit, CommitRequest(request_id=rid(),
+                                                  reservation_id=held.reservation_id,
+                                                  model="gpt-test", success=True,
+                                                  usage=Usage(prompt_tokens=1)))
+        assert (await status(stub, budget.budget_id)).reserved_micros > 0

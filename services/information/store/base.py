@@ -367,6 +367,9 @@ def replayed_release(answer: dict) -> ReleaseResult:
 
 class InformationStore(Protocol):
     name: str
+    # What the store raises when its database cannot be reached or cannot
+    # write (the service answers UNAVAILABLE, nothing reported as done).
+    failures: tuple[type[BaseException], ...]
 
     async def config_version(self) -> int:
         """A number that changes whenever a budget or price is created,

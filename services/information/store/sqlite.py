@@ -11,7 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous
+from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous, WriterStopped
 from hivemesh.services.information.store.base import (
     DELETE_BUDGET, MODE_HARD, RELEASE, SET_PRICE, UPDATE_BUDGET, AlertRecord, BudgetChanged,
     BudgetExceeded, BudgetRecord, CallRecord, Counter, CreatedBudgetGone, Hold,
@@ -246,6 +246,8 @@ def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
 
 class SqliteStore:
     name = "sqlite"
+    # A locked, full or failing disk; the writer thread gone.
+    failures = (sqlite3.OperationalError, WriterStopped)
 
     def __init__(self, data_dir: Path, *, synchronous: Synchronous = "full",
                  request_ttl_s: float = 86400.0) -> None:
