@@ -726,17 +726,25 @@ async def _until_shut_down(channel: grpc.aio.Channel) -> bool:
     return False
 
 
+async def _renewed_under_a_watch(channel, tls, pki):
+    """(health stub, watch, first channel): a health Watch in flight on the
+    channel's first underlying channel, then the client certificate renewed
+    and a call served (on the new one)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest())
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    first = channel.current()
+    _install(tls, pki.stranger)
+    assert await _serving(health)
+    return health, watch, first
+
+
 async def test_a_replaced_channel_closes_once_its_calls_in_flight_end(
         pki, tmp_path, every_call_looks):
     tls = _live_tls(tmp_path / "live", pki)
     async with _issuers_server(pki, "test-ca", "other-ca") as (_, address):
         async with secure_channel(address, "artifact", tls) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            watch = health.Watch(health_pb2.HealthCheckRequest())
-            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-            first = channel.current()
-            _install(tls, pki.stranger)
-            assert await _serving(health)
+            health, watch, first = await _renewed_under_a_watch(channel, tls, pki)
             assert channel.current() is not first
             assert not watch.done()  # in flight on the replaced channel, not cut
             assert first.get_state() != grpc.ChannelConnectivity.SHUTDOWN
@@ -750,12 +758,7 @@ async def test_a_replaced_channel_closes_after_its_grace_period(
     tls = _live_tls(tmp_path / "live", pki)
     async with _issuers_server(pki, "test-ca", "other-ca") as (_, address):
         async with secure_channel(address, "artifact", tls) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            watch = health.Watch(health_pb2.HealthCheckRequest())
-            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-            first = channel.current()
-            _install(tls, pki.stranger)
-            assert await _serving(health)
+            health, watch, first = await _renewed_under_a_watch(channel, tls, pki)
             assert await watch.code() == grpc.StatusCode.CANCELLED  # it outlived the grace
             assert await _until_shut_down(first)
             assert await _serving(health)
@@ -766,12 +769,7 @@ async def test_closing_a_renewing_channel_closes_the_replaced_one_too(
     tls = _live_tls(tmp_path / "live", pki)
     async with _issuers_server(pki, "test-ca", "other-ca") as (_, address):
         channel = secure_channel(address, "artifact", tls)
-        health = health_pb2_grpc.HealthStub(channel)
-        watch = health.Watch(health_pb2.HealthCheckRequest())
-        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-        first = channel.current()
-        _install(tls, pki.stranger)
-        assert await _serving(health)
+        health, watch, first = await _renewed_under_a_watch(channel, tls, pki)
         second = channel.current()
         assert second is not first
         await channel.close()
