@@ -32,10 +32,14 @@ resource file each, shipped in the sidecar ConfigMap beside the config
 the clients file (mesh-tls-clients.sds.yaml): the same CA, plus the names
 a client certificate must carry one of. The generated one names none (any
 certificate from the mesh CA, as the egress clusters' CA file); an overlay
-replaces it with one ``clients`` prints. Each Secret resource names the files and watches CERT_DIR,
+replaces it with one ``clients`` prints, for every Deployment or, as the
+clients file is mounted alone in a volume of its own (CLIENTS_DIR), for
+some Deployments only. Each Secret resource names the files and watches CERT_DIR,
 so when the kubelet swaps the Secret's ..data symlink for a renewed
 certificate Envoy reads the files again and new connections use them,
-without a restart.
+without a restart. Each SDS file is watched the same way, through the
+directory it is mounted in: an updated ConfigMap volume (a new clients
+file) is read again without a restart too.
 
 The additions are made as text, so the generated file keeps the source's
 comments and anchors; the result is then parsed and compared with the same
@@ -60,6 +64,9 @@ TARGET = ROOT / "deploy" / "envoy" / "sidecar-mtls.yaml"
 CERT_DIR = "/etc/hivemesh/mesh-tls"
 # Where the sidecar ConfigMap is mounted in the Envoy container.
 CONFIG_DIR = "/etc/envoy"
+# Where the clients file alone is mounted from it, a volume of its own, so
+# that each Deployment may choose which ConfigMap key it is (README, Deploy).
+CLIENTS_DIR = "/etc/hivemesh/mesh-clients"
 # The SDS secrets: name -> the resource file (beside TARGET, in the ConfigMap).
 CERTIFICATE_SECRET = "mesh_certificate"
 CA_SECRET = "mesh_ca"
@@ -68,6 +75,8 @@ CLIENTS_SECRET = "mesh_clients"
 SDS_FILES = {CERTIFICATE_SECRET: "mesh-tls-certificate.sds.yaml",
              CA_SECRET: "mesh-tls-ca.sds.yaml",
              CLIENTS_SECRET: "mesh-tls-clients.sds.yaml"}
+# The directory each SDS file is mounted in.
+SDS_DIRS = {CERTIFICATE_SECRET: CONFIG_DIR, CA_SECRET: CONFIG_DIR, CLIENTS_SECRET: CLIENTS_DIR}
 PROVIDERS = ("artifact", "information", "llm", "memory")
 # The node Envoy identifies itself as; required by SDS, the same in every pod.
 NODE = {"id": "hivemesh-sidecar", "cluster": "hivemesh"}
@@ -83,7 +92,8 @@ HEADER = f"""\
 # mounted at {CERT_DIR} (ca.crt, tls.crt, tls.key)
 # through file-based SDS ({CONFIG_DIR}/mesh-tls-*.sds.yaml): a renewed
 # certificate is taken without a restart. The names a client certificate
-# must carry one of, if any, are in {SDS_FILES[CLIENTS_SECRET]}.
+# must carry one of, if any, are in the clients file, alone in a volume
+# of its own ({CLIENTS_DIR}), read again when it is updated.
 #
 """
 
@@ -126,10 +136,25 @@ def sds_resources(client_names: Sequence[str] = ()) -> dict[str, dict]:
     }
 
 
+def sds_path(secret: str) -> str:
+    """Where the sidecar reads ``secret``'s SDS file."""
+    return f"{SDS_DIRS[secret]}/{SDS_FILES[secret]}"
+
+
 def _sds(secret: str) -> dict:
+    """The SDS source of ``secret``: its file, read again when the kubelet
+    swaps the ..data symlink of the volume it is in (a watched directory;
+    watching the file alone misses that swap)."""
     return {"name": secret, "sds_config": {
-        "path_config_source": {"path": f"{CONFIG_DIR}/{SDS_FILES[secret]}"},
+        "path_config_source": {"path": sds_path(secret),
+                               "watched_directory": {"path": SDS_DIRS[secret]}},
         "resource_api_version": "V3"}}
+
+
+def _sds_source_text(secret: str, indent: str) -> str:
+    """_sds(secret)'s path_config_source, its keys indented by ``indent``."""
+    return (f"\n{indent}path: {sds_path(secret)}"
+            f"\n{indent}watched_directory: {{path: {SDS_DIRS[secret]}}}")
 
 
 def _certificate() -> list[dict]:
@@ -201,16 +226,17 @@ _INBOUND_SOCKET = f"""\
           common_tls_context:
             alpn_protocols: [h2]
             # The certificate and the CA from file-based SDS, reloaded
-            # when the mounted Secret (or the clients file) changes.
+            # when the mounted Secret or the SDS files' volume changes.
             tls_certificate_sds_secret_configs: &mesh_certificate
             - name: {CERTIFICATE_SECRET}
               sds_config:
-                path_config_source: {{path: {CONFIG_DIR}/{SDS_FILES[CERTIFICATE_SECRET]}}}
+                path_config_source:{_sds_source_text(CERTIFICATE_SECRET, " " * 18)}
                 resource_api_version: V3
+            # The clients file, in a volume of its own (per Deployment).
             validation_context_sds_secret_config:
               name: {CLIENTS_SECRET}
               sds_config:
-                path_config_source: {{path: {CONFIG_DIR}/{SDS_FILES[CLIENTS_SECRET]}}}
+                path_config_source:{_sds_source_text(CLIENTS_SECRET, " " * 18)}
                 resource_api_version: V3
       filters:
 """
@@ -219,7 +245,7 @@ _INBOUND_SOCKET = f"""\
 _MESH_CA_TEXT = f"""&mesh_ca
               name: {CA_SECRET}
               sds_config:
-                path_config_source: {{path: {CONFIG_DIR}/{SDS_FILES[CA_SECRET]}}}
+                path_config_source:{_sds_source_text(CA_SECRET, " " * 18)}
                 resource_api_version: V3"""
 
 

@@ -25,6 +25,8 @@ SIDECAR_MTLS = DEPLOY / "envoy" / "sidecar-mtls.yaml"
 MESH_TLS_DIR = "/etc/hivemesh/mesh-tls"
 # Where it finds the SDS files of its certificate and CA (the ConfigMap).
 ENVOY_CONFIG_DIR = "/etc/envoy"
+# Where it finds its clients file (a volume of its own).
+MESH_CLIENTS_DIR = "/etc/hivemesh/mesh-clients"
 MESH_TLS_SDS = sorted(DEPLOY.joinpath("envoy").glob("*.sds.yaml"))
 DRAIN_SCRIPT = DEPLOY / "envoy" / "drain.sh"
 PROVIDERS = ("artifact", "information", "llm", "memory")
@@ -60,38 +62,48 @@ def _move_files(node, old: str, new: str) -> None:
             _move_files(item, old, new)
 
 
+def sds_for_loopback(text: str, mesh_tls_dir: Path) -> str:
+    """An SDS file's ``text`` naming the certificates in ``mesh_tls_dir``
+    instead of the mounted Secret (as JSON)."""
+    resource = yaml.safe_load(text)
+    _move_files(resource, MESH_TLS_DIR, str(mesh_tls_dir))
+    return json.dumps(resource)
+
+
 def place_mesh_tls(config: dict, mesh_tls_dir: Path, sds_dir: Path,
-                   sds_files: dict[str, str] | None = None) -> None:
+                   sds_files: dict[str, str] | None = None,
+                   clients_dir: Path | None = None) -> None:
     """The mTLS sidecar ``config`` (in place) reading its certificates
     from ``mesh_tls_dir`` instead of the mounted Secret, through copies of
     the shipped SDS files written to ``sds_dir`` (moved the same way);
     ``sds_files``: file name -> the text shipped instead (as an overlay
-    would ship its own clients file)."""
+    would ship its own clients file); with ``clients_dir``, the clients
+    file read from there, written by the caller."""
     sds_dir.mkdir(parents=True, exist_ok=True)
     for path in MESH_TLS_SDS:
-        resource = yaml.safe_load((sds_files or {}).get(path.name) or path.read_text())
-        _move_files(resource, MESH_TLS_DIR, str(mesh_tls_dir))
-        (sds_dir / path.name).write_text(json.dumps(resource))
+        text = (sds_files or {}).get(path.name) or path.read_text()
+        (sds_dir / path.name).write_text(sds_for_loopback(text, mesh_tls_dir))
     _move_files(config, MESH_TLS_DIR, str(mesh_tls_dir))
     _move_files(config, ENVOY_CONFIG_DIR, str(sds_dir))
+    _move_files(config, MESH_CLIENTS_DIR, str(clients_dir or sds_dir))
 
 
 def render_sidecar(*, app: str, providers: dict[str, list[str]] | None = None,
                    collector: str | None = None, token_bucket: dict | None = None,
                    source: Path = SIDECAR, mesh_tls_dir: Path | None = None,
-                   sds_dir: Path | None = None, sds_files: dict[str, str] | None = None
-                   ) -> dict:
+                   sds_dir: Path | None = None, sds_files: dict[str, str] | None = None,
+                   clients_dir: Path | None = None) -> dict:
     """The shipped sidecar config (``source``) with only its addresses
     changed for loopback: every listener and the admin on 127.0.0.1 port 0,
     the local service at ``app``, each provider cluster on the given
     endpoints (static instead of DNS) and the collector at ``collector``;
     with ``mesh_tls_dir`` and ``sds_dir``, the certificates read from there
-    instead of the mounted Secret, the SDS files in ``sds_files`` replaced
-    (place_mesh_tls)."""
+    instead of the mounted Secret, the SDS files in ``sds_files`` replaced,
+    the clients file in ``clients_dir`` if given (place_mesh_tls)."""
     config = yaml.safe_load(source.read_text())
     if mesh_tls_dir is not None:
         assert sds_dir is not None, "the SDS files need a directory"
-        place_mesh_tls(config, mesh_tls_dir, sds_dir, sds_files)
+        place_mesh_tls(config, mesh_tls_dir, sds_dir, sds_files, clients_dir)
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
     for listener in config["static_resources"]["listeners"]:
         listener["address"]["socket_address"].update(address="127.0.0.1", port_value=0)

@@ -6,10 +6,11 @@ to a plaintext gRPC service behind it; the provider's inbound listener
 refuses plaintext clients, TLS clients without a certificate and clients
 whose certificate is from another CA; with a clients file naming the
 orchestrator, it also refuses a client from the mesh CA with another name;
-the caller's egress refuses a pod whose certificate names another service;
-a sidecar takes a renewed
+the caller's egress refuses a pod whose certificate names another
+service; a sidecar takes a renewed
 certificate and CA from its mounted Secret without a restart, and keeps
-its certificate when the renewed key is not the renewed certificate's."""
+its certificate when the renewed key is not the renewed certificate's; it
+takes an updated clients file from its volume without a restart too."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from deploy_helpers import (
-    ENVOY_CONFIG_DIR, MESH_TLS_SDS, NOWHERE, REPO, SIDECAR, SIDECAR_MTLS, Envoy, render_sidecar)
+    MESH_TLS_SDS, NOWHERE, REPO, SIDECAR, SIDECAR_MTLS, Envoy, render_sidecar,
+    sds_for_loopback)
 from fakes.tls import make_mesh_pki
 
 ECHO = "/hivemesh.test.Echo/Echo"
+ORCHESTRATOR, MEMORY = "hivemesh-orchestrator-pods", "hivemesh-memory-pods"
 
 
 def _envoy_mtls():
@@ -53,7 +56,7 @@ def test_the_committed_sds_files_are_generated_and_are_the_ones_the_config_reads
         path = SIDECAR_MTLS.parent / name
         assert path.read_text() == tool.render_sds(secret), (
             "stale: run python tools/envoy_mtls.py generate")
-        assert f"{ENVOY_CONFIG_DIR}/{name}" in SIDECAR_MTLS.read_text()
+        assert tool.sds_path(secret) in SIDECAR_MTLS.read_text()
 
 
 class Echo(grpc.GenericRpcHandler):
@@ -68,7 +71,8 @@ class Echo(grpc.GenericRpcHandler):
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return make_mesh_pki(tmp_path_factory.mktemp("mesh-pki"), {
-        "artifact": "hivemesh-artifact-pods", "orchestrator": "hivemesh-orchestrator-pods"})
+        "artifact": "hivemesh-artifact-pods", "orchestrator": "hivemesh-orchestrator-pods",
+        "memory": "hivemesh-memory-pods"})
 
 
 @pytest.fixture(scope="module")
@@ -179,22 +183,37 @@ def test_the_inbound_refuses_clients_without_a_mesh_certificate(provider, pki, c
 
 # --- the clients file: names the inbound listener accepts -----------------------
 
-@pytest.fixture(scope="module")
-def strict_provider(service, pki, tmp_path_factory):
-    """An artifact pod's sidecar whose clients file, as ``envoy_mtls.py
-    clients`` prints it, accepts the orchestrator's name alone."""
-    clients = _envoy_mtls()
-    workdir = tmp_path_factory.mktemp("strict-provider-envoy")
-    names = clients.render_sds(clients.CLIENTS_SECRET, ["hivemesh-orchestrator-pods"])
+def _clients_file(names: list[str]) -> tuple[str, str]:
+    """(file name, text) of the clients file ``envoy_mtls.py clients``
+    prints for ``names``."""
+    tool = _envoy_mtls()
+    return (tool.SDS_FILES[tool.CLIENTS_SECRET],
+            tool.render_sds(tool.CLIENTS_SECRET, names))
+
+
+@contextlib.contextmanager
+def _provider_accepting(service, pki, workdir: Path, names: list[str]):
+    """A provider pod's sidecar (the artifact pods' certificate) in front
+    of the plaintext service, its clients file accepting ``names`` alone."""
+    name, text = _clients_file(names)
     envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
                                  mesh_tls_dir=pki.dirs["artifact"], sds_dir=workdir / "sds",
-                                 sds_files={clients.SDS_FILES[clients.CLIENTS_SECRET]: names}),
+                                 sds_files={name: text}),
                   workdir)
     try:
         envoy.wait_healthy("app", 1)
         yield envoy
     finally:
         envoy.stop()
+
+
+@pytest.fixture(scope="module")
+def strict_provider(service, pki, tmp_path_factory):
+    """An artifact pod's sidecar whose clients file, as ``envoy_mtls.py
+    clients`` prints it, accepts the orchestrator's name alone."""
+    with _provider_accepting(service, pki, tmp_path_factory.mktemp("strict-provider-envoy"),
+                             [ORCHESTRATOR]) as envoy:
+        yield envoy
 
 
 def test_a_clients_file_lets_in_only_the_names_it_lists(strict_provider, pki):
@@ -251,26 +270,49 @@ def test_egress_refuses_a_pod_whose_certificate_names_another_service(caller):
 SECRET_FILES = ("ca.crt", "tls.crt", "tls.key")
 
 
-def _write_secret_volume(mount: Path, source: Path, stamp: str) -> None:
-    """``source``'s files written into ``mount`` the way the kubelet updates
-    a Secret volume: a new timestamped directory, then the ``..data``
-    symlink swapped to it atomically (a rename), the old one removed; the
-    files themselves are symlinks through ``..data``."""
+def _write_volume(mount: Path, files: dict[str, bytes], stamp: str) -> None:
+    """``files`` (name -> content) written into ``mount`` the way the
+    kubelet updates a Secret or ConfigMap volume: a new timestamped
+    directory, then the ``..data`` symlink swapped to it atomically (a
+    rename), the old one removed; the files themselves are symlinks through
+    ``..data``."""
     mount.mkdir(parents=True, exist_ok=True)
     data = mount / f"..{stamp}"
     data.mkdir()
-    for name in SECRET_FILES:
-        shutil.copyfile(source / name, data / name)
+    for name, content in files.items():
+        (data / name).write_bytes(content)
     current = mount / "..data"
     old = mount / os.readlink(current) if current.is_symlink() else None
     swap = mount / "..data_tmp"
     swap.symlink_to(data.name)
     os.replace(swap, current)
-    for name in SECRET_FILES:
+    for name in files:
         if not (mount / name).is_symlink():
             (mount / name).symlink_to(f"..data/{name}")
     if old is not None:
         shutil.rmtree(old)
+
+
+def _write_secret_volume(mount: Path, source: Path, stamp: str) -> None:
+    """``source``'s certificate files into the Secret volume ``mount``."""
+    _write_volume(mount, {name: (source / name).read_bytes() for name in SECRET_FILES}, stamp)
+
+
+def _write_clients_volume(mount: Path, names: list[str], pki, stamp: str) -> None:
+    """The clients file accepting ``names`` into the ConfigMap volume
+    ``mount``, naming the CA where the sidecar's certificates are."""
+    name, text = _clients_file(names)
+    loopback = sds_for_loopback(text, pki.dirs["artifact"])
+    _write_volume(mount, {name: loopback.encode()}, stamp)
+
+
+def _until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Polls ``condition`` until true; fails with ``what`` after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
 
 
 def _answers(address: str, ca: Path, cert_dir: Path) -> bool:
@@ -315,10 +357,7 @@ def test_a_renewed_certificate_is_taken_without_a_restart(service, pki, tmp_path
         pid = envoy.process.pid
 
         _write_secret_volume(mount, renewed.dirs["artifact"], "2026_02_01_00_00_00.2")
-        deadline = time.monotonic() + 30
-        while not _answers(address, *new_client):
-            assert time.monotonic() < deadline, "the renewed certificate was not taken"
-            time.sleep(0.2)
+        _until(lambda: _answers(address, *new_client), "the renewed certificate was not taken")
         assert not _answers(address, *old_client)
         # Reloaded, not restarted: the same process all along.
         assert envoy.process.pid == pid and envoy.process.poll() is None
@@ -338,9 +377,36 @@ def test_a_renewal_whose_key_does_not_match_its_certificate_is_refused(service, 
         shutil.copyfile(pki.dirs["orchestrator"] / "tls.key", broken / "tls.key")
 
         _write_secret_volume(mount, broken, "2026_02_01_00_00_00.2")
-        deadline = time.monotonic() + 30
-        while "Failed to reload certificates" not in envoy.log_path.read_text():
-            assert time.monotonic() < deadline, "the broken renewal was not read"
-            time.sleep(0.2)
+        _until(lambda: "Failed to reload certificates" in envoy.log_path.read_text(),
+               "the broken renewal was not read")
         assert _answers(address, *client)
         assert envoy.process.poll() is None
+
+
+def test_an_updated_clients_file_is_taken_without_a_restart(service, pki, tmp_path):
+    """The clients file in a ConfigMap volume laid out as the kubelet does,
+    updated the way it updates one (the ..data symlink swapped): the
+    running Envoy reads it again, and new connections get the new list (the
+    memory service's pods, refused, then let in; the orchestrator's
+    throughout), from the same process."""
+    clients = tmp_path / "mesh-clients"
+    _write_clients_volume(clients, [ORCHESTRATOR], pki, "2026_01_01_00_00_00.1")
+    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
+                                 mesh_tls_dir=pki.dirs["artifact"], sds_dir=tmp_path / "sds",
+                                 clients_dir=clients),
+                  tmp_path / "envoy")
+    try:
+        envoy.wait_healthy("app", 1)
+        address, pid = envoy.address("inbound"), envoy.process.pid
+        memory_pods = (pki.ca, pki.dirs["memory"])
+        orchestrator_pods = (pki.ca, pki.dirs["orchestrator"])
+        assert not _answers(address, *memory_pods)
+        assert _answers(address, *orchestrator_pods)
+
+        _write_clients_volume(clients, [ORCHESTRATOR, MEMORY], pki, "2026_02_01_00_00_00.2")
+        _until(lambda: _answers(address, *memory_pods), "the updated clients file was not taken")
+        assert _answers(address, *orchestrator_pods)
+        # Reloaded, not restarted: the same process all along.
+        assert envoy.process.pid == pid and envoy.process.poll() is None
+    finally:
+        envoy.stop()

@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from deploy_helpers import (
-    DEPLOY, ENVOY_CONFIG_DIR, MESH_TLS_DIR, MESH_TLS_SDS, REPO, SIDECAR, SIDECAR_MTLS)
+    DEPLOY, MESH_CLIENTS_DIR, MESH_TLS_DIR, MESH_TLS_SDS, REPO, SIDECAR, SIDECAR_MTLS)
 
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.artifact.settings import ArtifactSettings
@@ -521,22 +521,23 @@ def _sds_paths(config: dict) -> list[str]:
 
 
 def _envoy_config_file(deployment: dict, path: str | None = None) -> str | None:
-    """The ConfigMap key Envoy finds at ``path`` (by default the file its
-    -c names), through the volume's items when they map keys to other
-    paths; None when nothing is mounted there."""
+    """The key of the sidecar ConfigMap Envoy finds at ``path`` (by default
+    the file its -c names), through the items of the ConfigMap volume
+    mounted at its directory when they map keys to other paths; None when
+    nothing is mounted there."""
     envoy = containers(deployment)["envoy"]
     if path is None:
         path = envoy["args"][envoy["args"].index("-c") + 1]
-    mount = next(m for m in envoy["volumeMounts"] if m["name"] == "envoy-config")
-    assert path.startswith(mount["mountPath"] + "/"), path
-    relative = path[len(mount["mountPath"]) + 1:]
+    directory, name = path.rsplit("/", 1)
+    [mount] = [m for m in envoy["volumeMounts"] if m["mountPath"] == directory]
     volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
-                  if v["name"] == "envoy-config")
+                  if v["name"] == mount["name"])
+    assert volume["configMap"]["name"].startswith("hivemesh-envoy-sidecar"), volume
     items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
-    if items:
+    if items and mount["name"] == "envoy-config":
         # Every other file Envoy's container uses (the preStop) still there.
         assert "drain.sh" in items.values(), items
-    return items.get(relative) if items else relative
+    return items.get(name) if items else name
 
 
 def test_the_mtls_overlay_runs_the_generated_config_with_each_service_s_certificate():
@@ -551,7 +552,10 @@ def test_the_mtls_overlay_runs_the_generated_config_with_each_service_s_certific
     # The SDS files the config names, committed and shipped as they are,
     # each naming files in (and watching) the mounted Secret's directory.
     sds_paths = set(_sds_paths(yaml.safe_load(SIDECAR_MTLS.read_text())))
-    assert sds_paths == {f"{ENVOY_CONFIG_DIR}/{p.name}" for p in MESH_TLS_SDS}, sds_paths
+    assert {p.rsplit("/", 1)[1] for p in sds_paths} == {p.name for p in MESH_TLS_SDS}, sds_paths
+    # Each read again when the kubelet updates the volume it is in.
+    for source in _values(yaml.safe_load(SIDECAR_MTLS.read_text()), "path_config_source"):
+        assert source["watched_directory"]["path"] == source["path"].rsplit("/", 1)[0], source
     for path in MESH_TLS_SDS:
         assert config_map["data"][path.name] == path.read_text(), path.name
         [secret] = yaml.safe_load(path.read_text())["resources"]
@@ -626,11 +630,12 @@ def test_an_overlay_can_ship_its_own_clients_file(tmp_path):
     [config_map] = of_kind(docs, "ConfigMap")
     assert config_map["data"][clients_file] == printed.stdout
     assert config_map["data"]["sidecar-mtls.yaml"] == SIDECAR_MTLS.read_text()
-    assert f"{ENVOY_CONFIG_DIR}/{clients_file}" in _sds_paths(
+    assert f"{MESH_CLIENTS_DIR}/{clients_file}" in _sds_paths(
         yaml.safe_load(SIDECAR_MTLS.read_text()))
     for deployment in of_kind(docs, "Deployment"):
-        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
-                      if v["name"] == "envoy-config")
-        assert volume["configMap"]["name"] == config_map["metadata"]["name"]
-        assert _envoy_config_file(deployment, f"{ENVOY_CONFIG_DIR}/{clients_file}") == (
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            if volume["name"] in ("envoy-config", "mesh-clients"):
+                assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+        assert _envoy_config_file(deployment, f"{MESH_CLIENTS_DIR}/{clients_file}") == (
             clients_file)
+
