@@ -6,7 +6,8 @@ to a plaintext gRPC service behind it; the provider's inbound listener
 refuses plaintext clients, TLS clients without a certificate and clients
 whose certificate is from another CA; with a clients file naming the
 orchestrator, it also refuses a client from the mesh CA with another name;
-the caller's egress refuses a pod whose certificate names another
+with lists per service, a name one service's sidecar accepts another's
+refuses; the caller's egress refuses a pod whose certificate names another
 service; a sidecar takes a renewed
 certificate and CA from its mounted Secret without a restart, and keeps
 its certificate when the renewed key is not the renewed certificate's; it
@@ -229,6 +230,24 @@ def test_a_clients_file_lets_in_only_the_names_it_lists(strict_provider, pki):
     # Named after the configured address (port 0); the one TLS listener.
     assert strict_provider.stat("listener.127.0.0.1_0.ssl.fail_verify_san") >= 1
     assert strict_provider.stat("cluster.app.upstream_rq_total") == served
+
+
+def test_each_service_s_sidecar_accepts_its_own_callers_only(service, pki, tmp_path):
+    """Lists per service, as in the README's recipe: the LLM service's
+    sidecar accepts the orchestrator and the memory service (Embed), the
+    memory service's the orchestrator alone. The memory service's pods,
+    let in by the one, are refused by the other."""
+    with (_provider_accepting(service, pki, tmp_path / "llm", [ORCHESTRATOR, MEMORY]) as llm,
+          _provider_accepting(service, pki, tmp_path / "memory", [ORCHESTRATOR]) as memory):
+        llm_address, memory_address = llm.address("inbound"), memory.address("inbound")
+        memory_pods = (pki.ca, pki.dirs["memory"])
+        assert _answers(llm_address, *memory_pods)
+        served = memory.stat("cluster.app.upstream_rq_total")
+        assert not _answers(memory_address, *memory_pods)
+        assert memory.stat("listener.127.0.0.1_0.ssl.fail_verify_san") >= 1
+        assert memory.stat("cluster.app.upstream_rq_total") == served
+        for address in (llm_address, memory_address):
+            assert _answers(address, pki.ca, pki.dirs["orchestrator"])
 
 
 def test_the_shipped_clients_file_accepts_any_name_from_the_mesh_ca(provider, pki):

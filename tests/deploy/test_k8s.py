@@ -639,3 +639,85 @@ def test_an_overlay_can_ship_its_own_clients_file(tmp_path):
         assert _envoy_config_file(deployment, f"{MESH_CLIENTS_DIR}/{clients_file}") == (
             clients_file)
 
+
+# The README's per-service recipe: file name -> the names it accepts, and
+# the Deployments that read it instead of the mesh-wide file.
+PER_SERVICE_CLIENTS = {
+    "from-orchestrator.sds.yaml": (["hivemesh-orchestrator-pods"],
+                                   ["artifact", "information", "memory"]),
+    "from-orchestrator-and-memory.sds.yaml": (
+        ["hivemesh-orchestrator-pods", "hivemesh-memory-pods"], ["llm"]),
+}
+
+
+def _clients_volume_patch(services: list[str], key: str) -> dict:
+    """The recipe's patch: these services' Deployments read ``key`` of
+    the sidecar ConfigMap as their clients file."""
+    return {"target": {"kind": "Deployment", "name": f"hivemesh-({'|'.join(services)})"},
+            "patch": yaml.safe_dump({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "any"},
+                "spec": {"template": {"spec": {"volumes": [{
+                    "name": "mesh-clients", "configMap": {"items": [
+                        {"key": key, "path": "mesh-tls-clients.sds.yaml"}]}}]}}}})}
+
+
+def per_service_clients_overlay(directory: Path) -> Path:
+    """The README's recipe written to ``directory``: each list printed by
+    ``envoy_mtls.py clients``, merged into the sidecar ConfigMap under a key
+    of its own, and chosen per Deployment by a patch of its clients volume;
+    the orchestrator keeps the mesh-wide file."""
+    directory.mkdir()
+    for name, (accepted, _) in PER_SERVICE_CLIENTS.items():
+        printed = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "envoy_mtls.py"), "clients", *accepted],
+            capture_output=True, text=True, timeout=60, check=True)
+        (directory / name).write_text(printed.stdout)
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "production-mtls", directory)],
+        "configMapGenerator": [{"name": "hivemesh-envoy-sidecar", "behavior": "merge",
+                                "files": list(PER_SERVICE_CLIENTS)}],
+        "patches": [_clients_volume_patch(services, name)
+                    for name, (_, services) in PER_SERVICE_CLIENTS.items()]}))
+    return directory
+
+
+def test_an_overlay_can_give_each_service_its_own_clients_file(tmp_path):
+    """The per-service recipe builds, every object matches the API schema,
+    and each sidecar finds at its clients file's path the list meant for
+    its service (the orchestrator the shipped, mesh-wide one), while the
+    rest of its sidecar config is unchanged."""
+    overlay = per_service_clients_overlay(tmp_path / "overlay")
+    docs = kustomize(overlay)
+    for doc in docs:
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    [config_map] = of_kind(docs, "ConfigMap")
+    for name in PER_SERVICE_CLIENTS:
+        assert config_map["data"][name] == (overlay / name).read_text()
+    clients_file = MESH_CLIENTS_DIR + "/mesh-tls-clients.sds.yaml"
+    assert clients_file in _sds_paths(yaml.safe_load(SIDECAR_MTLS.read_text()))
+    chosen = {service_of(d): _envoy_config_file(d, clients_file)
+              for d in of_kind(docs, "Deployment")}
+    assert chosen == {"artifact": "from-orchestrator.sds.yaml",
+                      "information": "from-orchestrator.sds.yaml",
+                      "memory": "from-orchestrator.sds.yaml",
+                      "llm": "from-orchestrator-and-memory.sds.yaml",
+                      "orchestrator": "mesh-tls-clients.sds.yaml"}
+    shipped = {service_of(d): d for d in of_kind(build("overlays/production-mtls"),
+                                                  "Deployment")}
+    for deployment in of_kind(docs, "Deployment"):
+        volumes = _volumes(deployment)
+        before = _volumes(shipped[service_of(deployment)])
+        # Only the clients volume's items differ (and the ConfigMap's name,
+        # kustomize's hash of the merged contents).
+        assert volumes.keys() == before.keys()
+        for name, volume in volumes.items():
+            if name == "envoy-config":
+                assert volume["configMap"]["items"] == before[name]["configMap"]["items"]
+            elif name != "mesh-clients":
+                assert volume == before[name], name
+
+
+def _volumes(deployment: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
