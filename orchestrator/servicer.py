@@ -26,7 +26,8 @@ from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscript
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import DOMAIN, AgentRunner, RunError, RunOptions
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
-from hivemesh.services.orchestrator.state import AgentStore, LocalLedger, RequestLedger
+from hivemesh.services.orchestrator.state import (
+    AgentStore, LocalLedger, RequestLedger, alongside)
 from hivemesh.services.orchestrator.tools import ToolRegistry
 from hivemesh.services.orchestrator.workflows import WorkflowRun, validate
 
@@ -132,8 +133,15 @@ class OrchestratorServicer:
 
     # ------------------------------------------------------------ runs
 
-    async def _start(self, request) -> tuple:
-        agent = await self.agents.get(request.agent)
+    def _look_up(self, name: str) -> asyncio.Task:
+        """The agent, looked up while the request is claimed (one state
+        store round trip less on the run's path); taken only by a run that
+        goes ahead, so a retry of a run that completed replays it even when
+        the agent was deleted since."""
+        return alongside(self.agents.get(name))
+
+    async def _start(self, request, lookup: asyncio.Task) -> tuple:
+        agent = await lookup
         ctx = ExecutionContext.from_request(request.context, agent.name, request.request_id)
         opts = RunOptions(request_id=request.request_id, input=request.input,
                           model_override=request.model_override,
@@ -142,16 +150,18 @@ class OrchestratorServicer:
         return agent, ctx, opts
 
     async def RunAgent(self, request, context):
-        # The agent is looked up inside the run: a retry of a run that
-        # completed replays it even when the agent was deleted since.
+        lookup = self._look_up(request.agent)
+
         async def run():
-            agent, ctx, opts = await self._start(request)
+            agent, ctx, opts = await self._start(request, lookup)
             with self._deadline(context):
                 return await self.runner.run(agent, ctx, opts, EventSink(self.bus))
         try:
             result, replayed = await self._once("run", _as_run(request), run, context)
         except RunError as exc:
             raise exc.error from None
+        finally:
+            lookup.cancel()
         return RunAgentResponse(result=result, replayed=replayed)
 
     async def StreamAgent(self, request, context):
@@ -163,8 +173,10 @@ class OrchestratorServicer:
                     and event.type == EventType.EVENT_TYPE_GENERATION_CHUNK):
                 queue.put_nowait(event)
 
+        lookup = self._look_up(request.agent)
+
         async def run():
-            agent, ctx, opts = await self._start(request)
+            agent, ctx, opts = await self._start(request, lookup)
             opts.stream_chunks = True
             with self._deadline(context):
                 return await self.runner.run(agent, ctx, opts, EventSink(self.bus, listen))
@@ -217,6 +229,7 @@ class OrchestratorServicer:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+            lookup.cancel()
 
     async def RunWorkflow(self, request, context):
         # Checked inside the run: a retry of a workflow that completed

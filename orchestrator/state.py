@@ -20,6 +20,7 @@ shared by every replica.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -104,6 +105,22 @@ class LocalLedger:
                    run: Callable[[], Awaitable[Any]], result_type: type,
                    lease_s: float) -> tuple[Any, bool]:
         return await self.stores[kind].once(request_id, fingerprint, run)
+
+
+def alongside(work: Awaitable[Any]) -> asyncio.Task:
+    """``work`` started while a request is claimed in the ledger, so that
+    the claim's round trip and the work overlap; awaited only by a run that
+    goes ahead (a replay or a conflict leaves it), so it must be a read,
+    never a side effect. Cancel it once the request ends; a task nobody
+    awaited ends quietly."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_untaken)
+    return task
+
+
+def _untaken(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure nobody needed is not logged
 
 
 def state_unavailable(cause: str) -> errors.ServiceError:
