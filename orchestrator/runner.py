@@ -739,12 +739,13 @@ class AgentRunner:
         # usage and output would not be what was committed and saved). It
         # is kept per chain: a failed run retried with another chain (another
         # model_override) runs it, as its generations' request ids are others.
-        digest = hashlib.sha256("\n".join(
-            [fingerprint(Conversation(messages=messages), ignore=()), *models]).encode()
-        ).hexdigest()
-        chain = hashlib.sha256("\n".join(models).encode()).hexdigest()[:16]
-        chosen, replayed = await self._kept(run.step("model", iteration, chain), digest, pick,
-                                            struct_pb2.Struct)
+        # A chain of one model has one answer: its generation's own record
+        # is all a retry needs, so nothing more is kept (a request ledger
+        # round trip saved).
+        if len(models) == 1:
+            chosen, replayed = await pick(), False
+        else:
+            chosen, replayed = await self._kept_choice(run, models, messages, iteration, pick)
         if replayed:
             fields = request_of(chosen["model"])
             generated = await one(fields)
@@ -757,6 +758,17 @@ class AgentRunner:
         run.result.fallback_used |= generated.fallback_used
         run.last_generation_id = fields["request_id"]
         return self._generated(run, generated, iteration)
+
+    async def _kept_choice(self, run: _Run, models: list[str], messages: list[Message],
+                           iteration: int, pick):
+        """(chosen, replayed): which model of the chain answered, as it did
+        in the first attempt of the run (``pick()`` when none did yet)."""
+        digest = hashlib.sha256("\n".join(
+            [fingerprint(Conversation(messages=messages), ignore=()), *models]).encode()
+        ).hexdigest()
+        chain = hashlib.sha256("\n".join(models).encode()).hexdigest()[:16]
+        return await self._kept(run.step("model", iteration, chain), digest, pick,
+                                struct_pb2.Struct)
 
     async def _call_generate(self, run: _Run, request: GenerateRequest):
         """The generation as it answered the first attempt of this run, kept
