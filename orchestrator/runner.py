@@ -60,7 +60,7 @@ from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of,
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import (
     Providers, beyond_deadline, provider_error, remaining_s)
-from hivemesh.services.orchestrator.state import RequestLedger
+from hivemesh.services.orchestrator.state import RequestLedger, alongside
 from hivemesh.services.orchestrator.tools import ToolCall as ToolInvocation
 from hivemesh.services.orchestrator.tools import ToolOutcome, ToolRegistry, parse_arguments
 
@@ -408,11 +408,13 @@ class AgentRunner:
         # Kept as an Any: the read's response, or the DegradedNote of a read
         # that failed.
         key = run.step("read", method, digest[:16])
+        # Sent while the read is claimed (a read, so a retry that finds the
+        # first attempt's answer kept just drops it).
+        answer = alongside(self.providers.call("memory", method, request, share=MEMORY_SHARE))
 
         async def read():
             kept = any_pb2.Any()
-            kept.Pack(await self.providers.call("memory", method, request,
-                                                share=MEMORY_SHARE))
+            kept.Pack(await answer)
             return kept
         try:
             kept, _ = await self._kept(key, digest, read, any_pb2.Any)
@@ -421,6 +423,8 @@ class AgentRunner:
                 raise
             run.failed_reads.append((key, digest, run.degrade(component, exc)))
             return None
+        finally:
+            answer.cancel()
         if kept.Is(DegradedNote.DESCRIPTOR):
             note = DegradedNote()
             kept.Unpack(note)
