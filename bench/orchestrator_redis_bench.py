@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from fakes.mesh import mesh  # noqa: E402
+from fakes.redis_commands import CommandLog  # noqa: E402
 
 from hivemesh.client import InformationClient  # noqa: E402
 from hivemesh.common.v1 import RequestContext  # noqa: E402
@@ -36,25 +37,6 @@ from hivemesh.orchestrator.v1 import (  # noqa: E402
 
 AGENT = "bench-coder"
 CTX = RequestContext(tenant_id="bench")
-
-
-class CommandLog:
-    """Wraps a Redis client's ``execute_command``: every command it sends,
-    scripts by name."""
-
-    def __init__(self, state) -> None:
-        self.names = {script.sha: name for name, script in state._scripts.items()}
-        self.commands: list[str] = []
-        client = state.client
-        send = client.execute_command
-
-        async def execute_command(*args, **options):
-            name = str(args[0]).upper()
-            if name in ("EVALSHA", "EVAL") and len(args) > 1:
-                name = self.names.get(args[1], name) + " " + str(args[5])[:60]
-            self.commands.append(name)
-            return await send(*args, **options)
-        client.execute_command = execute_command
 
 
 async def prepare(m) -> None:
@@ -90,8 +72,7 @@ async def main(runs: int, url: str) -> None:
                 await run_once(m, -1)  # the scripts loaded, the channels up
                 log = CommandLog(state)
                 await run_once(m, 0)
-                print(f"one RunAgent: {len(log.commands)} Redis commands: "
-                      f"{', '.join(log.commands)}")
+                print(f"one RunAgent: {len(log.commands)} Redis commands: {log.line()}")
                 latencies = []
                 for i in range(runs):
                     started = time.perf_counter()
