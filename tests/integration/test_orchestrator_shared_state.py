@@ -22,10 +22,12 @@ import pytest
 from conftest import (
     LOCAL_REDIS, REDIS_URL, RedisProxy, RedisTarget, drop_redis_prefix, on_redis)
 from fakes.mesh import SERVER, ArtifactOutage, mesh
+from fakes.redis_commands import CommandLog
 
-from hivemesh.client import from_rpc_error
+from hivemesh.client import InformationClient, from_rpc_error
 from hivemesh.client.errors import AlreadyExistsError, UnavailableError
 from hivemesh.common.v1 import RequestContext, StreamOutcome
+from hivemesh.information.v1 import Budget, Scope
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, BudgetPolicy, DegradedComponent, DeleteAgentRequest, MemoryConfig,
     EventType, GetAgentRequest, ListAgentsRequest, OrchestratorServiceStub, RegisterAgentRequest,
@@ -417,6 +419,89 @@ async def test_a_running_claim_holds_until_its_lease_ends_then_is_taken_over(
         with pytest.raises(Exception) as conflict:
             await call(a.RunAgent, run_request("coder", held.request_id, "other input"))
         assert conflict.value.reason == "IDEMPOTENCY_CONFLICT"
+
+
+# -- round trips --------------------------------------------------------------------
+
+async def plain_agent(m, name: str = "coder") -> None:
+    """The benchmark's agent: memory recall and write-back, a RESERVE budget
+    (a priced model, a tenant budget), one generation, an output artifact."""
+    async with InformationClient(m.addresses["information"]) as info:
+        await info.set_price("main", input_micros_per_million=1_000_000,
+                             output_micros_per_million=2_000_000)
+        await info.create_budget(Budget(scope=Scope(tenant_id="acme"), limit_micros=10**12))
+    await register(m.orchestrator, agent(
+        name, output_artifact_type="code", budget=BudgetPolicy(),
+        memory=MemoryConfig(enabled=True, write_back=True, namespace="plain")))
+
+
+async def test_a_plain_run_makes_seven_redis_round_trips(tmp_path, shared):
+    """Pins the Redis commands of one plain RunAgent (a regression adds
+    one): the run's claim and the agent's lookup (sent together), the
+    memory read kept (claim, finish), the generation kept (claim, finish)
+    and the run's result. A replay is its claim (and the unused lookup)."""
+    async with mesh(tmp_path, **shared) as m:
+        await plain_agent(m)
+        await call(m.orchestrator.RunAgent, run_request("coder"))  # scripts loaded
+        log = CommandLog(m.backend.redis)
+        request = run_request("coder")
+        result = (await call(m.orchestrator.RunAgent, request)).result
+        assert result.memories_recalled > 0 and result.cost_micros > 0
+        assert len(result.artifact_ids) == 1 and not result.degraded
+        run = f"run:{request.request_id}"
+        gen = f"read:{request.request_id}:gen:1:main"
+        reads = [s for n, s in log.commands if s.startswith(f"read:{request.request_id}:read:")]
+        assert len(reads) == 2, log.line()
+        assert sorted(log.commands) == sorted([
+            ("claim", run), ("get", "coder"), ("claim", reads[0]), ("finish", reads[0]),
+            ("claim", gen), ("finish", gen), ("finish", run)]), log.line()
+
+        log.clear()
+        assert (await call(m.orchestrator.RunAgent, request)).replayed
+        assert sorted(log.commands) == [("claim", run), ("get", "coder")], log.line()
+
+
+async def test_a_replica_cut_from_redis_after_its_claim_is_taken_over_with_its_kept_reads(
+        tmp_path, local_redis_state):
+    """Replica A reaches Redis through a proxy, cut while its generation
+    runs: its claims stay, as a dead replica's would, and its result is
+    never recorded. Replica B's retry waits for the run's lease to end,
+    then runs the request with A's kept memory read (not a read of memory
+    that now holds A's write-back), so it sends A's prompt and the LLM
+    service replays A's generation instead of refusing another prompt
+    under its request id."""
+    proxy = RedisProxy(REDIS_URL)
+    await proxy.start()
+    direct = redis_settings(LOCAL_REDIS, local_redis_state)
+    try:
+        async with mesh(tmp_path, **{**direct, "redis_url": proxy.url}) as m, \
+                replica(m, **direct) as b:
+            await plain_agent(m)
+            await call(b.RunAgent, run_request("coder"))  # memories to recall
+            request = run_request("coder", text="implement add, again")
+            m.primary.latency_s = 1.0
+            first = asyncio.create_task(call(m.orchestrator.RunAgent, request, timeout=2.5))
+            generating = (f"{local_redis_state.prefix}req:read:{request.request_id}"
+                          ":gen:1:main")
+            for _ in range(400):
+                if await local_redis_state.client.exists(generating) or first.done():
+                    break
+                await asyncio.sleep(0.025)
+            assert not first.done()
+            await proxy.cut()
+            with contextlib.suppress(Exception):
+                await first  # answered or not, nothing of its end is in Redis
+            m.primary.latency_s = 0.0
+            assert await local_redis_state.client.exists(
+                f"{local_redis_state.prefix}req:run:{request.request_id}")  # A's lease
+            retry = (await call(b.RunAgent, request)).result
+            assert retry.output and len(retry.artifact_ids) == 1
+            assert retry.memories_recalled > 0 and not retry.degraded
+            assert len(m.primary.calls) == 2  # the seeding run and A's: B's replayed
+            assert (await call(b.RunAgent, request)).replayed
+    finally:
+        if proxy.server is not None and proxy.server.is_serving():
+            await proxy.cut()
 
 
 # -- Redis unreachable ------------------------------------------------------------
