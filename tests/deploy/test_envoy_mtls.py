@@ -402,21 +402,33 @@ def test_a_renewal_whose_key_does_not_match_its_certificate_is_refused(service, 
         assert envoy.process.poll() is None
 
 
-def test_an_updated_clients_file_is_taken_without_a_restart(service, pki, tmp_path):
-    """The clients file in a ConfigMap volume laid out as the kubelet does,
-    updated the way it updates one (the ..data symlink swapped): the
-    running Envoy reads it again, and new connections get the new list (the
-    memory service's pods, refused, then let in; the orchestrator's
-    throughout), from the same process."""
+@contextlib.contextmanager
+def _sidecar_on_a_clients_volume(service, pki, tmp_path: Path, names: list[str]):
+    """(Envoy, its clients volume, its inbound address): the artifact pod's
+    sidecar on the mTLS config, its clients file accepting ``names`` in a
+    ConfigMap volume laid out as the kubelet does."""
     clients = tmp_path / "mesh-clients"
-    _write_clients_volume(clients, [ORCHESTRATOR], pki, "2026_01_01_00_00_00.1")
+    _write_clients_volume(clients, names, pki, "2026_01_01_00_00_00.1")
     envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
                                  mesh_tls_dir=pki.dirs["artifact"], sds_dir=tmp_path / "sds",
                                  clients_dir=clients),
                   tmp_path / "envoy")
     try:
         envoy.wait_healthy("app", 1)
-        address, pid = envoy.address("inbound"), envoy.process.pid
+        yield envoy, clients, envoy.address("inbound")
+    finally:
+        envoy.stop()
+
+
+def test_an_updated_clients_file_is_taken_without_a_restart(service, pki, tmp_path):
+    """The clients file in a ConfigMap volume laid out as the kubelet does,
+    updated the way it updates one (the ..data symlink swapped): the
+    running Envoy reads it again, and new connections get the new list (the
+    memory service's pods, refused, then let in; the orchestrator's
+    throughout), from the same process."""
+    with _sidecar_on_a_clients_volume(service, pki, tmp_path, [ORCHESTRATOR]) as (
+            envoy, clients, address):
+        pid = envoy.process.pid
         memory_pods = (pki.ca, pki.dirs["memory"])
         orchestrator_pods = (pki.ca, pki.dirs["orchestrator"])
         assert not _answers(address, *memory_pods)
@@ -427,5 +439,55 @@ def test_an_updated_clients_file_is_taken_without_a_restart(service, pki, tmp_pa
         assert _answers(address, *orchestrator_pods)
         # Reloaded, not restarted: the same process all along.
         assert envoy.process.pid == pid and envoy.process.poll() is None
-    finally:
-        envoy.stop()
+
+
+def _clients_file_naming_a_missing_ca(pki) -> str:
+    """A clients file that parses, whose CA file is not in the Secret (a
+    typo in its name)."""
+    _, text = _clients_file([ORCHESTRATOR, MEMORY])
+    resource = yaml.safe_load(sds_for_loopback(text, pki.dirs["artifact"]))
+    [secret] = resource["resources"]
+    secret["validation_context"]["trusted_ca"]["filename"] = str(pki.dirs["artifact"] / "ca.pem")
+    return yaml.safe_dump(resource)
+
+
+# A bad clients file -> the statistic of sds.mesh_clients that counts it:
+# update_failure when Envoy cannot read it as a resource at all,
+# update_rejected when it can but refuses the secret it describes.
+BAD_CLIENTS_FILES = {
+    "YAML that does not parse": (lambda pki: "resources: [{name: mesh_clients\n",
+                                 "update_failure"),
+    "an empty file": (lambda pki: "", "update_failure"),
+    "a CA file that does not exist": (_clients_file_naming_a_missing_ca, "update_rejected"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CLIENTS_FILES))
+def test_a_bad_clients_file_is_refused_and_the_previous_list_kept(service, pki, tmp_path, bad):
+    """A clients file pushed broken (through the same ..data swap) is
+    refused and counted: the listener keeps serving with the list it had
+    (the orchestrator's pods let in, the memory service's still refused),
+    the same process; the next good file is taken as usual."""
+    content, stat = BAD_CLIENTS_FILES[bad]
+    stat = f"sds.mesh_clients.{stat}"
+    name, _ = _clients_file([])
+    with _sidecar_on_a_clients_volume(service, pki, tmp_path, [ORCHESTRATOR]) as (
+            envoy, clients, address):
+        pid = envoy.process.pid
+        memory_pods = (pki.ca, pki.dirs["memory"])
+        orchestrator_pods = (pki.ca, pki.dirs["orchestrator"])
+        refused, taken = envoy.stat(stat), envoy.stat("sds.mesh_clients.update_success")
+
+        _write_volume(clients, {name: content(pki).encode()}, "2026_02_01_00_00_00.2")
+        _until(lambda: envoy.stat(stat) > refused,
+               f"the bad clients file was not counted in {stat}")
+        assert envoy.stat("sds.mesh_clients.update_success") == taken
+        assert _answers(address, *orchestrator_pods)
+        assert not _answers(address, *memory_pods)
+        assert envoy.process.pid == pid and envoy.process.poll() is None
+
+        _write_clients_volume(clients, [ORCHESTRATOR, MEMORY], pki, "2026_03_01_00_00_00.3")
+        _until(lambda: _answers(address, *memory_pods), "the good clients file was not taken")
+        assert _answers(address, *orchestrator_pods)
+        assert envoy.stat("sds.mesh_clients.update_success") > taken
+        assert envoy.process.pid == pid and envoy.process.poll() is None
