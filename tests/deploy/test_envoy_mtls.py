@@ -11,7 +11,10 @@ refuses; the caller's egress refuses a pod whose certificate names another
 service; a sidecar takes a renewed
 certificate and CA from its mounted Secret without a restart, and keeps
 its certificate when the renewed key is not the renewed certificate's; it
-takes an updated clients file from its volume without a restart too."""
+takes an updated clients file from its volume without a restart too, and
+refuses a broken one (YAML that does not parse, an empty file, a CA file
+that does not exist), counting it and keeping the list it had; one started
+on a broken file refuses every client until a good one comes."""
 
 from __future__ import annotations
 
@@ -491,3 +494,38 @@ def test_a_bad_clients_file_is_refused_and_the_previous_list_kept(service, pki, 
         assert _answers(address, *orchestrator_pods)
         assert envoy.stat("sds.mesh_clients.update_success") > taken
         assert envoy.process.pid == pid and envoy.process.poll() is None
+
+
+@pytest.mark.parametrize("bad", list(BAD_CLIENTS_FILES))
+def test_a_sidecar_started_on_a_bad_clients_file_refuses_every_client(service, pki, tmp_path,
+                                                                      bad):
+    """No previous list to keep: a pod (re)started while its clients file is
+    broken has an inbound listener without a validation context, which
+    refuses every client at the handshake, while its readiness check still
+    passes; its listener counts the connections it could not serve in
+    downstream_context_secrets_not_ready. A good file, pushed in place,
+    brings it back without a restart."""
+    content, stat = BAD_CLIENTS_FILES[bad]
+    name, _ = _clients_file([])
+    clients = tmp_path / "mesh-clients"
+    _write_volume(clients, {name: content(pki).encode()}, "2026_01_01_00_00_00.1")
+    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
+                                 mesh_tls_dir=pki.dirs["artifact"], sds_dir=tmp_path / "sds",
+                                 clients_dir=clients),
+                  tmp_path / "envoy")
+    try:
+        envoy.wait_healthy("app", 1)
+        assert envoy.stat(f"sds.mesh_clients.{stat}") >= 1
+        assert envoy.stat("sds.mesh_clients.update_success") == 0
+        assert envoy.request("GET", envoy.address("ready"), "/ready")[0] == 200
+        assert not _answers(envoy.address("inbound"), pki.ca, pki.dirs["orchestrator"])
+        assert envoy.stat("listener.127.0.0.1_0.server_ssl_socket_factory."
+                          "downstream_context_secrets_not_ready") >= 1
+        assert envoy.process.poll() is None
+
+        _write_clients_volume(clients, [ORCHESTRATOR], pki, "2026_02_01_00_00_00.2")
+        _until(lambda: _answers(envoy.address("inbound"), pki.ca, pki.dirs["orchestrator"]),
+               "the good clients file was not taken")
+        assert not _answers(envoy.address("inbound"), pki.ca, pki.dirs["memory"])
+    finally:
+        envoy.stop()
