@@ -98,15 +98,8 @@ def service():
 @pytest.fixture(scope="module")
 def provider(service, pki, tmp_path_factory):
     """An artifact pod's sidecar, in front of the plaintext service."""
-    workdir = tmp_path_factory.mktemp("provider-envoy")
-    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
-                                 mesh_tls_dir=pki.dirs["artifact"], sds_dir=workdir / "sds"),
-                  workdir)
-    try:
-        envoy.wait_healthy("app", 1)
+    with _provider_accepting(service, pki, tmp_path_factory.mktemp("provider-envoy")) as envoy:
         yield envoy
-    finally:
-        envoy.stop()
 
 
 @pytest.fixture(scope="module")
@@ -196,13 +189,14 @@ def _clients_file(names: list[str]) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _provider_accepting(service, pki, workdir: Path, names: list[str]):
+def _provider_accepting(service, pki, workdir: Path, names: list[str] | None = None):
     """A provider pod's sidecar (the artifact pods' certificate) in front
-    of the plaintext service, its clients file accepting ``names`` alone."""
-    name, text = _clients_file(names)
+    of the plaintext service, its clients file accepting ``names`` alone
+    (None: the shipped file, any certificate of the mesh CA)."""
+    sds_files = None if names is None else dict([_clients_file(names)])
     envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
                                  mesh_tls_dir=pki.dirs["artifact"], sds_dir=workdir / "sds",
-                                 sds_files={name: text}),
+                                 sds_files=sds_files),
                   workdir)
     try:
         envoy.wait_healthy("app", 1)
