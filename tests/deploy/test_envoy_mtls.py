@@ -189,20 +189,28 @@ def _clients_file(names: list[str]) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _provider_accepting(service, pki, workdir: Path, names: list[str] | None = None):
-    """A provider pod's sidecar (the artifact pods' certificate) in front
-    of the plaintext service, its clients file accepting ``names`` alone
-    (None: the shipped file, any certificate of the mesh CA)."""
-    sds_files = None if names is None else dict([_clients_file(names)])
-    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
-                                 mesh_tls_dir=pki.dirs["artifact"], sds_dir=workdir / "sds",
-                                 sds_files=sds_files),
-                  workdir)
+def _artifact_sidecar(service, pki, workdir: Path, **render):
+    """The artifact pod's sidecar on the mTLS config in front of the
+    plaintext service, started and healthy; ``render``: what else
+    render_sidecar takes (its SDS files, its volumes)."""
+    render.setdefault("mesh_tls_dir", pki.dirs["artifact"])
+    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS, sds_dir=workdir / "sds",
+                                 **render), workdir / "envoy")
     try:
         envoy.wait_healthy("app", 1)
         yield envoy
     finally:
         envoy.stop()
+
+
+@contextlib.contextmanager
+def _provider_accepting(service, pki, workdir: Path, names: list[str] | None = None):
+    """A provider pod's sidecar (the artifact pods' certificate) in front
+    of the plaintext service, its clients file accepting ``names`` alone
+    (None: the shipped file, any certificate of the mesh CA)."""
+    sds_files = None if names is None else dict([_clients_file(names)])
+    with _artifact_sidecar(service, pki, workdir, sds_files=sds_files) as envoy:
+        yield envoy
 
 
 @pytest.fixture(scope="module")
@@ -349,14 +357,8 @@ def _sidecar_on_a_secret_volume(service, pki, tmp_path: Path):
     kubelet does."""
     mount = tmp_path / "mesh-tls"
     _write_secret_volume(mount, pki.dirs["artifact"], "2026_01_01_00_00_00.1")
-    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS, mesh_tls_dir=mount,
-                                 sds_dir=tmp_path / "sds"),
-                  tmp_path / "envoy")
-    try:
-        envoy.wait_healthy("app", 1)
+    with _artifact_sidecar(service, pki, tmp_path, mesh_tls_dir=mount) as envoy:
         yield envoy, mount, envoy.address("inbound")
-    finally:
-        envoy.stop()
 
 
 def test_a_renewed_certificate_is_taken_without_a_restart(service, pki, tmp_path):
@@ -406,15 +408,8 @@ def _sidecar_on_a_clients_volume(service, pki, tmp_path: Path, names: list[str])
     ConfigMap volume laid out as the kubelet does."""
     clients = tmp_path / "mesh-clients"
     _write_clients_volume(clients, names, pki, "2026_01_01_00_00_00.1")
-    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
-                                 mesh_tls_dir=pki.dirs["artifact"], sds_dir=tmp_path / "sds",
-                                 clients_dir=clients),
-                  tmp_path / "envoy")
-    try:
-        envoy.wait_healthy("app", 1)
+    with _artifact_sidecar(service, pki, tmp_path, clients_dir=clients) as envoy:
         yield envoy, clients, envoy.address("inbound")
-    finally:
-        envoy.stop()
 
 
 def test_an_updated_clients_file_is_taken_without_a_restart(service, pki, tmp_path):
@@ -503,12 +498,7 @@ def test_a_sidecar_started_on_a_bad_clients_file_refuses_every_client(service, p
     name, _ = _clients_file([])
     clients = tmp_path / "mesh-clients"
     _write_volume(clients, {name: content(pki).encode()}, "2026_01_01_00_00_00.1")
-    envoy = Envoy(render_sidecar(app=service, source=SIDECAR_MTLS,
-                                 mesh_tls_dir=pki.dirs["artifact"], sds_dir=tmp_path / "sds",
-                                 clients_dir=clients),
-                  tmp_path / "envoy")
-    try:
-        envoy.wait_healthy("app", 1)
+    with _artifact_sidecar(service, pki, tmp_path, clients_dir=clients) as envoy:
         assert envoy.stat(f"sds.mesh_clients.{stat}") >= 1
         assert envoy.stat("sds.mesh_clients.update_success") == 0
         assert envoy.request("GET", envoy.address("ready"), "/ready")[0] == 200
@@ -521,5 +511,3 @@ def test_a_sidecar_started_on_a_bad_clients_file_refuses_every_client(service, p
         _until(lambda: _answers(envoy.address("inbound"), pki.ca, pki.dirs["orchestrator"]),
                "the good clients file was not taken")
         assert not _answers(envoy.address("inbound"), pki.ca, pki.dirs["memory"])
-    finally:
-        envoy.stop()
