@@ -48,6 +48,7 @@ from hivemesh.artifact.v1 import ArtifactServiceStub
 from hivemesh.client.base import trace_metadata
 from hivemesh.client.channel import ChannelTls, open_channel
 from hivemesh.client.errors import HivemeshError, from_rpc_error
+from hivemesh.common.v1 import ErrorReason
 from hivemesh.information.v1 import InformationServiceStub
 from hivemesh.llm.v1 import LlmServiceStub
 from hivemesh.memory.v1 import MemoryServiceStub
@@ -217,7 +218,7 @@ class Providers:
         provider = self._providers.get(name)
         if provider is None:
             raise errors.ServiceError(
-                grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
                 f"no {name} service is configured for the orchestrator", {"provider": name})
         return provider
 
@@ -334,14 +335,15 @@ def _about_one_backend(error: errors.ServiceError) -> bool:
 
 # Reasons of errors with no ErrorInfo (the provider was never reached or
 # never answered: gRPC made the status).
-_TRANSPORT_REASONS = {grpc.StatusCode.UNAVAILABLE: "BACKEND_UNAVAILABLE",
-                      grpc.StatusCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED"}
+_TRANSPORT_REASONS = {grpc.StatusCode.UNAVAILABLE: ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
+                      grpc.StatusCode.DEADLINE_EXCEEDED: ErrorReason.ERROR_REASON_DEADLINE_EXCEEDED}
 
 
 def provider_error(name: str, typed: HivemeshError) -> errors.ServiceError:
     """The provider's error as this service's own: same code, reason and
     metadata, plus which provider failed."""
-    reason = typed.reason or _TRANSPORT_REASONS.get(typed.code, "UPSTREAM_ERROR")
+    reason = typed.reason or _TRANSPORT_REASONS.get(typed.code,
+                                                    ErrorReason.ERROR_REASON_UPSTREAM_ERROR)
     # The provider was already retried by this service's own policy: a
     # caller retrying the whole call would multiply the attempts (and the
     # runs) against a provider that is down.

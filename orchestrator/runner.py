@@ -37,7 +37,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hivemesh.artifact.v1 import SaveArtifactRequest
 from hivemesh.client.errors import from_status
-from hivemesh.common.v1 import StreamOutcome, Usage
+from hivemesh.common.v1 import ErrorReason, StreamOutcome, Usage
 from hivemesh.information.v1 import CommitRequest, ReleaseRequest, ReserveRequest, TrackCompletionRequest
 from hivemesh.llm.v1 import (
     Conversation, FinishReason, GenerateRequest, GenerateResponse, GenerationConfig,
@@ -237,7 +237,7 @@ class AgentRunner:
                 await self._resent_spend(run)
                 failed = run.failed()
                 failed.error.CopyFrom(errors.ServiceError(
-                    grpc.StatusCode.CANCELLED, "CANCELLED",
+                    grpc.StatusCode.CANCELLED, ErrorReason.ERROR_REASON_CANCELLED,
                     f"the run of agent {agent.name!r} was cancelled (the caller left or its "
                     "deadline passed)").to_status(DOMAIN))
                 run.emit(EventType.EVENT_TYPE_AGENT_FAILED, failed)
@@ -259,7 +259,7 @@ class AgentRunner:
             missing = await self.tools.find(agent.allowed_tools)
             if missing:
                 run.degrade(DegradedComponent.DEGRADED_COMPONENT_TOOL, errors.ServiceError(
-                    grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                    grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
                     f"tool(s) {', '.join(missing)} not available (tool servers unreachable: "
                     f"{', '.join(self.tools.unreachable) or 'none'}); the run goes without"))
 
@@ -307,7 +307,8 @@ class AgentRunner:
             if handoff is not None and opts.refuse_handoff \
                     and HANDOFF_TOOL not in agent.allowed_tools:
                 raise errors.ServiceError(
-                    grpc.StatusCode.FAILED_PRECONDITION, "HANDOFF_NOT_ALLOWED",
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    ErrorReason.ERROR_REASON_HANDOFF_NOT_ALLOWED,
                     f"agent {agent.name!r} asked to hand off, which its task does not allow "
                     "(allow_handoff is false)", {"agent": agent.name})
             if handoff is not None and self._handoff(run, handoff):
@@ -317,7 +318,8 @@ class AgentRunner:
                 return await self._finish(run, enforcement, iteration, settled=True)
             if iteration > limit:
                 raise errors.ServiceError(
-                    grpc.StatusCode.FAILED_PRECONDITION, "TOOL_ITERATION_LIMIT",
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    ErrorReason.ERROR_REASON_TOOL_ITERATION_LIMIT,
                     f"agent {agent.name!r} still asked for tools after {limit} tool turns",
                     {"max_tool_iterations": str(limit)})
             messages.append(_as_sent(reply))
@@ -543,7 +545,7 @@ class AgentRunner:
         except asyncio.CancelledError:
             # Cancelled again: the run ends now (it raises a cancellation anyway).
             unknown = errors.ServiceError(
-                grpc.StatusCode.CANCELLED, "CANCELLED",
+                grpc.StatusCode.CANCELLED, ErrorReason.ERROR_REASON_CANCELLED,
                 "the run was cancelled again before the spend of its last generation was "
                 "recorded: the request is still pending, its cost is not counted here")
         else:

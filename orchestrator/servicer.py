@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from hivemesh.common.v1 import StreamEnd, StreamOutcome
+from hivemesh.common.v1 import ErrorReason, StreamEnd, StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentEvent, AgentResult, DeleteAgentResponse, EventType, GetAgentResponse, Heartbeat,
     ListAgentsResponse, RegisterAgentRequest, RegisterAgentResponse, RunAgentRequest,
@@ -88,7 +88,7 @@ class OrchestratorServicer:
             unknown = [t for t in unknown if not self.tools.known(t)]
         if unknown and unreachable:
             raise errors.ServiceError(
-                grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
                 f"tool server(s) {', '.join(unreachable)} unreachable: cannot check "
                 f"tool(s) {', '.join(unknown)}; retry later",
                 {"tools": ",".join(unknown), "servers": ",".join(unreachable)})
@@ -279,7 +279,8 @@ class OrchestratorServicer:
                         yield SubscribeEventsResponse(end=StreamEnd(
                             outcome=StreamOutcome.STREAM_OUTCOME_FAILED,
                             error=errors.ServiceError(
-                                grpc.StatusCode.RESOURCE_EXHAUSTED, "SUBSCRIBER_TOO_SLOW",
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                ErrorReason.ERROR_REASON_SUBSCRIBER_TOO_SLOW,
                                 "the subscriber fell too far behind; events were dropped",
                                 {"dropped_events": str(subscription.dropped)}
                             ).to_status(DOMAIN)))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import trace
 
-from hivemesh.common.v1 import Usage
+from hivemesh.common.v1 import ErrorReason, Usage
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, AgentFailed, AgentResult, BranchResult, CombineMode, EventType, RunWorkflowRequest,
     RunWorkflowResponse, TaskResult, TaskSpec, TaskStart, TaskStatus, WorkflowComplete,
@@ -134,7 +134,8 @@ def _add_usage(total: Usage, usage: Usage) -> None:
 
 
 def _cancelled(message: str):
-    return errors.ServiceError(grpc.StatusCode.CANCELLED, "CANCELLED", message).to_status(DOMAIN)
+    return errors.ServiceError(grpc.StatusCode.CANCELLED, ErrorReason.ERROR_REASON_CANCELLED,
+                               message).to_status(DOMAIN)
 
 
 @dataclass
@@ -301,7 +302,7 @@ class WorkflowRun:
             if failed:
                 result.status = TaskStatus.TASK_STATUS_SKIPPED
                 result.error.CopyFrom(errors.ServiceError(
-                    grpc.StatusCode.FAILED_PRECONDITION, "DEPENDENCY_FAILED",
+                    grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_DEPENDENCY_FAILED,
                     f"not run: dependency {failed[0]!r} did not succeed",
                     {"dependency": failed[0]}).to_status(DOMAIN))
                 self._task_complete(task, result)
@@ -332,7 +333,7 @@ class WorkflowRun:
                         result.output = final.output
         except TimeoutError:
             self._fail(task, result, errors.ServiceError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+                grpc.StatusCode.DEADLINE_EXCEEDED, ErrorReason.ERROR_REASON_DEADLINE_EXCEEDED,
                 f"task {task.task_id!r} ran out of its time limit"))
         except RunError as exc:
             self._fail(task, result, exc.error)
@@ -425,7 +426,7 @@ class WorkflowRun:
             result.handoffs.append(run.handoff)
             agent, text, model = run.handoff.to_agent, run.handoff.input, ""
         raise errors.ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION, "HANDOFF_LIMIT",
+            grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_HANDOFF_LIMIT,
             f"task {task.task_id!r} was handed off more than {limit} times",
             {"max_handoffs": str(limit)})
 
@@ -469,7 +470,7 @@ class WorkflowRun:
         if not winners:
             first = next((r.error for r in records if r.HasField("error")), None)
             raise errors.ServiceError(
-                grpc.StatusCode.ABORTED, "ALL_BRANCHES_FAILED",
+                grpc.StatusCode.ABORTED, ErrorReason.ERROR_REASON_ALL_BRANCHES_FAILED,
                 f"every branch of task {task.task_id!r} failed"
                 + (f"; first: {first.message}" if first is not None else ""))
         if combine == CombineMode.COMBINE_MODE_FIRST:

@@ -80,3 +80,34 @@ def test_a_message_holding_a_lone_surrogate_still_makes_a_status():
     assert status.message == "upstream said ? no"
     translated = client_errors.from_rpc_error(_FakeRpcError(status))
     assert translated.metadata == {"body": "?"}
+
+
+def _reasons_written_in_the_code() -> list[tuple[str, int, str]]:
+    """(file, line, reason) of every reason the services' code writes as
+    text: a string given to ServiceError (second argument or ``reason=``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for path in [*root.glob("services/**/*.py"), *root.glob("orchestrator/**/*.py")]:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and getattr(
+                    node.func, "attr", getattr(node.func, "id", "")) == "ServiceError"):
+                continue
+            texts = node.args[1:2] + [k.value for k in node.keywords if k.arg == "reason"]
+            found += [(path.name, t.lineno, t.value) for t in texts
+                      if isinstance(t, ast.Constant) and isinstance(t.value, str)]
+    return found
+
+
+def test_every_reason_the_services_write_is_one_of_the_contract():
+    """ErrorInfo.reason is a hivemesh.common.v1.ErrorReason name, as the
+    contract says, also where the code writes it as text: a client switching
+    on the reasons it knows never meets one the contract does not name."""
+    from hivemesh.common.v1 import ErrorReason
+    known = {name.removeprefix("ERROR_REASON_") for name in ErrorReason.keys()}
+    written = _reasons_written_in_the_code()
+    assert written, "the scan found no reason written as text at all"
+    assert [w for w in written if w[2] not in known] == []

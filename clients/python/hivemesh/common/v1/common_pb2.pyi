@@ -29,6 +29,14 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_ALREADY_EXISTS: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_CLIENT_NOT_ALLOWED: _ClassVar[ErrorReason]
+    ERROR_REASON_SUBSCRIBER_TOO_SLOW: _ClassVar[ErrorReason]
+    ERROR_REASON_CANCELLED: _ClassVar[ErrorReason]
+    ERROR_REASON_DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
+    ERROR_REASON_DEPENDENCY_FAILED: _ClassVar[ErrorReason]
+    ERROR_REASON_HANDOFF_LIMIT: _ClassVar[ErrorReason]
+    ERROR_REASON_HANDOFF_NOT_ALLOWED: _ClassVar[ErrorReason]
+    ERROR_REASON_TOOL_ITERATION_LIMIT: _ClassVar[ErrorReason]
+    ERROR_REASON_ALL_BRANCHES_FAILED: _ClassVar[ErrorReason]
 
 class StreamOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -55,6 +63,14 @@ ERROR_REASON_SHUTTING_DOWN: ErrorReason
 ERROR_REASON_ALREADY_EXISTS: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_CLIENT_NOT_ALLOWED: ErrorReason
+ERROR_REASON_SUBSCRIBER_TOO_SLOW: ErrorReason
+ERROR_REASON_CANCELLED: ErrorReason
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason
+ERROR_REASON_DEPENDENCY_FAILED: ErrorReason
+ERROR_REASON_HANDOFF_LIMIT: ErrorReason
+ERROR_REASON_HANDOFF_NOT_ALLOWED: ErrorReason
+ERROR_REASON_TOOL_ITERATION_LIMIT: ErrorReason
+ERROR_REASON_ALL_BRANCHES_FAILED: ErrorReason
 STREAM_OUTCOME_UNSPECIFIED: StreamOutcome
 STREAM_OUTCOME_COMPLETED: StreamOutcome
 STREAM_OUTCOME_FAILED: StreamOutcome
