@@ -12,22 +12,38 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 
+# While steps keep failing (a store down for a while), one warning for this
+# many failed steps, not a traceback a second.
+REPEAT_WARNING_EVERY = 60
+
+
 async def sweep_until(stop: asyncio.Event, step: Callable[[], Awaitable[None]],
                       interval_s: float, *, logger: logging.Logger, failure: str) -> None:
     """``step()`` every ``interval_s`` seconds until ``stop`` is set; a step
-    that fails is logged (``failure``) and the next one tries again. The
-    flag, not only the task's cancellation, ends it: a cancellation that
-    arrives while a store call is waiting can be lost inside the client
-    library, and the shutdown waiting for the sweeper would then wait
-    forever."""
+    that fails is logged (``failure``) and the next one tries again: the
+    first failure of a run of them with its traceback, then one warning
+    every ``REPEAT_WARNING_EVERY`` failures, and a line when a step succeeds
+    again. The flag, not only the task's cancellation, ends it: a
+    cancellation that arrives while a store call is waiting can be lost
+    inside the client library, and the shutdown waiting for the sweeper
+    would then wait forever."""
+    failed = 0
     while True:
         await asyncio.sleep(interval_s)
         if stop.is_set():
             return
         try:
             await step()
-        except Exception:  # noqa: BLE001 - the next sweep retries
-            logger.exception(failure)
+        except Exception as exc:  # noqa: BLE001 - the next sweep retries
+            failed += 1
+            if failed == 1:
+                logger.exception(failure)
+            elif failed % REPEAT_WARNING_EVERY == 0:
+                logger.warning("%s, %d times in a row; the last: %s", failure, failed, exc)
+            continue
+        if failed:
+            logger.info("the sweeps succeed again after %d failed", failed)
+            failed = 0
 
 
 class Sweeper:

@@ -56,6 +56,41 @@ async def test_a_failing_step_is_logged_and_the_next_one_runs(caplog):
     assert "it failed" in caplog.text
 
 
+async def test_a_run_of_failures_logs_one_traceback_then_a_warning_now_and_then(
+        caplog, monkeypatch):
+    """A store down for a while: the first failure with its traceback, then
+    a warning every REPEAT_WARNING_EVERY failures, not a traceback a sweep;
+    a line when the sweeps succeed again, and a new run starts afresh."""
+    from hivemesh.runtime import sweeper
+    monkeypatch.setattr(sweeper, "REPEAT_WARNING_EVERY", 3)
+    outcomes = [False] * 7 + [True] + [False] + [True]
+    done = asyncio.Event()
+
+    async def step() -> None:
+        ok = outcomes.pop(0)
+        if not outcomes:
+            done.set()
+        if not ok:
+            raise ConnectionError("store down")
+
+    stop = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger=log.name):
+        task = asyncio.create_task(sweep_until(stop, step, 0.001, logger=log,
+                                               failure="it failed"))
+        await asyncio.wait_for(done.wait(), 30)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    records = [(r.levelname, r.getMessage(), r.exc_info is not None)
+               for r in caplog.records if r.name == log.name]
+    assert records == [
+        ("ERROR", "it failed", True),
+        ("WARNING", "it failed, 3 times in a row; the last: store down", False),
+        ("WARNING", "it failed, 6 times in a row; the last: store down", False),
+        ("INFO", "the sweeps succeed again after 7 failed", False),
+        ("ERROR", "it failed", True),
+        ("INFO", "the sweeps succeed again after 1 failed", False)]
+
+
 async def test_stopping_the_sweeper_ends_its_task_even_if_a_step_loses_the_cancellation():
     entered = asyncio.Event()
 
