@@ -50,13 +50,13 @@ import redis.asyncio as aioredis
 
 from hivemesh.orchestrator.v1 import AgentDefinition
 from hivemesh.runtime import errors
-from hivemesh.runtime.redis import cluster_prefix, failures, open_redis, redact_url
+from hivemesh.runtime.redis import cluster_prefix, open_redis, redact_url, redis_failures
 from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.state import state_unavailable
 
 # What a failing Redis raises (a cluster client's errors included).
-_FAILURES = failures()
+_FAILURES = redis_failures()
 
 log = logging.getLogger("hivemesh.orchestrator")
 

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from redis.exceptions import NoScriptError
 
 from hivemesh.memory.v1 import AppendHistoryResponse, HistoryMessage
-from hivemesh.runtime.redis import cluster_prefix, failures, open_redis
+from hivemesh.runtime.redis import cluster_prefix, open_redis, redis_failures
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.memory.ledger import (
@@ -111,7 +111,7 @@ return 0
 """
 
 
-_FAILURES = failures()
+_FAILURES = redis_failures()
 
 
 @contextlib.contextmanager

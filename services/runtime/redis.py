@@ -25,7 +25,7 @@ class RedisUnavailable(ConnectionError):
     """Redis cannot be reached."""
 
 
-def failures() -> tuple[type[BaseException], ...]:
+def redis_failures() -> tuple[type[BaseException], ...]:
     """What a failing Redis raises: RedisError, OSError, and a cluster
     client's RedisClusterException (not a RedisError), e.g. when no node
     answers. (A function: the ``redis`` package is imported only by the
@@ -120,7 +120,7 @@ async def open_redis(url: str, *, cluster: bool = False, **options: Any):
         raise RedisUnavailable(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
     try:
         await client.ping()
-    except failures() as exc:
+    except redis_failures() as exc:
         await client.aclose()
         what = "Redis Cluster" if cluster else "Redis"
         raise RedisUnavailable(f"{what} is not reachable at {redact_url(url)}: {exc}") from exc

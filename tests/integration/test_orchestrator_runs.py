@@ -51,6 +51,16 @@ async def register(m, **fields) -> AgentDefinition:
     return response.agent
 
 
+async def _register_remembering_coder(m) -> RequestContext:
+    """A coder that recalls, writes back and keeps history in the namespace
+    "retried"; the context its runs go under."""
+    await register(m, name="coder", system_prompt="You write code.",
+                   output_artifact_type="code",
+                   memory=MemoryConfig(enabled=True, write_back=True, history_enabled=True,
+                                       namespace="retried"))
+    return RequestContext(tenant_id="acme", session_id="s-1")
+
+
 async def run(m, agent: str, text: str = "Implement a function that adds two numbers",
               context: RequestContext | None = None, request_id: str | None = None, **kw):
     response = await call(m.orchestrator.RunAgent, RunAgentRequest(
@@ -400,11 +410,7 @@ async def test_a_run_retried_after_writing_back_sends_its_first_prompt_again(tmp
     of refusing another prompt under the same request id."""
     store = ArtifactOutage()
     async with mesh(tmp_path, artifact_backend=store) as m:
-        await register(m, name="coder", system_prompt="You write code.",
-                       output_artifact_type="code",
-                       memory=MemoryConfig(enabled=True, write_back=True, history_enabled=True,
-                                           namespace="retried"))
-        context = RequestContext(tenant_id="acme", session_id="s-1")
+        context = await _register_remembering_coder(m)
         request_id = rid()
         with pytest.raises(UnavailableError):
             await run(m, "coder", context=context, request_id=request_id)
@@ -454,11 +460,7 @@ async def test_a_run_retried_after_its_memory_reads_failed_sends_its_first_promp
     store = ArtifactOutage()
     store.down = False
     async with mesh(tmp_path, artifact_backend=store) as m:
-        await register(m, name="coder", system_prompt="You write code.",
-                       output_artifact_type="code",
-                       memory=MemoryConfig(enabled=True, write_back=True, history_enabled=True,
-                                           namespace="retried"))
-        context = RequestContext(tenant_id="acme", session_id="s-1")
+        context = await _register_remembering_coder(m)
         seeded = (await run(m, "coder", context=context)).result  # something to find
         assert not seeded.degraded
         store.down = True

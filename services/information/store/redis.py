@@ -56,7 +56,7 @@ from collections import OrderedDict
 
 import redis.asyncio as aioredis
 
-from hivemesh.runtime.redis import cluster_prefix, failures, open_redis
+from hivemesh.runtime.redis import cluster_prefix, open_redis, redis_failures
 from hivemesh.services.information.store.base import (
     MODE_HARD, AlertRecord, BudgetChanged, BudgetExceeded, BudgetRecord, CallRecord, Counter,
     CreatedBudgetGone, Hold, IdempotencyConflict, Once, PriceRecord, ReleaseResult,
@@ -635,7 +635,7 @@ _LEGACY_SCAN_COUNT = 1000
 
 class RedisStore:
     name = "redis"
-    failures = failures()
+    failures = redis_failures()
 
     def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX, *,
                  request_ttl_s: float = 86400.0) -> None:
