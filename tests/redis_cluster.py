@@ -1,6 +1,8 @@
-"""A Redis Cluster of three masters on loopback, started from the installed
-``redis-server`` for the tests that run the shared-Redis scenarios on a
-cluster too (the ``redis_cluster`` fixture of conftest.py)."""
+"""A Redis Cluster on loopback, started from the installed ``redis-server``:
+three masters for the tests that run the shared-Redis scenarios on a
+cluster too (the ``redis_cluster`` fixture of conftest.py), and three
+masters with a replica each for the tests that move a backend's slot to
+another master and fail its master over (:class:`Cluster`)."""
 
 from __future__ import annotations
 
@@ -64,12 +66,12 @@ def _wait_until(what: str, check) -> None:
     raise RuntimeError(f"the test Redis Cluster: {what} did not happen in time")
 
 
-def _start_node(server: str, port: int, folder: Path) -> subprocess.Popen:
+def _start_node(server: str, port: int, folder: Path, *options: str) -> subprocess.Popen:
     folder.mkdir()
     return subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
          "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-         "--save", "", "--appendonly", "no", "--logfile", "redis.log"],
+         "--save", "", "--appendonly", "no", "--logfile", "redis.log", *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -82,6 +84,122 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+class Cluster:
+    """The nodes of a running test cluster, and what a test does to them:
+    which master serves a key, moving a key's slot to another master,
+    waiting until the replicas have every write, killing a node."""
+
+    def __init__(self, cli: str, ports: list[int], processes: dict[int, subprocess.Popen]):
+        self.cli = cli
+        self.ports = ports
+        self.processes = processes
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.live()[0]}/0"
+
+    def live(self) -> list[int]:
+        return [p for p in self.ports if self.processes[p].poll() is None]
+
+    def _client(self, port: int):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+
+    def _masters(self) -> dict[str, tuple[int, list[tuple[int, int]]]]:
+        """node id -> (port, slot ranges) of the masters that are not failing,
+        as a live node sees them."""
+        masters = {}
+        for line in _cli(self.cli, self.live()[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            flags = fields[2].split(",")
+            if "master" not in flags or "fail" in flags or "fail?" in flags:
+                continue
+            port = int(fields[1].split("@")[0].rpartition(":")[2])
+            ranges = []
+            for item in fields[8:]:
+                if item.startswith("["):  # a slot being migrated or imported
+                    continue
+                first, _, last = item.partition("-")
+                ranges.append((int(first), int(last or first)))
+            masters[fields[0]] = (port, ranges)
+        return masters
+
+    def master_of(self, slot: int) -> tuple[str, int]:
+        """(node id, port) of the master serving ``slot``."""
+        for node_id, (port, ranges) in self._masters().items():
+            if any(first <= slot <= last for first, last in ranges):
+                return node_id, port
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def move_slot(self, slot: int) -> int:
+        """Moves ``slot`` and its keys to another master, the way
+        ``redis-cli --cluster reshard`` does (IMPORTING, MIGRATING, MIGRATE,
+        then NODE on every master); returns the port of its new master."""
+        source_id, source = self.master_of(slot)
+        masters = self._masters()
+        target_id, (target, _) = next((i, m) for i, m in masters.items() if i != source_id)
+        with self._client(source) as src, self._client(target) as dst:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for port, _ in masters.values():
+            with self._client(port) as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return target
+
+    def wait_replicated(self, port: int) -> None:
+        """Until the replicas of the master at ``port`` have all its writes
+        (replication is asynchronous: a master killed earlier could take
+        acknowledged writes with it)."""
+        def replicated() -> bool:
+            with self._client(port) as client:
+                info = client.info("replication")
+            offsets = [v["offset"] for k, v in info.items() if k.startswith("slave")
+                       and isinstance(v, dict)]
+            return bool(offsets) and all(o == info["master_repl_offset"] for o in offsets)
+        _wait_until(f"the replicas of {port} catching up", replicated)
+
+    def kill(self, port: int) -> None:
+        self.processes[port].kill()
+        self.processes[port].wait()
+
+
+def _create(cli: str, ports: list[int], replicas: int) -> None:
+    for port in ports:
+        _wait_until(f"node {port} answering", lambda p=port: _cli(cli, p, "ping") == "PONG\n")
+    subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                    "--cluster-replicas", str(replicas), "--cluster-yes"],
+                   capture_output=True, check=True, timeout=60)
+    for port in ports:
+        _wait_until(f"node {port} seeing the cluster ok",
+                    lambda p=port: "cluster_state:ok" in _cli(cli, p, "cluster", "info"))
+    if replicas:
+        def linked(port: int) -> bool:
+            info = _cli(cli, port, "info", "replication")
+            return "role:master" in info or "master_link_status:up" in info
+        for port in ports:
+            _wait_until(f"node {port} replicating", lambda p=port: linked(p))
+
+
+@contextlib.contextmanager
+def cluster_with_replicas(folder: Path, server: str, cli: str) -> Iterator[Cluster]:
+    """Three masters with a replica each; a replica takes over a master
+    its peers have not heard from for a second (``cluster-node-timeout``).
+    Stops every node at the end."""
+    ports = free_ports(2 * MASTERS)
+    processes: dict[int, subprocess.Popen] = {}
+    try:
+        for port in ports:
+            processes[port] = _start_node(server, port, folder / str(port),
+                                          "--cluster-node-timeout", "1000")
+        _create(cli, ports, replicas=1)
+        yield Cluster(cli, ports, processes)
+    finally:
+        for process in processes.values():
+            _stop(process)
+
+
 @contextlib.contextmanager
 def redis_cluster(folder: Path, server: str, cli: str) -> Iterator[str]:
     """Starts the nodes in ``folder``, joins them in a cluster (no
@@ -92,14 +210,7 @@ def redis_cluster(folder: Path, server: str, cli: str) -> Iterator[str]:
     try:
         for port in ports:
             processes.append(_start_node(server, port, folder / str(port)))
-        for port in ports:
-            _wait_until(f"node {port} answering", lambda p=port: _cli(cli, p, "ping") == "PONG\n")
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       capture_output=True, check=True, timeout=60)
-        for port in ports:
-            _wait_until(f"node {port} seeing the cluster ok",
-                        lambda p=port: "cluster_state:ok" in _cli(cli, p, "cluster", "info"))
+        _create(cli, ports, replicas=0)
         yield f"redis://127.0.0.1:{ports[0]}/0"
     finally:
         for process in processes:
