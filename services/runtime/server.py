@@ -3,7 +3,9 @@
 Every service's ``create_server(settings, deps)`` calls :func:`start_server`;
 only ``main()`` reads settings and wires dependencies. The server always has
 ``grpc.health.v1`` (the library's servicer, status per service) and server
-reflection, and the standard middleware chain.
+reflection, and the standard middleware chain. With ``health_port`` set, a
+second, plaintext server on that port serves the same health statuses and
+nothing else (Kubernetes' ``grpc:`` probes when the main port speaks TLS).
 """
 
 from __future__ import annotations
@@ -85,11 +87,28 @@ class RunningServer:
     on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()
     # The calls in flight (None with a chain that does not track them).
     drain: DrainMiddleware | None = None
+    # The plaintext server of health alone, on its own port (health_port),
+    # sharing ``health``: None when the setting is unset.
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def shutdown(self, grace_s: float, drain_delay_s: float = 0.0) -> None:
         """Health goes NOT_SERVING first; then new calls are refused and
         in-flight calls get ``grace_s`` seconds to finish; those still
-        running then answer UNAVAILABLE, reason SHUTTING_DOWN."""
+        running then answer UNAVAILABLE, reason SHUTTING_DOWN. The health
+        port answers NOT_SERVING all along and stops once the server has."""
+        try:
+            await self._shutdown(grace_s, drain_delay_s)
+        finally:
+            await self.stop_health_server()
+
+    async def stop_health_server(self) -> None:
+        """Stop the health port's server (its watches were ended with the
+        main server's); nothing without one. Safe to call again."""
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+
+    async def _shutdown(self, grace_s: float, drain_delay_s: float) -> None:
         await self.health.enter_graceful_shutdown()
         if drain_delay_s:
             await asyncio.sleep(drain_delay_s)
@@ -155,7 +174,12 @@ async def start_server(settings: ServerSettings, *, domain: str,
     of the chain). Health and reflection are exempt, still behind the
     handshake's CA check: a probe (``hivemesh health``) may present the
     pod's own certificate, not a caller's, and what they tell (serving or
-    not; the public contracts' names) is no service's data."""
+    not; the public contracts' names) is no service's data.
+
+    With ``health_port`` a second server, plaintext, binds that port on the
+    same host with the same Health servicer and nothing else: it answers
+    what the main port's health answers (NOT_SERVING from the start of a
+    shutdown) and stops after the main server."""
     chain = checking_client_names(
         middleware if middleware is not None else default_chain(domain),
         settings.tls_client_names, domain)
@@ -168,19 +192,46 @@ async def start_server(settings: ServerSettings, *, domain: str,
     names = tuple(b.name for b in services)
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = host_port(settings.host, settings.port)
-    try:
-        port = (server.add_insecure_port(address) if credentials is None
-                else server.add_secure_port(address, credentials))
-    except RuntimeError as exc:  # grpcio's way of saying the address is taken
-        raise OSError(f"could not bind {address}{_tls_hint(credentials)}: {exc}") from None
-    if port == 0:
-        raise OSError(f"could not bind {address}{_tls_hint(credentials)}")
+    port = _bind(server, settings.host, settings.port, credentials)
+    health_server, health_port = None, None
+    if settings.health_port is not None:
+        # Health alone: no service methods, no reflection, no TLS. The same
+        # servicer, so both ports tell the same statuses, drain included.
+        health_server = grpc.aio.server(options=server_options(settings))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        try:
+            health_port = _bind(health_server, settings.host, settings.health_port, None,
+                                what="the health port ")
+        except OSError:
+            await server.stop(0)  # let go of the main port
+            raise
     await server.start()
+    if health_server is not None:
+        try:
+            await health_server.start()
+        except BaseException:
+            await server.stop(0)
+            raise
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     drain = next((m for m in chain.middlewares if isinstance(m, DrainMiddleware)), None)
-    return RunningServer(server, port, health_servicer, names, tuple(on_shutdown), drain)
+    return RunningServer(server, port, health_servicer, names, tuple(on_shutdown), drain,
+                         health_server, health_port)
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int,
+          credentials: grpc.ServerCredentials | None, what: str = "") -> int:
+    """Bind ``server`` on host:port (TLS with ``credentials``); the port
+    bound, else OSError naming the address."""
+    address = host_port(host, port)
+    try:
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
+    except RuntimeError as exc:  # grpcio's way of saying the address is taken
+        raise OSError(f"could not bind {what}{address}{_tls_hint(credentials)}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"could not bind {what}{address}{_tls_hint(credentials)}")
+    return bound
 
 
 async def run_until_signalled(running: RunningServer, settings: ServerSettings,
@@ -194,8 +245,10 @@ async def run_until_signalled(running: RunningServer, settings: ServerSettings,
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready()
-    log.info("serving", extra={"port": running.port, "event_loop": loop_name(loop),
-                               "tls": settings.tls_mode})
+    fields = {"port": running.port, "event_loop": loop_name(loop), "tls": settings.tls_mode}
+    if running.health_port is not None:
+        fields["health_port"] = running.health_port
+    log.info("serving", extra=fields)
     serving = asyncio.create_task(running.server.wait_for_termination())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -204,3 +257,4 @@ async def run_until_signalled(running: RunningServer, settings: ServerSettings,
         await running.shutdown(settings.grace_period_s, settings.drain_delay_s)
     stopping.cancel()
     await serving
+    await running.stop_health_server()  # the server stopped by itself: its health port too

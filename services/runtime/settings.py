@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from hivemesh.client.tls_files import (
@@ -176,6 +176,11 @@ class ServerSettings(BaseModel):
 
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+    # A second, plaintext port on the same host serving only grpc.health.v1
+    # (the same statuses as the main port): for Kubernetes' grpc probes,
+    # which cannot speak TLS, when the main port does. Unset: no such port;
+    # 0 picks a free one.
+    health_port: int | None = Field(default=None, ge=0, le=65535)
     # Largest request or response, bytes. Artifact content is capped lower by
     # the service itself so that an oversize save gets a clear error.
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -206,6 +211,17 @@ class ServerSettings(BaseModel):
     _cert = field_validator("tls_cert_file")(_check_file(check_certificate_file))
     _ca = field_validator("tls_client_ca_file")(_check_file(check_ca_file))
     _key = field_validator("tls_key_file")(_check_file(check_key_file))
+
+    @field_validator("health_port")
+    @classmethod
+    def _health_port_apart(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Two servers cannot bind one port: refused here (exit 2) rather
+        # than as a bind failure at start-up.
+        port = info.data.get("port")
+        if value is not None and value != 0 and value == port:
+            raise ValueError(f"is the service's own port ({port}): the health port needs a "
+                             "port of its own (or 0 for a free one), or leave it unset")
+        return value
 
     @field_validator("tls_client_names")
     @classmethod
