@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import kubernetes_validate
@@ -721,3 +722,54 @@ def test_an_overlay_can_give_each_service_its_own_clients_file(tmp_path):
 
 def _volumes(deployment: dict) -> dict[str, dict]:
     return {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+
+
+def _readme_health_port_snippet() -> dict:
+    """The README's container fields that put the probes on the health port
+    (the YAML block that sets HEALTH_PORT)."""
+    readme = (REPO / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    [block] = [b for b in blocks if "SERVER__HEALTH_PORT" in b]
+    return yaml.safe_load(textwrap.dedent(block))
+
+
+def test_the_readmes_health_port_probes_build_and_point_at_the_health_port(tmp_path):
+    """The README's snippet, patched into the base's artifact Deployment,
+    builds, matches the API schema, names real settings, and moves all
+    three probes to the health port while the Services keep the app's."""
+    snippet = _readme_health_port_snippet()
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "base", overlay)],
+        "patches": [{"target": {"kind": "Deployment", "name": "hivemesh-artifact"},
+                     "patch": yaml.safe_dump({
+                         "apiVersion": "apps/v1", "kind": "Deployment",
+                         "metadata": {"name": "hivemesh-artifact"},
+                         "spec": {"template": {"spec": {"containers": [
+                             {"name": "app", **snippet}]}}}})}]}))
+    docs = kustomize(overlay)
+    for doc in docs:
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    [deployment] = [d for d in of_kind(docs, "Deployment") if service_of(d) == "artifact"]
+    app = containers(deployment)["app"]
+    env = env_of(app)
+    prefix = "HIVEMESH_ARTIFACT_SERVER__"
+    for var in (e["name"] for e in snippet["env"]):
+        assert var.startswith(prefix) and var.removeprefix(prefix).lower() in (
+            ServerSettings.model_fields), var
+    health_port = ServerSettings(port=APP_PORT,
+                                 health_port=env[f"{prefix}HEALTH_PORT"]).health_port
+    assert health_port != APP_PORT
+    assert {"name": "health", "containerPort": health_port} in app["ports"]
+    assert {"name": "grpc", "containerPort": APP_PORT} in app["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert app[probe]["grpc"]["port"] == health_port, probe
+        assert set(app[probe]) > {"grpc"}, probe  # the base's timings stay
+    assert app["readinessProbe"]["grpc"]["service"] == FULL_NAMES["artifact"]
+    assert app["livenessProbe"]["grpc"].get("service", "") == ""
+    for service in of_kind(docs, "Service"):
+        if service["metadata"]["name"].startswith("hivemesh-artifact"):
+            assert [p["port"] for p in service["spec"]["ports"]] == [APP_PORT]
