@@ -219,9 +219,9 @@ class ServerSettings(BaseModel):
         # than as a bind failure at start-up.
         port = info.data.get("port")
         if value is not None and value != 0 and value == port:
-            raise ValueError(f"is the service's port too ({port}, from SERVER__PORT or "
-                             "--port): the health port needs a port of its own (0 picks a "
-                             "free one), or leave it unset")
+            raise ValueError(f"is the service's port too ({port}, from "
+                             "HIVEMESH_<SVC>_SERVER__PORT or --port): the health port needs "
+                             "a port of its own (0 picks a free one), or leave it unset")
         return value
 
     @field_validator("tls_client_names")
