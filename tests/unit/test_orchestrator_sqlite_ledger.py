@@ -1,9 +1,10 @@
 """The local state backend's finished requests in SQLite
-(``orchestrator/sqlite_state.py``): a result kept by one ledger is replayed
-by the next one opened on the same data directory, under the same rules as
-in memory (fingerprint conflicts, TTL, size bound, failures not kept,
-concurrent duplicates run once), and a damaged row is run again, never a
-failed run. Time is a clock the test moves."""
+(``orchestrator/sqlite_state.py``, on ``services/runtime/request_records.py``):
+a result kept by one ledger is replayed by the next one opened on the same
+data directory, under the same rules as in memory (fingerprint conflicts,
+TTL, size bound, failures not kept, concurrent duplicates run once), and a
+damaged row is run again, never a failed run. Time is a clock the test
+moves."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from hivemesh.common.v1 import ErrorReason
 from hivemesh.orchestrator.v1 import AgentResult
 from hivemesh.runtime import errors
-from hivemesh.services.orchestrator import sqlite_state
+from hivemesh.runtime import request_records
 from hivemesh.services.orchestrator.server import open_requests
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
 from hivemesh.services.orchestrator.sqlite_state import FILE_NAME, SqliteLedger
@@ -112,7 +113,7 @@ async def test_an_expired_result_runs_again_and_is_purged(tmp_path):
 
 
 async def test_expired_rows_are_purged_in_bounded_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(sqlite_state, "PURGE_BATCH", 2)
+    monkeypatch.setattr(request_records, "PURGE_BATCH", 2)
     clock, run = Clock(), Runs()
     async with ledger(tmp_path, clock) as led:
         for n in range(5):
