@@ -4,6 +4,7 @@ settings; only the CLI reads them from the environment."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from grpc_health.v1 import health_pb2
 from opentelemetry import metrics
@@ -11,10 +12,21 @@ from opentelemetry import metrics
 from hivemesh.llm.v1 import add_LlmServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
 from hivemesh.services.llm.backends.base import LlmBackend
-from hivemesh.runtime.resilience import Backoff, CircuitBreaker, Idempotency, RateLimiter, TtlLru
+from hivemesh.runtime.request_records import (
+    MemoryRequestRecords, RequestRecords, SqliteRequestRecords)
+from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter, TtlLru
+from hivemesh.runtime.sweeper import Pruning, Sweeper, sweep_until
 from hivemesh.services.llm.router import BackendState, Router
-from hivemesh.services.llm.servicer import DOMAIN, SERVICE_NAME, LlmServicer
+from hivemesh.services.llm.servicer import DOMAIN, RECORDS_KIND, SERVICE_NAME, LlmServicer
 from hivemesh.services.llm.settings import BackendSettings, LlmSettings
+
+log = logging.getLogger("hivemesh.llm")
+# The sweeper wakes up this often; request records past their TTL are looked
+# for every _PRUNE_INTERVAL_S, at most _PRUNE_BATCH at once (again at the
+# next wake-up while whole batches go).
+_SWEEP_INTERVAL_S = 1.0
+_PRUNE_INTERVAL_S = 60.0
+_PRUNE_BATCH = 10_000
 
 
 def build_backend(name: str, settings: BackendSettings) -> LlmBackend:
@@ -36,15 +48,34 @@ def build_backend(name: str, settings: BackendSettings) -> LlmBackend:
                          reasoning_models=settings.reasoning_model_prefixes())
 
 
+def open_records(settings: LlmSettings) -> RequestRecords:
+    """The records of completed requests (request_id replays): in
+    ``<data_dir>/requests.sqlite3`` with a data directory, so that they
+    outlive a restart, else in memory. UnusableDatabase (a ValueError: the
+    service does not start) when that file is no SQLite database."""
+    if settings.data_dir is None:
+        return MemoryRequestRecords((RECORDS_KIND,), settings.idempotency_size,
+                                    settings.idempotency_ttl_s)
+    records = SqliteRequestRecords(settings.data_dir, (RECORDS_KIND,),
+                                   settings.idempotency_size, settings.idempotency_ttl_s,
+                                   synchronous=settings.sqlite_synchronous, logger=log)
+    log.info("request records in %s (synchronous=%s)", records.db.path,
+             settings.sqlite_synchronous)
+    return records
+
+
 class Backends:
-    """The backends of one service instance, closed together."""
+    """What one service instance holds open, closed together (after the
+    server stopped): its backends and its request records."""
 
     def __init__(self, settings: LlmSettings) -> None:
+        self.records = open_records(settings)
         self.by_name = {name: build_backend(name, s) for name, s in settings.backends.items()}
 
     async def close(self) -> None:
         for backend in self.by_name.values():
             await backend.close()
+        await self.records.close()
 
 
 async def open_backends(settings: LlmSettings) -> Backends:
@@ -89,16 +120,42 @@ def _watch_breakers(router: Router, running: RunningServer) -> None:
         description="Circuit breaker per backend: 0 closed, 1 half-open, 2 open")
 
 
+async def _sweep(records: RequestRecords, interval_s: float, stop: asyncio.Event) -> None:
+    """Forget the request records past their TTL, a batch at a time, until
+    ``stop`` is set (see ``sweep_until``)."""
+    pruning = Pruning(records.prune, batch=_PRUNE_BATCH, interval_s=_PRUNE_INTERVAL_S)
+
+    async def step() -> None:
+        pruned = await pruning()
+        if pruned:
+            log.info("forgot request records past their TTL", extra={"count": pruned})
+
+    # A failed sweep is retried by the next; records past the TTL are not
+    # replayed meanwhile.
+    await sweep_until(stop, step, interval_s, logger=log,
+                      failure="forgetting request records past their TTL failed")
+
+
 async def create_server(settings: LlmSettings, backends: Backends
                         ) -> tuple[RunningServer, int]:
     router = build_router(settings, backends)
     servicer = LlmServicer(router,
                            default_deadline_s=settings.default_deadline_s,
                            cache=TtlLru(settings.cache_size, settings.cache_ttl_s),
-                           idempotency=Idempotency(settings.idempotency_size,
-                                                   settings.idempotency_ttl_s))
-    running = await start_server(settings.server, domain=DOMAIN, services=[
-        ServiceBinding(SERVICE_NAME, add_LlmServiceServicer_to_server, servicer)])
+                           records=backends.records)
+    # Records in memory expire as they are looked up or pushed out; only
+    # those of the SQLite file need a sweeper.
+    sweeper = (Sweeper(lambda stop: _sweep(backends.records, _SWEEP_INTERVAL_S, stop),
+                       name="hivemesh.llm.sweeper")
+               if isinstance(backends.records, SqliteRequestRecords) else None)
+    try:
+        running = await start_server(settings.server, domain=DOMAIN, services=[
+            ServiceBinding(SERVICE_NAME, add_LlmServiceServicer_to_server, servicer)],
+            on_shutdown=[sweeper.stop] if sweeper is not None else [])
+    except BaseException:
+        if sweeper is not None:
+            await sweeper.stop()
+        raise
     for name in router.backends:
         await running.health.set(backend_health_name(name),
                                  health_pb2.HealthCheckResponse.SERVING)

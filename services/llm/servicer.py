@@ -24,7 +24,8 @@ from hivemesh.services.llm.backends.base import (
     BackendError, ChatMessage, ChatRequest, ChatResult, ErrorKind, StreamDelta, StreamFinish,
     ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
 from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
-from hivemesh.runtime.resilience import Idempotency, TtlLru, fingerprint, replayed_copy
+from hivemesh.runtime.request_records import RequestRecords
+from hivemesh.runtime.resilience import TtlLru, fingerprint, replayed_copy
 from hivemesh.services.llm.router import Route, RouteError, Router
 from hivemesh.services.llm.settings import ModelSettings
 
@@ -37,6 +38,9 @@ _FINISH = {"stop": 1, "length": 2, "tool_calls": 3, "content_filter": 4, "error"
 _TOOL_CHOICE = {1: "auto", 2: "none", 3: "required"}
 _FORMATS = {1: "text", 2: "json_object", 3: "json_schema"}
 _CACHE_BYPASS, _CACHE_ALLOW_SAMPLED = 2, 3
+# The one kind of the service's request records: their keys name the RPC
+# (see _idempotency_key), and one size bound holds for all of them.
+RECORDS_KIND = "llm"
 
 
 def _messages(request) -> list[ChatMessage]:
@@ -261,11 +265,13 @@ def route_error(exc: RouteError) -> errors.ServiceError:
 
 class LlmServicer(LlmServiceServicer):
     def __init__(self, router: Router, *, default_deadline_s: float, cache: TtlLru,
-                 idempotency: Idempotency) -> None:
+                 records: RequestRecords) -> None:
+        """``records``: completed requests by request_id, of the kind
+        ``RECORDS_KIND`` (in memory, or in SQLite to outlive a restart)."""
         self.router = router
         self.default_deadline_s = default_deadline_s
         self.cache = cache
-        self.idempotency = idempotency
+        self.records = records
 
     def _deadline(self, context) -> float:
         """The caller's deadline; ``default_deadline_s`` from now when it
@@ -283,28 +289,28 @@ class LlmServicer(LlmServiceServicer):
                 grpc.StatusCode.NOT_FOUND, ErrorReason.ERROR_REASON_MODEL_NOT_FOUND,
                 f"no {kind} model alias {alias!r}", {"model": alias}) from None
 
-    async def _begin(self, request) -> tuple[str, str, bool, object]:
+    async def _begin(self, request, result_type: type) -> tuple[str, str, bool, object]:
         """(key, fingerprint, replay, stored): whether this request_id has a
-        result to replay; a conflict names the caller's request_id, never
-        the key it is kept under."""
+        result (a ``result_type``) to replay; a conflict names the caller's
+        request_id, never the key it is kept under."""
         key, digest = _idempotency_key(request)
         try:
-            replay, stored = await self.idempotency.begin(key, digest)
+            replay, stored = await self.records.begin(RECORDS_KIND, key, digest, result_type)
         except KeyError:
             raise errors.idempotency_conflict(request.request_id) from None
         return key, digest, replay, stored
 
-    async def _once(self, request, run):
+    async def _once(self, request, run, result_type: type):
         """(result, replayed): ``run()`` at most once per request_id."""
-        key, digest, replay, stored = await self._begin(request)
+        key, digest, replay, stored = await self._begin(request, result_type)
         if replay:
             return stored, True
         try:
             result = await run()
         except BaseException:
-            self.idempotency.fail(key)
+            self.records.fail(RECORDS_KIND, key)
             raise
-        self.idempotency.finish(key, digest, result)
+        await self.records.finish(RECORDS_KIND, key, digest, result)
         return result, False
 
     async def Generate(self, request, context):
@@ -330,7 +336,7 @@ class LlmServicer(LlmServiceServicer):
                 self.cache.put(key, response)  # errors never reach here: never cached
             return response
 
-        response, replayed = await self._once(request, run)
+        response, replayed = await self._once(request, run, GenerateResponse)
         return replayed_copy(response) if replayed else response
 
     def _response(self, result: ChatResult, route: Route, started: float) -> GenerateResponse:
@@ -350,7 +356,7 @@ class LlmServicer(LlmServiceServicer):
         started = time.monotonic()
         model = self._model(request.model, "chat")
         chat = chat_request(request)
-        request_key, digest, replay, stored = await self._begin(request)
+        request_key, digest, replay, stored = await self._begin(request, StreamSummary)
         if replay:
             summary = StreamSummary()
             summary.CopyFrom(stored)
@@ -385,9 +391,9 @@ class LlmServicer(LlmServiceServicer):
             # Only a stream that completed is remembered; a failed or
             # abandoned one runs again when retried.
             if completed is not None:
-                self.idempotency.finish(request_key, digest, completed)
+                await self.records.finish(RECORDS_KIND, request_key, digest, completed)
             else:
-                self.idempotency.fail(request_key)
+                self.records.fail(RECORDS_KIND, request_key)
 
     async def _stream(self, request, context, chat: ChatRequest, model, started: float):
         chain = self.router.chain(model, request.disable_fallback)
@@ -524,7 +530,7 @@ class LlmServicer(LlmServiceServicer):
                 usage=_usage(result.usage.prompt_tokens, 0),
                 latency=duration_s(time.monotonic() - started))
 
-        response, replayed = await self._once(request, run)
+        response, replayed = await self._once(request, run, EmbedResponse)
         return replayed_copy(response) if replayed else response
 
     async def CountTokens(self, request, context):

@@ -20,6 +20,7 @@ from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.settings import (
     ServerSettings, ServiceSettings, existing_path, not_empty)
+from hivemesh.runtime.sqlite import Synchronous
 
 # Upstream model-name prefixes of OpenAI's reasoning models (o1, o3, o4-mini,
 # the gpt-5 family, ...): the default of ``reasoning_models`` for a backend of
@@ -129,10 +130,20 @@ class LlmSettings(ServiceSettings):
     default_deadline_s: float = Field(default=120.0, gt=0)
     cache_size: int = Field(default=1024, ge=0)
     cache_ttl_s: float = Field(default=300.0, gt=0)
+    # Completed requests remembered for request_id replays: at most
+    # idempotency_size, each replayed for idempotency_ttl_s.
     idempotency_size: int = Field(default=10_000, ge=0)
     idempotency_ttl_s: float = Field(default=3600.0, gt=0)
+    # Where those records are kept (<data_dir>/requests.sqlite3), so that a
+    # retry after a restart replays instead of calling the upstream again;
+    # None keeps them in memory.
+    data_dir: Path | None = None
+    # Durability of <data_dir>/requests.sqlite3: normal (survives kill -9; a
+    # power loss may drop the last records, each one upstream call repeated
+    # on retry) or full (fsync per record). See runtime/request_records.py.
+    sqlite_synchronous: Synchronous = "normal"
 
-    _set = field_validator("config_file", mode="before")(not_empty)
+    _set = field_validator("config_file", "data_dir", mode="before")(not_empty)
 
     @field_validator("config_file")
     @classmethod

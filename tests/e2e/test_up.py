@@ -42,6 +42,10 @@ def test_up_runs_the_workflow_through_the_mesh_and_stops_everything(tmp_path):
     assert (tmp_path / "artifact" / "artifacts.sqlite3").exists()
     assert (tmp_path / "information" / "information.sqlite3").exists()
     assert any((tmp_path / "memory").iterdir())
+    # The LLM service's and the orchestrator's request_id records, for
+    # replays after a restart.
+    assert (tmp_path / "llm" / "requests.sqlite3").exists()
+    assert (tmp_path / "orchestrator" / "requests.sqlite3").exists()
 
 
 def test_sigterm_stops_a_mesh_kept_running(tmp_path):

@@ -24,7 +24,7 @@ from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.llm.v1 import (
     CountTokensRequest, EmbedRequest, GenerateRequest, GenerationConfig, ListModelsRequest,
     LlmServiceStub, Prompt, StreamGenerateRequest)
-from hivemesh.runtime.resilience import Idempotency, RateLimiter, TtlLru
+from hivemesh.runtime.resilience import RateLimiter, TtlLru
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.services.llm import server as llm_server
@@ -536,7 +536,7 @@ async def _servicer():
     limiter = router.backends["primary"].limiter = _still_limiter(None, 1_000_000)
     try:
         yield LlmServicer(router, default_deadline_s=10, cache=TtlLru(0, 60),
-                          idempotency=Idempotency(100, 60)), backends.by_name["primary"], limiter
+                          records=backends.records), backends.by_name["primary"], limiter
     finally:
         await backends.close()
 

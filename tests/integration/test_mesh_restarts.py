@@ -70,14 +70,16 @@ def test_a_run_retried_after_the_llm_service_restarted_is_charged_and_saved_once
         tmp_path, streamed):
     """The first attempt generated, committed its usage and failed on the
     artifact store (down). The LLM service is then killed and restarted:
-    it no longer holds the generation's record. The retry must still end
-    the run, with one charge and one artifact, not refuse it because a new
-    generation is not the one committed under the same request id."""
+    it no longer holds the generation's record (it runs without a data
+    directory, which keeps its records in memory: as another replica, or a
+    new pod, would not have them either). The retry must still end the run,
+    with one charge and one artifact, not refuse it because a new generation
+    is not the one committed under the same request id."""
     procs = []
     try:
         info = start_service("information", data_dir=tmp_path / "information")
         procs.append(info)
-        llm = start_service("llm", data_dir=tmp_path / "llm")
+        llm = start_service("llm")
         procs.append(llm)
         artifact_port = _free_port()  # nothing listens there yet: an outage
         env = {"HIVEMESH_ORCHESTRATOR_LLM_ADDRESS": llm.address,
@@ -108,8 +110,7 @@ def test_a_run_retried_after_the_llm_service_restarted_is_charged_and_saved_once
             raise AssertionError("the run succeeded without its artifact store")
 
         llm.kill()
-        llm = start_service("llm", data_dir=tmp_path / "llm",
-                            extra_args=["--port", _port(llm)])
+        llm = start_service("llm", extra_args=["--port", _port(llm)])
         procs.append(llm)
         procs.append(start_service("artifact", data_dir=tmp_path / "artifact",
                                    extra_args=["--port", str(artifact_port)]))

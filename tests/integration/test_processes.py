@@ -208,7 +208,8 @@ def test_a_bad_agent_file_found_at_start_up_is_a_start_up_failure(tmp_path):
 
 @pytest.mark.parametrize(("service", "file"), [
     ("artifact", "artifacts.sqlite3"), ("information", "information.sqlite3"),
-    ("memory", "memory/ledger.sqlite3"), ("orchestrator", "requests.sqlite3")])
+    ("memory", "memory/ledger.sqlite3"), ("orchestrator", "requests.sqlite3"),
+    ("llm", "requests.sqlite3")])
 def test_a_database_file_that_is_no_database_is_a_start_up_failure_naming_it(
         tmp_path, service, file):
     """A damaged or foreign file where the service keeps its SQLite data
