@@ -95,8 +95,7 @@ def test_each_image_serves_its_service_on_all_interfaces_as_non_root(service):
     # The application and data paths the manifests rely on.
     env = " ".join(args for ins, args in instructions if ins == "ENV")
     assert "PATH=/opt/hivemesh/bin:" in env
-    if service != "llm":
-        assert f"HIVEMESH_{service.upper()}_DATA_DIR=/var/lib/hivemesh" in env
+    assert f"HIVEMESH_{service.upper()}_DATA_DIR=/var/lib/hivemesh" in env
 
 
 def test_the_build_context_holds_only_what_the_wheel_needs():
