@@ -8,7 +8,7 @@ import logging
 
 from hivemesh.artifact.v1 import add_ArtifactServiceServicer_to_server
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
-from hivemesh.runtime.sweeper import Pruning, Sweeper, sweep_until
+from hivemesh.runtime.sweeper import Sweeper, prune_until
 from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.artifact.backends.base import ArtifactBackend
 from hivemesh.services.artifact.servicer import DOMAIN, SERVICE_NAME, ArtifactServicer
@@ -42,19 +42,14 @@ async def open_backend(settings: ArtifactSettings) -> ArtifactBackend:
 
 async def _sweep(backend: ArtifactBackend, interval_s: float, stop: asyncio.Event) -> None:
     """Forget the answers to request ids once they are past the request TTL,
-    a batch at a time, until ``stop`` is set (see ``sweep_until``). Artifacts
+    a batch at a time, until ``stop`` is set (see ``prune_until``). Artifacts
     are never touched."""
-    pruning = Pruning(lambda limit: backend.prune(now_us(), limit),
-                      batch=_PRUNE_BATCH, interval_s=_PRUNE_INTERVAL_S)
-
-    async def step() -> None:
-        pruned = await pruning()
-        if pruned:
-            log.info("forgot answers to request ids past their TTL", extra={"count": pruned})
-
     # A failed sweep is retried by the next; answers past the TTL are not
     # replayed meanwhile.
-    await sweep_until(stop, step, interval_s, logger=log,
+    await prune_until(stop, lambda limit: backend.prune(now_us(), limit),
+                      batch=_PRUNE_BATCH, interval_s=interval_s,
+                      prune_interval_s=_PRUNE_INTERVAL_S, logger=log,
+                      forgot="forgot answers to request ids past their TTL",
                       failure="forgetting answers past their TTL failed")
 
 

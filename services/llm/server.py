@@ -15,7 +15,7 @@ from hivemesh.services.llm.backends.base import LlmBackend
 from hivemesh.runtime.request_records import (
     MemoryRequestRecords, RequestRecords, SqliteRequestRecords)
 from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter, TtlLru
-from hivemesh.runtime.sweeper import Pruning, Sweeper, sweep_until
+from hivemesh.runtime.sweeper import Sweeper, prune_until
 from hivemesh.services.llm.router import BackendState, Router
 from hivemesh.services.llm.servicer import DOMAIN, RECORDS_KIND, SERVICE_NAME, LlmServicer
 from hivemesh.services.llm.settings import BackendSettings, LlmSettings
@@ -122,17 +122,11 @@ def _watch_breakers(router: Router, running: RunningServer) -> None:
 
 async def _sweep(records: RequestRecords, interval_s: float, stop: asyncio.Event) -> None:
     """Forget the request records past their TTL, a batch at a time, until
-    ``stop`` is set (see ``sweep_until``)."""
-    pruning = Pruning(records.prune, batch=_PRUNE_BATCH, interval_s=_PRUNE_INTERVAL_S)
-
-    async def step() -> None:
-        pruned = await pruning()
-        if pruned:
-            log.info("forgot request records past their TTL", extra={"count": pruned})
-
-    # A failed sweep is retried by the next; records past the TTL are not
-    # replayed meanwhile.
-    await sweep_until(stop, step, interval_s, logger=log,
+    ``stop`` is set (see ``prune_until``). A failed sweep is retried by the
+    next; records past the TTL are not replayed meanwhile."""
+    await prune_until(stop, records.prune, batch=_PRUNE_BATCH, interval_s=interval_s,
+                      prune_interval_s=_PRUNE_INTERVAL_S, logger=log,
+                      forgot="forgot request records past their TTL",
                       failure="forgetting request records past their TTL failed")
 
 

@@ -46,6 +46,24 @@ async def sweep_until(stop: asyncio.Event, step: Callable[[], Awaitable[None]],
             failed = 0
 
 
+async def prune_until(stop: asyncio.Event, prune: Callable[[int], Awaitable[int]], *,
+                      batch: int, interval_s: float, prune_interval_s: float,
+                      logger: logging.Logger, forgot: str, failure: str) -> None:
+    """Forget what is past its retention until ``stop`` is set: every
+    ``interval_s`` a :class:`Pruning` of ``prune`` (``batch`` at most, every
+    ``prune_interval_s`` or at once while whole batches go), logging
+    ``forgot`` with the count when some went (see ``sweep_until``; a failed
+    sweep is retried by the next)."""
+    pruning = Pruning(prune, batch=batch, interval_s=prune_interval_s)
+
+    async def step() -> None:
+        pruned = await pruning()
+        if pruned:
+            logger.info(forgot, extra={"count": pruned})
+
+    await sweep_until(stop, step, interval_s, logger=logger, failure=failure)
+
+
 class Sweeper:
     """``run(stop)`` (a loop such as ``sweep_until``) on a task of its own,
     named ``name``; ``stop()``, a shutdown hook, ends it and waits for it."""
