@@ -193,7 +193,7 @@ async def test_without_a_data_dir_the_records_are_in_memory_as_before(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_the_records_file_and_its_durability():
+async def test_without_a_data_dir_the_records_are_in_memory_and_normal_is_the_default():
     records = open_records(settings())
     assert not isinstance(records, SqliteRequestRecords)
     assert settings().sqlite_synchronous == "normal"
