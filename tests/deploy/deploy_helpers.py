@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import yaml
@@ -88,13 +89,29 @@ def place_mesh_tls(config: dict, mesh_tls_dir: Path, sds_dir: Path,
     _move_files(config, MESH_CLIENTS_DIR, str(clients_dir or sds_dir))
 
 
+def _unique_pipes(node, token: str) -> None:
+    """Every abstract Unix socket (``pipe`` path ``@name``) renamed
+    ``@name-token``, in place: one namespace holds them all on the host,
+    where several sidecars run at once."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pipe" and value.get("path", "").startswith("@"):
+                value["path"] = f"{value['path']}-{token}"
+            else:
+                _unique_pipes(value, token)
+    elif isinstance(node, list):
+        for item in node:
+            _unique_pipes(item, token)
+
+
 def render_sidecar(*, app: str, providers: dict[str, list[str]] | None = None,
                    collector: str | None = None, token_bucket: dict | None = None,
                    source: Path = SIDECAR, mesh_tls_dir: Path | None = None,
                    sds_dir: Path | None = None, sds_files: dict[str, str] | None = None,
                    clients_dir: Path | None = None) -> dict:
     """The shipped sidecar config (``source``) with only its addresses
-    changed for loopback: every listener and the admin on 127.0.0.1 port 0,
+    changed for loopback: every listener and the admin on 127.0.0.1 port 0
+    (an abstract Unix socket renamed for this Envoy alone),
     the local service at ``app``, each provider cluster on the given
     endpoints (static instead of DNS) and the collector at ``collector``;
     with ``mesh_tls_dir`` and ``sds_dir``, the certificates read from there
@@ -105,7 +122,10 @@ def render_sidecar(*, app: str, providers: dict[str, list[str]] | None = None,
         assert sds_dir is not None, "the SDS files need a directory"
         place_mesh_tls(config, mesh_tls_dir, sds_dir, sds_files, clients_dir)
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
+    _unique_pipes(config, uuid.uuid4().hex[:12])
     for listener in config["static_resources"]["listeners"]:
+        if "pipe" in listener["address"]:
+            continue
         listener["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
         if token_bucket is not None and listener["name"] == "inbound":
             hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
@@ -116,6 +136,10 @@ def render_sidecar(*, app: str, providers: dict[str, list[str]] | None = None,
     for name in PROVIDERS:
         targets[name] = (providers or {}).get(name) or [NOWHERE]
     for cluster in config["static_resources"]["clusters"]:
+        if all("pipe" in endpoint["endpoint"]["address"]
+               for group in cluster["load_assignment"]["endpoints"]
+               for endpoint in group["lb_endpoints"]):
+            continue  # within this Envoy (_unique_pipes): nothing to change
         cluster["type"] = "STATIC"
         cluster.pop("dns_lookup_family", None)
         cluster["load_assignment"]["endpoints"] = _endpoints(targets[cluster["name"]])

@@ -13,8 +13,10 @@ certificate and CA from its mounted Secret without a restart, and keeps
 its certificate when the renewed key is not the renewed certificate's; it
 takes an updated clients file from its volume without a restart too, and
 refuses a broken one (YAML that does not parse, an empty file, a CA file
-that does not exist), counting it and keeping the list it had; one started
-on a broken file refuses every client until a good one comes."""
+that does not exist), counting it, keeping the list it had and staying
+ready; one started on a broken clients, certificate or CA file is not
+ready (its readiness check sees no TLS context) and refuses every client
+until a good file comes, then becomes ready without a restart."""
 
 from __future__ import annotations
 
@@ -339,6 +341,19 @@ def _until(condition, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+def _ready(envoy: Envoy) -> bool:
+    """Whether the readiness listener (the Kubernetes probe's :9902/ready)
+    answers 200."""
+    return envoy.request("GET", envoy.address("ready"), "/ready")[0] == 200
+
+
+def _tls_checked(envoy: Envoy, times: int = 2) -> None:
+    """Until the TLS side's readiness check has run ``times`` more times."""
+    done = envoy.stat("cluster.mesh_tls_ready.health_check.attempt") + times
+    _until(lambda: envoy.stat("cluster.mesh_tls_ready.health_check.attempt") >= done,
+           "the TLS side's readiness check did not run")
+
+
 def _answers(address: str, ca: Path, cert_dir: Path) -> bool:
     """Whether a client trusting only ``ca``, presenting the certificate in
     ``cert_dir``, gets a call through on a new connection."""
@@ -468,6 +483,7 @@ def test_a_bad_clients_file_is_refused_and_the_previous_list_kept(service, pki, 
         pid = envoy.process.pid
         memory_pods = (pki.ca, pki.dirs["memory"])
         orchestrator_pods = (pki.ca, pki.dirs["orchestrator"])
+        _until(lambda: _ready(envoy), "the sidecar did not become ready")
         refused, taken = envoy.stat(stat), envoy.stat("sds.mesh_clients.update_success")
 
         _write_volume(clients, {name: content(pki).encode()}, "2026_02_01_00_00_00.2")
@@ -476,6 +492,9 @@ def test_a_bad_clients_file_is_refused_and_the_previous_list_kept(service, pki, 
         assert envoy.stat("sds.mesh_clients.update_success") == taken
         assert _answers(address, *orchestrator_pods)
         assert not _answers(address, *memory_pods)
+        # The list kept, so the TLS side's check still passes: still ready.
+        _tls_checked(envoy, 1)
+        assert _ready(envoy)
         assert envoy.process.pid == pid and envoy.process.poll() is None
 
         _write_clients_volume(clients, [ORCHESTRATOR, MEMORY], pki, "2026_03_01_00_00_00.3")
@@ -486,28 +505,68 @@ def test_a_bad_clients_file_is_refused_and_the_previous_list_kept(service, pki, 
 
 
 @pytest.mark.parametrize("bad", list(BAD_CLIENTS_FILES))
-def test_a_sidecar_started_on_a_bad_clients_file_refuses_every_client(service, pki, tmp_path,
-                                                                      bad):
+def test_a_sidecar_started_on_a_bad_clients_file_is_not_ready_until_a_good_one_comes(
+        service, pki, tmp_path, bad):
     """No previous list to keep: a pod (re)started while its clients file is
     broken has an inbound listener without a validation context, which
-    refuses every client at the handshake, while its readiness check still
-    passes; its listener counts the connections it could not serve in
-    downstream_context_secrets_not_ready. A good file, pushed in place,
-    brings it back without a restart."""
+    refuses every client at the handshake (counted in its
+    downstream_context_secrets_not_ready). Its readiness check of the TLS
+    side fails the same way, so :9902/ready (the Kubernetes probe) answers
+    503 and the rollout stops there, while Envoy itself is up. A good file,
+    pushed in place, makes it ready and serving without a restart."""
     content, stat = BAD_CLIENTS_FILES[bad]
     name, _ = _clients_file([])
     clients = tmp_path / "mesh-clients"
     _write_volume(clients, {name: content(pki).encode()}, "2026_01_01_00_00_00.1")
     with _artifact_sidecar(service, pki, tmp_path, clients_dir=clients) as envoy:
+        pid = envoy.process.pid
         assert envoy.stat(f"sds.mesh_clients.{stat}") >= 1
         assert envoy.stat("sds.mesh_clients.update_success") == 0
-        assert envoy.request("GET", envoy.address("ready"), "/ready")[0] == 200
+        _tls_checked(envoy)
+        assert not _ready(envoy)
+        assert envoy.stat("cluster.mesh_tls_ready.membership_healthy") == 0
         assert not _answers(envoy.address("inbound"), pki.ca, pki.dirs["orchestrator"])
         assert envoy.stat("listener.127.0.0.1_0.server_ssl_socket_factory."
                           "downstream_context_secrets_not_ready") >= 1
         assert envoy.process.poll() is None
 
         _write_clients_volume(clients, [ORCHESTRATOR], pki, "2026_02_01_00_00_00.2")
-        _until(lambda: _answers(envoy.address("inbound"), pki.ca, pki.dirs["orchestrator"]),
-               "the good clients file was not taken")
+        _until(lambda: _ready(envoy), "the sidecar did not become ready on the good file")
+        assert _answers(envoy.address("inbound"), pki.ca, pki.dirs["orchestrator"])
         assert not _answers(envoy.address("inbound"), pki.ca, pki.dirs["memory"])
+        assert envoy.process.pid == pid and envoy.process.poll() is None
+
+
+def test_a_sidecar_started_on_good_files_becomes_ready(provider):
+    _until(lambda: _ready(provider), "the sidecar did not become ready")
+    assert provider.stat("cluster.mesh_tls_ready.membership_healthy") == 1
+
+
+@pytest.mark.parametrize("secret", ["mesh_certificate", "mesh_ca"])
+def test_a_sidecar_started_on_a_broken_certificate_or_ca_file_is_not_ready(
+        service, pki, tmp_path, secret):
+    """The same for the certificate's SDS file (the inbound listener and the
+    check's listener have no certificate) and the CA's (the egress clusters
+    and the check have no CA to check a pod against): not ready, until a
+    good file is moved in as the kubelet does."""
+    tool = _envoy_mtls()
+    name = tool.SDS_FILES[secret]
+    config = render_sidecar(app=service, source=SIDECAR_MTLS, sds_dir=tmp_path / "sds",
+                            mesh_tls_dir=pki.dirs["artifact"])
+    good = (tmp_path / "sds" / name).read_text()
+    (tmp_path / "sds" / name).write_text("resources: [{name: " + secret + "\n")
+    envoy = Envoy(config, tmp_path / "envoy")
+    try:
+        envoy.wait_healthy("app", 1)
+        assert envoy.stat(f"sds.{secret}.update_failure") >= 1
+        _tls_checked(envoy)
+        assert not _ready(envoy)
+        assert envoy.stat("cluster.mesh_tls_ready.membership_healthy") == 0
+
+        # Renamed into the watched directory, as a ConfigMap volume update.
+        (tmp_path / "sds" / "..new").write_text(good)
+        os.replace(tmp_path / "sds" / "..new", tmp_path / "sds" / name)
+        _until(lambda: _ready(envoy), "the sidecar did not become ready on the good file")
+        assert _answers(envoy.address("inbound"), pki.ca, pki.dirs["orchestrator"])
+    finally:
+        envoy.stop()
