@@ -1,8 +1,9 @@
-"""A Redis Cluster on loopback, started from the installed ``redis-server``:
-three masters for the tests that run the shared-Redis scenarios on a
-cluster too (the ``redis_cluster`` fixture of conftest.py), and three
-masters with a replica each for the tests that move a backend's slot to
-another master and fail its master over (:class:`Cluster`)."""
+"""Redis on loopback, started from the installed ``redis-server``: a cluster
+of three masters for the tests that run the shared-Redis scenarios on a
+cluster too (the ``redis_cluster`` fixture of conftest.py), the same in
+mutual TLS only, and a single Redis in mutual TLS (:class:`RedisTls`), and
+three masters with a replica each for the tests that move a backend's slot
+to another master and fail its master over (:class:`Cluster`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 MASTERS = 3
@@ -52,8 +54,44 @@ def free_ports(n: int) -> list[int]:
     raise RuntimeError(f"found only {len(ports)} of {n} free ports for a Redis Cluster")
 
 
-def _cli(cli: str, port: int, *args: str) -> str:
-    done = subprocess.run([cli, "-h", "127.0.0.1", "-p", str(port), *args],
+@dataclass(frozen=True)
+class RedisTls:
+    """Mutual TLS for test nodes: the CA, each node's certificate and key
+    (for server and client auth: a node is a client on the cluster bus), and
+    a client's certificate and key (redis-cli's, and the one the URL names)."""
+
+    ca: Path
+    node_cert: Path
+    node_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def node_options(self, port: int) -> list[str]:
+        """A node listening on ``port`` in TLS only, requiring a client
+        certificate from the CA, TLS on its cluster bus and replication too."""
+        return ["--port", "0", "--tls-port", str(port),
+                "--tls-cert-file", str(self.node_cert), "--tls-key-file", str(self.node_key),
+                "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "yes",
+                "--tls-cluster", "yes", "--tls-replication", "yes"]
+
+    def cli_options(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.ca), "--cert", str(self.client_cert),
+                "--key", str(self.client_key)]
+
+    def url(self, port: int) -> str:
+        """A ``rediss://`` URL with the files as redis-py reads them from its
+        query."""
+        return (f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={self.ca}"
+                f"&ssl_certfile={self.client_cert}&ssl_keyfile={self.client_key}")
+
+
+def _url(port: int, tls: RedisTls | None) -> str:
+    return tls.url(port) if tls is not None else f"redis://127.0.0.1:{port}/0"
+
+
+def _cli(cli: str, port: int, *args: str, tls: RedisTls | None = None) -> str:
+    done = subprocess.run([cli, "-h", "127.0.0.1", "-p", str(port),
+                           *(tls.cli_options() if tls is not None else ()), *args],
                           capture_output=True, text=True, timeout=30)
     return done.stdout
 
@@ -66,11 +104,14 @@ def _wait_until(what: str, check) -> None:
     raise RuntimeError(f"the test Redis Cluster: {what} did not happen in time")
 
 
-def _start_node(server: str, port: int, folder: Path, *options: str) -> subprocess.Popen:
+def _start_node(server: str, port: int, folder: Path, *options: str,
+                tls: RedisTls | None = None, cluster: bool = True) -> subprocess.Popen:
     folder.mkdir()
+    listen = tls.node_options(port) if tls is not None else ["--port", str(port)]
+    clustered = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
     return subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-         "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+        [server, *listen, "--bind", "127.0.0.1", "--dir", str(folder),
+         *(clustered if cluster else ()),
          "--save", "", "--appendonly", "no", "--logfile", "redis.log", *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -165,15 +206,21 @@ class Cluster:
         self.processes[port].wait()
 
 
-def _create(cli: str, ports: list[int], replicas: int) -> None:
+def _answering(cli: str, ports: list[int], tls: RedisTls | None) -> None:
     for port in ports:
-        _wait_until(f"node {port} answering", lambda p=port: _cli(cli, p, "ping") == "PONG\n")
-    subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+        _wait_until(f"node {port} answering",
+                    lambda p=port: _cli(cli, p, "ping", tls=tls) == "PONG\n")
+
+
+def _create(cli: str, ports: list[int], replicas: int, tls: RedisTls | None = None) -> None:
+    _answering(cli, ports, tls)
+    subprocess.run([cli, *(tls.cli_options() if tls is not None else ()),
+                    "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                     "--cluster-replicas", str(replicas), "--cluster-yes"],
                    capture_output=True, check=True, timeout=60)
     for port in ports:
         _wait_until(f"node {port} seeing the cluster ok",
-                    lambda p=port: "cluster_state:ok" in _cli(cli, p, "cluster", "info"))
+                    lambda p=port: "cluster_state:ok" in _cli(cli, p, "cluster", "info", tls=tls))
     if replicas:
         def linked(port: int) -> bool:
             info = _cli(cli, port, "info", "replication")
@@ -201,17 +248,31 @@ def cluster_with_replicas(folder: Path, server: str, cli: str) -> Iterator[Clust
 
 
 @contextlib.contextmanager
-def redis_cluster(folder: Path, server: str, cli: str) -> Iterator[str]:
+def redis_cluster(folder: Path, server: str, cli: str,
+                  tls: RedisTls | None = None) -> Iterator[str]:
     """Starts the nodes in ``folder``, joins them in a cluster (no
     replicas), waits until every node says the cluster is ok and yields the
-    URL of its first node; stops every node at the end."""
+    URL of its first node; stops every node at the end. With ``tls`` the
+    nodes speak mutual TLS only."""
     ports = free_ports(MASTERS)
     processes: list[subprocess.Popen] = []
     try:
         for port in ports:
-            processes.append(_start_node(server, port, folder / str(port)))
-        _create(cli, ports, replicas=0)
-        yield f"redis://127.0.0.1:{ports[0]}/0"
+            processes.append(_start_node(server, port, folder / str(port), tls=tls))
+        _create(cli, ports, replicas=0, tls=tls)
+        yield _url(ports[0], tls)
     finally:
         for process in processes:
             _stop(process)
+
+
+@contextlib.contextmanager
+def single_redis(folder: Path, server: str, cli: str, tls: RedisTls) -> Iterator[str]:
+    """One Redis (not a cluster) speaking mutual TLS only; yields its URL."""
+    (port,) = free_ports(1)
+    process = _start_node(server, port, folder / str(port), tls=tls, cluster=False)
+    try:
+        _answering(cli, [port], tls)
+        yield _url(port, tls)
+    finally:
+        _stop(process)

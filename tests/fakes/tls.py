@@ -37,15 +37,29 @@ class Pki:
     # rotated CA.
     other_server: Pair
 
+    def _signer(self):
+        """(key, certificate) of the CA."""
+        return (serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None),
+                x509.load_pem_x509_certificate(self.ca.read_bytes()))
+
     def named_client(self, name: str, *, dns: Sequence[str] = (),
                      uris: Sequence[str] = ()) -> Pair:
         """A client certificate from the CA, its common name ``name``, its
         subject alt names ``dns`` and ``uris`` (a SPIFFE id is a URI)."""
-        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
-        ca_cert = x509.load_pem_x509_certificate(self.ca.read_bytes())
+        ca_key, ca_cert = self._signer()
         alt_names = ([x509.DNSName(n) for n in dns]
                      + [x509.UniformResourceIdentifier(u) for u in uris])
         key, cert = _signed(name, ca_key, ca_cert, [ExtendedKeyUsageOID.CLIENT_AUTH], alt_names)
+        return _write_pair(self.ca.parent, name, key, cert)
+
+    def peer(self, name: str) -> Pair:
+        """A certificate from the CA for a server that is a client of its
+        peers too (a Redis Cluster node on its cluster bus): the server's
+        names, server and client auth."""
+        ca_key, ca_cert = self._signer()
+        key, cert = _signed(name, ca_key, ca_cert, [ExtendedKeyUsageOID.SERVER_AUTH,
+                                                    ExtendedKeyUsageOID.CLIENT_AUTH],
+                            _server_names())
         return _write_pair(self.ca.parent, name, key, cert)
 
 
@@ -100,12 +114,16 @@ def _signed(name: str, ca_key, ca_cert, usages: list, alt_names: list):
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
+def _server_names() -> list:
+    return [x509.DNSName("localhost"), x509.DNSName("hivemesh.test"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+
+
 def _leaf(directory: Path, name: str, ca_key, ca_cert, *, server: bool) -> Pair:
     key, cert = _signed(
         name, ca_key, ca_cert,
         [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH],
-        [x509.DNSName("localhost"), x509.DNSName("hivemesh.test"),
-         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if server else [])
+        _server_names() if server else [])
     return _write_pair(directory, name, key, cert)
 
 
