@@ -105,9 +105,11 @@ async def test_the_orchestrator_state_keys(redis_target):
         await state.close()
 
 
-async def test_a_cluster_client_follows_the_slots_and_packs_with_hiredis(redis_cluster):
+async def expect_every_node_reached(url: str, connection_class: str) -> None:
+    """A cluster client of ``url`` writes and reads keys on each of the
+    three masters, through connections of ``connection_class``."""
     from redis.asyncio.cluster import RedisCluster
-    client = await open_redis(redis_cluster, cluster=True)
+    client = await open_redis(url, cluster=True)
     try:
         assert isinstance(client, RedisCluster)
         prefix = f"hmtest:{uuid.uuid4().hex}:"
@@ -117,11 +119,14 @@ async def test_a_cluster_client_follows_the_slots_and_packs_with_hiredis(redis_c
         assert len({client.get_node_from_key(k).name for k in keys}) == 3
         for key in keys:
             assert await client.get(key) == key.encode()
-        assert {n.connection_class.__name__ for n in client.get_nodes()} == {
-            "HiredisPackingConnection"}
+        assert {n.connection_class.__name__ for n in client.get_nodes()} == {connection_class}
         await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+async def test_a_cluster_client_follows_the_slots_and_packs_with_hiredis(redis_cluster):
+    await expect_every_node_reached(redis_cluster, "HiredisPackingConnection")
 
 
 async def test_a_cluster_client_names_what_it_could_not_reach(redis_cluster):

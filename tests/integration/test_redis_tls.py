@@ -17,6 +17,7 @@ from conftest import drop_redis_prefix
 from fakes.tls import Pki, make_pki
 from redis_cluster import RedisTls, cluster_tools, redis_cluster, single_redis
 from test_information_store import budget, commit_op, hold, reserve_op
+from test_redis_cluster import expect_every_node_reached
 
 from hivemesh.memory.v1 import HistoryMessage, MessageRole
 from hivemesh.orchestrator.v1 import AgentDefinition
@@ -108,17 +109,7 @@ async def test_the_orchestrator_state_over_tls(target):
 
 
 async def test_a_cluster_over_tls_is_reached_on_every_node_over_tls(tls_cluster):
-    client = await open_redis(tls_cluster, cluster=True)
-    try:
-        keys = [f"hmtest:{uuid.uuid4().hex}:{i}" for i in range(32)]  # over the slots
-        for key in keys:
-            await client.set(key, key)
-        assert len({client.get_node_from_key(k).name for k in keys}) == 3
-        assert {n.connection_class.__name__ for n in client.get_nodes()} == {
-            "HiredisPackingSSLConnection"}
-        await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await expect_every_node_reached(tls_cluster, "HiredisPackingSSLConnection")
 
 
 def _without_client_certificate(url: str) -> str:
