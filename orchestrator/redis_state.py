@@ -22,6 +22,9 @@ Keys, all under ``prefix``:
                               lease, a result after the idempotency TTL
 ============================  =============================================
 
+The request records (their claims, leases and scripts) are
+``hivemesh.runtime.redis_records``, shared with the LLM service.
+
 Agents loaded from files stay in each replica (read-only declarations), with
 the same precedence as in one process (``agents.py``), expressed in time:
 of a replica's file agent (loaded at its start-up) and the registered agent
@@ -38,33 +41,22 @@ each script goes to the shard that holds them.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
 
 from hivemesh.orchestrator.v1 import AgentDefinition
 from hivemesh.runtime import errors
-from hivemesh.runtime.redis import cluster_prefix, open_redis, redact_url, redis_failures
+from hivemesh.runtime.redis import cluster_prefix, open_redis, redact_url
+from hivemesh.runtime.redis_records import SCRIPTS, RedisClaims, RedisScripts
 from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.state import state_unavailable
 
-# What a failing Redis raises (a cluster client's errors included).
-_FAILURES = redis_failures()
-
 log = logging.getLogger("hivemesh.orchestrator")
 
 DEFAULT_PREFIX = "hivemesh:orch:"
-# A retry waiting for a run on another replica looks again after this long,
-# doubling up to the cap (and never past the caller's deadline).
-POLL_INITIAL_S = 0.05
-POLL_MAX_S = 1.0
 
 
 # -- Lua ----------------------------------------------------------------------
@@ -138,63 +130,19 @@ end
 return 0
 """
 
-# ARGV: prefix, kind:request_id, fingerprint, token, lease_ms
-# -> {'claimed'} | {'done', result} | {'running'} | {'conflict'}
-_CLAIM = r"""
-local key = ARGV[1] .. 'req:' .. ARGV[2]
-local r = redis.call('HMGET', key, 'state', 'fp', 'result')
-if not r[1] then
-  redis.call('HSET', key, 'state', 'running', 'fp', ARGV[3], 'token', ARGV[4])
-  redis.call('PEXPIRE', key, ARGV[5])
-  return {'claimed'}
-end
-if r[2] ~= ARGV[3] then return {'conflict'} end
-if r[1] == 'done' then return {'done', r[3]} end
-return {'running'}
-"""
-
-# ARGV: prefix, kind:request_id, fingerprint, token, result, ttl_ms -> 1 if
-# recorded. Only over the caller's own running claim, or when there is no
-# record at all (the claim's lease ran out and nobody took it over); a
-# replica that took the request over records its own result.
-_FINISH = r"""
-local key = ARGV[1] .. 'req:' .. ARGV[2]
-local r = redis.call('HMGET', key, 'state', 'token')
-if r[1] and not (r[1] == 'running' and r[2] == ARGV[4]) then return 0 end
-redis.call('DEL', key)
-redis.call('HSET', key, 'state', 'done', 'fp', ARGV[3], 'result', ARGV[5])
-redis.call('PEXPIRE', key, ARGV[6])
-return 1
-"""
-
-# ARGV: prefix, kind:request_id, token -> 1 if the caller's claim was dropped
-_RELEASE = r"""
-local key = ARGV[1] .. 'req:' .. ARGV[2]
-local r = redis.call('HMGET', key, 'state', 'token')
-if r[1] == 'running' and r[2] == ARGV[3] then
-  redis.call('DEL', key)
-  return 1
-end
-return 0
-"""
-
-
 def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisState:
-    """The connection and the scripts; one per process."""
+class RedisState(RedisScripts):
+    """The connection and the scripts (the agents' and the request
+    records', ``hivemesh.runtime.redis_records``); one per process."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX,
                  where: str = "Redis") -> None:
-        self.client = client
-        self.prefix = prefix
-        self.where = where
-        register = client.register_script
-        self._scripts = {name: register(text) for name, text in (
-            ("get", _GET), ("page", _PAGE), ("register", _REGISTER), ("delete", _DELETE),
-            ("claim", _CLAIM), ("finish", _FINISH), ("release", _RELEASE))}
+        super().__init__(client, prefix, where, {
+            "get": _GET, "page": _PAGE, "register": _REGISTER, "delete": _DELETE,
+            **SCRIPTS}, state_unavailable)
 
     @classmethod
     async def open(cls, url: str, prefix: str = DEFAULT_PREFIX, *,
@@ -208,18 +156,6 @@ class RedisState:
         client = await open_redis(url, cluster=cluster, socket_connect_timeout=5,
                                   socket_timeout=5)
         return cls(client, prefix, f"Redis at {redact_url(url)}")
-
-    async def run(self, script: str, *args) -> Any:
-        """One script; UNAVAILABLE when Redis cannot be reached."""
-        try:
-            # The prefix is the key the script declares: on a cluster, the
-            # hash tag that sends it to the shard of every key it builds.
-            return await self._scripts[script](keys=[self.prefix], args=[self.prefix, *args])
-        except _FAILURES as exc:
-            raise state_unavailable(f"{self.where}: {exc}") from exc
-
-    async def close(self) -> None:
-        await self.client.aclose()
 
 
 def _agent(record) -> AgentDefinition:
@@ -322,9 +258,10 @@ class RedisAgents:
         return int(await self.state.run("delete", name, now_us(), file_us)) == 1
 
 
-class RedisLedger:
+class RedisLedger(RedisClaims):
     """Requests claimed and their results recorded in Redis, so that one
-    request_id runs once across replicas.
+    request_id runs once across replicas (``hivemesh.runtime.redis_records``,
+    shared with the LLM service's records).
 
     A request is claimed atomically (with its fingerprint) before it runs;
     the claim is a lease of ``lease_s``: if the replica running it dies, the
@@ -334,54 +271,5 @@ class RedisLedger:
     result is kept ``ttl_s``."""
 
     def __init__(self, state: RedisState, ttl_s: float) -> None:
+        super().__init__(state, ttl_s, log)
         self.state = state
-        self.ttl_ms = max(1, int(ttl_s * 1000))
-
-    async def once(self, kind: str, request_id: str, fingerprint: str,
-                   run: Callable[[], Awaitable[Any]], result_type: type,
-                   lease_s: float) -> tuple[Any, bool]:
-        key = f"{kind}:{request_id}"
-        token = uuid.uuid4().hex
-        lease_ms = max(1, int(lease_s * 1000))
-        delay = POLL_INITIAL_S
-        while True:
-            reply = await self.state.run("claim", key, fingerprint, token, lease_ms)
-            status = _s(reply[0])
-            if status == "claimed":
-                break
-            if status == "conflict":
-                raise errors.idempotency_conflict(request_id)
-            if status == "done":
-                return result_type.FromString(reply[1]), True
-            # Running elsewhere: look again (the caller's deadline ends the
-            # wait; the lease ends a claim whose replica died).
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, POLL_MAX_S)
-        try:
-            result = await run()
-        except BaseException:
-            await self._release(key, token)
-            raise
-        try:
-            await self.state.run("finish", key, fingerprint, token,
-                                 result.SerializeToString(deterministic=True), self.ttl_ms)
-        except errors.ServiceError as exc:
-            # The run happened: answer it. A retry waits for the lease, then
-            # runs again.
-            log.warning("could not record the result of %s %s: %s", kind, request_id,
-                        exc.message)
-        return result, False
-
-    async def _release(self, key: str, token: str) -> None:
-        """Drop the caller's claim so that a retry runs the request; also
-        when the caller was cancelled (the release is shielded)."""
-        release = asyncio.ensure_future(self.state.run("release", key, token))
-        release.add_done_callback(_log_release)
-        with contextlib.suppress(errors.ServiceError):
-            await asyncio.shield(release)
-
-
-def _log_release(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("could not release a claim (it lasts until its lease ends): %s",
-                    task.exception())

@@ -3,7 +3,8 @@ in a SQLite file of a service's data directory (``requests.sqlite3``), so
 that a request retried after the service restarted (a crash, a deploy on the
 same data directory) replays its first result instead of running again; or,
 without a data directory, in memory. Used by the orchestrator's local state
-backend and by the LLM service.
+backend and by the LLM service. ``hivemesh.runtime.redis_records`` keeps
+them in a Redis shared by several replicas instead.
 
 Both keep records by (kind, request_id), so request ids of different kinds
 of request never meet, and have one interface: ``begin`` (a result to replay,
@@ -73,10 +74,12 @@ CREATE INDEX IF NOT EXISTS requests_by_age ON requests (kind, written_us);
 
 class RequestRecords(Protocol):
     async def begin(self, kind: str, request_id: str, fingerprint: str,
-                    result_type: type) -> tuple[bool, Any]:
+                    result_type: type, lease_s: float | None = None) -> tuple[bool, Any]:
         """(True, result) to replay (``result_type``, a message class);
         (False, None) when the caller runs the request and must call
-        ``finish`` or ``fail``. Raises KeyError on a fingerprint conflict."""
+        ``finish`` or ``fail``. Raises KeyError on a fingerprint conflict.
+        ``lease_s``: how long the claim of a running request holds where it
+        can outlive its process (Redis); None for the records' default."""
 
     async def finish(self, kind: str, request_id: str, fingerprint: str, result: Any) -> None:
         """Keep the result of a request ``begin`` let run."""
@@ -85,7 +88,8 @@ class RequestRecords(Protocol):
         """Forget a request ``begin`` let run: its retry runs again."""
 
     async def once(self, kind: str, request_id: str, fingerprint: str,
-                   run: Callable[[], Awaitable[Any]], result_type: type) -> tuple[Any, bool]:
+                   run: Callable[[], Awaitable[Any]], result_type: type,
+                   lease_s: float | None = None) -> tuple[Any, bool]:
         """(result, replayed): ``run()`` at most once per (kind, request_id);
         IDEMPOTENCY_CONFLICT when the request differs."""
 
@@ -94,10 +98,12 @@ class RequestRecords(Protocol):
 
 
 async def run_once(records: RequestRecords, kind: str, request_id: str, fingerprint: str,
-                   run: Callable[[], Awaitable[Any]], result_type: type) -> tuple[Any, bool]:
+                   run: Callable[[], Awaitable[Any]], result_type: type,
+                   lease_s: float | None = None) -> tuple[Any, bool]:
     """``once`` of any ``records``: begin, run, then finish or fail."""
     try:
-        replay, result = await records.begin(kind, request_id, fingerprint, result_type)
+        replay, result = await records.begin(kind, request_id, fingerprint, result_type,
+                                             lease_s)
     except KeyError:
         raise errors.idempotency_conflict(request_id) from None
     if replay:
@@ -120,7 +126,9 @@ class MemoryRequestRecords:
         self.stores = {kind: Idempotency(size, ttl_s, clock) for kind in kinds}
 
     async def begin(self, kind: str, request_id: str, fingerprint: str,
-                    result_type: type) -> tuple[bool, Any]:
+                    result_type: type, lease_s: float | None = None) -> tuple[bool, Any]:
+        # The claim of a running request lives in this process only: a
+        # lease has nothing to bound here.
         return await self.stores[kind].begin(request_id, fingerprint)
 
     async def finish(self, kind: str, request_id: str, fingerprint: str, result: Any) -> None:
@@ -130,8 +138,9 @@ class MemoryRequestRecords:
         self.stores[kind].fail(request_id)
 
     async def once(self, kind: str, request_id: str, fingerprint: str,
-                   run: Callable[[], Awaitable[Any]], result_type: type) -> tuple[Any, bool]:
-        return await run_once(self, kind, request_id, fingerprint, run, result_type)
+                   run: Callable[[], Awaitable[Any]], result_type: type,
+                   lease_s: float | None = None) -> tuple[Any, bool]:
+        return await run_once(self, kind, request_id, fingerprint, run, result_type, lease_s)
 
     async def close(self) -> None:
         return None
@@ -180,7 +189,8 @@ class SqliteRequestRecords:
         return int(self.clock() * 1_000_000)
 
     async def begin(self, kind: str, request_id: str, fingerprint: str,
-                    result_type: type) -> tuple[bool, Any]:
+                    result_type: type, lease_s: float | None = None) -> tuple[bool, Any]:
+        # As in memory, a running claim lives in this process only.
         running = self.running[kind]
         await running.begin(request_id, fingerprint)
         try:
@@ -204,8 +214,9 @@ class SqliteRequestRecords:
         self.running[kind].fail(request_id)
 
     async def once(self, kind: str, request_id: str, fingerprint: str,
-                   run: Callable[[], Awaitable[Any]], result_type: type) -> tuple[Any, bool]:
-        return await run_once(self, kind, request_id, fingerprint, run, result_type)
+                   run: Callable[[], Awaitable[Any]], result_type: type,
+                   lease_s: float | None = None) -> tuple[Any, bool]:
+        return await run_once(self, kind, request_id, fingerprint, run, result_type, lease_s)
 
     def _kept(self, kind: str, request_id: str, fingerprint: str, result_type: type) -> Any:
         """The result kept for the request within the TTL, None when there
