@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2
 from opentelemetry import metrics
 
 from hivemesh.llm.v1 import add_LlmServiceServicer_to_server
+from hivemesh.runtime import errors
 from hivemesh.runtime.server import RunningServer, ServiceBinding, start_server
 from hivemesh.services.llm.backends.base import LlmBackend
 from hivemesh.runtime.request_records import (
@@ -17,7 +18,8 @@ from hivemesh.runtime.request_records import (
 from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter, TtlLru
 from hivemesh.runtime.sweeper import Sweeper, prune_until
 from hivemesh.services.llm.router import BackendState, Router
-from hivemesh.services.llm.servicer import DOMAIN, RECORDS_KIND, SERVICE_NAME, LlmServicer
+from hivemesh.services.llm.servicer import (
+    DOMAIN, LEASE_FACTOR, RECORDS_KIND, SERVICE_NAME, LlmServicer)
 from hivemesh.services.llm.settings import BackendSettings, LlmSettings
 
 log = logging.getLogger("hivemesh.llm")
@@ -48,11 +50,34 @@ def build_backend(name: str, settings: BackendSettings) -> LlmBackend:
                          reasoning_models=settings.reasoning_model_prefixes())
 
 
+def records_unavailable(cause: str) -> errors.ServiceError:
+    """The error of a call whose request records are in a Redis that fails."""
+    return errors.unavailable("llm request records", cause, retry_after_s=1.0)
+
+
+async def open_redis_records(settings: LlmSettings) -> RequestRecords:
+    """The records of completed requests in the Redis of the redis records
+    backend, shared by every replica on it. Raises RedisUnavailable (a
+    ConnectionError, so an OSError: the service does not start) when Redis
+    does not answer."""
+    if settings.redis_url is None:
+        raise ValueError("HIVEMESH_LLM_REDIS_URL is required with the redis records "
+                         "backend (HIVEMESH_LLM_RECORDS_BACKEND=redis)")
+    from hivemesh.runtime.redis_records import RedisRequestRecords
+    records = await RedisRequestRecords.open(
+        settings.redis_url.get_secret_value(), settings.redis_prefix,
+        settings.idempotency_ttl_s, lease_s=LEASE_FACTOR * settings.default_deadline_s,
+        unavailable=records_unavailable, cluster=settings.redis_cluster, logger=log)
+    log.info("request records in %s, prefix %s", records.where, records.prefix)
+    return records
+
+
 def open_records(settings: LlmSettings) -> RequestRecords:
-    """The records of completed requests (request_id replays): in
-    ``<data_dir>/requests.sqlite3`` with a data directory, so that they
-    outlive a restart, else in memory. UnusableDatabase (a ValueError: the
-    service does not start) when that file is no SQLite database."""
+    """The records of completed requests (request_id replays) of the local
+    records backend: in ``<data_dir>/requests.sqlite3`` with a data
+    directory, so that they outlive a restart, else in memory.
+    UnusableDatabase (a ValueError: the service does not start) when that
+    file is no SQLite database."""
     if settings.data_dir is None:
         return MemoryRequestRecords((RECORDS_KIND,), settings.idempotency_size,
                                     settings.idempotency_ttl_s)
@@ -66,10 +91,11 @@ def open_records(settings: LlmSettings) -> RequestRecords:
 
 class Backends:
     """What one service instance holds open, closed together (after the
-    server stopped): its backends and its request records."""
+    server stopped): its backends and its request records (``records``, or
+    those of the local records backend)."""
 
-    def __init__(self, settings: LlmSettings) -> None:
-        self.records = open_records(settings)
+    def __init__(self, settings: LlmSettings, records: RequestRecords | None = None) -> None:
+        self.records = records if records is not None else open_records(settings)
         self.by_name = {name: build_backend(name, s) for name, s in settings.backends.items()}
 
     async def close(self) -> None:
@@ -79,6 +105,13 @@ class Backends:
 
 
 async def open_backends(settings: LlmSettings) -> Backends:
+    if settings.records_backend == "redis":
+        records = await open_redis_records(settings)
+        try:
+            return Backends(settings, records)
+        except BaseException:
+            await records.close()  # a backend that cannot be built (a missing key)
+            raise
     return Backends(settings)
 
 

@@ -41,6 +41,9 @@ _CACHE_BYPASS, _CACHE_ALLOW_SAMPLED = 2, 3
 # The one kind of the service's request records: their keys name the RPC
 # (see _idempotency_key), and one size bound holds for all of them.
 RECORDS_KIND = "llm"
+# A running request's claim (records shared on Redis) holds this many times
+# the call's time: a claim whose replica died is taken over once it passed.
+LEASE_FACTOR = 2.0
 
 
 def _messages(request) -> list[ChatMessage]:
@@ -267,19 +270,23 @@ class LlmServicer(LlmServiceServicer):
     def __init__(self, router: Router, *, default_deadline_s: float, cache: TtlLru,
                  records: RequestRecords) -> None:
         """``records``: completed requests by request_id, of the kind
-        ``RECORDS_KIND`` (in memory, or in SQLite to outlive a restart)."""
+        ``RECORDS_KIND`` (in memory, in SQLite to outlive a restart, or in
+        a Redis shared by every replica)."""
         self.router = router
         self.default_deadline_s = default_deadline_s
         self.cache = cache
         self.records = records
 
+    def _time(self, context) -> float:
+        """The time the caller gave the call; ``default_deadline_s`` when it
+        set no deadline."""
+        left = context.time_remaining() if context is not None else None
+        return self.default_deadline_s if left is None else left
+
     def _deadline(self, context) -> float:
         """The caller's deadline; ``default_deadline_s`` from now when it
         set none."""
-        left = context.time_remaining() if context is not None else None
-        if left is None:
-            left = self.default_deadline_s
-        return time.monotonic() + left
+        return time.monotonic() + self._time(context)
 
     def _model(self, alias: str, kind: str) -> ModelSettings:
         try:
@@ -289,20 +296,24 @@ class LlmServicer(LlmServiceServicer):
                 grpc.StatusCode.NOT_FOUND, ErrorReason.ERROR_REASON_MODEL_NOT_FOUND,
                 f"no {kind} model alias {alias!r}", {"model": alias}) from None
 
-    async def _begin(self, request, result_type: type) -> tuple[str, str, bool, object]:
+    async def _begin(self, request, result_type: type,
+                     context) -> tuple[str, str, bool, object]:
         """(key, fingerprint, replay, stored): whether this request_id has a
         result (a ``result_type``) to replay; a conflict names the caller's
-        request_id, never the key it is kept under."""
+        request_id, never the key it is kept under. Where records are
+        shared, the request is claimed for ``LEASE_FACTOR`` times the
+        call's time, and a duplicate running elsewhere is waited for."""
         key, digest = _idempotency_key(request)
         try:
-            replay, stored = await self.records.begin(RECORDS_KIND, key, digest, result_type)
+            replay, stored = await self.records.begin(RECORDS_KIND, key, digest, result_type,
+                                                      LEASE_FACTOR * self._time(context))
         except KeyError:
             raise errors.idempotency_conflict(request.request_id) from None
         return key, digest, replay, stored
 
-    async def _once(self, request, run, result_type: type):
+    async def _once(self, request, run, result_type: type, context):
         """(result, replayed): ``run()`` at most once per request_id."""
-        key, digest, replay, stored = await self._begin(request, result_type)
+        key, digest, replay, stored = await self._begin(request, result_type, context)
         if replay:
             return stored, True
         try:
@@ -336,7 +347,7 @@ class LlmServicer(LlmServiceServicer):
                 self.cache.put(key, response)  # errors never reach here: never cached
             return response
 
-        response, replayed = await self._once(request, run, GenerateResponse)
+        response, replayed = await self._once(request, run, GenerateResponse, context)
         return replayed_copy(response) if replayed else response
 
     def _response(self, result: ChatResult, route: Route, started: float) -> GenerateResponse:
@@ -356,7 +367,7 @@ class LlmServicer(LlmServiceServicer):
         started = time.monotonic()
         model = self._model(request.model, "chat")
         chat = chat_request(request)
-        request_key, digest, replay, stored = await self._begin(request, StreamSummary)
+        request_key, digest, replay, stored = await self._begin(request, StreamSummary, context)
         if replay:
             summary = StreamSummary()
             summary.CopyFrom(stored)
@@ -530,7 +541,7 @@ class LlmServicer(LlmServiceServicer):
                 usage=_usage(result.usage.prompt_tokens, 0),
                 latency=duration_s(time.monotonic() - started))
 
-        response, replayed = await self._once(request, run, EmbedResponse)
+        response, replayed = await self._once(request, run, EmbedResponse, context)
         return replayed_copy(response) if replayed else response
 
     async def CountTokens(self, request, context):

@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import (
     ServerSettings, ServiceSettings, existing_path, not_empty)
 from hivemesh.runtime.sqlite import Synchronous
@@ -131,12 +132,24 @@ class LlmSettings(ServiceSettings):
     cache_size: int = Field(default=1024, ge=0)
     cache_ttl_s: float = Field(default=300.0, gt=0)
     # Completed requests remembered for request_id replays: at most
-    # idempotency_size, each replayed for idempotency_ttl_s.
+    # idempotency_size (the local backend only; Redis keeps each for the
+    # TTL), each replayed for idempotency_ttl_s.
     idempotency_size: int = Field(default=10_000, ge=0)
     idempotency_ttl_s: float = Field(default=3600.0, gt=0)
-    # Where those records are kept (<data_dir>/requests.sqlite3), so that a
-    # retry after a restart replays instead of calling the upstream again;
-    # None keeps them in memory.
+    # Where those records are kept. local: in this process, in
+    # <data_dir>/requests.sqlite3 with a data_dir (a retry after a restart
+    # replays instead of calling the upstream again), else in memory. redis:
+    # in one Redis shared by every replica (a retry that lands on another
+    # replica replays; see runtime/redis_records.py).
+    records_backend: Literal["local", "redis"] = "local"
+    # Required with the redis records backend; a secret (it may hold a
+    # password).
+    redis_url: SecretStr | None = None
+    redis_prefix: str = Field(default="hivemesh:llm:", min_length=1)
+    # The Redis at redis_url is a Redis Cluster (the URL names any node of it):
+    # every key under redis_prefix, as a hash tag, in one slot (one shard).
+    redis_cluster: bool = False
+    # Where the local backend keeps its records; None keeps them in memory.
     data_dir: Path | None = None
     # Durability of <data_dir>/requests.sqlite3: normal (survives kill -9; a
     # power loss may drop the last records, each one upstream call repeated
@@ -154,6 +167,13 @@ class LlmSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _load_file_and_check(self) -> LlmSettings:
+        # Checked with the other settings, so that `serve` reports it as an
+        # invalid setting (exit 2), not as a service that could not start.
+        if self.records_backend == "redis" and self.redis_url is None:
+            raise ValueError("HIVEMESH_LLM_REDIS_URL is required with the redis records "
+                             "backend (HIVEMESH_LLM_RECORDS_BACKEND=redis)")
+        if self.redis_cluster:
+            cluster_prefix(self.redis_prefix)  # ValueError for a prefix that cannot be a tag
         if self.config_file is not None:
             doc = json.loads(self.config_file.read_text())
             if "backends" in doc:

@@ -105,6 +105,28 @@ async def test_the_orchestrator_state_keys(redis_target):
         await state.close()
 
 
+async def test_the_llm_records_keys(redis_target):
+    from hivemesh.llm.v1 import GenerateResponse
+    from hivemesh.runtime import errors
+    from hivemesh.runtime.redis_records import RedisRequestRecords
+    prefix = f"hmtest:llm:{uuid.uuid4().hex}:"
+    records = await on_redis(redis_target, lambda url: RedisRequestRecords.open(
+        url, prefix, 60, lease_s=60, cluster=redis_target.cluster,
+        unavailable=lambda cause: errors.unavailable("records", cause)))
+    try:
+        async def run():
+            return GenerateResponse(model="m")
+        result, replayed = await records.once("llm", "req-1", "fp", run, GenerateResponse)
+        assert (result.model, replayed) == ("m", False)
+        assert await records.once("llm", "req-1", "fp", run, GenerateResponse) == (result, True)
+        names = await names_under(records.scripts.client, records.prefix)
+        assert names == {"req:llm:req-1"}
+        expect_layout(redis_target, prefix, records, names)
+    finally:
+        await drop_redis_prefix(records.scripts.client, records.prefix)
+        await records.close()
+
+
 async def expect_every_node_reached(url: str, connection_class: str) -> None:
     """A cluster client of ``url`` writes and reads keys on each of the
     three masters, through connections of ``connection_class``."""
