@@ -175,3 +175,33 @@ async def test_the_orchestrator_state_follows_its_slot_and_a_failover(cluster):
         assert (await once("req-2"))[1] is False
     finally:
         await state.close()
+
+
+async def test_the_llm_records_follow_their_slot_and_a_failover(cluster):
+    from hivemesh.llm.v1 import GenerateResponse
+    from hivemesh.runtime.redis_records import RedisRequestRecords
+    from hivemesh.services.llm.server import records_unavailable
+    records = await RedisRequestRecords.open(
+        cluster.url, f"hmtest:llm:{uuid.uuid4().hex}:", 60, lease_s=60, cluster=True,
+        unavailable=records_unavailable)
+    calls = 0
+
+    async def run() -> GenerateResponse:
+        nonlocal calls
+        calls += 1
+        return GenerateResponse(model=f"answer-{calls}")
+
+    async def once(request_id: str) -> tuple[GenerateResponse, bool]:
+        return await records.once("llm", request_id, "fp", run, GenerateResponse)
+
+    try:
+        assert (await once("req-1"))[1] is False
+        slot = move_slot(cluster, records.prefix)
+        assert (await once("req-1"))[0].model == "answer-1"  # replayed from the new master
+        dead = fail_master(cluster, slot)
+        result, replayed = await through_failover(lambda: once("req-1"))
+        assert taken_over(cluster, slot, dead)
+        assert (result.model, replayed, calls) == ("answer-1", True, 1)
+        assert (await once("req-2"))[1] is False
+    finally:
+        await records.close()
