@@ -213,6 +213,20 @@ async def test_identical_calls_on_both_replicas_at_once_call_the_upstream_once(s
         assert (len(a.mock.calls), len(b.mock.calls)) == (2, 0)
 
 
+async def test_identical_calls_on_one_replica_at_once_call_the_upstream_once(shared):
+    request = generate_request()
+    async with two_replicas(shared) as (a, b):
+        gate, entered = hold_upstream(a)
+        first = asyncio.ensure_future(call(a.stub.Generate, request))
+        await wait(entered)
+        second = asyncio.ensure_future(call(a.stub.Generate, request))
+        gate.set()
+        one, two = await asyncio.gather(first, second)
+        assert [one.replayed, two.replayed] == [False, True] and one.message == two.message
+        assert (await call(b.stub.Generate, request)).replayed
+        assert upstream_calls(a, b) == 1
+
+
 # -- conflicts ------------------------------------------------------------------------
 
 async def test_a_changed_request_under_a_request_id_is_a_conflict_on_the_other_replica(
