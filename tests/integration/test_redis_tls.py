@@ -19,9 +19,12 @@ from redis_cluster import RedisTls, cluster_tools, redis_cluster, single_redis
 from test_information_store import budget, commit_op, hold, reserve_op
 from test_redis_cluster import expect_every_node_reached
 
+from hivemesh.llm.v1 import GenerateResponse
 from hivemesh.memory.v1 import HistoryMessage, MessageRole
 from hivemesh.orchestrator.v1 import AgentDefinition
+from hivemesh.runtime import errors
 from hivemesh.runtime.redis import RedisUnavailable, open_redis
+from hivemesh.runtime.redis_records import RedisRequestRecords
 from hivemesh.services.information.store.redis import RedisStore
 from hivemesh.services.memory.redis_ledger import RedisLedger
 from hivemesh.services.orchestrator.redis_state import RedisAgents, RedisState
@@ -106,6 +109,22 @@ async def test_the_orchestrator_state_over_tls(target):
     finally:
         await drop_redis_prefix(state.client, state.prefix)
         await state.close()
+
+
+async def test_the_llm_records_over_tls(target):
+    url, cluster = target
+    records = await RedisRequestRecords.open(
+        url, _prefix(), 60, lease_s=60, cluster=cluster,
+        unavailable=lambda cause: errors.unavailable("records", cause))
+
+    async def run():
+        return GenerateResponse(model="m")
+    try:
+        assert (await records.once("llm", "req-1", "fp", run, GenerateResponse))[1] is False
+        assert (await records.once("llm", "req-1", "fp", run, GenerateResponse))[1] is True
+    finally:
+        await drop_redis_prefix(records.scripts.client, records.prefix)
+        await records.close()
 
 
 async def test_a_cluster_over_tls_is_reached_on_every_node_over_tls(tls_cluster):
