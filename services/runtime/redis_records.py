@@ -46,7 +46,7 @@ from typing import Any
 from hivemesh.runtime import errors
 from hivemesh.runtime.redis import cluster_prefix, open_redis, redact_url, redis_failures
 from hivemesh.runtime.request_records import run_once
-from hivemesh.runtime.resilience import Idempotency
+from hivemesh.runtime.resilience import Idempotency, at_most_once
 
 # What a failing Redis raises (a cluster client's errors included).
 _FAILURES = redis_failures()
@@ -200,22 +200,16 @@ class RedisClaims:
         request differs. A failed run releases its claim, also when the
         caller was cancelled (the release is shielded)."""
         token = uuid.uuid4().hex
-        try:
-            replay, result = await self.claim(kind, request_id, fingerprint, token, lease_s,
-                                              result_type)
-        except KeyError:
-            raise errors.idempotency_conflict(request_id) from None
-        if replay:
-            return result, True
-        try:
-            result = await run()
-        except BaseException:
-            release = self.release(kind, request_id, token)
+
+        async def release() -> None:
             with contextlib.suppress(errors.ServiceError):
-                await asyncio.shield(release)
-            raise
-        await self.record(kind, request_id, fingerprint, token, result)
-        return result, False
+                await asyncio.shield(self.release(kind, request_id, token))
+
+        return await at_most_once(
+            request_id,
+            lambda: self.claim(kind, request_id, fingerprint, token, lease_s, result_type),
+            run, release, lambda result: self.record(kind, request_id, fingerprint, token,
+                                                     result))
 
 
 class RedisRequestRecords:

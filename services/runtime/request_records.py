@@ -50,8 +50,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from hivemesh.runtime import errors
-from hivemesh.runtime.resilience import Idempotency
+from hivemesh.runtime.resilience import Idempotency, at_most_once
 from hivemesh.runtime.sqlite import GroupCommitDatabase, Synchronous, WriterStopped
 
 FILE_NAME = "requests.sqlite3"
@@ -101,20 +100,10 @@ async def run_once(records: RequestRecords, kind: str, request_id: str, fingerpr
                    run: Callable[[], Awaitable[Any]], result_type: type,
                    lease_s: float | None = None) -> tuple[Any, bool]:
     """``once`` of any ``records``: begin, run, then finish or fail."""
-    try:
-        replay, result = await records.begin(kind, request_id, fingerprint, result_type,
-                                             lease_s)
-    except KeyError:
-        raise errors.idempotency_conflict(request_id) from None
-    if replay:
-        return result, True
-    try:
-        result = await run()
-    except BaseException:
-        records.fail(kind, request_id)
-        raise
-    await records.finish(kind, request_id, fingerprint, result)
-    return result, False
+    return await at_most_once(
+        request_id, lambda: records.begin(kind, request_id, fingerprint, result_type, lease_s),
+        run, lambda: records.fail(kind, request_id),
+        lambda result: records.finish(kind, request_id, fingerprint, result))
 
 
 class MemoryRequestRecords:

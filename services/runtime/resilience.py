@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import random
 import time
 from collections import OrderedDict
@@ -209,6 +210,34 @@ def fingerprint(request, *, ignore: tuple[str, ...] = ("request_id",)) -> str:
     return hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest()
 
 
+async def at_most_once(request_id: str, begin: Callable[[], Awaitable[tuple[bool, Any]]],
+                       run: Callable[[], Awaitable[Any]], fail: Callable[[], Any],
+                       finish: Callable[[Any], Any]) -> tuple[Any, bool]:
+    """(result, replayed), the one way every store of request records runs
+    a request: ``begin()`` says whether there is a result to replay (raises
+    KeyError when the request id came with another request: answered
+    IDEMPOTENCY_CONFLICT); otherwise ``run()``, then ``finish(result)``, or
+    ``fail()`` when it raised (each may return an awaitable, awaited)."""
+    try:
+        replay, result = await begin()
+    except KeyError:
+        raise errors.idempotency_conflict(request_id) from None
+    if replay:
+        return result, True
+    try:
+        result = await run()
+    except BaseException:
+        await _settled(fail())
+        raise
+    await _settled(finish(result))
+    return result, False
+
+
+async def _settled(outcome: Any) -> None:
+    if inspect.isawaitable(outcome):
+        await outcome
+
+
 class Idempotency:
     """Results of completed requests by request_id. A retry while the first
     call still runs waits for it; a failed call is forgotten, so its retry
@@ -241,19 +270,10 @@ class Idempotency:
                    run: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
         """(result, replayed): ``run()`` at most once per request_id; a retry
         gets the first result. IDEMPOTENCY_CONFLICT when the request differs."""
-        try:
-            replay, result = await self.begin(request_id, fingerprint)
-        except KeyError:
-            raise errors.idempotency_conflict(request_id) from None
-        if replay:
-            return result, True
-        try:
-            result = await run()
-        except BaseException:
-            self.fail(request_id)
-            raise
-        self.finish(request_id, fingerprint, result)
-        return result, False
+        return await at_most_once(
+            request_id, lambda: self.begin(request_id, fingerprint), run,
+            lambda: self.fail(request_id),
+            lambda result: self.finish(request_id, fingerprint, result))
 
     def finish(self, request_id: str, fingerprint: str, result: Any) -> None:
         self._done.put(request_id, (fingerprint, result))
