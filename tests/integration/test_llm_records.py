@@ -99,6 +99,17 @@ def rows(data_dir) -> list[str]:
         return [r for (r,) in conn.execute("SELECT request_id FROM requests ORDER BY rowid")]
 
 
+def expect_replayed_stream(first, again, text: str) -> None:
+    """``again`` (a retry's messages) replays the stream ``first``
+    completed with ``text``: the same content and usage, marked replayed."""
+    assert first[-1].end.outcome == again[-1].end.outcome == \
+        StreamOutcome.STREAM_OUTCOME_COMPLETED
+    assert again[-1].summary.replayed and not first[-1].summary.replayed
+    replayed = "".join(m.delta.text for m in again if m.WhichOneof("event") == "delta")
+    assert replayed == first[-1].summary.message.content == text
+    assert again[-1].summary.usage == first[-1].summary.usage
+
+
 async def test_a_generate_retried_after_a_restart_replays_without_calling_the_upstream(
         tmp_path):
     request = generate_request()
@@ -131,12 +142,7 @@ async def test_a_stream_retried_after_a_restart_replays_without_calling_the_upst
     async with serve(settings(tmp_path)) as (stub, mock):
         again = await read_stream(stub, request)
         assert len(mock.calls) == 0
-    assert first[-1].end.outcome == again[-1].end.outcome == \
-        StreamOutcome.STREAM_OUTCOME_COMPLETED
-    assert again[-1].summary.replayed and not first[-1].summary.replayed
-    text = "".join(m.delta.text for m in again if m.WhichOneof("event") == "delta")
-    assert text == first[-1].summary.message.content == "alpha beta gamma"
-    assert again[-1].summary.usage == first[-1].summary.usage
+    expect_replayed_stream(first, again, "alpha beta gamma")
 
 
 async def test_an_embed_retried_after_a_restart_replays(tmp_path):

@@ -24,7 +24,8 @@ import grpc
 import pytest
 from conftest import LOCAL_REDIS, REDIS_URL, RedisProxy, RedisTarget, drop_redis_prefix, on_redis
 from pydantic import ValidationError
-from test_llm_records import generate_request, read_stream, rid, stream_request
+from test_llm_records import (
+    expect_replayed_stream, generate_request, read_stream, rid, stream_request)
 
 from hivemesh.client import from_rpc_error
 from hivemesh.client.errors import AlreadyExistsError
@@ -183,12 +184,7 @@ async def test_a_stream_retried_on_the_other_replica_replays(shared):
         first = await read_stream(a.stub, request)
         again = await read_stream(b.stub, request)
         assert upstream_calls(a, b) == 1
-    assert first[-1].end.outcome == again[-1].end.outcome == \
-        StreamOutcome.STREAM_OUTCOME_COMPLETED
-    assert again[-1].summary.replayed and not first[-1].summary.replayed
-    text = "".join(m.delta.text for m in again if m.WhichOneof("event") == "delta")
-    assert text == first[-1].summary.message.content == "alpha beta gamma"
-    assert again[-1].summary.usage == first[-1].summary.usage
+    expect_replayed_stream(first, again, "alpha beta gamma")
 
 
 async def test_identical_calls_on_both_replicas_at_once_call_the_upstream_once(shared):
