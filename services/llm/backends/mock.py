@@ -17,6 +17,12 @@ from hivemesh.services.llm.backends.base import (
     ToolCall, ToolCallDelta, Usage, estimate_prompt_tokens, estimate_tokens)
 
 
+# Calls the history keeps, the latest: the mock serves the mesh for as long
+# as it runs with no API key, so an unbounded history would grow with every
+# call (about 0.8 KiB each).
+CALLS_KEPT = 1000
+
+
 @dataclass
 class MockReply:
     content: str = ""
@@ -34,7 +40,7 @@ class MockBackend:
         self.default_response = default_response
         self.latency_s = latency_s
         self.embedding_dimensions = embedding_dimensions
-        self.calls: list[ChatRequest] = []  # call history, oldest first
+        self.calls: list[ChatRequest] = []  # the latest CALLS_KEPT calls, oldest first
         self._queue: deque[MockReply] = deque()
         self._failures: deque[BackendError] = deque()
         self._cut_after: int | None = None
@@ -71,6 +77,8 @@ class MockBackend:
     # -- the backend interface ---------------------------------------------
     async def _begin(self, request: ChatRequest, timeout_s: float) -> MockReply:
         self.calls.append(request)
+        if len(self.calls) > CALLS_KEPT:
+            del self.calls[:len(self.calls) - CALLS_KEPT]
         if self.latency_s:
             if self.latency_s > timeout_s:
                 await asyncio.sleep(timeout_s)
