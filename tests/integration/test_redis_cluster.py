@@ -107,12 +107,12 @@ async def test_the_orchestrator_state_keys(redis_target):
 
 async def test_the_llm_records_keys(redis_target):
     from hivemesh.llm.v1 import GenerateResponse
-    from hivemesh.runtime import errors
+    from hivemesh.services.llm.server import records_unavailable
     from hivemesh.runtime.redis_records import RedisRequestRecords
     prefix = f"hmtest:llm:{uuid.uuid4().hex}:"
     records = await on_redis(redis_target, lambda url: RedisRequestRecords.open(
         url, prefix, 60, lease_s=60, cluster=redis_target.cluster,
-        unavailable=lambda cause: errors.unavailable("records", cause)))
+        unavailable=records_unavailable))
     try:
         async def run():
             return GenerateResponse(model="m")

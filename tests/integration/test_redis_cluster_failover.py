@@ -68,6 +68,19 @@ async def through_failover(call: Callable[[], Awaitable[T]]) -> T:
             await asyncio.sleep(0.1)
 
 
+class Counting:
+    """A request to run at most once: its n-th run answers ``make(n)``;
+    ``calls`` says how many runs there were."""
+
+    def __init__(self, make: Callable[[int], T]) -> None:
+        self.make = make
+        self.calls = 0
+
+    async def __call__(self) -> T:
+        self.calls += 1
+        return self.make(self.calls)
+
+
 def move_slot(cluster: Cluster, prefix: str) -> int:
     """Moves the slot of the keys under ``prefix`` (a hash tag) to another
     master; returns the slot."""
@@ -152,12 +165,7 @@ async def test_the_orchestrator_state_follows_its_slot_and_a_failover(cluster):
                                   cluster=True)
     agents = RedisAgents(state)
     ledger = OrchestratorLedger(state, 60)
-    runs = 0
-
-    async def run() -> AgentDefinition:
-        nonlocal runs
-        runs += 1
-        return AgentDefinition(name=f"result-{runs}")
+    run = Counting(lambda n: AgentDefinition(name=f"result-{n}"))
 
     async def once(request_id: str) -> tuple[AgentDefinition, bool]:
         return await ledger.once("run", request_id, "fp", run, AgentDefinition, 60)
@@ -170,7 +178,7 @@ async def test_the_orchestrator_state_follows_its_slot_and_a_failover(cluster):
         dead = fail_master(cluster, slot)
         result, replayed = await through_failover(lambda: once("req-1"))
         assert taken_over(cluster, slot, dead)
-        assert (result.name, replayed, runs) == ("result-1", True, 1)
+        assert (result.name, replayed, run.calls) == ("result-1", True, 1)
         assert (await agents.get("kept")).model == "m"
         assert (await once("req-2"))[1] is False
     finally:
@@ -184,12 +192,7 @@ async def test_the_llm_records_follow_their_slot_and_a_failover(cluster):
     records = await RedisRequestRecords.open(
         cluster.url, f"hmtest:llm:{uuid.uuid4().hex}:", 60, lease_s=60, cluster=True,
         unavailable=records_unavailable)
-    calls = 0
-
-    async def run() -> GenerateResponse:
-        nonlocal calls
-        calls += 1
-        return GenerateResponse(model=f"answer-{calls}")
+    run = Counting(lambda n: GenerateResponse(model=f"answer-{n}"))
 
     async def once(request_id: str) -> tuple[GenerateResponse, bool]:
         return await records.once("llm", request_id, "fp", run, GenerateResponse)
@@ -201,7 +204,7 @@ async def test_the_llm_records_follow_their_slot_and_a_failover(cluster):
         dead = fail_master(cluster, slot)
         result, replayed = await through_failover(lambda: once("req-1"))
         assert taken_over(cluster, slot, dead)
-        assert (result.model, replayed, calls) == ("answer-1", True, 1)
+        assert (result.model, replayed, run.calls) == ("answer-1", True, 1)
         assert (await once("req-2"))[1] is False
     finally:
         await records.close()

@@ -22,10 +22,10 @@ from test_redis_cluster import expect_every_node_reached
 from hivemesh.llm.v1 import GenerateResponse
 from hivemesh.memory.v1 import HistoryMessage, MessageRole
 from hivemesh.orchestrator.v1 import AgentDefinition
-from hivemesh.runtime import errors
 from hivemesh.runtime.redis import RedisUnavailable, open_redis
 from hivemesh.runtime.redis_records import RedisRequestRecords
 from hivemesh.services.information.store.redis import RedisStore
+from hivemesh.services.llm.server import records_unavailable
 from hivemesh.services.memory.redis_ledger import RedisLedger
 from hivemesh.services.orchestrator.redis_state import RedisAgents, RedisState
 
@@ -115,7 +115,7 @@ async def test_the_llm_records_over_tls(target):
     url, cluster = target
     records = await RedisRequestRecords.open(
         url, _prefix(), 60, lease_s=60, cluster=cluster,
-        unavailable=lambda cause: errors.unavailable("records", cause))
+        unavailable=records_unavailable)
 
     async def run():
         return GenerateResponse(model="m")
