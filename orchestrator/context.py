@@ -44,8 +44,13 @@ def step_id(request_id: str, *parts: object) -> str:
     """The request id of one step of a request (its reserve, its n-th
     generation, a task of a workflow, ...): ``request_id:part:part``, or a
     digest of that when it would be longer than a request id may be. The
-    same step of the same request always gets the same id."""
-    full = ":".join([request_id, *map(str, parts)])
+    same step of the same request always gets the same id, and no step of
+    another request the same one: the caller's id is escaped (``%`` and
+    ``:`` as ``%25`` and ``%3A``; an id without them is unchanged), so that
+    request ``job`` with step ``a:b0`` and request ``job:a`` with step
+    ``b0`` stay apart."""
+    escaped = request_id.replace("%", "%25").replace(":", "%3A")
+    full = ":".join([escaped, *map(str, parts)])
     if len(full) <= MAX_REQUEST_ID:
         return full
     return "h-" + hashlib.sha256(full.encode()).hexdigest()

@@ -15,7 +15,7 @@ from hivemesh.common.v1 import RequestContext
 from hivemesh.orchestrator.v1 import AgentStart, EventPriority, EventType, GenerationChunk
 from hivemesh.runtime import errors
 from hivemesh.services.orchestrator import templates
-from hivemesh.services.orchestrator.context import ExecutionContext
+from hivemesh.services.orchestrator.context import ExecutionContext, step_id
 from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
 from hivemesh.services.orchestrator.policy import Providers, deadline_scope, remaining_s
 from hivemesh.services.orchestrator.runner import AgentRunner
@@ -71,6 +71,32 @@ def test_a_subscriber_that_unsubscribes_while_called_leaves_the_others_the_event
     emit(sink)
     emit(sink)
     assert seen == ["once", "next", "last", "next", "last"]
+
+
+def test_subscribers_of_equal_priority_keep_the_order_they_subscribed_in_after_unsubscribes():
+    bus = EventBus()
+    seen = []
+    unsubscribe_a = bus.subscribe(lambda e: seen.append("a"))
+    unsubscribe_b = bus.subscribe(lambda e: seen.append("b"))
+    bus.subscribe(lambda e: seen.append("c"))
+    unsubscribe_a()
+    unsubscribe_b()
+    bus.subscribe(lambda e: seen.append("d"))
+    emit(EventSink(bus))
+    assert seen == ["c", "d"]
+
+
+def test_step_ids_of_different_requests_never_meet():
+    # Request "job" with step "a:b0" (a fan-out branch) and request "job:a"
+    # with step "b0" (a task) joined naively give the same id.
+    assert step_id("job", "a:b0") != step_id("job:a", "b0")
+    assert step_id("job%3Aa", "b0") != step_id("job:a", "b0")
+    # An id without ":" or "%" is as it always was (records kept by earlier
+    # versions still match), and a step id is a valid request id.
+    assert step_id("run-1", "reserve") == "run-1:reserve"
+    long = step_id("x:" * 70, "gen", 1)
+    assert long.startswith("h-") and len(long) <= 128
+    assert step_id("job:a", "b0") == step_id("job:a", "b0")
 
 
 def test_default_priorities_and_subscription_filters():
