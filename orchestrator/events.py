@@ -14,6 +14,7 @@ run, or per agent run outside a workflow), so ``sequence`` has no gaps.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import Callable
@@ -102,6 +103,8 @@ class EventBus:
     def __init__(self) -> None:
         self._middleware: list[EventMiddleware] = []
         self._subscribers: list[tuple[int, int, Subscriber]] = []
+        # Counts every subscribe, so ties keep their order after unsubscribes.
+        self._subscribed = itertools.count()
         self._subscriptions: set[Subscription] = set()
         self.subscriber_errors = 0
 
@@ -112,7 +115,7 @@ class EventBus:
     def subscribe(self, subscriber: Subscriber, priority: int = 0) -> Callable[[], None]:
         """Call ``subscriber`` for every event, higher priority first (ties in
         the order subscribed). Returns a function that unsubscribes."""
-        entry = (-priority, len(self._subscribers), subscriber)
+        entry = (-priority, next(self._subscribed), subscriber)
         self._subscribers.append(entry)
         self._subscribers.sort(key=lambda e: e[:2])
         return lambda: self._subscribers.remove(entry) if entry in self._subscribers else None
