@@ -18,7 +18,6 @@ from hivemesh.orchestrator.v1 import (
     WorkflowStatus)
 from hivemesh.runtime import errors, paging
 from hivemesh.runtime.resilience import fingerprint, replayed_copy
-from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.orchestrator.agents import definition_problems
 from hivemesh.services.orchestrator.context import ExecutionContext
@@ -242,8 +241,9 @@ class OrchestratorServicer:
                 workflow = WorkflowRun(
                     self.runner, agents, request, base, EventSink(self.bus),
                     request.max_concurrency or self.settings.default_max_concurrency,
-                    self.ledger, LEASE_FACTOR * self._time(context))
-                response = _within(await workflow.run(), self.settings.server.max_message_bytes)
+                    self.ledger, LEASE_FACTOR * self._time(context),
+                    max_response_bytes=self.settings.server.max_message_bytes)
+                response = await workflow.run()
                 if response.status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED:
                     # Answered, not kept, as a failed agent run: a retry runs
                     # it again (after an outage, or past a deadline that cut
@@ -329,29 +329,6 @@ async def _next(queue: asyncio.Queue, others: set[asyncio.Future],
     if getter.done() and not getter.cancelled():
         return True, getter.result()
     return False, None
-
-
-def _within(response: RunWorkflowResponse, limit: int) -> RunWorkflowResponse:
-    """A workflow's response as a call can carry it. Outputs are repeated in
-    it (a task's output, its final agent's, each branch's): when the whole
-    outgrows the message limit, only each task's output stays (the agents'
-    outputs are also in their artifacts); when even that is too big, the run
-    fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE, naming the
-    sizes, and is not kept for replay."""
-    if response.ByteSize() <= limit - RESPONSE_MARGIN_BYTES:
-        return response
-    for task in response.tasks:
-        for holder in (task, *task.branches):
-            if holder.HasField("result"):
-                holder.result.output = ""
-    size = response.ByteSize()
-    if size > limit - RESPONSE_MARGIN_BYTES:
-        raise errors.ServiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE",
-            f"the workflow's results are {size:,} bytes, more than the {limit:,} a response "
-            "may carry; the tasks' outputs are in the artifact store where their agents save "
-            "one", {"size_bytes": str(size), "limit_bytes": str(limit)})
-    return response
 
 
 def _as_registration(request: RegisterAgentRequest) -> RegisterAgentRequest:

@@ -29,6 +29,7 @@ from hivemesh.orchestrator.v1 import (
     RunWorkflowResponse, TaskResult, TaskSpec, TaskStart, TaskStatus, WorkflowComplete,
     WorkflowDefinition, WorkflowStart, WorkflowStatus)
 from hivemesh.runtime import errors
+from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.runtime.wellknown import duration_s, now_us
 from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.agents import AgentRegistry
@@ -165,11 +166,15 @@ class WorkflowRun:
 
     def __init__(self, runner: AgentRunner, agents: AgentRegistry, request: RunWorkflowRequest,
                  base: ExecutionContext, sink: EventSink, max_concurrency: int,
-                 ledger: RequestLedger, lease_s: float) -> None:
+                 ledger: RequestLedger, lease_s: float,
+                 max_response_bytes: int | None = None) -> None:
         """``ledger``: where the agent runs that ended are kept, so that a
         retry of the workflow (same request_id) takes them instead of
         running them again; ``lease_s``: how long a running one's claim
-        holds there."""
+        holds there; ``max_response_bytes``: the most a response may carry
+        (see :func:`fit_response`), checked before WORKFLOW_COMPLETE tells
+        subscribers how the run ended."""
+        self.max_response_bytes = max_response_bytes
         self.runner = runner
         self.ledger = ledger
         self.lease_s = lease_s
@@ -228,15 +233,20 @@ class WorkflowRun:
                 except asyncio.CancelledError:
                     # Subscribers still learn how it ended.
                     span.set_status(trace.Status(trace.StatusCode.ERROR, "cancelled"))
-                    self._complete(WorkflowStatus.WORKFLOW_STATUS_CANCELLED, started)
+                    self._complete(WorkflowStatus.WORKFLOW_STATUS_CANCELLED, started,
+                                   answered=False)
                     raise
                 if status != WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED:
                     span.set_status(trace.Status(trace.StatusCode.ERROR,
                                                  WorkflowStatus.Name(status)))
         return self._complete(status, started)
 
-    def _complete(self, status: int, started: float) -> RunWorkflowResponse:
-        """The response, after emitting WORKFLOW_COMPLETE."""
+    def _complete(self, status: int, started: float,
+                  answered: bool = True) -> RunWorkflowResponse:
+        """The response, after emitting WORKFLOW_COMPLETE. A response too
+        large to answer (``answered``: it is to be) raises PAYLOAD_TOO_LARGE,
+        and WORKFLOW_COMPLETE says the run FAILED with that error: what the
+        caller gets."""
         response = RunWorkflowResponse(workflow_id=self.workflow_id, status=status,
                                        trace_id=self.trace_id)
         for task in self.workflow.tasks:
@@ -253,6 +263,14 @@ class WorkflowRun:
                                     latency=response.latency)
         if self.first_error is not None:
             complete.error.CopyFrom(self.first_error)
+        if answered and self.max_response_bytes is not None:
+            try:
+                response = fit_response(response, self.max_response_bytes)
+            except errors.ServiceError as exc:
+                complete.status = WorkflowStatus.WORKFLOW_STATUS_FAILED
+                complete.error.CopyFrom(exc.to_status(DOMAIN))
+                self._emit(EventType.EVENT_TYPE_WORKFLOW_COMPLETE, complete)
+                raise
         self._emit(EventType.EVENT_TYPE_WORKFLOW_COMPLETE, complete)
         return response
 
@@ -573,3 +591,26 @@ def _record_branch(run: asyncio.Task, record: BranchResult, why: str) -> None:
         # The error tells to see the service log: the defect must be there.
         log.error("fan-out branch %r failed unexpectedly", record.branch, exc_info=exc)
         record.error.CopyFrom(errors.internal().to_status(DOMAIN))
+
+
+def fit_response(response: RunWorkflowResponse, limit: int) -> RunWorkflowResponse:
+    """A workflow's response as a call can carry it. Outputs are repeated in
+    it (a task's output, its final agent's, each branch's): when the whole
+    outgrows the message limit, only each task's output stays (the agents'
+    outputs are also in their artifacts); when even that is too big, the run
+    fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE, naming the
+    sizes, and is not kept for replay."""
+    if response.ByteSize() <= limit - RESPONSE_MARGIN_BYTES:
+        return response
+    for task in response.tasks:
+        for holder in (task, *task.branches):
+            if holder.HasField("result"):
+                holder.result.output = ""
+    size = response.ByteSize()
+    if size > limit - RESPONSE_MARGIN_BYTES:
+        raise errors.ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE",
+            f"the workflow's results are {size:,} bytes, more than the {limit:,} a response "
+            "may carry; the tasks' outputs are in the artifact store where their agents save "
+            "one", {"size_bytes": str(size), "limit_bytes": str(limit)})
+    return response

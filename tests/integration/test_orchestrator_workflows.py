@@ -578,11 +578,18 @@ async def test_results_too_big_for_one_response_keep_each_output_once_or_fail_cl
         assert [t.result.output for t in fits.tasks] == ["", ""]  # the copies left out
         for _ in range(5):
             m.primary.queue_response("y" * 60_000)
+        completions = []
+        m.backend.bus.subscribe(lambda e: completions.append(e.workflow_complete)
+                                if e.type == EventType.EVENT_TYPE_WORKFLOW_COMPLETE else None)
         with pytest.raises(ResourceExhaustedError) as err:
             await workflow(m, *(TaskSpec(task_id=f"t{i}", agent="coder", input_template="x")
                                 for i in range(5)))
         assert err.value.reason == "PAYLOAD_TOO_LARGE"
         assert err.value.metadata["limit_bytes"] == str(256 * 1024)
+        # Subscribers learn what the caller got: a failure, not a success.
+        (complete,) = completions
+        assert complete.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+        assert from_status(complete.error).reason == "PAYLOAD_TOO_LARGE"
 
 
 async def test_a_handoff_is_offered_only_to_agents_the_runs_variables_can_start(tmp_path):
