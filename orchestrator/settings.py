@@ -92,7 +92,7 @@ class OrchestratorSettings(ServiceSettings):
     subscriber_queue_size: int = Field(default=10_000, ge=1)
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
 
-    _set = field_validator("agents_dir", mode="before")(not_empty)
+    _set = field_validator("agents_dir", "data_dir", mode="before")(not_empty)
 
     @field_validator("agents_dir")
     @classmethod

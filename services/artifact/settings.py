@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hivemesh.runtime.settings import ServerSettings, ServiceSettings
+from hivemesh.runtime.settings import ServerSettings, ServiceSettings, not_empty
 from hivemesh.runtime.sqlite import Synchronous
 
 
@@ -19,6 +19,7 @@ class ArtifactSettings(ServiceSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     backend: Literal["sqlite", "postgres", "memory"] = "sqlite"
     data_dir: Path = Path(".hivemesh/data")
+    _data_dir = field_validator("data_dir", mode="before")(not_empty)
     # SQLite durability: full (fsync per commit: survives kill -9 and power
     # loss) or normal (survives kill -9; a power loss may drop the last
     # commits). See hivemesh.runtime.sqlite.

@@ -72,6 +72,13 @@ async def _run_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _directory(value: str) -> str:
+    """An empty --data-dir names no directory (it would be the working one)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty: give a directory or leave the option out")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pydantic_settings import SettingsError
 
@@ -111,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("service", choices=SERVICES)
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
-    serve.add_argument("--data-dir", default=None, help="where embedded backends keep data")
+    serve.add_argument("--data-dir", default=None, type=_directory,
+                       help="where embedded backends keep data")
     up = sub.add_parser("up", help="start the mesh and run the demonstration")
-    up.add_argument("--data-dir", default=None,
+    up.add_argument("--data-dir", default=None, type=_directory,
                     help="keep data here (default: a fresh temporary directory)")
     up.add_argument("--keep-running", action="store_true",
                     help="keep the services running after the demonstration")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.redis import cluster_prefix
-from hivemesh.runtime.settings import ServerSettings, ServiceSettings
+from hivemesh.runtime.settings import ServerSettings, ServiceSettings, not_empty
 from hivemesh.services.information.pricing import (
     MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL)
 from hivemesh.runtime.sqlite import Synchronous
@@ -33,6 +33,7 @@ class InformationSettings(ServiceSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     backend: Literal["sqlite", "redis"] = "sqlite"
     data_dir: Path = Path(".hivemesh/data")
+    _data_dir = field_validator("data_dir", mode="before")(not_empty)
     # SQLite durability: full (fsync per commit: survives kill -9 and power
     # loss) or normal (survives kill -9; a power loss may drop the last
     # commits). See hivemesh.runtime.sqlite.

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.redis import cluster_prefix
-from hivemesh.runtime.settings import ChannelTlsSettings, ServerSettings, ServiceSettings
+from hivemesh.runtime.settings import (
+    ChannelTlsSettings, ServerSettings, ServiceSettings, not_empty)
 from hivemesh.runtime.sqlite import Synchronous
 
 
@@ -23,6 +24,7 @@ class MemorySettings(ServiceSettings):
     # local mode (qdrant_location, for tests).
     store: Literal["edge", "qdrant"] = "edge"
     data_dir: Path = Path(".hivemesh/data")
+    _data_dir = field_validator("data_dir", mode="before")(not_empty)
     collection: str = Field(default="memories", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # e.g. http://qdrant:6333 (calls go over gRPC to qdrant_grpc_port); a secret
     # because it may carry credentials.

@@ -182,8 +182,10 @@ class ServerSettings(BaseModel):
     # 0 picks a free one.
     health_port: int | None = Field(default=None, ge=0, le=65535)
     # Largest request or response, bytes. Artifact content is capped lower by
-    # the service itself so that an oversize save gets a clear error.
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # the service itself so that an oversize save gets a clear error. At
+    # least twice the margin an answer leaves (128 KiB), so that answers
+    # have room for what they carry.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=2 * RESPONSE_MARGIN_BYTES)
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_period_s: float = Field(default=10.0, ge=0)
     # Seconds between health going NOT_SERVING and refusing new calls, so

@@ -124,6 +124,32 @@ def test_an_empty_host_is_an_invalid_setting(monkeypatch):
         ArtifactSettings()
 
 
+@pytest.mark.parametrize("service", ["artifact", "information", "memory", "orchestrator"])
+def test_an_empty_data_dir_is_an_invalid_setting(monkeypatch, service):
+    """Set but empty it names nothing; read as "." it would put the
+    service's files in whatever directory it was started from."""
+    from hivemesh.cli.main import _service, main  # noqa: PLC0415
+    settings_cls = _service(service)[0]
+    monkeypatch.setenv(f"HIVEMESH_{service.upper()}_DATA_DIR", "")
+    with pytest.raises(ValidationError) as err:
+        settings_cls()
+    assert err.value.errors()[0]["loc"] == ("data_dir",)
+    monkeypatch.delenv(f"HIVEMESH_{service.upper()}_DATA_DIR")
+    with pytest.raises(SystemExit) as exited:  # argparse: usage error
+        main(["serve", service, "--data-dir", ""])
+    assert exited.value.code == 2
+
+
+def test_a_message_limit_must_leave_answers_room_beyond_their_margin(monkeypatch):
+    """Answers keep 64 KiB of the limit for their status and headers: a
+    smaller limit would refuse every answer that carries anything."""
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__MAX_MESSAGE_BYTES", "65536")
+    with pytest.raises(ValidationError):
+        ArtifactSettings()
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__MAX_MESSAGE_BYTES", str(128 * 1024))
+    assert ArtifactSettings().server.max_message_bytes == 128 * 1024
+
+
 def test_a_price_beyond_any_real_one_fails_at_start_naming_the_setting(monkeypatch):
     """usage x price would overflow the int64 cost of a call: such a price
     is refused at start-up, not charged as an INTERNAL error later."""
