@@ -47,12 +47,14 @@ def fill_artifact(artifact: Artifact, record: ArtifactRecord) -> Artifact:
     return artifact
 
 
-def _refuse_nul(request, metadata: dict) -> None:
-    """NUL characters are refused in every string of a save (PostgreSQL
+_SAVED_STRINGS = ("request_id", "workflow_id", "task_id", "agent_id", "artifact_type", "content")
+
+
+def _refuse_nul(request, fields: tuple[str, ...], metadata: dict | None = None) -> None:
+    """NUL characters are refused in every string a call stores (PostgreSQL
     text cannot hold them, and every backend answers alike)."""
-    bad = [f for f in ("workflow_id", "task_id", "agent_id", "artifact_type", "content")
-           if "\x00" in getattr(request, f)]
-    if _has_nul(metadata):
+    bad = [f for f in fields if "\x00" in getattr(request, f)]
+    if metadata is not None and _has_nul(metadata):
         bad.append("metadata")
     if bad:
         raise errors.invalid_argument((f, "must not contain NUL (U+0000) characters")
@@ -104,7 +106,7 @@ class ArtifactServicer(ArtifactServiceServicer):
 
     async def SaveArtifact(self, request, context):
         metadata = struct_dict(request.metadata, "metadata")
-        _refuse_nul(request, metadata)
+        _refuse_nul(request, _SAVED_STRINGS, metadata)
         content = request.content.encode("utf-8")
         if len(content) > self.max_content_bytes:
             raise errors.ServiceError(
@@ -189,6 +191,7 @@ class ArtifactServicer(ArtifactServiceServicer):
     async def DeleteArtifact(self, request, context):
         # With a request_id, a retry (its first answer lost) gets that answer,
         # not "nothing deleted" for an artifact the first attempt removed.
+        _refuse_nul(request, ("request_id",))
         try:
             deleted = await self.backend.delete(request.artifact_id, request.request_id,
                                                 _fingerprint("DeleteArtifact",

@@ -504,7 +504,8 @@ async def test_pages_end_early_rather_than_exceed_the_response_size_limit(
 async def test_nul_characters_are_refused_alike_on_every_backend(artifacts):
     for fields, where in ((dict(content="a\x00b"), "content"),
                           (dict(content="x", task_id="t\x00"), "task_id"),
-                          (dict(content="x", metadata={"k": "v\x00"}), "metadata")):
+                          (dict(content="x", metadata={"k": "v\x00"}), "metadata"),
+                          (dict(content="x", request_id="r\x00"), "request_id")):
         with pytest.raises(InvalidArgumentError) as err:
             await artifacts.save(**{"workflow_id": "wf-nul", "agent_id": "a",
                                     "artifact_type": "code", **fields})
@@ -513,6 +514,12 @@ async def test_nul_characters_are_refused_alike_on_every_backend(artifacts):
         await artifacts.count(workflow_id="wf\x00")
     assert err.value.field_violations[0][0] == "filter.workflow_id"
     assert await artifacts.count(workflow_id="wf-nul") == 0
+    saved = await artifacts.save(workflow_id="wf-nul2", agent_id="a", artifact_type="code",
+                                 content="x")
+    with pytest.raises(InvalidArgumentError) as err:
+        await artifacts.delete(saved.artifact.artifact_id, request_id="d\x00")
+    assert err.value.field_violations[0][0] == "request_id"
+    assert await artifacts.count(workflow_id="wf-nul2") == 1
 
 
 async def test_an_artifact_too_big_to_read_back_is_refused_and_pages_count_metadata(
