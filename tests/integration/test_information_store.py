@@ -337,6 +337,45 @@ async def test_a_retried_reserve_whose_hold_is_gone_holds_again(store):
     assert (await counter(store, b)).reserved_micros == 900
 
 
+async def test_a_retried_reserve_past_its_expiry_holds_again_before_any_sweep(store):
+    """A reservation past its expiry that no sweep has met yet: other
+    reserves already count its hold as freed, so a retry of its reserve is
+    not a replay (its caller would run with no hold, and a HARD budget be
+    overspent) but holds again, checked against the budget as it is now."""
+    b = budget("b", micros=10_000)
+    await store.create_budget(b, rid(), "fp")
+    first = await store.reserve(reserve_op([hold(b)], 6000, request_id="r-a", ttl=10))
+    # Past its expiry, another reserve takes the room it held.
+    await store.reserve(reserve_op([hold(b)], 6000, request_id="r-b", now=T0 + 20))
+    with pytest.raises(BudgetExceeded):
+        await store.reserve(reserve_op([hold(b)], 6000, request_id="r-a", ttl=10,
+                                       now=T0 + 21))
+    assert (await counter(store, b)).reserved_micros == 6000
+    # With room for it, the retry holds again, under its first id.
+    b2 = budget("b2", micros=10_000)
+    await store.create_budget(b2, rid(), "fp")
+    late = await store.reserve(reserve_op([hold(b2)], 6000, request_id="r-c", ttl=10))
+    again = await store.reserve(reserve_op([hold(b2)], 6000, request_id="r-c", ttl=10,
+                                           now=T0 + 20))
+    assert (again.reservation_id, again.replayed) == (late.reservation_id, True)
+    assert again.expire_time_us == T0 + 30
+    assert (await counter(store, b2)).reserved_micros == 6000
+    assert (await store.get_reservation(late.reservation_id)).state == "open"
+    assert await store.expire(T0 + 25) == 0  # held once, not left to a sweep
+
+
+async def test_a_release_after_the_expiry_is_not_a_release(store):
+    """A reservation past its expiry that no sweep has met yet has expired:
+    its hold is freed, and the release says it released nothing."""
+    b = budget("b", micros=1000)
+    await store.create_budget(b, rid(), "fp")
+    await store.reserve(reserve_op([hold(b)], 400, reservation_id="res-x", ttl=10))
+    assert await store.release("res-x", T0 + 20) == ReleaseResult(False)
+    assert (await store.get_reservation("res-x")).state == "expired"
+    assert (await counter(store, b)).reserved_micros == 0
+    assert await store.expire(T0 + 20) == 0
+
+
 async def test_a_budget_deleted_and_created_again_starts_from_nothing(store):
     """Its open holds, its counters of every period (a negative period start
     too: a daily budget charged for a time before 1970) and its thresholds

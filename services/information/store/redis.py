@@ -281,11 +281,17 @@ local function hold_counters()
 end
 local seen = seen_request(ARGV[2])
 local rid = ARGV[4]
+local lapsed = nil  -- the zset member of the retried reservation, if it lapsed
 if seen then
   if seen[1] ~= 'reserve' or seen[2] ~= ARGV[3] then return {'conflict'} end
-  local r = redis.call('HMGET', P .. 'res:' .. seen[4], 'state', 'micros', 'tokens')
+  local r = redis.call('HMGET', P .. 'res:' .. seen[4], 'state', 'micros', 'tokens',
+                       'expire_time_us', 'member')
   local state = r[1]
-  if state ~= 'released' and state ~= 'expired' then
+  -- Open but past its expiry (not swept yet): its hold no longer counts
+  -- (the reserves below free it), so the retry must not be told it holds.
+  if state == 'open' and tonumber(r[4]) <= tonumber(ARGV[8]) then
+    lapsed = r[5]
+  elseif state ~= 'released' and state ~= 'expired' then
     return {'replay', seen[3], hold_counters(), r[2] or '', r[3] or ''}
   end
   -- Its hold is gone (released, or lapsed): a retry holds again, checked
@@ -300,6 +306,11 @@ if not seen and redis.call('EXISTS', key) == 1 then return {'duplicate'} end
 -- as released.
 local expired = redis.call('ZRANGEBYSCORE', P .. 'reservations:open', '-inf', ARGV[8],
                            'LIMIT', 0, 100)
+if lapsed then
+  local listed = false
+  for _, member in ipairs(expired) do listed = listed or member == lapsed end
+  if not listed then table.insert(expired, lapsed) end
+end
 local freed = {}
 for _, member in ipairs(expired) do
   local r = redis.call('HMGET', P .. 'res:' .. rid_of(member), 'micros', 'tokens', 'ctrs')
@@ -483,8 +494,15 @@ return {'ok', result, counters_of(charged_ctrs)}
 _RELEASE = _PRELUDE + r"""
 local replay = replay_once('release')
 if replay then return replay end
-local state = redis.call('HGET', P .. 'res:' .. ARGV[4], 'state')
+local r = redis.call('HMGET', P .. 'res:' .. ARGV[4], 'state', 'expire_time_us')
+local state = r[1]
 if not state then return {'notfound'} end
+if state == 'open' and tonumber(r[2]) <= tonumber(ARGV[5]) then
+  -- It expired before this release (not swept yet): freed as expired, and
+  -- not released by this call.
+  close_open(ARGV[4], 'expired', ARGV[5])
+  state = 'expired'
+end
 if state ~= 'open' then
   answer_once('release', '{"released": false, "micros": 0, "tokens": 0}')
   return {'no'}

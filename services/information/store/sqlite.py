@@ -238,10 +238,17 @@ def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
         "WHERE state = 'open' AND expire_time_us <= ? ORDER BY expire_time_us, rowid LIMIT ?",
         (now_us, limit)).fetchall()
     for reservation_id, holds, micros, tokens in rows:
-        _free(conn, holds_from_json(holds), micros, tokens)
-        conn.execute("UPDATE reservations SET state = 'expired' WHERE reservation_id = ?",
-                     (reservation_id,))
+        _lapse(conn, reservation_id, holds, micros, tokens)
     return len(rows)
+
+
+def _lapse(conn: sqlite3.Connection, reservation_id: str, holds: str, micros: int,
+           tokens: int) -> None:
+    """An open reservation past its expiry: its hold is freed, and it is
+    expired (whether the sweeper or a call meets it first)."""
+    _free(conn, holds_from_json(holds), micros, tokens)
+    conn.execute("UPDATE reservations SET state = 'expired' WHERE reservation_id = ?",
+                 (reservation_id,))
 
 
 class SqliteStore:
@@ -421,9 +428,16 @@ class SqliteStore:
             seen = _check_request(conn, op.request_id, "reserve", op.fingerprint)
             reopened = None
             if seen is not None:
-                state, micros, tokens = conn.execute(
-                    "SELECT state, micros, tokens FROM reservations WHERE reservation_id = ?",
-                    (seen["reservation_id"],)).fetchone() or ("", None, None)
+                state, holds, micros, tokens, expire_us = conn.execute(
+                    "SELECT state, holds, micros, tokens, expire_time_us FROM reservations "
+                    "WHERE reservation_id = ?",
+                    (seen["reservation_id"],)).fetchone() or ("", None, None, None, None)
+                if state == "open" and expire_us <= op.now_us:
+                    # Past its expiry, not swept yet: its hold is no longer
+                    # counted (other reserves free it), so a retry must not
+                    # be told it still holds.
+                    _lapse(conn, seen["reservation_id"], holds, micros, tokens)
+                    state = "expired"
                 if state not in ("released", "expired"):
                     return ReserveResult(seen["reservation_id"], seen["expire_time_us"],
                                          tuple(seen["over_soft_limit"]), True,
@@ -554,13 +568,18 @@ class SqliteStore:
             seen = _answer_of(conn, RELEASE, once)
             if seen is not None:
                 return replayed_release(seen)
-            row = conn.execute("SELECT state, holds, micros, tokens FROM reservations "
-                               "WHERE reservation_id = ?", (reservation_id,)).fetchone()
+            row = conn.execute("SELECT state, holds, micros, tokens, expire_time_us "
+                               "FROM reservations WHERE reservation_id = ?",
+                               (reservation_id,)).fetchone()
             if row is None:
                 return ReleaseResult(False, found=False)
-            state, holds, micros, tokens = row
+            state, holds, micros, tokens, expire_us = row
             result = ReleaseResult(False)
-            if state == "open":
+            if state == "open" and expire_us <= now_us:
+                # It expired before this release (the sweeper had not yet
+                # met it): freed as expired, and not released by this call.
+                _lapse(conn, reservation_id, holds, micros, tokens)
+            elif state == "open":
                 _free(conn, holds_from_json(holds), micros, tokens)
                 conn.execute("UPDATE reservations SET state = 'released' "
                              "WHERE reservation_id = ?", (reservation_id,))
