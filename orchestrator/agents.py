@@ -90,12 +90,15 @@ class AgentRegistry:
         # Names registered over gRPC (and kept in the store); the others come
         # from files, read again at every start and never stored.
         self._registered: set[str] = set()
+        # Where each agent loaded at start came from (its file, or the store).
+        self._sources: dict[str, str] = {}
         self._store_path = store_path
         if store_path is not None and store_path.exists():
             for data in json.loads(store_path.read_text()):
                 agent = parse_agent(data, str(store_path), check_definition=False)
                 self._agents[agent.name] = agent
                 self._registered.add(agent.name)
+                self._sources[agent.name] = str(store_path)
 
     @classmethod
     def of(cls, agents) -> AgentRegistry:
@@ -121,8 +124,13 @@ class AgentRegistry:
                     raise AgentFileError(f"{path}: agent {agent.name!r} is defined twice")
                 self._put(agent)
                 self._registered.discard(agent.name)  # the file wins
+                self._sources[agent.name] = str(path)
                 names.append(agent.name)
         return names
+
+    def source(self, name: str) -> str:
+        """The file an agent loaded at start came from; "" for another."""
+        return self._sources.get(name, "")
 
     def get(self, name: str) -> AgentDefinition:
         agent = self._agents.get(name)

@@ -229,6 +229,9 @@ class RedisAgents:
         # it started.
         return AgentRegistry.of(await self._page("", None))
 
+    def source(self, name: str) -> str:
+        return self.files.source(name)
+
     async def register(self, agent: AgentDefinition,
                        allow_update: bool) -> tuple[AgentDefinition, bool]:
         definition = AgentDefinition()

@@ -142,7 +142,9 @@ async def create_server(settings: OrchestratorSettings,
         missing = [t for t in known.get(agent).allowed_tools
                    if not orchestrator.tools.known(t)]
         if missing and not unreachable:
-            raise ValueError(f"agent {agent!r} allows unknown tools: {', '.join(missing)}")
+            source = agents.source(agent)
+            raise ValueError(f"{source + ': ' if source else ''}agent {agent!r} allows "
+                             f"unknown tools: {', '.join(missing)}")
     servicer = OrchestratorServicer(settings, agents, orchestrator.tools,
                                     AgentRunner(orchestrator.providers, orchestrator.tools, ledger),
                                     orchestrator.bus, ledger)

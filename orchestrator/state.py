@@ -55,6 +55,10 @@ class AgentStore(Protocol):
         """The agents as a registry (``find``/``get``/``names``) for one
         workflow: its validation and its runs."""
 
+    def source(self, name: str) -> str:
+        """The file this process loaded the agent from at start; "" for an
+        agent registered over gRPC since."""
+
 
 class RequestLedger(Protocol):
     async def once(self, kind: str, request_id: str, fingerprint: str,
@@ -92,6 +96,9 @@ class LocalAgents:
     async def snapshot(self) -> AgentRegistry:
         # A copy: a workflow runs its agents as they were when it started.
         return self.registry.snapshot()
+
+    def source(self, name: str) -> str:
+        return self.registry.source(name)
 
 
 class LocalLedger:

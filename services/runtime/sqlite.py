@@ -71,6 +71,11 @@ class UnusableDatabase(ValueError):
     ValueError, so the service refuses to start and names the file."""
 
 
+class UnopenedDatabase(OSError):
+    """SQLite could not open the file (locked, read-only, not a file); an
+    OSError, so the service refuses to start and names the file."""
+
+
 def connect(path: Path, synchronous: Synchronous = "full") -> sqlite3.Connection:
     # The writer connection is handed to the committer thread for COMMIT, but
     # never used by two threads at once.
@@ -139,10 +144,11 @@ class GroupCommitDatabase:
             self._writer.executescript(schema)
             self.reader = connect(path, synchronous)
         except sqlite3.DatabaseError as exc:
-            # Not OperationalError (locked, read-only, a full disk): those
-            # say what is wrong already, and the file may be fine.
+            # OperationalError (locked, read-only, a full disk, a directory
+            # in the file's place): the file may be fine, but SQLite's words
+            # do not name it.
             if isinstance(exc, sqlite3.OperationalError):
-                raise
+                raise UnopenedDatabase(f"{path}: SQLite could not open it ({exc})") from exc
             raise UnusableDatabase(
                 f"{path} is not a usable SQLite database ({exc}): restore it from a backup, "
                 "or move it aside to start with an empty one") from exc

@@ -193,12 +193,16 @@ def test_a_backend_key_file_that_is_not_there_is_an_invalid_setting(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_bad_agent_file_found_at_start_up_is_a_start_up_failure(tmp_path):
+@pytest.mark.parametrize("text", [
+    "name = \n",  # not TOML
+    'name = "ok"\nmodel = "main"\nallowed_tools = ["no-such-tool"]\n'])  # an unknown tool
+def test_a_bad_agent_file_found_at_start_up_is_a_start_up_failure(tmp_path, text):
     """The directory is there, so the setting is valid; what cannot be read
-    in it stops start-up (exit 1) with the file's path."""
+    in it, or names what does not exist, stops start-up (exit 1) with the
+    file's path."""
     folder = tmp_path / "agents"
     folder.mkdir()
-    (folder / "bad.toml").write_text("name = \n")
+    (folder / "bad.toml").write_text(text)
     result = serve_refused("orchestrator", "--port", "0", "--data-dir", str(tmp_path / "data"),
                            env={"HIVEMESH_ORCHESTRATOR_AGENTS_DIR": str(folder)})
     assert result.returncode == 1 and result.stdout == ""
@@ -224,6 +228,18 @@ def test_a_database_file_that_is_no_database_is_a_start_up_failure_naming_it(
         in result.stderr
     assert "move it aside" in result.stderr and "Traceback" not in result.stderr
     assert damaged.read_bytes() == b"not a database, but somebody's data" * 200
+
+
+def test_a_directory_where_the_database_file_belongs_is_a_start_up_failure_naming_it(
+        tmp_path):
+    """SQLite cannot open it (nor a locked or read-only file): exit 1 with the
+    path and SQLite's words, not a traceback."""
+    blocked = tmp_path / "data" / "artifacts.sqlite3"
+    blocked.mkdir(parents=True)
+    result = serve_refused("artifact", "--port", "0", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert f"artifact could not start: {blocked}: SQLite could not open it" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_port_already_taken_is_a_clear_message(tmp_path):
