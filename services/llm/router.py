@@ -103,6 +103,8 @@ class Router:
         """Runs ``call(model, state, timeout_s)`` over the chain with
         breakers, limits, retries and fallback. Returns (result, Route)."""
         last: BackendError | None = None
+        # A candidate that could not express the request (nothing sent).
+        unsupported: BackendError | None = None
         open_breakers: list[str] = []
         limited: list[float] = []
         attempts = 0
@@ -138,6 +140,15 @@ class Router:
                 try:
                     result = await call(model, state, min(state.settings.timeout_s, left))
                 except BackendError as exc:
+                    if exc.kind is ErrorKind.UNSUPPORTED:
+                        # Refused before any upstream request: not an
+                        # attempt; the next candidate may take it. An
+                        # upstream's failure stays the one to report.
+                        attempts -= 1
+                        state.breaker.release_probe(permit)
+                        if last is None:
+                            unsupported = exc
+                        break
                     last = exc
                     if exc.kind in _MAYBE_USED:
                         unused = 0
@@ -180,6 +191,7 @@ class Router:
                              open_breakers=open_breakers,
                              rate_limited_for_s=min(limited) if limited else None,
                              attempts=attempts)
+        last = last or unsupported
         raise RouteError(last.message if last else "no backend answered", last=last,
                          open_breakers=open_breakers, attempts=attempts)
 

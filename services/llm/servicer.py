@@ -226,6 +226,13 @@ def route_error(exc: RouteError) -> errors.ServiceError:
             grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_CIRCUIT_OPEN, exc.message,
             {**meta, "backends": ",".join(exc.open_breakers)})
     kind = last.kind
+    if kind is ErrorKind.UNSUPPORTED:
+        # No backend of the chain could express it; none was sent anything.
+        return errors.ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_INVALID_REQUEST,
+            f"no backend of the model's chain can take this request: {last.message}", meta,
+            [errors.bad_request([(last.field, last.message)])] if last.field else [],
+            retry=False)
     if last.status is not None:
         meta["upstream_status"] = str(last.status)
     table = {

@@ -176,7 +176,7 @@ async def test_embeddings_or_a_clear_refusal(script: Script):
     if script.kind == "anthropic":  # Anthropic has no embeddings API
         with pytest.raises(BackendError) as caught:
             await script.backend.embed(["a"], "embed-model", None, TIMEOUT_S)
-        assert caught.value.kind is ErrorKind.BAD_REQUEST
+        assert caught.value.kind is ErrorKind.UNSUPPORTED
         return
     result = await script.backend.embed(["first text", "second text"], "embed-model", None,
                                         TIMEOUT_S)

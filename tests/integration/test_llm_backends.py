@@ -975,6 +975,6 @@ async def test_anthropic_has_no_embeddings():
                 await backend.embed(["alpha"], "embed-model", None, TIMEOUT_S)
         finally:
             await backend.close()
-    assert caught.value.kind is ErrorKind.BAD_REQUEST
+    assert caught.value.kind is ErrorKind.UNSUPPORTED
     assert "does not offer embeddings" in caught.value.message
     assert server.request_count == 0

@@ -767,6 +767,82 @@ async def test_a_request_too_large_for_the_upstream_is_payload_too_large(monkeyp
     assert err.value.metadata["upstream_status"] == "413"
 
 
+async def test_a_conversation_anthropic_cannot_take_falls_back_and_hides_no_outage(
+        monkeypatch):
+    """Tool call arguments that are not a JSON object (a call cut short by
+    max_tokens) are fine for OpenAI but not for Anthropic's API: nothing is
+    sent to Anthropic, the chain goes on to the next model (no attempt
+    counted), and with no model left the answer is INVALID_ARGUMENT naming
+    the field, unless an upstream failed on the way: that failure is the
+    answer, as it would be without the Anthropic model."""
+    from fakes import Fail
+    from fakes.anthropic_server import FakeAnthropic
+    from fakes.openai_server import FakeOpenAI
+
+    from hivemesh.llm.v1 import Conversation, Message, Tool, ToolCall
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    conversation = Conversation(messages=[
+        Message(role=2, content="weather?"),
+        Message(role=3, tool_calls=[ToolCall(id="c1", name="weather",
+                                             arguments='{"city": "Par')]),
+        Message(role=4, content="sunny", tool_call_id="c1"),
+        Message(role=2, content="so?")])
+
+    def ask(model: str) -> GenerateRequest:
+        return GenerateRequest(request_id=rid(), model=model, conversation=conversation,
+                               tools=[Tool(name="weather", description="the weather")])
+
+    async with FakeAnthropic() as anthropic, FakeOpenAI() as openai:
+        key = {"api_key_env": "FAKE_UPSTREAM_KEY", "max_attempts": 2}
+        s = LlmSettings(
+            server=ServerSettings(port=0, grace_period_s=1),
+            backends={"an": BackendSettings(type="anthropic", base_url=anthropic.base_url, **key),
+                      "oa": BackendSettings(type="openai", base_url=openai.base_url, **key)},
+            models=[ModelSettings(alias="claude", backend="an", upstream_model="c",
+                                  fallback=["gpt"], default=True),
+                    ModelSettings(alias="gpt", backend="oa", upstream_model="g",
+                                  fallback=["claude-only"]),
+                    ModelSettings(alias="claude-only", backend="an", upstream_model="c")])
+        async with serve(s) as (stub, _):
+            answer = await call(stub.Generate, ask("claude"))
+            assert (answer.model, answer.fallback_used) == ("gpt", True)
+            assert (anthropic.request_count, openai.request_count) == (0, 1)
+            with pytest.raises(InvalidArgumentError) as err:
+                await call(stub.Generate, ask("claude-only"))
+            assert err.value.reason == "INVALID_REQUEST"
+            assert err.value.metadata["attempts"] == "0"
+            assert [f for f, _ in err.value.field_violations] == [
+                "conversation.messages.tool_calls.arguments"]
+            openai.enqueue(*[Fail(status=503)] * 2)
+            with pytest.raises(UnavailableError) as down:
+                await call(stub.Generate, ask("gpt"))
+            assert down.value.metadata["attempts"] == "2"
+            assert anthropic.request_count == 0
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_an_empty_json_schema_is_a_schema_that_accepts_any_json(monkeypatch, kind):
+    """{} is a valid JSON schema (any JSON): it reaches the upstream, it is
+    not refused as missing."""
+    from fakes.anthropic_server import FakeAnthropic
+    from fakes.openai_server import FakeOpenAI
+    from google.protobuf import struct_pb2
+
+    from hivemesh.llm.v1 import JsonSchema, ResponseFormat
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    async with (FakeAnthropic() if kind == "anthropic" else FakeOpenAI()) as upstream:
+        async with serve(_one_upstream(kind, upstream.base_url)) as (stub, _):
+            request = gen()
+            request.config.response_format.CopyFrom(ResponseFormat(
+                type=3, json_schema=JsonSchema(name="anything", schema=struct_pb2.Struct())))
+            await call(stub.Generate, request)
+        body = upstream.last.body
+    if kind == "openai":
+        assert body["response_format"]["json_schema"]["schema"] == {}
+    else:  # prompted: the schema is in the system prompt
+        assert "{}" in str(body["system"])
+
+
 async def test_an_overloaded_anthropic_is_unavailable_which_clients_retry(monkeypatch):
     """Anthropic's 529 (overloaded_error: "the API is temporarily
     overloaded") is the provider's passing trouble, not the caller's quota:

@@ -259,8 +259,8 @@ class AnthropicBackend(http.UpstreamErrors):
 
     async def embed(self, texts: list[str], upstream_model: str, dimensions: int | None,
                     timeout_s: float) -> EmbedResult:
-        raise BackendError(ErrorKind.BAD_REQUEST,
-                           f"{self.name}: Anthropic does not offer embeddings")
+        raise BackendError(ErrorKind.UNSUPPORTED,
+                           f"{self.name}: Anthropic does not offer embeddings", field="model")
 
     # -- errors -------------------------------------------------------------
 
@@ -316,7 +316,7 @@ def _message_params(request: ChatRequest) -> dict[str, Any]:
     if request.response_format in ("json_object", "json_schema"):
         system.append(JSON_OBJECT_INSTRUCTION)
         if request.response_format == "json_schema":
-            if not request.response_schema:
+            if request.response_schema is None:  # {} is a schema: any JSON
                 raise BackendError(ErrorKind.BAD_REQUEST,
                                    "response_format json_schema needs a response_schema")
             system.append(JSON_SCHEMA_INSTRUCTION.format(
@@ -366,8 +366,12 @@ def _tool_input(name: str, arguments: str) -> dict[str, Any]:
     except ValueError:
         value = None
     if not isinstance(value, dict):
-        raise BackendError(ErrorKind.BAD_REQUEST,
-                           f"the arguments of the call to tool {name!r} are not a JSON object")
+        # OpenAI takes any text there (a call cut short by max_tokens, say):
+        # the next backend of the chain may take the conversation.
+        raise BackendError(ErrorKind.UNSUPPORTED,
+                           f"the arguments of the call to tool {name!r} are not a JSON object, "
+                           "which Anthropic requires",
+                           field="conversation.messages.tool_calls.arguments")
     return value
 
 

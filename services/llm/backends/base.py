@@ -36,6 +36,9 @@ class ErrorKind(enum.Enum):
     UNAVAILABLE = "unavailable"          # 5xx, connection refused or reset
     TIMEOUT = "timeout"                  # no answer within the attempt's time
     STREAM_CUT = "stream_cut"            # the stream broke after it started
+    # The backend cannot express the request in its API (nothing was sent):
+    # the next backend of the chain may.
+    UNSUPPORTED = "unsupported"
 
     @property
     def retryable(self) -> bool:
@@ -52,9 +55,12 @@ class BackendError(Exception):
     broke (its prompt tokens), None when it reported nothing."""
 
     def __init__(self, kind: ErrorKind, message: str, *, status: int | None = None,
-                 retry_after_s: float | None = None, usage: Usage | None = None) -> None:
+                 retry_after_s: float | None = None, usage: Usage | None = None,
+                 field: str = "") -> None:
         super().__init__(message)
         self.kind = kind
+        # The request field a local refusal (UNSUPPORTED) is about.
+        self.field = field
         self.message = message
         self.status = status
         self.retry_after_s = retry_after_s

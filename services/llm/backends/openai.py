@@ -362,7 +362,7 @@ def _chat_params(request: ChatRequest, reasoning: bool = False) -> dict[str, Any
             # OpenAI refuses JSON mode unless a message asks for JSON.
             _instruct(params["messages"], JSON_OBJECT_INSTRUCTION)
     elif fmt == "json_schema":
-        if not request.response_schema:
+        if request.response_schema is None:  # {} is a schema: any JSON
             raise BackendError(ErrorKind.BAD_REQUEST,
                                "response_format json_schema needs a response_schema")
         params["response_format"] = {"type": "json_schema", "json_schema": {
