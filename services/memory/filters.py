@@ -41,18 +41,18 @@ def _upper(b: dict[str, Any]) -> tuple[Any, bool] | None:
 
 
 def _time_bound(key: str, name: str, ts: timestamp_pb2.Timestamp, field: str) -> str:
-    """A time bound in RFC 3339. The engines drop the digits of a bound
-    finer than a microsecond, which moves it earlier: on create_time, which
-    is stored to the microsecond, a ``gte`` or ``lt`` bound inside one is
-    rounded up to the next instead, where it means the same (``gt`` and
-    ``lte`` lose nothing by the cut). Metadata times may be finer; their
-    bounds are left to the engines."""
+    """A time bound in RFC 3339. The engines compare times to the
+    microsecond: they drop the digits of a bound finer than that, which
+    moves it earlier. So a ``gte`` or ``lt`` bound inside a microsecond is
+    rounded up to the next instead, where it means the same for every time
+    stored to the microsecond or coarser (create_time, and the metadata
+    times of most writers); ``gt`` and ``lte`` lose nothing by the cut."""
     text = rfc3339(ts, field)
     finer = ts.nanos % 1000
-    if key == "create_time" and name in ("gte", "lt") and finer:
+    if name in ("gte", "lt") and finer:
         up = timestamp_pb2.Timestamp()
-        up.FromNanoseconds(ts.ToNanoseconds() + 1000 - finer)
         with contextlib.suppress(ValueError):  # past year 9999: no stored time is there
+            up.FromNanoseconds(ts.ToNanoseconds() + 1000 - finer)
             text = up.ToJsonString()
     return text
 

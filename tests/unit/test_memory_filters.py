@@ -38,6 +38,24 @@ def test_every_match_kind_translates():
     assert isinstance(to_conditions(flt)[2].value, bool)
 
 
+@pytest.mark.parametrize("key", ["create_time", "metadata.due"])
+def test_time_bounds_inside_a_microsecond_mean_what_they_say_to_the_engines(key):
+    """The engines compare times to the microsecond, dropping finer digits
+    of a bound (which moves it earlier): gte and lt bounds inside one are
+    rounded up to the next, for create_time and metadata times alike; the
+    largest timestamp the contract allows stays as it is (no error)."""
+    half = timestamp_pb2.Timestamp(seconds=86400, nanos=500)
+    gte, gt, lte, lt = to_conditions(Filter(conditions=[
+        Condition(key=key, time_range=TimeRange(**{name: half}))
+        for name in ("gte", "gt", "lte", "lt")]))
+    assert (gte.gte, lt.lt) == ("1970-01-02T00:00:00.000001Z",) * 2
+    assert (gt.gt, lte.lte) == ("1970-01-02T00:00:00.000000500Z",) * 2
+    top = timestamp_pb2.Timestamp(seconds=253402300799, nanos=999_999_999)
+    (last,) = to_conditions(Filter(conditions=[Condition(key=key, time_range=TimeRange(
+        gte=top))]))
+    assert last.gte == "9999-12-31T23:59:59.999999999Z"
+
+
 def test_mapping_filters_mean_equals_or_any_of():
     assert to_conditions(to_filter({"metadata.k": "v", "source_id": ["x", "y"]})) == [
         Equals("metadata.k", "v"), AnyOf("source_id", ("x", "y"))]
