@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import protovalidate
 from buf.validate.validate_pb2 import FieldPath
+from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 from opentelemetry import baggage
@@ -62,19 +63,27 @@ class MiddlewareChain:
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The handler with every middleware around its behaviour."""
+        deserializer = handler.request_deserializer
+        if deserializer is not None and any(isinstance(mw, ValidationMiddleware)
+                                            for mw in self.middlewares):
+            # Bytes that are no message of the method's type (a string
+            # that is not UTF-8, say) reach validation as Undecodable,
+            # answered INVALID_ARGUMENT there; gRPC would answer UNKNOWN
+            # without details.
+            deserializer = _tolerant(deserializer)
         if handler.unary_unary is not None:
             unary: Unary = handler.unary_unary
             for mw in reversed(self.middlewares):
                 unary = _bind_unary(mw, unary, method)
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
+                unary, request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             stream: Stream = handler.unary_stream
             for mw in reversed(self.middlewares):
                 stream = _bind_stream(mw, stream, method)
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
+                stream, request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         return handler  # streaming requests: none in the v1 contracts
 
@@ -131,13 +140,39 @@ def _bind_stream(mw: Middleware, inner: Stream, method: str) -> Stream:
     return call
 
 
+class Undecodable:
+    """A request whose bytes are no message of the method's request type."""
+
+    __slots__ = ("problem",)
+    request_id = ""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            # "Error parsing message with type 'T': why": why, first.
+            text = str(exc)
+            cause = text.rpartition("': ")[2] if "': " in text else text
+            return Undecodable(f"{cause} ({text.partition(': ')[0]})")
+    return decode
+
+
 class ValidationMiddleware(Middleware):
-    """Checks the protovalidate rules of the request before any handler work."""
+    """Checks the protovalidate rules of the request before any handler
+    work, and refuses a request that did not decode (see Undecodable)."""
 
     def __init__(self) -> None:
         self._validator = protovalidate.Validator()
 
     def _check(self, request) -> None:
+        if isinstance(request, Undecodable):
+            raise errors.invalid_argument(
+                [("request", f"does not decode: {request.problem}")])
         violations = self._validator.collect_violations(request)
         if violations:
             raise errors.invalid_argument(

@@ -224,6 +224,31 @@ async def test_a_request_with_many_violations_is_still_invalid_argument(artifact
     assert "more" in error.message
 
 
+async def test_bytes_that_are_no_request_message_are_invalid_argument_with_details(
+        artifact_settings):
+    """A string field that is not UTF-8 (any client but a Python one can send
+    it) fails to decode before any handler: INVALID_ARGUMENT with its
+    ErrorInfo, as every invalid request, not gRPC's bare UNKNOWN."""
+    from hivemesh.client import from_rpc_error
+
+    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                       ArtifactServicer(MemoryBackend(), max_content_bytes=1024))])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            get = ch.unary_unary("/hivemesh.artifact.v1.ArtifactService/GetArtifact",
+                                 request_serializer=bytes, response_deserializer=bytes)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await get(b"\x0a\x03\xff\xfe\xfd", timeout=10)  # artifact_id, not UTF-8
+    finally:
+        await running.shutdown(0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(err.value)
+    assert (error.reason, error.domain) == ("INVALID_REQUEST", DOMAIN)
+    assert error.field_violations[0][0] == "request"
+    assert "UTF-8" in error.field_violations[0][1]
+
+
 async def test_a_violation_naming_a_long_map_key_is_still_invalid_argument(artifact_settings):
     """A map key that breaks its pattern is named in the violation's field
     path; a long one must not push the status past gRPC's trailer limits:
