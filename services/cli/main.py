@@ -44,7 +44,7 @@ def _service(name: str):
 
 
 async def _run_service(args: argparse.Namespace) -> int:
-    from hivemesh.runtime.logs import configure_logging
+    from hivemesh.runtime.logs import configure_logging, hide_values, secret_values
     from hivemesh.runtime.server import host_port, run_until_signalled
     from hivemesh.runtime.settings import secrets_dir
     from hivemesh.runtime.telemetry import configure_metrics, configure_tracing, shutdown_within
@@ -59,6 +59,7 @@ async def _run_service(args: argparse.Namespace) -> int:
     if args.data_dir is not None and hasattr(settings, "data_dir"):
         settings.data_dir = Path(args.data_dir)
     configure_logging(args.service, settings.server.log_level)
+    hide_values(secret_values(settings))
     providers = [p for p in (configure_tracing(f"hivemesh-{args.service}"),
                              configure_metrics(f"hivemesh-{args.service}")) if p is not None]
     backend = await open_backend(settings)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.redis import cluster_prefix
+from hivemesh.runtime.logs import hide_values
 from hivemesh.runtime.settings import (
     ServerSettings, ServiceSettings, existing_path, not_empty)
 from hivemesh.runtime.sqlite import Synchronous
@@ -73,13 +74,17 @@ class BackendSettings(BaseModel):
         return OPENAI_REASONING_MODELS if self.type == "openai" else ()
 
     def api_key(self) -> str:
-        """The key, read from its environment variable or secret file."""
+        """The key, read from its environment variable or secret file (and
+        hidden in the logs from then on, whatever its shape)."""
         if self.api_key_file is not None:
-            return self.api_key_file.read_text().strip()
+            key = self.api_key_file.read_text().strip()
+            hide_values([key])
+            return key
         if self.api_key_env:
             key = os.environ.get(self.api_key_env)
             if not key:
                 raise ValueError(f"environment variable {self.api_key_env} is not set")
+            hide_values([key])
             return key
         if self.type == "openai_compatible":
             return "not-needed"  # local servers (vLLM, Ollama, llama.cpp) take any key

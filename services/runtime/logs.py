@@ -6,15 +6,18 @@ are replaced, and so is anything shaped like an API key or bearer token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import sys
 import time
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterable, Mapping
 
 from opentelemetry import trace
+from pydantic import BaseModel, SecretStr
 
 from hivemesh.runtime.middleware import request_id_var
 
@@ -101,7 +104,62 @@ def _hide(match: re.Match[str]) -> str:
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+# The secrets this process was configured with (see hide_values): hidden
+# wherever they appear, whatever the text around them, since a library may
+# quote one in words no pattern above expects (a DSN's password with a
+# space, quoted by libpq's parse error, say).
+_known: set[str] = set()
+_known_pattern: re.Pattern[str] | None = None
+# Shorter values would hide ordinary words that happen to match.
+_KNOWN_MIN_CHARS = 6
+
+
+def hide_values(values: Iterable[str]) -> None:
+    """Adds secret values to hide in every log line from now on: a URL's
+    password is added besides the URL (a message may quote it alone), and
+    values under six characters are left out."""
+    global _known_pattern
+    for value in values:
+        for candidate in (value, *_url_password(value)):
+            if len(candidate) >= _KNOWN_MIN_CHARS:
+                _known.add(candidate)
+    if _known:
+        _known_pattern = re.compile("|".join(
+            re.escape(v) for v in sorted(_known, key=len, reverse=True)))
+
+
+def _url_password(value: str) -> list[str]:
+    """The password of a URL (unescaped, and as written), or of a keyword
+    DSN's ``password=``; none otherwise."""
+    found: list[str] = []
+    with contextlib.suppress(ValueError):
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme and parts.password:
+            raw = parts.netloc.rpartition("@")[0].partition(":")[2]
+            found += [parts.password, urllib.parse.unquote(raw), raw]
+    keyword = re.search(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", value)
+    if keyword:
+        found.append(keyword[1].strip("'"))
+    return found
+
+
+def secret_values(settings: BaseModel) -> list[str]:
+    """Every SecretStr value set in ``settings``, nested models included."""
+    found: list[str] = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name, None)
+        for item in value.values() if isinstance(value, dict) else (
+                value if isinstance(value, list | tuple) else (value,)):
+            if isinstance(item, SecretStr):
+                found.append(item.get_secret_value())
+            elif isinstance(item, BaseModel):
+                found += secret_values(item)
+    return found
+
+
 def redact(text: str) -> str:
+    if _known_pattern is not None:
+        text = _known_pattern.sub("[REDACTED]", text)
     return _SECRET_VALUE.sub(_hide, text)
 
 

@@ -212,3 +212,45 @@ def test_prose_after_the_word_token_is_told_apart_in_one_pass():
             "redact('token: ' + 'a' * 1_000_000); redact('token: ' + 'a-' * 500_000); "
             "redact('max token: 10 ' * 100_000); redact('token: ' * 200_000)")
     subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
+
+
+@pytest.fixture
+def known_secrets(monkeypatch):
+    """The registry of configured secrets, emptied after the test."""
+    from hivemesh.runtime import logs
+    monkeypatch.setattr(logs, "_known", set())
+    monkeypatch.setattr(logs, "_known_pattern", None)
+    return logs
+
+
+def test_configured_secrets_are_hidden_wherever_a_library_quotes_them(known_secrets,
+                                                                       monkeypatch):
+    """A DSN's password with a space slips past every pattern (libpq quotes
+    it alone in its parse error): the service's own secret settings are
+    hidden by value, the URL's password apart from the URL, a keyword DSN's
+    too; values too short to tell from words are left out."""
+    from hivemesh.services.artifact.settings import ArtifactSettings
+    from hivemesh.services.information.settings import InformationSettings
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_BACKEND", "postgres")
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_POSTGRES_DSN",
+                       "postgresql://app:Super Secret1@db:5432/hivemesh")
+    monkeypatch.setenv("HIVEMESH_INFORMATION_BACKEND", "redis")
+    monkeypatch.setenv("HIVEMESH_INFORMATION_REDIS_URL", "redis://:p%40ss%20word9@cache:6379/0")
+    before = 'error connecting: unexpected spaces found in "Super Secret1"'
+    assert "Super Secret1" in redact(before)  # no pattern catches it
+    for settings in (ArtifactSettings(), InformationSettings()):
+        known_secrets.hide_values(known_secrets.secret_values(settings))
+    assert redact(before) == 'error connecting: unexpected spaces found in "[REDACTED]"'
+    assert "p@ss word9" not in redact("AUTH failed for 'p@ss word9'")
+    known_secrets.hide_values(["host=db user=app password='Other Pass7' dbname=x", "abc"])
+    assert redact("bad password 'Other Pass7'") == "bad password '[REDACTED]'"
+    assert redact("abc def") == "abc def"
+
+
+def test_an_llm_key_of_any_shape_is_hidden_once_read(known_secrets, monkeypatch):
+    from hivemesh.services.llm.settings import BackendSettings
+    monkeypatch.setenv("UPSTREAM_KEY", "plainkeywithnoshape")
+    backend = BackendSettings(type="openai", api_key_env="UPSTREAM_KEY")
+    assert redact("rejected plainkeywithnoshape") == "rejected plainkeywithnoshape"
+    assert backend.api_key() == "plainkeywithnoshape"
+    assert redact("rejected plainkeywithnoshape") == "rejected [REDACTED]"
