@@ -304,6 +304,12 @@ class InformationServicer(InformationServiceServicer):
     # -- prices ---------------------------------------------------------------
     async def SetModelPrice(self, request, context):
         p = request.price
+        # A price is keyed by model and backend together: a NUL inside one
+        # would let two prices share a key (on Redis) and page tokens fail.
+        nul = [(f"price.{f}", "must not contain NUL (U+0000) characters")
+               for f in ("model", "backend") if "\x00" in getattr(p, f)]
+        if nul:
+            raise errors.invalid_argument(nul)
         if p.currency and p.currency != self.currency:
             raise errors.invalid_argument(
                 [("price.currency", f"this service accounts in {self.currency}")])

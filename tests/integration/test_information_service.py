@@ -406,6 +406,20 @@ async def test_a_price_beyond_any_real_one_is_invalid(info):
     assert not listed.prices
 
 
+async def test_a_model_or_backend_name_with_a_nul_is_refused_for_prices(info):
+    """Prices are keyed by model and backend together: (a\0x, "") and
+    (a, x\0) would share one key on Redis, and SQLite's page tokens cannot
+    carry a NUL. Neither is stored."""
+    for model, backend, field in (("a\x00x", "", "price.model"), ("a", "x\x00", "price.backend")):
+        with pytest.raises(InvalidArgumentError) as err:
+            await call(info.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=ModelPrice(
+                model=model, backend=backend, input_micros_per_million=1,
+                output_micros_per_million=1)))
+        assert [f for f, _ in err.value.field_violations] == [field]
+    listed = await call(info.ListModelPrices, ListModelPricesRequest(model="a\x00x"))
+    assert not listed.prices
+
+
 async def test_status_shows_overspend_and_holds_that_fill_the_limit(info):
     await make_budget(info, "soft", micros=6_000, mode=SOFT)
     held = await call(info.Reserve, reserve_request())  # holds exactly 6,000
