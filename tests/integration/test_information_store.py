@@ -654,10 +654,17 @@ async def test_thresholds_fire_once_per_period(store):
     assert (await counter(store, b, day2)).fired == (50, 80)
     seqs = [a.seq for r in (r1, r2, r4, r5) for a in r.alerts]
     assert seqs == sorted(seqs) and len(set(seqs)) == 5
-    # A limit of 0 or none never fires.
-    zero = budget("zero", micros=0, tokens=None, thresholds=(1,))
+    # A limit of 0 is reached by the first charge (the status calls such a
+    # budget exhausted from the start); no limit never fires.
+    zero = budget("zero", micros=0, tokens=None, thresholds=(1, 100), mode=MODE_SOFT)
     await store.create_budget(zero, rid(), "fp")
+    first = await store.settle(track_op([hold(zero)], 5, 5))
+    assert [(a.threshold_percent, a.limit_kind) for a in first.alerts] == [(1, 1), (100, 1)]
     assert (await store.settle(track_op([hold(zero)], 5, 5))).alerts == ()
+    assert (await counter(store, zero)).fired == (1, 100)
+    tokens_only = budget("tokens-only", micros=None, tokens=1000, thresholds=(50,))
+    await store.create_budget(tokens_only, rid(), "fp")
+    assert (await store.settle(track_op([hold(tokens_only)], 10**6, 10))).alerts == ()
 
 
 async def test_commit_of_unknown_or_committed_reservation(store):

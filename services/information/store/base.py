@@ -285,12 +285,15 @@ LIMIT_KIND_COST, LIMIT_KIND_TOKENS = 1, 2
 def crossed_thresholds(hold: Hold, spent_micros: int,
                        spent_tokens: int) -> list[tuple[int, int]]:
     """(threshold, limit kind) of every threshold the spend has reached, in
-    integers: spent * 100 >= threshold * limit."""
+    integers: spent * 100 >= threshold * limit (a limit of 0 is reached by
+    any charge: such a budget is exhausted from the start)."""
     out = []
     for threshold in hold.thresholds:
-        if hold.limit_micros and spent_micros * 100 >= threshold * hold.limit_micros:
+        if (hold.limit_micros is not None
+                and spent_micros * 100 >= threshold * hold.limit_micros):
             out.append((threshold, LIMIT_KIND_COST))
-        elif hold.limit_tokens and spent_tokens * 100 >= threshold * hold.limit_tokens:
+        elif (hold.limit_tokens is not None
+              and spent_tokens * 100 >= threshold * hold.limit_tokens):
             out.append((threshold, LIMIT_KIND_TOKENS))
     return out
 

@@ -374,7 +374,7 @@ return {seen and 'reopened' or 'ok', result, hold_counters()}
 #       cost_micros, tokens, call time_us, call JSON, result_head, n,
 #       config_version the holds were computed under ('-1' = do not check),
 #       now (when the request arrived: the time of its alerts), then per
-#       hold: ctr key, fired key, limit_micros ('' when 0/none), limit_tokens
+#       hold: ctr key, fired key, limit_micros ('' when none), limit_tokens
 #       (same), alert JSON fragment, budget_id as JSON, [budget_id,
 #       period_start_us] as JSON, m, then m x (threshold, alert_id JSON).
 #       The script completes result_head with the budgets it charged.
@@ -972,13 +972,12 @@ class RedisStore:
     def _settle_holds(holds: tuple[Hold, ...], op: SettleOp) -> list[str]:
         out: list[str] = []
         for h in holds:
-            # crossed_thresholds skips a limit of 0 as well as none.
             frag = json.dumps({"budget_id": h.budget_id, "limit_micros": h.limit_micros,
                                "limit_tokens": h.limit_tokens,
                                "period_start_us": h.period_start_us,
                                "request_id": op.request_id})
             out += [_ctr(h.budget_id, h.period_start_us), _fired(h.budget_id, h.period_start_us),
-                    _num(h.limit_micros or None), _num(h.limit_tokens or None), frag[1:-1],
+                    _num(h.limit_micros), _num(h.limit_tokens), frag[1:-1],
                     json.dumps(h.budget_id), json.dumps([h.budget_id, h.period_start_us]),
                     str(len(h.thresholds))]
             for threshold in h.thresholds:
