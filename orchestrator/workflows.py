@@ -206,7 +206,9 @@ class WorkflowRun:
                                                self.variables))
 
     def _task_complete(self, task: TaskSpec, result: TaskResult) -> None:
-        """TASK_COMPLETE, in the context its TASK_START had (task, agent)."""
+        """TASK_COMPLETE, in the task's context with the task's agent: the
+        context its TASK_START had, except for a fan-out, whose branches
+        each started in a context of their own (see EVENT_TYPE_TASK_COMPLETE)."""
         self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result,
                    self._ctx(task, task.agent, task.task_id), task.agent)
 

@@ -2107,14 +2107,19 @@ export enum EventType {
   HANDOFF = 9,
 
   /**
-   * A workflow task started (payload task_start).
+   * A workflow task started (payload task_start). A fan-out task sends one
+   * per branch, each in its branch's context and with its branch's agent.
    *
    * @generated from enum value: EVENT_TYPE_TASK_START = 10;
    */
   TASK_START = 10,
 
   /**
-   * A workflow task ended in any status (payload task_complete).
+   * A workflow task ended in any status (payload task_complete), once per
+   * task: a fan-out task's in the task's own context, with the task's agent
+   * (none for a fan-out over agents), so a subscription filtered by a
+   * branch's agent or context does not receive it; filter by workflow to
+   * see a task from its branches' starts to its end.
    *
    * @generated from enum value: EVENT_TYPE_TASK_COMPLETE = 11;
    */
