@@ -21,9 +21,13 @@ from hivemesh.services.memory.store.base import (
 DIMS = 256
 KW = KeywordEncoder()
 DOCS = [
-    ("a", "Foxes are quick animals that hunt at night.", {"kind": "note", "n": 1, "ok": True}),
-    ("a", "The lazy dog sleeps in the warm sun all day.", {"kind": "note", "n": 2, "ok": False}),
-    ("a", "Qdrant stores vectors and payloads for search.", {"kind": "doc", "n": 3, "ok": True}),
+    ("a", "Foxes are quick animals that hunt at night.", {"kind": "note", "n": 1, "ok": True,
+                                                          "authors": [{"name": "ann"}]}),
+    ("a", "The lazy dog sleeps in the warm sun all day.", {"kind": "note", "n": 2, "ok": False,
+                                                           "tags": ["pets", "sun"]}),
+    ("a", "Qdrant stores vectors and payloads for search.", {"kind": "doc", "n": 3, "ok": True,
+                                                             "authors": [{"name": "bob"},
+                                                                         {"name": "ann"}]}),
     ("a", "Invoices are due at the end of the month.", {"kind": "doc", "n": 4, "ok": False}),
     ("a", "A fox and a dog became good friends in a long story of the old forest.", {"kind": "story", "n": 5, "ok": True}),
     ("b", "Foxes foxes foxes: tenant b writes about foxes too.", {"kind": "note", "n": 1,
@@ -78,7 +82,7 @@ async def test_get_sees_only_its_namespace(store):
     found = await store.get("a", [POINTS[0].id, POINTS[5].id, str(uuid.uuid4())])
     assert [f.id for f in found] == [POINTS[0].id]
     assert found[0].payload["text"] == DOCS[0][1]
-    assert found[0].payload["metadata"] == {"kind": "note", "n": 1, "ok": True}
+    assert found[0].payload["metadata"] == DOCS[0][2]
     assert await store.get("b", [POINTS[0].id]) == []
 
 
@@ -150,6 +154,13 @@ async def test_a_result_scoring_exactly_the_threshold_is_kept(store, mode):
      {2, 3}),
     ([Equals("lineage.workflow_id", "wf-0"), Equals("metadata.kind", "doc")], {2}),
     ([Equals("source_id", "src-1")], {1, 4}),
+    # Objects inside a list: "[]" reaches into them; a plain path does not.
+    ([Equals("metadata.authors[].name", "ann")], {0, 2}),
+    ([Equals("metadata.authors[].name", "bob")], {2}),
+    ([Equals("metadata.authors.name", "ann")], set()),
+    # A list of plain values matches when one of them does, with "[]" or not.
+    ([Equals("metadata.tags", "sun")], {1}),
+    ([Equals("metadata.tags[]", "pets")], {1}),
     ([NumberRange("source_id", gte=0)], set()),  # wrong type for the key: no match
     ([NumberRange("create_time", gte=0)], set()),  # nor on the indexed time field
     ([NumberRange("create_time", lt=2e15), Equals("source_id", "src-1")], set()),

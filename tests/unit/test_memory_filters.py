@@ -56,6 +56,17 @@ def test_time_bounds_inside_a_microsecond_mean_what_they_say_to_the_engines(key)
     assert last.gte == "9999-12-31T23:59:59.999999999Z"
 
 
+@pytest.mark.parametrize("key,valid", [
+    ("metadata.authors[].name", True), ("metadata.tags[]", True),
+    ("metadata.a[].b[].c", True), ("metadata.[]", False), ("metadata.a[]]", False),
+    ("metadata.a[0].b", False), ("source_id[]", False)])
+def test_condition_keys_may_reach_into_lists_of_objects(key, valid):
+    import protovalidate
+    violations = protovalidate.Validator().collect_violations(
+        Condition(key=key, equals_string="x"))
+    assert (not violations) == valid
+
+
 def test_mapping_filters_mean_equals_or_any_of():
     assert to_conditions(to_filter({"metadata.k": "v", "source_id": ["x", "y"]})) == [
         Equals("metadata.k", "v"), AnyOf("source_id", ("x", "y"))]
