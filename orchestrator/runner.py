@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, struct_pb2
@@ -138,6 +139,11 @@ class _Run:
         # The last generation's Commit (or TrackCompletion), sent again in
         # the background after the run was cancelled while sending it.
         self.spend_resent: asyncio.Task | None = None
+        # (method, request) recording the spend of a generation whose tokens
+        # were used (one that completed, or a stream cut after some output)
+        # and that is not being recorded yet: a cancelled run sends it in
+        # the background (``_send_unsent``), so no text goes out unpaid.
+        self.unsent_spend: tuple[str, Any] | None = None
         # Memory reads that failed (the run goes without them), not kept
         # yet: (ledger key, fingerprint, note). Kept once the run goes on
         # to generate (``_keep_failed_reads``).
@@ -218,6 +224,9 @@ class AgentRunner:
                 await self._pipeline(run, system)
             except Exception as exc:  # noqa: BLE001 - a defect too ends the run cleanly
                 error = exc if isinstance(exc, errors.ServiceError) else _defect(agent, exc)
+                # Tokens a generation used before the failure are paid for.
+                self._send_unsent(run)
+                await self._resent_spend(run)
                 span.set_status(Status(StatusCode.ERROR, error.message))
                 span.set_attribute("error.type", errors.reason_name(error.reason))
                 failed = run.failed()
@@ -234,6 +243,7 @@ class AgentRunner:
                 raise RunError(error, failed) from exc
             except asyncio.CancelledError:
                 span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                self._send_unsent(run)
                 await self._resent_spend(run)
                 failed = run.failed()
                 failed.error.CopyFrom(errors.ServiceError(
@@ -528,6 +538,19 @@ class AgentRunner:
             await self._release_id(request.reservation_id, 2)
         return answer
 
+    def _send_unsent(self, run: _Run) -> None:
+        """A run cancelled after a generation used tokens and before their
+        spend was sent: the spend goes in the background, under the request
+        id it would have had (so a retry of the run is answered with it),
+        and ``_resent_spend`` awaits it as for a spend cut off mid-send."""
+        unsent, run.unsent_spend = run.unsent_spend, None
+        if unsent is None or run.spend_resent is not None:
+            return
+        method, request = unsent
+        if method == "Commit":
+            run.reservation = None  # settled by the commit sent now
+        run.spend_resent = self._in_background(self._resend_spend(method, request))
+
     async def _resent_spend(self, run: _Run) -> None:
         """A run cancelled while recording its last generation's spend sends
         the request again in the background (``_record_spend``). Its answer
@@ -616,17 +639,14 @@ class AgentRunner:
         usage under the ids a completed generation uses, which a charge of
         the cut one under those ids would make a conflict. A charge that
         fails counts the tokens at no cost."""
-        run.last_generation = summary
         enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
-        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
-            run.add_usage(summary.usage, 0, "")
+        request = self._cut_spend(run, summary, iteration)
+        if request is None:
             return
-        charged = await self._past_deadline("TrackCompletion", TrackCompletionRequest(
-            # Each cut stream is a charge of its own: a retry cut again
-            # tracks its own usage, not another request under the first
-            # cut's id (a conflict).
-            request_id=run.step("cut", iteration, uuid.uuid4().hex), context=run.context,
-            **_spend(summary, success=False)))
+        # Cancelled while it is sent, the run sends it again (the same id).
+        run.unsent_spend = ("TrackCompletion", request)
+        charged = await self._past_deadline("TrackCompletion", request)
+        run.unsent_spend = None
         if isinstance(charged, errors.ServiceError):
             run.add_usage(summary.usage, 0, "")
             if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
@@ -634,17 +654,48 @@ class AgentRunner:
             return
         self._charged(run, charged)
 
+    @staticmethod
+    def _spend_request(run: _Run, iteration: int) -> tuple[str, Any] | None:
+        """(method, request) recording the last generation's spend, as the
+        agent's budget enforcement wants it; None when it wants none."""
+        enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
+        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
+            return None
+        common = _spend(run.last_generation, success=True)
+        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
+            return "TrackCompletion", TrackCompletionRequest(
+                request_id=run.step("track", iteration), context=run.context, **common)
+        return "Commit", CommitRequest(request_id=run.step("commit", iteration),
+                                       reservation_id=run.reservation, **common)
+
+    @staticmethod
+    def _cut_spend(run: _Run, summary, iteration: int) -> TrackCompletionRequest | None:
+        """The TrackCompletion of a stream cut after some output, made the
+        run's last generation; None (its tokens counted at no cost) when
+        the agent's budget enforcement records no spend."""
+        run.last_generation = summary
+        enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
+        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
+            run.add_usage(summary.usage, 0, "")
+            return None
+        # Each cut stream is a charge of its own: a retry cut again tracks
+        # its own usage, not another request under the first cut's id (a
+        # conflict).
+        return TrackCompletionRequest(
+            request_id=run.step("cut", iteration, uuid.uuid4().hex), context=run.context,
+            **_spend(summary, success=False))
+
     async def _charge(self, run: _Run, enforcement: int, iteration: int) -> None:
         last = run.last_generation
-        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
+        run.unsent_spend = None  # sent now (_record_spend sends it again if cut off)
+        spend = self._spend_request(run, iteration)
+        if spend is None:
             run.add_usage(last.usage, 0, "")
             return
-        common = _spend(last, success=True)
-        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
+        method, request = spend
+        if method == "TrackCompletion":
             try:
-                charged = await self._record_spend(run, "TrackCompletion", TrackCompletionRequest(
-                    request_id=run.step("track", iteration),
-                    context=run.context, **common))
+                charged = await self._record_spend(run, method, request)
             except errors.ServiceError as exc:
                 run.add_usage(last.usage, 0, "")
                 run.degrade(DegradedComponent.DEGRADED_COMPONENT_BUDGET, exc)
@@ -654,9 +705,7 @@ class AgentRunner:
             # reservation: if the commit fails, the run's failure releases it
             # (and reports the generation's tokens, charged nothing).
             try:
-                charged = await self._record_spend(run, "Commit", CommitRequest(
-                    request_id=run.step("commit", iteration),
-                    reservation_id=run.reservation, **common))
+                charged = await self._record_spend(run, method, request)
             except errors.ServiceError:
                 run.add_usage(last.usage, 0, "")
                 raise
@@ -828,6 +877,15 @@ class AgentRunner:
             if summary is None:
                 raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED",
                                           "llm: the generation stream was cut")
+        except asyncio.CancelledError:
+            if delivered and summary is None:
+                # The caller left (or its deadline passed) after text went
+                # out: what it cost is estimated and sent by the cancelled
+                # run (_send_unsent).
+                cut = self._cut_spend(run, _estimated_cut(request, run.output), iteration)
+                if cut is not None:
+                    run.unsent_spend = ("TrackCompletion", cut)
+            raise
         except errors.ServiceError as error:
             if delivered and summary is None:
                 # Cut below its own end (the LLM service went away): no
@@ -843,6 +901,7 @@ class AgentRunner:
     def _generated(self, run: _Run, generated, iteration: int) -> Message:
         """Record a generation (a GenerateResponse or a StreamSummary)."""
         run.last_generation = generated
+        run.unsent_spend = self._spend_request(run, iteration)
         result = run.result
         result.llm_calls += 1
         result.model, result.backend = generated.model, generated.backend

@@ -1017,6 +1017,43 @@ async def test_a_cut_stream_each_cut_of_its_retries_and_the_retry_that_ends_are_
             assert status.reserved_micros == 0
 
 
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_text_streamed_to_a_caller_who_leaves_is_charged(tmp_path, how):
+    """A caller that reads most of a StreamAgent's text and then cancels (or
+    whose deadline passes) got that text: the budget is charged what it
+    cost (estimated, as for a stream cut below its end), not released as if
+    nothing was used, whatever state the run was in when it was cut."""
+    async with mesh(tmp_path) as m:
+        async with InformationClient(m.addresses["information"]) as info:
+            budget = await _budget_with_price(info, limit_micros=10_000_000)
+            await register(m, name="writer")
+            text = "word " * 200
+            m.primary.stream_chunk_delay_s = 0.005
+            m.primary.queue_response(text)
+            call = m.orchestrator.StreamAgent(StreamAgentRequest(
+                request_id=rid(), agent="writer", input="write",
+                context=RequestContext(tenant_id="acme")),
+                timeout=30 if how == "cancel" else 0.6)
+            received = ""
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for message in call:
+                    received += message.agent_event.generation_chunk.text
+                    if how == "cancel" and len(received) >= len(text) // 2:
+                        call.cancel()
+                        break
+            assert 0 < len(received) < len(text)
+            status = await _settled(info, budget.budget_id)
+            for _ in range(50):  # the charge is sent once the run has been cut
+                if status.spent_micros:
+                    break
+                await asyncio.sleep(0.1)
+                (status,) = await info.status(budget_id=budget.budget_id)
+            assert status.reserved_micros == 0
+            # At least the output the caller got (a token a few characters).
+            assert status.spent_tokens >= len(received) // 8
+            assert status.spent_micros > 0
+
+
 async def test_stream_agent_refuses_an_invalid_request_as_the_calls_status(tmp_path):
     async with mesh(tmp_path) as m:
         await register(m, name="greeter", system_prompt="Greet {{variables.name}}.",
