@@ -198,9 +198,11 @@ class Providers:
         """``retries=False``: the channel does not retry (the address is a
         sidecar egress listener, which does); tool servers keep theirs.
         ``tls``: a TLS channel (the providers' or the tool servers' TLS
-        settings), else plaintext."""
+        settings), else plaintext. The service config's per-method timeouts
+        are left out: every call here carries the deadline carved for it
+        (up to CALL_TIMEOUT_S), which they would cut shorter."""
         api, stub, service = kind
-        channel = open_channel(address, api, tls, retries=retries)
+        channel = open_channel(address, api, tls, retries=retries, timeouts=False)
         self._providers[name] = Provider(name, service, channel, stub(channel),
                                          CircuitBreaker(*self._breaker))
 

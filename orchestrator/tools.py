@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import protovalidate
 from google.protobuf import json_format, struct_pb2
 
 from hivemesh.artifact.v1 import GetArtifactRequest, SaveArtifactRequest
@@ -32,6 +33,26 @@ from hivemesh.services.orchestrator.context import ExecutionContext
 from hivemesh.services.orchestrator.policy import TOOL_SERVICE, Providers
 
 log = logging.getLogger("hivemesh.orchestrator.tools")
+
+# The most of a run's remaining time a remote tool call (or a listing of a
+# server's tools) may take: a tool server that hangs degrades the run like
+# one that is down, leaving it time to go on without the tool.
+TOOL_SHARE = 0.5
+# Pages of one server's ListTools: a server paging on and on (a token that
+# never repeats) would hold every run waiting for the listing.
+MAX_TOOL_PAGES = 100
+
+_validator: protovalidate.Validator | None = None
+
+
+def contract_violations(message) -> list[str]:
+    """What in ``message`` breaks its contract's rules ("field: rule")."""
+    global _validator
+    if _validator is None:
+        _validator = protovalidate.Validator()
+    return [f"{v.proto.field.elements[0].field_name if v.proto.field.elements else ''}: "
+            f"{v.proto.message or v.proto.rule_id}"
+            for v in _validator.collect_violations(message)]
 
 
 class ToolFailure(Exception):
@@ -183,10 +204,19 @@ class ToolRegistry:
     async def _list(self, server: str) -> None:
         token = ""
         seen: set[str] = set()  # page tokens asked for
-        while True:
+        for _ in range(MAX_TOOL_PAGES):
             page = await self.providers.call(f"tool:{server}", "ListTools",
-                                             ListToolsRequest(page_token=token))
+                                             ListToolsRequest(page_token=token),
+                                             share=TOOL_SHARE)
             for tool in page.tools:
+                broken = contract_violations(tool)
+                if broken:
+                    # Offered to a model as it is, it would fail every
+                    # generation of the runs allowed it (the LLM contract
+                    # refuses it, as the caller's mistake).
+                    log.warning("tool %r of server %s ignored: it breaks the tool contract "
+                                "(%s)", tool.name, server, "; ".join(broken))
+                    continue
                 existing = self._tools.get(tool.name)
                 owner = existing[1].server if existing is not None and isinstance(
                     existing[1], _RemoteExecutor) else None
@@ -206,6 +236,10 @@ class ToolRegistry:
                     f"tool:{server}: ListTools gave the page token {token!r} twice",
                     {"provider": f"tool:{server}"})
             seen.add(token)
+        raise errors.ServiceError(
+            grpc.StatusCode.UNKNOWN, "UPSTREAM_ERROR",
+            f"tool:{server}: ListTools gave more than {MAX_TOOL_PAGES} pages",
+            {"provider": f"tool:{server}"})
 
     async def execute(self, call: ToolCall) -> ToolOutcome:
         entry = self._tools.get(call.name)
@@ -299,7 +333,14 @@ class _RemoteExecutor:
             f"tool:{self.server}", "ExecuteTool", ExecuteToolRequest(
                 request_id=call.request_id, context=call.ctx.to_proto(), tool_name=call.name,
                 arguments=call.arguments, tool_call_id=call.tool_call_id),
-            span_attributes={"gen_ai.tool.name": call.name})
+            span_attributes={"gen_ai.tool.name": call.name}, share=TOOL_SHARE)
+        broken = contract_violations(response)
+        if broken:
+            # No outcome, or a result larger than the contract allows (which
+            # the LLM service would refuse as the caller's mistake).
+            raise ToolFailure("INVALID_RESPONSE",
+                              f"tool server {self.server} answered outside the tool contract: "
+                              + "; ".join(broken))
         if response.WhichOneof("outcome") == "error":
             raise ToolFailure(response.error.code or "TOOL_ERROR", response.error.message,
                               response.error.retryable)

@@ -599,15 +599,21 @@ def fit_response(response: RunWorkflowResponse, limit: int) -> RunWorkflowRespon
     """A workflow's response as a call can carry it. Outputs are repeated in
     it (a task's output, its final agent's, each branch's): when the whole
     outgrows the message limit, only each task's output stays (the agents'
-    outputs are also in their artifacts); when even that is too big, the run
-    fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE, naming the
-    sizes, and is not kept for replay."""
+    outputs are also in their artifacts); then, if still too big, the
+    agents' tool calls keep their names and ids but lose their arguments and
+    results (the TOOL_EXECUTE events carried them); when even that is too
+    big, the run fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE,
+    naming the sizes, and is not kept for replay."""
     if response.ByteSize() <= limit - RESPONSE_MARGIN_BYTES:
         return response
-    for task in response.tasks:
-        for holder in (task, *task.branches):
-            if holder.HasField("result"):
-                holder.result.output = ""
+    results = [holder.result for task in response.tasks for holder in (task, *task.branches)
+               if holder.HasField("result")]
+    for result in results:
+        result.output = ""
+    if response.ByteSize() > limit - RESPONSE_MARGIN_BYTES:
+        for result in results:
+            for call in result.tool_calls:
+                call.arguments = call.result = ""
     size = response.ByteSize()
     if size > limit - RESPONSE_MARGIN_BYTES:
         raise errors.ServiceError(

@@ -870,6 +870,65 @@ async def test_a_remote_tool_that_fails_to_answer_is_unavailable_and_degrades_th
         assert result.tool_calls[0].error.code == "INVALID_ARGUMENTS" and not result.degraded
 
 
+class _MisbehavingTools(ToolServiceServicer):
+    """A tool server breaking the tool contract in every way it can, or
+    hanging: a tool description over its limit, an answer without an
+    outcome, a result over 1 MiB, a call that never ends."""
+
+    async def ListTools(self, request, context):
+        return ListToolsResponse(tools=[
+            ToolDefinition(name="hang", description="never answers"),
+            ToolDefinition(name="empty", description="answers nothing"),
+            ToolDefinition(name="huge", description="answers too much"),
+            ToolDefinition(name="verbose", description="x" * 9000)])
+
+    async def ExecuteTool(self, request, context):
+        if request.tool_name == "hang":
+            await asyncio.sleep(60)
+        if request.tool_name == "huge":
+            return ExecuteToolResponse(result="x" * (1024 * 1024 + 1))
+        return ExecuteToolResponse()
+
+
+async def test_a_tool_server_that_hangs_or_breaks_the_contract_degrades_the_run(tmp_path):
+    """A hanging tool gets half the run's time, as a memory call does, and
+    the run goes on without it; answers outside the contract are the
+    tool's error, given to the model; a tool whose definition breaks the
+    contract is not offered (the LLM service would refuse it as the
+    caller's mistake, failing every generation)."""
+    async with tool_server(_MisbehavingTools()) as (_, address), \
+            mesh(tmp_path, tool_servers={"bad": address}) as m:
+        with pytest.raises(InvalidArgumentError) as err:  # not offered: unknown
+            await register(m, name="verbose-user", allowed_tools=["verbose"])
+        assert "unknown tool 'verbose'" in err.value.message
+        await register(m, name="user", system_prompt="You use tools.",
+                       allowed_tools=["hang", "empty", "huge"],
+                       budget=BudgetPolicy(enforcement=3))
+        m.primary.queue_response(tool_calls=tuple(
+            ToolCall(n, n, "{}") for n in ("hang", "empty", "huge")))
+        m.primary.queue_response("went without")
+        response = await m.orchestrator.RunAgent(RunAgentRequest(
+            request_id=rid(), agent="user", input="go",
+            context=RequestContext(tenant_id="acme")), timeout=8)
+        result = response.result
+        assert result.output == "went without"
+        codes = {c.tool_name: c.error.code for c in result.tool_calls}
+        assert codes == {"hang": "UNAVAILABLE", "empty": "INVALID_RESPONSE",
+                         "huge": "INVALID_RESPONSE"}
+        assert [d.reason for d in result.degraded] == ["DEADLINE_EXCEEDED"]
+
+
+class _EndlessPages(ToolServiceServicer):
+    async def ListTools(self, request, context):
+        return ListToolsResponse(next_page_token=str(int(request.page_token or 0) + 1))
+
+
+async def test_a_tool_server_paging_without_end_is_unreachable_not_a_hang(tmp_path):
+    async with tool_server(_EndlessPages()) as (_, address), \
+            mesh(tmp_path, tool_servers={"endless": address}) as m:
+        assert await m.backend.tools.refresh() == ["endless"]
+
+
 class _ToolsClaimingABuiltIn(_Tools):
     async def ListTools(self, request, context):
         listed = await super().ListTools(request, context)

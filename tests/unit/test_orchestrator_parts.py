@@ -181,6 +181,49 @@ def test_a_backslash_before_two_braces_writes_them_literally():
     assert templates.problems("{{name}}", {}) == ["{{name}}: unknown reference"]
 
 
+async def test_provider_channels_leave_their_deadlines_to_the_calls(monkeypatch):
+    """Every call to a provider carries the deadline carved for it (up to
+    CALL_TIMEOUT_S): the service config's per-method timeouts (artifact
+    10 s, information 5 s, ...) must not cut it shorter on the channel."""
+    from hivemesh.client import channel as client_channel
+    from hivemesh.services.orchestrator import policy
+    opened = []
+
+    def spy(target, api, tls=None, **kwargs):
+        opened.append((api, kwargs))
+        return client_channel.open_channel(target, api, tls, **kwargs)
+
+    monkeypatch.setattr(policy, "open_channel", spy)
+    providers = Providers({"artifact": "127.0.0.1:1", "information": "127.0.0.1:1"})
+    try:
+        assert sorted(api for api, _ in opened) == ["artifact", "information"]
+        assert all(kwargs.get("timeouts") is False for _, kwargs in opened)
+        config = client_channel.channel_options("information", timeouts=False)
+        assert '"timeout"' not in str(config)
+    finally:
+        await providers.close()
+
+
+def test_a_workflow_response_too_big_sheds_copies_then_tool_records_before_failing():
+    from hivemesh.orchestrator.v1 import RunWorkflowResponse, TaskResult, ToolCallRecord
+    from hivemesh.services.orchestrator.workflows import fit_response
+    big = "x" * 100_000
+    response = RunWorkflowResponse(tasks=[TaskResult(task_id=f"t{i}", output="short")
+                                          for i in range(3)])
+    for task in response.tasks:
+        task.result.output = "short"
+        task.result.tool_calls.extend([ToolCallRecord(tool_call_id="c", tool_name="get",
+                                                      arguments="{}", result=big)])
+    fitted = fit_response(response, 256 * 1024)
+    assert [t.output for t in fitted.tasks] == ["short"] * 3  # the tasks' outputs stay
+    calls = [c for t in fitted.tasks for c in t.result.tool_calls]
+    assert [(c.tool_name, c.result) for c in calls] == [("get", "")] * 3
+    with pytest.raises(errors.ServiceError) as err:
+        fit_response(RunWorkflowResponse(tasks=[TaskResult(task_id="t", output=big * 3)]),
+                     256 * 1024)
+    assert err.value.reason == "PAYLOAD_TOO_LARGE"
+
+
 async def test_deadline_scope_nests_and_fails_fast():
     assert remaining_s() is None
     with deadline_scope(10):
