@@ -96,8 +96,20 @@ end
 return 0
 """
 
+# ARGV: prefix, kind:request_id, token, lease_ms -> 1 if the caller's claim
+# was extended by lease_ms from now (0: it is no longer the caller's)
+RENEW = r"""
+local key = ARGV[1] .. 'req:' .. ARGV[2]
+local r = redis.call('HMGET', key, 'state', 'token')
+if r[1] == 'running' and r[2] == ARGV[3] then
+  redis.call('PEXPIRE', key, ARGV[4])
+  return 1
+end
+return 0
+"""
+
 # The scripts of the request records, by the names RedisClaims runs them.
-SCRIPTS = {"claim": CLAIM, "finish": FINISH, "release": RELEASE}
+SCRIPTS = {"claim": CLAIM, "finish": FINISH, "release": RELEASE, "renew": RENEW}
 
 
 def _s(value) -> str:
@@ -141,6 +153,8 @@ class RedisClaims:
         self.scripts = scripts
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.log = logger or logging.getLogger("hivemesh.requests")
+        # The lease keepers of the claims this process holds, by token.
+        self._keepers: dict[str, asyncio.Task] = {}
 
     async def claim(self, kind: str, request_id: str, fingerprint: str, token: str,
                     lease_s: float, result_type: type) -> tuple[bool, Any]:
@@ -153,9 +167,21 @@ class RedisClaims:
         lease_ms = max(1, int(lease_s * 1000))
         delay = POLL_INITIAL_S
         while True:
-            reply = await self.scripts.run("claim", key, fingerprint, token, lease_ms)
+            try:
+                reply = await self.scripts.run("claim", key, fingerprint, token, lease_ms)
+            except BaseException:
+                # Redis may have run the script and lost its answer: a claim
+                # of ours left there would hold every retry off until its
+                # lease ends. Dropped if it is there (only ours is).
+                self.release(kind, request_id, token)
+                raise
             status = _s(reply[0])
             if status == "claimed":
+                # Renewed while the request runs, however long it takes (a
+                # stream without a deadline): a lease that ran out under a
+                # running request would let a retry run it a second time.
+                self._keepers[token] = asyncio.ensure_future(
+                    self._keep(key, token, lease_ms))
                 return False, None
             if status == "conflict":
                 raise KeyError(request_id)
@@ -171,6 +197,7 @@ class RedisClaims:
         """Keep the result of a request claimed under ``token``. A failed
         write is logged, not raised: the request ran and its caller gets
         the result; a retry waits for the lease, then runs again."""
+        self._stop_keeping(token)
         try:
             await self.scripts.run("finish", f"{kind}:{request_id}", fingerprint, token,
                                    result.SerializeToString(deterministic=True), self.ttl_ms)
@@ -182,10 +209,34 @@ class RedisClaims:
         """Drop the claim held under ``token`` so that a retry runs the
         request: a task of its own (a failure is logged; the claim then
         lasts until its lease ends)."""
+        self._stop_keeping(token)
         release = asyncio.ensure_future(
             self.scripts.run("release", f"{kind}:{request_id}", token))
         release.add_done_callback(self._log_release)
         return release
+
+    async def _keep(self, key: str, token: str, lease_ms: int) -> None:
+        """Extends the claim by its lease every third of it, until the
+        request ends or the claim is no longer ours."""
+        while True:
+            await asyncio.sleep(lease_ms / 3000)
+            try:
+                if not int(await self.scripts.run("renew", key, token, lease_ms)):
+                    return
+            except errors.ServiceError as exc:
+                # Tried again a third of a lease later, before it runs out.
+                self.log.warning("could not renew the claim of %s: %s", key, exc.message)
+
+    def _stop_keeping(self, token: str) -> None:
+        keeper = self._keepers.pop(token, None)
+        if keeper is not None:
+            keeper.cancel()
+
+    def stop(self) -> None:
+        """Stops renewing every claim (the process is going away: the
+        claims it still holds last until their leases end)."""
+        for token in list(self._keepers):
+            self._stop_keeping(token)
 
     def _log_release(self, task: asyncio.Future) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -305,6 +356,7 @@ class RedisRequestRecords:
         return 0
 
     async def close(self) -> None:
+        self.claims.stop()
         if self.releasing:
             # Claims being dropped: let them go before the connection does.
             await asyncio.gather(*self.releasing, return_exceptions=True)

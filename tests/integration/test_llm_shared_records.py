@@ -223,6 +223,52 @@ async def test_identical_calls_on_one_replica_at_once_call_the_upstream_once(sha
         assert upstream_calls(a, b) == 1
 
 
+async def test_a_call_running_longer_than_its_lease_keeps_its_claim(shared):
+    """A call without a deadline gets a lease of twice the default deadline;
+    one that runs longer (a long stream) has its claim renewed while it
+    runs, so a retry on the other replica waits for it and replays instead
+    of calling the upstream a second time."""
+    request = generate_request()
+    async with replica(**shared, default_deadline_s=0.75) as a, \
+            replica(**shared, default_deadline_s=0.75) as b:
+        gate, entered = hold_upstream(a)
+        seen = watch_claims(b)
+        first = asyncio.ensure_future(a.stub.Generate(request))  # no deadline: 1.5 s lease
+        await wait(entered)
+        await asyncio.sleep(4)  # well past the first lease
+        second = asyncio.ensure_future(b.stub.Generate(request))
+        await wait(seen)  # still running on A: B waits
+        gate.set()
+        one, two = await asyncio.gather(first, second)
+        assert not one.replayed and two.replayed and one.message == two.message
+        assert (len(a.mock.calls), len(b.mock.calls)) == (1, 0)
+
+
+async def test_a_claim_whose_answer_was_lost_does_not_hold_off_the_retry(shared):
+    """Redis ran the claim script but its answer was lost (the connection
+    dropped): the call answers UNAVAILABLE, and the claim it may have left
+    is dropped, so the client's retry runs at once instead of waiting out
+    a lease nobody holds."""
+    request = generate_request()
+    async with replica(**shared) as a:
+        run = a.records.scripts.run
+        lost = []
+
+        async def answer_lost(script, *args):
+            reply = await run(script, *args)
+            if script == "claim" and not lost:
+                lost.append(args)
+                raise a.records.scripts.unavailable("connection closed by server")
+            return reply
+
+        a.records.scripts.run = answer_lost
+        with pytest.raises(Exception) as err:
+            await call(a.stub.Generate, request)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and lost
+        retried = await a.stub.Generate(request, timeout=5)
+        assert not retried.replayed and len(a.mock.calls) == 1
+
+
 # -- conflicts ------------------------------------------------------------------------
 
 async def test_a_changed_request_under_a_request_id_is_a_conflict_on_the_other_replica(
