@@ -320,8 +320,10 @@ class Providers:
                         yield message
             finally:
                 call.cancel()  # no-op once the stream has ended
-            if annotate is not None and last is not None:
-                annotate(span, last)
+                # Also when the reader stopped at the last message (a
+                # terminal message saying the stream failed, say).
+                if annotate is not None and last is not None:
+                    annotate(span, last)
 
 
 def _about_one_backend(error: errors.ServiceError) -> bool:

@@ -21,6 +21,7 @@ client spans below it (the LLM calls carrying the GenAI attributes), one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -858,22 +859,32 @@ class AgentRunner:
     async def _stream_live(self, run: _Run, request: StreamGenerateRequest, iteration: int):
         delivered = 0
         summary = None
+        failed = None  # the terminal message of a stream that ended FAILED
         try:
-            async for message in self.providers.stream(
-                    "llm", "StreamGenerate", request, span_attributes=_genai_request(request),
-                    annotate=lambda span, last: _genai_response(span, last.summary)):
-                kind = message.WhichOneof("event")
-                if kind == "delta":
-                    delivered += 1
-                    run.output += message.delta.text
-                    run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
-                             GenerationChunk(text=message.delta.text, iteration=iteration))
-                elif kind == "end":
-                    summary = message.summary
-                    if message.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
-                        if delivered:
-                            await self._charge_cut(run, summary, iteration)
-                        raise provider_error("llm", from_status(message.end.error))
+            # Closed here, also when the loop is left by an exception: a
+            # generator left suspended would keep its client span as the
+            # run's current span (the run's later calls its children).
+            stream = self.providers.stream(
+                "llm", "StreamGenerate", request, span_attributes=_genai_request(request),
+                annotate=_annotate_stream)
+            async with contextlib.aclosing(stream):
+                async for message in stream:
+                    kind = message.WhichOneof("event")
+                    if kind == "delta":
+                        delivered += 1
+                        run.output += message.delta.text
+                        run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
+                                 GenerationChunk(text=message.delta.text, iteration=iteration))
+                    elif kind == "end":
+                        summary = message.summary
+                        if message.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
+                            failed = message.end
+                            break
+            if failed is not None:
+                # The stream's span has ended: the charge is the run's call.
+                if delivered:
+                    await self._charge_cut(run, summary, iteration)
+                raise provider_error("llm", from_status(failed.error))
             if summary is None:
                 raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED",
                                           "llm: the generation stream was cut")
@@ -1170,6 +1181,15 @@ def _genai_request(request) -> dict:
     if request.config.HasField("temperature"):
         attributes["gen_ai.request.temperature"] = request.config.temperature
     return attributes
+
+
+def _annotate_stream(span, last) -> None:
+    """A generation stream's client span, from its last message: the usage,
+    and an error status when its terminal message says it failed."""
+    _genai_response(span, last.summary)
+    if last.WhichOneof("event") == "end" and \
+            last.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
+        span.set_status(Status(StatusCode.ERROR, last.end.error.message or "stream failed"))
 
 
 def _genai_response(span, response) -> None:

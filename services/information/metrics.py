@@ -15,6 +15,8 @@ from hivemesh.runtime.wellknown import duration_us, timestamp
 from hivemesh.services.information.store.base import CallRecord
 
 _DIMENSIONS = {1: "tenant_id", 2: "workflow_id", 3: "agent_id", 4: "model", 5: "backend"}
+# Bucket boundaries of the latency histogram, seconds: 0.01 doubling to 81.92.
+LATENCY_BUCKETS_S = [0.01 * 2 ** i for i in range(14)]
 
 
 class CallMetrics:
@@ -29,8 +31,13 @@ class CallMetrics:
                                            description="Tokens of accounted calls")
         self.cost = meter.create_counter("hivemesh.llm.cost", unit="{micro}",
                                          description="Cost of accounted calls, micro-units")
-        self.latency = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
-                                              description="Latency of accounted calls")
+        self.latency = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s",
+            description="Latency of accounted calls",
+            # The GenAI semantic conventions' boundaries for this metric (the
+            # SDK's defaults are meant for milliseconds: every call under 5 s
+            # would fall in one bucket).
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
 
     def record(self, call: CallRecord) -> None:
         attrs = {"gen_ai.request.model": call.model, "hivemesh.backend": call.backend,

@@ -165,3 +165,66 @@ async def test_a_workflow_is_one_trace_across_every_hop(tmp_path, receiver):
     hops = sum(1 for _, s in spans if s.kind == CLIENT)
     rpc_spans = sum(1 for _, s in spans if s.kind in (CLIENT, SERVER))
     assert rpc_spans <= 2 * hops + 1
+
+
+# Run in a process of its own: the tracer provider is global, once per process.
+_CUT_STREAM_TRACE = r'''
+import asyncio, json, pathlib, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+from fakes.mesh import mesh
+from hivemesh.common.v1 import RequestContext
+from hivemesh.orchestrator.v1 import (
+    AgentDefinition, BudgetPolicy, RegisterAgentRequest, StreamAgentRequest)
+
+async def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        async with mesh(pathlib.Path(tmp)) as m:
+            await m.orchestrator.RegisterAgent(RegisterAgentRequest(
+                request_id="reg", agent=AgentDefinition(name="a", model="main")), timeout=20)
+            m.primary.queue_response("one two three four five")
+            m.primary.cut_next_stream_after(2)
+            async for _ in m.orchestrator.StreamAgent(StreamAgentRequest(
+                    request_id="run", agent="a", input="go",
+                    context=RequestContext(tenant_id="acme")), timeout=20):
+                pass
+    spans = exporter.get_finished_spans()
+    print(json.dumps([{"name": s.name, "id": s.context.span_id, "kind": s.kind.name,
+                       "parent": s.parent.span_id if s.parent else None,
+                       "status": s.status.status_code.name,
+                       "attributes": {k: str(v) for k, v in (s.attributes or {}).items()}}
+                      for s in spans]))
+asyncio.run(main())
+'''
+
+
+def test_a_stream_cut_by_its_terminal_message_ends_its_span_and_parents_nothing(tmp_path):
+    """The LLM service ends a cut stream with a FAILED terminal message: the
+    orchestrator's client span of that stream ends there, as an error with
+    the usage, and the run's later calls (the cut's charge, the release of
+    its hold) are children of the agent span, not of the stream's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _CUT_STREAM_TRACE, str(tests)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Failed to detach context" not in done.stderr
+    spans = json.loads(done.stdout.strip().splitlines()[-1])
+    by_id = {s["id"]: s for s in spans}
+    (stream,) = [s for s in spans if s["kind"] == "CLIENT" and s["name"].endswith(
+        "LlmService/StreamGenerate")]
+    (agent,) = [s for s in spans if s["name"] == "invoke_agent a"]
+    assert stream["status"] == "ERROR" and stream["parent"] == agent["id"]
+    assert int(stream["attributes"]["gen_ai.usage.output_tokens"]) > 0
+    later = [s for s in spans if s["kind"] == "CLIENT" and "InformationService" in s["name"]]
+    assert {s["name"].rsplit("/", 1)[1] for s in later} >= {"Reserve", "TrackCompletion"}
+    assert all(by_id[s["parent"]]["name"] == "invoke_agent a" for s in later), later

@@ -66,7 +66,13 @@ def test_calls_are_exported_as_opentelemetry_metrics():
     tokens = sum(p.value for p in data["gen_ai.client.token.usage.total"].data.data_points)
     cost = sum(p.value for p in data["hivemesh.llm.cost"].data.data_points)
     assert (calls, tokens, cost) == (3, 360, 750)
-    assert sum(p.count for p in data["gen_ai.client.operation.duration"].data.data_points) == 3
+    latency = data["gen_ai.client.operation.duration"]
+    assert (latency.unit, sum(p.count for p in latency.data.data_points)) == ("s", 3)
+    # Buckets in seconds (the GenAI conventions'): 40 ms calls fall in
+    # (0.02, 0.04], not with every call under 5 s in the SDK's default (0, 5].
+    for point in latency.data.data_points:
+        assert list(point.explicit_bounds)[:4] == [0.01, 0.02, 0.04, 0.08]
+        assert point.bucket_counts[point.explicit_bounds.index(0.04)] == point.count
 
 
 def _latency_p50_p95_ms(latencies_ms: list[int]) -> tuple[int, int]:
