@@ -96,6 +96,20 @@ def test_a_method_whose_own_config_gives_no_timeout_has_none():
     assert method_timeout("information", "Reserve") == 5.0
 
 
+def test_a_service_wide_timeout_is_that_of_the_methods_own_service():
+    # The orchestrator's config gives OrchestratorService 10 s and ToolService
+    # 60 s, each in an entry naming only its service.
+    from hivemesh.client.channel import method_timeout
+
+    assert method_timeout("orchestrator", "ExecuteTool") == 60.0
+    assert method_timeout("orchestrator", "ListTools") == 60.0
+    assert method_timeout("orchestrator", "GetAgent") == 10.0
+    assert method_timeout("orchestrator", "RunAgent") == 600.0
+    service = "hivemesh.orchestrator.v1.ToolService"
+    assert method_timeout("orchestrator", "ExecuteTool", service) == 60.0
+    assert method_timeout("orchestrator", "NoSuchMethod") is None
+
+
 def test_a_channel_reconnects_within_ten_seconds_of_a_provider_coming_back():
     """gRPC's reconnect backoff grows to 120 s by default: a provider back
     after a long outage would stay unreached for up to two minutes."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from hivemesh.client.tls_files import FileStamps, check_ca_file, check_tls_files
 
@@ -36,31 +38,57 @@ def service_config(api: str) -> str:
 
 
 @functools.cache
-def _timeouts(api: str) -> dict[str, float | None]:
+def _timeouts(api: str) -> dict[tuple[str, str], float | None]:
     """The per-method timeouts of ``hivemesh.<api>.v1``'s service config in
-    seconds, by method name ("" for the service-wide one); None for a method
-    whose own entry gives no timeout (it replaces the service-wide one)."""
+    seconds, by (service, method) with the full service name ("" as the
+    method for a service-wide entry); None for a method whose own entry gives
+    no timeout (it replaces the service-wide one)."""
     config = json.loads(service_config(api))
-    out: dict[str, float | None] = {}
+    out: dict[tuple[str, str], float | None] = {}
     for method_config in config.get("methodConfig", ()):
         timeout = method_config.get("timeout")
         for name in method_config.get("name", ()):
-            method = name.get("method", "")
-            if timeout is None and not method:
+            key = (name.get("service", ""), name.get("method", ""))
+            if timeout is None and not key[1]:
                 continue
-            out.setdefault(method, None if timeout is None
-                           else float(timeout.removesuffix("s")))
+            out.setdefault(key, None if timeout is None else float(timeout.removesuffix("s")))
     return out
+
+
+@functools.cache
+def _services_of(api: str, method: str) -> tuple[str, ...]:
+    """The full names of the services of ``hivemesh.<api>.v1`` (of those its
+    service config names) that have a method named ``method``."""
+    importlib.import_module(f"hivemesh.{api}.v1")  # registers its descriptors
+    pool = descriptor_pool.Default()
+    found = []
+    for service in sorted({s for s, _ in _timeouts(api)}):
+        try:
+            descriptor = pool.FindServiceByName(service)
+        except KeyError:
+            continue
+        if method in descriptor.methods_by_name:
+            found.append(service)
+    return tuple(found)
 
 
 MAX_RECONNECT_BACKOFF_MS = 10_000
 
 
-def method_timeout(api: str, method: str) -> float | None:
-    """The timeout the service config gives ``method`` of ``hivemesh.<api>.v1``
-    (its own, else the service's), None when it gives none."""
+def method_timeout(api: str, method: str, service: str | None = None) -> float | None:
+    """The timeout the service config gives ``method`` of ``service`` (a full
+    name such as "hivemesh.orchestrator.v1.ToolService"; by default the
+    service of ``hivemesh.<api>.v1`` that has the method): the method's own,
+    else its service's, None when it gives none. An API whose services
+    share a method name needs ``service``."""
+    if service is None:
+        services = _services_of(api, method)
+        if len(services) > 1:
+            raise ValueError(f"{method} is a method of {', '.join(services)}: name the service")
+        service = services[0] if services else ""
     timeouts = _timeouts(api)
-    return timeouts[method] if method in timeouts else timeouts.get("")
+    key = (service, method)
+    return timeouts[key] if key in timeouts else timeouts.get((service, ""))
 
 
 def _without(config_json: str, *, timeouts: bool, retries: bool) -> str:
