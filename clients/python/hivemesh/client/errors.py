@@ -2,7 +2,8 @@
 
 gRPC errors are translated once, at the client boundary, by
 :func:`from_rpc_error`; each exception exposes the status code, the
-ErrorInfo reason/domain/metadata and the other details, and chains the
+ErrorInfo reason/domain/metadata and the other details (BadRequest field
+violations, RetryInfo's delay, QuotaFailure violations), and chains the
 original ``grpc.RpcError`` as its cause.
 """
 
@@ -17,14 +18,21 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 
 class HivemeshError(Exception):
-    """Base of every error a hivemesh client raises for a failed RPC."""
+    """Base of every error a hivemesh client raises for a failed RPC.
+
+    ``field_violations``: (field, description) of each BadRequest field
+    violation (INVALID_ARGUMENT); ``retry_delay``: RetryInfo's delay, when the
+    service asks for a pause; ``quota_violations``: (subject, description)
+    of each QuotaFailure violation (RESOURCE_EXHAUSTED, such as a budget
+    that cannot hold a reservation: subject ``budget:<budget_id>``)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(self, message: str, *, code: grpc.StatusCode | None = None, reason: str = "",
                  domain: str = "", metadata: dict[str, str] | None = None,
                  field_violations: list[tuple[str, str]] | None = None,
-                 retry_delay: timedelta | None = None) -> None:
+                 retry_delay: timedelta | None = None,
+                 quota_violations: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -34,6 +42,7 @@ class HivemeshError(Exception):
         self.metadata = metadata or {}
         self.field_violations = field_violations or []
         self.retry_delay = retry_delay
+        self.quota_violations = quota_violations or []
 
     def __str__(self) -> str:
         tag = f"{self.code.name}" + (f"/{self.reason}" if self.reason else "")
@@ -138,6 +147,7 @@ def _build(code: grpc.StatusCode, message: str,
     kwargs: dict = {}
     if status is not None:
         violations: list[tuple[str, str]] = []
+        quota: list[tuple[str, str]] = []
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
@@ -152,6 +162,11 @@ def _build(code: grpc.StatusCode, message: str,
                 info = error_details_pb2.RetryInfo()
                 detail.Unpack(info)
                 kwargs["retry_delay"] = info.retry_delay.ToTimedelta()
+            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                failure = error_details_pb2.QuotaFailure()
+                detail.Unpack(failure)
+                quota += [(v.subject, v.description) for v in failure.violations]
         kwargs["field_violations"] = violations
+        kwargs["quota_violations"] = quota
     cls = _BY_CODE.get(code, HivemeshError)
     return cls(message, code=code, **kwargs)

@@ -30,7 +30,8 @@ class InformationClient(BaseClient):
 
     A refused reservation raises ResourceExhaustedError with reason
     BUDGET_EXCEEDED; its ``metadata`` holds budget_id, unit, limit, spent,
-    reserved and requested.
+    reserved and requested, and its ``quota_violations`` the budget's
+    QuotaFailure violation (``("budget:<budget_id>", description)``).
     """
 
     api = "information"
