@@ -8,10 +8,11 @@ import asyncio
 import contextlib
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from hivemesh.client import InformationClient
 from hivemesh.client.errors import ResourceExhaustedError
-from hivemesh.common.v1 import RequestContext
+from hivemesh.common.v1 import RequestContext, Usage
 from hivemesh.information.v1 import Budget, BudgetMode, Scope
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.information.server import create_server
@@ -45,3 +46,73 @@ async def test_a_refused_reservation_carries_its_quota_violation(tmp_path):
     [(subject, description)] = error.quota_violations
     assert subject == f"budget:{budget.budget_id}"
     assert "limit 100" in description and "requested 200" in description
+
+
+@contextlib.asynccontextmanager
+async def watched_service(tmp_path, monkeypatch):
+    """The service, a budget with one alert stored, and an event set when the
+    server's WatchAlerts handler ends (its stream closed or cancelled)."""
+    from hivemesh.services.information import servicer
+
+    watching = servicer.InformationServicer.WatchAlerts
+    ended: list[asyncio.Event] = []
+
+    async def watch_alerts(self, request, context):
+        done = asyncio.Event()
+        ended.append(done)
+        try:
+            async for message in watching(self, request, context):
+                yield message
+        finally:
+            done.set()
+
+    monkeypatch.setattr(servicer.InformationServicer, "WatchAlerts", watch_alerts)
+    async with information_service(tmp_path) as info:
+        await info.create_budget(Budget(scope=Scope(tenant_id="acme"), limit_tokens=100,
+                                        mode=BudgetMode.BUDGET_MODE_SOFT,
+                                        alert_thresholds_percent=[50]))
+        await info.track(RequestContext(tenant_id="acme"), Usage(prompt_tokens=60),
+                         model="gpt-test")
+        yield info, ended
+
+
+# Replays the stored alert: the first message arrives without waiting.
+SINCE_START = Timestamp(seconds=1)
+
+
+async def test_closing_an_alert_watch_cancels_it_on_the_server(tmp_path, monkeypatch):
+    async with watched_service(tmp_path, monkeypatch) as (info, ended):
+        watch = info.watch_alerts(since=SINCE_START)
+        alert = await asyncio.wait_for(anext(watch), 30)
+        assert alert.threshold_percent == 50
+        [server_side] = ended
+        assert not server_side.is_set()
+        await watch.aclose()
+        # The client stays open: the server's stream ends because of the cancel.
+        await asyncio.wait_for(server_side.wait(), 30)
+
+
+async def test_breaking_out_of_an_alert_watch_cancels_it_on_the_server(tmp_path, monkeypatch):
+    async with watched_service(tmp_path, monkeypatch) as (info, ended):
+        async for alert in info.watch_alerts(since=SINCE_START):
+            assert alert.threshold_percent == 50
+            break
+        [server_side] = ended
+        await asyncio.wait_for(server_side.wait(), 30)
+
+
+async def test_a_caller_cancelled_while_reading_cancels_the_watch(tmp_path, monkeypatch):
+    async with watched_service(tmp_path, monkeypatch) as (info, ended):
+        got_one = asyncio.Event()
+
+        async def read_all():
+            async for _ in info.watch_alerts(since=SINCE_START):
+                got_one.set()
+
+        reader = asyncio.create_task(read_all())
+        await asyncio.wait_for(got_one.wait(), 30)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        [server_side] = ended
+        await asyncio.wait_for(server_side.wait(), 30)

@@ -11,15 +11,31 @@ from hivemesh.common.v1 import StreamEnd, StreamOutcome
 from hivemesh.information.v1 import Alert, Heartbeat, WatchAlertsResponse
 
 
+class _Call:
+    """A server-streaming call's messages, and whether it was cancelled."""
+
+    def __init__(self, messages) -> None:
+        self.messages = messages
+        self.cancelled = False
+
+    async def __aiter__(self):
+        for m in self.messages:
+            yield m
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
 class _Stub:
     def __init__(self, *messages: WatchAlertsResponse) -> None:
         self.messages = messages
+        self.calls: list[_Call] = []
 
-    def WatchAlerts(self, request, metadata=None):  # noqa: N802 - the stub's name
-        async def stream():
-            for m in self.messages:
-                yield m
-        return stream()
+    def WatchAlerts(self, request, timeout=None, metadata=None):  # noqa: N802 - the stub's name
+        assert timeout is None  # a watch has no deadline
+        self.calls.append(_Call(self.messages))
+        return self.calls[-1]
 
 
 async def _alerts(*messages: WatchAlertsResponse) -> list[str]:

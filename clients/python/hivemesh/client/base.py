@@ -3,13 +3,15 @@ on every call, a default timeout, and one translation of gRPC errors."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import grpc
 from opentelemetry import baggage, propagate, trace
 
 from hivemesh.client.channel import ChannelTls, method_timeout, open_channel
-from hivemesh.client.errors import from_rpc_error
+from hivemesh.client.errors import UnavailableError, from_rpc_error, from_status
+from hivemesh.common.v1 import StreamOutcome
 
 
 class _Default:
@@ -67,14 +69,46 @@ class BaseClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _unary(self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any,
-                     timeout: float | None | _Default) -> Any:
+    async def _stream(self, method: grpc.aio.UnaryStreamMultiCallable, request: Any,
+                      timeout: float | None | _Default = DEFAULT) -> AsyncIterator[Any]:
+        """The messages of a hivemesh server stream before its terminal
+        ``end`` (a ``StreamEnd``): a COMPLETED end finishes the iteration, a
+        FAILED one raises the error it carries, a stream closed without one
+        raises UnavailableError. The call is cancelled whenever the iteration
+        stops before the server closed the stream, so the server stops
+        streaming at once: the caller broke out of its loop, closed the
+        generator (``aclose()``) or dropped it, or an error was raised.
+        Callers that wrap this generator must close it with theirs
+        (``contextlib.aclosing``): ``async for`` does not."""
+        timeout = self._timeout(timeout, request)
+        call = method(request, timeout=timeout, metadata=trace_metadata())
+        try:
+            async for message in call:
+                if message.WhichOneof("event") != "end":
+                    yield message
+                elif message.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED:
+                    return
+                else:
+                    raise from_status(message.end.error)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            # Nothing when the call is over; else the server sees it cancelled.
+            call.cancel()
+        raise UnavailableError("the stream was cut before its terminal message")
+
+    def _timeout(self, timeout: float | None | _Default, request: Any) -> float | None:
         if timeout is DEFAULT:
             timeout = self.timeout
         if timeout is DEFAULT:
             # Methods are named after their requests (GetArtifactRequest: GetArtifact).
             timeout = method_timeout(self.api, type(request).__name__.removesuffix("Request"))
+        return timeout
+
+    async def _unary(self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any,
+                     timeout: float | None | _Default) -> Any:
         try:
-            return await method(request, timeout=timeout, metadata=trace_metadata())
+            return await method(request, timeout=self._timeout(timeout, request),
+                                metadata=trace_metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err

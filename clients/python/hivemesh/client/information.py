@@ -3,17 +3,16 @@ usage, metrics, alerts)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from hivemesh.client.base import DEFAULT, BaseClient, trace_metadata
-from hivemesh.client.errors import from_rpc_error, from_status
-from hivemesh.common.v1 import RequestContext, StreamOutcome, Usage
+from hivemesh.client.base import DEFAULT, BaseClient
+from hivemesh.common.v1 import RequestContext, Usage
 from hivemesh.information.v1 import (
     Alert, Budget, BudgetStatus, CommitRequest, CommitResponse, CreateBudgetRequest,
     GetBudgetStatusRequest, InformationServiceStub, ModelPrice, ReleaseRequest,
@@ -108,22 +107,17 @@ class InformationClient(BaseClient):
         (the ``create_time`` of the last alert received) first replays the
         stored alerts created after it, to resume a watch without a gap. A
         stream that closes without its terminal message raises
-        UnavailableError; one that ends FAILED raises the error it carries."""
+        UnavailableError; one that ends FAILED raises the error it carries.
+        Closing the generator before the end cancels the call, so the server
+        drops the watch at once: ``aclose()``, or the event loop's own closing
+        of a generator dropped (left by ``break`` and no longer referenced)."""
         request = WatchAlertsRequest(scope=scope or Scope(), budget_ids=budget_ids or [],
                                      min_threshold_percent=min_threshold_percent)
         if since is not None:
             request.since.CopyFrom(since)
-        call = self._stub.WatchAlerts(request, metadata=trace_metadata())
-        try:
-            async for message in call:
-                kind = message.WhichOneof("event")
-                if kind == "alert":
+        # No deadline: a watch lasts until the server ends it or the caller stops.
+        async with contextlib.aclosing(self._stream(self._stub.WatchAlerts, request,
+                                                    None)) as messages:
+            async for message in messages:
+                if message.WhichOneof("event") == "alert":
                     yield message.alert
-                elif kind == "end":
-                    if message.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED:
-                        return
-                    raise from_status(message.end.error)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        from hivemesh.client.errors import UnavailableError
-        raise UnavailableError("the alert stream was cut before its terminal message")
