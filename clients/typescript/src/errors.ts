@@ -154,7 +154,11 @@ const STREAM_OUTCOME_COMPLETED = 1;
  * FAILED one throws the HivemeshError of its status instead of being yielded
  * (a loop that stops at the terminal message cannot take it for a success;
  * the error's metadata says what was delivered), and a stream that stops
- * without one throws UNAVAILABLE: it was cut. */
+ * without one throws UNAVAILABLE: it was cut. Leaving the loop early (`break`,
+ * `return`, a throw in its body) closes `stream`; a stream of a client made
+ * by this package's `createClient` then aborts its call, so the server stops
+ * streaming (one of connect's own `createClient` cannot: abort the call's
+ * `signal` instead). */
 export async function* untilEnd<M extends StreamMessage>(stream: AsyncIterable<M>): AsyncGenerator<M> {
   for await (const message of stream) {
     if (message.event.case !== "end") {

@@ -21,6 +21,7 @@ import {
 } from "@hivemesh/client";
 import { ArtifactService } from "@hivemesh/client/artifact/v1";
 import { StreamOutcome } from "@hivemesh/client/common/v1";
+import { BudgetMode, InformationService } from "@hivemesh/client/information/v1";
 import { LlmService, type StreamGenerateResponse } from "@hivemesh/client/llm/v1";
 import { OrchestratorService } from "@hivemesh/client/orchestrator/v1";
 
@@ -206,6 +207,34 @@ describe("TypeScript client against the running mesh", { timeout: 240_000 }, () 
       seen.push(message.event.case ?? "");
     }
     assert.equal(seen.at(-1), "end");
+  });
+
+  test("breaking out of a stream ends its call: a script that stops reading exits", async () => {
+    // One alert stored for the watch to replay.
+    const info = createClient(InformationService, createMeshTransport(mesh.address("information")));
+    const tenantId = `ts-${randomUUID()}`;
+    await info.createBudget(
+      {
+        requestId: randomUUID(),
+        budget: { scope: { tenantId }, limitTokens: 100n, mode: BudgetMode.SOFT, alertThresholdsPercent: [50] },
+      },
+      CALL,
+    );
+    const { alerts } = await info.trackCompletion(
+      { requestId: randomUUID(), context: { tenantId }, usage: { promptTokens: 60n }, model: "mock-small" },
+      CALL,
+    );
+    assert.equal(alerts.length, 1);
+    // Node exits once nothing is left open; with the call still streaming it
+    // would not, and execFile would kill it at its timeout (a failure).
+    for (const how of ["untilEnd", "stream"]) {
+      const { stdout } = await promisify(execFile)(
+        process.execPath,
+        ["--import", "tsx", "test/scripts/stop-reading.ts", mesh.address("information"), how],
+        { cwd: join(REPO, "clients", "typescript"), timeout: 60_000 },
+      );
+      assert.match(stdout, /^stopped reading at alert \S+$/m, how);
+    }
   });
 
   test("RunAgent runs an agent through the whole mesh, and a retry replays it", async () => {
