@@ -64,3 +64,20 @@ async def test_a_failed_watch_raises_the_error_it_carries():
 async def test_a_cut_watch_raises_unavailable():
     with pytest.raises(UnavailableError):
         await _alerts(HEARTBEAT, ALERT)
+
+
+async def test_a_watch_closed_before_its_end_cancels_the_call_and_one_that_ended_does_not():
+    end = WatchAlertsResponse(end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
+    failed = WatchAlertsResponse(end=StreamEnd(
+        outcome=StreamOutcome.STREAM_OUTCOME_FAILED, error=status_pb2.Status(code=8)))
+    async with InformationClient("127.0.0.1:1") as client:
+        client._stub = stub = _Stub(HEARTBEAT, ALERT, ALERT, end)
+        watch = client.watch_alerts()
+        await anext(watch)
+        await watch.aclose()
+        assert [a.budget_id async for a in client.watch_alerts()] == ["b", "b"]
+        client._stub = failing = _Stub(ALERT, failed)
+        with pytest.raises(ResourceExhaustedError):
+            [a async for a in client.watch_alerts()]
+    # Past its terminal message the call is left to finish on its own.
+    assert [c.cancelled for c in stub.calls + failing.calls] == [True, False, False]

@@ -74,27 +74,32 @@ class BaseClient:
         """The messages of a hivemesh server stream before its terminal
         ``end`` (a ``StreamEnd``): a COMPLETED end finishes the iteration, a
         FAILED one raises the error it carries, a stream closed without one
-        raises UnavailableError. The call is cancelled whenever the iteration
-        stops before the server closed the stream, so the server stops
-        streaming at once: the caller broke out of its loop, closed the
-        generator (``aclose()``) or dropped it, or an error was raised.
+        raises UnavailableError. A call whose iteration stops before its
+        terminal message is cancelled, so the server stops streaming at once:
+        the caller closed the generator (``aclose()``, or the event loop's
+        closing of one dropped, as after a ``break``), its task was
+        cancelled, or reading failed. After the terminal message the call is
+        left to finish (the server may still be wrapping up its handler).
         Callers that wrap this generator must close it with theirs
         (``contextlib.aclosing``): ``async for`` does not."""
         timeout = self._timeout(timeout, request)
         call = method(request, timeout=timeout, metadata=trace_metadata())
+        ended = False
         try:
             async for message in call:
                 if message.WhichOneof("event") != "end":
                     yield message
-                elif message.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED:
+                    continue
+                ended = True
+                if message.end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED:
                     return
-                else:
-                    raise from_status(message.end.error)
+                raise from_status(message.end.error)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         finally:
-            # Nothing when the call is over; else the server sees it cancelled.
-            call.cancel()
+            if not ended:
+                # Nothing when the call is over; else the server sees it cancelled.
+                call.cancel()
         raise UnavailableError("the stream was cut before its terminal message")
 
     def _timeout(self, timeout: float | None | _Default, request: Any) -> float | None:
