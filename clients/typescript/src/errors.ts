@@ -154,16 +154,31 @@ const STREAM_OUTCOME_COMPLETED = 1;
  * FAILED one throws the HivemeshError of its status instead of being yielded
  * (a loop that stops at the terminal message cannot take it for a success;
  * the error's metadata says what was delivered), and a stream that stops
- * without one throws UNAVAILABLE: it was cut. Leaving the loop early (`break`,
- * `return`, a throw in its body) closes `stream`; a stream of a client made
- * by this package's `createClient` then aborts its call, so the server stops
- * streaming (one of connect's own `createClient` cannot: abort the call's
- * `signal` instead). */
+ * without one throws UNAVAILABLE: it was cut. Leaving the loop before the
+ * terminal message (`break`, `return`, a throw in its body) closes `stream`;
+ * a stream of a client made by this package's `createClient` then aborts its
+ * call, so the server stops streaming (one of connect's own `createClient`
+ * cannot: abort the call's `signal` instead). Once the terminal message has
+ * arrived, the call is left to finish on its own. */
 export async function* untilEnd<M extends StreamMessage>(stream: AsyncIterable<M>): AsyncGenerator<M> {
-  for await (const message of stream) {
-    if (message.event.case !== "end") {
-      yield message;
-    } else {
+  const messages = stream[Symbol.asyncIterator]();
+  let ended = false;
+  try {
+    for (;;) {
+      const next = await messages.next();
+      if (next.done) {
+        ended = true;
+        break;
+      }
+      const message = next.value;
+      if (message.event.case !== "end") {
+        yield message;
+        continue;
+      }
+      ended = true;
+      // Past its terminal message the call is left to finish (the server
+      // may still be wrapping up its handler), not aborted.
+      void finish(messages);
       const end = message.event.value as StreamEndLike;
       if (end.outcome === STREAM_OUTCOME_COMPLETED) {
         yield message;
@@ -173,10 +188,28 @@ export async function* untilEnd<M extends StreamMessage>(stream: AsyncIterable<M
         ? HivemeshError.fromStatus(end.error)
         : HivemeshError.from(new ConnectError("the stream ended FAILED without a status", Code.Unknown));
     }
+  } finally {
+    if (!ended) {
+      // Left early: the stream is closed (which aborts its call, for a
+      // stream of this package's createClient).
+      await messages.return?.();
+    }
   }
   throw HivemeshError.from(
     new ConnectError("the stream was cut before its terminal message", Code.Unavailable),
   );
+}
+
+/** Reads a stream past its terminal message to its close, so the call ends
+ * on its own; a message after the terminal one closes it instead. */
+async function finish<M>(messages: AsyncIterator<M>): Promise<void> {
+  try {
+    if (!(await messages.next()).done) {
+      await messages.return?.();
+    }
+  } catch {
+    // the call failed after its terminal message: nothing is waiting for it
+  }
 }
 
 // Re-exported for callers that switch on codes.

@@ -2,7 +2,7 @@
 // API are generated (`@hivemesh/client/<api>/v1`); this module adds the
 // transport, typed errors and the health check.
 
-export { createClient, endedWithIteration } from "./streams.js";
+export { createClient } from "./streams.js";
 export type { Client, Transport } from "@connectrpc/connect";
 export { Code, HivemeshError, hivemeshErrors, unpackDetail, untilEnd } from "./errors.js";
 export type { FieldViolation } from "./errors.js";

@@ -89,6 +89,27 @@ test("a stream read to its end is not aborted", async () => {
   assert.equal(signals[0].aborted, false);
 });
 
+test("untilEnd leaves a call whose terminal message arrived to finish, not aborted", async () => {
+  const failed = create(WatchAlertsResponseSchema, {
+    event: { case: "end", value: { outcome: StreamOutcome.FAILED, error: { code: Code.Internal, message: "x" } } },
+  });
+  const { alerts, signals } = fakeTransport([HEARTBEAT, ALERT, END], false);
+  for await (const message of untilEnd(alerts.watchAlerts({}))) {
+    if (message.event.case === "end") break;
+  }
+  const { alerts: failing, signals: failingSignals } = fakeTransport([ALERT, failed], false);
+  await assert.rejects(
+    (async () => {
+      for await (const _ of untilEnd(failing.watchAlerts({}))) {
+        // up to the FAILED end, which is thrown
+      }
+    })(),
+    (err: unknown) => err instanceof HivemeshError && err.code === Code.Internal,
+  );
+  assert.equal(signals[0].aborted, false);
+  assert.equal(failingSignals[0].aborted, false);
+});
+
 test("the caller's signal still aborts the call, which fails with CANCELED", async () => {
   const { alerts, signals } = fakeTransport([HEARTBEAT], true);
   const caller = new AbortController();
