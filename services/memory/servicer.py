@@ -40,7 +40,7 @@ from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.memory.chunking import chunk_text
 from hivemesh.services.memory.embedders import (
-    Embedder, EmbedderUnavailable, EmbeddingRejected)
+    Embedder, EmbedderRateLimited, EmbedderUnavailable, EmbeddingRejected, EmbedTooLarge)
 from hivemesh.services.memory.filters import (
     metadata_to_payload, payload_to_metadata, to_conditions)
 from hivemesh.services.memory.keywords import KeywordEncoder
@@ -141,6 +141,16 @@ def _refused(exc: StoreRefused) -> errors.ServiceError:
     return errors.ServiceError(code, reason, str(exc), metadata, details)
 
 
+def _rate_limited(exc: EmbedderRateLimited) -> errors.ServiceError:
+    """The LLM service's rate limit, passed on with its delay (else 1 s), as
+    the store's own rate limit is."""
+    wait = exc.retry_after_s if exc.retry_after_s is not None else 1.0
+    return errors.ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_RATE_LIMITED, str(exc),
+        {"backend": "embedding model", "retry_after_s": f"{wait:.3f}"},
+        [errors.retry_info(wait)])
+
+
 @contextlib.contextmanager
 def _backend_errors() -> Iterator[None]:
     try:
@@ -151,6 +161,13 @@ def _backend_errors() -> Iterator[None]:
         raise _refused(exc) from exc
     except EmbedderUnavailable as exc:
         raise errors.unavailable("embedding model", str(exc), retry_after_s=1.0) from exc
+    except EmbedderRateLimited as exc:
+        raise _rate_limited(exc) from exc
+    except EmbedTooLarge as exc:
+        # Not a passing outage: the same call fails the same way again.
+        raise errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE, str(exc),
+                                  {"backend": "embedding model"}, retry=False) from exc
     except EmbeddingRejected as exc:
         raise errors.ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                   ErrorReason.ERROR_REASON_UPSTREAM_ERROR, str(exc)) from exc

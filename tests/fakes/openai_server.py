@@ -48,20 +48,32 @@ class FakeOpenAI(FakeHttpServer):
     """``reasoning_models``: prefixes of the model names that the fake
     treats as OpenAI treats its reasoning models: a request for one with
     ``max_tokens``, or with ``temperature`` or ``top_p`` other than 1, is
-    refused with OpenAI's 400, before any scripted behaviour."""
+    refused with OpenAI's 400, before any scripted behaviour.
+    ``fixed_size_models``: prefixes of the embedding models that, like
+    text-embedding-ada-002, refuse a request with ``dimensions`` (OpenAI's
+    400)."""
 
     def __init__(self, base_path: str = "/v1", embedding_dimensions: int = 8,
-                 reasoning_models: tuple[str, ...] = ()) -> None:
+                 reasoning_models: tuple[str, ...] = (),
+                 fixed_size_models: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.base_path = base_path
         self.embedding_dimensions = embedding_dimensions
         self.reasoning_models = reasoning_models
+        self.fixed_size_models = fixed_size_models
 
     async def handle(self, exchange: HttpExchange) -> None:
         recorded = exchange.recorded
         endpoint = recorded.path.removeprefix(self.base_path)
         if recorded.method != "POST" or endpoint not in ("/chat/completions", "/embeddings"):
             await exchange.send_json(404, _error_body(Fail(404, f"Unknown URL {recorded.path}")))
+            return
+        if endpoint == "/embeddings" and "dimensions" in recorded.body and \
+                self.fixed_size_models and \
+                str(recorded.body.get("model", "")).startswith(self.fixed_size_models):
+            await exchange.send_json(400, _error_body(Fail(
+                status=400, type="invalid_request_error", code=None,
+                message="This model does not support specifying dimensions.")))
             return
         if endpoint == "/chat/completions":
             refusal = self._refusal(recorded.body)

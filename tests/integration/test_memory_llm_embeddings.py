@@ -1,0 +1,126 @@
+"""The memory service embedding through the LLM service, against a fake
+OpenAI-compatible upstream or the mock backend: what it asks the model for,
+and what its callers are told when the LLM service is over its rate limit or
+a call is too large."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from test_memory_service import memory_settings, serve
+
+from hivemesh.client import ResourceExhaustedError
+from hivemesh.runtime.settings import ServerSettings
+from hivemesh.services.memory.server import open_backend
+
+DIMS = 16
+
+
+@contextlib.asynccontextmanager
+async def llm_service(settings):
+    from hivemesh.services.llm.server import Backends
+    from hivemesh.services.llm.server import create_server as create_llm_server
+
+    backends = Backends(settings)
+    running, port = await create_llm_server(settings, backends)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await running.shutdown(0)
+        await backends.close()
+
+
+def routed_to(base_url: str, upstream_model: str, **server):
+    """An LLM service whose embedding alias ``embed`` is ``upstream_model``
+    at the OpenAI-compatible server ``base_url``."""
+    from hivemesh.services.llm.settings import BackendSettings, LlmSettings, ModelSettings
+    return LlmSettings(
+        server=ServerSettings(host="127.0.0.1", port=0, grace_period_s=1, **server),
+        backends={"up": BackendSettings(type="openai_compatible", base_url=base_url,
+                                        max_attempts=1)},
+        models=[ModelSettings(alias="chat", backend="up", upstream_model="c", default=True),
+                ModelSettings(alias="embed", kind="embedding", backend="up",
+                              upstream_model=upstream_model, default=True)])
+
+
+async def test_a_model_that_refuses_dimensions_serves_adds_and_searches(tmp_path):
+    """text-embedding-ada-002 (and many OpenAI-compatible servers) refuse
+    the ``dimensions`` parameter: the start-up call and every later one ask
+    alike, without it, so what starts also adds and searches."""
+    from fakes.openai_server import FakeOpenAI
+
+    async with FakeOpenAI(embedding_dimensions=DIMS,
+                          fixed_size_models=("text-embedding-ada",)) as upstream, \
+            llm_service(routed_to(upstream.base_url, "text-embedding-ada-002")) as llm:
+        async with serve(memory_settings(tmp_path, llm_address=llm)) as memory:
+            added = await memory.add(["the quarterly invoice is due on friday"],
+                                     namespace="t")
+            assert added.embedding_model == "llm:embed"
+            hits = await memory.search("the quarterly invoice is due on friday",
+                                       namespace="t", mode="dense")
+            assert hits.results[0].chunk.text == "the quarterly invoice is due on friday"
+        sent = [r.body for r in upstream.requests]
+        assert len(sent) == 3  # start-up, add, search
+        assert all("dimensions" not in body for body in sent)
+        assert {frozenset(body) for body in sent} == {frozenset(sent[0])}
+
+
+async def test_an_embedding_alias_the_llm_service_refuses_stops_start_up_naming_it(tmp_path):
+    from hivemesh.services.memory.embedders import EmbeddingRejected
+
+    async with llm_service(routed_to("http://127.0.0.1:9/v1", "m")) as llm:
+        with pytest.raises(EmbeddingRejected, match="refused to embed with 'nonesuch'.*"
+                                                     "HIVEMESH_MEMORY_EMBEDDING_MODEL"):
+            await open_backend(memory_settings(tmp_path, llm_address=llm,
+                                               embedding_model="nonesuch"))
+
+
+async def test_the_llm_rate_limit_is_passed_on_with_its_delay(tmp_path):
+    """The LLM service over its rate limit answers RESOURCE_EXHAUSTED,
+    RATE_LIMITED, with when to come back: the memory service says the same,
+    with the LLM service's delay, not a passing outage to retry in 1 s."""
+    from hivemesh.services.llm.settings import BackendSettings, LlmSettings
+
+    llm_settings = LlmSettings(
+        server=ServerSettings(host="127.0.0.1", port=0, grace_period_s=1),
+        backends={"mock": BackendSettings(type="mock", requests_per_minute=1)})
+    async with llm_service(llm_settings) as llm:
+        # The start-up call takes the minute's one request.
+        async with serve(memory_settings(tmp_path, llm_address=llm)) as memory:
+            for call in (lambda: memory.add(["rate limited text"], namespace="t"),
+                         lambda: memory.search("rate limited", namespace="t", mode="dense")):
+                with pytest.raises(ResourceExhaustedError) as err:
+                    await call()
+                assert err.value.reason == "RATE_LIMITED"
+                assert err.value.metadata["backend"] == "embedding model"
+                # The limiter's wait for the next of one request a minute.
+                assert err.value.retry_delay is not None
+                assert err.value.retry_delay.total_seconds() > 1
+                assert float(err.value.metadata["retry_after_s"]) == pytest.approx(
+                    err.value.retry_delay.total_seconds(), abs=0.001)
+
+
+async def test_an_embed_call_over_the_message_limit_is_not_called_an_outage(tmp_path):
+    """An Embed call the LLM service refuses for its size fails the same
+    way however often it is sent: RESOURCE_EXHAUSTED, PAYLOAD_TOO_LARGE,
+    with no retry delay, not UNAVAILABLE."""
+    from hivemesh.services.llm.settings import LlmSettings
+
+    # The smallest message limit the LLM service takes (128 KiB).
+    llm_settings = LlmSettings(server=ServerSettings(host="127.0.0.1", port=0,
+                                                     grace_period_s=1,
+                                                     max_message_bytes=128 * 1024))
+    async with llm_service(llm_settings) as llm:
+        async with serve(memory_settings(tmp_path, llm_address=llm)) as memory:
+            words = " ".join(f"word{i}" for i in range(40_000))
+            with pytest.raises(ResourceExhaustedError) as err:
+                await memory.add([words], namespace="t")
+            assert err.value.reason == "PAYLOAD_TOO_LARGE"
+            assert err.value.retry_delay is None
+            assert "HIVEMESH_MEMORY_EMBED_BATCH_SIZE" in err.value.message
+            assert await memory.count(namespace="t") == 0
+            # A smaller add still goes through.
+            await memory.add(["a short note"], namespace="t")
+            assert await memory.count(namespace="t") == 1
+
