@@ -49,18 +49,21 @@ async def open_embedder(settings: MemorySettings) -> Embedder:
     return HashingEmbedder(settings.embedding_dimensions)
 
 
-async def open_store(settings: MemorySettings, model: str, dimensions: int) -> MemoryStore:
+async def open_store(settings: MemorySettings, model: str, dimensions: int,
+                     upstream_model: str = "") -> MemoryStore:
     """The configured store, every call traced. Raises EmbedderMismatch (a
     ValueError) when the collection was built with another embedder, and
     VectorsMismatch (a ValueError) when it lacks a vector the service needs
-    (such as the ``bm25`` sparse vector of keyword search)."""
+    (such as the ``bm25`` sparse vector of keyword search). ``upstream_model``:
+    the model behind an alias ``model`` (see CollectionInfo)."""
     from hivemesh.services.memory.store.traced import TracedStore
-    store = await _open_engine(settings, model, dimensions)
+    store = await _open_engine(settings, model, dimensions, upstream_model)
     return TracedStore(store, collection=settings.collection,
                        engine="server" if settings.store == "qdrant" else "embedded")
 
 
-async def _open_engine(settings: MemorySettings, model: str, dimensions: int) -> MemoryStore:
+async def _open_engine(settings: MemorySettings, model: str, dimensions: int,
+                       upstream_model: str) -> MemoryStore:
     if settings.store == "qdrant":
         from hivemesh.services.memory.store.qdrant import QdrantStore
         location = settings.qdrant_location
@@ -71,18 +74,21 @@ async def _open_engine(settings: MemorySettings, model: str, dimensions: int) ->
             path=location if location not in (None, ":memory:") else None,
             api_key=(settings.qdrant_api_key.get_secret_value()
                      if settings.qdrant_api_key else None),
-            grpc_port=settings.qdrant_grpc_port, timeout_s=settings.qdrant_timeout_s)
+            grpc_port=settings.qdrant_grpc_port, timeout_s=settings.qdrant_timeout_s,
+            upstream_model=upstream_model)
     from hivemesh.services.memory.store.edge import EdgeStore
     return EdgeStore.open(settings.data_dir, settings.collection, model, dimensions,
                           build_index=settings.build_index_on_start,
                           search_threads=settings.search_threads,
-                          sync_writes=settings.sqlite_synchronous == "full")
+                          sync_writes=settings.sqlite_synchronous == "full",
+                          upstream_model=upstream_model)
 
 
 async def open_backend(settings: MemorySettings) -> MemoryBackend:
     embedder = await open_embedder(settings)
     try:
-        store = await open_store(settings, embedder.model, embedder.dimensions)
+        store = await open_store(settings, embedder.model, embedder.dimensions,
+                                 embedder.upstream_model)
     except BaseException:
         await embedder.close()
         raise

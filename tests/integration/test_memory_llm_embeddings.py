@@ -1,11 +1,12 @@
 """The memory service embedding through the LLM service, against a fake
 OpenAI-compatible upstream or the mock backend: what it asks the model for,
-and what its callers are told when the LLM service is over its rate limit or
-a call is too large."""
+what the collection records of the model, and what its callers are told
+when the LLM service is over its rate limit or a call is too large."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 from test_memory_service import memory_settings, serve
@@ -13,6 +14,7 @@ from test_memory_service import memory_settings, serve
 from hivemesh.client import ResourceExhaustedError
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.memory.server import open_backend
+from hivemesh.services.memory.store.base import EmbedderMismatch
 
 DIMS = 16
 
@@ -42,6 +44,11 @@ def routed_to(base_url: str, upstream_model: str, **server):
         models=[ModelSettings(alias="chat", backend="up", upstream_model="c", default=True),
                 ModelSettings(alias="embed", kind="embedding", backend="up",
                               upstream_model=upstream_model, default=True)])
+
+
+def store_settings(kind: str, tmp_path) -> dict:
+    return {"store": "qdrant", "qdrant_location": str(tmp_path / "qdrant")} \
+        if kind == "qdrant-local" else {}
 
 
 async def test_a_model_that_refuses_dimensions_serves_adds_and_searches(tmp_path):
@@ -74,6 +81,58 @@ async def test_an_embedding_alias_the_llm_service_refuses_stops_start_up_naming_
                                                      "HIVEMESH_MEMORY_EMBEDDING_MODEL"):
             await open_backend(memory_settings(tmp_path, llm_address=llm,
                                                embedding_model="nonesuch"))
+
+
+@pytest.mark.parametrize("kind", ["edge", "qdrant-local"])
+async def test_an_alias_routed_to_another_model_is_refused_at_start_up(tmp_path, kind):
+    """The collection records the upstream model behind the alias: routing
+    the alias to another model of the same size (whose vectors cannot be
+    compared with the stored ones) stops the service at start-up."""
+    from fakes.openai_server import FakeOpenAI
+
+    settings = memory_settings(tmp_path, **store_settings(kind, tmp_path))
+    async with FakeOpenAI(embedding_dimensions=DIMS) as upstream:
+        async with llm_service(routed_to(upstream.base_url, "text-embedding-3-small")) as llm:
+            settings = settings.model_copy(update={"llm_address": llm})
+            async with serve(settings) as memory:
+                await memory.add(["stored by the first model"], namespace="t")
+        async with llm_service(routed_to(upstream.base_url, "text-embedding-ada-002")) as llm:
+            with pytest.raises(EmbedderMismatch, match=(
+                    r"model 'llm:embed' made by the upstream model 'text-embedding-3-small', "
+                    r"but that alias now routes to 'text-embedding-ada-002'")):
+                await open_backend(settings.model_copy(update={"llm_address": llm}))
+        async with llm_service(routed_to(upstream.base_url, "text-embedding-3-small")) as llm:
+            async with serve(settings.model_copy(update={"llm_address": llm})) as memory:
+                assert await memory.count(namespace="t") == 1
+
+
+@pytest.mark.parametrize("kind", ["edge", "qdrant-local"])
+async def test_a_collection_recorded_without_the_upstream_model_gets_it_at_start_up(
+        tmp_path, kind):
+    """A collection written by a version that recorded only the alias opens
+    as before, records the upstream model it is opened with, and from then
+    on refuses another."""
+    from hivemesh.services.memory.server import open_store
+
+    settings = memory_settings(tmp_path, **store_settings(kind, tmp_path))
+    # What an earlier version recorded: the alias and the size only.
+    store = await open_store(settings, "llm:embed", DIMS)
+    await store.close()
+    if kind == "edge":
+        record = tmp_path / "memory" / "memories" / "collection.json"
+        assert json.loads(record.read_text()) == {"embedding_model": "llm:embed",
+                                                  "dimensions": DIMS}
+    store = await open_store(settings, "llm:embed", DIMS, "text-embedding-3-small")
+    await store.close()
+    if kind == "edge":
+        assert json.loads(record.read_text())["upstream_model"] == "text-embedding-3-small"
+    with pytest.raises(EmbedderMismatch, match="'text-embedding-ada-002'"):
+        await open_store(settings, "llm:embed", DIMS, "text-embedding-ada-002")
+    store = await open_store(settings, "llm:embed", DIMS, "text-embedding-3-small")
+    await store.close()
+    # Embedders that name their model themselves record no upstream model.
+    with pytest.raises(EmbedderMismatch, match="'hashing-16'"):
+        await open_store(settings, f"hashing-{DIMS}", DIMS)
 
 
 async def test_the_llm_rate_limit_is_passed_on_with_its_delay(tmp_path):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,14 +203,56 @@ class CollectionInfo:
     """What a collection records about the embeddings it holds."""
     embedding_model: str
     dimensions: int
+    # The model behind ``embedding_model`` when that is an alias another
+    # model may take over (the LLM service's ``llm:<alias>``); "" when the
+    # embedder names its model itself, or the record was written before
+    # versions kept it.
+    upstream_model: str = ""
 
-    def check(self, model: str, dimensions: int, where: str) -> None:
-        if (self.embedding_model, self.dimensions) != (model, dimensions):
+    @classmethod
+    def of(cls, record: Mapping[str, Any], dimensions: int = 0) -> CollectionInfo:
+        """The info a collection's record holds (keys it does not know are
+        ignored); ``dimensions`` when the record has none."""
+        return cls(str(record.get("embedding_model") or ""),
+                   int(record.get("dimensions") or dimensions),
+                   str(record.get("upstream_model") or ""))
+
+    def record(self) -> dict[str, Any]:
+        """What a collection records (no ``upstream_model`` key when there
+        is none, as versions before it wrote)."""
+        kept: dict[str, Any] = {"embedding_model": self.embedding_model,
+                                "dimensions": self.dimensions}
+        if self.upstream_model:
+            kept["upstream_model"] = self.upstream_model
+        return kept
+
+    def check(self, wanted: CollectionInfo, where: str) -> bool:
+        """Raises EmbedderMismatch unless the service (``wanted``) embeds
+        with the model this record names. True when the record is to be
+        completed with ``wanted``'s upstream model: one written before the
+        upstream model was kept gets it on the first start."""
+        if (self.embedding_model, self.dimensions) != (wanted.embedding_model,
+                                                       wanted.dimensions):
             raise EmbedderMismatch(
                 f"the memory collection at {where} holds embeddings of model "
                 f"{self.embedding_model!r} ({self.dimensions} dimensions), but the service is "
-                f"configured with {model!r} ({dimensions} dimensions); configure the same "
-                "embedder, or use another collection or data directory")
+                f"configured with {wanted.embedding_model!r} ({wanted.dimensions} "
+                "dimensions); configure the same embedder, or use another collection or "
+                "data directory")
+        if not wanted.upstream_model:
+            return False
+        if not self.upstream_model:
+            return True
+        if self.upstream_model != wanted.upstream_model:
+            raise EmbedderMismatch(
+                f"the memory collection at {where} holds embeddings of model "
+                f"{self.embedding_model!r} made by the upstream model "
+                f"{self.upstream_model!r}, but that alias now routes to "
+                f"{wanted.upstream_model!r} (with as many dimensions: their vectors cannot "
+                f"be compared all the same); route the alias to {self.upstream_model!r} "
+                "again, set HIVEMESH_MEMORY_EMBEDDING_MODEL to an alias of it, or use "
+                "another collection or data directory (and add the memories again)")
+        return False
 
 
 def check_vectors(where: str, *, dense: bool, sparse: bool, sparse_idf: bool) -> None:

@@ -122,7 +122,8 @@ class EdgeStore(MemoryStore):
 
     @classmethod
     def open(cls, data_dir: Path, collection: str, model: str, dimensions: int, *,
-             build_index: bool = True, search_threads: int = 1, **kwargs) -> EdgeStore:
+             build_index: bool = True, search_threads: int = 1, upstream_model: str = "",
+             **kwargs) -> EdgeStore:
         """Opens (or creates) the shard; with ``build_index`` the HNSW index
         of points added since the last start is built now (this blocks).
         ``sync_writes`` (default on): updates are answered once on disk.
@@ -132,13 +133,14 @@ class EdgeStore(MemoryStore):
         root = Path(data_dir) / "memory" / collection
         shard_path = root / "shard"
         meta_path = root / "collection.json"
-        wanted = CollectionInfo(model, dimensions)
+        wanted = CollectionInfo(model, dimensions, upstream_model)
         if meta_path.exists():
-            recorded = CollectionInfo(**json.loads(meta_path.read_text()))
-            recorded.check(model, dimensions, str(root))
+            recorded = CollectionInfo.of(json.loads(meta_path.read_text()))
+            if recorded.check(wanted, str(root)):
+                _write_durably(meta_path, json.dumps(wanted.record()))
         else:
             root.mkdir(parents=True, exist_ok=True)
-            _write_durably(meta_path, json.dumps(wanted.__dict__))
+            _write_durably(meta_path, json.dumps(wanted.record()))
         config = q.EdgeConfig(
             vectors={DENSE: q.EdgeVectorParams(size=dimensions, distance=q.Distance.Cosine)},
             sparse_vectors={SPARSE: q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)},

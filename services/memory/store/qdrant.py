@@ -122,7 +122,8 @@ class QdrantStore(MemoryStore):
     async def open(cls, collection: str, model: str, dimensions: int, *,
                    url: str | None = None, location: str | None = None,
                    path: str | None = None, api_key: str | None = None,
-                   grpc_port: int = 6334, timeout_s: int = 10) -> QdrantStore:
+                   grpc_port: int = 6334, timeout_s: int = 10,
+                   upstream_model: str = "") -> QdrantStore:
         if url is not None:
             client = AsyncQdrantClient(url=url, prefer_grpc=True, grpc_port=grpc_port,
                                        api_key=api_key, timeout=timeout_s,
@@ -131,7 +132,8 @@ class QdrantStore(MemoryStore):
         else:
             client = AsyncQdrantClient(location=location, path=path)
             where = f"qdrant-client local mode ({path or location}) collection {collection!r}"
-        store = cls(client, collection, CollectionInfo(model, dimensions), where, url is None)
+        store = cls(client, collection, CollectionInfo(model, dimensions, upstream_model), where,
+                    url is None)
         try:
             await store._guard(store._ensure_collection())
         except BaseException:
@@ -147,15 +149,21 @@ class QdrantStore(MemoryStore):
                         size=self.info.dimensions, distance=models.Distance.COSINE)},
                     sparse_vectors_config={SPARSE: models.SparseVectorParams(
                         modifier=models.Modifier.IDF)},
-                    metadata={"embedding_model": self.info.embedding_model,
-                              "dimensions": self.info.dimensions})
+                    metadata=self.info.record())
             except Exception:
                 # Another replica created it meanwhile (the server refuses
                 # this one's create, over REST or gRPC alike): open that.
                 if not await self.client.collection_exists(self.collection):
                     raise
         collection = await self.client.get_collection(self.collection)
-        self._check_recorded(collection.config)
+        if self._check_recorded(collection.config):
+            # Recorded by a version that kept no upstream model: this
+            # start records it, and checks again the record that results
+            # (another replica may have recorded its own meanwhile).
+            await self.client.update_collection(self.collection,
+                                                metadata=self.info.record())
+            collection = await self.client.get_collection(self.collection)
+            self._check_recorded(collection.config)
         if not self.local:  # local mode has no payload indexes
             # Made here whenever one is missing, not only with the
             # collection: a replica that stopped between the two left none.
@@ -175,16 +183,17 @@ class QdrantStore(MemoryStore):
             if key not in present or present[key].data_type != kind:
                 await self.client.create_payload_index(c, key, schema, wait=True)
 
-    def _check_recorded(self, config: models.CollectionConfig) -> None:
+    def _check_recorded(self, config: models.CollectionConfig) -> bool:
+        """Raises unless the collection takes this service's vectors; True
+        when its record lacks the upstream model (see CollectionInfo.check)."""
         metadata = config.metadata or {}
         vectors = config.params.vectors
         dense = vectors.get(DENSE) if isinstance(vectors, dict) else None
         sparse = (config.params.sparse_vectors or {}).get(SPARSE)
         check_vectors(self.where, dense=dense is not None, sparse=sparse is not None,
                       sparse_idf=sparse is not None and sparse.modifier == models.Modifier.IDF)
-        recorded = CollectionInfo(str(metadata.get("embedding_model", "")),
-                                  int(metadata.get("dimensions") or (dense.size if dense else 0)))
-        recorded.check(self.info.embedding_model, self.info.dimensions, self.where)
+        recorded = CollectionInfo.of(metadata, dense.size if dense else 0)
+        return recorded.check(self.info, self.where)
 
     async def _guard(self, call: Awaitable[T]) -> T:
         try:
