@@ -170,7 +170,8 @@ def _backend_errors() -> Iterator[None]:
                                   {"backend": "embedding model"}, retry=False) from exc
     except EmbeddingRejected as exc:
         raise errors.ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                                  ErrorReason.ERROR_REASON_UPSTREAM_ERROR, str(exc)) from exc
+                                  ErrorReason.ERROR_REASON_UPSTREAM_ERROR, str(exc),
+                                  {"backend": "embedding model"}) from exc
     except IdempotencyConflict as exc:
         raise errors.idempotency_conflict(str(exc)) from None
     except LedgerUnavailable as exc:

@@ -183,3 +183,20 @@ async def test_an_embed_call_over_the_message_limit_is_not_called_an_outage(tmp_
             await memory.add(["a short note"], namespace="t")
             assert await memory.count(namespace="t") == 1
 
+
+
+async def test_a_refusal_by_the_embedding_model_names_the_embedding_model(tmp_path):
+    from fakes import Fail
+    from fakes.openai_server import FakeOpenAI
+
+    from hivemesh.client import FailedPreconditionError
+
+    async with FakeOpenAI(embedding_dimensions=DIMS) as upstream, \
+            llm_service(routed_to(upstream.base_url, "text-embedding-3-small")) as llm:
+        async with serve(memory_settings(tmp_path, llm_address=llm)) as memory:
+            upstream.enqueue(Fail(status=400, message="input is not valid"))
+            with pytest.raises(FailedPreconditionError) as err:
+                await memory.add(["refused text"], namespace="t")
+            assert err.value.reason == "UPSTREAM_ERROR"
+            assert err.value.metadata["backend"] == "embedding model"
+            assert "input is not valid" in err.value.message
