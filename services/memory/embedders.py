@@ -298,6 +298,16 @@ class LlmServiceEmbedder:
         vectors: list[list[float]] = []
         tokens = 0
         for response in responses:
+            if self.upstream_model and response.upstream_model not in ("",
+                                                                       self.upstream_model):
+                # The alias was routed to another model since start-up (the
+                # LLM service restarted with another configuration): its
+                # vectors cannot be compared with the collection's.
+                raise EmbeddingRejected(
+                    f"the LLM service's alias {self.model.removeprefix('llm:')!r} now "
+                    f"routes to the upstream model {response.upstream_model!r}, but the "
+                    f"collection holds vectors of {self.upstream_model!r}; route the alias "
+                    "back, or restart the memory service on another collection")
             ordered = sorted(response.embeddings, key=lambda e: e.index)
             vectors.extend(list(e.values) for e in ordered)
             tokens += response.usage.prompt_tokens

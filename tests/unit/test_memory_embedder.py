@@ -185,3 +185,24 @@ async def test_a_message_over_the_size_limit_is_not_a_passing_outage():
         assert "Sent message larger than max" in str(err.value)
     finally:
         await channel.close()
+
+
+async def test_vectors_of_another_upstream_model_than_at_start_up_are_refused():
+    """The LLM service restarted with the alias on another model while the
+    memory service ran: its vectors cannot be compared with the
+    collection's, so none is stored or searched with."""
+    import grpc
+    import pytest
+
+    from hivemesh.services.memory.embedders import EmbeddingRejected
+
+    stub = _Recording(2)  # answers upstream_model "u"
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
+    try:
+        same = _embedder(channel, stub, 2, upstream_model="u")
+        assert len((await same.embed(["x"])).vectors) == 1
+        moved = _embedder(channel, stub, 2, upstream_model="t")
+        with pytest.raises(EmbeddingRejected, match="now routes to the upstream model 'u'"):
+            await moved.embed(["x"])
+    finally:
+        await channel.close()
