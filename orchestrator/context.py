@@ -50,7 +50,15 @@ def step_id(request_id: str, *parts: object) -> str:
     request ``job`` with step ``a:b0`` and request ``job:a`` with step
     ``b0`` stay apart."""
     escaped = request_id.replace("%", "%25").replace(":", "%3A")
-    full = ":".join([escaped, *map(str, parts)])
+    return sub_step_id(escaped, *parts)
+
+
+def sub_step_id(step: str, *parts: object) -> str:
+    """The request id of a step of a step (a workflow task's generation):
+    ``step`` is already a step id, not escaped again, so that it stays
+    apart from a caller's request id that reads like it (a RunAgent sent
+    with request_id "job:t1" and task t1 of workflow request "job")."""
+    full = ":".join([step, *map(str, parts)])
     if len(full) <= MAX_REQUEST_ID:
         return full
     return "h-" + hashlib.sha256(full.encode()).hexdigest()

@@ -58,7 +58,8 @@ from hivemesh.runtime.resilience import fingerprint
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.orchestrator import caps, templates
-from hivemesh.services.orchestrator.context import ExecutionContext, baggage_of, step_id
+from hivemesh.services.orchestrator.context import (
+    ExecutionContext, baggage_of, step_id, sub_step_id)
 from hivemesh.services.orchestrator.events import EventSink
 from hivemesh.services.orchestrator.policy import (
     Providers, beyond_deadline, provider_error, remaining_s)
@@ -93,6 +94,9 @@ _FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOUR
 class RunOptions:
     request_id: str
     input: str
+    # request_id is a step id of a request (a workflow's task), not a
+    # caller's: its steps are derived from it as it is (sub_step_id).
+    derived_id: bool = False
     model_override: str = ""
     variables: dict[str, str] = field(default_factory=dict)
     disable_fallback: bool = False
@@ -152,7 +156,8 @@ class _Run:
 
     def step(self, *parts: object) -> str:
         """The request id of one of this run's provider calls."""
-        return step_id(self.opts.request_id, *parts)
+        derive = sub_step_id if self.opts.derived_id else step_id
+        return derive(self.opts.request_id, *parts)
 
     def emit(self, event_type: int, payload) -> None:
         self.sink.emit(event_type, self.context, self.trace_id, payload, agent=self.agent.name)

@@ -404,8 +404,9 @@ class WorkflowRun:
         """One agent run of a task; usage (also of a failed or cancelled run,
         such as a branch another one beat) goes to the task."""
         targets = tuple(n for n in self.startable if n != agent) if handoff else ()
-        options = RunOptions(request_id=step_id(self.request.request_id, key), input=text,
-                             model_override=model or task.model, variables=self.variables,
+        options = RunOptions(request_id=step_id(self.request.request_id, key), derived_id=True,
+                             input=text, model_override=model or task.model,
+                             variables=self.variables,
                              handoff_targets=targets, refuse_handoff=not task.allow_handoff,
                              on_cancel=lambda failed: self._charge(result, failed))
         definition = self.agents.get(agent)

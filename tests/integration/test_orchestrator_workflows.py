@@ -21,8 +21,8 @@ from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, AgentList, BudgetPolicy, CombineMode, DeleteAgentRequest, EventType,
     FanOut, GetAgentRequest, ListAgentsRequest, MemoryConfig, ModelList, RegisterAgentRequest,
-    RunWorkflowRequest, SamplingConfig, SubscribeEventsRequest, TaskSpec, TaskStatus,
-    WorkflowDefinition, WorkflowStatus)
+    RunAgentRequest, RunWorkflowRequest, SamplingConfig, SubscribeEventsRequest, TaskSpec,
+    TaskStatus, WorkflowDefinition, WorkflowStatus)
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
 from hivemesh.services.orchestrator.agents import AgentFileError, AgentRegistry
@@ -53,6 +53,23 @@ async def workflow(m, *tasks: TaskSpec, **kw):
     return await call(m.orchestrator.RunWorkflow, RunWorkflowRequest(
         request_id=rid(), workflow=WorkflowDefinition(tasks=tasks, **kw.pop("definition", {})),
         **kw))
+
+
+async def test_a_workflow_task_and_a_run_whose_request_id_reads_like_it_stay_apart(tmp_path):
+    """Task t1 of workflow request "job-7" and a RunAgent sent with
+    request_id "job-7:t1" are different requests: neither replays nor
+    conflicts with the other's steps at the providers."""
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder")
+        m.primary.queue_responses(["RUN", "TASK"])
+        run = await call(m.orchestrator.RunAgent, RunAgentRequest(
+            request_id="job-7:t1", agent="coder", input="implement multiply"))
+        done = await call(m.orchestrator.RunWorkflow, RunWorkflowRequest(
+            request_id="job-7", workflow=WorkflowDefinition(tasks=[
+                TaskSpec(task_id="t1", agent="coder", input_template="implement add")])))
+        assert run.result.output == "RUN"
+        assert done.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED, done.tasks[0].error
+        assert done.tasks[0].output == "TASK"
 
 
 async def test_dag_runs_in_dependency_order_with_outputs_and_variables(tmp_path):
