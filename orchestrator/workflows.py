@@ -524,18 +524,17 @@ class WorkflowRun:
 
 def _step_fingerprint(agent: AgentDefinition, options: RunOptions,
                       ctx: ExecutionContext) -> str:
-    """What one agent run of a workflow asks for: the agent (as defined,
-    its times aside), the input, the model, the handoffs offered and the
-    context it runs in (its tenant and session: another tenant's request
-    under the same id is another request, never a replay of this one)."""
-    probe = AgentDefinition()
-    probe.CopyFrom(agent)
-    probe.ClearField("create_time")
-    probe.ClearField("update_time")
+    """What one agent run of a workflow asks for: the agent (by name), the
+    input, the model, whether it may hand off and the context it runs in
+    (its tenant and session: another tenant's request under the same id is
+    another request, never a replay of this one). Not what the registry
+    holds meanwhile (the agent's definition, the agents a handoff may
+    reach): a retry of the workflow after an agent was updated takes the
+    runs that ended from their records, as the first attempt left them,
+    instead of failing them as conflicts."""
     return hashlib.sha256(json.dumps([
-        probe.SerializeToString(deterministic=True).hex(),
-        ctx.to_proto().SerializeToString(deterministic=True).hex(), options.input,
-        options.model_override, sorted(options.handoff_targets), options.refuse_handoff,
+        agent.name, ctx.to_proto().SerializeToString(deterministic=True).hex(), options.input,
+        options.model_override, options.refuse_handoff,
         sorted(options.variables.items())]).encode()).hexdigest()
 
 

@@ -556,8 +556,12 @@ async def test_a_workflow_failed_by_an_outage_runs_again_when_retried(tmp_path):
         assert [t.status for t in failed.tasks] == [TaskStatus.TASK_STATUS_SUCCEEDED,
                                                      TaskStatus.TASK_STATUS_FAILED]
         # The outage is over: the retry runs the workflow again instead of
-        # replaying its failure, and takes task a's run from the first attempt.
+        # replaying its failure, and takes task a's run from the first attempt,
+        # also after its agent was updated meanwhile (the run ended as it did).
         m.secondary.reset_failure()
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), allow_update=True, agent=AgentDefinition(
+                name="coder", model="main", budget=FREE, system_prompt="You write Go.")))
         retried = await call(m.orchestrator.RunWorkflow, request)
         assert not retried.replayed
         assert retried.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
