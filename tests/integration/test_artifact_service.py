@@ -603,6 +603,37 @@ async def test_replicas_starting_at_once_on_a_new_postgres_schema_all_open():
             assert not [b for b in opened if isinstance(b, BaseException)]
 
 
+async def test_a_read_only_postgres_node_is_unavailable_not_an_internal_error():
+    """A standby, or a primary during a failover, refuses writes as a
+    read-only transaction: a passing state of the database, answered as an
+    outage the client retries (BackendUnavailable: UNAVAILABLE), at start-up
+    and on a save alike; reads still answer."""
+    from conftest import POSTGRES_DSN, fresh_postgres_schema
+
+    from hivemesh.services.artifact.backends.base import (
+        ArtifactRecord, BackendUnavailable, Filter)
+    from hivemesh.services.artifact.backends.postgres import PostgresBackend
+
+    read_only = POSTGRES_DSN + ("&" if "?" in POSTGRES_DSN else "?") + \
+        "options=-c%20default_transaction_read_only%3Don"
+    async with fresh_postgres_schema() as schema:
+        with pytest.raises(BackendUnavailable):
+            await PostgresBackend.open(read_only, schema, max_size=1)
+        backend = await PostgresBackend.open(POSTGRES_DSN, schema, min_size=1, max_size=1)
+        try:
+            async with backend._pool.connection() as conn:  # the node turns read-only
+                await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            record = ArtifactRecord(
+                artifact_id="art-1", workflow_id="wf", task_id="", agent_id="a",
+                artifact_type="code", content="x", metadata_json="{}", create_time_us=1,
+                size_bytes=1, sha256="0" * 64)
+            with pytest.raises(BackendUnavailable):
+                await backend.save(record, "req-1", "fp")
+            assert await backend.count(Filter(workflow_id="wf")) == 0
+        finally:
+            await backend.close()
+
+
 # -- answers to request ids are kept for the request TTL, then forgotten ----
 
 TTL_S = 60

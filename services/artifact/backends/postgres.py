@@ -88,6 +88,14 @@ def _record(row) -> ArtifactRecord:
     return ArtifactRecord(*values)
 
 
+
+# Failures that are PostgreSQL's passing state, not the request's: the
+# server unreachable or going away, a read-only node (a standby, or a
+# primary during a failover), a transaction rolled back for a conflict
+# (serialization, deadlock). Answered UNAVAILABLE, which clients retry.
+_TRANSIENT = (psycopg.OperationalError, TimeoutError, psycopg.errors.ReadOnlySqlTransaction,
+              psycopg.errors.TransactionRollback)
+
 class PostgresBackend:
     name = "postgres"
 
@@ -123,9 +131,12 @@ class PostgresBackend:
                     await conn.execute(sql.SQL(_SCHEMA).format(s=sql.Identifier(schema),
                                                                now_us=sql.SQL(_NOW_US)))
                     await _upgrade(conn, schema, clock())
-        except (psycopg.OperationalError, TimeoutError) as exc:
+        except _TRANSIENT as exc:
             await pool.close()
-            raise BackendUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+            raise BackendUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}"
+                                     + (f" ({exc})" if isinstance(exc, psycopg.Error) and
+                                        not isinstance(exc, psycopg.OperationalError) else "")
+                                     ) from exc
         except BaseException:
             await pool.close()
             raise
@@ -175,14 +186,14 @@ class PostgresBackend:
                      record.artifact_type, record.content, record.metadata_json,
                      record.create_time_us, record.size_bytes, record.sha256))
                 return record, False
-        except (psycopg.OperationalError, TimeoutError) as exc:
+        except _TRANSIENT as exc:
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
 
     async def _fetch(self, query: sql.Composable, args: tuple) -> list:
         try:
             async with self._pool.connection() as conn:
                 return await (await conn.execute(query, args)).fetchall()
-        except (psycopg.OperationalError, TimeoutError) as exc:
+        except _TRANSIENT as exc:
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
 
     async def get(self, artifact_id: str) -> ArtifactRecord | None:
@@ -230,7 +241,7 @@ class PostgresBackend:
                         sql.SQL("UPDATE {}.artifact_requests SET artifact_id = '' "
                                 "WHERE request_id = %s").format(self._s), (request_id,))
                 return deleted
-        except (psycopg.OperationalError, TimeoutError) as exc:
+        except _TRANSIENT as exc:
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
 
     async def prune(self, now_us: int, limit: int) -> int:
@@ -245,7 +256,7 @@ class PostgresBackend:
                             "WHERE create_time_us < %s LIMIT %s)").format(s=self._s),
                     (before, before, limit))
                 return cur.rowcount
-        except (psycopg.OperationalError, TimeoutError) as exc:
+        except _TRANSIENT as exc:
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
