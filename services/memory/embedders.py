@@ -23,11 +23,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from hivemesh.client.base import trace_metadata
+from hivemesh.runtime.telemetry import child_span
 from hivemesh.runtime.text import estimate_tokens, hashing_embedding
 
 if TYPE_CHECKING:
     from hivemesh.services.memory.minilm import MiniLM
+
+_tracer = trace.get_tracer("hivemesh.memory")
 
 
 class EmbedderUnavailable(ConnectionError):
@@ -265,7 +271,15 @@ class LlmServiceEmbedder:
             input_type=(EmbedInputType.EMBED_INPUT_TYPE_QUERY if query
                         else EmbedInputType.EMBED_INPUT_TYPE_DOCUMENT))
         try:
-            return await self._stub.Embed(request, timeout=timeout_s or self.timeout_s)
+            # A hop of the request's trace (and its baggage: the tenant).
+            with child_span(_tracer, "hivemesh.llm.v1.LlmService/Embed", kind=SpanKind.CLIENT,
+                            attributes={"rpc.system": "grpc",
+                                        "rpc.service": "hivemesh.llm.v1.LlmService",
+                                        "rpc.method": "Embed",
+                                        "gen_ai.operation.name": "embeddings",
+                                        "gen_ai.request.model": self._alias}):
+                return await self._stub.Embed(request, timeout=timeout_s or self.timeout_s,
+                                              metadata=trace_metadata())
         except grpc.aio.AioRpcError as err:
             code = err.code()
             said = f"LLM service Embed: {code.name}: {err.details()}"

@@ -200,3 +200,35 @@ async def test_a_refusal_by_the_embedding_model_names_the_embedding_model(tmp_pa
             assert err.value.reason == "UPSTREAM_ERROR"
             assert err.value.metadata["backend"] == "embedding model"
             assert "input is not valid" in err.value.message
+
+
+async def test_the_embed_hop_carries_the_callers_trace_context_and_baggage(tmp_path,
+                                                                           monkeypatch):
+    """Memory -> LLM Embed is a hop of the request like any other: the
+    caller's baggage (its tenant) and trace context reach the LLM service."""
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    from hivemesh.services.llm.servicer import LlmServicer
+    from hivemesh.services.llm.settings import BackendSettings, LlmSettings
+
+    seen: list[dict[str, str]] = []
+    embed = LlmServicer.Embed
+
+    async def recorded(self, request, context):
+        seen.append(dict(context.invocation_metadata() or ()))
+        return await embed(self, request, context)
+
+    monkeypatch.setattr(LlmServicer, "Embed", recorded)
+    llm_settings = LlmSettings(
+        server=ServerSettings(host="127.0.0.1", port=0, grace_period_s=1),
+        backends={"mock": BackendSettings(type="mock")})
+    async with llm_service(llm_settings) as llm:
+        async with serve(memory_settings(tmp_path, llm_address=llm)) as memory:
+            seen.clear()  # the start-up call has no caller
+            token = otel_context.attach(baggage.set_baggage("hivemesh.tenant_id", "acme"))
+            try:
+                await memory.add(["traced text"], namespace="t")
+            finally:
+                otel_context.detach(token)
+    assert seen and all("hivemesh.tenant_id=acme" in m.get("baggage", "") for m in seen)
