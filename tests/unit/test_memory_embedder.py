@@ -47,7 +47,7 @@ async def test_an_llm_answer_with_another_number_of_vectors_is_rejected():
     from hivemesh.services.memory.embedders import EmbeddingRejected, LlmServiceEmbedder
 
     class OneVector:
-        async def Embed(self, request, timeout=None):
+        async def Embed(self, request, timeout=None, metadata=None):
             return EmbedResponse(embeddings=[Embedding(index=0, values=[1.0, 0.0])],
                                  dimensions=2)
 
@@ -70,7 +70,7 @@ class _Recording:
         self.requests = []
         self.fail = fail
 
-    async def Embed(self, request, timeout=None):
+    async def Embed(self, request, timeout=None, metadata=None):
         from hivemesh.llm.v1 import EmbedResponse, Embedding
         self.requests.append(request)
         if self.fail is not None:
