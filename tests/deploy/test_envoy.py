@@ -4,7 +4,8 @@ throwaway certificates where the Secret would be), and the sidecar runs
 on loopback in front of real hivemesh services (separate processes) with
 only its addresses changed. Calls go through it with the project's stubs
 and client: unary calls, health, a server stream, error details, tracing,
-retries of UNAVAILABLE on another replica with outlier ejection, no retry
+retries of UNAVAILABLE on another replica with outlier ejection (requests
+larger than Envoy's default buffer too), no retry
 of an UNAVAILABLE the service says not to retry (inbound, nor on another
 pod), no retry by the inbound of a request that never reached the service
 (the caller's layer retries), the rate limit, and the preStop drain."""
@@ -482,3 +483,85 @@ async def test_prestop_drain_fails_readiness_and_keeps_egress_working(llm_servic
             assert reply.message.content
     finally:
         envoy.stop()
+
+
+class FailsFirstCall(grpc.GenericRpcHandler):
+    """A replica of the artifact service whose first call answers
+    UNAVAILABLE and whose later calls succeed, reporting how many bytes the
+    request held; health checks pass."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def service(self, handler_call_details):
+        if not handler_call_details.method.startswith(f"/{ARTIFACT_SERVICE}/"):
+            return None
+
+        def answer(request: bytes, context) -> bytes:
+            with self.lock:
+                self.sizes.append(len(request))
+                first = len(self.sizes) == 1
+            if first:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "database unreachable")
+            return str(len(request)).encode()
+
+        return grpc.unary_unary_rpc_method_handler(answer)
+
+
+async def test_egress_retries_a_request_larger_than_envoy_s_default_buffer(tmp_path):
+    """Envoy retries a request from its own copy of it, kept up to the
+    route's buffer limit (1 MiB unless set): a larger request failing with
+    UNAVAILABLE was tried once. With the services' message limit (16 MiB)
+    as the egress routes' limit, an 8 MiB request is retried like a small
+    one."""
+    replica = FailsFirstCall()
+    health_servicer = health.HealthServicer()
+    for name in ("", ARTIFACT_SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    limit = 32 * 1024 * 1024
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
+        ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers((replica,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    envoy = None
+    try:
+        envoy = Envoy(render_sidecar(app=NOWHERE, providers={"artifact": [f"127.0.0.1:{port}"]}),
+                      tmp_path / "envoy")
+        envoy.wait_healthy("artifact", 1)
+        size = 8 * 1024 * 1024
+        async with grpc.aio.insecure_channel(envoy.address("egress_artifact"), options=[
+                ("grpc.enable_retries", 0), ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit)]) as channel:
+            call = channel.unary_unary(f"/{ARTIFACT_SERVICE}/SaveArtifact")
+            answer = await call(b"x" * size, timeout=30)
+        assert answer == str(size).encode()
+        assert replica.sizes == [size, size]
+        assert envoy.stat("cluster.artifact.upstream_rq_retry") == 1
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        server.stop(0)
+
+
+@pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
+def test_every_retrying_route_keeps_requests_up_to_the_services_message_limit(path):
+    """The mTLS config too: a route that retries buffers what it may resend
+    up to its virtual host's limit, the services' max_message_bytes."""
+    from hivemesh.runtime.settings import ServerSettings
+    limit = ServerSettings().max_message_bytes
+    config = yaml.safe_load(path.read_text())
+    retrying = 0
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                route_config = network_filter["typed_config"].get("route_config", {})
+                for host in route_config.get("virtual_hosts", []):
+                    if any("retry_policy" in r.get("route", {}) for r in host["routes"]):
+                        retrying += 1
+                        assert host.get("request_body_buffer_limit") == limit, (
+                            listener["name"], host["name"])
+    assert retrying == 4  # the egress listeners
