@@ -176,8 +176,9 @@ async def start_server(settings: ServerSettings, *, domain: str,
     pod's own certificate, not a caller's, and what they tell (serving or
     not; the public contracts' names) is no service's data.
 
-    With ``health_port`` a second server, plaintext, binds that port on the
-    same host with the same Health servicer and nothing else: it answers
+    With ``health_port`` a second server, plaintext, binds that port on
+    ``health_host`` (unset: the same host) with the same Health servicer
+    and nothing else: it answers
     what the main port's health answers (NOT_SERVING from the start of a
     shutdown) and stops after the main server."""
     chain = checking_client_names(
@@ -200,8 +201,8 @@ async def start_server(settings: ServerSettings, *, domain: str,
         health_server = grpc.aio.server(options=server_options(settings))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         try:
-            health_port = _bind(health_server, settings.host, settings.health_port, None,
-                                what="the health port ")
+            health_port = _bind(health_server, settings.health_bind_host, settings.health_port,
+                                None, what="the health port ")
         except OSError:
             await server.stop(0)  # let go of the main port
             raise

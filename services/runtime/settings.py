@@ -181,6 +181,10 @@ class ServerSettings(BaseModel):
     # which cannot speak TLS, when the main port does. Unset: no such port;
     # 0 picks a free one.
     health_port: int | None = Field(default=None, ge=0, le=65535)
+    # The address the health port binds; unset: the service's host. Another
+    # address lets probes from outside the pod reach the health port while
+    # the service's port stays on loopback, for its sidecar alone.
+    health_host: str | None = Field(default=None, min_length=1)
     # Largest request or response, bytes. Artifact content is capped lower by
     # the service itself so that an oversize save gets a clear error. At
     # least twice the margin an answer leaves (128 KiB), so that answers
@@ -225,6 +229,27 @@ class ServerSettings(BaseModel):
                              "HIVEMESH_<SVC>_SERVER__PORT or --port): the health port needs "
                              "a port of its own (0 picks a free one), or leave it unset")
         return value
+
+    @field_validator("health_host")
+    @classmethod
+    def _health_host_bare(cls, value: str | None) -> str | None:
+        # Padded, it would fail only at bind time, as an address not found.
+        if value is not None and value != value.strip():
+            raise ValueError(f"{value!r} is not an address: give it without spaces around it")
+        return value
+
+    @model_validator(mode="after")
+    def _health_host_with_port(self) -> ServerSettings:
+        # Alone it would bind nothing while looking configured.
+        if self.health_host is not None and self.health_port is None:
+            raise ValueError("health_host needs health_port: without a health port there is "
+                             "nothing to bind there")
+        return self
+
+    @property
+    def health_bind_host(self) -> str:
+        """Where the health port binds: ``health_host``, else ``host``."""
+        return self.host if self.health_host is None else self.health_host
 
     @field_validator("tls_client_names")
     @classmethod

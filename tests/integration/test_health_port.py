@@ -200,3 +200,64 @@ def test_a_health_port_of_its_own_or_zero_is_accepted():
     assert ServerSettings(port=7001).health_port is None
     with pytest.raises(ValueError, match="health_port"):
         ServerSettings(port=7001, health_port=70000)
+
+
+async def _status_at(address: str, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return answer.status
+
+
+async def test_the_health_port_binds_its_own_host_while_the_service_s_stays_on_loopback():
+    """As in a pod with a sidecar: the service's port on 127.0.0.1 (its
+    sidecar alone reaches it), the health port on every address (probes
+    come to the pod's address). 127.0.0.2, another loopback address, stands
+    for the pod's: the health port answers there, the service's port does
+    not."""
+    settings = ServerSettings(host="127.0.0.1", port=0, health_host="0.0.0.0", health_port=0,
+                              grace_period_s=0)
+    running = await start_server(settings, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                       ArtifactServicer(MemoryBackend(), max_content_bytes=1024))])
+    try:
+        for host in ("127.0.0.1", "127.0.0.2"):
+            for service in ("", SERVICE_NAME):
+                assert await _status_at(f"{host}:{running.health_port}", service) == SERVING
+        assert await _status_at(f"127.0.0.1:{running.port}") == SERVING
+        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
+            assert await client.count() == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _status_at(f"127.0.0.2:{running.port}")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await running.shutdown(0)
+
+
+def test_serve_binds_the_health_port_on_the_health_host(tmp_path):
+    """The variables through ``serve``: the health port on 0.0.0.0, the
+    service's port where --host says (127.0.0.1)."""
+    env = {"HIVEMESH_ARTIFACT_SERVER__HEALTH_PORT": "0",
+           "HIVEMESH_ARTIFACT_SERVER__HEALTH_HOST": "0.0.0.0"}
+    log = tmp_path / "log"
+    proc = start_service("artifact", data_dir=tmp_path / "data", env=env, log_path=log)
+    try:
+        host, port = proc.address.rsplit(":", 1)
+        assert host == "127.0.0.1"
+        health_port = _serving_line(log)["health_port"]
+
+        async def check() -> None:
+            assert await _status_at(f"127.0.0.2:{health_port}") == SERVING
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _status_at(f"127.0.0.2:{port}")
+        asyncio.run(check())
+    finally:
+        assert proc.stop() == 0
+
+
+def test_a_health_host_without_a_health_port_is_refused_by_serve(tmp_path):
+    env = {"HIVEMESH_ARTIFACT_SERVER__HEALTH_HOST": "0.0.0.0"}
+    result = serve_refused("artifact", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "health_host needs health_port" in result.stderr
+    assert "Traceback" not in result.stderr

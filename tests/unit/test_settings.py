@@ -124,6 +124,36 @@ def test_an_empty_host_is_an_invalid_setting(monkeypatch):
         ArtifactSettings()
 
 
+def test_the_health_port_binds_the_service_s_host_unless_given_its_own(monkeypatch):
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HOST", "127.0.0.1")
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__PORT", "8080")
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HEALTH_PORT", "8081")
+    server = ArtifactSettings().server
+    assert server.health_host is None and server.health_bind_host == "127.0.0.1"
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HEALTH_HOST", "0.0.0.0")
+    server = ArtifactSettings().server
+    assert (server.host, server.health_bind_host) == ("127.0.0.1", "0.0.0.0")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("", "at least 1 character"), (" 0.0.0.0", "is not an address"),
+    ("0.0.0.0\n", "is not an address")])
+def test_an_empty_or_padded_health_host_is_an_invalid_setting(monkeypatch, value, problem):
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HEALTH_PORT", "8081")
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HEALTH_HOST", value)
+    with pytest.raises(ValidationError, match=problem) as err:
+        ArtifactSettings()
+    assert err.value.errors()[0]["loc"] == ("server", "health_host")
+
+
+def test_a_health_host_without_a_health_port_is_an_invalid_setting(monkeypatch):
+    # It would bind nothing while looking configured.
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HEALTH_HOST", "0.0.0.0")
+    with pytest.raises(ValidationError, match="health_host needs health_port"):
+        ArtifactSettings()
+
+
+
 @pytest.mark.parametrize("service", ["artifact", "information", "memory", "orchestrator"])
 def test_an_empty_data_dir_is_an_invalid_setting(monkeypatch, service):
     """Set but empty it names nothing; read as "." it would put the
