@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -30,9 +32,49 @@ ENVOY_CONFIG_DIR = "/etc/envoy"
 MESH_CLIENTS_DIR = "/etc/hivemesh/mesh-clients"
 MESH_TLS_SDS = sorted(DEPLOY.joinpath("envoy").glob("*.sds.yaml"))
 DRAIN_SCRIPT = DEPLOY / "envoy" / "drain.sh"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 PROVIDERS = ("artifact", "information", "llm", "memory")
 # Nothing listens there: connections are refused at once.
 NOWHERE = "127.0.0.1:1"
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> [(instruction, arguments)], continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, args = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            words = args.split()
+            current = words[2] if len(words) == 3 and words[1].upper() == "AS" else words[0]
+            out[current] = [("FROM", words[0])]
+        elif current is not None:
+            out[current].append((instruction, args.strip()))
+    return out
+
+
+def chain(all_stages: dict, name: str) -> list[tuple[str, str]]:
+    """A stage's instructions after those of the stages it is built FROM."""
+    own = all_stages[name]
+    parent = own[0][1]
+    return (chain(all_stages, parent) if parent in all_stages else []) + own[1:]
+
+
+def image_env(target: str) -> dict[str, str]:
+    """The environment an image target sets (its ENV lines and its
+    parents', KEY=VALUE form, ${VAR} references not expanded)."""
+    env: dict[str, str] = {}
+    for instruction, args in chain(stages(), target):
+        if instruction == "ENV":
+            for word in shlex.split(args):
+                key, _, value = word.partition("=")
+                env[key] = value
+    return env
 
 
 def envoy_binary() -> Path:

