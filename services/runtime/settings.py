@@ -176,10 +176,11 @@ class ServerSettings(BaseModel):
 
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
-    # A second, plaintext port on the same host serving only grpc.health.v1
-    # (the same statuses as the main port): for Kubernetes' grpc probes,
-    # which cannot speak TLS, when the main port does. Unset: no such port;
-    # 0 picks a free one.
+    # A second, plaintext port serving only grpc.health.v1 (the same
+    # statuses as the main port), on health_host (unset: the same host):
+    # for Kubernetes' grpc probes, which cannot speak TLS, when the main
+    # port does, or cannot reach it, when it is on loopback behind a
+    # sidecar. Unset: no such port; 0 picks a free one.
     health_port: int | None = Field(default=None, ge=0, le=65535)
     # The address the health port binds; unset: the service's host. Another
     # address lets probes from outside the pod reach the health port while
