@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import statistics
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +52,7 @@ from hivemesh.llm.v1 import LlmServiceStub
 from hivemesh.memory.v1 import MemoryServiceStub
 from hivemesh.orchestrator.v1 import ToolServiceStub
 from hivemesh.runtime import errors
-from hivemesh.runtime.resilience import CircuitBreaker, Permit
+from hivemesh.runtime.resilience import CircuitBreaker, Permit, RecentLatencies
 from hivemesh.runtime.telemetry import child_span
 
 tracer = trace.get_tracer("hivemesh.orchestrator")
@@ -70,9 +68,9 @@ _UNHEALTHY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EX
 # clock, not quite ``time.monotonic``).
 _CLOCK_SLACK_S = 0.02
 # A call cut short by its caller's deadline counts against the provider
-# when it had at least this many times the median time of the provider's
-# recent answers to the same method (over the last _LATENCY_WINDOW).
-_SLOW_FACTOR = 2.0
+# when it had at least twice the median time of the provider's recent
+# answers to the same method (over the last _LATENCY_WINDOW; see
+# RecentLatencies).
 _LATENCY_WINDOW = 32
 
 # provider -> (api whose service config the channel loads, stub, full service name)
@@ -133,19 +131,19 @@ class Provider:
     channel: grpc.aio.Channel
     stub: Any
     breaker: CircuitBreaker
-    # method -> how long its recent successful calls took (s)
-    latencies: dict[str, deque[float]] = field(default_factory=dict)
+    # method -> how long its recent successful calls took
+    latencies: dict[str, RecentLatencies] = field(default_factory=dict)
 
     def answered(self, method: str, took_s: float) -> None:
         window = self.latencies.get(method)
         if window is None:
-            window = self.latencies[method] = deque(maxlen=_LATENCY_WINDOW)
-        window.append(took_s)
+            window = self.latencies[method] = RecentLatencies(_LATENCY_WINDOW)
+        window.answered(took_s)
 
-    def typical_s(self, method: str) -> float | None:
-        """The median time of the method's recent successful calls."""
+    def within_usual(self, method: str, time_s: float) -> bool:
+        """See RecentLatencies.within_usual (per method)."""
         window = self.latencies.get(method)
-        return statistics.median(window) if window else None
+        return window is not None and window.within_usual(time_s)
 
 
 @dataclass
@@ -173,8 +171,7 @@ class _Attempt:
         if errors.reason_name(error.reason) != "DEADLINE_TOO_SHORT" and \
                 time.monotonic() < self.started + self.timeout - _CLOCK_SLACK_S:
             return False
-        typical = self.provider.typical_s(self.method)
-        return typical is not None and self.timeout < _SLOW_FACTOR * typical
+        return self.provider.within_usual(self.method, self.timeout)
 
 
 class Providers:

@@ -8,8 +8,9 @@ import asyncio
 import hashlib
 import inspect
 import random
+import statistics
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,13 @@ class CircuitBreaker:
         self._probe = None
         self._move(self.CLOSED)
 
-    def record_failure(self) -> None:
+    def record_failure(self, permit: Permit | None = None) -> None:
+        """A failed call; ``permit``, the one it was let through with. While
+        half-open only the probe's failure re-opens the breaker: a call let
+        through before it opened that fails now tells nothing new (and
+        clearing the probe would let a second one out beside it)."""
+        if self.state == self.HALF_OPEN and permit is not None and permit is not self._probe:
+            return
         self._probe = None
         if self.state == self.HALF_OPEN:
             self.opened_at = self.clock()
@@ -108,6 +115,34 @@ class CircuitBreaker:
         probe still out stays the only one."""
         if permit is not None and permit is self._probe:
             self._probe = None
+
+
+class RecentLatencies:
+    """How long a backend's recent successful calls took (the last
+    ``window``), to tell a call its caller's deadline cut short from one
+    the backend left hanging: a call that ran out of a time shorter than
+    its call timeout, and shorter than ``SLOW_FACTOR`` times the usual one,
+    was only cut short and says nothing of the backend's health; a call
+    that had that long (or any time, before the backend ever answered) and
+    ran out counts, so a backend that hangs opens its breaker whatever
+    deadlines its callers send."""
+
+    SLOW_FACTOR = 2.0
+
+    def __init__(self, window: int = 32) -> None:
+        self._times: deque[float] = deque(maxlen=window)
+
+    def answered(self, took_s: float) -> None:
+        self._times.append(took_s)
+
+    def typical(self) -> float | None:
+        """The median of the recent times; None before any answer."""
+        return statistics.median(self._times) if self._times else None
+
+    def within_usual(self, time_s: float) -> bool:
+        """Whether ``time_s`` is too short to say the backend hangs."""
+        typical = self.typical()
+        return typical is not None and time_s < self.SLOW_FACTOR * typical
 
 
 class TokenBucket:

@@ -5,7 +5,6 @@ against a provider's breaker; runs and workflows over stand-in providers,
 cancelled at chosen points."""
 
 import asyncio
-import collections
 import contextlib
 
 import grpc
@@ -304,8 +303,11 @@ async def test_a_call_cut_short_by_the_callers_deadline_does_not_count_against_t
     # Its usual time: as if its answers took 0.2 s (this stand-in answers at once).
     for _ in range(3):
         await providers.call("llm", "Generate", GenerateRequest())
-    providers._providers["llm"].latencies["Generate"] = collections.deque([0.2] * 3)
-    providers._providers["llm"].latencies["ListModels"] = collections.deque([0.2])
+    llm = providers._providers["llm"]
+    llm.latencies.clear()
+    for method, times in (("Generate", 3), ("ListModels", 1)):
+        for _ in range(times):
+            llm.answered(method, 0.2)
     answer["generate"] = False
     try:
         for _ in range(3):  # the caller's deadline, shorter than the usual time
