@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from hivemesh.services.llm.backends.base import (
     JSON_OBJECT_INSTRUCTION, JSON_SCHEMA_INSTRUCTION, BackendError, ChatMessage, ChatRequest,
     ChatResult, EmbedResult, ErrorKind, LlmBackend, StreamEvent, estimate_prompt_tokens)
-from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter
+from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter, RecentLatencies
 from hivemesh.services.llm.settings import BackendSettings, ModelSettings
 
 # Failures that say the backend is unhealthy (they count for its breaker).
@@ -67,6 +67,11 @@ class BackendState:
     breaker: CircuitBreaker
     limiter: RateLimiter
     backoff: Backoff = field(default_factory=Backoff)
+    # Per kind of call (generate, stream, embed): how long its answers take.
+    latencies: dict[str, RecentLatencies] = field(default_factory=dict)
+
+    def usual(self, kind: str) -> RecentLatencies:
+        return self.latencies.setdefault(kind, RecentLatencies())
 
 
 class Router:
@@ -99,9 +104,13 @@ class Router:
         return out
 
     # -- the candidate loop ---------------------------------------------------
-    async def _run(self, chain: list[ModelSettings], deadline: float, tokens: int, call):
+    async def _run(self, chain: list[ModelSettings], deadline: float, tokens: int, call, *,
+                   kind: str, used_if_left: int = 0):
         """Runs ``call(model, state, timeout_s)`` over the chain with
-        breakers, limits, retries and fallback. Returns (result, Route)."""
+        breakers, limits, retries and fallback. Returns (result, Route).
+        ``kind``: what is called (its usual time is kept apart);
+        ``used_if_left``: the tokens counted for an attempt its caller left
+        (the prompt, which the upstream may have read)."""
         last: BackendError | None = None
         # A candidate that could not express the request (nothing sent).
         unsupported: BackendError | None = None
@@ -137,8 +146,10 @@ class Router:
                     limited.append(wait)
                     break
                 attempts += 1
+                timeout_s = min(state.settings.timeout_s, left)
+                started = time.monotonic()
                 try:
-                    result = await call(model, state, min(state.settings.timeout_s, left))
+                    result = await call(model, state, timeout_s)
                 except BackendError as exc:
                     if exc.kind is ErrorKind.UNSUPPORTED:
                         # Refused before any upstream request: not an
@@ -152,10 +163,20 @@ class Router:
                     last = exc
                     if exc.kind in _MAYBE_USED:
                         unused = 0
-                    if exc.kind in _HEALTH:
-                        state.breaker.record_failure()
+                    # Out of the caller's time, shorter than the backend's
+                    # own timeout: the caller's deadline, and the backend's
+                    # failure only if that was long enough to say it hangs.
+                    deadline_ran_out = (exc.kind is ErrorKind.TIMEOUT
+                                        and timeout_s < state.settings.timeout_s)
+                    if exc.kind in _HEALTH and not (
+                            deadline_ran_out and state.usual(kind).within_usual(timeout_s)):
+                        state.breaker.record_failure(permit)
                     else:
                         state.breaker.release_probe(permit)
+                    if deadline_ran_out:
+                        state.limiter.settle(unused, 0)
+                        raise RouteError("the deadline ran out before an upstream answered",
+                                         last=exc, deadline=True, attempts=attempts) from exc
                     if exc.kind in _FINAL:
                         state.limiter.settle(unused, 0)
                         raise RouteError(exc.message, last=exc, attempts=attempts) from exc
@@ -177,9 +198,12 @@ class Router:
                         raise
                     continue
                 except BaseException:
+                    # The caller left: the attempt may have used the prompt.
                     state.breaker.release_probe(permit)
+                    state.limiter.settle(tokens, used_if_left)
                     raise
                 state.breaker.record_success()
+                state.usual(kind).answered(time.monotonic() - started)
                 return result, Route(model.alias, model.backend, model.upstream_model,
                                      attempts, position > 0)
             state.limiter.settle(unused, 0)
@@ -197,7 +221,8 @@ class Router:
 
     async def generate(self, request: ChatRequest, chain: list[ModelSettings],
                        deadline: float) -> tuple[ChatResult, Route]:
-        tokens = estimate_prompt_tokens(request.messages) + (request.max_tokens or 0)
+        prompt = estimate_prompt_tokens(request.messages)
+        tokens = chat_reservation(request, chain)
 
         async def call(model: ModelSettings, state: BackendState, timeout_s: float):
             result = await state.backend.generate(
@@ -205,14 +230,16 @@ class Router:
             state.limiter.settle(tokens, result.usage.total_tokens)
             return result
 
-        return await self._run(chain, deadline, tokens, call)
+        return await self._run(chain, deadline, tokens, call, kind="generate",
+                               used_if_left=prompt)
 
     async def stream(self, request: ChatRequest, chain: list[ModelSettings], deadline: float
                      ) -> tuple[StreamEvent, AsyncIterator[StreamEvent], Route]:
         """Opens a stream on the first candidate that delivers a first event
         (retries and fallback happen only up to there). Returns that event,
         the open iterator for the rest, and the route."""
-        tokens = estimate_prompt_tokens(request.messages) + (request.max_tokens or 0)
+        prompt = estimate_prompt_tokens(request.messages)
+        tokens = chat_reservation(request, chain)
 
         async def call(model: ModelSettings, state: BackendState, timeout_s: float):
             events = state.backend.stream(_for(request, model),
@@ -228,7 +255,8 @@ class Router:
                 raise
             return first, events
 
-        (first, events), route = await self._run(chain, deadline, tokens, call)
+        (first, events), route = await self._run(chain, deadline, tokens, call, kind="stream",
+                                                 used_if_left=prompt)
         return first, events, route
 
     def settle_stream(self, route: Route, estimated: int, used: int,
@@ -246,11 +274,24 @@ class Router:
 
     async def embed(self, texts: list[str], model: ModelSettings, dimensions: int | None,
                     deadline: float) -> tuple[EmbedResult, Route]:
-        async def call(m: ModelSettings, state: BackendState, timeout_s: float):
-            return await state.backend.embed(texts, m.upstream_model, dimensions, timeout_s)
-
         tokens = sum(len(t) // 4 + 1 for t in texts)
-        return await self._run([model], deadline, tokens, call)
+
+        async def call(m: ModelSettings, state: BackendState, timeout_s: float):
+            result = await state.backend.embed(texts, m.upstream_model, dimensions, timeout_s)
+            state.limiter.settle(tokens, result.usage.prompt_tokens)
+            return result
+
+        return await self._run([model], deadline, tokens, call, kind="embed",
+                               used_if_left=tokens)
+
+
+def chat_reservation(request: ChatRequest, chain: list[ModelSettings]) -> int:
+    """The tokens a chat call holds of its backend's tokens-per-minute until
+    its usage is known: its prompt (estimated) and its ``max_tokens``, or
+    without one the most any model of the chain may generate (holding only
+    the prompt, concurrent calls would all pass the limit at once)."""
+    return estimate_prompt_tokens(request.messages) + (
+        request.max_tokens or max((m.max_output_tokens for m in chain), default=0))
 
 
 def _for(request: ChatRequest, model: ModelSettings) -> ChatRequest:

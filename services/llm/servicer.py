@@ -26,7 +26,7 @@ from hivemesh.services.llm.backends.base import (
 from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
 from hivemesh.runtime.request_records import RequestRecords
 from hivemesh.runtime.resilience import TtlLru, fingerprint, replayed_copy
-from hivemesh.services.llm.router import Route, RouteError, Router
+from hivemesh.services.llm.router import Route, RouteError, Router, chat_reservation
 from hivemesh.services.llm.settings import ModelSettings
 
 DOMAIN = "hivemesh.llm"
@@ -415,7 +415,7 @@ class LlmServicer(LlmServiceServicer):
 
     async def _stream(self, request, context, chat: ChatRequest, model, started: float):
         chain = self.router.chain(model, request.disable_fallback)
-        estimated = estimate_prompt_tokens(chat.messages) + (chat.max_tokens or 0)
+        estimated = chat_reservation(chat, chain)
         try:
             first, events, route = await self.router.stream(chat, chain, self._deadline(context))
         except RouteError as exc:

@@ -964,3 +964,117 @@ async def test_a_stream_cut_in_a_tool_call_counts_the_arguments_delivered(monkey
     assert last.summary.message.tool_calls[0].arguments == arguments
     assert last.summary.delivered_completion_tokens > 0
     assert last.summary.usage.completion_tokens >= last.summary.delivered_completion_tokens
+
+
+# -- the breaker and the limiter under callers' deadlines and departures -------------
+
+async def test_callers_deadlines_shorter_than_a_healthy_upstream_do_not_open_its_breaker(
+        monkeypatch):
+    """Once the upstream has shown its usual time, calls whose deadline is
+    shorter than that run out of their own time: DEADLINE_EXCEEDED for
+    them, and nothing against the backend's breaker, so a patient caller
+    is still served."""
+    from fakes import Reply
+    from fakes.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    async with FakeOpenAI() as upstream:
+        s = _one_upstream("openai", upstream.base_url, breaker_failure_threshold=2,
+                          breaker_reset_s=600)
+        async with serve(s) as (stub, _):
+            upstream.enqueue(Reply(text="usual", delay=0.5))
+            await call(stub.Generate, gen())  # the usual time: 0.5 s
+            for _ in range(3):
+                upstream.enqueue(Reply(text="too late", delay=0.5))
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Generate(gen(), timeout=0.2)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            upstream.enqueue(Reply(text="patient"))
+            assert (await call(stub.Generate, gen())).message.content == "patient"
+
+
+async def test_a_stream_its_caller_leaves_before_the_first_token_gives_its_hold_back(
+        monkeypatch):
+    """Its reservation (prompt and max_tokens) is settled to the prompt the
+    upstream may have read, not kept whole until the minute is over."""
+    from hivemesh.llm.v1 import GenerationConfig
+    from hivemesh.runtime.resilience import RateLimiter
+
+    limiters = []
+
+    def frozen(requests_per_minute, tokens_per_minute, **_):
+        # Never refills: what is held shows as long as the test runs.
+        limiters.append(RateLimiter(requests_per_minute, tokens_per_minute,
+                                    clock=lambda: 0.0))
+        return limiters[-1]
+
+    monkeypatch.setattr(llm_server, "RateLimiter", frozen)
+    s = LlmSettings(server=ServerSettings(port=0, grace_period_s=1),
+                    backends={"mock": BackendSettings(type="mock", mock_latency_s=2.0,
+                                                      tokens_per_minute=250_000)})
+    async with serve(s) as (stub, _):
+        left = stub.StreamGenerate(StreamGenerateRequest(
+            request_id=rid(), model="mock-small", prompt=Prompt(prompt="hello"),
+            config=GenerationConfig(max_tokens=100_000)), timeout=10)
+        await asyncio.sleep(0.3)
+        left.cancel()
+        tokens = limiters[0].tokens
+        for _ in range(100):  # the cancellation reaches the service
+            if tokens.capacity - tokens.level < 100:
+                break
+            await asyncio.sleep(0.05)
+        assert tokens.capacity - tokens.level < 100  # the prompt, not 100,000 more
+
+
+async def test_concurrent_calls_without_max_tokens_hold_the_models_output_limit(monkeypatch):
+    """Without max_tokens a call holds what the model may generate
+    (max_output_tokens), so calls sent at once do not all pass a
+    tokens-per-minute limit that only one of them fits."""
+    from fakes import Reply
+    from fakes.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    async with FakeOpenAI() as upstream:
+        s = LlmSettings(
+            server=ServerSettings(port=0, grace_period_s=1),
+            backends={"up": BackendSettings(type="openai", base_url=upstream.base_url,
+                                            api_key_env="FAKE_UPSTREAM_KEY",
+                                            tokens_per_minute=1000)},
+            models=[ModelSettings(alias="main", backend="up", upstream_model="up",
+                                  default=True, max_output_tokens=900)])
+        async with serve(s) as (stub, _):
+            for _ in range(5):
+                upstream.enqueue(Reply(text="long", completion_tokens=900, delay=0.2))
+            unbounded = [GenerateRequest(request_id=rid(), model="main",
+                                         prompt=Prompt(prompt="write an essay"))
+                         for _ in range(5)]  # no max_tokens
+            answers = await asyncio.gather(*(stub.Generate(r, timeout=10) for r in unbounded),
+                                           return_exceptions=True)
+    admitted = [a for a in answers if not isinstance(a, BaseException)]
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(admitted) == 1 and len(refused) == 4
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+
+
+async def test_an_embed_call_holds_what_it_used_of_the_token_limit(monkeypatch):
+    """Embeddings reserve an estimate, then settle it with the usage the
+    upstream reports, as chat calls do."""
+    from hivemesh.runtime.resilience import RateLimiter
+
+    limiters = []
+
+    def frozen(requests_per_minute, tokens_per_minute, **_):
+        limiters.append(RateLimiter(requests_per_minute, tokens_per_minute,
+                                    clock=lambda: 0.0))
+        return limiters[-1]
+
+    monkeypatch.setattr(llm_server, "RateLimiter", frozen)
+    s = LlmSettings(server=ServerSettings(port=0, grace_period_s=1),
+                    backends={"mock": BackendSettings(type="mock",
+                                                      tokens_per_minute=1_000_000)})
+    async with serve(s) as (stub, _):
+        answer = await call(stub.Embed, EmbedRequest(
+            request_id=rid(), model="mock-embed", texts=["x" * 4000, "short text"]))
+    tokens = limiters[0].tokens
+    assert answer.usage.prompt_tokens > 0
+    assert tokens.capacity - tokens.level == answer.usage.prompt_tokens

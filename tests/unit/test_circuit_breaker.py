@@ -52,3 +52,29 @@ def test_a_call_let_through_before_the_breaker_opened_does_not_free_the_probe():
     assert breaker.allow() is None  # still one probe out
     breaker.release_probe(probe)
     assert breaker.allow()
+
+
+def test_a_call_let_through_before_the_breaker_opened_that_fails_sends_no_second_probe():
+    """Its failure while the probe is out tells nothing new: the breaker
+    stays half-open with that one probe, which alone decides."""
+    now = [0.0]
+    breaker = _breaker(now)
+    early = breaker.allow()
+    for _ in range(2):
+        breaker.allow()
+        breaker.record_failure()
+    now[0] = 10
+    probe = breaker.allow()
+    breaker.record_failure(early)
+    assert breaker.state == CircuitBreaker.HALF_OPEN and breaker.allow() is None
+    now[0] = 20  # even past another reset: the probe is still out
+    assert breaker.allow() is None
+    breaker.record_success()
+    assert breaker.state == CircuitBreaker.CLOSED
+    # The probe's own failure re-opens it.
+    for _ in range(2):
+        breaker.record_failure(breaker.allow())
+    now[0] = 30
+    probe = breaker.allow()
+    breaker.record_failure(probe)
+    assert breaker.state == CircuitBreaker.OPEN
