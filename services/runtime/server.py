@@ -254,6 +254,13 @@ async def run_until_signalled(running: RunningServer, settings: ServerSettings,
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
+        # From now on a signal changes nothing, to the process's end: left
+        # to the loop, the handlers would go with it, and a second signal
+        # during the teardown that follows would kill the process (exit 143)
+        # after a clean shutdown.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         log.info("shutting down", extra={"grace_period_s": settings.grace_period_s})
         await running.shutdown(settings.grace_period_s, settings.drain_delay_s)
     stopping.cancel()

@@ -4,6 +4,7 @@ durability on SQLite, and spans exported over OTLP to a real receiver."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -54,6 +55,24 @@ def test_sigint_is_the_same_graceful_shutdown_and_exits_0(tmp_path):
         proc.stop()
     assert code == 0
     assert '"msg": "shutting down"' in (tmp_path / "log").read_text()
+
+
+def test_signals_after_the_first_change_nothing_to_the_end_of_the_process(tmp_path):
+    """Once shutting down, further SIGTERMs are ignored to the process's
+    end, through the teardown after the shutdown too: it still exits 0."""
+    import signal
+    proc = start_service("artifact", data_dir=tmp_path / "data", log_path=tmp_path / "log",
+                         env={"HIVEMESH_ARTIFACT_SERVER__DRAIN_DELAY_S": "0.3"})
+    try:
+        proc.process.send_signal(signal.SIGTERM)
+        while proc.process.poll() is None:
+            time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError):
+                proc.process.send_signal(signal.SIGTERM)
+        code = proc.process.wait(timeout=30)
+    finally:
+        proc.stop()
+    assert code == 0
 
 
 @pytest.mark.parametrize(("setting", "loop"), [(None, "uvloop"), ("asyncio", "asyncio")])
