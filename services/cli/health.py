@@ -9,6 +9,7 @@ mutual TLS, so a service serving TLS can be probed with an ``exec`` probe.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import grpc
@@ -34,15 +35,17 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
-        print("--timeout must be above 0", file=sys.stderr)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        print("--timeout must be a number of seconds above 0", file=sys.stderr)
         return 2
     tls = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.server_name:
         try:
             tls = ChannelTls(ca_file=args.tls_ca, cert_file=args.tls_cert,
                              key_file=args.tls_key, server_name=args.server_name)
-            credentials = tls.credentials()
+            # Checked as a set (the key is the certificate's, the CA bundle
+            # holds certificates): gRPC would only fail the handshake.
+            credentials = tls.credentials(tls.checked_contents())
         except ValueError as exc:
             print(f"invalid TLS arguments: {exc}", file=sys.stderr)
             return 2

@@ -335,6 +335,16 @@ async def test_the_health_command_refuses_bad_tls_arguments(pki, capsys):
     assert code == 2 and "go together" in said
     code, said = await _health(capsys, "127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem")
     assert code == 2 and "/nonexistent/ca.pem" in said
+    # Files that are there but make no usable set: refused before any call.
+    code, said = await _health(capsys, "127.0.0.1:1", "--tls-ca", str(pki.client.key))
+    assert code == 2 and "no PEM certificate" in said
+    code, said = await _health(capsys, "127.0.0.1:1", "--tls-ca", str(pki.ca),
+                               "--tls-cert", str(pki.client.cert),
+                               "--tls-key", str(pki.server.key))
+    assert code == 2 and "invalid TLS arguments" in said
+    for timeout in ("inf", "nan", "0"):
+        code, said = await _health(capsys, "127.0.0.1:1", "--timeout", timeout)
+        assert code == 2 and "--timeout" in said
 
 
 async def test_the_orchestrator_reaches_remote_tool_servers_over_mutual_tls(pki, tmp_path):
