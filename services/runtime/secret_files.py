@@ -65,7 +65,9 @@ class SecretsDirectorySource(NestedSecretsSettingsSource):
         # The directory's own entries only: with '__' between sections a
         # setting's file is never in a subdirectory (nor in Kubernetes'
         # hidden ..data, reached through the top-level links). A link is
-        # followed only to a file inside the directory.
+        # followed only to a file inside the directory; a setting's file
+        # that cannot be read so is an invalid setting, never passed over
+        # (a TLS file skipped would leave the port in plaintext).
         prefix = self.secrets_prefix if self.case_sensitive else self.secrets_prefix.lower()
         found = {}
         for file in sorted(path.iterdir()):
@@ -75,9 +77,15 @@ class SecretsDirectorySource(NestedSecretsSettingsSource):
             try:
                 real = file.resolve()
             except (OSError, RuntimeError):  # a loop of links
-                continue
+                raise SettingsError(f"{name} in the secrets directory {path} is a loop of "
+                                    "links") from None
+            if real.is_dir() and file.is_dir() and not file.is_symlink():
+                continue  # a directory of the volume's own, not a setting
             if not (real.is_file() and path in real.parents):
-                continue
+                raise SettingsError(
+                    f"{name} in the secrets directory {path} is not a file there (a link "
+                    "out of the directory, or to nothing): copy the file in, or link to "
+                    "one inside it") from None
             try:
                 found[name] = real.read_text(encoding="utf-8").strip()
             except UnicodeDecodeError:

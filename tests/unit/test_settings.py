@@ -230,6 +230,27 @@ def test_a_kubernetes_secret_volume_with_unrelated_files_is_read(tmp_path):
     assert servers == {"search": "tools:7000"}
 
 
+def test_a_setting_s_file_linking_out_of_the_secrets_directory_is_an_invalid_setting(
+        tmp_path):
+    """A link is followed only inside the directory; one that leads out (or
+    nowhere) is refused naming the file, never passed over: a TLS file
+    passed over would leave the service's port in plaintext."""
+    from pydantic_settings import SettingsError
+    secrets, elsewhere = tmp_path / "secrets", tmp_path / "elsewhere"
+    secrets.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "cert.pem").write_text("not read\n")
+    (secrets / "HIVEMESH_ARTIFACT_SERVER__TLS_CERT_FILE").symlink_to(elsewhere / "cert.pem")
+    with pytest.raises(SettingsError) as err:
+        ArtifactSettings(_secrets_dir=secrets)
+    assert "HIVEMESH_ARTIFACT_SERVER__TLS_CERT_FILE" in str(err.value)
+    assert "not read" not in str(err.value)
+    (secrets / "HIVEMESH_ARTIFACT_SERVER__TLS_CERT_FILE").unlink()
+    (secrets / "HIVEMESH_ARTIFACT_DEFAULT_PAGE_SIZE").symlink_to(secrets / "missing")
+    with pytest.raises(SettingsError):
+        ArtifactSettings(_secrets_dir=secrets)
+
+
 def test_a_json_object_setting_in_the_environment_replaces_the_file_s(monkeypatch, tmp_path):
     """The environment wins over the secrets directory for a JSON object
     setting too: its value is the environment's, not the two merged (a
