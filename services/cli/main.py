@@ -84,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic_settings import SettingsError
 
     from hivemesh.runtime import eventloop
-    from hivemesh.runtime.settings import InvalidSetting, variables_not_json
+    from hivemesh.runtime.settings import InvalidSetting, secrets_dir, variables_not_json
     try:
         return eventloop.run(_run_service(args))
     except ValidationError as exc:
@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings_cls = _service(args.service)[0]
         named = "".join(f"\n  {name} is not JSON: a list or object setting is read as JSON, "
                         "e.g. '[\"a\", \"b\"]' or '{\"key\": \"value\"}'"
-                        for name in variables_not_json(settings_cls))
+                        for name in variables_not_json(settings_cls, secrets=secrets_dir()))
         print(f"invalid {args.service} settings:\n  {exc}{named}", file=sys.stderr)
         return 2
     except (eventloop.InvalidEventLoop, InvalidSetting) as exc:

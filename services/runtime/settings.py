@@ -7,6 +7,7 @@ Settings are built once in ``main()`` and passed down, never at import time:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -137,19 +138,29 @@ def _read_as_json(annotation: Any) -> bool:
 
 
 def variables_not_json(settings_cls: type[BaseSettings],
-                       environ: Mapping[str, str] | None = None) -> list[str]:
-    """The environment variables of ``settings_cls`` that set a list or
-    object setting (which is read as JSON) to text that is not JSON: what
-    pydantic-settings' "error parsing value for field" is about, named."""
-    environ = os.environ if environ is None else environ
+                       environ: Mapping[str, str] | None = None,
+                       secrets: Path | None = None) -> list[str]:
+    """The environment variables of ``settings_cls`` (and the files named
+    like them in the ``secrets`` directory, read as the variables would be)
+    that set a list or object setting (which is read as JSON) to text that
+    is not JSON: what pydantic-settings' "error parsing value for field" is
+    about, named (a file as "<name> in <directory>")."""
+    environ = dict(os.environ if environ is None else environ)
+    if secrets is not None and secrets.is_dir():
+        for file in secrets.iterdir():
+            with contextlib.suppress(OSError, UnicodeDecodeError, RuntimeError):
+                real = file.resolve()
+                if file.name not in environ and real.is_file() and secrets in real.parents:
+                    environ[f"{file.name} in {secrets}"] = real.read_text("utf-8").strip()
     config = settings_cls.model_config
     prefix = config.get("env_prefix", "").upper()
     delimiter = config.get("env_nested_delimiter") or None
     found = []
     for name, value in environ.items():
-        if not name.upper().startswith(prefix) or len(name) == len(prefix):
+        variable = name.split(" ", 1)[0]
+        if not variable.upper().startswith(prefix) or len(variable) == len(prefix):
             continue
-        rest = name[len(prefix):].lower()
+        rest = variable[len(prefix):].lower()
         annotation = _annotation_at(settings_cls, rest.split(delimiter) if delimiter else [rest])
         if annotation is None or not _read_as_json(annotation):
             continue

@@ -400,3 +400,12 @@ def test_a_json_setting_that_does_not_parse_is_an_invalid_setting_naming_it(
     result = serve_refused("orchestrator", "--port", "0", env=env)
     assert result.returncode == 2 and f"{variable} is not JSON" in result.stderr
     assert value not in result.stderr and "Traceback" not in result.stderr
+    # The same value from the secrets directory, read as the variable is.
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / variable).write_text(value)
+    result = serve_refused("orchestrator", "--port", "0",
+                           env={**os.environ, "HIVEMESH_SECRETS_DIR": str(secrets)})
+    assert result.returncode == 2
+    assert f"{variable} in {secrets} is not JSON" in result.stderr
+    assert value not in result.stderr and "Traceback" not in result.stderr
