@@ -594,9 +594,13 @@ class AgentRunner:
             await self._release_id(reserved.reservation_id, 2)
 
     async def _reserve(self, run: _Run, model: str, messages: list[Message],
-                       iteration: int) -> None:
+                       iteration: int, *, fallback: bool = False) -> None:
+        # A fallback model's hold has a request id of its own (its price is
+        # its own): the first model's hold is released once it is made.
+        step = run.step("reserve", iteration, model) if fallback else run.step("reserve",
+                                                                               iteration)
         request = ReserveRequest(
-            request_id=run.step("reserve", iteration), context=run.context, model=model,
+            request_id=step, context=run.context, model=model,
             estimated_prompt_tokens=caps.estimate_prompt_tokens(messages),
             max_tokens=caps.completion_limit(run.agent, run.result, messages))
         try:
@@ -612,6 +616,21 @@ class AgentRunner:
                 self._in_background(self._release_reserved(request))
             raise
         run.reservation = response.reservation_id
+
+    async def _hold_for(self, run: _Run, model: str, messages: list[Message],
+                        iteration: int) -> None:
+        """Before a fallback model generates in place of the one the run
+        holds budget for: a hold for it, at its own price, refused as any
+        reservation (BUDGET_EXCEEDED: the run fails before it generates);
+        then the first model's hold is released. Without this a fallback
+        priced above the first model would spend past a HARD budget."""
+        enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
+        if enforcement != BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
+            return
+        previous = run.reservation
+        await self._reserve(run, model, messages, iteration, fallback=True)
+        if previous is not None and previous != run.reservation:
+            await self._release_id(previous, 2)
 
     async def _release(self, run: _Run, reason: int) -> None:
         reservation, run.reservation = run.reservation, None
@@ -774,8 +793,10 @@ class AgentRunner:
 
         async def pick() -> struct_pb2.Struct:
             failure: errors.ServiceError | None = None
-            for model in models:
+            for position, model in enumerate(models):
                 fields = request_of(model)
+                if position:
+                    await self._hold_for(run, model, messages, iteration)
                 try:
                     generated = await one(fields)
                 except errors.ServiceError as exc:
@@ -808,6 +829,8 @@ class AgentRunner:
         else:
             chosen, replayed = await self._kept_choice(run, models, messages, iteration, pick)
         if replayed:
+            if chosen["model"] != models[0]:
+                await self._hold_for(run, chosen["model"], messages, iteration)
             fields = request_of(chosen["model"])
             generated = await one(fields)
         else:

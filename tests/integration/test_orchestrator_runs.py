@@ -1219,3 +1219,34 @@ async def test_bad_requests_are_rejected_before_any_work(tmp_path):
         with pytest.raises(InvalidArgumentError) as err:
             await register(m, name="bad", model="main", fallback_models=["backup", "main"])
         assert [f for f, _ in err.value.field_violations] == ["agent.fallback_models[1]"]
+
+
+async def test_a_fallback_model_is_held_for_at_its_own_price_before_it_generates(tmp_path):
+    """The run holds budget for its first model; when that model fails and a
+    fallback priced higher would answer, the fallback is held for first: a
+    HARD budget it does not fit refuses it before anything is generated, and
+    one it fits is charged what the fallback cost, with no hold left."""
+    from hivemesh.information.v1 import BudgetMode
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        await info.set_price("main", input_micros_per_million=1, output_micros_per_million=1)
+        await info.set_price("backup", input_micros_per_million=10_000_000,
+                             output_micros_per_million=10_000_000)
+        await register(m, name="fb", model="main", fallback_models=["backup"])
+        tight = await info.create_budget(Budget(scope=Scope(tenant_id="tight"), limit_micros=100,
+                                                mode=BudgetMode.BUDGET_MODE_HARD))
+        m.primary.simulate_failure(times=10)
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "fb", "hello there", context=RequestContext(tenant_id="tight"))
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        assert not m.secondary.calls  # the fallback never generated
+        (status,) = await info.status(budget_id=tight.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (0, 0)
+
+        roomy = await info.create_budget(Budget(scope=Scope(tenant_id="roomy"),
+                                                limit_micros=100_000_000,
+                                                mode=BudgetMode.BUDGET_MODE_HARD))
+        answered = (await run(m, "fb", "hello there",
+                              context=RequestContext(tenant_id="roomy"))).result
+        assert answered.model == "backup" and answered.cost_micros > 100
+        (status,) = await info.status(budget_id=roomy.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (answered.cost_micros, 0)
