@@ -402,10 +402,12 @@ class WorkflowRun:
     async def _run_agent(self, task: TaskSpec, agent: str, model: str, text: str,
                          result: TaskResult, key: str, handoff: bool = False) -> AgentResult:
         """One agent run of a task; usage (also of a failed or cancelled run,
-        such as a branch another one beat) goes to the task."""
+        such as a branch another one beat) goes to the task. ``model``: the
+        alias overriding the agent's own ("" for none: an agent taken over
+        by handoff, or the judge, runs on its own model)."""
         targets = tuple(n for n in self.startable if n != agent) if handoff else ()
         options = RunOptions(request_id=step_id(self.request.request_id, key), derived_id=True,
-                             input=text, model_override=model or task.model,
+                             input=text, model_override=model,
                              variables=self.variables,
                              handoff_targets=targets, refuse_handoff=not task.allow_handoff,
                              on_cancel=lambda failed: self._charge(result, failed))

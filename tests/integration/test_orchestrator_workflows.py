@@ -256,6 +256,24 @@ async def test_the_workflows_currency_is_that_of_every_run_it_paid_for(tmp_path)
         assert failed.cost_micros > 0 and failed.currency == "USD"
 
 
+async def test_an_agent_taking_over_by_handoff_runs_on_its_own_model(tmp_path):
+    """The task's model overrides the agent the task names, not the agent a
+    handoff brings in (nor a judge): that one runs on its own model."""
+    async with mesh(tmp_path) as m:
+        await agents(m, "triage")
+        await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+            request_id=rid(), agent=AgentDefinition(name="expert", model="backup", budget=FREE,
+                                                    system_prompt="You are expert.")))
+        m.primary.queue_response("Passing on.", tool_calls=(ToolCall(
+            "h", "handoff", json.dumps({"agent": "expert", "input": "deep question"})),))
+        m.secondary.queue_response("expert on backup")
+        response = await workflow(m, TaskSpec(task_id="ask", agent="triage", model="main",
+                                              input_template="question", allow_handoff=True))
+        (task,) = response.tasks
+        assert (task.result.agent, task.result.model) == ("expert", "backup")
+        assert task.output == "expert on backup" and len(m.primary.calls) == 1
+
+
 async def test_handoff_is_followed_when_the_task_allows_it(tmp_path):
     async with mesh(tmp_path) as m:
         await agents(m, "triage", "expert", output_artifact_type="note")

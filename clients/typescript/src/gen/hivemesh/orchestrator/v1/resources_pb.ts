@@ -778,7 +778,9 @@ export type TaskSpec = Message<"hivemesh.orchestrator.v1.TaskSpec"> & {
   maxHandoffs: number;
 
   /**
-   * Model alias overriding the agent's model for this task.
+   * Model alias overriding the agent's model for this task: the agent the
+   * task names (or each agent of a fan-out over agents); an agent taken over
+   * by handoff, and a judge, run on their own models.
    *
    * @generated from field: string model = 8;
    */
