@@ -446,7 +446,8 @@ class WorkflowRun:
                                         handoff=task.allow_handoff)
             if not run.HasField("handoff"):
                 return run
-            result.handoffs.append(run.handoff)
+            if hop < limit:  # followed; the one past the limit is not
+                result.handoffs.append(run.handoff)
             agent, text, model = run.handoff.to_agent, run.handoff.input, ""
         raise errors.ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_HANDOFF_LIMIT,

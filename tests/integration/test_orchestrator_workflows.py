@@ -274,6 +274,21 @@ async def test_an_agent_taking_over_by_handoff_runs_on_its_own_model(tmp_path):
         assert task.output == "expert on backup" and len(m.primary.calls) == 1
 
 
+async def test_a_handoff_loop_stops_at_the_limit_and_lists_the_handoffs_followed(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "a", "b")
+        for to in ("b", "a", "b"):
+            m.primary.queue_response("over to you", tool_calls=(ToolCall(
+                "h", "handoff", json.dumps({"agent": to, "input": "again"})),))
+        response = await workflow(m, TaskSpec(task_id="loop", agent="a", input_template="go",
+                                              allow_handoff=True, max_handoffs=2))
+        (task,) = response.tasks
+        assert task.status == TaskStatus.TASK_STATUS_FAILED
+        assert from_status(task.error).reason == "HANDOFF_LIMIT"
+        assert [(h.from_agent, h.to_agent) for h in task.handoffs] == [("a", "b"), ("b", "a")]
+        assert len(m.primary.calls) == 3
+
+
 async def test_handoff_is_followed_when_the_task_allows_it(tmp_path):
     async with mesh(tmp_path) as m:
         await agents(m, "triage", "expert", output_artifact_type="note")
