@@ -667,6 +667,19 @@ async def test_thresholds_fire_once_per_period(store):
     assert (await store.settle(track_op([hold(tokens_only)], 10**6, 10))).alerts == ()
 
 
+async def test_thresholds_of_large_limits_are_crossed_exactly(store):
+    """threshold x limit passes 2^53 for a limit in the hundreds of billions
+    of micro-units (a few thousand US dollars in some currencies): the
+    comparison stays exact, so a threshold fires when reached, not before."""
+    limit = 200_000_000_000_099
+    b = budget("big", micros=limit, thresholds=(99,), mode=MODE_SOFT)
+    await store.create_budget(b, rid(), "fp")
+    below = await store.settle(track_op([hold(b)], 198_000_000_000_098))
+    assert below.alerts == ()  # 100 x spent < 99 x limit, by 97
+    reached = await store.settle(track_op([hold(b)], 1))
+    assert [a.threshold_percent for a in reached.alerts] == [99]
+
+
 async def test_commit_of_unknown_or_committed_reservation(store):
     b = budget("b", micros=1000)
     await store.create_budget(b, rid(), "fp")

@@ -89,6 +89,22 @@ local function neg(s)
   return '-' .. s
 end
 local function rid_of(member) return string.sub(member, 21) end
+-- Whether a * m >= b * n, exactly, for integers 0 <= a, b < 2^53 and small
+-- 0 <= m, n (percentages): the products may pass 2^53, where doubles round
+-- (a threshold would fire early). Each factor is split at 2^26 so that
+-- every part stays exact.
+local function times_ge(a, m, b, n)
+  local B = 67108864
+  local function split(x, k)
+    local hi, lo = math.floor(x / B) * k, (x % B) * k
+    local carry = math.floor(lo / B)
+    return hi + carry, lo - carry * B
+  end
+  local h1, l1 = split(a, m)
+  local h2, l2 = split(b, n)
+  if h1 ~= h2 then return h1 > h2 end
+  return l1 >= l2
+end
 -- Free the hold of an OPEN reservation and move it to `state` at `now_us`;
 -- the reservation is kept a request TTL after it expires.
 local function close_open(rid, state, now_us)
@@ -462,9 +478,9 @@ for _ = 1, n do
     i = i + 2
     local kind = nil
     if not charged then lim_m, lim_t = '', '' end
-    if lim_m ~= '' and sm * 100 >= tonumber(th) * tonumber(lim_m) then
+    if lim_m ~= '' and times_ge(sm, 100, tonumber(lim_m), tonumber(th)) then
       kind = '1'
-    elseif lim_t ~= '' and st * 100 >= tonumber(th) * tonumber(lim_t) then
+    elseif lim_t ~= '' and times_ge(st, 100, tonumber(lim_t), tonumber(th)) then
       kind = '2'
     end
     if kind and redis.call('SADD', fired, th) == 1 then
