@@ -158,6 +158,13 @@ async def test_budget_create_replay_conflict_and_duplicate_id(store):
     assert await store.delete_budget("b1") == (True, False)
     with pytest.raises(CreatedBudgetGone):
         await store.create_budget(b, "req-1", "fp-1")
+    # Gone too when another request created a budget under the same id since:
+    # the retry is not answered with that one.
+    other = replace(budget("b1", tenant="globex", micros=999_999), create_time_us=T0 + 9)
+    await store.create_budget(other, "req-4", "fp-4")
+    with pytest.raises(CreatedBudgetGone):
+        await store.create_budget(b, "req-1", "fp-1")
+    assert (await store.create_budget(other, "req-4", "fp-4")) == (other, True)
 
 
 async def test_budget_update_keeps_counters_and_delete(store):

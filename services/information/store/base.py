@@ -274,6 +274,19 @@ class BudgetChanged(Exception):
     meanwhile); nothing was written. The caller reads it again and retries."""
 
 
+def created_answer(budget: BudgetRecord) -> dict:
+    """What a CreateBudget keeps for its retries: the budget's id, and its
+    creation time, which tells it from a budget created under the same id
+    after it was deleted."""
+    return {"budget_id": budget.budget_id, "create_time_us": budget.create_time_us}
+
+
+def created_by(answer: dict, budget: BudgetRecord) -> bool:
+    """Whether ``budget`` is the one the CreateBudget of ``answer`` created
+    (an answer kept by an earlier version holds only the id)."""
+    return answer.get("create_time_us", budget.create_time_us) == budget.create_time_us
+
+
 class StaleConfig(Exception):
     """Budgets or prices changed since the caller read them; nothing was
     written. The caller re-reads the configuration and retries."""

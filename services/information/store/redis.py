@@ -62,6 +62,7 @@ from hivemesh.services.information.store.base import (
     CreatedBudgetGone, Hold, IdempotencyConflict, Once, PriceRecord, ReleaseResult,
     ReservationNotFound, ReservationRecord, ReservationSettled, ReserveOp, ReserveResult,
     SettleOp, SettleResult, StaleConfig, alert_id, budget_from_json, budget_to_json,
+    created_answer, created_by,
     holds_from_json, holds_to_json, price_from_json, price_to_json, replayed_release)
 
 DEFAULT_PREFIX = "hivemesh:info:"
@@ -176,7 +177,7 @@ if seen then
   if seen[1] ~= 'create_budget' or seen[2] ~= ARGV[3] then return {'conflict'} end
   local j = redis.call('HGET', P .. 'budget:' .. seen[4], 'json')
   if not j then return {'gone', seen[4]} end
-  return {'replay', j}
+  return {'replay', j, seen[3]}
 end
 local key = P .. 'budget:' .. ARGV[4]
 if redis.call('EXISTS', key) == 1 then return {'exists'} end
@@ -734,7 +735,7 @@ class RedisStore:
     async def create_budget(self, budget: BudgetRecord, request_id: str, fingerprint: str):
         reply = await self._run(self._create_budget, request_id, fingerprint, budget.budget_id,
                                 budget_to_json(budget), budget.scope_key,
-                                json.dumps({"budget_id": budget.budget_id}))
+                                json.dumps(created_answer(budget)))
         status = _s(reply[0])
         if status == "conflict":
             raise IdempotencyConflict(request_id)
@@ -743,7 +744,10 @@ class RedisStore:
         if status == "exists":
             raise KeyError(budget.budget_id)
         if status == "replay":
-            return budget_from_json(reply[1]), True
+            stored = budget_from_json(reply[1])
+            if not created_by(json.loads(reply[2]), stored):
+                raise CreatedBudgetGone(stored.budget_id)
+            return stored, True
         return budget, False
 
     async def put_budget(self, budget: BudgetRecord, *, expected: BudgetRecord | None = None,

@@ -17,9 +17,9 @@ from hivemesh.services.information.store.base import (
     BudgetExceeded, BudgetRecord, CallRecord, Counter, CreatedBudgetGone, Hold,
     IdempotencyConflict, Once, PriceRecord, ReleaseResult, ReservationNotFound,
     ReservationRecord, ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult,
-    StaleConfig, alert_id, budget_from_json, budget_to_json, crossed_thresholds,
-    holds_from_json, holds_to_json, price_from_json, price_to_json, release_answer,
-    replayed_release)
+    StaleConfig, alert_id, budget_from_json, budget_to_json, created_answer, created_by,
+    crossed_thresholds, holds_from_json, holds_to_json, price_from_json, price_to_json,
+    release_answer, replayed_release)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -277,7 +277,7 @@ class SqliteStore:
             if seen is not None:
                 row = conn.execute(f"SELECT {_BUDGET_COLS} FROM budgets WHERE budget_id = ?",
                                    (seen["budget_id"],)).fetchone()
-                if row is None:
+                if row is None or not created_by(seen, _budget(row)):
                     raise CreatedBudgetGone(seen["budget_id"])
                 return _budget(row), True
             try:
@@ -285,8 +285,7 @@ class SqliteStore:
             except sqlite3.IntegrityError:
                 raise KeyError(budget.budget_id) from None
             _bump_config(conn)
-            _remember(conn, request_id, "create_budget", fingerprint,
-                      {"budget_id": budget.budget_id},
+            _remember(conn, request_id, "create_budget", fingerprint, created_answer(budget),
                       budget.create_time_us + self.request_ttl_us)
             return budget, False
 
