@@ -251,7 +251,7 @@ class Providers:
               or _about_one_backend(error)):
             breaker.release_probe(permit)
         else:
-            breaker.record_failure()
+            breaker.record_failure(permit)
 
     @contextlib.contextmanager
     def _outcome(self, attempt: _Attempt, span, permit: Permit) -> Iterator[None]:

@@ -621,16 +621,19 @@ class AgentRunner:
                         iteration: int) -> None:
         """Before a fallback model generates in place of the one the run
         holds budget for: a hold for it, at its own price, refused as any
-        reservation (BUDGET_EXCEEDED: the run fails before it generates);
-        then the first model's hold is released. Without this a fallback
+        reservation (BUDGET_EXCEEDED: the run fails before it generates),
+        once the first model's hold is released. Without this a fallback
         priced above the first model would spend past a HARD budget."""
         enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
         if enforcement != BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
             return
-        previous = run.reservation
-        await self._reserve(run, model, messages, iteration, fallback=True)
-        if previous is not None and previous != run.reservation:
+        # The first hold goes first: the fallback is measured against the
+        # budget without it (a budget with room for one hold, not two, takes
+        # the fallback).
+        previous, run.reservation = run.reservation, None
+        if previous is not None:
             await self._release_id(previous, 2)
+        await self._reserve(run, model, messages, iteration, fallback=True)
 
     async def _release(self, run: _Run, reason: int) -> None:
         reservation, run.reservation = run.reservation, None

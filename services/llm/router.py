@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from hivemesh.services.llm.backends.base import (
     JSON_OBJECT_INSTRUCTION, JSON_SCHEMA_INSTRUCTION, BackendError, ChatMessage, ChatRequest,
     ChatResult, EmbedResult, ErrorKind, LlmBackend, StreamEvent, estimate_prompt_tokens)
-from hivemesh.runtime.resilience import Backoff, CircuitBreaker, RateLimiter, RecentLatencies
+from hivemesh.runtime.resilience import (
+    Backoff, CircuitBreaker, Permit, RateLimiter, RecentLatencies)
 from hivemesh.services.llm.settings import BackendSettings, ModelSettings
 
 # Failures that say the backend is unhealthy (they count for its breaker).
@@ -58,6 +59,9 @@ class Route:
     upstream_model: str
     attempts: int = 0
     fallback_used: bool = False
+    # What the backend's breaker let the answering attempt through with
+    # (a stream's later failure is told to the breaker with it).
+    permit: Permit | None = None
 
 
 @dataclass
@@ -167,7 +171,8 @@ class Router:
                     # own timeout: the caller's deadline, and the backend's
                     # failure only if that was long enough to say it hangs.
                     deadline_ran_out = (exc.kind is ErrorKind.TIMEOUT
-                                        and timeout_s < state.settings.timeout_s)
+                                        and timeout_s < state.settings.timeout_s
+                                        and deadline - time.monotonic() < _MIN_ATTEMPT_S)
                     if exc.kind in _HEALTH and not (
                             deadline_ran_out and state.usual(kind).within_usual(timeout_s)):
                         state.breaker.record_failure(permit)
@@ -194,7 +199,9 @@ class Router:
                     try:
                         await asyncio.sleep(delay)
                     except BaseException:
+                        # The caller left between attempts.
                         state.breaker.release_probe(permit)
+                        state.limiter.settle(unused, used_if_left if unused else 0)
                         raise
                     continue
                 except BaseException:
@@ -205,7 +212,7 @@ class Router:
                 state.breaker.record_success()
                 state.usual(kind).answered(time.monotonic() - started)
                 return result, Route(model.alias, model.backend, model.upstream_model,
-                                     attempts, position > 0)
+                                     attempts, position > 0, permit)
             state.limiter.settle(unused, 0)
         if last is None and limited and not open_breakers:
             raise RouteError("every backend of the chain is over its rate limit",
@@ -269,7 +276,7 @@ class Router:
         delivered so far)."""
         state = self.backends[route.backend]
         if failed is not None and failed.kind in _HEALTH:
-            state.breaker.record_failure()
+            state.breaker.record_failure(route.permit)
         state.limiter.settle(estimated, used)
 
     async def embed(self, texts: list[str], model: ModelSettings, dimensions: int | None,

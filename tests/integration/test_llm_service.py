@@ -1078,3 +1078,30 @@ async def test_an_embed_call_holds_what_it_used_of_the_token_limit(monkeypatch):
     tokens = limiters[0].tokens
     assert answer.usage.prompt_tokens > 0
     assert tokens.capacity - tokens.level == answer.usage.prompt_tokens
+
+
+async def test_an_upstream_timeout_answered_at_once_is_retried_and_falls_back(monkeypatch):
+    """An upstream that answers "timed out" (HTTP 408) while the caller has
+    time left is a failure of that backend like any other: retried, then
+    the chain's next model; only a caller's deadline that ran out answers
+    DEADLINE_EXCEEDED."""
+    from fakes import Fail, Reply
+    from fakes.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    async with FakeOpenAI() as first, FakeOpenAI() as second:
+        key = {"api_key_env": "FAKE_UPSTREAM_KEY", "max_attempts": 2,
+               "initial_backoff_s": 0.01, "max_backoff_s": 0.02}
+        s = LlmSettings(
+            server=ServerSettings(port=0, grace_period_s=1),
+            backends={"a": BackendSettings(type="openai", base_url=first.base_url, **key),
+                      "b": BackendSettings(type="openai", base_url=second.base_url, **key)},
+            models=[ModelSettings(alias="main", backend="a", upstream_model="m",
+                                  fallback=["other"], default=True),
+                    ModelSettings(alias="other", backend="b", upstream_model="m")])
+        async with serve(s) as (stub, _):
+            first.enqueue(Fail(status=408), Fail(status=408))
+            second.enqueue(Reply(text="from the fallback"))
+            answer = await stub.Generate(gen(), timeout=30)
+        assert answer.message.content == "from the fallback" and answer.fallback_used
+        assert (first.request_count, second.request_count) == (2, 1)

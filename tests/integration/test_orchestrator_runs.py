@@ -1250,3 +1250,24 @@ async def test_a_fallback_model_is_held_for_at_its_own_price_before_it_generates
         assert answered.model == "backup" and answered.cost_micros > 100
         (status,) = await info.status(budget_id=roomy.budget_id)
         assert (status.spent_micros, status.reserved_micros) == (answered.cost_micros, 0)
+
+
+async def test_a_fallback_is_held_for_without_the_first_models_hold(tmp_path):
+    """A HARD budget with room for one hold, not two: the fallback's hold is
+    made once the failed model's is released, so the fallback runs."""
+    from hivemesh.information.v1 import BudgetMode
+    from hivemesh.orchestrator.v1 import SamplingConfig
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        for model in ("main", "backup"):
+            await info.set_price(model, input_micros_per_million=1_000_000,
+                                 output_micros_per_million=1_000_000)
+        await register(m, name="fb", model="main", fallback_models=["backup"],
+                       sampling=SamplingConfig(max_tokens=1000))
+        one = await info.create_budget(Budget(scope=Scope(tenant_id="one"), limit_micros=1500,
+                                              mode=BudgetMode.BUDGET_MODE_HARD))
+        m.primary.simulate_failure(times=10)
+        answered = (await run(m, "fb", "hello there",
+                              context=RequestContext(tenant_id="one"))).result
+        assert answered.model == "backup"
+        (status,) = await info.status(budget_id=one.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (answered.cost_micros, 0)
