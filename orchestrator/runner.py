@@ -630,9 +630,12 @@ class AgentRunner:
         # The first hold goes first: the fallback is measured against the
         # budget without it (a budget with room for one hold, not two, takes
         # the fallback).
-        previous, run.reservation = run.reservation, None
+        previous = run.reservation
         if previous is not None:
-            await self._release_id(previous, 2)
+            # Shielded, and the run keeps the hold until it is released: a
+            # run cancelled meanwhile releases it (again) on its way out.
+            await asyncio.shield(self._release_id(previous, 2))
+            run.reservation = None
         await self._reserve(run, model, messages, iteration, fallback=True)
 
     async def _release(self, run: _Run, reason: int) -> None:

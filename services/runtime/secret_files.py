@@ -79,8 +79,10 @@ class SecretsDirectorySource(NestedSecretsSettingsSource):
             except (OSError, RuntimeError):  # a loop of links
                 raise SettingsError(f"{name} in the secrets directory {path} is a loop of "
                                     "links") from None
-            if real.is_dir() and file.is_dir() and not file.is_symlink():
-                continue  # a directory of the volume's own, not a setting
+            if real.is_dir() and (real == path or path in real.parents):
+                # A directory of the volume's own (a key projected to a
+                # nested path), not a setting.
+                continue
             if not (real.is_file() and path in real.parents):
                 raise SettingsError(
                     f"{name} in the secrets directory {path} is not a file there (a link "

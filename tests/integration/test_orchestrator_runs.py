@@ -1271,3 +1271,34 @@ async def test_a_fallback_is_held_for_without_the_first_models_hold(tmp_path):
         assert answered.model == "backup"
         (status,) = await info.status(budget_id=one.budget_id)
         assert (status.spent_micros, status.reserved_micros) == (answered.cost_micros, 0)
+
+
+async def test_a_run_cancelled_while_a_fallback_takes_over_leaves_no_hold(tmp_path, monkeypatch):
+    """Cancelled while the failed model's hold is being released (for the
+    fallback's), the run still releases it: nothing stays reserved."""
+    from hivemesh.information.v1 import BudgetMode
+    original = AgentRunner._release_id
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def held(self, reservation, reason):
+        entered.set()
+        await gate.wait()
+        return await original(self, reservation, reason)
+
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        await info.set_price("main", input_micros_per_million=1_000_000,
+                             output_micros_per_million=1_000_000)
+        await register(m, name="fb", model="main", fallback_models=["backup"])
+        budget = await info.create_budget(Budget(scope=Scope(tenant_id="t"), limit_micros=10**9,
+                                                 mode=BudgetMode.BUDGET_MODE_HARD))
+        m.primary.simulate_failure(times=10)
+        monkeypatch.setattr(AgentRunner, "_release_id", held)
+        running = asyncio.ensure_future(run(m, "fb", "hello there",
+                                            context=RequestContext(tenant_id="t")))
+        await asyncio.wait_for(entered.wait(), 20)
+        running.cancel()
+        with contextlib.suppress(BaseException):
+            await running
+        gate.set()
+        status = await _settled(info, budget.budget_id)
+        assert (status.reserved_micros, status.spent_micros) == (0, 0)

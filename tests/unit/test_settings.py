@@ -249,6 +249,14 @@ def test_a_setting_s_file_linking_out_of_the_secrets_directory_is_an_invalid_set
     (secrets / "HIVEMESH_ARTIFACT_DEFAULT_PAGE_SIZE").symlink_to(secrets / "missing")
     with pytest.raises(SettingsError):
         ArtifactSettings(_secrets_dir=secrets)
+    (secrets / "HIVEMESH_ARTIFACT_DEFAULT_PAGE_SIZE").unlink()
+    # A key a volume projects to a nested path: a link to a directory
+    # inside, no setting, passed over as before.
+    nested = secrets / "..data" / "HIVEMESH_ARTIFACT_TLS"
+    nested.mkdir(parents=True)
+    (nested / "tls.crt").write_text("a certificate\n")
+    (secrets / "HIVEMESH_ARTIFACT_TLS").symlink_to("..data/HIVEMESH_ARTIFACT_TLS")
+    assert ArtifactSettings(_secrets_dir=secrets).server.tls_cert_file is None
 
 
 def test_a_json_object_setting_in_the_environment_replaces_the_file_s(monkeypatch, tmp_path):
