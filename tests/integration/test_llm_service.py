@@ -968,6 +968,22 @@ async def test_a_stream_cut_in_a_tool_call_counts_the_arguments_delivered(monkey
 
 # -- the breaker and the limiter under callers' deadlines and departures -------------
 
+def _frozen_limiters(monkeypatch) -> list:
+    """The rate limiters the services built from now on, on a clock that
+    never moves (never refilled: what is held shows as long as the test
+    runs)."""
+    from hivemesh.runtime.resilience import RateLimiter
+    limiters = []
+
+    def frozen(requests_per_minute, tokens_per_minute, **_):
+        limiters.append(RateLimiter(requests_per_minute, tokens_per_minute,
+                                    clock=lambda: 0.0))
+        return limiters[-1]
+
+    monkeypatch.setattr(llm_server, "RateLimiter", frozen)
+    return limiters
+
+
 async def test_callers_deadlines_shorter_than_a_healthy_upstream_do_not_open_its_breaker(
         monkeypatch):
     """Once the upstream has shown its usual time, calls whose deadline is
@@ -998,17 +1014,8 @@ async def test_a_stream_its_caller_leaves_before_the_first_token_gives_its_hold_
     """Its reservation (prompt and max_tokens) is settled to the prompt the
     upstream may have read, not kept whole until the minute is over."""
     from hivemesh.llm.v1 import GenerationConfig
-    from hivemesh.runtime.resilience import RateLimiter
 
-    limiters = []
-
-    def frozen(requests_per_minute, tokens_per_minute, **_):
-        # Never refills: what is held shows as long as the test runs.
-        limiters.append(RateLimiter(requests_per_minute, tokens_per_minute,
-                                    clock=lambda: 0.0))
-        return limiters[-1]
-
-    monkeypatch.setattr(llm_server, "RateLimiter", frozen)
+    limiters = _frozen_limiters(monkeypatch)
     s = LlmSettings(server=ServerSettings(port=0, grace_period_s=1),
                     backends={"mock": BackendSettings(type="mock", mock_latency_s=2.0,
                                                       tokens_per_minute=250_000)})
@@ -1059,16 +1066,7 @@ async def test_concurrent_calls_without_max_tokens_hold_the_models_output_limit(
 async def test_an_embed_call_holds_what_it_used_of_the_token_limit(monkeypatch):
     """Embeddings reserve an estimate, then settle it with the usage the
     upstream reports, as chat calls do."""
-    from hivemesh.runtime.resilience import RateLimiter
-
-    limiters = []
-
-    def frozen(requests_per_minute, tokens_per_minute, **_):
-        limiters.append(RateLimiter(requests_per_minute, tokens_per_minute,
-                                    clock=lambda: 0.0))
-        return limiters[-1]
-
-    monkeypatch.setattr(llm_server, "RateLimiter", frozen)
+    limiters = _frozen_limiters(monkeypatch)
     s = LlmSettings(server=ServerSettings(port=0, grace_period_s=1),
                     backends={"mock": BackendSettings(type="mock",
                                                       tokens_per_minute=1_000_000)})
