@@ -8,6 +8,18 @@ def _breaker(now: list[float]) -> CircuitBreaker:
     return CircuitBreaker(failure_threshold=2, reset_s=10, clock=lambda: now[0])
 
 
+def _half_open_with_an_early_call(now: list[float]):
+    """(breaker, early, probe): a call let through while closed and still
+    out when the breaker opened, then went half-open and let its probe out."""
+    breaker = _breaker(now)
+    early = breaker.allow()
+    for _ in range(2):
+        breaker.allow()
+        breaker.record_failure()
+    now[0] = 10
+    return breaker, early, breaker.allow()
+
+
 def test_it_opens_after_the_threshold_and_lets_one_probe_through_after_the_reset():
     now = [0.0]
     breaker = _breaker(now)
@@ -40,13 +52,7 @@ def test_a_call_let_through_before_the_breaker_opened_does_not_free_the_probe():
     then goes half-open, ends without telling anything: the probe sent since
     stays the only call let through."""
     now = [0.0]
-    breaker = _breaker(now)
-    early = breaker.allow()
-    for _ in range(2):
-        breaker.allow()
-        breaker.record_failure()
-    now[0] = 10
-    probe = breaker.allow()
+    breaker, early, probe = _half_open_with_an_early_call(now)
     assert probe.probe
     breaker.release_probe(early)
     assert breaker.allow() is None  # still one probe out
@@ -58,13 +64,7 @@ def test_a_call_let_through_before_the_breaker_opened_that_fails_sends_no_second
     """Its failure while the probe is out tells nothing new: the breaker
     stays half-open with that one probe, which alone decides."""
     now = [0.0]
-    breaker = _breaker(now)
-    early = breaker.allow()
-    for _ in range(2):
-        breaker.allow()
-        breaker.record_failure()
-    now[0] = 10
-    probe = breaker.allow()
+    breaker, early, _ = _half_open_with_an_early_call(now)
     breaker.record_failure(early)
     assert breaker.state == CircuitBreaker.HALF_OPEN and breaker.allow() is None
     now[0] = 20  # even past another reset: the probe is still out
