@@ -596,7 +596,7 @@ class AgentRunner:
     async def _reserve(self, run: _Run, model: str, messages: list[Message],
                        iteration: int, *, fallback: bool = False) -> None:
         # A fallback model's hold has a request id of its own (its price is
-        # its own): the first model's hold is released once it is made.
+        # its own); the failed model's hold is released before it is made.
         step = run.step("reserve", iteration, model) if fallback else run.step("reserve",
                                                                                iteration)
         request = ReserveRequest(
