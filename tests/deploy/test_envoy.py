@@ -513,8 +513,8 @@ async def test_egress_retries_a_request_larger_than_envoy_s_default_buffer(tmp_p
     """Envoy retries a request from its own copy of it, kept up to the
     route's buffer limit (1 MiB unless set): a larger request failing with
     UNAVAILABLE was tried once. With the services' message limit (16 MiB)
-    as the egress routes' limit, an 8 MiB request is retried like a small
-    one."""
+    and gRPC's framing as the egress routes' limit, a request as large as
+    the services take is retried like a small one."""
     replica = FailsFirstCall()
     health_servicer = health.HealthServicer()
     for name in ("", ARTIFACT_SERVICE):
@@ -532,7 +532,7 @@ async def test_egress_retries_a_request_larger_than_envoy_s_default_buffer(tmp_p
         envoy = Envoy(render_sidecar(app=NOWHERE, providers={"artifact": [f"127.0.0.1:{port}"]}),
                       tmp_path / "envoy")
         envoy.wait_healthy("artifact", 1)
-        size = 8 * 1024 * 1024
+        size = 16 * 1024 * 1024  # the services' max_message_bytes, 5 more bytes framed
         async with grpc.aio.insecure_channel(envoy.address("egress_artifact"), options=[
                 ("grpc.enable_retries", 0), ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit)]) as channel:
@@ -550,7 +550,8 @@ async def test_egress_retries_a_request_larger_than_envoy_s_default_buffer(tmp_p
 @pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
 def test_every_retrying_route_keeps_requests_up_to_the_services_message_limit(path):
     """The mTLS config too: a route that retries buffers what it may resend
-    up to its virtual host's limit, the services' max_message_bytes."""
+    up to its virtual host's limit: the services' max_message_bytes and
+    gRPC's framing of a message (5 bytes)."""
     from hivemesh.runtime.settings import ServerSettings
     limit = ServerSettings().max_message_bytes
     config = yaml.safe_load(path.read_text())
@@ -562,6 +563,22 @@ def test_every_retrying_route_keeps_requests_up_to_the_services_message_limit(pa
                 for host in route_config.get("virtual_hosts", []):
                     if any("retry_policy" in r.get("route", {}) for r in host["routes"]):
                         retrying += 1
-                        assert host.get("request_body_buffer_limit") == limit, (
+                        assert host.get("request_body_buffer_limit", 0) >= limit + 5, (
                             listener["name"], host["name"])
     assert retrying == 4  # the egress listeners
+
+
+@pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
+def test_outlier_detection_ejects_for_unreachable_pods_only(path):
+    """A pod is ejected for failing calls as unreachable or unavailable (a
+    gateway failure: a connection that fails, UNAVAILABLE), not for other
+    server statuses: five UNIMPLEMENTED answers (a newer caller during a
+    rolling upgrade) ejected a healthy pod."""
+    config = yaml.safe_load(path.read_text())
+    clusters = [c for c in config["static_resources"]["clusters"] if "outlier_detection" in c]
+    assert clusters
+    for cluster in clusters:
+        detection = cluster["outlier_detection"]
+        assert detection.get("enforcing_consecutive_5xx") == 0, cluster["name"]
+        assert detection["consecutive_gateway_failure"] == 5, cluster["name"]
+        assert detection["enforcing_consecutive_gateway_failure"] == 100, cluster["name"]
