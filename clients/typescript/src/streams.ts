@@ -52,6 +52,10 @@ export function endedWithIteration<T>(
   }
   const messages = start(controller.signal)[Symbol.asyncIterator]();
   let over = false;
+  // The stream's terminal message (`end`) has been read: a loop that stops
+  // there leaves the call to finish (the server may still be wrapping up
+  // its handler) instead of aborting it.
+  let terminal = false;
   const finish = () => {
     over = true;
     callerSignal?.removeEventListener("abort", follow);
@@ -65,6 +69,8 @@ export function endedWithIteration<T>(
         const result = await messages.next();
         if (result.done) {
           finish();
+        } else {
+          terminal = isEnd(result.value);
         }
         return result;
       } catch (err) {
@@ -75,7 +81,9 @@ export function endedWithIteration<T>(
     async return(value?: unknown) {
       if (!over) {
         finish();
-        controller.abort(new ConnectError("the caller stopped reading the stream", Code.Canceled));
+        if (!terminal) {
+          controller.abort(new ConnectError("the caller stopped reading the stream", Code.Canceled));
+        }
         // Read what is left, the abort's error last, so that nothing of the
         // call is left pending (an unread rejection would be unhandled).
         void (async () => {
@@ -84,7 +92,7 @@ export function endedWithIteration<T>(
               // dropped: nobody reads them
             }
           } catch {
-            // the abort, as expected
+            // the abort, as expected (or the call's own end)
           }
         })();
       }
@@ -92,4 +100,10 @@ export function endedWithIteration<T>(
     },
   };
   return { [Symbol.asyncIterator]: () => iterator };
+}
+
+/** Whether `message` is a hivemesh stream's terminal message. */
+function isEnd(message: unknown): boolean {
+  const event = (message as { event?: { case?: unknown } } | null)?.event;
+  return event?.case === "end";
 }

@@ -89,6 +89,15 @@ test("a stream read to its end is not aborted", async () => {
   assert.equal(signals[0].aborted, false);
 });
 
+test("a plain loop that stops at the terminal message leaves the call to finish", async () => {
+  // The server may still be wrapping up its handler after its last message.
+  const { alerts, signals } = fakeTransport([HEARTBEAT, END], false);
+  for await (const message of alerts.watchAlerts({})) {
+    if (message.event.case === "end") break;
+  }
+  assert.equal(signals[0].aborted, false);
+});
+
 test("untilEnd leaves a call whose terminal message arrived to finish, not aborted", async () => {
   const failed = create(WatchAlertsResponseSchema, {
     event: { case: "end", value: { outcome: StreamOutcome.FAILED, error: { code: Code.Internal, message: "x" } } },
