@@ -154,6 +154,12 @@ class _Run:
         # to generate (``_keep_failed_reads``).
         self.failed_reads: list[tuple[str, str, DegradedNote]] = []
 
+    @property
+    def enforcement(self) -> int:
+        """How the agent's budget is enforced (RESERVE when it says none)."""
+        return (self.agent.budget.enforcement
+                or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE)
+
     def step(self, *parts: object) -> str:
         """The request id of one of this run's provider calls."""
         derive = sub_step_id if self.opts.derived_id else step_id
@@ -269,7 +275,7 @@ class AgentRunner:
 
     async def _pipeline(self, run: _Run, system: str) -> None:
         agent, opts = run.agent, run.opts
-        enforcement = agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
+        enforcement = run.enforcement
         models = self._model_chain(run)
         if agent.allowed_tools:
             missing = await self.tools.find(agent.allowed_tools)
@@ -318,7 +324,7 @@ class AgentRunner:
             if not calls:
                 run.output = reply.content
                 break
-            await self._settle(run, enforcement, iteration)
+            await self._settle(run, iteration)
             handoff = next((c for c in calls if c.name == HANDOFF_TOOL), None)
             if handoff is not None and opts.refuse_handoff \
                     and HANDOFF_TOOL not in agent.allowed_tools:
@@ -624,8 +630,7 @@ class AgentRunner:
         reservation (BUDGET_EXCEEDED: the run fails before it generates),
         once the first model's hold is released. Without this a fallback
         priced above the first model would spend past a HARD budget."""
-        enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
-        if enforcement != BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
+        if run.enforcement != BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
             return
         # The first hold goes first: the fallback is measured against the
         # budget without it (a budget with room for one hold, not two, takes
@@ -653,10 +658,10 @@ class AgentRunner:
             request_id=f"{reservation}:release:{uuid.uuid4().hex}", reservation_id=reservation,
             reason=reason))
 
-    async def _settle(self, run: _Run, enforcement: int, iteration: int) -> None:
+    async def _settle(self, run: _Run, iteration: int) -> None:
         """Commit (or track) the usage of the last generation; then the run
         must be within its per-run caps."""
-        await self._charge(run, enforcement, iteration)
+        await self._charge(run, iteration)
         caps.check_spent(run.agent, run.result)
 
     async def _charge_cut(self, run: _Run, summary, iteration: int) -> None:
@@ -670,7 +675,6 @@ class AgentRunner:
         usage under the ids a completed generation uses, which a charge of
         the cut one under those ids would make a conflict. A charge that
         fails counts the tokens at no cost."""
-        enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
         request = self._cut_spend(run, summary, iteration)
         if request is None:
             return
@@ -680,7 +684,7 @@ class AgentRunner:
         run.unsent_spend = None
         if isinstance(charged, errors.ServiceError):
             run.add_usage(summary.usage, 0, "")
-            if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
+            if run.enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK:
                 run.degrade(DegradedComponent.DEGRADED_COMPONENT_BUDGET, charged)
             return
         self._charged(run, charged)
@@ -689,7 +693,7 @@ class AgentRunner:
     def _spend_request(run: _Run, iteration: int) -> tuple[str, Any] | None:
         """(method, request) recording the last generation's spend, as the
         agent's budget enforcement wants it; None when it wants none."""
-        enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
+        enforcement = run.enforcement
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
             return None
         common = _spend(run.last_generation, success=True)
@@ -705,8 +709,7 @@ class AgentRunner:
         run's last generation; None (its tokens counted at no cost) when
         the agent's budget enforcement records no spend."""
         run.last_generation = summary
-        enforcement = run.agent.budget.enforcement or BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE
-        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
+        if run.enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED:
             run.add_usage(summary.usage, 0, "")
             return None
         # Each cut stream is a charge of its own: a retry cut again tracks
@@ -716,7 +719,7 @@ class AgentRunner:
             request_id=run.step("cut", iteration, uuid.uuid4().hex), context=run.context,
             **_spend(summary, success=False))
 
-    async def _charge(self, run: _Run, enforcement: int, iteration: int) -> None:
+    async def _charge(self, run: _Run, iteration: int) -> None:
         last = run.last_generation
         run.unsent_spend = None  # sent now (_record_spend sends it again if cut off)
         spend = self._spend_request(run, iteration)
@@ -1076,11 +1079,11 @@ class AgentRunner:
         if not settled and (policy.max_cost_micros_per_run or policy.max_tokens_per_run):
             # Whether the run stayed within its caps decides whether it
             # succeeds: known before anything of it is kept.
-            await self._settle(run, enforcement, iteration)
+            await self._settle(run, iteration)
             settled = True
         steps = []
         if not settled:
-            steps.append(self._settle(run, enforcement, iteration))
+            steps.append(self._settle(run, iteration))
         if run.agent.output_artifact_type and run.output:
             steps.append(self._save_artifact(run))
         if run.agent.memory.write_back and run.output:
