@@ -229,7 +229,7 @@ class Router:
     async def generate(self, request: ChatRequest, chain: list[ModelSettings],
                        deadline: float) -> tuple[ChatResult, Route]:
         prompt = estimate_prompt_tokens(request.messages)
-        tokens = chat_reservation(request, chain)
+        tokens = prompt + _completion_reserve(request, chain)
 
         async def call(model: ModelSettings, state: BackendState, timeout_s: float):
             result = await state.backend.generate(
@@ -246,7 +246,7 @@ class Router:
         (retries and fallback happen only up to there). Returns that event,
         the open iterator for the rest, and the route."""
         prompt = estimate_prompt_tokens(request.messages)
-        tokens = chat_reservation(request, chain)
+        tokens = prompt + _completion_reserve(request, chain)
 
         async def call(model: ModelSettings, state: BackendState, timeout_s: float):
             events = state.backend.stream(_for(request, model),
@@ -297,8 +297,11 @@ def chat_reservation(request: ChatRequest, chain: list[ModelSettings]) -> int:
     its usage is known: its prompt (estimated) and its ``max_tokens``, or
     without one the most any model of the chain may generate (holding only
     the prompt, concurrent calls would all pass the limit at once)."""
-    return estimate_prompt_tokens(request.messages) + (
-        request.max_tokens or max((m.max_output_tokens for m in chain), default=0))
+    return estimate_prompt_tokens(request.messages) + _completion_reserve(request, chain)
+
+
+def _completion_reserve(request: ChatRequest, chain: list[ModelSettings]) -> int:
+    return request.max_tokens or max((m.max_output_tokens for m in chain), default=0)
 
 
 def _for(request: ChatRequest, model: ModelSettings) -> ChatRequest:
