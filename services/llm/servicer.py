@@ -25,7 +25,7 @@ from hivemesh.services.llm.backends.base import (
     ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
 from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
 from hivemesh.runtime.request_records import RequestRecords
-from hivemesh.runtime.resilience import TtlLru, fingerprint, replayed_copy
+from hivemesh.runtime.resilience import Coalescer, TtlLru, fingerprint, replayed_copy
 from hivemesh.services.llm.router import Route, RouteError, Router, chat_reservation
 from hivemesh.services.llm.settings import ModelSettings
 
@@ -282,6 +282,9 @@ class LlmServicer(LlmServiceServicer):
         self.router = router
         self.default_deadline_s = default_deadline_s
         self.cache = cache
+        # Identical cacheable generations at the same moment: one upstream
+        # call, the others answered from it as from the cache.
+        self.in_flight = Coalescer()
         self.records = records
 
     def _time(self, context) -> float:
@@ -337,14 +340,9 @@ class LlmServicer(LlmServiceServicer):
         chat = chat_request(request)
         chain = self.router.chain(model, request.disable_fallback)
 
-        async def run() -> GenerateResponse:
-            key = _cache_key(request, chat, model.alias)
-            if key is not None:
-                hit = self.cache.get(key)
-                if hit is not None:
-                    response = _cached(hit)
-                    response.latency.CopyFrom(duration_s(time.monotonic() - started))
-                    return response
+        key = _cache_key(request, chat, model.alias) if self.cache.size > 0 else None
+
+        async def upstream() -> GenerateResponse:
             try:
                 result, route = await self.router.generate(chat, chain, self._deadline(context))
             except RouteError as exc:
@@ -352,6 +350,19 @@ class LlmServicer(LlmServiceServicer):
             response = self._response(result, route, started)
             if key is not None:
                 self.cache.put(key, response)  # errors never reach here: never cached
+            return response
+
+        async def run() -> GenerateResponse:
+            if key is None:
+                return await upstream()
+            hit = self.cache.get(key)
+            shared = hit is not None
+            if not shared:
+                hit, shared = await self.in_flight.run(key, upstream)
+            if not shared:
+                return hit
+            response = _cached(hit)
+            response.latency.CopyFrom(duration_s(time.monotonic() - started))
             return response
 
         response, replayed = await self._once(request, run, GenerateResponse, context)

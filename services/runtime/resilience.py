@@ -1,5 +1,5 @@
-"""Retry backoff, circuit breaker, rate limiter, response cache and
-idempotency store shared by the services and the orchestrator: small values,
+"""Retry backoff, circuit breaker, rate limiter, response cache, coalescer
+of identical calls and idempotency store shared by the services and the orchestrator: small values,
 one job each, with the clock injectable so tests can drive time."""
 
 from __future__ import annotations
@@ -225,6 +225,40 @@ class TtlLru:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+class Coalescer:
+    """Identical calls running at the same moment share one run: the first
+    runs, those that arrive while it runs wait for its result. A run that
+    fails or whose caller left shares nothing: each waiter then runs for
+    itself (the first of them in the others' place), so one caller's error
+    or cancellation is never another's."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Future] = {}
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    async def run(self, key: str, call: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
+        """(result, shared): ``call()``'s result, or that of the identical
+        call that was running, with ``shared`` set."""
+        while (running := self._running.get(key)) is not None:
+            result = await asyncio.shield(running)  # a waiter that leaves leaves alone
+            if result is not _FAILED:
+                return result, True
+        done = asyncio.get_running_loop().create_future()
+        self._running[key] = done
+        result = _FAILED
+        try:
+            result = await call()
+            return result, False
+        finally:
+            del self._running[key]
+            done.set_result(result)
+
+
+_FAILED = object()  # what a failed or abandoned run shares: nothing
 
 
 def replayed_copy(response):

@@ -295,6 +295,40 @@ async def test_the_cache_never_answers_one_tenant_with_another_tenants_call(llm)
     assert len(backends["primary"].calls) == 2
 
 
+async def test_identical_deterministic_calls_at_once_make_one_upstream_call(llm):
+    """Several agents asking the same deterministic question at the same
+    moment: one upstream call, paid once; the others are answered from it,
+    marked cached, with nothing used. A sampled twin still calls upstream."""
+    stub, backends = llm
+    backends["primary"].latency_s = 0.2
+    answers = await asyncio.gather(*(call(stub.Generate, gen(prompt="same", temperature=0.0))
+                                     for _ in range(4)))
+    assert len(backends["primary"].calls) == 1
+    paid = [a for a in answers if not a.cached]
+    assert len(paid) == 1 and paid[0].usage.total_tokens > 0
+    assert all(a.message == paid[0].message for a in answers)
+    assert all(a.usage.total_tokens == 0 and a.attempts == 0 for a in answers if a.cached)
+    await asyncio.gather(*(call(stub.Generate, gen(prompt="same", temperature=0.7))
+                           for _ in range(2)))
+    assert len(backends["primary"].calls) == 3
+
+
+async def test_a_failed_call_is_not_the_answer_of_identical_calls_waiting_on_it(llm):
+    """The first of identical calls fails at the upstream: it alone gets the
+    error, and a call that was waiting on it calls the upstream itself."""
+    stub, backends = llm
+    backends["primary"].latency_s = 0.2
+    backends["primary"].simulate_failure(ErrorKind.BAD_REQUEST)
+    first = asyncio.create_task(call(stub.Generate, gen(model="solo", prompt="q",
+                                                        temperature=0.0)))
+    await asyncio.sleep(0.05)
+    second = await call(stub.Generate, gen(model="solo", prompt="q", temperature=0.0))
+    with pytest.raises(InvalidArgumentError):
+        await first
+    assert not second.cached and second.usage.total_tokens > 0
+    assert len(backends["primary"].calls) == 2
+
+
 async def test_errors_are_never_cached(llm):
     stub, backends = llm
     backends["primary"].simulate_failure(ErrorKind.BAD_REQUEST)
