@@ -25,7 +25,9 @@ from hivemesh.services.llm.settings import BackendSettings, ModelSettings
 _HEALTH = {ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT, ErrorKind.OVERLOADED,
            ErrorKind.STREAM_CUT}
 # Failures that are the request's fault: no other backend will do better.
-_FINAL = {ErrorKind.BAD_REQUEST, ErrorKind.CONTEXT_TOO_LONG}
+# (Too long a context is the request's fault only for models whose context
+# window is not larger: the chain goes on to those with a larger one.)
+_FINAL = {ErrorKind.BAD_REQUEST}
 # Failures after which the upstream may have used the request's tokens.
 _MAYBE_USED = {ErrorKind.TIMEOUT, ErrorKind.STREAM_CUT}
 # Below this much time left an attempt is not started.
@@ -121,7 +123,13 @@ class Router:
         open_breakers: list[str] = []
         limited: list[float] = []
         attempts = 0
+        # The context window of a model that found the request too long:
+        # only a model with a larger one is tried after it.
+        too_long_for: int | None = None
         for position, model in enumerate(chain):
+            if (too_long_for is not None and model.context_window_tokens
+                    and model.context_window_tokens <= too_long_for):
+                continue  # 0: unknown, maybe larger
             state = self.backends[model.backend]
             permit = state.breaker.allow()
             if permit is None:
@@ -185,6 +193,9 @@ class Router:
                     if exc.kind in _FINAL:
                         state.limiter.settle(unused, 0)
                         raise RouteError(exc.message, last=exc, attempts=attempts) from exc
+                    if exc.kind is ErrorKind.CONTEXT_TOO_LONG:
+                        too_long_for = max(too_long_for or 0, model.context_window_tokens)
+                        break
                     if not exc.kind.retryable or retry + 1 >= state.settings.max_attempts:
                         break
                     permit = state.breaker.allow()
@@ -301,14 +312,30 @@ def chat_reservation(request: ChatRequest, chain: list[ModelSettings]) -> int:
 
 
 def _completion_reserve(request: ChatRequest, chain: list[ModelSettings]) -> int:
-    return request.max_tokens or max((m.max_output_tokens for m in chain), default=0)
+    """The most tokens the chain may generate for the request: its
+    ``max_tokens`` capped at the largest ``max_output_tokens`` of the chain
+    (what it sends, :func:`_for`), so one caller's huge ``max_tokens`` never
+    holds a backend's whole tokens-per-minute for everyone else."""
+    most = max((m.max_output_tokens for m in chain), default=0)
+    if not request.max_tokens:
+        return most
+    return min(request.max_tokens, most) if most else request.max_tokens
 
 
 def _for(request: ChatRequest, model: ModelSettings) -> ChatRequest:
-    """The request as one candidate model gets it: a model without a
-    json_schema format (``supports_json_schema`` false) is asked for the
-    schema in the system prompt instead."""
-    request = replace(request, upstream_model=model.upstream_model,
+    """The request as one candidate model gets it: ``max_tokens`` capped at
+    the model's ``max_output_tokens``; a model without a json_schema format
+    (``supports_json_schema`` false) is asked for the schema in the system
+    prompt instead. UNSUPPORTED (the chain goes on) when the request has
+    tools and the model takes none (``supports_tools`` false)."""
+    if request.tools and not model.supports_tools:
+        raise BackendError(ErrorKind.UNSUPPORTED,
+                           f"model {model.alias!r} takes no tools (supports_tools is false)",
+                           field="tools")
+    max_tokens = request.max_tokens
+    if max_tokens and model.max_output_tokens:
+        max_tokens = min(max_tokens, model.max_output_tokens)
+    request = replace(request, upstream_model=model.upstream_model, max_tokens=max_tokens,
                       max_output_tokens=model.max_output_tokens)
     if request.response_format != "json_schema" or model.supports_json_schema:
         return request

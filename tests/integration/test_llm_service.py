@@ -23,7 +23,7 @@ from hivemesh.client.errors import (
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.llm.v1 import (
     CountTokensRequest, EmbedRequest, GenerateRequest, GenerationConfig, ListModelsRequest,
-    LlmServiceStub, Prompt, StreamGenerateRequest)
+    LlmServiceStub, Prompt, StreamGenerateRequest, Tool)
 from hivemesh.runtime.resilience import RateLimiter, TtlLru
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.runtime.text import estimate_tokens
@@ -123,6 +123,61 @@ async def test_bad_request_is_not_retried_nor_fallen_back(llm):
     with pytest.raises(OutOfRangeError) as err:
         await call(stub.Generate, gen())
     assert err.value.reason == "CONTEXT_TOO_LONG"
+
+
+def with_models(s: LlmSettings, **changes: dict) -> LlmSettings:
+    """``s`` with some models' settings changed, by alias."""
+    s.models = [m.model_copy(update=changes.get(m.alias, {})) for m in s.models]
+    return s
+
+
+async def test_a_prompt_too_long_for_a_model_goes_on_to_a_larger_window_only():
+    s = with_models(settings(), main={"context_window_tokens": 8_192},
+                    backup={"context_window_tokens": 200_000})
+    async with serve(s) as (stub, backends):
+        backends["primary"].simulate_failure(ErrorKind.CONTEXT_TOO_LONG, "too long")
+        answer = await call(stub.Generate, gen())
+        assert (answer.model, answer.fallback_used) == ("backup", True)
+        assert len(backends["primary"].calls) == 1 and len(backends["secondary"].calls) == 1
+    s = with_models(settings(), main={"context_window_tokens": 200_000},
+                    backup={"context_window_tokens": 8_192})
+    async with serve(s) as (stub, backends):
+        backends["primary"].simulate_failure(ErrorKind.CONTEXT_TOO_LONG, "too long")
+        with pytest.raises(OutOfRangeError) as err:
+            await call(stub.Generate, gen())
+        assert err.value.reason == "CONTEXT_TOO_LONG"
+        assert not backends["secondary"].calls  # a smaller window would refuse it too
+
+
+async def test_a_request_with_tools_skips_a_model_that_takes_none():
+    tool = Tool(name="lookup", description="Looks a word up")
+    async with serve(with_models(settings(), main={"supports_tools": False})) as (stub, backends):
+        answer = await call(stub.Generate, gen(tools=[tool]))
+        assert (answer.model, answer.attempts) == ("backup", 1)
+        assert not backends["primary"].calls and backends["secondary"].calls[0].tools
+        plain = await call(stub.Generate, gen())  # no tools: the model itself
+        assert plain.model == "main"
+        with pytest.raises(InvalidArgumentError) as err:
+            await call(stub.Generate, gen(tools=[tool], disable_fallback=True))
+        assert err.value.reason == "INVALID_REQUEST"
+        assert [field for field, _ in err.value.field_violations] == ["tools"]
+        assert len(backends["primary"].calls) == 1
+
+
+async def test_one_callers_huge_max_tokens_holds_no_more_than_the_model_may_generate():
+    """max_tokens is capped at the model's max_output_tokens, in what is
+    sent and in what is held of the backend's tokens per minute: a caller
+    asking for two billion does not lock the backend out for the others."""
+    async with serve(settings(tokens_per_minute=20_000)) as (stub, backends):
+        backends["primary"].latency_s = 0.3
+        request = gen(model="solo")
+        request.config.max_tokens = 2 * 10**9
+        huge = asyncio.create_task(call(stub.Generate, request))
+        await asyncio.sleep(0.1)
+        other = await call(stub.Generate, gen(model="solo"))
+        assert other.backend == "primary"
+        await huge
+        assert backends["primary"].calls[0].max_tokens == 4_096
 
 
 async def test_exhausted_backend_falls_back_down_the_chain(llm):
@@ -575,10 +630,13 @@ async def _servicer():
         await backends.close()
 
 
+LONG_MAX_TOKENS = 4_000  # within the model's max_output_tokens (4,096)
+
+
 def _long_stream(prompt: str = "go") -> StreamGenerateRequest:
     # max_tokens is reserved before the call: far more than the answers use
     return StreamGenerateRequest(request_id=rid(), model="solo", prompt=Prompt(prompt=prompt),
-                                 config=GenerationConfig(max_tokens=100_000))
+                                 config=GenerationConfig(max_tokens=LONG_MAX_TOKENS))
 
 
 async def test_a_cut_stream_is_charged_what_it_used_not_what_it_reserved():
@@ -631,10 +689,10 @@ async def test_a_stream_its_client_cancels_gives_back_what_it_did_not_use(
         prompt = estimate_prompt_tokens(chat_request(request).messages)
         stream = stub.StreamGenerate(request, timeout=10)
         first = await stream.read()
-        assert _charged(tokens) == prompt + 100_000  # reserved while it runs
+        assert _charged(tokens) == prompt + LONG_MAX_TOKENS  # reserved while it runs
         stream.cancel()
         for _ in range(100):
-            if _charged(tokens) < prompt + 100_000:
+            if _charged(tokens) < prompt + LONG_MAX_TOKENS:
                 break
             await asyncio.sleep(0.02)
         assert prompt + estimate_tokens(first.delta.text) <= _charged(tokens) \

@@ -319,7 +319,8 @@ export type GenerationConfig = Message$1<"hivemesh.llm.v1.GenerationConfig"> & {
   topP?: number | undefined;
 
   /**
-   * Most tokens to generate; 0 means the model's default.
+   * Most tokens to generate; 0 means the model's default. Capped at the
+   * model's max_output_tokens (Model) when that is known.
    *
    * @generated from field: int32 max_tokens = 3;
    */
