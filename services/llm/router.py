@@ -37,12 +37,13 @@ _MIN_ATTEMPT_S = 0.01
 class RouteError(Exception):
     """No candidate of the chain answered. ``last`` is the last upstream
     error (None when nothing was attempted); ``open_breakers`` and
-    ``rate_limited_for_s`` say why candidates were skipped."""
+    ``rate_limited_for_s`` say why candidates were skipped (``open_for_s``:
+    how long until the first of those breakers lets a probe through)."""
 
     def __init__(self, message: str, *, last: BackendError | None = None,
                  open_breakers: list[str] | None = None,
                  rate_limited_for_s: float | None = None, deadline: bool = False,
-                 attempts: int = 0) -> None:
+                 attempts: int = 0, open_for_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.last = last
@@ -50,6 +51,8 @@ class RouteError(Exception):
         self.rate_limited_for_s = rate_limited_for_s
         self.deadline = deadline
         self.attempts = attempts
+        # Seconds until the first open breaker lets a probe through.
+        self.open_for_s = open_for_s
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Router:
         # A candidate that could not express the request (nothing sent).
         unsupported: BackendError | None = None
         open_breakers: list[str] = []
+        reopening: list[float] = []  # per open breaker, the time until its probe
         limited: list[float] = []
         attempts = 0
         # The context window of a model that found the request too long:
@@ -134,6 +138,7 @@ class Router:
             permit = state.breaker.allow()
             if permit is None:
                 open_breakers.append(model.backend)
+                reopening.append(state.breaker.open_for())
                 continue
             wait = state.limiter.acquire(tokens)
             if wait > 0:
@@ -232,7 +237,7 @@ class Router:
             raise RouteError("the circuit breaker of every backend of the chain is open",
                              open_breakers=open_breakers,
                              rate_limited_for_s=min(limited) if limited else None,
-                             attempts=attempts)
+                             attempts=attempts, open_for_s=min(reopening))
         last = last or unsupported
         raise RouteError(last.message if last else "no backend answered", last=last,
                          open_breakers=open_breakers, attempts=attempts)

@@ -222,9 +222,17 @@ def route_error(exc: RouteError) -> errors.ServiceError:
                 grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_RATE_LIMITED,
                 exc.message, {**meta, "retry_after_s": f"{exc.rate_limited_for_s:.3f}"},
                 [errors.retry_info(exc.rate_limited_for_s)])
+        wait = exc.open_for_s or 0.0
+        if wait <= 0:  # a probe may be let through now, or is out
+            return errors.ServiceError(
+                grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_CIRCUIT_OPEN,
+                exc.message, {**meta, "backends": ",".join(exc.open_breakers)})
+        # Nothing will be let through for ``wait``: said with RetryInfo, and
+        # gRPC's own retries (milliseconds apart) would only meet it again.
         return errors.ServiceError(
             grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_CIRCUIT_OPEN, exc.message,
-            {**meta, "backends": ",".join(exc.open_breakers)})
+            {**meta, "backends": ",".join(exc.open_breakers), "retry_after_s": f"{wait:.3f}"},
+            [errors.retry_info(wait)], retry=False)
     kind = last.kind
     if kind is ErrorKind.UNSUPPORTED:
         # No backend of the chain could express it; none was sent anything.

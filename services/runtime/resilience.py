@@ -86,6 +86,13 @@ class CircuitBreaker:
             return self._probe
         return None
 
+    def open_for(self) -> float:
+        """Seconds until the breaker lets a probe through (0: it lets calls
+        through now, or its probe is out)."""
+        if self.state != self.OPEN:
+            return 0.0
+        return max(0.0, self.reset_s - (self.clock() - self.opened_at))
+
     def record_success(self) -> None:
         self.failures = 0
         self._probe = None

@@ -213,6 +213,8 @@ async def test_breaker_opens_skips_to_fallback_then_probes_and_closes():
         with pytest.raises(UnavailableError) as err:
             await call(stub.Generate, gen(model="solo"))
         assert err.value.reason == "CIRCUIT_OPEN"
+        # When a probe will be let through: no sooner than that is worth a retry.
+        assert 0 < err.value.retry_delay.total_seconds() <= 0.3
         await asyncio.sleep(0.35)
         # Half-open: one probe goes to the primary; it succeeds and closes.
         assert (await call(stub.Generate, gen())).backend == "primary"

@@ -78,3 +78,14 @@ def test_a_call_let_through_before_the_breaker_opened_that_fails_sends_no_second
     probe = breaker.allow()
     breaker.record_failure(probe)
     assert breaker.state == CircuitBreaker.OPEN
+
+
+def test_open_for_says_when_a_probe_will_be_let_through():
+    now = [100.0]
+    breaker = CircuitBreaker(failure_threshold=1, reset_s=30, clock=lambda: now[0])
+    assert breaker.open_for() == 0
+    breaker.record_failure(breaker.allow())
+    now[0] += 10
+    assert breaker.open_for() == 20 and breaker.allow() is None
+    now[0] += 20
+    assert breaker.open_for() == 0 and breaker.allow() is not None
