@@ -533,7 +533,9 @@ class LlmServicer(LlmServiceServicer):
         digest = paging.digest("models", request.kind)
         if request.page_token:
             after = paging.decode(request.page_token, digest, (str,))[0]
-            start = next((i + 1 for i, m in enumerate(models) if m.alias == after), len(models))
+            # The first alias after it (one gone since, as behind a replica
+            # with another configuration, does not end the listing).
+            start = next((i for i, m in enumerate(models) if m.alias > after), len(models))
         size = request.page_size or 100
         page = models[start:start + size]
         response = ListModelsResponse(models=[Model(

@@ -711,6 +711,12 @@ async def test_unknown_model_and_models_listing(llm):
     rest = await call(stub.ListModels, ListModelsRequest(page_token=listing.next_page_token))
     assert [m.alias for m in rest.models] == ["main", "solo"]
     assert list(rest.models[0].fallback_aliases) == ["backup"] and rest.models[0].is_default
+    # A token after an alias this server does not have (another replica's
+    # configuration, or one changed since) goes on from the next alias.
+    from hivemesh.runtime import paging
+    token = paging.encode(["dropped"], paging.digest("models", 0))
+    after = await call(stub.ListModels, ListModelsRequest(page_token=token))
+    assert [m.alias for m in after.models] == ["embed", "main", "solo"]
 
 
 async def test_embeddings_are_deterministic_and_meaningful(llm):
