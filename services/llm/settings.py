@@ -191,6 +191,9 @@ class LlmSettings(ServiceSettings):
         for m in self.models:
             if m.backend not in self.backends:
                 raise ValueError(f"model {m.alias!r} names unknown backend {m.backend!r}")
+            if m.kind == "embedding" and self.backends[m.backend].type == "anthropic":
+                raise ValueError(f"embedding model {m.alias!r} is on backend {m.backend!r}, "
+                                 "of type anthropic, which offers no embeddings")
             for f in m.fallback:
                 if f not in kinds:
                     raise ValueError(f"model {m.alias!r} falls back to unknown alias {f!r}")

@@ -78,6 +78,17 @@ def test_an_llm_alias_falls_back_only_to_an_alias_of_its_kind():
             ModelSettings(alias="embed", kind="embedding", backend="mock", upstream_model="e")])
 
 
+def test_an_embedding_model_on_an_anthropic_backend_is_refused_at_start(monkeypatch):
+    """Anthropic offers no embeddings: every Embed to it could only fail."""
+    from hivemesh.services.llm.settings import BackendSettings, LlmSettings, ModelSettings
+    monkeypatch.setenv("ANTHROPIC_TEST_KEY", "k")
+    backends = {"claude": BackendSettings(type="anthropic", api_key_env="ANTHROPIC_TEST_KEY")}
+    with pytest.raises(ValidationError, match="offers no embeddings"):
+        LlmSettings(backends=backends, models=[
+            ModelSettings(alias="embed", kind="embedding", backend="claude",
+                          upstream_model="e")])
+
+
 def test_a_secrets_directory_set_explicitly_must_exist(monkeypatch, tmp_path):
     """A secret volume that failed to mount would otherwise start the
     service without its keys (pydantic-settings only warns)."""
