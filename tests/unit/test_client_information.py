@@ -1,6 +1,6 @@
 """The Python information client against a real information service (SQLite,
-in process, loopback port 0): what a refused reservation carries, and alert
-streams that end when their reader stops."""
+in process, loopback port 0): what a refused reservation carries, alert
+streams that say when they are active and end when their reader stops."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hivemesh.client import InformationClient
 from hivemesh.client.errors import ResourceExhaustedError
 from hivemesh.common.v1 import RequestContext, Usage
-from hivemesh.information.v1 import Budget, BudgetMode, Scope
+from hivemesh.information.v1 import Alert, Budget, BudgetMode, Heartbeat, Scope
 from hivemesh.runtime.settings import ServerSettings
 from hivemesh.services.information.server import create_server
 from hivemesh.services.information.settings import InformationSettings
@@ -116,3 +116,50 @@ async def test_a_caller_cancelled_while_reading_cancels_the_watch(tmp_path, monk
             await reader
         [server_side] = ended
         await asyncio.wait_for(server_side.wait(), 30)
+
+
+async def test_an_alert_fired_once_the_watch_is_active_is_delivered(tmp_path):
+    """The first heartbeat says the watch is active: a charge made right
+    after it fires an alert the watch delivers (no ``since`` needed)."""
+    async with information_service(tmp_path) as info:
+        await info.create_budget(Budget(budget_id="b-live", scope=Scope(tenant_id="live"),
+                                        limit_tokens=100, mode=BudgetMode.BUDGET_MODE_SOFT,
+                                        alert_thresholds_percent=[50]))
+        active = asyncio.Event()
+        alerts: asyncio.Queue[Alert] = asyncio.Queue()
+
+        async def watch():
+            async for event in info.watch_alerts(budget_ids=["b-live"], heartbeats=True):
+                if isinstance(event, Heartbeat):
+                    assert event.HasField("send_time")
+                    active.set()
+                else:
+                    await alerts.put(event)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await asyncio.wait_for(active.wait(), 30)
+            charged = await info.track(RequestContext(tenant_id="live"),
+                                       Usage(prompt_tokens=60), model="gpt-test")
+            [fired] = charged.alerts
+            delivered = await asyncio.wait_for(alerts.get(), 30)
+            assert delivered.alert_id == fired.alert_id
+            assert delivered.threshold_percent == 50
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+async def test_heartbeats_are_only_yielded_when_asked_for(tmp_path):
+    async with information_service(tmp_path) as info:
+        await info.create_budget(Budget(budget_id="b-quiet", limit_tokens=100,
+                                        alert_thresholds_percent=[50]))
+        await info.track(RequestContext(tenant_id="t"), Usage(prompt_tokens=60), model="m")
+        # The replayed alert is the first thing a watch without heartbeats yields.
+        watch = info.watch_alerts(since=SINCE_START)
+        try:
+            first = await asyncio.wait_for(anext(watch), 30)
+        finally:
+            await watch.aclose()
+        assert isinstance(first, Alert) and first.budget_id == "b-quiet"

@@ -53,6 +53,14 @@ async def test_a_completed_watch_ends_quietly():
     assert await _alerts(HEARTBEAT, ALERT, end) == ["b"]
 
 
+async def test_heartbeats_are_yielded_between_the_alerts_when_asked_for():
+    end = WatchAlertsResponse(end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
+    async with InformationClient("127.0.0.1:1") as client:
+        client._stub = _Stub(HEARTBEAT, ALERT, HEARTBEAT, end)
+        events = [type(e) async for e in client.watch_alerts(heartbeats=True)]
+    assert events == [Heartbeat, Alert, Heartbeat]
+
+
 async def test_a_failed_watch_raises_the_error_it_carries():
     end = WatchAlertsResponse(end=StreamEnd(
         outcome=StreamOutcome.STREAM_OUTCOME_FAILED,

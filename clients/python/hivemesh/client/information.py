@@ -15,7 +15,7 @@ from hivemesh.client.base import DEFAULT, BaseClient
 from hivemesh.common.v1 import RequestContext, Usage
 from hivemesh.information.v1 import (
     Alert, Budget, BudgetStatus, CommitRequest, CommitResponse, CreateBudgetRequest,
-    GetBudgetStatusRequest, InformationServiceStub, ModelPrice, ReleaseRequest,
+    GetBudgetStatusRequest, Heartbeat, InformationServiceStub, ModelPrice, ReleaseRequest,
     ReleaseResponse, ReserveRequest, ReserveResponse, Scope, SetModelPriceRequest,
     TrackCompletionRequest, TrackCompletionResponse, WatchAlertsRequest)
 
@@ -102,11 +102,20 @@ class InformationClient(BaseClient):
 
     async def watch_alerts(self, *, scope: Scope | None = None,
                            budget_ids: list[str] | None = None, min_threshold_percent: int = 0,
-                           since: Timestamp | None = None) -> AsyncIterator[Alert]:
+                           since: Timestamp | None = None,
+                           heartbeats: bool = False) -> AsyncIterator[Alert | Heartbeat]:
         """Alerts as they fire, until the server ends the stream. ``since``
         (the ``create_time`` of the last alert received) first replays the
-        stored alerts created after it, to resume a watch without a gap. A
-        stream that closes without its terminal message raises
+        stored alerts created after it, to resume a watch without a gap.
+
+        ``heartbeats=True`` also yields the stream's Heartbeat messages: the
+        first comes once the watch is active (every alert fired from then on
+        is delivered; one fired before, while the call was still starting,
+        is only delivered through ``since``), the others while no alert
+        fires, so a reader can tell an idle watch from a dead one. Without
+        it only Alert messages are yielded.
+
+        A stream that closes without its terminal message raises
         UnavailableError; one that ends FAILED raises the error it carries.
         Closing the generator before the end cancels the call, so the server
         drops the watch at once: ``aclose()``, or the event loop's own closing
@@ -119,5 +128,8 @@ class InformationClient(BaseClient):
         async with contextlib.aclosing(self._stream(self._stub.WatchAlerts, request,
                                                     None)) as messages:
             async for message in messages:
-                if message.WhichOneof("event") == "alert":
+                event = message.WhichOneof("event")
+                if event == "alert":
                     yield message.alert
+                elif event == "heartbeat" and heartbeats:
+                    yield message.heartbeat
