@@ -3,9 +3,13 @@ service config that ships with its contract, unless the caller says."""
 
 from __future__ import annotations
 
-from hivemesh.client import ArtifactClient
+import datetime as dt
+
+from hivemesh.client import ArtifactClient, InformationClient
 from hivemesh.client.memory import MemoryClient
 from hivemesh.artifact.v1 import Artifact, GetArtifactResponse
+from hivemesh.information.v1 import (
+    GetBudgetResponse, GetMetricsResponse, ListModelPricesResponse)
 from hivemesh.memory.v1 import AddMemoriesResponse, SearchMemoriesResponse
 
 
@@ -31,6 +35,18 @@ async def test_a_call_gets_its_methods_timeout_from_the_service_config():
         await memory.add(["a"] * 1000)
         await memory.search("q")
         assert stub.timeouts == {"AddMemories": 60.0, "SearchMemories": 15.0}
+
+
+async def test_information_calls_get_their_methods_timeouts():
+    # information: 5 s for every method, 30 s for GetMetrics
+    async with InformationClient("127.0.0.1:1") as info:
+        info._stub = stub = _Stub({"GetMetrics": GetMetricsResponse(),
+                                   "GetBudget": GetBudgetResponse(),
+                                   "ListModelPrices": ListModelPricesResponse()})
+        await info.metrics(dt.datetime(2026, 1, 1))
+        await info.get_budget("b")
+        await info.list_prices()
+        assert stub.timeouts == {"GetMetrics": 30.0, "GetBudget": 5.0, "ListModelPrices": 5.0}
 
 
 async def test_the_clients_and_the_calls_own_timeouts_win():
