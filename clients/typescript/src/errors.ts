@@ -28,6 +28,14 @@ export interface FieldViolation {
   readonly reason: string;
 }
 
+/** One violation of a google.rpc.QuotaFailure (RESOURCE_EXHAUSTED). */
+export interface QuotaViolation {
+  /** What ran out, e.g. `budget:<budget_id>` for a budget that cannot hold
+   * a reservation. */
+  readonly subject: string;
+  readonly description: string;
+}
+
 /** A failed call, with the ErrorInfo and other details decoded. Its `name`
  * stays "ConnectError", so connect's own `instanceof ConnectError` checks
  * still recognise it. */
@@ -44,7 +52,9 @@ export class HivemeshError extends ConnectError {
   readonly fieldViolations: readonly FieldViolation[];
   /** RetryInfo.retry_delay in milliseconds, when the service asks for a pause. */
   readonly retryDelayMs: number | undefined;
-  /** QuotaFailure violations' descriptions (RESOURCE_EXHAUSTED). */
+  /** QuotaFailure violations, subject and description (RESOURCE_EXHAUSTED). */
+  readonly quotaFailureViolations: readonly QuotaViolation[];
+  /** The descriptions of `quotaFailureViolations`, in the same order. */
   readonly quotaViolations: readonly string[];
 
   private constructor(source: ConnectError) {
@@ -60,9 +70,10 @@ export class HivemeshError extends ConnectError {
     const delay = first(this, RetryInfoSchema)?.retryDelay;
     this.retryDelayMs =
       delay === undefined ? undefined : Number(delay.seconds) * 1000 + Math.round(delay.nanos / 1e6);
-    this.quotaViolations = this.findDetails(QuotaFailureSchema).flatMap((q) =>
-      q.violations.map((v) => v.description),
+    this.quotaFailureViolations = this.findDetails(QuotaFailureSchema).flatMap((q) =>
+      q.violations.map((v) => ({ subject: v.subject, description: v.description })),
     );
+    this.quotaViolations = this.quotaFailureViolations.map((v) => v.description);
   }
 
   /** The HivemeshError for anything a call threw (an error from a transport

@@ -5,7 +5,7 @@
 export { createClient } from "./streams.js";
 export type { Client, Transport } from "@connectrpc/connect";
 export { Code, HivemeshError, hivemeshErrors, unpackDetail, untilEnd } from "./errors.js";
-export type { FieldViolation } from "./errors.js";
+export type { FieldViolation, QuotaViolation } from "./errors.js";
 export { checkHealth, ServingStatus } from "./health.js";
 export { createMeshTransport, withHivemeshErrors } from "./transport.js";
 export type { MeshTlsOptions, MeshTransportOptions } from "./transport.js";

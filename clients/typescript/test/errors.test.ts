@@ -28,7 +28,7 @@ test("a ConnectError's details become reason, domain, metadata, violations and r
   wire.details = [
     detail(ErrorInfoSchema, { reason: "BUDGET_EXCEEDED", domain: "hivemesh.information", metadata: { budget_id: "b-1" } }),
     detail(RetryInfoSchema, { retryDelay: { seconds: 2n, nanos: 500_000_000 } }),
-    detail(QuotaFailureSchema, { violations: [{ subject: "b-1", description: "limit 500 micros" }] }),
+    detail(QuotaFailureSchema, { violations: [{ subject: "budget:b-1", description: "limit 500 micros" }] }),
     detail(BadRequestSchema, { fieldViolations: [{ field: "max_tokens", description: "too many" }] }),
   ];
   const err = HivemeshError.from(wire);
@@ -40,6 +40,7 @@ test("a ConnectError's details become reason, domain, metadata, violations and r
   assert.equal(err.domain, "hivemesh.information");
   assert.deepEqual(err.errorMetadata, { budget_id: "b-1" });
   assert.equal(err.retryDelayMs, 2500);
+  assert.deepEqual(err.quotaFailureViolations, [{ subject: "budget:b-1", description: "limit 500 micros" }]);
   assert.deepEqual(err.quotaViolations, ["limit 500 micros"]);
   assert.deepEqual(err.fieldViolations, [{ field: "max_tokens", description: "too many", reason: "" }]);
   assert.equal(HivemeshError.from(err), err);

@@ -144,6 +144,29 @@ describe("TypeScript client against the running mesh", { timeout: 240_000 }, () 
     assert.ok(err.rawMessage.includes(artifactId));
   });
 
+  test("a refused reservation fails with BUDGET_EXCEEDED and names the budget it exceeds", async () => {
+    const info = createClient(InformationService, createMeshTransport(mesh.address("information")));
+    const tenantId = `ts-${randomUUID()}`;
+    const { budget } = await info.createBudget(
+      { requestId: randomUUID(), budget: { scope: { tenantId }, limitTokens: 100n, mode: BudgetMode.HARD } },
+      CALL,
+    );
+    const err = await failure(
+      info.reserve(
+        { requestId: randomUUID(), context: { tenantId }, model: "mock-small", estimatedPromptTokens: 100n, maxTokens: 100n },
+        CALL,
+      ),
+    );
+    assert.equal(err.code, Code.ResourceExhausted);
+    assert.equal(err.reason, "BUDGET_EXCEEDED");
+    assert.equal(err.errorMetadata.budget_id, budget?.budgetId);
+    assert.equal(err.quotaFailureViolations.length, 1);
+    const [violation] = err.quotaFailureViolations;
+    assert.equal(violation?.subject, `budget:${budget?.budgetId}`);
+    assert.match(violation?.description ?? "", /limit 100\b.*requested 200/);
+    assert.deepEqual(err.quotaViolations, [violation?.description]);
+  });
+
   test("LLM StreamGenerate streams deltas and ends with a summary", async () => {
     const llm = createClient(LlmService, createMeshTransport(mesh.address("llm")));
     const messages: StreamGenerateResponse[] = [];
