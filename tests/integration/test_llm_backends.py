@@ -978,3 +978,69 @@ async def test_anthropic_has_no_embeddings():
     assert caught.value.kind is ErrorKind.UNSUPPORTED
     assert "does not offer embeddings" in caught.value.message
     assert server.request_count == 0
+
+
+def _embeddings(*vectors: Any, usage: dict | None = None, **item: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"object": "list", "model": "embed-model", "data": [
+        {"object": "embedding", "index": i, "embedding": v, **item}
+        for i, v in enumerate(vectors)]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+MALFORMED_EMBEDDINGS = {
+    # base64 although encoding_format float was asked for
+    "base64": _embeddings("AACAPwAAAEA=", "AACAPwAAAEA="),
+    "digits as a string": _embeddings("12", "34"),
+    "no index": {"object": "list", "data": [{"embedding": [0.1]}, {"embedding": [0.2]}]},
+    "one index twice": {"object": "list", "data": [{"index": 0, "embedding": [0.1]},
+                                                   {"index": 0, "embedding": [0.2]}]},
+    "no data": {"object": "list", "model": "embed-model"},
+    "data not a list": {"object": "list", "data": {"0": [0.1]}},
+    "items not objects": {"object": "list", "data": [[0.1], [0.2]]},
+    "not numbers": _embeddings([0.1, None], [0.2, 0.3]),
+    "ragged": _embeddings([0.1, 0.2, 0.3], [0.4]),
+    "empty vectors": _embeddings([], []),
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_EMBEDDINGS.values(), ids=MALFORMED_EMBEDDINGS.keys())
+async def test_a_malformed_embeddings_answer_is_unavailable(openai_upstream: Upstream, body):
+    """As a malformed chat answer: a BackendError the router retries and
+    the breaker counts, never an exception of another kind."""
+    openai_upstream.server.enqueue(Raw(body=body))
+    with pytest.raises(BackendError) as caught:
+        await openai_upstream.backend.embed(["a", "b"], "embed-model", None, TIMEOUT_S)
+    assert caught.value.kind is ErrorKind.UNAVAILABLE
+    assert "malformed" in caught.value.message
+
+
+async def test_embeddings_of_another_size_than_asked_for_are_malformed(openai_upstream: Upstream):
+    openai_upstream.server.enqueue(Raw(body=_embeddings([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])))
+    with pytest.raises(BackendError) as caught:
+        await openai_upstream.backend.embed(["a", "b"], "embed-model", 4, TIMEOUT_S)
+    assert caught.value.kind is ErrorKind.UNAVAILABLE
+    assert "asked for 4 dimensions, got 3" in caught.value.message
+
+
+async def test_embeddings_usage_is_read_as_compatible_servers_send_it(openai_upstream: Upstream):
+    """An embedding's tokens are all prompt tokens: some servers give only
+    their total, or counts as strings; none at all is estimated."""
+    server, backend = openai_upstream.server, openai_upstream.backend
+    server.enqueue(Raw(body=_embeddings([0.1], [0.2], usage={"total_tokens": 7})),
+                   Raw(body=_embeddings([0.1], [0.2], usage={"prompt_tokens": "5"})),
+                   Raw(body=_embeddings([0.1], [0.2], usage={"prompt_tokens": None})))
+    results = [await backend.embed(["one", "two"], "embed-model", None, TIMEOUT_S)
+               for _ in range(3)]
+    assert [r.usage for r in results] == [Usage(prompt_tokens=7), Usage(prompt_tokens=5),
+                                          Usage(prompt_tokens=2)]
+    assert results[0].vectors == [[0.1], [0.2]]
+
+
+async def test_embeddings_answered_out_of_order_are_put_in_order(openai_upstream: Upstream):
+    body = _embeddings([0.1], [0.2])
+    body["data"].reverse()
+    openai_upstream.server.enqueue(Raw(body=body))
+    result = await openai_upstream.backend.embed(["a", "b"], "embed-model", None, TIMEOUT_S)
+    assert result.vectors == [[0.1], [0.2]]

@@ -15,7 +15,9 @@ call: for the bodies built here that check changes nothing and cost about a
 fifth of a millisecond (``tests/unit/test_llm_openai_wire.py`` runs it on
 every shape of body built here and fails if it would change one). Responses
 are still the SDK's own types, errors its own exceptions, streams its own
-SSE parser.
+SSE parser. Embeddings go the same way, and their answers are checked as
+chat answers are: one list of numbers per text, all of one size (the size
+asked for, when one was), or the answer is malformed (UNAVAILABLE).
 
 Reasoning models (OpenAI's o1, o3, o4-mini, the gpt-5 family; the backend's
 ``reasoning_models`` name them by prefix) refuse ``max_tokens``: their
@@ -148,13 +150,7 @@ class OpenAIBackend(http.UpstreamErrors):
                                             timeout_s)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a BackendError
             raise self._map_error(exc, timeout_s) from _cause(exc)
-        try:
-            completion = response.json()
-        except ValueError:
-            completion = None
-        if not isinstance(completion, dict):
-            raise BackendError(ErrorKind.UNAVAILABLE,
-                               f"{self.name}: the upstream answer is not a JSON object")
+        completion = self._answer(response)
         try:
             return self._result(completion, request)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -282,20 +278,61 @@ class OpenAIBackend(http.UpstreamErrors):
             params["dimensions"] = dimensions
         try:
             async with asyncio.timeout(timeout_s):
-                response = await self._client.embeddings.create(**params, timeout=timeout_s)
+                response = await self._post("/embeddings", params, httpx2.Response, timeout_s)
         except Exception as exc:  # noqa: BLE001
             raise self._map_error(exc, timeout_s) from _cause(exc)
-        data = sorted(response.data, key=lambda item: item.index)
+        answer = self._answer(response)
+        try:
+            return self._embeddings(answer, texts, upstream_model, dimensions)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise BackendError(ErrorKind.UNAVAILABLE,
+                               f"{self.name}: the upstream answer is malformed ({exc})") from None
+
+    def _embeddings(self, answer: dict[str, Any], texts: list[str], upstream_model: str,
+                    dimensions: int | None) -> EmbedResult:
+        """The vectors of an embeddings answer, read from its JSON body: one
+        list of numbers per text, all of one size (the size asked for, if
+        one was)."""
+        data = answer.get("data")
+        if not isinstance(data, list):
+            raise TypeError("it has no data")
         if len(data) != len(texts):
             raise BackendError(ErrorKind.UNAVAILABLE,
                                f"{self.name}: asked for {len(texts)} embeddings, got {len(data)}")
-        vectors = [[float(x) for x in item.embedding] for item in data]
-        if response.usage is not None:
-            usage = Usage(prompt_tokens=response.usage.prompt_tokens)
+        by_index: dict[int, list[float]] = {}
+        for item in data:
+            index = item.get("index")
+            if not isinstance(index, int) or isinstance(index, bool) or \
+                    not 0 <= index < len(texts) or index in by_index:
+                raise ValueError(f"an embedding has the index {index!r}")
+            by_index[index] = _vector(item.get("embedding"))
+        vectors = [by_index[i] for i in range(len(texts))]
+        sizes = {len(v) for v in vectors}
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"its vectors have sizes {sorted(sizes)}")
+        if dimensions and sizes != {dimensions}:
+            raise ValueError(f"asked for {dimensions} dimensions, got {sizes.pop()}")
+        usage = answer.get("usage")
+        if isinstance(usage, dict) and (usage.get("prompt_tokens") or usage.get("total_tokens")):
+            # an embedding's tokens are all prompt: some servers only give the total
+            prompt = _count(usage.get("prompt_tokens") or usage.get("total_tokens"))
         else:
-            usage = Usage(prompt_tokens=sum(estimate_tokens(t) for t in texts))
-        return EmbedResult(vectors=vectors, usage=usage,
-                           upstream_model=response.model or upstream_model)
+            prompt = sum(estimate_tokens(t) for t in texts)
+        model = answer.get("model")
+        return EmbedResult(vectors=vectors, usage=Usage(prompt_tokens=prompt),
+                           upstream_model=model if isinstance(model, str) and model
+                           else upstream_model)
+
+    def _answer(self, response: Any) -> dict[str, Any]:
+        """The JSON object of a whole (not streamed) answer."""
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise BackendError(ErrorKind.UNAVAILABLE,
+                               f"{self.name}: the upstream answer is not a JSON object")
+        return answer
 
     # -- errors -------------------------------------------------------------
 
@@ -439,6 +476,16 @@ def _text_of(content: Any) -> str:
         return "".join(p.get("text") or "" for p in content
                        if isinstance(p, dict) and p.get("type", "text") == "text")
     raise TypeError(f"content is a {type(content).__name__}")
+
+
+def _vector(embedding: Any) -> list[float]:
+    """An embedding as numbers: a list of them, not (as when base64 was
+    answered although floats were asked for) a string."""
+    if not isinstance(embedding, list):
+        raise TypeError(f"an embedding is a {type(embedding).__name__}, not a list of numbers")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding):
+        raise TypeError("an embedding holds something else than numbers")
+    return [float(x) for x in embedding]
 
 
 def _arguments(arguments: Any) -> str:
