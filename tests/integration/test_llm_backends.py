@@ -931,16 +931,15 @@ async def test_an_anthropic_stream_that_ends_after_its_message_delta_is_complete
 
 
 async def test_a_json_answer_that_is_not_a_message_is_unavailable():
-    """Anthropic: a 200 carrying an error object (or anything but a
-    message) is an unavailable upstream, never an empty success."""
+    """Anthropic: a 200 carrying anything but a message (or an error
+    object) is an unavailable upstream, never an empty success."""
     async with make_server("anthropic") as server:
         backend = make_backend("anthropic", server.base_url)
         try:
-            for body in ({"type": "error", "error": {"type": "overloaded_error",
-                                                      "message": "Overloaded"}}, {"foo": 1}):
+            for body in ({"type": "error"}, {"foo": 1}):
                 server.enqueue(Raw(body=body))
                 error = await call(backend, "generate", chat(user("x")))
-                assert error.kind in (ErrorKind.UNAVAILABLE, ErrorKind.OVERLOADED)
+                assert error.kind is ErrorKind.UNAVAILABLE
         finally:
             await backend.close()
 
@@ -1044,3 +1043,47 @@ async def test_embeddings_answered_out_of_order_are_put_in_order(openai_upstream
     openai_upstream.server.enqueue(Raw(body=body))
     result = await openai_upstream.backend.embed(["a", "b"], "embed-model", None, TIMEOUT_S)
     assert result.vectors == [[0.1], [0.2]]
+
+
+# -- error objects in a 200 -----------------------------------------------------
+
+CONTEXT_ERROR = {"openai": {"message": "This model's maximum context length is 8192 tokens.",
+                            "type": "invalid_request_error", "code": "context_length_exceeded"},
+                 "anthropic": {"type": "invalid_request_error",
+                               "message": "prompt is too long: 250000 tokens > 200000 maximum"}}
+
+
+def _error_answer(upstream: Upstream, error: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "error", "error": error} if upstream.is_anthropic else {"error": error}
+
+
+async def test_an_error_object_in_a_200_answer_is_that_error(upstream: Upstream):
+    """Gateways and proxies that answer an error with a 200: the error is
+    classified as an error event of a stream is, with its own message, and
+    not retried as an unavailable upstream."""
+    error = CONTEXT_ERROR["anthropic" if upstream.is_anthropic else "openai"]
+    upstream.server.enqueue(Raw(body=_error_answer(upstream, error)))
+    failure = await call(upstream.backend, "generate", chat(user("x")))
+    assert failure.kind is ErrorKind.CONTEXT_TOO_LONG
+    assert error["message"] in failure.message
+
+    limited = {"type": "rate_limit_error", "message": "Slow down"}
+    upstream.server.enqueue(Raw(body=_error_answer(upstream, limited)))
+    failure = await call(upstream.backend, "generate", chat(user("x")))
+    assert failure.kind is ErrorKind.RATE_LIMITED and "Slow down" in failure.message
+
+    overloaded = {"type": "overloaded_error", "message": "Overloaded"}
+    upstream.server.enqueue(Raw(body=_error_answer(upstream, overloaded)))
+    failure = await call(upstream.backend, "generate", chat(user("x")))
+    assert failure.kind is ErrorKind.OVERLOADED
+
+
+async def test_an_error_object_in_a_200_embeddings_answer_is_that_error(
+        openai_upstream: Upstream):
+    # OpenRouter's error code is the HTTP status, a number
+    openai_upstream.server.enqueue(Raw(body={"error": {
+        "code": 400, "type": "invalid_request_error", "message": "Input too long"}}))
+    with pytest.raises(BackendError) as caught:
+        await openai_upstream.backend.embed(["a"], "embed-model", None, TIMEOUT_S)
+    assert caught.value.kind is ErrorKind.BAD_REQUEST
+    assert "Input too long" in caught.value.message

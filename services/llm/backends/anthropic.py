@@ -133,7 +133,16 @@ class AnthropicBackend(http.UpstreamErrors):
         except Exception as exc:  # noqa: BLE001 - every failure becomes a BackendError
             raise self._map_error(exc, timeout_s) from _cause(exc)
         # The SDK hands back the body as text when it is not JSON, and builds
-        # a Message from any JSON object without checking it.
+        # a Message from any JSON object without checking it: an error object
+        # (some proxies answer errors with a 200) is the error it says, as an
+        # error event of a stream is.
+        error = getattr(message, "error", None) \
+            if getattr(message, "type", None) == "error" else None
+        if error is not None:
+            if not isinstance(error, Mapping):
+                error = {"message": error}
+            raise self._status_error(None, error_type=_label(error.get("type")),
+                                     message=_label(error.get("message")), headers=None)
         if not isinstance(message, anthropic.types.Message) or \
                 getattr(message, "type", None) != "message" or \
                 not isinstance(getattr(message, "content", None), list):
@@ -373,6 +382,13 @@ def _tool_input(name: str, arguments: str) -> dict[str, Any]:
                            "which Anthropic requires",
                            field="conversation.messages.tool_calls.arguments")
     return value
+
+
+def _label(value: Any) -> str | None:
+    """A field of an error object as text."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)
 
 
 def _dumps(value: Any) -> str:

@@ -324,7 +324,9 @@ class OpenAIBackend(http.UpstreamErrors):
                            else upstream_model)
 
     def _answer(self, response: Any) -> dict[str, Any]:
-        """The JSON object of a whole (not streamed) answer."""
+        """The JSON object of a whole (not streamed) answer; an error object
+        in it (some gateways answer errors with a 200) as the BackendError
+        it says, classified as an error event of a stream is."""
         try:
             answer = response.json()
         except ValueError:
@@ -332,6 +334,13 @@ class OpenAIBackend(http.UpstreamErrors):
         if not isinstance(answer, dict):
             raise BackendError(ErrorKind.UNAVAILABLE,
                                f"{self.name}: the upstream answer is not a JSON object")
+        error = answer.get("error")
+        if error and not answer.get("choices") and not answer.get("data"):
+            if not isinstance(error, dict):
+                error = {"message": error}
+            raise self._status_error(None, error_type=_label(error.get("type")),
+                                     code=_label(error.get("code")),
+                                     message=_label(error.get("message")), headers=None)
         return answer
 
     # -- errors -------------------------------------------------------------
@@ -486,6 +495,14 @@ def _vector(embedding: Any) -> list[float]:
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding):
         raise TypeError("an embedding holds something else than numbers")
     return [float(x) for x in embedding]
+
+
+def _label(value: Any) -> str | None:
+    """A field of an error object as text (OpenRouter's ``code`` is the
+    HTTP status, a number)."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)
 
 
 def _arguments(arguments: Any) -> str:
