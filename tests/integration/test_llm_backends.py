@@ -1093,3 +1093,41 @@ async def test_an_error_object_in_a_200_embeddings_answer_is_that_error(
         await openai_upstream.backend.embed(["a"], "embed-model", None, TIMEOUT_S)
     assert caught.value.kind is ErrorKind.BAD_REQUEST
     assert "Input too long" in caught.value.message
+
+
+# -- what one API cannot express --------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["generate", "stream"])
+@pytest.mark.parametrize("messages", [
+    (ChatMessage("system", "You are terse."), user("")),
+    (user("Hi"), ChatMessage("assistant", "Hello."), user("")),
+    (user(""), ChatMessage("assistant", ""), user("")),
+], ids=["only", "last", "around an empty assistant message"])
+async def test_an_empty_user_turn_is_not_sent_to_anthropic(upstream: Upstream, mode: str,
+                                                           messages):
+    """Anthropic refuses a turn without content, OpenAI takes it: the chain
+    goes on to its next model instead of getting the upstream's refusal,
+    which is final."""
+    if not upstream.is_anthropic:
+        if mode == "generate":
+            await upstream.backend.generate(chat(*messages), TIMEOUT_S)
+        else:
+            events, error = await drain(upstream.backend, chat(*messages))
+            assert error is None
+        assert upstream.server.request_count == 1
+        return
+    error = await call(upstream.backend, mode, chat(*messages))
+    assert error.kind is ErrorKind.UNSUPPORTED
+    assert error.field == "conversation.messages.content"
+    assert upstream.server.request_count == 0
+
+
+async def test_an_empty_user_message_next_to_a_full_one_is_sent_to_anthropic():
+    async with make_server("anthropic") as server:
+        backend = make_backend("anthropic", server.base_url)
+        try:
+            await backend.generate(chat(user(""), user("Hi")), TIMEOUT_S)
+        finally:
+            await backend.close()
+    assert server.last.body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]

@@ -17,7 +17,9 @@ How a :class:`ChatRequest` maps onto the Messages API:
 * an assistant message with neither text nor tool calls is left out: it
   says nothing, and the API refuses a message without content (but an
   optional final assistant one), where OpenAI takes it; the user messages
-  around it then make one turn;
+  around it then make one turn; a user turn left without content (empty
+  user messages only) is not sent: UNSUPPORTED, so that the chain goes on
+  to a model that takes it;
 * ``max_tokens`` is required by Anthropic: the model's ``max_output_tokens``
   (its settings) when the request has none, else 1024;
 * ``tool_choice`` auto/required/none/<name> -> auto/any/none/tool;
@@ -321,6 +323,12 @@ def _message_params(request: ChatRequest) -> dict[str, Any]:
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
+    if any(not turn["content"] for turn in turns):
+        # Only user turns can be left empty (empty assistant messages are
+        # dropped), and the API refuses them, where OpenAI takes them.
+        raise BackendError(ErrorKind.UNSUPPORTED,
+                           "a user turn without content, which Anthropic refuses",
+                           field="conversation.messages.content")
 
     if request.response_format in ("json_object", "json_schema"):
         system.append(JSON_OBJECT_INSTRUCTION)
