@@ -1131,3 +1131,44 @@ async def test_an_empty_user_message_next_to_a_full_one_is_sent_to_anthropic():
             await backend.close()
     assert server.last.body["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+
+
+# -- tool calls without a stop reason ----------------------------------------------
+
+@pytest.mark.parametrize("stop_reason", [None, "end_turn"])
+async def test_an_anthropic_answer_with_tool_calls_and_no_such_stop_reason_is_tool_calls(
+        stop_reason: str | None):
+    """Proxies that give no stop reason (or end_turn) with tool calls: the
+    answer finishes with tool calls, as the OpenAI backend reads it."""
+    def event(kind: str, **data: Any) -> tuple[str, dict[str, Any]]:
+        return kind, {"type": kind, **data}
+
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL,
+               "stop_reason": stop_reason, "stop_sequence": None,
+               "usage": {"input_tokens": 11, "output_tokens": 5}}
+    call_block = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    events: list[Any] = [
+        event("message_start", message={**message, "content": [], "stop_reason": None}),
+        event("content_block_start", index=0, content_block=call_block),
+        event("content_block_delta", index=0,
+              delta={"type": "input_json_delta", "partial_json": '{"city": "Oslo"}'}),
+        event("content_block_stop", index=0)]
+    if stop_reason is not None:
+        events.append(event("message_delta", delta={"stop_reason": stop_reason,
+                                                     "stop_sequence": None},
+                            usage={"output_tokens": 5}))
+    events.append(event("message_stop"))
+    async with make_server("anthropic") as server:
+        backend = make_backend("anthropic", server.base_url)
+        try:
+            server.enqueue(Raw(body={**message, "content": [
+                {**call_block, "input": {"city": "Oslo"}}]}), Raw(events=tuple(events)))
+            result = await backend.generate(chat(user("x"), tools=(WEATHER,)), TIMEOUT_S)
+            got, error = await drain(backend, chat(user("x"), tools=(WEATHER,)))
+        finally:
+            await backend.close()
+    assert result.tool_calls == (ToolCall("toolu_1", "get_weather", '{"city":"Oslo"}'),)
+    assert result.finish_reason == "tool_calls"
+    assert error is None
+    assert assembled_calls(got) == {0: ["toolu_1", "get_weather", '{"city": "Oslo"}']}
+    assert got[-1].finish_reason == "tool_calls"

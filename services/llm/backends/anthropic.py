@@ -170,6 +170,8 @@ class AnthropicBackend(http.UpstreamErrors):
                           completion_tokens=estimate_tokens(content) + sum(
                               estimate_tokens(c.arguments) for c in tool_calls))
         finish = _FINISH_REASONS.get(message.stop_reason or "end_turn", "stop")
+        if tool_calls and finish == "stop":
+            finish = "tool_calls"  # a proxy that gives no (or another) stop reason
         return ChatResult(content=content, tool_calls=tuple(tool_calls), finish_reason=finish,
                           usage=usage, upstream_model=message.model or request.upstream_model)
 
@@ -263,8 +265,11 @@ class AnthropicBackend(http.UpstreamErrors):
         else:
             usage = Usage(prompt_tokens=input_usage.prompt_tokens, completion_tokens=output_tokens,
                           cached_prompt_tokens=input_usage.cached_prompt_tokens)
-        yield StreamFinish(finish_reason=_FINISH_REASONS.get(stop_reason or "end_turn", "stop"),
-                           usage=usage, upstream_model=model, usage_estimated=estimated)
+        finish = _FINISH_REASONS.get(stop_reason or "end_turn", "stop")
+        if tools and finish == "stop":
+            finish = "tool_calls"  # as in generate()
+        yield StreamFinish(finish_reason=finish, usage=usage, upstream_model=model,
+                           usage_estimated=estimated)
 
     # -- embeddings ---------------------------------------------------------
 
