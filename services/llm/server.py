@@ -169,7 +169,8 @@ async def create_server(settings: LlmSettings, backends: Backends
     servicer = LlmServicer(router,
                            default_deadline_s=settings.default_deadline_s,
                            cache=TtlLru(settings.cache_size, settings.cache_ttl_s),
-                           records=backends.records)
+                           records=backends.records,
+                           max_message_bytes=settings.server.max_message_bytes)
     # Records in memory expire as they are looked up or pushed out; only
     # those of the SQLite file need a sweeper.
     sweeper = (Sweeper(lambda stop: _sweep(backends.records, _SWEEP_INTERVAL_S, stop),

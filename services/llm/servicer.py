@@ -26,6 +26,7 @@ from hivemesh.services.llm.backends.base import (
 from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
 from hivemesh.runtime.request_records import RequestRecords
 from hivemesh.runtime.resilience import Coalescer, TtlLru, fingerprint, replayed_copy
+from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.services.llm.router import Route, RouteError, Router, chat_reservation
 from hivemesh.services.llm.settings import ModelSettings
 
@@ -283,11 +284,13 @@ def route_error(exc: RouteError) -> errors.ServiceError:
 
 class LlmServicer(LlmServiceServicer):
     def __init__(self, router: Router, *, default_deadline_s: float, cache: TtlLru,
-                 records: RequestRecords) -> None:
+                 records: RequestRecords, max_message_bytes: int = 16 * 1024 * 1024) -> None:
         """``records``: completed requests by request_id, of the kind
         ``RECORDS_KIND`` (in memory, in SQLite to outlive a restart, or in
-        a Redis shared by every replica)."""
+        a Redis shared by every replica). ``max_message_bytes``: the
+        server's largest message, which an answer must fit."""
         self.router = router
+        self.max_answer_bytes = max_message_bytes - RESPONSE_MARGIN_BYTES
         self.default_deadline_s = default_deadline_s
         self.cache = cache
         # Identical cacheable generations at the same moment: one upstream
@@ -553,6 +556,24 @@ class LlmServicer(LlmServiceServicer):
     async def Embed(self, request, context):
         started = time.monotonic()
         model = self._model(request.model, "embedding")
+        limit = self.max_answer_bytes
+
+        def too_large(size: int, dims: int) -> errors.ServiceError:
+            most = limit // (4 * dims + 16) if dims else 0
+            return errors.ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
+                f"{len(request.texts)} vectors of {dims} dimensions take {size:,} bytes, more "
+                f"than an answer may carry ({limit:,}); send at most {most} texts per call",
+                {"size_bytes": str(size), "limit_bytes": str(limit)},
+                [errors.bad_request([("texts", f"at most {most} texts of {dims} dimensions "
+                                               "per call")])])
+
+        # Each vector is 4 bytes a dimension, in an Embedding of its own (at
+        # most 16 bytes of tags, lengths and index): an answer that cannot
+        # fit one message is refused before the upstream is paid for it.
+        expected = request.dimensions or model.embedding_dimensions
+        if expected and len(request.texts) * (4 * expected + 16) > limit:
+            raise too_large(len(request.texts) * (4 * expected + 16), expected)
 
         async def run() -> EmbedResponse:
             try:
@@ -562,12 +583,18 @@ class LlmServicer(LlmServiceServicer):
             except RouteError as exc:
                 raise route_error(exc) from exc
             dims = len(result.vectors[0]) if result.vectors else 0
-            return EmbedResponse(
+            response = EmbedResponse(
                 embeddings=[Embedding(index=i, values=v) for i, v in enumerate(result.vectors)],
                 model=route.alias, backend=route.backend,
                 upstream_model=result.upstream_model or route.upstream_model, dimensions=dims,
                 usage=_usage(result.usage.prompt_tokens, 0),
                 latency=duration_s(time.monotonic() - started))
+            # The size was not known before (no dimensions asked for, none in
+            # the model's settings, or the upstream answered others): no
+            # answer the transport would refuse, nor one a retry would replay.
+            if response.ByteSize() > limit:
+                raise too_large(response.ByteSize(), dims)
+            return response
 
         response, replayed = await self._once(request, run, EmbedResponse, context)
         return replayed_copy(response) if replayed else response

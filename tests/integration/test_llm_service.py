@@ -1178,6 +1178,58 @@ async def test_an_embed_call_holds_what_it_used_of_the_token_limit(monkeypatch):
     assert tokens.capacity - tokens.level == answer.usage.prompt_tokens
 
 
+def _embedding_service(base_url: str, dimensions: int) -> LlmSettings:
+    """An LLM service of 256 KiB messages whose embedding model "emb" of
+    ``dimensions`` (0: unknown) is served by an OpenAI fake at ``base_url``."""
+    return LlmSettings(
+        server=ServerSettings(port=0, grace_period_s=1, max_message_bytes=256 * 1024),
+        backends={"up": BackendSettings(type="openai_compatible", base_url=base_url,
+                                        api_key_env="FAKE_UPSTREAM_KEY")},
+        models=[ModelSettings(alias="main", backend="up", upstream_model="up", default=True),
+                ModelSettings(alias="emb", kind="embedding", backend="up", upstream_model="e",
+                              embedding_dimensions=dimensions, default=True)])
+
+
+async def test_embeddings_that_cannot_fit_an_answer_are_refused_before_the_upstream(
+        monkeypatch):
+    """70 vectors of 1024 dimensions take about 280 KiB, more than a 256 KiB
+    message: refused before the upstream is paid, naming how many fit."""
+    from fakes.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    texts = [f"text {i}" for i in range(70)]
+    async with FakeOpenAI(embedding_dimensions=1024) as upstream:
+        async with serve(_embedding_service(upstream.base_url, 1024)) as (stub, _):
+            with pytest.raises(InvalidArgumentError) as err:
+                await call(stub.Embed, EmbedRequest(request_id=rid(), texts=texts))
+            assert upstream.request_count == 0
+            # the size asked for is the one that counts
+            small = await call(stub.Embed, EmbedRequest(request_id=rid(), texts=texts,
+                                                        dimensions=64))
+            fitting = await call(stub.Embed, EmbedRequest(request_id=rid(), texts=texts[:40]))
+    assert err.value.reason == "PAYLOAD_TOO_LARGE"
+    assert "send at most 47 texts per call" in str(err.value)
+    assert (small.dimensions, len(small.embeddings)) == (64, 70)
+    assert (fitting.dimensions, len(fitting.embeddings)) == (1024, 40)
+
+
+async def test_an_embeddings_answer_too_large_for_a_message_is_refused_and_not_replayed(
+        monkeypatch):
+    """A model whose size the settings do not give: the answer is measured,
+    and one over the limit is neither sent nor kept for a retry."""
+    from fakes.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-test")
+    request = EmbedRequest(request_id=rid(), texts=[f"text {i}" for i in range(70)])
+    async with FakeOpenAI(embedding_dimensions=1024) as upstream:
+        async with serve(_embedding_service(upstream.base_url, 0)) as (stub, _):
+            for _ in range(2):
+                with pytest.raises(InvalidArgumentError) as err:
+                    await call(stub.Embed, request)
+                assert err.value.reason == "PAYLOAD_TOO_LARGE"
+        assert upstream.request_count == 2
+
+
 async def test_an_upstream_timeout_answered_at_once_is_retried_and_falls_back(monkeypatch):
     """An upstream that answers "timed out" (HTTP 408) while the caller has
     time left is a failure of that backend like any other: retried, then

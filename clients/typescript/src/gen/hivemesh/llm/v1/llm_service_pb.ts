@@ -634,7 +634,14 @@ export type EmbedRequest = Message<"hivemesh.llm.v1.EmbedRequest"> & {
   model: string;
 
   /**
-   * The texts to embed.
+   * The texts to embed. Their vectors must fit one answer: the server's
+   * largest message (max_message_bytes, 16 MiB by default) less 64 KiB,
+   * each vector taking 4 bytes a dimension plus 16. Texts × dimensions
+   * (those asked for, else the model's embedding_dimensions) over it are
+   * refused before any upstream call with INVALID_ARGUMENT, reason
+   * PAYLOAD_TOO_LARGE, which says how many texts fit (about 1,350 of 3072
+   * dimensions by default); an answer of a size not known beforehand that
+   * turns out over it is refused the same way, and not replayed.
    *
    * @generated from field: repeated string texts = 4;
    */
