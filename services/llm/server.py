@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from grpc_health.v1 import health_pb2
 from opentelemetry import metrics
@@ -20,7 +21,7 @@ from hivemesh.runtime.sweeper import Sweeper, prune_until
 from hivemesh.services.llm.router import BackendState, Router
 from hivemesh.services.llm.servicer import (
     DOMAIN, LEASE_FACTOR, RECORDS_KIND, SERVICE_NAME, LlmServicer)
-from hivemesh.services.llm.settings import BackendSettings, LlmSettings
+from hivemesh.services.llm.settings import BackendSettings, LlmSettings, ModelSettings
 
 log = logging.getLogger("hivemesh.llm")
 # The sweeper wakes up this often; request records past their TTL are looked
@@ -31,11 +32,17 @@ _PRUNE_INTERVAL_S = 60.0
 _PRUNE_BATCH = 10_000
 
 
-def build_backend(name: str, settings: BackendSettings) -> LlmBackend:
+def build_backend(name: str, settings: BackendSettings,
+                  models: Sequence[ModelSettings] = ()) -> LlmBackend:
+    """The backend ``name``; ``models``: the aliases, of which a mock
+    answers its embedding models with vectors of their settings' size."""
     if settings.type == "mock":
         from hivemesh.services.llm.backends.mock import MockBackend
         mock = MockBackend(name, default_response=settings.mock_default_response,
-                           latency_s=settings.mock_latency_s)
+                           latency_s=settings.mock_latency_s, model_dimensions={
+                               m.upstream_model: m.embedding_dimensions for m in models
+                               if m.backend == name and m.kind == "embedding"
+                               and m.embedding_dimensions})
         if settings.mock_fail_first:
             mock.simulate_failure(message="injected failure (mock_fail_first)",
                                   times=settings.mock_fail_first)
@@ -96,7 +103,8 @@ class Backends:
 
     def __init__(self, settings: LlmSettings, records: RequestRecords | None = None) -> None:
         self.records = records if records is not None else open_records(settings)
-        self.by_name = {name: build_backend(name, s) for name, s in settings.backends.items()}
+        self.by_name = {name: build_backend(name, s, settings.models)
+                        for name, s in settings.backends.items()}
 
     async def close(self) -> None:
         for backend in self.by_name.values():

@@ -736,6 +736,31 @@ async def test_embeddings_are_deterministic_and_meaningful(llm):
     assert list(again.embeddings[0].values) == vecs[0]
 
 
+async def test_the_mock_answers_an_embedding_model_in_the_size_its_settings_give():
+    """As ListModels says: the mock's vectors are the model's
+    embedding_dimensions, unless the call asks for another size."""
+    s = LlmSettings(server=ServerSettings(port=0, grace_period_s=1),
+                    backends={"mock": BackendSettings(type="mock")},
+                    models=[ModelSettings(alias="chat", backend="mock", upstream_model="c",
+                                          default=True),
+                            ModelSettings(alias="small", kind="embedding", backend="mock",
+                                          upstream_model="small", embedding_dimensions=16,
+                                          default=True),
+                            ModelSettings(alias="native", kind="embedding", backend="mock",
+                                          upstream_model="native")])
+    async with serve(s) as (stub, _):
+        listed = await call(stub.ListModels, ListModelsRequest())
+        sized = await call(stub.Embed, EmbedRequest(request_id=rid(), texts=["a cat"]))
+        asked = await call(stub.Embed, EmbedRequest(request_id=rid(), texts=["a cat"],
+                                                    dimensions=8))
+        native = await call(stub.Embed, EmbedRequest(request_id=rid(), model="native",
+                                                     texts=["a cat"]))
+    assert {m.alias: m.embedding_dimensions for m in listed.models}["small"] == 16
+    assert (sized.dimensions, len(sized.embeddings[0].values)) == (16, 16)
+    assert asked.dimensions == 8
+    assert native.dimensions == 384  # the mock's own size, as none is configured
+
+
 async def test_count_tokens_and_invalid_requests(llm):
     stub, _ = llm
     counted = await call(stub.CountTokens, CountTokensRequest(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from hivemesh.runtime.text import hashing_embedding
@@ -35,11 +35,16 @@ class MockBackend:
     short answer shaped by the last user message."""
 
     def __init__(self, name: str = "mock", *, default_response: str | None = None,
-                 latency_s: float = 0.0, embedding_dimensions: int = 384) -> None:
+                 latency_s: float = 0.0, embedding_dimensions: int = 384,
+                 model_dimensions: Mapping[str, int] | None = None) -> None:
+        """``embedding_dimensions``: the size of the vectors of a model that
+        ``model_dimensions`` (upstream model -> size, as the models'
+        settings give it) does not size, when the call asks for none."""
         self.name = name
         self.default_response = default_response
         self.latency_s = latency_s
         self.embedding_dimensions = embedding_dimensions
+        self.model_dimensions = dict(model_dimensions or {})
         self.calls: list[ChatRequest] = []  # the latest CALLS_KEPT calls, oldest first
         self._queue: deque[MockReply] = deque()
         self._failures: deque[BackendError] = deque()
@@ -141,7 +146,8 @@ class MockBackend:
                     timeout_s: float) -> EmbedResult:
         if self._failures:
             raise self._failures.popleft()
-        dims = dimensions or self.embedding_dimensions
+        dims = dimensions or self.model_dimensions.get(upstream_model) or \
+            self.embedding_dimensions
         return EmbedResult([hashing_embedding(t, dims) for t in texts],
                            Usage(sum(estimate_tokens(t) for t in texts), 0), upstream_model)
 
