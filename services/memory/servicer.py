@@ -388,6 +388,8 @@ class MemoryServicer(MemoryServiceServicer):
 
     async def SearchMemories(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)
+        if not request.query.strip():
+            raise errors.invalid_argument([("query", "must contain text, not only whitespace")])
         conditions = to_conditions(request.filter)
         mode = _MODES[request.mode]
         sparse = self.keywords.query(request.query) if mode is not Mode.DENSE else None

@@ -514,6 +514,8 @@ async def test_bad_requests_name_the_field(memory):
         (lambda: memory.count(namespace="e", where=[in_range("metadata.n", gt=5, lt=1)]),
          "filter.conditions[0].range"),
         (lambda: memory.search("q", namespace="e", limit=0), "limit"),
+        (lambda: memory.search(" \n\t ", namespace="e"), "query"),
+        (lambda: memory.search("   ", namespace="e", mode="keyword"), "query"),
         (lambda: memory.search("q", namespace="e", where=[Condition(
             key="create_time", time_range=TimeRange(gte=Timestamp(seconds=-99999999999999)))]),
          "filter.conditions[0].time_range.gte"),

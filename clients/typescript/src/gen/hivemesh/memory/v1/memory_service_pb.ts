@@ -356,7 +356,8 @@ export type SearchMemoriesRequest = Message<"hivemesh.memory.v1.SearchMemoriesRe
   namespace: string;
 
   /**
-   * What to look for.
+   * What to look for: some text, not only whitespace (INVALID_ARGUMENT
+   * otherwise, as for blank item content).
    *
    * @generated from field: string query = 3;
    */
