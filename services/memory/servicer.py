@@ -456,8 +456,7 @@ class MemoryServicer(MemoryServiceServicer):
         namespace = resolve_namespace(request.namespace, request.context)
         with _backend_errors():
             return await self.ledger.append(namespace, request.session_id, request.messages,
-                                            request.request_id,
-                                            fingerprint(request))
+                                            request.request_id, _history_fingerprint(request))
 
     async def GetHistory(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)
@@ -467,6 +466,18 @@ class MemoryServicer(MemoryServiceServicer):
                 request.max_messages or DEFAULT_HISTORY_MESSAGES, self.limits.history_bytes)
         return GetHistoryResponse(messages=messages, total_tokens=total, truncated=truncated,
                                   session_message_count=stored)
+
+
+def _history_fingerprint(request) -> str:
+    """What an AppendHistory asks for: its messages' ids and creation times
+    are assigned by the service and ignored, so a retry that stamps them
+    anew is still the same request."""
+    probe = type(request)()
+    probe.CopyFrom(request)
+    for message in probe.messages:
+        message.ClearField("message_id")
+        message.ClearField("create_time")
+    return fingerprint(probe)
 
 
 def _replayed(response: AddMemoriesResponse) -> AddMemoriesResponse:

@@ -495,6 +495,24 @@ async def test_retried_append_appends_once(memory):
         await memory.append_history("s", [("user", "twice")], namespace="h", request_id=rid)
 
 
+async def test_a_retried_append_may_stamp_the_fields_the_service_assigns(memory):
+    """message_id and create_time are assigned by the service and ignored in
+    AppendHistory: a retry that differs only in them is the same request."""
+    from hivemesh.memory.v1 import AppendHistoryRequest, HistoryMessage, MessageRole
+
+    stub = MemoryServiceStub(memory.channel)
+
+    def attempt(n: int) -> AppendHistoryRequest:
+        return AppendHistoryRequest(
+            request_id="h-1", namespace="h", session_id="s", messages=[HistoryMessage(
+                role=MessageRole.MESSAGE_ROLE_USER, content="hello", message_id=f"local-{n}",
+                create_time=Timestamp(seconds=1_700_000_000 + n))])
+    first = await stub.AppendHistory(attempt(1))
+    again = await stub.AppendHistory(attempt(2))
+    assert again.replayed and again.message_ids == first.message_ids
+    assert (await memory.get_history("s", namespace="h")).session_message_count == 1
+
+
 # -- errors -----------------------------------------------------------------
 async def test_bad_requests_name_the_field(memory):
     cases = [
