@@ -72,6 +72,16 @@ class Embedder(Protocol):
     # The model behind ``model`` when that is an alias another model may
     # take over ("" when ``model`` names the model itself); recorded too.
     upstream_model: str
+    # The longest input the model embeds whole, in ``input_unit`` as
+    # :meth:`input_length` counts them; None when the model has no limit of
+    # its own below the service's largest chunk (MAX_CHUNK_CHARS, in
+    # characters).
+    max_input: int | None
+    input_unit: str
+
+    def input_length(self, text: str) -> int:
+        """The length of ``text`` as the model's input limit counts it."""
+        ...
 
     async def embed(self, texts: Sequence[str], *, query: bool = False,
                     timeout_s: float | None = None) -> Embeddings:
@@ -82,7 +92,18 @@ class Embedder(Protocol):
         ...
 
 
-class HashingEmbedder:
+class _CharacterLimit:
+    """An embedder whose only input limit is the service's largest chunk,
+    in characters."""
+
+    max_input: int | None = None
+    input_unit = "characters"
+
+    def input_length(self, text: str) -> int:
+        return len(text)
+
+
+class HashingEmbedder(_CharacterLimit):
     """Deterministic feature hashing of words and word pairs (see
     :func:`hivemesh.runtime.text.hashing_embedding`): similar texts get
     similar vectors, and the same text always the same vector."""
@@ -116,6 +137,13 @@ class LocalEmbedder:
         self.model = f"local:{MODEL_NAME}"
         self.upstream_model = ""
         self.dimensions = model.dimensions
+        # Longer inputs are truncated by the model: a whole item past it is
+        # refused rather than embedded by its beginning alone.
+        self.max_input: int | None = model.max_tokens
+        self.input_unit = "word pieces"
+
+    def input_length(self, text: str) -> int:
+        return self._model.count_tokens([text])
 
     @classmethod
     async def open(cls, *, batch_size: int = 8) -> LocalEmbedder:
@@ -201,7 +229,7 @@ def _batches(texts: Sequence[str], most: int, most_bytes: int) -> list[Sequence[
     return batches
 
 
-class LlmServiceEmbedder:
+class LlmServiceEmbedder(_CharacterLimit):
     """Embeds through ``hivemesh.llm.v1.LlmService/Embed``.
 
     Build it with :meth:`open`, which asks the LLM service once for an

@@ -157,9 +157,16 @@ class MiniLM:
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.max_tokens)
+        # The same tokenizer without truncation, to count what an input holds.
+        self._counter = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._counter.no_padding()
+        self._counter.no_truncation()
 
     def count_tokens(self, texts: Sequence[str]) -> int:
-        return sum(len(e.ids) for e in self._tokenizer.encode_batch(list(texts)))
+        """Word pieces of ``texts`` untruncated (with the model's [CLS] and
+        [SEP]): more than ``max_tokens`` in one text means the model sees
+        only its beginning."""
+        return sum(len(e.ids) for e in self._counter.encode_batch(list(texts)))
 
     def encode(self, texts: Sequence[str], *, deadline: float | None = None) -> tuple[Any, int]:
         """(unit vectors as a float32 array of shape (len(texts), 384), word

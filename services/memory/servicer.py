@@ -266,15 +266,27 @@ class MemoryServicer(MemoryServiceServicer):
         for i, item in enumerate(request.items):
             if whole:
                 text = item.content.strip()
-                if len(text) > self.limits.max_chunk_chars:
-                    raise _too_large(f"items[{i}].content", len(text),
-                                     self.limits.max_chunk_chars,
-                                     "characters for one chunk (whole_item)")
+                self._check_whole(f"items[{i}].content", text)
                 chunks.append([text])
             else:
                 chunks.append(chunk_text(item.content, size, overlap))
         self._check_chunk_count(sum(len(c) for c in chunks))
         return chunks
+
+    def _check_whole(self, field: str, text: str) -> None:
+        """A whole item is one chunk: refused when longer than the largest
+        chunk, or than the embedding model takes in (which would embed only
+        its beginning)."""
+        if len(text) > self.limits.max_chunk_chars:
+            raise _too_large(field, len(text), self.limits.max_chunk_chars,
+                             "characters for one chunk (whole_item)")
+        most = self.embedder.max_input
+        if most is not None:
+            length = self.embedder.input_length(text)
+            if length > most:
+                raise _too_large(field, length, most,
+                                 f"{self.embedder.input_unit} for one chunk (whole_item: "
+                                 "the embedding model's input limit)")
 
     def _check_chunk_count(self, total: int) -> None:
         if total > self.limits.max_chunks_per_request:

@@ -29,6 +29,8 @@ class GatedEmbedder:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.model, self.dimensions = inner.model, inner.dimensions
+        self.max_input, self.input_unit = inner.max_input, inner.input_unit
+        self.input_length = inner.input_length
         self.gate = asyncio.Event()
         self.gate.set()
         self.entered = asyncio.Event()

