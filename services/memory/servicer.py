@@ -55,6 +55,12 @@ SERVICE_NAME = "hivemesh.memory.v1.MemoryService"
 DEFAULT_HISTORY_MESSAGES = 50
 # The UUIDv5 namespace of chunk ids.
 _CHUNK_IDS = uuid.UUID("6f1c1d5e-3b8a-5e57-9b39-0d7b6f0e2a41")
+# What an AddMemories answer costs per chunk (a chunk id: a 36-character
+# UUID with its tag and length), per item (an AddedItem's tag, length, index
+# and replaced_chunk_count, at their largest) and besides (counts, usage).
+_CHUNK_ID_BYTES = 38
+_ADDED_ITEM_BYTES = 24
+_ADD_ANSWER_BYTES = 64
 _MODES = {SearchMode.SEARCH_MODE_UNSPECIFIED: Mode.DENSE, SearchMode.SEARCH_MODE_DENSE: Mode.DENSE,
           SearchMode.SEARCH_MODE_KEYWORD: Mode.KEYWORD,
           SearchMode.SEARCH_MODE_HYBRID: Mode.HYBRID}
@@ -258,11 +264,11 @@ class MemoryServicer(MemoryServiceServicer):
             raise errors.invalid_argument(bad)
         if not whole:
             # Each chunk holds at most ``size`` of an item's non-blank
-            # characters: a request bound to exceed the limit is refused
+            # characters: a request bound to exceed the limits is refused
             # before splitting (which holds the event loop) begins.
-            least = sum(-(-len("".join(item.content.split())) // size)
-                        for item in request.items)
-            self._check_chunk_count(least)
+            least = [-(-len("".join(item.content.split())) // size) for item in request.items]
+            self._check_chunk_count(sum(least))
+            self._check_answer_size(request, least)
         for i, item in enumerate(request.items):
             if whole:
                 text = item.content.strip()
@@ -271,6 +277,7 @@ class MemoryServicer(MemoryServiceServicer):
             else:
                 chunks.append(chunk_text(item.content, size, overlap))
         self._check_chunk_count(sum(len(c) for c in chunks))
+        self._check_answer_size(request, [len(c) for c in chunks])
         return chunks
 
     def _check_whole(self, field: str, text: str) -> None:
@@ -292,6 +299,15 @@ class MemoryServicer(MemoryServiceServicer):
         if total > self.limits.max_chunks_per_request:
             raise _too_large("items", total, self.limits.max_chunks_per_request,
                              "chunks in one request; send fewer or larger items")
+
+    def _check_answer_size(self, request, chunk_counts: Sequence[int]) -> None:
+        """Refuses an add whose answer (a chunk id per chunk) a message
+        could not carry, before anything is stored: stored, it could never
+        be answered, nor replayed to a retry."""
+        size = (sum(chunk_counts) * _CHUNK_ID_BYTES + len(chunk_counts) * _ADDED_ITEM_BYTES
+                + len(request.namespace.encode()) + len(self.embedder.model.encode())
+                + _ADD_ANSWER_BYTES)
+        self._fits(size, "send fewer chunks per call (fewer items, or larger chunks)")
 
     async def AddMemories(self, request, context):
         namespace = resolve_namespace(request.namespace, request.context)

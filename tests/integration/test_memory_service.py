@@ -568,6 +568,28 @@ async def test_oversized_requests_are_payload_too_large(tmp_path):
         assert await memory.count(namespace="e") == 0
 
 
+async def test_an_add_whose_answer_cannot_fit_a_message_is_refused_before_storing(tmp_path):
+    """An add answers a chunk id per chunk: one with more chunks than a
+    message can carry ids for is refused with the sizes before anything is
+    stored (stored, it could never be answered, nor replayed to a retry)."""
+    settings = memory_settings(tmp_path)
+    settings.server.max_message_bytes = 256 * 1024  # an answer carries up to 192 KiB
+    async with serve(settings) as memory:
+        text = " ".join(f"w{i:05d}" for i in range(18_000))  # about 6,000 chunks of 20
+        rid = str(uuid.uuid4())
+        for _ in range(2):  # a retry is refused alike
+            with pytest.raises(ResourceExhaustedError) as err:
+                await memory.add([text], namespace="big", chunk_size_chars=20,
+                                 no_overlap=True, request_id=rid)
+            assert err.value.reason == "PAYLOAD_TOO_LARGE"
+            assert err.value.metadata["limit_bytes"] == str(192 * 1024)
+            assert int(err.value.metadata["size_bytes"]) > 192 * 1024
+        assert await memory.count(namespace="big") == 0
+        added = await memory.add([text[:40_000]], namespace="big", chunk_size_chars=20,
+                                 no_overlap=True)
+        assert added.chunk_count > 1000
+
+
 async def test_a_chunk_size_above_the_largest_chunk_is_refused(tmp_path):
     """max_chunk_chars is the longest chunk the embedder takes: a request
     asking for longer chunks is refused like a whole item that long."""

@@ -121,6 +121,12 @@ class MemoryServiceServicer:
         in any of them, metadata or lineage included, are distinct chunks, so
         the same text added twice with different metadata or lineage is kept
         twice, each with its own.
+
+        The answer lists every chunk id (about 40 bytes each): an add whose
+        answer would be larger than the message limit (less the margin) is
+        refused before it stores anything, with RESOURCE_EXHAUSTED, reason
+        PAYLOAD_TOO_LARGE (ErrorInfo.metadata: size_bytes, the estimated
+        answer, and limit_bytes): send fewer chunks per call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

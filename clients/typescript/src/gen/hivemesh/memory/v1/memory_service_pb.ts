@@ -775,6 +775,12 @@ export const MemoryService: GenService<{
    * the same text added twice with different metadata or lineage is kept
    * twice, each with its own.
    *
+   * The answer lists every chunk id (about 40 bytes each): an add whose
+   * answer would be larger than the message limit (less the margin) is
+   * refused before it stores anything, with RESOURCE_EXHAUSTED, reason
+   * PAYLOAD_TOO_LARGE (ErrorInfo.metadata: size_bytes, the estimated
+   * answer, and limit_bytes): send fewer chunks per call.
+   *
    * @generated from rpc hivemesh.memory.v1.MemoryService.AddMemories
    */
   addMemories: {
