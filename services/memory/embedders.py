@@ -103,6 +103,12 @@ class _CharacterLimit:
         return len(text)
 
 
+# Characters of one hashing embedder call worked on the event loop's
+# thread; a larger call runs in a worker thread (a big add's batch takes
+# a tenth of a second or more, which would stall every other call).
+HASHING_INLINE_CHARS = 16 * 1024
+
+
 class HashingEmbedder(_CharacterLimit):
     """Deterministic feature hashing of words and word pairs (see
     :func:`hivemesh.runtime.text.hashing_embedding`): similar texts get
@@ -113,10 +119,15 @@ class HashingEmbedder(_CharacterLimit):
         self.model = f"hashing-{dimensions}"
         self.upstream_model = ""
 
-    async def embed(self, texts: Sequence[str], *, query: bool = False,
-                    timeout_s: float | None = None) -> Embeddings:
+    def _embed(self, texts: Sequence[str]) -> Embeddings:
         return Embeddings([hashing_embedding(t, self.dimensions) for t in texts],
                           sum(estimate_tokens(t) for t in texts))
+
+    async def embed(self, texts: Sequence[str], *, query: bool = False,
+                    timeout_s: float | None = None) -> Embeddings:
+        if sum(len(t) for t in texts) <= HASHING_INLINE_CHARS:
+            return self._embed(texts)
+        return await asyncio.to_thread(self._embed, texts)
 
     async def close(self) -> None:
         return None

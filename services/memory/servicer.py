@@ -265,7 +265,7 @@ class MemoryServicer(MemoryServiceServicer):
         if not whole:
             # Each chunk holds at most ``size`` of an item's non-blank
             # characters: a request bound to exceed the limits is refused
-            # before splitting (which holds the event loop) begins.
+            # before splitting begins.
             least = [-(-len("".join(item.content.split())) // size) for item in request.items]
             self._check_chunk_count(sum(least))
             self._check_answer_size(request, least)
@@ -309,17 +309,13 @@ class MemoryServicer(MemoryServiceServicer):
                 + _ADD_ANSWER_BYTES)
         self._fits(size, "send fewer chunks per call (fewer items, or larger chunks)")
 
-    async def AddMemories(self, request, context):
-        namespace = resolve_namespace(request.namespace, request.context)
-        size, overlap, whole = self._chunking(request.chunking)
-        add = functools.partial(self._add, request, context, namespace, size, overlap, whole)
-        return await self._once("AddMemories", request, namespace, AddMemoriesResponse, add,
-                                replayed=_replayed)
-
-    async def _add(self, request, context, namespace: str, size: int, overlap: int,
-                   whole: bool) -> AddMemoriesResponse:
+    def _prepare(self, request, namespace: str, size: int, overlap: int, whole: bool,
+                 created_us: int) -> tuple[dict[str, ChunkPoint], list[AddedItem]]:
+        """The request's chunks (by id, without their dense vectors) and the
+        answer's items. Pure computation, run in a worker thread: splitting
+        and keyword-encoding megabytes of text would hold the event loop
+        for seconds."""
         texts = self._split(request, size, overlap, whole)
-        created_us = now_us()
         created = timestamp(created_us).ToJsonString()
         ctx = request.context
         # By id: items identical to one another share their chunks, stored once.
@@ -340,6 +336,20 @@ class MemoryServicer(MemoryServiceServicer):
                         "chunk_index": n, "chunk_count": len(chunks), "metadata": metadata,
                         "lineage": lineage, "create_time": created,
                         "create_time_us": created_us})
+        return points, added
+
+    async def AddMemories(self, request, context):
+        namespace = resolve_namespace(request.namespace, request.context)
+        size, overlap, whole = self._chunking(request.chunking)
+        add = functools.partial(self._add, request, context, namespace, size, overlap, whole)
+        return await self._once("AddMemories", request, namespace, AddMemoriesResponse, add,
+                                replayed=_replayed)
+
+    async def _add(self, request, context, namespace: str, size: int, overlap: int,
+                   whole: bool) -> AddMemoriesResponse:
+        created_us = now_us()
+        points, added = await asyncio.to_thread(self._prepare, request, namespace, size,
+                                                overlap, whole, created_us)
         tokens = await self._embed_and_upsert(list(points.values()), self._timeout(context))
         # The source's chunks stored before this request go (deleted after
         # the new ones are stored, so a failure never leaves the source

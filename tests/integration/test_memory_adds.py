@@ -160,8 +160,8 @@ async def test_identical_items_of_one_request_are_stored_and_counted_once(tmp_pa
 
 async def test_a_request_bound_to_exceed_the_chunk_limit_is_refused_before_splitting(
         tmp_path, monkeypatch):
-    """Splitting runs on the event loop (about half a second per MiB of
-    small chunks): a request that cannot fit the chunk limit, whose items
+    """Splitting takes about half a second per MiB of small chunks: a
+    request that cannot fit the chunk limit, whose items
     hold more non-blank characters than the allowed chunks can, is refused
     before any item is split."""
     import grpc
@@ -182,6 +182,31 @@ async def test_a_request_bound_to_exceed_the_chunk_limit_is_refused_before_split
         assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.reason == ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE
         assert split == [] and await count(servicer) == 0
+
+
+async def test_splitting_and_keyword_encoding_run_off_the_event_loop(tmp_path, monkeypatch):
+    """Splitting and keyword-encoding a large add is seconds of computation:
+    it runs in a worker thread, so the service keeps answering meanwhile."""
+    import threading
+
+    from hivemesh.services.memory import servicer as module
+
+    threads: set[str] = set()
+    split = module.chunk_text
+
+    def chunk_text(*args):
+        threads.add(threading.current_thread().name)
+        return split(*args)
+    monkeypatch.setattr(module, "chunk_text", chunk_text)
+    async with memory_servicer(tmp_path) as (servicer, _):
+        encode = servicer.keywords.document
+
+        def document(text):
+            threads.add(threading.current_thread().name)
+            return encode(text)
+        monkeypatch.setattr(servicer.keywords, "document", document)
+        await servicer.AddMemories(add([MemoryItem(content="word " * 1000)]), None)
+    assert threads and threading.current_thread().name not in threads
 
 
 async def test_the_configured_default_overlap_is_the_one_used(tmp_path):
