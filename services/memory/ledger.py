@@ -8,6 +8,12 @@ durability, see :mod:`hivemesh.runtime.sqlite`):
   id up before it writes anything;
 - conversation history: messages per (namespace, session), oldest first,
   with a retention limit per session.
+
+ForgetNamespace deletes a namespace's sessions and the answers to its
+requests of the methods in ``FORGOTTEN_WITH_NAMESPACE``, so that a request
+sent again afterwards (a re-import under the same ids) does its work
+instead of replaying an answer about data that is gone; the answer to the
+ForgetNamespace itself stays, for its own retries.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (namespace, session_id, seq)
 ) WITHOUT ROWID;
 """
+
+
+# The methods whose answers ForgetNamespace drops with their namespace.
+FORGOTTEN_WITH_NAMESPACE = ("AddMemories", "DeleteMemories", "AppendHistory")
 
 
 class IdempotencyConflict(Exception):
@@ -236,11 +246,20 @@ class Ledger:
         return take_newest(newest_first, stored, token_budget, max_bytes)
 
     async def forget(self, namespace: str) -> int:
-        """Deletes every session of ``namespace``; returns how many."""
+        """Deletes every session of ``namespace`` and the answers to its
+        requests (those of ``FORGOTTEN_WITH_NAMESPACE``); returns how many
+        sessions."""
         def write(conn: sqlite3.Connection) -> int:
             (sessions,) = conn.execute("SELECT count(DISTINCT session_id) FROM messages "
                                        "WHERE namespace = ?", (namespace,)).fetchone()
             conn.execute("DELETE FROM messages WHERE namespace = ?", (namespace,))
+            # The namespace's keys: no character of a namespace sorts below
+            # the separator, so they are exactly those from "ns\x1f" up to
+            # "ns\x20".
+            first, past = _key(namespace, ""), f"{namespace}\x20"
+            conn.executemany("DELETE FROM requests WHERE method = ? AND request_id >= ? "
+                             "AND request_id < ?",
+                             [(method, first, past) for method in FORGOTTEN_WITH_NAMESPACE])
             return sessions
         return await self._write(write)
 

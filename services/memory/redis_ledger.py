@@ -18,6 +18,10 @@ Keys, under the prefix (``hivemesh:memory:`` by default):
 - ``hist:{namespace}␟{session}``: a list, the session's messages oldest
   first (serialized ``HistoryMessage``), trimmed to the retention limit.
 - ``sessions:{namespace}``: the namespace's session ids (for ForgetNamespace).
+- ``reqs:{namespace}``: a sorted set, the namespace's request keys of the
+  methods ForgetNamespace drops with it (``FORGOTTEN_WITH_NAMESPACE``),
+  each scored by when it expires (entries past it are dropped as others
+  are added); the set expires with the newest of them.
 
 On a Redis Cluster the prefix is a hash tag
 (:func:`~hivemesh.runtime.redis.cluster_prefix`): every key in one slot, so
@@ -44,7 +48,7 @@ from hivemesh.runtime.redis import cluster_prefix, open_redis, redis_failures
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.memory.ledger import (
-    IdempotencyConflict, LedgerUnavailable, Turns, take_newest)
+    FORGOTTEN_WITH_NAMESPACE, IdempotencyConflict, LedgerUnavailable, Turns, take_newest)
 
 log = logging.getLogger("hivemesh.memory")
 
@@ -56,9 +60,21 @@ TURN_LEASE_MS = 15_000
 # How often a request waiting for its turn looks again.
 TURN_POLL_S = 0.02
 
-# KEYS[1] request key. ARGV: fingerprint, answer, ttl ms.
+# Records request key KEYS[1] in the namespace's index KEYS[2] (ARGV[1] now,
+# ARGV[2] when it expires, in ms since the epoch; ARGV[3] the ttl ms),
+# dropping the entries that have expired.
+_INDEX = """
+local function index(request, requests, now, expires, ttl)
+  redis.call('ZADD', requests, expires, request)
+  redis.call('ZREMRANGEBYSCORE', requests, '-inf', now)
+  redis.call('PEXPIRE', requests, ttl)
+end
+"""
+
+# KEYS[1] request key, KEYS[2] (optional) the namespace's request index.
+# ARGV: fingerprint, answer, ttl ms, now ms, expiry ms.
 # Returns {0, answer} when recorded, {1, first answer} for a twin, {2} on conflict.
-_REMEMBER = """
+_REMEMBER = _INDEX + """
 local first = redis.call('HMGET', KEYS[1], 'fp', 'resp')
 if first[1] then
   if first[1] ~= ARGV[1] then return {2} end
@@ -66,34 +82,41 @@ if first[1] then
 end
 redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'resp', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if KEYS[2] then index(KEYS[1], KEYS[2], ARGV[4], ARGV[5], ARGV[3]) end
 return {0, ARGV[2]}
 """
 
-# KEYS: request key, history list, sessions set. ARGV: fingerprint, answer
-# without its count, ttl ms, retention, session id, messages...
+# KEYS: request key, history list, sessions set, the namespace's request
+# index. ARGV: fingerprint, answer without its count, ttl ms, retention,
+# session id, now ms, expiry ms, messages...
 # Returns {0, count} when appended, {1, first answer, its count} when
 # replayed, {2} on conflict.
-_APPEND = """
+_APPEND = _INDEX + """
 local first = redis.call('HMGET', KEYS[1], 'fp', 'resp', 'count')
 if first[1] then
   if first[1] ~= ARGV[1] then return {2} end
   return {1, first[2], first[3]}
 end
-for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 8, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
 local count = redis.call('LLEN', KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[5])
 redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'resp', ARGV[2], 'count', count)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+index(KEYS[1], KEYS[4], ARGV[6], ARGV[7], ARGV[3])
 return {0, count}
 """
 
-# KEYS[1] sessions set. ARGV[1] the history key prefix of the namespace.
-# Returns how many sessions were deleted.
+# KEYS[1] sessions set, KEYS[2] request index. ARGV[1] the history key
+# prefix of the namespace. Returns how many sessions were deleted.
 _FORGET = """
 local sessions = redis.call('SMEMBERS', KEYS[1])
 for _, session in ipairs(sessions) do redis.call('DEL', ARGV[1] .. session) end
 redis.call('DEL', KEYS[1])
+for _, request in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  redis.call('DEL', request)
+end
+redis.call('DEL', KEYS[2])
 return #sessions
 """
 
@@ -158,6 +181,14 @@ class RedisLedger:
 
     def _sessions(self, namespace: str) -> str:
         return f"{self.prefix}sessions:{namespace}"
+
+    def _requests(self, namespace: str) -> str:
+        return f"{self.prefix}reqs:{namespace}"
+
+    def _lifetime(self) -> list[int]:
+        """(now, when a request recorded now expires), in ms."""
+        now = now_us() // 1000
+        return [now, now + self.request_ttl_ms]
 
     async def _script(self, script, keys: list[str], args: list) -> list:
         # redis-py loads a script Redis has lost (a restart) and runs it again.
@@ -245,9 +276,11 @@ class RedisLedger:
                        response: bytes) -> tuple[bytes, bool]:
         """Records ``response`` as the answer; when a concurrent twin of the
         request got there first, returns its answer instead (and True)."""
-        reply = await self._script(self._remember,
-                                   [self._request(method, namespace, request_id)],
-                                   [digest, response, self.request_ttl_ms])
+        keys = [self._request(method, namespace, request_id)]
+        if method in FORGOTTEN_WITH_NAMESPACE:
+            keys.append(self._requests(namespace))
+        reply = await self._script(self._remember, keys,
+                                   [digest, response, self.request_ttl_ms, *self._lifetime()])
         if reply[0] == 2:
             raise IdempotencyConflict(request_id)
         return reply[1], reply[0] == 1
@@ -267,9 +300,10 @@ class RedisLedger:
         reply = await self._script(
             self._append,
             [self._request("AppendHistory", namespace, request_id),
-             self._history(namespace, session_id), self._sessions(namespace)],
+             self._history(namespace, session_id), self._sessions(namespace),
+             self._requests(namespace)],
             [digest, answer.SerializeToString(), self.request_ttl_ms, self.history_retention,
-             session_id, *stored])
+             session_id, *self._lifetime(), *stored])
         if reply[0] == 2:
             raise IdempotencyConflict(request_id)
         if reply[0] == 1:
@@ -292,9 +326,12 @@ class RedisLedger:
         return take_newest(newest_first, stored, token_budget, max_bytes)
 
     async def forget(self, namespace: str) -> int:
-        """Deletes every session of ``namespace``; returns how many."""
-        return int(await self._script(self._forget, [self._sessions(namespace)],
-                                      [self._history(namespace)]))
+        """Deletes every session of ``namespace`` and the answers to its
+        requests (those of ``FORGOTTEN_WITH_NAMESPACE``); returns how many
+        sessions."""
+        return int(await self._script(
+            self._forget, [self._sessions(namespace), self._requests(namespace)],
+            [self._history(namespace)]))
 
     async def close(self) -> None:
         if self._renewing is not None:

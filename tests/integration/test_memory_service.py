@@ -345,6 +345,37 @@ async def test_forget_namespace_deletes_chunks_and_sessions(memory):
     assert (again.deleted_chunk_count, again.deleted_session_count) == (0, 0)
 
 
+async def test_after_a_forget_the_namespaces_requests_run_again(memory):
+    """ForgetNamespace drops the answers to the namespace's adds, deletes and
+    appends: the same requests sent again (a re-import under the same ids)
+    store, delete and append again instead of replaying answers about data
+    that is gone. Its own answer stays, for its retries; other namespaces
+    keep theirs."""
+    add_id, delete_id, append_id, forget_id = (str(uuid.uuid4()) for _ in range(4))
+
+    async def send(namespace: str):
+        added = await memory.add(["Foxes hunt at night.", "Dogs sleep in the sun."],
+                                 namespace=namespace, request_id=add_id)
+        deleted = await memory.delete([added.items[1].chunk_ids[0]], namespace=namespace,
+                                      request_id=delete_id)
+        appended = await memory.append_history("s", [("user", "hi")], namespace=namespace,
+                                               request_id=append_id)
+        return added, deleted, appended
+
+    for namespace in ("gone", "kept"):
+        added, deleted, appended = await send(namespace)
+        assert not added.replayed and deleted == 1 and not appended.replayed
+    forgot = await memory.forget("gone", request_id=forget_id)
+    added, deleted, appended = await send("gone")
+    assert not added.replayed and deleted == 1 and not appended.replayed
+    assert await memory.count(namespace="gone") == 1
+    assert (await memory.get_history("s", namespace="gone")).session_message_count == 1
+    assert await memory.forget("gone", request_id=forget_id) == forgot  # replayed
+    assert await memory.count(namespace="gone") == 1
+    added, _, appended = await send("kept")
+    assert added.replayed and appended.replayed
+
+
 # -- conversation history ---------------------------------------------------
 async def test_history_fits_the_token_budget_newest_first(memory):
     appended = await memory.append_history("chat", [

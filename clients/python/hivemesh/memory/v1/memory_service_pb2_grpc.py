@@ -155,7 +155,12 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ForgetNamespace(self, request, context):
-        """Deletes a whole namespace: every chunk and every session history in it.
+        """Deletes a whole namespace: every chunk and every session history in it,
+        and the answers recorded for its AddMemories, DeleteMemories and
+        AppendHistory request_ids, so that the same requests sent again
+        afterwards (a re-import under the same ids) store, delete and append
+        again instead of replaying answers about deleted data. The answer to
+        the ForgetNamespace itself is kept: its retry is replayed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -820,7 +820,12 @@ export const MemoryService: GenService<{
     output: typeof CountMemoriesResponseSchema;
   },
   /**
-   * Deletes a whole namespace: every chunk and every session history in it.
+   * Deletes a whole namespace: every chunk and every session history in it,
+   * and the answers recorded for its AddMemories, DeleteMemories and
+   * AppendHistory request_ids, so that the same requests sent again
+   * afterwards (a re-import under the same ids) store, delete and append
+   * again instead of replaying answers about deleted data. The answer to
+   * the ForgetNamespace itself is kept: its retry is replayed.
    *
    * @generated from rpc hivemesh.memory.v1.MemoryService.ForgetNamespace
    */
