@@ -968,6 +968,18 @@ async def test_another_embedder_is_refused_at_start_up(tmp_path):
     assert "'hashing-64' (64 dimensions)" in result.stderr
 
 
+async def test_a_data_directory_in_use_is_refused_at_start_up_in_one_line(tmp_path):
+    """The embedded engine locks its shard: a second service on the same
+    data directory stops with a line naming the directory, no traceback."""
+    async with serve(memory_settings(tmp_path)) as memory:
+        await memory.add(["the first service holds this directory"], namespace="x")
+        result = _serve_memory(tmp_path, HIVEMESH_MEMORY_EMBEDDING_DIMENSIONS="256")
+    assert result.returncode == 1 and "listening" not in result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("memory could not start: ")
+    assert f"the memory data directory {tmp_path} is in use by another process" in line
+
+
 @pytest.mark.parametrize("kind", ["edge", "qdrant-local"])
 async def test_a_collection_without_the_keyword_vector_is_refused_at_start_up(tmp_path, kind):
     """A collection made by hand or by an older version without the bm25

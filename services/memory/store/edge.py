@@ -26,11 +26,12 @@ background instead: use it for large, write-heavy collections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -78,6 +79,27 @@ def engine_failure(exc: Exception, where: str) -> StoreRefused | StoreUnavailabl
         return StoreUnavailable(f"the embedded engine at {where} could not answer: {text}")
     return StoreRefused(Refusal.FAILED, f"the embedded engine at {where} failed the call "
                         f"({text})", status=kind)
+
+
+@contextlib.contextmanager
+def _opening(data_dir: Path, shard_path: Path) -> Iterator[None]:
+    """Turns the engine's failure to open a shard into a start-up error that
+    says what happened: the data directory in use by another process (its
+    write-ahead log is locked), an OSError; any other, a ValueError naming
+    the shard."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        if type(exc) is not Exception and not isinstance(exc, ValueError):
+            raise  # not the engine's: a bug here stays a bug
+        said = str(exc)
+        if "WouldBlock" in said or "locked" in said.lower():
+            raise OSError(f"the memory data directory {data_dir} is in use by another "
+                          f"process (another memory service?): {said}") from exc
+        raise ValueError(f"the embedded engine could not open the shard {shard_path}: "
+                         f"{said}") from exc
 
 
 def _condition(c: Condition):
@@ -150,12 +172,14 @@ class EdgeStore(MemoryStore):
             # The engine refuses a shard without the service's vectors only
             # with an error that names neither the collection nor a way out.
             _check_shard_vectors(engine_config, str(root))
-            shard = q.EdgeShard.load(str(shard_path), config)
+            with _opening(Path(data_dir), shard_path):
+                shard = q.EdgeShard.load(str(shard_path), config)
             if build_index and shard.optimize():
                 shard.flush()
                 log.info("built the memory index", extra={"points": shard.info().points_count})
         else:
-            shard = q.EdgeShard.create(str(shard_path), config)
+            with _opening(Path(data_dir), shard_path):
+                shard = q.EdgeShard.create(str(shard_path), config)
             shard.update(q.UpdateOperation.create_field_index(
                 NAMESPACE, q.KeywordIndexParams(is_tenant=True)))
             for key in KEYWORD_INDEXES:
