@@ -25,7 +25,8 @@ from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import (
-    ChannelTlsSettings, ServerSettings, ServiceSettings, existing_path, not_empty)
+    ChannelTlsSettings, RequestTtl, ServerSettings, ServiceSettings, existing_path,
+    not_empty)
 from hivemesh.runtime.sqlite import Synchronous
 
 
@@ -86,7 +87,7 @@ class OrchestratorSettings(ServiceSettings):
     # Finished runs remembered for request_id replays (the size bounds the
     # local backend only; Redis keeps each for the TTL).
     idempotency_size: int = Field(default=10_000, ge=1)
-    idempotency_ttl_s: float = Field(default=3600.0, gt=0)
+    idempotency_ttl_s: RequestTtl = 3600.0
     # Events buffered per SubscribeEvents stream before it is ended as
     # FAILED (dropped events); heartbeat interval of idle streams.
     subscriber_queue_size: int = Field(default=10_000, ge=1)

@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
@@ -27,6 +27,13 @@ from hivemesh.runtime.secret_files import SecretsDirectorySource
 # Kubernetes mounts secrets as files, one per setting, named like the
 # environment variable (e.g. HIVEMESH_ARTIFACT_POSTGRES_DSN).
 DEFAULT_SECRETS_DIR = Path("/var/run/secrets/hivemesh")
+
+# The longest time answers to request ids may be kept: ten years. Every
+# service's request TTL setting is of this type: a much larger one (say
+# 1e13 s, meant as "forever") overflows the stores' 64-bit microsecond
+# times and Redis's expiry, and every recorded write would fail.
+MAX_REQUEST_TTL_S = 10 * 365 * 86400.0
+RequestTtl = Annotated[float, Field(gt=0, le=MAX_REQUEST_TTL_S)]
 
 
 class ServiceSettings(BaseSettings):

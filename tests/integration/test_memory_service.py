@@ -474,6 +474,19 @@ async def test_an_answer_past_its_ttl_is_neither_replayed_nor_a_conflict(
         await ledger.close()
 
 
+async def test_answers_are_recorded_with_the_longest_request_ttl(tmp_path):
+    """The longest request TTL the settings take still fits the ledger's
+    times (a far longer one made every recorded write fail)."""
+    from hivemesh.runtime.settings import MAX_REQUEST_TTL_S
+
+    async with serve(memory_settings(tmp_path, request_ttl_s=MAX_REQUEST_TTL_S)) as memory:
+        rid = str(uuid.uuid4())
+        first = await memory.add(["kept for years"], namespace="ttl", request_id=rid)
+        assert (await memory.add(["kept for years"], namespace="ttl", request_id=rid)).replayed
+        assert not first.replayed
+        await memory.append_history("s", [("user", "hi")], namespace="ttl", request_id=rid)
+
+
 async def test_history_estimates_tokens_and_keeps_the_retention_limit(memory):
     await memory.append_history("s", [("user", "x" * 40)], namespace="h")
     [m] = (await memory.get_history("s", namespace="h")).messages
