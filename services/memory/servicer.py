@@ -200,6 +200,10 @@ def _item_key(content: str, size: int, overlap: int, whole: bool,
     return hashlib.sha256(f"{key}\n{extra}".encode()).hexdigest()
 
 
+# Characters of an add prepared (split and keyword-encoded) on the event
+# loop's thread; a larger add is prepared in a worker thread.
+PREPARE_INLINE_CHARS = 16 * 1024
+
 class MemoryServicer(MemoryServiceServicer):
     def __init__(self, store: MemoryStore, embedder: Embedder, ledger: Ledger,
                  limits: Limits = Limits()) -> None:
@@ -348,8 +352,12 @@ class MemoryServicer(MemoryServiceServicer):
     async def _add(self, request, context, namespace: str, size: int, overlap: int,
                    whole: bool) -> AddMemoriesResponse:
         created_us = now_us()
-        points, added = await asyncio.to_thread(self._prepare, request, namespace, size,
-                                                overlap, whole, created_us)
+        prepare = functools.partial(self._prepare, request, namespace, size, overlap, whole,
+                                    created_us)
+        # A small add is prepared inline: the hop to a thread and back would
+        # cost it more than the work (an agent's write-back is a few KiB).
+        small = sum(len(item.content) for item in request.items) <= PREPARE_INLINE_CHARS
+        points, added = prepare() if small else await asyncio.to_thread(prepare)
         tokens = await self._embed_and_upsert(list(points.values()), self._timeout(context))
         # The source's chunks stored before this request go (deleted after
         # the new ones are stored, so a failure never leaves the source

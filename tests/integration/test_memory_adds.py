@@ -186,7 +186,8 @@ async def test_a_request_bound_to_exceed_the_chunk_limit_is_refused_before_split
 
 async def test_splitting_and_keyword_encoding_run_off_the_event_loop(tmp_path, monkeypatch):
     """Splitting and keyword-encoding a large add is seconds of computation:
-    it runs in a worker thread, so the service keeps answering meanwhile."""
+    it runs in a worker thread, so the service keeps answering meanwhile (a
+    small one, inline: the hop would cost it more than the work)."""
     import threading
 
     from hivemesh.services.memory import servicer as module
@@ -206,6 +207,10 @@ async def test_splitting_and_keyword_encoding_run_off_the_event_loop(tmp_path, m
             return encode(text)
         monkeypatch.setattr(servicer.keywords, "document", document)
         await servicer.AddMemories(add([MemoryItem(content="word " * 1000)]), None)
+        assert threads == {threading.current_thread().name}  # small: no thread hop
+        threads.clear()
+        large = "word " * (module.PREPARE_INLINE_CHARS // 5 + 1)
+        await servicer.AddMemories(add([MemoryItem(content=large)]), None)
     assert threads and threading.current_thread().name not in threads
 
 
