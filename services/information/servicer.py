@@ -547,7 +547,8 @@ class InformationServicer(InformationServiceServicer):
 
     async def _statuses(self, budgets: list[BudgetRecord], now: int) -> list[BudgetStatus]:
         keys = [(b.budget_id, period_bounds(b.period, now)[0]) for b in budgets]
-        counters = await self.store.counters(keys)
+        # Holds past their expiry are not counted, swept or not.
+        counters = await self.store.counters(keys, now)
         return [_status(b, c, now, self.currency) for b, c in zip(budgets, counters, strict=True)]
 
     async def GetBudgetStatus(self, request, context):
