@@ -618,10 +618,16 @@ class InformationServicer(InformationServiceServicer):
         yield WatchAlertsResponse(end=StreamEnd(outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
 
 
+# The last microsecond a Timestamp can hold (9999-12-31T23:59:59.999999Z).
+_MAX_TIMESTAMP_US = 253_402_300_799_999_999
+
+
 def _ceil_us(ts, field: str) -> int:
-    """A request's Timestamp in microseconds since the epoch, rounded up."""
+    """A request's Timestamp in microseconds since the epoch, rounded up (a
+    time in the last microsecond a Timestamp holds stays in it: no call is
+    recorded after it, and the bound is shown back as a Timestamp)."""
     us = timestamp_us(ts, field)
-    return us + 1 if ts.ToNanoseconds() > us * 1000 else us
+    return min(us + 1 if ts.ToNanoseconds() > us * 1000 else us, _MAX_TIMESTAMP_US)
 
 
 def _scope_matches(scope: Scope, alert: AlertRecord, budget: BudgetRecord | None) -> bool:

@@ -1134,6 +1134,18 @@ async def test_a_metrics_window_keeps_its_bounds_centuries_from_1970(info):
     assert await counted(at_us - 10**6, at_us) == 0
 
 
+async def test_a_metrics_window_may_end_at_the_largest_timestamp(info):
+    await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=10)))
+    last = timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_999)
+    response = await call(info.GetMetrics, GetMetricsRequest(
+        start_time=timestamp_pb2.Timestamp(seconds=0), end_time=last))
+    (total,) = response.aggregates
+    assert total.request_count == 1
+    assert total.end_time == timestamp_pb2.Timestamp(seconds=253_402_300_799,
+                                                     nanos=999_999_000)
+
+
 async def test_metrics_beyond_the_aggregate_limit_are_invalid(info, monkeypatch):
     from hivemesh.services.information import metrics
     monkeypatch.setattr(metrics, "MAX_AGGREGATES", 3)
