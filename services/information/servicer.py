@@ -565,8 +565,10 @@ class InformationServicer(InformationServiceServicer):
         # Calls are recorded to the microsecond: a bound between two
         # microseconds is the next one (start inclusive, end exclusive).
         start = _ceil_us(request.start_time, "start_time")
+        # Unset: now, and the calls tracked with a completion_time up to the
+        # clock skew TrackCompletion accepts ahead (budgets count them).
         end = (_ceil_us(request.end_time, "end_time") if request.HasField("end_time")
-               else now_us())
+               else now_us() + _MAX_CLOCK_SKEW_US)
         if end <= start:
             raise errors.invalid_argument([("end_time", "must be after start_time")])
         calls = await self.store.calls(start, end)

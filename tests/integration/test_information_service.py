@@ -1146,6 +1146,24 @@ async def test_a_metrics_window_may_end_at_the_largest_timestamp(info):
                                                      nanos=999_999_000)
 
 
+async def test_metrics_without_an_end_count_calls_a_little_ahead_as_budgets_do(info):
+    """A completion_time up to five minutes ahead is accepted and charged:
+    GetMetrics with no end_time counts it too."""
+    await make_budget(info, "b", tokens=1_000_000)
+    soon = timestamp_pb2.Timestamp()
+    soon.FromSeconds(int(datetime.now(UTC).timestamp()) + 120)
+    for at in (None, soon):
+        request = TrackCompletionRequest(request_id=rid(), context=ctx(), model="gpt-test",
+                                         usage=Usage(prompt_tokens=100))
+        if at is not None:
+            request.completion_time.CopyFrom(at)
+        await call(info.TrackCompletion, request)
+    assert (await status(info, "b")).spent_tokens == 200
+    response = await call(info.GetMetrics, GetMetricsRequest(
+        start_time=timestamp_pb2.Timestamp(seconds=0)))
+    assert [(a.request_count, a.total_tokens) for a in response.aggregates] == [(2, 200)]
+
+
 async def test_metrics_beyond_the_aggregate_limit_are_invalid(info, monkeypatch):
     from hivemesh.services.information import metrics
     monkeypatch.setattr(metrics, "MAX_AGGREGATES", 3)

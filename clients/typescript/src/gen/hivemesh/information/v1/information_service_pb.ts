@@ -1049,7 +1049,10 @@ export type GetMetricsRequest = Message<"hivemesh.information.v1.GetMetricsReque
   startTime?: Timestamp | undefined;
 
   /**
-   * End of the window (exclusive); unset means now.
+   * End of the window (exclusive); unset means five minutes from now, so that
+   * calls tracked with a completion_time a little ahead of the service's
+   * clock (TrackCompletion accepts up to five minutes), which budgets already
+   * count, are counted too (the aggregates' end_time says so).
    *
    * @generated from field: google.protobuf.Timestamp end_time = 5;
    */
