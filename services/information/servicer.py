@@ -435,9 +435,10 @@ class InformationServicer(InformationServiceServicer):
             replayed=result.replayed)
 
     async def _settle(self, request, reservation_id: str, ctx_ids: tuple[str, str, str],
-                      now: int, arrival: int = 0):
+                      now: int, arrival: int = 0, completed: bool = False):
         """``now``: the time the call is accounted at; ``arrival``: when the
-        request came (if not ``now``), the time of the alerts it fires."""
+        request came (if not ``now``), the time of the alerts it fires;
+        ``completed``: ``now`` is a completion_time the caller gave."""
         usage = request.usage
         _check_token_counts(usage, ("prompt_tokens", "completion_tokens",
                                     "cached_prompt_tokens"), "usage.")
@@ -460,7 +461,13 @@ class InformationServicer(InformationServiceServicer):
                 "prompt_tokens", "completion_tokens", "cached_prompt_tokens")])
             holds: tuple[Hold, ...] = ()
             if not reservation_id:
-                holds = tuple(_hold(b, now) for b in await self._budgets_for(*ctx_ids))
+                # A call completed at a completion_time before a budget was
+                # created is not charged to it (as a commit does not charge
+                # one created after its reservation): its window had not
+                # begun. Without one, every budget that exists now is
+                # (whatever the clocks of the replicas that created them).
+                holds = tuple(_hold(b, now) for b in await self._budgets_for(*ctx_ids)
+                              if not completed or b.create_time_us <= now)
             call = CallRecord(
                 request_id=request.request_id, reservation_id=reservation_id, time_us=now,
                 tenant_id=ctx_ids[0], workflow_id=ctx_ids[1], agent_id=ctx_ids[2],
@@ -516,7 +523,8 @@ class InformationServicer(InformationServiceServicer):
             raise errors.invalid_argument([("completion_time", _FUTURE_COMPLETION)])
         ctx = request.context
         result, alerts, statuses = await self._settle(
-            request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), at, arrival)
+            request, "", (ctx.tenant_id, ctx.workflow_id, ctx.agent_id), at, arrival,
+            request.HasField("completion_time"))
         return TrackCompletionResponse(cost_micros=result.cost_micros, currency=self.currency,
                                        budgets=statuses, alerts=alerts,
                                        unpriced=result.unpriced,

@@ -714,9 +714,15 @@ async def test_a_deleted_budget_takes_its_spend_and_holds_with_it(info):
 
 # -- alerts and periods ----------------------------------------------------------
 
-async def test_thresholds_fire_once_each_and_periods_roll_over(info):
+async def test_thresholds_fire_once_each_and_periods_roll_over(info, monkeypatch):
+    from hivemesh.services.information import servicer
+    # Created before the calls below completed (a budget is not charged for
+    # calls completed before it existed).
+    monkeypatch.setattr(servicer, "now_us",
+                        lambda: int(datetime(2026, 2, 1, tzinfo=UTC).timestamp() * 1e6))
     await make_budget(info, "daily", scope=Scope(tenant_id="acme"), tokens=1_000,
                       period=DAILY, thresholds=[50, 80, 100])
+    monkeypatch.undo()
 
     async def track(tokens: int, day: int):
         when = timestamp_pb2.Timestamp()
@@ -798,9 +804,14 @@ async def test_a_watch_sees_a_budget_created_again_for_another_scope(tmp_path):
 
 
 async def test_a_resumed_watch_replays_alerts_fired_after_since_once(tmp_path):
+    from hivemesh.services.information import servicer
     async with open_store("sqlite", tmp_path) as store, serve(store) as (stub, _):
         await call(stub.SetModelPrice, SetModelPriceRequest(request_id=rid(), price=PRICE))
-        await make_budget(stub, "b", tokens=100, thresholds=[50, 100])
+        # Created before the call below finished.
+        earlier = servicer.now_us() - 3 * 3600 * 10**6
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(servicer, "now_us", lambda: earlier)
+            await make_budget(stub, "b", tokens=100, thresholds=[50, 100])
         before = timestamp_pb2.Timestamp()
         before.GetCurrentTime()
         # A call reported two hours after it finished: its alert fires now.
@@ -925,6 +936,28 @@ async def test_a_total_budget_s_period_starts_when_it_was_created(info):
     for start in (alert.period_start, charged.period_start, shown.period_start):
         assert start == created.create_time
     assert not shown.HasField("period_end")
+
+
+async def test_a_call_completed_before_a_budget_existed_is_not_charged_to_it(info):
+    """As a commit does not charge a budget created after its reservation, a
+    tracked call does not charge one created after it completed (in any
+    period): the call is recorded all the same."""
+    await make_budget(info, "total", tokens=100, thresholds=[50])
+    await make_budget(info, "daily", tokens=100, period=DAILY, thresholds=[50])
+    before = timestamp_pb2.Timestamp()
+    before.FromSeconds(int(datetime.now(UTC).timestamp()) - 2 * 86_400)
+    tracked = await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=60),
+        completion_time=before))
+    assert (list(tracked.budgets), list(tracked.alerts)) == ([], [])
+    for budget_id in ("total", "daily"):
+        assert (await status(info, budget_id)).spent_tokens == 0
+    metrics = await call(info.GetMetrics, GetMetricsRequest(start_time=timestamp_pb2.Timestamp(
+        seconds=before.seconds - 60)))
+    assert [a.request_count for a in metrics.aggregates] == [1]
+    now = await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=60)))
+    assert sorted(b.budget_id for b in now.budgets) == ["daily", "total"]
 
 
 async def test_a_commit_after_midnight_shows_the_period_it_was_charged_to(info, monkeypatch):

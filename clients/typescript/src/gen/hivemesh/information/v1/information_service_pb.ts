@@ -883,8 +883,10 @@ export type TrackCompletionRequest = Message<"hivemesh.information.v1.TrackCompl
   /**
    * When the call finished; unset means now, and a time more than five
    * minutes ahead of the service's clock is INVALID_ARGUMENT. The call is
-   * recorded at this time and charged to the budget periods it falls in;
-   * the alerts it fires carry the time they fired (now).
+   * recorded at this time and charged to the budget periods it falls in
+   * (a budget created after this time is not charged for it, as a commit
+   * does not charge a budget created after its reservation); the alerts it
+   * fires carry the time they fired (now).
    *
    * @generated from field: google.protobuf.Timestamp completion_time = 10;
    */
