@@ -33,6 +33,34 @@ MAX_PRICE_MICROS_PER_MILLION = 10 ** 15
 MAX_COST_MICROS_PER_CALL = 10 ** 15
 
 
+# The longest model or backend name of a price (ModelPrice's max_len).
+MAX_PRICE_NAME_CHARS = 128
+PRICE_AMOUNTS = ("input_micros_per_million", "output_micros_per_million",
+                 "cached_input_micros_per_million")
+
+
+def price_violations(model: str, backend: str, amounts: dict[str, int] | None = None
+                     ) -> list[tuple[str, str]]:
+    """(field, description) of what makes a price invalid, wherever it is
+    set (SetModelPrice, the prices of the settings): a model of 1 to 128
+    characters, a backend of at most 128 (empty: any backend), neither with
+    a NUL (a price is keyed by both together: a NUL would let two prices
+    share a key), and amounts of at most MAX_PRICE_MICROS_PER_MILLION."""
+    out = []
+    if not model:
+        out.append(("model", "must be at least 1 characters"))
+    for field, value in (("model", model), ("backend", backend)):
+        if len(value) > MAX_PRICE_NAME_CHARS:
+            out.append((field, f"must be at most {MAX_PRICE_NAME_CHARS} characters"))
+        if "\x00" in value:
+            out.append((field, "must not contain NUL (U+0000) characters"))
+    for field, value in (amounts or {}).items():
+        if value > MAX_PRICE_MICROS_PER_MILLION:
+            out.append((field, f"at most {MAX_PRICE_MICROS_PER_MILLION:,} micros per million "
+                               "tokens"))
+    return out
+
+
 def cost_micros(price: PriceRecord | None, prompt_tokens: int, completion_tokens: int,
                 cached_prompt_tokens: int = 0) -> int:
     """Cost of a call: cached prompt tokens at the cached-input price, the

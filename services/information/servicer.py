@@ -31,8 +31,8 @@ from hivemesh.runtime import errors, paging
 from hivemesh.runtime.wellknown import now_us, timestamp, timestamp_us
 from hivemesh.services.information.metrics import CallMetrics, aggregate
 from hivemesh.services.information.pricing import (
-    MAX_COST_MICROS_PER_CALL, MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL, PricePolicy,
-    cost_micros, period_bounds)
+    MAX_COST_MICROS_PER_CALL, MAX_TOKENS_PER_CALL, PRICE_AMOUNTS, PricePolicy, cost_micros,
+    period_bounds, price_violations)
 from hivemesh.services.information.store.base import (
     DELETE_BUDGET, MODE_HARD, PERIOD_TOTAL, RELEASE, SET_PRICE, UPDATE_BUDGET, AlertRecord,
     BudgetChanged, BudgetExceeded, BudgetRecord, CallRecord, CreatedBudgetGone, Hold,
@@ -304,22 +304,14 @@ class InformationServicer(InformationServiceServicer):
     # -- prices ---------------------------------------------------------------
     async def SetModelPrice(self, request, context):
         p = request.price
-        # A price is keyed by model and backend together: a NUL inside one
-        # would let two prices share a key (on Redis) and page tokens fail.
-        nul = [(f"price.{f}", "must not contain NUL (U+0000) characters")
-               for f in ("model", "backend") if "\x00" in getattr(p, f)]
-        if nul:
-            raise errors.invalid_argument(nul)
+        # The same check as the prices of the settings get at start-up.
+        invalid = price_violations(p.model, p.backend,
+                                   {f: getattr(p, f) for f in PRICE_AMOUNTS})
+        if invalid:
+            raise errors.invalid_argument([(f"price.{f}", why) for f, why in invalid])
         if p.currency and p.currency != self.currency:
             raise errors.invalid_argument(
                 [("price.currency", f"this service accounts in {self.currency}")])
-        too_high = [(f"price.{f}", f"at most {MAX_PRICE_MICROS_PER_MILLION:,} micros per "
-                                   "million tokens")
-                    for f in ("input_micros_per_million", "output_micros_per_million",
-                              "cached_input_micros_per_million")
-                    if getattr(p, f) > MAX_PRICE_MICROS_PER_MILLION]
-        if too_high:
-            raise errors.invalid_argument(too_high)
         record = PriceRecord(p.model, p.backend, p.input_micros_per_million,
                              p.output_micros_per_million, p.cached_input_micros_per_million,
                              self.currency, now_us())

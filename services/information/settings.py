@@ -11,7 +11,7 @@ from pydantic_settings import SettingsConfigDict
 from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import RequestTtl, ServerSettings, ServiceSettings, not_empty
 from hivemesh.services.information.pricing import (
-    MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL)
+    MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL, price_violations)
 from hivemesh.runtime.sqlite import Synchronous
 
 
@@ -71,6 +71,24 @@ class InformationSettings(ServiceSettings):
     alert_poll_interval_s: float = Field(default=0.25, gt=0)
     # A watch with no alert to send sends a heartbeat this often.
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
+
+    @field_validator("prices")
+    @classmethod
+    def _valid_price_keys(cls, prices: dict[str, PriceSettings]) -> dict[str, PriceSettings]:
+        # What SetModelPrice refuses is refused here too (an empty model
+        # would be a price that never applies).
+        problems = []
+        for key, price in prices.items():
+            model, _, backend = key.partition("@")
+            shown = key if len(key) <= 40 else key[:40] + "..."
+            for field, why in price_violations(model, backend, {
+                    f: v for f, v in price.model_dump().items() if v is not None}):
+                problems.append(f"{shown!r}: {field} {why}" + (
+                    " (a key is model or model@backend)" if field in ("model", "backend")
+                    else ""))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return prices
 
     @model_validator(mode="after")
     def _consistent(self) -> InformationSettings:

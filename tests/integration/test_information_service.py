@@ -420,6 +420,24 @@ async def test_a_model_or_backend_name_with_a_nul_is_refused_for_prices(info):
     assert not listed.prices
 
 
+def test_prices_of_the_settings_are_checked_as_set_model_price_checks_them():
+    """A price SetModelPrice refuses (an empty model, which would never
+    apply, a name over 128 characters or with a NUL) is refused at start-up,
+    naming its key."""
+    from pydantic import ValidationError
+    one = {"input_micros_per_million": 1, "output_micros_per_million": 1}
+    for key, problem in (("@openai", "'@openai': model must be at least 1 characters"),
+                         ("m" * 129, "model must be at most 128 characters"),
+                         ("gpt@" + "b" * 129, "backend must be at most 128 characters"),
+                         ("gpt\x00x", "model must not contain NUL")):
+        with pytest.raises(ValidationError) as err:
+            InformationSettings(prices={key: one, "gpt@openai": one})
+        [error] = err.value.errors()
+        assert error["loc"] == ("prices",) and problem in error["msg"]
+    assert set(InformationSettings(prices={"gpt@openai": one, "m" * 128: one}).prices) == {
+        "gpt@openai", "m" * 128}
+
+
 async def test_status_shows_overspend_and_holds_that_fill_the_limit(info):
     await make_budget(info, "soft", micros=6_000, mode=SOFT)
     held = await call(info.Reserve, reserve_request())  # holds exactly 6,000
