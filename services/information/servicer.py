@@ -37,7 +37,7 @@ from hivemesh.services.information.store.base import (
     DELETE_BUDGET, MODE_HARD, PERIOD_TOTAL, RELEASE, SET_PRICE, UPDATE_BUDGET, AlertRecord,
     BudgetChanged, BudgetExceeded, BudgetRecord, CallRecord, CreatedBudgetGone, Hold,
     IdempotencyConflict, InformationStore, Once, PriceRecord, ReservationNotFound, ReservationSettled, ReserveOp, SettleOp,
-    StaleConfig, applicable_scope_keys, budget_from_json)
+    StaleConfig, applicable_scope_keys, budget_from_json, shown_start)
 
 log = logging.getLogger("hivemesh.information")
 
@@ -108,7 +108,7 @@ def alert_to_proto(a: AlertRecord, budget: BudgetRecord | None, currency: str) -
 def _hold(budget: BudgetRecord, now: int) -> Hold:
     start, _ = period_bounds(budget.period, now)
     return Hold(budget.budget_id, start, budget.limit_micros, budget.limit_tokens,
-                budget.mode, budget.thresholds)
+                budget.mode, budget.thresholds, shown_start(budget))
 
 
 _CONFIG_RETRIES = 5

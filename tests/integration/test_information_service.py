@@ -953,6 +953,7 @@ async def test_a_total_budget_s_period_starts_when_it_was_created(info):
     shown = await status(info, "total")
     for start in (alert.period_start, charged.period_start, shown.period_start):
         assert start == created.create_time
+    assert alert.alert_id == f"alert:total:{created.create_time.ToMicroseconds()}:50"
     assert not shown.HasField("period_end")
 
 
@@ -976,6 +977,36 @@ async def test_a_call_completed_before_a_budget_existed_is_not_charged_to_it(inf
     now = await call(info.TrackCompletion, TrackCompletionRequest(
         request_id=rid(), context=ctx(), model="gpt-test", usage=Usage(prompt_tokens=60)))
     assert sorted(b.budget_id for b in now.budgets) == ["daily", "total"]
+
+
+async def test_a_total_budget_s_alert_ids_name_the_period_start_they_show(info):
+    """An alert id holds the start of its period as the alert shows it: a
+    TOTAL budget's creation. A budget deleted and created again under its id
+    fires under other ids (a watcher that drops ids it has seen keeps them);
+    whether a threshold fired is kept as before, so none fires twice."""
+    ids = []
+    for _ in range(2):
+        created = await make_budget(info, "total", tokens=100, thresholds=[50])
+        for request in (reserve_request(prompt=30, max_tokens=30), None):
+            if request is None:
+                tracked = await call(info.TrackCompletion, TrackCompletionRequest(
+                    request_id=rid(), context=ctx(), model="gpt-test",
+                    usage=Usage(prompt_tokens=60)))
+                alerts = list(tracked.alerts)
+            else:
+                reserved = await call(info.Reserve, request)
+                committed = await call(info.Commit, CommitRequest(
+                    request_id=rid(), reservation_id=reserved.reservation_id,
+                    model="gpt-test", usage=Usage(prompt_tokens=60)))
+                alerts = list(committed.alerts)
+            if alerts:
+                (alert,) = alerts
+                start = created.create_time.ToMicroseconds()
+                assert alert.alert_id == f"alert:total:{start}:50"
+                assert alert.period_start == created.create_time
+                ids.append(alert.alert_id)
+        await call(info.DeleteBudget, DeleteBudgetRequest(request_id=rid(), budget_id="total"))
+    assert len(ids) == len(set(ids)) == 2
 
 
 async def test_a_commit_after_midnight_shows_the_period_it_was_charged_to(info, monkeypatch):

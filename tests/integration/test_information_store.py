@@ -610,7 +610,7 @@ async def test_commit_frees_the_hold_and_charges_and_replays(store):
     assert result.budget_ids == ("b", "day")
     (alert,) = result.alerts
     assert (alert.alert_id, alert.budget_id, alert.threshold_percent, alert.limit_kind) == (
-        "alert:b:0:50", "b", 50, 1)
+        f"alert:b:{T0}:50", "b", 50, 1)  # a TOTAL budget's period: from its creation
     assert (alert.spent_micros, alert.limit_micros, alert.spent_tokens, alert.limit_tokens) == (
         5500, 10_000, 120, 1000)
     assert (alert.period_start_us, alert.create_time_us, alert.request_id) == (0, T0 + 10, "c-1")

@@ -84,6 +84,10 @@ class Hold:
     limit_tokens: int | None
     mode: int
     thresholds: tuple[int, ...] = ()
+    # Where the period shows as starting, when not period_start_us: a TOTAL
+    # budget's one period is stored from 0 and starts at the budget's
+    # creation (not kept with a reservation's holds: set from the budget).
+    shown_start_us: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,9 +315,19 @@ def crossed_thresholds(hold: Hold, spent_micros: int,
     return out
 
 
+def shown_start(budget: BudgetRecord) -> int | None:
+    """A Hold's ``shown_start_us`` for ``budget``: its creation for a TOTAL
+    budget (whose one period is stored from 0), else None."""
+    return budget.create_time_us if budget.period in (0, PERIOD_TOTAL) else None
+
+
 def alert_id(hold: Hold, threshold: int) -> str:
-    """One alert per budget, period and threshold: the id says which."""
-    return f"alert:{hold.budget_id}:{hold.period_start_us}:{threshold}"
+    """One alert per budget, period and threshold: the id says which, with
+    the period's start as the alert shows it (a TOTAL budget's creation: a
+    budget created again under its id fires under other ids). Whether a
+    threshold fired is kept apart, by the stored period start."""
+    start = hold.period_start_us if hold.shown_start_us is None else hold.shown_start_us
+    return f"alert:{hold.budget_id}:{start}:{threshold}"
 
 
 def holds_to_json(holds: tuple[Hold, ...]) -> str:

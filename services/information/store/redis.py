@@ -68,7 +68,8 @@ from hivemesh.services.information.store.base import (
     ReservationNotFound, ReservationRecord, ReservationSettled, ReserveOp, ReserveResult,
     SettleOp, SettleResult, StaleConfig, alert_id, budget_from_json, budget_to_json,
     created_answer, created_by,
-    holds_from_json, holds_to_json, price_from_json, price_to_json, replayed_release)
+    holds_from_json, holds_to_json, price_from_json, price_to_json, replayed_release,
+    shown_start)
 
 DEFAULT_PREFIX = "hivemesh:info:"
 
@@ -1003,7 +1004,8 @@ class RedisStore:
             if b is not None:
                 now.append(dataclasses.replace(h, limit_micros=b.limit_micros,
                                                limit_tokens=b.limit_tokens, mode=b.mode,
-                                               thresholds=b.thresholds))
+                                               thresholds=b.thresholds,
+                                               shown_start_us=shown_start(b)))
         return self._defs_version, tuple(now)
 
     async def settle(self, op: SettleOp) -> SettleResult:

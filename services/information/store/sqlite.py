@@ -19,7 +19,7 @@ from hivemesh.services.information.store.base import (
     ReservationRecord, ReservationSettled, ReserveOp, ReserveResult, SettleOp, SettleResult,
     StaleConfig, alert_id, budget_from_json, budget_to_json, created_answer, created_by,
     crossed_thresholds, holds_from_json, holds_to_json, price_from_json, price_to_json,
-    release_answer, replayed_release)
+    release_answer, replayed_release, shown_start)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -199,12 +199,13 @@ def _as_defined_now(conn: sqlite3.Connection, holds: tuple[Hold, ...]) -> tuple[
     a budget deleted since is not charged."""
     out = []
     for hold in holds:
-        row = conn.execute("SELECT limit_micros, limit_tokens, mode, thresholds FROM budgets "
-                           "WHERE budget_id = ?", (hold.budget_id,)).fetchone()
+        row = conn.execute(f"SELECT {_BUDGET_COLS} FROM budgets WHERE budget_id = ?",
+                           (hold.budget_id,)).fetchone()
         if row is not None:
+            b = _budget(row)
             out.append(dataclasses.replace(
-                hold, limit_micros=row[0], limit_tokens=row[1], mode=row[2],
-                thresholds=tuple(int(t) for t in row[3].split(",") if t)))
+                hold, limit_micros=b.limit_micros, limit_tokens=b.limit_tokens, mode=b.mode,
+                thresholds=b.thresholds, shown_start_us=shown_start(b)))
     return tuple(out)
 
 

@@ -292,7 +292,11 @@ export const BudgetStatusSchema: GenMessage<BudgetStatus> = /*@__PURE__*/
 export type Alert = Message<"hivemesh.information.v1.Alert"> & {
   /**
    * Id of the alert: "alert:{budget_id}:{period start, microseconds since
-   * the epoch}:{threshold_percent}", one per budget, period and threshold.
+   * the epoch}:{threshold_percent}", one per budget, period and threshold;
+   * the period start is period_start's (for a TOTAL budget its creation, so
+   * a budget created again under its id fires under other ids). An alert
+   * stored by an earlier version keeps the id it fired with (0 as a TOTAL
+   * budget's period start); no threshold fires twice for the change.
    *
    * @generated from field: string alert_id = 1;
    */
