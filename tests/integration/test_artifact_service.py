@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from hivemesh.artifact.v1 import ArtifactServiceStub, DeleteArtifactRequest, SaveArtifactRequest
 from hivemesh.client import (
-    AlreadyExistsError, InvalidArgumentError, NotFoundError, UnavailableError)
+    AlreadyExistsError, InvalidArgumentError, NotFoundError, UnavailableError, from_rpc_error)
 from hivemesh.runtime.wellknown import now_us
 from hivemesh.services.artifact.backends.base import Filter
 from hivemesh.services.artifact.settings import ArtifactSettings
@@ -267,7 +267,6 @@ async def test_invalid_requests_get_field_violations_before_any_work(artifact_se
             await stub.SaveArtifact(SaveArtifactRequest(request_id="r", workflow_id="",
                                                         agent_id="a", artifact_type="Bad Type"))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    from hivemesh.client import from_rpc_error
     error = from_rpc_error(err.value)
     assert error.reason == "INVALID_REQUEST"
     fields = {f for f, _ in error.field_violations}
@@ -509,7 +508,8 @@ async def test_nul_characters_are_refused_alike_on_every_backend(artifacts):
         with pytest.raises(InvalidArgumentError) as err:
             await artifacts.save(**{"workflow_id": "wf-nul", "agent_id": "a",
                                     "artifact_type": "code", **fields})
-        assert err.value.field_violations[0][0] == where
+        assert err.value.field_violations[0] == (where,
+                                                 "must not contain NUL (U+0000) characters")
     with pytest.raises(InvalidArgumentError) as err:
         await artifacts.count(workflow_id="wf\x00")
     assert err.value.field_violations[0][0] == "filter.workflow_id"
@@ -520,6 +520,39 @@ async def test_nul_characters_are_refused_alike_on_every_backend(artifacts):
         await artifacts.delete(saved.artifact.artifact_id, request_id="d\x00")
     assert err.value.field_violations[0][0] == "request_id"
     assert await artifacts.count(workflow_id="wf-nul2") == 1
+
+
+async def test_content_over_its_limit_is_payload_too_large_up_to_the_message_limit(
+        tmp_path):
+    """As the contract says: content over the content limit, in a request
+    that fits the gRPC message limit, is INVALID_ARGUMENT, reason
+    PAYLOAD_TOO_LARGE; a request over the message limit is refused by gRPC
+    before the service reads it: RESOURCE_EXHAUSTED, without ErrorInfo."""
+    from hivemesh.runtime.settings import ServerSettings
+    from hivemesh.services.artifact.backends.memory import MemoryBackend
+    from hivemesh.services.artifact.server import create_server
+
+    settings = ArtifactSettings(
+        server=ServerSettings(host="127.0.0.1", port=0, max_message_bytes=256 * 1024),
+        data_dir=tmp_path / "artifact", max_content_bytes=100 * 1024)
+    running, port = await create_server(settings, MemoryBackend())
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.max_send_message_length", 4 * 1024 * 1024)])
+    try:
+        stub = ArtifactServiceStub(channel)
+        outcomes = []
+        for size in (150 * 1024, 300 * 1024):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SaveArtifact(SaveArtifactRequest(
+                    request_id=str(uuid.uuid4()), workflow_id="wf", agent_id="a",
+                    artifact_type="code", content="x" * size), timeout=10)
+            refused = from_rpc_error(err.value)
+            outcomes.append((refused.code, refused.reason))
+        assert outcomes == [(grpc.StatusCode.INVALID_ARGUMENT, "PAYLOAD_TOO_LARGE"),
+                            (grpc.StatusCode.RESOURCE_EXHAUSTED, "")]
+    finally:
+        await channel.close()
+        await running.shutdown(0)
 
 
 async def test_an_artifact_too_big_to_read_back_is_refused_and_pages_count_metadata(

@@ -221,15 +221,23 @@ export type SaveArtifactRequest = Message<"hivemesh.artifact.v1.SaveArtifactRequ
   artifactType: string;
 
   /**
-   * The artifact itself. The service refuses content above its configured
-   * limit (8 MiB by default) with INVALID_ARGUMENT, reason PAYLOAD_TOO_LARGE.
+   * The artifact itself (text). The service refuses content above its
+   * configured limit (8 MiB of UTF-8 by default), or an artifact too large
+   * to fit an answer, with INVALID_ARGUMENT, reason PAYLOAD_TOO_LARGE; a
+   * request larger than the service's gRPC message limit (16 MiB by
+   * default) is refused by gRPC before the service reads it:
+   * RESOURCE_EXHAUSTED, without ErrorInfo. Content holding a NUL character (U+0000), which PostgreSQL
+   * text cannot store, is refused on every backend alike: INVALID_ARGUMENT,
+   * field violation "content" (encode binary data, e.g. as base64). The ids
+   * above refuse NUL alike.
    *
    * @generated from field: string content = 6;
    */
   content: string;
 
   /**
-   * Free-form attributes.
+   * Free-form attributes; no key or string value may hold a NUL character
+   * (INVALID_ARGUMENT, field violation "metadata").
    *
    * @generated from field: google.protobuf.Struct metadata = 7;
    */
