@@ -62,6 +62,9 @@ def tls_client(pki: Pki | None) -> ChannelTlsSettings:
                               key_file=pki.client.key)
 
 
+MOCK_MAX_OUTPUT_TOKENS = 10_000_000
+
+
 def llm_settings(server: ServerSettings = SERVER) -> LlmSettings:
     fast = dict(initial_backoff_s=0.01, max_backoff_s=0.02, max_attempts=1,
                 breaker_failure_threshold=100)
@@ -69,9 +72,12 @@ def llm_settings(server: ServerSettings = SERVER) -> LlmSettings:
         server=server,
         backends={"primary": BackendSettings(type="mock", **fast),
                   "secondary": BackendSettings(type="mock", **fast)},
+        # The mock models write whatever a test queues, however long: the
+        # default max_output_tokens would cut it to 16 KiB.
         models=[ModelSettings(alias="main", backend="primary", upstream_model="p-1",
-                              default=True),
-                ModelSettings(alias="backup", backend="secondary", upstream_model="s-1"),
+                              default=True, max_output_tokens=MOCK_MAX_OUTPUT_TOKENS),
+                ModelSettings(alias="backup", backend="secondary", upstream_model="s-1",
+                              max_output_tokens=MOCK_MAX_OUTPUT_TOKENS),
                 ModelSettings(alias="embed", kind="embedding", backend="primary",
                               upstream_model="e-1", embedding_dimensions=64, default=True)])
 
