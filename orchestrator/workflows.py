@@ -502,8 +502,10 @@ class WorkflowRun:
             result.result.CopyFrom(chosen.result)
             result.output = chosen.result.output
         elif combine == CombineMode.COMBINE_MODE_ALL:
+            # Text as written: escaped, every non-ASCII character would
+            # reach the next agent as six (and cost as many tokens).
             result.output = json.dumps([{"branch": r.branch, "output": r.result.output}
-                                        for r in winners])
+                                        for r in winners], ensure_ascii=False)
         else:
             judged = "\n\n".join(f"### Candidate from {r.branch}\n{r.result.output}"
                                  for r in winners)

@@ -893,3 +893,21 @@ async def test_another_tenants_workflow_under_the_same_request_id_replays_nothin
         a = response.tasks[0]
         assert a.status == TaskStatus.TASK_STATUS_FAILED and not a.output
         assert a.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+
+
+async def test_an_all_fan_outs_output_keeps_non_ascii_text_as_written(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder", "alt", "writer")
+        m.primary.queue_responses(["café", "日本語", "done"])
+        done = await workflow(
+            m, TaskSpec(task_id="f", input_template="x", fan_out=FanOut(
+                agents=AgentList(agents=["coder", "alt"]), combine=CombineMode.COMBINE_MODE_ALL)),
+            TaskSpec(task_id="g", agent="writer", depends_on=["f"],
+                     input_template="Summarise {{tasks.f.output}}"),
+            max_concurrency=1)
+        assert done.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        assert "café" in done.tasks[0].output and "日本語" in done.tasks[0].output
+        assert json.loads(done.tasks[0].output) == [{"branch": "coder", "output": "café"},
+                                                    {"branch": "alt", "output": "日本語"}]
+        prompt = m.primary.calls[-1].messages[-1].content
+        assert "café" in prompt and "日本語" in prompt

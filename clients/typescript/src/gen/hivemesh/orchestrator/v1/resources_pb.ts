@@ -1901,7 +1901,7 @@ export enum CombineMode {
   /**
    * Every branch runs; the task output is a JSON array of
    * {"branch": <agent or model>, "output": <text>} objects in branch order
-   * (failed branches left out). The task fails only if all branches fail.
+   * (failed branches left out; non-ASCII text as written, not escaped). The task fails only if all branches fail.
    *
    * @generated from enum value: COMBINE_MODE_ALL = 2;
    */
