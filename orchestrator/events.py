@@ -59,6 +59,18 @@ def default_priority(event_type: int, payload) -> int:
     return EventPriority.EVENT_PRIORITY_NORMAL
 
 
+def build_event(event_type: int, context: RequestContext, trace_id: str, payload, *,
+                agent: str = "", sequence: int) -> AgentEvent:
+    """An event as a run sends it: its own event_id, the time now and the
+    type's default priority."""
+    event = AgentEvent(event_id=str(uuid.uuid4()), type=event_type, context=context,
+                       create_time=timestamp(now_us()), trace_id=trace_id,
+                       priority=default_priority(event_type, payload), agent=agent,
+                       sequence=sequence)
+    getattr(event, _PAYLOAD[event_type]).CopyFrom(payload)
+    return event
+
+
 @dataclass(eq=False)
 class Subscription:
     """One SubscribeEvents stream: its filters and its queue."""
@@ -170,11 +182,8 @@ class EventSink:
         self.sequence += 1
         if self.listener is None and self.bus.idle:
             return None  # nobody listens: numbered, never built
-        event = AgentEvent(event_id=str(uuid.uuid4()), type=event_type, context=context,
-                           create_time=timestamp(now_us()), trace_id=trace_id,
-                           priority=default_priority(event_type, payload), agent=agent,
-                           sequence=self.sequence)
-        getattr(event, _PAYLOAD[event_type]).CopyFrom(payload)
+        event = build_event(event_type, context, trace_id, payload, agent=agent,
+                            sequence=self.sequence)
         delivered = self.bus.publish(event)
         if delivered is not None and self.listener is not None:
             self.listener(delivered)

@@ -21,7 +21,7 @@ from hivemesh.runtime.resilience import fingerprint, replayed_copy
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.orchestrator.agents import definition_problems
 from hivemesh.services.orchestrator.context import ExecutionContext
-from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription
+from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription, build_event
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import DOMAIN, AgentRunner, RunError, RunOptions
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
@@ -202,11 +202,10 @@ class OrchestratorServicer:
             if replayed_result is not None:
                 ctx = ExecutionContext.from_request(request.context, request.agent,
                                                     request.request_id)
-                yield StreamAgentResponse(agent_event=AgentEvent(
-                    type=EventType.EVENT_TYPE_AGENT_COMPLETE, agent=request.agent,
-                    context=ctx.to_proto(), trace_id=replayed_result.trace_id,
-                    create_time=timestamp(now_us()), sequence=1,
-                    agent_complete=replayed_result))
+                event = build_event(EventType.EVENT_TYPE_AGENT_COMPLETE, ctx.to_proto(),
+                                    replayed_result.trace_id, replayed_result,
+                                    agent=request.agent, sequence=1)
+                yield StreamAgentResponse(agent_event=event)
                 yield StreamAgentResponse(end=StreamEnd(
                     outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
                 return

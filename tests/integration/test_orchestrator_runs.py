@@ -24,9 +24,10 @@ from hivemesh.client.memory import MemoryClient
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.information.v1 import Budget, Scope
 from hivemesh.orchestrator.v1 import (
-    AgentDefinition, BudgetEnforcement, BudgetPolicy, DegradedComponent, EventType, ExecuteToolResponse,
-    ListToolsResponse, MemoryConfig, RegisterAgentRequest, RunAgentRequest, StreamAgentRequest,
-    ToolDefinition, ToolError, ToolServiceServicer, add_ToolServiceServicer_to_server)
+    AgentDefinition, BudgetEnforcement, BudgetPolicy, DegradedComponent, EventPriority, EventType,
+    ExecuteToolResponse, ListToolsResponse, MemoryConfig, RegisterAgentRequest, RunAgentRequest,
+    StreamAgentRequest, ToolDefinition, ToolError, ToolServiceServicer,
+    add_ToolServiceServicer_to_server)
 from hivemesh.runtime import errors
 from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
 from hivemesh.services.orchestrator.runner import AgentRunner
@@ -1007,6 +1008,10 @@ async def test_stream_agent_events_end_and_replay(tmp_path):
         replay = [x async for x in m.orchestrator.StreamAgent(request, timeout=20)]
         assert [x.WhichOneof("event") for x in replay] == ["agent_event", "end"]
         assert replay[0].agent_event.agent_complete == events[-1].agent_complete
+        # An event like the live one: its own id, the same priority.
+        replayed = replay[0].agent_event
+        assert uuid.UUID(replayed.event_id) != uuid.UUID(events[-1].event_id)
+        assert replayed.priority == events[-1].priority == EventPriority.EVENT_PRIORITY_NORMAL
         assert len(m.primary.calls) == calls
         # The same request id with another input fails before any event: as
         # the call's status, like any call's.
