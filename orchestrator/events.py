@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hivemesh.common.v1 import RequestContext
-from hivemesh.orchestrator.v1 import AgentEvent, EventPriority, EventType
+from hivemesh.orchestrator.v1 import AgentEvent, AgentResult, EventPriority, EventType, TaskResult
 from hivemesh.runtime.wellknown import now_us, timestamp
 
 log = logging.getLogger("hivemesh.orchestrator.events")
@@ -69,6 +69,77 @@ def build_event(event_type: int, context: RequestContext, trace_id: str, payload
                        sequence=sequence)
     getattr(event, _PAYLOAD[event_type]).CopyFrom(payload)
     return event
+
+
+def agent_results(message) -> list[AgentResult]:
+    """The agent results ``message`` holds: itself (an AgentResult), or a
+    task's final agent's and its branches' (a TaskResult)."""
+    if isinstance(message, AgentResult):
+        return [message]
+    if isinstance(message, TaskResult):
+        return [holder.result for holder in (message, *message.branches)
+                if holder.HasField("result")]
+    return []
+
+
+def shed(message, results: list[AgentResult], limit: int) -> int:
+    """Makes ``message`` smaller, in place, until it is at most ``limit``
+    bytes, leaving out of the agent ``results`` it holds: first their
+    outputs (a task's output is kept beside them; an agent's is also in its
+    artifact), then their tool calls' arguments and results (names and ids
+    stay; the TOOL_EXECUTE events carried them). Returns its size then,
+    which may still be over ``limit``."""
+    size = message.ByteSize()
+    if size <= limit:
+        return size
+    for result in results:
+        result.output = ""
+    size = message.ByteSize()
+    if size <= limit:
+        return size
+    for result in results:
+        for call in result.tool_calls:
+            call.arguments = call.result = ""
+    return message.ByteSize()
+
+
+def fit_event(event: AgentEvent, limit: int) -> AgentEvent:
+    """The event as a message of at most ``limit`` bytes carries it: the
+    event itself when it fits, else a copy marked ``trimmed`` whose payload
+    sheds what a RunWorkflow response sheds (:func:`shed`), then, if still
+    too big, its longest texts, longest first, and at worst the payload
+    itself. A stream then goes on to its terminal events instead of
+    breaking on one it cannot send."""
+    if event.ByteSize() <= limit:
+        return event
+    fitted = AgentEvent()
+    fitted.CopyFrom(event)
+    fitted.trimmed = True
+    which = fitted.WhichOneof("payload")
+    if which is None:
+        return fitted
+    payload = getattr(fitted, which)
+    excess = shed(fitted, agent_results(payload), limit) - limit
+    for length, holder, name in sorted(_texts(payload), key=lambda t: -t[0]):
+        if excess <= 0:
+            break
+        holder.ClearField(name)
+        excess -= length
+    if fitted.ByteSize() > limit:
+        fitted.ClearField(which)
+    return fitted
+
+
+def _texts(message):
+    """(size in bytes, holder, field name) of every non-empty singular
+    string or bytes field in ``message``, its nested messages' included."""
+    for kind, value in message.ListFields():
+        if kind.type in (kind.TYPE_STRING, kind.TYPE_BYTES):
+            if not kind.is_repeated:
+                yield len(value.encode() if isinstance(value, str) else value), message, kind.name
+        elif kind.type == kind.TYPE_MESSAGE and not kind.message_type.GetOptions().map_entry:
+            for item in (value if kind.is_repeated else (value,)):
+                yield from _texts(item)
 
 
 @dataclass(eq=False)

@@ -18,10 +18,12 @@ from hivemesh.orchestrator.v1 import (
     WorkflowStatus)
 from hivemesh.runtime import errors, paging
 from hivemesh.runtime.resilience import fingerprint, replayed_copy
+from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.runtime.wellknown import now_us, timestamp
 from hivemesh.services.orchestrator.agents import definition_problems
 from hivemesh.services.orchestrator.context import ExecutionContext
-from hivemesh.services.orchestrator.events import EventBus, EventSink, Subscription, build_event
+from hivemesh.services.orchestrator.events import (
+    EventBus, EventSink, Subscription, build_event, fit_event)
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import DOMAIN, AgentRunner, RunError, RunOptions
 from hivemesh.services.orchestrator.settings import OrchestratorSettings
@@ -66,6 +68,11 @@ class OrchestratorServicer:
         """The request's time: the caller's deadline, or the default."""
         left = context.time_remaining()
         return left if left is not None else self.settings.default_run_timeout_s
+
+    @property
+    def _message_room(self) -> int:
+        """The most one message of an answer or a stream may carry."""
+        return self.settings.server.max_message_bytes - RESPONSE_MARGIN_BYTES
 
     def _deadline(self, context: grpc.aio.ServicerContext):
         """The run's deadline: the caller's, or the default when it set none."""
@@ -188,7 +195,7 @@ class OrchestratorServicer:
                 got, event = await _next(queue, {task})
                 if got:
                     sent = True
-                    yield StreamAgentResponse(agent_event=event)
+                    yield StreamAgentResponse(agent_event=fit_event(event, self._message_room))
                     if event.type in _TERMINAL:
                         break
                     continue
@@ -205,7 +212,7 @@ class OrchestratorServicer:
                 event = build_event(EventType.EVENT_TYPE_AGENT_COMPLETE, ctx.to_proto(),
                                     replayed_result.trace_id, replayed_result,
                                     agent=request.agent, sequence=1)
-                yield StreamAgentResponse(agent_event=event)
+                yield StreamAgentResponse(agent_event=fit_event(event, self._message_room))
                 yield StreamAgentResponse(end=StreamEnd(
                     outcome=StreamOutcome.STREAM_OUTCOME_COMPLETED))
                 return
@@ -293,7 +300,8 @@ class OrchestratorServicer:
                             heartbeat=Heartbeat(send_time=timestamp(now_us())))
                         continue
                     if subscription.matches(event):
-                        yield SubscribeEventsResponse(agent_event=event)
+                        yield SubscribeEventsResponse(
+                            agent_event=fit_event(event, self._message_room))
                     if subscription.ends_with(event):
                         break
             finally:

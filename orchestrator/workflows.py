@@ -35,7 +35,7 @@ from hivemesh.services.orchestrator import templates
 from hivemesh.services.orchestrator.agents import AgentRegistry
 from hivemesh.services.orchestrator.context import (
     ExecutionContext, baggage_of, derived_workflow_id, step_id)
-from hivemesh.services.orchestrator.events import EventSink
+from hivemesh.services.orchestrator.events import EventSink, agent_results, shed
 from hivemesh.services.orchestrator.policy import deadline_scope
 from hivemesh.services.orchestrator.runner import (
     DOMAIN, AgentRunner, RunError, RunOptions, trace_id_of)
@@ -609,17 +609,8 @@ def fit_response(response: RunWorkflowResponse, limit: int) -> RunWorkflowRespon
     results (the TOOL_EXECUTE events carried them); when even that is too
     big, the run fails with RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE,
     naming the sizes, and is not kept for replay."""
-    if response.ByteSize() <= limit - RESPONSE_MARGIN_BYTES:
-        return response
-    results = [holder.result for task in response.tasks for holder in (task, *task.branches)
-               if holder.HasField("result")]
-    for result in results:
-        result.output = ""
-    if response.ByteSize() > limit - RESPONSE_MARGIN_BYTES:
-        for result in results:
-            for call in result.tool_calls:
-                call.arguments = call.result = ""
-    size = response.ByteSize()
+    results = [result for task in response.tasks for result in agent_results(task)]
+    size = shed(response, results, limit - RESPONSE_MARGIN_BYTES)
     if size > limit - RESPONSE_MARGIN_BYTES:
         raise errors.ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE",

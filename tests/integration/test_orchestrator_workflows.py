@@ -911,3 +911,59 @@ async def test_an_all_fan_outs_output_keeps_non_ascii_text_as_written(tmp_path):
                                                     {"branch": "alt", "output": "日本語"}]
         prompt = m.primary.calls[-1].messages[-1].content
         assert "café" in prompt and "日本語" in prompt
+
+
+async def read_to_end(stream) -> list:
+    """A SubscribeEvents stream's messages up to its end (the heartbeats
+    left out)."""
+    received = []
+    while not received or received[-1].WhichOneof("event") != "end":
+        message = await asyncio.wait_for(stream.read(), 10)
+        if message.WhichOneof("event") != "heartbeat":
+            received.append(message)
+    return received
+
+
+async def test_events_too_big_for_a_message_are_trimmed_and_streams_reach_their_end(tmp_path):
+    """A TASK_COMPLETE holds its output twice (the task's and its agent's),
+    a fan-out's its branches' too: it sheds what the response sheds, and if
+    still too big it is trimmed further, marked, rather than breaking the
+    subscribers' streams before WORKFLOW_COMPLETE and their end."""
+    async with mesh(tmp_path, server=ServerSettings(port=0, max_message_bytes=256 * 1024)) as m:
+        await agents(m, "coder", "alt", sampling=SamplingConfig(max_tokens=100_000))
+        m.primary.queue_response("x" * 150_000)  # once fits a message, twice does not
+        stream = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
+            workflow_id="wf-big", until_workflow_complete=True), timeout=30)
+        assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        done = await workflow(m, TaskSpec(task_id="t", agent="coder", input_template="x"),
+                              definition={"workflow_id": "wf-big"})
+        assert done.status == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED
+        received = await read_to_end(stream)
+        assert received[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+        events = {x.agent_event.type: x.agent_event for x in received[:-1]}
+        complete = events[EventType.EVENT_TYPE_TASK_COMPLETE]
+        assert complete.trimmed and complete.task_complete.output == "x" * 150_000
+        assert complete.task_complete.result.output == ""  # the copy left out
+        assert not events[EventType.EVENT_TYPE_AGENT_COMPLETE].trimmed
+        assert (events[EventType.EVENT_TYPE_WORKFLOW_COMPLETE].workflow_complete.status
+                == WorkflowStatus.WORKFLOW_STATUS_SUCCEEDED)
+
+        # Each branch's output fits, the task's (both) does not even once.
+        m.primary.queue_responses(["y" * 110_000, "z" * 110_000])
+        stream = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
+            workflow_id="wf-bigger", until_workflow_complete=True), timeout=30)
+        assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        with pytest.raises(ResourceExhaustedError):
+            await workflow(m, TaskSpec(task_id="f", input_template="x", fan_out=FanOut(
+                agents=AgentList(agents=["coder", "alt"]), combine=CombineMode.COMBINE_MODE_ALL)),
+                definition={"workflow_id": "wf-bigger"})
+        received = await read_to_end(stream)
+        assert received[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_COMPLETED
+        events = {x.agent_event.type: x.agent_event for x in received[:-1]}
+        complete = events[EventType.EVENT_TYPE_TASK_COMPLETE]
+        assert complete.trimmed and complete.task_complete.output == ""
+        assert complete.task_complete.task_id == "f"  # what it is about stays
+        assert complete.task_complete.status == TaskStatus.TASK_STATUS_SUCCEEDED
+        assert [b.branch for b in complete.task_complete.branches] == ["coder", "alt"]
+        assert (events[EventType.EVENT_TYPE_WORKFLOW_COMPLETE].workflow_complete.status
+                == WorkflowStatus.WORKFLOW_STATUS_FAILED)

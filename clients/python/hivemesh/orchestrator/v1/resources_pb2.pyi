@@ -409,7 +409,7 @@ class TaskResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., output: _Optional[str] = ..., result: _Optional[_Union[AgentResult, _Mapping]] = ..., branches: _Optional[_Iterable[_Union[BranchResult, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_micros: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
-    __slots__ = ("event_id", "type", "context", "create_time", "trace_id", "priority", "agent", "sequence", "agent_start", "memory_recalled", "generation_chunk", "tool_execute", "artifact_saved", "budget_alert", "agent_complete", "agent_failed", "handoff", "task_start", "task_complete", "workflow_complete", "workflow_start", "generation_complete", "memory_written", "degraded")
+    __slots__ = ("event_id", "type", "context", "create_time", "trace_id", "priority", "agent", "sequence", "trimmed", "agent_start", "memory_recalled", "generation_chunk", "tool_execute", "artifact_saved", "budget_alert", "agent_complete", "agent_failed", "handoff", "task_start", "task_complete", "workflow_complete", "workflow_start", "generation_complete", "memory_written", "degraded")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -418,6 +418,7 @@ class AgentEvent(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TRIMMED_FIELD_NUMBER: _ClassVar[int]
     AGENT_START_FIELD_NUMBER: _ClassVar[int]
     MEMORY_RECALLED_FIELD_NUMBER: _ClassVar[int]
     GENERATION_CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -442,6 +443,7 @@ class AgentEvent(_message.Message):
     priority: EventPriority
     agent: str
     sequence: int
+    trimmed: bool
     agent_start: AgentStart
     memory_recalled: MemoryRecalled
     generation_chunk: GenerationChunk
@@ -458,7 +460,7 @@ class AgentEvent(_message.Message):
     generation_complete: GenerationComplete
     memory_written: MemoryWritten
     degraded: DegradedNote
-    def __init__(self, event_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., context: _Optional[_Union[_common_pb2.RequestContext, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., priority: _Optional[_Union[EventPriority, str]] = ..., agent: _Optional[str] = ..., sequence: _Optional[int] = ..., agent_start: _Optional[_Union[AgentStart, _Mapping]] = ..., memory_recalled: _Optional[_Union[MemoryRecalled, _Mapping]] = ..., generation_chunk: _Optional[_Union[GenerationChunk, _Mapping]] = ..., tool_execute: _Optional[_Union[ToolCallRecord, _Mapping]] = ..., artifact_saved: _Optional[_Union[ArtifactSaved, _Mapping]] = ..., budget_alert: _Optional[_Union[BudgetAlert, _Mapping]] = ..., agent_complete: _Optional[_Union[AgentResult, _Mapping]] = ..., agent_failed: _Optional[_Union[AgentFailed, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., task_start: _Optional[_Union[TaskStart, _Mapping]] = ..., task_complete: _Optional[_Union[TaskResult, _Mapping]] = ..., workflow_complete: _Optional[_Union[WorkflowComplete, _Mapping]] = ..., workflow_start: _Optional[_Union[WorkflowStart, _Mapping]] = ..., generation_complete: _Optional[_Union[GenerationComplete, _Mapping]] = ..., memory_written: _Optional[_Union[MemoryWritten, _Mapping]] = ..., degraded: _Optional[_Union[DegradedNote, _Mapping]] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., context: _Optional[_Union[_common_pb2.RequestContext, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., priority: _Optional[_Union[EventPriority, str]] = ..., agent: _Optional[str] = ..., sequence: _Optional[int] = ..., trimmed: _Optional[bool] = ..., agent_start: _Optional[_Union[AgentStart, _Mapping]] = ..., memory_recalled: _Optional[_Union[MemoryRecalled, _Mapping]] = ..., generation_chunk: _Optional[_Union[GenerationChunk, _Mapping]] = ..., tool_execute: _Optional[_Union[ToolCallRecord, _Mapping]] = ..., artifact_saved: _Optional[_Union[ArtifactSaved, _Mapping]] = ..., budget_alert: _Optional[_Union[BudgetAlert, _Mapping]] = ..., agent_complete: _Optional[_Union[AgentResult, _Mapping]] = ..., agent_failed: _Optional[_Union[AgentFailed, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., task_start: _Optional[_Union[TaskStart, _Mapping]] = ..., task_complete: _Optional[_Union[TaskResult, _Mapping]] = ..., workflow_complete: _Optional[_Union[WorkflowComplete, _Mapping]] = ..., workflow_start: _Optional[_Union[WorkflowStart, _Mapping]] = ..., generation_complete: _Optional[_Union[GenerationComplete, _Mapping]] = ..., memory_written: _Optional[_Union[MemoryWritten, _Mapping]] = ..., degraded: _Optional[_Union[DegradedNote, _Mapping]] = ...) -> None: ...
 
 class AgentStart(_message.Message):
     __slots__ = ("input", "model")

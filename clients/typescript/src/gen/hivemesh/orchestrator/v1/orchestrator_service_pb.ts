@@ -420,7 +420,8 @@ export type StreamAgentResponse = Message<"hivemesh.orchestrator.v1.StreamAgentR
   event: {
     /**
      * An event of the run. The last event is AGENT_COMPLETE (its payload
-     * is the run's AgentResult) or AGENT_FAILED.
+     * is the run's AgentResult) or AGENT_FAILED. One too large for a
+     * message comes trimmed to fit (AgentEvent.trimmed).
      *
      * @generated from field: hivemesh.orchestrator.v1.AgentEvent agent_event = 1;
      */
@@ -661,7 +662,8 @@ export type SubscribeEventsResponse = Message<"hivemesh.orchestrator.v1.Subscrib
    */
   event: {
     /**
-     * An event.
+     * An event; one too large for a message comes trimmed to fit
+     * (AgentEvent.trimmed) instead of breaking the stream.
      *
      * @generated from field: hivemesh.orchestrator.v1.AgentEvent agent_event = 1;
      */
