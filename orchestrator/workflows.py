@@ -67,6 +67,10 @@ def validate(workflow: WorkflowDefinition, agents: AgentRegistry,
         names = _agents_of(task)
         if not names:
             problems.append((f"{where}.agent", "a task needs an agent (or a fan-out of agents)"))
+        if task.agent and _over_agents(task):
+            # Never run, it would still name the task in its TASK_COMPLETE.
+            problems.append((f"{where}.agent", f"agent {task.agent!r} would not run: a fan-out "
+                                               "over agents runs its own; leave agent empty"))
         for name in names:
             if agents.find(name) is None:
                 problems.append((f"{where}.agent", f"no agent named {name!r}"))
@@ -97,8 +101,13 @@ def validate(workflow: WorkflowDefinition, agents: AgentRegistry,
     return closure
 
 
+def _over_agents(task: TaskSpec) -> bool:
+    """Whether the task fans out over agents (rather than over models)."""
+    return task.HasField("fan_out") and task.fan_out.WhichOneof("branches") == "agents"
+
+
 def _agents_of(task: TaskSpec) -> list[str]:
-    if task.HasField("fan_out") and task.fan_out.WhichOneof("branches") == "agents":
+    if _over_agents(task):
         return list(task.fan_out.agents.agents)
     return [task.agent] if task.agent else []
 
@@ -208,9 +217,11 @@ class WorkflowRun:
     def _task_complete(self, task: TaskSpec, result: TaskResult) -> None:
         """TASK_COMPLETE, in the task's context with the task's agent: the
         context its TASK_START had, except for a fan-out, whose branches
-        each started in a context of their own (see EVENT_TYPE_TASK_COMPLETE)."""
+        each started in a context of their own (see EVENT_TYPE_TASK_COMPLETE);
+        a fan-out over agents names none."""
+        agent = "" if _over_agents(task) else task.agent
         self._emit(EventType.EVENT_TYPE_TASK_COMPLETE, result,
-                   self._ctx(task, task.agent, task.task_id), task.agent)
+                   self._ctx(task, agent, task.task_id), agent)
 
     def _emit(self, event_type: int, payload, ctx: ExecutionContext | None = None,
               agent: str = "") -> None:

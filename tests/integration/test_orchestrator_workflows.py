@@ -136,6 +136,11 @@ async def test_escaped_braces_reach_the_prompts_as_written_beside_references(tmp
     ([TaskSpec(task_id="a", agent="coder", input_template="x", fan_out=FanOut(
         models=ModelList(models=["main", "backup"]), combine=CombineMode.COMBINE_MODE_JUDGE))],
      "JUDGE needs a judge_agent"),
+    # A fan-out over agents runs its own: an agent beside them would not run
+    # (yet be named by the task's TASK_COMPLETE).
+    ([TaskSpec(task_id="a", agent="translator", input_template="x", fan_out=FanOut(
+        agents=AgentList(agents=["coder", "coder"]), combine=CombineMode.COMBINE_MODE_ALL))],
+     "workflow.tasks[0].agent: agent 'translator' would not run"),
     ([TaskSpec(task_id="a", agent="coder", input_template="x"),
       TaskSpec(task_id="b", agent="translator", input_template="y", depends_on=["a"])],
      "agent 'translator' of task 'b': {{variables.lang}}: no variable 'lang'"),
@@ -967,3 +972,17 @@ async def test_events_too_big_for_a_message_are_trimmed_and_streams_reach_their_
         assert [b.branch for b in complete.task_complete.branches] == ["coder", "alt"]
         assert (events[EventType.EVENT_TYPE_WORKFLOW_COMPLETE].workflow_complete.status
                 == WorkflowStatus.WORKFLOW_STATUS_FAILED)
+
+
+async def test_the_task_complete_of_a_fan_out_over_agents_names_no_agent(tmp_path):
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder", "alt")
+        stream = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(
+            workflow_id="wf-fan", until_workflow_complete=True), timeout=30)
+        assert (await stream.read()).WhichOneof("event") == "heartbeat"
+        await workflow(m, TaskSpec(task_id="f", input_template="x", fan_out=FanOut(
+            agents=AgentList(agents=["coder", "alt"]), combine=CombineMode.COMBINE_MODE_ALL)),
+            definition={"workflow_id": "wf-fan"})
+        (complete,) = [x.agent_event for x in await read_to_end(stream)
+                       if x.agent_event.type == EventType.EVENT_TYPE_TASK_COMPLETE]
+        assert (complete.agent, complete.context.agent_id) == ("", "")

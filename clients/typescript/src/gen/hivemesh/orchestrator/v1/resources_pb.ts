@@ -729,7 +729,9 @@ export type TaskSpec = Message<"hivemesh.orchestrator.v1.TaskSpec"> & {
   taskId: string;
 
   /**
-   * Agent that runs the task. Required unless fan_out lists agents.
+   * Agent that runs the task. Required unless fan_out lists agents; then
+   * it must be empty (INVALID_ARGUMENT otherwise): the branches' agents run
+   * the task.
    *
    * @generated from field: string agent = 2;
    */
