@@ -34,6 +34,9 @@ from hivemesh.services.orchestrator.workflows import WorkflowRun, validate
 
 SERVICE_NAME = "hivemesh.orchestrator.v1.OrchestratorService"
 DEFAULT_PAGE_SIZE = 50
+# What a repeated message field adds to each item's size: its tag and its
+# length (a varint of at most 5 bytes).
+_FIELD_OVERHEAD = 6
 _TERMINAL = (EventType.EVENT_TYPE_AGENT_COMPLETE, EventType.EVENT_TYPE_AGENT_FAILED)
 # What each kind of request records for its replays.
 _RESULTS = {"register": RegisterAgentResponse, "delete": DeleteAgentResponse,
@@ -114,9 +117,16 @@ class OrchestratorServicer:
         after = (paging.decode(request.page_token, digest, (str,))[0] if request.page_token
                  else "")
         page = await self.agents.page(after, size + 1)
-        response = ListAgentsResponse(agents=page[:size])
-        if len(page) > size:
-            response.next_page_token = paging.encode([page[size - 1].name], digest)
+        # Cut by size too: a page of large agents (system prompts up to
+        # 256 KiB) would otherwise outgrow the message limit.
+        response, room = ListAgentsResponse(), self._message_room
+        for agent in page[:size]:
+            room -= agent.ByteSize() + _FIELD_OVERHEAD
+            if room < 0 and response.agents:
+                break
+            response.agents.append(agent)
+        if len(page) > len(response.agents):
+            response.next_page_token = paging.encode([response.agents[-1].name], digest)
         return response
 
     async def RegisterAgent(self, request, context):

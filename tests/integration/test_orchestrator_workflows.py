@@ -986,3 +986,20 @@ async def test_the_task_complete_of_a_fan_out_over_agents_names_no_agent(tmp_pat
         (complete,) = [x.agent_event for x in await read_to_end(stream)
                        if x.agent_event.type == EventType.EVENT_TYPE_TASK_COMPLETE]
         assert (complete.agent, complete.context.agent_id) == ("", "")
+
+
+async def test_list_agents_pages_end_before_they_outgrow_a_message(tmp_path):
+    async with mesh(tmp_path, server=ServerSettings(port=0, max_message_bytes=256 * 1024)) as m:
+        for i in range(3):  # two of them outgrow a message
+            await call(m.orchestrator.RegisterAgent, RegisterAgentRequest(
+                request_id=rid(), agent=AgentDefinition(
+                    name=f"big-{i}", model="main", budget=FREE, system_prompt="p" * 100_000)))
+        await agents(m, "small-0", "small-1")
+        pages, token = [], ""
+        while True:  # the default page size
+            page = await call(m.orchestrator.ListAgents, ListAgentsRequest(page_token=token))
+            pages.append([a.name for a in page.agents])
+            token = page.next_page_token
+            if not token:
+                break
+        assert pages == [["big-0"], ["big-1"], ["big-2", "small-0", "small-1"]]

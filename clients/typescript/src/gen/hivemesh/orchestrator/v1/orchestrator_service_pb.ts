@@ -98,7 +98,9 @@ export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE_
  */
 export type ListAgentsResponse = Message<"hivemesh.orchestrator.v1.ListAgentsResponse"> & {
   /**
-   * Ordered by name.
+   * Ordered by name. A page also ends before it would outgrow one message
+   * (the server's message limit less a 64 KiB margin), with at least one
+   * agent, so it may hold fewer than page_size with more to come.
    *
    * @generated from field: repeated hivemesh.orchestrator.v1.AgentDefinition agents = 1;
    */
