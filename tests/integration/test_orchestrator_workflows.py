@@ -1003,3 +1003,18 @@ async def test_list_agents_pages_end_before_they_outgrow_a_message(tmp_path):
             if not token:
                 break
         assert pages == [["big-0"], ["big-1"], ["big-2", "small-0", "small-1"]]
+
+
+async def test_a_workflow_out_of_time_fails_rather_than_being_cancelled(tmp_path):
+    """Only its caller cancels a workflow; one whose time (here the default
+    run timeout, the caller setting no deadline) runs out fails, its task
+    with DEADLINE_EXCEEDED."""
+    async with mesh(tmp_path, default_run_timeout_s=1.0) as m:
+        await agents(m, "coder")
+        m.primary.latency_s = 5
+        done = await call(m.orchestrator.RunWorkflow, RunWorkflowRequest(
+            request_id=rid(), workflow=WorkflowDefinition(tasks=[
+                TaskSpec(task_id="a", agent="coder", input_template="x")])), timeout=None)
+        assert done.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
+        assert done.tasks[0].status == TaskStatus.TASK_STATUS_FAILED
+        assert done.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]

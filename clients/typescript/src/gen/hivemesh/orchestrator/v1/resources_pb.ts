@@ -2037,7 +2037,11 @@ export enum WorkflowStatus {
   PARTIALLY_SUCCEEDED = 3,
 
   /**
-   * The run was cancelled (client cancellation or deadline).
+   * Its caller cancelled the run. A run that runs out of time (the
+   * caller's deadline, or the default run timeout when it set none) is not
+   * CANCELLED: its running tasks fail with DEADLINE_EXCEEDED, and it ends
+   * as a run with a failed task does (FAILED; with continue_on_failure,
+   * PARTIALLY_SUCCEEDED when other tasks succeeded).
    *
    * @generated from enum value: WORKFLOW_STATUS_CANCELLED = 4;
    */
