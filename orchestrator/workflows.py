@@ -21,13 +21,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from buf.validate import validate_pb2
 from opentelemetry import trace
 
 from hivemesh.common.v1 import ErrorReason, Usage
 from hivemesh.orchestrator.v1 import (
-    AgentDefinition, AgentFailed, AgentResult, BranchResult, CombineMode, EventType, RunWorkflowRequest,
-    RunWorkflowResponse, TaskResult, TaskSpec, TaskStart, TaskStatus, WorkflowComplete,
-    WorkflowDefinition, WorkflowStart, WorkflowStatus)
+    AgentDefinition, AgentFailed, AgentResult, BranchResult, CombineMode, EventType,
+    RunAgentRequest, RunWorkflowRequest, RunWorkflowResponse, TaskResult, TaskSpec, TaskStart,
+    TaskStatus, WorkflowComplete, WorkflowDefinition, WorkflowStart, WorkflowStatus)
 from hivemesh.runtime import errors
 from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.runtime.wellknown import duration_s, now_us
@@ -45,6 +46,10 @@ tracer = trace.get_tracer("hivemesh.orchestrator")
 log = logging.getLogger("hivemesh.orchestrator")
 
 DEFAULT_MAX_HANDOFFS = 3
+# The longest input an agent run takes, in characters: what RunAgent
+# accepts (RunAgentRequest.input's max_len).
+MAX_INPUT_CHARS = RunAgentRequest.DESCRIPTOR.fields_by_name["input"].GetOptions().Extensions[
+    validate_pb2.field].string.max_len
 
 
 def validate(workflow: WorkflowDefinition, agents: AgentRegistry,
@@ -347,6 +352,7 @@ class WorkflowRun:
         timeout = task.timeout.ToTimedelta().total_seconds() if task.HasField("timeout") \
             else None
         try:
+            _check_input(task, rendered, "its input")  # before any branch starts
             with tracer.start_as_current_span(f"task {task.task_id}", attributes={
                     "hivemesh.task_id": task.task_id}):
                 async with asyncio.timeout(None) as timer:
@@ -416,6 +422,7 @@ class WorkflowRun:
         such as a branch another one beat) goes to the task. ``model``: the
         alias overriding the agent's own ("" for none: an agent taken over
         by handoff, or the judge, runs on its own model)."""
+        _check_input(task, text, f"the input of agent {agent!r}")  # a judge's, a handoff's
         targets = tuple(n for n in self.startable if n != agent) if handoff else ()
         options = RunOptions(request_id=step_id(self.request.request_id, key), derived_id=True,
                              input=text, model_override=model,
@@ -536,6 +543,19 @@ class WorkflowRun:
                 if not finished.cancelled() and finished.exception() is None:
                     records[runs.index(finished)].selected = True
                     return
+
+
+def _check_input(task: TaskSpec, text: str, what: str) -> None:
+    """An input longer than an agent run takes (the outputs of the tasks it
+    names may make it so) fails the task as itself, INVALID_ARGUMENT with
+    reason PAYLOAD_TOO_LARGE, not as whatever the LLM call it would make
+    answered (an upstream error, when its message outgrew gRPC's limit)."""
+    if len(text) > MAX_INPUT_CHARS:
+        raise errors.ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
+            f"task {task.task_id!r}: {what} is {len(text):,} characters once rendered, more "
+            f"than the {MAX_INPUT_CHARS:,} an agent's input may have",
+            {"size_chars": str(len(text)), "limit_chars": str(MAX_INPUT_CHARS)})
 
 
 def _step_fingerprint(agent: AgentDefinition, options: RunOptions,

@@ -1018,3 +1018,24 @@ async def test_a_workflow_out_of_time_fails_rather_than_being_cancelled(tmp_path
         assert done.status == WorkflowStatus.WORKFLOW_STATUS_FAILED
         assert done.tasks[0].status == TaskStatus.TASK_STATUS_FAILED
         assert done.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+
+
+async def test_a_task_whose_rendered_input_is_too_long_fails_as_such(tmp_path):
+    """Not as an upstream error of the LLM call it would have made: the
+    input is over what an agent run takes (RunAgentRequest.input)."""
+    async with mesh(tmp_path) as m:
+        await agents(m, "coder", sampling=SamplingConfig(max_tokens=10_000_000))
+        m.primary.queue_response("z" * 600_000)
+        done = await workflow(
+            m, TaskSpec(task_id="a", agent="coder", input_template="x"),
+            TaskSpec(task_id="b", agent="coder", depends_on=["a"],
+                     input_template="{{tasks.a.output}} and {{tasks.a.output}}"))
+        a, b = done.tasks
+        assert a.status == TaskStatus.TASK_STATUS_SUCCEEDED
+        assert b.status == TaskStatus.TASK_STATUS_FAILED
+        assert b.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        error = from_status(b.error)
+        assert error.reason == "PAYLOAD_TOO_LARGE"
+        assert error.metadata == {"size_chars": "1200005", "limit_chars": "1048576"}
+        assert "1,200,005" in error.message and "1,048,576" in error.message
+        assert len(m.primary.calls) == 1  # b never asked for a generation

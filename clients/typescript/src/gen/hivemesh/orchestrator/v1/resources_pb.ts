@@ -743,6 +743,9 @@ export type TaskSpec = Message<"hivemesh.orchestrator.v1.TaskSpec"> & {
    * the run; any other reference is INVALID_ARGUMENT before anything runs.
    * A backslash before two opening braces writes them literally:
    * "\{{word}}" is no reference and reaches the agent as "{{word}}".
+   * An input longer, once rendered, than an agent run takes (the 1,048,576
+   * characters of RunAgentRequest.input) fails the task before it runs:
+   * INVALID_ARGUMENT, reason PAYLOAD_TOO_LARGE.
    *
    * @generated from field: string input_template = 3;
    */
