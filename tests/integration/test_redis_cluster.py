@@ -57,7 +57,8 @@ async def test_the_information_store_keys(redis_target):
         assert names == {
             "budget:b1", "budgets", f"scope:{b.scope_key}", "config:version", "ctr:b1:0",
             "fired:b1:0", "req:req-create", "req:req-reserve", "req:req-commit", "res:res-1",
-            "calls", "calls:seq", "alerts", "alerts:seq", "alerts:time", "reservations:seq"}
+            "calls", "calls:seq", "alerts", "alerts:seq", "alerts:time", "reservations:seq",
+            "holds:indexed"}
         expect_layout(redis_target, prefix, store, names)
     finally:
         await drop_redis_prefix(store.client, store.prefix)
@@ -74,7 +75,7 @@ async def test_the_memory_ledger_keys(redis_target):
         async with ledger.one_at_a_time("AddMemories", "ns", "req-2"):
             names = await names_under(ledger.client, ledger.prefix)
         assert names == {f"req:AppendHistory:ns{SEP}req-1", f"hist:ns{SEP}chat", "sessions:ns",
-                         f"turn:AddMemories:ns{SEP}req-2"}
+                         f"turn:AddMemories:ns{SEP}req-2", "reqs:ns"}
         expect_layout(redis_target, prefix, ledger, names)
         assert await ledger.forget("ns") == 1
     finally:
