@@ -779,6 +779,10 @@ _REFUSALS = [
      grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "retry after 3 s"),
     (_rate_limited_with_wait,
      grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "retry after 7 s"),
+    # A message over gRPC's size limit is no rate limit: never worth a retry.
+    (lambda: _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "Received message larger than max (70000000 vs. 67108864)"),
+     grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_ERROR", "larger than max"),
     (lambda: _rpc_error(grpc.StatusCode.INTERNAL,
                         "Service internal error: No space left on device"),
      grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", "No space left on device"),

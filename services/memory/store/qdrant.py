@@ -218,6 +218,10 @@ class QdrantStore(MemoryStore):
             if code in _TRANSIENT_GRPC:
                 return StoreUnavailable(f"Qdrant at {self.where}: {status}: {details}")
             refusal = _REFUSALS_GRPC.get(code, Refusal.FAILED)
+            if refusal is Refusal.RATE_LIMITED and "larger than max" in details:
+                # gRPC's own refusal of a message over its size limit (either
+                # side's): no wait makes the same request fit.
+                refusal = Refusal.INVALID
             if refusal is Refusal.RATE_LIMITED:
                 retry_after = _retry_after(exc.trailing_metadata())
         elif isinstance(exc, UnexpectedResponse):
