@@ -547,8 +547,7 @@ class InformationServicer(InformationServiceServicer):
 
     async def _statuses(self, budgets: list[BudgetRecord], now: int) -> list[BudgetStatus]:
         keys = [(b.budget_id, period_bounds(b.period, now)[0]) for b in budgets]
-        # Holds past their expiry are not counted, swept or not.
-        counters = await self.store.counters(keys, now)
+        counters = await self.store.counters(keys)
         return [_status(b, c, now, self.currency) for b, c in zip(budgets, counters, strict=True)]
 
     async def GetBudgetStatus(self, request, context):

@@ -538,27 +538,6 @@ async def test_unsettled_reservations_expire(info):
     assert (await status(info, "b")).spent_micros == 2_000
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-async def test_a_lapsed_hold_no_longer_counts_before_any_sweep(kind, tmp_path,
-                                                                 monkeypatch):
-    """A reservation past its expiry holds nothing, in the status as in a
-    Reserve's check, whether or not the sweeper has met it."""
-    from hivemesh.services.information import servicer, server
-    async with open_store(kind, tmp_path) as store, serve(store, sweep_interval_s=3600) as (
-            info, _):
-        await make_budget(info, "b", tokens=2000)
-        for _ in range(10):
-            await call(info.Reserve, reserve_request(prompt=100, max_tokens=100, ttl_s=1))
-        assert (await status(info, "b")).reserved_tokens == 2000
-        later = server.now_us() + 2_000_000
-        monkeypatch.setattr(servicer, "now_us", lambda: later)
-        shown = await status(info, "b")
-        assert (shown.reserved_tokens, shown.remaining_tokens, shown.exhausted) == (0, 2000,
-                                                                                   False)
-        reserved = await call(info.Reserve, reserve_request(prompt=1000, max_tokens=500))
-        assert [b.reserved_tokens for b in reserved.budgets] == [1500]
-
-
 # -- correctness under concurrency (each prints its figure) ---------------------
 
 async def _race(stubs, n: int) -> list:

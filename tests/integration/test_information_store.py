@@ -995,65 +995,6 @@ async def test_reserve_releases_expired_reservations_first(store):
     assert await store.expire(T0 + 50) == 0
 
 
-async def test_no_lapsed_hold_counts_however_many_others_lapsed_first(store):
-    b = budget("b", micros=None, tokens=2000)
-    other = budget("other", tenant="globex", micros=None, tokens=10_000)
-    for r in (b, other):
-        await store.create_budget(r, rid(), "fp")
-    # More lapsed reservations of another budget, expiring first, than a
-    # reserve frees along the way.
-    for _ in range(150):
-        await store.reserve(reserve_op([hold(other)], 0, 10, ttl=5))
-    for _ in range(20):
-        await store.reserve(reserve_op([hold(b)], 0, 100, ttl=10))
-    assert (await counter(store, b)).reserved_tokens == 2000  # as stored, not swept
-    # Past their expiry no hold counts, in a status as in a check.
-    (status,) = await store.counters([("b", 0)], T0 + 10)
-    assert status.reserved_tokens == 0
-    assert (await store.counters([("b", 0)], T0 + 9))[0].reserved_tokens == 2000
-    result = await store.reserve(reserve_op([hold(b)], 0, 1500, now=T0 + 20))
-    assert result.counters[0].reserved_tokens == 1500
-    assert (await counter(store, b)).reserved_tokens == 1500
-    assert (await store.counters([("other", 0)], T0 + 20))[0].reserved_tokens == 0
-    # A budget deleted with lapsed holds leaves none behind for its successor.
-    await store.reserve(reserve_op([hold(b)], 0, 100, reservation_id="late", ttl=30,
-                                   now=T0 + 20))
-    await store.delete_budget("b")
-    await store.create_budget(b, rid(), "fp")
-    assert (await store.counters([("b", 0)], T0 + 100))[0].reserved_tokens == 0
-    await store.reserve(reserve_op([hold(b)], 0, 2000, now=T0 + 100))
-
-
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-async def test_open_reservations_of_an_older_version_are_indexed_on_open(kind, tmp_path):
-    """Reservations held by a version that kept no index of open holds by
-    counter: once the store is opened again, their lapsed holds do not count
-    either."""
-    async with open_store(kind, tmp_path) as store:
-        b = budget("b", micros=None, tokens=100)
-        await store.create_budget(b, rid(), "fp")
-        await store.reserve(reserve_op([hold(b)], 0, 100, ttl=10))
-        # As the older version left it.
-        if kind == "sqlite":
-            def forget(conn):
-                conn.execute("DELETE FROM open_holds")
-                conn.execute("DELETE FROM config WHERE key = 'open_holds'")
-            await store.db.write(forget)
-            await store.close()
-            again = SqliteStore(store.db.path.parent)
-        else:
-            await store.client.delete(store._key("hold:b:0"), store._key("holds:indexed"))
-            again = await open_redis(store.prefix)
-        try:
-            assert (await again.counters([("b", 0)], T0 + 10))[0].reserved_tokens == 0
-            await again.reserve(reserve_op([hold(b)], 0, 100, now=T0 + 10))
-        finally:
-            if kind == "sqlite":
-                store.db = again.db  # closed by open_store
-            else:
-                await again.close()
-
-
 async def test_large_amounts_stay_exact_integers(store):
     # Far above what a double prints without an exponent (1e+15), below 2**53.
     big = 10 ** 15 + 7

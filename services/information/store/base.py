@@ -462,8 +462,7 @@ class InformationStore(Protocol):
     # the ledger -----------------------------------------------------------
     async def reserve(self, op: ReserveOp) -> ReserveResult:
         """Atomically: replay if request_id is known (IdempotencyConflict if
-        its fingerprint differs); release every expired reservation that
-        holds one of the request's counters (and maybe others); raise
+        its fingerprint differs); release expired reservations; raise
         BudgetExceeded for the first HARD hold that cannot take
         (micros, tokens) on top of spent + reserved; else add the amounts to
         reserved on every hold and store the reservation as open."""
@@ -500,13 +499,8 @@ class InformationStore(Protocol):
         the expiry they lacked)."""
         ...
 
-    async def counters(self, keys: list[tuple[str, int]],
-                       now_us: int | None = None) -> list[Counter]:
-        """Counters of (budget_id, period_start_us) pairs, zero when unknown.
-        With ``now_us``, the holds of open reservations past their expiry by
-        then are not counted as reserved, whether or not the sweeper has
-        freed them (the counters every ledger operation returns are read so,
-        at its time)."""
+    async def counters(self, keys: list[tuple[str, int]]) -> list[Counter]:
+        """Counters of (budget_id, period_start_us) pairs, zero when unknown."""
         ...
 
     async def calls(self, start_us: int, end_us: int) -> list[CallRecord]:

@@ -20,11 +20,6 @@ Keys, all under ``prefix``:
 ``reservations:open``       zset of the open reservations, score expiry;
                             member ``%020d`` sequence + reservation id, so
                             ties expire in creation order (as in SQLite)
-``hold:{id}:{period}``      zset of the open reservations holding that
-                            counter, score expiry, member reservation id
-                            (a check or a status finds its lapsed holds)
-``holds:indexed``           set once the open reservations of a version
-                            without ``hold:`` keys were indexed
 ``req:{request_id}``        hash: kind, fingerprint, result (JSON), ref,
                             ctrs (settle: JSON list of the counters charged)
 ``calls``                   zset, score time_us, member ``%020d`` sequence +
@@ -123,9 +118,6 @@ local function close_open(rid, state, now_us)
     redis.call('HINCRBY', P .. ctr, 'reserved_tokens', nt)
   end
   redis.call('ZREM', P .. 'reservations:open', r[4])
-  for _, ctr in ipairs(cjson.decode(r[3])) do
-    redis.call('ZREM', P .. 'hold:' .. string.sub(ctr, 5), rid)
-  end
   redis.call('HSET', key, 'state', state)
   redis.call('PEXPIRE', key, keep_ms(r[5], now_us))
   return r[1], r[2]
@@ -164,43 +156,16 @@ local function stale(seen)
   if seen == '-1' then return false end
   return seen ~= (redis.call('GET', P .. 'config:version') or '0')
 end
--- The ids of the open reservations holding counter `ctr` ('ctr:{id}:{period}'
--- without prefix) that are past their expiry at `now_us` (a decimal string),
--- each with its amounts: {rid, micros, tokens}. Index entries a version that
--- did not keep them left behind (the reservation closed) are skipped.
-local function lapsed_holds(ctr, now_us)
-  local out = {}
-  for _, rid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'hold:' .. string.sub(ctr, 5), '-inf',
-                                  now_us)) do
-    local r = redis.call('HMGET', P .. 'res:' .. rid, 'state', 'micros', 'tokens',
-                         'expire_time_us')
-    if r[1] == 'open' and tonumber(r[4]) <= tonumber(now_us) then
-      table.insert(out, {rid, r[2], r[3]})
-    end
-  end
-  return out
-end
 -- The counters of `ctrs` (keys 'ctr:{id}:{period}' without prefix), each as
 -- {spent_micros, spent_tokens, reserved_micros, reserved_tokens, fired}: the
--- numbers as Redis stores them (decimal strings), fired unsorted. With
--- `now_us`, the holds of open reservations past their expiry then are not
--- counted as reserved (the sweeper may not have freed them yet).
-local function counters_of(ctrs, now_us)
+-- numbers as Redis stores them (decimal strings), fired unsorted.
+local function counters_of(ctrs)
   local out = {}
   for i, ctr in ipairs(ctrs) do
     local c = redis.call('HMGET', P .. ctr, 'spent_micros', 'spent_tokens', 'reserved_micros',
                          'reserved_tokens')
     local fired = redis.call('SMEMBERS', P .. 'fired:' .. string.sub(ctr, 5))
-    local rm, rt = c[3] or '0', c[4] or '0'
-    if now_us then
-      local lm, lt = 0, 0
-      for _, h in ipairs(lapsed_holds(ctr, now_us)) do
-        lm, lt = lm + tonumber(h[2]), lt + tonumber(h[3])
-      end
-      if lm ~= 0 then rm = fmt(tonumber(rm) - lm) end
-      if lt ~= 0 then rt = fmt(tonumber(rt) - lt) end
-    end
-    out[i] = {c[1] or '0', c[2] or '0', rm, rt, fired}
+    out[i] = {c[1] or '0', c[2] or '0', c[3] or '0', c[4] or '0', fired}
   end
   return out
 end
@@ -265,7 +230,7 @@ local function is_mine(name, kind)
   local head = kind .. ':' .. id .. ':'
   return string.sub(name, 1, #head) == head and string.match(string.sub(name, #head + 1), '^%-?%d+$')
 end
-for _, kind in ipairs({'ctr', 'fired', 'hold'}) do
+for _, kind in ipairs({'ctr', 'fired'}) do
   local cursor = '0'
   repeat
     local r = redis.call('SCAN', cursor, 'MATCH', glob(P .. kind .. ':' .. id .. ':') .. '*',
@@ -330,7 +295,7 @@ local n = tonumber(ARGV[15])
 local function hold_counters()
   local ctrs = {}
   for i = 0, n - 1 do ctrs[i + 1] = ARGV[17 + i * 6] end
-  return counters_of(ctrs, ARGV[8])
+  return counters_of(ctrs)
 end
 local seen = seen_request(ARGV[2])
 local rid = ARGV[4]
@@ -357,26 +322,16 @@ if not seen and redis.call('EXISTS', key) == 1 then return {'duplicate'} end
 -- Reservations past their expiry: released below, but only if the request is
 -- admitted (a refused request writes nothing); the checks already count them
 -- as released.
--- Every one holding a counter of the request (none may count against the
--- checks), and some others along the way.
-local expired, listed = {}, {}
-local function lapse(id)
-  if not listed[id] then
-    listed[id] = true
-    table.insert(expired, id)
-  end
+local expired = redis.call('ZRANGEBYSCORE', P .. 'reservations:open', '-inf', ARGV[8],
+                           'LIMIT', 0, 100)
+if lapsed then
+  local listed = false
+  for _, member in ipairs(expired) do listed = listed or member == lapsed end
+  if not listed then table.insert(expired, lapsed) end
 end
-for i = 0, n - 1 do
-  for _, h in ipairs(lapsed_holds(ARGV[17 + i * 6], ARGV[8])) do lapse(h[1]) end
-end
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', P .. 'reservations:open', '-inf', ARGV[8],
-                                   'LIMIT', 0, 100)) do
-  lapse(rid_of(member))
-end
-if lapsed then lapse(rid_of(lapsed)) end
 local freed = {}
-for _, id in ipairs(expired) do
-  local r = redis.call('HMGET', P .. 'res:' .. id, 'micros', 'tokens', 'ctrs')
+for _, member in ipairs(expired) do
+  local r = redis.call('HMGET', P .. 'res:' .. rid_of(member), 'micros', 'tokens', 'ctrs')
   local m, t = tonumber(r[1]), tonumber(r[2])
   for _, ctr in ipairs(cjson.decode(r[3])) do
     local f = freed[ctr] or {0, 0}
@@ -408,12 +363,11 @@ for i = 0, n - 1 do
     end
   end
 end
-for _, id in ipairs(expired) do close_open(id, 'expired', ARGV[8]) end
+for _, member in ipairs(expired) do close_open(rid_of(member), 'expired', ARGV[8]) end
 for i = 0, n - 1 do
   local ctr = P .. ARGV[17 + i * 6]
   redis.call('HINCRBY', ctr, 'reserved_micros', ARGV[5])
   redis.call('HINCRBY', ctr, 'reserved_tokens', ARGV[6])
-  redis.call('ZADD', P .. 'hold:' .. string.sub(ARGV[17 + i * 6], 5), ARGV[7], rid)
 end
 local seq = redis.call('INCR', P .. 'reservations:seq')
 local member = string.format('%020d', seq) .. rid
@@ -448,7 +402,7 @@ local seen = seen_request(ARGV[2])
 if seen then
   if seen[1] ~= 'settle' or seen[2] ~= ARGV[3] then return {'conflict'} end
   local ctrs = redis.call('HGET', P .. 'req:' .. ARGV[2], 'ctrs')
-  return {'replay', seen[3], ctrs and counters_of(cjson.decode(ctrs), ARGV[13]) or {}}
+  return {'replay', seen[3], ctrs and counters_of(cjson.decode(ctrs)) or {}}
 end
 local released = false
 local held = nil
@@ -551,7 +505,7 @@ local result = ARGV[10] .. '"budget_ids": [' .. table.concat(charged_ids, ', ') 
 remember(ARGV[2], 'settle', ARGV[3], result, ARGV[4], fmt(REQUEST_TTL_MS))
 redis.call('HSET', P .. 'req:' .. ARGV[2], 'ctrs',
            #charged_ctrs == 0 and '[]' or cjson.encode(charged_ctrs))
-return {'ok', result, counters_of(charged_ctrs, ARGV[13])}
+return {'ok', result, counters_of(charged_ctrs)}
 """
 
 # ARGV: prefix, request_id, fingerprint, reservation_id, now_us
@@ -574,33 +528,6 @@ end
 local m, t = close_open(ARGV[4], 'released', ARGV[5])
 answer_once('release', '{"released": true, "micros": ' .. m .. ', "tokens": ' .. t .. '}')
 return {'ok', m, t}
-"""
-
-# ARGV: prefix, now_us ('' = count every hold), then counter keys (no prefix).
-# Replies the counters (as counters_of).
-_COUNTERS = _PRELUDE + r"""
-local ctrs = {}
-for i = 3, #ARGV do ctrs[i - 2] = ARGV[i] end
-return counters_of(ctrs, ARGV[2] ~= '' and ARGV[2] or nil)
-"""
-
-# ARGV: prefix. Once: index by counter the open reservations written by a
-# version that did not (each holds its counters until it closes).
-_INDEX_HOLDS = _PRELUDE + r"""
-if redis.call('EXISTS', P .. 'holds:indexed') == 1 then return 0 end
-local n = 0
-for _, member in ipairs(redis.call('ZRANGE', P .. 'reservations:open', 0, -1)) do
-  local id = rid_of(member)
-  local r = redis.call('HMGET', P .. 'res:' .. id, 'ctrs', 'expire_time_us')
-  if r[1] then
-    for _, ctr in ipairs(cjson.decode(r[1])) do
-      redis.call('ZADD', P .. 'hold:' .. string.sub(ctr, 5), r[2], id)
-    end
-    n = n + 1
-  end
-end
-redis.call('SET', P .. 'holds:indexed', '1')
-return n
 """
 
 # ARGV: prefix, now_us, limit
@@ -774,8 +701,6 @@ class RedisStore:
         self._settle = register(_SETTLE)
         self._release = register(_RELEASE)
         self._expire = register(_EXPIRE)
-        self._counters = register(_COUNTERS)
-        self._index_holds = register(_INDEX_HOLDS)
         self._prune = register(_PRUNE)
         self._expire_legacy = register(_EXPIRE_LEGACY)
         # Set once the pass over keys written before expiry is seen over.
@@ -790,15 +715,8 @@ class RedisStore:
         ``ConnectionError``) when it does not."""
         if cluster:
             prefix = cluster_prefix(prefix)
-        store = cls(await open_redis(url, cluster=cluster, socket_connect_timeout=5), prefix,
-                    request_ttl_s=request_ttl_s)
-        await store.index_open_holds()
-        return store
-
-    async def index_open_holds(self) -> int:
-        """Index by counter the open reservations of a version that did not
-        (once per prefix; a no-op afterwards). Returns how many were indexed."""
-        return int(await self._run(self._index_holds))
+        return cls(await open_redis(url, cluster=cluster, socket_connect_timeout=5), prefix,
+                   request_ttl_s=request_ttl_s)
 
     def _key(self, suffix: str | bytes) -> bytes:
         return self._p + _b(suffix)
@@ -1124,14 +1042,22 @@ class RedisStore:
             self._legacy_done = bool(done)
         return given
 
-    async def counters(self, keys, now_us: int | None = None):
+    async def counters(self, keys):
         if not keys:
             return []
-        # One script: the counters and the lapsed holds they subtract are
-        # read at one moment.
-        replies = await self._run(self._counters, _num(now_us),
-                                  *(_ctr(budget_id, period) for budget_id, period in keys))
-        return list(_counters(keys, replies))
+        pipe = self.client.pipeline(transaction=False)
+        for budget_id, period in keys:
+            pipe.hmget(self._key(_ctr(budget_id, period)), "spent_micros", "spent_tokens",
+                       "reserved_micros", "reserved_tokens")
+            pipe.smembers(self._key(_fired(budget_id, period)))
+        replies = await pipe.execute()
+        out = []
+        for i, (budget_id, period) in enumerate(keys):
+            values, fired = replies[2 * i], replies[2 * i + 1]
+            out.append(Counter(budget_id, period, *(int(v) if v is not None else 0
+                                                    for v in values),
+                               tuple(sorted(int(t) for t in fired))))
+        return out
 
     async def calls(self, start_us: int, end_us: int) -> list[CallRecord]:
         # Scores are doubles: beyond 2**53 microseconds from 1970 (about 285

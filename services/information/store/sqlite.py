@@ -53,13 +53,6 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (expire_time_us)
     WHERE state = 'open';
-CREATE TABLE IF NOT EXISTS open_holds (
-    reservation_id TEXT NOT NULL, budget_id TEXT NOT NULL, period_start_us INTEGER NOT NULL,
-    expire_time_us INTEGER NOT NULL, micros INTEGER NOT NULL, tokens INTEGER NOT NULL,
-    PRIMARY KEY (reservation_id, budget_id, period_start_us)
-);
-CREATE INDEX IF NOT EXISTS open_holds_by_counter
-    ON open_holds (budget_id, period_start_us, expire_time_us);
 CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY, kind TEXT NOT NULL, fingerprint TEXT NOT NULL,
     result TEXT NOT NULL, keep_until_us INTEGER NOT NULL DEFAULT 0
@@ -139,45 +132,13 @@ def _upgrade(conn: sqlite3.Connection, keep_until_us: int) -> None:
         conn.execute("ALTER TABLE requests ADD COLUMN keep_until_us INTEGER NOT NULL DEFAULT 0")
         conn.execute("UPDATE requests SET keep_until_us = ?", (keep_until_us,))
     conn.execute("CREATE INDEX IF NOT EXISTS requests_by_age ON requests (keep_until_us)")
-    # A file from before open holds were indexed by counter: its open
-    # reservations are indexed once.
-    if conn.execute("SELECT 1 FROM config WHERE key = 'open_holds'").fetchone() is None:
-        for reservation_id, holds, micros, tokens, expire_us in conn.execute(
-                "SELECT reservation_id, holds, micros, tokens, expire_time_us FROM reservations "
-                "WHERE state = 'open'").fetchall():
-            _index_holds(conn, reservation_id, holds_from_json(holds), micros, tokens, expire_us)
-        conn.execute("INSERT INTO config VALUES ('open_holds', 1)")
 
 
-def _index_holds(conn: sqlite3.Connection, reservation_id: str, holds: tuple[Hold, ...],
-                 micros: int, tokens: int, expire_time_us: int) -> None:
-    """Index an open reservation's holds by counter and expiry: a check
-    or a status finds the holds of a counter that have lapsed."""
-    conn.executemany("INSERT OR REPLACE INTO open_holds VALUES (?, ?, ?, ?, ?, ?)",
-                     [(reservation_id, h.budget_id, h.period_start_us, expire_time_us, micros,
-                       tokens) for h in holds])
-
-
-def _unindex_holds(conn: sqlite3.Connection, reservation_id: str) -> None:
-    conn.execute("DELETE FROM open_holds WHERE reservation_id = ?", (reservation_id,))
-
-
-def _counter(conn: sqlite3.Connection, budget_id: str, period: int,
-             now_us: int | None = None) -> tuple[int, int, int, int]:
-    """(spent micros, spent tokens, reserved micros, reserved tokens); with
-    ``now_us``, the holds of open reservations expired by then are not
-    counted as reserved (the sweeper may not have freed them yet)."""
+def _counter(conn: sqlite3.Connection, budget_id: str, period: int) -> tuple[int, int, int, int]:
     row = conn.execute("SELECT spent_micros, spent_tokens, reserved_micros, reserved_tokens "
                        "FROM counters WHERE budget_id = ? AND period_start_us = ?",
                        (budget_id, period)).fetchone()
-    spent_m, spent_t, reserved_m, reserved_t = row if row else (0, 0, 0, 0)
-    if now_us is not None:
-        lapsed_m, lapsed_t = conn.execute(
-            "SELECT COALESCE(SUM(micros), 0), COALESCE(SUM(tokens), 0) FROM open_holds "
-            "WHERE budget_id = ? AND period_start_us = ? AND expire_time_us <= ?",
-            (budget_id, period, now_us)).fetchone()
-        reserved_m, reserved_t = reserved_m - lapsed_m, reserved_t - lapsed_t
-    return spent_m, spent_t, reserved_m, reserved_t
+    return tuple(row) if row else (0, 0, 0, 0)  # type: ignore[return-value]
 
 
 def _add(conn: sqlite3.Connection, hold: Hold, spent_m: int = 0, spent_t: int = 0,
@@ -247,10 +208,10 @@ def _check_config(conn: sqlite3.Connection, seen: int) -> None:
         raise StaleConfig()
 
 
-def _counters(conn: sqlite3.Connection, keys, now_us: int | None = None) -> tuple[Counter, ...]:
+def _counters(conn: sqlite3.Connection, keys) -> tuple[Counter, ...]:
     out = []
     for budget_id, period in keys:
-        spent_m, spent_t, reserved_m, reserved_t = _counter(conn, budget_id, period, now_us)
+        spent_m, spent_t, reserved_m, reserved_t = _counter(conn, budget_id, period)
         fired = tuple(r[0] for r in conn.execute(
             "SELECT threshold FROM fired WHERE budget_id = ? AND period_start_us = ? "
             "ORDER BY threshold", (budget_id, period)))
@@ -272,21 +233,6 @@ def _alert_time(conn: sqlite3.Connection, now_us: int) -> int:
     return at
 
 
-def _expire_holding(conn: sqlite3.Connection, holds: tuple[Hold, ...], now_us: int) -> None:
-    """Expire every open reservation past its expiry that holds one of the
-    counters of ``holds``: none of their holds may count against a check."""
-    for hold in holds:
-        for reservation_id, in conn.execute(
-                "SELECT reservation_id FROM open_holds WHERE budget_id = ? "
-                "AND period_start_us = ? AND expire_time_us <= ?",
-                (hold.budget_id, hold.period_start_us, now_us)).fetchall():
-            row = conn.execute("SELECT holds, micros, tokens FROM reservations "
-                               "WHERE reservation_id = ? AND state = 'open'",
-                               (reservation_id,)).fetchone()
-            if row is not None:
-                _lapse(conn, reservation_id, *row)
-
-
 def _expire(conn: sqlite3.Connection, now_us: int, limit: int) -> int:
     rows = conn.execute(
         "SELECT reservation_id, holds, micros, tokens FROM reservations "
@@ -302,7 +248,6 @@ def _lapse(conn: sqlite3.Connection, reservation_id: str, holds: str, micros: in
     """An open reservation past its expiry: its hold is freed, and it is
     expired (whether the sweeper or a call meets it first)."""
     _free(conn, holds_from_json(holds), micros, tokens)
-    _unindex_holds(conn, reservation_id)
     conn.execute("UPDATE reservations SET state = 'expired' WHERE reservation_id = ?",
                  (reservation_id,))
 
@@ -420,7 +365,6 @@ class SqliteStore:
                 # or lapsed reservation, which may still be committed, too).
                 conn.execute("DELETE FROM counters WHERE budget_id = ?", (budget_id,))
                 conn.execute("DELETE FROM fired WHERE budget_id = ?", (budget_id,))
-                conn.execute("DELETE FROM open_holds WHERE budget_id = ?", (budget_id,))
                 # Its alerts too: the new one fires them again, under their ids.
                 conn.execute("DELETE FROM alerts WHERE budget_id = ?", (budget_id,))
                 for reservation_id, holds_json in conn.execute(
@@ -497,22 +441,17 @@ class SqliteStore:
                 if state not in ("released", "expired"):
                     return ReserveResult(seen["reservation_id"], seen["expire_time_us"],
                                          tuple(seen["over_soft_limit"]), True,
-                                         _counters(conn, keys, op.now_us), micros, tokens,
+                                         _counters(conn, keys), micros, tokens,
                                          seen.get("unpriced", False))
                 # Its hold is gone (the caller released it, or it lapsed): a
                 # retry holds again, checked against the budget as it is now.
                 reopened = seen["reservation_id"]
             _check_config(conn, op.config_version)
-            # Every lapsed hold on the request's counters is freed (so none
-            # is counted), and some others along the way.
-            _expire_holding(conn, op.holds, op.now_us)
             _expire(conn, op.now_us, 100)
             over_soft = _admit(conn, op)
             for hold in op.holds:
                 _add(conn, hold, reserved_m=op.micros, reserved_t=op.tokens)
             reservation_id = reopened or op.reservation_id
-            _index_holds(conn, reservation_id, op.holds, op.micros, op.tokens,
-                         op.expire_time_us)
             # The answer (and the reservation) outlive the hold by a request TTL.
             keep = max(op.now_us, op.expire_time_us) + self.request_ttl_us
             result = {"reservation_id": reservation_id, "expire_time_us": op.expire_time_us,
@@ -531,7 +470,7 @@ class SqliteStore:
                               op.workflow_id, op.agent_id))
                 _remember(conn, op.request_id, "reserve", op.fingerprint, result, keep)
             return ReserveResult(reservation_id, op.expire_time_us, tuple(over_soft),
-                                 reopened is not None, _counters(conn, keys, op.now_us),
+                                 reopened is not None, _counters(conn, keys),
                                  unpriced=op.unpriced)
 
         return await self.db.write(run)
@@ -554,7 +493,7 @@ class SqliteStore:
                 return SettleResult(seen["cost_micros"],
                                     tuple(AlertRecord(**a) for a in seen["alerts"]),
                                     seen["hold_released"], True, tuple(seen["budget_ids"]),
-                                    _counters(conn, seen.get("keys", []), op.arrived_us),
+                                    _counters(conn, seen.get("keys", [])),
                                     tuple(seen.get("call_context", ("", "", ""))),
                                     seen.get("unpriced", False))
             # The cost was priced, and a track's holds computed, under this
@@ -576,7 +515,6 @@ class SqliteStore:
                 holds = holds_from_json(holds_json)
                 if state == "open":
                     _free(conn, holds, micros, tokens)
-                    _unindex_holds(conn, op.reservation_id)
                     hold_released = True
                 holds = _as_defined_now(conn, holds)
                 conn.execute("UPDATE reservations SET state = 'committed' "
@@ -620,8 +558,7 @@ class SqliteStore:
                                   for a in alerts]},
                       op.arrived_us + self.request_ttl_us)
             return SettleResult(cost, tuple(alerts), hold_released, False, budget_ids,
-                                _counters(conn, keys, op.arrived_us), call_context,
-                                op.unpriced)
+                                _counters(conn, keys), call_context, op.unpriced)
 
         return await self.db.write(run)
 
@@ -644,7 +581,6 @@ class SqliteStore:
                 _lapse(conn, reservation_id, holds, micros, tokens)
             elif state == "open":
                 _free(conn, holds_from_json(holds), micros, tokens)
-                _unindex_holds(conn, reservation_id)
                 conn.execute("UPDATE reservations SET state = 'released' "
                              "WHERE reservation_id = ?", (reservation_id,))
                 result = ReleaseResult(True, micros, tokens)
@@ -678,8 +614,8 @@ class SqliteStore:
 
         return await self.db.write(run)
 
-    async def counters(self, keys, now_us: int | None = None):
-        return list(_counters(self.db.reader, keys, now_us))
+    async def counters(self, keys):
+        return list(_counters(self.db.reader, keys))
 
     async def calls(self, start_us: int, end_us: int) -> list[CallRecord]:
         rows = self.db.reader.execute(f"SELECT {_CALL_COLS} FROM calls WHERE time_us >= ? "
