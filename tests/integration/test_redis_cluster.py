@@ -57,8 +57,7 @@ async def test_the_information_store_keys(redis_target):
         assert names == {
             "budget:b1", "budgets", f"scope:{b.scope_key}", "config:version", "ctr:b1:0",
             "fired:b1:0", "req:req-create", "req:req-reserve", "req:req-commit", "res:res-1",
-            "calls", "calls:seq", "alerts", "alerts:seq", "alerts:time", "reservations:seq",
-            "holds:indexed"}
+            "calls", "calls:seq", "alerts", "alerts:seq", "alerts:time", "reservations:seq"}
         expect_layout(redis_target, prefix, store, names)
     finally:
         await drop_redis_prefix(store.client, store.prefix)
