@@ -36,8 +36,9 @@ from hivemesh.services.information.pricing import (
 from hivemesh.services.information.store.base import (
     DELETE_BUDGET, MODE_HARD, PERIOD_TOTAL, RELEASE, SET_PRICE, UPDATE_BUDGET, AlertRecord,
     BudgetChanged, BudgetExceeded, BudgetRecord, CallRecord, CreatedBudgetGone, Hold,
-    IdempotencyConflict, InformationStore, Once, PriceRecord, ReservationNotFound, ReservationSettled, ReserveOp, SettleOp,
-    StaleConfig, applicable_scope_keys, budget_from_json, shown_start)
+    IdempotencyConflict, InformationStore, Once, PriceRecord, ReservationNotFound,
+    ReservationSettled, ReserveOp, ReserveResult, SettleOp, StaleConfig, applicable_scope_keys,
+    budget_from_json, shown_start)
 
 log = logging.getLogger("hivemesh.information")
 
@@ -112,6 +113,10 @@ def _hold(budget: BudgetRecord, now: int) -> Hold:
 
 
 _CONFIG_RETRIES = 5
+# A refused reserve first frees holds past their expiry that no sweep has
+# met yet, up to these many batches of this many, then tries again.
+LAPSED_BATCHES_ON_REFUSAL = 10
+LAPSED_BATCH = 1000
 # How far ahead of this service's clock a completion_time may be (the
 # caller's clock may run a little ahead).
 _MAX_CLOCK_SKEW_US = 300_000_000
@@ -386,6 +391,20 @@ class InformationServicer(InformationServiceServicer):
             grpc.StatusCode.ABORTED, ErrorReason.ERROR_REASON_INTERNAL,
             "budgets or prices kept changing during the request; retry it")
 
+    async def _reserve_freeing_lapsed(self, op: ReserveOp) -> ReserveResult:
+        """``store.reserve(op)``; a refusal is final only once no hold past
+        its expiry is left to free. A reserve frees a few such holds itself
+        and the sweeper the others within a second, but holds that lapsed
+        by the thousand (callers gone at once) would otherwise refuse
+        requests the budget has room for until they are swept."""
+        for _ in range(LAPSED_BATCHES_ON_REFUSAL):
+            try:
+                return await self.store.reserve(op)
+            except BudgetExceeded:
+                if not await self.store.expire(op.now_us, LAPSED_BATCH):
+                    raise
+        return await self.store.reserve(op)
+
     async def Reserve(self, request, context):
         now = now_us()
         ctx = request.context
@@ -408,7 +427,7 @@ class InformationServicer(InformationServiceServicer):
                            tuple(_hold(b, now) for b in budgets), micros, tokens, now + ttl_us,
                            now, ctx.tenant_id, ctx.workflow_id, ctx.agent_id, version,
                            unpriced)
-            return await self.store.reserve(op), budgets, micros
+            return await self._reserve_freeing_lapsed(op), budgets, micros
 
         try:
             result, budgets, micros = await self._with_config(attempt)

@@ -538,6 +538,24 @@ async def test_unsettled_reservations_expire(info):
     assert (await status(info, "b")).spent_micros == 2_000
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_holds_lapsed_by_the_hundred_do_not_refuse_a_reserve_before_any_sweep(
+        kind, tmp_path, monkeypatch):
+    """Callers that all left at once leave many holds past their expiry: a
+    Reserve the budget has room for once they are freed is not refused
+    while the sweeper has not met them yet."""
+    from hivemesh.services.information import servicer, server
+    async with open_store(kind, tmp_path) as store, serve(store, sweep_interval_s=3600) as (
+            info, _):
+        await make_budget(info, "b", tokens=15_000)
+        for _ in range(150):
+            await call(info.Reserve, reserve_request(prompt=50, max_tokens=50, ttl_s=1))
+        later = server.now_us() + 2_000_000
+        monkeypatch.setattr(servicer, "now_us", lambda: later)
+        reserved = await call(info.Reserve, reserve_request(prompt=10_000, max_tokens=2_000))
+        assert [b.reserved_tokens for b in reserved.budgets] == [12_000]
+
+
 # -- correctness under concurrency (each prints its figure) ---------------------
 
 async def _race(stubs, n: int) -> list:
