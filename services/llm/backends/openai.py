@@ -24,9 +24,7 @@ Reasoning models (OpenAI's o1, o3, o4-mini, the gpt-5 family; the backend's
 requests carry the limit as ``max_completion_tokens``, and no
 ``temperature`` or ``top_p``, which they refuse unless at the default. Every
 other model, and every model of a compatible server unless configured so,
-gets ``max_tokens``, which all compatible servers take. The limit is the
-request's ``max_tokens``, else the model's ``max_output_tokens`` (its
-settings), as for Anthropic.
+gets ``max_tokens``, which all compatible servers take.
 
 JSON mode (``response_format`` json_object) is refused by OpenAI unless a
 message asks for JSON: when none says "JSON", the request's system message
@@ -383,18 +381,13 @@ def _chat_params(request: ChatRequest, reasoning: bool = False) -> dict[str, Any
     which it refuses, are not sent."""
     params: dict[str, Any] = {"model": request.upstream_model,
                               "messages": [_message(m) for m in request.messages]}
-    fields = ("seed",) if reasoning else ("temperature", "top_p", "seed")
+    fields = ("seed",) if reasoning else ("temperature", "top_p", "max_tokens", "seed")
     for field in fields:
         value = getattr(request, field)
         if value is not None:
             params[field] = value
-    # The caller's limit, else the model's own (its settings), as Anthropic
-    # gets: a completion never outgrows what the model's settings say, and
-    # what the rate limit reserved for it.
-    limit = request.max_tokens if request.max_tokens is not None \
-        else request.max_output_tokens or None
-    if limit is not None:
-        params["max_completion_tokens" if reasoning else "max_tokens"] = limit
+    if reasoning and request.max_tokens is not None:
+        params["max_completion_tokens"] = request.max_tokens
     if request.stop:
         params["stop"] = list(request.stop)
     if request.tools:
