@@ -237,9 +237,10 @@ class TtlLru:
 class Coalescer:
     """Identical calls running at the same moment share one run: the first
     runs, those that arrive while it runs wait for its result. A run that
-    fails or whose caller left shares nothing: each waiter then runs for
-    itself (the first of them in the others' place), so one caller's error
-    or cancellation is never another's."""
+    fails or whose caller left shares nothing: each of its waiters then runs
+    for itself, all at once (one at a time, against an upstream that keeps
+    failing, the last would wait for every other's failure), so one
+    caller's error or cancellation is never another's."""
 
     def __init__(self) -> None:
         self._running: dict[str, asyncio.Future] = {}
@@ -250,10 +251,11 @@ class Coalescer:
     async def run(self, key: str, call: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
         """(result, shared): ``call()``'s result, or that of the identical
         call that was running, with ``shared`` set."""
-        while (running := self._running.get(key)) is not None:
+        if (running := self._running.get(key)) is not None:
             result = await asyncio.shield(running)  # a waiter that leaves leaves alone
             if result is not _FAILED:
                 return result, True
+            return await call(), False
         done = asyncio.get_running_loop().create_future()
         self._running[key] = done
         result = _FAILED
