@@ -25,7 +25,7 @@ from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import (
-    ChannelTlsSettings, RequestTtl, ServerSettings, ServiceSettings, existing_path,
+    ChannelTlsSettings, Retention, ServerSettings, ServiceSettings, existing_path,
     not_empty)
 from hivemesh.runtime.sqlite import Synchronous
 
@@ -87,7 +87,7 @@ class OrchestratorSettings(ServiceSettings):
     # Finished runs remembered for request_id replays (the size bounds the
     # local backend only; Redis keeps each for the TTL).
     idempotency_size: int = Field(default=10_000, ge=1)
-    idempotency_ttl_s: RequestTtl = 3600.0
+    idempotency_ttl_s: Retention = 3600.0
     # Events buffered per SubscribeEvents stream before it is ended as
     # FAILED (dropped events); heartbeat interval of idle streams.
     subscriber_queue_size: int = Field(default=10_000, ge=1)

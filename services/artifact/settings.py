@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hivemesh.runtime.settings import RequestTtl, ServerSettings, ServiceSettings, not_empty
+from hivemesh.runtime.settings import Retention, ServerSettings, ServiceSettings, not_empty
 from hivemesh.runtime.sqlite import Synchronous
 
 
@@ -33,7 +33,7 @@ class ArtifactSettings(ServiceSettings):
     # How long the answer to a request_id (SaveArtifact, DeleteArtifact) is
     # kept: a retry within it gets the first answer; later it is a new
     # request. Artifacts themselves are kept whatever their age.
-    request_ttl_s: RequestTtl = 86400.0
+    request_ttl_s: Retention = 86400.0
 
     @model_validator(mode="after")
     def _consistent(self) -> ArtifactSettings:

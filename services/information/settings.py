@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.redis import cluster_prefix
-from hivemesh.runtime.settings import RequestTtl, ServerSettings, ServiceSettings, not_empty
+from hivemesh.runtime.settings import Retention, ServerSettings, ServiceSettings, not_empty
 from hivemesh.services.information.pricing import (
     MAX_PRICE_MICROS_PER_MILLION, MAX_TOKENS_PER_CALL, price_violations)
 from hivemesh.runtime.sqlite import Synchronous
@@ -63,10 +63,10 @@ class InformationSettings(ServiceSettings):
     # How long the answer to a request_id is kept (a retry within it gets
     # the first answer; later it is a new request), and a settled or
     # expired reservation after its expiry (a Commit of it later: NOT_FOUND).
-    request_ttl_s: RequestTtl = 86400.0
+    request_ttl_s: Retention = 86400.0
     # How long recorded calls (GetMetrics) and alerts (WatchAlerts since) are
     # kept; budget counters are kept whatever their age.
-    history_retention_s: float = Field(default=30 * 86400.0, gt=0)
+    history_retention_s: Retention = 30 * 86400.0
     # How often alert watchers look for alerts fired by other replicas.
     alert_poll_interval_s: float = Field(default=0.25, gt=0)
     # A watch with no alert to send sends a heartbeat this often.

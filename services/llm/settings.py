@@ -21,7 +21,7 @@ from pydantic_settings import SettingsConfigDict
 from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.logs import hide_values
 from hivemesh.runtime.settings import (
-    RequestTtl, ServerSettings, ServiceSettings, existing_path, not_empty)
+    Retention, ServerSettings, ServiceSettings, existing_path, not_empty)
 from hivemesh.runtime.sqlite import Synchronous
 
 # Upstream model-name prefixes of OpenAI's reasoning models (o1, o3, o4-mini,
@@ -140,7 +140,7 @@ class LlmSettings(ServiceSettings):
     # idempotency_size (the local backend only; Redis keeps each for the
     # TTL), each replayed for idempotency_ttl_s.
     idempotency_size: int = Field(default=10_000, ge=0)
-    idempotency_ttl_s: RequestTtl = 3600.0
+    idempotency_ttl_s: Retention = 3600.0
     # Where those records are kept. local: in this process, in
     # <data_dir>/requests.sqlite3 with a data_dir (a retry after a restart
     # replays instead of calling the upstream again), else in memory. redis:

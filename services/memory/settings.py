@@ -10,7 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from hivemesh.runtime.redis import cluster_prefix
 from hivemesh.runtime.settings import (
-    ChannelTlsSettings, RequestTtl, ServerSettings, ServiceSettings, not_empty)
+    ChannelTlsSettings, Retention, ServerSettings, ServiceSettings, not_empty)
 from hivemesh.runtime.sqlite import Synchronous
 
 
@@ -97,7 +97,7 @@ class MemorySettings(ServiceSettings):
     # Messages kept per session; older ones are dropped on append.
     history_retention: int = Field(default=1000, ge=1)
     # How long answers to mutating requests are kept for retries.
-    request_ttl_s: RequestTtl = 86400.0
+    request_ttl_s: Retention = 86400.0
 
     @model_validator(mode="after")
     def _consistent(self) -> MemorySettings:

@@ -28,12 +28,13 @@ from hivemesh.runtime.secret_files import SecretsDirectorySource
 # environment variable (e.g. HIVEMESH_ARTIFACT_POSTGRES_DSN).
 DEFAULT_SECRETS_DIR = Path("/var/run/secrets/hivemesh")
 
-# The longest time answers to request ids may be kept: ten years. Every
-# service's request TTL setting is of this type: a much larger one (say
-# 1e13 s, meant as "forever") overflows the stores' 64-bit microsecond
-# times and Redis's expiry, and every recorded write would fail.
-MAX_REQUEST_TTL_S = 10 * 365 * 86400.0
-RequestTtl = Annotated[float, Field(gt=0, le=MAX_REQUEST_TTL_S)]
+# The longest time anything may be kept: ten years. Every setting of how
+# long records are kept (answers to request ids, call history) is of this
+# type: a much larger one (say 1e13 s, meant as "forever") overflows the
+# stores' 64-bit microsecond times and Redis's expiry, and every recorded
+# write (or every prune) would fail.
+MAX_RETENTION_S = 10 * 365 * 86400.0
+Retention = Annotated[float, Field(gt=0, le=MAX_RETENTION_S)]
 
 
 class ServiceSettings(BaseSettings):

@@ -477,9 +477,9 @@ async def test_an_answer_past_its_ttl_is_neither_replayed_nor_a_conflict(
 async def test_answers_are_recorded_with_the_longest_request_ttl(tmp_path):
     """The longest request TTL the settings take still fits the ledger's
     times (a far longer one made every recorded write fail)."""
-    from hivemesh.runtime.settings import MAX_REQUEST_TTL_S
+    from hivemesh.runtime.settings import MAX_RETENTION_S
 
-    async with serve(memory_settings(tmp_path, request_ttl_s=MAX_REQUEST_TTL_S)) as memory:
+    async with serve(memory_settings(tmp_path, request_ttl_s=MAX_RETENTION_S)) as memory:
         rid = str(uuid.uuid4())
         first = await memory.add(["kept for years"], namespace="ttl", request_id=rid)
         assert (await memory.add(["kept for years"], namespace="ttl", request_id=rid)).replayed

@@ -69,15 +69,16 @@ def test_the_artifact_request_ttl_is_a_day_unless_set_and_must_be_positive(monke
 
 @pytest.mark.parametrize("service, variable", [
     ("artifact", "REQUEST_TTL_S"), ("information", "REQUEST_TTL_S"), ("memory", "REQUEST_TTL_S"),
-    ("llm", "IDEMPOTENCY_TTL_S"), ("orchestrator", "IDEMPOTENCY_TTL_S")])
-def test_a_request_ttl_past_ten_years_is_an_invalid_setting(monkeypatch, service, variable):
+    ("llm", "IDEMPOTENCY_TTL_S"), ("orchestrator", "IDEMPOTENCY_TTL_S"),
+    ("information", "HISTORY_RETENTION_S")])
+def test_a_retention_past_ten_years_is_an_invalid_setting(monkeypatch, service, variable):
     """Far longer (1e13 s, meant as "forever") overflowed the stores' 64-bit
     microsecond times, and every recorded write failed with INTERNAL."""
     from hivemesh.cli.main import _service  # noqa: PLC0415
-    from hivemesh.runtime.settings import MAX_REQUEST_TTL_S  # noqa: PLC0415
+    from hivemesh.runtime.settings import MAX_RETENTION_S  # noqa: PLC0415
     settings_cls = _service(service)[0]
-    monkeypatch.setenv(f"HIVEMESH_{service.upper()}_{variable}", str(MAX_REQUEST_TTL_S))
-    assert getattr(settings_cls(), variable.lower()) == MAX_REQUEST_TTL_S
+    monkeypatch.setenv(f"HIVEMESH_{service.upper()}_{variable}", str(MAX_RETENTION_S))
+    assert getattr(settings_cls(), variable.lower()) == MAX_RETENTION_S
     monkeypatch.setenv(f"HIVEMESH_{service.upper()}_{variable}", "1e13")
     with pytest.raises(ValidationError) as err:
         settings_cls()
