@@ -10,7 +10,7 @@ from hivemesh.artifact.v1 import (
     Artifact, ArtifactFilter, ArtifactServiceStub, CountArtifactsRequest, DeleteArtifactRequest,
     GetArtifactRequest, ListArtifactsRequest, ListArtifactsResponse, SaveArtifactRequest,
     SaveArtifactResponse)
-from hivemesh.client.base import DEFAULT, BaseClient
+from hivemesh.client.base import DEFAULT, BaseClient, every_item
 
 
 class ArtifactClient(BaseClient):
@@ -53,14 +53,9 @@ class ArtifactClient(BaseClient):
 
     async def iter(self, *, page_size: int = 0, **filters: Any) -> AsyncIterator[Artifact]:
         """Every matching artifact, newest first, fetching page by page."""
-        token = ""
-        while True:
-            page = await self.list(page_size=page_size, page_token=token, **filters)
-            for artifact in page.artifacts:
-                yield artifact
-            token = page.next_page_token
-            if not token:
-                return
+        async for artifact in every_item(self.list, "artifacts", page_size=page_size,
+                                         **filters):
+            yield artifact
 
     async def delete(self, artifact_id: str, *, request_id: str | None = None,
                      timeout=DEFAULT) -> bool:

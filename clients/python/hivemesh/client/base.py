@@ -3,10 +3,12 @@ on every call, a default timeout, and one translation of gRPC errors."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import baggage, propagate, trace
 
 from hivemesh.client.channel import ChannelTls, method_timeout, open_channel
@@ -21,6 +23,28 @@ class _Default:
 
 # "Not passed": use the client's default. None means "no timeout".
 DEFAULT: Final = _Default()
+
+
+def timestamp_of(value: dt.datetime | Timestamp) -> Timestamp:
+    """A Timestamp from a Timestamp or a datetime (a naive one is UTC)."""
+    if isinstance(value, Timestamp):
+        return value
+    ts = Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=dt.UTC))
+    return ts
+
+
+async def every_item(list_page, items: str, **kwargs: Any) -> AsyncIterator[Any]:
+    """Every item of a paged listing: ``list_page(page_token=..., **kwargs)``
+    called page by page, yielding each page's ``items`` field."""
+    token = ""
+    while True:
+        page = await list_page(page_token=token, **kwargs)
+        for item in getattr(page, items):
+            yield item
+        token = page.next_page_token
+        if not token:
+            return
 
 
 def trace_metadata() -> tuple[tuple[str, str], ...] | None:

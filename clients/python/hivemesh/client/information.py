@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf import duration_pb2, field_mask_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from hivemesh.client.base import DEFAULT, BaseClient
+from hivemesh.client.base import DEFAULT, BaseClient, every_item, timestamp_of
 from hivemesh.common.v1 import RequestContext, Usage
 from hivemesh.information.v1 import (
     Alert, Budget, BudgetStatus, CommitRequest, CommitResponse, CreateBudgetRequest,
@@ -32,15 +32,6 @@ _DIMENSIONS = {"tenant": MetricsDimension.METRICS_DIMENSION_TENANT,
 
 def _rid(request_id: str | None) -> str:
     return request_id or str(uuid.uuid4())
-
-
-def _timestamp(value: dt.datetime | Timestamp) -> Timestamp:
-    """A Timestamp from a Timestamp or a datetime (a naive one is UTC)."""
-    if isinstance(value, Timestamp):
-        return value
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=dt.UTC))
-    return ts
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -96,14 +87,9 @@ class InformationClient(BaseClient):
     async def iter_prices(self, *, model: str = "", page_size: int = 0
                           ) -> AsyncIterator[ModelPrice]:
         """Every price (of ``model`` only, if given), fetching page by page."""
-        token = ""
-        while True:
-            page = await self.list_prices(model=model, page_size=page_size, page_token=token)
-            for price in page.prices:
-                yield price
-            token = page.next_page_token
-            if not token:
-                return
+        async for price in every_item(self.list_prices, "prices", model=model,
+                                      page_size=page_size):
+            yield price
 
     async def get_budget(self, budget_id: str, *, timeout=DEFAULT) -> Budget:
         """The budget; NotFoundError if there is none."""
@@ -121,14 +107,9 @@ class InformationClient(BaseClient):
     async def iter_budgets(self, *, scope: Scope | None = None, page_size: int = 0
                            ) -> AsyncIterator[Budget]:
         """Every matching budget, ordered by budget_id, fetching page by page."""
-        token = ""
-        while True:
-            page = await self.list_budgets(scope=scope, page_size=page_size, page_token=token)
-            for budget in page.budgets:
-                yield budget
-            token = page.next_page_token
-            if not token:
-                return
+        async for budget in every_item(self.list_budgets, "budgets", scope=scope,
+                                       page_size=page_size):
+            yield budget
 
     async def create_budget(self, budget: Budget, *, request_id: str | None = None,
                             timeout=DEFAULT) -> Budget:
@@ -200,7 +181,7 @@ class InformationClient(BaseClient):
                                          error_reason=error_reason)
         request.latency.FromNanoseconds(int(latency_s * 1e9))
         if completion_time is not None:
-            request.completion_time.CopyFrom(_timestamp(completion_time))
+            request.completion_time.CopyFrom(timestamp_of(completion_time))
         return await self._unary(self._stub.TrackCompletion, request, timeout)
 
     async def status(self, *, budget_id: str = "", scope: Scope | None = None,
@@ -215,17 +196,18 @@ class InformationClient(BaseClient):
                       group_by: Sequence[str | int] = (), bucket_s: float | None = None,
                       timeout=DEFAULT) -> list[MetricsAggregate]:
         """Aggregates of the calls recorded from ``start_time`` (inclusive) to
-        ``end_time`` (exclusive; unset: now), Timestamps or datetimes (naive
+        ``end_time`` (exclusive; unset: five minutes from now, as far ahead as
+        a tracked call may be), Timestamps or datetimes (naive
         ones are UTC). ``group_by``: "tenant", "workflow", "agent", "model",
         "backend" or MetricsDimension values; ``bucket_s`` (at least 60)
         splits the window into buckets. One aggregate per group and bucket,
         ordered by bucket then group; groups without calls are left out."""
         request = GetMetricsRequest(
             scope=scope or Scope(), model=model, backend=backend,
-            start_time=_timestamp(start_time),
+            start_time=timestamp_of(start_time),
             group_by=[_DIMENSIONS[d] if isinstance(d, str) else d for d in group_by])
         if end_time is not None:
-            request.end_time.CopyFrom(_timestamp(end_time))
+            request.end_time.CopyFrom(timestamp_of(end_time))
         if bucket_s is not None:
             request.bucket.CopyFrom(_duration(bucket_s))
         return list((await self._unary(self._stub.GetMetrics, request, timeout)).aggregates)

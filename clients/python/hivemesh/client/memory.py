@@ -10,7 +10,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from hivemesh.client.base import DEFAULT, BaseClient
+from hivemesh.client.base import DEFAULT, BaseClient, timestamp_of
 from hivemesh.common.v1 import RequestContext
 from hivemesh.memory.v1 import (
     AddMemoriesRequest, AddMemoriesResponse, AppendHistoryRequest, AppendHistoryResponse,
@@ -48,11 +48,7 @@ def in_range(key: str, *, gte: float | None = None, gt: float | None = None,
 
 
 def _ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=dt.UTC))
-    return ts
+    return None if value is None else timestamp_of(value)
 
 
 def in_time_range(key: str = "create_time", *, gte: dt.datetime | None = None,
