@@ -464,6 +464,8 @@ async def test_prestop_drain_fails_readiness_and_keeps_egress_working(llm_servic
         async with _channel(envoy.address("inbound")) as inbound, \
                 _channel(envoy.address("egress_llm")) as egress:
             await LlmServiceStub(inbound).Generate(request, timeout=10)
+            await LlmServiceStub(egress).Generate(request, timeout=10)
+            assert envoy.stat("http.egress_llm.downstream_cx_total") == 1
             admin_port = envoy.admin.rsplit(":", 1)[1]
             result = subprocess.run(
                 ["bash", str(DRAIN_SCRIPT)], capture_output=True, text=True, timeout=30,
@@ -478,9 +480,15 @@ async def test_prestop_drain_fails_readiness_and_keeps_egress_working(llm_servic
             reply = await LlmServiceStub(inbound).Generate(request, timeout=10)
             assert reply.message.content
             assert envoy.stat("http.inbound.downstream_cx_drain_close") >= 1
-            # ... and the service's own calls out still have a proxy.
-            reply = await LlmServiceStub(egress).Generate(request, timeout=10)
-            assert reply.message.content
+            # ... and the service's own calls out still have a proxy, on the
+            # connection they had: the egress listeners are not drained, so
+            # no call is answered with a GOAWAY that makes the next one
+            # reconnect.
+            for _ in range(3):
+                reply = await LlmServiceStub(egress).Generate(request, timeout=10)
+                assert reply.message.content
+            assert envoy.stat("http.egress_llm.downstream_cx_drain_close") == 0
+            assert envoy.stat("http.egress_llm.downstream_cx_total") == 1
     finally:
         envoy.stop()
 
