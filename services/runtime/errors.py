@@ -9,6 +9,7 @@ with reason INTERNAL and no internals in the message.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 
 from hivemesh.common.v1 import ErrorReason
+from hivemesh.runtime import telemetry
 
 _PREFIX = "ERROR_REASON_"
 
@@ -151,8 +153,14 @@ def idempotency_conflict(request_id: str, what: str = "request") -> ServiceError
 
 
 def internal() -> ServiceError:
+    """INTERNAL, naming what the service's log line of the defect carries
+    too (the message and the ErrorInfo metadata): the call's ``trace_id``,
+    else its ``call_id`` (telemetry.log_id), so an operator can go from the
+    error to the traceback. Outside any call, a fresh ``error_id``."""
+    found = telemetry.log_id() or ("error_id", uuid.uuid4().hex)
+    key, value = found
     return ServiceError(grpc.StatusCode.INTERNAL, ErrorReason.ERROR_REASON_INTERNAL,
-                        "internal error; see the service log for this trace id")
+                        f"internal error; see the service log for {key} {value}", {key: value})
 
 
 def client_not_allowed(presented: Sequence[str]) -> ServiceError:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from opentelemetry import trace
 from pydantic import BaseModel, SecretStr
 
+from hivemesh.runtime import telemetry
 from hivemesh.runtime.middleware import request_id_var
 
 # A name (of a field, setting, header or parameter) holds a credential when
@@ -200,6 +201,11 @@ class JsonFormatter(logging.Formatter):
         if ctx.is_valid:
             entry["trace_id"] = f"{ctx.trace_id:032x}"
             entry["span_id"] = f"{ctx.span_id:016x}"
+        else:
+            call = telemetry.call_id_var.get()
+            if call is not None:
+                # What an INTERNAL error of this call names (errors.internal).
+                entry["call_id"] = str(call)
         rid = request_id_var.get()
         if rid:
             entry["request_id"] = rid

@@ -225,6 +225,10 @@ class ErrorMiddleware(Middleware):
                 log.warning("rpc failed: %s", error.message,
                             extra={"reason": errors.reason_name(error.reason)})
         else:
+            if telemetry.log_id() is None:
+                # A chain without the tracing middleware: the error and the
+                # log line below still need one id to meet on.
+                telemetry.call_id_var.set(telemetry.CallId())
             log.exception("unexpected error in handler")
             error = errors.internal()
         await abort(context, error, self.domain)
@@ -287,10 +291,11 @@ class TracingMiddleware(Middleware):
         carrier = {k: v for k, v in context.invocation_metadata() or ()
                    if k in _TRACE_HEADERS}
         parent = propagate.extract(carrier) if carrier else None
-        rid_token = request_id_var.set(getattr(request, "request_id", ""))
+        var_tokens = (request_id_var.set(getattr(request, "request_id", "")),
+                     telemetry.call_id_var.set(telemetry.CallId()))
         if not telemetry.records(self._provider):
             token = otel_context.attach(parent) if parent is not None else None
-            return None, token, rid_token
+            return None, token, var_tokens
         service, _, name = method.lstrip("/").rpartition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         if parent is not None:
@@ -301,10 +306,10 @@ class TracingMiddleware(Middleware):
             name=method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
             attributes=attributes)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return span, token, rid_token
+        return span, token, var_tokens
 
     @staticmethod
-    def _finish(span, token, rid_token, context, exc: BaseException | None, started: float):
+    def _finish(span, token, var_tokens, context, exc: BaseException | None, started: float):
         debug = log.isEnabledFor(logging.DEBUG)
         if span is not None or debug:
             code = grpc.StatusCode.OK
@@ -321,7 +326,8 @@ class TracingMiddleware(Middleware):
                     "rpc.grpc.status_code": code.name,
                     "duration_ms": round((time.perf_counter() - started) * 1e3, 3)})
         try:
-            request_id_var.reset(rid_token)
+            request_id_var.reset(var_tokens[0])
+            telemetry.call_id_var.reset(var_tokens[1])
         except ValueError:
             # A stream the client abandoned while it sat at a ``yield`` is
             # closed later by the event loop's async-generator finalizer, in
@@ -332,25 +338,25 @@ class TracingMiddleware(Middleware):
 
     async def unary(self, behavior, request, context, method):
         started = time.perf_counter()
-        span, token, rid_token = self._start(request, context, method)
+        span, token, var_tokens = self._start(request, context, method)
         try:
             response = await behavior(request, context)
         except BaseException as exc:
-            self._finish(span, token, rid_token, context, exc, started)
+            self._finish(span, token, var_tokens, context, exc, started)
             raise
-        self._finish(span, token, rid_token, context, None, started)
+        self._finish(span, token, var_tokens, context, None, started)
         return response
 
     async def stream(self, behavior, request, context, method):
         started = time.perf_counter()
-        span, token, rid_token = self._start(request, context, method)
+        span, token, var_tokens = self._start(request, context, method)
         try:
             async for item in behavior(request, context):
                 yield item
         except BaseException as exc:
-            self._finish(span, token, rid_token, context, exc, started)
+            self._finish(span, token, var_tokens, context, exc, started)
             raise
-        self._finish(span, token, rid_token, context, None, started)
+        self._finish(span, token, var_tokens, context, None, started)
 
 
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})

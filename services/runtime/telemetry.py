@@ -5,10 +5,12 @@ otherwise both stay no-ops, apart from propagating incoming trace context."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import threading
 import time
+import uuid
 from typing import Any
 
 from opentelemetry import trace
@@ -19,6 +21,37 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 _NO_OP_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _METRICS_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+class CallId:
+    """The id of a call being served, for its log lines and its INTERNAL
+    error when it has no trace id (nothing records spans and the caller sent
+    no trace context). Made when first asked for: most calls never log."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value: str | None = None
+
+    def __str__(self) -> str:
+        if self._value is None:
+            self._value = uuid.uuid4().hex
+        return self._value
+
+
+# The call being served (set by the tracing middleware); None outside calls.
+call_id_var: contextvars.ContextVar[CallId | None] = contextvars.ContextVar(
+    "hivemesh_call_id", default=None)
+
+
+def log_id() -> tuple[str, str] | None:
+    """What finds the current call's log lines, as (log field, value): its
+    trace id when it has one, else its call id; None outside any call."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        return "trace_id", f"{ctx.trace_id:032x}"
+    call = call_id_var.get()
+    return ("call_id", str(call)) if call is not None else None
 
 
 def _resource(service_name: str) -> Resource:

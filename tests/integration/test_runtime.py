@@ -189,6 +189,56 @@ async def test_unexpected_handler_error_is_internal_without_internals(artifact_s
     assert "secret" not in str(error) and "sk-live" not in str(error)
 
 
+async def test_an_internal_error_names_the_id_its_log_line_carries(artifact_settings):
+    """The default chain with nothing recording spans: a call without trace
+    context has no trace id, so its INTERNAL names the call's ``call_id``,
+    as the log line with the traceback does; a call in the caller's trace
+    names that trace's ``trace_id``, as its log line does."""
+    import io
+    import json
+    import logging
+
+    from hivemesh.runtime.logs import JsonFormatter
+
+    class Broken(ArtifactServicer):
+        async def CountArtifacts(self, request, context):
+            raise RuntimeError("a defect")
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("artifact"))
+    rpc_log = logging.getLogger("hivemesh.rpc")
+    rpc_log.addHandler(handler)
+    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                       Broken(MemoryBackend(), max_content_bytes=1024))])
+    try:
+        async with ArtifactClient(f"127.0.0.1:{running.port}") as client:
+            found = []
+            for _ in range(2):
+                with pytest.raises(InternalError) as err:
+                    await client.count()
+                found.append(err.value)
+            with TracerProvider().get_tracer("test").start_as_current_span("caller") as caller:
+                with pytest.raises(InternalError) as err:
+                    await client.count()
+                found.append(err.value)
+    finally:
+        await running.shutdown(0)
+        rpc_log.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    lines = [line for line in lines if line["msg"] == "unexpected error in handler"]
+    assert len(lines) == 3 and all("a defect" in line["exception"] for line in lines)
+    for error, line in zip(found[:2], lines[:2]):
+        assert "trace_id" not in line and "trace_id" not in error.metadata
+        assert error.metadata["call_id"] == line["call_id"]
+        assert line["call_id"] in str(error)
+    assert found[0].metadata["call_id"] != found[1].metadata["call_id"]  # one a call
+    trace_id = f"{caller.get_span_context().trace_id:032x}"
+    assert found[2].metadata == {"trace_id": trace_id} and lines[2]["trace_id"] == trace_id
+    assert trace_id in str(found[2])
+
+
 async def test_a_grpc_usage_error_in_a_handler_is_internal_without_internals(artifact_settings):
     """A handler misusing its context (grpc's UsageError or InternalError)
     is a bug like any other: INTERNAL with ErrorInfo, not gRPC's UNKNOWN
