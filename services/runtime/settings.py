@@ -185,6 +185,10 @@ def _check_file(check):
     return validate
 
 
+# The largest value gRPC takes for a channel argument (a C int): a larger
+# one would fail the server's creation, after the settings were accepted.
+GRPC_INT_MAX = 2**31 - 1
+
 # What an answer leaves of max_message_bytes for the rest of its message
 # (status details, headers): an answer a handler builds fits in the rest.
 RESPONSE_MARGIN_BYTES = 64 * 1024
@@ -209,16 +213,17 @@ class ServerSettings(BaseModel):
     # the service itself so that an oversize save gets a clear error. At
     # least twice the margin an answer leaves (128 KiB), so that answers
     # have room for what they carry.
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=2 * RESPONSE_MARGIN_BYTES)
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=2 * RESPONSE_MARGIN_BYTES,
+                                   le=GRPC_INT_MAX)
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_period_s: float = Field(default=10.0, ge=0)
     # Seconds between health going NOT_SERVING and refusing new calls, so
     # load balancers (Envoy, kubelet) stop routing first. 0 locally.
     drain_delay_s: float = Field(default=0.0, ge=0)
-    keepalive_time_ms: int = Field(default=30_000, ge=1000)
-    keepalive_timeout_ms: int = Field(default=10_000, ge=1000)
+    keepalive_time_ms: int = Field(default=30_000, ge=1000, le=GRPC_INT_MAX)
+    keepalive_timeout_ms: int = Field(default=10_000, ge=1000, le=GRPC_INT_MAX)
     # Clients may ping this often without data, no more.
-    min_ping_interval_ms: int = Field(default=10_000, ge=1000)
+    min_ping_interval_ms: int = Field(default=10_000, ge=1000, le=GRPC_INT_MAX)
     log_level: str = "INFO"
     # TLS, off unless both are set: the server's certificate (PEM, with its
     # chain) and its private key (PEM, unencrypted).

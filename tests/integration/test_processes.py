@@ -136,6 +136,20 @@ def test_a_missing_required_setting_is_an_invalid_setting(tmp_path, service, env
     assert f"invalid {service} settings:" in result.stderr and message in result.stderr
 
 
+@pytest.mark.parametrize("setting", ["MAX_MESSAGE_BYTES", "KEEPALIVE_TIME_MS",
+                                     "KEEPALIVE_TIMEOUT_MS", "MIN_PING_INTERVAL_MS"])
+def test_a_server_setting_beyond_what_grpc_takes_is_an_invalid_setting(tmp_path, setting):
+    """gRPC takes these as C ints: a larger value is refused with the other
+    settings (exit 2, named), not left to fail the server's creation."""
+    variable = f"HIVEMESH_ARTIFACT_SERVER__{setting}"
+    result = serve_refused("artifact", "--port", "0", "--data-dir", str(tmp_path),
+                           env={variable: str(2**31)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert (f"invalid artifact settings:\n  server.{setting.lower()}: Input should be less "
+            f"than or equal to {2**31 - 1}") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("port", ["70000", "-5"])
 def test_a_port_flag_out_of_range_is_refused_like_the_setting(tmp_path, port):
     """--port gets the checks HIVEMESH_<SERVICE>_SERVER__PORT gets: gRPC
