@@ -141,6 +141,14 @@ def _url_password(value: str) -> list[str]:
     keyword = re.search(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", value)
     if keyword:
         found.append(keyword[1].strip("'"))
+        if not keyword[1].startswith("'"):
+            # Unquoted, a password with spaces does not parse: libpq's error
+            # quotes the word after the first ('missing "=" after "..."'),
+            # so each word up to the next key=value one is a secret too.
+            rest = value[keyword.end():]
+            words = re.match(r"(?:\s+(?![\w.-]+\s*=)\S+)*", rest)[0].split()
+            if words:
+                found += [*words, " ".join([keyword[1], *words])]
     return found
 
 

@@ -247,6 +247,20 @@ def test_configured_secrets_are_hidden_wherever_a_library_quotes_them(known_secr
     assert redact("abc def") == "abc def"
 
 
+def test_every_word_of_a_keyword_dsn_s_unquoted_password_is_hidden(known_secrets):
+    """Unquoted, a password with spaces does not parse, and libpq's error
+    quotes the word after the first: every word of it is a secret, up to
+    the next key=value word."""
+    known_secrets.hide_values(
+        ["host=127.0.0.1 port=1 user=u password=correct horsebattery staple dbname=hivemesh"])
+    assert redact('error connecting: missing "=" after "horsebattery" in connection info '
+                  'string') == ('error connecting: missing "=" after "[REDACTED]" in '
+                                'connection info string')
+    assert redact("correct horsebattery staple") == "[REDACTED]"
+    assert redact("staple") == "[REDACTED]"
+    assert redact("hivemesh on 127.0.0.1") == "hivemesh on 127.0.0.1"  # the next word's
+
+
 def test_an_llm_key_of_any_shape_is_hidden_once_read(known_secrets, monkeypatch):
     from hivemesh.services.llm.settings import BackendSettings
     monkeypatch.setenv("UPSTREAM_KEY", "plainkeywithnoshape")
