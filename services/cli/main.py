@@ -46,7 +46,7 @@ def _service(name: str):
 async def _run_service(args: argparse.Namespace) -> int:
     from hivemesh.runtime.logs import configure_logging, hide_values, secret_values
     from hivemesh.runtime.server import host_port, run_until_signalled
-    from hivemesh.runtime.settings import secrets_dir
+    from hivemesh.runtime.settings import check_dsns, secrets_dir
     from hivemesh.runtime.telemetry import configure_metrics, configure_tracing, shutdown_within
 
     settings_cls, open_backend, create_server = _service(args.service)
@@ -60,6 +60,7 @@ async def _run_service(args: argparse.Namespace) -> int:
         settings.data_dir = Path(args.data_dir)
     configure_logging(args.service, settings.server.log_level)
     hide_values(secret_values(settings))
+    check_dsns(settings)
     providers = [p for p in (configure_tracing(f"hivemesh-{args.service}"),
                              configure_metrics(f"hivemesh-{args.service}")) if p is not None]
     backend = await open_backend(settings)

@@ -179,6 +179,34 @@ def variables_not_json(settings_cls: type[BaseSettings],
     return sorted(found)
 
 
+def check_dsns(settings: BaseSettings) -> None:
+    """Each PostgreSQL connection string of ``settings`` (a field named
+    ``*_dsn``, when set) reads as one (a URL or key=value words, by libpq's
+    rules), else InvalidSetting naming its variable: one that does not would
+    make every connection fail as it opens, and the service would stop only
+    once its pool timed out, with nothing naming the setting. Neither the
+    value nor the parser's message is shown: the message quotes words of
+    the string, a password's among them."""
+    try:
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # without psycopg there is no backend to give one to
+        return
+    prefix = type(settings).model_config.get("env_prefix", "")
+    for name in type(settings).model_fields:
+        value = getattr(settings, name, None)
+        if not name.endswith("_dsn") or value is None:
+            continue
+        text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+        try:
+            conninfo_to_dict(text)
+        except Error:
+            raise InvalidSetting(
+                f"{(prefix + name).upper()} is not a PostgreSQL connection string (a URL, "
+                "its password percent-encoded, or key=value words, a value with spaces in "
+                "single quotes: password='...'); its value is not shown") from None
+
+
 def _check_file(check):
     def validate(value: Path | None) -> Path | None:
         return None if value is None else check(value)

@@ -150,6 +150,22 @@ def test_a_server_setting_beyond_what_grpc_takes_is_an_invalid_setting(tmp_path,
     assert "Traceback" not in result.stderr
 
 
+def test_a_postgres_dsn_that_does_not_parse_is_named_never_quoted(tmp_path):
+    """A password with an unquoted space: libpq's parse error quotes its
+    second word. Refused as an invalid setting naming the variable, before
+    any connection is tried, and no word of the password reaches the
+    output."""
+    result = serve_refused("artifact", "--port", "0", env={
+        "HIVEMESH_ARTIFACT_BACKEND": "postgres",
+        "HIVEMESH_ARTIFACT_POSTGRES_DSN": "host=127.0.0.1 port=1 user=u "
+                                          "password=correct horsebattery staple dbname=x"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert ("invalid artifact settings:\n  HIVEMESH_ARTIFACT_POSTGRES_DSN is not a PostgreSQL "
+            "connection string") in result.stderr
+    for word in ("correct", "horsebattery", "staple"):
+        assert word not in result.stderr
+
+
 @pytest.mark.parametrize("port", ["70000", "-5"])
 def test_a_port_flag_out_of_range_is_refused_like_the_setting(tmp_path, port):
     """--port gets the checks HIVEMESH_<SERVICE>_SERVER__PORT gets: gRPC
