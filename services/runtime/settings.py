@@ -155,10 +155,13 @@ def variables_not_json(settings_cls: type[BaseSettings],
     about, named (a file as "<name> in <directory>")."""
     environ = dict(os.environ if environ is None else environ)
     if secrets is not None and secrets.is_dir():
+        # Compared resolved, as the files are: the directory may be reached
+        # through a link (/var/run/secrets/..., /var/run a link to /run).
+        real_dir = secrets.resolve()
         for file in secrets.iterdir():
             with contextlib.suppress(OSError, UnicodeDecodeError, RuntimeError):
                 real = file.resolve()
-                if file.name not in environ and real.is_file() and secrets in real.parents:
+                if file.name not in environ and real.is_file() and real_dir in real.parents:
                     environ[f"{file.name} in {secrets}"] = real.read_text("utf-8").strip()
     config = settings_cls.model_config
     prefix = config.get("env_prefix", "").upper()

@@ -314,6 +314,19 @@ def test_a_json_object_setting_in_the_environment_replaces_the_file_s(monkeypatc
     assert (server.drain_delay_s, server.grace_period_s) == (3, 4)
 
 
+def test_a_file_holding_no_json_is_named_when_the_secrets_directory_is_a_link(tmp_path):
+    """As /var/run/secrets/hivemesh on Debian images, /var/run a link to
+    /run: the file is named in the directory as given."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_NAMES").write_text("orchestrator.hivemesh.svc")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    for secrets in (real, link):
+        assert runtime_settings.variables_not_json(ArtifactSettings, {}, secrets) == [
+            f"HIVEMESH_ARTIFACT_SERVER__TLS_CLIENT_NAMES in {secrets}"]
+
+
 def test_the_variables_holding_no_json_for_a_list_or_object_setting_are_named():
     """What pydantic-settings' "error parsing value for field" is about:
     a list, mapping or section set to text that is not JSON, at any depth;
