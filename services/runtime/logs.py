@@ -14,7 +14,7 @@ import re
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from opentelemetry import trace
 from pydantic import BaseModel, SecretStr
@@ -23,16 +23,24 @@ from hivemesh.runtime import telemetry
 from hivemesh.runtime.middleware import request_id_var
 
 # A name (of a field, setting, header or parameter) holds a credential when
-# one of its words is one of these: api_key, x-api-key, OPENAI_API_KEY,
-# apiKey, access_token, client_secret, postgres_dsn, Authorization. A word
-# ends at anything but a letter or digit, or where camelCase starts one, so
-# that counts (tokens, max_tokens, maxTokens) and other names that merely
-# contain such a word (api_key_env, secrets_dir) are not credentials.
-_SECRET_NAME = (
-    r"(?-i:(?<![A-Za-z0-9])|(?<=[a-z])(?=[A-Z]))"
-    r"(?:api[_-]?key|secret|password|passwd|token|authorization|dsn)"
-    r"(?-i:(?![A-Za-z0-9])|(?<=[a-z])(?=[A-Z]))")
-_SECRET_KEY = re.compile(_SECRET_NAME, re.I)
+# its last word is one of these: api_key, x-api-key, OPENAI_API_KEY, apiKey,
+# access_token, client_secret, secret_key, aws_secret_access_key,
+# postgres_dsn, Authorization, and a password's word also glued to what it
+# is for (PGPASSWORD). A word ends at anything but a letter or digit, or
+# where camelCase starts one, so that counts (tokens, max_tokens,
+# token_count) and names about a credential rather than holding one
+# (api_key_env, secrets_dir, page_token_hint) are not credentials. The one
+# rule for fields, mapping keys, pairs and names in free text.
+_SECRET_WORD = (
+    r"(?:(?-i:(?<![A-Za-z0-9])|(?<=[a-z])(?=[A-Z]))"
+    r"(?:api[_-]?key|secret(?:[_-]?(?:access[_-]?)?key)?|password|passwd|token|authorization"
+    r"|dsn)"
+    r"|(?<![A-Za-z0-9])[A-Za-z0-9]+?pass(?:word|wd))")
+_SECRET_KEY = re.compile(rf"{_SECRET_WORD}\Z", re.I)
+# Such a name in free text: a run of letters, digits, _ and - that ends
+# with such a word (each position of it tried once: time linear in its
+# length).
+_SECRET_IDENT = rf"(?<![\w-])[\w-]*?{_SECRET_WORD}(?![\w-])"
 _SECRET_VALUE = re.compile(
     # such a name given a value, in free text: key=value (query strings,
     # keyword DSNs, environment), a header (x-api-key: value), JSON or a
@@ -41,11 +49,15 @@ _SECRET_VALUE = re.compile(
     # also prose about model tokens: there a bare value is hidden only when
     # shaped like a key (see _hide), so "token: limit reached" or "max
     # token: 10" is left alone.
-    rf"(?P<name>{_SECRET_NAME}(?P<quoted>[\"'])?(?P<sep>\s*[:=]\s*)"
+    rf"(?P<name>(?P<ident>{_SECRET_IDENT})(?P<quoted>[\"'])?(?P<sep>\s*[:=]\s*)"
     r"(?P<auth>(?:Bearer|Basic|Token|Digest)\s+)?)"
     # (a value unquoted ends at a space or &, without the punctuation
     # that closes the text around it)
     r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s&\"']*[^\s&\"',;.)\]}>])"
+    # such a name and its value as a pair, as gRPC metadata is printed:
+    # ('x-api-key', 'value'), ("authorization", b"...")
+    rf"|(?P<pair>[(\[]\s*(?P<pq>[\"']){_SECRET_IDENT}(?P=pq)\s*,\s*b?)"
+    r"(?P<pvalue>\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')"
     # a bearer token anywhere; one that looks like a word (Bearer
     # authentication.) is not a token: a token has a digit, a symbol inside
     # it, or capitals after its first letter
@@ -82,7 +94,7 @@ def _prose(match: re.Match[str]) -> bool:
     start = match.start()
     before = match.string[start - 1] if start else " "
     value = match["value"]
-    return (match["name"][:5].lower() == "token"
+    return (match["ident"].lower() == "token"
             and not (before.isalnum() or before in "_-")
             and match["sep"].strip() != match["sep"]
             and not (match["quoted"] or match["auth"] or value[0] in "\"'")
@@ -93,6 +105,9 @@ def _prose(match: re.Match[str]) -> bool:
 def _hide(match: re.Match[str]) -> str:
     """What stays of a secret: the name it was given and its quotes, or
     the scheme of a bearer token; prose is left as it is."""
+    if match["pair"] is not None:
+        quote = match["pvalue"][0]
+        return f"{match['pair']}{quote}[REDACTED]{quote}"
     if match["name"] is not None:
         if _prose(match):
             return match[0]
@@ -187,6 +202,13 @@ def _plain(value: object) -> object:
         return {str(k): "[REDACTED]" if _SECRET_KEY.search(str(k)) else _plain(v)
                 for k, v in value.items()}
     if isinstance(value, list | tuple):
+        if len(value) == 2 and isinstance(value[0], str) and _SECRET_KEY.search(value[0]):
+            # A name and its value, as gRPC metadata holds them: the value
+            # goes as a mapping's would.
+            return [_plain(value[0]), "[REDACTED]"]
+        return [_plain(v) for v in value]
+    if isinstance(value, Collection) and not isinstance(value, bytes | bytearray):
+        # gRPC's aio Metadata (pairs), a set, a view of a mapping
         return [_plain(v) for v in value]
     return redact(str(value))
 

@@ -159,6 +159,52 @@ def test_structured_fields_named_like_counts_stay_and_secret_names_go():
         assert entry[key] == "[REDACTED]", key
 
 
+CREDENTIAL_NAMES = ["api_key", "x-api-key", "OPENAI_API_KEY", "apiKey", "access_token",
+                    "authToken", "client_secret", "secret_key", "aws_secret_access_key",
+                    "secretAccessKey", "PGPASSWORD", "db_passwd", "postgres_dsn",
+                    "Authorization"]
+OTHER_NAMES = ["tokens", "max_tokens", "token_count", "api_key_env", "secrets_dir",
+               "page_token_hint", "tokenizer", "passwordless", "AWS_ACCESS_KEY_ID"]
+
+
+@pytest.mark.parametrize("name", CREDENTIAL_NAMES + OTHER_NAMES)
+def test_a_name_is_a_credential_alike_as_a_field_a_key_a_pair_and_in_text(name):
+    """One rule for every place a name is given a value: its last word is a
+    credential word (the word password also glued to what it is for)."""
+    secret = "value-9f8e7d6c"
+    hidden = name in CREDENTIAL_NAMES
+    entry = _format("m", **{name: secret}, mapping={name: secret}, pairs=[(name, secret)])
+    fields = [entry[name], entry["mapping"][name], entry["pairs"][0][1]]
+    texts = [redact(f"{name}={secret}"), redact(f"{name}: {secret}"),
+             redact(f"{{'{name}': '{secret}'}}"), redact(f"[('{name}', '{secret}')]")]
+    assert [secret not in field for field in fields] == [hidden] * 3
+    assert [secret not in text for text in texts] == [hidden] * 4, texts
+
+
+def test_grpc_metadata_logged_as_pairs_hides_the_credentials_values():
+    import grpc
+    metadata = grpc.aio.Metadata(("x-api-key", "plainsecretvalue"),
+                                 ("authorization", "Bearer abcdefghij"),
+                                 ("user-agent", "grpc-python"))
+    entry = _format("called", metadata=metadata, sent=[("x-api-key", "plainsecretvalue")])
+    assert entry["metadata"] == [["x-api-key", "[REDACTED]"], ["authorization", "[REDACTED]"],
+                                 ["user-agent", "grpc-python"]]
+    assert entry["sent"] == [["x-api-key", "[REDACTED]"]]
+    text = redact(f"called with {metadata}")
+    assert "plainsecretvalue" not in text and "abcdefghij" not in text
+    assert "('user-agent', 'grpc-python')" in text
+    assert redact("('x-api-key', b'raw\\'bytes')") == "('x-api-key', b'[REDACTED]')"
+
+
+def test_a_long_name_is_looked_at_in_one_pass():
+    """Names are runs of letters, digits, _ and -: each is looked at once,
+    however long, and however many credential words it holds."""
+    code = ("from hivemesh.runtime.logs import redact; "
+            "redact('secret_' * 200_000 + 'x: 1'); redact('a' * 1_000_000 + 'password'); "
+            "redact('(\"' + 'token_' * 200_000 + '\", 1)'); redact('aA' * 500_000)")
+    subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
+
+
 def _strict_json(text: str) -> dict:
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
