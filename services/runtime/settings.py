@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import types
 import typing
@@ -216,6 +215,8 @@ def _check_file(check):
     return validate
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 # The largest value gRPC takes for a channel argument (a C int): a larger
 # one would fail the server's creation, after the settings were accepted.
 GRPC_INT_MAX = 2**31 - 1
@@ -286,9 +287,9 @@ class ServerSettings(BaseModel):
                              "a port of its own (0 picks a free one), or leave it unset")
         return value
 
-    @field_validator("health_host")
+    @field_validator("host", "health_host")
     @classmethod
-    def _health_host_bare(cls, value: str | None) -> str | None:
+    def _host_bare(cls, value: str | None) -> str | None:
         # Padded, it would fail only at bind time, as an address not found.
         if value is not None and value != value.strip():
             raise ValueError(f"{value!r} is not an address: give it without spaces around it")
@@ -346,9 +347,11 @@ class ServerSettings(BaseModel):
     def _known_level(cls, value: str) -> str:
         # Checked here, with the other settings: logging.setLevel would
         # refuse it only once the service is starting.
+        # Only these: logging also knows NOTSET (every library's DEBUG lines
+        # too), WARN and FATAL, which the README does not list.
         name = value.strip().upper()
-        if name not in logging.getLevelNamesMapping():
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        if name not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return name
 
 

@@ -166,6 +166,14 @@ def test_a_postgres_dsn_that_does_not_parse_is_named_never_quoted(tmp_path):
         assert word not in result.stderr
 
 
+def test_a_padded_host_flag_is_refused_like_the_setting(tmp_path):
+    result = serve_refused("artifact", "--host", " 127.0.0.1", "--port", "0",
+                           "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert "invalid artifact settings:\n  host: Value error, ' 127.0.0.1' is not an address" \
+        in result.stderr
+
+
 @pytest.mark.parametrize("port", ["70000", "-5"])
 def test_a_port_flag_out_of_range_is_refused_like_the_setting(tmp_path, port):
     """--port gets the checks HIVEMESH_<SERVICE>_SERVER__PORT gets: gRPC

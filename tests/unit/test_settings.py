@@ -145,12 +145,31 @@ def test_an_unknown_log_level_is_an_invalid_setting(monkeypatch):
     assert ArtifactSettings().server.log_level == "DEBUG"
 
 
+@pytest.mark.parametrize("level", ["notset", "NOTSET", "warn", "fatal"])
+def test_a_level_logging_knows_but_the_readme_does_not_list_is_an_invalid_setting(
+        monkeypatch, level):
+    """NOTSET would log every library's DEBUG lines; WARN and FATAL are
+    aliases the README does not list."""
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__LOG_LEVEL", level)
+    with pytest.raises(ValidationError, match="DEBUG, INFO, WARNING, ERROR, CRITICAL"):
+        ArtifactSettings()
+
+
 def test_an_empty_host_is_an_invalid_setting(monkeypatch):
     """gRPC cannot bind an empty host (``:7001``): refused with the other
     settings (``serve`` exits 2), not once the server binds."""
     monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HOST", "")
     with pytest.raises(ValidationError):
         ArtifactSettings()
+
+
+@pytest.mark.parametrize("value", [" 127.0.0.1", "0.0.0.0\n", " "])
+def test_a_padded_host_is_an_invalid_setting(monkeypatch, value):
+    """As a padded health host: it would fail only at bind time."""
+    monkeypatch.setenv("HIVEMESH_ARTIFACT_SERVER__HOST", value)
+    with pytest.raises(ValidationError, match="is not an address") as err:
+        ArtifactSettings()
+    assert err.value.errors()[0]["loc"] == ("server", "host")
 
 
 def test_the_health_port_binds_the_service_s_host_unless_given_its_own(monkeypatch):
