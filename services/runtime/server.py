@@ -31,6 +31,9 @@ log = logging.getLogger("hivemesh.server")
 # Calls stopped at the end of the grace period get this long to send their
 # answer before gRPC cuts them off.
 _ANSWER_MARGIN_S = 0.5
+# The shutdown hooks get the grace period, and at least this long (a
+# shutdown without grace still lets them end their streams).
+_HOOKS_MIN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -108,16 +111,30 @@ class RunningServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
 
+    async def _run_hooks(self, limit_s: float) -> None:
+        """The shutdown hooks, together, for at most ``limit_s``: one that
+        fails is logged, one still running then is cancelled and left (a
+        store call that swallows its cancellation would otherwise hold the
+        shutdown until SIGKILL, the calls in flight never told
+        SHUTTING_DOWN). Either way the calls in flight still get their grace
+        period."""
+        if not self.on_shutdown:
+            return
+        hooks = [asyncio.ensure_future(hook()) for hook in self.on_shutdown]
+        done, pending = await asyncio.wait(hooks, timeout=limit_s)
+        for task in hooks:
+            if task in pending:
+                task.cancel()
+                log.warning("a shutdown hook did not finish in %.1f s; the shutdown goes on",
+                            limit_s)
+            elif not task.cancelled() and task.exception() is not None:
+                log.error("a shutdown hook failed", exc_info=task.exception())
+
     async def _shutdown(self, grace_s: float, drain_delay_s: float) -> None:
         await self.health.enter_graceful_shutdown()
         if drain_delay_s:
             await asyncio.sleep(drain_delay_s)
-        for hook in self.on_shutdown:
-            try:
-                await hook()
-            except Exception:
-                # The calls in flight still get their grace period.
-                log.exception("a shutdown hook failed")
+        await self._run_hooks(max(grace_s, _HOOKS_MIN_S))
         self.health.close_watches()
         if self.drain is None:
             await self.server.stop(grace_s)

@@ -463,6 +463,42 @@ async def test_a_failing_shutdown_hook_does_not_stop_the_shutdown(artifact_setti
         await running.server.stop(0)
 
 
+async def test_a_shutdown_hook_that_never_ends_does_not_hold_the_shutdown(
+        artifact_settings, caplog):
+    """A hook still running when the grace period has passed is cancelled
+    and left: the call in flight is still stopped with SHUTTING_DOWN and the
+    server stops, instead of waiting for the hook until SIGKILL."""
+    from hivemesh.artifact.v1 import ArtifactServiceStub, CountArtifactsRequest
+    from hivemesh.client import from_rpc_error
+    backend = FaultyBackend(MemoryBackend())
+    hook_started = asyncio.Event()
+
+    async def stuck() -> None:
+        hook_started.set()
+        await asyncio.Event().wait()
+
+    running = await start_server(artifact_settings.server, domain=DOMAIN, services=[
+        ServiceBinding(SERVICE_NAME, add_ArtifactServiceServicer_to_server,
+                       ArtifactServicer(backend, max_content_bytes=1024))],
+        on_shutdown=[stuck])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}",
+                                             options=[("grpc.enable_retries", 0)]) as channel:
+            backend.latency_s = 60.0
+            call = asyncio.ensure_future(ArtifactServiceStub(channel).CountArtifacts(
+                CountArtifactsRequest(), timeout=50))
+            await asyncio.sleep(0.2)  # the call is now inside the handler
+            with caplog.at_level("WARNING", logger="hivemesh.server"):
+                await asyncio.wait_for(running.shutdown(grace_s=0.3), 30)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+        assert hook_started.is_set()
+        assert from_rpc_error(err.value).reason == "SHUTTING_DOWN"
+        assert any("shutdown hook did not finish" in r.getMessage() for r in caplog.records)
+    finally:
+        await running.server.stop(0)
+
+
 async def test_methods_a_service_does_not_have_are_not_remembered():
     """gRPC asks the generic handlers about every method name no service
     registered; the wrapper keeps the methods it wrapped, not every name a
