@@ -143,8 +143,8 @@ class AnthropicBackend(http.UpstreamErrors):
         if error is not None:
             if not isinstance(error, Mapping):
                 error = {"message": error}
-            raise self._status_error(None, error_type=_label(error.get("type")),
-                                     message=_label(error.get("message")), headers=None)
+            raise self._status_error(None, error_type=http.error_field(error.get("type")),
+                                     message=http.error_field(error.get("message")), headers=None)
         if not isinstance(message, anthropic.types.Message) or \
                 getattr(message, "type", None) != "message" or \
                 not isinstance(getattr(message, "content", None), list):
@@ -395,13 +395,6 @@ def _tool_input(name: str, arguments: str) -> dict[str, Any]:
                            "which Anthropic requires",
                            field="conversation.messages.tool_calls.arguments")
     return value
-
-
-def _label(value: Any) -> str | None:
-    """A field of an error object as text."""
-    if value is None or value == "":
-        return None
-    return value if isinstance(value, str) else str(value)
 
 
 def _dumps(value: Any) -> str:

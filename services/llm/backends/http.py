@@ -8,6 +8,7 @@ import datetime
 import email.utils
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import httpx2
 
@@ -37,6 +38,14 @@ def error_kind(status: int | None, error_type: str | None, texts: tuple[str | No
     if status in by_status:
         return by_status[status]
     return ErrorKind.UNAVAILABLE if status >= 500 else ErrorKind.BAD_REQUEST
+
+
+def error_field(value: Any) -> str | None:
+    """A field of an upstream's error object as text, None when empty
+    (OpenRouter's ``code`` is the HTTP status, a number)."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)
 
 
 def retry_after(headers: Mapping[str, str] | None) -> float | None:

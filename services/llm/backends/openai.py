@@ -338,9 +338,9 @@ class OpenAIBackend(http.UpstreamErrors):
         if error and not answer.get("choices") and not answer.get("data"):
             if not isinstance(error, dict):
                 error = {"message": error}
-            raise self._status_error(None, error_type=_label(error.get("type")),
-                                     code=_label(error.get("code")),
-                                     message=_label(error.get("message")), headers=None)
+            raise self._status_error(None, error_type=http.error_field(error.get("type")),
+                                     code=http.error_field(error.get("code")),
+                                     message=http.error_field(error.get("message")), headers=None)
         return answer
 
     # -- errors -------------------------------------------------------------
@@ -495,14 +495,6 @@ def _vector(embedding: Any) -> list[float]:
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding):
         raise TypeError("an embedding holds something else than numbers")
     return [float(x) for x in embedding]
-
-
-def _label(value: Any) -> str | None:
-    """A field of an error object as text (OpenRouter's ``code`` is the
-    HTTP status, a number)."""
-    if value is None or value == "":
-        return None
-    return value if isinstance(value, str) else str(value)
 
 
 def _arguments(arguments: Any) -> str:
