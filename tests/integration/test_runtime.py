@@ -189,7 +189,8 @@ async def test_unexpected_handler_error_is_internal_without_internals(artifact_s
     assert "secret" not in str(error) and "sk-live" not in str(error)
 
 
-async def test_an_internal_error_names_the_id_its_log_line_carries(artifact_settings):
+async def test_an_internal_error_names_the_id_its_log_line_carries(artifact_settings,
+                                                                    monkeypatch):
     """The default chain with nothing recording spans: a call without trace
     context has no trace id, so its INTERNAL names the call's ``call_id``,
     as the log line with the traceback does; a call in the caller's trace
@@ -204,6 +205,8 @@ async def test_an_internal_error_names_the_id_its_log_line_carries(artifact_sett
         async def CountArtifacts(self, request, context):
             raise RuntimeError("a defect")
 
+    # Nothing records spans here, whatever another test of this process set.
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter("artifact"))
