@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -341,15 +342,25 @@ _TRANSPORT_REASONS = {grpc.StatusCode.UNAVAILABLE: ErrorReason.ERROR_REASON_BACK
 
 
 def provider_error(name: str, typed: HivemeshError) -> errors.ServiceError:
-    """The provider's error as this service's own: same code, reason and
-    metadata, plus which provider failed."""
+    """The provider's error as this service's own: same code, reason,
+    metadata and details (BadRequest field violations, RetryInfo,
+    QuotaFailure violations), plus which provider failed."""
     reason = typed.reason or _TRANSPORT_REASONS.get(typed.code,
                                                     ErrorReason.ERROR_REASON_UPSTREAM_ERROR)
+    details: list = []
+    if typed.field_violations:
+        details.append(errors.bad_request(typed.field_violations))
+    if typed.retry_delay is not None:
+        details.append(errors.retry_info(typed.retry_delay.total_seconds()))
+    if typed.quota_violations:
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+            for subject, description in typed.quota_violations]))
     # The provider was already retried by this service's own policy: a
     # caller retrying the whole call would multiply the attempts (and the
     # runs) against a provider that is down.
     return errors.ServiceError(typed.code, reason, f"{name}: {typed.message}",
-                               {**typed.metadata, "provider": name}, retry=False)
+                               {**typed.metadata, "provider": name}, details, retry=False)
 
 
 def _span_error(span, error: errors.ServiceError) -> None:

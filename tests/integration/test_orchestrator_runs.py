@@ -1307,3 +1307,15 @@ async def test_a_run_cancelled_while_a_fallback_takes_over_leaves_no_hold(tmp_pa
         gate.set()
         status = await _settled(info, budget.budget_id)
         assert (status.reserved_micros, status.spent_micros) == (0, 0)
+
+
+async def test_a_refused_reservation_reaches_the_caller_with_its_quota_failure(tmp_path):
+    async with mesh(tmp_path) as m:
+        async with InformationClient(m.addresses["information"]) as info:
+            budget = await _budget_with_price(info, "poor", limit_micros=1)
+        await register(m, name="coder", system_prompt="You write code.")
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "coder", context=RequestContext(tenant_id="poor"))
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        ((subject, _),) = err.value.quota_violations
+        assert subject == f"budget:{budget.budget_id}"
