@@ -283,7 +283,8 @@ class ToolRegistry:
         try:
             found = await self.providers.call("memory", "SearchMemories", SearchMemoriesRequest(
                 context=call.ctx.to_proto(), namespace=call.memory_namespace,
-                query=_string(args, "query"), limit=limit, mode=SearchMode.SEARCH_MODE_HYBRID))
+                query=_string(args, "query"), limit=limit, mode=SearchMode.SEARCH_MODE_HYBRID),
+                share=TOOL_SHARE)
         except errors.ServiceError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ToolFailure("INVALID_ARGUMENTS", exc.message) from None
@@ -296,7 +297,8 @@ class ToolRegistry:
         artifact_id = _string(_arguments(call), "artifact_id")
         try:
             found = await self.providers.call("artifact", "GetArtifact",
-                                              GetArtifactRequest(artifact_id=artifact_id))
+                                              GetArtifactRequest(artifact_id=artifact_id),
+                                              share=TOOL_SHARE)
         except errors.ServiceError as exc:
             if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise ToolFailure("NOT_FOUND", f"no artifact {artifact_id!r}") from None
@@ -314,7 +316,7 @@ class ToolRegistry:
             saved = await self.providers.call("artifact", "SaveArtifact", SaveArtifactRequest(
                 request_id=call.request_id, workflow_id=call.ctx.workflow_id or
                 call.ctx.context_id, task_id=call.ctx.task_id, agent_id=call.ctx.agent,
-                artifact_type=artifact_type, content=content))
+                artifact_type=artifact_type, content=content), share=TOOL_SHARE)
         except errors.ServiceError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ToolFailure("INVALID_ARGUMENTS", exc.message) from None

@@ -23,6 +23,7 @@ from hivemesh.client.errors import (
 from hivemesh.client.memory import MemoryClient
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.information.v1 import Budget, Scope
+from hivemesh.memory.v1 import MemoryServiceServicer, add_MemoryServiceServicer_to_server
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, BudgetEnforcement, BudgetPolicy, DegradedComponent, EventPriority, EventType,
     ExecuteToolResponse, ListToolsResponse, MemoryConfig, RegisterAgentRequest, RunAgentRequest,
@@ -1319,3 +1320,38 @@ async def test_a_refused_reservation_reaches_the_caller_with_its_quota_failure(t
         assert err.value.reason == "BUDGET_EXCEEDED"
         ((subject, _),) = err.value.quota_violations
         assert subject == f"budget:{budget.budget_id}"
+
+
+async def run_within(m, agent: str, timeout: float):
+    return await call(m.orchestrator.RunAgent, RunAgentRequest(
+        request_id=rid(), agent=agent, input="add two numbers",
+        context=RequestContext(tenant_id="acme")), timeout=timeout)
+
+
+class _HangingMemory(MemoryServiceServicer):
+    async def SearchMemories(self, request, context):
+        await asyncio.sleep(3600)
+
+
+async def test_a_built_in_tool_on_a_hanging_provider_fails_as_the_tool_and_the_run_goes_on(
+        tmp_path):
+    server = grpc.aio.server()
+    add_MemoryServiceServicer_to_server(_HangingMemory(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with mesh(tmp_path, memory_address=f"127.0.0.1:{port}") as m:
+            await register(m, name="coder", system_prompt="You write code.",
+                           allowed_tools=["memory_search"], budget=BudgetPolicy(
+                               enforcement=BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED))
+            m.primary.queue_response(tool_calls=(
+                ToolCall("c1", "memory_search", json.dumps({"query": "x"})),))
+            m.primary.queue_response("done without memory")
+            result = (await run_within(m, "coder", 2)).result
+            assert result.output == "done without memory"
+            (record,) = result.tool_calls
+            assert record.error.code == "UNAVAILABLE"
+            assert [d.component for d in result.degraded] == [
+                DegradedComponent.DEGRADED_COMPONENT_TOOL]
+    finally:
+        await server.stop(0)
