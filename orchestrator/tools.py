@@ -30,7 +30,8 @@ from hivemesh.orchestrator.v1 import (
     ExecuteToolRequest, ListToolsRequest, ToolDefinition, ToolError)
 from hivemesh.runtime import errors
 from hivemesh.services.orchestrator.context import ExecutionContext
-from hivemesh.services.orchestrator.policy import TOOL_SERVICE, Providers
+from hivemesh.services.orchestrator.policy import (
+    TOOL_SERVICE, Providers, beyond_deadline, remaining_s)
 
 log = logging.getLogger("hivemesh.orchestrator.tools")
 
@@ -167,11 +168,24 @@ class ToolRegistry:
     async def refresh(self) -> list[str]:
         """List the tools of every remote server; returns the servers that
         could not be reached (their tools stay as last listed). Callers that
-        come while a listing runs share it."""
+        come while a listing runs share it. The listing runs under no run's
+        deadline (each call within the call timeout), and a run waits for
+        it at most ``TOOL_SHARE`` of its remaining time: past that, every
+        server counts as unreachable to it, and the listing goes on."""
         if self._listing is None or self._listing.done():
             self._listed_at = time.monotonic()
-            self._listing = asyncio.ensure_future(self._list_all())
-        return list(await asyncio.shield(self._listing))
+            # Not the deadline of the run that happens to start it: a short
+            # one would find a slow server unreachable for every run.
+            with beyond_deadline():
+                self._listing = asyncio.ensure_future(self._list_all())
+        left = remaining_s()
+        if left is None:
+            return list(await asyncio.shield(self._listing))
+        try:
+            return list(await asyncio.wait_for(asyncio.shield(self._listing),
+                                               max(left * TOOL_SHARE, 0.0)))
+        except TimeoutError:
+            return list(self._servers)
 
     async def _list_all(self) -> list[str]:
         unreachable = []

@@ -1355,3 +1355,46 @@ async def test_a_built_in_tool_on_a_hanging_provider_fails_as_the_tool_and_the_r
                 DegradedComponent.DEGRADED_COMPONENT_TOOL]
     finally:
         await server.stop(0)
+
+
+class _ListedOnce(ToolServiceServicer):
+    hang = False
+
+    async def ListTools(self, request, context):
+        if self.hang:
+            await asyncio.sleep(3600)
+        return ListToolsResponse()
+
+
+async def test_a_run_waiting_on_another_runs_listing_keeps_to_its_own_deadline(
+        tmp_path, monkeypatch):
+    from hivemesh.services.orchestrator import tools as tool_registry
+    monkeypatch.setattr(tool_registry, "RELIST_AFTER_S", 0.0)
+    with socket.socket() as probe:  # nothing listens there: unreachable
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    tools = _ListedOnce()
+    server = grpc.aio.server()
+    add_ToolServiceServicer_to_server(tools, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    folder = tmp_path / "agents"
+    folder.mkdir()
+    (folder / "forecaster.toml").write_text(
+        'name = "forecaster"\nmodel = "main"\nallowed_tools = ["weather"]\n'
+        '[budget]\nenforcement = "BUDGET_ENFORCEMENT_DISABLED"\n')
+    try:
+        async with mesh(tmp_path, tool_servers={"down": f"127.0.0.1:{down}",
+                                                "wx": f"127.0.0.1:{port}"},
+                        agents_dir=folder) as m:
+            tools.hang = True
+            long_run = asyncio.ensure_future(run_within(m, "forecaster", 30))
+            while not m.backend.tools._listing or m.backend.tools._listing.done():
+                await asyncio.sleep(0.02)  # the long run's listing is under way
+            result = (await run_within(m, "forecaster", 2)).result
+            long_run.cancel()
+            assert result.output
+            assert [d.component for d in result.degraded] == [
+                DegradedComponent.DEGRADED_COMPONENT_TOOL]
+    finally:
+        await server.stop(0)
