@@ -72,6 +72,8 @@ log = logging.getLogger("hivemesh.orchestrator")
 
 DOMAIN = "hivemesh.orchestrator"
 HANDOFF_TOOL = "handoff"
+# The built-in tool whose artifacts the run reports as its own.
+SAVE_TOOL = "artifact_save"
 DEFAULT_RECALL_LIMIT = 5
 DEFAULT_HISTORY_TOKENS = 2000
 DEFAULT_TOOL_ITERATIONS = 8
@@ -972,11 +974,29 @@ class AgentRunner:
         for call, record in zip(calls, records, strict=True):
             run.result.tool_calls.append(record)
             run.emit(EventType.EVENT_TYPE_TOOL_EXECUTE, record)
+            if call.name == SAVE_TOOL and not record.HasField("error"):
+                self._tool_saved(run, call, record)
             content = record.result if not record.HasField("error") else json.dumps(
                 {"error": {"code": record.error.code, "message": record.error.message}})
             replies.append(Message(role=Role.ROLE_TOOL, content=content,
                                    tool_call_id=call.id, name=_sendable_name(call.name)))
         return replies
+
+    def _tool_saved(self, run: _Run, call: ToolCall, record: ToolCallRecord) -> None:
+        """An artifact the built-in ``artifact_save`` saved is one the run
+        saved: in the result's artifact_ids, and an ARTIFACT_SAVED event."""
+        try:
+            answer = json.loads(record.result)
+            event = ArtifactSaved(
+                artifact_id=str(answer["artifact_id"]),
+                artifact_type=str(parse_arguments(call.arguments)["artifact_type"]),
+                size_bytes=int(answer.get("size_bytes", 0)))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return  # not the built-in's answer (an embedding application's own tool)
+        if not event.artifact_id:
+            return
+        run.result.artifact_ids.append(event.artifact_id)
+        run.emit(EventType.EVENT_TYPE_ARTIFACT_SAVED, event)
 
     async def _run_tool(self, run: _Run, call: ToolCall, iteration: int) -> ToolCallRecord:
         started = time.monotonic()

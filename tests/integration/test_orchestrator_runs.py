@@ -1398,3 +1398,25 @@ async def test_a_run_waiting_on_another_runs_listing_keeps_to_its_own_deadline(
                 DegradedComponent.DEGRADED_COMPONENT_TOOL]
     finally:
         await server.stop(0)
+
+
+async def test_artifacts_saved_by_the_artifact_save_tool_are_the_runs(tmp_path):
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       output_artifact_type="code", allowed_tools=["artifact_save"],
+                       budget=BudgetPolicy(
+                           enforcement=BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED))
+        events = []
+        m.backend.bus.subscribe(lambda e: events.append(e))
+        m.primary.queue_response(tool_calls=(ToolCall("c1", "artifact_save", json.dumps(
+            {"artifact_type": "test", "content": "assert add(1, 2) == 3"})),))
+        m.primary.queue_response("def add(a, b): return a + b")
+        result = (await run(m, "coder")).result
+        by_tool = json.loads(result.tool_calls[0].result)["artifact_id"]
+        saved = [e.artifact_saved for e in events
+                 if e.type == EventType.EVENT_TYPE_ARTIFACT_SAVED]
+        assert [s.artifact_id for s in saved] == list(result.artifact_ids)
+        assert len(result.artifact_ids) == 2 and result.artifact_ids[0] == by_tool
+        assert [s.artifact_type for s in saved] == ["test", "code"]
+        async with ArtifactClient(m.addresses["artifact"]) as artifacts:
+            assert (await artifacts.get(by_tool)).content == "assert add(1, 2) == 3"

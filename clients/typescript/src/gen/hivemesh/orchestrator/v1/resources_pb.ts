@@ -544,7 +544,10 @@ export type AgentResult = Message<"hivemesh.orchestrator.v1.AgentResult"> & {
   output: string;
 
   /**
-   * Artifacts saved by the run (ArtifactService ids).
+   * Artifacts saved by the run (ArtifactService ids): those its
+   * artifact_save tool calls saved, in the order the calls were recorded,
+   * then its output artifact (AgentDefinition.output_artifact_type). Each
+   * has its EVENT_TYPE_ARTIFACT_SAVED event.
    *
    * @generated from field: repeated string artifact_ids = 3;
    */
