@@ -850,7 +850,14 @@ class AgentRunner:
             run.result.fallback_used = True
             run.degrade(DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK, errors.ServiceError(
                 grpc.StatusCode.UNAVAILABLE, chosen["reason"], chosen["message"]))
-        run.result.fallback_used |= generated.fallback_used
+        elif generated.fallback_used:
+            # The LLM service's own chain moved on: degraded as when the
+            # run's does (the LLM service does not say why).
+            run.result.fallback_used = True
+            run.degrade(DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK, errors.ServiceError(
+                grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_BACKEND_UNAVAILABLE,
+                f"llm: model {fields['model']!r} did not answer; the LLM service's fallback "
+                f"model {generated.model!r} did"))
         run.last_generation_id = fields["request_id"]
         return self._generated(run, generated, iteration)
 

@@ -13,6 +13,7 @@ import socket
 import uuid
 
 import grpc
+import fakes.mesh as fake_mesh
 import pytest
 from fakes.mesh import ArtifactOutage, mesh
 
@@ -31,6 +32,7 @@ from hivemesh.orchestrator.v1 import (
     add_ToolServiceServicer_to_server)
 from hivemesh.runtime import errors
 from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
+from hivemesh.services.llm.settings import ModelSettings
 from hivemesh.services.orchestrator.runner import AgentRunner
 
 
@@ -1420,3 +1422,31 @@ async def test_artifacts_saved_by_the_artifact_save_tool_are_the_runs(tmp_path):
         assert [s.artifact_type for s in saved] == ["test", "code"]
         async with ArtifactClient(m.addresses["artifact"]) as artifacts:
             assert (await artifacts.get(by_tool)).content == "assert add(1, 2) == 3"
+
+
+def _llm_settings_with(**changes):
+    """The test mesh's LLM settings, "main" changed by ``changes`` (such as
+    a fallback chain of the LLM service's own)."""
+    original = fake_mesh.llm_settings
+
+    def settings(server=fake_mesh.SERVER):
+        s = original(server)
+        models = [ModelSettings(**{**model.model_dump(), **changes})
+                  if model.alias == "main" else model for model in s.models]
+        return s.model_copy(update={"models": models})
+    return settings
+
+
+async def test_a_fallback_done_by_the_llm_service_is_reported_as_degraded(tmp_path, monkeypatch):
+    monkeypatch.setattr(fake_mesh, "llm_settings", _llm_settings_with(fallback=["backup"]))
+    async with mesh(tmp_path) as m:
+        await register(m, name="coder", system_prompt="You write code.",
+                       budget=BudgetPolicy(enforcement=BudgetEnforcement.BUDGET_ENFORCEMENT_DISABLED))
+        events = []
+        m.backend.bus.subscribe(lambda e: events.append(e.type))
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=10)
+        result = (await run(m, "coder", "add two numbers")).result
+        assert result.model == "backup" and result.fallback_used
+        assert [d.component for d in result.degraded] == [
+            DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK]
+        assert EventType.EVENT_TYPE_DEGRADED in events
