@@ -798,7 +798,7 @@ class AgentRunner:
         async def one(fields: dict):
             if run.opts.stream_chunks:
                 return await self._stream(run, StreamGenerateRequest(**fields), iteration)
-            return await self._call_generate(run, GenerateRequest(**fields))
+            return await self._call_generate(run, GenerateRequest(**fields), iteration)
 
         answered: list = []  # this attempt's (generated, request fields)
 
@@ -872,7 +872,14 @@ class AgentRunner:
         return await self._kept(run.step("model", iteration, chain), digest, pick,
                                 struct_pb2.Struct)
 
-    async def _call_generate(self, run: _Run, request: GenerateRequest):
+    def _answered(self, run: _Run, generated, iteration: int) -> None:
+        """A generation answered: its tokens were used, so from here a run
+        cancelled before it records the spend (while the answer is kept in
+        the request ledger, say) sends it (``_send_unsent``)."""
+        run.last_generation = generated
+        run.unsent_spend = self._spend_request(run, iteration)
+
+    async def _call_generate(self, run: _Run, request: GenerateRequest, iteration: int):
         """The generation as it answered the first attempt of this run, kept
         in the request ledger under its request id like the memory reads
         (``_pinned``): its usage was committed and its output saved under
@@ -880,9 +887,11 @@ class AgentRunner:
         memory only (a restarted service, or another replica, would generate
         again, and differently, under the same request id)."""
         async def generate():
-            return await self.providers.call(
+            generated = await self.providers.call(
                 "llm", "Generate", request, span_attributes=_genai_request(request),
                 annotate=_genai_response)
+            self._answered(run, generated, iteration)
+            return generated
         found, _ = await self._kept(request.request_id, fingerprint(request, ignore=()),
                                     generate, GenerateResponse)
         return found
@@ -894,7 +903,9 @@ class AgentRunner:
         RunAgent and StreamAgent share runs, so a retry may take it under
         the same request id either way (the requests' fingerprints match)."""
         async def generate():
-            return _as_response(await self._stream_live(run, request, iteration))
+            generated = _as_response(await self._stream_live(run, request, iteration))
+            self._answered(run, generated, iteration)
+            return generated
         summary, replayed = await self._kept(request.request_id, fingerprint(request, ignore=()),
                                              generate, GenerateResponse)
         if replayed and summary.message.content:
@@ -957,8 +968,7 @@ class AgentRunner:
 
     def _generated(self, run: _Run, generated, iteration: int) -> Message:
         """Record a generation (a GenerateResponse or a StreamSummary)."""
-        run.last_generation = generated
-        run.unsent_spend = self._spend_request(run, iteration)
+        self._answered(run, generated, iteration)
         result = run.result
         result.llm_calls += 1
         result.model, result.backend = generated.model, generated.backend

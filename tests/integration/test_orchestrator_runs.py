@@ -24,6 +24,7 @@ from hivemesh.client.errors import (
 from hivemesh.client.memory import MemoryClient
 from hivemesh.common.v1 import RequestContext, StreamOutcome
 from hivemesh.information.v1 import Budget, Scope
+from hivemesh.llm.v1 import GenerateResponse
 from hivemesh.memory.v1 import MemoryServiceServicer, add_MemoryServiceServicer_to_server
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, BudgetEnforcement, BudgetPolicy, DegradedComponent, EventPriority, EventType,
@@ -31,6 +32,7 @@ from hivemesh.orchestrator.v1 import (
     StreamAgentRequest, ToolDefinition, ToolError, ToolServiceServicer,
     add_ToolServiceServicer_to_server)
 from hivemesh.runtime import errors
+from hivemesh.runtime.request_records import SqliteRequestRecords
 from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
 from hivemesh.services.llm.settings import ModelSettings
 from hivemesh.services.orchestrator.runner import AgentRunner
@@ -1450,3 +1452,29 @@ async def test_a_fallback_done_by_the_llm_service_is_reported_as_degraded(tmp_pa
         assert [d.component for d in result.degraded] == [
             DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK]
         assert EventType.EVENT_TYPE_DEGRADED in events
+
+
+async def test_a_run_cancelled_while_its_answer_is_kept_is_charged_for_it(tmp_path, monkeypatch):
+    """The ledger keeps the generation's answer slowly (a slow disk, a Redis
+    round trip) and the caller's deadline passes meanwhile: the tokens were
+    used, so they are committed all the same."""
+    keep = SqliteRequestRecords._keep
+
+    async def slow_keep(self, kind, request_id, fingerprint, result):
+        if kind == "read" and isinstance(result, GenerateResponse):
+            await asyncio.sleep(1.0)
+        return await keep(self, kind, request_id, fingerprint, result)
+    monkeypatch.setattr(SqliteRequestRecords, "_keep", slow_keep)
+    async with mesh(tmp_path, data_dir=tmp_path / "orch") as m, \
+            InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.")
+        with pytest.raises(DeadlineExceededError):
+            await run_within(m, "coder", 0.5)
+        assert len(m.primary.calls) == 1
+        for _ in range(100):
+            (status,) = await info.status(budget_id=budget.budget_id)
+            if status.spent_micros:
+                break
+            await asyncio.sleep(0.1)
+        assert status.spent_micros > 0 and status.reserved_micros == 0
