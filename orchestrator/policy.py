@@ -232,13 +232,19 @@ class Providers:
             raise deadline_exceeded(what)
         return timeout, timeout < self.call_timeout_s
 
+    def check(self, name: str, method: str, share: float = 1.0) -> None:
+        """Raises what ``call`` would raise before sending ``method``
+        (too little time left, the breaker open), and nothing else: for a
+        step that must be done only if the call will be sent."""
+        provider = self._provider(name)
+        self._timeout(f"{name} {method}", share)
+        if not provider.breaker.would_allow():
+            raise _circuit_open(provider, method)
+
     def _admit(self, provider: Provider, method: str) -> Permit:
         permit = provider.breaker.allow()
         if permit is None:
-            raise errors.ServiceError(
-                grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN",
-                f"{provider.name} circuit is open after repeated failures; not calling {method}",
-                {"provider": provider.name})
+            raise _circuit_open(provider, method)
         return permit
 
     @staticmethod
@@ -322,6 +328,13 @@ class Providers:
                 # terminal message saying the stream failed, say).
                 if annotate is not None and last is not None:
                     annotate(span, last)
+
+
+def _circuit_open(provider: Provider, method: str) -> errors.ServiceError:
+    return errors.ServiceError(
+        grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN",
+        f"{provider.name} circuit is open after repeated failures; not calling {method}",
+        {"provider": provider.name})
 
 
 def _about_one_backend(error: errors.ServiceError) -> bool:

@@ -152,8 +152,8 @@ class _Run:
         # the background (``_send_unsent``), so no text goes out unpaid.
         self.unsent_spend: tuple[str, Any] | None = None
         # Memory reads that failed (the run goes without them), not kept
-        # yet: (ledger key, fingerprint, note). Kept once the run goes on
-        # to generate (``_keep_failed_reads``).
+        # yet: (ledger key, fingerprint, note). Kept once a generation is
+        # about to be sent (``_keep_failed_reads``).
         self.failed_reads: list[tuple[str, str, DegradedNote]] = []
 
     @property
@@ -308,7 +308,6 @@ class AgentRunner:
                     task.cancel()
             raise
 
-        await self._keep_failed_reads(run)
         messages = [Message(role=Role.ROLE_SYSTEM, content=_with_memories(system, memories))]
         messages += past
         messages.append(Message(role=Role.ROLE_USER, content=opts.input))
@@ -462,9 +461,10 @@ class AgentRunner:
 
     async def _keep_failed_reads(self, run: _Run) -> None:
         """The run goes on to generate without the reads that failed: each
-        is kept now, before any generation is sent, as having read nothing
-        (with its degraded note), so that a retry builds the same prompt
-        (``_pinned``)."""
+        is kept, right before the first generation is sent (once nothing
+        refuses it: the budget hold, the caps, the LLM breaker, the
+        deadline), as having read nothing (with its degraded note), so that
+        a retry builds the same prompt (``_pinned``)."""
         failed, run.failed_reads = run.failed_reads, []
 
         async def keep(key: str, digest: str, note: DegradedNote) -> None:
@@ -796,6 +796,13 @@ class AgentRunner:
                         tools=tools, disable_fallback=own_chain)
 
         async def one(fields: dict):
+            if run.failed_reads:
+                # Kept only once a generation will be sent (one refused
+                # before, by the breaker or the deadline, leaves them to be
+                # read afresh by a retry).
+                method = "StreamGenerate" if run.opts.stream_chunks else "Generate"
+                self.providers.check("llm", method)
+                await self._keep_failed_reads(run)
             if run.opts.stream_chunks:
                 return await self._stream(run, StreamGenerateRequest(**fields), iteration)
             return await self._call_generate(run, GenerateRequest(**fields), iteration)

@@ -86,6 +86,12 @@ class CircuitBreaker:
             return self._probe
         return None
 
+    def would_allow(self) -> bool:
+        """Whether ``allow`` would give a permit now (nothing is taken)."""
+        if self.state == self.OPEN:
+            return self.clock() - self.opened_at >= self.reset_s
+        return self.state == self.CLOSED or self._probe is None
+
     def open_for(self) -> float:
         """Seconds until the breaker lets a probe through (0: it lets calls
         through now, or its probe is out)."""

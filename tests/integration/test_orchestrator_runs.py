@@ -1478,3 +1478,30 @@ async def test_a_run_cancelled_while_its_answer_is_kept_is_charged_for_it(tmp_pa
                 break
             await asyncio.sleep(0.1)
         assert status.spent_micros > 0 and status.reserved_micros == 0
+
+
+async def test_a_failed_read_of_an_attempt_refused_before_generating_is_read_again(tmp_path):
+    ctx = RequestContext(tenant_id="acme")
+    async with mesh(tmp_path) as m:
+        async with MemoryClient(m.addresses["memory"]) as memory:
+            await memory.add_text("to add two numbers use the plus operator",
+                                  namespace="n", context=ctx)
+        await register(m, name="coder", system_prompt="You write code.",
+                       budget=BudgetPolicy(enforcement=BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK),
+                       memory=MemoryConfig(enabled=True, namespace="n"))
+        request_id = rid()
+        # The first attempt's recall has too little time (half of 90 ms is
+        # under the 50 ms a call needs), and its generation is refused
+        # before it is sent (the LLM breaker is open).
+        breaker = m.backend.providers.breaker("llm")
+        for _ in range(breaker.failure_threshold):
+            breaker.record_failure(breaker.allow())
+        with pytest.raises(grpc.aio.AioRpcError):
+            await m.orchestrator.RunAgent(RunAgentRequest(
+                request_id=request_id, agent="coder", input="add two numbers",
+                context=ctx), timeout=0.09)
+        assert m.primary.calls == []
+        breaker.record_success()
+        result = (await run(m, "coder", "add two numbers", context=ctx,
+                            request_id=request_id)).result
+        assert result.memories_recalled == 1 and not result.degraded
