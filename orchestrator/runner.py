@@ -311,6 +311,13 @@ class AgentRunner:
         messages = [Message(role=Role.ROLE_SYSTEM, content=_with_memories(system, memories))]
         messages += past
         messages.append(Message(role=Role.ROLE_USER, content=opts.input))
+        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE and \
+                caps.estimate_prompt_tokens(messages) > caps.estimate_prompt_tokens(known):
+            # The hold was made before the memories and the history were
+            # read: held again for the prompt as it is sent, before anything
+            # is generated, and refused as any reservation.
+            await self._rehold(run, models[0], messages, 1,
+                               run.step("reserve", 1, models[0], "prompt"))
         offered = self._offered_tools(run)
         limit = agent.max_tool_iterations or DEFAULT_TOOL_ITERATIONS
         call_ids: set[str] = set()  # of the tool calls made so far
@@ -602,13 +609,11 @@ class AgentRunner:
             await self._release_id(reserved.reservation_id, 2)
 
     async def _reserve(self, run: _Run, model: str, messages: list[Message],
-                       iteration: int, *, fallback: bool = False) -> None:
-        # A fallback model's hold has a request id of its own (its price is
-        # its own); the failed model's hold is released before it is made.
-        step = run.step("reserve", iteration, model) if fallback else run.step("reserve",
-                                                                               iteration)
+                       iteration: int, *, step: str = "") -> None:
+        """Holds budget for one generation of ``model`` from ``messages``,
+        under the request id ``step`` (by default the iteration's)."""
         request = ReserveRequest(
-            request_id=step, context=run.context, model=model,
+            request_id=step or run.step("reserve", iteration), context=run.context, model=model,
             estimated_prompt_tokens=caps.estimate_prompt_tokens(messages),
             max_tokens=caps.completion_limit(run.agent, run.result, messages))
         try:
@@ -625,6 +630,20 @@ class AgentRunner:
             raise
         run.reservation = response.reservation_id
 
+    async def _rehold(self, run: _Run, model: str, messages: list[Message],
+                      iteration: int, step: str) -> None:
+        """The run's hold made again, for ``model`` and ``messages`` under
+        the request id ``step``, once the hold it replaces is released: it
+        is measured against the budget without that one (a budget with room
+        for one hold, not two, takes it)."""
+        previous = run.reservation
+        if previous is not None:
+            # Shielded, and the run keeps the hold until it is released: a
+            # run cancelled meanwhile releases it (again) on its way out.
+            await asyncio.shield(self._release_id(previous, 2))
+            run.reservation = None
+        await self._reserve(run, model, messages, iteration, step=step)
+
     async def _hold_for(self, run: _Run, model: str, messages: list[Message],
                         iteration: int) -> None:
         """Before a fallback model generates in place of the one the run
@@ -634,16 +653,10 @@ class AgentRunner:
         priced above the first model would spend past a HARD budget."""
         if run.enforcement != BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
             return
-        # The first hold goes first: the fallback is measured against the
-        # budget without it (a budget with room for one hold, not two, takes
-        # the fallback).
-        previous = run.reservation
-        if previous is not None:
-            # Shielded, and the run keeps the hold until it is released: a
-            # run cancelled meanwhile releases it (again) on its way out.
-            await asyncio.shield(self._release_id(previous, 2))
-            run.reservation = None
-        await self._reserve(run, model, messages, iteration, fallback=True)
+        # A fallback model's hold has a request id of its own (its price is
+        # its own).
+        await self._rehold(run, model, messages, iteration,
+                           run.step("reserve", iteration, model))
 
     async def _release(self, run: _Run, reason: int) -> None:
         reservation, run.reservation = run.reservation, None

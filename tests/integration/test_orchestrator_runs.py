@@ -29,7 +29,7 @@ from hivemesh.memory.v1 import MemoryServiceServicer, add_MemoryServiceServicer_
 from hivemesh.orchestrator.v1 import (
     AgentDefinition, BudgetEnforcement, BudgetPolicy, DegradedComponent, EventPriority, EventType,
     ExecuteToolResponse, ListToolsResponse, MemoryConfig, RegisterAgentRequest, RunAgentRequest,
-    StreamAgentRequest, ToolDefinition, ToolError, ToolServiceServicer,
+    SamplingConfig, StreamAgentRequest, ToolDefinition, ToolError, ToolServiceServicer,
     add_ToolServiceServicer_to_server)
 from hivemesh.runtime import errors
 from hivemesh.runtime.request_records import SqliteRequestRecords
@@ -1505,3 +1505,34 @@ async def test_a_failed_read_of_an_attempt_refused_before_generating_is_read_aga
         result = (await run(m, "coder", "add two numbers", context=ctx,
                             request_id=request_id)).result
         assert result.memories_recalled == 1 and not result.degraded
+
+
+async def test_a_hold_covers_the_recalled_memories_and_history_before_generating(tmp_path):
+    """The first hold is made while memory is read (its prompt has neither);
+    once the prompt is known it is held for again, and refused, before
+    anything is generated, when the budget cannot take it."""
+    ctx = RequestContext(tenant_id="acme", session_id="s-1")
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        async with MemoryClient(m.addresses["memory"]) as memory:
+            await memory.append_history("s-1", [("user", "word " * 700),
+                                                ("assistant", "word " * 700)],
+                                        namespace="h", context=ctx)
+        # Room for the system prompt, the input and 50 tokens of output, not
+        # for 1,400 words of history besides.
+        budget = await _budget_with_price(info, limit_micros=300)
+        await register(m, name="coder", system_prompt="You write code.",
+                       sampling=SamplingConfig(max_tokens=50),
+                       memory=MemoryConfig(history_enabled=True, namespace="h"))
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "coder", "add two numbers", context=ctx)
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        assert m.primary.calls == []
+        status = await _settled(info, budget.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (0, 0)
+        # With room for it, the run generates within the budget it was held in.
+        await info.update_budget(Budget(budget_id=budget.budget_id, limit_micros=10_000),
+                                 ["limit_micros"])
+        result = (await run(m, "coder", "add two numbers", context=ctx)).result
+        assert result.usage.prompt_tokens > 1000
+        status = await _settled(info, budget.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (result.cost_micros, 0)
