@@ -43,7 +43,7 @@ from hivemesh.common.v1 import ErrorReason, StreamOutcome, Usage
 from hivemesh.information.v1 import CommitRequest, ReleaseRequest, ReserveRequest, TrackCompletionRequest
 from hivemesh.llm.v1 import (
     Conversation, FinishReason, GenerateRequest, GenerateResponse, GenerationConfig,
-    ListModelsRequest, Message, ModelKind, Role, StreamGenerateRequest, StreamSummary, Tool,
+    ListModelsRequest, Message, Model, ModelKind, Role, StreamGenerateRequest, StreamSummary, Tool,
     ToolCall)
 from hivemesh.memory.v1 import (
     AddMemoriesRequest, AppendHistoryRequest, GetHistoryRequest, GetHistoryResponse,
@@ -86,6 +86,11 @@ READ_LEASE_S = 60.0
 # optional (an outage degrades the run), so a memory service that hangs
 # leaves the run time to generate and keep its work.
 MEMORY_SHARE = 0.5
+# How long the LLM service's chat aliases (their fallback chains, their
+# most output tokens) are used before ListModels is asked again.
+MODELS_TTL_S = 60.0
+# Pages of one ListModels: a service paging on and on is not followed.
+MAX_MODEL_PAGES = 100
 # Errors after which the next fallback model is tried.
 _FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
@@ -155,6 +160,14 @@ class _Run:
         # yet: (ledger key, fingerprint, note). Kept once a generation is
         # about to be sent (``_keep_failed_reads``).
         self.failed_reads: list[tuple[str, str, DegradedNote]] = []
+        # The run tries each model of its chain itself, calling each with
+        # disable_fallback (under RESERVE, so that each is held for).
+        self.whole_chain = False
+        # The chain is the LLM service's (an alias's fallback_aliases),
+        # run here: it falls back as the LLM service would.
+        self.llm_chain = False
+        # The LLM service's chat aliases, when the run asked for them.
+        self.models: dict[str, Model] = {}
 
     @property
     def enforcement(self) -> int:
@@ -213,6 +226,8 @@ class AgentRunner:
         # Settling calls that outlive the run that started them (it was
         # cancelled): kept here until they end.
         self._settling: set[asyncio.Task] = set()
+        # (time.monotonic() when asked, alias -> Model): ``_models``.
+        self._model_table: tuple[float, dict[str, Model]] | None = None
 
     async def run(self, agent: AgentDefinition, ctx: ExecutionContext, opts: RunOptions,
                   sink: EventSink) -> AgentResult:
@@ -295,10 +310,19 @@ class AgentRunner:
                    if agent.memory.history_enabled and run.ctx.session_id else None)
         try:
             if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
+                # Every model that may generate is held for at its own price:
+                # the LLM service's own fallback chain is run here (each model
+                # called with disable_fallback), as the agent's is.
+                table = await self._models()
                 if not models[0]:
                     # Held (and generated) under the alias the LLM service
                     # would answer with: a hold needs a model to be priced.
-                    models = self._model_chain(run, await self._default_model())
+                    models = self._model_chain(run, _default_alias(table))
+                if not self._own_chain(run):
+                    models = _llm_chain(table, models[0])
+                    run.llm_chain = len(models) > 1
+                run.whole_chain = True
+                run.models = table
                 await self._reserve(run, models[0], known, 1)
             memories = await recall if recall else []
             past = await history if history else []
@@ -364,21 +388,30 @@ class AgentRunner:
             return [first]
         return [first, *(m for m in run.agent.fallback_models if m != first)]
 
-    async def _default_model(self) -> str:
-        """The LLM service's default chat alias (ListModels)."""
+    @staticmethod
+    def _own_chain(run: _Run) -> bool:
+        """Whether the run's chain is its own (the agent's fallback models,
+        or its first model alone), not the LLM service's."""
+        return bool(run.agent.fallback_models) or run.opts.disable_fallback
+
+    async def _models(self) -> dict[str, Model]:
+        """The LLM service's chat aliases (ListModels), asked again once
+        they are ``MODELS_TTL_S`` old."""
+        cached = self._model_table
+        if cached is not None and time.monotonic() - cached[0] < MODELS_TTL_S:
+            return cached[1]
+        asked = time.monotonic()
+        table: dict[str, Model] = {}
         token = ""
-        while True:
+        for _ in range(MAX_MODEL_PAGES):
             page = await self.providers.call("llm", "ListModels", ListModelsRequest(
                 kind=ModelKind.MODEL_KIND_CHAT, page_size=1000, page_token=token))
-            default = next((m.alias for m in page.models if m.is_default), None)
-            if default:
-                return default
+            table.update((m.alias, m) for m in page.models)
             token = page.next_page_token
             if not token:
-                raise errors.ServiceError(
-                    grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND",
-                    "llm: the agent names no model and the LLM service has no default chat "
-                    "model alias", {"provider": "llm"})
+                break
+        self._model_table = (asked, table)
+        return table
 
     def _offered_tools(self, run: _Run) -> list[Tool]:
         tools = [Tool(name=d.name, description=d.description, parameters=d.parameters)
@@ -799,8 +832,9 @@ class AgentRunner:
             config.temperature = sampling.temperature
         if sampling.HasField("top_p"):
             config.top_p = sampling.top_p
-        # The agent's own fallback list is the whole chain when it has one.
-        own_chain = bool(run.agent.fallback_models) or run.opts.disable_fallback
+        # The agent's own fallback list is the whole chain when it has one;
+        # under RESERVE the run tries the LLM service's chain itself.
+        own_chain = run.whole_chain or self._own_chain(run)
 
         def request_of(model: str) -> dict:
             return dict(request_id=run.step("gen", iteration, model),
@@ -824,16 +858,24 @@ class AgentRunner:
 
         async def pick() -> struct_pb2.Struct:
             failure: errors.ServiceError | None = None
+            # The context window of a model that found the prompt too long:
+            # as the LLM service does, only a model with a larger one (or
+            # an unknown one) is tried after it.
+            too_long_for: int | None = None
             for position, model in enumerate(models):
+                window = run.models[model].context_window_tokens if model in run.models else 0
+                if too_long_for is not None and window and window <= too_long_for:
+                    continue
                 fields = request_of(model)
                 if position:
                     await self._hold_for(run, model, messages, iteration)
                 try:
                     generated = await one(fields)
                 except errors.ServiceError as exc:
-                    if exc.code not in _FALLBACK_CODES or exc.reason == "BUDGET_EXCEEDED" \
-                            or getattr(exc, "partial_output", False):
+                    if not _falls_back(run, exc):
                         raise
+                    if exc.code == grpc.StatusCode.OUT_OF_RANGE:
+                        too_long_for = max(too_long_for or 0, window)
                     failure = exc
                     continue
                 answered.append((generated, fields))
@@ -1227,6 +1269,32 @@ def _as_response(summary: StreamSummary) -> GenerateResponse:
         attempts=summary.attempts, fallback_used=summary.fallback_used)
 
 
+# Errors after which the LLM service's chain goes on to its next alias, on
+# top of _FALLBACK_CODES: a prompt too long for the model's context window,
+# the upstream refusing the model's credentials.
+_LLM_CHAIN_CODES = frozenset({grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAUTHENTICATED,
+                              grpc.StatusCode.PERMISSION_DENIED})
+
+
+def _falls_back(run: _Run, exc: errors.ServiceError) -> bool:
+    """Whether the next model of the run's chain is tried after ``exc``:
+    never once output went out, nor after a refused hold. A chain that is
+    the LLM service's goes on where that service would: also after
+    _LLM_CHAIN_CODES, and after a request no backend of the model could
+    express (nothing sent: ``attempts`` 0)."""
+    if getattr(exc, "partial_output", False) or errors.reason_name(exc.reason) == \
+            "BUDGET_EXCEEDED":
+        return False
+    if exc.code in _FALLBACK_CODES:
+        return True
+    if not run.llm_chain:
+        return False
+    return exc.code in _LLM_CHAIN_CODES or (
+        exc.code == grpc.StatusCode.INVALID_ARGUMENT
+        and errors.reason_name(exc.reason) == "INVALID_REQUEST"
+        and exc.metadata.get("attempts") == "0")
+
+
 # What the LLM contract accepts as a tool call's name.
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -1249,6 +1317,32 @@ def _as_sent(reply: Message) -> Message:
     for call in sent.tool_calls:
         call.name = _sendable_name(call.name)
     return sent
+
+
+def _default_alias(table: dict[str, Model]) -> str:
+    default = next((m.alias for m in table.values() if m.is_default), None)
+    if default is None:
+        raise errors.ServiceError(
+            grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND",
+            "llm: the agent names no model and the LLM service has no default chat "
+            "model alias", {"provider": "llm"})
+    return default
+
+
+def _llm_chain(table: dict[str, Model], first: str) -> list[str]:
+    """The aliases the LLM service tries for ``first``, in its order: each
+    alias's fallback_aliases after it, breadth first, each alias once."""
+    chain: list[str] = []
+    queue = [first]
+    while queue:
+        alias = queue.pop(0)
+        if alias in chain:
+            continue
+        chain.append(alias)
+        model = table.get(alias)
+        if model is not None:
+            queue += [a for a in model.fallback_aliases if a in table]
+    return chain
 
 
 def _with_memories(system: str, memories: list[str]) -> str:

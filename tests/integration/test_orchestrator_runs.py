@@ -1536,3 +1536,33 @@ async def test_a_hold_covers_the_recalled_memories_and_history_before_generating
         assert result.usage.prompt_tokens > 1000
         status = await _settled(info, budget.budget_id)
         assert (status.spent_micros, status.reserved_micros) == (result.cost_micros, 0)
+
+
+async def test_the_llm_services_fallback_is_held_for_at_its_own_price(tmp_path, monkeypatch):
+    """"main" falls back to "backup" in the LLM service, 100 times dearer:
+    under RESERVE the run tries that chain itself, each model held for at
+    its own price, so a HARD budget refuses the dear fallback instead of
+    being spent past."""
+    monkeypatch.setattr(fake_mesh, "llm_settings", _llm_settings_with(fallback=["backup"]))
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info, limit_micros=2_000)
+        await info.set_price("backup", input_micros_per_million=100_000_000,
+                             output_micros_per_million=100_000_000)
+        await register(m, name="coder", system_prompt="You write code.")
+        m.primary.simulate_failure(ErrorKind.UNAVAILABLE, times=10)
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "coder", "add two numbers")
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        assert m.secondary.calls == []
+        status = await _settled(info, budget.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (0, 0)
+        # A fallback the budget can hold answers, reported as the run's own.
+        await info.set_price("backup", input_micros_per_million=1_000_000,
+                             output_micros_per_million=1_000_000)
+        result = (await run(m, "coder", "add two numbers")).result
+        assert result.model == "backup" and result.fallback_used
+        assert [d.component for d in result.degraded] == [
+            DegradedComponent.DEGRADED_COMPONENT_MODEL_FALLBACK]
+        assert len(m.secondary.calls) == 1
+        status = await _settled(info, budget.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (result.cost_micros, 0)

@@ -360,6 +360,13 @@ async def test_a_provider_that_hangs_opens_its_breaker_whatever_deadlines_caller
         await server.stop(0)
 
 
+def _no_models():
+    """ListModels of an LLM service that lists no alias (no fallback
+    chains, no limits): the runs here use the models they name."""
+    from hivemesh.llm.v1 import ListModelsResponse
+    return ListModelsResponse()
+
+
 class _Information:
     """Stands in for the providers: Reserve hangs the first time (until the
     run is cancelled), Commit hangs when asked to; every call is recorded."""
@@ -371,6 +378,8 @@ class _Information:
     async def call(self, name, method, request, **kwargs):
         from hivemesh.information.v1 import CommitResponse, ReleaseResponse, ReserveResponse
         from hivemesh.llm.v1 import GenerateResponse, Message
+        if method == "ListModels":
+            return _no_models()
         self.calls.append(method)
         if method == "Reserve":
             if self.calls.count("Reserve") == 1 and not self.hang_commit:
@@ -488,6 +497,8 @@ class _Steered:
         from hivemesh.llm.v1 import GenerateResponse, Message
         model = getattr(request, "model", "") or self.reserved.get(
             getattr(request, "reservation_id", ""), "")
+        if method == "ListModels":
+            return _no_models()
         self.calls.append((method, model))
         hook = self.hooks.get((method, model))
         if hook is not None:
