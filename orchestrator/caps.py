@@ -42,11 +42,15 @@ def definition_problems(agent: AgentDefinition) -> list[tuple[str, str]]:
 
 
 def completion_limit(agent: AgentDefinition, spent: AgentResult,
-                     messages: Iterable[Message]) -> int:
-    """Most tokens the next generation may produce: the agent's max_tokens,
-    within what the token cap leaves after ``spent`` and the prompt. Raises
-    BUDGET_EXCEEDED when the run has nothing left for another call."""
+                     messages: Iterable[Message], most: int = 0) -> int:
+    """Most tokens the next generation may produce: the agent's max_tokens
+    (at most ``most``, the model's max_output_tokens, when known: the LLM
+    service sends no more), within what the token cap leaves after
+    ``spent`` and the prompt. Raises BUDGET_EXCEEDED when the run has
+    nothing left for another call."""
     limit = agent.sampling.max_tokens or DEFAULT_MAX_TOKENS
+    if most > 0:
+        limit = min(limit, most)
     policy = agent.budget
     cost_cap = policy.max_cost_micros_per_run
     if cost_cap and spent.cost_micros >= cost_cap:

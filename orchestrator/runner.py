@@ -648,7 +648,9 @@ class AgentRunner:
         request = ReserveRequest(
             request_id=step or run.step("reserve", iteration), context=run.context, model=model,
             estimated_prompt_tokens=caps.estimate_prompt_tokens(messages),
-            max_tokens=caps.completion_limit(run.agent, run.result, messages))
+            max_tokens=caps.completion_limit(
+                run.agent, run.result, messages,
+                run.models[model].max_output_tokens if model in run.models else 0))
         try:
             response = await self.providers.call("information", "Reserve", request)
         except asyncio.CancelledError:
@@ -823,9 +825,10 @@ class AgentRunner:
     async def _generate(self, run: _Run, models: list[str], messages: list[Message],
                         tools: list[Tool], iteration: int) -> Message:
         sampling = run.agent.sampling
-        # Within the limit the reservation was made for (its prompt had no
-        # memories yet), so no answer outgrows its hold, and within what the
-        # run's token cap leaves.
+        # Within the limit the hold was made for (which also counts the
+        # model's max_output_tokens, where the LLM service caps this), so no
+        # answer outgrows its hold, and within what the run's token cap
+        # leaves.
         config = GenerationConfig(
             max_tokens=caps.completion_limit(run.agent, run.result, messages))
         if sampling.HasField("temperature"):

@@ -1566,3 +1566,17 @@ async def test_the_llm_services_fallback_is_held_for_at_its_own_price(tmp_path, 
         assert len(m.secondary.calls) == 1
         status = await _settled(info, budget.budget_id)
         assert (status.spent_micros, status.reserved_micros) == (result.cost_micros, 0)
+
+
+async def test_a_hold_asks_for_no_more_output_than_the_model_can_write(tmp_path, monkeypatch):
+    """The LLM service caps max_tokens at the model's max_output_tokens: the
+    hold is made for that, not for the agent's larger max_tokens."""
+    monkeypatch.setattr(fake_mesh, "llm_settings", _llm_settings_with(max_output_tokens=100))
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info, limit_micros=1_000)
+        await register(m, name="coder", system_prompt="You write code.",
+                       sampling=SamplingConfig(max_tokens=100_000))
+        result = (await run(m, "coder", "add two numbers")).result
+        assert result.output and result.cost_micros > 0
+        status = await _settled(info, budget.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (result.cost_micros, 0)
