@@ -658,9 +658,12 @@ class AgentRunner:
             self._in_background(self._release_reserved(request))
             raise
         except errors.ServiceError as exc:
-            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED \
-                    and exc.reason != "DEADLINE_TOO_SHORT":
-                # Sent, and not answered in time: the same.
+            if exc.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE) \
+                    and errors.reason_name(exc.reason) not in ("DEADLINE_TOO_SHORT",
+                                                               "CIRCUIT_OPEN"):
+                # Maybe sent, and not answered (in time, or the connection
+                # dropped after it was sent): the same. (Not sent at all, the
+                # hold asked for again is made and released.)
                 self._in_background(self._release_reserved(request))
             raise
         run.reservation = response.reservation_id

@@ -1580,3 +1580,27 @@ async def test_a_hold_asks_for_no_more_output_than_the_model_can_write(tmp_path,
         assert result.output and result.cost_micros > 0
         status = await _settled(info, budget.budget_id)
         assert (status.spent_micros, status.reserved_micros) == (result.cost_micros, 0)
+
+
+async def test_a_reserve_that_fails_unavailable_after_it_was_made_is_released(tmp_path):
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.")
+        providers = m.backend.providers
+        real = providers.call
+
+        async def dropped(name, method, request, **kw):
+            response = await real(name, method, request, **kw)
+            if method == "Reserve" and not dropped.done:
+                # Held, and the connection dropped before the answer came.
+                dropped.done = True
+                raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE,
+                                          "BACKEND_UNAVAILABLE", "connection reset")
+            return response
+        dropped.done = False
+        providers.call = dropped
+        with pytest.raises(UnavailableError):
+            await run(m, "coder", "add two numbers")
+        assert m.primary.calls == []
+        status = await _settled(info, budget.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (0, 0)
