@@ -61,7 +61,10 @@ export type AgentDefinition = Message<"hivemesh.orchestrator.v1.AgentDefinition"
   /**
    * Aliases tried in order when `model` fails with a retryable error
    * before any output. When set, the orchestrator asks the LLM service for
-   * no fallback of its own, so this list is the whole chain.
+   * no fallback of its own, so this list is the whole chain. When empty,
+   * the chain is the LLM service's for `model` (its fallback_aliases):
+   * under BUDGET_ENFORCEMENT_RESERVE the orchestrator tries it itself, each
+   * alias held for at its own price before it generates.
    *
    * @generated from field: repeated string fallback_models = 5;
    */
@@ -1800,7 +1803,11 @@ export enum BudgetEnforcement {
 
   /**
    * Reserve before each call and commit after; a refused reservation fails
-   * the run with RESOURCE_EXHAUSTED, reason BUDGET_EXCEEDED.
+   * the run with RESOURCE_EXHAUSTED, reason BUDGET_EXCEEDED. A hold covers
+   * the prompt as it is sent (recalled memories and session history
+   * included), at the price of the model that generates (a fallback model
+   * is held for at its own price before it generates), and at most the
+   * model's max_output_tokens.
    *
    * @generated from enum value: BUDGET_ENFORCEMENT_RESERVE = 1;
    */
