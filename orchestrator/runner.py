@@ -76,6 +76,9 @@ HANDOFF_TOOL = "handoff"
 SAVE_TOOL = "artifact_save"
 DEFAULT_RECALL_LIMIT = 5
 DEFAULT_HISTORY_TOKENS = 2000
+# What a run's first hold counts for one memory not yet recalled: a chunk of
+# the memory service's default size (2,000 characters) and its framing.
+HELD_TOKENS_PER_MEMORY = 512
 DEFAULT_TOOL_ITERATIONS = 8
 # Most characters of a tool call's id (the LLM contract's ToolCall.id).
 MAX_TOOL_CALL_ID = 128
@@ -308,6 +311,9 @@ class AgentRunner:
         recall = asyncio.create_task(self._recall(run)) if agent.memory.enabled else None
         history = (asyncio.create_task(self._history(run))
                    if agent.memory.history_enabled and run.ctx.session_id else None)
+        # The first hold is made while they are read: it counts what they
+        # may add, so that a prompt within that needs no second hold.
+        unread = _read_allowance(agent.memory, recall is not None, history is not None)
         try:
             if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
                 # Every model that may generate is held for at its own price:
@@ -323,7 +329,7 @@ class AgentRunner:
                     run.llm_chain = len(models) > 1
                 run.whole_chain = True
                 run.models = table
-                await self._reserve(run, models[0], known, 1)
+                await self._reserve(run, models[0], known, 1, unread=unread)
             memories = await recall if recall else []
             past = await history if history else []
         except BaseException:
@@ -336,10 +342,11 @@ class AgentRunner:
         messages += past
         messages.append(Message(role=Role.ROLE_USER, content=opts.input))
         if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE and \
-                caps.estimate_prompt_tokens(messages) > caps.estimate_prompt_tokens(known):
+                caps.estimate_prompt_tokens(messages) > caps.estimate_prompt_tokens(known) + unread:
             # The hold was made before the memories and the history were
-            # read: held again for the prompt as it is sent, before anything
-            # is generated, and refused as any reservation.
+            # read, and they came larger than it allowed: held again for the
+            # prompt as it is sent, before anything is generated, and
+            # refused as any reservation.
             await self._rehold(run, models[0], messages, 1,
                                run.step("reserve", 1, models[0], "prompt"))
         offered = self._offered_tools(run)
@@ -642,12 +649,13 @@ class AgentRunner:
             await self._release_id(reserved.reservation_id, 2)
 
     async def _reserve(self, run: _Run, model: str, messages: list[Message],
-                       iteration: int, *, step: str = "") -> None:
-        """Holds budget for one generation of ``model`` from ``messages``,
-        under the request id ``step`` (by default the iteration's)."""
+                       iteration: int, *, step: str = "", unread: int = 0) -> None:
+        """Holds budget for one generation of ``model`` from ``messages``
+        and ``unread`` tokens more (of reads still running), under the
+        request id ``step`` (by default the iteration's)."""
         request = ReserveRequest(
             request_id=step or run.step("reserve", iteration), context=run.context, model=model,
-            estimated_prompt_tokens=caps.estimate_prompt_tokens(messages),
+            estimated_prompt_tokens=caps.estimate_prompt_tokens(messages) + unread,
             max_tokens=caps.completion_limit(
                 run.agent, run.result, messages,
                 run.models[model].max_output_tokens if model in run.models else 0))
@@ -1349,6 +1357,18 @@ def _llm_chain(table: dict[str, Model], first: str) -> list[str]:
         if model is not None:
             queue += [a for a in model.fallback_aliases if a in table]
     return chain
+
+
+def _read_allowance(memory, recall: bool, history: bool) -> int:
+    """The prompt tokens a run's first hold counts for reads it is made
+    beside: the session history's token budget (the read returns no more),
+    and per memory recalled a chunk of the memory service's default size."""
+    tokens = 0
+    if recall:
+        tokens += (memory.recall_limit or DEFAULT_RECALL_LIMIT) * HELD_TOKENS_PER_MEMORY
+    if history:
+        tokens += memory.history_token_budget or DEFAULT_HISTORY_TOKENS
+    return tokens
 
 
 def _with_memories(system: str, memories: list[str]) -> str:

@@ -1604,3 +1604,28 @@ async def test_a_reserve_that_fails_unavailable_after_it_was_made_is_released(tm
         assert m.primary.calls == []
         status = await _settled(info, budget.budget_id)
         assert (status.spent_micros, status.reserved_micros) == (0, 0)
+
+
+async def test_recalled_memories_larger_than_the_first_hold_allowed_are_held_for_again(
+        tmp_path):
+    """The first hold counts a chunk of the default size per memory to
+    recall; memories stored whole and larger are held for again once read,
+    and refused, before anything is generated, when the budget cannot take
+    them."""
+    ctx = RequestContext(tenant_id="acme")
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        async with MemoryClient(m.addresses["memory"]) as memory:
+            await memory.add(["add two numbers: " + "word " * 1600], namespace="big",
+                             context=ctx, whole_item=True)  # about 2,000 tokens
+        # Room for the first hold (system prompt, input, one memory of the
+        # default size, 50 tokens of output), not for the memory as read.
+        budget = await _budget_with_price(info, limit_micros=1_000)
+        await register(m, name="coder", system_prompt="You write code.",
+                       sampling=SamplingConfig(max_tokens=50),
+                       memory=MemoryConfig(enabled=True, namespace="big", recall_limit=1))
+        with pytest.raises(ResourceExhaustedError) as err:
+            await run(m, "coder", "add two numbers", context=ctx)
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        assert m.primary.calls == []
+        status = await _settled(info, budget.budget_id)
+        assert (status.spent_micros, status.reserved_micros) == (0, 0)
