@@ -1507,6 +1507,17 @@ async def test_a_failed_read_of_an_attempt_refused_before_generating_is_read_aga
         assert result.memories_recalled == 1 and not result.degraded
 
 
+async def _refused_before_generating(m, info, budget_id: str, ctx) -> None:
+    """A run of "coder" fails BUDGET_EXCEEDED with nothing generated, and
+    nothing spent or held once it is over."""
+    with pytest.raises(ResourceExhaustedError) as err:
+        await run(m, "coder", "add two numbers", context=ctx)
+    assert err.value.reason == "BUDGET_EXCEEDED"
+    assert m.primary.calls == []
+    status = await _settled(info, budget_id)
+    assert (status.spent_micros, status.reserved_micros) == (0, 0)
+
+
 async def test_a_hold_covers_the_recalled_memories_and_history_before_generating(tmp_path):
     """The first hold is made while memory is read (its prompt has neither);
     once the prompt is known it is held for again, and refused, before
@@ -1523,12 +1534,7 @@ async def test_a_hold_covers_the_recalled_memories_and_history_before_generating
         await register(m, name="coder", system_prompt="You write code.",
                        sampling=SamplingConfig(max_tokens=50),
                        memory=MemoryConfig(history_enabled=True, namespace="h"))
-        with pytest.raises(ResourceExhaustedError) as err:
-            await run(m, "coder", "add two numbers", context=ctx)
-        assert err.value.reason == "BUDGET_EXCEEDED"
-        assert m.primary.calls == []
-        status = await _settled(info, budget.budget_id)
-        assert (status.spent_micros, status.reserved_micros) == (0, 0)
+        await _refused_before_generating(m, info, budget.budget_id, ctx)
         # With room for it, the run generates within the budget it was held in.
         await info.update_budget(Budget(budget_id=budget.budget_id, limit_micros=10_000),
                                  ["limit_micros"])
@@ -1623,9 +1629,4 @@ async def test_recalled_memories_larger_than_the_first_hold_allowed_are_held_for
         await register(m, name="coder", system_prompt="You write code.",
                        sampling=SamplingConfig(max_tokens=50),
                        memory=MemoryConfig(enabled=True, namespace="big", recall_limit=1))
-        with pytest.raises(ResourceExhaustedError) as err:
-            await run(m, "coder", "add two numbers", context=ctx)
-        assert err.value.reason == "BUDGET_EXCEEDED"
-        assert m.primary.calls == []
-        status = await _settled(info, budget.budget_id)
-        assert (status.spent_micros, status.reserved_micros) == (0, 0)
+        await _refused_before_generating(m, info, budget.budget_id, ctx)
