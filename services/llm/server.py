@@ -21,7 +21,8 @@ from hivemesh.runtime.sweeper import Sweeper, prune_until
 from hivemesh.services.llm.router import BackendState, Router
 from hivemesh.services.llm.servicer import (
     DOMAIN, LEASE_FACTOR, RECORDS_KIND, SERVICE_NAME, LlmServicer)
-from hivemesh.services.llm.settings import BackendSettings, LlmSettings, ModelSettings
+from hivemesh.services.llm.settings import (
+    OPENAI_MAX_STOP_SEQUENCES, BackendSettings, LlmSettings, ModelSettings)
 
 log = logging.getLogger("hivemesh.llm")
 # The sweeper wakes up this often; request records past their TTL are looked
@@ -54,7 +55,9 @@ def build_backend(name: str, settings: BackendSettings,
     from hivemesh.services.llm.backends.openai import OpenAIBackend
     return OpenAIBackend(name, api_key=settings.api_key(), base_url=settings.base_url,
                          max_connections=settings.max_connections,
-                         reasoning_models=settings.reasoning_model_prefixes())
+                         reasoning_models=settings.reasoning_model_prefixes(),
+                         max_stop_sequences=(OPENAI_MAX_STOP_SEQUENCES
+                                             if settings.type == "openai" else None))
 
 
 def records_unavailable(cause: str) -> errors.ServiceError:

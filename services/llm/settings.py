@@ -28,6 +28,9 @@ from hivemesh.runtime.sqlite import Synchronous
 # the gpt-5 family, ...): the default of ``reasoning_models`` for a backend of
 # type ``openai``.
 OPENAI_REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
+# The most stop sequences OpenAI's chat API takes (a backend of type
+# ``openai``); compatible servers state none.
+OPENAI_MAX_STOP_SEQUENCES = 4
 
 
 class BackendSettings(BaseModel):

@@ -966,6 +966,34 @@ async def test_embeddings(openai_upstream: Upstream):
     assert server.request_count == 3
 
 
+async def test_more_stop_sequences_than_openai_takes_are_not_sent_there(monkeypatch):
+    """OpenAI's API refuses more than four stop sequences (a final 400):
+    a backend of type openai does not send them, so the chain can go on to
+    a model that takes them; a compatible server states no limit."""
+    five = tuple(f"stop{i}" for i in range(5))
+    monkeypatch.setenv("OPENAI_TEST_KEY", KEY)
+    async with FakeOpenAI(reasoning_models=OPENAI_REASONING_MODELS) as server:
+        backend = build_backend("openai", BackendSettings(
+            type="openai", base_url=server.base_url, api_key_env="OPENAI_TEST_KEY"))
+        try:
+            with pytest.raises(BackendError) as caught:
+                await backend.generate(chat(user("x"), stop=five), TIMEOUT_S)
+            assert (caught.value.kind, caught.value.field) == (ErrorKind.UNSUPPORTED,
+                                                               "config.stop_sequences")
+            assert server.request_count == 0
+            await backend.generate(chat(user("x"), stop=five[:4]), TIMEOUT_S)
+        finally:
+            await backend.close()
+    async with FakeOpenAI(base_path="/openai/v1") as server:
+        backend = build_backend("compatible", BackendSettings(
+            type="openai_compatible", base_url=server.base_url))
+        try:
+            await backend.generate(chat(user("x"), stop=five), TIMEOUT_S)
+        finally:
+            await backend.close()
+    assert server.request_count == 1
+
+
 async def test_anthropic_has_no_embeddings():
     async with FakeAnthropic() as server:
         backend = make_backend("anthropic", server.base_url)

@@ -113,10 +113,15 @@ class OpenAIBackend(http.UpstreamErrors):
 
     def __init__(self, name: str, *, api_key: str, base_url: str | None = None,
                  default_headers: dict[str, str] | None = None,
-                 max_connections: int = 100, reasoning_models: Sequence[str] = ()) -> None:
+                 max_connections: int = 100, reasoning_models: Sequence[str] = (),
+                 max_stop_sequences: int | None = None) -> None:
+        """``max_stop_sequences``: the most stop sequences the upstream
+        takes (OpenAI's API: 4); a request with more is not sent (the chain
+        goes on to a model that takes it). None: no limit known."""
         self.name = name
         self._secrets = http.secrets(api_key, default_headers)
         self._reasoning_models = tuple(reasoning_models)
+        self._max_stop = max_stop_sequences
         http_client = openai.DefaultAioHttpClient(limits=httpx2.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections))
         self._client = openai.AsyncOpenAI(
@@ -139,6 +144,10 @@ class OpenAIBackend(http.UpstreamErrors):
             stream=stream_cls is not None, stream_cls=stream_cls)
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
+        if self._max_stop is not None and len(request.stop) > self._max_stop:
+            raise BackendError(
+                ErrorKind.UNSUPPORTED, f"{self.name}: the API takes at most {self._max_stop} "
+                f"stop sequences, not {len(request.stop)}", field="config.stop_sequences")
         return _chat_params(request, reasoning=is_reasoning_model(request.upstream_model,
                                                                   self._reasoning_models))
 
