@@ -994,6 +994,23 @@ async def test_more_stop_sequences_than_openai_takes_are_not_sent_there(monkeypa
     assert server.request_count == 1
 
 
+@pytest.mark.parametrize("kind", ["openai", "openai_compatible"])
+async def test_an_author_name_is_sent_as_openai_takes_it(kind):
+    """The contract allows 128 characters of any kind in a message's name;
+    OpenAI takes letters, digits, "_" and "-", at most 64 (else a final
+    400): other characters go as "_", and the name is cut at 64."""
+    async with make_server(kind) as server:
+        backend = make_backend(kind, server.base_url)
+        try:
+            await backend.generate(chat(ChatMessage(role="user", content="hi",
+                                                    name="Dr. Who (guest)" + "x" * 100)),
+                                   TIMEOUT_S)
+        finally:
+            await backend.close()
+    sent = server.last.body["messages"][0]["name"]
+    assert sent == ("Dr__Who__guest_" + "x" * 100)[:64]
+
+
 async def test_anthropic_has_no_embeddings():
     async with FakeAnthropic() as server:
         backend = make_backend("anthropic", server.base_url)

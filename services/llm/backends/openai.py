@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -455,13 +456,25 @@ def _message(message: ChatMessage) -> dict[str, Any]:
         raise BackendError(ErrorKind.BAD_REQUEST, f"unknown message role {role!r}")
     out: dict[str, Any] = {"role": role, "content": message.content}
     if message.name:
-        out["name"] = message.name
+        out["name"] = _author_name(message.name)
     if role == "assistant" and message.tool_calls:
         out["content"] = message.content or None
         out["tool_calls"] = [{"id": c.id, "type": "function",
                               "function": {"name": c.name, "arguments": c.arguments or "{}"}}
                              for c in message.tool_calls]
     return out
+
+
+# What OpenAI takes as a message's author name: letters, digits, "_" and
+# "-", at most 64 (anything else is a final 400).
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_NAME_MAX = 64
+
+
+def _author_name(name: str) -> str:
+    """A message's author name as OpenAI takes it: each other character
+    written "_", cut at 64 (the contract allows 128 of any)."""
+    return _NAME_UNSAFE.sub("_", name)[:_NAME_MAX]
 
 
 # -- helpers shared in spirit with the Anthropic backend -------------------

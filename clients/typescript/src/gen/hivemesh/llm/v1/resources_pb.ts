@@ -88,7 +88,9 @@ export type Message = Message$1<"hivemesh.llm.v1.Message"> & {
 
   /**
    * Optional name of the author (a participant name, or the tool's name on
-   * ROLE_TOOL messages).
+   * ROLE_TOOL messages). OpenAI-compatible backends are sent it with each
+   * character other than letters, digits, "_" and "-" written "_", cut at
+   * 64 characters, as OpenAI takes names.
    *
    * @generated from field: string name = 5;
    */
