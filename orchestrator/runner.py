@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -54,7 +55,7 @@ from hivemesh.orchestrator.v1 import (
     BudgetEnforcement, DegradedComponent, DegradedNote, EventType, GenerationChunk,
     GenerationComplete, Handoff, MemoryRecalled, MemoryWritten, ToolCallRecord, ToolError)
 from hivemesh.runtime import errors
-from hivemesh.runtime.resilience import fingerprint
+from hivemesh.runtime.resilience import Coalescer, fingerprint
 from hivemesh.runtime.text import estimate_tokens
 from hivemesh.runtime.wellknown import duration_s
 from hivemesh.services.orchestrator import caps, templates
@@ -90,8 +91,10 @@ READ_LEASE_S = 60.0
 # leaves the run time to generate and keep its work.
 MEMORY_SHARE = 0.5
 # How long the LLM service's chat aliases (their fallback chains, their
-# most output tokens) are used before ListModels is asked again.
+# most output tokens) are used before ListModels is asked again; after a
+# ListModels that failed, how long until it is asked again.
 MODELS_TTL_S = 60.0
+MODELS_RETRY_S = 5.0
 # Pages of one ListModels: a service paging on and on is not followed.
 MAX_MODEL_PAGES = 100
 # Errors after which the next fallback model is tried.
@@ -229,8 +232,11 @@ class AgentRunner:
         # Settling calls that outlive the run that started them (it was
         # cancelled): kept here until they end.
         self._settling: set[asyncio.Task] = set()
-        # (time.monotonic() when asked, alias -> Model): ``_models``.
-        self._model_table: tuple[float, dict[str, Model]] | None = None
+        # (time.monotonic() when asked, alias -> Model, or the error of a
+        # ListModels that failed): ``_models``; runs that find it old at
+        # the same moment ask once.
+        self._model_table: tuple[float, dict[str, Model] | errors.ServiceError] | None = None
+        self._asking_models = Coalescer()
 
     async def run(self, agent: AgentDefinition, ctx: ExecutionContext, opts: RunOptions,
                   sink: EventSink) -> AgentResult:
@@ -314,12 +320,20 @@ class AgentRunner:
         # The first hold is made while they are read: it counts what they
         # may add, so that a prompt within that needs no second hold.
         unread = _read_allowance(agent.memory, recall is not None, history is not None)
+        unheld = False  # the first hold was refused for what the reads might add
         try:
             if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE:
                 # Every model that may generate is held for at its own price:
                 # the LLM service's own fallback chain is run here (each model
                 # called with disable_fallback), as the agent's is.
                 table = await self._models()
+                if isinstance(table, errors.ServiceError):
+                    if not models[0]:
+                        # No model to hold for without the LLM service's default.
+                        raise dataclasses.replace(table)
+                    # Without the LLM service's table the run keeps to its
+                    # own chain, each model held for (none falls back unheld).
+                    table = {}
                 if not models[0]:
                     # Held (and generated) under the alias the LLM service
                     # would answer with: a hold needs a model to be priced.
@@ -329,7 +343,14 @@ class AgentRunner:
                     run.llm_chain = len(models) > 1
                 run.whole_chain = True
                 run.models = table
-                await self._reserve(run, models[0], known, 1, unread=unread)
+                try:
+                    await self._reserve(run, models[0], known, 1, unread=unread)
+                except errors.ServiceError as exc:
+                    if not unread or errors.reason_name(exc.reason) != "BUDGET_EXCEEDED":
+                        raise
+                    # Perhaps only what the reads might add does not fit:
+                    # held once they are read, for the prompt as it is.
+                    unheld = True
             memories = await recall if recall else []
             past = await history if history else []
         except BaseException:
@@ -341,12 +362,14 @@ class AgentRunner:
         messages = [Message(role=Role.ROLE_SYSTEM, content=_with_memories(system, memories))]
         messages += past
         messages.append(Message(role=Role.ROLE_USER, content=opts.input))
-        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE and \
-                caps.estimate_prompt_tokens(messages) > caps.estimate_prompt_tokens(known) + unread:
+        if enforcement == BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE and (unheld or (
+                caps.estimate_prompt_tokens(messages) > caps.estimate_prompt_tokens(known)
+                + unread)):
             # The hold was made before the memories and the history were
-            # read, and they came larger than it allowed: held again for the
-            # prompt as it is sent, before anything is generated, and
-            # refused as any reservation.
+            # read, and they came larger than it allowed (or it was refused
+            # for what they might have added): held again for the prompt as
+            # it is sent, before anything is generated, and refused as any
+            # reservation.
             await self._rehold(run, models[0], messages, 1,
                                run.step("reserve", 1, models[0], "prompt"))
         offered = self._offered_tools(run)
@@ -401,22 +424,35 @@ class AgentRunner:
         or its first model alone), not the LLM service's."""
         return bool(run.agent.fallback_models) or run.opts.disable_fallback
 
-    async def _models(self) -> dict[str, Model]:
+    async def _models(self) -> dict[str, Model] | errors.ServiceError:
         """The LLM service's chat aliases (ListModels), asked again once
-        they are ``MODELS_TTL_S`` old."""
+        they are ``MODELS_TTL_S`` old; the error of a ListModels that
+        failed, asked again ``MODELS_RETRY_S`` after it."""
         cached = self._model_table
-        if cached is not None and time.monotonic() - cached[0] < MODELS_TTL_S:
-            return cached[1]
+        if cached is not None:
+            fresh = MODELS_RETRY_S if isinstance(cached[1], errors.ServiceError) else MODELS_TTL_S
+            if time.monotonic() - cached[0] < fresh:
+                return cached[1]
+        table, _ = await self._asking_models.run("models", self._ask_models)
+        return table
+
+    async def _ask_models(self) -> dict[str, Model] | errors.ServiceError:
         asked = time.monotonic()
         table: dict[str, Model] = {}
         token = ""
-        for _ in range(MAX_MODEL_PAGES):
-            page = await self.providers.call("llm", "ListModels", ListModelsRequest(
-                kind=ModelKind.MODEL_KIND_CHAT, page_size=1000, page_token=token))
-            table.update((m.alias, m) for m in page.models)
-            token = page.next_page_token
-            if not token:
-                break
+        try:
+            for _ in range(MAX_MODEL_PAGES):
+                page = await self.providers.call("llm", "ListModels", ListModelsRequest(
+                    kind=ModelKind.MODEL_KIND_CHAT, page_size=1000, page_token=token))
+                table.update((m.alias, m) for m in page.models)
+                token = page.next_page_token
+                if not token:
+                    break
+        except errors.ServiceError as exc:
+            log.warning("could not list the LLM service's models (runs under RESERVE use "
+                        "their own chains meanwhile): %s", exc.message)
+            self._model_table = (asked, exc)
+            return exc
         self._model_table = (asked, table)
         return table
 
@@ -656,9 +692,7 @@ class AgentRunner:
         request = ReserveRequest(
             request_id=step or run.step("reserve", iteration), context=run.context, model=model,
             estimated_prompt_tokens=caps.estimate_prompt_tokens(messages) + unread,
-            max_tokens=caps.completion_limit(
-                run.agent, run.result, messages,
-                run.models[model].max_output_tokens if model in run.models else 0))
+            max_tokens=_completion_limit(run, model, messages))
         try:
             response = await self.providers.call("information", "Reserve", request)
         except asyncio.CancelledError:
@@ -836,12 +870,7 @@ class AgentRunner:
     async def _generate(self, run: _Run, models: list[str], messages: list[Message],
                         tools: list[Tool], iteration: int) -> Message:
         sampling = run.agent.sampling
-        # Within the limit the hold was made for (which also counts the
-        # model's max_output_tokens, where the LLM service caps this), so no
-        # answer outgrows its hold, and within what the run's token cap
-        # leaves.
-        config = GenerationConfig(
-            max_tokens=caps.completion_limit(run.agent, run.result, messages))
+        config = GenerationConfig()
         if sampling.HasField("temperature"):
             config.temperature = sampling.temperature
         if sampling.HasField("top_p"):
@@ -851,9 +880,15 @@ class AgentRunner:
         own_chain = run.whole_chain or self._own_chain(run)
 
         def request_of(model: str) -> dict:
+            # Each model is sent the limit its hold was made for (the
+            # model's max_output_tokens as the run's table gave it, which
+            # the LLM service may have raised since), so no answer outgrows
+            # its hold, and within what the run's token cap leaves.
+            limited = GenerationConfig(max_tokens=_completion_limit(run, model, messages))
+            limited.MergeFrom(config)
             return dict(request_id=run.step("gen", iteration, model),
                         context=run.context, model=model,
-                        conversation=Conversation(messages=messages), config=config,
+                        conversation=Conversation(messages=messages), config=limited,
                         tools=tools, disable_fallback=own_chain)
 
         async def one(fields: dict):
@@ -1357,6 +1392,14 @@ def _llm_chain(table: dict[str, Model], first: str) -> list[str]:
         if model is not None:
             queue += [a for a in model.fallback_aliases if a in table]
     return chain
+
+
+def _completion_limit(run: _Run, model: str, messages: list[Message]) -> int:
+    """The most tokens ``model`` may generate next in ``run``: what its hold
+    is made for and what its request is sent (the model's
+    max_output_tokens as the run's table of models gives it, if known)."""
+    most = run.models[model].max_output_tokens if model in run.models else 0
+    return caps.completion_limit(run.agent, run.result, messages, most)
 
 
 def _read_allowance(memory, recall: bool, history: bool) -> int:

@@ -1630,3 +1630,91 @@ async def test_recalled_memories_larger_than_the_first_hold_allowed_are_held_for
                        sampling=SamplingConfig(max_tokens=50),
                        memory=MemoryConfig(enabled=True, namespace="big", recall_limit=1))
         await _refused_before_generating(m, info, budget.budget_id, ctx)
+
+
+async def test_a_listmodels_outage_fails_no_reserve_run_that_names_its_model(tmp_path):
+    """The LLM service's table of models serves a run that names its model
+    only to follow the LLM service's chain and cap the hold: without it the
+    run keeps to its own chain, each model held for; ListModels is asked
+    again a few seconds later, not by every run."""
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.",
+                       fallback_models=["backup"])
+        providers = m.backend.providers
+        real = providers.call
+
+        async def no_list(name, method, request, **kw):
+            if method == "ListModels":
+                raise errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE",
+                                          "ListModels down")
+            return await real(name, method, request, **kw)
+        providers.call = no_list
+        for _ in range(2):
+            result = (await run(m, "coder", "add two numbers")).result
+            assert result.output
+        await register(m, name="plain", system_prompt="You write code.")
+        assert (await run(m, "plain", "add two numbers")).result.output
+
+
+async def test_runs_finding_the_table_of_models_old_at_once_ask_for_it_once(tmp_path):
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        await _budget_with_price(info)
+        await register(m, name="coder", system_prompt="You write code.")
+        providers = m.backend.providers
+        real = providers.call
+        asked = []
+
+        async def counting(name, method, request, **kw):
+            if method == "ListModels":
+                asked.append(1)
+                await asyncio.sleep(0.2)
+            return await real(name, method, request, **kw)
+        providers.call = counting
+        await asyncio.gather(*(run(m, "coder", "add two numbers") for _ in range(8)))
+        assert len(asked) == 1, f"ListModels asked {len(asked)} times"
+
+
+async def test_a_first_hold_refused_for_what_reads_might_add_is_made_once_they_are_read(
+        tmp_path):
+    """recall_limit 20 and nothing to recall: the run's prompt and output
+    (~70 micros) fit a 300-micro HARD budget, though a first hold counting
+    20 memories does not: it is held for once the reads are known."""
+    ctx = RequestContext(tenant_id="acme")
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info, limit_micros=300)
+        await register(m, name="coder", system_prompt="You write code.",
+                       sampling=SamplingConfig(max_tokens=50),
+                       memory=MemoryConfig(enabled=True, namespace="empty-r9", recall_limit=20))
+        result = (await run(m, "coder", "add two numbers", context=ctx)).result
+        assert result.output
+        status = await _settled(info, budget.budget_id)
+        assert status.spent_micros == result.cost_micros
+
+
+async def test_a_generation_is_sent_the_output_limit_its_hold_was_made_for(tmp_path,
+                                                                           monkeypatch):
+    """The cached ListModels (up to 60 s old) says main writes at most 100
+    tokens; the LLM service now allows 4,096 (restarted with new settings,
+    or another replica). The hold is made for 100 output tokens and the
+    generation is sent that limit, so a HARD budget is not spent past."""
+    from hivemesh.services.orchestrator.runner import AgentRunner
+    real_models = AgentRunner._models
+
+    async def stale(self):
+        table = await real_models(self)
+        old = {k: type(v)() for k, v in table.items()}
+        for k, v in table.items():
+            old[k].CopyFrom(v)
+        old["main"].max_output_tokens = 100
+        return old
+    monkeypatch.setattr(AgentRunner, "_models", stale)
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        budget = await _budget_with_price(info, limit_micros=1_000)
+        await register(m, name="coder", system_prompt="You write code.",
+                       sampling=SamplingConfig(max_tokens=4_000))
+        m.primary.default_response = "word " * 3000
+        result = (await run(m, "coder", "add two numbers")).result
+        sent = m.primary.calls[-1].max_tokens
+        status = await _settled(info, budget.budget_id)
+        assert sent == 100 and status.spent_micros == result.cost_micros <= 1_000
