@@ -1805,9 +1805,12 @@ export enum BudgetEnforcement {
    * Reserve before each call and commit after; a refused reservation fails
    * the run with RESOURCE_EXHAUSTED, reason BUDGET_EXCEEDED. A hold covers
    * the prompt as it is sent (recalled memories and session history
-   * included), at the price of the model that generates (a fallback model
-   * is held for at its own price before it generates), and at most the
-   * model's max_output_tokens.
+   * included: the first hold, made while they are read, counts what they
+   * may add, and the prompt is held for again once they are read when it
+   * is larger, or when that first hold was refused), at the price of the
+   * model that generates (a fallback model is held for at its own price
+   * before it generates), and at most the model's max_output_tokens, the
+   * limit the generation is sent.
    *
    * @generated from enum value: BUDGET_ENFORCEMENT_RESERVE = 1;
    */
