@@ -29,14 +29,21 @@ from hivemesh.runtime.middleware import request_id_var
 # is for (PGPASSWORD). A word ends at anything but a letter or digit, or
 # where camelCase starts one, so that counts (tokens, max_tokens,
 # token_count) and names about a credential rather than holding one
-# (api_key_env, secrets_dir, page_token_hint) are not credentials. The one
-# rule for fields, mapping keys, pairs and names in free text.
+# (api_key_env, secrets_dir, page_token_hint) are not credentials in free
+# text; fields are held to more (_SECRET_KEY).
 _SECRET_WORD = (
     r"(?:(?-i:(?<![A-Za-z0-9])|(?<=[a-z])(?=[A-Z]))"
     r"(?:api[_-]?key|secret(?:[_-]?(?:access[_-]?)?key)?|password|passwd|token|authorization"
     r"|dsn)"
     r"|(?<![A-Za-z0-9])[A-Za-z0-9]+?pass(?:word|wd))")
-_SECRET_KEY = re.compile(rf"{_SECRET_WORD}\Z", re.I)
+# A field's, a mapping key's or a pair's name is held to more: any of its
+# words (api_key_2, OPENAI_API_KEY_BACKUP, password_old, dsn_primary hold
+# the credential too), at the cost of hiding some names about one
+# (api_key_env, token_count): a value hidden that was no secret is a lesser
+# harm than a secret written out. In free text (below) a name must end with
+# such a word, as prose about tokens is common there.
+_WORD_END = r"(?-i:(?![A-Za-z0-9])|(?<=[a-z])(?=[A-Z]))"
+_SECRET_KEY = re.compile(rf"{_SECRET_WORD}{_WORD_END}", re.I)
 # Such a name in free text: a run of letters, digits, _ and - that ends
 # with such a word (each position of it tried once: time linear in its
 # length).
