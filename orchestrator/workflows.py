@@ -458,12 +458,20 @@ class WorkflowRun:
                       result: TaskResult, key: str) -> AgentResult:
         """Run the agent, following its handoffs when the task allows them."""
         limit = task.max_handoffs or DEFAULT_MAX_HANDOFFS
+        # Artifacts saved (by the artifact_save tool) by agents that handed
+        # the task on: the task's too, ahead of the last agent's.
+        saved: list[str] = []
         for hop in range(limit + 1):
             run = await self._run_agent(task, agent, model, text, result,
                                         key if hop == 0 else f"{key}:handoff{hop}",
                                         handoff=task.allow_handoff)
             if not run.HasField("handoff"):
+                if saved:
+                    ids = [*saved, *run.artifact_ids]
+                    del run.artifact_ids[:]
+                    run.artifact_ids.extend(ids)
                 return run
+            saved += run.artifact_ids
             if hop < limit:  # followed; the one past the limit is not
                 result.handoffs.append(run.handoff)
             agent, text, model = run.handoff.to_agent, run.handoff.input, ""

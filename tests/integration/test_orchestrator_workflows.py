@@ -1039,3 +1039,20 @@ async def test_a_task_whose_rendered_input_is_too_long_fails_as_such(tmp_path):
         assert error.metadata == {"size_chars": "1200005", "limit_chars": "1048576"}
         assert "1,200,005" in error.message and "1,048,576" in error.message
         assert len(m.primary.calls) == 1  # b never asked for a generation
+
+
+async def test_an_artifact_saved_before_a_handoff_is_the_tasks(tmp_path):
+    """An agent saves an artifact with its tool, then hands the task on: the
+    task's result lists it, ahead of what the agent it handed to saved."""
+    async with mesh(tmp_path) as m:
+        await agents(m, "triage", "expert", allowed_tools=["artifact_save"])
+        m.primary.queue_response(tool_calls=(ToolCall("c1", "artifact_save", json.dumps(
+            {"artifact_type": "notes", "content": "what triage found"})),))
+        m.primary.queue_response("Passing on.", tool_calls=(ToolCall(
+            "h", "handoff", json.dumps({"agent": "expert", "input": "deep question"})),))
+        m.primary.queue_response("the expert's answer")
+        response = await workflow(m, TaskSpec(task_id="ask", agent="triage",
+                                              input_template="question", allow_handoff=True))
+        (task,) = response.tasks
+        assert task.output == "the expert's answer"
+        assert len(task.result.artifact_ids) == 1, list(task.result.artifact_ids)
