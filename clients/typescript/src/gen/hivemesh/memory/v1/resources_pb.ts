@@ -137,7 +137,8 @@ export type ChunkingOptions = Message<"hivemesh.memory.v1.ChunkingOptions"> & {
   /**
    * Characters repeated between consecutive chunks; must be smaller than
    * the chunk size (INVALID_ARGUMENT otherwise). 0 means the service default
-   * (200) unless no_overlap is set.
+   * (200) unless no_overlap is set, at most half of chunk_size_chars when
+   * that is set.
    *
    * @generated from field: int32 chunk_overlap_chars = 2;
    */
