@@ -484,7 +484,10 @@ class InformationServicer(InformationServiceServicer):
                 tenant_id=ctx_ids[0], workflow_id=ctx_ids[1], agent_id=ctx_ids[2],
                 model=request.model, backend=request.backend,
                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                cached_prompt_tokens=usage.cached_prompt_tokens, cost_micros=cost,
+                # Cached tokens are of the prompt's: more is counted (as it
+                # is priced) as the whole prompt cached.
+                cached_prompt_tokens=min(usage.cached_prompt_tokens, usage.prompt_tokens),
+                cost_micros=cost,
                 currency=self.currency, latency_us=request.latency.ToMicroseconds(),
                 success=request.success, cached=request.cached,
                 error_reason=getattr(request, "error_reason", ""))

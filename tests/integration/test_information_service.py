@@ -579,6 +579,17 @@ async def _commit_all(stub, admitted) -> int:
     return total
 
 
+async def test_cached_tokens_beyond_the_prompt_count_as_the_whole_prompt_cached(info):
+    """cached_prompt_tokens are of the prompt's: a usage saying more is
+    priced as the whole prompt cached, and the metrics count it so too."""
+    await call(info.TrackCompletion, TrackCompletionRequest(
+        request_id=rid(), context=ctx(), model="gpt-test",
+        usage=Usage(prompt_tokens=100, completion_tokens=10, cached_prompt_tokens=500)))
+    metrics = await call(info.GetMetrics, GetMetricsRequest(
+        start_time=timestamp_pb2.Timestamp(seconds=0)))
+    assert [(a.prompt_tokens, a.cached_prompt_tokens) for a in metrics.aggregates] == [(100, 100)]
+
+
 async def test_64_concurrent_reservations_admit_exactly_10(info):
     await make_budget(info, "ten", micros=60_000)  # exactly 10 x 6,000
     results = await _race([info], 64)
