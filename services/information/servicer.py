@@ -453,6 +453,11 @@ class InformationServicer(InformationServiceServicer):
         usage = request.usage
         _check_token_counts(usage, ("prompt_tokens", "completion_tokens",
                                     "cached_prompt_tokens"), "usage.")
+        if usage.total_tokens and not usage.prompt_tokens and not usage.completion_tokens:
+            # Charged as nothing, the call's tokens would be lost.
+            raise errors.invalid_argument([(
+                "usage.prompt_tokens", "give prompt_tokens and completion_tokens: they are "
+                "what is priced and counted, and total_tokens alone says neither")])
         try:
             # Beyond the Duration range it overflows the stores' integers.
             request.latency.ToJsonString()

@@ -590,6 +590,22 @@ async def test_cached_tokens_beyond_the_prompt_count_as_the_whole_prompt_cached(
     assert [(a.prompt_tokens, a.cached_prompt_tokens) for a in metrics.aggregates] == [(100, 100)]
 
 
+async def test_a_usage_with_only_its_total_is_refused_not_charged_as_nothing(info):
+    """Prompt and completion tokens are what is priced and counted: a usage
+    giving only total_tokens is refused with the field, not taken as a
+    call that used nothing."""
+    for request in (
+            TrackCompletionRequest(request_id=rid(), context=ctx(), model="gpt-test",
+                                   usage=Usage(total_tokens=1200)),
+            CommitRequest(request_id=rid(), reservation_id="rsv-none", model="gpt-test",
+                          usage=Usage(total_tokens=1200))):
+        method = info.TrackCompletion if isinstance(request, TrackCompletionRequest) \
+            else info.Commit
+        with pytest.raises(InvalidArgumentError) as err:
+            await call(method, request)
+        assert [f for f, _ in err.value.field_violations] == ["usage.prompt_tokens"]
+
+
 async def test_64_concurrent_reservations_admit_exactly_10(info):
     await make_budget(info, "ten", micros=60_000)  # exactly 10 x 6,000
     results = await _race([info], 64)

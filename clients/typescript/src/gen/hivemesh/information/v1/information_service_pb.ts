@@ -616,7 +616,9 @@ export type CommitRequest = Message<"hivemesh.information.v1.CommitRequest"> & {
   reservationId: string;
 
   /**
-   * Actual tokens used; charged even when above the reservation.
+   * Actual tokens used; charged even when above the reservation. Its
+   * prompt_tokens and completion_tokens are priced and counted: a usage
+   * with total_tokens alone is INVALID_ARGUMENT.
    *
    * @generated from field: hivemesh.common.v1.Usage usage = 3;
    */
@@ -845,7 +847,8 @@ export type TrackCompletionRequest = Message<"hivemesh.information.v1.TrackCompl
   backend: string;
 
   /**
-   * Tokens used.
+   * Tokens used: its prompt_tokens and completion_tokens are priced and
+   * counted (a usage with total_tokens alone is INVALID_ARGUMENT).
    *
    * @generated from field: hivemesh.common.v1.Usage usage = 5;
    */
