@@ -1025,7 +1025,10 @@ class AgentRunner:
         return summary
 
     async def _stream_live(self, run: _Run, request: StreamGenerateRequest, iteration: int):
+        # Deltas the model produced, its text's and its tool calls' alike:
+        # either is generated (and paid) output.
         delivered = 0
+        calls_text = ""  # the tool calls' names and arguments streamed so far
         summary = None
         failed = None  # the terminal message of a stream that ended FAILED
         try:
@@ -1043,6 +1046,10 @@ class AgentRunner:
                         run.output += message.delta.text
                         run.emit(EventType.EVENT_TYPE_GENERATION_CHUNK,
                                  GenerationChunk(text=message.delta.text, iteration=iteration))
+                    elif kind == "tool_call_delta":
+                        delivered += 1
+                        calls_text += (message.tool_call_delta.name
+                                       + message.tool_call_delta.arguments_delta)
                     elif kind == "end":
                         summary = message.summary
                         if message.end.outcome != StreamOutcome.STREAM_OUTCOME_COMPLETED:
@@ -1061,7 +1068,8 @@ class AgentRunner:
                 # The caller left (or its deadline passed) after text went
                 # out: what it cost is estimated and sent by the cancelled
                 # run (_send_unsent).
-                cut = self._cut_spend(run, _estimated_cut(request, run.output), iteration)
+                cut = self._cut_spend(run, _estimated_cut(request, run.output + calls_text),
+                                      iteration)
                 if cut is not None:
                     run.unsent_spend = ("TrackCompletion", cut)
             raise
@@ -1069,7 +1077,8 @@ class AgentRunner:
             if delivered and summary is None:
                 # Cut below its own end (the LLM service went away): no
                 # usage came back, so what the text sent cost is estimated.
-                await self._charge_cut(run, _estimated_cut(request, run.output), iteration)
+                await self._charge_cut(run, _estimated_cut(request, run.output + calls_text),
+                                       iteration)
             # No fallback after output, however the stream ended (its own
             # end, a gRPC error, or closing without an end): the chunks
             # already sent would run on into another model's text.

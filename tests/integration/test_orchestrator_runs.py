@@ -33,7 +33,8 @@ from hivemesh.orchestrator.v1 import (
     add_ToolServiceServicer_to_server)
 from hivemesh.runtime import errors
 from hivemesh.runtime.request_records import SqliteRequestRecords
-from hivemesh.services.llm.backends.base import ErrorKind, ToolCall
+from hivemesh.services.llm.backends.base import (
+    BackendError, ErrorKind, ToolCall, ToolCallDelta)
 from hivemesh.services.llm.settings import ModelSettings
 from hivemesh.services.orchestrator.runner import AgentRunner
 
@@ -1718,3 +1719,74 @@ async def test_a_generation_is_sent_the_output_limit_its_hold_was_made_for(tmp_p
         sent = m.primary.calls[-1].max_tokens
         status = await _settled(info, budget.budget_id)
         assert sent == 100 and status.spent_micros == result.cost_micros <= 1_000
+
+
+@pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
+                                         BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
+async def test_a_stream_cut_after_only_a_tool_call_is_charged(tmp_path, enforcement):
+    """The model streamed a tool call's arguments and no text, then the
+    stream broke: that output was generated and is charged, as text is."""
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        await info.set_price("main", input_micros_per_million=1_000_000,
+                             output_micros_per_million=2_000_000)
+        budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
+                                                 limit_micros=10_000_000))
+        await m.orchestrator.RegisterAgent(RegisterAgentRequest(request_id=rid(), agent=AgentDefinition(
+            name="coder", model="main", budget=BudgetPolicy(enforcement=enforcement))), timeout=10)
+        args = '{"path": "a.py", "content": "' + "x = 1\\n" * 200
+
+        async def cut_stream(request, timeout_s):
+            m.primary.calls.append(request)
+            yield ToolCallDelta(0, "c1", "write_file", args)
+            raise BackendError(ErrorKind.STREAM_CUT, "primary: stream cut")
+        m.primary.stream = cut_stream
+        messages = [x async for x in m.orchestrator.StreamAgent(StreamAgentRequest(
+            request_id=rid(), agent="coder", input="write it",
+            context=RequestContext(tenant_id="acme")), timeout=20)]
+        assert messages[-1].end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+        failed = messages[-2].agent_event.agent_failed
+        assert failed.usage.completion_tokens > 0 and failed.cost_micros > 0
+        for _ in range(20):
+            (status,) = await info.status(budget_id=budget.budget_id)
+            if status.reserved_micros == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert status.reserved_micros == 0
+        assert status.spent_micros == failed.cost_micros
+
+
+async def test_a_caller_leaving_after_a_streamed_tool_call_is_charged_for_it(tmp_path):
+    """The caller leaves once the model has streamed a tool call's
+    arguments: the hold is released and what was generated is charged."""
+    async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
+        await info.set_price("main", input_micros_per_million=1_000_000,
+                             output_micros_per_million=2_000_000)
+        budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
+                                                 limit_micros=10_000_000))
+        await m.orchestrator.RegisterAgent(RegisterAgentRequest(request_id=rid(), agent=AgentDefinition(
+            name="coder", model="main", budget=BudgetPolicy(
+                enforcement=BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE))), timeout=10)
+        args = '{"path": "a.py", "content": "' + "x = 1\\n" * 200
+
+        streamed = asyncio.Event()
+
+        async def slow_stream(request, timeout_s):
+            m.primary.calls.append(request)
+            yield ToolCallDelta(0, "c1", "write_file", args)
+            streamed.set()  # asked for more: the delta went on its way
+            await asyncio.sleep(30)
+        m.primary.stream = slow_stream
+        call = m.orchestrator.StreamAgent(StreamAgentRequest(
+            request_id=rid(), agent="coder", input="write it",
+            context=RequestContext(tenant_id="acme")), timeout=20)
+        await call.read()  # AGENT_START
+        await asyncio.wait_for(streamed.wait(), 10)
+        await asyncio.sleep(0.3)  # and reached the orchestrator
+        call.cancel()
+        for _ in range(30):
+            (status,) = await info.status(budget_id=budget.budget_id)
+            if status.reserved_micros == 0 and status.spent_micros:
+                break
+            await asyncio.sleep(0.1)
+        assert status.reserved_micros == 0
+        assert status.spent_micros > 0
