@@ -291,7 +291,9 @@ class OrchestratorServicer:
             closing = asyncio.ensure_future(self._closing.wait())
             try:
                 while True:
-                    if subscription.dropped:
+                    # Fallen behind: what was queued before still goes out,
+                    # then the end, counting every event not delivered.
+                    if subscription.dropped and subscription.queue.empty():
                         yield SubscribeEventsResponse(end=StreamEnd(
                             outcome=StreamOutcome.STREAM_OUTCOME_FAILED,
                             error=errors.ServiceError(

@@ -1056,3 +1056,37 @@ async def test_an_artifact_saved_before_a_handoff_is_the_tasks(tmp_path):
         (task,) = response.tasks
         assert task.output == "the expert's answer"
         assert len(task.result.artifact_ids) == 1, list(task.result.artifact_ids)
+
+
+async def test_a_subscriber_fallen_behind_gets_what_was_queued_then_the_count_of_the_rest(
+        tmp_path):
+    """A burst of 20 events on a queue of 5: the 5 queued are delivered,
+    then a FAILED end whose dropped_events counts the other 15."""
+    from google.rpc import error_details_pb2
+
+    from hivemesh.orchestrator.v1 import AgentStart
+    from hivemesh.services.orchestrator.events import build_event
+    async with mesh(tmp_path, subscriber_queue_size=5) as m:
+        sub = m.orchestrator.SubscribeEvents(SubscribeEventsRequest(), timeout=10)
+        assert (await sub.read()).WhichOneof("event") == "heartbeat"
+        await asyncio.sleep(0.2)
+        # 20 events published in one go (a burst), the queue holds 5.
+        for i in range(20):
+            m.backend.bus.publish(build_event(
+                EventType.EVENT_TYPE_AGENT_START, RequestContext(tenant_id="t"), "0" * 32,
+                AgentStart(), agent="a", sequence=i + 1))
+        got = []
+        while True:
+            msg = await sub.read()
+            if msg is grpc.aio.EOF:
+                break
+            got.append(msg)
+        events = [x for x in got if x.HasField("agent_event")]
+        end = got[-1].end
+        info = error_details_pb2.ErrorInfo()
+        for d in end.error.details:
+            if d.Is(info.DESCRIPTOR):
+                d.Unpack(info)
+        assert end.outcome == StreamOutcome.STREAM_OUTCOME_FAILED
+        # Every event the subscriber did not get is counted as dropped.
+        assert (len(events), int(info.metadata["dropped_events"])) == (5, 15)

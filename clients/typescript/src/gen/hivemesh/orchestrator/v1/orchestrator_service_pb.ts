@@ -683,8 +683,9 @@ export type SubscribeEventsResponse = Message<"hivemesh.orchestrator.v1.Subscrib
     /**
      * Terminal: COMPLETED after until_workflow_complete was met or on
      * graceful shutdown; FAILED when the subscriber fell too far behind and
-     * events were dropped (ErrorInfo.metadata "dropped_events"). Always the
-     * last message; a stream without it was cut.
+     * events were dropped (ErrorInfo.metadata "dropped_events": every event
+     * not delivered; those queued before it are delivered first). Always
+     * the last message; a stream without it was cut.
      *
      * @generated from field: hivemesh.common.v1.StreamEnd end = 15;
      */
