@@ -4,6 +4,7 @@ cache, and maps routing failures to clear gRPC errors."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -342,7 +343,9 @@ class LlmServicer(LlmServiceServicer):
         except BaseException:
             self.records.fail(RECORDS_KIND, key)
             raise
-        await self.records.finish(RECORDS_KIND, key, digest, result)
+        # Shielded: a caller leaving while the result is kept would let a
+        # waiting duplicate go before it is written, to run again.
+        await asyncio.shield(self.records.finish(RECORDS_KIND, key, digest, result))
         return result, False
 
     async def Generate(self, request, context):
@@ -431,7 +434,8 @@ class LlmServicer(LlmServiceServicer):
             # Only a stream that completed is remembered; a failed or
             # abandoned one runs again when retried.
             if completed is not None:
-                await self.records.finish(RECORDS_KIND, request_key, digest, completed)
+                await asyncio.shield(
+                    self.records.finish(RECORDS_KIND, request_key, digest, completed))
             else:
                 self.records.fail(RECORDS_KIND, request_key)
 

@@ -313,7 +313,9 @@ async def at_most_once(request_id: str, begin: Callable[[], Awaitable[tuple[bool
     except BaseException:
         await _settled(fail())
         raise
-    await _settled(finish(result))
+    # Shielded: a caller that leaves while the result is kept must not leave
+    # it half kept (a duplicate let go before it is written runs again).
+    await asyncio.shield(_settled(finish(result)))
     return result, False
 
 

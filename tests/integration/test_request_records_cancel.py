@@ -1,0 +1,80 @@
+"""A request whose run finished, and whose caller left while its result was
+being kept: a duplicate waiting for it replays that result; it never runs
+the request a second time (SQLite with fsync per commit; Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from conftest import drop_redis_prefix, on_local_redis
+
+from hivemesh.llm.v1 import GenerateResponse
+from hivemesh.runtime import errors
+from hivemesh.runtime.redis_records import RedisRequestRecords
+from hivemesh.runtime.request_records import SqliteRequestRecords
+
+
+async def _caller_leaves_while_kept(records, keep_slowly) -> tuple[int, bool]:
+    """(runs, replayed): the first caller runs the request and leaves while
+    its result is kept (``keep_slowly`` makes that take a while); a duplicate
+    waited for it meanwhile."""
+    runs = 0
+    ran = asyncio.Event()
+
+    async def run():
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.05)
+        ran.set()
+        return GenerateResponse(model=f"run-{runs}")
+
+    keep_slowly()
+    first = asyncio.create_task(records.once("llm", "rid-1", "fp", run, GenerateResponse, 1.0))
+    await asyncio.sleep(0.01)
+    duplicate = asyncio.create_task(
+        records.once("llm", "rid-1", "fp", run, GenerateResponse, 1.0))
+    await ran.wait()
+    await asyncio.sleep(0.02)  # the first is keeping its result
+    first.cancel()  # its caller went away (deadline, disconnect)
+    result, replayed = await asyncio.wait_for(duplicate, 10)
+    assert result.model == "run-1"
+    return runs, replayed
+
+
+async def test_sqlite_a_result_kept_while_its_caller_leaves_is_replayed(tmp_path):
+    records = SqliteRequestRecords(tmp_path, ("llm",), 100, 60, synchronous="full")
+
+    def slow_commit():
+        commit = records.db._commit
+
+        async def slowly(batch):
+            await asyncio.sleep(0.2)  # an fsync on a busy disk
+            return await commit(batch)
+        records.db._commit = slowly
+        records.db._light_load = lambda now: False
+    try:
+        assert await _caller_leaves_while_kept(records, slow_commit) == (1, True)
+    finally:
+        await records.close()
+
+
+async def test_redis_a_result_kept_while_its_caller_leaves_is_replayed():
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    records = await on_local_redis(lambda url: RedisRequestRecords.open(
+        url, prefix, 60, lease_s=3.0,
+        unavailable=lambda cause: errors.unavailable("records", cause)))
+
+    def slow_finish():
+        run = records.scripts.run
+
+        async def slowly(script, *args):
+            if script == "finish":
+                await asyncio.sleep(0.2)  # a slow round trip to Redis
+            return await run(script, *args)
+        records.scripts.run = slowly
+    try:
+        assert await _caller_leaves_while_kept(records, slow_finish) == (1, True)
+    finally:
+        await drop_redis_prefix(records.scripts.client, prefix)
+        await records.close()
