@@ -266,22 +266,21 @@ class SqliteRequestRecords:
         oldest of each first); returns how many went."""
         before_us = self._now_us() - self.ttl_us
 
-        def purge(conn: sqlite3.Connection) -> dict[str, int]:
-            gone: dict[str, int] = {}
+        def purge(conn: sqlite3.Connection) -> int:
+            # The counts are kept in the writer's order, as _keep's: a keep
+            # committed in the same group counts from them after this.
             left = limit
             for kind in self.counts:
-                gone[kind] = _purge_oldest(conn, kind, before_us, left)
-                left -= gone[kind]
-            return gone
+                gone = _purge_oldest(conn, kind, before_us, left)
+                self.counts[kind] -= gone
+                left -= gone
+            return limit - left
 
         try:
-            gone = await self.db.write(purge)
+            return await self.db.write(purge)
         except BaseException:
             self._recount()
             raise
-        for kind, n in gone.items():
-            self.counts[kind] -= n
-        return sum(gone.values())
 
     async def close(self) -> None:
         await self.db.close()

@@ -1,6 +1,6 @@
-"""A request whose run finished, and whose caller left while its result was
-being kept: a duplicate waiting for it replays that result; it never runs
-the request a second time (SQLite with fsync per commit; Redis)."""
+"""Request records under the races a busy service meets: a caller leaving
+while its result is kept (SQLite with fsync per commit; Redis), and a prune
+committed in one group with a result kept."""
 
 from __future__ import annotations
 
@@ -77,4 +77,32 @@ async def test_redis_a_result_kept_while_its_caller_leaves_is_replayed():
         assert await _caller_leaves_while_kept(records, slow_finish) == (1, True)
     finally:
         await drop_redis_prefix(records.scripts.client, prefix)
+        await records.close()
+
+
+async def test_a_prune_and_a_result_kept_in_one_commit_drop_no_live_record(tmp_path):
+    """The sweeper's prune and a request finishing at the same moment are
+    committed together: the records within their TTL and the size bound
+    all stay (the kept write counted rows before the prune's deletions and
+    dropped live ones to stay within the bound)."""
+    now = [1_000_000.0]
+    records = SqliteRequestRecords(tmp_path, ("llm",), 10, 100, synchronous="full",
+                                   clock=lambda: now[0])
+
+    async def keep(request_id: str) -> None:
+        async def run():
+            return GenerateResponse(model=request_id)
+        await records.once("llm", request_id, "fp", run, GenerateResponse)
+    try:
+        for i in range(5):
+            await keep(f"old-{i}")
+        now[0] += 60
+        for i in range(5):
+            await keep(f"live-{i}")
+        now[0] += 50  # old-* past the TTL (110 s), live-* not (50 s)
+        await asyncio.gather(records.prune(100), keep("new"))
+        rows = [r for (r,) in records.db.reader.execute(
+            "SELECT request_id FROM requests ORDER BY written_us, rowid")]
+        assert rows == [f"live-{i}" for i in range(5)] + ["new"]
+    finally:
         await records.close()
