@@ -897,3 +897,19 @@ async def test_a_malformed_ca_bundle_keeps_the_current_channel(
         _replace_file(ca_file, pki.ca, pki.other_ca)  # the bundle written whole
         assert await _serving(health)
         assert channel.current() is not first
+
+
+async def test_a_client_given_tls_files_that_cannot_work_says_which_at_once(pki, tmp_path):
+    """A CA file holding no certificate, or a key of another certificate:
+    the client's channel refuses them when it opens, naming the file, as
+    the services' settings do (not every call later, UNAVAILABLE with a
+    handshake error that names nothing)."""
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match="ca.pem"):
+        async with ArtifactClient("127.0.0.1:1", tls=ChannelTls(ca_file=bad)):
+            pass
+    with pytest.raises(ValueError, match="not the key"):
+        async with ArtifactClient("127.0.0.1:1", tls=ChannelTls(
+                ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.stranger.key)):
+            pass

@@ -144,9 +144,10 @@ def test_a_tls_channel_has_the_plaintext_channels_options(tmp_path):
     name override when one is given."""
     from unittest import mock
 
+    from fakes.tls import make_pki
+
     from hivemesh.client import channel as channels
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    ca = make_pki(tmp_path).ca  # a real bundle: the channel checks it when it opens
     with mock.patch.object(channels.grpc.aio, "insecure_channel") as plain, \
             mock.patch.object(channels.grpc.aio, "secure_channel") as secure, \
             mock.patch.object(channels.grpc, "ssl_channel_credentials") as credentials:

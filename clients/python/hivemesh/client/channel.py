@@ -238,7 +238,9 @@ class RenewingChannel(grpc.aio.Channel):
         self._target, self._tls, self._open_with = target, tls, open_with
         self._interval, self._grace, self._clock = check_interval_s, grace_s, clock
         self._stamps = FileStamps(tls.files())
-        self._contents = tls.contents()
+        # Checked at once: files that cannot work fail here, naming the file,
+        # rather than every call later with a handshake error.
+        self._contents = tls.checked_contents()
         self._channel = open_with(tls.credentials(self._contents))
         self._next_check = clock() + check_interval_s
         # The calls made on the current channel, for the time it is replaced.
