@@ -1721,19 +1721,30 @@ async def test_a_generation_is_sent_the_output_limit_its_hold_was_made_for(tmp_p
         assert sent == 100 and status.spent_micros == result.cost_micros <= 1_000
 
 
+# A tool call's arguments as a model streams them: a file's content.
+_TOOL_ARGUMENTS = '{"path": "a.py", "content": "' + "x = 1\\n" * 200
+
+
+async def _priced_coder(m, info, enforcement):
+    """A priced model "main", a large budget of tenant acme (returned) and
+    the agent "coder" on them under ``enforcement``."""
+    await info.set_price("main", input_micros_per_million=1_000_000,
+                         output_micros_per_million=2_000_000)
+    budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
+                                             limit_micros=10_000_000))
+    await m.orchestrator.RegisterAgent(RegisterAgentRequest(request_id=rid(), agent=AgentDefinition(
+        name="coder", model="main", budget=BudgetPolicy(enforcement=enforcement))), timeout=10)
+    return budget
+
+
 @pytest.mark.parametrize("enforcement", [BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE,
                                          BudgetEnforcement.BUDGET_ENFORCEMENT_TRACK])
 async def test_a_stream_cut_after_only_a_tool_call_is_charged(tmp_path, enforcement):
     """The model streamed a tool call's arguments and no text, then the
     stream broke: that output was generated and is charged, as text is."""
     async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
-        await info.set_price("main", input_micros_per_million=1_000_000,
-                             output_micros_per_million=2_000_000)
-        budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
-                                                 limit_micros=10_000_000))
-        await m.orchestrator.RegisterAgent(RegisterAgentRequest(request_id=rid(), agent=AgentDefinition(
-            name="coder", model="main", budget=BudgetPolicy(enforcement=enforcement))), timeout=10)
-        args = '{"path": "a.py", "content": "' + "x = 1\\n" * 200
+        budget = await _priced_coder(m, info, enforcement)
+        args = _TOOL_ARGUMENTS
 
         async def cut_stream(request, timeout_s):
             m.primary.calls.append(request)
@@ -1759,14 +1770,8 @@ async def test_a_caller_leaving_after_a_streamed_tool_call_is_charged_for_it(tmp
     """The caller leaves once the model has streamed a tool call's
     arguments: the hold is released and what was generated is charged."""
     async with mesh(tmp_path) as m, InformationClient(m.addresses["information"]) as info:
-        await info.set_price("main", input_micros_per_million=1_000_000,
-                             output_micros_per_million=2_000_000)
-        budget = await info.create_budget(Budget(scope=Scope(tenant_id="acme"),
-                                                 limit_micros=10_000_000))
-        await m.orchestrator.RegisterAgent(RegisterAgentRequest(request_id=rid(), agent=AgentDefinition(
-            name="coder", model="main", budget=BudgetPolicy(
-                enforcement=BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE))), timeout=10)
-        args = '{"path": "a.py", "content": "' + "x = 1\\n" * 200
+        budget = await _priced_coder(m, info, BudgetEnforcement.BUDGET_ENFORCEMENT_RESERVE)
+        args = _TOOL_ARGUMENTS
 
         streamed = asyncio.Event()
 
