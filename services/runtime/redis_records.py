@@ -109,7 +109,21 @@ return 0
 """
 
 # The scripts of the request records, by the names RedisClaims runs them.
-SCRIPTS = {"claim": CLAIM, "finish": FINISH, "release": RELEASE, "renew": RENEW}
+# ARGV: prefix, kind:request_id, result -> 1 if dropped. A kept result that
+# cannot be read (a version with another result type wrote it) is dropped,
+# only if it is still that one, so that the request runs again.
+FORGET = r"""
+local key = ARGV[1] .. 'req:' .. ARGV[2]
+local r = redis.call('HMGET', key, 'state', 'result')
+if r[1] == 'done' and r[2] == ARGV[3] then
+  redis.call('DEL', key)
+  return 1
+end
+return 0
+"""
+
+SCRIPTS = {"claim": CLAIM, "finish": FINISH, "release": RELEASE, "renew": RENEW,
+           "forget": FORGET}
 
 
 def _s(value) -> str:
@@ -186,7 +200,13 @@ class RedisClaims:
             if status == "conflict":
                 raise KeyError(request_id)
             if status == "done":
-                return True, result_type.FromString(reply[1])
+                try:
+                    return True, result_type.FromString(reply[1])
+                except Exception as exc:  # noqa: BLE001 - unreadable: absent, as in SQLite
+                    self.log.warning("the kept result of %s %s cannot be read (running it "
+                                     "again): %s", kind, request_id, exc)
+                    await self.scripts.run("forget", key, reply[1])
+                    continue
             # Running elsewhere: look again (the caller's deadline ends the
             # wait; the lease ends a claim whose replica died).
             await asyncio.sleep(delay)

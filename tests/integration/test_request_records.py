@@ -106,3 +106,32 @@ async def test_a_prune_and_a_result_kept_in_one_commit_drop_no_live_record(tmp_p
         assert rows == [f"live-{i}" for i in range(5)] + ["new"]
     finally:
         await records.close()
+
+
+async def test_redis_a_kept_result_that_cannot_be_read_is_taken_as_absent():
+    """A kept result that no longer parses (a version with another result
+    type wrote it) is dropped and the request runs again, as in SQLite,
+    instead of failing every retry until its TTL ends."""
+    prefix = f"hmtest:{uuid.uuid4().hex}:"
+    records = await on_local_redis(lambda url: RedisRequestRecords.open(
+        url, prefix, 60, lease_s=3.0,
+        unavailable=lambda cause: errors.unavailable("records", cause)))
+    client = records.scripts.client
+    try:
+        await client.hset(f"{prefix}req:llm:rid-1",
+                          mapping={"state": "done", "fp": "fp", "result": b"\xff\xff\xff"})
+        runs = 0
+
+        async def run():
+            nonlocal runs
+            runs += 1
+            return GenerateResponse(model="fresh")
+        assert await records.once("llm", "rid-1", "fp", run, GenerateResponse) == (
+            GenerateResponse(model="fresh"), False)
+        # Kept now, and replayed.
+        assert await records.once("llm", "rid-1", "fp", run, GenerateResponse) == (
+            GenerateResponse(model="fresh"), True)
+        assert runs == 1
+    finally:
+        await drop_redis_prefix(client, prefix)
+        await records.close()
