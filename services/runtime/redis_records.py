@@ -85,11 +85,16 @@ redis.call('PEXPIRE', key, ARGV[6])
 return 1
 """
 
-# ARGV: prefix, kind:request_id, token -> 1 if the caller's claim was dropped
-RELEASE = r"""
+# ARGV: prefix, kind:request_id, state, field, value -> 1 if the record was
+# dropped: only while it is in ``state`` with ``field`` still ``value``. A
+# claim is released by its owner (running, token); a kept result that
+# cannot be read (a version with another result type wrote it) is dropped,
+# only if it is still that one, so that the request runs again (done,
+# result).
+DROP = r"""
 local key = ARGV[1] .. 'req:' .. ARGV[2]
-local r = redis.call('HMGET', key, 'state', 'token')
-if r[1] == 'running' and r[2] == ARGV[3] then
+local r = redis.call('HMGET', key, 'state', ARGV[4])
+if r[1] == ARGV[3] and r[2] == ARGV[5] then
   redis.call('DEL', key)
   return 1
 end
@@ -109,21 +114,7 @@ return 0
 """
 
 # The scripts of the request records, by the names RedisClaims runs them.
-# ARGV: prefix, kind:request_id, result -> 1 if dropped. A kept result that
-# cannot be read (a version with another result type wrote it) is dropped,
-# only if it is still that one, so that the request runs again.
-FORGET = r"""
-local key = ARGV[1] .. 'req:' .. ARGV[2]
-local r = redis.call('HMGET', key, 'state', 'result')
-if r[1] == 'done' and r[2] == ARGV[3] then
-  redis.call('DEL', key)
-  return 1
-end
-return 0
-"""
-
-SCRIPTS = {"claim": CLAIM, "finish": FINISH, "release": RELEASE, "renew": RENEW,
-           "forget": FORGET}
+SCRIPTS = {"claim": CLAIM, "finish": FINISH, "drop": DROP, "renew": RENEW}
 
 
 def _s(value) -> str:
@@ -205,7 +196,7 @@ class RedisClaims:
                 except Exception as exc:  # noqa: BLE001 - unreadable: absent, as in SQLite
                     self.log.warning("the kept result of %s %s cannot be read (running it "
                                      "again): %s", kind, request_id, exc)
-                    await self.scripts.run("forget", key, reply[1])
+                    await self.scripts.run("drop", key, "done", "result", reply[1])
                     continue
             # Running elsewhere: look again (the caller's deadline ends the
             # wait; the lease ends a claim whose replica died).
@@ -231,7 +222,7 @@ class RedisClaims:
         lasts until its lease ends)."""
         self._stop_keeping(token)
         release = asyncio.ensure_future(
-            self.scripts.run("release", f"{kind}:{request_id}", token))
+            self.scripts.run("drop", f"{kind}:{request_id}", "running", "token", token))
         release.add_done_callback(self._log_release)
         return release
 
