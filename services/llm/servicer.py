@@ -26,7 +26,8 @@ from hivemesh.services.llm.backends.base import (
     ToolCall, ToolSpec, estimate_prompt_tokens, estimate_tokens)
 from hivemesh.services.llm.backends.base import ToolCallDelta as ToolCallPiece
 from hivemesh.runtime.request_records import RequestRecords
-from hivemesh.runtime.resilience import Coalescer, TtlLru, fingerprint, replayed_copy
+from hivemesh.runtime.resilience import (
+    Coalescer, TtlLru, at_most_once, fingerprint, replayed_copy)
 from hivemesh.runtime.settings import RESPONSE_MARGIN_BYTES
 from hivemesh.services.llm.router import Route, RouteError, Router, chat_reservation
 from hivemesh.services.llm.settings import ModelSettings
@@ -334,19 +335,15 @@ class LlmServicer(LlmServiceServicer):
         return key, digest, replay, stored
 
     async def _once(self, request, run, result_type: type, context):
-        """(result, replayed): ``run()`` at most once per request_id."""
-        key, digest, replay, stored = await self._begin(request, result_type, context)
-        if replay:
-            return stored, True
-        try:
-            result = await run()
-        except BaseException:
-            self.records.fail(RECORDS_KIND, key)
-            raise
-        # Shielded: a caller leaving while the result is kept would let a
-        # waiting duplicate go before it is written, to run again.
-        await asyncio.shield(self.records.finish(RECORDS_KIND, key, digest, result))
-        return result, False
+        """(result, replayed): ``run()`` at most once per request_id, the
+        way every store of request records runs a request."""
+        key, digest = _idempotency_key(request)
+        return await at_most_once(
+            request.request_id,
+            lambda: self.records.begin(RECORDS_KIND, key, digest, result_type,
+                                       LEASE_FACTOR * self._time(context)),
+            run, lambda: self.records.fail(RECORDS_KIND, key),
+            lambda result: self.records.finish(RECORDS_KIND, key, digest, result))
 
     async def Generate(self, request, context):
         started = time.monotonic()
